@@ -1,0 +1,49 @@
+"""Every exception agentloop raises on purpose, in one place.
+
+Each carries a message a user can act on: what is wrong, where (a JSON pointer, a token,
+a file), and what to do instead.
+"""
+
+from __future__ import annotations
+
+
+class AgentloopError(Exception):
+    """Base class of all agentloop errors."""
+
+
+class SchemaError(AgentloopError):
+    """A JSON Schema the grammar compiler cannot represent exactly.
+
+    ``keyword`` is the offending keyword and ``pointer`` its JSON pointer inside the schema
+    (``""`` is the root), so a tool author sees exactly which part to change.
+    """
+
+    def __init__(self, message: str, *, keyword: str | None = None, pointer: str = "") -> None:
+        self.keyword = keyword
+        self.pointer = pointer
+        where = f" at '{pointer or '/'}'"
+        super().__init__(f"{message}{where}")
+
+
+class PatternError(SchemaError):
+    """A ``pattern`` regex outside the supported subset (named with its position)."""
+
+
+class WireFormatError(AgentloopError):
+    """A wire-format file in grammars/ is missing, malformed or names an unknown field."""
+
+
+class VocabularyError(AgentloopError):
+    """The tokenizer cannot spell what the grammar needs (a missing special token, ...)."""
+
+
+class GrammarInputError(AgentloopError):
+    """Bad input to a compiled grammar: wrong logits shape, a state that does not exist, ..."""
+
+
+class NoValidCanvasError(GrammarInputError):
+    """No canvas of the requested length is in the language from the given state."""
+
+
+class ParseError(AgentloopError):
+    """Token ids that are not a (complete) sentence of the grammar being parsed."""

@@ -1,0 +1,507 @@
+"""Regular expressions over symbols, their NFA, and minimal DFAs with boolean operations.
+
+Symbols are small integers: 0..255 are bytes, 256 and up are special tokens (a wire
+format's ``<|"|>``, ``<|tool_call>``, the stop and pad tokens). A set of symbols is a Python
+``int`` used as a bitmask, so unions and intersections are single operations.
+
+A language is first written as a tiny expression tree (``Node``), built by the schema
+compiler; ``to_dfa`` turns it into a minimal, trimmed DFA over *symbol classes* (symbols
+that every transition treats alike). DFAs support product operations (and / or / minus /
+xor), which the schema compiler uses for ``oneOf``, patterns combined with lengths, and
+key exclusion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+
+# ----------------------------------------------------------------------------------------
+# Expression nodes. Plain tuples keep construction cheap; the helpers below are the API.
+#   ("set", mask)                       one symbol from the set
+#   ("seq", (n1, n2, ...))              concatenation; ("seq", ()) is the empty string
+#   ("alt", (n1, n2, ...))              union; ("alt", ()) is the empty language
+#   ("rep", n, lo, hi)                  n repeated lo..hi times (hi None = unbounded)
+#   ("dfa", Dfa)                        an already-compiled automaton, embedded
+#   ("graph", n_states, finals, edges)  a small NFA whose edges are nodes; state 0 starts.
+#                                       Used where a tree would duplicate shared suffixes
+#                                       (object members with optional properties).
+# ----------------------------------------------------------------------------------------
+
+Node = tuple
+
+EMPTY: Node = ("seq", ())
+NEVER: Node = ("alt", ())
+
+
+def sym(*symbols: int) -> Node:
+    mask = 0
+    for s in symbols:
+        mask |= 1 << s
+    return ("set", mask)
+
+
+def byte_range(lo: int, hi: int) -> Node:
+    return ("set", ((1 << (hi + 1)) - 1) ^ ((1 << lo) - 1))
+
+
+def seq(*nodes: Node) -> Node:
+    flat: list[Node] = []
+    for n in nodes:
+        if n[0] == "seq":
+            flat.extend(n[1])
+        elif n == NEVER:
+            return NEVER
+        else:
+            flat.append(n)
+    if len(flat) == 1:
+        return flat[0]
+    return ("seq", tuple(flat))
+
+
+def alt(*nodes: Node) -> Node:
+    flat: list[Node] = []
+    for n in nodes:
+        if n[0] == "alt":
+            flat.extend(n[1])
+        else:
+            flat.append(n)
+    if len(flat) == 1:
+        return flat[0]
+    return ("alt", tuple(flat))
+
+
+def rep(node: Node, lo: int = 0, hi: int | None = None) -> Node:
+    if hi is not None and hi < lo:
+        return NEVER
+    if hi == 0:
+        return EMPTY
+    if lo == 1 and hi == 1:
+        return node
+    return ("rep", node, lo, hi)
+
+
+def opt(node: Node) -> Node:
+    return rep(node, 0, 1)
+
+
+def literal(symbols: Iterable[int]) -> Node:
+    return seq(*(sym(s) for s in symbols))
+
+
+def embed(dfa: "Dfa") -> Node:
+    return ("dfa", dfa)
+
+
+def graph(n_states: int, finals: Sequence[int], edges: Sequence[tuple[int, int, Node]]) -> Node:
+    return ("graph", n_states, tuple(finals), tuple(edges))
+
+
+# ----------------------------------------------------------------------------------------
+# NFA (Thompson-style, epsilon edges), built from a node
+# ----------------------------------------------------------------------------------------
+
+
+class _Nfa:
+    def __init__(self) -> None:
+        self.eps: list[list[int]] = []
+        self.edges: list[list[tuple[int, int]]] = []  # state -> [(mask, dst)]
+
+    def new(self) -> int:
+        self.eps.append([])
+        self.edges.append([])
+        return len(self.eps) - 1
+
+    def build(self, node: Node, s: int, e: int) -> None:
+        """Add paths from ``s`` to ``e`` spelling exactly the language of ``node``."""
+        kind = node[0]
+        if kind == "set":
+            if node[1]:
+                self.edges[s].append((node[1], e))
+        elif kind == "seq":
+            parts = node[1]
+            if not parts:
+                self.eps[s].append(e)
+                return
+            cur = s
+            for i, part in enumerate(parts):
+                nxt = e if i == len(parts) - 1 else self.new()
+                self.build(part, cur, nxt)
+                cur = nxt
+        elif kind == "alt":
+            for part in node[1]:
+                # A fresh entry state per branch keeps loops inside a branch from leaking
+                # into its siblings.
+                m = self.new()
+                self.eps[s].append(m)
+                self.build(part, m, e)
+        elif kind == "rep":
+            _, inner, lo, hi = node
+            cur = s
+            for _ in range(lo):
+                nxt = self.new()
+                self.build(inner, cur, nxt)
+                cur = nxt
+            if hi is None:
+                loop = self.new()
+                self.eps[cur].append(loop)
+                back = self.new()
+                self.build(inner, loop, back)
+                self.eps[back].append(loop)
+                self.eps[loop].append(e)
+            else:
+                for _ in range(hi - lo):
+                    self.eps[cur].append(e)
+                    nxt = self.new()
+                    self.build(inner, cur, nxt)
+                    cur = nxt
+                self.eps[cur].append(e)
+        elif kind == "dfa":
+            dfa: Dfa = node[1]
+            ids = [self.new() for _ in range(dfa.n_states)]
+            self.eps[s].append(ids[dfa.start])
+            masks = dfa.class_masks
+            for q in range(dfa.n_states):
+                row = dfa.trans[q]
+                by_dst: dict[int, int] = {}
+                for c in np.nonzero(row >= 0)[0]:
+                    d = int(row[c])
+                    by_dst[d] = by_dst.get(d, 0) | masks[c]
+                for d, mask in by_dst.items():
+                    self.edges[ids[q]].append((mask, ids[d]))
+                if dfa.accept[q]:
+                    self.eps[ids[q]].append(e)
+        elif kind == "graph":
+            _, n_states, finals, edges = node
+            ids = [self.new() for _ in range(n_states)]
+            self.eps[s].append(ids[0])
+            for f in finals:
+                self.eps[ids[f]].append(e)
+            for a, b, label in edges:
+                self.build(label, ids[a], ids[b])
+        else:  # pragma: no cover - construction bug
+            raise ValueError(f"unknown node kind {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# DFA
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Dfa:
+    """A trimmed deterministic automaton over symbol classes.
+
+    ``trans[q, c]`` is the next state on any symbol of class ``c`` or -1 (dead).
+    ``sym_class[symbol]`` gives the class of each symbol (the alphabet is ``n_symbols``
+    wide). Every state is reachable from ``start`` and can reach an accepting state, so a
+    -1 transition means "this prefix can never be completed".
+    """
+
+    trans: np.ndarray  # (S, C) int32
+    accept: np.ndarray  # (S,) bool
+    start: int
+    sym_class: np.ndarray  # (n_symbols,) int32
+    class_masks: list[int] = field(repr=False)
+
+    @property
+    def n_states(self) -> int:
+        return int(self.trans.shape[0])
+
+    @property
+    def n_symbols(self) -> int:
+        return int(self.sym_class.shape[0])
+
+    def step(self, state: int, symbol: int) -> int:
+        if state < 0 or symbol >= self.n_symbols:
+            return -1
+        return int(self.trans[state, self.sym_class[symbol]])
+
+    def run(self, symbols: Iterable[int], state: int | None = None) -> int:
+        q = self.start if state is None else state
+        for s in symbols:
+            q = self.step(q, s)
+            if q < 0:
+                return -1
+        return q
+
+    def accepts(self, symbols: Iterable[int]) -> bool:
+        q = self.run(symbols)
+        return q >= 0 and bool(self.accept[q])
+
+    def is_empty(self) -> bool:
+        return not bool(self.accept.any())
+
+
+def _empty_dfa(n_symbols: int) -> Dfa:
+    return Dfa(
+        trans=np.full((1, 1), -1, np.int32),
+        accept=np.zeros(1, bool),
+        start=0,
+        sym_class=np.zeros(n_symbols, np.int32),
+        class_masks=[(1 << n_symbols) - 1],
+    )
+
+
+def _symbol_classes(masks: Iterable[int], n_symbols: int) -> tuple[np.ndarray, list[int]]:
+    """Coarsest partition of the alphabet that every mask is a union of."""
+    distinct = sorted(set(m for m in masks if m))
+    signature: dict[tuple[int, ...], int] = {}
+    sym_class = np.zeros(n_symbols, np.int32)
+    class_masks: list[int] = []
+    for s in range(n_symbols):
+        bit = 1 << s
+        key = tuple(i for i, m in enumerate(distinct) if m & bit)
+        c = signature.get(key)
+        if c is None:
+            c = signature[key] = len(class_masks)
+            class_masks.append(0)
+        class_masks[c] |= bit
+        sym_class[s] = c
+    return sym_class, class_masks
+
+
+def to_dfa(node: Node, n_symbols: int) -> Dfa:
+    """Compile an expression node into a minimal trimmed DFA."""
+    nfa = _Nfa()
+    start, end = nfa.new(), nfa.new()
+    nfa.build(node, start, end)
+
+    sym_class, class_masks = _symbol_classes(
+        (m for row in nfa.edges for m, _ in row), n_symbols
+    )
+    n_classes = len(class_masks)
+    # For each NFA edge, the classes it covers.
+    edge_classes: list[list[tuple[tuple[int, ...], int]]] = []
+    for row in nfa.edges:
+        edge_classes.append(
+            [(tuple(c for c in range(n_classes) if class_masks[c] & m), d) for m, d in row]
+        )
+
+    eps = nfa.eps
+    closure_cache: dict[int, frozenset[int]] = {}
+
+    def closure(states: Iterable[int]) -> frozenset[int]:
+        seen = set()
+        stack = list(states)
+        while stack:
+            q = stack.pop()
+            if q in seen:
+                continue
+            seen.add(q)
+            stack.extend(eps[q])
+        return frozenset(seen)
+
+    def closure1(q: int) -> frozenset[int]:
+        r = closure_cache.get(q)
+        if r is None:
+            r = closure_cache[q] = closure((q,))
+        return r
+
+    start_set = closure1(start)
+    index: dict[frozenset[int], int] = {start_set: 0}
+    order = [start_set]
+    rows: list[list[int]] = []
+    accept: list[bool] = []
+    i = 0
+    while i < len(order):
+        cur = order[i]
+        i += 1
+        targets: dict[int, set[int]] = {}
+        for q in cur:
+            for classes, d in edge_classes[q]:
+                for c in classes:
+                    t = targets.get(c)
+                    if t is None:
+                        targets[c] = t = set()
+                    t.add(d)
+        row = [-1] * n_classes
+        for c, ds in targets.items():
+            nxt: frozenset[int]
+            if len(ds) == 1:
+                nxt = closure1(next(iter(ds)))
+            else:
+                acc: set[int] = set()
+                for d in ds:
+                    acc |= closure1(d)
+                nxt = frozenset(acc)
+            j = index.get(nxt)
+            if j is None:
+                j = index[nxt] = len(order)
+                order.append(nxt)
+            row[c] = j
+        rows.append(row)
+        accept.append(end in cur)
+    trans = np.array(rows, np.int32).reshape(len(rows), n_classes)
+    return minimize(trans, np.array(accept, bool), 0, sym_class, class_masks)
+
+
+def _trim(trans: np.ndarray, accept: np.ndarray, start: int) -> np.ndarray:
+    """Boolean mask of states reachable from start that can reach acceptance."""
+    n = trans.shape[0]
+    reach = np.zeros(n, bool)
+    reach[start] = True
+    frontier = [start]
+    while frontier:
+        nxt = trans[frontier].ravel()
+        nxt = np.unique(nxt[nxt >= 0])
+        nxt = nxt[~reach[nxt]]
+        reach[nxt] = True
+        frontier = nxt.tolist()
+    # Backwards: co-reachable states via the reversed edge list.
+    src, cls = np.nonzero(trans >= 0)
+    dst = trans[src, cls]
+    order = np.argsort(dst, kind="stable")
+    src_by_dst = src[order]
+    bounds = np.searchsorted(dst[order], np.arange(n + 1))
+    co = accept.copy()
+    frontier = np.nonzero(co)[0].tolist()
+    while frontier:
+        parts = [src_by_dst[bounds[q] : bounds[q + 1]] for q in frontier]
+        prev = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+        prev = prev[~co[prev]]
+        co[prev] = True
+        frontier = prev.tolist()
+    return reach & co
+
+
+def minimize(
+    trans: np.ndarray,
+    accept: np.ndarray,
+    start: int,
+    sym_class: np.ndarray,
+    class_masks: list[int],
+) -> Dfa:
+    """Trim useless states, merge equivalent ones (Moore refinement) and drop unused classes."""
+    n_symbols = sym_class.shape[0]
+    keep = _trim(trans, accept, start)
+    if not keep[start]:
+        return _empty_dfa(n_symbols)
+    old_ids = np.nonzero(keep)[0]
+    remap = np.full(trans.shape[0] + 1, -1, np.int64)
+    remap[old_ids] = np.arange(len(old_ids))
+    t = trans[old_ids]
+    t = np.where(t >= 0, remap[t], -1)
+    acc = accept[old_ids]
+    st = int(remap[start])
+
+    # Moore refinement: block ids until stable. Dead (-1) acts as its own block.
+    block = acc.astype(np.int64)
+    n_blocks = len(np.unique(block))
+    while True:
+        succ = np.where(t >= 0, block[np.maximum(t, 0)], -1)
+        sig = np.concatenate([block[:, None], succ], axis=1)
+        _, new_block = np.unique(sig, axis=0, return_inverse=True)
+        new_block = new_block.ravel()
+        n_new = int(new_block.max()) + 1
+        block = new_block
+        if n_new == n_blocks:
+            break
+        n_blocks = n_new
+    # One representative per block; renumber so the start state is 0 (stable, readable).
+    reps = np.zeros(n_blocks, np.int64)
+    reps[block] = np.arange(len(block))
+    order = [int(block[st])] + [b for b in range(n_blocks) if b != block[st]]
+    new_id = np.empty(n_blocks, np.int64)
+    new_id[order] = np.arange(n_blocks)
+    t2 = t[reps[order]]
+    t2 = np.where(t2 >= 0, new_id[block[np.maximum(t2, 0)]], -1)
+    acc2 = acc[reps[order]]
+
+    # Merge classes with identical columns; drop classes used nowhere.
+    used = (t2 >= 0).any(axis=0)
+    cols, col_of_class = np.unique(t2.T, axis=0, return_inverse=True)
+    col_of_class = col_of_class.ravel()
+    dead_col = next((i for i in range(cols.shape[0]) if (cols[i] < 0).all()), None)
+    new_masks: list[int] = [0] * cols.shape[0]
+    for c, m in enumerate(class_masks):
+        new_masks[col_of_class[c]] |= m
+    new_sym_class = col_of_class[sym_class].astype(np.int32)
+    if dead_col is None and not used.all():  # pragma: no cover - unique() covers it
+        pass
+    return Dfa(
+        trans=np.ascontiguousarray(cols.T.astype(np.int32)),
+        accept=acc2.astype(bool),
+        start=0,
+        sym_class=new_sym_class,
+        class_masks=new_masks,
+    )
+
+
+def product(a: Dfa, b: Dfa, op: str) -> Dfa:
+    """The DFA of ``a op b`` for op in {"and", "or", "minus", "xor"}."""
+    if a.n_symbols != b.n_symbols:
+        raise ValueError("DFAs over different alphabets")
+    n_symbols = a.n_symbols
+    pair_of_sym = a.sym_class.astype(np.int64) * (len(b.class_masks) + 1) + b.sym_class
+    uniq, sym_class = np.unique(pair_of_sym, return_inverse=True)
+    sym_class = sym_class.astype(np.int32)
+    ca = uniq // (len(b.class_masks) + 1)
+    cb = uniq % (len(b.class_masks) + 1)
+    class_masks = [0] * len(uniq)
+    for s in range(n_symbols):
+        class_masks[sym_class[s]] |= 1 << s
+    need_a = op in ("and", "minus")
+    need_b = op == "and"
+
+    def accepting(qa: int, qb: int) -> bool:
+        xa = qa >= 0 and bool(a.accept[qa])
+        xb = qb >= 0 and bool(b.accept[qb])
+        if op == "and":
+            return xa and xb
+        if op == "or":
+            return xa or xb
+        if op == "minus":
+            return xa and not xb
+        return xa != xb
+
+    index = {(a.start, b.start): 0}
+    order = [(a.start, b.start)]
+    rows: list[list[int]] = []
+    i = 0
+    while i < len(order):
+        qa, qb = order[i]
+        i += 1
+        row = [-1] * len(uniq)
+        for c in range(len(uniq)):
+            na = int(a.trans[qa, ca[c]]) if qa >= 0 else -1
+            nb = int(b.trans[qb, cb[c]]) if qb >= 0 else -1
+            if (na < 0 and need_a) or (nb < 0 and need_b) or (na < 0 and nb < 0):
+                continue
+            key = (na, nb)
+            j = index.get(key)
+            if j is None:
+                j = index[key] = len(order)
+                order.append(key)
+            row[c] = j
+        rows.append(row)
+    trans = np.array(rows, np.int32).reshape(len(rows), len(uniq))
+    accept = np.array([accepting(qa, qb) for qa, qb in order], bool)
+    return minimize(trans, accept, 0, sym_class, class_masks)
+
+
+def intersect_all(dfas: Sequence[Dfa]) -> Dfa:
+    out = dfas[0]
+    for d in dfas[1:]:
+        out = product(out, d, "and")
+    return out
+
+
+def exactly_one(dfas: Sequence[Dfa]) -> Dfa:
+    """Strings accepted by exactly one of ``dfas`` (JSON Schema ``oneOf``)."""
+    if len(dfas) == 1:
+        return dfas[0]
+    # at_least_one and at_least_two, folded left: two += one & d ; one |= d
+    one = dfas[0]
+    two: Dfa | None = None
+    for d in dfas[1:]:
+        both = product(one, d, "and")
+        two = both if two is None else product(two, both, "or")
+        one = product(one, d, "or")
+    assert two is not None
+    return product(one, two, "minus")
+
+
+AnyNode = Union[Node, Dfa]

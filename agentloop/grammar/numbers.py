@@ -1,0 +1,192 @@
+"""Languages of numbers: canonical integers in a range, multiples, bounded decimals.
+
+All spellings are canonical JSON: no leading zeros, no ``+``, no ``-0``. Bounded numbers
+are spelled without an exponent, which keeps bounds exact with a finite automaton.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Optional
+
+from .fsa import EMPTY, NEVER, Node, alt, byte_range, graph, literal, opt, rep, seq, sym
+
+DIGIT = byte_range(0x30, 0x39)
+NONZERO = byte_range(0x31, 0x39)
+MINUS = sym(0x2D)
+DOT = sym(0x2E)
+
+
+def digits(lo: int, hi: int) -> Node:
+    if lo > hi:
+        return NEVER
+    return byte_range(0x30 + lo, 0x30 + hi)
+
+
+def any_number() -> Node:
+    """Any JSON number: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?"""
+    integer = alt(sym(0x30), seq(NONZERO, rep(DIGIT)))
+    frac = opt(seq(DOT, rep(DIGIT, 1)))
+    exp = opt(seq(sym(0x65, 0x45), opt(sym(0x2B, 0x2D)), rep(DIGIT, 1)))
+    return seq(opt(MINUS), integer, frac, exp)
+
+
+def _fixed(sa: str, sb: str) -> Node:
+    """Digit strings of len(sa) between sa and sb (leading zeros allowed)."""
+    if not sa:
+        return EMPTY
+    a0, b0 = int(sa[0]), int(sb[0])
+    if a0 == b0:
+        return seq(digits(a0, a0), _fixed(sa[1:], sb[1:]))
+    n = len(sa) - 1
+    low = seq(digits(a0, a0), _fixed(sa[1:], "9" * n))
+    mid = seq(digits(a0 + 1, b0 - 1), rep(DIGIT, n, n)) if b0 - a0 > 1 else NEVER
+    high = seq(digits(b0, b0), _fixed("0" * n, sb[1:]))
+    return alt(low, mid, high)
+
+
+def uint_range(a: int, b: Optional[int]) -> Node:
+    """Canonical non-negative integers in [a, b] (b None: unbounded)."""
+    if b is not None and b < a:
+        return NEVER
+    branches = []
+    top_len = len(str(b)) if b is not None else len(str(a))
+    for n in range(len(str(a)), top_len + 1):
+        lo = max(a, 10 ** (n - 1) if n > 1 else 0)
+        hi = 10**n - 1 if b is None else min(b, 10**n - 1)
+        if lo <= hi:
+            branches.append(_fixed(str(lo), str(hi)))
+    if b is None:  # every longer length
+        branches.append(seq(NONZERO, rep(DIGIT, top_len)))
+    return alt(*branches)
+
+
+def int_range(lo: Optional[int], hi: Optional[int]) -> Node:
+    """Canonical integers in [lo, hi] (either side None: unbounded)."""
+    branches = []
+    if hi is None or hi >= 0:
+        branches.append(uint_range(max(lo, 0) if lo is not None else 0, hi))
+    if lo is None or lo < 0:
+        # negative numbers: magnitudes in [max(-hi, 1), -lo]
+        mag_lo = max(-hi, 1) if hi is not None else 1
+        mag_hi = -lo if lo is not None else None
+        if mag_hi is None or mag_hi >= mag_lo:
+            branches.append(seq(MINUS, uint_range(mag_lo, mag_hi)))
+    return alt(*branches)
+
+
+def multiple_of(m: int) -> Node:
+    """Canonical integers divisible by m (a remainder automaton over the digits)."""
+    # states: 0 start, 1 after '-', 2 after a lone '0', 3+r remainder r after >=1 digit
+    edges: list[tuple[int, int, Node]] = [(0, 1, MINUS), (0, 2, sym(0x30))]
+    for d in range(1, 10):
+        edges.append((0, 3 + d % m, digits(d, d)))
+        edges.append((1, 3 + d % m, digits(d, d)))
+    for r in range(m):
+        by_dst: dict[int, list[int]] = {}
+        for d in range(10):
+            by_dst.setdefault((10 * r + d) % m, []).append(d)
+        for r2, ds in by_dst.items():
+            edges.append((3 + r, 3 + r2, sym(*(0x30 + d for d in ds))))
+    return graph(3 + m, [2, 3], edges)
+
+
+# ---- bounded decimals -------------------------------------------------------------------
+# A fraction part is "" or "." digits+. The tails below are digit strings read as 0.xxx,
+# compared with a bound's fraction digits d; each returns (node for non-empty strings,
+# whether the empty string qualifies).
+
+
+def _ge_tail(d: str) -> tuple[Node, bool]:
+    if not d.strip("0"):
+        return rep(DIGIT, 1), True
+    d0 = int(d[0])
+    rest, rest_empty = _ge_tail(d[1:])
+    same = seq(digits(d0, d0), alt(rest, EMPTY) if rest_empty else rest)
+    return alt(seq(digits(d0 + 1, 9), rep(DIGIT)), same), False
+
+
+def _gt_tail(d: str) -> tuple[Node, bool]:
+    if not d.strip("0"):
+        return seq(rep(DIGIT), NONZERO, rep(DIGIT)), False
+    d0 = int(d[0])
+    rest, _ = _gt_tail(d[1:])
+    return alt(seq(digits(d0 + 1, 9), rep(DIGIT)), seq(digits(d0, d0), rest)), False
+
+
+def _le_tail(d: str) -> tuple[Node, bool]:
+    if not d.strip("0"):
+        return rep(sym(0x30), 1), True
+    d0 = int(d[0])
+    rest, rest_empty = _le_tail(d[1:])
+    same = seq(digits(d0, d0), alt(rest, EMPTY) if rest_empty else rest)
+    return alt(seq(digits(0, d0 - 1), rep(DIGIT)), same), True
+
+
+def _lt_tail(d: str) -> tuple[Node, bool]:
+    if not d.strip("0"):
+        return NEVER, False
+    d0 = int(d[0])
+    rest, rest_empty = _lt_tail(d[1:])
+    same = seq(digits(d0, d0), alt(rest, EMPTY) if rest_empty else rest)
+    return alt(seq(digits(0, d0 - 1), rep(DIGIT)), same), True
+
+
+def _fraction(tail: tuple[Node, bool]) -> Node:
+    node, empty_ok = tail
+    dotted = seq(DOT, node)
+    return alt(dotted, EMPTY) if empty_ok else dotted
+
+
+def _split(x: Decimal) -> tuple[int, str]:
+    """Integer part and fraction digits of a non-negative decimal."""
+    sign, digs, exp = x.as_tuple()
+    assert sign == 0
+    text = format(x, "f")
+    if "." in text:
+        i, f = text.split(".")
+        return int(i), f.rstrip("0")
+    return int(text), ""
+
+
+def _magnitudes(a: Decimal, a_excl: bool, b: Optional[Decimal], b_excl: bool) -> Node:
+    """Non-negative decimals m (spelled I or I.F) with a <=/< m <=/< b."""
+    A, fa = _split(a)
+    lower = _gt_tail(fa) if a_excl else _ge_tail(fa)
+    if b is None:
+        return alt(seq(literal(str(A).encode()), _fraction(lower)),
+                   seq(uint_range(A + 1, None), _fraction((rep(DIGIT, 1), True))))
+    if b < a or (b == a and (a_excl or b_excl)):
+        return NEVER
+    B, fb = _split(b)
+    upper = _lt_tail(fb) if b_excl else _le_tail(fb)
+    if A == B:
+        from .fsa import embed, product, to_dfa
+
+        lo_d = to_dfa(_fraction(lower), 256)
+        hi_d = to_dfa(_fraction(upper), 256)
+        return seq(literal(str(A).encode()), embed(product(lo_d, hi_d, "and")))
+    parts = [seq(literal(str(A).encode()), _fraction(lower)),
+             seq(literal(str(B).encode()), _fraction(upper))]
+    if B - A > 1:
+        parts.append(seq(uint_range(A + 1, B - 1), _fraction((rep(DIGIT, 1), True))))
+    return alt(*parts)
+
+
+def decimal_range(lo: Optional[Decimal], lo_excl: bool, hi: Optional[Decimal], hi_excl: bool) -> Node:
+    """Decimals (no exponent) x with lo <=/< x <=/< hi; None is unbounded."""
+    zero = Decimal(0)
+    branches = []
+    # x >= 0 part
+    if hi is None or hi > zero or (hi == zero and not hi_excl):
+        a, a_excl = (lo, lo_excl) if lo is not None and lo >= zero else (zero, False)
+        branches.append(_magnitudes(a, a_excl, hi, hi_excl))
+    # x < 0 part: m = -x > 0 with -hi <=/< m <=/< -lo
+    if lo is None or lo < zero:
+        if hi is not None and hi < zero:
+            a, a_excl = -hi, hi_excl
+        else:
+            a, a_excl = zero, True
+        b, b_excl = (-lo, lo_excl) if lo is not None else (None, False)
+        branches.append(seq(MINUS, _magnitudes(a, a_excl, b, b_excl)))
+    return alt(*branches)
