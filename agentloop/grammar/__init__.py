@@ -1,0 +1,255 @@
+"""Canvas constraint: JSON Schema -> symbol DFA -> token automaton -> exact canvas DP.
+
+The grammar knows nothing of models: it takes logits tensors and a tokenizer.
+
+Example (runnable; the tiny byte-level tokenizer is built in code)::
+
+    >>> import torch
+    >>> from agentloop.grammar import compile_schema, byte_tokenizer
+    >>> tok = byte_tokenizer()
+    >>> g = compile_schema({"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}},
+    ...                     "required": ["n"]}, tok)
+    >>> ids = g.viterbi(torch.randn(12, tok.get_vocab_size()))
+    >>> value = g.parse(ids); isinstance(value["n"], int) and value["n"] <= 9
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from ..errors import SchemaError
+from . import charset as cs
+from .compiled import CompiledGrammar, GrammarStats, ParsedOutput, ToolCall
+from .fsa import Node, alt, literal, rep, seq, sym, to_dfa
+from .schema import SchemaCompiler, SchemaOptions
+from .token_automaton import build_token_automaton
+from .vocabulary import Vocabulary
+from .wireformat import EOS, PAD, WireFormat, available_wire_formats, load_wire_format
+
+__all__ = [
+    "CompiledGrammar",
+    "GrammarStats",
+    "ParsedOutput",
+    "SchemaOptions",
+    "ToolCall",
+    "ToolSchema",
+    "Vocabulary",
+    "WireFormat",
+    "available_wire_formats",
+    "byte_tokenizer",
+    "compile_schema",
+    "compile_tools",
+    "load_wire_format",
+]
+
+_TOOL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*\Z")
+
+
+@dataclass(frozen=True)
+class ToolSchema:
+    """A tool as the grammar sees it: a name, a description and a parameters schema."""
+
+    name: str
+    parameters: Mapping[str, Any]
+    description: str = ""
+
+    @classmethod
+    def coerce(cls, tool: Any) -> "ToolSchema":
+        """Accept a ToolSchema, ``{"name", "parameters", "description"}`` or OpenAI's
+        ``{"type": "function", "function": {...}}``, or anything with a ``.schema`` of one."""
+        if isinstance(tool, ToolSchema):
+            return tool
+        if hasattr(tool, "tool_schema"):
+            return tool.tool_schema  # type: ignore[no-any-return]
+        if isinstance(tool, Mapping):
+            spec = tool.get("function", tool) if tool.get("type") == "function" else tool
+            if "name" not in spec:
+                raise SchemaError("a tool needs a 'name'", pointer="")
+            return cls(spec["name"], spec.get("parameters", {"type": "object", "properties": {}}),
+                       spec.get("description", ""))
+        raise TypeError(f"cannot use {type(tool).__name__} as a tool schema")
+
+
+# ---- caches ----------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_vocab_cache: "weakref.WeakKeyDictionary[Any, dict[Any, Vocabulary]]" = weakref.WeakKeyDictionary()
+_grammar_cache: dict[str, CompiledGrammar] = {}
+_GRAMMAR_CACHE_SIZE = 64
+
+
+def _vocabulary(tokenizer: Any, wf: WireFormat, stop_token: Any, pad_token: Any,
+                aliases: Mapping[str, str] | None) -> Vocabulary:
+    if isinstance(tokenizer, Vocabulary):
+        return tokenizer
+    key = (wf.name, wf.source, stop_token, pad_token, tuple(sorted((aliases or {}).items())))
+    with _lock:
+        try:
+            per_tok = _vocab_cache.setdefault(tokenizer, {})
+        except TypeError:  # not weak-referenceable: no cache
+            per_tok = {}
+        v = per_tok.get(key)
+    if v is None:
+        v = Vocabulary.from_tokenizer(tokenizer, wf, stop_token=stop_token, pad_token=pad_token, aliases=aliases)
+        with _lock:
+            per_tok[key] = v
+    return v
+
+
+def _tail(wf: WireFormat, vocab: Vocabulary) -> Node:
+    """What fills the canvas after the language's own end: pad tokens."""
+    pad = wf.symbol(EOS) if vocab.pad_id == vocab.stop_id else wf.symbol(PAD)
+    return rep(sym(pad))
+
+
+def _compile(node_fn: Any, key_parts: Any, vocab: Vocabulary, kind: str, tools: Sequence[Any]) -> CompiledGrammar:
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()
+    key = f"{key}:{vocab.fingerprint}"
+    with _lock:
+        g = _grammar_cache.get(key)
+    if g is not None:
+        return g
+    t0 = time.perf_counter()
+    dfa = to_dfa(node_fn(), vocab.wire_format.n_symbols)
+    if dfa.is_empty():
+        raise SchemaError("the schema admits no value at all (its constraints contradict each other)")
+    automaton = build_token_automaton(dfa, vocab)
+    g = CompiledGrammar(dfa, automaton, vocab, kind, tools, compile_seconds=time.perf_counter() - t0)
+    with _lock:
+        if len(_grammar_cache) >= _GRAMMAR_CACHE_SIZE:
+            _grammar_cache.pop(next(iter(_grammar_cache)))
+        _grammar_cache[key] = g
+    return g
+
+
+def compile_schema(
+    schema: Mapping[str, Any] | bool,
+    tokenizer: Any,
+    wire_format: str | WireFormat = "json",
+    *,
+    stop_token: str | int | None = None,
+    pad_token: str | int | None = None,
+    aliases: Mapping[str, str] | None = None,
+    options: SchemaOptions = SchemaOptions(),
+) -> CompiledGrammar:
+    """Compile a bare value schema: the canvas holds one value, the stop token, then padding.
+
+    ``tokenizer`` is a ``tokenizers.Tokenizer`` or a transformers tokenizer; ``stop_token``
+    and ``pad_token`` default to its own. Raises :class:`SchemaError` naming the keyword
+    and JSON pointer of anything the compiler cannot represent exactly.
+    """
+    wf = wire_format if isinstance(wire_format, WireFormat) else load_wire_format(wire_format)
+    vocab = _vocabulary(tokenizer, wf, stop_token, pad_token, aliases)
+
+    def node() -> Node:
+        value = SchemaCompiler(schema, wf, options).node()
+        return seq(value, literal(wf.lit("end")), _tail(wf, vocab))
+
+    return _compile(node, ["value", schema, wf.name, wf.source, repr(options)], vocab, "value", ())
+
+
+def compile_tools(
+    tools: Sequence[Any],
+    tokenizer: Any,
+    wire_format: str | WireFormat = "gemma4",
+    allow_text: bool = True,
+    *,
+    parallel_calls: bool = True,
+    stop_token: str | int | None = None,
+    pad_token: str | int | None = None,
+    aliases: Mapping[str, str] | None = None,
+    options: SchemaOptions = SchemaOptions(),
+) -> CompiledGrammar:
+    """Compile the envelope "one or more tool calls, or a final text" for ``tools``.
+
+    Each tool is a :class:`ToolSchema`, a ``{"name", "parameters", "description"}`` dict
+    or an OpenAI-style function spec. ``allow_text=False`` forces at least one call;
+    ``parallel_calls=False`` allows exactly one call per turn.
+    """
+    wf = wire_format if isinstance(wire_format, WireFormat) else load_wire_format(wire_format)
+    specs = [ToolSchema.coerce(t) for t in tools]
+    if not specs and not allow_text:
+        raise SchemaError("compile_tools needs at least one tool when allow_text=False")
+    seen: set[str] = set()
+    for i, t in enumerate(specs):
+        if not _TOOL_NAME.match(t.name):
+            raise SchemaError(f"tool name {t.name!r} must match [A-Za-z_][A-Za-z0-9_.-]*", pointer=f"/tools/{i}/name")
+        if t.name in seen:
+            raise SchemaError(f"two tools are named {t.name!r}", pointer=f"/tools/{i}/name")
+        seen.add(t.name)
+    # Compile each parameters schema now, so errors surface with the tool's name.
+    vocab = _vocabulary(tokenizer, wf, stop_token, pad_token, aliases)
+
+    def node() -> Node:
+        calls: list[Node] = []
+        for t in specs:
+            try:
+                args = SchemaCompiler(dict(t.parameters), wf, options).node()
+            except SchemaError as e:
+                raise SchemaError(f"tool {t.name!r}: {e.args[0]}", keyword=e.keyword, pointer=e.pointer) from None
+            # a DFA per tool keeps the envelope's NFA small
+            args_dfa = to_dfa(args, wf.n_symbols)
+            parts: list[Node] = []
+            for part in wf.template(wf.calls["call"]):
+                if part == "name":
+                    parts.append(literal(t.name.encode()))
+                elif part == "arguments":
+                    from .fsa import embed
+
+                    parts.append(embed(args_dfa))
+                else:
+                    parts.append(literal(part))  # type: ignore[arg-type]
+            calls.append(seq(*parts))
+        branches: list[Node] = []
+        if calls:
+            one = alt(*calls)
+            many = seq(one, rep(seq(literal(wf.lit("separator", "calls")), one))) if parallel_calls else one
+            branches.append(seq(literal(wf.lit("open", "calls")), many, literal(wf.lit("close", "calls")),
+                                literal(wf.lit("end", "calls"))))
+        if allow_text:
+            if wf.text.get("body", "raw") == "string":
+                body = wf.string_node(rep(wf.spell_char(cs.ANY)))
+            else:
+                body = rep(cs.utf8_node(cs.ANY), 1)
+            branches.append(seq(literal(wf.lit("open", "text")), body, literal(wf.lit("close", "text")),
+                                literal(wf.lit("end", "text"))))
+        return seq(alt(*branches), _tail(wf, vocab))
+
+    key = ["tools", [(t.name, t.description, t.parameters) for t in specs], allow_text, parallel_calls,
+           wf.name, wf.source, repr(options)]
+    return _compile(node, key, vocab, "tools", specs)
+
+
+def byte_tokenizer(special_tokens: Sequence[str] = ("<pad>", "<eos>", "<|turn>", "<turn|>", "<|tool>", "<tool|>",
+                                                    "<|tool_call>", "<tool_call|>", "<|tool_response>",
+                                                    "<tool_response|>", '<|"|>')) -> Any:
+    """A tiny byte-level BPE tokenizer (256 bytes + a few merges + Gemma 4's special tokens).
+
+    Built in code, offline; useful for tests and examples. Ids 0.. are the special tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from .vocabulary import _byte_decoder
+
+    byte_chars = sorted(_byte_decoder(), key=lambda c: _byte_decoder()[c])
+    vocab = {t: i for i, t in enumerate(special_tokens)}
+    for c in byte_chars:
+        vocab[c] = len(vocab)
+    merges = []
+    for a, b in [("c", "a"), ("ca", "l"), ("cal", "l"), ("\"", ":"), ("e", "r"), ("t", "h"), ("th", "e")]:
+        vocab.setdefault(a + b, len(vocab))
+        merges.append((a, b))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    from tokenizers import AddedToken
+
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+    return tok

@@ -1,0 +1,417 @@
+"""CompiledGrammar: the object the engine and the runtime hold for one (language, tokenizer).
+
+It owns the symbol DFA (the source of truth for what is valid), the token automaton
+derived from it, and the canvas DP entry points that run once per denoising step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import GrammarInputError, NoValidCanvasError, ParseError
+from . import canvas as dp
+from .fsa import Dfa
+from .token_automaton import TokenAutomaton
+from .vocabulary import Vocabulary
+from .wireformat import EOS
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One parsed call: a tool name and its arguments (already valid for the schema)."""
+
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ParsedOutput:
+    """What a tools canvas said: one or more calls, or a final text (never both)."""
+
+    calls: list[ToolCall] = field(default_factory=list)
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class GrammarStats:
+    dfa_states: int
+    atoms: int
+    groups: int
+    edges: int
+    vocab_size: int
+    compile_seconds: float
+    nbytes: int
+
+
+def _as_numpy(logits: Any) -> np.ndarray:
+    if isinstance(logits, torch.Tensor):
+        t = logits.detach()
+        if t.dtype != torch.float32:
+            t = t.float()
+        return np.ascontiguousarray(t.cpu().numpy())
+    return np.ascontiguousarray(np.asarray(logits, dtype=np.float32))
+
+
+class CompiledGrammar:
+    """A language over token ids with exact canvas inference.
+
+    Build with :func:`agentloop.grammar.compile_schema` or
+    :func:`agentloop.grammar.compile_tools`. ``kind`` is ``"value"`` or ``"tools"``.
+    """
+
+    def __init__(self, dfa: Dfa, automaton: TokenAutomaton, vocab: Vocabulary, kind: str,
+                 tools: Sequence[Any] = (), compile_seconds: float = 0.0) -> None:
+        self.dfa = dfa
+        self.automaton = automaton
+        self.vocab = vocab
+        self.wire_format = vocab.wire_format
+        self.kind = kind
+        self.tools = list(tools)
+        self.compile_seconds = compile_seconds
+        ta = automaton
+        self._final_complete = np.ascontiguousarray(ta.accept.astype(np.bool_))
+        self._final_any = np.ones(ta.n_states, np.bool_)
+        self._forced_cache: dict[tuple[int, int, bool], list[int]] = {}
+
+    # ---- states ------------------------------------------------------------------------
+    @property
+    def start_state(self) -> int:
+        return self.automaton.start
+
+    def state_after(self, ids: Sequence[int], state: int | None = None) -> int:
+        """Automaton state after ``ids`` (carry it into the next canvas); -1 if invalid."""
+        q = self.start_state if state is None else state
+        for t in ids:
+            q = self.automaton.step(q, int(t))
+            if q < 0:
+                return -1
+        return q
+
+    def is_complete(self, state: int) -> bool:
+        """True once the stop token has been written (the rest of a canvas is padding)."""
+        return state >= 0 and bool(self.automaton.accept[state])
+
+    @property
+    def stats(self) -> GrammarStats:
+        ta = self.automaton
+        return GrammarStats(self.dfa.n_states, ta.n_atoms, ta.n_groups, ta.n_edges, self.vocab.size,
+                            self.compile_seconds, ta.nbytes())
+
+    # ---- membership --------------------------------------------------------------------
+    def accepts(self, ids: Sequence[int], state: int | None = None) -> bool:
+        """Whether ``ids`` (content, stop token included, padding optional) is in the language."""
+        try:
+            syms = self.vocab.symbols([int(i) for i in ids])
+        except GrammarInputError:
+            return False
+        if state is not None:
+            # continue from a token-automaton state: walk tokens instead
+            q = self.state_after(ids, state)
+            return q >= 0 and bool(self.automaton.accept[q])
+        return self.dfa.accepts(syms)
+
+    def accepts_json(self, value: Any) -> bool:
+        """Whether the canonical spelling of ``value`` is accepted.
+
+        For a value grammar ``value`` is any JSON value; for a tools grammar it is a list of
+        ``{"name": ..., "arguments": {...}}`` calls or a ``str`` final text. Object keys may
+        come in any order in ``value``: the grammar's own order (schema order) is used.
+        """
+        wf = self.wire_format
+        end = [wf.symbol(EOS)]
+        if self.kind == "value":
+            return any(self._run_end(q, end) for q in self._walk_value(value, {self.dfa.start}))
+        if isinstance(value, str):
+            text = wf.text
+            q = self.dfa.run(wf.lit("open", "text"))
+            if q < 0:
+                return False
+            if text.get("body", "raw") == "string":
+                body = wf.spell_value(value)
+            else:
+                body = list(value.encode("utf-8"))
+            q = self.dfa.run(body + wf.lit("close", "text") + wf.lit("end", "text"), q)
+            return q >= 0 and bool(self.dfa.accept[q])
+        if not isinstance(value, list) or not value:
+            return False
+        states = {self.dfa.run(wf.lit("open", "calls"))} - {-1}
+        for i, call in enumerate(value):
+            if i:
+                states = {self.dfa.run(wf.lit("separator", "calls"), q) for q in states} - {-1}
+            states = self._walk_call(call, states)
+        states = {self.dfa.run(wf.lit("close", "calls") + wf.lit("end", "calls"), q) for q in states} - {-1}
+        return any(self.dfa.accept[q] for q in states)
+
+    def _run_end(self, q: int, end: list[int]) -> bool:
+        q = self.dfa.run(end, q)
+        return q >= 0 and bool(self.dfa.accept[q])
+
+    def _walk_call(self, call: Any, states: set[int]) -> set[int]:
+        if not isinstance(call, dict) or set(call) != {"name", "arguments"}:
+            return set()
+        out: set[int] = set()
+        for part in self.wire_format.template(self.wire_format.calls["call"]):
+            if part == "name":
+                name = list(str(call["name"]).encode())
+                states = {self.dfa.run(name, q) for q in states} - {-1}
+            elif part == "arguments":
+                states = self._walk_value(call["arguments"], states)
+            else:
+                states = {self.dfa.run(part, q) for q in states} - {-1}  # type: ignore[arg-type]
+            if not states:
+                return out
+        return states
+
+    def _walk_value(self, v: Any, states: set[int]) -> set[int]:
+        """States after spelling ``v`` from any of ``states``, over every key order."""
+        wf = self.wire_format
+        run = self.dfa.run
+        if not states:
+            return states
+        if isinstance(v, dict):
+            msep = wf.lit("member_separator")
+            frontier = {(q, frozenset()) for q in (run(wf.lit("object_open"), q) for q in states) if q >= 0}
+            keys = list(v)
+            for _ in range(len(keys)):
+                nxt: set[tuple[int, frozenset[str]]] = set()
+                for q, used in frontier:
+                    for k in keys:
+                        if k in used:
+                            continue
+                        try:
+                            ks = wf.key_symbols(k)
+                        except Exception:
+                            return set()
+                        q1 = run((msep if used else []) + ks, q)
+                        if q1 < 0:
+                            continue
+                        for q2 in self._walk_value(v[k], {q1}):
+                            nxt.add((q2, used | {k}))
+                frontier = nxt
+                if not frontier:
+                    return set()
+            close = wf.lit("object_close")
+            return {q2 for q, _ in frontier if (q2 := run(close, q)) >= 0}
+        if isinstance(v, list):
+            cur = {q for q in (run(wf.lit("array_open"), q) for q in states) if q >= 0}
+            for i, item in enumerate(v):
+                if i:
+                    cur = {q for q in (run(wf.lit("item_separator"), q) for q in cur) if q >= 0}
+                cur = self._walk_value(item, cur)
+            return {q for q in (run(wf.lit("array_close"), q) for q in cur) if q >= 0}
+        try:
+            syms = wf.spell_value(v)
+        except (TypeError, ValueError):
+            return set()
+        return {q for q in (run(syms, q) for q in states) if q >= 0}
+
+    # ---- parsing -----------------------------------------------------------------------
+    def parse(self, ids: Sequence[int]) -> Any:
+        """Decode complete canvas content: a JSON value (value grammar) or a ParsedOutput."""
+        syms = self.vocab.symbols([int(i) for i in ids])
+        q = self.dfa.start
+        for i, s in enumerate(syms):
+            q = self.dfa.step(q, s)
+            if q < 0:
+                raise ParseError(f"symbol {i} ({self._describe(s)}) is not allowed by the grammar")
+        if not self.dfa.accept[q]:
+            raise ParseError("the content is incomplete: the grammar's stop token was not reached")
+        if self.kind == "value":
+            value, _ = self.wire_format.parse_value(syms)
+            return value
+        return self._parse_tools(syms)
+
+    def _describe(self, s: int) -> str:
+        return repr(chr(s)) if s < 128 else (f"byte 0x{s:02x}" if s < 256 else self.wire_format.symbol_name(s))
+
+    def _parse_tools(self, syms: list[int]) -> ParsedOutput:
+        wf = self.wire_format
+        tpl = wf.template(wf.calls["call"])
+        head = wf.lit("open", "calls") + (tpl[0] if tpl and isinstance(tpl[0], list) else [])
+        if head and syms[: len(head)] == head:
+            return ParsedOutput(calls=self._parse_calls(syms))
+        pos = len(wf.lit("open", "text"))
+        if wf.text.get("body", "raw") == "string":
+            value, _ = wf.parse_value(syms, pos)
+            return ParsedOutput(text=value)
+        end = pos
+        while end < len(syms) and syms[end] < 256:  # raw text is bytes up to the first special
+            end += 1
+        close = wf.lit("close", "text")
+        if close and all(c < 256 for c in close):
+            end -= len(close)
+        try:
+            return ParsedOutput(text=bytes(syms[pos:end]).decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ParseError(f"final text is not valid UTF-8: {e}") from None
+
+    def _parse_calls(self, syms: list[int]) -> list[ToolCall]:
+        wf = self.wire_format
+        tpl = wf.template(wf.calls["call"])
+        pos = len(wf.lit("open", "calls"))
+        sep = wf.lit("separator", "calls")
+        names = sorted((t.name for t in self.tools), key=len, reverse=True)
+        calls: list[ToolCall] = []
+        while True:
+            name = ""
+            args: Any = None
+            for part in tpl:
+                if part == "name":
+                    for n in names:
+                        if syms[pos : pos + len(n.encode())] == list(n.encode()):
+                            rest = tpl[tpl.index("name") + 1 :]
+                            nxt = rest[0] if rest else None
+                            after = pos + len(n.encode())
+                            if nxt is None or isinstance(nxt, str) or syms[after : after + len(nxt)] == nxt:
+                                name = n
+                                pos = after
+                                break
+                    else:
+                        raise ParseError(f"unknown tool name at symbol {pos}")
+                elif part == "arguments":
+                    args, pos = wf.parse_value(syms, pos)
+                else:
+                    if syms[pos : pos + len(part)] != part:  # type: ignore[arg-type]
+                        raise ParseError(f"malformed call at symbol {pos}")
+                    pos += len(part)  # type: ignore[arg-type]
+            calls.append(ToolCall(name, args))
+            if sep and syms[pos : pos + len(sep)] == sep:
+                pos += len(sep)
+                continue
+            if not sep and syms[pos : pos + len(tpl[0])] == tpl[0] and isinstance(tpl[0], list) and tpl[0]:
+                continue
+            return calls
+
+    # ---- canvas inference --------------------------------------------------------------
+    def _prepare(self, logits: Any) -> tuple[np.ndarray, bool]:
+        x = _as_numpy(logits)
+        batched = x.ndim == 3
+        if x.ndim not in (2, 3):
+            raise GrammarInputError(f"logits must be (L, V) or (B, L, V), got shape {tuple(x.shape)}")
+        V = x.shape[-1]
+        if V < self.vocab.size:
+            raise GrammarInputError(
+                f"logits have {V} columns but the grammar's tokenizer has {self.vocab.size} tokens; "
+                "was the grammar compiled for this model's tokenizer?"
+            )
+        return x, batched
+
+    def _atom_of(self, V: int) -> np.ndarray:
+        a = self.automaton.atom_of_token
+        if V == a.shape[0]:
+            return a
+        out = np.full(V, -1, np.int32)  # model vocab padded past the tokenizer: never allowed
+        out[: a.shape[0]] = a
+        return out
+
+    def _states(self, state: int | Sequence[int] | None, B: int) -> list[int]:
+        if state is None:
+            return [self.start_state] * B
+        states = [int(state)] * B if isinstance(state, (int, np.integer)) else [int(s) for s in state]
+        if len(states) != B:
+            raise GrammarInputError(f"{len(states)} start states for a batch of {B}")
+        for s in states:
+            if not 0 <= s < self.automaton.n_states:
+                raise GrammarInputError(f"state {s} does not exist (the automaton has {self.automaton.n_states})")
+        return states
+
+    def _final(self, partial: bool) -> np.ndarray:
+        return self._final_any if partial else self._final_complete
+
+    def viterbi(self, logits: Any, state: int | Sequence[int] | None = None, partial: bool = False) -> Any:
+        """Most probable valid canvas. logits (L, V) -> list[int]; (B, L, V) -> list[list[int]].
+
+        ``partial=True`` lets the canvas end before the stop token (the call continues in
+        the next canvas from ``state_after``); otherwise it must contain the stop token.
+        """
+        x, batched = self._prepare(logits)
+        xs = x if batched else x[None]
+        B, L, V = xs.shape
+        ta = self.automaton
+        _, _, _, amax, aarg = dp.reduce_atoms(xs.reshape(B * L, V), self._atom_of(V), ta.n_atoms, False, False)
+        gmax, garg = dp._group_max(amax, aarg, ta.group_atoms, ta.group_offsets)
+        out = []
+        for b, s0 in enumerate(self._states(state, B)):
+            path, score, ok = dp._viterbi(gmax[b * L : (b + 1) * L], garg[b * L : (b + 1) * L], ta.edge_src,
+                                          ta.edge_dst, ta.edge_group, s0, self._final(partial), ta.n_states)
+            if not ok:
+                raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
+            out.append(path.tolist())
+        return out if batched else out[0]
+
+    def _no_canvas_message(self, L: int, s0: int, partial: bool) -> str:
+        return (f"no valid canvas of {L} positions from state {s0}"
+                + ("" if partial else " ending with the stop token; pass partial=True to continue in another canvas"))
+
+    def _posterior(self, xs: np.ndarray, states: list[int], partial: bool, want_x: bool):  # type: ignore[no-untyped-def]
+        B, L, V = xs.shape
+        ta = self.automaton
+        rowmax, asum, asumx, _, _ = dp.reduce_atoms(xs.reshape(B * L, V), self._atom_of(V), ta.n_atoms, True, want_x)
+        gsum = dp._group_sums(asum, ta.group_atoms, ta.group_offsets)
+        return rowmax, asum, asumx, gsum
+
+    def sample(self, logits: Any, generator: torch.Generator | None = None,
+               state: int | Sequence[int] | None = None, partial: bool = False) -> Any:
+        """An exact sample of the per-position product distribution restricted to the language."""
+        x, batched = self._prepare(logits)
+        xs = x if batched else x[None]
+        B, L, V = xs.shape
+        ta = self.automaton
+        rowmax, asum, _, gsum = self._posterior(xs, [], partial, False)
+        uniforms = torch.rand((B, L, 3), generator=generator, dtype=torch.float64).numpy()
+        out = []
+        for b, s0 in enumerate(self._states(state, B)):
+            sl = slice(b * L, (b + 1) * L)
+            beta, ok = dp._backward(gsum[sl], ta.edge_src, ta.edge_dst, ta.edge_group, self._final(partial), ta.n_states)
+            if not ok or beta[0, s0] <= 0.0:
+                raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
+            path = dp._sample_path(xs[b], rowmax[sl], asum[sl], gsum[sl], beta, s0, ta.src_offsets, ta.edge_dst,
+                                   ta.edge_group, ta.group_atoms, ta.group_offsets, ta.atom_tokens,
+                                   ta.atom_offsets, uniforms[b])
+            out.append(path.tolist())
+        return out if batched else out[0]
+
+    def marginals(self, logits: Any, state: int | Sequence[int] | None = None, partial: bool = False,
+                  return_entropy: bool = False) -> Any:
+        """Constrained posterior marginals as log-probs, shape like ``logits`` (float32).
+
+        With ``return_entropy=True`` also returns each position's entropy (nats), shape
+        (L,) or (B, L), computed from atom statistics (no second pass over the vocab).
+        """
+        x, batched = self._prepare(logits)
+        xs = x if batched else x[None]
+        B, L, V = xs.shape
+        ta = self.automaton
+        rowmax, asum, asumx, gsum = self._posterior(xs, [], partial, return_entropy)
+        F = np.zeros((B * L, ta.n_atoms), np.float64)
+        for b, s0 in enumerate(self._states(state, B)):
+            sl = slice(b * L, (b + 1) * L)
+            beta, ok_b = dp._backward(gsum[sl], ta.edge_src, ta.edge_dst, ta.edge_group, self._final(partial), ta.n_states)
+            alpha, ok_f = dp._forward(gsum[sl], ta.edge_src, ta.edge_dst, ta.edge_group, s0, ta.n_states)
+            if not (ok_b and ok_f) or beta[0, s0] <= 0.0:
+                raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
+            F[sl] = dp._atom_factors(gsum[sl], alpha, beta, ta.edge_src, ta.edge_dst, ta.edge_group,
+                                     ta.atom_groups, ta.atom_group_offsets)
+        out = np.empty_like(xs.reshape(B * L, V))
+        dp._write_marginals(xs.reshape(B * L, V), rowmax, self._atom_of(V), F, out)
+        result = torch.from_numpy(out.reshape(xs.shape) if batched else out.reshape(L, V))
+        if not return_entropy:
+            return result
+        H = torch.from_numpy(dp._entropy(asum, asumx, F).reshape(B, L))
+        return result, (H if batched else H[0])
+
+    def forced_tokens(self, length: int, state: int | None = None, partial: bool = False) -> list[int]:
+        """Per position of a canvas, the only token the grammar allows there, or -1."""
+        s0 = self.start_state if state is None else state
+        key = (length, s0, partial)
+        if key not in self._forced_cache:
+            ta = self.automaton
+            self._forced_cache[key] = dp._forced(ta.edge_src, ta.edge_dst, ta.edge_group, ta.group_atoms,
+                                                 ta.group_offsets, ta.atom_offsets, ta.atom_tokens, s0,
+                                                 self._final(partial), ta.n_states, length).tolist()
+        return list(self._forced_cache[key])

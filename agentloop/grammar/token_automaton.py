@@ -1,0 +1,243 @@
+"""Symbol DFA x vocabulary -> token automaton with token classes ("atoms") and groups.
+
+Every token is walked through the DFA from every state. Tokens with the same effect from
+*every* state form an **atom**; atoms partition the vocabulary, so one pass over the
+logits per position scores them all. The tokens taking state ``s`` to state ``s'`` form a
+**group** (a union of atoms); the same group recurs across states (every free-string state
+shares the huge "plain text" group), so groups are deduplicated. The canvas DP then runs
+over edges ``(s, s', group)`` and never over single tokens.
+
+To keep 262k vocabularies fast, tokens are first reduced to their *shape* (the string of
+DFA symbol classes they spell; many tokens share one), shapes are sorted, and each state
+walks them in order reusing the walk of the common prefix with the previous shape and
+skipping every shape that shares a prefix already found dead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba as nb
+import numpy as np
+
+from .fsa import Dfa
+from .vocabulary import Vocabulary
+
+
+@nb.njit(cache=True, nogil=True)
+def _walk_hash(trans, shapes, lens, lcp, h1, h2):  # pragma: no cover - compiled
+    """Fold (state, next state) of every alive (state, shape) pair into two hashes."""
+    n_states = trans.shape[0]
+    n_shapes = shapes.shape[0]
+    maxlen = shapes.shape[1]
+    st = np.empty(maxlen + 1, np.int64)
+    for s in range(n_states):
+        st[0] = s
+        dead = maxlen + 1  # depth of the last death (shapes sharing a longer prefix die)
+        for u in range(n_shapes):
+            d0 = lcp[u]
+            if d0 > dead:
+                continue
+            dead = maxlen + 1
+            alive = True
+            for d in range(d0, lens[u]):
+                q = trans[st[d], shapes[u, d]]
+                if q < 0:
+                    dead = d
+                    alive = False
+                    break
+                st[d + 1] = q
+            if alive:
+                key = np.uint64(s * 1000003 + st[lens[u]] + 1)
+                h1[u] = h1[u] * np.uint64(0x100000001B3) ^ key
+                h2[u] = (h2[u] ^ (key * np.uint64(0x9E3779B97F4A7C15))) * np.uint64(0xC2B2AE3D27D4EB4F)
+
+
+@nb.njit(cache=True, nogil=True)
+def _walk_reps(trans, shapes, lens, rep_shapes):  # pragma: no cover - compiled
+    """next[s, k] for each state and each atom's representative shape (-1 dead)."""
+    n_states = trans.shape[0]
+    out = np.full((n_states, rep_shapes.shape[0]), -1, np.int32)
+    for s in range(n_states):
+        for k in range(rep_shapes.shape[0]):
+            u = rep_shapes[k]
+            q = s
+            for d in range(lens[u]):
+                q = trans[q, shapes[u, d]]
+                if q < 0:
+                    break
+            out[s, k] = q
+    return out
+
+
+@dataclass(eq=False)
+class TokenAutomaton:
+    """The compiled token-level structure the canvas DP runs on.
+
+    Shapes: S states, K atoms, G groups, E edges, V tokens.
+    """
+
+    n_states: int
+    start: int
+    accept: np.ndarray  # (S,) bool: complete canvas content ends here (stop written)
+    atom_of_token: np.ndarray  # (V,) int32, -1 for tokens never allowed
+    atom_tokens: np.ndarray  # (V_alive,) int32 tokens sorted by atom
+    atom_offsets: np.ndarray  # (K+1,) int64 into atom_tokens
+    group_atoms: np.ndarray  # (sum of group sizes,) int32
+    group_offsets: np.ndarray  # (G+1,) int64
+    atom_groups: np.ndarray  # inverse of group_atoms: groups containing each atom
+    atom_group_offsets: np.ndarray  # (K+1,) int64
+    edge_src: np.ndarray  # (E,) int32, edges sorted by source state
+    edge_dst: np.ndarray  # (E,) int32
+    edge_group: np.ndarray  # (E,) int32
+    src_offsets: np.ndarray  # (S+1,) int64: edges of state s are src_offsets[s]:src_offsets[s+1]
+    next_state: np.ndarray  # (S, K) int32: the DFA on atoms (-1 dead)
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.atom_offsets.shape[0] - 1)
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.group_offsets.shape[0] - 1)
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.edge_src.shape[0])
+
+    def step(self, state: int, token: int) -> int:
+        """State after one token (-1 if the token is not allowed there)."""
+        if state < 0:
+            return -1
+        k = self.atom_of_token[token]
+        return -1 if k < 0 else int(self.next_state[state, k])
+
+    def allowed_tokens(self, state: int) -> np.ndarray:
+        """Token ids allowed from ``state`` (sorted)."""
+        atoms = np.nonzero(self.next_state[state] >= 0)[0]
+        parts = [self.atom_tokens[self.atom_offsets[k] : self.atom_offsets[k + 1]] for k in atoms]
+        return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int32)
+
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
+
+
+def build_token_automaton(dfa: Dfa, vocab: Vocabulary) -> TokenAutomaton:
+    S = dfa.n_states
+    V = vocab.size
+    sym_class = dfa.sym_class
+    n_sym = dfa.n_symbols
+    usable_class = (dfa.trans >= 0).any(axis=0)  # (C,)
+
+    # 1. token -> shape (class string); tokens spelling nothing or an unusable class die.
+    lens = np.zeros(V, np.int64)
+    maxlen = max((len(t) for t in vocab.token_symbols), default=1) or 1
+    shape_mat = np.zeros((V, maxlen), np.int32)
+    alive = np.zeros(V, bool)
+    for t, syms in enumerate(vocab.token_symbols):
+        if not syms or max(syms) >= n_sym:
+            continue
+        cls = sym_class[list(syms)]
+        if not usable_class[cls].all():
+            continue
+        shape_mat[t, : len(cls)] = cls
+        lens[t] = len(cls)
+        alive[t] = True
+    alive_ids = np.nonzero(alive)[0]
+    if alive_ids.size == 0:
+        raise ValueError("no token of the vocabulary can spell anything in this grammar")
+    # unique shapes, sorted lexicographically (row-wise with length as a tiebreak: a
+    # padded 0 never collides because lengths differ and the walk stops at lens[u])
+    key = np.concatenate([shape_mat[alive_ids], lens[alive_ids, None].astype(np.int32)], axis=1)
+    uniq, shape_of_alive = np.unique(key, axis=0, return_inverse=True)
+    shape_of_alive = shape_of_alive.ravel()
+    shapes = np.ascontiguousarray(uniq[:, :maxlen])
+    slens = uniq[:, maxlen].astype(np.int64)
+    # longest common prefix with the previous shape
+    lcp = np.zeros(len(uniq), np.int64)
+    if len(uniq) > 1:
+        eq = shapes[1:] == shapes[:-1]
+        first_diff = np.where(eq.all(axis=1), maxlen, np.argmin(eq, axis=1))
+        lcp[1:] = np.minimum(first_diff, np.minimum(slens[1:], slens[:-1]))
+
+    # 2. signature hashes -> atoms
+    h1 = np.zeros(len(uniq), np.uint64)
+    h2 = np.zeros(len(uniq), np.uint64)
+    _walk_hash(dfa.trans.astype(np.int64), shapes, slens, lcp, h1, h2)
+    dead_shape = (h1 == 0) & (h2 == 0)
+    sig = np.stack([h1, h2], axis=1)
+    _, atom_of_shape = np.unique(sig, axis=0, return_inverse=True)
+    atom_of_shape = atom_of_shape.ravel().astype(np.int64)
+    # renumber atoms densely, skipping the "dead everywhere" signature
+    live_atoms = np.unique(atom_of_shape[~dead_shape])
+    remap = np.full(atom_of_shape.max() + 1, -1, np.int64)
+    remap[live_atoms] = np.arange(len(live_atoms))
+    atom_of_shape = remap[atom_of_shape]
+    K = len(live_atoms)
+
+    atom_of_token = np.full(V, -1, np.int32)
+    atom_of_token[alive_ids] = atom_of_shape[shape_of_alive]
+    order = np.argsort(atom_of_token, kind="stable")
+    order = order[atom_of_token[order] >= 0]
+    atom_tokens = order.astype(np.int32)
+    atom_offsets = np.searchsorted(atom_of_token[order], np.arange(K + 1)).astype(np.int64)
+
+    # 3. the DFA on atoms, from one representative shape each
+    rep_shape = np.zeros(K, np.int64)
+    rep_shape[atom_of_shape[atom_of_shape >= 0]] = np.nonzero(atom_of_shape >= 0)[0]
+    next_state = _walk_reps(dfa.trans.astype(np.int64), shapes, slens, rep_shape)
+
+    # 4. edges (s, s') with their atom sets -> deduplicated groups
+    src, atoms = np.nonzero(next_state >= 0)
+    dst = next_state[src, atoms]
+    group_index: dict[tuple[int, ...], int] = {}
+    group_list: list[tuple[int, ...]] = []
+    e_src: list[int] = []
+    e_dst: list[int] = []
+    e_grp: list[int] = []
+    pair = src.astype(np.int64) * S + dst
+    o = np.lexsort((atoms, pair))
+    pair_sorted, atoms_sorted = pair[o], atoms[o]
+    cuts = np.nonzero(np.diff(pair_sorted))[0] + 1
+    starts = np.concatenate([[0], cuts])
+    ends = np.concatenate([cuts, [len(pair_sorted)]])
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        members = tuple(atoms_sorted[a:b].tolist())
+        g = group_index.get(members)
+        if g is None:
+            g = group_index[members] = len(group_list)
+            group_list.append(members)
+        p = int(pair_sorted[a])
+        e_src.append(p // S)
+        e_dst.append(p % S)
+        e_grp.append(g)
+    group_offsets = np.zeros(len(group_list) + 1, np.int64)
+    group_offsets[1:] = np.cumsum([len(g) for g in group_list])
+    group_atoms = np.array([k for g in group_list for k in g], np.int32)
+    # inverse: for each atom, the groups containing it
+    ga_groups = np.repeat(np.arange(len(group_list), dtype=np.int32), np.diff(group_offsets))
+    inv = np.argsort(group_atoms, kind="stable")
+    atom_groups = ga_groups[inv].astype(np.int32)
+    atom_group_offsets = np.searchsorted(group_atoms[inv], np.arange(K + 1)).astype(np.int64)
+
+    edge_src = np.array(e_src, np.int32)
+    edge_dst = np.array(e_dst, np.int32)
+    edge_group = np.array(e_grp, np.int32)
+    src_offsets = np.searchsorted(edge_src, np.arange(S + 1)).astype(np.int64)
+    return TokenAutomaton(
+        n_states=S,
+        start=dfa.start,
+        accept=dfa.accept.copy(),
+        atom_of_token=atom_of_token,
+        atom_tokens=atom_tokens,
+        atom_offsets=atom_offsets,
+        group_atoms=group_atoms,
+        group_offsets=group_offsets,
+        atom_groups=atom_groups,
+        atom_group_offsets=atom_group_offsets,
+        edge_src=edge_src,
+        edge_dst=edge_dst,
+        edge_group=edge_group,
+        src_offsets=src_offsets,
+        next_state=next_state,
+    )

@@ -1,0 +1,191 @@
+"""What each token of a tokenizer spells, as wire-format symbols.
+
+A token is either one special symbol (``<|"|>``, ``<|tool_call>``, the end and pad
+tokens) or a run of bytes. The bytes come from the tokenizer's own decoding scheme:
+byte-level BPE (GPT-2 style), SentencePiece-style (``▁`` for space, ``<0xNN>`` byte
+fallback) or WordPiece (``##`` continuations; a word piece spells its text as is, so
+canonical JSON without spaces can be written). Special tokens the wire format does not
+use spell nothing and are never allowed.
+
+Example::
+
+    >>> from tokenizers import Tokenizer
+    >>> vocab = Vocabulary.from_tokenizer(my_tokenizer, load_wire_format("gemma4"))  # doctest: +SKIP
+    >>> vocab.token_symbols[vocab.stop_id]                                             # doctest: +SKIP
+    (267,)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Mapping
+
+from ..errors import VocabularyError
+from .wireformat import EOS, PAD, WireFormat
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>\Z")
+_DEFAULT_EOS = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>", "[SEP]", "<|im_end|>")
+_DEFAULT_PAD = ("<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>")
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _backend(tokenizer: Any) -> Any:
+    """The ``tokenizers.Tokenizer`` behind a transformers tokenizer (or itself)."""
+    if hasattr(tokenizer, "to_str") and hasattr(tokenizer, "get_vocab"):
+        return tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise VocabularyError(
+            f"{type(tokenizer).__name__} has no fast (tokenizers) backend; load it with use_fast=True "
+            "or pass a tokenizers.Tokenizer"
+        )
+    return backend
+
+
+def _decoder_kind(spec: dict[str, Any]) -> str:
+    dec = spec.get("decoder") or {}
+    kinds = [d.get("type") for d in dec.get("decoders", [])] if dec.get("type") == "Sequence" else [dec.get("type")]
+    model = (spec.get("model") or {}).get("type")
+    if "ByteLevel" in kinds:
+        return "bytelevel"
+    if "WordPiece" in kinds or model == "WordPiece":
+        return "wordpiece"
+    if "Metaspace" in kinds or "ByteFallback" in kinds or any(
+        d.get("type") == "Replace" for d in dec.get("decoders", [])
+    ):
+        return "sentencepiece"
+    return "plain"
+
+
+@dataclass(frozen=True, eq=False)
+class Vocabulary:
+    """Per-token symbols for one (tokenizer, wire format) pair."""
+
+    #: token id -> symbols it spells; () for tokens that can never be generated
+    token_symbols: tuple[tuple[int, ...], ...]
+    stop_id: int
+    pad_id: int
+    wire_format: WireFormat
+    #: wire-format special token name -> token id
+    special_ids: Mapping[str, int]
+    fingerprint: str
+
+    @property
+    def size(self) -> int:
+        return len(self.token_symbols)
+
+    def symbols(self, ids: list[int]) -> list[int]:
+        out: list[int] = []
+        for i in ids:
+            if not 0 <= i < self.size:
+                from ..errors import GrammarInputError
+
+                raise GrammarInputError(f"token id {i} is outside the vocabulary (size {self.size})")
+            out.extend(self.token_symbols[i])
+        return out
+
+    @classmethod
+    def from_tokenizer(
+        cls,
+        tokenizer: Any,
+        wire_format: WireFormat,
+        *,
+        stop_token: str | int | None = None,
+        pad_token: str | int | None = None,
+        aliases: Mapping[str, str] | None = None,
+    ) -> "Vocabulary":
+        """Map every token of ``tokenizer`` to symbols of ``wire_format``.
+
+        ``aliases`` maps wire-format special tokens onto tokens the tokenizer does have
+        (``{'<|"|>': '<unused0>'}`` to test Gemma 4's protocol on a Gemma 3 vocabulary).
+        """
+        backend = _backend(tokenizer)
+        spec = json.loads(backend.to_str())
+        vocab: dict[str, int] = backend.get_vocab(with_added_tokens=True)
+        size = max(backend.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
+        id_to_tok = [""] * size
+        for t, i in vocab.items():
+            id_to_tok[i] = t
+        specials = {i for i, tok in backend.get_added_tokens_decoder().items() if tok.special}
+        aliases = dict(aliases or {})
+
+        def resolve(token: str | int | None, defaults: tuple[str, ...], attr: str, role: str) -> int:
+            if isinstance(token, int):
+                return token
+            if token is None:
+                own = getattr(tokenizer, attr, None)
+                if isinstance(own, int):
+                    return own
+                for d in defaults:
+                    if d in vocab:
+                        return vocab[d]
+                raise VocabularyError(
+                    f"cannot tell the tokenizer's {role} token (tried {', '.join(defaults)}); pass {role}_token="
+                )
+            if token not in vocab:
+                raise VocabularyError(f"{role} token {token!r} is not in the tokenizer's vocabulary")
+            return vocab[token]
+
+        stop_id = resolve(stop_token, _DEFAULT_EOS, "eos_token_id", "stop")
+        try:
+            pad_id = resolve(pad_token, _DEFAULT_PAD, "pad_token_id", "pad")
+        except VocabularyError:
+            pad_id = stop_id  # no pad token: the canvas tail repeats the stop token
+
+        special_ids: dict[str, int] = {}
+        for name in wire_format.special_tokens:
+            tok = aliases.get(name, name)
+            if tok not in vocab:
+                raise VocabularyError(
+                    f"wire format {wire_format.name!r} needs special token {name!r}, which this tokenizer lacks; "
+                    f"pass aliases={{{name!r}: '<some unused token>'}} or use another wire format"
+                )
+            special_ids[name] = vocab[tok]
+
+        kind = _decoder_kind(spec)
+        byte_dec = _byte_decoder() if kind == "bytelevel" else None
+        symbol_of_id: dict[int, int] = {i: wire_format.symbol(n) for n, i in special_ids.items()}
+        symbol_of_id[pad_id] = wire_format.symbol(PAD)
+        symbol_of_id[stop_id] = wire_format.symbol(EOS)  # wins over a same-named special
+
+        out: list[tuple[int, ...]] = []
+        for i, tok in enumerate(id_to_tok):
+            if i in symbol_of_id:
+                out.append((symbol_of_id[i],))
+            elif i in specials or not tok:
+                out.append(())
+            elif kind == "bytelevel":
+                try:
+                    out.append(tuple(byte_dec[c] for c in tok))  # type: ignore[index]
+                except KeyError:
+                    out.append(tuple(tok.encode("utf-8")))  # an added plain-text token
+            elif kind == "sentencepiece":
+                m = _BYTE_FALLBACK.match(tok)
+                out.append((int(m.group(1), 16),) if m else tuple(tok.replace("\u2581", " ").encode("utf-8")))
+            elif kind == "wordpiece":
+                out.append(tuple((tok[2:] if tok.startswith("##") else tok).encode("utf-8")))
+            else:
+                out.append(tuple(tok.encode("utf-8")))
+        digest = hashlib.sha256()
+        digest.update(wire_format.name.encode())
+        digest.update(repr((stop_id, pad_id, sorted(special_ids.items()))).encode())
+        for syms in out:
+            digest.update(bytes(s & 0xFF for s in syms) + b"\xff" + bytes(s >> 8 for s in syms) + b"\x00")
+        return cls(tuple(out), stop_id, pad_id, wire_format, special_ids, digest.hexdigest()[:24])
