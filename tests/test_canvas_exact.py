@@ -182,3 +182,13 @@ def test_gemma4_tools_tiny_exact():
         for l in range(L):
             np.add.at(expected[l], valid_np[:, l], p)
         np.testing.assert_allclose(g.marginals(logits).exp().numpy(), expected, atol=1e-6)
+
+
+def test_denoise_step_agrees_with_the_separate_calls(grammar):
+    logits = torch.randn(2, 6, grammar.vocab.size, generator=torch.Generator().manual_seed(9))
+    out = grammar.denoise_step(logits, generator=torch.Generator().manual_seed(4))
+    assert out.argmax == grammar.viterbi(logits)
+    assert out.sample == grammar.sample(logits, generator=torch.Generator().manual_seed(4))
+    m, H = grammar.marginals(logits, return_entropy=True)
+    torch.testing.assert_close(out.log_marginals, m)
+    torch.testing.assert_close(out.entropy, H)

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import SchemaError
 from . import charset as cs
-from .compiled import CompiledGrammar, GrammarStats, ParsedOutput, ToolCall
+from .compiled import CompiledGrammar, GrammarStats, ParsedOutput, StepOutput, ToolCall
 from .fsa import Node, alt, literal, rep, seq, sym, to_dfa
 from .schema import SchemaCompiler, SchemaOptions
 from .token_automaton import build_token_automaton
@@ -39,6 +39,7 @@ __all__ = [
     "GrammarStats",
     "ParsedOutput",
     "SchemaOptions",
+    "StepOutput",
     "ToolCall",
     "ToolSchema",
     "Vocabulary",

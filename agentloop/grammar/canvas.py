@@ -56,21 +56,37 @@ def _reduce_row(row, atom_of, K, asum, asumx, amax, aarg, want_sum, want_x):  # 
     return m
 
 
-@nb.njit(cache=True, nogil=True, parallel=True)
-def reduce_atoms(logits, atom_of, K, want_sum, want_x):  # pragma: no cover - compiled
-    """logits (N, V) -> rowmax (N,), asum/asumx (N, K) f64, amax (N, K) f32, aarg (N, K) i32.
+def _make_reduce(parallel: bool):  # type: ignore[no-untyped-def]
+    @nb.njit(cache=True, nogil=True, parallel=parallel)
+    def reduce_atoms(logits, atom_of, K, want_sum, want_x):  # pragma: no cover - compiled
+        """logits (N, V) -> rowmax (N,), asum/asumx (N, K) f64, amax (N, K) f32, aarg (N, K) i32.
 
-    asum[n, k] = sum over tokens t of atom k of exp(logits[n, t] - rowmax[n]).
-    """
-    N = logits.shape[0]
-    rowmax = np.empty(N, np.float64)
-    asum = np.zeros((N, K if want_sum else 1), np.float64)
-    asumx = np.zeros((N, K if want_x else 1), np.float64)
-    amax = np.full((N, K), -np.inf, np.float32)
-    aarg = np.full((N, K), -1, np.int32)
-    for n in nb.prange(N):
-        rowmax[n] = _reduce_row(logits[n], atom_of, K, asum[n], asumx[n], amax[n], aarg[n], want_sum, want_x)
-    return rowmax, asum, asumx, amax, aarg
+        asum[n, k] = sum over tokens t of atom k of exp(logits[n, t] - rowmax[n]).
+        """
+        N = logits.shape[0]
+        rowmax = np.empty(N, np.float64)
+        asum = np.zeros((N, K if want_sum else 1), np.float64)
+        asumx = np.zeros((N, K if want_x else 1), np.float64)
+        amax = np.full((N, K), -np.inf, np.float32)
+        aarg = np.full((N, K), -1, np.int32)
+        for n in nb.prange(N):
+            rowmax[n] = _reduce_row(logits[n], atom_of, K, asum[n], asumx[n], amax[n], aarg[n], want_sum, want_x)
+        return rowmax, asum, asumx, amax, aarg
+
+    return reduce_atoms
+
+
+# A parallel region waits for every worker thread: on a loaded machine that costs a
+# scheduler quantum (~10-20 ms) per call, far more than the work at small vocabularies.
+# Threads pay off only when a step touches tens of millions of logits (262k vocab).
+_reduce_serial = _make_reduce(False)
+_reduce_parallel = _make_reduce(True)
+PARALLEL_MIN_ELEMENTS = 16_000_000
+
+
+def reduce_atoms(logits, atom_of, K, want_sum, want_x):  # type: ignore[no-untyped-def]
+    big = logits.shape[0] * logits.shape[1] >= PARALLEL_MIN_ELEMENTS
+    return (_reduce_parallel if big else _reduce_serial)(logits, atom_of, K, want_sum, want_x)
 
 
 @nb.njit(cache=True, nogil=True)
@@ -87,88 +103,141 @@ def _group_sums(asum, group_atoms, group_offsets):  # pragma: no cover - compile
     return gsum
 
 
-# ---- 2. forward / backward --------------------------------------------------------------
+# ---- 2. the support: edges that lie on some valid canvas, per position -------------------
+# Computed once per (canvas length, start state, ending rule) and reused by every
+# denoising step. All passes below run over these alive edges only, and keep per-edge
+# messages (alpha at the source, beta at the destination) instead of (L, S) tables.
 
 
 @nb.njit(cache=True, nogil=True)
-def _backward(gsum, edge_src, edge_dst, edge_group, final, S):  # pragma: no cover
-    """beta[l, s] ∝ total weight of valid completions from state s at position l."""
-    L = gsum.shape[0]
-    beta = np.zeros((L + 1, S), np.float64)
-    for s in range(S):
-        beta[L, s] = 1.0 if final[s] else 0.0
-    for l in range(L - 1, -1, -1):
-        b = beta[l]
-        nxt = beta[l + 1]
-        for e in range(edge_src.shape[0]):
-            w = nxt[edge_dst[e]]
-            if w > 0.0:
-                b[edge_src[e]] += gsum[l, edge_group[e]] * w
-        tot = 0.0
-        for s in range(S):
-            tot += b[s]
-        if tot <= 0.0:
-            return beta, False
-        for s in range(S):
-            b[s] /= tot
-    return beta, True
-
-
-@nb.njit(cache=True, nogil=True)
-def _forward(gsum, edge_src, edge_dst, edge_group, start, S):  # pragma: no cover
-    L = gsum.shape[0]
-    alpha = np.zeros((L + 1, S), np.float64)
-    alpha[0, start] = 1.0
+def alive_edges(edge_src, edge_dst, S, start, final, L):  # pragma: no cover - compiled
+    fwd = np.zeros((L + 1, S), np.bool_)
+    bwd = np.zeros((L + 1, S), np.bool_)
+    fwd[0, start] = True
+    E = edge_src.shape[0]
     for l in range(L):
-        a = alpha[l + 1]
-        cur = alpha[l]
-        for e in range(edge_src.shape[0]):
-            w = cur[edge_src[e]]
-            if w > 0.0:
-                a[edge_dst[e]] += w * gsum[l, edge_group[e]]
-        tot = 0.0
-        for s in range(S):
-            tot += a[s]
-        if tot <= 0.0:
-            return alpha, False
-        for s in range(S):
-            a[s] /= tot
-    return alpha, True
+        for e in range(E):
+            if fwd[l, edge_src[e]]:
+                fwd[l + 1, edge_dst[e]] = True
+    for s in range(S):
+        bwd[L, s] = final[s] and fwd[L, s]
+    for l in range(L - 1, -1, -1):
+        for e in range(E):
+            if bwd[l + 1, edge_dst[e]] and fwd[l, edge_src[e]]:
+                bwd[l, edge_src[e]] = True
+    offsets = np.zeros(L + 1, np.int64)
+    count = 0
+    for l in range(L):
+        for e in range(E):
+            if bwd[l, edge_src[e]] and bwd[l + 1, edge_dst[e]]:
+                count += 1
+        offsets[l + 1] = count
+    edges = np.empty(count, np.int32)
+    i = 0
+    for l in range(L):
+        for e in range(E):
+            if bwd[l, edge_src[e]] and bwd[l + 1, edge_dst[e]]:
+                edges[i] = e
+                i += 1
+    return offsets, edges
+
+
+# ---- 3. forward / backward over alive edges ------------------------------------------------
 
 
 @nb.njit(cache=True, nogil=True)
-def _atom_factors(gsum, alpha, beta, edge_src, edge_dst, edge_group, atom_groups, atom_group_offsets):  # pragma: no cover
-    """F[l, k]: P(token t at l) = exp(x_t - rowmax_l) * F[l, atom(t)]."""
+def _backward(gsum, offsets, alive, edge_src, edge_dst, edge_group, final, S):  # pragma: no cover
+    """b_dst[i] ∝ weight of valid completions after alive edge i (beta at its destination)."""
+    L = gsum.shape[0]
+    b_dst = np.empty(alive.shape[0], np.float64)
+    nxt = np.zeros(S, np.float64)  # beta at l + 1
+    cur = np.zeros(S, np.float64)  # beta at l (being built)
+    for s in range(S):
+        nxt[s] = 1.0 if final[s] else 0.0
+    for l in range(L - 1, -1, -1):
+        tot = 0.0
+        for i in range(offsets[l], offsets[l + 1]):
+            e = alive[i]
+            v = nxt[edge_dst[e]]
+            b_dst[i] = v
+            w = gsum[l, edge_group[e]] * v
+            cur[edge_src[e]] += w
+            tot += w
+        if tot <= 0.0:
+            return b_dst, False
+        for i in range(offsets[l], offsets[l + 1]):
+            nxt[edge_dst[alive[i]]] = 0.0
+        for i in range(offsets[l], offsets[l + 1]):
+            s = edge_src[alive[i]]
+            if cur[s] != 0.0:
+                nxt[s] = cur[s] / tot
+                cur[s] = 0.0
+    return b_dst, True
+
+
+@nb.njit(cache=True, nogil=True)
+def _forward(gsum, offsets, alive, edge_src, edge_dst, edge_group, start, S):  # pragma: no cover
+    """a_src[i] ∝ weight of valid prefixes before alive edge i (alpha at its source)."""
+    L = gsum.shape[0]
+    a_src = np.empty(alive.shape[0], np.float64)
+    cur = np.zeros(S, np.float64)
+    nxt = np.zeros(S, np.float64)
+    cur[start] = 1.0
+    for l in range(L):
+        tot = 0.0
+        for i in range(offsets[l], offsets[l + 1]):
+            e = alive[i]
+            v = cur[edge_src[e]]
+            a_src[i] = v
+            w = v * gsum[l, edge_group[e]]
+            nxt[edge_dst[e]] += w
+            tot += w
+        if tot <= 0.0:
+            return a_src, False
+        for i in range(offsets[l], offsets[l + 1]):
+            cur[edge_src[alive[i]]] = 0.0
+        for i in range(offsets[l], offsets[l + 1]):
+            d = edge_dst[alive[i]]
+            if nxt[d] != 0.0:
+                cur[d] = nxt[d] / tot
+                nxt[d] = 0.0
+    return a_src, True
+
+
+@nb.njit(cache=True, nogil=True)
+def _atom_factors(gsum, offsets, alive, a_src, b_dst, edge_group, atom_groups, atom_group_offsets):  # pragma: no cover
+    """F[l, k]: P(token t at l) = exp(x_t - rowmax_l) * F[l, atom(t)].
+
+    The posterior of an edge is a_src * gsum * b_dst, normalised per position (exactly
+    one edge is taken at each position); inside a group, tokens follow exp(x_t)/gsum.
+    """
     L, G = gsum.shape
     K = atom_group_offsets.shape[0] - 1
     F = np.zeros((L, K), np.float64)
     W = np.zeros(G, np.float64)
     for l in range(L):
-        W[:] = 0.0
         tot = 0.0
-        for e in range(edge_src.shape[0]):
-            a = alpha[l, edge_src[e]]
-            if a > 0.0:
-                b = beta[l + 1, edge_dst[e]]
-                if b > 0.0:
-                    w = a * gsum[l, edge_group[e]] * b
-                    W[edge_group[e]] += w
-                    tot += w
+        for i in range(offsets[l], offsets[l + 1]):
+            g = edge_group[alive[i]]
+            w = a_src[i] * gsum[l, g] * b_dst[i]
+            W[g] += w
+            tot += w
         for g in range(G):
             if W[g] > 0.0:
                 W[g] /= tot * gsum[l, g]
         for k in range(K):
             acc = 0.0
-            for i in range(atom_group_offsets[k], atom_group_offsets[k + 1]):
-                acc += W[atom_groups[i]]
+            for j in range(atom_group_offsets[k], atom_group_offsets[k + 1]):
+                acc += W[atom_groups[j]]
             F[l, k] = acc
+        W[:] = 0.0
     return F
 
 
-@nb.njit(cache=True, nogil=True, parallel=True)
+@nb.njit(cache=True, nogil=True)
 def _write_marginals(logits, rowmax, atom_of, F, out):  # pragma: no cover
     N, V = logits.shape
-    for n in nb.prange(N):
+    for n in range(N):
         for t in range(V):
             k = atom_of[t]
             f = F[n, k] if k >= 0 else 0.0
@@ -194,32 +263,36 @@ def _entropy(asum, asumx, F):  # pragma: no cover
     return H
 
 
-# ---- 3. sampling and Viterbi --------------------------------------------------------------
+# ---- 4. sampling and Viterbi --------------------------------------------------------------
 
 
 @nb.njit(cache=True, nogil=True)
-def _sample_path(logits, rowmax, asum, gsum, beta, start, src_offsets, edge_dst, edge_group,
+def _sample_path(logits, rowmax, asum, gsum, offsets, alive, b_dst, start, edge_src, edge_dst, edge_group,
                  group_atoms, group_offsets, atom_tokens, atom_offsets, uniforms):  # pragma: no cover
     L = gsum.shape[0]
     out = np.empty(L, np.int32)
     s = start
     for l in range(L):
-        # edge out of s, weight gsum * beta(next)
+        # an alive edge out of s, weight gsum * beta(next)
         tot = 0.0
-        for e in range(src_offsets[s], src_offsets[s + 1]):
-            tot += gsum[l, edge_group[e]] * beta[l + 1, edge_dst[e]]
+        for i in range(offsets[l], offsets[l + 1]):
+            e = alive[i]
+            if edge_src[e] == s:
+                tot += gsum[l, edge_group[e]] * b_dst[i]
         u = uniforms[l, 0] * tot
         chosen = -1
         acc = 0.0
-        for e in range(src_offsets[s], src_offsets[s + 1]):
-            w = gsum[l, edge_group[e]] * beta[l + 1, edge_dst[e]]
-            if w > 0.0:
-                chosen = e
-                acc += w
-                if acc >= u:
-                    break
+        for i in range(offsets[l], offsets[l + 1]):
+            e = alive[i]
+            if edge_src[e] == s:
+                w = gsum[l, edge_group[e]] * b_dst[i]
+                if w > 0.0:
+                    chosen = e
+                    acc += w
+                    if acc >= u:
+                        break
         g = edge_group[chosen]
-        # atom inside the group, weight asum
+        # an atom inside the group, weight asum
         u = uniforms[l, 1] * gsum[l, g]
         k = -1
         acc = 0.0
@@ -230,7 +303,7 @@ def _sample_path(logits, rowmax, asum, gsum, beta, start, src_offsets, edge_dst,
                 acc += w
                 if acc >= u:
                     break
-        # token inside the atom, weight exp(x - rowmax)
+        # a token inside the atom, weight exp(x - rowmax)
         u = uniforms[l, 2] * asum[l, k]
         tok = -1
         acc = 0.0
@@ -265,77 +338,74 @@ def _group_max(amax, aarg, group_atoms, group_offsets):  # pragma: no cover
 
 
 @nb.njit(cache=True, nogil=True)
-def _viterbi(gmax, garg, edge_src, edge_dst, edge_group, start, final, S):  # pragma: no cover
+def _viterbi(gmax, garg, offsets, alive, edge_src, edge_dst, edge_group, start, final, S):  # pragma: no cover
     L = gmax.shape[0]
-    delta = np.full(S, -np.inf)
-    delta[start] = 0.0
-    back = np.full((L, S), -1, np.int32)
-    nd = np.empty(S)
+    d_src = np.empty(alive.shape[0], np.float64)  # best prefix score at each alive edge's source
+    cur = np.full(S, -np.inf)
+    nxt = np.full(S, -np.inf)
+    cur[start] = 0.0
     for l in range(L):
-        nd[:] = -np.inf
-        for e in range(edge_src.shape[0]):
-            d = delta[edge_src[e]]
-            if d > -np.inf:
-                v = d + gmax[l, edge_group[e]]
-                if v > nd[edge_dst[e]]:
-                    nd[edge_dst[e]] = v
-                    back[l, edge_dst[e]] = e
-        delta[:] = nd
+        for i in range(offsets[l], offsets[l + 1]):
+            e = alive[i]
+            d = cur[edge_src[e]]
+            d_src[i] = d
+            v = d + gmax[l, edge_group[e]]
+            if v > nxt[edge_dst[e]]:
+                nxt[edge_dst[e]] = v
+        for i in range(offsets[l], offsets[l + 1]):
+            cur[edge_src[alive[i]]] = -np.inf
+        for i in range(offsets[l], offsets[l + 1]):
+            dd = edge_dst[alive[i]]
+            if nxt[dd] > -np.inf:
+                cur[dd] = nxt[dd]
+                nxt[dd] = -np.inf
     best = -1
     bv = -np.inf
     for s in range(S):
-        if final[s] and delta[s] > bv:
-            bv = delta[s]
+        if final[s] and cur[s] > bv:
+            bv = cur[s]
             best = s
     out = np.full(L, -1, np.int32)
     if best < 0:
         return out, -np.inf, False
     s = best
     for l in range(L - 1, -1, -1):
-        e = back[l, s]
-        out[l] = garg[l, edge_group[e]]
-        s = edge_src[e]
+        be = -1
+        bs = -np.inf
+        for i in range(offsets[l], offsets[l + 1]):
+            e = alive[i]
+            if edge_dst[e] == s:
+                v = d_src[i] + gmax[l, edge_group[e]]
+                if v > bs:
+                    bs = v
+                    be = e
+        out[l] = garg[l, edge_group[be]]
+        s = edge_src[be]
     return out, bv, True
 
 
 @nb.njit(cache=True, nogil=True)
-def _forced(edge_src, edge_dst, edge_group, group_atoms, group_offsets, atom_offsets, atom_tokens,
-            start, final, S, L):  # pragma: no cover
+def _forced(offsets, alive, edge_group, group_atoms, group_offsets, atom_offsets, atom_tokens, L):  # pragma: no cover
     """Token forced at each position whatever the logits (-1 where there is a choice)."""
-    fwd = np.zeros((L + 1, S), np.bool_)
-    bwd = np.zeros((L + 1, S), np.bool_)
-    fwd[0, start] = True
-    for l in range(L):
-        for e in range(edge_src.shape[0]):
-            if fwd[l, edge_src[e]]:
-                fwd[l + 1, edge_dst[e]] = True
-    for s in range(S):
-        bwd[L, s] = final[s]
-    for l in range(L - 1, -1, -1):
-        for e in range(edge_src.shape[0]):
-            if bwd[l + 1, edge_dst[e]]:
-                bwd[l, edge_src[e]] = True
     out = np.full(L, -1, np.int32)
     for l in range(L):
         tok = -1
-        ok = True
-        for e in range(edge_src.shape[0]):
-            if fwd[l, edge_src[e]] and bwd[l + 1, edge_dst[e]]:
-                g = edge_group[e]
-                for i in range(group_offsets[g], group_offsets[g + 1]):
-                    k = group_atoms[i]
-                    n = atom_offsets[k + 1] - atom_offsets[k]
-                    if n != 1:
-                        ok = False
-                        break
-                    t = atom_tokens[atom_offsets[k]]
-                    if tok == -1:
-                        tok = t
-                    elif tok != t:
-                        ok = False
-                        break
-                if not ok:
+        ok = offsets[l + 1] > offsets[l]
+        for i in range(offsets[l], offsets[l + 1]):
+            g = edge_group[alive[i]]
+            for j in range(group_offsets[g], group_offsets[g + 1]):
+                k = group_atoms[j]
+                if atom_offsets[k + 1] - atom_offsets[k] != 1:
+                    ok = False
                     break
+                t = atom_tokens[atom_offsets[k]]
+                if tok == -1:
+                    tok = t
+                elif tok != t:
+                    ok = False
+                    break
+            if not ok:
+                break
         if ok:
             out[l] = tok
     return out

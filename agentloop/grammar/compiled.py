@@ -38,6 +38,16 @@ class ParsedOutput:
 
 
 @dataclass(frozen=True)
+class StepOutput:
+    """The constrained quantities of one denoising step (see ``denoise_step``)."""
+
+    argmax: Any  #: Viterbi canvas: list[int] (or list of lists when batched)
+    sample: Any  #: exact constrained sample, same shape as ``argmax``
+    log_marginals: torch.Tensor  #: (L, V) or (B, L, V) float32 constrained log-probs
+    entropy: torch.Tensor  #: (L,) or (B, L) float64 entropy of each position's marginal (nats)
+
+
+@dataclass(frozen=True)
 class GrammarStats:
     dfa_states: int
     atoms: int
@@ -76,7 +86,7 @@ class CompiledGrammar:
         ta = automaton
         self._final_complete = np.ascontiguousarray(ta.accept.astype(np.bool_))
         self._final_any = np.ones(ta.n_states, np.bool_)
-        self._forced_cache: dict[tuple[int, int, bool], list[int]] = {}
+        self._support_cache: dict[tuple[int, int, bool], tuple[np.ndarray, np.ndarray]] = {}
 
     # ---- states ------------------------------------------------------------------------
     @property
@@ -337,8 +347,10 @@ class CompiledGrammar:
         gmax, garg = dp._group_max(amax, aarg, ta.group_atoms, ta.group_offsets)
         out = []
         for b, s0 in enumerate(self._states(state, B)):
-            path, score, ok = dp._viterbi(gmax[b * L : (b + 1) * L], garg[b * L : (b + 1) * L], ta.edge_src,
-                                          ta.edge_dst, ta.edge_group, s0, self._final(partial), ta.n_states)
+            offsets, alive = self._support(L, s0, partial)
+            path, score, ok = dp._viterbi(gmax[b * L : (b + 1) * L], garg[b * L : (b + 1) * L], offsets, alive,
+                                          ta.edge_src, ta.edge_dst, ta.edge_group, s0, self._final(partial),
+                                          ta.n_states)
             if not ok:
                 raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
             out.append(path.tolist())
@@ -367,11 +379,13 @@ class CompiledGrammar:
         out = []
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
-            beta, ok = dp._backward(gsum[sl], ta.edge_src, ta.edge_dst, ta.edge_group, self._final(partial), ta.n_states)
-            if not ok or beta[0, s0] <= 0.0:
+            offsets, alive = self._support(L, s0, partial)
+            b_dst, ok = dp._backward(gsum[sl], offsets, alive, ta.edge_src, ta.edge_dst, ta.edge_group,
+                                     self._final(partial), ta.n_states)
+            if not ok:
                 raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
-            path = dp._sample_path(xs[b], rowmax[sl], asum[sl], gsum[sl], beta, s0, ta.src_offsets, ta.edge_dst,
-                                   ta.edge_group, ta.group_atoms, ta.group_offsets, ta.atom_tokens,
+            path = dp._sample_path(xs[b], rowmax[sl], asum[sl], gsum[sl], offsets, alive, b_dst, s0, ta.edge_src,
+                                   ta.edge_dst, ta.edge_group, ta.group_atoms, ta.group_offsets, ta.atom_tokens,
                                    ta.atom_offsets, uniforms[b])
             out.append(path.tolist())
         return out if batched else out[0]
@@ -391,12 +405,15 @@ class CompiledGrammar:
         F = np.zeros((B * L, ta.n_atoms), np.float64)
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
-            beta, ok_b = dp._backward(gsum[sl], ta.edge_src, ta.edge_dst, ta.edge_group, self._final(partial), ta.n_states)
-            alpha, ok_f = dp._forward(gsum[sl], ta.edge_src, ta.edge_dst, ta.edge_group, s0, ta.n_states)
-            if not (ok_b and ok_f) or beta[0, s0] <= 0.0:
+            offsets, alive = self._support(L, s0, partial)
+            b_dst, ok_b = dp._backward(gsum[sl], offsets, alive, ta.edge_src, ta.edge_dst, ta.edge_group,
+                                       self._final(partial), ta.n_states)
+            a_src, ok_f = dp._forward(gsum[sl], offsets, alive, ta.edge_src, ta.edge_dst, ta.edge_group, s0,
+                                      ta.n_states)
+            if not (ok_b and ok_f):
                 raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
-            F[sl] = dp._atom_factors(gsum[sl], alpha, beta, ta.edge_src, ta.edge_dst, ta.edge_group,
-                                     ta.atom_groups, ta.atom_group_offsets)
+            F[sl] = dp._atom_factors(gsum[sl], offsets, alive, a_src, b_dst, ta.edge_group, ta.atom_groups,
+                                     ta.atom_group_offsets)
         out = np.empty_like(xs.reshape(B * L, V))
         dp._write_marginals(xs.reshape(B * L, V), rowmax, self._atom_of(V), F, out)
         result = torch.from_numpy(out.reshape(xs.shape) if batched else out.reshape(L, V))
@@ -405,13 +422,72 @@ class CompiledGrammar:
         H = torch.from_numpy(dp._entropy(asum, asumx, F).reshape(B, L))
         return result, (H if batched else H[0])
 
+    def denoise_step(self, logits: Any, generator: torch.Generator | None = None,
+                     state: int | Sequence[int] | None = None, partial: bool = False) -> "StepOutput":
+        """Everything one denoising step needs, sharing one pass over the logits.
+
+        Returns the Viterbi canvas (the argmax canvas the model emits), an exact sample
+        (the denoiser sample), the constrained log-marginals (for self-conditioning) and
+        their per-position entropies (for entropy-bound acceptance). Shapes follow
+        ``logits``: (L, V) -> lists / (L, V) / (L,); (B, L, V) -> batched.
+        """
+        x, batched = self._prepare(logits)
+        xs = x if batched else x[None]
+        B, L, V = xs.shape
+        ta = self.automaton
+        atom_of = self._atom_of(V)
+        flat = xs.reshape(B * L, V)
+        rowmax, asum, asumx, amax, aarg = dp.reduce_atoms(flat, atom_of, ta.n_atoms, True, True)
+        gsum = dp._group_sums(asum, ta.group_atoms, ta.group_offsets)
+        gmax, garg = dp._group_max(amax, aarg, ta.group_atoms, ta.group_offsets)
+        uniforms = torch.rand((B, L, 3), generator=generator, dtype=torch.float64).numpy()
+        F = np.zeros((B * L, ta.n_atoms), np.float64)
+        best: list[list[int]] = []
+        samples: list[list[int]] = []
+        final = self._final(partial)
+        for b, s0 in enumerate(self._states(state, B)):
+            sl = slice(b * L, (b + 1) * L)
+            offsets, alive = self._support(L, s0, partial)
+            b_dst, ok_b = dp._backward(gsum[sl], offsets, alive, ta.edge_src, ta.edge_dst, ta.edge_group, final,
+                                       ta.n_states)
+            a_src, ok_f = dp._forward(gsum[sl], offsets, alive, ta.edge_src, ta.edge_dst, ta.edge_group, s0,
+                                      ta.n_states)
+            path, _, ok_v = dp._viterbi(gmax[sl], garg[sl], offsets, alive, ta.edge_src, ta.edge_dst,
+                                        ta.edge_group, s0, final, ta.n_states)
+            if not (ok_b and ok_f and ok_v):
+                raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
+            F[sl] = dp._atom_factors(gsum[sl], offsets, alive, a_src, b_dst, ta.edge_group, ta.atom_groups,
+                                     ta.atom_group_offsets)
+            best.append(path.tolist())
+            samples.append(dp._sample_path(xs[b], rowmax[sl], asum[sl], gsum[sl], offsets, alive, b_dst, s0,
+                                           ta.edge_src, ta.edge_dst, ta.edge_group, ta.group_atoms,
+                                           ta.group_offsets, ta.atom_tokens, ta.atom_offsets, uniforms[b]).tolist())
+        out = np.empty_like(flat)
+        dp._write_marginals(flat, rowmax, atom_of, F, out)
+        H = dp._entropy(asum, asumx, F).reshape(B, L)
+        logp = torch.from_numpy(out.reshape(B, L, V))
+        if batched:
+            return StepOutput(best, samples, logp, torch.from_numpy(H))
+        return StepOutput(best[0], samples[0], logp[0], torch.from_numpy(H[0]))
+
+    def _support(self, length: int, state: int, partial: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Alive edges per position for canvases of ``length`` from ``state`` (cached)."""
+        key = (length, state, partial)
+        hit = self._support_cache.get(key)
+        if hit is None:
+            ta = self.automaton
+            offsets, alive = dp.alive_edges(ta.edge_src, ta.edge_dst, ta.n_states, state, self._final(partial), length)
+            if alive.shape[0] == 0:
+                raise NoValidCanvasError(self._no_canvas_message(length, state, partial))
+            if len(self._support_cache) >= 16:
+                self._support_cache.pop(next(iter(self._support_cache)))
+            self._support_cache[key] = hit = (offsets, alive)
+        return hit
+
     def forced_tokens(self, length: int, state: int | None = None, partial: bool = False) -> list[int]:
         """Per position of a canvas, the only token the grammar allows there, or -1."""
-        s0 = self.start_state if state is None else state
-        key = (length, s0, partial)
-        if key not in self._forced_cache:
-            ta = self.automaton
-            self._forced_cache[key] = dp._forced(ta.edge_src, ta.edge_dst, ta.edge_group, ta.group_atoms,
-                                                 ta.group_offsets, ta.atom_offsets, ta.atom_tokens, s0,
-                                                 self._final(partial), ta.n_states, length).tolist()
-        return list(self._forced_cache[key])
+        s0 = self.start_state if state is None else int(state)
+        ta = self.automaton
+        offsets, alive = self._support(length, s0, partial)
+        return dp._forced(offsets, alive, ta.edge_group, ta.group_atoms, ta.group_offsets, ta.atom_offsets,
+                          ta.atom_tokens, length).tolist()

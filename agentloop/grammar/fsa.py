@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence, Union
 
+import numba as nb
 import numpy as np
 
 # ----------------------------------------------------------------------------------------
@@ -367,6 +368,48 @@ def _trim(trans: np.ndarray, accept: np.ndarray, start: int) -> np.ndarray:
     return reach & co
 
 
+@nb.njit(cache=True, nogil=True)
+def _signatures(t, block, h1, h2):  # pragma: no cover - compiled
+    S, C = t.shape
+    for q in range(S):
+        a = np.uint64(block[q]) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(1)
+        b = np.uint64(block[q]) ^ np.uint64(0xC2B2AE3D27D4EB4F)
+        for c in range(C):
+            d = t[q, c]
+            v = np.uint64(block[d] + 2) if d >= 0 else np.uint64(1)
+            a = (a ^ v) * np.uint64(0x100000001B3)
+            b = (b + v * np.uint64(c + 1)) * np.uint64(0xFF51AFD7ED558CCD)
+            b ^= b >> np.uint64(29)
+        h1[q] = a
+        h2[q] = b
+
+
+def _refine(t: np.ndarray, accept: np.ndarray) -> np.ndarray:
+    """Moore refinement: states are equivalent when no suffix tells them apart.
+
+    Each round splits blocks by (block, successor blocks); the signature is a 128-bit
+    hash computed in compiled code (a collision has probability ~S^2 / 2^128).
+    """
+    block = accept.astype(np.int64)
+    n_blocks = len(np.unique(block))
+    h1 = np.empty(t.shape[0], np.uint64)
+    h2 = np.empty(t.shape[0], np.uint64)
+    while True:
+        _signatures(t, block, h1, h2)
+        order = np.lexsort((h2, h1))
+        new_start = np.empty(len(order), bool)
+        new_start[0] = True
+        new_start[1:] = (h1[order][1:] != h1[order][:-1]) | (h2[order][1:] != h2[order][:-1])
+        ids = np.cumsum(new_start) - 1
+        new_block = np.empty_like(block)
+        new_block[order] = ids
+        n_new = int(ids[-1]) + 1
+        block = new_block
+        if n_new == n_blocks:
+            return block
+        n_blocks = n_new
+
+
 def minimize(
     trans: np.ndarray,
     accept: np.ndarray,
@@ -387,19 +430,8 @@ def minimize(
     acc = accept[old_ids]
     st = int(remap[start])
 
-    # Moore refinement: block ids until stable. Dead (-1) acts as its own block.
-    block = acc.astype(np.int64)
-    n_blocks = len(np.unique(block))
-    while True:
-        succ = np.where(t >= 0, block[np.maximum(t, 0)], -1)
-        sig = np.concatenate([block[:, None], succ], axis=1)
-        _, new_block = np.unique(sig, axis=0, return_inverse=True)
-        new_block = new_block.ravel()
-        n_new = int(new_block.max()) + 1
-        block = new_block
-        if n_new == n_blocks:
-            break
-        n_blocks = n_new
+    block = _refine(t.astype(np.int64), acc)
+    n_blocks = int(block.max()) + 1
     # One representative per block; renumber so the start state is 0 (stable, readable).
     reps = np.zeros(n_blocks, np.int64)
     reps[block] = np.arange(len(block))
