@@ -150,14 +150,19 @@ class Vocabulary:
             pad_id = stop_id  # no pad token: the canvas tail repeats the stop token
 
         special_ids: dict[str, int] = {}
+        missing = []
         for name in wire_format.special_tokens:
             tok = aliases.get(name, name)
-            if tok not in vocab:
-                raise VocabularyError(
-                    f"wire format {wire_format.name!r} needs special token {name!r}, which this tokenizer lacks; "
-                    f"pass aliases={{{name!r}: '<some unused token>'}} or use another wire format"
-                )
-            special_ids[name] = vocab[tok]
+            if tok in vocab:
+                special_ids[name] = vocab[tok]
+            else:
+                missing.append(name)
+        if missing:
+            raise VocabularyError(
+                f"wire format {wire_format.name!r} needs special tokens {', '.join(missing)}, which this tokenizer "
+                f"lacks; map them onto unused tokens with aliases={{{missing[0]!r}: '<unused0>', ...}} "
+                "or use another wire format"
+            )
 
         kind = _decoder_kind(spec)
         byte_dec = _byte_decoder() if kind == "bytelevel" else None

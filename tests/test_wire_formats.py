@@ -1,0 +1,135 @@
+"""Both wire formats end to end: envelopes, text answers, parallel calls, long calls over
+several canvases, and the errors a user sees for bad tools or tokenizers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agentloop.errors import SchemaError, VocabularyError, WireFormatError
+from agentloop.grammar import ToolCall, compile_schema, compile_tools, load_wire_format
+from conftest import word_tokenizer
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "Weather for a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+NOTE = {
+    "name": "add_note",
+    "parameters": {"type": "object", "properties": {"text": {"type": "string", "minLength": 30}}, "required": ["text"]},
+}
+
+
+def encode(tok, g, text: str) -> list[int]:
+    return tok.encode(text).ids
+
+
+@pytest.mark.parametrize("wire_format,calls_text,final_text", [
+    ("gemma4",
+     '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:3}<tool_call|>'
+     '<|tool_call>call:add_note{text:<|"|>a note that is long enough, "quoted" \\ é<|"|>}<tool_call|><|tool_response>',
+     "It is 18C in Paris.<turn|>"),
+    ("json",
+     '[{"name":"get_weather","arguments":{"city":"Paris","days":3}},'
+     '{"name":"add_note","arguments":{"text":"a note that is long enough, \\"quoted\\" \\\\ é"}}]<eos>',
+     '{"answer":"It is 18C in Paris."}<eos>'),
+])
+def test_parallel_calls_and_final_text_parse(btok, wire_format, calls_text, final_text):
+    g = compile_tools([WEATHER, NOTE], btok, wire_format)
+    ids = encode(btok, g, calls_text)
+    assert g.accepts(ids)
+    out = g.parse(ids + [g.vocab.pad_id] * 3)
+    assert out.text is None
+    assert out.calls == [ToolCall("get_weather", {"city": "Paris", "days": 3}),
+                         ToolCall("add_note", {"text": 'a note that is long enough, "quoted" \\ é'})]
+    ids = encode(btok, g, final_text)
+    assert g.accepts(ids)
+    assert g.parse(ids).text == "It is 18C in Paris."
+    assert g.accepts_json("It is 18C in Paris.")
+    assert g.accepts_json([{"name": "get_weather", "arguments": {"days": 3, "city": "Paris"}}])
+    assert not g.accepts_json([{"name": "get_weather", "arguments": {"city": "Paris", "days": 8}}])
+    assert not g.accepts_json([{"name": "nope", "arguments": {}}])
+
+
+def test_allow_text_false_and_single_call(btok):
+    g = compile_tools([WEATHER, NOTE], btok, "gemma4", allow_text=False, parallel_calls=False)
+    assert not g.accepts(encode(btok, g, "Hello<turn|>"))
+    two = ('<|tool_call>call:get_weather{city:<|"|>A<|"|>}<tool_call|>'
+           '<|tool_call>call:get_weather{city:<|"|>B<|"|>}<tool_call|><|tool_response>')
+    assert not g.accepts(encode(btok, g, two))
+    for seed in range(5):
+        ids = g.sample(torch.randn(40, g.vocab.size, generator=torch.Generator().manual_seed(seed)))
+        assert len(g.parse(ids).calls) == 1
+
+
+@pytest.mark.parametrize("wire_format", ["gemma4", "json"])
+def test_a_call_longer_than_one_canvas_continues_from_the_carried_state(btok, wire_format):
+    """minLength 30 cannot fit in a 12-token canvas: canvases chain through their state."""
+    g = compile_tools([NOTE], btok, wire_format, allow_text=False)
+    gen = torch.Generator().manual_seed(0)
+    state = None
+    content: list[int] = []
+    for i in range(10):
+        logits = torch.randn(12, g.vocab.size, generator=gen)
+        try:
+            ids = g.sample(logits, generator=gen, state=state)  # complete if it can ...
+        except Exception:
+            ids = g.sample(logits, generator=gen, state=state, partial=True)  # ... else continue
+        content += ids
+        state = g.state_after(ids, state)
+        assert state >= 0
+        if g.is_complete(state):
+            break
+    assert i >= 2, "the call should have needed several canvases"
+    assert g.accepts(content)
+    (call,) = g.parse(content).calls
+    assert len(call.arguments["text"]) >= 30
+
+
+def test_missing_special_tokens_are_named(btok):
+    tok = word_tokenizer(["a", "b"])
+    with pytest.raises(VocabularyError, match=r"<\|turn>.*<\|tool_call>.*aliases="):
+        compile_tools([WEATHER], tok, "gemma4")
+    with pytest.raises(WireFormatError, match="unknown wire format 'nope'"):
+        compile_tools([WEATHER], btok, "nope")
+
+
+def test_aliases_map_protocol_tokens_onto_unused_ones():
+    specials = ["<pad>", "<eos>"] + [f"<unused{i}>" for i in range(9)]
+    tok = word_tokenizer(["call:get_weather", "{", "}", "city:", "Paris"], specials=specials)
+    wf = load_wire_format("gemma4")
+    aliases = {name: f"<unused{i}>" for i, name in enumerate(t for t in wf.special_tokens if t != "<eos>")}
+    aliases["<eos>"] = "<eos>"
+    g = compile_tools([WEATHER], tok, "gemma4", aliases=aliases, allow_text=False)
+    ids = g.viterbi(torch.randn(10, g.vocab.size, generator=torch.Generator().manual_seed(1)))
+    assert g.parse(ids).calls[0].name == "get_weather"
+
+
+def test_bad_tools_and_schemas_fail_at_definition_with_pointer(btok):
+    with pytest.raises(SchemaError, match=r"'not' is not supported.*at '/properties/x/not'"):
+        compile_schema({"type": "object", "properties": {"x": {"not": {"type": "string"}}}}, btok)
+    with pytest.raises(SchemaError, match=r"tool 'f'.*'patternProperties'"):
+        compile_tools([{"name": "f", "parameters": {"type": "object", "patternProperties": {"^a": {}}}}], btok)
+    with pytest.raises(SchemaError, match="tool name 'bad name'"):
+        compile_tools([{"name": "bad name", "parameters": {}}], btok)
+    with pytest.raises(SchemaError, match="two tools are named"):
+        compile_tools([WEATHER, WEATHER], btok)
+    with pytest.raises(SchemaError, match="cannot be spelled as an unquoted gemma4 key"):
+        compile_tools([{"name": "f", "parameters": {"type": "object", "properties": {"a b": {"type": "string"}}}}], btok)
+    with pytest.raises(SchemaError, match="not a valid JSON Schema"):
+        compile_schema({"type": "strnig"}, btok)
+    with pytest.raises(SchemaError, match="admits no value"):
+        compile_schema({"type": "integer", "minimum": 5, "maximum": 1}, btok)
+
+
+def test_compiled_grammars_are_cached(btok):
+    a = compile_tools([WEATHER], btok, "gemma4")
+    b = compile_tools([dict(WEATHER)], btok, "gemma4")
+    assert a is b
+    assert compile_tools([WEATHER], btok, "json") is not a
