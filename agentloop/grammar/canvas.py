@@ -110,7 +110,7 @@ def _group_sums(asum, group_atoms, group_offsets):  # pragma: no cover - compile
 
 
 @nb.njit(cache=True, nogil=True)
-def alive_edges(edge_src, edge_dst, S, start, final, L):  # pragma: no cover - compiled
+def alive_edges(edge_src, edge_dst, edge_group, S, start, final, L):  # pragma: no cover - compiled
     fwd = np.zeros((L + 1, S), np.bool_)
     bwd = np.zeros((L + 1, S), np.bool_)
     fwd[0, start] = True
@@ -132,24 +132,29 @@ def alive_edges(edge_src, edge_dst, S, start, final, L):  # pragma: no cover - c
             if bwd[l, edge_src[e]] and bwd[l + 1, edge_dst[e]]:
                 count += 1
         offsets[l + 1] = count
-    edges = np.empty(count, np.int32)
+    # structure of arrays: (source, destination, group) of each alive edge, by position
+    a_src = np.empty(count, np.int32)
+    a_dst = np.empty(count, np.int32)
+    a_grp = np.empty(count, np.int32)
     i = 0
     for l in range(L):
         for e in range(E):
             if bwd[l, edge_src[e]] and bwd[l + 1, edge_dst[e]]:
-                edges[i] = e
+                a_src[i] = edge_src[e]
+                a_dst[i] = edge_dst[e]
+                a_grp[i] = edge_group[e]
                 i += 1
-    return offsets, edges
+    return offsets, a_src, a_dst, a_grp
 
 
 # ---- 3. forward / backward over alive edges ------------------------------------------------
 
 
 @nb.njit(cache=True, nogil=True)
-def _backward(gsum, offsets, alive, edge_src, edge_dst, edge_group, final, S):  # pragma: no cover
+def _backward(gsum, offsets, edge_src, edge_dst, edge_group, final, S):  # pragma: no cover
     """b_dst[i] ∝ weight of valid completions after alive edge i (beta at its destination)."""
     L = gsum.shape[0]
-    b_dst = np.empty(alive.shape[0], np.float64)
+    b_dst = np.empty(edge_src.shape[0], np.float64)
     nxt = np.zeros(S, np.float64)  # beta at l + 1
     cur = np.zeros(S, np.float64)  # beta at l (being built)
     for s in range(S):
@@ -157,7 +162,7 @@ def _backward(gsum, offsets, alive, edge_src, edge_dst, edge_group, final, S):  
     for l in range(L - 1, -1, -1):
         tot = 0.0
         for i in range(offsets[l], offsets[l + 1]):
-            e = alive[i]
+            e = i
             v = nxt[edge_dst[e]]
             b_dst[i] = v
             w = gsum[l, edge_group[e]] * v
@@ -166,9 +171,9 @@ def _backward(gsum, offsets, alive, edge_src, edge_dst, edge_group, final, S):  
         if tot <= 0.0:
             return b_dst, False
         for i in range(offsets[l], offsets[l + 1]):
-            nxt[edge_dst[alive[i]]] = 0.0
+            nxt[edge_dst[i]] = 0.0
         for i in range(offsets[l], offsets[l + 1]):
-            s = edge_src[alive[i]]
+            s = edge_src[i]
             if cur[s] != 0.0:
                 nxt[s] = cur[s] / tot
                 cur[s] = 0.0
@@ -176,17 +181,17 @@ def _backward(gsum, offsets, alive, edge_src, edge_dst, edge_group, final, S):  
 
 
 @nb.njit(cache=True, nogil=True)
-def _forward(gsum, offsets, alive, edge_src, edge_dst, edge_group, start, S):  # pragma: no cover
+def _forward(gsum, offsets, edge_src, edge_dst, edge_group, start, S):  # pragma: no cover
     """a_src[i] ∝ weight of valid prefixes before alive edge i (alpha at its source)."""
     L = gsum.shape[0]
-    a_src = np.empty(alive.shape[0], np.float64)
+    a_src = np.empty(edge_src.shape[0], np.float64)
     cur = np.zeros(S, np.float64)
     nxt = np.zeros(S, np.float64)
     cur[start] = 1.0
     for l in range(L):
         tot = 0.0
         for i in range(offsets[l], offsets[l + 1]):
-            e = alive[i]
+            e = i
             v = cur[edge_src[e]]
             a_src[i] = v
             w = v * gsum[l, edge_group[e]]
@@ -195,9 +200,9 @@ def _forward(gsum, offsets, alive, edge_src, edge_dst, edge_group, start, S):  #
         if tot <= 0.0:
             return a_src, False
         for i in range(offsets[l], offsets[l + 1]):
-            cur[edge_src[alive[i]]] = 0.0
+            cur[edge_src[i]] = 0.0
         for i in range(offsets[l], offsets[l + 1]):
-            d = edge_dst[alive[i]]
+            d = edge_dst[i]
             if nxt[d] != 0.0:
                 cur[d] = nxt[d] / tot
                 nxt[d] = 0.0
@@ -205,7 +210,7 @@ def _forward(gsum, offsets, alive, edge_src, edge_dst, edge_group, start, S):  #
 
 
 @nb.njit(cache=True, nogil=True)
-def _atom_factors(gsum, offsets, alive, a_src, b_dst, edge_group, atom_groups, atom_group_offsets):  # pragma: no cover
+def _atom_factors(gsum, offsets, a_src, b_dst, edge_group, atom_groups, atom_group_offsets):  # pragma: no cover
     """F[l, k]: P(token t at l) = exp(x_t - rowmax_l) * F[l, atom(t)].
 
     The posterior of an edge is a_src * gsum * b_dst, normalised per position (exactly
@@ -218,7 +223,7 @@ def _atom_factors(gsum, offsets, alive, a_src, b_dst, edge_group, atom_groups, a
     for l in range(L):
         tot = 0.0
         for i in range(offsets[l], offsets[l + 1]):
-            g = edge_group[alive[i]]
+            g = edge_group[i]
             w = a_src[i] * gsum[l, g] * b_dst[i]
             W[g] += w
             tot += w
@@ -267,7 +272,7 @@ def _entropy(asum, asumx, F):  # pragma: no cover
 
 
 @nb.njit(cache=True, nogil=True)
-def _sample_path(logits, rowmax, asum, gsum, offsets, alive, b_dst, start, edge_src, edge_dst, edge_group,
+def _sample_path(logits, rowmax, asum, gsum, offsets, b_dst, start, edge_src, edge_dst, edge_group,
                  group_atoms, group_offsets, atom_tokens, atom_offsets, uniforms):  # pragma: no cover
     L = gsum.shape[0]
     out = np.empty(L, np.int32)
@@ -276,14 +281,14 @@ def _sample_path(logits, rowmax, asum, gsum, offsets, alive, b_dst, start, edge_
         # an alive edge out of s, weight gsum * beta(next)
         tot = 0.0
         for i in range(offsets[l], offsets[l + 1]):
-            e = alive[i]
+            e = i
             if edge_src[e] == s:
                 tot += gsum[l, edge_group[e]] * b_dst[i]
         u = uniforms[l, 0] * tot
         chosen = -1
         acc = 0.0
         for i in range(offsets[l], offsets[l + 1]):
-            e = alive[i]
+            e = i
             if edge_src[e] == s:
                 w = gsum[l, edge_group[e]] * b_dst[i]
                 if w > 0.0:
@@ -338,24 +343,24 @@ def _group_max(amax, aarg, group_atoms, group_offsets):  # pragma: no cover
 
 
 @nb.njit(cache=True, nogil=True)
-def _viterbi(gmax, garg, offsets, alive, edge_src, edge_dst, edge_group, start, final, S):  # pragma: no cover
+def _viterbi(gmax, garg, offsets, edge_src, edge_dst, edge_group, start, final, S):  # pragma: no cover
     L = gmax.shape[0]
-    d_src = np.empty(alive.shape[0], np.float64)  # best prefix score at each alive edge's source
+    d_src = np.empty(edge_src.shape[0], np.float64)  # best prefix score at each alive edge's source
     cur = np.full(S, -np.inf)
     nxt = np.full(S, -np.inf)
     cur[start] = 0.0
     for l in range(L):
         for i in range(offsets[l], offsets[l + 1]):
-            e = alive[i]
+            e = i
             d = cur[edge_src[e]]
             d_src[i] = d
             v = d + gmax[l, edge_group[e]]
             if v > nxt[edge_dst[e]]:
                 nxt[edge_dst[e]] = v
         for i in range(offsets[l], offsets[l + 1]):
-            cur[edge_src[alive[i]]] = -np.inf
+            cur[edge_src[i]] = -np.inf
         for i in range(offsets[l], offsets[l + 1]):
-            dd = edge_dst[alive[i]]
+            dd = edge_dst[i]
             if nxt[dd] > -np.inf:
                 cur[dd] = nxt[dd]
                 nxt[dd] = -np.inf
@@ -373,7 +378,7 @@ def _viterbi(gmax, garg, offsets, alive, edge_src, edge_dst, edge_group, start, 
         be = -1
         bs = -np.inf
         for i in range(offsets[l], offsets[l + 1]):
-            e = alive[i]
+            e = i
             if edge_dst[e] == s:
                 v = d_src[i] + gmax[l, edge_group[e]]
                 if v > bs:
@@ -385,14 +390,14 @@ def _viterbi(gmax, garg, offsets, alive, edge_src, edge_dst, edge_group, start, 
 
 
 @nb.njit(cache=True, nogil=True)
-def _forced(offsets, alive, edge_group, group_atoms, group_offsets, atom_offsets, atom_tokens, L):  # pragma: no cover
+def _forced(offsets, edge_group, group_atoms, group_offsets, atom_offsets, atom_tokens, L):  # pragma: no cover
     """Token forced at each position whatever the logits (-1 where there is a choice)."""
     out = np.full(L, -1, np.int32)
     for l in range(L):
         tok = -1
         ok = offsets[l + 1] > offsets[l]
         for i in range(offsets[l], offsets[l + 1]):
-            g = edge_group[alive[i]]
+            g = edge_group[i]
             for j in range(group_offsets[g], group_offsets[g + 1]):
                 k = group_atoms[j]
                 if atom_offsets[k + 1] - atom_offsets[k] != 1:

@@ -86,7 +86,7 @@ class CompiledGrammar:
         ta = automaton
         self._final_complete = np.ascontiguousarray(ta.accept.astype(np.bool_))
         self._final_any = np.ones(ta.n_states, np.bool_)
-        self._support_cache: dict[tuple[int, int, bool], tuple[np.ndarray, np.ndarray]] = {}
+        self._support_cache: dict[tuple[int, int, bool], tuple[np.ndarray, ...]] = {}
 
     # ---- states ------------------------------------------------------------------------
     @property
@@ -347,10 +347,9 @@ class CompiledGrammar:
         gmax, garg = dp._group_max(amax, aarg, ta.group_atoms, ta.group_offsets)
         out = []
         for b, s0 in enumerate(self._states(state, B)):
-            offsets, alive = self._support(L, s0, partial)
-            path, score, ok = dp._viterbi(gmax[b * L : (b + 1) * L], garg[b * L : (b + 1) * L], offsets, alive,
-                                          ta.edge_src, ta.edge_dst, ta.edge_group, s0, self._final(partial),
-                                          ta.n_states)
+            sup = self._support(L, s0, partial)
+            path, score, ok = dp._viterbi(gmax[b * L : (b + 1) * L], garg[b * L : (b + 1) * L], *sup, s0,
+                                          self._final(partial), ta.n_states)
             if not ok:
                 raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
             out.append(path.tolist())
@@ -379,14 +378,13 @@ class CompiledGrammar:
         out = []
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
-            offsets, alive = self._support(L, s0, partial)
-            b_dst, ok = dp._backward(gsum[sl], offsets, alive, ta.edge_src, ta.edge_dst, ta.edge_group,
+            sup = self._support(L, s0, partial)
+            b_dst, ok = dp._backward(gsum[sl], *sup,
                                      self._final(partial), ta.n_states)
             if not ok:
                 raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
-            path = dp._sample_path(xs[b], rowmax[sl], asum[sl], gsum[sl], offsets, alive, b_dst, s0, ta.edge_src,
-                                   ta.edge_dst, ta.edge_group, ta.group_atoms, ta.group_offsets, ta.atom_tokens,
-                                   ta.atom_offsets, uniforms[b])
+            path = dp._sample_path(xs[b], rowmax[sl], asum[sl], gsum[sl], sup[0], b_dst, s0, *sup[1:],
+                                   ta.group_atoms, ta.group_offsets, ta.atom_tokens, ta.atom_offsets, uniforms[b])
             out.append(path.tolist())
         return out if batched else out[0]
 
@@ -405,14 +403,14 @@ class CompiledGrammar:
         F = np.zeros((B * L, ta.n_atoms), np.float64)
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
-            offsets, alive = self._support(L, s0, partial)
-            b_dst, ok_b = dp._backward(gsum[sl], offsets, alive, ta.edge_src, ta.edge_dst, ta.edge_group,
+            sup = self._support(L, s0, partial)
+            b_dst, ok_b = dp._backward(gsum[sl], *sup,
                                        self._final(partial), ta.n_states)
-            a_src, ok_f = dp._forward(gsum[sl], offsets, alive, ta.edge_src, ta.edge_dst, ta.edge_group, s0,
+            a_src, ok_f = dp._forward(gsum[sl], *sup, s0,
                                       ta.n_states)
             if not (ok_b and ok_f):
                 raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
-            F[sl] = dp._atom_factors(gsum[sl], offsets, alive, a_src, b_dst, ta.edge_group, ta.atom_groups,
+            F[sl] = dp._atom_factors(gsum[sl], sup[0], a_src, b_dst, sup[3], ta.atom_groups,
                                      ta.atom_group_offsets)
         out = np.empty_like(xs.reshape(B * L, V))
         dp._write_marginals(xs.reshape(B * L, V), rowmax, self._atom_of(V), F, out)
@@ -447,21 +445,20 @@ class CompiledGrammar:
         final = self._final(partial)
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
-            offsets, alive = self._support(L, s0, partial)
-            b_dst, ok_b = dp._backward(gsum[sl], offsets, alive, ta.edge_src, ta.edge_dst, ta.edge_group, final,
+            sup = self._support(L, s0, partial)
+            b_dst, ok_b = dp._backward(gsum[sl], *sup, final,
                                        ta.n_states)
-            a_src, ok_f = dp._forward(gsum[sl], offsets, alive, ta.edge_src, ta.edge_dst, ta.edge_group, s0,
+            a_src, ok_f = dp._forward(gsum[sl], *sup, s0,
                                       ta.n_states)
-            path, _, ok_v = dp._viterbi(gmax[sl], garg[sl], offsets, alive, ta.edge_src, ta.edge_dst,
-                                        ta.edge_group, s0, final, ta.n_states)
+            path, _, ok_v = dp._viterbi(gmax[sl], garg[sl], *sup, s0, final, ta.n_states)
             if not (ok_b and ok_f and ok_v):
                 raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
-            F[sl] = dp._atom_factors(gsum[sl], offsets, alive, a_src, b_dst, ta.edge_group, ta.atom_groups,
+            F[sl] = dp._atom_factors(gsum[sl], sup[0], a_src, b_dst, sup[3], ta.atom_groups,
                                      ta.atom_group_offsets)
             best.append(path.tolist())
-            samples.append(dp._sample_path(xs[b], rowmax[sl], asum[sl], gsum[sl], offsets, alive, b_dst, s0,
-                                           ta.edge_src, ta.edge_dst, ta.edge_group, ta.group_atoms,
-                                           ta.group_offsets, ta.atom_tokens, ta.atom_offsets, uniforms[b]).tolist())
+            samples.append(dp._sample_path(xs[b], rowmax[sl], asum[sl], gsum[sl], sup[0], b_dst, s0, *sup[1:],
+                                           ta.group_atoms, ta.group_offsets, ta.atom_tokens, ta.atom_offsets,
+                                           uniforms[b]).tolist())
         out = np.empty_like(flat)
         dp._write_marginals(flat, rowmax, atom_of, F, out)
         H = dp._entropy(asum, asumx, F).reshape(B, L)
@@ -470,24 +467,25 @@ class CompiledGrammar:
             return StepOutput(best, samples, logp, torch.from_numpy(H))
         return StepOutput(best[0], samples[0], logp[0], torch.from_numpy(H[0]))
 
-    def _support(self, length: int, state: int, partial: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _support(self, length: int, state: int, partial: bool) -> tuple[np.ndarray, ...]:
         """Alive edges per position for canvases of ``length`` from ``state`` (cached)."""
         key = (length, state, partial)
         hit = self._support_cache.get(key)
         if hit is None:
             ta = self.automaton
-            offsets, alive = dp.alive_edges(ta.edge_src, ta.edge_dst, ta.n_states, state, self._final(partial), length)
-            if alive.shape[0] == 0:
+            hit = dp.alive_edges(ta.edge_src, ta.edge_dst, ta.edge_group, ta.n_states, state, self._final(partial),
+                                 length)
+            if hit[1].shape[0] == 0:
                 raise NoValidCanvasError(self._no_canvas_message(length, state, partial))
             if len(self._support_cache) >= 16:
                 self._support_cache.pop(next(iter(self._support_cache)))
-            self._support_cache[key] = hit = (offsets, alive)
+            self._support_cache[key] = hit
         return hit
 
     def forced_tokens(self, length: int, state: int | None = None, partial: bool = False) -> list[int]:
         """Per position of a canvas, the only token the grammar allows there, or -1."""
         s0 = self.start_state if state is None else int(state)
         ta = self.automaton
-        offsets, alive = self._support(length, s0, partial)
-        return dp._forced(offsets, alive, ta.edge_group, ta.group_atoms, ta.group_offsets, ta.atom_offsets,
+        sup = self._support(length, s0, partial)
+        return dp._forced(sup[0], sup[3], ta.group_atoms, ta.group_offsets, ta.atom_offsets,
                           ta.atom_tokens, length).tolist()
