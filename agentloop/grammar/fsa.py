@@ -274,12 +274,17 @@ def to_dfa(node: Node, n_symbols: int) -> Dfa:
         (m for row in nfa.edges for m, _ in row), n_symbols
     )
     n_classes = len(class_masks)
-    # For each NFA edge, the classes it covers.
+    # For each NFA edge, the classes it covers (few distinct masks: cache per mask).
+    covered: dict[int, tuple[int, ...]] = {}
     edge_classes: list[list[tuple[tuple[int, ...], int]]] = []
     for row in nfa.edges:
-        edge_classes.append(
-            [(tuple(c for c in range(n_classes) if class_masks[c] & m), d) for m, d in row]
-        )
+        out_row = []
+        for m, d in row:
+            cls = covered.get(m)
+            if cls is None:
+                cls = covered[m] = tuple(c for c in range(n_classes) if class_masks[c] & m)
+            out_row.append((cls, d))
+        edge_classes.append(out_row)
 
     eps = nfa.eps
     closure_cache: dict[int, frozenset[int]] = {}

@@ -2,11 +2,18 @@
 
 All spellings are canonical JSON: no leading zeros, no ``+``, no ``-0``. Bounded numbers
 are spelled without an exponent, which keeps bounds exact with a finite automaton.
+
+A parser (Python's ``json``, ours) reads ``-?\\d+`` as an exact integer and anything else as
+a double, so a decimal spelling is judged by the double it rounds to; see
+:func:`double_le_bound` for turning a bound on doubles into a bound on decimal spellings.
 """
 
 from __future__ import annotations
 
-from decimal import Decimal
+import math
+import struct
+import sys
+from decimal import Decimal, localcontext
 from typing import Optional
 
 from .fsa import EMPTY, NEVER, Node, alt, byte_range, graph, literal, opt, rep, seq, sym
@@ -132,10 +139,10 @@ def _lt_tail(d: str) -> tuple[Node, bool]:
     return alt(seq(digits(0, d0 - 1), rep(DIGIT)), same), True
 
 
-def _fraction(tail: tuple[Node, bool]) -> Node:
+def _fraction(tail: tuple[Node, bool], fraction_only: bool = False) -> Node:
     node, empty_ok = tail
     dotted = seq(DOT, node)
-    return alt(dotted, EMPTY) if empty_ok else dotted
+    return alt(dotted, EMPTY) if empty_ok and not fraction_only else dotted
 
 
 def _split(x: Decimal) -> tuple[int, str]:
@@ -149,13 +156,13 @@ def _split(x: Decimal) -> tuple[int, str]:
     return int(text), ""
 
 
-def _magnitudes(a: Decimal, a_excl: bool, b: Optional[Decimal], b_excl: bool) -> Node:
-    """Non-negative decimals m (spelled I or I.F) with a <=/< m <=/< b."""
+def _magnitudes(a: Decimal, a_excl: bool, b: Optional[Decimal], b_excl: bool, fo: bool = False) -> Node:
+    """Non-negative decimals m (spelled I or I.F; only I.F when ``fo``) with a <=/< m <=/< b."""
     A, fa = _split(a)
     lower = _gt_tail(fa) if a_excl else _ge_tail(fa)
     if b is None:
-        return alt(seq(literal(str(A).encode()), _fraction(lower)),
-                   seq(uint_range(A + 1, None), _fraction((rep(DIGIT, 1), True))))
+        return alt(seq(literal(str(A).encode()), _fraction(lower, fo)),
+                   seq(uint_range(A + 1, None), _fraction((rep(DIGIT, 1), True), fo)))
     if b < a or (b == a and (a_excl or b_excl)):
         return NEVER
     B, fb = _split(b)
@@ -163,24 +170,29 @@ def _magnitudes(a: Decimal, a_excl: bool, b: Optional[Decimal], b_excl: bool) ->
     if A == B:
         from .fsa import embed, product, to_dfa
 
-        lo_d = to_dfa(_fraction(lower), 256)
-        hi_d = to_dfa(_fraction(upper), 256)
+        lo_d = to_dfa(_fraction(lower, fo), 256)
+        hi_d = to_dfa(_fraction(upper, fo), 256)
         return seq(literal(str(A).encode()), embed(product(lo_d, hi_d, "and")))
-    parts = [seq(literal(str(A).encode()), _fraction(lower)),
-             seq(literal(str(B).encode()), _fraction(upper))]
+    parts = [seq(literal(str(A).encode()), _fraction(lower, fo)),
+             seq(literal(str(B).encode()), _fraction(upper, fo))]
     if B - A > 1:
-        parts.append(seq(uint_range(A + 1, B - 1), _fraction((rep(DIGIT, 1), True))))
+        parts.append(seq(uint_range(A + 1, B - 1), _fraction((rep(DIGIT, 1), True), fo)))
     return alt(*parts)
 
 
-def decimal_range(lo: Optional[Decimal], lo_excl: bool, hi: Optional[Decimal], hi_excl: bool) -> Node:
-    """Decimals (no exponent) x with lo <=/< x <=/< hi; None is unbounded."""
+def decimal_range(lo: Optional[Decimal], lo_excl: bool, hi: Optional[Decimal], hi_excl: bool,
+                  fraction_only: bool = False) -> Node:
+    """Decimals (no exponent) x with lo <=/< x <=/< hi; None is unbounded.
+
+    ``fraction_only`` keeps only spellings with a '.', the ones a parser reads as doubles.
+    """
+    fo = fraction_only
     zero = Decimal(0)
     branches = []
     # x >= 0 part
     if hi is None or hi > zero or (hi == zero and not hi_excl):
         a, a_excl = (lo, lo_excl) if lo is not None and lo >= zero else (zero, False)
-        branches.append(_magnitudes(a, a_excl, hi, hi_excl))
+        branches.append(_magnitudes(a, a_excl, hi, hi_excl, fo))
     # x < 0 part: m = -x > 0 with -hi <=/< m <=/< -lo
     if lo is None or lo < zero:
         if hi is not None and hi < zero:
@@ -188,5 +200,85 @@ def decimal_range(lo: Optional[Decimal], lo_excl: bool, hi: Optional[Decimal], h
         else:
             a, a_excl = zero, True
         b, b_excl = (-lo, lo_excl) if lo is not None else (None, False)
-        branches.append(seq(MINUS, _magnitudes(a, a_excl, b, b_excl)))
+        branches.append(seq(MINUS, _magnitudes(a, a_excl, b, b_excl, fo)))
     return alt(*branches)
+
+
+# ---- canonical numbers ------------------------------------------------------------------
+# Inside ``not`` / ``oneOf`` the compiler subtracts languages, which is only sound when a
+# value has one spelling. Integers are spelled as integers (any length: parsed exactly);
+# other numbers as decimals with no trailing zero and at most 15 significant digits, so
+# that two different spellings are two different doubles (DBL_DIG = 15) and none of them
+# is a double with an integer value.
+
+MAX_CANONICAL_DIGITS = 15
+
+
+def canonical_number() -> Node:
+    """Numbers with exactly one spelling per value (see the comment above)."""
+    n = MAX_CANONICAL_DIGITS
+    integer = alt(sym(0x30), seq(opt(MINUS), NONZERO, rep(DIGIT)))
+    # I.F with I >= 1: 1 + a integer digits, then b fraction digits and a final non-zero.
+    big = alt(*(seq(NONZERO, rep(DIGIT, a, a), DOT, rep(DIGIT, 0, n - 2 - a), NONZERO) for a in range(n - 1)))
+    # 0.0...0F: the significant digits start at the first non-zero fraction digit.
+    small = seq(sym(0x30), DOT, rep(sym(0x30)), alt(NONZERO, seq(NONZERO, rep(DIGIT, 0, n - 2), NONZERO)))
+    return alt(integer, seq(opt(MINUS), alt(big, small)))
+
+
+def canonical_spelling(v: int | float) -> str | None:
+    """The spelling of ``v`` in :func:`canonical_number`, or None if it has none."""
+    if isinstance(v, bool):
+        raise TypeError("bool is not a number")
+    if isinstance(v, int):
+        return str(v)
+    if not math.isfinite(v):
+        return None
+    if v.is_integer():
+        return str(int(v))
+    d = Decimal(repr(v))  # the shortest decimal that rounds to v
+    sign, digs, _ = d.as_tuple()
+    if len(digs) > MAX_CANONICAL_DIGITS:
+        return None
+    text = format(d, "f")
+    return text
+
+
+# ---- bounds on doubles ------------------------------------------------------------------
+
+
+def _is_even(f: float) -> bool:
+    return struct.unpack("<q", struct.pack("<d", f))[0] & 1 == 0
+
+
+def double_le_bound(b: Decimal, strict: bool) -> tuple[Decimal, bool]:
+    """(m, inclusive): a decimal x rounds to a double <= b (< b when ``strict``) exactly when
+    x < m, or x == m and ``inclusive``.
+
+    ``b`` is the bound's exact value (an int, or a double's exact expansion). The largest
+    double F that satisfies the bound decides it: decimals round to F or below up to the
+    midpoint between F and the next double, and the midpoint itself rounds to the even one.
+    """
+    big = sys.float_info.max
+    with localcontext() as ctx:
+        ctx.prec = 1200  # a double's exact expansion has at most 767 significant digits
+
+        def ok(f: float) -> bool:
+            return Decimal(f) < b if strict else Decimal(f) <= b
+
+        if b < Decimal(-big) or (b == Decimal(-big) and strict):
+            # Only -inf qualifies: decimals below -(max + ulp/2) round to it.
+            ulp = Decimal(big) - Decimal(math.nextafter(big, 0.0))
+            return -(Decimal(big) + ulp / 2), False
+        f = max(min(float(b), big), -big)
+        while not ok(f):
+            f = math.nextafter(f, -math.inf)
+        while True:
+            nxt = math.nextafter(f, math.inf)
+            if math.isinf(nxt) or not ok(nxt):
+                break
+            f = nxt
+        up = math.nextafter(f, math.inf)
+        if math.isinf(up):  # F is the largest double: past F + ulp/2 decimals round to inf
+            ulp = Decimal(f) - Decimal(math.nextafter(f, -math.inf))
+            return Decimal(f) + ulp / 2, False
+        return (Decimal(f) + Decimal(up)) / 2, _is_even(f)

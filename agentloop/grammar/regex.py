@@ -1,15 +1,23 @@
 """The ECMA-262 regex subset that JSON Schema ``pattern`` and our ``format`` rules use.
 
 Supported: literals, ``.``, classes ``[a-z]`` / ``[^...]``, escapes ``\\d \\w \\s`` (and
-upper-case), ``\\n \\t \\r \\f \\v \\0 \\xHH \\uHHHH \\u{H..}``, identity escapes, groups
-``(...)`` ``(?:...)`` ``(?<name>...)``, alternation, quantifiers ``* + ? {n} {n,} {n,m}``
-(lazy forms mean the same language), and ``^`` / ``$`` at the ends of top-level branches.
-Unsupported (back-references, lookaround, ``\\b``, ``\\p{..}``, anchors mid-pattern) raise a
-``PatternError`` naming the construct and its offset.
+upper-case), ``\\n \\t \\r \\f \\v \\0 \\xHH \\uHHHH \\u{H..}``, identity escapes of
+punctuation, groups ``(...)`` ``(?:...)`` ``(?<name>...)``, alternation, quantifiers
+``* + ? {n} {n,} {n,m}`` (lazy forms mean the same language), and ``^`` / ``$`` at the ends of
+top-level branches. Unsupported (back-references, lookaround, ``\\b``, ``\\p{..}``, anchors
+mid-pattern, letter escapes that ECMA-262 and Python read differently such as ``\\A \\Z``)
+raise a ``PatternError`` naming the construct and its offset.
 
 Patterns are searches, not full matches: an unanchored side matches any prefix / suffix.
 The parser emits fsa nodes through a ``spell`` callback that turns a code-point set into
 the wire format's spelling of one character, so escaping lives in one place.
+
+Two dialects judge a pattern: the spec's ECMA-262 and Python's ``re`` (what ``jsonschema``
+runs). They differ on ``\\d \\w \\s`` (ASCII vs Unicode), ``.`` (Python lets ``\\r``,
+U+2028 and U+2029 through) and ``$`` (Python also matches before a final newline). The
+*under* language (default) holds only strings both dialects match; the *over* language
+(``over=True``) holds every string either dialect matches. Negations (``not``, ``oneOf``)
+subtract an over language, so every answer is sound under both dialects.
 """
 
 from __future__ import annotations
@@ -26,11 +34,15 @@ _SIMPLE_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "0": "
 
 
 class _Parser:
-    def __init__(self, pattern: str, spell: Spell, pointer: str) -> None:
+    def __init__(self, pattern: str, spell: Spell, pointer: str, over: bool = False) -> None:
         self.p = pattern
         self.i = 0
         self.spell = spell
         self.pointer = pointer
+        self.over = over
+        # Set when the pattern uses a construct the two dialects read differently, so its
+        # under and over languages differ.
+        self.inexact = False
 
     def error(self, what: str) -> PatternError:
         return PatternError(
@@ -57,6 +69,11 @@ class _Parser:
                 anchored_start = True
             body, anchored_end = self.parse_seq(top=True)
             any_text = rep(self.spell(cs.ANY))
+            if anchored_end:
+                # Python's '$' also matches just before a final newline; ECMA's does not.
+                self.inexact = True
+                if self.over:
+                    body = seq(body, rep(self.spell(cs.of_chars("\n")), 0, 1))
             parts = ([] if anchored_start else [any_text]) + [body] + ([] if anchored_end else [any_text])
             branches.append(seq(*parts))
             if self.peek() == "|":
@@ -120,6 +137,9 @@ class _Parser:
         if j < 0:
             return None
         body = self.p[self.i + 1 : j]
+        if body.startswith(","):
+            # Python reads {,n} as {0,n}; ECMA-262 reads it as literal text.
+            raise self.error(f"quantifier {{{body}}} without a minimum")
         parts = body.split(",")
         try:
             if len(parts) == 1:
@@ -156,10 +176,12 @@ class _Parser:
         if c == "[":
             return self.spell(self.parse_class())
         if c == ".":
-            return self.spell(cs.minus(cs.ANY, cs.LINE_TERMINATORS))
+            # ECMA's '.' excludes four line terminators, Python's only '\n'.
+            self.inexact = True
+            return self.spell(cs.minus(cs.ANY, cs.of_chars("\n") if self.over else cs.LINE_TERMINATORS))
         if c == "\\":
-            narrow, _wide = self.parse_escape(in_class=False)
-            return self.spell(narrow)
+            narrow, wide = self.parse_escape(in_class=False)
+            return self.spell(wide if self.over else narrow)
         if c in "*+?":
             raise self.error(f"quantifier {c!r} with nothing to repeat")
         if c == ")":
@@ -172,8 +194,10 @@ class _Parser:
             raise self.error("trailing backslash")
         c = self.take()
         if c in "dws":
+            self.inexact = True
             return cs.class_escape(c)
         if c in "DWS":
+            self.inexact = True
             narrow, wide = cs.class_escape(c.lower())
             return cs.complement(wide), cs.complement(narrow)
         if c in _SIMPLE_ESCAPES:
@@ -208,6 +232,10 @@ class _Parser:
             return s, s
         if c in "pPk":
             raise self.error(f"escape '\\{c}'")
+        if c.isalnum() or ord(c) > 0x7F:
+            # ECMA-262 reads an unknown letter escape as the letter; Python either rejects
+            # it or gives it a meaning (\A \Z anchors, \a bell, \N{name}, \U........).
+            raise self.error(f"escape '\\{c}'")
         s = cs.of_chars(c)
         return s, s
 
@@ -224,15 +252,16 @@ class _Parser:
             negate = True
             self.i += 1
         members: list[cs.CharSet] = []
-        first = True
+        if self.peek() == "]":
+            # ECMA-262: '[]' matches nothing and '[^]' anything; Python: ']' is a member.
+            raise self.error("']' first in a class")
         while True:
             c = self.peek()
             if c is None:
                 raise self.error("unterminated '['")
-            if c == "]" and not first:
+            if c == "]":
                 self.i += 1
                 break
-            first = False
             lo_set = self.class_atom(negate)
             if self.peek() == "-" and self.i + 1 < len(self.p) and self.p[self.i + 1] != "]":
                 self.i += 1
@@ -252,16 +281,31 @@ class _Parser:
         c = self.take()
         if c == "\\":
             narrow, wide = self.parse_escape(in_class=True)
-            # Inside a negated class the set is complemented afterwards: use the wide one.
-            return wide if negated_class else narrow
+            # A negated class is complemented afterwards, which swaps narrow and wide.
+            return wide if negated_class != self.over else narrow
         return cs.of_chars(c)
 
 
-def pattern_node(pattern: str, spell: Spell, pointer: str = "") -> Node:
-    """The language of strings (as spelled by ``spell``) in which ``pattern`` finds a match."""
-    return _Parser(pattern, spell, pointer).parse_top()
+def pattern_node(pattern: str, spell: Spell, pointer: str = "", over: bool = False) -> Node:
+    """The language of strings (as spelled by ``spell``) in which ``pattern`` finds a match.
+
+    ``over=False``: strings both ECMA-262 and Python's ``re`` match; ``over=True``: strings
+    either matches.
+    """
+    return _Parser(pattern, spell, pointer, over).parse_top()
+
+
+def pattern_is_exact(pattern: str, pointer: str = "") -> bool:
+    """Whether the two dialects agree on every string, so under and over languages are equal."""
+    parser = _Parser(pattern, lambda chars: EMPTY, pointer)
+    parser.parse_top()
+    return not parser.inexact
 
 
 def full_match_node(pattern: str, spell: Spell, pointer: str = "") -> Node:
-    """The language of strings that ``pattern`` matches entirely (used for ``format``)."""
-    return pattern_node("^(?:" + pattern + ")$", spell, pointer)
+    """The language of strings that ``pattern`` matches entirely (used for ``format``).
+
+    Format patterns are our own (ASCII classes, no '.'), so there is no dialect to choose;
+    the anchors are read the ECMA way (no final newline).
+    """
+    return _Parser("^(?:" + pattern + ")$", spell, pointer).parse_top()

@@ -25,7 +25,22 @@ from .vocabulary import Vocabulary
 
 
 @nb.njit(cache=True, nogil=True)
-def _walk_hash(trans, shapes, lens, lcp, h1, h2):  # pragma: no cover - compiled
+def _jump_table(lcp, lens, maxlen):  # pragma: no cover - compiled
+    """jump[u, d]: the first shape after u sharing at most d symbols with u.
+
+    When a walk dies at depth d, every shape before jump[u, d] shares the dead prefix.
+    """
+    U = lcp.shape[0]
+    jump = np.full((U, maxlen), U, np.int32)
+    for u in range(U - 2, -1, -1):
+        nxt = lcp[u + 1]
+        for d in range(maxlen):
+            jump[u, d] = u + 1 if nxt <= d else jump[u + 1, d]
+    return jump
+
+
+@nb.njit(cache=True, nogil=True)
+def _walk_hash(trans, shapes, lens, lcp, jump, h1, h2):  # pragma: no cover - compiled
     """Fold (state, next state) of every alive (state, shape) pair into two hashes."""
     n_states = trans.shape[0]
     n_shapes = shapes.shape[0]
@@ -33,17 +48,13 @@ def _walk_hash(trans, shapes, lens, lcp, h1, h2):  # pragma: no cover - compiled
     st = np.empty(maxlen + 1, np.int64)
     for s in range(n_states):
         st[0] = s
-        dead = maxlen + 1  # depth of the last death (shapes sharing a longer prefix die)
-        for u in range(n_shapes):
-            d0 = lcp[u]
-            if d0 > dead:
-                continue
-            dead = maxlen + 1
+        u = 0
+        while u < n_shapes:
             alive = True
-            for d in range(d0, lens[u]):
+            for d in range(lcp[u], lens[u]):
                 q = trans[st[d], shapes[u, d]]
                 if q < 0:
-                    dead = d
+                    u = jump[u, d]
                     alive = False
                     break
                 st[d + 1] = q
@@ -51,23 +62,59 @@ def _walk_hash(trans, shapes, lens, lcp, h1, h2):  # pragma: no cover - compiled
                 key = np.uint64(s * 1000003 + st[lens[u]] + 1)
                 h1[u] = h1[u] * np.uint64(0x100000001B3) ^ key
                 h2[u] = (h2[u] ^ (key * np.uint64(0x9E3779B97F4A7C15))) * np.uint64(0xC2B2AE3D27D4EB4F)
+                u += 1
 
 
 @nb.njit(cache=True, nogil=True)
 def _walk_reps(trans, shapes, lens, rep_shapes):  # pragma: no cover - compiled
-    """next[s, k] for each state and each atom's representative shape (-1 dead)."""
+    """Sparse (state, atom, next state) for every atom alive from every state.
+
+    Two passes (count, then fill) so a 262k vocabulary with tens of thousands of states
+    never materialises a dense (S, K) table.
+    """
     n_states = trans.shape[0]
-    out = np.full((n_states, rep_shapes.shape[0]), -1, np.int32)
-    for s in range(n_states):
-        for k in range(rep_shapes.shape[0]):
-            u = rep_shapes[k]
-            q = s
-            for d in range(lens[u]):
-                q = trans[q, shapes[u, d]]
-                if q < 0:
-                    break
-            out[s, k] = q
-    return out
+    K = rep_shapes.shape[0]
+    count = 0
+    for phase in range(2):
+        if phase == 1:
+            src = np.empty(count, np.int32)
+            atom = np.empty(count, np.int32)
+            dst = np.empty(count, np.int32)
+            count = 0
+        for s in range(n_states):
+            for k in range(K):
+                u = rep_shapes[k]
+                q = s
+                for d in range(lens[u]):
+                    q = trans[q, shapes[u, d]]
+                    if q < 0:
+                        break
+                if q >= 0:
+                    if phase == 1:
+                        src[count] = s
+                        atom[count] = k
+                        dst[count] = q
+                    count += 1
+    return src, atom, dst
+
+
+@nb.njit(cache=True, nogil=True)
+def _step(src_offsets, edge_dst, edge_group, group_atoms, group_offsets, state, atom):  # pragma: no cover
+    """Next state from ``state`` on a token of ``atom`` (-1 if not allowed)."""
+    for e in range(src_offsets[state], src_offsets[state + 1]):
+        g = edge_group[e]
+        lo = group_offsets[g]
+        hi = group_offsets[g + 1]
+        # group atoms are sorted: binary search
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if group_atoms[mid] < atom:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < group_offsets[g + 1] and group_atoms[lo] == atom:
+            return edge_dst[e]
+    return -1
 
 
 @dataclass(eq=False)
@@ -91,7 +138,6 @@ class TokenAutomaton:
     edge_dst: np.ndarray  # (E,) int32
     edge_group: np.ndarray  # (E,) int32
     src_offsets: np.ndarray  # (S+1,) int64: edges of state s are src_offsets[s]:src_offsets[s+1]
-    next_state: np.ndarray  # (S, K) int32: the DFA on atoms (-1 dead)
 
     @property
     def n_atoms(self) -> int:
@@ -109,12 +155,19 @@ class TokenAutomaton:
         """State after one token (-1 if the token is not allowed there)."""
         if state < 0:
             return -1
+        if not 0 <= token < self.atom_of_token.shape[0]:
+            return -1
         k = self.atom_of_token[token]
-        return -1 if k < 0 else int(self.next_state[state, k])
+        if k < 0:
+            return -1
+        return int(_step(self.src_offsets, self.edge_dst, self.edge_group, self.group_atoms, self.group_offsets,
+                         state, k))
 
     def allowed_tokens(self, state: int) -> np.ndarray:
         """Token ids allowed from ``state`` (sorted)."""
-        atoms = np.nonzero(self.next_state[state] >= 0)[0]
+        groups = self.edge_group[self.src_offsets[state] : self.src_offsets[state + 1]]
+        atoms = np.unique(np.concatenate([self.group_atoms[self.group_offsets[g] : self.group_offsets[g + 1]]
+                                          for g in groups])) if len(groups) else []
         parts = [self.atom_tokens[self.atom_offsets[k] : self.atom_offsets[k + 1]] for k in atoms]
         return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int32)
 
@@ -163,7 +216,9 @@ def build_token_automaton(dfa: Dfa, vocab: Vocabulary) -> TokenAutomaton:
     # 2. signature hashes -> atoms
     h1 = np.zeros(len(uniq), np.uint64)
     h2 = np.zeros(len(uniq), np.uint64)
-    _walk_hash(dfa.trans.astype(np.int64), shapes, slens, lcp, h1, h2)
+    jump = _jump_table(lcp, slens, maxlen)
+    _walk_hash(dfa.trans.astype(np.int64), shapes, slens, lcp, jump, h1, h2)
+    del jump
     dead_shape = (h1 == 0) & (h2 == 0)
     sig = np.stack([h1, h2], axis=1)
     _, atom_of_shape = np.unique(sig, axis=0, return_inverse=True)
@@ -185,11 +240,9 @@ def build_token_automaton(dfa: Dfa, vocab: Vocabulary) -> TokenAutomaton:
     # 3. the DFA on atoms, from one representative shape each
     rep_shape = np.zeros(K, np.int64)
     rep_shape[atom_of_shape[atom_of_shape >= 0]] = np.nonzero(atom_of_shape >= 0)[0]
-    next_state = _walk_reps(dfa.trans.astype(np.int64), shapes, slens, rep_shape)
+    src, atoms, dst = _walk_reps(dfa.trans.astype(np.int64), shapes, slens, rep_shape)
 
     # 4. edges (s, s') with their atom sets -> deduplicated groups
-    src, atoms = np.nonzero(next_state >= 0)
-    dst = next_state[src, atoms]
     group_index: dict[tuple[int, ...], int] = {}
     group_list: list[tuple[int, ...]] = []
     e_src: list[int] = []
@@ -239,5 +292,4 @@ def build_token_automaton(dfa: Dfa, vocab: Vocabulary) -> TokenAutomaton:
         edge_dst=edge_dst,
         edge_group=edge_group,
         src_offsets=src_offsets,
-        next_state=next_state,
     )
