@@ -19,3 +19,17 @@ def word_tokenizer(tokens: Sequence[str], specials: Sequence[str] = ("<pad>", "<
 @pytest.fixture(scope="session")
 def btok() -> Tokenizer:
     return byte_tokenizer()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_grammar_cache(tmp_path_factory):
+    """Tests never read or write the user's on-disk grammar cache."""
+    import os
+
+    old = os.environ.get("AGENTLOOP_CACHE_DIR")
+    os.environ["AGENTLOOP_CACHE_DIR"] = str(tmp_path_factory.mktemp("grammar-cache"))
+    yield
+    if old is None:
+        os.environ.pop("AGENTLOOP_CACHE_DIR", None)
+    else:
+        os.environ["AGENTLOOP_CACHE_DIR"] = old

@@ -133,3 +133,18 @@ def test_compiled_grammars_are_cached(btok):
     b = compile_tools([dict(WEATHER)], btok, "gemma4")
     assert a is b
     assert compile_tools([WEATHER], btok, "json") is not a
+
+
+def test_disk_cache_round_trip(btok, tmp_path, monkeypatch):
+    import agentloop.grammar as grammar
+
+    monkeypatch.setenv("AGENTLOOP_CACHE_DIR", str(tmp_path))
+    tools = [dict(WEATHER, description="disk cache test")]
+    a = compile_tools(tools, btok, "gemma4")
+    assert list((tmp_path / "grammars").glob("*.npz"))
+    grammar._grammar_cache.clear()
+    b = compile_tools(tools, btok, "gemma4")
+    assert b is not a
+    logits = torch.randn(30, a.vocab.size, generator=torch.Generator().manual_seed(0))
+    assert a.viterbi(logits) == b.viterbi(logits)
+    assert b.accepts_json([{"name": "get_weather", "arguments": {"city": "Oslo"}}])

@@ -22,10 +22,12 @@ import re
 import threading
 import time
 import weakref
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from ..errors import SchemaError
+from . import cache as disk_cache
 from . import charset as cs
 from .compiled import CompiledGrammar, GrammarStats, ParsedOutput, StepOutput, ToolCall
 from .fsa import Node, alt, literal, rep, seq, sym, to_dfa
@@ -112,17 +114,24 @@ def _tail(wf: WireFormat, vocab: Vocabulary) -> Node:
 
 
 def _compile(node_fn: Any, key_parts: Any, vocab: Vocabulary, kind: str, tools: Sequence[Any]) -> CompiledGrammar:
-    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()
-    key = f"{key}:{vocab.fingerprint}"
+    # The wire format's file text is part of the key: editing grammars/*.toml invalidates.
+    wf_text = Path(vocab.wire_format.source).read_text("utf-8") if Path(vocab.wire_format.source).is_file() else ""
+    key = hashlib.sha256(json.dumps([key_parts, wf_text, vocab.fingerprint], sort_keys=True, default=str).encode())
+    key = key.hexdigest()[:40]
     with _lock:
         g = _grammar_cache.get(key)
     if g is not None:
         return g
     t0 = time.perf_counter()
-    dfa = to_dfa(node_fn(), vocab.wire_format.n_symbols)
-    if dfa.is_empty():
-        raise SchemaError("the schema admits no value at all (its constraints contradict each other)")
-    automaton = build_token_automaton(dfa, vocab)
+    cached = disk_cache.load(key)
+    if cached is not None:
+        dfa, automaton = cached
+    else:
+        dfa = to_dfa(node_fn(), vocab.wire_format.n_symbols)
+        if dfa.is_empty():
+            raise SchemaError("the schema admits no value at all (its constraints contradict each other)")
+        automaton = build_token_automaton(dfa, vocab)
+        disk_cache.save(key, dfa, automaton)
     g = CompiledGrammar(dfa, automaton, vocab, kind, tools, compile_seconds=time.perf_counter() - t0)
     with _lock:
         if len(_grammar_cache) >= _GRAMMAR_CACHE_SIZE:
