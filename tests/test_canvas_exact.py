@@ -192,3 +192,21 @@ def test_denoise_step_agrees_with_the_separate_calls(grammar):
     m, H = grammar.marginals(logits, return_entropy=True)
     torch.testing.assert_close(out.log_marginals, m)
     torch.testing.assert_close(out.entropy, H)
+
+
+def test_allowed_tokens_far_below_a_forbidden_one_do_not_underflow():
+    tok = word_tokenizer(TOKENS + ["x"])  # "x" is never allowed
+    g = compile_schema(SCHEMA, tok)
+    L = 5
+    logits = torch.randn(L, g.vocab.size, generator=torch.Generator().manual_seed(3)) - 1000.0
+    logits[:, tok.token_to_id("x")] = 0.0
+    valid = enumerate_valid(g, L)
+    s = scores(valid, logits)
+    p = np.exp(s - s.max())
+    p /= p.sum()
+    expected = np.zeros((L, g.vocab.size))
+    for l in range(L):
+        np.add.at(expected[l], valid[:, l], p)
+    np.testing.assert_allclose(g.marginals(logits).exp().numpy(), expected, atol=1e-6)
+    assert g.viterbi(logits) == valid[np.argmax(s)].tolist()
+    assert g.accepts(g.sample(logits))

@@ -56,37 +56,80 @@ def _reduce_row(row, atom_of, K, asum, asumx, amax, aarg, want_sum, want_x):  # 
     return m
 
 
-def _make_reduce(parallel: bool):  # type: ignore[no-untyped-def]
-    @nb.njit(cache=True, nogil=True, parallel=parallel)
-    def reduce_atoms(logits, atom_of, K, want_sum, want_x):  # pragma: no cover - compiled
-        """logits (N, V) -> rowmax (N,), asum/asumx (N, K) f64, amax (N, K) f32, aarg (N, K) i32.
+@nb.njit(cache=True, nogil=True)
+def _scatter_atoms(x, e, atom_of, asum, asumx, amax, aarg, rowmax, want_x):  # pragma: no cover - compiled
+    """Accumulate per-atom sums of e = exp(x - rowmax) (and e * (x - rowmax)), max, argmax."""
+    N, V = x.shape
+    for n in range(N):
+        row = x[n]
+        er = e[n]
+        s = asum[n]
+        mx = amax[n]
+        am = aarg[n]
+        m = rowmax[n]
+        for t in range(V):
+            k = atom_of[t]
+            if k < 0:
+                continue
+            v = row[t]
+            w = er[t]
+            s[k] += w
+            if want_x:
+                asumx[n, k] += w * (v - m)
+            if v > mx[k]:
+                mx[k] = v
+                am[k] = t
 
-        asum[n, k] = sum over tokens t of atom k of exp(logits[n, t] - rowmax[n]).
-        """
-        N = logits.shape[0]
-        rowmax = np.empty(N, np.float64)
-        asum = np.zeros((N, K if want_sum else 1), np.float64)
-        asumx = np.zeros((N, K if want_x else 1), np.float64)
-        amax = np.full((N, K), -np.inf, np.float32)
-        aarg = np.full((N, K), -1, np.int32)
-        for n in nb.prange(N):
-            rowmax[n] = _reduce_row(logits[n], atom_of, K, asum[n], asumx[n], amax[n], aarg[n], want_sum, want_x)
-        return rowmax, asum, asumx, amax, aarg
 
-    return reduce_atoms
+@nb.njit(cache=True, nogil=True)
+def _max_atoms(x, atom_of, amax, aarg):  # pragma: no cover - compiled
+    N, V = x.shape
+    for n in range(N):
+        row = x[n]
+        mx = amax[n]
+        am = aarg[n]
+        for t in range(V):
+            k = atom_of[t]
+            if k >= 0 and row[t] > mx[k]:
+                mx[k] = row[t]
+                am[k] = t
 
 
-# A parallel region waits for every worker thread: on a loaded machine that costs a
-# scheduler quantum (~10-20 ms) per call, far more than the work at small vocabularies.
-# Threads pay off only when a step touches tens of millions of logits (262k vocab).
-_reduce_serial = _make_reduce(False)
-_reduce_parallel = _make_reduce(True)
-PARALLEL_MIN_ELEMENTS = 16_000_000
+_CHUNK_ELEMENTS = 1 << 20  # rows per exp() call: ~4 MB of float32, stays in cache
 
 
 def reduce_atoms(logits, atom_of, K, want_sum, want_x):  # type: ignore[no-untyped-def]
-    big = logits.shape[0] * logits.shape[1] >= PARALLEL_MIN_ELEMENTS
-    return (_reduce_parallel if big else _reduce_serial)(logits, atom_of, K, want_sum, want_x)
+    """logits (N, V) -> rowmax (N,), asum/asumx (N, K) f64, amax (N, K) f32, aarg (N, K) i32.
+
+    asum[n, k] = sum over tokens t of atom k of exp(logits[n, t] - rowmax[n]). The exp runs
+    in numpy's SIMD loops (float32) and only the scatter into atoms in compiled code: a
+    scalar exp per token would cost more than the whole DP.
+    """
+    N, V = logits.shape
+    amax = np.full((N, K), -np.inf, np.float32)
+    aarg = np.full((N, K), -1, np.int32)
+    if not want_sum:
+        _max_atoms(logits, atom_of, amax, aarg)
+        return np.zeros(N), np.zeros((N, 1)), np.zeros((N, 1)), amax, aarg
+    rowmax = logits.max(axis=1).astype(np.float64)
+    asum = np.zeros((N, K), np.float64)
+    asumx = np.zeros((N, K if want_x else 1), np.float64)
+    rows = max(1, _CHUNK_ELEMENTS // max(V, 1))
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        e = np.exp(logits[r0:r1] - rowmax[r0:r1, None].astype(np.float32))
+        _scatter_atoms(logits[r0:r1], e, atom_of, asum[r0:r1], asumx[r0:r1] if want_x else asumx, amax[r0:r1],
+                       aarg[r0:r1], rowmax[r0:r1], want_x)
+    # Where every allowed token sits ~100 nats below a forbidden one, float32 underflows:
+    # redo those rows in float64 around the best allowed logit.
+    weak = np.nonzero(asum.max(axis=1) < 1e-30)[0] if K else np.zeros(0, np.int64)
+    for n in weak.tolist():
+        asum[n] = 0.0
+        if want_x:
+            asumx[n] = 0.0
+        rowmax[n] = _reduce_row(logits[n], atom_of, K, asum[n], asumx[n] if want_x else np.zeros(K), amax[n],
+                                aarg[n], True, want_x)
+    return rowmax, asum, asumx, amax, aarg
 
 
 @nb.njit(cache=True, nogil=True)
