@@ -285,14 +285,18 @@ def _atom_factors(gsum, offsets, a_src, b_dst, edge_group, atom_groups, atom_gro
 @nb.njit(cache=True, nogil=True)
 def _write_marginals(logits, rowmax, atom_of, F, out):  # pragma: no cover
     N, V = logits.shape
+    K = F.shape[1]
+    shift = np.empty(K + 1, np.float64)  # log F - rowmax per atom; index K: never allowed (f64: logits may be far from 0)
     for n in range(N):
+        for k in range(K):
+            f = F[n, k]
+            shift[k] = math.log(f) - rowmax[n] if f > 0.0 else -np.inf
+        shift[K] = -np.inf
+        row = logits[n]
+        o = out[n]
         for t in range(V):
             k = atom_of[t]
-            f = F[n, k] if k >= 0 else 0.0
-            if f > 0.0:
-                out[n, t] = logits[n, t] - rowmax[n] + math.log(f)
-            else:
-                out[n, t] = -np.inf
+            o[t] = row[t] + shift[k if k >= 0 else K]
 
 
 @nb.njit(cache=True, nogil=True)
@@ -315,7 +319,7 @@ def _entropy(asum, asumx, F):  # pragma: no cover
 
 
 @nb.njit(cache=True, nogil=True)
-def _sample_path(logits, rowmax, asum, gsum, offsets, b_dst, start, edge_src, edge_dst, edge_group,
+def _sample_path(logits, rowmax, asum, amax, aarg, gsum, offsets, b_dst, start, edge_src, edge_dst, edge_group,
                  group_atoms, group_offsets, atom_tokens, atom_offsets, uniforms):  # pragma: no cover
     L = gsum.shape[0]
     out = np.empty(L, np.int32)
@@ -351,19 +355,29 @@ def _sample_path(logits, rowmax, asum, gsum, offsets, b_dst, start, edge_src, ed
                 acc += w
                 if acc >= u:
                     break
-        # a token inside the atom, weight exp(x - rowmax)
-        u = uniforms[l, 2] * asum[l, k]
-        tok = -1
-        acc = 0.0
+        # a token inside the atom, weight exp(x - rowmax). The atom's argmax token alone
+        # carries e_max / asum of the mass: try it first (a peaked model ends here in O(1)),
+        # else scan the other tokens with the remaining mass.
         m = rowmax[l]
-        for i in range(atom_offsets[k], atom_offsets[k + 1]):
-            t = atom_tokens[i]
-            w = math.exp(logits[l, t] - m)
-            if w > 0.0:
-                tok = t
-                acc += w
-                if acc >= u:
-                    break
+        best = aarg[l, k]
+        e_best = math.exp(amax[l, k] - m)
+        u = uniforms[l, 2] * asum[l, k]
+        if u < e_best or atom_offsets[k + 1] - atom_offsets[k] == 1:
+            tok = best
+        else:
+            u -= e_best
+            tok = best
+            acc = 0.0
+            for i in range(atom_offsets[k], atom_offsets[k + 1]):
+                t = atom_tokens[i]
+                if t == best:
+                    continue
+                w = math.exp(logits[l, t] - m)
+                if w > 0.0:
+                    tok = t
+                    acc += w
+                    if acc >= u:
+                        break
         out[l] = tok
         s = edge_dst[chosen]
     return out

@@ -362,9 +362,10 @@ class CompiledGrammar:
     def _posterior(self, xs: np.ndarray, states: list[int], partial: bool, want_x: bool):  # type: ignore[no-untyped-def]
         B, L, V = xs.shape
         ta = self.automaton
-        rowmax, asum, asumx, _, _ = dp.reduce_atoms(xs.reshape(B * L, V), self._atom_of(V), ta.n_atoms, True, want_x)
+        rowmax, asum, asumx, amax, aarg = dp.reduce_atoms(xs.reshape(B * L, V), self._atom_of(V), ta.n_atoms, True,
+                                                          want_x)
         gsum = dp._group_sums(asum, ta.group_atoms, ta.group_offsets)
-        return rowmax, asum, asumx, gsum
+        return rowmax, asum, asumx, amax, aarg, gsum
 
     def sample(self, logits: Any, generator: torch.Generator | None = None,
                state: int | Sequence[int] | None = None, partial: bool = False) -> Any:
@@ -373,7 +374,7 @@ class CompiledGrammar:
         xs = x if batched else x[None]
         B, L, V = xs.shape
         ta = self.automaton
-        rowmax, asum, _, gsum = self._posterior(xs, [], partial, False)
+        rowmax, asum, _, amax, aarg, gsum = self._posterior(xs, [], partial, False)
         uniforms = torch.rand((B, L, 3), generator=generator, dtype=torch.float64).numpy()
         out = []
         for b, s0 in enumerate(self._states(state, B)):
@@ -383,7 +384,7 @@ class CompiledGrammar:
                                      self._final(partial), ta.n_states)
             if not ok:
                 raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
-            path = dp._sample_path(xs[b], rowmax[sl], asum[sl], gsum[sl], sup[0], b_dst, s0, *sup[1:],
+            path = dp._sample_path(xs[b], rowmax[sl], asum[sl], amax[sl], aarg[sl], gsum[sl], sup[0], b_dst, s0, *sup[1:],
                                    ta.group_atoms, ta.group_offsets, ta.atom_tokens, ta.atom_offsets, uniforms[b])
             out.append(path.tolist())
         return out if batched else out[0]
@@ -399,7 +400,7 @@ class CompiledGrammar:
         xs = x if batched else x[None]
         B, L, V = xs.shape
         ta = self.automaton
-        rowmax, asum, asumx, gsum = self._posterior(xs, [], partial, return_entropy)
+        rowmax, asum, asumx, _, _, gsum = self._posterior(xs, [], partial, return_entropy)
         F = np.zeros((B * L, ta.n_atoms), np.float64)
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
@@ -456,7 +457,7 @@ class CompiledGrammar:
             F[sl] = dp._atom_factors(gsum[sl], sup[0], a_src, b_dst, sup[3], ta.atom_groups,
                                      ta.atom_group_offsets)
             best.append(path.tolist())
-            samples.append(dp._sample_path(xs[b], rowmax[sl], asum[sl], gsum[sl], sup[0], b_dst, s0, *sup[1:],
+            samples.append(dp._sample_path(xs[b], rowmax[sl], asum[sl], amax[sl], aarg[sl], gsum[sl], sup[0], b_dst, s0, *sup[1:],
                                            ta.group_atoms, ta.group_offsets, ta.atom_tokens, ta.atom_offsets,
                                            uniforms[b]).tolist())
         out = np.empty_like(flat)
