@@ -374,45 +374,136 @@ def _trim(trans: np.ndarray, accept: np.ndarray, start: int) -> np.ndarray:
 
 
 @nb.njit(cache=True, nogil=True)
-def _signatures(t, block, h1, h2):  # pragma: no cover - compiled
+def _hopcroft(t, accept):  # pragma: no cover - compiled
+    """Hopcroft's partition refinement, O(C n log n): block id of each state.
+
+    ``t`` (S, C) may hold -1 (dead); a sink state S completes the automaton. Blocks live
+    as contiguous ranges of ``elems``; splitting moves the marked predecessors to the
+    front of their block's range.
+    """
     S, C = t.shape
-    for q in range(S):
-        a = np.uint64(block[q]) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(1)
-        b = np.uint64(block[q]) ^ np.uint64(0xC2B2AE3D27D4EB4F)
+    n = S + 1
+    # inverse transitions, CSR per class: sources p with T[p, c] = q
+    inv_off = np.zeros((C, n + 1), np.int64)
+    for p in range(n):
         for c in range(C):
-            d = t[q, c]
-            v = np.uint64(block[d] + 2) if d >= 0 else np.uint64(1)
-            a = (a ^ v) * np.uint64(0x100000001B3)
-            b = (b + v * np.uint64(c + 1)) * np.uint64(0xFF51AFD7ED558CCD)
-            b ^= b >> np.uint64(29)
-        h1[q] = a
-        h2[q] = b
+            q = t[p, c] if p < S else -1
+            q = S if q < 0 else q
+            inv_off[c, q + 1] += 1
+    for c in range(C):
+        for q in range(n):
+            inv_off[c, q + 1] += inv_off[c, q]
+    inv_src = np.empty((C, n), np.int64)
+    fill = inv_off[:, :n].copy()
+    for p in range(n):
+        for c in range(C):
+            q = t[p, c] if p < S else -1
+            q = S if q < 0 else q
+            inv_src[c, fill[c, q]] = p
+            fill[c, q] += 1
+    # initial partition: accepting / the rest (the sink is not accepting)
+    elems = np.empty(n, np.int64)
+    pos = np.empty(n, np.int64)
+    blk = np.empty(n, np.int64)
+    bstart = np.zeros(n + 1, np.int64)
+    bend = np.zeros(n + 1, np.int64)
+    k = 0
+    n_acc = 0
+    for p in range(S):
+        if accept[p]:
+            n_acc += 1
+    nblocks = 0
+    for want in (True, False):
+        start = k
+        for p in range(n):
+            is_acc = p < S and accept[p]
+            if is_acc == want:
+                elems[k] = p
+                pos[p] = k
+                blk[p] = nblocks
+                k += 1
+        if k > start:
+            bstart[nblocks] = start
+            bend[nblocks] = k
+            nblocks += 1
+    mcount = np.zeros(n + 1, np.int64)
+    in_w = np.zeros((n + 1, C), np.bool_)
+    wl_b = np.empty((n + 1) * C + C, np.int64)
+    wl_c = np.empty((n + 1) * C + C, np.int64)
+    top = 0
+    # seed the worklist with the smaller initial block for every class
+    first = 0
+    if nblocks == 2 and bend[1] - bstart[1] < bend[0] - bstart[0]:
+        first = 1
+    for c in range(C):
+        wl_b[top] = first
+        wl_c[top] = c
+        in_w[first, c] = True
+        top += 1
+    members = np.empty(n, np.int64)
+    touched = np.empty(n + 1, np.int64)
+    while top > 0:
+        top -= 1
+        A = wl_b[top]
+        c = wl_c[top]
+        in_w[A, c] = False
+        m = 0
+        for i in range(bstart[A], bend[A]):
+            members[m] = elems[i]
+            m += 1
+        nt = 0
+        for j in range(m):
+            a = members[j]
+            for i in range(inv_off[c, a], inv_off[c, a + 1]):
+                p = inv_src[c, i]
+                b = blk[p]
+                # move p into the marked prefix of its block
+                slot = bstart[b] + mcount[b]
+                other = elems[slot]
+                pp = pos[p]
+                elems[slot] = p
+                pos[p] = slot
+                elems[pp] = other
+                pos[other] = pp
+                if mcount[b] == 0:
+                    touched[nt] = b
+                    nt += 1
+                mcount[b] += 1
+        for j in range(nt):
+            b = touched[j]
+            size = bend[b] - bstart[b]
+            marked = mcount[b]
+            mcount[b] = 0
+            if marked == size:
+                continue
+            nb = nblocks
+            nblocks += 1
+            bstart[nb] = bstart[b]
+            bend[nb] = bstart[b] + marked
+            bstart[b] = bend[nb]
+            for i in range(bstart[nb], bend[nb]):
+                blk[elems[i]] = nb
+            for cc in range(C):
+                if in_w[b, cc]:
+                    wl_b[top] = nb
+                    wl_c[top] = cc
+                    in_w[nb, cc] = True
+                    top += 1
+                else:
+                    small = nb if marked <= size - marked else b
+                    wl_b[top] = small
+                    wl_c[top] = cc
+                    in_w[small, cc] = True
+                    top += 1
+    return blk[:S], blk[S]
 
 
 def _refine(t: np.ndarray, accept: np.ndarray) -> np.ndarray:
-    """Moore refinement: states are equivalent when no suffix tells them apart.
-
-    Each round splits blocks by (block, successor blocks); the signature is a 128-bit
-    hash computed in compiled code (a collision has probability ~S^2 / 2^128).
-    """
-    block = accept.astype(np.int64)
-    n_blocks = len(np.unique(block))
-    h1 = np.empty(t.shape[0], np.uint64)
-    h2 = np.empty(t.shape[0], np.uint64)
-    while True:
-        _signatures(t, block, h1, h2)
-        order = np.lexsort((h2, h1))
-        new_start = np.empty(len(order), bool)
-        new_start[0] = True
-        new_start[1:] = (h1[order][1:] != h1[order][:-1]) | (h2[order][1:] != h2[order][:-1])
-        ids = np.cumsum(new_start) - 1
-        new_block = np.empty_like(block)
-        new_block[order] = ids
-        n_new = int(ids[-1]) + 1
-        block = new_block
-        if n_new == n_blocks:
-            return block
-        n_blocks = n_new
+    """Equivalence classes of states (no suffix tells them apart), numbered densely."""
+    blk, sink_block = _hopcroft(t, accept)
+    # every state was trimmed to be live, so none shares the sink's block
+    uniq, dense = np.unique(blk, return_inverse=True)
+    return dense.ravel().astype(np.int64)
 
 
 def minimize(
