@@ -21,6 +21,7 @@ class SchemaError(AgentloopError):
     def __init__(self, message: str, *, keyword: str | None = None, pointer: str = "") -> None:
         self.keyword = keyword
         self.pointer = pointer
+        self.message = message  # without the location, for re-raising with more context
         where = f" at '{pointer or '/'}'"
         super().__init__(f"{message}{where}")
 

@@ -204,7 +204,8 @@ def compile_tools(
             try:
                 args = SchemaCompiler(dict(t.parameters), wf, options).node()
             except SchemaError as e:
-                raise SchemaError(f"tool {t.name!r}: {e.args[0]}", keyword=e.keyword, pointer=e.pointer) from None
+                raise SchemaError(f"tool {t.name!r}: {e.message}", keyword=e.keyword,
+                                  pointer=f"/tools/{t.name}/parameters{e.pointer}") from None
             # a DFA per tool keeps the envelope's NFA small
             args_dfa = to_dfa(args, wf.n_symbols)
             parts: list[Node] = []
