@@ -183,19 +183,14 @@ def build_token_automaton(dfa: Dfa, vocab: Vocabulary) -> TokenAutomaton:
     usable_class = (dfa.trans >= 0).any(axis=0)  # (C,)
 
     # 1. token -> shape (class string); tokens spelling nothing or an unusable class die.
-    lens = np.zeros(V, np.int64)
-    maxlen = max((len(t) for t in vocab.token_symbols), default=1) or 1
-    shape_mat = np.zeros((V, maxlen), np.int32)
-    alive = np.zeros(V, bool)
-    for t, syms in enumerate(vocab.token_symbols):
-        if not syms or max(syms) >= n_sym:
-            continue
-        cls = sym_class[list(syms)]
-        if not usable_class[cls].all():
-            continue
-        shape_mat[t, : len(cls)] = cls
-        lens[t] = len(cls)
-        alive[t] = True
+    sym_mat, lens = vocab.symbol_matrix
+    maxlen = sym_mat.shape[1]
+    # class of each symbol, with one extra "padding" class (index C) for -1 entries
+    cls_ext = np.append(sym_class, np.int32(len(usable_class)))
+    usable_ext = np.append(usable_class, True)
+    shape_mat = cls_ext[sym_mat]  # (V, maxlen); -1 pads map to the extra class
+    alive = (lens > 0) & usable_ext[shape_mat].all(axis=1)
+    shape_mat = np.where(sym_mat >= 0, shape_mat, 0).astype(np.int32)
     alive_ids = np.nonzero(alive)[0]
     if alive_ids.size == 0:
         raise ValueError("no token of the vocabulary can spell anything in this grammar")
