@@ -46,6 +46,18 @@ def scores(valid: np.ndarray, logits: torch.Tensor) -> np.ndarray:
     return x[np.arange(valid.shape[1])[None, :], valid].sum(axis=1)
 
 
+def enumerated_marginals(valid: np.ndarray, logits: torch.Tensor) -> np.ndarray:
+    """(L, V) marginals of the product distribution restricted to ``valid`` canvases."""
+    s = scores(valid, logits)
+    p = np.exp(s - s.max())
+    p /= p.sum()
+    L = valid.shape[1]
+    out = np.zeros((L, logits.shape[-1]))
+    for l in range(L):
+        np.add.at(out[l], valid[:, l], p)
+    return out
+
+
 @pytest.mark.parametrize("L", [5, 6])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_viterbi_is_the_argmax_over_valid_canvases(grammar, L, seed):
@@ -62,12 +74,7 @@ def test_marginals_and_entropy_equal_enumeration(grammar, seed, partial):
     L = 5
     valid = enumerate_valid(grammar, L, partial=partial)
     logits = torch.randn(L, grammar.vocab.size, generator=torch.Generator().manual_seed(seed)) * 2
-    s = scores(valid, logits)
-    p = np.exp(s - s.max())
-    p /= p.sum()
-    expected = np.zeros((L, grammar.vocab.size))
-    for l in range(L):
-        np.add.at(expected[l], valid[:, l], p)
+    expected = enumerated_marginals(valid, logits)
     got, H = grammar.marginals(logits, partial=partial, return_entropy=True)
     np.testing.assert_allclose(got.exp().numpy(), expected, atol=1e-6)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -175,13 +182,8 @@ def test_gemma4_tools_tiny_exact():
         best = valid_np[np.argmax(scores(valid_np, logits))].tolist()
         assert g.viterbi(logits) == best
         assert [c.name for c in g.parse(best).calls] == ["f"]
-        s = scores(valid_np, logits)
-        p = np.exp(s - s.max())
-        p /= p.sum()
-        expected = np.zeros((L, V))
-        for l in range(L):
-            np.add.at(expected[l], valid_np[:, l], p)
-        np.testing.assert_allclose(g.marginals(logits).exp().numpy(), expected, atol=1e-6)
+        np.testing.assert_allclose(g.marginals(logits).exp().numpy(), enumerated_marginals(valid_np, logits),
+                                   atol=1e-6)
 
 
 def test_denoise_step_agrees_with_the_separate_calls(grammar):
@@ -201,12 +203,6 @@ def test_allowed_tokens_far_below_a_forbidden_one_do_not_underflow():
     logits = torch.randn(L, g.vocab.size, generator=torch.Generator().manual_seed(3)) - 1000.0
     logits[:, tok.token_to_id("x")] = 0.0
     valid = enumerate_valid(g, L)
-    s = scores(valid, logits)
-    p = np.exp(s - s.max())
-    p /= p.sum()
-    expected = np.zeros((L, g.vocab.size))
-    for l in range(L):
-        np.add.at(expected[l], valid[:, l], p)
-    np.testing.assert_allclose(g.marginals(logits).exp().numpy(), expected, atol=1e-6)
-    assert g.viterbi(logits) == valid[np.argmax(s)].tolist()
+    np.testing.assert_allclose(g.marginals(logits).exp().numpy(), enumerated_marginals(valid, logits), atol=1e-6)
+    assert g.viterbi(logits) == valid[np.argmax(scores(valid, logits))].tolist()
     assert g.accepts(g.sample(logits))
