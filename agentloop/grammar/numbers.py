@@ -42,6 +42,10 @@ def _fixed(sa: str, sb: str) -> Node:
     """Digit strings of len(sa) between sa and sb (leading zeros allowed)."""
     if not sa:
         return EMPTY
+    if sa.strip("0") == "" and sb.strip("9") == "":
+        # Every digit string: without this shortcut the two recursive sides below would
+        # both recurse at every digit (2**len nodes for bounds like 18446744073709551615).
+        return rep(DIGIT, len(sa), len(sa))
     a0, b0 = int(sa[0]), int(sb[0])
     if a0 == b0:
         return seq(digits(a0, a0), _fixed(sa[1:], sb[1:]))

@@ -1,27 +1,43 @@
 """JSON Schema (draft 2020-12 subset) -> expression node over a wire format's symbols.
 
 The compiler works on *facets*: the schema at a pointer plus everything ``allOf`` and
-``$ref`` pull in, each facet a plain dict with its JSON pointer. Keywords of all facets
-are intersected (types, bounds, patterns, properties), ``anyOf`` / ``oneOf`` distribute
-over the facets, ``enum`` / ``const`` become literals (filtered by jsonschema itself), and
-each remaining type becomes a node. ``oneOf`` is exact: strings accepted by exactly one
-branch, via DFA products.
+``$ref`` pull in, each facet a plain dict with its JSON pointer and base URI. Keywords of
+all facets are intersected (types, bounds, patterns, properties), ``anyOf`` / ``oneOf`` /
+``if`` distribute over the facets, ``enum`` / ``const`` become literals (filtered by a
+validator with our own pattern and format semantics), and each remaining type becomes a
+node.
+
+Two languages per schema. The *under* language (the one a canvas uses) is sound: every
+string in it parses to a value that validates, under the spec (ECMA-262 patterns, RFC
+formats) and under ``jsonschema`` (Python's ``re``, its format checkers). The *over*
+language is complete: it holds the spelling of every valid value and perhaps more.
+Where the two differ the compiler restricted something (bounded recursion and nesting,
+counted lengths, a pattern escape the two regex dialects read differently, a format).
+Negation needs both: ``not X`` is "a value minus over(X)", ``oneOf`` is "under(branch i)
+minus over(every other branch)", and ``if`` / ``dependent*`` become such branches.
+
+Subtracting spellings is only subtracting values when each value has one spelling, so
+inside a negation the compiler switches to *canonical* spellings: object keys in one
+global order (their first appearance in the schema document), numbers in one form
+(:func:`numbers.canonical_number`), at most one key the schema never names.
 
 Everything the compiler cannot represent exactly raises :class:`SchemaError` with the
-keyword and its JSON pointer. Where the language must be bounded (recursion through
-``$ref``, nesting under ``true`` schemas, counted lengths) the compiler *restricts*: it
-never accepts an invalid instance, and the bounds are parameters of :class:`SchemaOptions`.
+keyword and its JSON pointer; it never accepts an invalid instance, and the bounds it
+restricts by are parameters of :class:`SchemaOptions`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from functools import reduce
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
+from urllib.parse import unquote, urldefrag, urljoin
 
 import jsonschema
+import numpy as np
+import referencing.exceptions
 
 from ..errors import SchemaError
 from . import charset as cs
@@ -33,61 +49,186 @@ from .fsa import (
     Node,
     alt,
     embed,
-    exactly_one,
     graph,
     intersect_all,
     literal,
+    minimize,
     product,
     rep,
     seq,
     to_dfa,
 )
-from .regex import full_match_node, pattern_node
+from .regex import full_match_node, pattern_is_exact, pattern_node
 from .wireformat import WireFormat
 
-Facet = tuple[dict[str, Any], str]
+Facet = tuple[Any, str, str]
+"""(schema, JSON pointer, base URI the schema's own ``$id`` resolves against)."""
 
 ANNOTATIONS = frozenset({
     "title", "description", "default", "examples", "$comment", "deprecated", "readOnly",
     "writeOnly", "$schema", "$id", "$defs", "definitions", "contentMediaType",
-    "contentEncoding", "contentSchema", "$vocabulary",
+    "contentEncoding", "contentSchema", "$vocabulary", "$anchor", "$dynamicAnchor",
 })
 ASSERTIONS = frozenset({
     "type", "properties", "required", "additionalProperties", "enum", "const", "anyOf",
     "oneOf", "allOf", "items", "prefixItems", "minItems", "maxItems", "minLength",
     "maxLength", "pattern", "format", "minimum", "maximum", "exclusiveMinimum",
-    "exclusiveMaximum", "multipleOf", "$ref", "nullable", "uniqueItems", "x-copy",
+    "exclusiveMaximum", "multipleOf", "$ref", "nullable", "uniqueItems", "x-copy", "not",
+    "if", "then", "else", "patternProperties", "propertyNames", "dependentRequired",
+    "dependentSchemas", "minProperties", "maxProperties", "contains", "minContains",
+    "maxContains", "unevaluatedProperties", "unevaluatedItems",
 })
 UNSUPPORTED = frozenset({
-    "not", "if", "then", "else", "patternProperties", "propertyNames", "dependentRequired",
-    "dependentSchemas", "unevaluatedProperties", "unevaluatedItems", "contains",
-    "minContains", "maxContains", "minProperties", "maxProperties", "$dynamicRef",
-    "$dynamicAnchor", "$recursiveRef", "$recursiveAnchor", "dependencies", "additionalItems",
-    "$anchor",
+    # Dynamic scope resolution.
+    "$dynamicRef", "$recursiveRef", "$recursiveAnchor",
+    # Earlier drafts' spellings: 2020-12 ignores them, a tool author most likely did not
+    # mean that, so they are errors rather than silently dropped constraints.
+    "dependencies", "additionalItems",
 })
 TYPES = ("null", "boolean", "object", "array", "number", "integer", "string")
 
-# JSON Schema formats as full-match patterns (canonical spellings: upper-case T and Z).
+# JSON Schema formats as full-match patterns. Each is the RFC grammar intersected with
+# what jsonschema's checker accepts (no leap seconds: rfc3339-validator rejects them).
 _YEAR = r"(?:[0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"
 _LEAP = r"(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
 _DATE = (
     rf"(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
     rf"|02-(?:0[1-9]|1[0-9]|2[0-8]))|{_LEAP}-02-29)"
 )
-_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:[Zz]|[+\-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_H16 = r"[0-9A-Fa-f]{1,4}"
+_LS32 = rf"(?:{_H16}:{_H16}|{_IPV4})"
+_IPV6 = "(?:" + "|".join([
+    rf"(?:{_H16}:){{6}}{_LS32}",
+    rf"::(?:{_H16}:){{5}}{_LS32}",
+    rf"(?:{_H16})?::(?:{_H16}:){{4}}{_LS32}",
+    rf"(?:(?:{_H16}:){{0,1}}{_H16})?::(?:{_H16}:){{3}}{_LS32}",
+    rf"(?:(?:{_H16}:){{0,2}}{_H16})?::(?:{_H16}:){{2}}{_LS32}",
+    rf"(?:(?:{_H16}:){{0,3}}{_H16})?::{_H16}:{_LS32}",
+    rf"(?:(?:{_H16}:){{0,4}}{_H16})?::{_LS32}",
+    rf"(?:(?:{_H16}:){{0,5}}{_H16})?::{_H16}",
+    rf"(?:(?:{_H16}:){{0,6}}{_H16})?::",
+]) + ")"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
+_A = r"[A-Za-z0-9]"
+_LDH = r"[A-Za-z0-9\-]"
+
+
+def _host_label(n: int) -> str:
+    """Host name labels (RFC 1123) of at most n characters, without '--' in the 3rd and 4th
+    position: those are reserved for IDNA A-labels ('xn--'), whose Punycode validity is
+    not a regular language."""
+    return rf"(?:{_A}|{_A}{_A}|{_A}{_LDH}{_A}|{_A}{_LDH}{{2}}{_A}|{_A}{_LDH}(?:{_A}{_LDH}|-{_A}){_LDH}{{0,{n - 5}}}{_A})"
+
+
+# A host name has at most 253 characters. Counting them next to the label length takes
+# ~24k DFA states, so the grammar keeps two shapes that cannot exceed it: up to 3 labels
+# of up to 63 characters, or up to 8 labels of up to 30.
+_HOSTNAME = rf"(?:{_host_label(63)}(?:\.{_host_label(63)}){{0,2}}|{_host_label(30)}(?:\.{_host_label(30)}){{3,7}})"
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+"
+_QUOTED = r'"(?:[\x20\x21\x23-\x5B\x5D-\x7E]|\\[\x20-\x7E])*"'
+# RFC 3986 (URI) and RFC 3987 (IRI: the same with non-ASCII letters).
+_PCT = r"%[0-9A-Fa-f]{2}"
+_SUB = r"!$&'()*+,;="
+_UCS = (r"\u00A0-\uD7FF\uF900-\uFDCF\uFDF0-\uFFEF"
+        + "".join(rf"\u{{{p:X}0000}}-\u{{{p:X}FFFD}}" for p in range(1, 14))
+        + r"\u{E1000}-\u{EFFFD}")
+_PRIVATE = r"\uE000-\uF8FF\u{F0000}-\u{FFFFD}\u{100000}-\u{10FFFD}"
+
+
+def _uri_grammar(unreserved: str, private: str) -> tuple[str, str]:
+    """(absolute, reference) patterns of RFC 3986 over the given unreserved class body."""
+    pchar = rf"(?:[{unreserved}{_SUB}:@]|{_PCT})"
+    seg, seg_nz = f"{pchar}*", f"{pchar}+"
+    seg_nz_nc = rf"(?:[{unreserved}{_SUB}@]|{_PCT})+"
+    userinfo = rf"(?:[{unreserved}{_SUB}:]|{_PCT})*"
+    ip_future = rf"[vV][0-9A-Fa-f]+\.[A-Za-z0-9\-._~{_SUB}:]+"
+    host = rf"(?:\[(?:{_IPV6}|{ip_future})\]|(?:[{unreserved}{_SUB}]|{_PCT})*)"
+    authority = rf"(?:{userinfo}@)?{host}(?::[0-9]*)?"
+    abempty = rf"(?:/{seg})*"
+    absolute = rf"/(?:{seg_nz}(?:/{seg})*)?"
+    query = rf"(?:{pchar}|[/?{private}])*"
+    fragment = rf"(?:{pchar}|[/?])*"
+    tail = rf"(?:\?{query})?(?:#{fragment})?"
+    hier = rf"(?://{authority}{abempty}|{absolute}|{seg_nz}(?:/{seg})*|)"
+    relative = rf"(?://{authority}{abempty}|{absolute}|{seg_nz_nc}(?:/{seg})*|)"
+    full = rf"[A-Za-z][A-Za-z0-9+\-.]*:{hier}{tail}"
+    return full, rf"(?:{full}|{relative}{tail})"
+
+
+_URI, _URI_REF = _uri_grammar(r"A-Za-z0-9\-._~", "")
+_IRI, _IRI_REF = _uri_grammar(rf"A-Za-z0-9\-._~{_UCS}", _PRIVATE)
+_VARCHAR = rf"(?:[A-Za-z0-9_]|{_PCT})"
+_VARSPEC = rf"{_VARCHAR}(?:\.?{_VARCHAR})*(?::[1-9][0-9]{{0,3}}|\*)?"
+_DUR_TIME = r"T(?:[0-9]+H(?:[0-9]+M(?:[0-9]+S)?)?|[0-9]+M(?:[0-9]+S)?|[0-9]+S)"
+_JSON_POINTER = r"(?:/(?:[^~/]|~[01])*)*"
 FORMATS = {
     "date": _DATE,
     "time": _TIME,
-    "date-time": rf"{_DATE}T{_TIME}",
-    "email": rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*",
+    "date-time": rf"{_DATE}[Tt]{_TIME}",
+    "duration": rf"P(?:(?:[0-9]+D|[0-9]+M(?:[0-9]+D)?|[0-9]+Y(?:[0-9]+M(?:[0-9]+D)?)?)(?:{_DUR_TIME})?|{_DUR_TIME}|[0-9]+W)",
+    # IPv6 address literals are left out: they double the automaton of every e-mail field.
+    "email": rf"(?:{_ATOM}(?:\.{_ATOM})*|{_QUOTED})@(?:{_LABEL}(?:\.{_LABEL})*|\[{_IPV4}\])",
     "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
-    "uri": r"[A-Za-z][A-Za-z0-9+.-]*:(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?#]|%[0-9A-Fa-f]{2})*",
-    "ipv4": rf"{_OCTET}(?:\.{_OCTET}){{3}}",
-    "hostname": rf"{_LABEL}(?:\.{_LABEL})*",
+    "uri": _URI,
+    "uri-reference": _URI_REF,
+    "iri": _IRI,
+    "iri-reference": _IRI_REF,
+    # literals as RFC 6570 with erratum 6937 (the apostrophe is a literal)
+    "uri-template": (rf"(?:[!#$&'(-;=?-\[\]_a-z~{_UCS}{_PRIVATE}]|{_PCT}"
+                     rf"|\{{[+#./;?&=,!@|]?{_VARSPEC}(?:,{_VARSPEC})*\}})*"),
+    "ipv4": _IPV4,
+    "ipv6": _IPV6,
+    "hostname": _HOSTNAME,
+    "json-pointer": _JSON_POINTER,
+    # jsonschema's checker rejects a '0' followed by a digit anywhere in the prefix ("100")
+    "relative-json-pointer": rf"(?:0|[1-9]+0?)(?:#|{_JSON_POINTER})",
 }
+
+# Over languages of the formats: every string valid under the RFC or under jsonschema's
+# checker (with its optional package installed), so that subtracting one is sound for
+# both. rfc3339-validator accepts what ``re.match(...$)`` does: a final newline too.
+# None: any string (jsonschema checks these only with optional packages whose grammars
+# we do not mirror).
+_ANY_CHAR = r"(?:.|[\n\r\u2028\u2029])"
+_TIME_ANY = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]+)?(?:[Zz]|[+\-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+FORMATS_OVER: dict[str, str | None] = {
+    "date": _DATE,
+    "time": rf"{_TIME_ANY}\n?",
+    "date-time": rf"{_DATE}[Tt]{_TIME_ANY}\n?",
+    "email": rf"[^@]*@{_ANY_CHAR}*",
+    "ipv4": _IPV4,
+    "ipv6": rf"{_IPV6}(?:%{_ANY_CHAR}+)?",
+    "uuid": rf"{_ANY_CHAR}{{8}}-{_ANY_CHAR}{{4}}-{_ANY_CHAR}{{4}}-{_ANY_CHAR}{{4}}-{_ANY_CHAR}*",
+}
+
+_DEFAULT_BASE = "https://agentloop.invalid/schema.json"
+# Private keys on the compiler's own copies of facets: the facet's id and the ids of the
+# facets it was applied in place from (allOf, $ref, anyOf / oneOf branch, if / then /
+# else, dependentSchemas). unevaluatedProperties / unevaluatedItems of a facet see the
+# annotations of exactly the facets whose ancestry contains its id.
+_ID = "$agentloop:id"
+_PARENTS = "$agentloop:parents"
+_ABSOLUTE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+# Keywords whose values are subschemas (for the $id / $anchor index).
+_SUB_ONE = ("additionalProperties", "items", "contains", "propertyNames", "not", "if", "then",
+            "else", "unevaluatedItems", "unevaluatedProperties", "contentSchema", "additionalItems")
+_SUB_LIST = ("allOf", "anyOf", "oneOf", "prefixItems")
+_SUB_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+# Largest number of distinct patternProperties per object (regions are their subsets).
+_MAX_PATTERNS = 5
+# Largest number of if/then/else splits (dependentRequired / dependentSchemas entries
+# included) one facet set may hold: each split doubles the branches.
+_MAX_CONDITIONALS = 8
+# uniqueItems is exact when items come from at most this many values (states: subsets).
+_MAX_UNIQUE_VALUES = 10
+# anyOf branches when unevaluated* is in use (each subset of branches is a case).
+_MAX_ANY_OF_SUBSETS = 6
+# Known keys a canonical object may carry as additional properties (each is a member
+# slot of the object's automaton).
+_MAX_KNOWN_EXTRAS = 32
 
 
 @dataclass(frozen=True)
@@ -110,6 +251,16 @@ class SchemaOptions:
     copy_sources: tuple[str, ...] = field(default=())
 
 
+@dataclass(frozen=True)
+class _Ctx:
+    """Where a subschema is compiled."""
+
+    stack: tuple[str, ...]  # $ref targets expanded on the way here (recursion bound)
+    depth: int  # nesting left for values under `true` schemas
+    over: bool = False  # False: the sound under language; True: the complete over language
+    canonical: bool = False  # one spelling per value (inside negations)
+
+
 def _ptr(base: str, *parts: object) -> str:
     out = base
     for p in parts:
@@ -129,6 +280,59 @@ def _json_equal(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+def _join(base: str, ref: str) -> str:
+    """Resolve ``ref`` against ``base`` (RFC 3986; a bare fragment keeps any base scheme)."""
+    if _ABSOLUTE_URI.match(ref):
+        return ref
+    if ref.startswith("#"):
+        return urldefrag(base)[0] + ref
+    return urljoin(base, ref)
+
+
+def _strip_fragment(uri: str) -> str:
+    return urldefrag(uri)[0]
+
+
+def _bound(v: Any) -> tuple[Decimal, Decimal]:
+    """(decimal, exact) values of a schema bound: what the JSON text says, and what a
+    parsed double is (they differ for doubles like 0.1)."""
+    if isinstance(v, float):
+        return Decimal(repr(v)), Decimal(v)
+    return Decimal(v), Decimal(v)
+
+
+# A one-sided bound on numbers: (value, inclusive).
+_Side = tuple[Decimal, bool]
+
+
+def _tighter_hi(a: _Side | None, b: _Side | None) -> _Side | None:
+    if a is None or b is None:
+        return a if b is None else b
+    if a[0] != b[0]:
+        return a if a[0] < b[0] else b
+    return a[0], a[1] and b[1]
+
+
+def _looser_hi(a: _Side | None, b: _Side | None) -> _Side | None:
+    if a is None or b is None:
+        return None
+    if a[0] != b[0]:
+        return a if a[0] > b[0] else b
+    return a[0], a[1] or b[1]
+
+
+def _neg(s: _Side | None) -> _Side | None:
+    return None if s is None else (-s[0], s[1])
+
+
+def _int_hi(s: _Side | None) -> int | None:
+    if s is None:
+        return None
+    v, inclusive = s
+    f = math.floor(v)
+    return f - 1 if (not inclusive and f == v) else f
+
+
 class SchemaCompiler:
     """Compile one root schema for one wire format. ``node()`` is the value language."""
 
@@ -141,94 +345,464 @@ class SchemaCompiler:
             jsonschema.Draft202012Validator.check_schema(root)
         except jsonschema.SchemaError as e:
             raise SchemaError(f"not a valid JSON Schema: {e.message}", pointer="/" + "/".join(map(str, e.path))) from None
-        self.validator = jsonschema.Draft202012Validator(root, format_checker=jsonschema.FormatChecker())
-        self.char_any = wf.spell_char(cs.ANY)
-        self._string_dfa_cache: dict[Any, Dfa] = {}
+        # One spelled character as a small DFA: its expression (UTF-8 ranges, escapes) has
+        # hundreds of nodes, and strings repeat it once per counted position.
+        self.char_any = embed(self._dfa(wf.spell_char(cs.ANY)))
+        # Counts restrictions taken while compiling (under differs from over there);
+        # a branch compiled without any is exact and serves as both languages.
+        self._approx = 0
+        self._next_id = 0
+        self._unevaluated = "unevaluated" in repr(root)
+        self._dfa_cache: dict[Any, Dfa] = {}
+        self._index_resources()
+        self._rank = self._key_rank()
+        self._max_nesting = self._nesting_bound()
+        self._validators = {False: self._validator_class(False), True: self._validator_class(True)}
+        # The 2020-12 checker set: FormatChecker() mixes drafts (its "time" is draft 3's).
+        checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
+        self._roots = {over: cls(root, format_checker=checker) for over, cls in self._validators.items()}
 
     # ---- entry ------------------------------------------------------------------------
     def node(self) -> Node:
-        return self.facets_node([(self.root, "")], ref_stack=(), depth=self.opt.any_value_depth)
+        ctx = _Ctx(stack=(), depth=self.opt.any_value_depth)
+        return self.facets_node([(self.root, "", self.root_base)], ctx)
+
+    def _dfa(self, node: Node) -> Dfa:
+        return to_dfa(node, self.n_symbols)
+
+    # ---- $id / $anchor index and $ref resolution ----------------------------------------
+    def _index_resources(self) -> None:
+        """Map each schema resource URI and anchor of the document to its JSON pointer."""
+        self.root_base = _DEFAULT_BASE
+        self._resources: dict[str, str] = {}
+        self._anchors: dict[str, str] = {}
+        self._bases: dict[str, str] = {}  # pointer -> effective base URI of that schema
+
+        def walk(schema: Any, ptr: str, base: str) -> None:
+            if not isinstance(schema, dict):
+                return
+            if isinstance(schema.get("$id"), str):
+                base = _strip_fragment(_join(base, schema["$id"]))
+                self._resources.setdefault(base, ptr)
+            self._bases[ptr] = base
+            for kw in ("$anchor", "$dynamicAnchor"):
+                if isinstance(schema.get(kw), str):
+                    self._anchors.setdefault(base + "#" + schema[kw], ptr)
+            for kw in _SUB_ONE:
+                if kw in schema:
+                    walk(schema[kw], _ptr(ptr, kw), base)
+            for kw in _SUB_LIST:
+                if isinstance(schema.get(kw), list):
+                    for i, sub in enumerate(schema[kw]):
+                        walk(sub, _ptr(ptr, kw, i), base)
+            for kw in _SUB_MAP:
+                if isinstance(schema.get(kw), dict):
+                    for k, sub in schema[kw].items():
+                        walk(sub, _ptr(ptr, kw, k), base)
+
+        self._resources[self.root_base] = ""
+        walk(self.root, "", self.root_base)
+
+    def _at(self, ptr: str) -> Any:
+        node: Any = self.root
+        for raw in ptr.split("/")[1:] if ptr else []:
+            key = raw.replace("~1", "/").replace("~0", "~")
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        return node
+
+    def _parent_base(self, ptr: str) -> str:
+        """Base URI in effect for the schema at ``ptr`` before its own ``$id``."""
+        parts = ptr.split("/")
+        for n in range(len(parts) - 1, 0, -1):
+            p = "/".join(parts[:n])
+            if p in self._bases:
+                return self._bases[p]
+        return self.root_base
+
+    def resolve_ref(self, ref: str, base: str, pointer: str) -> tuple[Any, str]:
+        """The target schema of ``ref`` (written at ``pointer``) and its JSON pointer."""
+        uri, frag = urldefrag(_join(base, ref))
+        doc = self._resources.get(uri)
+        if doc is None:
+            raise SchemaError(f"$ref {ref!r} points outside this schema document (inline it in $defs)", keyword="$ref", pointer=pointer)
+        if frag and not frag.startswith("/"):
+            target = self._anchors.get(uri + "#" + unquote(frag))
+            if target is None:
+                raise SchemaError(f"$ref {ref!r}: no $anchor {frag!r}", keyword="$ref", pointer=pointer)
+        else:
+            target = doc
+            for raw in frag.split("/")[1:] if frag else []:
+                target = _ptr(target, unquote(raw).replace("~1", "/").replace("~0", "~"))
+        try:
+            return self._at(target), target
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise SchemaError(f"$ref {ref!r} points nowhere", keyword="$ref", pointer=pointer) from None
+
+    # ---- canonical key order ------------------------------------------------------------
+    def _key_rank(self) -> dict[str, int]:
+        """Every key the document names (properties, required, dependent*, enum / const
+        objects), ranked by first appearance: the key order of canonical objects."""
+        rank: dict[str, int] = {}
+
+        def add(k: Any) -> None:
+            if isinstance(k, str) and k not in rank:
+                rank[k] = len(rank)
+
+        def value_keys(v: Any) -> None:
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    add(k)
+                    value_keys(x)
+            elif isinstance(v, list):
+                for x in v:
+                    value_keys(x)
+
+        def walk(x: Any) -> None:
+            if isinstance(x, dict):
+                for k, v in x.items():
+                    if k == "properties" and isinstance(v, dict):
+                        for name in v:
+                            add(name)
+                    elif k == "required" and isinstance(v, list):
+                        for name in v:
+                            add(name)
+                    elif k == "dependentRequired" and isinstance(v, dict):
+                        for name, names in v.items():
+                            add(name)
+                            for n in names if isinstance(names, list) else ():
+                                add(n)
+                    elif k == "dependentSchemas" and isinstance(v, dict):
+                        for name in v:
+                            add(name)
+                    elif k in ("enum", "const", "examples", "default"):
+                        value_keys(v)
+                        continue
+                    walk(v)
+            elif isinstance(x, list):
+                for v in x:
+                    walk(v)
+
+        walk(self.root)
+        return rank
+
+    # ---- a validator with our semantics (enum filtering, concrete keys) -------------------
+    def _validator_class(self, over: bool) -> Any:
+        """jsonschema's 2020-12 validator with our pattern / format semantics, judging
+        negated subschemas with the opposite polarity (see the module docstring)."""
+        base = jsonschema.Draft202012Validator
+        comp = self
+        error = jsonschema.ValidationError
+
+        def other(validator: Any, schema: Any, flip: bool) -> Any:
+            cls = comp._validators[over != flip]
+            return cls(schema, _resolver=validator._resolver, format_checker=validator.format_checker)
+
+        def pattern(validator: Any, patrn: str, instance: Any, schema: Any) -> Iterator[Any]:
+            if isinstance(instance, str) and not comp._string_in(("pattern", patrn, over), instance):
+                yield error(f"{instance!r} does not match {patrn!r}")
+
+        def format_(validator: Any, fmt: str, instance: Any, schema: Any) -> Iterator[Any]:
+            if not isinstance(instance, str) or fmt not in FORMATS:
+                return
+            if not comp._string_in(("format", fmt, over), instance):
+                yield error(f"{instance!r} is not a {fmt!r}")
+                return
+            if not over:
+                yield from base.VALIDATORS["format"](validator, fmt, instance, schema)
+
+        def type_(validator: Any, types: Any, instance: Any, schema: Any) -> Iterator[Any]:
+            if instance is None and schema.get("nullable") is True:  # OpenAPI's nullable
+                return
+            yield from base.VALIDATORS["type"](validator, types, instance, schema)
+
+        def not_(validator: Any, sub: Any, instance: Any, schema: Any) -> Iterator[Any]:
+            if other(validator, sub, True).is_valid(instance):
+                yield error(f"{instance!r} should not be valid under {sub!r}")
+
+        def one_of(validator: Any, subs: Any, instance: Any, schema: Any) -> Iterator[Any]:
+            same = [validator.evolve(schema=s).is_valid(instance) for s in subs]
+            opposite = [other(validator, s, True).is_valid(instance) for s in subs]
+            if not any(same[i] and not any(opposite[j] for j in range(len(subs)) if j != i) for i in range(len(subs))):
+                yield error(f"{instance!r} is not valid under exactly one of the given schemas")
+
+        def if_(validator: Any, sub: Any, instance: Any, schema: Any) -> Iterator[Any]:
+            if validator.evolve(schema=sub).is_valid(instance):
+                if validator.evolve(schema=schema.get("then", True)).is_valid(instance):
+                    return
+            if not other(validator, sub, True).is_valid(instance):
+                if validator.evolve(schema=schema.get("else", True)).is_valid(instance):
+                    return
+            yield error(f"{instance!r} fails the if / then / else")
+
+        def copy(validator: Any, on: Any, instance: Any, schema: Any) -> Iterator[Any]:
+            if on and not over and isinstance(instance, str) and not any(instance in t for t in comp.opt.copy_sources):
+                yield error(f"{instance!r} does not occur in the conversation")
+
+        return jsonschema.validators.extend(
+            base, {"pattern": pattern, "format": format_, "type": type_, "not": not_, "oneOf": one_of, "if": if_,
+                   "x-copy": copy}
+        )
+
+    def _valid(self, value: Any, facet: Facet, over: bool) -> bool:
+        schema, ptr, _base = facet
+        if isinstance(schema, dict) and "$schema" in schema:
+            # evolve() would pick a validator class by $schema and lose our semantics.
+            schema = {k: v for k, v in schema.items() if k != "$schema"}
+        try:
+            return bool(self._roots[over].evolve(schema=schema).is_valid(value))
+        except referencing.exceptions.Unresolvable as e:
+            raise SchemaError(f"cannot resolve a $ref: {e}", keyword="$ref", pointer=ptr) from None
+
+    def _string_dfa(self, key: tuple[Any, ...]) -> Dfa:
+        """Content languages of patterns / formats, over spelled string content."""
+        d = self._dfa_cache.get(key)
+        if d is None:
+            if key[0] == "pattern":
+                d = self._dfa(pattern_node(key[1], self.wf.spell_char, "", over=key[2]))
+            else:
+                d = self._dfa(self.format_node(key[1], key[2]))
+            self._dfa_cache[key] = d
+        return d
+
+    def _string_in(self, key: tuple[Any, ...], s: str) -> bool:
+        return self._string_dfa(key).accepts(self.wf.spell_string_content(s))
+
+    def format_node(self, name: str, over: bool = False) -> Node:
+        if not over:
+            return full_match_node(FORMATS[name], self.wf.spell_char)
+        pattern = FORMATS_OVER.get(name)
+        return rep(self.char_any) if pattern is None else full_match_node(pattern, self.wf.spell_char)
+
+    def format_is_exact(self, name: str) -> bool:
+        return FORMATS_OVER.get(name) == FORMATS[name]
 
     # ---- facets -------------------------------------------------------------------------
-    def resolve_ref(self, ref: str, pointer: str) -> tuple[Any, str]:
-        if not ref.startswith("#"):
-            raise SchemaError(f"remote $ref {ref!r} is not supported (inline it in $defs)", keyword="$ref", pointer=pointer)
-        frag = ref[1:]
-        if frag and not frag.startswith("/"):
-            raise SchemaError(f"$ref to an anchor {ref!r} is not supported (use a JSON pointer)", keyword="$ref", pointer=pointer)
-        node: Any = self.root
-        for raw in frag.split("/")[1:] if frag else []:
-            key = raw.replace("~1", "/").replace("~0", "~")
-            from urllib.parse import unquote
+    def _check_keywords(self, schema: dict[str, Any], ptr: str) -> None:
+        for key in schema:
+            if key in UNSUPPORTED:
+                raise SchemaError(f"keyword {key!r} is not supported by the grammar compiler", keyword=key, pointer=_ptr(ptr, key))
 
-            key = unquote(key)
-            try:
-                node = node[int(key)] if isinstance(node, list) else node[key]
-            except (KeyError, IndexError, ValueError, TypeError):
-                raise SchemaError(f"$ref {ref!r} points nowhere", keyword="$ref", pointer=pointer) from None
-        return node, frag or ""
+    def expand(self, facets: Sequence[Facet], ctx: _Ctx) -> tuple[list[Facet], list[Facet], list[Facet], tuple[str, ...]] | str | None:
+        """Flatten allOf and $ref; split off ``not`` subschemas and if/then/else facets.
 
-    def expand(self, facets: Sequence[Facet], ref_stack: tuple[str, ...]) -> tuple[list[Facet], tuple[str, ...]] | None:
-        """Flatten allOf and $ref. None means the conjunction is unsatisfiable (false)."""
+        Returns (facets, negated facets, conditional facets, $ref stack); None when the
+        conjunction is unsatisfiable (false), "junk" where the over language stops
+        following the schema (recursion past the bound) and takes any value.
+        """
         out: list[Facet] = []
+        negs: list[Facet] = []
+        conds: list[Facet] = []
         todo = list(facets)
-        stack = ref_stack
+        stack = ctx.stack
         while todo:
-            schema, ptr = todo.pop(0)
-            if schema is True or schema == {}:
+            schema, ptr, base = todo.pop(0)
+            if schema is True or (isinstance(schema, dict) and not (schema.keys() - {_PARENTS})):
                 continue
             if schema is False:
                 return None
             if not isinstance(schema, dict):
                 raise SchemaError("a schema must be an object or a boolean", pointer=ptr)
-            for key in schema:
-                if key in UNSUPPORTED:
-                    if key == "uniqueItems":
-                        continue
-                    raise SchemaError(f"keyword {key!r} is not supported by the grammar compiler", keyword=key, pointer=_ptr(ptr, key))
-            if schema.get("uniqueItems") is True:
-                raise SchemaError("keyword 'uniqueItems' (true) is not supported by the grammar compiler", keyword="uniqueItems", pointer=_ptr(ptr, "uniqueItems"))
+            self._check_keywords(schema, ptr)
             rest = dict(schema)
+            if _ID not in rest:
+                self._next_id += 1
+                rest[_ID] = self._next_id
+            tag = self._tagger(rest)
+            if isinstance(rest.get("$id"), str):
+                # Dropped once applied: expanded facets are expanded again after splits.
+                base = _strip_fragment(_join(base, rest.pop("$id")))
             if "$ref" in rest:
                 ref = rest.pop("$ref")
-                if stack.count(ref) >= self.opt.max_ref_depth:
-                    return None  # bounded recursion: deeper instances are not generated
-                stack = stack + (ref,)
-                target, target_ptr = self.resolve_ref(ref, _ptr(ptr, "$ref"))
-                todo.append((target, target_ptr))
+                target, target_ptr = self.resolve_ref(ref, base, _ptr(ptr, "$ref"))
+                if stack.count(target_ptr) >= self.opt.max_ref_depth:
+                    # Bounded recursion: deeper instances are not generated.
+                    self._approx += 1
+                    return "junk" if ctx.over else None
+                stack = stack + (target_ptr,)
+                todo.append((tag(target), target_ptr, self._parent_base(target_ptr)))
             if "allOf" in rest:
                 subs = rest.pop("allOf")
-                todo.extend((s, _ptr(ptr, "allOf", i)) for i, s in enumerate(subs))
-            out.append((rest, ptr))
-        return out, stack
+                todo.extend((tag(s), _ptr(ptr, "allOf", i), base) for i, s in enumerate(subs))
+            if "not" in rest:
+                # A negated subschema keeps no annotations: it starts its own scope.
+                negs.append((rest.pop("not"), _ptr(ptr, "not"), base))
+            then_, else_ = rest.pop("then", True), rest.pop("else", True)
+            if "if" in rest:
+                cond = {"if": tag(rest.pop("if")), "then": tag(then_), "else": tag(else_)}
+                # Without then / else an `if` only matters for its annotations.
+                if cond["then"] is not True or cond["else"] is not True or self._unevaluated:
+                    conds.append((cond, ptr, base))
+            # dependentRequired / dependentSchemas: "if the key is there, then ...".
+            for name, names in rest.pop("dependentRequired", {}).items():
+                if names:
+                    conds.append(({"if": {"required": [name]}, "then": {"required": list(names)}, "else": True},
+                                  _ptr(ptr, "dependentRequired", name), base))
+            for name, sub in rest.pop("dependentSchemas", {}).items():
+                if sub is not True and sub != {}:
+                    conds.append(({"if": {"required": [name]}, "then": tag(sub), "else": True},
+                                  _ptr(ptr, "dependentSchemas", name), base))
+            out.append((rest, ptr, base))
+        return out, negs, conds, stack
 
-    def facets_node(self, facets: Sequence[Facet], ref_stack: tuple[str, ...], depth: int) -> Node:
-        expanded = self.expand(facets, ref_stack)
+    @staticmethod
+    def _tagger(parent: dict[str, Any]) -> Callable[[Any], Any]:
+        """Copy a subschema applied in place from ``parent``, recording the ancestry."""
+        scope = tuple(parent.get(_PARENTS, ())) + (parent[_ID],)
+
+        def tag(sub: Any) -> Any:
+            return {**sub, _PARENTS: scope} if isinstance(sub, dict) else sub
+
+        return tag
+
+    def _unevaluated_facets(self, fs: list[Facet], ctx: _Ctx) -> list[Facet]:
+        """Rewrite each unevaluatedProperties / unevaluatedItems as a plain facet.
+
+        The facets here are the ones this branch validates (anyOf / oneOf / if already
+        chose), so the annotations a facet U sees come from the facets in its scope.
+        Keys they evaluate become ``properties: true`` / ``patternProperties: true``, and U's
+        schema becomes ``additionalProperties`` (items: ``prefixItems: [true, ...]`` and
+        ``items``). anyOf is split into every set of branches (see facets_node), so the
+        set that holds for a value is one of the cases and the rewrite is exact.
+        """
+        if not any("unevaluatedProperties" in s or "unevaluatedItems" in s for s, _, _ in fs):
+            return fs
+        out: list[Facet] = []
+        extra: list[Facet] = []
+        for schema, ptr, base in fs:
+            if "unevaluatedProperties" not in schema and "unevaluatedItems" not in schema:
+                out.append((schema, ptr, base))
+                continue
+            rest = dict(schema)
+            props_kw = rest.pop("unevaluatedProperties", None)
+            items_kw = rest.pop("unevaluatedItems", None)
+            out.append((rest, ptr, base))
+            me = schema[_ID]
+            scope = [s for s, _, _ in fs if s is schema or me in s.get(_PARENTS, ())]
+            if props_kw is not None:
+                if not any("additionalProperties" in s or ("unevaluatedProperties" in s and s is not schema) for s in scope):
+                    names = {k: True for s in scope for k in s.get("properties", {})}
+                    pats = {p: True for s in scope for p in s.get("patternProperties", {})}
+                    extra.append(({"properties": names, "patternProperties": pats, "additionalProperties": props_kw},
+                                  _ptr(ptr, "unevaluatedProperties"), base))
+            if items_kw is not None:
+                if any("contains" in s for s in scope):
+                    raise SchemaError("unevaluatedItems next to 'contains' is not supported (which items contains "
+                                      "evaluates depends on their values)", keyword="unevaluatedItems",
+                                      pointer=_ptr(ptr, "unevaluatedItems"))
+                if not any("items" in s or ("unevaluatedItems" in s and s is not schema) for s in scope):
+                    n = max([len(s.get("prefixItems", [])) for s in scope] or [0])
+                    extra.append(({"prefixItems": [True] * n, "items": items_kw}, _ptr(ptr, "unevaluatedItems"), base))
+        return out + extra
+
+    def facets_node(self, facets: Sequence[Facet], ctx: _Ctx, negs: Sequence[Facet] = ()) -> Node:
+        """The language of values valid for every facet and for none of ``negs``."""
+        expanded = self.expand(facets, ctx)
         if expanded is None:
             return NEVER
-        fs, stack = expanded
-        if not fs:
-            return self.any_value(depth)
+        if expanded == "junk":
+            return self.over_any()
+        fs, new_negs, conds, stack = expanded  # type: ignore[misc]
+        ctx = replace(ctx, stack=stack)
+        negs = list(negs) + new_negs
+        if conds:
+            return self.conditional_node(fs, conds, ctx, negs)
         # distribute the first anyOf / oneOf over the facets
-        for i, (schema, ptr) in enumerate(fs):
+        for i, (schema, ptr, base) in enumerate(fs):
             for kw in ("anyOf", "oneOf"):
                 if kw in schema:
                     rest = dict(schema)
                     branches = rest.pop(kw)
-                    others = fs[:i] + [(rest, ptr)] + fs[i + 1 :]
-                    nodes = [
-                        self.facets_node(others + [(b, _ptr(ptr, kw, j))], stack, depth)
-                        for j, b in enumerate(branches)
-                    ]
+                    tag = self._tagger(rest)
+                    others = fs[:i] + [(rest, ptr, base)] + fs[i + 1 :]
+                    items = [others + [(tag(b), _ptr(ptr, kw, j), base)] for j, b in enumerate(branches)]
+                    if kw == "anyOf" and self._unevaluated and len(branches) > 1:
+                        # unevaluated* sees the annotations of every valid branch: one
+                        # case per set of branches that hold together.
+                        if len(branches) > _MAX_ANY_OF_SUBSETS:
+                            raise SchemaError(f"anyOf with more than {_MAX_ANY_OF_SUBSETS} branches in a schema that uses "
+                                              "unevaluatedProperties / unevaluatedItems", keyword="anyOf", pointer=ptr)
+                        items = [others + [(tag(b), _ptr(ptr, kw, j), base) for j, b in enumerate(branches) if m >> j & 1]
+                                 for m in range(1, 1 << len(branches))]
                     if kw == "anyOf":
-                        return alt(*nodes)
-                    return embed(exactly_one([to_dfa(n, self.n_symbols) for n in nodes]))
-        return self.typed_node(fs, stack, depth)
+                        return alt(*(self.facets_node(f, ctx, negs) for f in items))
+                    return self.one_of_node(others, [(tag(b), _ptr(ptr, kw, j), base) for j, b in enumerate(branches)],
+                                            ctx, negs)
+        if negs:
+            return self.negation_node(fs, negs, ctx)
+        if not fs:
+            return self.any_value(ctx)
+        return self.typed_node(fs, ctx)
+
+    def conditional_node(self, fs: list[Facet], conds: list[Facet], ctx: _Ctx, negs: list[Facet]) -> Node:
+        """``if`` / ``then`` / ``else``: (if and then) or (not if and else), two disjoint
+        branches, so their union is exact in both polarities."""
+        if len(conds) > _MAX_CONDITIONALS:
+            raise SchemaError(f"more than {_MAX_CONDITIONALS} if / dependent* conditions on one value",
+                              keyword="if", pointer=conds[0][1])
+        (cond, ptr, base), later = conds[0], conds[1:]
+        if_f = (cond["if"], _ptr(ptr, "if"), base)
+        then_f = (cond["then"], _ptr(ptr, "then"), base)
+        else_f = (cond["else"], _ptr(ptr, "else"), base)
+        yes = self.facets_node(fs + later + [if_f, then_f], ctx, negs)
+        no = self.facets_node(fs + later + [else_f], ctx, negs + [if_f])
+        return alt(yes, no)
+
+    def _both(self, facets: list[Facet], ctx: _Ctx, negs: Sequence[Facet]) -> tuple[Dfa, Dfa]:
+        """(under, over) DFAs of a facet set in canonical spelling; one compile when exact."""
+        c = replace(ctx, canonical=True)
+        before = self._approx
+        under = self._dfa(self.facets_node(facets, replace(c, over=False), negs))
+        if self._approx == before:
+            return under, under
+        return under, self._dfa(self.facets_node(facets, replace(c, over=True), negs))
+
+    def one_of_node(self, others: list[Facet], branches: list[Facet], ctx: _Ctx, negs: Sequence[Facet]) -> Node:
+        """Exactly one branch, with the sibling facets ``others``:
+        under = U_i (under(others, b_i) - U_{j!=i} over(b_j)); over = U_i (over(others, b_i) -
+        U_{j!=i} under(b_j)), in canonical spelling, where a value has one spelling.
+
+        The subtracted branches stand alone: whether a value is valid for branch j does not
+        depend on the siblings (whose unevaluated* would see branch j's annotations).
+        """
+        c = replace(ctx, canonical=True)
+        keep = [self._dfa(self.facets_node(others + [b], c, negs)) for b in branches]
+        drop = [p[0] if ctx.over else p[1] for p in (self._both([b], ctx, ()) for b in branches)]
+        n = len(branches)
+        # prefix / suffix unions of `drop`, so each branch subtracts all the others once
+        pre: list[Dfa | None] = [None] * (n + 1)
+        suf: list[Dfa | None] = [None] * (n + 1)
+        for i in range(n):
+            pre[i + 1] = drop[i] if pre[i] is None else product(pre[i], drop[i], "or")  # type: ignore[arg-type]
+        for i in range(n - 1, -1, -1):
+            suf[i] = drop[i] if suf[i + 1] is None else product(drop[i], suf[i + 1], "or")  # type: ignore[arg-type]
+        parts: list[Node] = []
+        for i in range(n):
+            others = [d for d in (pre[i], suf[i + 1]) if d is not None]
+            mine = keep[i]
+            if others:
+                rest = others[0] if len(others) == 1 else product(others[0], others[1], "or")
+                mine = product(mine, rest, "minus")
+            if not mine.is_empty():
+                parts.append(embed(mine))
+        return alt(*parts)
+
+    def negation_node(self, fs: list[Facet], negs: Sequence[Facet], ctx: _Ctx) -> Node:
+        """Values of ``fs`` (canonical spelling) minus values of any negated facet, taken in
+        the opposite polarity."""
+        c = replace(ctx, canonical=True)
+        base = self.typed_node(fs, c) if fs else self.any_value(c)
+        flipped = replace(c, over=not ctx.over)
+        removed = [self._dfa(self.facets_node([n], flipped)) for n in negs]
+        out = self._dfa(base)
+        for d in removed:
+            out = product(out, d, "minus")
+        return embed(out)
 
     # ---- keyword intersection ---------------------------------------------------------
-    def typed_node(self, fs: list[Facet], stack: tuple[str, ...], depth: int) -> Node:
+    def typed_node(self, fs: list[Facet], ctx: _Ctx) -> Node:
+        fs = self._unevaluated_facets(fs, ctx)
         enum_values: list[Any] | None = None
-        for schema, ptr in fs:
+        for schema, ptr, base in fs:
             vals = None
             if "const" in schema:
                 vals = [schema["const"]]
@@ -238,10 +812,10 @@ class SchemaCompiler:
             if vals is not None:
                 enum_values = vals if enum_values is None else [v for v in enum_values if any(_json_equal(v, x) for x in vals)]
         if enum_values is not None:
-            return self.enum_node(enum_values, fs)
+            return self.enum_node(enum_values, fs, ctx)
 
         types = set(TYPES)
-        for schema, ptr in fs:
+        for schema, ptr, base in fs:
             if "type" in schema:
                 t = schema["type"]
                 ts = {t} if isinstance(t, str) else set(t)
@@ -261,61 +835,127 @@ class SchemaCompiler:
             elif t == "boolean":
                 branches.append(alt(literal(b"true"), literal(b"false")))
             elif t in ("integer", "number"):
-                branches.append(self.number_node(fs, integer=(t == "integer")))
+                branches.append(self.number_node(fs, ctx, integer=(t == "integer")))
             elif t == "string":
-                branches.append(self.string_node(fs))
+                branches.append(self.string_node(fs, ctx))
             elif t == "array":
-                branches.append(self.array_node(fs, stack, depth))
+                branches.append(self.array_node(fs, ctx))
             elif t == "object":
-                branches.append(self.object_node(fs, stack, depth))
+                branches.append(self.object_node(fs, ctx))
         return alt(*branches)
 
-    def enum_node(self, values: list[Any], fs: list[Facet]) -> Node:
-        kept = []
+    def enum_node(self, values: list[Any], fs: list[Facet], ctx: _Ctx) -> Node:
+        kept: list[Node] = []
+        seen: set[tuple[int, ...]] = set()
+        differs = False
         for v in values:
-            if all(self.validator.evolve(schema=s).is_valid(v) for s, _ in fs):
-                try:
-                    kept.append(literal(self.wf.spell_value(v)))
-                except SchemaError:
-                    continue  # a key the wire format cannot spell: that value cannot occur
+            ok = all(self._valid(v, f, ctx.over) for f in fs)
+            if ok != all(self._valid(v, f, not ctx.over) for f in fs):
+                differs = True
+            if not ok:
+                continue
+            spelled = self.spell_value(v, ctx)
+            if spelled is not None and tuple(spelled) not in seen:
+                seen.add(tuple(spelled))
+                kept.append(literal(spelled))
+        if differs:
+            self._approx += 1
         return alt(*kept)
 
+    def spell_value(self, v: Any, ctx: _Ctx) -> list[int] | None:
+        """A literal's spelling (canonical inside negations); None if it has none here."""
+        if not ctx.canonical:
+            try:
+                return self.wf.spell_value(v)
+            except SchemaError:
+                return None  # a key the wire format cannot spell: that value cannot occur
+        return self._canonical_spelling(v)
+
+    def _canonical_spelling(self, v: Any) -> list[int] | None:
+        wf = self.wf
+        if v is None or isinstance(v, bool):
+            return wf.spell_value(v)
+        if isinstance(v, (int, float)):
+            text = numbers.canonical_spelling(v)
+            return None if text is None else list(text.encode())
+        if isinstance(v, str):
+            return wf.spell_value(v)
+        if isinstance(v, list):
+            out = wf.lit("array_open")
+            for i, item in enumerate(v):
+                s = self._canonical_spelling(item)
+                if s is None:
+                    return None
+                out += (wf.lit("item_separator") if i else []) + s
+            return out + wf.lit("array_close")
+        if isinstance(v, dict):
+            unknown = [k for k in v if k not in self._rank]
+            if len(unknown) > 1:
+                return None  # canonical objects carry at most one unnamed key
+            keys = sorted((k for k in v if k in self._rank), key=self._rank.__getitem__) + unknown
+            out = wf.lit("object_open")
+            for i, k in enumerate(keys):
+                s = self._canonical_spelling(v[k])
+                if s is None:
+                    return None
+                try:
+                    ks = wf.key_symbols(k)
+                except SchemaError:
+                    return None
+                out += (wf.lit("member_separator") if i else []) + ks + s
+            return out + wf.lit("object_close")
+        return None
+
     # ---- numbers ----------------------------------------------------------------------
-    def number_node(self, fs: list[Facet], integer: bool) -> Node:
-        lo: Decimal | None = None
-        lo_x = False
-        hi: Decimal | None = None
-        hi_x = False
+    def number_node(self, fs: list[Facet], ctx: _Ctx, integer: bool) -> Node:
+        # Each bound in both readings: the decimal the schema text says and the exact
+        # value a parser compares against (a double). Integers are parsed exactly, other
+        # spellings to a double, so each gets the bounds of its own reading.
+        dec_hi: _Side | None = None  # decimal reading
+        exact_hi: _Side | None = None  # exact reading (ints)
+        dbl_hi: _Side | None = None  # condition on a decimal spelling that rounds within
+        dec_lo: _Side | None = None  # lower bounds are kept negated (as upper bounds of -x)
+        exact_lo: _Side | None = None
+        dbl_lo: _Side | None = None
         multiples: list[tuple[Any, str]] = []
-
-        def tighten_lo(v: Any, excl: bool) -> None:
-            nonlocal lo, lo_x
-            d = Decimal(repr(v)) if isinstance(v, float) else Decimal(v)
-            if lo is None or d > lo or (d == lo and excl):
-                lo, lo_x = d, excl
-
-        def tighten_hi(v: Any, excl: bool) -> None:
-            nonlocal hi, hi_x
-            d = Decimal(repr(v)) if isinstance(v, float) else Decimal(v)
-            if hi is None or d < hi or (d == hi and excl):
-                hi, hi_x = d, excl
-
-        for schema, ptr in fs:
-            if "minimum" in schema:
-                tighten_lo(schema["minimum"], False)
-            if "exclusiveMinimum" in schema:
-                tighten_lo(schema["exclusiveMinimum"], True)
-            if "maximum" in schema:
-                tighten_hi(schema["maximum"], False)
-            if "exclusiveMaximum" in schema:
-                tighten_hi(schema["exclusiveMaximum"], True)
+        for schema, ptr, base in fs:
+            for kw, upper, strict in (("maximum", True, False), ("exclusiveMaximum", True, True),
+                                      ("minimum", False, False), ("exclusiveMinimum", False, True)):
+                if kw not in schema:
+                    continue
+                dec, exact = _bound(schema[kw])
+                if not upper:
+                    dec, exact = -dec, -exact
+                m, inclusive = numbers.double_le_bound(exact, strict)
+                if upper:
+                    dec_hi = _tighter_hi(dec_hi, (dec, not strict))
+                    exact_hi = _tighter_hi(exact_hi, (exact, not strict))
+                    dbl_hi = _tighter_hi(dbl_hi, (m, inclusive))
+                else:
+                    dec_lo = _tighter_hi(dec_lo, (dec, not strict))
+                    exact_lo = _tighter_hi(exact_lo, (exact, not strict))
+                    dbl_lo = _tighter_hi(dbl_lo, (m, inclusive))
             if "multipleOf" in schema:
                 multiples.append((schema["multipleOf"], _ptr(ptr, "multipleOf")))
+
+        # under: both readings hold; over: either does
+        combine = _looser_hi if ctx.over else _tighter_hi
+        int_hi, int_lo = combine(dec_hi, exact_hi), combine(dec_lo, exact_lo)
+        frac_hi, frac_lo = combine(dec_hi, dbl_hi), combine(dec_lo, dbl_lo)
+        if (int_hi, int_lo) != (_looser_hi(dec_hi, exact_hi), _looser_hi(dec_lo, exact_lo)) or \
+                (frac_hi, frac_lo) != (_looser_hi(dec_hi, dbl_hi), _looser_hi(dec_lo, dbl_lo)):
+            self._approx += 1
 
         int_multiple = 1
         only_integers = integer
         for m, ptr in multiples:
             dm = Decimal(repr(m)) if isinstance(m, float) else Decimal(m)
+            if isinstance(m, float):
+                # jsonschema divides doubles for a float multipleOf, which is not exact
+                # past 2**53: the over language drops the constraint.
+                self._approx += 1
+                if ctx.over:
+                    continue
             if dm == dm.to_integral_value():
                 int_multiple = math.lcm(int_multiple, int(dm))
                 only_integers = True
@@ -326,26 +966,45 @@ class SchemaCompiler:
         if int_multiple > self.opt.max_multiple_of:
             raise SchemaError(f"multipleOf {int_multiple} exceeds the compiler bound {self.opt.max_multiple_of}", keyword="multipleOf", pointer=multiples[-1][1])
 
-        if only_integers:
-            ilo = None if lo is None else (math.floor(lo) + 1 if lo_x and lo == lo.to_integral_value() else math.ceil(lo))
-            ihi = None if hi is None else (math.ceil(hi) - 1 if hi_x and hi == hi.to_integral_value() else math.floor(hi))
-            if ilo is not None and ihi is not None and ilo > ihi:
-                return NEVER
-            node = numbers.int_range(ilo, ihi)
+        ilo, ihi = _int_hi(int_lo), _int_hi(int_hi)
+        ilo = None if ilo is None else -ilo
+        if ilo is not None and ihi is not None and ilo > ihi:
+            ints: Node = NEVER
+        else:
+            ints = numbers.int_range(ilo, ihi)
             if int_multiple > 1:
-                node = embed(product(to_dfa(node, 256), to_dfa(numbers.multiple_of(int_multiple), 256), "and"))
-            return node
-        if lo is None and hi is None:
-            return numbers.any_number()
-        return numbers.decimal_range(lo, lo_x, hi, hi_x)
+                ints = embed(product(to_dfa(ints, 256), to_dfa(numbers.multiple_of(int_multiple), 256), "and"))
+        if only_integers:
+            node = ints
+        elif int_hi is None and int_lo is None:
+            node = numbers.any_number()
+        else:
+            lo = _neg(frac_lo)
+            fracs = numbers.decimal_range(None if lo is None else lo[0], lo is not None and not lo[1],
+                                          None if frac_hi is None else frac_hi[0], frac_hi is not None and not frac_hi[1],
+                                          fraction_only=True)
+            node = alt(ints, fracs)
+        if ctx.canonical:
+            node = embed(product(self._dfa(node), self._canonical_numbers(), "and"))
+        return node
+
+    def _canonical_numbers(self) -> Dfa:
+        d = self._dfa_cache.get("canonical-numbers")
+        if d is None:
+            d = self._dfa_cache["canonical-numbers"] = self._dfa(numbers.canonical_number())
+        return d
 
     # ---- strings ----------------------------------------------------------------------
-    def string_node(self, fs: list[Facet]) -> Node:
+    def string_node(self, fs: list[Facet], ctx: _Ctx) -> Node:
+        return self.wf.string_node(self.string_content(fs, ctx))
+
+    def string_content(self, fs: list[Facet], ctx: _Ctx) -> Node:
+        """The spelled content (between the delimiters) of strings valid for ``fs``."""
         min_len, max_len = 0, None
         patterns: list[tuple[str, str]] = []
         formats: list[tuple[str, str]] = []
         copy = False
-        for schema, ptr in fs:
+        for schema, ptr, base in fs:
             if "minLength" in schema:
                 min_len = max(min_len, int(schema["minLength"]))
                 if min_len > self.opt.max_counted_length:
@@ -363,55 +1022,96 @@ class SchemaCompiler:
             if schema.get("x-copy"):
                 copy = True
         if max_len is not None:
-            # Restriction, not relaxation: a canvas is a few hundred tokens, so longer
-            # strings are cut at the bound (documented in SchemaOptions).
-            max_len = min(max_len, self.opt.max_counted_length)
             if max_len < min_len:
                 return NEVER
+            if max_len > self.opt.max_counted_length:
+                # Restriction, not relaxation: a canvas is a few hundred tokens, so longer
+                # strings are cut at the bound (documented in SchemaOptions).
+                self._approx += 1
+                max_len = None if ctx.over else self.opt.max_counted_length
         content: Node = rep(self.char_any, min_len, max_len)
-        constraints: list[Node] = [pattern_node(p, self.wf.spell_char, ptr) for p, ptr in patterns]
-        constraints += [full_match_node(FORMATS[f], self.wf.spell_char, ptr) for f, ptr in formats]
+        constraints: list[Dfa] = []
+        for p, ptr in patterns:
+            if not pattern_is_exact(p, ptr):
+                self._approx += 1
+            constraints.append(self._string_dfa(("pattern", p, ctx.over)))
+        for f, ptr in formats:
+            # Formats are asserted (format-assertion vocabulary, and jsonschema with its
+            # format checkers): under holds strings valid for both, over for either.
+            if not self.format_is_exact(f):
+                self._approx += 1
+            constraints.append(self._string_dfa(("format", f, ctx.over)))
         if copy:
-            from .copy import substring_node
+            self._approx += 1
+            if not ctx.over:
+                from .copy import substring_node
 
-            constraints.append(substring_node(self.opt.copy_sources, self.wf))
+                constraints.append(self._dfa(substring_node(self.opt.copy_sources, self.wf)))
         if constraints:
-            dfas = [to_dfa(content, self.n_symbols)] + [to_dfa(c, self.n_symbols) for c in constraints]
-            content = embed(intersect_all(dfas))
-        return self.wf.string_node(content)
+            content = embed(intersect_all([self._dfa(content)] + constraints))
+        return content
 
     # ---- arrays -----------------------------------------------------------------------
-    def array_node(self, fs: list[Facet], stack: tuple[str, ...], depth: int) -> Node:
+    def array_node(self, fs: list[Facet], ctx: _Ctx) -> Node:
         lo, hi = 0, None
         k = 0  # prefix length
-        for schema, ptr in fs:
+        contains: list[Facet] = []
+        min_c, max_c = 1, None
+        unique = False
+        for schema, ptr, base in fs:
             lo = max(lo, int(schema.get("minItems", 0)))
             if "maxItems" in schema:
                 hi = int(schema["maxItems"]) if hi is None else min(hi, int(schema["maxItems"]))
             k = max(k, len(schema.get("prefixItems", [])))
+            if "contains" in schema:
+                contains.append((schema["contains"], _ptr(ptr, "contains"), base))
+                min_c = int(schema.get("minContains", 1))
+                max_c = int(schema["maxContains"]) if "maxContains" in schema else None
+            if schema.get("uniqueItems") is True:
+                unique = True
         if lo > self.opt.max_counted_length:
             raise SchemaError(f"minItems {lo} exceeds the compiler bound {self.opt.max_counted_length}", keyword="minItems", pointer=fs[0][1])
-        if hi is not None:
-            hi = min(hi, self.opt.max_counted_length)
+        if hi is not None and hi > self.opt.max_counted_length:
+            self._approx += 1
+            hi = None if ctx.over else self.opt.max_counted_length
+        if len(contains) > 1:
+            raise SchemaError("'contains' in more than one allOf branch of one array is not supported",
+                              keyword="contains", pointer=contains[1][1])
+        if contains and min_c == 0 and max_c is None:
+            contains = []  # minContains 0 without a maximum asserts nothing
+        if unique and contains:
+            raise SchemaError("'uniqueItems' together with 'contains' is not supported", keyword="uniqueItems", pointer=fs[0][1])
+        child = replace(ctx, depth=ctx.depth - 1, canonical=ctx.canonical or bool(contains) or unique)
 
         def item(i: int | None) -> Node | None:
             """Item i (None: any item past every prefix); None when no item may be there."""
             f: list[Facet] = []
-            for schema, ptr in fs:
+            for schema, ptr, base in fs:
                 pre = schema.get("prefixItems", [])
                 if i is not None and i < len(pre):
-                    f.append((pre[i], _ptr(ptr, "prefixItems", i)))
+                    f.append((pre[i], _ptr(ptr, "prefixItems", i), base))
                 elif "items" in schema:
                     if schema["items"] is False:
                         return None
-                    f.append((schema["items"], _ptr(ptr, "items")))
-            return self.facets_node(f, stack, depth - 1)
+                    f.append((schema["items"], _ptr(ptr, "items"), base))
+            return self.facets_node(f, child, ())
 
         rest = item(None)
         if rest is None:
             hi = k if hi is None else min(hi, k)
         if hi is not None and hi < lo:
             return NEVER
+        open_, close = literal(self.wf.lit("array_open")), literal(self.wf.lit("array_close"))
+        if unique:
+            body = self.unique_body([item(i) for i in range(k)], rest, lo, hi)
+            if body is not None:
+                return seq(open_, body, close)
+            if not ctx.over:
+                raise SchemaError(f"uniqueItems needs items drawn from at most {_MAX_UNIQUE_VALUES} values (an enum, booleans, ...)",
+                                  keyword="uniqueItems", pointer=fs[0][1])
+            self._approx += 1  # over: uniqueness dropped (a superset)
+        if contains:
+            return seq(open_, self.contains_body([item(i) for i in range(k)], rest, lo, hi, contains[0], min_c, max_c, child), close)
         sep = literal(self.wf.lit("item_separator"))
 
         def tail(i: int) -> Node:
@@ -431,33 +1131,122 @@ class SchemaCompiler:
             first = item(0) if k > 0 else rest
             nonempty = seq(first or NEVER, tail(1))
             body = nonempty if lo > 0 else alt(EMPTY, nonempty)
-        return seq(literal(self.wf.lit("array_open")), body, literal(self.wf.lit("array_close")))
+        return seq(open_, body, close)
+
+    def contains_body(self, prefix: list[Node | None], rest: Node | None, lo: int, hi: int | None,
+                      facet: Facet, min_c: int, max_c: int | None, ctx: _Ctx) -> Node:
+        """Items counted by ``contains``: each item is either in C (counted) or surely not
+        (not counted); under takes under(C) and removes over(C), over the reverse."""
+        c_under, c_over = self._both([facet], replace(ctx, over=False), ())
+        c_in, c_out = (c_over, c_under) if ctx.over else (c_under, c_over)
+        sep = literal(self.wf.lit("item_separator"))
+
+        def split(node: Node | None) -> tuple[Node, Node]:
+            if node is None:
+                return NEVER, NEVER
+            d = self._dfa(node)
+            return embed(product(d, c_in, "and")), embed(product(d, c_out, "minus"))
+
+        parts = [split(p) for p in prefix]
+        rest_parts = split(rest)
+        k = len(prefix)
+        top = hi if hi is not None else max(k, lo, 1)
+        cap = max_c if max_c is not None else min_c
+        edges: list[tuple[int, int, Node]] = []
+
+        def sid(pos: int, c: int) -> int:
+            return pos * (cap + 1) + c
+
+        for pos in range(top + 1):
+            if hi is not None and pos >= hi:
+                continue
+            if rest is None and pos >= k:
+                continue
+            counted, other = parts[pos] if pos < k else rest_parts
+            nxt = min(pos + 1, top)
+            for c in range(cap + 1):
+                lead = [sep] if pos > 0 else []
+                c2 = c + 1 if max_c is not None else min(c + 1, cap)
+                if c2 <= cap:
+                    edges.append((sid(pos, c), sid(nxt, c2), seq(*lead, counted)))
+                edges.append((sid(pos, c), sid(nxt, c), seq(*lead, other)))
+        finals = [sid(pos, c) for pos in range(lo, top + 1) for c in range(min_c, cap + 1)]
+        return graph((top + 1) * (cap + 1), finals, edges)
+
+    def unique_body(self, prefix: list[Node | None], rest: Node | None, lo: int, hi: int | None) -> Node | None:
+        """uniqueItems over a finite item language: states are the sets of values used (in
+        canonical spelling a value has one spelling, so distinct strings are distinct
+        values). None when the items are not drawn from a small finite set."""
+        langs = [None if p is None else self._dfa(p) for p in prefix] + [None if rest is None else self._dfa(rest)]
+        values: list[tuple[int, ...]] = []
+        for d in langs:
+            if d is None:
+                continue
+            words = _finite_words(d, _MAX_UNIQUE_VALUES)
+            if words is None:
+                return None
+            values.extend(w for w in words if w not in values)
+        if len(values) > _MAX_UNIQUE_VALUES:
+            return None
+        k = len(prefix)
+        sep = literal(self.wf.lit("item_separator"))
+        edges: list[tuple[int, int, Node]] = []
+        finals: list[int] = []
+        n = len(values)
+        for used in range(1 << n):
+            pos = bin(used).count("1")
+            if pos >= lo and (hi is None or pos <= hi):
+                finals.append(used)
+            if hi is not None and pos >= hi:
+                continue
+            lang = langs[pos] if pos < k else langs[k]
+            if lang is None:
+                continue
+            for j, w in enumerate(values):
+                if used >> j & 1 or not lang.accepts(w):
+                    continue
+                edges.append((used, used | 1 << j, seq(sep, literal(w)) if pos else literal(w)))
+        return graph(1 << n, finals, edges)
 
     # ---- objects ----------------------------------------------------------------------
-    def object_node(self, fs: list[Facet], stack: tuple[str, ...], depth: int) -> Node:
+    def object_node(self, fs: list[Facet], ctx: _Ctx) -> Node:
+        advanced = any(kw in schema for schema, _, _ in fs
+                       for kw in ("patternProperties", "propertyNames", "minProperties", "maxProperties"))
+        if not ctx.canonical and not advanced:
+            return self.object_plain(fs, ctx)
+        return self.object_general(fs, ctx)
+
+    def _declared(self, fs: list[Facet]) -> tuple[list[str], list[str]]:
         order: list[str] = []
         required: list[str] = []
-        for schema, ptr in fs:
+        for schema, ptr, base in fs:
             for k in schema.get("properties", {}):
                 if k not in order:
                     order.append(k)
-        for schema, ptr in fs:
+        for schema, ptr, base in fs:
             for k in schema.get("required", []):
                 if k not in required:
                     required.append(k)
                 if k not in order:
                     order.append(k)
+        return order, required
+
+    def object_plain(self, fs: list[Facet], ctx: _Ctx) -> Node:
+        """Objects with properties / required / additionalProperties: declared keys in
+        schema order, then extra keys in any order."""
+        order, required = self._declared(fs)
+        child = replace(ctx, depth=ctx.depth - 1)
 
         def facets_for(key: str) -> list[Facet] | None:
             out: list[Facet] = []
-            for schema, ptr in fs:
+            for schema, ptr, base in fs:
                 props = schema.get("properties", {})
                 if key in props:
-                    out.append((props[key], _ptr(ptr, "properties", key)))
+                    out.append((props[key], _ptr(ptr, "properties", key), base))
                 elif "additionalProperties" in schema:
                     if schema["additionalProperties"] is False:
                         return None
-                    out.append((schema["additionalProperties"], _ptr(ptr, "additionalProperties")))
+                    out.append((schema["additionalProperties"], _ptr(ptr, "additionalProperties"), base))
             return out
 
         members: list[tuple[str, Node, bool]] = []
@@ -469,7 +1258,7 @@ class SchemaCompiler:
                     return NEVER
                 continue
             ptr = fs[0][1]
-            value = self.facets_node(f, stack, depth - 1)
+            value = self.facets_node(f, child)
             key_node = literal(self.wf.key_symbols(key, _ptr(ptr, "properties", key)))
             members.append((key, seq(key_node, value), is_req))
 
@@ -478,20 +1267,23 @@ class SchemaCompiler:
         add_facets: list[Facet] = []
         forbidden = False
         said = False
-        for schema, ptr in fs:
+        for schema, ptr, base in fs:
             if "additionalProperties" in schema:
                 said = True
                 if schema["additionalProperties"] is False:
                     forbidden = True
                 else:
-                    add_facets.append((schema["additionalProperties"], _ptr(ptr, "additionalProperties")))
-        if not forbidden and (said or not self.opt.strict) and depth > 0:
-            value = self.facets_node(add_facets, stack, depth - 1)
-            any_key = to_dfa(self.wf.any_key_node(), self.n_symbols)
-            if order:
-                declared = to_dfa(alt(*(literal(self.wf.key_symbols(k)) for k in order if self._spellable(k))), self.n_symbols)
-                any_key = product(any_key, declared, "minus")
-            extra = seq(embed(any_key), value)
+                    add_facets.append((schema["additionalProperties"], _ptr(ptr, "additionalProperties"), base))
+        if not forbidden and (said or not self.opt.strict):
+            if ctx.depth > 0 or ctx.over:
+                value = self.facets_node(add_facets, child)
+                any_key = self._any_key()
+                if order:
+                    declared = to_dfa(alt(*(literal(self.wf.key_symbols(k)) for k in order if self._spellable(k))), self.n_symbols)
+                    any_key = product(any_key, declared, "minus")
+                extra = seq(embed(any_key), value)
+            if ctx.depth <= 0:
+                self._approx += 1  # nesting bound: no extra keys this deep
 
         msep = literal(self.wf.lit("member_separator"))
         n = len(members)
@@ -510,6 +1302,12 @@ class SchemaCompiler:
         body = graph(2 * n + 2, finals, edges)
         return seq(literal(self.wf.lit("object_open")), body, literal(self.wf.lit("object_close")))
 
+    def _any_key(self) -> Dfa:
+        d = self._dfa_cache.get("any-key")
+        if d is None:
+            d = self._dfa_cache["any-key"] = self._dfa(self.wf.any_key_node())
+        return d
+
     def _spellable(self, key: str) -> bool:
         try:
             self.wf.key_symbols(key)
@@ -517,19 +1315,374 @@ class SchemaCompiler:
         except SchemaError:
             return False
 
+    # -- general objects: patternProperties, propertyNames, min/maxProperties, canonical --
+    def _key_content(self, key: str) -> list[int] | None:
+        """A key's spelled content (what sits in the key template's ${key})."""
+        try:
+            ks = self.wf.key_symbols(key)
+        except SchemaError:
+            return None
+        if self.wf.value.get("key_style") == "identifier":
+            return list(key.encode())
+        del ks
+        return self.wf.spell_string_content(key)
+
+    def _key_domain(self) -> Dfa:
+        """Every spellable key content."""
+        d = self._dfa_cache.get("key-domain")
+        if d is None:
+            if self.wf.value.get("key_style") == "identifier":
+                first = cs.utf8_node(cs.normalize([(65, 90), (97, 122), (95, 95)]))
+                more = cs.utf8_node(cs.normalize([(48, 57), (65, 90), (97, 122), (95, 95)]))
+                node: Node = seq(first, rep(more))
+            else:
+                node = rep(self.char_any)
+            d = self._dfa_cache["key-domain"] = self._dfa(node)
+        return d
+
+    def _key_node(self, content: Node) -> Node:
+        parts: list[Node] = []
+        for part in self.wf.template(self.wf.value["key"]):
+            parts.append(content if part == "key" else literal(part))  # type: ignore[arg-type]
+        return seq(*parts)
+
+    def _key_match(self, pattern: str, key: str) -> bool | None:
+        """Whether ``pattern`` finds ``key``: True / False when both regex dialects agree,
+        None when they do not."""
+        under = self._string_in(("pattern", pattern, False), key)
+        over = self._string_in(("pattern", pattern, True), key)
+        return True if under else (None if over else False)
+
+    def _content_of(self, value_dfa: Dfa) -> Dfa:
+        """The string contents c such that the spelled string "c" is in ``value_dfa``."""
+        q0 = value_dfa.run(self.wf.lit("string_open"))
+        if q0 < 0:
+            return self._dfa(NEVER)
+        close = self.wf.lit("string_close")
+        accept = np.array([(q2 := value_dfa.run(close, q)) >= 0 and bool(value_dfa.accept[q2])
+                           for q in range(value_dfa.n_states)], bool)
+        return minimize(value_dfa.trans.copy(), accept, q0, value_dfa.sym_class, list(value_dfa.class_masks))
+
+    def object_general(self, fs: list[Facet], ctx: _Ctx) -> Node:
+        """Objects with the object keywords (patternProperties, propertyNames, min/max
+        Properties) or in canonical spelling.
+
+        Canonical layout: the keys the document names in their global order, each a
+        member slot (declared, or allowed as an additional property), then at most one key
+        the document never names (under; the over language allows any number of them).
+        Otherwise declared keys in schema order, then extra keys in any order.
+        """
+        wf = self.wf
+        order, required = self._declared(fs)
+        child = replace(ctx, depth=ctx.depth - 1)
+        min_p = max([int(s["minProperties"]) for s, _, _ in fs if "minProperties" in s] or [0])
+        maxes = [int(s["maxProperties"]) for s, _, _ in fs if "maxProperties" in s]
+        max_p = min(maxes) if maxes else None
+        if max_p is not None and max_p < min_p:
+            return NEVER
+        canonical = ctx.canonical
+        said = any("additionalProperties" in s for s, _, _ in fs)
+        # Policy for keys nothing declares. Strict mode is a restriction of the spec, so
+        # the over language (which must hold every valid value) follows the spec.
+        extras_open = said or not self.opt.strict or ctx.over
+        if not extras_open:
+            self._approx += 1
+        names = [(s["propertyNames"], _ptr(p, "propertyNames"), b) for s, p, b in fs if "propertyNames" in s]
+        patterns: list[str] = []
+        for s, ptr, _ in fs:
+            for p in s.get("patternProperties", {}):
+                if not pattern_is_exact(p, _ptr(ptr, "patternProperties", p)):
+                    self._approx += 1
+                if p not in patterns:
+                    patterns.append(p)
+        if len(patterns) > _MAX_PATTERNS:
+            raise SchemaError(f"more than {_MAX_PATTERNS} patternProperties on one object", keyword="patternProperties", pointer=fs[0][1])
+
+        name_dfas = [self._both([n], replace(ctx, depth=0), ()) for n in names]
+
+        def name_ok(key: str) -> bool:
+            spelled = wf.spell_value(key)
+            return all((o if ctx.over else u).accepts(spelled) for u, o in name_dfas)
+
+        def key_facets(key: str, declared: bool) -> list[Facet] | None:
+            """Facets the value of a concrete key must satisfy; None: the key is forbidden."""
+            out: list[Facet] = []
+            matched_any = False
+            for schema, ptr, base in fs:
+                hit, unsure = False, False
+                for p, sub in schema.get("patternProperties", {}).items():
+                    m = self._key_match(p, key)
+                    if m is True:
+                        hit = True
+                        out.append((sub, _ptr(ptr, "patternProperties", p), base))
+                    elif m is None:
+                        unsure = True
+                        if not ctx.over:  # under: the value must satisfy it either way
+                            out.append((sub, _ptr(ptr, "patternProperties", p), base))
+                matched_any = matched_any or hit or (unsure and ctx.over)
+                props = schema.get("properties", {})
+                if key in props:
+                    out.append((props[key], _ptr(ptr, "properties", key), base))
+                elif not hit and "additionalProperties" in schema and not (unsure and ctx.over):
+                    a = schema["additionalProperties"]
+                    if a is False:
+                        return None
+                    out.append((a, _ptr(ptr, "additionalProperties"), base))
+            if not declared and not matched_any and not extras_open:
+                return None
+            if names and not name_ok(key):
+                return None
+            return out
+
+        # member slots
+        few_named = len(self._rank) <= _MAX_KNOWN_EXTRAS
+        if canonical:
+            slot_keys = [k for k in sorted(self._rank, key=self._rank.__getitem__) if k in order or few_named]
+            if not few_named:
+                self._approx += 1
+            slot_keys += [k for k in order if k not in self._rank]
+        else:
+            slot_keys = order
+        members: list[tuple[Node, bool]] = []
+        value_cache: dict[tuple[str, ...], Node] = {}
+        for key in slot_keys:
+            is_req = key in required
+            f = key_facets(key, key in order)
+            content = self._key_content(key)
+            if f is None or content is None:
+                if is_req:
+                    return NEVER
+                continue
+            if key not in order and ctx.depth <= 0 and not f and not ctx.over:
+                self._approx += 1  # nesting bound: no `true`-valued extra keys this deep
+                continue
+            sig = tuple(p for _, p, _ in f)
+            value = value_cache.get(sig)
+            if value is None:
+                value = value_cache[sig] = self.facets_node(f, child)
+            members.append((seq(literal(wf.key_symbols(key)), value), is_req))
+
+        # extra keys, split into regions by which patterns match. Canonical spellings put
+        # every named key in its slot (when there are few) or leave out named keys that
+        # the object does not declare; the over language must still hold a one-member
+        # object spelled by any_value, so with many named keys it lets them be extras.
+        named = list(self._rank) + order if canonical and (few_named or not ctx.over) else order
+        excluded = [c for k in named if (c := self._key_content(k)) is not None]
+        exclude = self._dfa(alt(*(literal(c) for c in excluded))) if excluded else None
+        extras: list[Node] = []
+        if ctx.depth > 0 or ctx.over:
+            for mask in range(1 << len(patterns)):
+                region = self._extra_region(fs, patterns, mask, ctx, extras_open, child, exclude, name_dfas)
+                if region is not None:
+                    extras.append(region)
+        else:
+            self._approx += 1
+        extra = alt(*extras) if extras else None
+        if extra is not None and canonical and not ctx.over:
+            self._approx += 1  # at most one unnamed key
+
+        if not ctx.over and extra is not None and min_p > len(members) + 1:
+            # Keys the schema does not name may repeat one another (a regular language
+            # cannot tell them apart), so only one of them counts as a distinct key.
+            raise SchemaError(f"minProperties {min_p} needs more distinct keys than the {len(members)} this object "
+                              "names plus one other; name the keys in 'properties'",
+                              keyword="minProperties", pointer=fs[0][1])
+        msep = literal(wf.lit("member_separator"))
+        n = len(members)
+        cap = max(1, max_p if max_p is not None else min_p)
+        slots = n + 2  # members, then "after the one unnamed key" (canonical under)
+        # States (slot i, a named members written, b extra members written). Outside
+        # canonical spelling extra keys may repeat one another, so only the first counts
+        # toward minProperties; every member counts toward maxProperties (a repeated key
+        # makes the parsed object smaller, never larger).
+
+        def sid(i: int, a: int, b: int) -> int:
+            return (i * (cap + 1) + a) * (cap + 1) + b
+
+        def step(x: int) -> int:
+            return x + 1 if max_p is not None else min(x + 1, cap)
+
+        def fits(a: int, b: int) -> bool:
+            return (max_p is None or a + b <= max_p) and a <= cap and b <= cap
+
+        edges: list[tuple[int, int, Node]] = []
+        for a in range(cap + 1):
+            for b in range(cap + 1):
+                if not fits(a, b):
+                    continue
+                written = a + b > 0
+                for i, (node, is_req) in enumerate(members):
+                    if fits(step(a), b):
+                        edges.append((sid(i, a, b), sid(i + 1, step(a), b), seq(msep, node) if written else node))
+                    if not is_req:
+                        edges.append((sid(i, a, b), sid(i + 1, a, b), EMPTY))
+                if extra is None or not fits(a, step(b)):
+                    continue
+                item = seq(msep, extra) if written else extra
+                if canonical and not ctx.over:
+                    if b == 0:
+                        edges.append((sid(n, a, 0), sid(n + 1, a, 1), item))
+                else:  # schema order, or over: any number of unnamed keys at the end
+                    edges.append((sid(n, a, b), sid(n, a, step(b)), item))
+        finals = [sid(i, a, b) for i in (n, n + 1) for a in range(cap + 1) for b in range(cap + 1)
+                  if fits(a, b) and a + (b if canonical else min(b, 1)) >= min_p]
+        body = graph(slots * (cap + 1) ** 2, finals, edges)
+        return seq(literal(wf.lit("object_open")), body, literal(wf.lit("object_close")))
+
+    def _extra_region(self, fs: list[Facet], patterns: list[str], mask: int, ctx: _Ctx, extras_open: bool,
+                      child: _Ctx, exclude: Dfa | None, name_dfas: list[tuple[Dfa, Dfa]]) -> Node | None:
+        """Extra keys matched by exactly the patterns in ``mask``, with their values."""
+        inside = [p for j, p in enumerate(patterns) if mask >> j & 1]
+        value: list[Facet] = []
+        for schema, ptr, base in fs:
+            own = [p for p in schema.get("patternProperties", {}) if p in inside]
+            for p in own:
+                value.append((schema["patternProperties"][p], _ptr(ptr, "patternProperties", p), base))
+            if not own and "additionalProperties" in schema:
+                a = schema["additionalProperties"]
+                if a is False:
+                    return None
+                value.append((a, _ptr(ptr, "additionalProperties"), base))
+        if not inside and not extras_open:
+            return None
+        # Key contents: under takes the patterns' under languages and removes the others'
+        # over languages; over the reverse.
+        keys = self._key_domain()
+        for j, p in enumerate(patterns):
+            if mask >> j & 1:
+                keys = product(keys, self._string_dfa(("pattern", p, ctx.over)), "and")
+            else:
+                keys = product(keys, self._string_dfa(("pattern", p, not ctx.over)), "minus")
+        for u, o in name_dfas:
+            keys = product(keys, self._content_of(o if ctx.over else u), "and")
+        if exclude is not None:
+            keys = product(keys, exclude, "minus")
+        if keys.is_empty():
+            return None
+        return seq(self._key_node(embed(keys)), self.facets_node(value, child))
+
     # ---- any value (true schemas), bounded nesting -------------------------------------
-    def any_value(self, depth: int) -> Node:
-        """Any JSON value, nested at most ``depth`` levels (a ``true`` schema)."""
-        scalars = [literal(b"null"), literal(b"true"), literal(b"false"), numbers.any_number(),
+    def _nesting_bound(self) -> int:
+        """An upper bound on how deep values of any under language of this document nest.
+
+        Between two $ref jumps a path descends at most T containers (the document's own
+        depth); it takes at most (number of $refs) x max_ref_depth jumps; `true` schemas
+        add any_value_depth + 1 more.
+        """
+        refs = 0
+
+        def desc(x: Any) -> int:
+            nonlocal refs
+            if not isinstance(x, dict):
+                return 0
+            refs += "$ref" in x
+            best = 0
+            for kw, v in x.items():
+                step = 1 if kw in ("properties", "patternProperties", "additionalProperties", "items",
+                                   "prefixItems", "contains") else 0
+                if kw in ("enum", "const", "default", "examples"):
+                    continue
+                subs = v.values() if isinstance(v, dict) and kw in _SUB_MAP else v if isinstance(v, list) else [v]
+                for sub in subs:
+                    best = max(best, step + desc(sub))
+            return best
+
+        tree = desc(self.root)
+        literal_depth = 0
+
+        def value_depth(v: Any) -> int:
+            if isinstance(v, dict):
+                return 1 + max((value_depth(x) for x in v.values()), default=0)
+            if isinstance(v, list):
+                return 1 + max((value_depth(x) for x in v), default=0)
+            return 0
+
+        def literals(x: Any) -> None:
+            nonlocal literal_depth
+            if isinstance(x, dict):
+                for kw, v in x.items():
+                    if kw == "const":
+                        literal_depth = max(literal_depth, value_depth(v))
+                    elif kw == "enum" and isinstance(v, list):
+                        literal_depth = max([literal_depth] + [value_depth(e) for e in v])
+                    else:
+                        literals(v)
+            elif isinstance(x, list):
+                for v in x:
+                    literals(v)
+
+        literals(self.root)
+        return (tree + 1) * (refs * self.opt.max_ref_depth + 1) + self.opt.any_value_depth + literal_depth + 2
+
+    def over_any(self) -> Node:
+        """A regular superset of every value an under language here can spell: strings,
+        numbers, literals and brackets nested up to the document's nesting bound, with
+        separators anywhere inside brackets (only the nesting is followed)."""
+        d = self._dfa_cache.get("over-any")
+        if d is None:
+            scalars = alt(literal(b"null"), literal(b"true"), literal(b"false"), numbers.any_number(),
+                          self.wf.string_node(rep(self.char_any)))
+            opens = alt(literal(self.wf.lit("array_open")), literal(self.wf.lit("object_open")))
+            closes = alt(literal(self.wf.lit("array_close")), literal(self.wf.lit("object_close")))
+            seps = alt(*(literal(self.wf.lit(k)) for k in ("item_separator", "member_separator")),
+                       embed(self._any_key()))
+            node: Node = scalars
+            for _ in range(self._max_nesting):
+                node = alt(scalars, seq(opens, rep(alt(seps, node)), closes))
+            d = self._dfa_cache["over-any"] = self._dfa(node)
+        return embed(d)
+
+    def any_value(self, ctx: _Ctx) -> Node:
+        """Any JSON value, nested at most ``depth`` levels (a ``true`` schema).
+
+        Canonical spelling: canonical numbers and objects of at most one member (whose
+        spelling needs no key order). The over language is :meth:`over_any`.
+        """
+        depth = ctx.depth
+        if ctx.over:
+            return self.over_any()
+        numbers_node = embed(self._canonical_numbers()) if ctx.canonical else numbers.any_number()
+        scalars = [literal(b"null"), literal(b"true"), literal(b"false"), numbers_node,
                    self.wf.string_node(rep(self.char_any))]
         arr_open, arr_close = literal(self.wf.lit("array_open")), literal(self.wf.lit("array_close"))
         obj_open, obj_close = literal(self.wf.lit("object_open")), literal(self.wf.lit("object_close"))
         if depth <= 0:
+            self._approx += 1
             return alt(*scalars, seq(arr_open, arr_close), seq(obj_open, obj_close))
-        inner = self.any_value(depth - 1)
+        inner = self.any_value(replace(ctx, depth=depth - 1))
         isep = literal(self.wf.lit("item_separator"))
         msep = literal(self.wf.lit("member_separator"))
-        member = seq(self.wf.any_key_node(), inner)
+        member = seq(embed(self._any_key()), inner)
         arr = seq(arr_open, alt(EMPTY, seq(inner, rep(seq(isep, inner)))), arr_close)
-        obj = seq(obj_open, alt(EMPTY, seq(member, rep(seq(msep, member)))), obj_close)
+        if ctx.canonical:
+            self._approx += 1
+            obj = seq(obj_open, alt(EMPTY, member), obj_close)
+        else:
+            obj = seq(obj_open, alt(EMPTY, seq(member, rep(seq(msep, member)))), obj_close)
         return alt(*scalars, arr, obj)
+
+
+def _finite_words(d: Dfa, limit: int) -> list[tuple[int, ...]] | None:
+    """Every word of a finite language with at most ``limit`` words; None otherwise."""
+    words: list[tuple[int, ...]] = []
+
+    def walk(q: int, prefix: tuple[int, ...], on_path: frozenset[int]) -> bool:
+        if d.accept[q]:
+            words.append(prefix)
+            if len(words) > limit:
+                return False
+        for c in np.nonzero(d.trans[q] >= 0)[0]:
+            q2 = int(d.trans[q, c])
+            if q2 in on_path:
+                return False  # a cycle: infinitely many words (every state is useful)
+            mask = d.class_masks[c]
+            if bin(mask).count("1") > limit:
+                return False
+            while mask:
+                low = mask & -mask
+                mask ^= low
+                if not walk(q2, prefix + (low.bit_length() - 1,), on_path | {q2}):
+                    return False
+        return True
+
+    return words if walk(d.start, (), frozenset({d.start})) else None
