@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -260,17 +260,18 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"**Totals:** {t['groups_supported']} groups supported, {t['groups_unsupported']} unsupported; "
         f"{t['cases_passed']}/{t['cases']} cases of supported groups pass; "
         f"invalid accepted: **{t['invalid_accepted']}**; valid rejected: {t['valid_rejected']} "
-        f"({t['valid_rejected_documented']} documented); jsonschema rejects: {t['jsonschema_disagrees']}.",
+        f"({t['valid_rejected_documented']} documented); jsonschema rejects: {t['jsonschema_disagrees']}; "
+        f"{t['cases_unsupported']} cases sit in unsupported groups (not run).",
         "",
-        "| file | groups ok | groups unsupported | cases passed | invalid accepted | valid rejected (documented) | jsonschema rejects | unsupported keywords |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| file | groups ok | groups unsupported | cases passed | invalid accepted | valid rejected (documented) | jsonschema rejects | cases not run | unsupported keywords |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for f in report["files"]:
         kws = ", ".join(f"{k} ({n})" for k, n in sorted(f["unsupported_keywords"].items()))
         lines.append(
             f"| {f['file']} | {f['groups_supported']} | {f['groups_unsupported']} | {f['cases_passed']}/{f['cases']} "
             f"| {f['invalid_accepted']} | {f['valid_rejected']} ({f['valid_rejected_documented']}) "
-            f"| {f['jsonschema_disagrees']} | {kws} |"
+            f"| {f['jsonschema_disagrees']} | {f['cases_unsupported']} | {kws} |"
         )
     lines += ["", "## Cases that do not pass", ""]
     if not report["failures"]:

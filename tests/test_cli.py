@@ -23,10 +23,10 @@ def test_grammar_check_reports_sizes(tmp_path):
 
 def test_grammar_check_errors_name_the_keyword(tmp_path):
     f = tmp_path / "tools.json"
-    f.write_text(json.dumps([{"name": "f", "parameters": {"type": "object", "properties": {"a": {"unevaluatedItems": False}}}}]))
+    f.write_text(json.dumps([{"name": "f", "parameters": {"type": "object", "properties": {"a": {"$dynamicRef": "#x"}}}}]))
     r = CliRunner().invoke(main, ["grammar", "check", str(f)])
     assert r.exit_code == 1
-    assert "'unevaluatedItems' is not supported" in r.output and "/properties/a/unevaluatedItems" in r.output
+    assert "'$dynamicRef' is not supported" in r.output and "/properties/a/$dynamicRef" in r.output
     r = CliRunner().invoke(main, ["grammar", "check", str(tmp_path / "missing.json")])
     assert r.exit_code == 2
 

@@ -112,8 +112,8 @@ def test_aliases_map_protocol_tokens_onto_unused_ones():
 
 
 def test_bad_tools_and_schemas_fail_at_definition_with_pointer(btok):
-    with pytest.raises(SchemaError, match=r"'unevaluatedProperties' is not supported.*at '/properties/x/unevaluatedProperties'"):
-        compile_schema({"type": "object", "properties": {"x": {"unevaluatedProperties": False}}}, btok)
+    with pytest.raises(SchemaError, match=r"'\$recursiveRef' is not supported.*at '/properties/x/\$recursiveRef'"):
+        compile_schema({"type": "object", "properties": {"x": {"$recursiveRef": "#"}}}, btok)
     with pytest.raises(SchemaError, match=r"tool 'f'.*'\$dynamicRef'.* at '/tools/f/parameters/properties/a/\$dynamicRef'$"):
         compile_tools([{"name": "f", "parameters": {"type": "object", "properties": {"a": {"$dynamicRef": "#x"}}}}], btok)
     with pytest.raises(SchemaError, match="tool name 'bad name'"):

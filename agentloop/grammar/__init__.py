@@ -16,6 +16,7 @@ Example (runnable; the tiny byte-level tokenizer is built in code)::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -107,6 +108,15 @@ def _vocabulary(tokenizer: Any, wf: WireFormat, stop_token: Any, pad_token: Any,
     return v
 
 
+@functools.cache
+def _compiler_version() -> str:
+    """Hash of the grammar package's sources: a compiler change never serves stale grammars."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _tail(wf: WireFormat, vocab: Vocabulary) -> Node:
     """What fills the canvas after the language's own end: pad tokens."""
     pad = wf.symbol(EOS) if vocab.pad_id == vocab.stop_id else wf.symbol(PAD)
@@ -116,7 +126,8 @@ def _tail(wf: WireFormat, vocab: Vocabulary) -> Node:
 def _compile(node_fn: Any, key_parts: Any, vocab: Vocabulary, kind: str, tools: Sequence[Any]) -> CompiledGrammar:
     # The wire format's file text is part of the key: editing grammars/*.toml invalidates.
     wf_text = Path(vocab.wire_format.source).read_text("utf-8") if Path(vocab.wire_format.source).is_file() else ""
-    key = hashlib.sha256(json.dumps([key_parts, wf_text, vocab.fingerprint], sort_keys=True, default=str).encode())
+    key = hashlib.sha256(json.dumps([key_parts, wf_text, vocab.fingerprint, _compiler_version()], sort_keys=True,
+                                    default=str).encode())
     key = key.hexdigest()[:40]
     with _lock:
         g = _grammar_cache.get(key)

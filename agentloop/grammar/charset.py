@@ -35,7 +35,8 @@ def union(*sets: CharSet) -> CharSet:
     return normalize(r for s in sets for r in s)
 
 
-def complement(s: CharSet) -> CharSet:
+def _gaps(s: CharSet) -> CharSet:
+    """Every code point in [0, MAX_CP] outside ``s`` (surrogates included)."""
     out = []
     prev = 0
     for lo, hi in s:
@@ -44,7 +45,12 @@ def complement(s: CharSet) -> CharSet:
         prev = hi + 1
     if prev <= MAX_CP:
         out.append((prev, MAX_CP))
-    return minus(tuple(out), ((SURROGATES[0], SURROGATES[1]),))
+    return tuple(out)
+
+
+def complement(s: CharSet) -> CharSet:
+    """Every character outside ``s`` (surrogates are never characters in UTF-8)."""
+    return intersect(_gaps(s), _gaps((SURROGATES,)))
 
 
 def intersect(a: CharSet, b: CharSet) -> CharSet:
@@ -63,17 +69,7 @@ def intersect(a: CharSet, b: CharSet) -> CharSet:
 
 
 def minus(a: CharSet, b: CharSet) -> CharSet:
-    if not b:
-        return a
-    comp_b = []
-    prev = 0
-    for lo, hi in b:
-        if lo > prev:
-            comp_b.append((prev, lo - 1))
-        prev = hi + 1
-    if prev <= MAX_CP:
-        comp_b.append((prev, MAX_CP))
-    return intersect(a, tuple(comp_b))
+    return intersect(a, _gaps(b)) if b else a
 
 
 def contains(s: CharSet, cp: int) -> bool:

@@ -240,11 +240,9 @@ def canonical_spelling(v: int | float) -> str | None:
     if v.is_integer():
         return str(int(v))
     d = Decimal(repr(v))  # the shortest decimal that rounds to v
-    sign, digs, _ = d.as_tuple()
-    if len(digs) > MAX_CANONICAL_DIGITS:
+    if len(d.as_tuple().digits) > MAX_CANONICAL_DIGITS:
         return None
-    text = format(d, "f")
-    return text
+    return format(d, "f")
 
 
 # ---- bounds on doubles ------------------------------------------------------------------

@@ -352,8 +352,11 @@ class SchemaCompiler:
         # a branch compiled without any is exact and serves as both languages.
         self._approx = 0
         self._next_id = 0
+        # Whether unevaluated* may occur (a cheap over-estimate): anyOf then splits into
+        # every set of branches and a lone `if` is kept for its annotations.
         self._unevaluated = "unevaluated" in repr(root)
         self._dfa_cache: dict[Any, Dfa] = {}
+        self._memo: dict[Any, tuple[Node, int]] = {}
         self._index_resources()
         self._rank = self._key_rank()
         self._max_nesting = self._nesting_bound()
@@ -694,8 +697,40 @@ class SchemaCompiler:
                     extra.append(({"prefixItems": [True] * n, "items": items_kw}, _ptr(ptr, "unevaluatedItems"), base))
         return out + extra
 
+    def _memo_key(self, facets: Sequence[Facet], ctx: _Ctx, negs: Sequence[Facet]) -> Any:
+        """What a facet set's language depends on: each facet's location, base and
+        keywords (the compiler only ever removes keywords from its copies), the in-place
+        ancestry among them (for unevaluated*), the negated facets and the context."""
+
+        def one(f: Facet) -> Any:
+            schema, ptr, base = f
+            if not isinstance(schema, dict):
+                return (ptr, base, schema)
+            return (ptr, base, frozenset(k for k in schema if k not in (_ID, _PARENTS)))
+
+        relations: Any = ()
+        if self._unevaluated:
+            ids = [s.get(_ID) if isinstance(s, dict) else None for s, _, _ in facets]
+            relations = frozenset((i, j) for i, (s, _, _) in enumerate(facets) if isinstance(s, dict)
+                                  for j, x in enumerate(ids) if x is not None and x in s.get(_PARENTS, ()))
+        return (tuple(one(f) for f in facets), relations, tuple(one(f) for f in negs), ctx)
+
     def facets_node(self, facets: Sequence[Facet], ctx: _Ctx, negs: Sequence[Facet] = ()) -> Node:
-        """The language of values valid for every facet and for none of ``negs``."""
+        """The language of values valid for every facet and for none of ``negs``.
+
+        Memoized: negations and oneOf compile the same subschemas many times over.
+        """
+        key = self._memo_key(facets, ctx, negs)
+        hit = self._memo.get(key)
+        if hit is not None:
+            self._approx += hit[1]
+            return hit[0]
+        before = self._approx
+        node = self._facets_node(facets, ctx, negs)
+        self._memo[key] = (node, self._approx - before)
+        return node
+
+    def _facets_node(self, facets: Sequence[Facet], ctx: _Ctx, negs: Sequence[Facet]) -> Node:
         expanded = self.expand(facets, ctx)
         if expanded is None:
             return NEVER
@@ -777,10 +812,10 @@ class SchemaCompiler:
             suf[i] = drop[i] if suf[i + 1] is None else product(drop[i], suf[i + 1], "or")  # type: ignore[arg-type]
         parts: list[Node] = []
         for i in range(n):
-            others = [d for d in (pre[i], suf[i + 1]) if d is not None]
+            rivals = [d for d in (pre[i], suf[i + 1]) if d is not None]
             mine = keep[i]
-            if others:
-                rest = others[0] if len(others) == 1 else product(others[0], others[1], "or")
+            if rivals:
+                rest = rivals[0] if len(rivals) == 1 else product(rivals[0], rivals[1], "or")
                 mine = product(mine, rest, "minus")
             if not mine.is_empty():
                 parts.append(embed(mine))
@@ -1449,6 +1484,8 @@ class SchemaCompiler:
             is_req = key in required
             f = key_facets(key, key in order)
             content = self._key_content(key)
+            if content is None and key in order:
+                wf.key_symbols(key, _ptr(fs[0][1], "properties", key))  # raises, naming the key
             if f is None or content is None:
                 if is_req:
                     return NEVER
@@ -1459,7 +1496,9 @@ class SchemaCompiler:
             sig = tuple(p for _, p, _ in f)
             value = value_cache.get(sig)
             if value is None:
-                value = value_cache[sig] = self.facets_node(f, child)
+                # one DFA per distinct value language: slots share it, and an embedded
+                # DFA is far smaller in the object's NFA than the expression tree
+                value = value_cache[sig] = embed(self._dfa(self.facets_node(f, child)))
             members.append((seq(literal(wf.key_symbols(key)), value), is_req))
 
         # extra keys, split into regions by which patterns match. Canonical spellings put
@@ -1496,7 +1535,11 @@ class SchemaCompiler:
         # toward minProperties; every member counts toward maxProperties (a repeated key
         # makes the parsed object smaller, never larger).
 
+        counted = min_p > 0 or max_p is not None
+
         def sid(i: int, a: int, b: int) -> int:
+            if not counted:  # only "anything written yet" matters: fold (a, b) into one bit
+                return i * 2 + min(a + b, 1)
             return (i * (cap + 1) + a) * (cap + 1) + b
 
         def step(x: int) -> int:
@@ -1526,7 +1569,8 @@ class SchemaCompiler:
                     edges.append((sid(n, a, b), sid(n, a, step(b)), item))
         finals = [sid(i, a, b) for i in (n, n + 1) for a in range(cap + 1) for b in range(cap + 1)
                   if fits(a, b) and a + (b if canonical else min(b, 1)) >= min_p]
-        body = graph(slots * (cap + 1) ** 2, finals, edges)
+        edges = list(dict.fromkeys(edges))  # folded states repeat edges
+        body = graph(slots * (cap + 1) ** 2 if counted else slots * 2, sorted(set(finals)), edges)
         return seq(literal(wf.lit("object_open")), body, literal(wf.lit("object_close")))
 
     def _extra_region(self, fs: list[Facet], patterns: list[str], mask: int, ctx: _Ctx, extras_open: bool,
@@ -1565,29 +1609,58 @@ class SchemaCompiler:
     def _nesting_bound(self) -> int:
         """An upper bound on how deep values of any under language of this document nest.
 
-        Between two $ref jumps a path descends at most T containers (the document's own
-        depth); it takes at most (number of $refs) x max_ref_depth jumps; `true` schemas
-        add any_value_depth + 1 more.
+        A value sits below at most D containers the schema describes (the longest chain of
+        properties / items / ... subschemas, following $ref as often as expansion does);
+        a `true` schema there adds at most any_value_depth + 1 levels, a literal its own.
         """
-        refs = 0
+        budget = [50_000]  # schema nodes to visit; past it, a cruder bound
+        descending = ("properties", "patternProperties", "additionalProperties", "items", "prefixItems",
+                      "contains", "unevaluatedProperties", "unevaluatedItems")
+        in_place = ("allOf", "anyOf", "oneOf", "not", "if", "then", "else", "dependentSchemas")
 
-        def desc(x: Any) -> int:
-            nonlocal refs
+        def desc(x: Any, ptr: str, base: str, stack: tuple[str, ...]) -> int:
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise OverflowError
             if not isinstance(x, dict):
                 return 0
-            refs += "$ref" in x
+            if isinstance(x.get("$id"), str):
+                base = _strip_fragment(_join(base, x["$id"]))
             best = 0
-            for kw, v in x.items():
-                step = 1 if kw in ("properties", "patternProperties", "additionalProperties", "items",
-                                   "prefixItems", "contains") else 0
-                if kw in ("enum", "const", "default", "examples"):
+            if isinstance(x.get("$ref"), str):
+                try:
+                    target, tptr = self.resolve_ref(x["$ref"], base, ptr)
+                except SchemaError:
+                    target, tptr = None, ""
+                if target is not None and stack.count(tptr) < self.opt.max_ref_depth:
+                    best = desc(target, tptr, self._parent_base(tptr), stack + (tptr,))
+            for kw in descending + in_place:
+                if kw not in x:
                     continue
-                subs = v.values() if isinstance(v, dict) and kw in _SUB_MAP else v if isinstance(v, list) else [v]
-                for sub in subs:
-                    best = max(best, step + desc(sub))
+                v = x[kw]
+                step = 1 if kw in descending else 0
+                if isinstance(v, dict) and kw in _SUB_MAP:
+                    subs = [(k, sub) for k, sub in v.items()]
+                elif isinstance(v, list):
+                    subs = list(enumerate(v))
+                else:
+                    subs = [(None, v)]
+                for k, sub in subs:
+                    best = max(best, step + desc(sub, _ptr(ptr, kw) if k is None else _ptr(ptr, kw, k), base, stack))
             return best
 
-        tree = desc(self.root)
+        try:
+            tree = desc(self.root, "", self.root_base, ())
+        except OverflowError:
+            # each stretch between $ref jumps descends at most the document's own depth
+            def depth(x: Any) -> int:
+                if isinstance(x, dict):
+                    return 1 + max((depth(v) for v in x.values()), default=0)
+                if isinstance(x, list):
+                    return 1 + max((depth(v) for v in x), default=0)
+                return 0
+
+            tree = depth(self.root) * (1 + repr(self.root).count("$ref") * self.opt.max_ref_depth)
         literal_depth = 0
 
         def value_depth(v: Any) -> int:
@@ -1612,7 +1685,7 @@ class SchemaCompiler:
                     literals(v)
 
         literals(self.root)
-        return (tree + 1) * (refs * self.opt.max_ref_depth + 1) + self.opt.any_value_depth + literal_depth + 2
+        return tree + self.opt.any_value_depth + literal_depth + 2
 
     def over_any(self) -> Node:
         """A regular superset of every value an under language here can spell: strings,
