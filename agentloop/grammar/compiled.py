@@ -6,7 +6,6 @@ derived from it, and the canvas DP entry points that run once per denoising step
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 

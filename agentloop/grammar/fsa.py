@@ -14,7 +14,7 @@ key exclusion.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Sequence
 
 import numba as nb
 import numpy as np
@@ -631,5 +631,3 @@ def exactly_one(dfas: Sequence[Dfa]) -> Dfa:
     assert two is not None
     return product(one, two, "minus")
 
-
-AnyNode = Union[Node, Dfa]

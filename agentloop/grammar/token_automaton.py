@@ -179,7 +179,6 @@ def build_token_automaton(dfa: Dfa, vocab: Vocabulary) -> TokenAutomaton:
     S = dfa.n_states
     V = vocab.size
     sym_class = dfa.sym_class
-    n_sym = dfa.n_symbols
     usable_class = (dfa.trans >= 0).any(axis=0)  # (C,)
 
     # 1. token -> shape (class string); tokens spelling nothing or an unusable class die.

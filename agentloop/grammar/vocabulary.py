@@ -22,7 +22,10 @@ import json
 import re
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from ..errors import VocabularyError
 from .wireformat import EOS, PAD, WireFormat

@@ -19,7 +19,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from ..errors import ParseError, WireFormatError
 from . import charset as cs
@@ -344,11 +344,6 @@ class _ValueParser:
                 pos += len(self.msep)
                 continue
             return out, self.expect(pos, self.obj_close, "object close")
-
-
-def iter_templates(text: str) -> Iterator[str]:
-    for m in _PLACEHOLDER.finditer(text):
-        yield m.group(1)
 
 
 def load_wire_format(name_or_path: str | Path = "gemma4") -> WireFormat:
