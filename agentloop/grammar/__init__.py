@@ -125,8 +125,8 @@ def _tail(wf: WireFormat, vocab: Vocabulary) -> Node:
 
 def _compile(node_fn: Any, key_parts: Any, vocab: Vocabulary, kind: str, tools: Sequence[Any]) -> CompiledGrammar:
     # The wire format's file text is part of the key: editing grammars/*.toml invalidates.
-    wf_text = Path(vocab.wire_format.source).read_text("utf-8") if Path(vocab.wire_format.source).is_file() else ""
-    key = hashlib.sha256(json.dumps([key_parts, wf_text, vocab.fingerprint, _compiler_version()], sort_keys=True,
+    key = hashlib.sha256(json.dumps([key_parts, vocab.wire_format.text, vocab.fingerprint, _compiler_version()],
+                                    sort_keys=True,
                                     default=str).encode())
     key = key.hexdigest()[:40]
     with _lock:

@@ -344,21 +344,24 @@ class CompiledGrammar:
         ta = self.automaton
         _, _, _, amax, aarg = dp.reduce_atoms(xs.reshape(B * L, V), self._atom_of(V), ta.n_atoms, False, False)
         gmax, garg = dp._group_max(amax, aarg, ta.group_atoms, ta.group_offsets)
-        out = []
-        for b, s0 in enumerate(self._states(state, B)):
-            sup = self._support(L, s0, partial)
-            path, score, ok = dp._viterbi(gmax[b * L : (b + 1) * L], garg[b * L : (b + 1) * L], *sup, s0,
-                                          self._final(partial), ta.n_states)
-            if not ok:
-                raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
-            out.append(path.tolist())
+        out = [self._viterbi_one(gmax[b * L : (b + 1) * L], garg[b * L : (b + 1) * L],
+                                 self._support(L, s0, partial), s0, partial)
+               for b, s0 in enumerate(self._states(state, B))]
         return out if batched else out[0]
+
+    def _viterbi_one(self, gmax: np.ndarray, garg: np.ndarray, sup: tuple[np.ndarray, ...], s0: int,
+                     partial: bool) -> list[int]:
+        path, _, ok = dp._viterbi(gmax, garg, *sup, s0, self._final(partial), self.automaton.n_states)
+        if not ok:
+            raise NoValidCanvasError(self._no_canvas_message(gmax.shape[0], s0, partial))
+        return path.tolist()
 
     def _no_canvas_message(self, L: int, s0: int, partial: bool) -> str:
         return (f"no valid canvas of {L} positions from state {s0}"
                 + ("" if partial else " ending with the stop token; pass partial=True to continue in another canvas"))
 
-    def _posterior(self, xs: np.ndarray, states: list[int], partial: bool, want_x: bool):  # type: ignore[no-untyped-def]
+    def _scores(self, xs: np.ndarray, want_x: bool) -> tuple[np.ndarray, ...]:
+        """One pass over the logits: (rowmax, asum, asumx, amax, aarg, gsum) over B * L rows."""
         B, L, V = xs.shape
         ta = self.automaton
         rowmax, asum, asumx, amax, aarg = dp.reduce_atoms(xs.reshape(B * L, V), self._atom_of(V), ta.n_atoms, True,
@@ -366,26 +369,49 @@ class CompiledGrammar:
         gsum = dp._group_sums(asum, ta.group_atoms, ta.group_offsets)
         return rowmax, asum, asumx, amax, aarg, gsum
 
+    def _beta(self, gsum: np.ndarray, sup: tuple[np.ndarray, ...], s0: int, partial: bool) -> np.ndarray:
+        b_dst, ok = dp._backward(gsum, *sup, self._final(partial), self.automaton.n_states)
+        if not ok:
+            raise NoValidCanvasError(self._no_canvas_message(gsum.shape[0], s0, partial))
+        return b_dst
+
+    def _factors(self, gsum: np.ndarray, sup: tuple[np.ndarray, ...], b_dst: np.ndarray, s0: int,
+                 partial: bool) -> np.ndarray:
+        """Atom factors F (L, K) of one canvas from its backward messages plus a forward pass."""
+        ta = self.automaton
+        a_src, ok = dp._forward(gsum, *sup, s0, ta.n_states)
+        if not ok:
+            raise NoValidCanvasError(self._no_canvas_message(gsum.shape[0], s0, partial))
+        return dp._atom_factors(gsum, sup[0], a_src, b_dst, sup[3], ta.atom_groups, ta.atom_group_offsets)
+
+    def _sample_one(self, x: np.ndarray, stats: tuple[np.ndarray, ...], sl: slice, sup: tuple[np.ndarray, ...],
+                    b_dst: np.ndarray, s0: int, uniforms: np.ndarray) -> list[int]:
+        ta = self.automaton
+        rowmax, asum, _, amax, aarg, gsum = stats
+        return dp._sample_path(x, rowmax[sl], asum[sl], amax[sl], aarg[sl], gsum[sl], sup[0], b_dst, s0, *sup[1:],
+                               ta.group_atoms, ta.group_offsets, ta.atom_tokens, ta.atom_offsets, uniforms).tolist()
+
+    def _log_marginals(self, xs: np.ndarray, rowmax: np.ndarray, F: np.ndarray) -> torch.Tensor:
+        B, L, V = xs.shape
+        flat = xs.reshape(B * L, V)
+        out = np.empty_like(flat)
+        dp._write_marginals(flat, rowmax, self._atom_of(V), F, out)
+        return torch.from_numpy(out.reshape(B, L, V))
+
     def sample(self, logits: Any, generator: torch.Generator | None = None,
                state: int | Sequence[int] | None = None, partial: bool = False) -> Any:
         """An exact sample of the per-position product distribution restricted to the language."""
         x, batched = self._prepare(logits)
         xs = x if batched else x[None]
         B, L, V = xs.shape
-        ta = self.automaton
-        rowmax, asum, _, amax, aarg, gsum = self._posterior(xs, [], partial, False)
+        stats = self._scores(xs, want_x=False)
         uniforms = torch.rand((B, L, 3), generator=generator, dtype=torch.float64).numpy()
         out = []
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
-            b_dst, ok = dp._backward(gsum[sl], *sup,
-                                     self._final(partial), ta.n_states)
-            if not ok:
-                raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
-            path = dp._sample_path(xs[b], rowmax[sl], asum[sl], amax[sl], aarg[sl], gsum[sl], sup[0], b_dst, s0, *sup[1:],
-                                   ta.group_atoms, ta.group_offsets, ta.atom_tokens, ta.atom_offsets, uniforms[b])
-            out.append(path.tolist())
+            b_dst = self._beta(stats[5][sl], sup, s0, partial)
+            out.append(self._sample_one(xs[b], stats, sl, sup, b_dst, s0, uniforms[b]))
         return out if batched else out[0]
 
     def marginals(self, logits: Any, state: int | Sequence[int] | None = None, partial: bool = False,
@@ -398,23 +424,14 @@ class CompiledGrammar:
         x, batched = self._prepare(logits)
         xs = x if batched else x[None]
         B, L, V = xs.shape
-        ta = self.automaton
-        rowmax, asum, asumx, _, _, gsum = self._posterior(xs, [], partial, return_entropy)
-        F = np.zeros((B * L, ta.n_atoms), np.float64)
+        rowmax, asum, asumx, _, _, gsum = self._scores(xs, want_x=return_entropy)
+        F = np.zeros((B * L, self.automaton.n_atoms), np.float64)
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
-            b_dst, ok_b = dp._backward(gsum[sl], *sup,
-                                       self._final(partial), ta.n_states)
-            a_src, ok_f = dp._forward(gsum[sl], *sup, s0,
-                                      ta.n_states)
-            if not (ok_b and ok_f):
-                raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
-            F[sl] = dp._atom_factors(gsum[sl], sup[0], a_src, b_dst, sup[3], ta.atom_groups,
-                                     ta.atom_group_offsets)
-        out = np.empty_like(xs.reshape(B * L, V))
-        dp._write_marginals(xs.reshape(B * L, V), rowmax, self._atom_of(V), F, out)
-        result = torch.from_numpy(out.reshape(xs.shape) if batched else out.reshape(L, V))
+            F[sl] = self._factors(gsum[sl], sup, self._beta(gsum[sl], sup, s0, partial), s0, partial)
+        logp = self._log_marginals(xs, rowmax, F)
+        result = logp if batched else logp[0]
         if not return_entropy:
             return result
         H = torch.from_numpy(dp._entropy(asum, asumx, F).reshape(B, L))
@@ -433,39 +450,25 @@ class CompiledGrammar:
         xs = x if batched else x[None]
         B, L, V = xs.shape
         ta = self.automaton
-        atom_of = self._atom_of(V)
-        flat = xs.reshape(B * L, V)
-        rowmax, asum, asumx, amax, aarg = dp.reduce_atoms(flat, atom_of, ta.n_atoms, True, True)
-        gsum = dp._group_sums(asum, ta.group_atoms, ta.group_offsets)
+        stats = self._scores(xs, want_x=True)
+        rowmax, asum, asumx, amax, aarg, gsum = stats
         gmax, garg = dp._group_max(amax, aarg, ta.group_atoms, ta.group_offsets)
         uniforms = torch.rand((B, L, 3), generator=generator, dtype=torch.float64).numpy()
         F = np.zeros((B * L, ta.n_atoms), np.float64)
         best: list[list[int]] = []
         samples: list[list[int]] = []
-        final = self._final(partial)
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
-            b_dst, ok_b = dp._backward(gsum[sl], *sup, final,
-                                       ta.n_states)
-            a_src, ok_f = dp._forward(gsum[sl], *sup, s0,
-                                      ta.n_states)
-            path, _, ok_v = dp._viterbi(gmax[sl], garg[sl], *sup, s0, final, ta.n_states)
-            if not (ok_b and ok_f and ok_v):
-                raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
-            F[sl] = dp._atom_factors(gsum[sl], sup[0], a_src, b_dst, sup[3], ta.atom_groups,
-                                     ta.atom_group_offsets)
-            best.append(path.tolist())
-            samples.append(dp._sample_path(xs[b], rowmax[sl], asum[sl], amax[sl], aarg[sl], gsum[sl], sup[0], b_dst, s0, *sup[1:],
-                                           ta.group_atoms, ta.group_offsets, ta.atom_tokens, ta.atom_offsets,
-                                           uniforms[b]).tolist())
-        out = np.empty_like(flat)
-        dp._write_marginals(flat, rowmax, atom_of, F, out)
-        H = dp._entropy(asum, asumx, F).reshape(B, L)
-        logp = torch.from_numpy(out.reshape(B, L, V))
+            b_dst = self._beta(gsum[sl], sup, s0, partial)
+            F[sl] = self._factors(gsum[sl], sup, b_dst, s0, partial)
+            best.append(self._viterbi_one(gmax[sl], garg[sl], sup, s0, partial))
+            samples.append(self._sample_one(xs[b], stats, sl, sup, b_dst, s0, uniforms[b]))
+        logp = self._log_marginals(xs, rowmax, F)
+        H = torch.from_numpy(dp._entropy(asum, asumx, F).reshape(B, L))
         if batched:
-            return StepOutput(best, samples, logp, torch.from_numpy(H))
-        return StepOutput(best[0], samples[0], logp[0], torch.from_numpy(H[0]))
+            return StepOutput(best, samples, logp, H)
+        return StepOutput(best[0], samples[0], logp[0], H[0])
 
     def _support(self, length: int, state: int, partial: bool) -> tuple[np.ndarray, ...]:
         """Alive edges per position for canvases of ``length`` from ``state`` (cached)."""
