@@ -125,7 +125,7 @@ def _tail(wf: WireFormat, vocab: Vocabulary) -> Node:
 
 def _compile(node_fn: Any, key_parts: Any, vocab: Vocabulary, kind: str, tools: Sequence[Any]) -> CompiledGrammar:
     # The wire format's file text is part of the key: editing grammars/*.toml invalidates.
-    key = hashlib.sha256(json.dumps([key_parts, vocab.wire_format.text, vocab.fingerprint, _compiler_version()],
+    key = hashlib.sha256(json.dumps([key_parts, vocab.wire_format.file_text, vocab.fingerprint, _compiler_version()],
                                     sort_keys=True,
                                     default=str).encode())
     key = key.hexdigest()[:40]

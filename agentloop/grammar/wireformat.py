@@ -71,7 +71,7 @@ class WireFormat:
     turns: dict[str, str]
     source: str
     #: the file's text, part of compiled-grammar cache keys (an edit invalidates them)
-    text: str = ""
+    file_text: str = ""
 
     # ---- symbols -------------------------------------------------------------------
     @property
@@ -361,8 +361,8 @@ def load_wire_format(name_or_path: str | Path = "gemma4") -> WireFormat:
                 f"unknown wire format {str(name_or_path)!r}; available: {', '.join(available_wire_formats())}"
             )
     try:
-        text = path.read_text("utf-8")
-        data = tomllib.loads(text)
+        file_text = path.read_text("utf-8")
+        data = tomllib.loads(file_text)
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise WireFormatError(f"cannot read wire format {path}: {e}") from None
     for section in ("value", "calls", "text"):
@@ -385,5 +385,5 @@ def load_wire_format(name_or_path: str | Path = "gemma4") -> WireFormat:
         text=dict(data["text"]),
         turns=dict(data.get("turns", {})),
         source=str(path),
-        text=text,
+        file_text=file_text,
     )
