@@ -69,58 +69,27 @@ def demo(seed: int, steps: int, canvas_length: int) -> None:
 
         agentloop demo --seed 3
     """
-    import torch
+    from .engine import DiffusionEngine, GenerationOptions
+    from .grammar import compile_tools
 
-    from .grammar import byte_tokenizer, compile_tools
-
-    tok = byte_tokenizer()
+    engine = DiffusionEngine.random(canvas_length=canvas_length, seed=seed)
     t0 = time.perf_counter()
     # Calls only: a random model would otherwise often pick the (equally valid) text branch.
-    grammar = compile_tools(DEMO_TOOLS, tok, "gemma4", allow_text=False)
+    grammar = compile_tools(DEMO_TOOLS, engine.tokenizer, "gemma4", allow_text=False)
     click.echo(f"compiled {len(DEMO_TOOLS)} tools in {1000 * (time.perf_counter() - t0):.0f} ms: {grammar.stats}")
-    model = _tiny_random_model(tok.get_vocab_size(), seed)
     prompt = "<|turn>user\nWhat is the weather in Paris for 3 days?<turn|>\n<|turn>model\n"
-    input_ids = torch.tensor([tok.encode(prompt).ids])
-    gen = torch.Generator().manual_seed(seed)
-    for constrained in (False, True):
-        canvas = torch.randint(0, tok.get_vocab_size(), (1, canvas_length), generator=gen)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            with torch.no_grad():
-                logits = model(input_ids=input_ids, decoder_input_ids=canvas).logits[0]
-            if constrained:
-                step = grammar.denoise_step(logits, generator=gen)
-                canvas = torch.tensor([step.sample])
-                final = step.argmax
-            else:
-                canvas = torch.multinomial(logits.softmax(-1), 1, generator=gen).T
-                final = logits.argmax(-1).tolist()
-        ms = 1000 * (time.perf_counter() - t0)
-        text = tok.decode(final, skip_special_tokens=False)
-        click.echo(f"\n{'constrained' if constrained else 'unconstrained'} ({steps} steps, {ms:.0f} ms): {text[:160]!r}")
-        if constrained:
-            click.echo(f"  parsed: {grammar.parse(final)}")
+    options = GenerationOptions(seed=seed, max_denoising_steps=steps, max_new_tokens=4 * canvas_length)
+    for constraint in (None, grammar):
+        out = engine.generate_sync(engine.session(prompt), constraint, options=options)
+        c = out.cost
+        click.echo(f"\n{'constrained' if constraint else 'unconstrained'}: {c.canvases} canvas(es), "
+                   f"{c.denoising_steps} steps, {c.forced_tokens} tokens forced, {1000 * c.total_s:.0f} ms "
+                   f"(decoder {1000 * c.decoder_s:.0f}, constraint {1000 * c.constraint_s:.0f}): {out.text[:160]!r}")
+        if constraint is not None:
+            click.echo(f"  parsed: {out.parsed}")
         else:
-            click.echo(f"  valid: {grammar.accepts(final)}")
-
-
-def _tiny_random_model(vocab_size: int, seed: int) -> Any:
-    import torch
-    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=4, top_k_experts=2,
-                moe_intermediate_size=64, sliding_window=64, max_position_embeddings=2048,
-                layer_types=["sliding_attention", "full_attention"], pad_token_id=0, eos_token_id=1,
-                bos_token_id=2)
-    vision = dict(model_type="gemma4_vision", num_hidden_layers=0, hidden_size=32, intermediate_size=64,
-                  num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-    cfg = DiffusionGemmaConfig(text_config=text, vision_config=vision, boi_token_id=None, eoi_token_id=None,
-                               image_token_id=None)
-    torch.manual_seed(seed)
-    return DiffusionGemmaForBlockDiffusion(cfg).eval()
+            stop = [out.stop_token] if out.finished else []
+            click.echo(f"  valid call: {grammar.accepts(out.tokens + stop)}")
 
 
 @main.group()

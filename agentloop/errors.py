@@ -48,3 +48,27 @@ class NoValidCanvasError(GrammarInputError):
 
 class ParseError(AgentloopError):
     """Token ids that are not a (complete) sentence of the grammar being parsed."""
+
+
+class EngineError(AgentloopError):
+    """Base class of the errors a model engine raises."""
+
+
+class EngineInputError(EngineError):
+    """Bad input to an engine call: an empty prompt, a token id the model does not have, bad options."""
+
+
+class ContextLengthError(EngineError):
+    """A session would grow past the model's context (``max_position_embeddings``).
+
+    The engine never drops history silently: start a new session, or shorten the history
+    (summarise older turns) and re-encode it.
+    """
+
+
+class GrammarMismatchError(EngineError):
+    """A constraint compiled for another tokenizer than the engine's model uses."""
+
+
+class ModelLoadError(EngineError):
+    """A model path that does not hold a loadable DiffusionGemma checkpoint."""

@@ -7,6 +7,7 @@ derived from it, and the canvas DP entry points that run once per denoising step
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Sequence
 
 import numpy as np
@@ -484,6 +485,60 @@ class CompiledGrammar:
                 self._support_cache.pop(next(iter(self._support_cache)))
             self._support_cache[key] = hit
         return hit
+
+    def forced_prefix(self, state: int | None = None, limit: int | None = None) -> list[int]:
+        """Tokens spelling what every sentence says next from ``state``.
+
+        Where the language continues in one way only for a while (``<|tool_call>call:get_weather{city:``
+        for a single tool), that text is covered greedily by the longest tokens the grammar
+        allows there: one spelling, not every tokenization of it, so an engine can write it
+        into the canvas before denoising and run the DP on the rest. At most ``limit`` tokens.
+
+        >>> from agentloop.grammar import byte_tokenizer, compile_schema
+        >>> g = compile_schema({"const": "hi"}, byte_tokenizer())
+        >>> g.vocab.symbols(g.forced_prefix()) == g.vocab.symbols(byte_tokenizer().encode('"hi"').ids) + [g.vocab.wire_format.symbol("${eos}")]
+        True
+        """
+        q = self.start_state if state is None else int(state)
+        dfa = self.dfa
+        syms: list[int] = []
+        cap = (limit if limit is not None else 1 << 30) * self._max_token_symbols
+        while len(syms) < cap and q >= 0 and not dfa.accept[q]:
+            live = np.flatnonzero(dfa.trans[q] >= 0)
+            if live.size != 1:
+                break
+            mask = dfa.class_masks[int(live[0])]
+            if mask & (mask - 1):  # more than one symbol in the class
+                break
+            syms.append(mask.bit_length() - 1)
+            q = int(dfa.trans[q, live[0]])
+        out: list[int] = []
+        pos = 0
+        t_state = self.start_state if state is None else int(state)
+        index = self._token_of_symbols
+        while pos < len(syms) and (limit is None or len(out) < limit):
+            for n in range(min(self._max_token_symbols, len(syms) - pos), 0, -1):
+                tok = index.get(tuple(syms[pos : pos + n]))
+                if tok is not None and self.automaton.step(t_state, tok) >= 0:
+                    break
+            else:
+                break
+            out.append(tok)
+            t_state = self.automaton.step(t_state, tok)
+            pos += n
+        return out
+
+    @cached_property
+    def _token_of_symbols(self) -> dict[tuple[int, ...], int]:
+        index: dict[tuple[int, ...], int] = {}
+        for i, syms in enumerate(self.vocab.token_symbols):
+            if syms and self.automaton.atom_of_token[i] >= 0:
+                index.setdefault(syms, i)
+        return index
+
+    @cached_property
+    def _max_token_symbols(self) -> int:
+        return max((len(t) for t in self.vocab.token_symbols), default=1)
 
     def forced_tokens(self, length: int, state: int | None = None, partial: bool = False) -> list[int]:
         """Per position of a canvas, the only token the grammar allows there, or -1."""

@@ -1,0 +1,82 @@
+"""Where DiffusionGemma models come from: a local checkpoint, or a config built in code.
+
+Nothing here downloads: ``load_model`` reads a local folder only, and the random-weight
+builders exist for tests and speed measurements (a tiny config runs a denoising step on a
+CPU in milliseconds).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelLoadError
+
+#: Text-config sizes of the random-weight presets. "tiny" is what the tests use; "40m" is
+#: the ~40M-parameter CPU benchmark size.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=32, num_experts=4, top_k_experts=2, moe_intermediate_size=64,
+                 sliding_window=64),
+    "40m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
+                num_key_value_heads=2, head_dim=64, num_experts=8, top_k_experts=2, moe_intermediate_size=512,
+                sliding_window=256),
+}
+
+
+def diffusion_gemma_config(vocab_size: int, *, preset: str = "tiny", canvas_length: int = 256,
+                           max_position_embeddings: int = 4096, pad_token_id: int = 0, eos_token_id: int = 1,
+                           bos_token_id: int = 2, **overrides: Any) -> Any:
+    """A ``DiffusionGemmaConfig`` of a preset size with a zero-layer vision tower.
+
+    The last layer is full attention and the others sliding, as in the released model.
+
+    >>> cfg = diffusion_gemma_config(300, preset="tiny", canvas_length=32)
+    >>> cfg.canvas_length, cfg.text_config.vocab_size, cfg.text_config.layer_types
+    (32, 300, ['sliding_attention', 'full_attention'])
+    """
+    from transformers import DiffusionGemmaConfig
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    text = dict(PRESETS[preset], vocab_size=vocab_size, max_position_embeddings=max_position_embeddings,
+                pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=bos_token_id)
+    text.update(overrides)
+    n = text["num_hidden_layers"]
+    text.setdefault("layer_types", ["sliding_attention"] * (n - 1) + ["full_attention"])
+    vision = dict(model_type="gemma4_vision", num_hidden_layers=0, hidden_size=32, intermediate_size=64,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    # No image tokens: generate() compares the prompt with image_token_id, so it must be an
+    # int; the pad id never occurs in a prompt.
+    return DiffusionGemmaConfig(text_config=text, vision_config=vision, boi_token_id=None, eoi_token_id=None,
+                                image_token_id=pad_token_id, canvas_length=canvas_length)
+
+
+def random_model(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> Any:
+    """A ``DiffusionGemmaForBlockDiffusion`` with seeded random weights, in eval mode."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DiffusionGemmaForBlockDiffusion(config)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Any:
+    """Load a DiffusionGemma checkpoint from a local folder (never from the hub)."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(f"{p} is not a model folder: it has no config.json (expected a local "
+                             "DiffusionGemmaForBlockDiffusion checkpoint: config.json + *.safetensors)")
+    try:
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(p, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot load a DiffusionGemma checkpoint from {p}: {e}") from e
+    return model.to(device).eval()

@@ -1,0 +1,81 @@
+"""A conversation held by one engine: its token history and the KV cache of that history.
+
+Each engine call encodes only the tokens added since the last call (the previous output and
+whatever the caller appended: tool results, the next user turn), never the whole history.
+The cache is transformers' ``DynamicCache``, which is exact past the sliding window.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, Sequence
+
+from ..errors import EngineInputError
+
+if TYPE_CHECKING:
+    from .diffusion import DiffusionEngine
+
+
+class Session:
+    """Token history + KV cache of one conversation. Create with ``engine.session(...)``.
+
+    >>> from agentloop.engine import DiffusionEngine
+    >>> engine = DiffusionEngine.random()
+    >>> s = engine.session("<|turn>user\\nhi<turn|>\\n")
+    >>> s.pending_length > 0, s.cached_length
+    (True, 0)
+    """
+
+    def __init__(self, engine: "DiffusionEngine", tokens: Sequence[int] = ()) -> None:
+        self.engine = engine
+        self._tokens: list[int] = []
+        self._cached = 0  # how many of _tokens the cache holds
+        self._cache: Any = None
+        self._lock = threading.Lock()  # held by the engine while a call uses this session
+        self.append(tokens)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The whole history (a copy)."""
+        return list(self._tokens)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def cached_length(self) -> int:
+        """Tokens already encoded into the cache."""
+        return self._cached
+
+    @property
+    def pending_length(self) -> int:
+        """Tokens the next call will encode."""
+        return len(self._tokens) - self._cached
+
+    def append(self, ids: Sequence[int]) -> None:
+        """Queue token ids; the next engine call encodes them."""
+        vocab = self.engine.vocab_size
+        new = []
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise EngineInputError(f"token {i} of the appended ids is {t!r}: not an id of this model's "
+                                       f"vocabulary (0..{vocab - 1})")
+            new.append(t)
+        with self._lock:
+            self._tokens.extend(new)
+
+    def append_text(self, text: str) -> list[int]:
+        """Tokenize ``text`` with the engine's tokenizer (special tokens spelled in it become
+        single tokens; no BOS is added) and queue it. Returns the ids."""
+        ids = self.engine.encode(text)
+        self.append(ids)
+        return ids
+
+    def reset_cache(self) -> None:
+        """Drop the cache; the next call re-encodes the whole history."""
+        with self._lock:
+            self._cache = None
+            self._cached = 0
+
+    def __repr__(self) -> str:
+        return f"Session(tokens={len(self._tokens)}, cached={self._cached})"
