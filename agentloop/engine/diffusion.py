@@ -30,6 +30,7 @@ import torch
 
 from ..errors import ContextLengthError, EngineInputError, GrammarMismatchError, NoValidCanvasError
 from ..grammar import CompiledGrammar
+from ..grammar.vocabulary import backend_tokenizer
 from .generation import CallCost, Draft, Generation, GenerationOptions
 from .models import diffusion_gemma_config, load_model, random_model
 from .sampling import StableAndConfident, entropy_bound_accept, fused_draw, reference_draw, renoise, temperature_at
@@ -98,11 +99,11 @@ class DiffusionEngine:
         self.max_context: int = int(cfg.text_config.max_position_embeddings)
         self.device: torch.device = next(model.parameters()).device
         self.dtype: torch.dtype = next(model.parameters()).dtype
-        n_tok = self._tokenizer_size()
+        n_tok = _tokenizer_size(self.tokenizer)
         if n_tok > self.vocab_size:
             raise EngineInputError(f"the tokenizer has {n_tok} tokens but the model's vocabulary only "
                                    f"{self.vocab_size}: they do not belong together")
-        self.stop_ids: list[int] = [i for i in (self._token_id(t) for t in stop_tokens) if i is not None]
+        self.stop_ids: list[int] = [i for i in (_token_id(self.tokenizer, t) for t in stop_tokens) if i is not None]
         self._decoder_forward: Callable[..., Any] = model.forward
         if compile:
             self._decoder_forward = torch.compile(model.forward, dynamic=True)
@@ -122,7 +123,8 @@ class DiffusionEngine:
     @classmethod
     def random(cls, tokenizer: Any = None, *, preset: str = "tiny", canvas_length: int = 256, seed: int = 0,
                device: str = "cpu", dtype: str | torch.dtype = "float32", max_position_embeddings: int = 4096,
-               options: GenerationOptions | None = None, **config_overrides: Any) -> "DiffusionEngine":
+               compile: bool = False, options: GenerationOptions | None = None,
+               **config_overrides: Any) -> "DiffusionEngine":
         """An engine over a DiffusionGemma with random weights (tests, speed measurements).
 
         The default tokenizer is the grammar package's byte-level tokenizer with the Gemma 4
@@ -132,36 +134,23 @@ class DiffusionEngine:
             from ..grammar import byte_tokenizer
 
             tokenizer = byte_tokenizer()
-        probe = cls.__new__(cls)
-        probe.tokenizer = tokenizer
-        vocab = probe._tokenizer_size()
-        ids = {name: probe._token_id(tok) for name, tok in (("pad", "<pad>"), ("eos", "<eos>"), ("bos", "<bos>"))}
+        vocab = _tokenizer_size(tokenizer)
+        ids = {name: _token_id(tokenizer, tok) for name, tok in (("pad", "<pad>"), ("eos", "<eos>"), ("bos", "<bos>"))}
         cfg = diffusion_gemma_config(vocab, preset=preset, canvas_length=canvas_length,
                                      max_position_embeddings=max_position_embeddings,
                                      pad_token_id=ids["pad"] if ids["pad"] is not None else 0,
                                      eos_token_id=ids["eos"] if ids["eos"] is not None else 1,
                                      bos_token_id=ids["bos"] if ids["bos"] is not None else 2, **config_overrides)
         model = random_model(cfg, seed=seed, dtype=_dtype(dtype), device=device)
-        return cls(model, tokenizer, options=options)
+        return cls(model, tokenizer, compile=compile, options=options)
 
     # ---- tokenizer -----------------------------------------------------------------------
-    def _backend(self) -> Any:
-        return getattr(self.tokenizer, "backend_tokenizer", None) or getattr(self.tokenizer, "_tokenizer", None) \
-            or self.tokenizer
-
-    def _tokenizer_size(self) -> int:
-        return int(self._backend().get_vocab_size(with_added_tokens=True))
-
-    def _token_id(self, token: str) -> int | None:
-        i = self._backend().token_to_id(token)
-        return None if i is None else int(i)
-
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (special tokens written in it become single tokens; no BOS)."""
-        return list(self._backend().encode(text, add_special_tokens=False).ids)
+        return list(backend_tokenizer(self.tokenizer).encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return str(self._backend().decode(list(ids), skip_special_tokens=False))
+        return str(backend_tokenizer(self.tokenizer).decode(list(ids), skip_special_tokens=False))
 
     def session(self, prompt: str | Sequence[int] = ()) -> Session:
         """A new conversation, starting from ``prompt`` (text or token ids)."""
@@ -237,12 +226,12 @@ class DiffusionEngine:
             return out.logits[0].float().cpu()
 
     def _check_constraint(self, g: CompiledGrammar) -> None:
-        n = self._tokenizer_size()
+        n = _tokenizer_size(self.tokenizer)
         if g.vocab.size != n:
             raise GrammarMismatchError(f"the constraint was compiled for a tokenizer of {g.vocab.size} tokens, this "
                                        f"engine's has {n}: compile it with engine.tokenizer")
         for name, i in g.vocab.special_ids.items():
-            own = self._token_id(name)
+            own = _token_id(self.tokenizer, name)
             if own is not None and own != i:
                 raise GrammarMismatchError(f"the constraint spells {name!r} as token {i}, this engine's tokenizer as "
                                            f"{own}: compile it with engine.tokenizer")
@@ -420,6 +409,15 @@ class DiffusionEngine:
             # 3d. This step's (constrained) distribution conditions the next one.
             self_cond = next_cond.to(self.dtype)
         return argmax[0].tolist(), steps, forced
+
+
+def _tokenizer_size(tokenizer: Any) -> int:
+    return int(backend_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True))
+
+
+def _token_id(tokenizer: Any, token: str) -> int | None:
+    i = backend_tokenizer(tokenizer).token_to_id(token)
+    return None if i is None else int(i)
 
 
 def _load_tokenizer(path: Path) -> Any:

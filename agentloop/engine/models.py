@@ -20,8 +20,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=32, num_experts=4, top_k_experts=2, moe_intermediate_size=64,
                  sliding_window=64),
-    "40m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
-                num_key_value_heads=2, head_dim=64, num_experts=8, top_k_experts=2, moe_intermediate_size=512,
+    "40m": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
+                num_key_value_heads=2, head_dim=64, num_experts=8, top_k_experts=2, moe_intermediate_size=256,
                 sliding_window=256),
 }
 

@@ -8,7 +8,8 @@ The cache is transformers' ``DynamicCache``, which is exact past the sliding win
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ..errors import EngineInputError
 
@@ -61,7 +62,7 @@ class Session:
                 raise EngineInputError(f"token {i} of the appended ids is {t!r}: not an id of this model's "
                                        f"vocabulary (0..{vocab - 1})")
             new.append(t)
-        with self._lock:
+        with self._unused():
             self._tokens.extend(new)
 
     def append_text(self, text: str) -> list[int]:
@@ -73,9 +74,19 @@ class Session:
 
     def reset_cache(self) -> None:
         """Drop the cache; the next call re-encodes the whole history."""
-        with self._lock:
+        with self._unused():
             self._cache = None
             self._cached = 0
+
+    @contextmanager
+    def _unused(self) -> Iterator[None]:
+        # Never block the caller (an event loop) behind a running call: refuse instead.
+        if not self._lock.acquire(blocking=False):
+            raise EngineInputError("this session is in use by a running engine call; wait for it to finish")
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def __repr__(self) -> str:
         return f"Session(tokens={len(self._tokens)}, cached={self._cached})"

@@ -49,7 +49,7 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-def _backend(tokenizer: Any) -> Any:
+def backend_tokenizer(tokenizer: Any) -> Any:
     """The ``tokenizers.Tokenizer`` behind a transformers tokenizer (or itself)."""
     if hasattr(tokenizer, "to_str") and hasattr(tokenizer, "get_vocab"):
         return tokenizer
@@ -133,7 +133,7 @@ class Vocabulary:
         ``aliases`` maps wire-format special tokens onto tokens the tokenizer does have
         (``{'<|"|>': '<unused0>'}`` to test Gemma 4's protocol on a Gemma 3 vocabulary).
         """
-        backend = _backend(tokenizer)
+        backend = backend_tokenizer(tokenizer)
         # Only the decoder and model type matter; serialising the whole tokenizer (0.9 s at
         # 262k) to read them is waste.
         decoder = backend.decoder
