@@ -72,3 +72,28 @@ class GrammarMismatchError(EngineError):
 
 class ModelLoadError(EngineError):
     """A model path that does not hold a loadable DiffusionGemma checkpoint."""
+
+
+class ToolDefinitionError(AgentloopError):
+    """A Python function that cannot become a tool: a parameter without a type hint, a type
+    the grammar cannot represent, a bad name. The message names the function and parameter."""
+
+
+class ToolRetriesExhausted(AgentloopError):
+    """A tool failed more times than its ``retries`` allow; ``.partial`` holds the run so far."""
+
+    def __init__(self, message: str, partial: object = None) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
+class MaxStepsExceeded(AgentloopError):
+    """The agent used ``max_steps`` model calls without a final answer; ``.partial`` holds the run so far."""
+
+    def __init__(self, message: str, partial: object = None) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
+class ScriptError(AgentloopError):
+    """A ``ScriptedEngine`` output that is not valid for the tools' grammar, or a script that ran out."""

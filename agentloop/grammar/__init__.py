@@ -49,6 +49,7 @@ __all__ = [
     "WireFormat",
     "available_wire_formats",
     "byte_tokenizer",
+    "check_schema",
     "compile_schema",
     "compile_tools",
     "load_wire_format",
@@ -175,6 +176,21 @@ def compile_schema(
         return seq(value, literal(wf.lit("end")), _tail(wf, vocab))
 
     return _compile(node, ["value", schema, wf.name, wf.source, repr(options)], vocab, "value", ())
+
+
+def check_schema(schema: Mapping[str, Any] | bool, wire_format: str | WireFormat = "gemma4", *,
+                 options: SchemaOptions = SchemaOptions()) -> None:
+    """Raise :class:`SchemaError` (keyword + JSON pointer) if the compiler cannot represent
+    ``schema`` exactly; no tokenizer needed, so tool definitions can be checked early.
+
+    >>> check_schema({"type": "string", "maxLength": 5})
+    >>> check_schema({"type": "string", "pattern": "(?<=a)b"})
+    Traceback (most recent call last):
+    ...
+    agentloop.errors.PatternError: pattern '(?<=a)b': lookaround or group flag '(?' at offset 1 is not supported at '/pattern'
+    """
+    wf = wire_format if isinstance(wire_format, WireFormat) else load_wire_format(wire_format)
+    SchemaCompiler(schema, wf, options).node()
 
 
 def compile_tools(

@@ -1,0 +1,407 @@
+"""The agent loop: render the conversation, let the engine write calls or an answer under
+the tools' grammar, run the calls, feed the results back, repeat.
+
+>>> from agentloop import Agent, tool
+>>> from agentloop.testing import ScriptedEngine, call
+>>> @tool
+... def add(a: int, b: int) -> int:
+...     '''Add two integers.'''
+...     return a + b
+>>> engine = ScriptedEngine([call("add", a=2, b=3), "2 + 3 = 5"])
+>>> result = Agent(engine, [add]).run_sync("What is 2 + 3?")
+>>> result.output, [c.result.content for c in result.calls]
+('2 + 3 = 5', ['5'])
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Generic, Literal, Sequence, Union
+
+import anyio
+import anyio.from_thread
+
+from .engine.base import Engine
+from .engine.generation import CallCost, Draft, GenerationOptions
+from .engine.session import Session
+from .errors import AgentloopError, MaxStepsExceeded, ToolRetriesExhausted
+from .grammar import CompiledGrammar, ToolCall, compile_tools
+from .protocol import Protocol
+from .tools import DepsT, RunContext, Tool, ToolResult, as_tool
+
+# ---- messages ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UserMessage:
+    text: str
+
+
+@dataclass(frozen=True)
+class ModelMessage:
+    """What the model wrote in one step: calls, or a final text (never both)."""
+
+    calls: tuple[ToolCall, ...] = ()
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class ToolResultsMessage:
+    """The results of one step's calls, in call order."""
+
+    results: tuple[ToolResult, ...]
+
+
+Message = Union[UserMessage, ModelMessage, ToolResultsMessage]
+
+# ---- events --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelStepStart:
+    step: int
+
+
+@dataclass(frozen=True)
+class CanvasDraft:
+    """The argmax canvas after one denoising step (decoded), for live previews."""
+
+    step: int
+    draft: Draft
+    text: str
+
+
+@dataclass(frozen=True)
+class ModelStepEnd:
+    step: int
+    message: ModelMessage
+    cost: CallCost
+
+
+@dataclass(frozen=True)
+class ToolCallStart:
+    step: int
+    call: ToolCall
+
+
+@dataclass(frozen=True)
+class ToolCallEnd:
+    step: int
+    call: ToolCall
+    result: ToolResult
+
+
+@dataclass(frozen=True)
+class FinalAnswer:
+    text: str
+
+
+@dataclass(frozen=True)
+class RunComplete:
+    result: "RunResult"
+
+
+Event = Union[ModelStepStart, CanvasDraft, ModelStepEnd, ToolCallStart, ToolCallEnd, FinalAnswer, RunComplete]
+
+# ---- results and trace ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    step: int
+    call: ToolCall
+    result: ToolResult
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """One loop turn: the model call's cost record, the tools' time and the turn's wall time."""
+
+    step: int
+    cost: CallCost
+    tool_s: float
+    latency_s: float
+    calls: tuple[str, ...]
+    final: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step": self.step, **self.cost.as_dict(), "tool_s": self.tool_s, "latency_s": self.latency_s,
+                "calls": list(self.calls), "final": self.final}
+
+
+@dataclass(frozen=True)
+class Usage:
+    steps: int = 0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    denoising_steps: int = 0
+    forced_tokens: int = 0
+    tool_calls: int = 0
+
+
+@dataclass
+class RunResult:
+    """What a run produced. ``messages`` continues the conversation:
+    ``agent.run(next_prompt, message_history=result.messages)`` (the session cache is reused)."""
+
+    output: str | None
+    messages: list[Message]
+    calls: list[CallRecord] = field(default_factory=list)
+    trace: list[StepTrace] = field(default_factory=list)
+    total_s: float = 0.0
+
+    @property
+    def usage(self) -> Usage:
+        t = self.trace
+        return Usage(len(t), sum(s.cost.prefill_tokens for s in t), sum(s.cost.generated_tokens for s in t),
+                     sum(s.cost.denoising_steps for s in t), sum(s.cost.forced_tokens for s in t), len(self.calls))
+
+    def trace_dicts(self) -> list[dict[str, Any]]:
+        return [s.as_dict() for s in self.trace]
+
+
+Approver = Callable[[ToolCall, RunContext[Any]], Union[bool, Awaitable[bool]]]
+
+# ---- the agent -----------------------------------------------------------------------------------
+
+
+class Agent(Generic[DepsT]):
+    """An engine, tools and instructions; ``run`` / ``run_sync`` / ``stream`` a prompt.
+
+    ``parallel_tool_calls`` lets one model step call several tools (run concurrently).
+    ``tool_choice``: ``"auto"`` (calls or a final answer, the model decides), ``"required"``
+    (every step calls a tool; the run ends at ``max_steps``) or ``"none"`` (answer only).
+    ``approve`` is asked before any tool marked ``requires_approval=True`` runs.
+    """
+
+    def __init__(self, engine: Engine, tools: Sequence[Tool | Callable[..., Any]] = (), *, instructions: str = "",
+                 max_steps: int = 10, parallel_tool_calls: bool = True, wire_format: str = "gemma4",
+                 options: GenerationOptions | None = None, approve: Approver | None = None,
+                 tool_choice: Literal["auto", "required", "none"] = "auto") -> None:
+        if max_steps < 1:
+            raise ValueError("max_steps must be >= 1")
+        if tool_choice not in ("auto", "required", "none"):
+            raise ValueError(f"tool_choice must be 'auto', 'required' or 'none', got {tool_choice!r}")
+        if tool_choice == "required" and not tools:
+            raise AgentloopError("tool_choice='required' needs at least one tool")
+        self.tool_choice = tool_choice
+        self.engine = engine
+        self.tools = [as_tool(t) for t in tools]
+        names = [t.name for t in self.tools]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise AgentloopError(f"two tools are named {sorted(dup)[0]!r}; tool names must be unique")
+        if approve is None and any(t.requires_approval for t in self.tools):
+            needs = [t.name for t in self.tools if t.requires_approval]
+            raise AgentloopError(f"tools {needs} require approval: pass Agent(..., approve=callback)")
+        self._by_name = {t.name: t for t in self.tools}
+        self.instructions = instructions
+        self.max_steps = max_steps
+        self.parallel_tool_calls = parallel_tool_calls
+        self.protocol = Protocol(wire_format)
+        self.options = options
+        self.approve = approve
+        self._constraint: CompiledGrammar | None = None
+        # Sessions of finished runs, keyed by their message list, so a continued conversation
+        # encodes only its new tokens. Bounded; a session is taken out while a run uses it.
+        self._sessions: OrderedDict[int, tuple[list[Message], tuple[Any, ...], Session]] = OrderedDict()
+
+    @property
+    def constraint(self) -> CompiledGrammar:
+        """The grammar of one model step: one or more calls (one, without parallel calls), or a final text."""
+        if self._constraint is None:
+            tools = [] if self.tool_choice == "none" else [t.tool_schema for t in self.tools]
+            self._constraint = compile_tools(tools, self.engine.tokenizer, self.protocol.wire_format,
+                                             allow_text=self.tool_choice != "required",
+                                             parallel_calls=self.parallel_tool_calls)
+        return self._constraint
+
+    # ---- public runs -----------------------------------------------------------------------------
+    async def run(self, prompt: str, *, message_history: Sequence[Message] | None = None,
+                  deps: DepsT = None) -> RunResult:  # type: ignore[assignment]
+        """Run the loop until a final answer; raises ``MaxStepsExceeded`` or
+        ``ToolRetriesExhausted`` (with ``.partial``) when it cannot finish."""
+        result: RunResult | None = None
+        async for ev in self._loop(prompt, message_history, deps, want_drafts=False):
+            if isinstance(ev, RunComplete):
+                result = ev.result
+        assert result is not None
+        return result
+
+    def run_sync(self, prompt: str, *, message_history: Sequence[Message] | None = None,
+                 deps: DepsT = None) -> RunResult:  # type: ignore[assignment]
+        """``run`` for scripts: starts an event loop (asyncio) and blocks until the answer."""
+        return anyio.run(lambda: self.run(prompt, message_history=message_history, deps=deps))
+
+    async def stream(self, prompt: str, *, message_history: Sequence[Message] | None = None,
+                     deps: DepsT = None) -> AsyncIterator[Event]:  # type: ignore[assignment]
+        """Events as they happen: model step start/end, canvas drafts, tool calls and
+        results, the final answer, and ``RunComplete(result)`` last. If you stop iterating
+        early, close the stream (``async with contextlib.aclosing(agent.stream(...))``) so
+        the model call stops at once."""
+        async for ev in self._loop(prompt, message_history, deps, want_drafts=True):
+            yield ev
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    async def _loop(self, prompt: str, history: Sequence[Message] | None, deps: Any,
+                    want_drafts: bool) -> AsyncIterator[Event]:
+        t_run = time.perf_counter()
+        constraint = self.constraint
+        messages: list[Message] = list(history or [])
+        session = self._take_session(history)
+        if session is None:
+            session = self.engine.session(self._render_history(messages))
+        if messages and isinstance(messages[-1], ModelMessage) and messages[-1].text is None:
+            raise AgentloopError("message_history ends with tool calls that have no results")
+        session.append_text(self.protocol.user_turn(prompt) + self.protocol.model_start)
+        messages.append(UserMessage(prompt))
+        result = RunResult(None, messages)
+        failures: dict[str, int] = {}
+        for step in range(1, self.max_steps + 1):
+            t_step = time.perf_counter()
+            yield ModelStepStart(step)
+            gen = None
+            async for item in self._model_step(session, constraint, step, want_drafts):
+                if isinstance(item, CanvasDraft):
+                    yield item
+                else:
+                    gen = item
+            assert gen is not None
+            parsed = gen.parsed
+            if parsed.text is not None or not parsed.calls:
+                msg = ModelMessage(text=parsed.text or "")
+                messages.append(msg)
+                session.append_text(self.protocol.model_end)
+                yield ModelStepEnd(step, msg, gen.cost)
+                result.output = msg.text
+                result.trace.append(StepTrace(step, gen.cost, 0.0, time.perf_counter() - t_step, (), True))
+                yield FinalAnswer(msg.text or "")
+                result.total_s = time.perf_counter() - t_run
+                self._keep_session(result.messages, session)
+                yield RunComplete(result)
+                return
+            msg = ModelMessage(calls=tuple(parsed.calls))
+            messages.append(msg)
+            yield ModelStepEnd(step, msg, gen.cost)
+            for c in msg.calls:
+                yield ToolCallStart(step, c)
+            t_tools = time.perf_counter()
+            results = await self._run_calls(msg.calls, step, deps, failures)
+            tool_s = time.perf_counter() - t_tools
+            for c, r in zip(msg.calls, results):
+                result.calls.append(CallRecord(step, c, r))
+                yield ToolCallEnd(step, c, r)
+            messages.append(ToolResultsMessage(tuple(results)))
+            session.append_text(self.protocol.after_calls(
+                [self.protocol.render_response(r.name, r.content) for r in results]))
+            result.trace.append(StepTrace(step, gen.cost, tool_s, time.perf_counter() - t_step,
+                                          tuple(c.name for c in msg.calls), False))
+            over = [n for n, k in failures.items() if k > self._by_name[n].retries]
+            if over:
+                result.total_s = time.perf_counter() - t_run
+                t = self._by_name[over[0]]
+                raise ToolRetriesExhausted(
+                    f"tool {t.name!r} failed {failures[t.name]} times (retries={t.retries}); last error: "
+                    f"{next(r.content for r in reversed(results) if r.name == t.name)}", partial=result)
+        result.total_s = time.perf_counter() - t_run
+        raise MaxStepsExceeded(f"no final answer after max_steps={self.max_steps} model steps", partial=result)
+
+    async def _model_step(self, session: Session, constraint: CompiledGrammar, step: int,
+                          want_drafts: bool) -> AsyncIterator[Any]:
+        """The engine call; with ``want_drafts`` its drafts are yielded while it runs."""
+        if not want_drafts:
+            yield await self.engine.generate(session, constraint, options=self.options)
+            return
+        send, receive = anyio.create_memory_object_stream[Any](max_buffer_size=1024)
+        decode = self.engine.decode
+
+        def on_draft(d: Draft) -> None:  # runs in the engine's worker thread (or inline for test engines)
+            ev = CanvasDraft(step, d, decode(d.tokens))
+            try:
+                anyio.from_thread.run_sync(send.send_nowait, ev)
+            except RuntimeError:  # called on the event loop's own thread
+                send.send_nowait(ev)
+
+        async def call() -> None:
+            async with send:
+                out = await self.engine.generate(session, constraint, options=self.options, on_draft=on_draft)
+                await send.send(out)
+
+        async with anyio.create_task_group() as tg, receive:
+            tg.start_soon(call)
+            async for item in receive:
+                yield item
+
+    async def _run_calls(self, calls: Sequence[ToolCall], step: int, deps: Any,
+                         failures: dict[str, int]) -> list[ToolResult]:
+        results: list[ToolResult | None] = [None] * len(calls)
+
+        async def one(i: int, c: ToolCall) -> None:
+            t = self._by_name[c.name]
+            ctx = RunContext(deps, step=step, tool_name=t.name, retry=failures.get(t.name, 0))
+            if t.requires_approval:
+                assert self.approve is not None
+                ok = self.approve(c, ctx)
+                if inspect.isawaitable(ok):
+                    ok = await ok
+                if not ok:
+                    results[i] = ToolResult(t.name, f"the user did not approve this call to {t.name}", True)
+                    return
+            r = await t.run(dict(c.arguments), ctx)
+            if r.is_error:
+                failures[t.name] = failures.get(t.name, 0) + 1
+            results[i] = r
+
+        async with anyio.create_task_group() as tg:
+            for i, c in enumerate(calls):
+                tg.start_soon(one, i, c)
+        return [r for r in results if r is not None]
+
+    # ---- conversation text -------------------------------------------------------------------------
+    def _system(self) -> str:
+        p = self.protocol
+        decls = [p.render_declaration(t.name, t.description, t.parameters) for t in self.tools]
+        return p.system_turn(self.instructions, decls)
+
+    def _render_history(self, messages: Sequence[Message]) -> str:
+        """The whole conversation as the model reads it (system turn first)."""
+        p = self.protocol
+        schemas = {t.name: t.parameters for t in self.tools}
+        out = [self._system()]
+        in_model_turn = False
+        for m in messages:
+            if isinstance(m, UserMessage):
+                if in_model_turn:
+                    out.append(p.model_end)
+                out.append(p.user_turn(m.text))
+                in_model_turn = False
+            elif isinstance(m, ModelMessage):
+                if not in_model_turn:
+                    out.append(p.model_start)
+                    in_model_turn = True
+                if m.calls:
+                    out.append(p.render_calls(list(m.calls), schemas))
+                else:
+                    out.append(p.render_text(m.text or "") + p.model_end)
+                    in_model_turn = False
+            else:
+                out.append(p.after_calls([p.render_response(r.name, r.content) for r in m.results]))
+        if in_model_turn:
+            out.append(p.model_end)
+        return "".join(out)
+
+    def _keep_session(self, messages: list[Message], session: Session) -> None:
+        self._sessions[id(messages)] = (messages, tuple(messages), session)
+        while len(self._sessions) > 16:
+            self._sessions.popitem(last=False)
+
+    def _take_session(self, history: Sequence[Message] | None) -> Session | None:
+        if history is None:
+            return None
+        hit = self._sessions.pop(id(history), None)
+        if hit is None or hit[0] is not history or tuple(history) != hit[1]:
+            return None  # not ours, or edited since: re-encode from the messages
+        return hit[2]

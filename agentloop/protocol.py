@@ -1,0 +1,337 @@
+"""How a conversation is spelled for one wire format: turns, tool declarations, calls, results.
+
+The wire format (``grammars/<name>.toml``) is data; this module renders messages with it,
+so that the text the model reads and the calls the grammar lets it write use one spelling.
+It also parses a model's *unconstrained* text back into calls (what prompt-and-parse
+runtimes do; the constrained path parses with the grammar instead).
+
+>>> p = Protocol("gemma4")
+>>> p.render_call("get_weather", {"city": "Paris", "days": 3})
+'<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:3}<tool_call|>'
+>>> p.parse_output('<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:3}<tool_call|>').calls
+[ToolCall(name='get_weather', arguments={'city': 'Paris', 'days': 3})]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from string import Template
+from typing import Any, Mapping, Sequence
+
+from .errors import ParseError, WireFormatError
+from .grammar import ParsedOutput, ToolCall
+from .grammar.wireformat import WireFormat, load_wire_format
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+class Protocol:
+    """Renders and parses conversations in one wire format (a name in grammars/ or a .toml path)."""
+
+    def __init__(self, wire_format: str | WireFormat = "gemma4") -> None:
+        self.wire_format = wire_format if isinstance(wire_format, WireFormat) else load_wire_format(wire_format)
+        wf = self.wire_format
+        for key in ("system", "user", "model", "model_end", "declaration", "response"):
+            if key not in wf.turns:
+                raise WireFormatError(f"wire format {wf.name!r} has no [turns] {key} template ({wf.source})")
+        self._v = wf.value
+
+    @property
+    def name(self) -> str:
+        return self.wire_format.name
+
+    # ---- values ----------------------------------------------------------------------------
+    def render_value(self, value: Any, schema: Mapping[str, Any] | None = None) -> str:
+        """``value`` in the wire format's spelling; object keys in ``schema``'s property order
+        (the order the grammar expects), others after them in their own order."""
+        return self._value(value, schema, schema or {})
+
+    def _value(self, v: Any, schema: Mapping[str, Any] | None, root: Mapping[str, Any]) -> str:
+        vs = self._v
+        schema = _resolve(schema, root, v)
+        if isinstance(v, dict):
+            props = (schema or {}).get("properties", {})
+            keys = [k for k in props if k in v] + [k for k in v if k not in props]
+            members = []
+            for k in keys:
+                sub = props.get(k)
+                if sub is None and isinstance((schema or {}).get("additionalProperties"), dict):
+                    sub = schema["additionalProperties"]  # type: ignore[index]
+                members.append(self._key(str(k)) + self._value(v[k], sub, root))
+            return vs["object_open"] + vs["member_separator"].join(members) + vs["object_close"]
+        if isinstance(v, (list, tuple)):
+            items = (schema or {}).get("items")
+            prefix = (schema or {}).get("prefixItems", [])
+            parts = [self._value(x, prefix[i] if i < len(prefix) else items if isinstance(items, dict) else None, root)
+                     for i, x in enumerate(v)]
+            return vs["array_open"] + vs["item_separator"].join(parts) + vs["array_close"]
+        if isinstance(v, str):
+            return self.render_string(v)
+        if isinstance(v, bool) or v is None:
+            return json.dumps(v)
+        if isinstance(v, float) and math.isinf(v):
+            # JSON has no infinity; a number past the double range (1e999) parses to it, so
+            # spell it back that way rather than fail on a value the grammar let through.
+            return "1e999" if v > 0 else "-1e999"
+        if isinstance(v, float) and math.isnan(v):
+            raise ValueError("NaN has no JSON spelling")
+        if isinstance(v, float) and v.is_integer() and abs(v) < 1e16:
+            return str(int(v)) if (schema or {}).get("type") == "integer" else json.dumps(v)
+        return json.dumps(v)
+
+    def _key(self, key: str) -> str:
+        if self._v.get("key_style") == "identifier" and not _IDENT.match(key):
+            raise ValueError(f"key {key!r} cannot be spelled in wire format {self.name!r} (keys must be identifiers)")
+        spelled = key if self._v.get("key_style") == "identifier" else json.dumps(key, ensure_ascii=False)[1:-1]
+        return Template(self._v["key"]).safe_substitute(key=spelled)
+
+    def render_string(self, s: str) -> str:
+        vs = self._v
+        if vs.get("string_escapes") == "json":
+            return vs["string_open"] + json.dumps(s, ensure_ascii=False)[1:-1] + vs["string_close"]
+        if vs["string_close"] in s:
+            raise ValueError(f"a string in wire format {self.name!r} cannot contain {vs['string_close']!r}")
+        return vs["string_open"] + s + vs["string_close"]
+
+    # ---- calls and answers -------------------------------------------------------------------
+    def render_call(self, name: str, arguments: Mapping[str, Any], schema: Mapping[str, Any] | None = None) -> str:
+        args = self.render_value(dict(arguments), schema or {"type": "object"})
+        return Template(self.wire_format.calls["call"]).safe_substitute(name=name, arguments=args)
+
+    def render_calls(self, calls: Sequence[ToolCall], schemas: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+        """One or more calls in the envelope, without the stop token."""
+        c = self.wire_format.calls
+        body = c.get("separator", "").join(self.render_call(x.name, x.arguments, (schemas or {}).get(x.name))
+                                             for x in calls)
+        return c.get("open", "") + body + c.get("close", "")
+
+    def render_text(self, text: str) -> str:
+        """A final answer in the text branch, without the stop token."""
+        t = self.wire_format.text
+        body = self.render_string(text) if t.get("body") == "string" else text
+        return t.get("open", "") + body + t.get("close", "")
+
+    @property
+    def calls_stop(self) -> str:
+        return self._resolve_special(self.wire_format.calls.get("end", "${eos}"))
+
+    @property
+    def text_stop(self) -> str:
+        return self._resolve_special(self.wire_format.text.get("end", "${eos}"))
+
+    def _resolve_special(self, s: str) -> str:
+        return s.replace("${eos}", "<eos>")
+
+    # ---- turns ---------------------------------------------------------------------------------
+    def _turn(self, key: str, **fields: str) -> str:
+        return Template(self.wire_format.turns.get(key, "")).safe_substitute(**fields)
+
+    def render_declaration(self, name: str, description: str, parameters: Mapping[str, Any]) -> str:
+        return self._turn("declaration", name=name, description=description,
+                          description_json=json.dumps(description, ensure_ascii=False),
+                          parameters=self._declared(parameters))
+
+    def _declared(self, schema: Any) -> str:
+        """A JSON Schema for the model to read: the value spelling, any key allowed."""
+        vs = self._v
+        if isinstance(schema, dict):
+            key_ident = vs.get("key_style") == "identifier"
+            members = [Template(vs["key"]).safe_substitute(
+                key=k if key_ident else json.dumps(k, ensure_ascii=False)[1:-1]) + self._declared(x)
+                for k, x in schema.items()]
+            return vs["object_open"] + vs["member_separator"].join(members) + vs["object_close"]
+        if isinstance(schema, list):
+            return vs["array_open"] + vs["item_separator"].join(self._declared(x) for x in schema) + vs["array_close"]
+        if isinstance(schema, str):
+            return self.render_string(schema)
+        return json.dumps(schema)
+
+    def system_turn(self, instructions: str, declarations: Sequence[str] = ()) -> str:
+        return self._turn("system", content=instructions + "".join(declarations))
+
+    def user_turn(self, text: str) -> str:
+        return self._turn("user", content=text)
+
+    @property
+    def model_start(self) -> str:
+        return self._turn("model")
+
+    @property
+    def model_end(self) -> str:
+        """What follows a final answer (in gemma4 it starts with the text stop token)."""
+        return self._turn("model_end")
+
+    def render_response(self, name: str, content: str) -> str:
+        if self._v.get("string_escapes") != "json" and self._v["string_close"] in content:
+            content = content.replace(self._v["string_close"], "")
+        return self._turn("response", name=name, content=content,
+                          content_json=json.dumps(content, ensure_ascii=False))
+
+    def after_calls(self, responses: Sequence[str]) -> str:
+        """What follows a model's calls: the stop-token glue, the results, and the model's cue."""
+        return self._turn("calls_end") + "".join(responses) + self._turn("responses_end")
+
+    # ---- parsing unconstrained text ------------------------------------------------------------
+    def parse_output(self, text: str) -> ParsedOutput:
+        """Parse a model's free text (no grammar) into calls or a final text.
+
+        Lenient about what follows the last call, strict about each call's spelling;
+        raises ``ParseError`` for a malformed call (what a prompt-and-parse runtime retries).
+        """
+        c = self.wire_format.calls
+        head, _, tail = c["call"].partition("${name}")
+        if head not in text:
+            return ParsedOutput(text=self._strip_text(text))
+        calls = []
+        pos = 0
+        body = text
+        if c.get("open") and body.lstrip().startswith(c["open"]):
+            body = body.lstrip()[len(c["open"]):]
+        while True:
+            i = body.find(head, pos)
+            if i < 0:
+                break
+            m = re.match(r"[A-Za-z_][A-Za-z0-9_.\-]*", body[i + len(head):])
+            if not m:
+                raise ParseError(f"a call without a tool name at character {i}")
+            name = m.group(0)
+            j = i + len(head) + len(name)
+            args_tpl, _, after = tail.partition("${arguments}")
+            if args_tpl and not body.startswith(args_tpl, j):
+                raise ParseError(f"call {name!r}: expected {args_tpl!r} at character {j}")
+            j += len(args_tpl)
+            value, j = self._parse_value(body, j)
+            if not isinstance(value, dict):
+                raise ParseError(f"call {name!r}: the arguments are not an object")
+            if after and not body.startswith(after, j):
+                raise ParseError(f"call {name!r}: expected {after!r} at character {j}")
+            calls.append(ToolCall(name, value))
+            pos = j + len(after)
+        return ParsedOutput(calls=calls)
+
+    def _strip_text(self, text: str) -> str:
+        t = self.wire_format.text
+        s = text
+        if t.get("open") and s.startswith(t["open"]):
+            s = s[len(t["open"]):]
+            if t.get("close") and s.endswith(t["close"]):
+                s = s[: -len(t["close"])]
+            if t.get("body") == "string":
+                try:
+                    v, _ = self._parse_value(s, 0)
+                    return str(v)
+                except ParseError:
+                    return s
+        return s
+
+    def _parse_value(self, s: str, i: int) -> tuple[Any, int]:
+        vs = self._v
+        if s.startswith(vs["object_open"], i):
+            i += len(vs["object_open"])
+            out: dict[str, Any] = {}
+            if s.startswith(vs["object_close"], i):
+                return out, i + len(vs["object_close"])
+            while True:
+                key, i = self._parse_key(s, i)
+                out[key], i = self._parse_value(s, i)
+                if s.startswith(vs["member_separator"], i):
+                    i += len(vs["member_separator"])
+                elif s.startswith(vs["object_close"], i):
+                    return out, i + len(vs["object_close"])
+                else:
+                    raise ParseError(f"expected {vs['member_separator']!r} or {vs['object_close']!r} at character {i}")
+        if s.startswith(vs["array_open"], i):
+            i += len(vs["array_open"])
+            items: list[Any] = []
+            if s.startswith(vs["array_close"], i):
+                return items, i + len(vs["array_close"])
+            while True:
+                x, i = self._parse_value(s, i)
+                items.append(x)
+                if s.startswith(vs["item_separator"], i):
+                    i += len(vs["item_separator"])
+                elif s.startswith(vs["array_close"], i):
+                    return items, i + len(vs["array_close"])
+                else:
+                    raise ParseError(f"expected {vs['item_separator']!r} or {vs['array_close']!r} at character {i}")
+        if s.startswith(vs["string_open"], i):
+            return self._parse_string(s, i)
+        m = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?|true|false|null").match(s, i)
+        if not m:
+            raise ParseError(f"expected a value at character {i}: {s[i:i + 20]!r}")
+        return json.loads(m.group(0)), m.end()
+
+    def _parse_string(self, s: str, i: int) -> tuple[str, int]:
+        vs = self._v
+        i += len(vs["string_open"])
+        if vs.get("string_escapes") == "json":
+            try:
+                value, end = json.JSONDecoder().raw_decode(s, i - 1)
+            except json.JSONDecodeError as e:
+                raise ParseError(f"bad string at character {i}: {e.msg}") from None
+            return value, end
+        j = s.find(vs["string_close"], i)
+        if j < 0:
+            raise ParseError(f"unterminated string at character {i}")
+        return s[i:j], j + len(vs["string_close"])
+
+    def _parse_key(self, s: str, i: int) -> tuple[str, int]:
+        before, _, after = self._v["key"].partition("${key}")
+        if not s.startswith(before, i):
+            raise ParseError(f"expected a key at character {i}")
+        i += len(before)
+        if self._v.get("key_style") == "identifier":
+            m = _IDENT.pattern[:-2]
+            mm = re.compile(m).match(s, i)
+            if not mm:
+                raise ParseError(f"expected a key at character {i}")
+            key, i = mm.group(0), mm.end()
+        else:
+            j = s.find('"', i)
+            while j > 0 and s[j - 1] == "\\":
+                j = s.find('"', j + 1)
+            if j < 0:
+                raise ParseError(f"unterminated key at character {i}")
+            key, i = json.loads('"' + s[i:j] + '"'), j
+        if not s.startswith(after, i):
+            raise ParseError(f"expected {after!r} after key {key!r} at character {i}")
+        return key, i + len(after)
+
+
+def _resolve(schema: Mapping[str, Any] | None, root: Mapping[str, Any], value: Any) -> Mapping[str, Any] | None:
+    """Follow ``$ref`` and pick the ``anyOf``/``oneOf`` branch whose type fits ``value`` (for key order)."""
+    for _ in range(16):
+        if not isinstance(schema, Mapping):
+            return None
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/"):
+            node: Any = root
+            for part in ref[2:].split("/"):
+                node = node.get(part.replace("~1", "/").replace("~0", "~"), {}) if isinstance(node, Mapping) else {}
+            schema = node
+            continue
+        for key in ("anyOf", "oneOf"):
+            branches = schema.get(key)
+            if isinstance(branches, list):
+                fit = [b for b in branches if _fits(b, value, root)]
+                if fit:
+                    schema = fit[0]
+                    break
+        else:
+            return schema
+    return schema
+
+
+def _fits(schema: Any, value: Any, root: Mapping[str, Any]) -> bool:
+    if isinstance(schema, Mapping) and "$ref" in schema:
+        schema = _resolve(schema, root, value)
+    t = schema.get("type") if isinstance(schema, Mapping) else None
+    if t is None:
+        return True
+    types = t if isinstance(t, list) else [t]
+    kind = ("object" if isinstance(value, dict) else "array" if isinstance(value, (list, tuple))
+            else "string" if isinstance(value, str) else "boolean" if isinstance(value, bool)
+            else "null" if value is None else "integer" if isinstance(value, int) else "number")
+    return kind in types or (kind == "integer" and "number" in types)

@@ -1,0 +1,59 @@
+"""The protocol spells calls exactly as the grammar expects, and parses free text back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from agentloop.errors import ParseError
+from agentloop.grammar import ToolCall, byte_tokenizer, compile_tools
+from agentloop.protocol import Protocol
+
+TOOLS = json.loads((Path(__file__).parent / "data" / "tool_schemas.json").read_text("utf-8"))
+
+
+@pytest.mark.parametrize("wire_format", ["gemma4", "json"])
+def test_rendered_calls_match_the_grammar(wire_format: str) -> None:
+    """Calls sampled from the grammar, re-rendered by the protocol, are accepted and parse back."""
+    tok = byte_tokenizer()
+    p = Protocol(wire_format)
+    schemas = {t["name"]: t["parameters"] for t in TOOLS}
+    gen = torch.Generator().manual_seed(0)
+    for t in TOOLS[:12]:
+        g = compile_tools([t], tok, wire_format, allow_text=False, parallel_calls=False)
+        for _ in range(3):
+            ids = g.sample(torch.randn(160, g.vocab.size, generator=gen) * 2, generator=gen)
+            calls = g.parse(ids).calls
+            text = p.render_calls(calls, schemas)
+            again = tok.encode(text + p.calls_stop).ids
+            assert g.accepts(again), (t["name"], text)
+            assert g.parse(again).calls == calls
+            assert p.parse_output(text).calls == calls
+
+
+def test_text_answers_and_parse_errors() -> None:
+    p = Protocol("gemma4")
+    assert p.parse_output("Hello there").text == "Hello there"
+    with pytest.raises(ParseError, match="unterminated string"):
+        p.parse_output('<|tool_call>call:get_weather{city:<|"|>Paris}<tool_call|>')
+    with pytest.raises(ParseError, match="expected"):
+        p.parse_output('<|tool_call>call:get_weather{city:3<tool_call|>')
+    j = Protocol("json")
+    assert j.parse_output(j.render_text('say "hi"')).text == 'say "hi"'
+    assert j.parse_output('[{"name":"f","arguments":{"a":[1,2]}}]').calls == [ToolCall("f", {"a": [1, 2]})]
+    with pytest.raises(ParseError):
+        j.parse_output('[{"name":"f","arguments":{"a":[1,2}}]')
+
+
+def test_turns_and_declarations() -> None:
+    p = Protocol("gemma4")
+    decl = p.render_declaration("f", "Does f.", {"type": "object", "properties": {"x": {"type": "integer"}}})
+    assert decl == ('<|tool>declaration:f{description:<|"|>Does f.<|"|>,parameters:{type:<|"|>object<|"|>,'
+                    'properties:{x:{type:<|"|>integer<|"|>}}}}<tool|>')
+    assert p.system_turn("Be brief.", [decl]).startswith("<|turn>system\nBe brief.<|tool>declaration:f")
+    assert p.render_response("f", 'a <|"|> b') == '<|tool_response>response:f{value:<|"|>a  b<|"|>}<tool_response|>'
+    with pytest.raises(ValueError, match="identifiers"):
+        p.render_value({"not an id": 1})
