@@ -15,8 +15,10 @@ the tools' grammar, run the calls, feed the results back, repeat.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
+from contextlib import aclosing
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Generic, Literal, Sequence, Union
@@ -29,7 +31,7 @@ from .engine.generation import CallCost, Draft, GenerationOptions
 from .engine.session import Session
 from .errors import AgentloopError, MaxStepsExceeded, ToolRetriesExhausted
 from .grammar import CompiledGrammar, ToolCall, compile_tools
-from .protocol import Protocol
+from .protocol import Protocol, Segment
 from .tools import DepsT, RunContext, Tool, ToolResult, as_tool
 
 # ---- messages ------------------------------------------------------------------------------------
@@ -225,9 +227,10 @@ class Agent(Generic[DepsT]):
         """Run the loop until a final answer; raises ``MaxStepsExceeded`` or
         ``ToolRetriesExhausted`` (with ``.partial``) when it cannot finish."""
         result: RunResult | None = None
-        async for ev in self._loop(prompt, message_history, deps, want_drafts=False):
-            if isinstance(ev, RunComplete):
-                result = ev.result
+        async with aclosing(self._loop(prompt, message_history, deps, want_drafts=False)) as events:
+            async for ev in events:
+                if isinstance(ev, RunComplete):
+                    result = ev.result
         assert result is not None
         return result
 
@@ -242,8 +245,9 @@ class Agent(Generic[DepsT]):
         results, the final answer, and ``RunComplete(result)`` last. If you stop iterating
         early, close the stream (``async with contextlib.aclosing(agent.stream(...))``) so
         the model call stops at once."""
-        async for ev in self._loop(prompt, message_history, deps, want_drafts=True):
-            yield ev
+        async with aclosing(self._loop(prompt, message_history, deps, want_drafts=True)) as events:
+            async for ev in events:
+                yield ev
 
     # ---- the loop ----------------------------------------------------------------------------------
     async def _loop(self, prompt: str, history: Sequence[Message] | None, deps: Any,
@@ -253,10 +257,11 @@ class Agent(Generic[DepsT]):
         messages: list[Message] = list(history or [])
         session = self._take_session(history)
         if session is None:
-            session = self.engine.session(self._render_history(messages))
+            session = self.engine.session()
+            _append(session, self._render_history(messages))
         if messages and isinstance(messages[-1], ModelMessage) and messages[-1].text is None:
             raise AgentloopError("message_history ends with tool calls that have no results")
-        session.append_text(self.protocol.user_turn(prompt) + self.protocol.model_start)
+        _append(session, self.protocol.user_segments(prompt) + [(self.protocol.model_start, False)])
         messages.append(UserMessage(prompt))
         result = RunResult(None, messages)
         failures: dict[str, int] = {}
@@ -264,11 +269,14 @@ class Agent(Generic[DepsT]):
             t_step = time.perf_counter()
             yield ModelStepStart(step)
             gen = None
-            async for item in self._model_step(session, constraint, step, want_drafts):
-                if isinstance(item, CanvasDraft):
-                    yield item
-                else:
-                    gen = item
+            # Inner generators are closed explicitly, in this task: their task group and the
+            # engine call end here when the caller stops early, never in a finalizer elsewhere.
+            async with aclosing(self._model_step(session, constraint, step, want_drafts)) as items:
+                async for item in items:
+                    if isinstance(item, CanvasDraft):
+                        yield item
+                    else:
+                        gen = item
             assert gen is not None
             parsed = gen.parsed
             if parsed.text is not None or not parsed.calls:
@@ -295,8 +303,7 @@ class Agent(Generic[DepsT]):
                 result.calls.append(CallRecord(step, c, r))
                 yield ToolCallEnd(step, c, r)
             messages.append(ToolResultsMessage(tuple(results)))
-            session.append_text(self.protocol.after_calls(
-                [self.protocol.render_response(r.name, r.content) for r in results]))
+            _append(session, self.protocol.after_calls_segments([(r.name, r.content) for r in results]))
             result.trace.append(StepTrace(step, gen.cost, tool_s, time.perf_counter() - t_step,
                                           tuple(c.name for c in msg.calls), False))
             over = [n for n, k in failures.items() if k > self._by_name[n].retries]
@@ -321,19 +328,29 @@ class Agent(Generic[DepsT]):
         def on_draft(d: Draft) -> None:  # runs in the engine's worker thread (or inline for test engines)
             ev = CanvasDraft(step, d, decode(d.tokens))
             try:
-                anyio.from_thread.run_sync(send.send_nowait, ev)
-            except RuntimeError:  # called on the event loop's own thread
-                send.send_nowait(ev)
+                try:
+                    anyio.from_thread.run_sync(send.send_nowait, ev)
+                except RuntimeError:  # called on the event loop's own thread
+                    send.send_nowait(ev)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # the consumer has gone; the call is being cancelled
 
         async def call() -> None:
             async with send:
                 out = await self.engine.generate(session, constraint, options=self.options, on_draft=on_draft)
-                await send.send(out)
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    await send.send(out)
 
         async with anyio.create_task_group() as tg, receive:
             tg.start_soon(call)
-            async for item in receive:
-                yield item
+            try:
+                async for item in receive:
+                    yield item
+            except GeneratorExit:
+                # The consumer stopped early: cancel the engine call (it stops at its next
+                # denoising step) and finish quietly; the task group waits for it here.
+                tg.cancel_scope.cancel()
+                return
 
     async def _run_calls(self, calls: Sequence[ToolCall], step: int, deps: Any,
                          failures: dict[str, int]) -> list[ToolResult]:
@@ -366,32 +383,32 @@ class Agent(Generic[DepsT]):
         decls = [p.render_declaration(t.name, t.description, t.parameters) for t in self.tools]
         return p.system_turn(self.instructions, decls)
 
-    def _render_history(self, messages: Sequence[Message]) -> str:
-        """The whole conversation as the model reads it (system turn first)."""
+    def _render_history(self, messages: Sequence[Message]) -> list[Segment]:
+        """The whole conversation as the model reads it (system turn first), in pieces."""
         p = self.protocol
         schemas = {t.name: t.parameters for t in self.tools}
-        out = [self._system()]
+        out: list[Segment] = [(self._system(), False)]
         in_model_turn = False
         for m in messages:
             if isinstance(m, UserMessage):
                 if in_model_turn:
-                    out.append(p.model_end)
-                out.append(p.user_turn(m.text))
+                    out.append((p.model_end, False))
+                out += p.user_segments(m.text)
                 in_model_turn = False
             elif isinstance(m, ModelMessage):
                 if not in_model_turn:
-                    out.append(p.model_start)
+                    out.append((p.model_start, False))
                     in_model_turn = True
                 if m.calls:
-                    out.append(p.render_calls(list(m.calls), schemas))
+                    out.append((p.render_calls(list(m.calls), schemas), False))
                 else:
-                    out.append(p.render_text(m.text or "") + p.model_end)
+                    out.append((p.render_text(m.text or "") + p.model_end, False))
                     in_model_turn = False
             else:
-                out.append(p.after_calls([p.render_response(r.name, r.content) for r in m.results]))
+                out += p.after_calls_segments([(r.name, r.content) for r in m.results])
         if in_model_turn:
-            out.append(p.model_end)
-        return "".join(out)
+            out.append((p.model_end, False))
+        return out
 
     def _keep_session(self, messages: list[Message], session: Session) -> None:
         self._sessions[id(messages)] = (messages, tuple(messages), session)
@@ -405,3 +422,9 @@ class Agent(Generic[DepsT]):
         if hit is None or hit[0] is not history or tuple(history) != hit[1]:
             return None  # not ours, or edited since: re-encode from the messages
         return hit[2]
+
+
+def _append(session: Session, segments: Sequence[Segment]) -> None:
+    for text, literal in segments:
+        if text:
+            session.append_text(text, literal=literal)

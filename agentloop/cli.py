@@ -1,5 +1,8 @@
 """The ``agentloop`` command line.
 
+    agentloop run "What is 12 mi in km?" --tools tools/demo.py   # one agent run
+    agentloop chat --tools tools/demo.py                          # a conversation (REPL)
+    agentloop tools tools/demo.py                                 # list tools and their schemas
     agentloop demo                      # constrained canvases from a tiny random DiffusionGemma
     agentloop grammar check tools.json  # compile tool schemas, report sizes or the exact error
 
@@ -8,11 +11,14 @@ Exit codes: 0 success, 1 run error, 2 usage error.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
@@ -50,7 +56,18 @@ DEMO_TOOLS: list[dict[str, Any]] = [
 ]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Exit 1 with the message (no traceback) for agentloop's own errors; click maps usage errors to 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AgentloopError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="agentloop")
 def main() -> None:
     """agentloop: fast local tool-use loops on a block-diffusion LM, every call valid by construction."""
@@ -90,6 +107,214 @@ def demo(seed: int, steps: int, canvas_length: int) -> None:
         else:
             stop = [out.stop_token] if out.finished else []
             click.echo(f"  valid call: {grammar.accepts(out.tokens + stop)}")
+
+
+# ---- agents ---------------------------------------------------------------------------------------
+
+_MODEL_HELP = ("builtin (the bundled demo model), random (a tiny random DiffusionGemma: valid calls, "
+               "meaningless content) or a local checkpoint folder")
+
+
+def _agent_options(f: Any) -> Any:
+    for opt in reversed([
+        click.option("--tools", "tool_specs", multiple=True, metavar="PATH[:NAME]",
+                     help="Tools to offer: a .py file (all its @tool functions), FILE:NAME for one, or a module. "
+                          "Repeatable."),
+        click.option("--model", default="builtin", show_default=True, help=_MODEL_HELP),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+                     show_default=True),
+        click.option("--max-steps", default=10, show_default=True, type=click.IntRange(1),
+                     help="Most model calls per run."),
+        click.option("--max-denoising-steps", default=48, show_default=True, type=click.IntRange(1),
+                     help="Most denoising steps per canvas."),
+        click.option("--instructions", default="You are a helpful assistant. Use the tools when they help.",
+                     show_default=True, help="The system instructions."),
+        click.option("--seed", type=int, default=None, help="Seed of the sampler (default: random)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@contextmanager
+def _progress(message: str) -> Iterator[None]:
+    """A spinner on stderr while something slow (loading a model) runs."""
+    done = threading.Event()
+    t0 = time.perf_counter()
+    tty = sys.stderr.isatty()
+
+    def spin() -> None:
+        for ch in itertools.cycle("|/-\\"):
+            if done.wait(0.1):
+                return
+            click.echo(f"\r{message} {ch}", nl=False, err=True)
+
+    th = threading.Thread(target=spin, daemon=True) if tty else None
+    if th:
+        th.start()
+    else:
+        click.echo(f"{message} ...", err=True)
+    try:
+        yield
+    finally:
+        done.set()
+        if th:
+            th.join()
+        click.echo(f"{chr(13) if tty else ''}{message}: done in {time.perf_counter() - t0:.1f} s", err=True)
+
+
+def _make_agent(tool_specs: tuple[str, ...], model: str, device: str, dtype: str, max_steps: int,
+                max_denoising_steps: int, instructions: str, seed: int | None) -> Any:
+    from .agent import Agent
+    from .engine import DiffusionEngine, GenerationOptions
+    from .engine.models import BUILTIN_MODEL_DIR
+    from .tools import load_tools
+
+    tools = [t for spec in tool_specs for t in load_tools(spec)]
+    if model == "builtin":
+        if not (BUILTIN_MODEL_DIR / "config.json").is_file():
+            raise click.UsageError("the bundled demo model is not in this installation yet; use --model random "
+                                   "(a tiny random DiffusionGemma) or --model PATH (a local checkpoint)")
+        model = str(BUILTIN_MODEL_DIR)
+    options = GenerationOptions(max_denoising_steps=max_denoising_steps, seed=seed)
+    with _progress(f"loading model {model}"):
+        if model == "random":
+            engine = DiffusionEngine.random(device=device, dtype=dtype)
+        else:
+            if not Path(model).is_dir():
+                raise click.BadParameter(f"{model!r} is not a folder (expected {_MODEL_HELP})", param_hint="--model")
+            engine = DiffusionEngine.from_pretrained(model, device=device, dtype=dtype)
+    with _progress(f"compiling the grammar of {len(tools)} tool(s)"):
+        agent = Agent(engine, tools, instructions=instructions, max_steps=max_steps, options=options)
+        _ = agent.constraint
+    return agent
+
+
+def _result_json(result: Any) -> dict[str, Any]:
+    return {"output": result.output,
+            "calls": [{"step": c.step, "name": c.call.name, "arguments": c.call.arguments,
+                       "result": c.result.content, "is_error": c.result.is_error} for c in result.calls],
+            "usage": result.usage.__dict__, "total_s": result.total_s, "trace": result.trace_dicts()}
+
+
+def _trace_table(result: Any) -> str:
+    cols = ["step", "prefill", "canvases", "steps", "forced", "tokens", "encoder ms", "decoder ms",
+            "constraint ms", "sampler ms", "tools ms", "turn ms", "calls"]
+    rows = [[str(s.step), str(s.cost.prefill_tokens), str(s.cost.canvases), str(s.cost.denoising_steps),
+             str(s.cost.forced_tokens), str(s.cost.generated_tokens), f"{1000 * s.cost.encoder_s:.0f}",
+             f"{1000 * s.cost.decoder_s:.0f}", f"{1000 * s.cost.constraint_s:.0f}",
+             f"{1000 * s.cost.sampler_s:.0f}", f"{1000 * s.tool_s:.0f}", f"{1000 * s.latency_s:.0f}",
+             ",".join(s.calls) or ("(answer)" if s.final else "")] for s in result.trace]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join([fmt.format(*cols)] + [fmt.format(*r) for r in rows])
+
+
+def _print_result(result: Any, as_json: bool, trace: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(_result_json(result), ensure_ascii=False, default=str))
+        return
+    for c in result.calls:
+        mark = "error" if c.result.is_error else "ok"
+        click.echo(f"  [{c.step}] {c.call.name}({json.dumps(c.call.arguments, ensure_ascii=False)}) -> {mark}: "
+                   f"{c.result.content[:200]}", err=True)
+    click.echo(result.output)
+    if trace:
+        click.echo(_trace_table(result), err=True)
+
+
+@main.command()
+@click.argument("prompt")
+@_agent_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result (output, calls, usage, trace) as JSON.")
+@click.option("--trace", is_flag=True, help="Print the per-step cost table (to stderr).")
+def run(prompt: str, tool_specs: tuple[str, ...], model: str, device: str, dtype: str, max_steps: int,
+        max_denoising_steps: int, instructions: str, seed: int | None, as_json: bool, trace: bool) -> None:
+    """Run an agent on PROMPT until it answers. Examples:
+
+    \b
+        agentloop run "What is 12 mi in km?" --tools tools/demo.py
+        agentloop run "Weather in Oslo?" --tools tools/demo.py:get_weather --trace
+        agentloop run "Hi" --model /models/diffusiongemma --device cuda --dtype bfloat16 --json
+    """
+    from .errors import MaxStepsExceeded, ToolRetriesExhausted
+
+    agent = _make_agent(tool_specs, model, device, dtype, max_steps, max_denoising_steps, instructions, seed)
+    try:
+        result = agent.run_sync(prompt)
+    except (MaxStepsExceeded, ToolRetriesExhausted) as e:
+        if as_json and e.partial is not None:
+            click.echo(json.dumps({"error": str(e), **_result_json(e.partial)}, ensure_ascii=False, default=str))
+        elif trace and e.partial is not None:
+            click.echo(_trace_table(e.partial), err=True)
+        raise
+    _print_result(result, as_json, trace)
+
+
+@main.command()
+@_agent_options
+@click.option("--trace", is_flag=True, help="Print the per-step cost table after each answer.")
+def chat(tool_specs: tuple[str, ...], model: str, device: str, dtype: str, max_steps: int, max_denoising_steps: int,
+         instructions: str, seed: int | None, trace: bool) -> None:
+    """A conversation with an agent; the session (and its KV cache) is kept between turns.
+
+    Type a message and press enter; /reset starts over, /trace shows the last turn's cost
+    table, /exit (or end of input) quits. Example:
+
+        agentloop chat --tools tools/demo.py --model random
+    """
+    agent = _make_agent(tool_specs, model, device, dtype, max_steps, max_denoising_steps, instructions, seed)
+    history = None
+    last = None
+    while True:
+        try:
+            line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
+        except (EOFError, click.Abort):
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            break
+        if line == "/reset":
+            history = None
+            click.echo("(new conversation)")
+            continue
+        if line == "/trace":
+            click.echo(_trace_table(last) if last is not None else "(no turn yet)")
+            continue
+        try:
+            last = agent.run_sync(line, message_history=history)
+        except AgentloopError as e:
+            click.echo(f"error: {e}", err=True)
+            continue
+        history = last.messages
+        _print_result(last, False, trace)
+
+
+@main.command("tools")
+@click.argument("specs", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the tools as JSON (name, description, parameters).")
+def tools_cmd(specs: tuple[str, ...], as_json: bool) -> None:
+    """List the tools in SPECS (files, FILE:NAME or modules) with their JSON Schemas.
+
+    Exits with 1 and the exact reason when a tool cannot be defined. Example:
+
+        agentloop tools tools/demo.py tools/web.py
+    """
+    from .tools import load_tools
+
+    found = [t for spec in specs for t in load_tools(spec)]
+    if as_json:
+        click.echo(json.dumps([{"name": t.name, "description": t.description, "parameters": t.parameters}
+                               for t in found], indent=1, ensure_ascii=False))
+        return
+    for t in found:
+        flags = [f"timeout {t.timeout:g} s" if t.timeout else "no timeout", f"retries {t.retries}"]
+        if t.requires_approval:
+            flags.append("requires approval")
+        click.echo(f"{t.name}: {t.description}  ({', '.join(flags)})")
+        click.echo("  " + json.dumps(t.parameters, ensure_ascii=False))
 
 
 @main.group()

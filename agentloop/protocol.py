@@ -26,6 +26,10 @@ from .grammar.wireformat import WireFormat, load_wire_format
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
+#: A piece of conversation text and whether it is encoded literally (user and tool text:
+#: special-token strings in it are never control tokens).
+Segment = tuple[str, bool]
+
 
 class Protocol:
     """Renders and parses conversations in one wire format (a name in grammars/ or a .toml path)."""
@@ -128,6 +132,36 @@ class Protocol:
     def _turn(self, key: str, **fields: str) -> str:
         return Template(self.wire_format.turns.get(key, "")).safe_substitute(**fields)
 
+    def _segments(self, key: str, untrusted: dict[str, str], **fields: str) -> list[Segment]:
+        """A template with ``untrusted`` fields kept apart, to be encoded literally."""
+        marks = {k: f"\x00{i}\x00" for i, k in enumerate(untrusted)}
+        text = self._turn(key, **fields, **marks)
+        out: list[Segment] = []
+        for i, part in enumerate(re.split("\x00(\\d+)\x00", text)):
+            if i % 2:
+                out.append((untrusted[list(untrusted)[int(part)]], True))
+            elif part:
+                out.append((part, False))
+        return out
+
+    def user_segments(self, text: str) -> list[Segment]:
+        """A user turn as (text, literal) pieces: the user's text is encoded literally."""
+        return self._segments("user", {"content": text})
+
+    def response_segments(self, name: str, content: str) -> list[Segment]:
+        """A tool result as (text, literal) pieces: the tool's output is encoded literally."""
+        if self._v.get("string_escapes") != "json" and self._v["string_close"] in content:
+            content = content.replace(self._v["string_close"], "")
+        return self._segments("response", {"content": content,
+                                           "content_json": json.dumps(content, ensure_ascii=False)}, name=name)
+
+    def after_calls_segments(self, results: Sequence[tuple[str, str]]) -> list[Segment]:
+        """What follows a model's calls, for (tool name, result text) pairs."""
+        out: list[Segment] = [(self._turn("calls_end"), False)]
+        for name, content in results:
+            out += self.response_segments(name, content)
+        return out + [(self._turn("responses_end"), False)]
+
     def render_declaration(self, name: str, description: str, parameters: Mapping[str, Any]) -> str:
         return self._turn("declaration", name=name, description=description,
                           description_json=json.dumps(description, ensure_ascii=False),
@@ -164,14 +198,7 @@ class Protocol:
         return self._turn("model_end")
 
     def render_response(self, name: str, content: str) -> str:
-        if self._v.get("string_escapes") != "json" and self._v["string_close"] in content:
-            content = content.replace(self._v["string_close"], "")
-        return self._turn("response", name=name, content=content,
-                          content_json=json.dumps(content, ensure_ascii=False))
-
-    def after_calls(self, responses: Sequence[str]) -> str:
-        """What follows a model's calls: the stop-token glue, the results, and the model's cue."""
-        return self._turn("calls_end") + "".join(responses) + self._turn("responses_end")
+        return "".join(t for t, _ in self.response_segments(name, content))
 
     # ---- parsing unconstrained text ------------------------------------------------------------
     def parse_output(self, text: str) -> ParsedOutput:

@@ -21,7 +21,7 @@ from .engine.generation import CallCost, Draft, Generation, GenerationOptions
 from .engine.session import Session
 from .errors import ScriptError
 from .grammar import CompiledGrammar, ToolCall, byte_tokenizer
-from .grammar.vocabulary import backend_tokenizer
+from .grammar.vocabulary import backend_tokenizer, encode_text
 from .protocol import Protocol
 
 #: One scripted model step: a final text, one call, several calls (parallel), or a function
@@ -57,8 +57,8 @@ class ScriptedEngine:
     def remaining(self) -> int:
         return len(self._script) - self._next
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._backend.encode(text, add_special_tokens=False).ids)
+    def encode(self, text: str, *, literal: bool = False) -> list[int]:
+        return encode_text(self.tokenizer, text, literal=literal)
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._backend.decode(list(ids), skip_special_tokens=False))

@@ -44,3 +44,68 @@ def test_example_script_runs():
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "get_weather" in r.stdout
+
+
+RUN = ["--model", "random", "--max-denoising-steps", "3", "--seed", "0"]
+
+
+def test_run_json_and_trace():
+    r = CliRunner().invoke(main, ["run", "What is 12 mi in km?", "--tools", "tools/demo.py:convert_units", *RUN,
+                                  "--max-steps", "2", "--json"])
+    # a random model either answers (exit 0) or keeps calling until max_steps (exit 1); both print JSON
+    assert r.exit_code in (0, 1), r.output
+    data = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(data) >= {"output", "calls", "usage", "trace"}
+    assert data["trace"] and {"prefill_tokens", "decoder_s", "constraint_s", "tool_s"} <= set(data["trace"][0])
+    for c in data["calls"]:
+        assert c["name"] == "convert_units" and not c["is_error"] or "cannot convert" in c["result"]
+
+
+def test_run_usage_errors_exit_2():
+    r = CliRunner().invoke(main, ["run", "hi", "--model", "builtin"])
+    assert r.exit_code == 2 and "--model random" in r.output
+    r = CliRunner().invoke(main, ["run", "hi", "--model", "/no/such/folder"])
+    assert r.exit_code == 2 and "is not a folder" in r.output
+    r = CliRunner().invoke(main, ["run", "hi", "--max-steps", "0", *RUN])
+    assert r.exit_code == 2
+
+
+def test_run_error_exit_1(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from agentloop import tool\n@tool\ndef f(x): pass\n")
+    r = CliRunner().invoke(main, ["run", "hi", "--tools", str(bad), *RUN])
+    assert r.exit_code == 1 and "parameter 'x' has no type hint" in r.output
+
+
+def test_tools_lists_schemas():
+    r = CliRunner().invoke(main, ["tools", "tools/demo.py", "tools/web.py", "--json"])
+    assert r.exit_code == 0, r.output
+    names = [t["name"] for t in json.loads(r.output)]
+    assert names[:3] == ["get_weather", "calculator", "convert_units"] and names[-1] == "http_get"
+    r = CliRunner().invoke(main, ["tools", "tools/demo.py:nope"])
+    assert r.exit_code == 1 and "has no 'nope'" in r.output
+    r = CliRunner().invoke(main, ["tools"])
+    assert r.exit_code == 2
+
+
+def test_chat_keeps_the_session():
+    r = CliRunner().invoke(main, ["chat", "--tools", "tools/demo.py:calculator", *RUN, "--max-steps", "1"],
+                           input="hello\n/trace\n/reset\n/exit\n")
+    assert r.exit_code == 0, r.output
+    assert "step  prefill" in r.output or "no turn yet" in r.output
+    assert "(new conversation)" in r.output
+
+
+def test_help_everywhere():
+    for cmd in (["--help"], ["run", "--help"], ["chat", "--help"], ["tools", "--help"], ["demo", "--help"]):
+        r = CliRunner().invoke(main, cmd)
+        assert r.exit_code == 0 and "Usage" in r.output
+    assert "agentloop run" in CliRunner().invoke(main, ["run", "--help"]).output
+
+
+def test_run_as_a_real_subprocess():
+    r = subprocess.run([sys.executable, "-m", "agentloop.cli", "run", "2+2?", "--tools", "tools/demo.py:calculator",
+                        *RUN, "--max-steps", "1", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode in (0, 1), r.stderr
+    assert "loading model random" in r.stderr
+    json.loads(r.stdout.strip().splitlines()[-1])

@@ -6,6 +6,8 @@ import doctest
 
 import pytest
 
+import agentloop
+import agentloop.agent
 import agentloop.engine
 import agentloop.engine.diffusion
 import agentloop.engine.generation
@@ -14,11 +16,16 @@ import agentloop.engine.session
 import agentloop.grammar
 import agentloop.grammar.compiled
 import agentloop.grammar.copy
+import agentloop.grammar.vocabulary
 import agentloop.grammar.wireformat
+import agentloop.protocol
+import agentloop.testing
+import agentloop.tools
 
 MODULES = [agentloop.grammar, agentloop.grammar.wireformat, agentloop.grammar.copy, agentloop.grammar.compiled,
            agentloop.engine, agentloop.engine.diffusion, agentloop.engine.generation, agentloop.engine.models,
-           agentloop.engine.session]
+           agentloop.engine.session, agentloop.grammar.vocabulary, agentloop, agentloop.agent, agentloop.protocol,
+           agentloop.testing, agentloop.tools]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import ContextLengthError, EngineInputError, GrammarMismatchError, NoValidCanvasError
 from ..grammar import CompiledGrammar
-from ..grammar.vocabulary import backend_tokenizer
+from ..grammar.vocabulary import backend_tokenizer, encode_text
 from .generation import CallCost, Draft, Generation, GenerationOptions
 from .models import diffusion_gemma_config, load_model, random_model
 from .sampling import StableAndConfident, entropy_bound_accept, fused_draw, reference_draw, renoise, temperature_at
@@ -145,9 +145,10 @@ class DiffusionEngine:
         return cls(model, tokenizer, compile=compile, options=options)
 
     # ---- tokenizer -----------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (special tokens written in it become single tokens; no BOS)."""
-        return list(backend_tokenizer(self.tokenizer).encode(text, add_special_tokens=False).ids)
+    def encode(self, text: str, *, literal: bool = False) -> list[int]:
+        """Token ids of ``text`` (no BOS). Special tokens written in it become the control
+        tokens, unless ``literal`` (user and tool text): then they are spelled as plain text."""
+        return encode_text(self.tokenizer, text, literal=literal)
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(backend_tokenizer(self.tokenizer).decode(list(ids), skip_special_tokens=False))

@@ -14,6 +14,9 @@ import torch
 
 from ..errors import ModelLoadError
 
+#: Where the bundled demo model (safetensors + config + tokenizer.json) lives in the package.
+BUILTIN_MODEL_DIR = Path(__file__).resolve().parent.parent / "model"
+
 #: Text-config sizes of the random-weight presets. "tiny" is what the tests use; "40m" is
 #: the ~40M-parameter CPU benchmark size.
 PRESETS: dict[str, dict[str, Any]] = {

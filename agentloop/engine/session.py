@@ -65,10 +65,12 @@ class Session:
         with self._unused():
             self._tokens.extend(new)
 
-    def append_text(self, text: str) -> list[int]:
-        """Tokenize ``text`` with the engine's tokenizer (special tokens spelled in it become
-        single tokens; no BOS is added) and queue it. Returns the ids."""
-        ids = self.engine.encode(text)
+    def append_text(self, text: str, *, literal: bool = False) -> list[int]:
+        """Tokenize ``text`` with the engine's tokenizer and queue it; returns the ids.
+
+        Special tokens spelled in ``text`` become the control tokens (templates), unless
+        ``literal`` (text from users and tools: it can never open or close a turn)."""
+        ids = self.engine.encode(text, literal=literal)
         self.append(ids)
         return ids
 

@@ -62,6 +62,31 @@ def backend_tokenizer(tokenizer: Any) -> Any:
     return backend
 
 
+def encode_text(tokenizer: Any, text: str, *, literal: bool = False) -> list[int]:
+    """Token ids of ``text`` (no BOS). Special-token strings written in it (``<turn|>``) become
+    the control tokens, unless ``literal``: then they are spelled as plain text, so text from
+    users and tools can never open or close a turn.
+
+    >>> from agentloop.grammar import byte_tokenizer
+    >>> t = byte_tokenizer()
+    >>> len(encode_text(t, "a<turn|>")), len(encode_text(t, "a<turn|>", literal=True))
+    (2, 8)
+    """
+    backend = backend_tokenizer(tokenizer)
+    if not literal:
+        return list(backend.encode(text, add_special_tokens=False).ids)
+    specials = [t.content for t in backend.get_added_tokens_decoder().values() if t.special and t.content]
+    hits = [m.start() for m in re.finditer("|".join(map(re.escape, sorted(specials, key=len, reverse=True))), text)] \
+        if specials else []
+    # Cut each special string after its first character: neither piece spells it any more.
+    cuts = [0] + [h + 1 for h in hits] + [len(text)]
+    ids: list[int] = []
+    for a, b in zip(cuts, cuts[1:]):
+        if b > a:
+            ids += backend.encode(text[a:b], add_special_tokens=False).ids
+    return ids
+
+
 def _decoder_kind(spec: dict[str, Any]) -> str:
     dec = spec.get("decoder") or {}
     kinds = [d.get("type") for d in dec.get("decoders", [])] if dec.get("type") == "Sequence" else [dec.get("type")]
