@@ -317,6 +317,42 @@ def tools_cmd(specs: tuple[str, ...], as_json: bool) -> None:
         click.echo("  " + json.dumps(t.parameters, ensure_ascii=False))
 
 
+@main.command("bench")
+@click.option("--model", default="random", show_default=True,
+              help="builtin, random (tiny DiffusionGemma), or a local checkpoint folder.")
+@click.option("--random-weights", type=click.Choice(["diffusiongemma-26b-a4b"]), default=None,
+              help="Build this architecture with random weights (speed only; say so in the results).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--steps", default=16, show_default=True, type=click.IntRange(0),
+              help="Fixed denoising steps per canvas (0: adaptive stopping; random weights never stop early).")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--scenario", "only", multiple=True, help="Run only scenarios whose name starts with this.")
+@click.option("--quick", is_flag=True, help="Smaller scenarios (a 6-turn long session, no 20-tool set).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
+              show_default=True, help="Folder for loop.json, loop.md and loop.png.")
+def bench_cmd(model: str, random_weights: str | None, device: str, dtype: str, steps: int, repeats: int,
+              only: tuple[str, ...], quick: bool, out: Path) -> None:
+    """Measure one agent-loop turn: agentloop against the unconstrained model (parse and
+    retry), a grammar-constrained autoregressive model and agentloop without its session
+    cache, interleaved, on single calls, a chain, parallel calls, an answer and a long session.
+
+    \b
+        agentloop bench --quick                                       # tiny random model, CPU, minutes
+        agentloop bench --model /models/dg --device cuda --dtype bfloat16 --steps 0
+        agentloop bench --random-weights diffusiongemma-26b-a4b --device cuda --dtype bfloat16 --scenario single
+    """
+    from .benchmark import BenchConfig, print_table, run, write
+
+    cfg = BenchConfig(model=f"random:{random_weights}" if random_weights else model, device=device, dtype=dtype,
+                      steps=steps, repeats=repeats, quick=quick, only=only)
+    res = run(cfg, log=lambda m: click.echo(m, err=True))
+    command = "agentloop bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "agentloop bench"
+    paths = write(res, out, command)
+    print_table(res)
+    click.echo(f"wrote {', '.join(str(p) for p in paths.values())}", err=True)
+
+
 @main.group()
 def grammar() -> None:
     """Compile and inspect canvas grammars."""
@@ -335,7 +371,7 @@ def grammar_check(tools_file: Path, wire_format: str, tokenizer_path: Path | Non
     Prints the automaton's size and compile time, or the exact keyword and JSON pointer
     the compiler cannot represent. Example:
 
-        agentloop grammar check tests/data/tool_schemas.json --wire-format json
+        agentloop grammar check agentloop/data/tool_schemas.json --wire-format json
     """
     from tokenizers import Tokenizer
 

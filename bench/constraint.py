@@ -1,7 +1,7 @@
 """Constraint benchmark: grammar compile cost and per-step canvas DP cost, side by side
 with the decoder forward of a tiny random DiffusionGemma at the same vocabulary size.
 
-For tool sets of 1, 5 and 20 tools (``tests/data/tool_schemas.json``) x three offline
+For tool sets of 1, 5 and 20 tools (``agentloop/data/tool_schemas.json``) x three offline
 tokenizers (``bench/tokenizers_offline.py``: ~4k byte BPE, 30k WordPiece, 262k Gemma 3)
 x wire format gemma4 it measures
 

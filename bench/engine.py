@@ -7,7 +7,7 @@ Three measurements, each side by side in one run (medians; these machines are no
    random DiffusionGemma at a 256-token canvas: latency split into encoder / decoder /
    constraint / sampler / overhead, denoising steps per canvas, tokens forced by the
    grammar and tokens per decoder forward, unconstrained and constrained (5 tools from
-   tests/data/tool_schemas.json, calls only), interleaved A B A B over seeds. Default
+   agentloop/data/tool_schemas.json, calls only), interleaved A B A B over seeds. Default
    sampler settings (48 steps at most, adaptive stop). Random weights are never confident,
    so the unconstrained loop runs all 48 steps; the constrained one stops once the
    grammar leaves it no doubt.
@@ -50,7 +50,7 @@ from agentloop.grammar import byte_tokenizer, compile_tools  # noqa: E402
 from bench.constraint import code_state, machine  # noqa: E402
 from bench.tokenizers_offline import bpe_4k  # noqa: E402
 
-TOOLS = json.loads((REPO / "tests" / "data" / "tool_schemas.json").read_text("utf-8"))[:5]
+TOOLS = json.loads((REPO / "agentloop" / "data" / "tool_schemas.json").read_text("utf-8"))[:5]
 SYSTEM = ("<|turn>system\nYou are a helpful assistant with tools. Call a tool when the user asks for "
           "something a tool can do, and answer briefly otherwise.<turn|>\n")
 USER = "<|turn>user\nWhat is the weather in Paris for the next 3 days, and how far is 12 miles in km?<turn|>\n"

@@ -42,7 +42,7 @@ GEMMA4_SPECIALS: tuple[str, ...] = (
 GEMMA4_TOOL_TOKENS: tuple[str, ...] = GEMMA4_SPECIALS[2:]
 
 REPO = Path(__file__).resolve().parent.parent
-SCHEMAS = REPO / "tests" / "data" / "tool_schemas.json"
+SCHEMAS = REPO / "agentloop" / "data" / "tool_schemas.json"
 def _cache_dir() -> Path | None:
     """agentloop's cache folder (``AGENTLOOP_CACHE_DIR``, default ``~/.cache/agentloop``;
     ``off`` disables caching)."""

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_grammar_check_reports_sizes(tmp_path):
-    tools = json.loads((ROOT / "tests/data/tool_schemas.json").read_text())[:3]
+    tools = json.loads((ROOT / "agentloop/data/tool_schemas.json").read_text())[:3]
     f = tmp_path / "tools.json"
     f.write_text(json.dumps(tools))
     r = CliRunner().invoke(main, ["grammar", "check", str(f), "--wire-format", "json"])

@@ -21,7 +21,7 @@ from agentloop.grammar import compile_schema, compile_tools
 
 from conftest import word_tokenizer
 
-TOOLS = json.loads((Path(__file__).parent / "data" / "tool_schemas.json").read_text("utf-8"))
+TOOLS = json.loads((Path(__file__).parents[1] / "agentloop" / "data" / "tool_schemas.json").read_text("utf-8"))
 PROMPT = "<|turn>user\nWhat is the weather in Paris, and convert 3 miles to km?<turn|>\n<|turn>model\n"
 
 

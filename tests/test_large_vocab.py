@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 pytestmark = pytest.mark.slow
 
-TOOLS = json.loads((ROOT / "tests/data/tool_schemas.json").read_text())[:5]
+TOOLS = json.loads((ROOT / "agentloop/data/tool_schemas.json").read_text())[:5]
 
 
 @pytest.fixture(scope="module")

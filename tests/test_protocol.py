@@ -12,7 +12,7 @@ from agentloop.errors import ParseError
 from agentloop.grammar import ToolCall, byte_tokenizer, compile_tools
 from agentloop.protocol import Protocol
 
-TOOLS = json.loads((Path(__file__).parent / "data" / "tool_schemas.json").read_text("utf-8"))
+TOOLS = json.loads((Path(__file__).parents[1] / "agentloop" / "data" / "tool_schemas.json").read_text("utf-8"))
 
 
 @pytest.mark.parametrize("wire_format", ["gemma4", "json"])

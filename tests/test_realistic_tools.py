@@ -1,4 +1,4 @@
-"""A fixed corpus of realistic tool schemas (tests/data/tool_schemas.json): every call the
+"""A fixed corpus of realistic tool schemas (agentloop/data/tool_schemas.json): every call the
 DP emits under random logits parses into a call whose arguments validate with jsonschema
 against that tool's parameters, in both wire formats."""
 
@@ -14,7 +14,7 @@ import torch
 from agentloop.errors import NoValidCanvasError
 from agentloop.grammar import compile_tools
 
-TOOLS = json.loads((Path(__file__).parent / "data/tool_schemas.json").read_text())
+TOOLS = json.loads((Path(__file__).parents[1] / "agentloop/data/tool_schemas.json").read_text())
 BY_NAME = {t["name"]: t for t in TOOLS}
 
 

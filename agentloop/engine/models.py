@@ -23,6 +23,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=32, num_experts=4, top_k_experts=2, moe_intermediate_size=64,
                  sliding_window=64),
+    # DiffusionGemma 26B-A4B, approximately: 30 layers (5 sliding : 1 full), window 1024,
+    # 128 experts top-8 plus a dense MLP, 262k vocab (published); hidden 2816, expert width
+    # 704, dense width 2112, 16 heads of 256 (global layers 2 KV heads of 512) are derived
+    # to match the published 25.2B total / 3.8B active parameters. For speed measurements
+    # with random weights; a real checkpoint's config.json is authoritative.
+    "diffusiongemma-26b-a4b": dict(hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+                                   num_attention_heads=16, num_key_value_heads=8, head_dim=256, num_experts=128,
+                                   top_k_experts=8, moe_intermediate_size=704, sliding_window=1024,
+                                   num_global_key_value_heads=2, global_head_dim=512,
+                                   layer_types=[("full_attention" if (i + 1) % 6 == 0 else "sliding_attention")
+                                                for i in range(30)]),
     "40m": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
                 num_key_value_heads=2, head_dim=64, num_experts=8, top_k_experts=2, moe_intermediate_size=256,
                 sliding_window=256),
@@ -64,10 +75,23 @@ def random_model(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DiffusionGemmaForBlockDiffusion(config)
-    return model.to(device=device, dtype=dtype).eval()
+    dev = torch.device(device)
+    small = config.text_config.hidden_size <= 1024
+    if small:  # built on the CPU in fp32, then moved: the same weights on every device for a seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = DiffusionGemmaForBlockDiffusion(config)
+        return model.to(device=dev, dtype=dtype).eval()
+    # Real-width configs are built in place (26B parameters would not fit in host memory as fp32).
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), dev:
+            torch.manual_seed(seed)
+            model = DiffusionGemmaForBlockDiffusion(config)
+    finally:
+        torch.set_default_dtype(old_dtype)
+    return model.eval()
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Any:

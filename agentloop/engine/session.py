@@ -74,6 +74,16 @@ class Session:
         self.append(ids)
         return ids
 
+    def truncate(self, length: int) -> None:
+        """Drop the tokens after the first ``length`` that are not encoded yet (e.g. an output
+        to be replaced). Encoded tokens cannot be dropped: a cache with sliding-window layers
+        cannot be cropped; use ``reset_cache`` and re-encode instead."""
+        with self._unused():
+            if not self._cached <= length <= len(self._tokens):
+                raise EngineInputError(f"can truncate to {self._cached}..{len(self._tokens)} tokens (the first "
+                                       f"{self._cached} are encoded), not {length}")
+            del self._tokens[length:]
+
     def reset_cache(self) -> None:
         """Drop the cache; the next call re-encodes the whole history."""
         with self._unused():

@@ -87,6 +87,7 @@ class CompiledGrammar:
         self._final_complete = np.ascontiguousarray(ta.accept.astype(np.bool_))
         self._final_any = np.ones(ta.n_states, np.bool_)
         self._support_cache: dict[tuple[int, int, bool], tuple[np.ndarray, ...]] = {}
+        self._allowed_cache: dict[int, np.ndarray] = {}
 
     # ---- states ------------------------------------------------------------------------
     @property
@@ -484,6 +485,23 @@ class CompiledGrammar:
             if len(self._support_cache) >= 16:
                 self._support_cache.pop(next(iter(self._support_cache)))
             self._support_cache[key] = hit
+        return hit
+
+    def allowed_tokens(self, state: int | None = None) -> np.ndarray:
+        """(V,) bool: the tokens that may come next from ``state``, for token-by-token
+        (autoregressive) decoding. Cached per state."""
+        q = self.start_state if state is None else int(state)
+        hit = self._allowed_cache.get(q)
+        if hit is None:
+            ta = self.automaton
+            atoms = np.zeros(ta.n_atoms + 1, np.bool_)  # last slot: tokens never allowed
+            for e in range(ta.src_offsets[q], ta.src_offsets[q + 1]):
+                g = ta.edge_group[e]
+                atoms[ta.group_atoms[ta.group_offsets[g]:ta.group_offsets[g + 1]]] = True
+            hit = atoms[np.where(ta.atom_of_token >= 0, ta.atom_of_token, ta.n_atoms)]
+            if len(self._allowed_cache) >= 4096:
+                self._allowed_cache.pop(next(iter(self._allowed_cache)))
+            self._allowed_cache[q] = hit
         return hit
 
     def forced_prefix(self, state: int | None = None, limit: int | None = None) -> list[int]:

@@ -1,0 +1,49 @@
+"""`agentloop bench` runs end to end at a tiny size (figures are not asserted, fields are)."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from agentloop.benchmark import CONTENDERS, PARTS, BenchConfig, run, scenarios, write
+from agentloop.cli import main
+
+
+def test_scenarios_cover_the_issue() -> None:
+    names = [s.name for s in scenarios()]
+    for prefix in ("single call / 1 tool", "single call / 5 tools", "single call / 20 tools", "5-turn chain",
+                   "3 parallel calls", "answer only", "long session (30 turns)"):
+        assert any(n.startswith(prefix) for n in names), prefix
+
+
+def test_bench_runs_end_to_end(tmp_path) -> None:
+    cfg = BenchConfig(repeats=1, quick=True, canvas_length=64, steps=2, only=("single call / 1", "3 parallel", "long"))
+    res = run(cfg)
+    rows = res["summary"]
+    assert {(r["scenario"], r["contender"]) for r in rows} == {
+        (s, c) for s in ("single call / 1 tool", "3 parallel calls / 5 tools", "long session (6 turns) / 5 tools")
+        for c in CONTENDERS}
+    for r in rows:
+        assert r["median_ms"] > 0 and r["p95_ms"] >= r["median_ms"]
+        assert all(f"{p}_ms" in r for p in PARTS)
+        assert r["ratio_to_agentloop"] is not None
+        if r["contender"] in ("agentloop", "no-cache", "autoregressive"):
+            assert r["valid"] == 1.0  # constrained contenders are valid by construction
+    agent = {r["scenario"]: r for r in rows if r["contender"] == "agentloop"}
+    assert all(a["ratio_to_agentloop"] == 1.0 for a in agent.values())
+    # the session cache pays off: without it every turn re-encodes the history
+    nocache = {r["scenario"]: r for r in rows if r["contender"] == "no-cache"}
+    long = "long session (6 turns) / 5 tools"
+    assert nocache[long]["prefill_tokens"] > 3 * agent[long]["prefill_tokens"]
+    paths = write(res, tmp_path, "test")
+    assert json.loads(paths["json"].read_text())["summary"] == json.loads(json.dumps(rows))
+    assert paths["png"].stat().st_size > 10_000
+    assert paths["md"].read_text().startswith("# Loop-latency benchmark")
+
+
+def test_bench_cli(tmp_path) -> None:
+    r = CliRunner().invoke(main, ["bench", "--quick", "--repeats", "1", "--steps", "1", "--scenario",
+                                  "answer only", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "loop.png").exists() and "answer only" in (tmp_path / "loop.md").read_text()
