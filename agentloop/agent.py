@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import time
 from contextlib import aclosing
 from collections import OrderedDict
@@ -177,12 +178,18 @@ class Agent(Generic[DepsT]):
     ``tool_choice``: ``"auto"`` (calls or a final answer, the model decides), ``"required"``
     (every step calls a tool; the run ends at ``max_steps``) or ``"none"`` (answer only).
     ``approve`` is asked before any tool marked ``requires_approval=True`` runs.
+    ``keep_sessions``: how many finished runs keep their session (and its KV cache) so that
+    ``message_history=result.messages`` continues without re-encoding; 0 keeps none (an agent
+    serving independent one-shot requests), ``forget()`` drops them.
+    ``declare_tools=False`` leaves the tool declarations out of the system turn (for a model
+    trained on a fixed tool set, like the bundled demo model; the grammar still holds it to them).
     """
 
     def __init__(self, engine: Engine, tools: Sequence[Tool | Callable[..., Any]] = (), *, instructions: str = "",
                  max_steps: int = 10, parallel_tool_calls: bool = True, wire_format: str = "gemma4",
                  options: GenerationOptions | None = None, approve: Approver | None = None,
-                 tool_choice: Literal["auto", "required", "none"] = "auto") -> None:
+                 tool_choice: Literal["auto", "required", "none"] = "auto", declare_tools: bool = True,
+                 keep_sessions: int = 16) -> None:
         if max_steps < 1:
             raise ValueError("max_steps must be >= 1")
         if tool_choice not in ("auto", "required", "none"):
@@ -190,6 +197,8 @@ class Agent(Generic[DepsT]):
         if tool_choice == "required" and not tools:
             raise AgentloopError("tool_choice='required' needs at least one tool")
         self.tool_choice = tool_choice
+        self.declare_tools = declare_tools
+        self.keep_sessions = keep_sessions
         self.engine = engine
         self.tools = [as_tool(t) for t in tools]
         names = [t.name for t in self.tools]
@@ -322,7 +331,8 @@ class Agent(Generic[DepsT]):
         if not want_drafts:
             yield await self.engine.generate(session, constraint, options=self.options)
             return
-        send, receive = anyio.create_memory_object_stream[Any](max_buffer_size=1024)
+        # Unbounded: drafts are small and the engine thread must never block on a slow reader.
+        send, receive = anyio.create_memory_object_stream[Any](max_buffer_size=math.inf)
         decode = self.engine.decode
 
         def on_draft(d: Draft) -> None:  # runs in the engine's worker thread (or inline for test engines)
@@ -337,20 +347,30 @@ class Agent(Generic[DepsT]):
 
         async def call() -> None:
             async with send:
-                out = await self.engine.generate(session, constraint, options=self.options, on_draft=on_draft)
+                try:
+                    out: Any = await self.engine.generate(session, constraint, options=self.options,
+                                                          on_draft=on_draft)
+                except Exception as e:  # hand it to the reader's task: raised here it would cancel the reader
+                    out = _Failed(e)
                 with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                     await send.send(out)
 
+        failed: BaseException | None = None
         async with anyio.create_task_group() as tg, receive:
             tg.start_soon(call)
             try:
                 async for item in receive:
+                    if isinstance(item, _Failed):
+                        failed = item.error
+                        break
                     yield item
             except GeneratorExit:
                 # The consumer stopped early: cancel the engine call (it stops at its next
                 # denoising step) and finish quietly; the task group waits for it here.
                 tg.cancel_scope.cancel()
                 return
+        if failed is not None:
+            raise failed  # outside the task group: the caller sees the engine's own error
 
     async def _run_calls(self, calls: Sequence[ToolCall], step: int, deps: Any,
                          failures: dict[str, int]) -> list[ToolResult]:
@@ -380,7 +400,8 @@ class Agent(Generic[DepsT]):
     # ---- conversation text -------------------------------------------------------------------------
     def _system(self) -> str:
         p = self.protocol
-        decls = [p.render_declaration(t.name, t.description, t.parameters) for t in self.tools]
+        decls = [p.render_declaration(t.name, t.description, t.parameters) for t in self.tools] \
+            if self.declare_tools else []
         return p.system_turn(self.instructions, decls)
 
     def _render_history(self, messages: Sequence[Message]) -> list[Segment]:
@@ -400,9 +421,9 @@ class Agent(Generic[DepsT]):
                     out.append((p.model_start, False))
                     in_model_turn = True
                 if m.calls:
-                    out.append((p.render_calls(list(m.calls), schemas), False))
+                    out += p.calls_segments(list(m.calls), schemas)
                 else:
-                    out.append((p.render_text(m.text or "") + p.model_end, False))
+                    out += p.text_segments(m.text or "") + [(p.model_end, False)]
                     in_model_turn = False
             else:
                 out += p.after_calls_segments([(r.name, r.content) for r in m.results])
@@ -412,8 +433,12 @@ class Agent(Generic[DepsT]):
 
     def _keep_session(self, messages: list[Message], session: Session) -> None:
         self._sessions[id(messages)] = (messages, tuple(messages), session)
-        while len(self._sessions) > 16:
+        while len(self._sessions) > self.keep_sessions:
             self._sessions.popitem(last=False)
+
+    def forget(self) -> None:
+        """Drop the sessions kept for continuing conversations (and their KV caches)."""
+        self._sessions.clear()
 
     def _take_session(self, history: Sequence[Message] | None) -> Session | None:
         if history is None:
@@ -422,6 +447,11 @@ class Agent(Generic[DepsT]):
         if hit is None or hit[0] is not history or tuple(history) != hit[1]:
             return None  # not ours, or edited since: re-encode from the messages
         return hit[2]
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: Exception
 
 
 def _append(session: Session, segments: Sequence[Segment]) -> None:

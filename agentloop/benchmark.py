@@ -124,8 +124,9 @@ class TurnRecord:
     forced_tokens: int
     output_tokens: int
     prefill_tokens: int
-    valid: bool
+    valid: bool | None  #: None where it does not apply (the forced-length autoregressive contender)
     retries: int = 0
+    useful_tokens: int = 0  #: the scripted output's tokens (+ stop): what the turn had to produce
 
 
 @dataclass
@@ -149,11 +150,14 @@ class Conversation:
             out.append((p.model_start, False))
         return out
 
-    def output_text(self, turn: Turn) -> str:
+    def output(self, turn: Turn) -> list[tuple[str, bool]]:
         p = self.protocol
         if isinstance(turn.output, str):
-            return p.render_text(turn.output)
-        return p.render_calls(list(turn.output), {t["name"]: t["parameters"] for t in self.tools})
+            return p.text_segments(turn.output)
+        return p.calls_segments(list(turn.output), {t["name"]: t["parameters"] for t in self.tools})
+
+    def output_ids(self, engine: DiffusionEngine, turn: Turn) -> list[int]:
+        return [i for t, literal in self.output(turn) for i in engine.encode(t, literal=literal)]
 
     def after(self, turn: Turn) -> list[tuple[str, bool]]:
         p = self.protocol
@@ -162,16 +166,19 @@ class Conversation:
         return p.after_calls_segments([(c.name, r) for c, r in zip(turn.output, turn.results)])
 
 
-def _valid_calls(parsed: Any, schemas: dict[str, Any], expect_calls: bool) -> bool:
-    """Well-formed for the turn: schema-valid calls where calls are due, any answer otherwise."""
-    if parsed.text is not None:
-        return not expect_calls
+def _valid(parsed: Any, turn: Turn, schemas: dict[str, Any]) -> bool:
+    """The same test for every contender: the turn's kind of output (calls where calls are
+    due, an answer where an answer is), with every call valid for its schema."""
+    if isinstance(turn.output, str):
+        return parsed.text is not None and not parsed.calls
+    if parsed.text is not None or not parsed.calls:
+        return False
     try:
         for c in parsed.calls:
             jsonschema.validate(c.arguments, schemas[c.name])
     except (KeyError, jsonschema.ValidationError):
         return False
-    return bool(parsed.calls)
+    return True
 
 
 class _Diffusion:
@@ -192,7 +199,7 @@ class _Diffusion:
     def turn(self, turn: Turn, before: list[tuple[str, bool]], seed: int) -> tuple[dict[str, float], int, int, int,
                                                                                   int, bool, int]:
         self._append(before)
-        target = self.engine.encode(self.conv.output_text(turn))
+        target = self.conv.output_ids(self.engine, turn)
         L = self.engine.canvas_length
         opts = self.options.replace(max_new_tokens=L * math.ceil((len(target) + 1) / L), seed=seed)
         parts = dict.fromkeys(PARTS, 0.0)
@@ -216,14 +223,13 @@ class _Diffusion:
             if self.session.cached_length > base:  # a canvas of the output was encoded: start the cache over
                 self.session.reset_cache()
             self.session.truncate(base)  # the scripted output continues the conversation, not this one
+            schemas = {x["name"]: x["parameters"] for x in self.conv.tools}
             if constraint is not None:
-                valid = out.finished and self.g.accepts(out.tokens + [out.stop_token])
+                valid = out.finished and _valid(out.parsed, turn, schemas)
                 break
             t = time.perf_counter()
             try:
-                valid = _valid_calls(self.conv.protocol.parse_output(out.text), {
-                    x["name"]: x["parameters"] for x in self.conv.tools},
-                    not isinstance(turn.output, str)) and out.finished
+                valid = out.finished and _valid(self.conv.protocol.parse_output(out.text), turn, schemas)
             except ParseError:
                 valid = False
             parts["constraint"] += time.perf_counter() - t  # parsing and checking is this contender's constraint
@@ -263,7 +269,7 @@ class _Autoregressive:
     def turn(self, turn: Turn, before: list[tuple[str, bool]], seed: int) -> tuple[dict[str, float], int, int, int,
                                                                                   int, bool, int]:
         self._extend(before)
-        target = self.engine.encode(self.conv.output_text(turn))
+        target = self.conv.output_ids(self.engine, turn)
         parts = dict.fromkeys(PARTS, 0.0)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         with torch.inference_mode():
@@ -292,7 +298,9 @@ class _Autoregressive:
             self.cache.crop(-(self.cached - len(self.tokens)))  # drop what it wrote: the scripted output continues
             self.cached = len(self.tokens)
         self.tokens += target
-        return parts, n, 0, n, prefill, True, 0
+        # Random weights at a forced length: its output is grammar-valid token by token but
+        # not a finished call, so validity does not apply (None).
+        return parts, n, 0, n, prefill, None, 0
 
 
 def _ar_model(engine: DiffusionEngine, seed: int) -> Any:
@@ -391,8 +399,9 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[s
                     wall = time.perf_counter() - t0
                     parts["overhead"] = max(0.0, wall - sum(v for k, v in parts.items() if k != "overhead"))
                     first = isinstance(turn.output, str)
+                    useful = len(conv.output_ids(engine, turn)) + 1
                     records.append(TurnRecord(s.name, kind, r, i, wall, parts, steps, forced, n_out, prefill, valid,
-                                              tries))
+                                              tries, useful))
                 log(f"repeat {r + 1}/{cfg.repeats} {s.name}: {kind} done")
     return {"config": asdict(cfg), "weights": weights, "machine": _machine(engine),
             "autoregressive": f"LlamaForCausalLM, random weights, forced lengths, "
@@ -431,10 +440,10 @@ def summarize(records: Sequence[TurnRecord]) -> list[dict[str, Any]]:
             "steps": statistics.median(x.steps for x in rs),
             "forced_tokens": statistics.median(x.forced_tokens for x in rs),
             "prefill_tokens": statistics.median(x.prefill_tokens for x in rs),
-            "tokens_per_s": statistics.median(x.output_tokens / x.wall_s for x in rs),
-            "valid": sum(x.valid for x in rs) / len(rs),
+            "tokens_per_s": statistics.median(x.useful_tokens / x.wall_s for x in rs),
+            "valid": (sum(bool(x.valid) for x in rs) / len(rs)) if rs[0].valid is not None else None,
             "retries": sum(x.retries for x in rs),
-            "failures": sum(not x.valid for x in rs),
+            "failures": sum(x.valid is False for x in rs),
         })
     for row in rows:
         b = base.get(row["scenario"])
@@ -452,7 +461,9 @@ def to_markdown(res: dict[str, Any], command: str) -> str:
              f"{m['threads']} threads, {m['dtype']}. Weights: {res['weights']} "
              f"({res['diffusion_params_m']:.2f}M params). Autoregressive contender: {res['autoregressive']}. "
              f"Steps per canvas: {res['config']['steps'] or 'adaptive'}. Repeats: {res['config']['repeats']}, "
-             "contenders interleaved; per-turn medians and p95.", "",
+             "contenders interleaved; per-turn medians and p95. Valid: the turn's kind of output (calls or "
+             "answer) with schema-valid calls, the same test for every contender (n/a for the forced-length "
+             "autoregressive contender); tok/s counts the turn's scripted output tokens.", "",
              "| scenario | contender | median ms | p95 ms | x agentloop | encode | denoise | constraint | sampler | "
              "tool | overhead | steps | forced | tok/s | valid | retries |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -461,8 +472,12 @@ def to_markdown(res: dict[str, Any], command: str) -> str:
             f"| {r['scenario']} | {r['contender']} | {r['median_ms']:.0f} | {r['p95_ms']:.0f} | "
             f"{r['ratio_to_agentloop']:.2f} | {r['encode_ms']:.0f} | {r['denoise_ms']:.0f} | {r['constraint_ms']:.0f} | "
             f"{r['sampler_ms']:.0f} | {r['tool_ms']:.1f} | {r['overhead_ms']:.0f} | {r['steps']:.0f} | "
-            f"{r['forced_tokens']:.0f} | {r['tokens_per_s']:.0f} | {100 * r['valid']:.0f}% | {r['retries']} |")
+            f"{r['forced_tokens']:.0f} | {r['tokens_per_s']:.0f} | {_pct_str(r['valid'])} | {r['retries']} |")
     return "\n".join(lines) + "\n"
+
+
+def _pct_str(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.0f}%"
 
 
 def print_table(res: dict[str, Any]) -> None:
@@ -476,7 +491,7 @@ def print_table(res: dict[str, Any]) -> None:
     for r in res["summary"]:
         t.add_row(r["scenario"], r["contender"], f"{r['median_ms']:.0f}", f"{r['p95_ms']:.0f}",
                   f"{r['ratio_to_agentloop']:.2f}", f"{r['denoise_ms']:.0f}", f"{r['constraint_ms']:.0f}",
-                  f"{r['encode_ms']:.0f}", f"{r['steps']:.0f}", f"{100 * r['valid']:.0f}%")
+                  f"{r['encode_ms']:.0f}", f"{r['steps']:.0f}", _pct_str(r["valid"]))
     Console(stderr=True, width=max(160, Console(stderr=True).width)).print(t)
 
 

@@ -50,9 +50,10 @@ class Protocol:
     def render_value(self, value: Any, schema: Mapping[str, Any] | None = None) -> str:
         """``value`` in the wire format's spelling; object keys in ``schema``'s property order
         (the order the grammar expects), others after them in their own order."""
-        return self._value(value, schema, schema or {})
+        return self._value(value, schema, schema or {}, None)
 
-    def _value(self, v: Any, schema: Mapping[str, Any] | None, root: Mapping[str, Any]) -> str:
+    def _value(self, v: Any, schema: Mapping[str, Any] | None, root: Mapping[str, Any],
+               marks: list[str] | None) -> str:
         vs = self._v
         schema = _resolve(schema, root, v)
         if isinstance(v, dict):
@@ -63,16 +64,16 @@ class Protocol:
                 sub = props.get(k)
                 if sub is None and isinstance((schema or {}).get("additionalProperties"), dict):
                     sub = schema["additionalProperties"]  # type: ignore[index]
-                members.append(self._key(str(k)) + self._value(v[k], sub, root))
+                members.append(self._key(str(k)) + self._value(v[k], sub, root, marks))
             return vs["object_open"] + vs["member_separator"].join(members) + vs["object_close"]
         if isinstance(v, (list, tuple)):
             items = (schema or {}).get("items")
             prefix = (schema or {}).get("prefixItems", [])
-            parts = [self._value(x, prefix[i] if i < len(prefix) else items if isinstance(items, dict) else None, root)
-                     for i, x in enumerate(v)]
+            parts = [self._value(x, prefix[i] if i < len(prefix) else items if isinstance(items, dict) else None, root,
+                                 marks) for i, x in enumerate(v)]
             return vs["array_open"] + vs["item_separator"].join(parts) + vs["array_close"]
         if isinstance(v, str):
-            return self.render_string(v)
+            return self.render_string(v, marks)
         if isinstance(v, bool) or v is None:
             return json.dumps(v)
         if isinstance(v, float) and math.isinf(v):
@@ -91,31 +92,52 @@ class Protocol:
         spelled = key if self._v.get("key_style") == "identifier" else json.dumps(key, ensure_ascii=False)[1:-1]
         return Template(self._v["key"]).safe_substitute(key=spelled)
 
-    def render_string(self, s: str) -> str:
+    def render_string(self, s: str, marks: list[str] | None = None) -> str:
+        """A string value. Its content is text from the model, a user or a tool: with
+        ``marks`` it is set aside (a placeholder stays) so that it can be encoded literally;
+        without delimiter escapes (gemma4) a delimiter spelled as text inside it is only
+        unambiguous that way."""
         vs = self._v
-        if vs.get("string_escapes") == "json":
-            return vs["string_open"] + json.dumps(s, ensure_ascii=False)[1:-1] + vs["string_close"]
-        if vs["string_close"] in s:
-            raise ValueError(f"a string in wire format {self.name!r} cannot contain {vs['string_close']!r}")
-        return vs["string_open"] + s + vs["string_close"]
+        body = json.dumps(s, ensure_ascii=False)[1:-1] if vs.get("string_escapes") == "json" else s
+        if marks is not None:
+            marks.append(body)
+            body = f"\x00{len(marks) - 1}\x00"
+        return vs["string_open"] + body + vs["string_close"]
 
     # ---- calls and answers -------------------------------------------------------------------
-    def render_call(self, name: str, arguments: Mapping[str, Any], schema: Mapping[str, Any] | None = None) -> str:
-        args = self.render_value(dict(arguments), schema or {"type": "object"})
+    def render_call(self, name: str, arguments: Mapping[str, Any], schema: Mapping[str, Any] | None = None,
+                    marks: list[str] | None = None) -> str:
+        args = self._value(dict(arguments), schema or {"type": "object"}, schema or {}, marks)
         return Template(self.wire_format.calls["call"]).safe_substitute(name=name, arguments=args)
 
     def render_calls(self, calls: Sequence[ToolCall], schemas: Mapping[str, Mapping[str, Any]] | None = None) -> str:
-        """One or more calls in the envelope, without the stop token."""
+        """One or more calls in the envelope, without the stop token (as text, for reading)."""
+        return "".join(t for t, _ in self.calls_segments(calls, schemas))
+
+    def calls_segments(self, calls: Sequence[ToolCall],
+                       schemas: Mapping[str, Mapping[str, Any]] | None = None) -> list[Segment]:
+        """The calls as (text, literal) pieces: string values are literal, so a `<turn|>` or a
+        delimiter the model wrote as text inside an argument stays text when re-encoded."""
         c = self.wire_format.calls
-        body = c.get("separator", "").join(self.render_call(x.name, x.arguments, (schemas or {}).get(x.name))
+        marks: list[str] = []
+        body = c.get("separator", "").join(self.render_call(x.name, x.arguments, (schemas or {}).get(x.name), marks)
                                              for x in calls)
-        return c.get("open", "") + body + c.get("close", "")
+        return _split_marks(c.get("open", "") + body + c.get("close", ""), marks)
 
     def render_text(self, text: str) -> str:
-        """A final answer in the text branch, without the stop token."""
+        """A final answer in the text branch, without the stop token (as text, for reading)."""
+        return "".join(t for t, _ in self.text_segments(text))
+
+    def text_segments(self, text: str) -> list[Segment]:
+        """A final answer as (text, literal) pieces: the answer itself is literal."""
         t = self.wire_format.text
-        body = self.render_string(text) if t.get("body") == "string" else text
-        return t.get("open", "") + body + t.get("close", "")
+        marks: list[str] = []
+        if t.get("body") == "string":
+            body = self.render_string(text, marks)
+        else:
+            marks.append(text)
+            body = "\x000\x00"
+        return _split_marks(t.get("open", "") + body + t.get("close", ""), marks)
 
     @property
     def calls_stop(self) -> str:
@@ -135,14 +157,7 @@ class Protocol:
     def _segments(self, key: str, untrusted: dict[str, str], **fields: str) -> list[Segment]:
         """A template with ``untrusted`` fields kept apart, to be encoded literally."""
         marks = {k: f"\x00{i}\x00" for i, k in enumerate(untrusted)}
-        text = self._turn(key, **fields, **marks)
-        out: list[Segment] = []
-        for i, part in enumerate(re.split("\x00(\\d+)\x00", text)):
-            if i % 2:
-                out.append((untrusted[list(untrusted)[int(part)]], True))
-            elif part:
-                out.append((part, False))
-        return out
+        return _split_marks(self._turn(key, **fields, **marks), list(untrusted.values()))
 
     def user_segments(self, text: str) -> list[Segment]:
         """A user turn as (text, literal) pieces: the user's text is encoded literally."""
@@ -325,6 +340,17 @@ class Protocol:
         if not s.startswith(after, i):
             raise ParseError(f"expected {after!r} after key {key!r} at character {i}")
         return key, i + len(after)
+
+
+def _split_marks(text: str, marks: list[str]) -> list[Segment]:
+    """Template text with ``\\x00i\\x00`` placeholders -> segments, the marked ones literal."""
+    out: list[Segment] = []
+    for i, part in enumerate(re.split("\x00(\\d+)\x00", text)):
+        if i % 2:
+            out.append((marks[int(part)], True))
+        elif part:
+            out.append((part, False))
+    return out
 
 
 def _resolve(schema: Mapping[str, Any] | None, root: Mapping[str, Any], value: Any) -> Mapping[str, Any] | None:

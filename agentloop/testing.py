@@ -22,7 +22,7 @@ from .engine.session import Session
 from .errors import ScriptError
 from .grammar import CompiledGrammar, ToolCall, byte_tokenizer
 from .grammar.vocabulary import backend_tokenizer, encode_text
-from .protocol import Protocol
+from .protocol import Protocol, Segment
 
 #: One scripted model step: a final text, one call, several calls (parallel), or a function
 #: of the conversation so far (decoded text) returning one of those.
@@ -85,8 +85,9 @@ class ScriptedEngine:
         item = self._script[index]
         if callable(item) and not isinstance(item, ToolCall):
             item = item(prompt_text)
-        text, stop = self._render(item, constraint, index)
-        content = self.encode(text)
+        segments, stop = self._render(item, constraint, index)
+        text = "".join(t for t, _ in segments)
+        content = [i for t, literal in segments for i in self.encode(t, literal=literal)]
         stop_id = self.encode(stop)
         if len(stop_id) != 1:
             raise ScriptError(f"stop token {stop!r} is not a single token of this tokenizer")
@@ -106,15 +107,15 @@ class ScriptedEngine:
         return Generation(tokens=content, text=text, stop_token=stop_id[0], cost=cost, parsed=parsed,
                           canvases=[content + stop_id])
 
-    def _render(self, item: Any, constraint: CompiledGrammar | None, index: int) -> tuple[str, str]:
+    def _render(self, item: Any, constraint: CompiledGrammar | None, index: int) -> tuple[list[Segment], str]:
         protocol = Protocol(constraint.wire_format if constraint is not None else "gemma4")
         schemas = {t.name: t.parameters for t in (constraint.tools if constraint is not None else [])}
         if isinstance(item, str):
-            return protocol.render_text(item), protocol.text_stop
+            return protocol.text_segments(item), protocol.text_stop
         calls = [item] if isinstance(item, ToolCall) else list(item)
         if not calls or not all(isinstance(c, ToolCall) for c in calls):
             raise ScriptError(f"script item {index + 1} is {item!r}: expected a str, a ToolCall or a list of them")
         try:
-            return protocol.render_calls(calls, schemas), protocol.calls_stop
+            return protocol.calls_segments(calls, schemas), protocol.calls_stop
         except ValueError as e:
             raise ScriptError(f"script item {index + 1}: {e}") from None

@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Generic, TypeVar, get_args, get_origin, get_type_hints, overload
+from typing import Any, Callable, Generic, TypeVar, get_args, get_origin, get_type_hints, overload
 
 import anyio
 import anyio.to_thread
@@ -114,7 +114,7 @@ class Tool:
                               time.perf_counter() - t0)
         args = (ctx if ctx is not None else RunContext(None, tool_name=self.name),) if self.takes_ctx else ()
         try:
-            with anyio.fail_after(self.timeout):
+            with anyio.move_on_after(self.timeout) as scope:
                 if self.is_async:
                     value = await self.function(*args, **kwargs)
                 else:
@@ -122,10 +122,10 @@ class Tool:
                     # thread is left to finish on its own. Write long tools as async functions.
                     value = await anyio.to_thread.run_sync(lambda: self.function(*args, **kwargs),
                                                            abandon_on_cancel=True)
-        except TimeoutError:
-            return ToolResult(self.name, f"{self.name} timed out after {self.timeout:g} s", True,
-                              time.perf_counter() - t0)
-        except Exception as e:  # a tool's bug or refusal is the model's to handle, not the loop's
+            if scope.cancelled_caught:
+                return ToolResult(self.name, f"{self.name} timed out after {self.timeout:g} s", True,
+                                  time.perf_counter() - t0)
+        except Exception as e:  # a tool's bug or refusal (its own TimeoutError too) is the model's to handle
             return ToolResult(self.name, f"{self.name} failed: {type(e).__name__}: {e}", True,
                               time.perf_counter() - t0)
         return ToolResult(self.name, render_result(value), False, time.perf_counter() - t0)
@@ -398,10 +398,6 @@ def load_tools(spec: str) -> list[Tool]:
     if not found:
         raise ToolDefinitionError(f"{target!r} defines no tools (decorate functions with @agentloop.tool)")
     return found
-
-
-async def maybe_await(value: Any | Awaitable[Any]) -> Any:
-    return await value if inspect.isawaitable(value) else value
 
 
 __all__ = ["RunContext", "Tool", "ToolResult", "as_tool", "load_tools", "parse_docstring", "render_result", "tool"]

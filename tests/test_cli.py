@@ -88,11 +88,15 @@ def test_tools_lists_schemas():
     assert r.exit_code == 2
 
 
-def test_chat_keeps_the_session():
-    r = CliRunner().invoke(main, ["chat", "--tools", "tools/demo.py:calculator", *RUN, "--max-steps", "1"],
-                           input="hello\n/trace\n/reset\n/exit\n")
+def test_chat_runs_turns_and_keeps_going():
+    # No tools: the grammar allows answers only, so every turn ends in one step. (That the
+    # session is reused between turns is tested on Agent: test_history_continues_and_reuses_the_session.)
+    r = CliRunner().invoke(main, ["chat", *RUN, "--max-steps", "1"],
+                           input="hello\nagain\n/trace\n/reset\n/exit\n")
     assert r.exit_code == 0, r.output
-    assert "step  prefill" in r.output or "no turn yet" in r.output
+    lines = r.output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.strip().startswith("step  prefill"))
+    assert lines[header + 1].split()[0] == "1" and "(answer)" in lines[header + 1]
     assert "(new conversation)" in r.output
 
 

@@ -384,3 +384,25 @@ def test_torch_compile_matches_eager() -> None:
         s.append_text("<turn|>\n<|turn>user\nmore please<turn|>\n<|turn>model\n")
         outs.append((first, e.generate_sync(s, options=opts).tokens))
     assert outs[0] == outs[1]
+
+
+def test_encoder_failure_leaves_the_session_usable(engine: DiffusionEngine, monkeypatch) -> None:
+    """A failure half-way through the encoder layers must not leave a half-written cache."""
+    s = engine.session(PROMPT)
+    engine.generate_sync(s, options=GenerationOptions(seed=0, max_new_tokens=32, max_denoising_steps=1))
+    s.append_text("<|turn>user\nmore<turn|>\n")
+    before = s.tokens
+    layer = engine.model.model.encoder.language_model.layers[1]
+    real = layer.forward
+
+    def boom(*a, **k):
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(layer, "forward", boom)
+    with pytest.raises(MemoryError):
+        engine.generate_sync(s, options=GenerationOptions(seed=0, max_new_tokens=32, max_denoising_steps=1))
+    monkeypatch.setattr(layer, "forward", real)
+    assert s.tokens == before
+    probe = list(range(3, 35))
+    assert torch.allclose(engine.canvas_logits(s, probe), engine.canvas_logits(engine.session(before), probe),
+                          atol=1e-4)

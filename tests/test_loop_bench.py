@@ -28,8 +28,10 @@ def test_bench_runs_end_to_end(tmp_path) -> None:
         assert r["median_ms"] > 0 and r["p95_ms"] >= r["median_ms"]
         assert all(f"{p}_ms" in r for p in PARTS)
         assert r["ratio_to_agentloop"] is not None
-        if r["contender"] in ("agentloop", "no-cache", "autoregressive"):
-            assert r["valid"] == 1.0  # constrained contenders are valid by construction
+        if r["contender"] == "autoregressive":
+            assert r["valid"] is None  # forced lengths: not a finished call
+        else:
+            assert 0.0 <= r["valid"] <= 1.0
     agent = {r["scenario"]: r for r in rows if r["contender"] == "agentloop"}
     assert all(a["ratio_to_agentloop"] == 1.0 for a in agent.values())
     # the session cache pays off: without it every turn re-encodes the history

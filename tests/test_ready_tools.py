@@ -117,3 +117,31 @@ def test_http_get(server: str) -> None:
     assert get(url=server + "/small", max_bytes=0).is_error  # validated: ge=1
     r = get(url="http://127.0.0.1:9/", timeout_s=2)
     assert r.is_error and "ConnectError" in r.content
+
+
+def test_parallel_notes_are_not_lost(tmp_path) -> None:
+    box = tmp_path / "box"
+    t = DEMO["add_note"]
+
+    async def main() -> list:
+        out = []
+
+        async def one(i: int) -> None:
+            out.append(await t.run({"title": f"n{i}", "text": "x"}, RunContext(box, tool_name="add_note")))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(one, i)
+        return out
+
+    results = anyio.run(main)
+    assert not any(r.is_error for r in results)
+    assert len(run("list_notes", deps=box).content.splitlines()) == 20
+
+
+def test_calculator_refuses_huge_results_fast() -> None:
+    import time
+
+    t0 = time.perf_counter()
+    r = run("calculator", expression="(((9**99)**99)**99)**20")
+    assert r.is_error and "too large" in r.content and time.perf_counter() - t0 < 1

@@ -16,6 +16,7 @@ import json
 import math
 import operator
 import os
+import threading
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
@@ -73,6 +74,7 @@ def get_weather(city: str, days: int = 1) -> str:
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
         ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_MAX_BITS = 4096
 _FUNCS = {"sqrt": math.sqrt, "abs": abs, "round": round, "log": math.log, "sin": math.sin, "cos": math.cos}
 
 
@@ -83,9 +85,13 @@ def _eval(node: ast.AST) -> float:
         return node.value
     if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
         left, right = _eval(node.left), _eval(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) > 100:
-            raise ValueError("exponent too large")
-        return _OPS[type(node.op)](left, right)
+        if isinstance(node.op, ast.Pow) and abs(left) > 1 and abs(right) * math.log2(abs(left)) > _MAX_BITS:
+            raise ValueError("result too large")
+        value = _OPS[type(node.op)](left, right)
+        # Big integers hold the GIL while they grow: refuse before they can stall the loop.
+        if isinstance(value, int) and value.bit_length() > _MAX_BITS:
+            raise ValueError("result too large")
+        return value
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         v = _eval(node.operand)
         return -v if isinstance(node.op, ast.USub) else v
@@ -153,6 +159,9 @@ def get_time(city: str) -> str:
 # ---- the sandbox: notes and files ------------------------------------------------------------------
 
 
+_NOTES_LOCK = threading.Lock()
+
+
 def _sandbox(ctx: RunContext[Any]) -> Path:
     deps = ctx.deps
     root = getattr(deps, "sandbox", None) or (deps if isinstance(deps, (str, Path)) else None) \
@@ -179,9 +188,12 @@ def add_note(ctx: RunContext[Any], title: str, text: str) -> str:
         text: The note.
     """
     f = _sandbox(ctx) / "notes.json"
-    notes = json.loads(f.read_text("utf-8")) if f.exists() else []
-    notes.append({"title": title, "text": text})
-    f.write_text(json.dumps(notes, ensure_ascii=False, indent=1), "utf-8")
+    with _NOTES_LOCK:  # parallel calls run in threads: read-modify-write one at a time
+        notes = json.loads(f.read_text("utf-8")) if f.exists() else []
+        notes.append({"title": title, "text": text})
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(notes, ensure_ascii=False, indent=1), "utf-8")
+        os.replace(tmp, f)  # atomic: a reader never sees half a file
     return f"saved note {len(notes)}: {title}"
 
 

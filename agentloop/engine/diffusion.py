@@ -323,8 +323,13 @@ class DiffusionEngine:
             session._cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
         ids = torch.tensor([new], dtype=torch.long, device=self.device)  # (1, n)
         pos = torch.arange(session._cached, session._cached + len(new), device=self.device)[None]  # (1, n)
-        with clock("encoder"):
-            self.model.model.encoder(input_ids=ids, cache=session._cache, position_ids=pos)
+        try:
+            with clock("encoder"):
+                self.model.model.encoder(input_ids=ids, cache=session._cache, position_ids=pos)
+        except BaseException:
+            # Some layers may hold the new keys and values already: the cache is unusable.
+            session._cache, session._cached = None, 0
+            raise
         session._cached += len(new)
         return len(new)
 

@@ -21,7 +21,9 @@ class GenerationOptions:
     agentloop.errors.EngineInputError: entropy_bound must be > 0, got -1.0
     """
 
-    #: most tokens the call may write; a call spans ceil(max_new_tokens / canvas_length) canvases at most
+    #: canvas budget, as in ``generate()``: a call denoises at most ceil(max_new_tokens /
+    #: canvas_length) canvases and returns whole canvases up to the stop token, so an
+    #: output may be longer than max_new_tokens by less than one canvas
     max_new_tokens: int = 1024
     #: most denoising steps per canvas
     max_denoising_steps: int = 48
@@ -41,7 +43,8 @@ class GenerationOptions:
     #: "fast": one pass over the vocabulary per step. "reference": the library's random
     #: number order (reproduces ``generate()``; unconstrained only; slow at large vocabularies)
     sampler: Literal["fast", "reference"] = "fast"
-    #: token ids that end the call; None: the engine's (<eos>, <|tool_response>, <turn|>)
+    #: token ids that end an unconstrained call; None: the engine's (<eos>, <|tool_response>,
+    #: <turn|>). With a constraint the grammar's own stop token ends the call.
     stop_ids: Sequence[int] | None = None
 
     def __post_init__(self) -> None:

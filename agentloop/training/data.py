@@ -1,0 +1,258 @@
+"""Synthetic tool-use conversations over the demo tools, reproducible from a seed.
+
+Conversations are rendered exactly as ``Agent`` renders them at run time (same protocol,
+same literal encoding of user and tool text), so the model trains on the text it will read.
+Entity values (places, numbers, titles, file names) are drawn from open distributions
+(invented words, random digits): a model cannot memorise them, it has to copy them. The
+held-out split uses phrasings never seen in training and fresh entities.
+
+>>> a = list(conversations(3, seed=7, split="train"))
+>>> a == list(conversations(3, seed=7, split="train"))
+True
+>>> a[0].kind in KINDS
+True
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal
+
+from ..grammar import ToolCall
+
+Split = Literal["train", "heldout"]
+KINDS = ("single", "chain", "parallel", "answer", "error")
+INSTRUCTIONS = "You are a helpful assistant. Use the tools when they help."
+
+_SYL = ["ka", "lo", "mi", "ren", "ta", "vo", "sel", "dar", "ni", "qu", "bel", "tor", "ash", "en", "ri", "mo", "zan",
+        "pe", "lu", "gor", "fi", "ha", "ul", "xi", "ber", "cal", "dov", "em", "is", "jor", "wen", "sa", "tu", "ko"]
+_WORDS = ["milk", "eggs", "bread", "meeting", "report", "garden", "budget", "trip", "book", "call", "dentist",
+          "invoice", "plants", "keys", "ticket", "gift", "recipe", "laptop", "train", "lesson"]
+_CONDITIONS = ["sunny", "partly cloudy", "cloudy", "light rain", "rain", "thunderstorms", "fog", "snow", "windy"]
+_UNITS = {"km": ["km", "kilometers"], "mi": ["miles", "mi"], "m": ["meters", "m"], "ft": ["feet", "ft"],
+          "cm": ["centimeters", "cm"], "in": ["inches", "in"], "kg": ["kg", "kilograms"], "lb": ["pounds", "lb"],
+          "g": ["grams", "g"], "oz": ["ounces", "oz"], "C": ["Celsius", "degrees C"], "F": ["Fahrenheit", "degrees F"],
+          "l": ["liters", "l"], "gal": ["gallons", "gal"]}
+_DIMS = [["km", "mi", "m", "ft"], ["cm", "in", "m"], ["kg", "lb", "g", "oz"], ["C", "F"], ["l", "gal"]]
+_FACTOR = {"km": 1000.0, "m": 1.0, "cm": 0.01, "mi": 1609.344, "ft": 0.3048, "in": 0.0254, "kg": 1.0, "g": 0.001,
+           "lb": 0.45359237, "oz": 0.028349523125, "l": 1.0, "gal": 3.785411784}
+_OPS = {"+": ["plus", "+"], "-": ["minus", "-"], "*": ["times", "*", "multiplied by"], "/": ["divided by", "/"]}
+
+# Phrasings per intent; the last quarter of each list is held out (never trained on).
+TEMPLATES: dict[str, list[str]] = {
+    "weather": ["What's the weather in {city}?", "Weather in {city}, please.", "How is the weather in {city}?",
+                "Tell me the weather for {city}.", "Is it sunny in {city}?", "Forecast for {city}?",
+                "what is the weather like in {city}", "Check the weather in {city} for me.",
+                "Do I need an umbrella in {city}?", "Weather report for {city}?", "How warm is it in {city}?",
+                "I'm going to {city}, what's the weather?"],
+    "weather_days": ["Weather in {city} for the next {days} days?", "Give me a {days} day forecast for {city}.",
+                     "What will the weather be in {city} over {days} days?", "{days}-day forecast for {city}, please.",
+                     "Forecast {city} for {days} days.", "How's the weather in {city} for the coming {days} days?",
+                     "Show the weather in {city}, {days} days ahead.", "Next {days} days of weather in {city}?"],
+    "calc": ["What is {a} {op} {b}?", "Calculate {a} {op} {b}.", "How much is {a} {op} {b}?", "{a} {op} {b} = ?",
+             "Can you compute {a} {op} {b}?", "Work out {a} {op} {b} for me.", "what's {a} {op} {b}",
+             "Please calculate {a} {op} {b}."],
+    "convert": ["Convert {v} {u1} to {u2}.", "How many {u2} is {v} {u1}?", "What is {v} {u1} in {u2}?",
+                "{v} {u1} in {u2}?", "Change {v} {u1} into {u2}.", "Please convert {v} {u1} into {u2}.",
+                "I have {v} {u1}, how much is that in {u2}?", "Express {v} {u1} in {u2}."],
+    "time": ["What time is it in {city}?", "Current time in {city}?", "Tell me the time in {city}.",
+             "What's the local time in {city}?", "Time in {city}, please.", "Do you know the time in {city}?",
+             "what time is it now in {city}", "Check the clock in {city}."],
+    "note": ["Make a note titled {title}: {text}", "Save a note called {title} saying {text}",
+             "Note down {title}: {text}", "Please remember this as {title}: {text}", "Add a note {title}: {text}",
+             "Write a note named {title} with {text}", "Create note {title}, content {text}",
+             "Keep a note titled {title}: {text}"],
+    "write": ["Write {text} to {file}.", "Save {text} in the file {file}.", "Put {text} into {file}.",
+              "Create {file} containing {text}.", "Store {text} in {file}.", "Make a file {file} with {text}.",
+              "Please write {text} into {file}.", "Write the file {file} with the text {text}."],
+    "read": ["Read {file}.", "What is in {file}?", "Show me the file {file}.", "Open {file} for me.",
+             "What does {file} say?", "Print the contents of {file}.", "Can you read {file}?", "Display {file}."],
+    "chain": ["Convert {v} {u1} to {u2} and add {x}.", "Take {v} {u1} in {u2}, then add {x}.",
+              "What is {v} {u1} in {u2} plus {x}?", "Convert {v} {u1} into {u2} and add {x} to it.",
+              "First convert {v} {u1} to {u2}, then add {x}.", "Add {x} to {v} {u1} converted to {u2}.",
+              "{v} {u1} to {u2}, plus {x}?", "Please turn {v} {u1} into {u2} and add {x}."],
+    "parallel": ["What's the weather in {city} and {city2}?", "Weather in {city} and in {city2}, please.",
+                 "Compare the weather in {city} and {city2}.", "How is the weather in {city} and {city2}?",
+                 "Check the weather for {city} and {city2}.", "Forecast for {city} and {city2}?",
+                 "Tell me the weather in both {city} and {city2}.", "Weather for {city} plus {city2}?"],
+    "chat": ["Hi!", "Hello there.", "Thanks!", "Who are you?", "What can you do?", "Good morning!", "Thank you.",
+             "Hey, how are you?"],
+}
+_CHAT_ANSWERS = {"Hi!": "Hello! How can I help?", "Hello there.": "Hello! What can I do for you?",
+                 "Thanks!": "You're welcome!", "Who are you?": "I am a small assistant with tools.",
+                 "What can you do?": "I can check the weather and time, calculate, convert units, and keep notes and "
+                                     "files.", "Good morning!": "Good morning! How can I help?",
+                 "Thank you.": "You're welcome!", "Hey, how are you?": "I'm fine, thanks! What do you need?"}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One model step: calls with their results, or a final answer."""
+
+    calls: tuple[ToolCall, ...] = ()
+    results: tuple[str, ...] = ()
+    answer: str | None = None
+
+
+@dataclass(frozen=True)
+class Conversation:
+    kind: str
+    user: str
+    steps: tuple[Step, ...]
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+def _pick(rng: random.Random, key: str, split: Split) -> str:
+    opts = TEMPLATES[key]
+    cut = max(1, len(opts) * 3 // 4)
+    pool = opts[:cut] if split == "train" else opts[cut:]
+    return rng.choice(pool)
+
+
+def _place(rng: random.Random) -> str:
+    name = "".join(rng.choice(_SYL) for _ in range(rng.randint(2, 3))).capitalize()
+    if rng.random() < 0.1:
+        name += " " + "".join(rng.choice(_SYL) for _ in range(2)).capitalize()
+    return name
+
+
+def _word(rng: random.Random) -> str:
+    return rng.choice(_WORDS) if rng.random() < 0.5 else "".join(rng.choice(_SYL) for _ in range(rng.randint(1, 3)))
+
+
+def _num(rng: random.Random) -> float | int:
+    return rng.randint(1, 999) if rng.random() < 0.7 else round(rng.uniform(0.5, 500), 1)
+
+
+def _weather(city: str, days: int, rng_seed: int) -> str:
+    r = random.Random(f"{city}|{rng_seed}")
+    parts = [f"day {d + 1}: {r.choice(_CONDITIONS)}, {r.randint(-5, 30)} C" for d in range(days)]
+    return f"{city}: " + "; ".join(parts)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def _convert(v: float, u1: str, u2: str) -> float:
+    if u1 in ("C", "F"):
+        return round(v * 9 / 5 + 32, 4) if u1 == "C" else round((v - 32) * 5 / 9, 4)
+    return round(v * _FACTOR[u1] / _FACTOR[u2], 4)
+
+
+def _calc(a: float, op: str, b: float) -> str:
+    r = {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op]
+    r = round(r, 10)
+    return str(int(r)) if float(r).is_integer() and abs(r) < 1e15 else str(r)
+
+
+def conversation(rng: random.Random, split: Split) -> Conversation:
+    kind = rng.choices(KINDS, weights=[0.55, 0.12, 0.1, 0.1, 0.13])[0]
+    if kind == "single":
+        return _single(rng, split)
+    if kind == "chain":
+        v, (u1, u2), x = _num(rng), rng.sample(rng.choice([d for d in _DIMS if len(d) > 1 and "C" not in d]), 2), \
+            rng.randint(1, 99)
+        user = _pick(rng, "chain", split).format(v=v, u1=rng.choice(_UNITS[u1]), u2=rng.choice(_UNITS[u2]), x=x)
+        out = _convert(v, u1, u2)
+        total = _calc(out, "+", x)
+        return Conversation(kind, user, (
+            Step((ToolCall("convert_units", {"value": v, "from_unit": u1, "to_unit": u2}),),
+                 (f"{_fmt(v)} {u1} = {_fmt(out)} {u2}",)),
+            Step((ToolCall("calculator", {"expression": f"{_fmt(out)} + {x}"}),), (total,)),
+            Step(answer=f"{_fmt(v)} {u1} is {_fmt(out)} {u2}; plus {x} that makes {total}.")))
+    if kind == "parallel":
+        c1, c2 = _place(rng), _place(rng)
+        user = _pick(rng, "parallel", split).format(city=c1, city2=c2)
+        seed = rng.randint(0, 10**6)
+        r1, r2 = _weather(c1, 1, seed), _weather(c2, 1, seed + 1)
+        return Conversation(kind, user, (
+            Step((ToolCall("get_weather", {"city": c1}), ToolCall("get_weather", {"city": c2})), (r1, r2)),
+            Step(answer=f"{r1.split(': ', 2)[0]} has {r1.split(': ', 2)[2]}; {c2} has {r2.split(': ', 2)[2]}.")))
+    if kind == "answer":
+        user = _pick(rng, "chat", split)
+        return Conversation(kind, user, (Step(answer=_CHAT_ANSWERS[user]),))
+    # error: a call fails, then a corrected call or an honest answer
+    if rng.random() < 0.5:
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        user = f"What is {a} x {b}?" if split == "train" else f"Compute {a} x {b} please."
+        bad = f"{a} x {b}"
+        res = _calc(a, "*", b)
+        return Conversation(kind, user, (
+            Step((ToolCall("calculator", {"expression": bad}),),
+                 (f"calculator failed: ValueError: not an arithmetic expression: {bad!r}",)),
+            Step((ToolCall("calculator", {"expression": f"{a} * {b}"}),), (res,)),
+            Step(answer=f"{a} x {b} is {res}.")))
+    city = _place(rng)
+    user = _pick(rng, "time", split).format(city=city)
+    return Conversation(kind, user, (
+        Step((ToolCall("get_time", {"city": city}),), (f"get_time failed: ValueError: unknown city {city!r}",)),
+        Step(answer=f"Sorry, I don't know the time zone of {city}.")))
+
+
+def _single(rng: random.Random, split: Split) -> Conversation:
+    intent = rng.choice(["weather", "weather_days", "calc", "convert", "time", "note", "write", "read"])
+    if intent in ("weather", "weather_days"):
+        city = _place(rng)
+        days = rng.randint(2, 5) if intent == "weather_days" else 1
+        user = _pick(rng, intent, split).format(city=city, days=days)
+        args: dict[str, Any] = {"city": city, **({"days": days} if intent == "weather_days" else {})}
+        res = _weather(city, days, rng.randint(0, 10**6))
+        first = res.split("; ")[0].split(": ", 2)[2]
+        call, answer = ToolCall("get_weather", args), f"In {city}: {first}."
+    elif intent == "calc":
+        a, b, op = _num(rng), _num(rng), rng.choice(list(_OPS))
+        user = _pick(rng, "calc", split).format(a=a, b=b, op=rng.choice(_OPS[op]))
+        res = _calc(a, op, b)
+        call, answer = ToolCall("calculator", {"expression": f"{a} {op} {b}"}), f"{a} {op} {b} = {res}."
+    elif intent == "convert":
+        u1, u2 = rng.sample(rng.choice(_DIMS), 2)
+        v = _num(rng)
+        user = _pick(rng, "convert", split).format(v=v, u1=rng.choice(_UNITS[u1]), u2=rng.choice(_UNITS[u2]))
+        out = _convert(v, u1, u2)
+        res = f"{_fmt(v)} {u1} = {_fmt(out)} {u2}"
+        call, answer = ToolCall("convert_units", {"value": v, "from_unit": u1, "to_unit": u2}), f"{res}."
+    elif intent == "time":
+        city = _place(rng)
+        user = _pick(rng, "time", split).format(city=city)
+        hh, mm = rng.randint(0, 23), rng.randint(0, 59)
+        res = f"{city}: 2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d} {hh:02d}:{mm:02d}"
+        call, answer = ToolCall("get_time", {"city": city}), f"It is {hh:02d}:{mm:02d} in {city}."
+    elif intent == "note":
+        title, text = _word(rng), " ".join(_word(rng) for _ in range(rng.randint(1, 4)))
+        user = _pick(rng, "note", split).format(title=title, text=text)
+        n = rng.randint(1, 9)
+        res = f"saved note {n}: {title}"
+        call, answer = ToolCall("add_note", {"title": title, "text": text}), f"Saved note {n}, {title}."
+    elif intent == "write":
+        file, text = _word(rng) + ".txt", " ".join(_word(rng) for _ in range(rng.randint(1, 4)))
+        user = _pick(rng, "write", split).format(file=file, text=text)
+        res = f"wrote {len(text)} characters to {file}"
+        call, answer = ToolCall("write_file", {"path": file, "content": text}), f"Wrote {file}."
+    else:
+        file, text = _word(rng) + ".txt", " ".join(_word(rng) for _ in range(rng.randint(1, 5)))
+        user = _pick(rng, "read", split).format(file=file)
+        res = text
+        call, answer = ToolCall("read_file", {"path": file}), f"{file} says: {text}"
+    return Conversation("single", user, (Step((call,), (res,)), Step(answer=answer)), {"intent": intent})
+
+
+def conversations(n: int, seed: int, split: Split) -> Iterator[Conversation]:
+    """``n`` conversations; the same ``seed`` and ``split`` always give the same ones."""
+    rng = random.Random(f"{seed}|{split}")
+    for _ in range(n):
+        yield conversation(rng, split)
+
+
+def corpus_text(n: int, seed: int) -> Iterator[str]:
+    """Plain text of rendered conversations, for training the tokenizer."""
+    from ..protocol import Protocol
+    from .render import render_conversation
+
+    p = Protocol("gemma4")
+    for conv in conversations(n, seed, "train"):
+        context, outputs = render_conversation(p, conv)
+        yield "".join(t for t, _ in context)
+        for out in outputs:
+            yield out

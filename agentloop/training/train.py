@@ -1,0 +1,247 @@
+"""Train the bundled demo model with DiffusionGemma's objective, on a CPU, reproducibly.
+
+The objective (NVIDIA NeMo's DiffusionGemma recipe), per example:
+
+1. the causal encoder reads the context (the conversation so far) into the KV cache, with
+   the autoregressive next-token loss on it (weight 1.0);
+2. a corruption level t ~ U(eps, 1); every canvas position (the model's output, its stop
+   token, then padding) is replaced by a uniform-random token with probability t (no mask
+   token: DiffusionGemma renoises);
+3. the bidirectional decoder predicts every canvas position over the cached context:
+   cross-entropy at every position;
+4. self-conditioning on half the examples: a first decoder pass without it, whose detached
+   logits feed the second.
+
+    agentloop train --out runs/demo --minutes 60        # resumable: run it again to continue
+
+Writes checkpoints (``ckpt.pt``, every few minutes), ``loss.png`` and ``train.json`` to
+``--out``, and the exported model (safetensors + config + tokenizer.json + agentloop.json)
+to ``--out/model``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..grammar.vocabulary import encode_text
+from ..protocol import Protocol
+from .data import INSTRUCTIONS, conversations, corpus_text
+from .render import render_steps
+from .tokenizer import train_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    vocab_size: int = 1024
+    canvas_length: int = 64
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    experts: int = 4
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 200
+    max_steps: int = 20_000  #: the cosine schedule's length; --minutes usually stops first
+    eps: float = 1e-3
+    self_conditioning: float = 0.5
+    ar_weight: float = 1.0
+    checkpoint_minutes: float = 5.0
+
+
+def model_config(cfg: TrainConfig) -> Any:
+    from ..engine.models import diffusion_gemma_config
+
+    h = cfg.hidden_size
+    return diffusion_gemma_config(
+        cfg.vocab_size, preset="tiny", canvas_length=cfg.canvas_length, max_position_embeddings=2048,
+        hidden_size=h, intermediate_size=2 * h, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+        num_key_value_heads=max(1, cfg.heads // 2), head_dim=h // cfg.heads, num_experts=cfg.experts,
+        top_k_experts=2, moe_intermediate_size=h, sliding_window=512,
+        layer_types=["sliding_attention"] * (cfg.layers - 1) + ["full_attention"])
+
+
+def examples(tok: Any, seed: int, split: str = "train") -> Iterator[tuple[list[int], list[int]]]:
+    """(context ids, output ids + stop) per model step, endlessly, deterministic for the seed."""
+    p = Protocol("gemma4")
+    n = 0
+    while True:
+        for conv in conversations(10_000, seed + n, split):  # type: ignore[arg-type]
+            for ctx, out, stop in render_steps(p, conv):
+                ids = [i for t, lit in ctx for i in encode_text(tok, t, literal=lit)]
+                yield ids, [i for t, lit in out for i in encode_text(tok, t, literal=lit)] + encode_text(tok, stop)
+        n += 1
+
+
+def make_batch(batch: list[tuple[list[int], list[int]]], L: int, pad: int) -> dict[str, torch.Tensor]:
+    """Left-padded contexts (all canvases start at the same cache index) and padded canvases."""
+    C = max(len(c) for c, _ in batch)
+    ctx = torch.full((len(batch), C), pad, dtype=torch.long)  # (B, C)
+    mask = torch.zeros((len(batch), C), dtype=torch.long)  # (B, C) 1 = real token
+    target = torch.full((len(batch), L), pad, dtype=torch.long)  # (B, L)
+    lens = torch.zeros(len(batch), dtype=torch.long)
+    for b, (c, o) in enumerate(batch):
+        ctx[b, C - len(c):] = torch.tensor(c)
+        mask[b, C - len(c):] = 1
+        o = o[:L]
+        target[b, : len(o)] = torch.tensor(o)
+        lens[b] = len(c)
+    return {"ctx": ctx, "mask": mask, "target": target, "lens": lens}
+
+
+def _softcap(model: Any, logits: torch.Tensor) -> torch.Tensor:
+    cap = model.final_logit_softcapping
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def loss_fn(model: Any, b: dict[str, torch.Tensor], cfg: TrainConfig, gen: torch.Generator
+            ) -> tuple[torch.Tensor, dict[str, float]]:
+    from transformers import DynamicCache
+
+    B, C = b["ctx"].shape
+    L, V = cfg.canvas_length, model.config.text_config.vocab_size
+    pos = (torch.cumsum(b["mask"], 1) - 1).clamp(min=0)  # (B, C) positions count real tokens only
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    # 1. encoder over the context, with its next-token loss
+    enc = model.model.encoder(input_ids=b["ctx"], attention_mask=b["mask"], position_ids=pos, cache=cache)
+    ar_logits = _softcap(model, model.lm_head(enc.last_hidden_state)).float()  # (B, C, V)
+    ar_valid = (b["mask"][:, :-1] * b["mask"][:, 1:]).bool()
+    ar_loss = F.cross_entropy(ar_logits[:, :-1][ar_valid], b["ctx"][:, 1:][ar_valid])
+    # 2. corrupt the canvas: each position uniform-random with probability t
+    t = torch.rand(B, 1, generator=gen) * (1 - cfg.eps) + cfg.eps  # (B, 1)
+    noisy = torch.where(torch.rand(B, L, generator=gen) < t, torch.randint(0, V, (B, L), generator=gen), b["target"])
+    dec_mask = torch.cat([b["mask"], torch.ones(B, L, dtype=torch.long)], 1)  # (B, C + L)
+    dpos = b["lens"][:, None] + torch.arange(L)[None]  # (B, L)
+    kw = dict(decoder_input_ids=noisy, cache=cache, decoder_attention_mask=dec_mask, decoder_position_ids=dpos)
+    # 4. self-conditioning on a random half: a first pass without it, detached
+    sc_on = torch.rand(B, generator=gen) < cfg.self_conditioning
+    with torch.no_grad():
+        first = model(**kw).logits.detach()
+    logits = model(**kw, self_conditioning_logits=first, self_conditioning_mask=sc_on).logits  # (B, L, V)
+    # 3. cross-entropy at every canvas position
+    diff_loss = F.cross_entropy(logits.reshape(-1, V), b["target"].reshape(-1))
+    loss = diff_loss + cfg.ar_weight * ar_loss
+    with torch.no_grad():
+        n_out = (b["target"] != 0).sum()
+        acc = ((logits.argmax(-1) == b["target"]) & (b["target"] != 0)).sum() / n_out.clamp(min=1)
+    return loss, {"loss": loss.item(), "diffusion": diff_loss.item(), "ar": ar_loss.item(), "token_acc": acc.item()}
+
+
+def train(out: Path, cfg: TrainConfig, minutes: float, log: Any = print) -> Path:
+    """Train (or resume) in ``out``; returns the exported model folder."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    tok_path = out / "tokenizer.json"
+    if tok_path.exists():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tok_path))
+    else:
+        tok = train_tokenizer(corpus_text(4000, cfg.seed + 10_000), cfg.vocab_size)
+        tok.save(str(tok_path))
+    model = DiffusionGemmaForBlockDiffusion(model_config(cfg))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    state = {"step": 0, "history": [], "seconds": 0.0}
+    ckpt = out / "ckpt.pt"
+    if ckpt.exists():
+        saved = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        state = saved["state"]
+        log(f"resumed at step {state['step']}")
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + state["step"])
+    data = examples(tok, cfg.seed)
+    for _ in range(state["step"] * cfg.batch_size):  # the same stream of examples, resumed or not
+        next(data)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        frac = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    def save() -> None:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state, "config": asdict(cfg)},
+                   ckpt.with_suffix(".tmp"))
+        ckpt.with_suffix(".tmp").replace(ckpt)
+        plot_loss(state["history"], out / "loss.png")
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    model.train()
+    t_start, t_ckpt = time.perf_counter(), time.perf_counter()
+    budget = minutes * 60
+    with Progress(TextColumn("step {task.completed:.0f}"), BarColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}")) as bar:
+        task = bar.add_task("", total=budget)
+        while time.perf_counter() - t_start < budget and state["step"] < cfg.max_steps:
+            batch = make_batch([next(data) for _ in range(cfg.batch_size)], cfg.canvas_length, 0)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(state["step"])
+            loss, stats = loss_fn(model, batch, cfg, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            state["step"] += 1
+            if state["step"] % 10 == 0:
+                state["history"].append({"step": state["step"], **stats})
+            bar.update(task, completed=time.perf_counter() - t_start,
+                       description=f"step {state['step']} loss {stats['loss']:.3f} diff {stats['diffusion']:.3f} "
+                                   f"ar {stats['ar']:.3f} acc {stats['token_acc']:.2f}")
+            if time.perf_counter() - t_ckpt > cfg.checkpoint_minutes * 60:
+                state["seconds"] += time.perf_counter() - t_ckpt
+                t_ckpt = time.perf_counter()
+                save()
+    state["seconds"] += time.perf_counter() - t_ckpt
+    save()
+    (out / "train.json").write_text(json.dumps({"config": asdict(cfg), "steps": state["step"],
+                                                "seconds": state["seconds"], "last": state["history"][-5:]},
+                                               indent=1))
+    return export(model, tok, out / "model")
+
+
+def export(model: Any, tok: Any, folder: Path) -> Path:
+    """safetensors + config + tokenizer.json + agentloop.json, loadable with from_pretrained."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "agentloop.json").write_text(json.dumps({
+        "declare_tools": False, "instructions": INSTRUCTIONS, "tools": "tools/demo.py", "wire_format": "gemma4"},
+        indent=1))
+    return folder
+
+
+def plot_loss(history: list[dict[str, float]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if not history:
+        return
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("loss", "diffusion", "ar"):
+        ax.plot(steps, [h[key] for h in history], label=key)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
