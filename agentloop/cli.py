@@ -353,6 +353,28 @@ def bench_cmd(model: str, random_weights: str | None, device: str, dtype: str, s
     click.echo(f"wrote {', '.join(str(p) for p in paths.values())}", err=True)
 
 
+@main.command("train")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
+              show_default=True, help="Run folder: checkpoints, loss.png, train.json and the exported model/.")
+@click.option("--minutes", default=60.0, show_default=True, help="Stop after this much training time (resumable).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--hidden-size", default=128, show_default=True)
+@click.option("--layers", default=4, show_default=True)
+def train_cmd(out: Path, minutes: float, seed: int, batch_size: int, hidden_size: int, layers: int) -> None:
+    """Train the demo model on synthetic tool-use conversations (CPU, reproducible from --seed).
+
+    Run it again with the same --out to resume from the last checkpoint. Example:
+
+        agentloop train --out runs/demo --minutes 240
+    """
+    from .training.train import TrainConfig, train
+
+    folder = train(out, TrainConfig(seed=seed, batch_size=batch_size, hidden_size=hidden_size, layers=layers),
+                   minutes, log=lambda m: click.echo(m, err=True))
+    click.echo(f"model written to {folder}")
+
+
 @main.group()
 def grammar() -> None:
     """Compile and inspect canvas grammars."""

@@ -1,0 +1,102 @@
+"""The demo model's training pieces: deterministic data, the tokenizer, the objective, resuming."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from agentloop.grammar import compile_tools
+from agentloop.grammar.vocabulary import encode_text
+from agentloop.protocol import Protocol
+from agentloop.tools import load_tools
+from agentloop.training.data import KINDS, TEMPLATES, conversations, corpus_text
+from agentloop.training.render import render_steps
+from agentloop.training.tokenizer import SPECIALS, train_tokenizer
+from agentloop.training.train import TrainConfig, examples, loss_fn, make_batch, model_config, train
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(corpus_text(600, 1), 512)
+
+
+def test_data_is_deterministic_and_splits_phrasings() -> None:
+    a = list(conversations(200, seed=3, split="train"))
+    assert a == list(conversations(200, seed=3, split="train"))
+    assert a != list(conversations(200, seed=4, split="train"))
+    assert {c.kind for c in a} == set(KINDS)
+    held = list(conversations(200, seed=3, split="heldout"))
+    assert not {c.user for c in a} & {c.user for c in held}  # fresh entities
+
+    def pool(split: str) -> list[re.Pattern[str]]:
+        out = []
+        for opts in TEMPLATES.values():
+            cut = max(1, len(opts) * 3 // 4)
+            for t in (opts[:cut] if split == "train" else opts[cut:]):
+                out.append(re.compile(re.sub(r"\\\{\w+\\\}", ".+?", re.escape(t)) + r"\Z"))
+        return out
+
+    train_t, held_t = pool("train"), pool("heldout")
+    singles = [c for c in held if c.kind == "single"]
+    assert all(any(p.match(c.user) for p in held_t) for c in singles)
+    # most held-out requests are phrased in a way no training template produces
+    unseen = [c for c in singles if not any(p.match(c.user) for p in train_t)]
+    assert len(unseen) > 0.5 * len(singles)
+
+
+def test_tokenizer_specials_and_copyable_words(tok) -> None:
+    assert [tok.token_to_id(t) for t in SPECIALS] == list(range(len(SPECIALS)))
+    # a word is the same tokens in a request and inside a call's string
+    word = tok.encode("Tavoren", add_special_tokens=False).ids
+    req = tok.encode("weather in Tavoren?", add_special_tokens=False).ids
+    call = tok.encode('city:<|"|>Tavoren<|"|>', add_special_tokens=False).ids
+    assert any(req[i:i + len(word)] == word for i in range(len(req)))
+    assert any(call[i:i + len(word)] == word for i in range(len(call)))
+
+
+def test_every_target_is_a_valid_step_for_the_demo_tools(tok) -> None:
+    """The scripted model outputs are sentences of the grammar the agent runs under."""
+    tools = load_tools("tools/demo.py")
+    g = compile_tools([t.tool_schema for t in tools], tok, "gemma4")
+    schemas = {t.name: t.parameters for t in tools}
+    p = Protocol("gemma4")
+    for conv in conversations(60, seed=5, split="heldout"):
+        for _, out, stop in render_steps(p, conv, schemas):
+            ids = [i for t, lit in out for i in encode_text(tok, t, literal=lit)] + encode_text(tok, stop)
+            assert g.accepts(ids), "".join(t for t, _ in out)
+
+
+def test_a_few_steps_reduce_the_loss(tok) -> None:
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    cfg = TrainConfig(vocab_size=512, hidden_size=64, layers=2, heads=2, batch_size=8, lr=3e-3)
+    torch.manual_seed(0)
+    model = DiffusionGemmaForBlockDiffusion(model_config(cfg))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(0)
+    batch = make_batch([x for _, x in zip(range(8), examples(tok, 0))], cfg.canvas_length, 0)
+    losses = []
+    for _ in range(12):  # the same batch: the objective must be learnable
+        loss, stats = loss_fn(model, batch, cfg, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(stats["loss"])
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.slow
+def test_train_resumes_and_exports(tmp_path) -> None:
+    cfg = TrainConfig(vocab_size=512, hidden_size=64, layers=2, heads=2, batch_size=4, checkpoint_minutes=10)
+    folder = train(tmp_path, cfg, minutes=0.1, log=lambda m: None)
+    first = json.loads((tmp_path / "train.json").read_text())["steps"]
+    train(tmp_path, cfg, minutes=0.1, log=lambda m: None)
+    assert json.loads((tmp_path / "train.json").read_text())["steps"] > first
+    from agentloop.engine import DiffusionEngine
+
+    e = DiffusionEngine.from_pretrained(folder)
+    assert e.canvas_length == 64 and (folder / "agentloop.json").exists() and (tmp_path / "loss.png").exists()
