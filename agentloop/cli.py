@@ -3,6 +3,8 @@
     agentloop run "What is 12 mi in km?" --tools tools/demo.py   # one agent run
     agentloop chat --tools tools/demo.py                          # a conversation (REPL)
     agentloop tools tools/demo.py                                 # list tools and their schemas
+    agentloop bench --quick                                       # loop latency against the alternatives
+    agentloop train --out runs/demo --minutes 240                 # train the demo model (resumable)
     agentloop demo                      # constrained canvases from a tiny random DiffusionGemma
     agentloop grammar check tools.json  # compile tool schemas, report sizes or the exact error
 
