@@ -267,10 +267,10 @@ class Agent(Generic[DepsT]):
         session = self._take_session(history)
         if session is None:
             session = self.engine.session()
-            _append(session, self._render_history(messages))
+            session.append_segments(self._render_history(messages))
         if messages and isinstance(messages[-1], ModelMessage) and messages[-1].text is None:
             raise AgentloopError("message_history ends with tool calls that have no results")
-        _append(session, self.protocol.user_segments(prompt) + [(self.protocol.model_start, False)])
+        session.append_segments(self.protocol.user_segments(prompt) + [(self.protocol.model_start, False)])
         messages.append(UserMessage(prompt))
         result = RunResult(None, messages)
         failures: dict[str, int] = {}
@@ -312,7 +312,7 @@ class Agent(Generic[DepsT]):
                 result.calls.append(CallRecord(step, c, r))
                 yield ToolCallEnd(step, c, r)
             messages.append(ToolResultsMessage(tuple(results)))
-            _append(session, self.protocol.after_calls_segments([(r.name, r.content) for r in results]))
+            session.append_segments(self.protocol.after_calls_segments([(r.name, r.content) for r in results]))
             result.trace.append(StepTrace(step, gen.cost, tool_s, time.perf_counter() - t_step,
                                           tuple(c.name for c in msg.calls), False))
             over = [n for n, k in failures.items() if k > self._by_name[n].retries]
@@ -452,9 +452,3 @@ class Agent(Generic[DepsT]):
 @dataclass(frozen=True)
 class _Failed:
     error: Exception
-
-
-def _append(session: Session, segments: Sequence[Segment]) -> None:
-    for text, literal in segments:
-        if text:
-            session.append_text(text, literal=literal)

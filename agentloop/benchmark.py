@@ -40,6 +40,7 @@ import torch
 from .engine import DiffusionEngine, GenerationOptions, Session
 from .errors import ParseError
 from .grammar import CompiledGrammar, ToolCall, compile_tools
+from .grammar.vocabulary import encode_segments
 from .protocol import Protocol
 
 CONTENDERS = ("agentloop", "unconstrained", "autoregressive", "no-cache")
@@ -157,7 +158,7 @@ class Conversation:
         return p.calls_segments(list(turn.output), {t["name"]: t["parameters"] for t in self.tools})
 
     def output_ids(self, engine: DiffusionEngine, turn: Turn) -> list[int]:
-        return [i for t, literal in self.output(turn) for i in engine.encode(t, literal=literal)]
+        return encode_segments(engine.tokenizer, self.output(turn))
 
     def after(self, turn: Turn) -> list[tuple[str, bool]]:
         p = self.protocol
@@ -189,16 +190,14 @@ class _Diffusion:
         self.kind, self.engine, self.g, self.conv, self.options, self.retries = (kind, engine, grammar, conv, options,
                                                                                  retries)
         self.session: Session = engine.session()
-        self._append(conv.system())
+        self.append(conv.system())
 
-    def _append(self, segments: Sequence[tuple[str, bool]]) -> None:
-        for text, literal in segments:
-            if text:
-                self.session.append_text(text, literal=literal)
+    def append(self, segments: Sequence[tuple[str, bool]]) -> None:
+        self.session.append_segments(segments)
 
     def turn(self, turn: Turn, before: list[tuple[str, bool]], seed: int) -> tuple[dict[str, float], int, int, int,
                                                                                   int, bool, int]:
-        self._append(before)
+        self.append(before)
         target = self.conv.output_ids(self.engine, turn)
         L = self.engine.canvas_length
         opts = self.options.replace(max_new_tokens=L * math.ceil((len(target) + 1) / L), seed=seed)
@@ -252,12 +251,10 @@ class _Autoregressive:
         self.tokens: list[int] = []
         self.cached = 0
         self.device = next(model.parameters()).device
-        self._extend(conv.system())
+        self.append(conv.system())
 
-    def _extend(self, segments: Sequence[tuple[str, bool]]) -> None:
-        for text, literal in segments:
-            if text:
-                self.tokens += self.engine.encode(text, literal=literal)
+    def append(self, segments: Sequence[tuple[str, bool]]) -> None:
+        self.tokens += encode_segments(self.engine.tokenizer, segments)
 
     def _forward(self, ids: list[int]) -> torch.Tensor:
         x = torch.tensor([ids], device=self.device)
@@ -268,7 +265,7 @@ class _Autoregressive:
 
     def turn(self, turn: Turn, before: list[tuple[str, bool]], seed: int) -> tuple[dict[str, float], int, int, int,
                                                                                   int, bool, int]:
-        self._extend(before)
+        self.append(before)
         target = self.conv.output_ids(self.engine, turn)
         parts = dict.fromkeys(PARTS, 0.0)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -395,7 +392,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[s
                     # The tools return canned results at once: a real tool's time adds the same
                     # to every contender. Feeding the results back (tokenizing) is timed.
                     after = conv.after(turn)
-                    runner._append(after) if kind != "autoregressive" else runner._extend(after)
+                    runner.append(after)
                     wall = time.perf_counter() - t0
                     parts["overhead"] = max(0.0, wall - sum(v for k, v in parts.items() if k != "overhead"))
                     first = isinstance(turn.output, str)

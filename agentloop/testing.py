@@ -21,7 +21,7 @@ from .engine.generation import CallCost, Draft, Generation, GenerationOptions
 from .engine.session import Session
 from .errors import ScriptError
 from .grammar import CompiledGrammar, ToolCall, byte_tokenizer
-from .grammar.vocabulary import backend_tokenizer, encode_text
+from .grammar.vocabulary import backend_tokenizer, encode_segments, encode_text
 from .protocol import Protocol, Segment
 
 #: One scripted model step: a final text, one call, several calls (parallel), or a function
@@ -87,7 +87,7 @@ class ScriptedEngine:
             item = item(prompt_text)
         segments, stop = self._render(item, constraint, index)
         text = "".join(t for t, _ in segments)
-        content = [i for t, literal in segments for i in self.encode(t, literal=literal)]
+        content = encode_segments(self.tokenizer, segments)
         stop_id = self.encode(stop)
         if len(stop_id) != 1:
             raise ScriptError(f"stop token {stop!r} is not a single token of this tokenizer")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from agentloop.grammar import compile_tools
-from agentloop.grammar.vocabulary import encode_text
+from agentloop.grammar.vocabulary import encode_segments, encode_text
 from agentloop.protocol import Protocol
 from agentloop.tools import load_tools
 from agentloop.training.data import KINDS, TEMPLATES, conversations, corpus_text
@@ -65,7 +65,7 @@ def test_every_target_is_a_valid_step_for_the_demo_tools(tok) -> None:
     p = Protocol("gemma4")
     for conv in conversations(60, seed=5, split="heldout"):
         for _, out, stop in render_steps(p, conv, schemas):
-            ids = [i for t, lit in out for i in encode_text(tok, t, literal=lit)] + encode_text(tok, stop)
+            ids = encode_segments(tok, out) + encode_text(tok, stop)
             assert g.accepts(ids), "".join(t for t, _ in out)
 
 

@@ -270,10 +270,8 @@ class DiffusionEngine:
                                                                  gen_dev, clock, c, on_draft, check_cancelled)
                 steps += n_steps
                 canvases.append(canvas)
-                end = self._stop_position(canvas, g, state, stop_ids)
-                if g is not None:
-                    with clock("constraint"):
-                        state = g.state_after(canvas[: L if end is None else end + 1], state)
+                with clock("constraint" if g is not None else "sampler"):
+                    end, state = self._stop_position(canvas, g, state, stop_ids)
                 written = canvas if end is None else canvas[:end]
                 forced_count += sum(1 for t in forced[: L if end is None else end + 1] if t >= 0)
                 out.extend(written)
@@ -301,16 +299,18 @@ class DiffusionEngine:
                           canvases=canvases)
 
     def _stop_position(self, canvas: list[int], g: CompiledGrammar | None, state: int,
-                       stop_ids: set[int]) -> int | None:
+                       stop_ids: set[int]) -> tuple[int | None, int]:
+        """Where the canvas's stop token is (None: it continues in the next canvas), and the
+        grammar's state after what the call keeps of it (one walk serves both)."""
         if g is None:
-            return next((i for i, t in enumerate(canvas) if t in stop_ids), None)
+            return next((i for i, t in enumerate(canvas) if t in stop_ids), None), state
         # The grammar knows where its stop token is (a stop id inside a string would not be one).
         q = state
         for i, t in enumerate(canvas):
             q = g.automaton.step(q, t)
             if g.is_complete(q):
-                return i
-        return None
+                return i, q
+        return None, q
 
     def _encode_pending(self, session: Session, clock: _Clock) -> int:
         """Run the causal encoder over the session's tokens not in its cache yet."""

@@ -74,6 +74,12 @@ class Session:
         self.append(ids)
         return ids
 
+    def append_segments(self, segments: Sequence[tuple[str, bool]]) -> list[int]:
+        """Queue (text, literal) pieces, each tokenized as ``append_text`` would; returns the ids."""
+        ids = [i for text, literal in segments if text for i in self.engine.encode(text, literal=literal)]
+        self.append(ids)
+        return ids
+
     def truncate(self, length: int) -> None:
         """Drop the tokens after the first ``length`` that are not encoded yet (e.g. an output
         to be replaced). Encoded tokens cannot be dropped: a cache with sliding-window layers

@@ -22,7 +22,7 @@ import json
 import re
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 if TYPE_CHECKING:
     import numpy as np
@@ -85,6 +85,11 @@ def encode_text(tokenizer: Any, text: str, *, literal: bool = False) -> list[int
         if b > a:
             ids += backend.encode(text[a:b], add_special_tokens=False).ids
     return ids
+
+
+def encode_segments(tokenizer: Any, segments: Iterable[tuple[str, bool]]) -> list[int]:
+    """Token ids of (text, literal) pieces, each encoded as :func:`encode_text` would."""
+    return [i for text, literal in segments if text for i in encode_text(tokenizer, text, literal=literal)]
 
 
 def _decoder_kind(spec: dict[str, Any]) -> str:

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..grammar.vocabulary import encode_text
+from ..grammar.vocabulary import encode_segments, encode_text
 from ..protocol import Protocol
 from .data import INSTRUCTIONS, conversations, corpus_text
 from .render import render_steps
@@ -77,8 +77,7 @@ def examples(tok: Any, seed: int, split: str = "train") -> Iterator[tuple[list[i
     while True:
         for conv in conversations(10_000, seed + n, split):  # type: ignore[arg-type]
             for ctx, out, stop in render_steps(p, conv):
-                ids = [i for t, lit in ctx for i in encode_text(tok, t, literal=lit)]
-                yield ids, [i for t, lit in out for i in encode_text(tok, t, literal=lit)] + encode_text(tok, stop)
+                yield encode_segments(tok, ctx), encode_segments(tok, out) + encode_text(tok, stop)
         n += 1
 
 
