@@ -28,12 +28,13 @@ from .agent import (
     Usage,
     UserMessage,
 )
-from .errors import AgentloopError, MaxStepsExceeded, ToolDefinitionError, ToolRetriesExhausted
+from .errors import AgentloopError, MaxStepsExceeded, ModelOutputError, ToolDefinitionError, ToolRetriesExhausted
 from .grammar import ToolCall
-from .tools import RunContext, Tool, ToolResult, load_tools, tool
+from .tools import Copied, RunContext, Tool, ToolResult, load_tools, tool
 
 __all__ = [
-    "Agent", "AgentloopError", "CanvasDraft", "Event", "FinalAnswer", "MaxStepsExceeded", "Message", "ModelMessage",
+    "Agent", "AgentloopError", "CanvasDraft", "Copied", "Event", "FinalAnswer", "MaxStepsExceeded", "Message",
+    "ModelMessage", "ModelOutputError",
     "ModelStepEnd", "ModelStepStart", "RunComplete", "RunContext", "RunResult", "StepTrace", "Tool", "ToolCall",
     "ToolCallEnd", "ToolCallStart", "ToolDefinitionError", "ToolResult", "ToolResultsMessage",
     "ToolRetriesExhausted", "Usage", "UserMessage", "load_tools", "tool",

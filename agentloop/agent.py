@@ -21,7 +21,7 @@ import math
 import time
 from contextlib import aclosing
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Awaitable, Callable, Generic, Literal, Sequence, Union
 
 import anyio
@@ -30,8 +30,8 @@ import anyio.from_thread
 from .engine.base import Engine
 from .engine.generation import CallCost, Draft, GenerationOptions
 from .engine.session import Session
-from .errors import AgentloopError, MaxStepsExceeded, ToolRetriesExhausted
-from .grammar import CompiledGrammar, ToolCall, compile_tools
+from .errors import AgentloopError, MaxStepsExceeded, ModelOutputError, ParseError, ToolRetriesExhausted
+from .grammar import CompiledGrammar, SchemaOptions, ToolCall, compile_tools
 from .protocol import Protocol, Segment
 from .tools import DepsT, RunContext, Tool, ToolResult, as_tool
 
@@ -183,13 +183,19 @@ class Agent(Generic[DepsT]):
     serving independent one-shot requests), ``forget()`` drops them.
     ``declare_tools=False`` leaves the tool declarations out of the system turn (for a model
     trained on a fixed tool set, like the bundled demo model; the grammar still holds it to them).
+    ``copy_constraint``: parameters marked ``Copied[...]`` (``"x-copy": true``) take only
+    values written in this run's user messages and tool results; the grammar is recompiled
+    for each model step that has new text (a few ms to ~100 ms, in a worker thread).
+    ``constrained=False`` turns the grammar off: the model's text is parsed, as
+    prompt-and-parse runtimes do, and a malformed call raises ``ModelOutputError`` (for
+    comparisons; calls to unknown tools and invalid arguments go back to the model as errors).
     """
 
     def __init__(self, engine: Engine, tools: Sequence[Tool | Callable[..., Any]] = (), *, instructions: str = "",
                  max_steps: int = 10, parallel_tool_calls: bool = True, wire_format: str = "gemma4",
                  options: GenerationOptions | None = None, approve: Approver | None = None,
                  tool_choice: Literal["auto", "required", "none"] = "auto", declare_tools: bool = True,
-                 keep_sessions: int = 16) -> None:
+                 keep_sessions: int = 16, copy_constraint: bool = True, constrained: bool = True) -> None:
         if max_steps < 1:
             raise ValueError("max_steps must be >= 1")
         if tool_choice not in ("auto", "required", "none"):
@@ -197,6 +203,8 @@ class Agent(Generic[DepsT]):
         if tool_choice == "required" and not tools:
             raise AgentloopError("tool_choice='required' needs at least one tool")
         self.tool_choice = tool_choice
+        self.copy_constraint = copy_constraint
+        self.constrained = constrained
         self.declare_tools = declare_tools
         self.keep_sessions = keep_sessions
         self.engine = engine
@@ -216,19 +224,42 @@ class Agent(Generic[DepsT]):
         self.options = options
         self.approve = approve
         self._constraint: CompiledGrammar | None = None
+        self._copies = copy_constraint and constrained and any(_has_copy(t.parameters) for t in self.tools)
+        self._copy_grammars: OrderedDict[tuple[str, ...], CompiledGrammar] = OrderedDict()
         # Sessions of finished runs, keyed by their message list, so a continued conversation
         # encodes only its new tokens. Bounded; a session is taken out while a run uses it.
         self._sessions: OrderedDict[int, tuple[list[Message], tuple[Any, ...], Session]] = OrderedDict()
 
     @property
     def constraint(self) -> CompiledGrammar:
-        """The grammar of one model step: one or more calls (one, without parallel calls), or a final text."""
+        """The grammar of one model step: one or more calls (one, without parallel calls), or a
+        final text. With copied parameters, this is the grammar of an empty conversation
+        (they can take no value); each run step uses ``constraint_for(messages)``."""
         if self._constraint is None:
-            tools = [] if self.tool_choice == "none" else [t.tool_schema for t in self.tools]
-            self._constraint = compile_tools(tools, self.engine.tokenizer, self.protocol.wire_format,
-                                             allow_text=self.tool_choice != "required",
-                                             parallel_calls=self.parallel_tool_calls)
+            self._constraint = self._compile(())
         return self._constraint
+
+    def constraint_for(self, messages: Sequence[Message]) -> CompiledGrammar:
+        """The grammar of the model step that follows ``messages``: copied parameters may
+        take values written in its user messages and tool results."""
+        if not self._copies:
+            return self.constraint
+        sources = copy_sources(messages)
+        g = self._copy_grammars.get(sources)
+        if g is None:
+            g = self._copy_grammars[sources] = self._compile(sources)
+            while len(self._copy_grammars) > 8:
+                self._copy_grammars.popitem(last=False)
+        self._copy_grammars.move_to_end(sources)
+        return g
+
+    def _compile(self, sources: tuple[str, ...]) -> CompiledGrammar:
+        tools = [] if self.tool_choice == "none" else [t.tool_schema for t in self.tools]
+        if not self.copy_constraint:
+            tools = [replace(t, parameters=_without_copy(t.parameters)) for t in tools]
+        return compile_tools(tools, self.engine.tokenizer, self.protocol.wire_format,
+                             allow_text=self.tool_choice != "required", parallel_calls=self.parallel_tool_calls,
+                             options=SchemaOptions(copy_sources=sources))
 
     # ---- public runs -----------------------------------------------------------------------------
     async def run(self, prompt: str, *, message_history: Sequence[Message] | None = None,
@@ -262,7 +293,6 @@ class Agent(Generic[DepsT]):
     async def _loop(self, prompt: str, history: Sequence[Message] | None, deps: Any,
                     want_drafts: bool) -> AsyncIterator[Event]:
         t_run = time.perf_counter()
-        constraint = self.constraint
         messages: list[Message] = list(history or [])
         session = self._take_session(history)
         if session is None:
@@ -278,6 +308,10 @@ class Agent(Generic[DepsT]):
             t_step = time.perf_counter()
             yield ModelStepStart(step)
             gen = None
+            constraint = None
+            if self.constrained:
+                constraint = self.constraint if not self._copies else \
+                    await anyio.to_thread.run_sync(self.constraint_for, messages)
             # Inner generators are closed explicitly, in this task: their task group and the
             # engine call end here when the caller stops early, never in a finalizer elsewhere.
             async with aclosing(self._model_step(session, constraint, step, want_drafts)) as items:
@@ -287,7 +321,14 @@ class Agent(Generic[DepsT]):
                     else:
                         gen = item
             assert gen is not None
-            parsed = gen.parsed
+            if constraint is not None:
+                parsed = gen.parsed
+            else:
+                try:
+                    parsed = self.protocol.parse_output(gen.text)
+                except ParseError as e:
+                    result.total_s = time.perf_counter() - t_run
+                    raise ModelOutputError(f"model step {step}: {e}; output: {gen.text!r}", partial=result) from None
             if parsed.text is not None or not parsed.calls:
                 msg = ModelMessage(text=parsed.text or "")
                 messages.append(msg)
@@ -325,7 +366,7 @@ class Agent(Generic[DepsT]):
         result.total_s = time.perf_counter() - t_run
         raise MaxStepsExceeded(f"no final answer after max_steps={self.max_steps} model steps", partial=result)
 
-    async def _model_step(self, session: Session, constraint: CompiledGrammar, step: int,
+    async def _model_step(self, session: Session, constraint: CompiledGrammar | None, step: int,
                           want_drafts: bool) -> AsyncIterator[Any]:
         """The engine call; with ``want_drafts`` its drafts are yielded while it runs."""
         if not want_drafts:
@@ -377,7 +418,11 @@ class Agent(Generic[DepsT]):
         results: list[ToolResult | None] = [None] * len(calls)
 
         async def one(i: int, c: ToolCall) -> None:
-            t = self._by_name[c.name]
+            t = self._by_name.get(c.name)
+            if t is None:  # only an unconstrained model can name a tool that does not exist
+                results[i] = ToolResult(c.name, f"there is no tool named {c.name!r}; the tools are: "
+                                                f"{', '.join(self._by_name)}", True)
+                return
             ctx = RunContext(deps, step=step, tool_name=t.name, retry=failures.get(t.name, 0))
             if t.requires_approval:
                 assert self.approve is not None
@@ -452,3 +497,30 @@ class Agent(Generic[DepsT]):
 @dataclass(frozen=True)
 class _Failed:
     error: Exception
+
+
+def copy_sources(messages: Sequence[Message]) -> tuple[str, ...]:
+    """The texts copied parameters may take values from: user messages and tool results."""
+    out: list[str] = []
+    for m in messages:
+        if isinstance(m, UserMessage):
+            out.append(m.text)
+        elif isinstance(m, ToolResultsMessage):
+            out += [r.content for r in m.results]
+    return tuple(out)
+
+
+def _has_copy(schema: Any) -> bool:
+    if isinstance(schema, dict):
+        return bool(schema.get("x-copy")) or any(_has_copy(v) for v in schema.values())
+    if isinstance(schema, list):
+        return any(_has_copy(v) for v in schema)
+    return False
+
+
+def _without_copy(schema: Any) -> Any:
+    if isinstance(schema, dict):
+        return {k: _without_copy(v) for k, v in schema.items() if k != "x-copy"}
+    if isinstance(schema, list):
+        return [_without_copy(v) for v in schema]
+    return schema

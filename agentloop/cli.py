@@ -4,8 +4,9 @@
     agentloop chat --tools tools/demo.py                          # a conversation (REPL)
     agentloop tools tools/demo.py                                 # list tools and their schemas
     agentloop bench --quick                                       # loop latency against the alternatives
-    agentloop train --out runs/demo --minutes 240                 # train the demo model (resumable)
-    agentloop demo                      # constrained canvases from a tiny random DiffusionGemma
+    agentloop train --out runs/demo                               # train the demo model (resumable)
+    agentloop demo                      # the bundled model runs a few requests with the demo tools
+    agentloop eval                      # the bundled model on held-out requests, three modes
     agentloop grammar check tools.json  # compile tool schemas, report sizes or the exact error
 
 Exit codes: 0 success, 1 run error, 2 usage error.
@@ -75,19 +76,53 @@ def main() -> None:
     """agentloop: fast local tool-use loops on a block-diffusion LM, every call valid by construction."""
 
 
+DEMO_PROMPTS = ("What's the weather in Oslo?", "Convert 12 miles to km and add 5.", "What time is it in Tokyo?")
+
+
 @main.command()
-@click.option("--seed", default=0, show_default=True, help="Seed of the random model and the sampler.")
-@click.option("--steps", default=8, show_default=True, help="Denoising steps per canvas.")
-@click.option("--canvas", "canvas_length", default=64, show_default=True, help="Canvas length in tokens.")
-def demo(seed: int, steps: int, canvas_length: int) -> None:
-    """Denoise canvases with a tiny *random* DiffusionGemma, with and without the constraint.
+@click.argument("prompts", nargs=-1)
+@click.option("--seed", default=0, show_default=True, help="Seed of the sampler (and of the random model).")
+@click.option("--trace", is_flag=True, help="Print the per-step cost table of each run.")
+@click.option("--random", "random_model", is_flag=True,
+              help="Instead: denoise canvases with a tiny *random* DiffusionGemma, with and without the constraint.")
+@click.option("--steps", default=8, show_default=True, help="With --random: denoising steps per canvas.")
+@click.option("--canvas", "canvas_length", default=64, show_default=True, help="With --random: canvas length.")
+def demo(prompts: tuple[str, ...], seed: int, trace: bool, random_model: bool, steps: int,
+         canvas_length: int) -> None:
+    """Run the bundled demo model on a few requests, with the demo tools (offline, CPU).
 
-    Offline and on the CPU. A random model cannot know what to call, yet every
-    constrained canvas is a valid call (or a final text) for the demo tools, while the
-    unconstrained argmax is noise. Example:
+    Each request runs the real loop: the model's calls (valid by construction), the tools'
+    results, the model's answer. Notes and files go to a scratch folder. Examples:
 
-        agentloop demo --seed 3
+    \b
+        agentloop demo
+        agentloop demo "Weather in Lisbon for 3 days?" --trace
+        agentloop demo --random --seed 3
     """
+    if random_model:
+        _random_canvases(seed, steps, canvas_length)
+        return
+    import tempfile
+
+    from .builtin import demo_agent
+    from .engine import GenerationOptions
+
+    with _progress("loading the bundled demo model"):
+        agent = demo_agent(options=GenerationOptions(seed=seed))
+        _ = agent.constraint
+    with tempfile.TemporaryDirectory(prefix="agentloop-demo-") as sandbox:
+        for prompt in prompts or DEMO_PROMPTS:
+            click.echo(f"> {prompt}", err=True)
+            result = agent.run_sync(prompt, deps=sandbox)
+            _print_result(result, False, trace)
+            u = result.usage
+            click.echo(f"  ({u.model_steps} model steps, {u.denoising_steps} denoising steps, "
+                       f"{u.forced_tokens} tokens forced, {1000 * result.total_s:.0f} ms)", err=True)
+
+
+def _random_canvases(seed: int, steps: int, canvas_length: int) -> None:
+    """A random model cannot know what to call, yet every constrained canvas is a valid
+    call for the demo tools, while the unconstrained argmax is noise."""
     from .engine import DiffusionEngine, GenerationOptions
     from .grammar import compile_tools
 
@@ -117,6 +152,9 @@ _MODEL_HELP = ("builtin (the bundled demo model), random (a tiny random Diffusio
                "meaningless content) or a local checkpoint folder")
 
 
+_INSTRUCTIONS = "You are a helpful assistant. Use the tools when they help."
+
+
 def _agent_options(f: Any) -> Any:
     for opt in reversed([
         click.option("--tools", "tool_specs", multiple=True, metavar="PATH[:NAME]",
@@ -130,8 +168,8 @@ def _agent_options(f: Any) -> Any:
                      help="Most model calls per run."),
         click.option("--max-denoising-steps", default=48, show_default=True, type=click.IntRange(1),
                      help="Most denoising steps per canvas."),
-        click.option("--instructions", default="You are a helpful assistant. Use the tools when they help.",
-                     show_default=True, help="The system instructions."),
+        click.option("--instructions", default=None,
+                     help="The system instructions (default: the model's own, else a generic helpful assistant)."),
         click.option("--seed", type=int, default=None, help="Seed of the sampler (default: random)."),
     ]):
         f = opt(f)
@@ -166,19 +204,25 @@ def _progress(message: str) -> Iterator[None]:
 
 
 def _make_agent(tool_specs: tuple[str, ...], model: str, device: str, dtype: str, max_steps: int,
-                max_denoising_steps: int, instructions: str, seed: int | None) -> Any:
+                max_denoising_steps: int, instructions: str | None, seed: int | None) -> Any:
     from .agent import Agent
     from .engine import DiffusionEngine, GenerationOptions
-    from .engine.models import BUILTIN_MODEL_DIR
+    from .builtin import BUILTIN_MODEL_DIR, demo_agent, model_card
     from .tools import load_tools
 
     tools = [t for spec in tool_specs for t in load_tools(spec)]
+    options = GenerationOptions(max_denoising_steps=max_denoising_steps, seed=seed)
     if model == "builtin":
         if not (BUILTIN_MODEL_DIR / "config.json").is_file():
-            raise click.UsageError("the bundled demo model is not in this installation yet; use --model random "
+            raise click.UsageError("the bundled demo model is not in this installation; use --model random "
                                    "(a tiny random DiffusionGemma) or --model PATH (a local checkpoint)")
         model = str(BUILTIN_MODEL_DIR)
-    options = GenerationOptions(max_denoising_steps=max_denoising_steps, seed=seed)
+    if model_card(model):  # a model agentloop trained: run it as it was trained (its tools by default)
+        with _progress(f"loading model {model}"):
+            agent = demo_agent(model, tools=tools or None, max_steps=max_steps, options=options,
+                               **({"instructions": instructions} if instructions else {}))
+            _ = agent.constraint
+        return agent
     with _progress(f"loading model {model}"):
         if model == "random":
             engine = DiffusionEngine.random(device=device, dtype=dtype)
@@ -187,7 +231,7 @@ def _make_agent(tool_specs: tuple[str, ...], model: str, device: str, dtype: str
                 raise click.BadParameter(f"{model!r} is not a folder (expected {_MODEL_HELP})", param_hint="--model")
             engine = DiffusionEngine.from_pretrained(model, device=device, dtype=dtype)
     with _progress(f"compiling the grammar of {len(tools)} tool(s)"):
-        agent = Agent(engine, tools, instructions=instructions, max_steps=max_steps, options=options)
+        agent = Agent(engine, tools, instructions=instructions or _INSTRUCTIONS, max_steps=max_steps, options=options)
         _ = agent.constraint
     return agent
 
@@ -231,7 +275,7 @@ def _print_result(result: Any, as_json: bool, trace: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result (output, calls, usage, trace) as JSON.")
 @click.option("--trace", is_flag=True, help="Print the per-step cost table (to stderr).")
 def run(prompt: str, tool_specs: tuple[str, ...], model: str, device: str, dtype: str, max_steps: int,
-        max_denoising_steps: int, instructions: str, seed: int | None, as_json: bool, trace: bool) -> None:
+        max_denoising_steps: int, instructions: str | None, seed: int | None, as_json: bool, trace: bool) -> None:
     """Run an agent on PROMPT until it answers. Examples:
 
     \b
@@ -257,7 +301,7 @@ def run(prompt: str, tool_specs: tuple[str, ...], model: str, device: str, dtype
 @_agent_options
 @click.option("--trace", is_flag=True, help="Print the per-step cost table after each answer.")
 def chat(tool_specs: tuple[str, ...], model: str, device: str, dtype: str, max_steps: int, max_denoising_steps: int,
-         instructions: str, seed: int | None, trace: bool) -> None:
+         instructions: str | None, seed: int | None, trace: bool) -> None:
     """A conversation with an agent; the session (and its KV cache) is kept between turns.
 
     Type a message and press enter; /reset starts over, /trace shows the last turn's cost
@@ -358,23 +402,67 @@ def bench_cmd(model: str, random_weights: str | None, device: str, dtype: str, s
 @main.command("train")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
               show_default=True, help="Run folder: checkpoints, loss.png, train.json and the exported model/.")
-@click.option("--minutes", default=60.0, show_default=True, help="Stop after this much training time (resumable).")
+@click.option("--steps", default=None, type=int,
+              help="Optimizer steps of the whole run (the cosine schedule's length) [default: 5000].")
+@click.option("--minutes", default=None, type=float, help="Stop this invocation after so many minutes (resumable).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--hidden-size", default=128, show_default=True)
 @click.option("--layers", default=4, show_default=True)
-def train_cmd(out: Path, minutes: float, seed: int, batch_size: int, hidden_size: int, layers: int) -> None:
+def train_cmd(out: Path, steps: int | None, minutes: float | None, seed: int, batch_size: int, hidden_size: int,
+              layers: int) -> None:
     """Train the demo model on synthetic tool-use conversations (CPU, reproducible from --seed).
 
-    Run it again with the same --out to resume from the last checkpoint. Example:
+    The bundled model is exactly `agentloop train` with the defaults. Run it again with the
+    same --out to resume from the last checkpoint (the run keeps its first flags). Example:
 
-        agentloop train --out runs/demo --minutes 240
+        agentloop train --out runs/demo --minutes 60     # then again, until it reports done
     """
     from .training.train import TrainConfig, train
 
-    folder = train(out, TrainConfig(seed=seed, batch_size=batch_size, hidden_size=hidden_size, layers=layers),
-                   minutes, log=lambda m: click.echo(m, err=True))
+    cfg = TrainConfig(seed=seed, batch_size=batch_size, hidden_size=hidden_size, layers=layers)
+    if steps is not None:
+        cfg.max_steps = steps
+    folder = train(out, cfg, minutes, log=lambda m: click.echo(m, err=True))
     click.echo(f"model written to {folder}")
+
+
+@main.command("eval")
+@click.option("--model", default="builtin", show_default=True, help="builtin, or a folder `agentloop train` wrote.")
+@click.option("--single", default=100, show_default=True, help="Held-out single-call requests.")
+@click.option("--multi", default=50, show_default=True, help="Held-out multi-step runs (chains, parallel, errors).")
+@click.option("--chat", default=10, show_default=True, help="Held-out requests that need no tool.")
+@click.option("--modes", default=",".join(("copy", "grammar", "unconstrained")), show_default=True,
+              help="Comma-separated: copy (grammar + copy constraint), grammar, unconstrained (parse the text).")
+@click.option("--seed", default=1, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
+              show_default=True)
+def eval_cmd(model: str, single: int, multi: int, chat: int, modes: str, seed: int, out: Path) -> None:
+    """Evaluate the demo model on held-out requests through the real loop and tools.
+
+    Reports right calls and right runs end to end per mode, calls valid by jsonschema,
+    denoising steps per canvas, turn latency, and failures by kind; writes
+    demo_eval.{json,md} to --out. Example:
+
+        agentloop eval --single 20 --multi 10 --modes copy,unconstrained
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .evaluation import MODES, EvalConfig, evaluate, markdown, write
+
+    chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+    bad = [m for m in chosen if m not in MODES]
+    if bad or not chosen:
+        raise click.BadParameter(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}", param_hint="--modes")
+    cfg = EvalConfig(model=model, single=single, multi=multi, chat=chat, seed=seed, modes=chosen)
+    with Progress(TextColumn("cases"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=None) as bar:
+        task = bar.add_task("", total=single + multi + chat)
+        res = evaluate(cfg, progress=lambda prompt, i, n: bar.update(task, completed=i, description=prompt[:40]))
+    command = "agentloop eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else "agentloop eval"
+    paths = write(res, out, command)
+    click.echo(markdown(res, command))
+    click.echo(f"wrote {', '.join(str(p) for p in paths.values())}", err=True)
 
 
 @main.group()

@@ -97,3 +97,12 @@ class MaxStepsExceeded(AgentloopError):
 
 class ScriptError(AgentloopError):
     """A ``ScriptedEngine`` output that is not valid for the tools' grammar, or a script that ran out."""
+
+
+class ModelOutputError(AgentloopError):
+    """An unconstrained model (``Agent(constrained=False)``) wrote a call that does not
+    parse; ``.partial`` holds the run so far. The constrained loop cannot raise it."""
+
+    def __init__(self, message: str, partial: object = None) -> None:
+        super().__init__(message)
+        self.partial = partial

@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generic, TypeVar, get_args, get_origin, get_type_hints, overload
+from typing import Annotated, Any, Callable, Generic, TypeVar, get_args, get_origin, get_type_hints, overload
 
 import anyio
 import anyio.to_thread
@@ -41,6 +41,15 @@ from .grammar import ToolSchema, check_schema
 
 DepsT = TypeVar("DepsT")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_T = TypeVar("_T")
+
+#: A parameter whose value the model copies from the conversation: ``city: Copied[str]``.
+#: The copy constraint holds it to what the user wrote and the tools returned in the run so
+#: far: a string must be a substring of one of those texts, a number one of the numbers
+#: written in them (whole). A small model that would misspell a name or a figure cannot; a
+#: value that occurs nowhere cannot be passed at all. In a raw JSON schema the same mark is
+#: ``"x-copy": true``; ``Agent(copy_constraint=False)`` ignores it.
+Copied = Annotated[_T, pydantic.Field(json_schema_extra={"x-copy": True})]
 
 
 @dataclass

@@ -31,8 +31,8 @@ def test_grammar_check_errors_name_the_keyword(tmp_path):
     assert r.exit_code == 2
 
 
-def test_demo_runs_offline_as_a_real_subprocess():
-    r = subprocess.run([sys.executable, "-m", "agentloop.cli", "demo", "--steps", "2", "--canvas", "48"],
+def test_random_demo_runs_offline_as_a_real_subprocess():
+    r = subprocess.run([sys.executable, "-m", "agentloop.cli", "demo", "--random", "--steps", "2", "--canvas", "48"],
                        capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": ""},
                        cwd=ROOT)
     assert r.returncode == 0, r.stderr

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agentloop import Agent, Copied, tool
 from agentloop.grammar import SchemaOptions, compile_schema
 from agentloop.grammar.copy import substring_node
 from agentloop.grammar.fsa import to_dfa
@@ -37,3 +38,119 @@ def test_copied_parameter_only_takes_values_from_the_context(btok, wire_format):
         city = g.parse(ids)["city"]
         assert any(city in s for s in sources) and len(city) >= 2
 
+
+
+# ---- numbers ---------------------------------------------------------------------------------------
+
+_NUM = {"type": "object", "properties": {"v": {"type": "number", "x-copy": True}}, "required": ["v"]}
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(text=st.text(alphabet="12.-e x", max_size=14), probe=st.from_regex(r"-?[0-9]{1,3}(\.[0-9]{1,2})?", fullmatch=True))
+def test_copied_number_is_a_whole_number_written_in_the_context(btok, text, probe):
+    from agentloop.grammar.copy import copied_number_spellings
+
+    from agentloop.errors import SchemaError
+
+    spellings = copied_number_spellings([text])
+    try:
+        g = compile_schema(_NUM, btok, "json", options=SchemaOptions(copy_sources=(text,)))
+    except SchemaError:  # no number in the text: the required value has none to take
+        assert not any(_is_json_number(s) for s in spellings)
+        return
+    from agentloop.grammar.vocabulary import encode_text
+
+    ids = encode_text(btok, f'{{"v":{probe}}}') + encode_text(btok, "<eos>")
+    assert g.accepts(ids) == (probe in spellings and _is_json_number(probe))
+
+
+def _is_json_number(s: str) -> bool:
+    import re
+
+    return re.fullmatch(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?", s) is not None
+
+
+@pytest.mark.parametrize("wire_format", ["json", "gemma4"])
+def test_copied_numbers_sampled_are_in_the_context_and_valid(btok, wire_format):
+    import torch
+    import jsonschema
+
+    sources = ("Convert 12.5 km to miles", "result: 7.76714 mi, -4 C")
+    g = compile_schema(_NUM, btok, wire_format, options=SchemaOptions(copy_sources=sources))
+    seen = set()
+    for seed in range(12):
+        ids = g.sample(torch.randn(24, g.vocab.size, generator=torch.Generator().manual_seed(seed)))
+        v = g.parse(ids)["v"]
+        jsonschema.validate({"v": v}, _NUM)
+        assert v in {12.5, 7.76714, -4, 4}  # whole numbers only: never "2.5" out of "12.5"
+        seen.add(v)
+    assert len(seen) > 1
+    assert not g.accepts_json({"v": 2.5}) and not g.accepts_json({"v": 12})
+
+
+def test_copy_sources_do_not_reach_the_disk_cache(btok, tmp_path, monkeypatch):
+    from agentloop.grammar import cache
+
+    monkeypatch.setattr(cache, "save", lambda *a, **k: pytest.fail("a per-conversation grammar was persisted"))
+    compile_schema(_NUM, btok, "json", options=SchemaOptions(copy_sources=("private 42",)))
+
+
+# ---- tools and the agent ---------------------------------------------------------------------------
+
+
+def test_copied_annotation_marks_the_schema():
+    @tool
+    def convert(value: Copied[float], unit: str, city: Copied[str] = "Oslo") -> str:
+        """Convert."""
+        return ""
+
+    props = convert.parameters["properties"]
+    assert props["value"] == {"type": "number", "x-copy": True}
+    assert props["city"]["x-copy"] is True and "x-copy" not in props["unit"]
+    assert convert(3.0, "km") == ""
+
+
+def _weather_agent(script, **kw):
+    from agentloop.testing import ScriptedEngine
+
+    @tool
+    def get_weather(city: Copied[str]) -> str:
+        """Weather in a city."""
+        return f"{city}: sunny; try also Bergen"
+
+    return Agent(ScriptedEngine(script), [get_weather], **kw)
+
+
+def test_agent_allows_copied_values_from_the_prompt_and_from_tool_results():
+    from agentloop.testing import call
+
+    agent = _weather_agent([call("get_weather", city="Oslo"), call("get_weather", city="Bergen"), "done"])
+    r = agent.run_sync("Weather in Oslo?")
+    assert [c.call.arguments["city"] for c in r.calls] == ["Oslo", "Bergen"]  # Bergen came from a tool result
+    # the next run continues the conversation: its texts are still sources
+    agent2 = _weather_agent([call("get_weather", city="Bergen"), "ok"])
+    assert agent2.run_sync("And there?", message_history=r.messages).calls[0].call.arguments["city"] == "Bergen"
+
+
+def test_agent_rejects_a_copied_value_the_conversation_does_not_have():
+    from agentloop.errors import ScriptError
+    from agentloop.testing import call
+
+    with pytest.raises(ScriptError, match="not valid for the tools' grammar"):
+        _weather_agent([call("get_weather", city="Paris"), "x"]).run_sync("Weather in Oslo?")
+    # without the copy constraint the schema alone holds
+    r = _weather_agent([call("get_weather", city="Paris"), "x"], copy_constraint=False).run_sync("Weather in Oslo?")
+    assert r.calls[0].call.arguments == {"city": "Paris"}
+
+
+def test_agent_grammar_per_step_is_cached_by_its_sources():
+    from agentloop.agent import UserMessage
+    from agentloop.testing import call
+
+    agent = _weather_agent([call("get_weather", city="Oslo"), "ok"])
+    a = agent.constraint_for([UserMessage("Weather in Oslo?")])
+    assert agent.constraint_for([UserMessage("Weather in Oslo?")]) is a
+    assert agent.constraint_for([UserMessage("Weather in Rome?")]) is not a
+    # with no conversation yet, a copied parameter has no value to take
+    assert not agent.constraint.accepts_json([{"name": "get_weather", "arguments": {"city": "Oslo"}}])
+    assert a.accepts_json([{"name": "get_weather", "arguments": {"city": "Oslo"}}])

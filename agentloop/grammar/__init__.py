@@ -124,7 +124,8 @@ def _tail(wf: WireFormat, vocab: Vocabulary) -> Node:
     return rep(sym(pad))
 
 
-def _compile(node_fn: Any, key_parts: Any, vocab: Vocabulary, kind: str, tools: Sequence[Any]) -> CompiledGrammar:
+def _compile(node_fn: Any, key_parts: Any, vocab: Vocabulary, kind: str, tools: Sequence[Any],
+             persist: bool = True) -> CompiledGrammar:
     # The wire format's file text is part of the key: editing grammars/*.toml invalidates.
     key = hashlib.sha256(json.dumps([key_parts, vocab.wire_format.file_text, vocab.fingerprint, _compiler_version()],
                                     sort_keys=True,
@@ -135,7 +136,7 @@ def _compile(node_fn: Any, key_parts: Any, vocab: Vocabulary, kind: str, tools: 
     if g is not None:
         return g
     t0 = time.perf_counter()
-    cached = disk_cache.load(key)
+    cached = disk_cache.load(key) if persist else None
     if cached is not None:
         dfa, automaton = cached
     else:
@@ -143,7 +144,8 @@ def _compile(node_fn: Any, key_parts: Any, vocab: Vocabulary, kind: str, tools: 
         if dfa.is_empty():
             raise SchemaError("the schema admits no value at all (its constraints contradict each other)")
         automaton = build_token_automaton(dfa, vocab)
-        disk_cache.save(key, dfa, automaton)
+        if persist:
+            disk_cache.save(key, dfa, automaton)
     g = CompiledGrammar(dfa, automaton, vocab, kind, tools, compile_seconds=time.perf_counter() - t0)
     with _lock:
         if len(_grammar_cache) >= _GRAMMAR_CACHE_SIZE:
@@ -175,7 +177,8 @@ def compile_schema(
         value = SchemaCompiler(schema, wf, options).node()
         return seq(value, literal(wf.lit("end")), _tail(wf, vocab))
 
-    return _compile(node, ["value", schema, wf.name, wf.source, repr(options)], vocab, "value", ())
+    return _compile(node, ["value", schema, wf.name, wf.source, repr(options)], vocab, "value", (),
+                    persist=not options.copy_sources)
 
 
 def check_schema(schema: Mapping[str, Any] | bool, wire_format: str | WireFormat = "gemma4", *,
@@ -263,7 +266,9 @@ def compile_tools(
 
     key = ["tools", [(t.name, t.description, t.parameters) for t in specs], allow_text, parallel_calls,
            wf.name, wf.source, repr(options)]
-    return _compile(node, key, vocab, "tools", specs)
+    # A grammar with copy sources belongs to one conversation: kept in memory, never written
+    # to the disk cache (which would fill up with users' text).
+    return _compile(node, key, vocab, "tools", specs, persist=not options.copy_sources)
 
 
 def byte_tokenizer(special_tokens: Sequence[str] = ("<pad>", "<eos>", "<|turn>", "<turn|>", "<|tool>", "<tool|>",

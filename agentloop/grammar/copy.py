@@ -1,4 +1,5 @@
-"""The copy constraint: a string may only be a substring of given texts.
+"""The copy constraint: a string may only be a substring of given texts, a number only one
+written in them.
 
 The substrings of a text form a regular language accepted by its suffix automaton (at
 most 2n states, built online in O(n)), so a parameter marked ``"x-copy": true`` can be
@@ -18,9 +19,10 @@ Example::
 
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
-from .fsa import NEVER, Node, alt, graph
+from .fsa import NEVER, Node, alt, graph, literal
 from .wireformat import WireFormat
 
 
@@ -71,3 +73,29 @@ def substring_node(texts: Iterable[str], wf: WireFormat) -> Node:
                 edges.append((s, t, spelled[ch]))
         branches.append(graph(len(trans), list(range(len(trans))), edges))
     return alt(*branches) if branches else NEVER
+
+
+# A number as people write it; a copied number is one of these, whole (not "16" out of "167").
+_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+def copied_number_spellings(texts: Iterable[str]) -> list[str]:
+    """Every number written in ``texts`` (with and without its minus sign), as written."""
+    found: dict[str, None] = {}
+    for text in texts:
+        for m in _NUMBER.finditer(text):
+            found[m.group(0)] = None
+            found[m.group(0).lstrip("-")] = None
+    return list(found)
+
+
+def copied_number_node(texts: Iterable[str]) -> Node:
+    """Spellings of a copied number: the numbers written in ``texts``, whole. Intersected
+    with the schema's number automaton, so "007" still needs a schema that allows it."""
+    spellings = copied_number_spellings(texts)
+    return alt(*(literal(s.encode()) for s in spellings)) if spellings else NEVER
+
+
+def copied_numbers(texts: Iterable[str]) -> set[float]:
+    """The values a copied number parameter may take (the validator's side)."""
+    return {float(s) for s in copied_number_spellings(texts)}

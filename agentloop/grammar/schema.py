@@ -59,6 +59,7 @@ from .fsa import (
     to_dfa,
 )
 from .regex import full_match_node, pattern_is_exact, pattern_node
+from .copy import copied_number_node, copied_numbers, substring_node
 from .wireformat import WireFormat
 
 Facet = tuple[Any, str, str]
@@ -538,8 +539,13 @@ class SchemaCompiler:
             yield error(f"{instance!r} fails the if / then / else")
 
         def copy(validator: Any, on: Any, instance: Any, schema: Any) -> Iterator[Any]:
-            if on and not over and isinstance(instance, str) and not any(instance in t for t in comp.opt.copy_sources):
+            if not on or over:
+                return
+            if isinstance(instance, str) and not any(instance in t for t in comp.opt.copy_sources):
                 yield error(f"{instance!r} does not occur in the conversation")
+            elif isinstance(instance, (int, float)) and not isinstance(instance, bool) and \
+                    instance not in copied_numbers(comp.opt.copy_sources):
+                yield error(f"{instance!r} is not a number written in the conversation")
 
         return jsonschema.validators.extend(
             base, {"pattern": pattern, "format": format_, "type": type_, "not": not_, "oneOf": one_of, "if": if_,
@@ -1021,6 +1027,11 @@ class SchemaCompiler:
             node = alt(ints, fracs)
         if ctx.canonical:
             node = embed(product(self._dfa(node), self._canonical_numbers(), "and"))
+        if any(schema.get("x-copy") for schema, _, _ in fs):
+            self._approx += 1  # the validator reads values; the automaton, spellings
+            if not ctx.over:
+                copied = self._dfa(copied_number_node(self.opt.copy_sources))
+                node = embed(product(self._dfa(node), copied, "and"))
         return node
 
     def _canonical_numbers(self) -> Dfa:
@@ -1079,8 +1090,6 @@ class SchemaCompiler:
         if copy:
             self._approx += 1
             if not ctx.over:
-                from .copy import substring_node
-
                 constraints.append(self._dfa(substring_node(self.opt.copy_sources, self.wf)))
         if constraints:
             content = embed(intersect_all([self._dfa(content)] + constraints))

@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal
 
+from .. import demo_tools as demo
 from ..grammar import ToolCall
 
 Split = Literal["train", "heldout"]
@@ -29,14 +30,11 @@ _SYL = ["ka", "lo", "mi", "ren", "ta", "vo", "sel", "dar", "ni", "qu", "bel", "t
         "pe", "lu", "gor", "fi", "ha", "ul", "xi", "ber", "cal", "dov", "em", "is", "jor", "wen", "sa", "tu", "ko"]
 _WORDS = ["milk", "eggs", "bread", "meeting", "report", "garden", "budget", "trip", "book", "call", "dentist",
           "invoice", "plants", "keys", "ticket", "gift", "recipe", "laptop", "train", "lesson"]
-_CONDITIONS = ["sunny", "partly cloudy", "cloudy", "light rain", "rain", "thunderstorms", "fog", "snow", "windy"]
 _UNITS = {"km": ["km", "kilometers"], "mi": ["miles", "mi"], "m": ["meters", "m"], "ft": ["feet", "ft"],
           "cm": ["centimeters", "cm"], "in": ["inches", "in"], "kg": ["kg", "kilograms"], "lb": ["pounds", "lb"],
-          "g": ["grams", "g"], "oz": ["ounces", "oz"], "C": ["Celsius", "degrees C"], "F": ["Fahrenheit", "degrees F"],
+          "g": ["grams", "g"], "oz": ["ounces", "oz"], "C": ["Celsius", "degrees C"], "F": ["Fahrenheit", "degrees F"], "K": ["kelvin", "K"],
           "l": ["liters", "l"], "gal": ["gallons", "gal"]}
-_DIMS = [["km", "mi", "m", "ft"], ["cm", "in", "m"], ["kg", "lb", "g", "oz"], ["C", "F"], ["l", "gal"]]
-_FACTOR = {"km": 1000.0, "m": 1.0, "cm": 0.01, "mi": 1609.344, "ft": 0.3048, "in": 0.0254, "kg": 1.0, "g": 0.001,
-           "lb": 0.45359237, "oz": 0.028349523125, "l": 1.0, "gal": 3.785411784}
+_DIMS = [["km", "mi", "m", "ft"], ["cm", "in", "m"], ["kg", "lb", "g", "oz"], ["C", "F", "K"], ["l", "gal"]]
 _OPS = {"+": ["plus", "+"], "-": ["minus", "-"], "*": ["times", "*", "multiplied by"], "/": ["divided by", "/"]}
 
 # Phrasings per intent; the last quarter of each list is held out (never trained on).
@@ -125,26 +123,44 @@ def _num(rng: random.Random) -> float | int:
     return rng.randint(1, 999) if rng.random() < 0.7 else round(rng.uniform(0.5, 500), 1)
 
 
-def _weather(city: str, days: int, rng_seed: int) -> str:
-    r = random.Random(f"{city}|{rng_seed}")
-    parts = [f"day {d + 1}: {r.choice(_CONDITIONS)}, {r.randint(-5, 30)} C" for d in range(days)]
-    return f"{city}: " + "; ".join(parts)
-
-
 def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def _convert(v: float, u1: str, u2: str) -> float:
-    if u1 in ("C", "F"):
-        return round(v * 9 / 5 + 32, 4) if u1 == "C" else round((v - 32) * 5 / 9, 4)
-    return round(v * _FACTOR[u1] / _FACTOR[u2], 4)
+# Tool results come from the demo tools themselves (their real outputs and error messages).
+def _weather(city: str, days: int) -> str:
+    return str(demo.get_weather(city, days))
 
 
 def _calc(a: float, op: str, b: float) -> str:
-    r = {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op]
-    r = round(r, 10)
-    return str(int(r)) if float(r).is_integer() and abs(r) < 1e15 else str(r)
+    return str(demo.calculator(f"{a} {op} {b}"))
+
+
+def _convert(v: float, u1: str, u2: str) -> tuple[str, float]:
+    res = str(demo.convert_units(v, u1, u2))
+    return res, float(res.split(" = ")[1].split(" ")[0])
+
+
+def _failure(t: Any, *args: Any) -> str:
+    """The text ``Tool.execute`` feeds back when a call raises."""
+    try:
+        t(*args)
+    except Exception as e:
+        return f"{t.name} failed: {type(e).__name__}: {e}"
+    raise AssertionError(f"{t.name}{args} did not fail")
+
+
+def _known_city(rng: random.Random) -> str:
+    name = rng.choice(sorted(demo.CITY_TIMEZONES))
+    return name if rng.random() < 0.2 else name.title()
+
+
+def _clock(rng: random.Random, city: str) -> tuple[str, str]:
+    """A get_time result for ``city`` in the tool's format (the real one reads the clock)."""
+    hh, mm = rng.randint(0, 23), rng.randint(0, 59)
+    tz = demo.CITY_TIMEZONES[city.lower()]
+    return f"{city}: 2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d} {hh:02d}:{mm:02d} ({tz})", \
+        f"{hh:02d}:{mm:02d}"
 
 
 def conversation(rng: random.Random, split: Split) -> Conversation:
@@ -155,18 +171,16 @@ def conversation(rng: random.Random, split: Split) -> Conversation:
         v, (u1, u2), x = _num(rng), rng.sample(rng.choice([d for d in _DIMS if len(d) > 1 and "C" not in d]), 2), \
             rng.randint(1, 99)
         user = _pick(rng, "chain", split).format(v=v, u1=rng.choice(_UNITS[u1]), u2=rng.choice(_UNITS[u2]), x=x)
-        out = _convert(v, u1, u2)
+        res, out = _convert(v, u1, u2)
         total = _calc(out, "+", x)
         return Conversation(kind, user, (
-            Step((ToolCall("convert_units", {"value": v, "from_unit": u1, "to_unit": u2}),),
-                 (f"{_fmt(v)} {u1} = {_fmt(out)} {u2}",)),
+            Step((ToolCall("convert_units", {"value": v, "from_unit": u1, "to_unit": u2}),), (res,)),
             Step((ToolCall("calculator", {"expression": f"{_fmt(out)} + {x}"}),), (total,)),
             Step(answer=f"{_fmt(v)} {u1} is {_fmt(out)} {u2}; plus {x} that makes {total}.")))
     if kind == "parallel":
         c1, c2 = _place(rng), _place(rng)
         user = _pick(rng, "parallel", split).format(city=c1, city2=c2)
-        seed = rng.randint(0, 10**6)
-        r1, r2 = _weather(c1, 1, seed), _weather(c2, 1, seed + 1)
+        r1, r2 = _weather(c1, 1), _weather(c2, 1)
         return Conversation(kind, user, (
             Step((ToolCall("get_weather", {"city": c1}), ToolCall("get_weather", {"city": c2})), (r1, r2)),
             Step(answer=f"{r1.split(': ', 2)[0]} has {r1.split(': ', 2)[2]}; {c2} has {r2.split(': ', 2)[2]}.")))
@@ -180,14 +194,13 @@ def conversation(rng: random.Random, split: Split) -> Conversation:
         bad = f"{a} x {b}"
         res = _calc(a, "*", b)
         return Conversation(kind, user, (
-            Step((ToolCall("calculator", {"expression": bad}),),
-                 (f"calculator failed: ValueError: not an arithmetic expression: {bad!r}",)),
+            Step((ToolCall("calculator", {"expression": bad}),), (_failure(demo.calculator, bad),)),
             Step((ToolCall("calculator", {"expression": f"{a} * {b}"}),), (res,)),
             Step(answer=f"{a} x {b} is {res}.")))
     city = _place(rng)
     user = _pick(rng, "time", split).format(city=city)
     return Conversation(kind, user, (
-        Step((ToolCall("get_time", {"city": city}),), (f"get_time failed: ValueError: unknown city {city!r}",)),
+        Step((ToolCall("get_time", {"city": city}),), (_failure(demo.get_time, city),)),
         Step(answer=f"Sorry, I don't know the time zone of {city}.")))
 
 
@@ -198,7 +211,7 @@ def _single(rng: random.Random, split: Split) -> Conversation:
         days = rng.randint(2, 5) if intent == "weather_days" else 1
         user = _pick(rng, intent, split).format(city=city, days=days)
         args: dict[str, Any] = {"city": city, **({"days": days} if intent == "weather_days" else {})}
-        res = _weather(city, days, rng.randint(0, 10**6))
+        res = _weather(city, days)
         first = res.split("; ")[0].split(": ", 2)[2]
         call, answer = ToolCall("get_weather", args), f"In {city}: {first}."
     elif intent == "calc":
@@ -210,15 +223,13 @@ def _single(rng: random.Random, split: Split) -> Conversation:
         u1, u2 = rng.sample(rng.choice(_DIMS), 2)
         v = _num(rng)
         user = _pick(rng, "convert", split).format(v=v, u1=rng.choice(_UNITS[u1]), u2=rng.choice(_UNITS[u2]))
-        out = _convert(v, u1, u2)
-        res = f"{_fmt(v)} {u1} = {_fmt(out)} {u2}"
+        res, _ = _convert(v, u1, u2)
         call, answer = ToolCall("convert_units", {"value": v, "from_unit": u1, "to_unit": u2}), f"{res}."
     elif intent == "time":
-        city = _place(rng)
+        city = _known_city(rng)  # the tool knows a fixed list; others are the "error" kind
         user = _pick(rng, "time", split).format(city=city)
-        hh, mm = rng.randint(0, 23), rng.randint(0, 59)
-        res = f"{city}: 2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d} {hh:02d}:{mm:02d}"
-        call, answer = ToolCall("get_time", {"city": city}), f"It is {hh:02d}:{mm:02d} in {city}."
+        res, clock = _clock(rng, city)
+        call, answer = ToolCall("get_time", {"city": city}), f"It is {clock} in {city}."
     elif intent == "note":
         title, text = _word(rng), " ".join(_word(rng) for _ in range(rng.randint(1, 4)))
         user = _pick(rng, "note", split).format(title=title, text=text)

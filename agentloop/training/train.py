@@ -51,7 +51,8 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 200
-    max_steps: int = 20_000  #: the cosine schedule's length; --minutes usually stops first
+    max_steps: int = 5_000  #: the cosine schedule's length: the shipped model's whole run
+    bucket_batches: int = 16  #: batches drawn together and grouped by context length (less padding)
     eps: float = 1e-3
     self_conditioning: float = 0.5
     ar_weight: float = 1.0
@@ -79,6 +80,20 @@ def examples(tok: Any, seed: int, split: str = "train") -> Iterator[tuple[list[i
             for ctx, out, stop in render_steps(p, conv):
                 yield encode_segments(tok, ctx), encode_segments(tok, out) + encode_text(tok, stop)
         n += 1
+
+
+def batches(tok: Any, cfg: TrainConfig) -> Iterator[list[tuple[list[int], list[int]]]]:
+    """Batches of examples, deterministic for the seed. ``bucket_batches`` batches' worth of
+    examples are drawn at once and grouped by context length, since contexts are left-padded
+    to the longest in a batch (padding doubled the encoder's work); the groups are then
+    shuffled so the order of lengths does not drift with the schedule."""
+    data = examples(tok, cfg.seed)
+    rng = random.Random(cfg.seed)
+    while True:
+        pool = sorted((next(data) for _ in range(cfg.batch_size * cfg.bucket_batches)), key=lambda e: len(e[0]))
+        group = [pool[i:i + cfg.batch_size] for i in range(0, len(pool), cfg.batch_size)]
+        rng.shuffle(group)
+        yield from group
 
 
 def make_batch(batch: list[tuple[list[int], list[int]]], L: int, pad: int) -> dict[str, torch.Tensor]:
@@ -135,11 +150,18 @@ def loss_fn(model: Any, b: dict[str, torch.Tensor], cfg: TrainConfig, gen: torch
     return loss, {"loss": loss.item(), "diffusion": diff_loss.item(), "ar": ar_loss.item(), "token_acc": acc.item()}
 
 
-def train(out: Path, cfg: TrainConfig, minutes: float, log: Any = print) -> Path:
-    """Train (or resume) in ``out``; returns the exported model folder."""
+def train(out: Path, cfg: TrainConfig, minutes: float | None = None, log: Any = print) -> Path:
+    """Train (or resume) in ``out`` until ``cfg.max_steps``, or for at most ``minutes`` of
+    this invocation; returns the exported model folder."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
     out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "ckpt.pt"
+    saved = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
+    if saved is not None and saved["config"] != asdict(cfg):
+        # A run is one recipe: resuming continues it, whatever flags this invocation got.
+        cfg = TrainConfig(**saved["config"])
+        log(f"resuming with the checkpoint's config: {saved['config']}")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     tok_path = out / "tokenizer.json"
@@ -153,16 +175,14 @@ def train(out: Path, cfg: TrainConfig, minutes: float, log: Any = print) -> Path
     model = DiffusionGemmaForBlockDiffusion(model_config(cfg))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
     state = {"step": 0, "history": [], "seconds": 0.0}
-    ckpt = out / "ckpt.pt"
-    if ckpt.exists():
-        saved = torch.load(ckpt, weights_only=False)
+    if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
         log(f"resumed at step {state['step']}")
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + state["step"])
-    data = examples(tok, cfg.seed)
-    for _ in range(state["step"] * cfg.batch_size):  # the same stream of examples, resumed or not
+    data = batches(tok, cfg)
+    for _ in range(state["step"]):  # the same stream of batches, resumed or not
         next(data)
 
     def lr_at(step: int) -> float:
@@ -176,17 +196,19 @@ def train(out: Path, cfg: TrainConfig, minutes: float, log: Any = print) -> Path
                    ckpt.with_suffix(".tmp"))
         ckpt.with_suffix(".tmp").replace(ckpt)
         plot_loss(state["history"], out / "loss.png")
+        export(model, tok, out / "model", cfg, state["step"])  # small: every checkpoint is also a loadable model
+        model.train()
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     model.train()
     t_start, t_ckpt = time.perf_counter(), time.perf_counter()
-    budget = minutes * 60
+    budget = math.inf if minutes is None else minutes * 60
     with Progress(TextColumn("step {task.completed:.0f}"), BarColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}")) as bar:
-        task = bar.add_task("", total=budget)
+        task = bar.add_task("", total=cfg.max_steps, completed=state["step"])
         while time.perf_counter() - t_start < budget and state["step"] < cfg.max_steps:
-            batch = make_batch([next(data) for _ in range(cfg.batch_size)], cfg.canvas_length, 0)
+            batch = make_batch(next(data), cfg.canvas_length, 0)
             for g in opt.param_groups:
                 g["lr"] = lr_at(state["step"])
             loss, stats = loss_fn(model, batch, cfg, gen)
@@ -197,9 +219,12 @@ def train(out: Path, cfg: TrainConfig, minutes: float, log: Any = print) -> Path
             state["step"] += 1
             if state["step"] % 10 == 0:
                 state["history"].append({"step": state["step"], **stats})
-            bar.update(task, completed=time.perf_counter() - t_start,
+            bar.update(task, completed=state["step"],
                        description=f"step {state['step']} loss {stats['loss']:.3f} diff {stats['diffusion']:.3f} "
                                    f"ar {stats['ar']:.3f} acc {stats['token_acc']:.2f}")
+            if not bar.console.is_terminal and state["step"] % 50 == 0:  # a log file gets lines, not a bar
+                log(f"step {state['step']} {time.perf_counter() - t_start:.0f}s " +
+                    " ".join(f"{k} {v:.3f}" for k, v in stats.items()))
             if time.perf_counter() - t_ckpt > cfg.checkpoint_minutes * 60:
                 state["seconds"] += time.perf_counter() - t_ckpt
                 t_ckpt = time.perf_counter()
@@ -209,18 +234,18 @@ def train(out: Path, cfg: TrainConfig, minutes: float, log: Any = print) -> Path
     (out / "train.json").write_text(json.dumps({"config": asdict(cfg), "steps": state["step"],
                                                 "seconds": state["seconds"], "last": state["history"][-5:]},
                                                indent=1))
-    return export(model, tok, out / "model")
+    return export(model, tok, out / "model", cfg, state["step"])
 
 
-def export(model: Any, tok: Any, folder: Path) -> Path:
+def export(model: Any, tok: Any, folder: Path, cfg: TrainConfig, steps: int) -> Path:
     """safetensors + config + tokenizer.json + agentloop.json, loadable with from_pretrained."""
     folder.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.save_pretrained(folder, safe_serialization=True)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "agentloop.json").write_text(json.dumps({
-        "declare_tools": False, "instructions": INSTRUCTIONS, "tools": "tools/demo.py", "wire_format": "gemma4"},
-        indent=1))
+        "declare_tools": False, "instructions": INSTRUCTIONS, "tools": "agentloop.demo_tools", "wire_format": "gemma4",
+        "trained_steps": steps, "train_config": asdict(cfg)}, indent=1))
     return folder
 
 

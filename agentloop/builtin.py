@@ -1,0 +1,62 @@
+"""The bundled demo model: a few-million-parameter DiffusionGemma trained on the demo tools.
+
+It ships inside the package (``agentloop/model``: safetensors, config, tokenizer.json and
+``agentloop.json``, which says how the model was trained to be prompted), loads offline
+on a CPU in about a second, and is reproduced by ``agentloop train`` with its defaults.
+It knows exactly the tools in :mod:`agentloop.demo_tools`; it is a demonstration of the
+loop, not a general assistant.
+
+>>> from agentloop.builtin import demo_agent
+>>> agent = demo_agent()                                            # doctest: +SKIP
+>>> agent.run_sync("What is 12 miles in km?").output               # doctest: +SKIP
+'12 mi = 19.3121 km.'
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .engine.models import BUILTIN_MODEL_DIR
+from .errors import ModelLoadError
+
+__all__ = ["BUILTIN_MODEL_DIR", "demo_agent", "demo_engine", "model_card"]
+
+
+def model_card(path: str | Path = BUILTIN_MODEL_DIR) -> dict[str, Any]:
+    """The folder's ``agentloop.json`` (how the model expects to be run), or ``{}``."""
+    f = Path(path) / "agentloop.json"
+    return json.loads(f.read_text("utf-8")) if f.is_file() else {}
+
+
+def demo_engine(path: str | Path = BUILTIN_MODEL_DIR, **kwargs: Any) -> Any:
+    """The bundled model (or a model folder ``agentloop train`` wrote) as a :class:`DiffusionEngine`."""
+    from .engine import DiffusionEngine
+
+    if not (Path(path) / "config.json").is_file():
+        raise ModelLoadError(f"no model in {path}: this installation lacks the bundled demo model; "
+                             "train one with `agentloop train` or pass a checkpoint folder")
+    return DiffusionEngine.from_pretrained(path, **kwargs)
+
+
+def demo_agent(path: str | Path = BUILTIN_MODEL_DIR, *, engine: Any = None, tools: Any = None,
+               **agent_kwargs: Any) -> Any:
+    """An :class:`Agent` set up as the model was trained: the demo tools, its instructions,
+    tool declarations left out of the prompt (it learned the tools; the grammar holds it to
+    their schemas). ``agent_kwargs`` go to ``Agent`` (``max_steps``, ``options``, ...)."""
+    from .agent import Agent
+    from .demo_tools import TOOLS
+    from .engine import GenerationOptions
+
+    card = model_card(path)
+    engine = engine if engine is not None else demo_engine(path)
+    kwargs: dict[str, Any] = dict(instructions=card.get("instructions", ""),
+                                  declare_tools=card.get("declare_tools", True),
+                                  wire_format=card.get("wire_format", "gemma4"))
+    kwargs.update(agent_kwargs)
+    # Its outputs were all shorter than a canvas: a few canvases bound a run-on answer.
+    options = kwargs.get("options") or GenerationOptions()
+    kwargs["options"] = replace(options, max_new_tokens=min(options.max_new_tokens, card.get("max_new_tokens", 256)))
+    return Agent(engine, TOOLS if tools is None else tools, **kwargs)
