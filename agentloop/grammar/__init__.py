@@ -16,6 +16,7 @@ Example (runnable; the tiny byte-level tokenizer is built in code)::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -23,6 +24,7 @@ import re
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -231,13 +233,7 @@ def compile_tools(
     def node() -> Node:
         calls: list[Node] = []
         for t in specs:
-            try:
-                args = SchemaCompiler(dict(t.parameters), wf, options).node()
-            except SchemaError as e:
-                raise SchemaError(f"tool {t.name!r}: {e.message}", keyword=e.keyword,
-                                  pointer=f"/tools/{t.name}/parameters{e.pointer}") from None
-            # a DFA per tool keeps the envelope's NFA small
-            args_dfa = to_dfa(args, wf.n_symbols)
+            args_dfa = _arguments_dfa(t, wf, options)
             parts: list[Node] = []
             for part in wf.template(wf.calls["call"]):
                 if part == "name":
@@ -269,6 +265,33 @@ def compile_tools(
     # A grammar with copy sources belongs to one conversation: kept in memory, never written
     # to the disk cache (which would fill up with users' text).
     return _compile(node, key, vocab, "tools", specs, persist=not options.copy_sources)
+
+
+_args_cache: "OrderedDict[str, Any]" = OrderedDict()
+
+
+def _arguments_dfa(t: ToolSchema, wf: WireFormat, options: SchemaOptions) -> Any:
+    """A tool's arguments as a DFA (one per tool keeps the envelope's NFA small), memoised:
+    with the copy constraint the grammar is recompiled at every model step, and only tools
+    with copied parameters depend on the conversation's text."""
+    if options.copy_sources and "x-copy" not in json.dumps(t.parameters, default=str):
+        options = dataclasses.replace(options, copy_sources=())
+    key = hashlib.sha256(json.dumps([t.parameters, wf.name, wf.source, repr(options)], sort_keys=True,
+                                    default=str).encode()).hexdigest()
+    with _lock:
+        if key in _args_cache:
+            _args_cache.move_to_end(key)
+            return _args_cache[key]
+    try:
+        dfa = to_dfa(SchemaCompiler(dict(t.parameters), wf, options).node(), wf.n_symbols)
+    except SchemaError as e:
+        raise SchemaError(f"tool {t.name!r}: {e.message}", keyword=e.keyword,
+                          pointer=f"/tools/{t.name}/parameters{e.pointer}") from None
+    with _lock:
+        _args_cache[key] = dfa
+        while len(_args_cache) > 256:
+            _args_cache.popitem(last=False)
+    return dfa
 
 
 def byte_tokenizer(special_tokens: Sequence[str] = ("<pad>", "<eos>", "<|turn>", "<turn|>", "<|tool>", "<tool|>",

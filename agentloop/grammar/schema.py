@@ -28,8 +28,10 @@ restricts by are parameters of :class:`SchemaOptions`.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any, Callable, Iterator, Sequence
@@ -334,6 +336,48 @@ def _int_hi(s: _Side | None) -> int | None:
     return f - 1 if (not inclusive and f == v) else f
 
 
+_checked: "OrderedDict[str, None]" = OrderedDict()
+
+
+def _check_schema(root: Any) -> None:
+    """Meta-validate ``root`` (memoised: per-step recompiles meet the same schemas again)."""
+    key = json.dumps(root, sort_keys=True, default=repr)
+    if key in _checked:
+        return
+    try:
+        jsonschema.Draft202012Validator.check_schema(root)
+    except jsonschema.SchemaError as e:
+        raise SchemaError(f"not a valid JSON Schema: {e.message}", pointer="/" + "/".join(map(str, e.path))) from None
+    _checked[key] = None
+    while len(_checked) > 512:
+        _checked.popitem(last=False)
+
+
+_char_any: dict[tuple[str, str], Dfa] = {}
+
+
+def _char_any_dfa(wf: WireFormat) -> Dfa:
+    key = (wf.name, wf.file_text)
+    d = _char_any.get(key)
+    if d is None:
+        d = _char_any[key] = to_dfa(wf.spell_char(cs.ANY), wf.n_symbols)
+    return d
+
+
+_substrings: "OrderedDict[tuple[Any, ...], Dfa]" = OrderedDict()
+
+
+def _substrings_dfa(sources: tuple[str, ...], wf: WireFormat) -> Dfa:
+    """The copy constraint's automaton, shared by every copied parameter of a model step."""
+    key = (sources, wf.name, wf.file_text)
+    d = _substrings.get(key)
+    if d is None:
+        d = _substrings[key] = to_dfa(substring_node(sources, wf), wf.n_symbols)
+        while len(_substrings) > 16:
+            _substrings.popitem(last=False)
+    return d
+
+
 class SchemaCompiler:
     """Compile one root schema for one wire format. ``node()`` is the value language."""
 
@@ -342,13 +386,10 @@ class SchemaCompiler:
         self.wf = wf
         self.opt = options
         self.n_symbols = wf.n_symbols
-        try:
-            jsonschema.Draft202012Validator.check_schema(root)
-        except jsonschema.SchemaError as e:
-            raise SchemaError(f"not a valid JSON Schema: {e.message}", pointer="/" + "/".join(map(str, e.path))) from None
+        _check_schema(root)
         # One spelled character as a small DFA: its expression (UTF-8 ranges, escapes) has
         # hundreds of nodes, and strings repeat it once per counted position.
-        self.char_any = embed(self._dfa(wf.spell_char(cs.ANY)))
+        self.char_any = embed(_char_any_dfa(wf))
         # Counts restrictions taken while compiling (under differs from over there);
         # a branch compiled without any is exact and serves as both languages.
         self._approx = 0
@@ -1090,7 +1131,10 @@ class SchemaCompiler:
         if copy:
             self._approx += 1
             if not ctx.over:
-                constraints.append(self._dfa(substring_node(self.opt.copy_sources, self.wf)))
+                copied = _substrings_dfa(self.opt.copy_sources, self.wf)
+                if not constraints and min_len == 0 and max_len is None:
+                    return embed(copied)  # the substrings alone: every spelled character is valid
+                constraints.append(copied)
         if constraints:
             content = embed(intersect_all([self._dfa(content)] + constraints))
         return content
