@@ -8,14 +8,14 @@ import re
 import pytest
 import torch
 
-from agentloop.grammar import compile_tools
+from agentloop.grammar import SchemaOptions, compile_tools
 from agentloop.grammar.vocabulary import encode_segments, encode_text
 from agentloop.protocol import Protocol
 from agentloop.tools import load_tools
 from agentloop.training.data import KINDS, TEMPLATES, conversations, corpus_text
 from agentloop.training.render import render_steps
 from agentloop.training.tokenizer import SPECIALS, train_tokenizer
-from agentloop.training.train import TrainConfig, examples, loss_fn, make_batch, model_config, train
+from agentloop.training.train import TrainConfig, batches, examples, loss_fn, make_batch, model_config, train
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +60,26 @@ def test_tokenizer_specials_and_copyable_words(tok) -> None:
 def test_every_target_is_a_valid_step_for_the_demo_tools(tok) -> None:
     """The scripted model outputs are sentences of the grammar the agent runs under."""
     tools = load_tools("tools/demo.py")
-    g = compile_tools([t.tool_schema for t in tools], tok, "gemma4")
     schemas = {t.name: t.parameters for t in tools}
     p = Protocol("gemma4")
     for conv in conversations(60, seed=5, split="heldout"):
-        for _, out, stop in render_steps(p, conv, schemas):
+        sources = [conv.user]  # what the copy constraint allows at each step: the request, then results
+        for step, (_, out, stop) in zip(conv.steps, render_steps(p, conv, schemas)):
+            g = compile_tools([t.tool_schema for t in tools], tok, "gemma4",
+                              options=SchemaOptions(copy_sources=tuple(sources)))
             ids = encode_segments(tok, out) + encode_text(tok, stop)
             assert g.accepts(ids), "".join(t for t, _ in out)
+            sources += step.results
+
+
+def test_batches_are_deterministic_and_grouped_by_length(tok) -> None:
+    cfg = TrainConfig(batch_size=8, bucket_batches=4)
+    a = [b for _, b in zip(range(6), batches(tok, cfg))]
+    assert a == [b for _, b in zip(range(6), batches(tok, cfg))]
+    padded = sum(max(len(c) for c, _ in b) * len(b) for b in a)
+    ungrouped = [x for _, x in zip(range(48), examples(tok, cfg.seed))]
+    plain = sum(max(len(c) for c, _ in ungrouped[i:i + 8]) * 8 for i in range(0, 48, 8))
+    assert padded < plain  # the same examples, less padding
 
 
 def test_a_few_steps_reduce_the_loss(tok) -> None:
