@@ -21,6 +21,7 @@ to ``--out/model``.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -240,8 +241,9 @@ def train(out: Path, cfg: TrainConfig, minutes: float | None = None, log: Any = 
 def export(model: Any, tok: Any, folder: Path, cfg: TrainConfig, steps: int) -> Path:
     """safetensors + config + tokenizer.json + agentloop.json, loadable with from_pretrained."""
     folder.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    model.save_pretrained(folder, safe_serialization=True)
+    # float16 halves the package (the engine loads it as float32; the evaluation measures
+    # exactly these rounded weights). A copy, so training goes on in float32.
+    copy.deepcopy(model).to(torch.float16).eval().save_pretrained(folder, safe_serialization=True)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "agentloop.json").write_text(json.dumps({
         "declare_tools": False, "instructions": INSTRUCTIONS, "tools": "agentloop.demo_tools", "wire_format": "gemma4",

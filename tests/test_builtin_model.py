@@ -1,0 +1,44 @@
+"""The bundled demo model: small, loads offline from the package, and runs the real loop."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agentloop import demo_tools as demo
+from agentloop.builtin import BUILTIN_MODEL_DIR, demo_agent, model_card
+from agentloop.engine import GenerationOptions
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not (BUILTIN_MODEL_DIR / "config.json").is_file(),
+                                reason="this checkout has no bundled model")
+
+
+def test_shipped_files_are_small_and_described():
+    size = sum(f.stat().st_size for f in BUILTIN_MODEL_DIR.iterdir())
+    assert size < 20e6, size
+    card = model_card()
+    assert card["declare_tools"] is False and card["wire_format"] == "gemma4" and card["trained_steps"] > 0
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {f.name for f in BUILTIN_MODEL_DIR.iterdir()}
+
+
+def test_one_request_its_call_and_its_answer(tmp_path):
+    agent = demo_agent(options=GenerationOptions(seed=0))
+    r = agent.run_sync("What's the weather in Oslo?", deps=tmp_path)
+    assert [(c.call.name, c.call.arguments) for c in r.calls] == [("get_weather", {"city": "Oslo"})]
+    day1 = str(demo.get_weather("Oslo")).split(": ", 2)[2]  # e.g. "light rain, 24 C"
+    assert r.output is not None and day1 in r.output, r.output
+    assert r.usage.model_steps == 2
+
+
+def test_demo_command_runs_offline_in_a_fresh_process():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME="/nonexistent")
+    r = subprocess.run([sys.executable, "-m", "agentloop.cli", "demo", "What is 12 miles in km?"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "convert_units" in r.stderr and "19.3121" in r.stdout, (r.stdout, r.stderr)
