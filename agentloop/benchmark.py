@@ -29,7 +29,7 @@ import math
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,7 +39,7 @@ import torch
 
 from .engine import DiffusionEngine, GenerationOptions, Session
 from .errors import ParseError
-from .grammar import CompiledGrammar, ToolCall, compile_tools
+from .grammar import CompiledGrammar, SchemaOptions, ToolCall, compile_tools
 from .grammar.vocabulary import encode_segments
 from .protocol import Protocol
 
@@ -110,6 +110,58 @@ def scenarios(quick: bool = False) -> list[Scenario]:
     return out
 
 
+def demo_tool_schemas() -> list[dict[str, Any]]:
+    """The demo tools (what the bundled model knows), as the benchmark's tool dicts."""
+    from . import demo_tools
+
+    return [{"name": t.name, "description": t.description, "parameters": t.parameters} for t in demo_tools.TOOLS]
+
+
+def demo_scenarios(quick: bool = False) -> list[Scenario]:
+    """The same shapes over the demo tools, with their real results: what the bundled model
+    was trained on (1, 5 and all 9 tools instead of 1, 5 and 20)."""
+    from . import demo_tools as demo
+
+    names = tuple(t.name for t in demo.TOOLS)
+    five = ("get_weather", "calculator", "convert_units", "get_time", "add_note")
+
+    def weather(city: str) -> tuple[ToolCall, str]:
+        return ToolCall("get_weather", {"city": city}), str(demo.get_weather(city))
+
+    def day1(result: str) -> str:
+        return result.split("; ")[0].split(": ", 2)[2]
+
+    call, res = weather("Oslo")
+    single = (Turn((call,), (res,), user="What's the weather in Oslo?"), Turn(f"In Oslo: {day1(res)}."))
+    conv = str(demo.convert_units(12, "mi", "km"))
+    km = conv.split(" = ")[1].split(" ")[0]
+    total = str(demo.calculator(f"{km} + 5"))
+    chain = (
+        Turn((ToolCall("convert_units", {"value": 12, "from_unit": "mi", "to_unit": "km"}),), (conv,),
+             user="Convert 12 miles to km and add 5."),
+        Turn((ToolCall("calculator", {"expression": f"{km} + 5"}),), (total,)),
+        Turn(f"12 mi is {km} km; plus 5 that makes {total}."),
+    )
+    three = [weather(c) for c in ("Oslo", "Lima", "Seoul")]
+    out = [
+        Scenario("single call / 1 tool", ("get_weather",), single),
+        Scenario("single call / 5 tools", five, single),
+        Scenario(f"single call / {len(names)} tools", names, single),
+        Scenario("3-turn chain / 5 tools", five, chain),
+        Scenario("3 parallel calls / 5 tools", five, (
+            Turn(tuple(c for c, _ in three), tuple(r for _, r in three), user="Weather in Oslo, Lima and Seoul?"),
+            Turn("; ".join(f"{r.split(':')[0]} has {day1(r)}" for _, r in three) + "."))),
+        Scenario("answer only / 5 tools", five, (Turn("Hello! How can I help?", user="Hi!"),)),
+    ]
+    long_turns = []
+    for i in range(6 if quick else 30):
+        call, res = weather(["Oslo", "Lima", "Seoul", "Paris", "Quito", "Perth"][i % 6] + ("" if i < 6 else f" {i}"))
+        city = call.arguments["city"]
+        long_turns += [Turn((call,), (res,), user=f"What's the weather in {city}?"), Turn(f"In {city}: {day1(res)}.")]
+    out.append(Scenario(f"long session ({len(long_turns) // 2} turns) / 5 tools", five, tuple(long_turns)))
+    return out
+
+
 # ---- measurement ---------------------------------------------------------------------------------
 
 
@@ -136,16 +188,22 @@ class Conversation:
 
     protocol: Protocol
     tools: list[dict[str, Any]]
+    instructions: str = "You are a helpful assistant. Use the tools when they help."
+    declare_tools: bool = True
+    #: the user messages and tool results so far: what copied parameters may take
+    sources: list[str] = field(default_factory=list)
 
     def system(self) -> list[tuple[str, bool]]:
         p = self.protocol
-        decls = [p.render_declaration(t["name"], t.get("description", ""), t["parameters"]) for t in self.tools]
-        return [(p.system_turn("You are a helpful assistant. Use the tools when they help.", decls), False)]
+        decls = [p.render_declaration(t["name"], t.get("description", ""), t["parameters"]) for t in self.tools] \
+            if self.declare_tools else []
+        return [(p.system_turn(self.instructions, decls), False)]
 
     def before(self, turn: Turn, first_model_step: bool) -> list[tuple[str, bool]]:
         p = self.protocol
         out: list[tuple[str, bool]] = []
         if turn.user is not None:
+            self.sources.append(turn.user)
             out += p.user_segments(turn.user)
         if first_model_step:
             out.append((p.model_start, False))
@@ -164,6 +222,7 @@ class Conversation:
         p = self.protocol
         if isinstance(turn.output, str):
             return [(p.model_end, False)]
+        self.sources += turn.results
         return p.after_calls_segments([(c.name, r) for c, r in zip(turn.output, turn.results)])
 
 
@@ -180,6 +239,22 @@ def _valid(parsed: Any, turn: Turn, schemas: dict[str, Any]) -> bool:
     except (KeyError, jsonschema.ValidationError):
         return False
     return True
+
+
+def turn_grammar(base: CompiledGrammar, engine: DiffusionEngine, conv: Conversation) -> tuple[CompiledGrammar, float]:
+    """The grammar a turn runs under and what it cost to get: the tool set's own, or, with
+    copied parameters, one compiled from the conversation's texts as ``Agent`` does each
+    step. The in-memory caches are cleared first: in real use every turn brings new text,
+    while here repeats would find their grammars cached."""
+    from . import grammar
+    from .agent import _has_copy
+
+    if not any(_has_copy(t["parameters"]) for t in conv.tools):
+        return base, 0.0
+    t = time.perf_counter()
+    grammar.clear_caches()
+    g = compile_tools(conv.tools, engine.tokenizer, "gemma4", options=SchemaOptions(copy_sources=tuple(conv.sources)))
+    return g, time.perf_counter() - t
 
 
 class _Diffusion:
@@ -202,13 +277,16 @@ class _Diffusion:
         L = self.engine.canvas_length
         opts = self.options.replace(max_new_tokens=L * math.ceil((len(target) + 1) / L), seed=seed)
         parts = dict.fromkeys(PARTS, 0.0)
+        grammar = self.g
+        if self.kind != "unconstrained":
+            grammar, parts["constraint"] = turn_grammar(self.g, self.engine, self.conv)
         steps = forced = out_tokens = prefill = tries = 0
         valid = False
         base = len(self.session)
         while True:
             if self.kind == "no-cache":
                 self.session.reset_cache()
-            constraint = None if self.kind == "unconstrained" else self.g
+            constraint = None if self.kind == "unconstrained" else grammar
             out = self.engine.generate_sync(self.session, constraint, options=opts)
             c = out.cost
             parts["encode"] += c.encoder_s
@@ -268,6 +346,7 @@ class _Autoregressive:
         self.append(before)
         target = self.conv.output_ids(self.engine, turn)
         parts = dict.fromkeys(PARTS, 0.0)
+        g, parts["constraint"] = turn_grammar(self.g, self.engine, self.conv)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         with torch.inference_mode():
             t = time.perf_counter()
@@ -276,18 +355,18 @@ class _Autoregressive:
             logits = self._forward(new)
             sync()
             parts["encode"] += time.perf_counter() - t
-            q = self.g.start_state
+            q = g.start_state
             n = len(target) + 1  # forced length: the scripted output and its stop token
             for _ in range(n):
                 t = time.perf_counter()
-                mask = torch.from_numpy(self.g.allowed_tokens(q)).to(self.device)
+                mask = torch.from_numpy(g.allowed_tokens(q)).to(self.device)
                 parts["constraint"] += time.perf_counter() - t
                 t = time.perf_counter()
                 scores = logits[: mask.shape[0]].masked_fill(~mask, -math.inf)
                 tok = int(scores.argmax())
                 parts["sampler"] += time.perf_counter() - t
-                nq = self.g.automaton.step(q, tok)
-                q = nq if nq >= 0 and not self.g.is_complete(nq) else q
+                nq = g.automaton.step(q, tok)
+                q = nq if nq >= 0 and not g.is_complete(nq) else q
                 t = time.perf_counter()
                 logits = self._forward([tok])
                 sync()
@@ -333,6 +412,9 @@ class BenchConfig:
     canvas_length: int = 256
     only: tuple[str, ...] = ()  #: scenario name prefixes to run
     seed: int = 0
+    #: "realistic" (20 realistic schemas), "demo" (the demo tools, real results: what the
+    #: bundled model knows), or "auto": demo for a model agentloop trained, else realistic
+    domain: str = "auto"
 
 
 def make_engine(cfg: BenchConfig) -> tuple[DiffusionEngine, str]:
@@ -355,11 +437,22 @@ def make_engine(cfg: BenchConfig) -> tuple[DiffusionEngine, str]:
 
 
 def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    from .builtin import BUILTIN_MODEL_DIR, model_card
+
     engine, weights = make_engine(cfg)
     ar = _ar_model(engine, cfg.seed)
-    by_name = {t["name"]: t for t in bench_tools()}
+    card = model_card(BUILTIN_MODEL_DIR if cfg.model == "builtin" else cfg.model) \
+        if not cfg.model.startswith("random") else {}
+    domain = cfg.domain if cfg.domain != "auto" else ("demo" if card else "realistic")
+    if domain not in ("demo", "realistic"):
+        raise ValueError(f"domain must be 'auto', 'demo' or 'realistic', got {cfg.domain!r}")
+    by_name = {t["name"]: t for t in (demo_tool_schemas() if domain == "demo" else bench_tools())}
+    scenario_list = demo_scenarios(cfg.quick) if domain == "demo" else scenarios(cfg.quick)
+    # A model agentloop trained is prompted as it was trained (its instructions, maybe no declarations).
+    prompting = {"instructions": card["instructions"], "declare_tools": card.get("declare_tools", True)} \
+        if card else {}
     options = GenerationOptions(max_denoising_steps=cfg.steps or 48, fixed_steps=bool(cfg.steps))
-    todo = [s for s in scenarios(cfg.quick) if not cfg.only or any(s.name.startswith(o) for o in cfg.only)]
+    todo = [s for s in scenario_list if not cfg.only or any(s.name.startswith(o) for o in cfg.only)]
     records: list[TurnRecord] = []
     grammars: dict[tuple[str, ...], CompiledGrammar] = {}
     for s in todo:
@@ -372,7 +465,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[s
     # so that the first measured turn is not the first ever.
     warm = todo[0]
     for kind in CONTENDERS:
-        conv = Conversation(Protocol("gemma4"), [by_name[n] for n in warm.tools])
+        conv = Conversation(Protocol("gemma4"), [by_name[n] for n in warm.tools], **prompting)
         runner_w: Any = (_Autoregressive(ar, engine, grammars[warm.tools], conv) if kind == "autoregressive"
                          else _Diffusion(kind, engine, grammars[warm.tools], conv, options, cfg.retries))
         runner_w.turn(warm.turns[0], conv.before(warm.turns[0], True), cfg.seed)
@@ -381,7 +474,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[s
             tools = [by_name[n] for n in s.tools]
             g = grammars[s.tools]
             for kind in CONTENDERS:
-                conv = Conversation(Protocol("gemma4"), tools)
+                conv = Conversation(Protocol("gemma4"), tools, **prompting)
                 runner: Any = (_Autoregressive(ar, engine, g, conv) if kind == "autoregressive"
                                else _Diffusion(kind, engine, g, conv, options, cfg.retries))
                 first = True
@@ -400,7 +493,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[s
                     records.append(TurnRecord(s.name, kind, r, i, wall, parts, steps, forced, n_out, prefill, valid,
                                               tries, useful))
                 log(f"repeat {r + 1}/{cfg.repeats} {s.name}: {kind} done")
-    return {"config": asdict(cfg), "weights": weights, "machine": _machine(engine),
+    return {"config": asdict(cfg), "weights": weights, "domain": domain, "machine": _machine(engine),
             "autoregressive": f"LlamaForCausalLM, random weights, forced lengths, "
                               f"{sum(p.numel() for p in ar.parameters()) / 1e6:.2f}M params",
             "diffusion_params_m": sum(p.numel() for p in engine.model.parameters()) / 1e6,
@@ -456,7 +549,8 @@ def to_markdown(res: dict[str, Any], command: str) -> str:
     lines = ["# Loop-latency benchmark", "",
              f"Command: `{command}`. Machine: {m.get('gpu', m['processor'])}, {m['platform']}, torch {m['torch']}, "
              f"{m['threads']} threads, {m['dtype']}. Weights: {res['weights']} "
-             f"({res['diffusion_params_m']:.2f}M params). Autoregressive contender: {res['autoregressive']}. "
+             f"({res['diffusion_params_m']:.2f}M params). Tools and conversations: {res.get('domain', 'realistic')}. "
+             f"Autoregressive contender: {res['autoregressive']}. "
              f"Steps per canvas: {res['config']['steps'] or 'adaptive'}. Repeats: {res['config']['repeats']}, "
              "contenders interleaved; per-turn medians and p95. Valid: the turn's kind of output (calls or "
              "answer) with schema-valid calls, the same test for every contender (n/a for the forced-length "
@@ -516,10 +610,12 @@ def plot(res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write(res: dict[str, Any], out: Path, command: str) -> dict[str, Path]:
-    """loop.json, loop.md and (with matplotlib installed: ``pip install agentloop[bench]``) loop.png."""
+def write(res: dict[str, Any], out: Path, command: str, name: str | None = None) -> dict[str, Path]:
+    """loop.json, loop.md and (with matplotlib installed: ``pip install agentloop[bench]``)
+    loop.png; ``loop-<name>.*`` with a name."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "loop.json", "md": out / "loop.md", "png": out / "loop.png"}
+    stem = f"loop-{name}" if name else "loop"
+    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
     paths["json"].write_text(json.dumps({"command": command, **res}, indent=1, default=str))
     paths["md"].write_text(to_markdown(res, command))
     try:
@@ -529,4 +625,5 @@ def write(res: dict[str, Any], out: Path, command: str) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["BenchConfig", "Scenario", "Turn", "bench_tools", "run", "scenarios", "summarize", "write"]
+__all__ = ["BenchConfig", "Scenario", "Turn", "bench_tools", "demo_scenarios", "demo_tool_schemas", "run", "scenarios",
+           "summarize", "write"]

@@ -375,26 +375,31 @@ def tools_cmd(specs: tuple[str, ...], as_json: bool) -> None:
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1))
 @click.option("--scenario", "only", multiple=True, help="Run only scenarios whose name starts with this.")
 @click.option("--quick", is_flag=True, help="Smaller scenarios (a 6-turn long session, no 20-tool set).")
+@click.option("--domain", type=click.Choice(["auto", "demo", "realistic"]), default="auto", show_default=True,
+              help="Tools and conversations: the demo tools (what the bundled model knows), 20 realistic schemas, "
+                   "or auto (demo for a model agentloop trained).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
-              show_default=True, help="Folder for loop.json, loop.md and loop.png.")
+              show_default=True, help="Folder for loop.json, loop.md and loop.png (loop-<name>.* with --name).")
+@click.option("--name", default=None, help="Suffix of the result files, e.g. builtin -> loop-builtin.json.")
 def bench_cmd(model: str, random_weights: str | None, device: str, dtype: str, steps: int, repeats: int,
-              only: tuple[str, ...], quick: bool, out: Path) -> None:
+              only: tuple[str, ...], quick: bool, domain: str, out: Path, name: str | None) -> None:
     """Measure one agent-loop turn: agentloop against the unconstrained model (parse and
     retry), a grammar-constrained autoregressive model and agentloop without its session
     cache, interleaved, on single calls, a chain, parallel calls, an answer and a long session.
 
     \b
         agentloop bench --quick                                       # tiny random model, CPU, minutes
+        agentloop bench --model builtin --steps 0 --name builtin      # the bundled model, adaptive stopping
         agentloop bench --model /models/dg --device cuda --dtype bfloat16 --steps 0
         agentloop bench --random-weights diffusiongemma-26b-a4b --device cuda --dtype bfloat16 --scenario single
     """
     from .benchmark import BenchConfig, print_table, run, write
 
     cfg = BenchConfig(model=f"random:{random_weights}" if random_weights else model, device=device, dtype=dtype,
-                      steps=steps, repeats=repeats, quick=quick, only=only)
+                      steps=steps, repeats=repeats, quick=quick, only=only, domain=domain)
     res = run(cfg, log=lambda m: click.echo(m, err=True))
     command = "agentloop bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "agentloop bench"
-    paths = write(res, out, command)
+    paths = write(res, out, command, name=name)
     print_table(res)
     click.echo(f"wrote {', '.join(str(p) for p in paths.values())}", err=True)
 

@@ -49,3 +49,41 @@ def test_bench_cli(tmp_path) -> None:
                                   "answer only", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "loop.png").exists() and "answer only" in (tmp_path / "loop.md").read_text()
+
+
+def test_demo_domain_runs_with_per_turn_copy_grammars() -> None:
+    from agentloop.benchmark import demo_scenarios
+
+    names = [s.name for s in demo_scenarios()]
+    assert any(n.startswith("single call / 9 tools") for n in names) and any("30 turns" in n for n in names)
+    cfg = BenchConfig(repeats=1, quick=True, canvas_length=64, steps=2, only=("single call / 1", "3-turn"),
+                      domain="demo")
+    res = run(cfg)
+    assert res["domain"] == "demo"
+    rows = {(r["scenario"], r["contender"]): r for r in res["summary"]}
+    # the per-turn compile of the copy grammar is paid for, as constraint time
+    assert rows[("single call / 1 tool", "agentloop")]["constraint_ms"] > 0
+
+
+def test_every_scripted_demo_turn_is_valid_under_its_turn_grammar() -> None:
+    """The copy sources follow the conversation: each scripted call copies from them."""
+    from agentloop.benchmark import Conversation, demo_scenarios, demo_tool_schemas, turn_grammar
+    from agentloop.engine import DiffusionEngine
+    from agentloop.grammar import compile_tools
+    from agentloop.grammar.vocabulary import encode_text
+    from agentloop.protocol import Protocol
+
+    engine = DiffusionEngine.random(canvas_length=64)
+    by_name = {t["name"]: t for t in demo_tool_schemas()}
+    for s in demo_scenarios(quick=True):
+        conv = Conversation(Protocol("gemma4"), [by_name[n] for n in s.tools], declare_tools=False)
+        base = compile_tools(conv.tools, engine.tokenizer, "gemma4")
+        first = True
+        for turn in s.turns:
+            conv.before(turn, first)
+            g, seconds = turn_grammar(base, engine, conv)
+            assert g is not base and seconds > 0
+            stop = conv.protocol.text_stop if isinstance(turn.output, str) else conv.protocol.calls_stop
+            assert g.accepts(conv.output_ids(engine, turn) + encode_text(engine.tokenizer, stop)), (s.name, turn)
+            conv.after(turn)
+            first = isinstance(turn.output, str)

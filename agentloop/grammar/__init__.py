@@ -52,6 +52,7 @@ __all__ = [
     "available_wire_formats",
     "byte_tokenizer",
     "check_schema",
+    "clear_caches",
     "compile_schema",
     "compile_tools",
     "load_wire_format",
@@ -292,6 +293,17 @@ def _arguments_dfa(t: ToolSchema, wf: WireFormat, options: SchemaOptions) -> Any
         while len(_args_cache) > 256:
             _args_cache.popitem(last=False)
     return dfa
+
+
+def clear_caches() -> None:
+    """Forget compiled grammars held in memory (the disk cache stays). For benchmarks that
+    must pay for a compile each time, as a conversation with new text does."""
+    from . import schema
+
+    with _lock:
+        _grammar_cache.clear()
+        _args_cache.clear()
+    schema._substrings.clear()
 
 
 def byte_tokenizer(special_tokens: Sequence[str] = ("<pad>", "<eos>", "<|turn>", "<turn|>", "<|tool>", "<tool|>",
