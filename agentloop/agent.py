@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import threading
 import time
 from contextlib import aclosing
 from collections import OrderedDict
@@ -226,6 +227,7 @@ class Agent(Generic[DepsT]):
         self._constraint: CompiledGrammar | None = None
         self._copies = copy_constraint and constrained and any(_has_copy(t.parameters) for t in self.tools)
         self._copy_grammars: OrderedDict[tuple[str, ...], CompiledGrammar] = OrderedDict()
+        self._copy_lock = threading.Lock()
         # Sessions of finished runs, keyed by their message list, so a continued conversation
         # encodes only its new tokens. Bounded; a session is taken out while a run uses it.
         self._sessions: OrderedDict[int, tuple[list[Message], tuple[Any, ...], Session]] = OrderedDict()
@@ -245,12 +247,16 @@ class Agent(Generic[DepsT]):
         if not self._copies:
             return self.constraint
         sources = copy_sources(messages)
-        g = self._copy_grammars.get(sources)
-        if g is None:
-            g = self._copy_grammars[sources] = self._compile(sources)
+        with self._copy_lock:  # runs of one agent in several tasks call this from worker threads
+            g = self._copy_grammars.get(sources)
+            if g is not None:
+                self._copy_grammars.move_to_end(sources)
+                return g
+        g = self._compile(sources)
+        with self._copy_lock:
+            self._copy_grammars[sources] = g
             while len(self._copy_grammars) > 8:
                 self._copy_grammars.popitem(last=False)
-        self._copy_grammars.move_to_end(sources)
         return g
 
     def _compile(self, sources: tuple[str, ...]) -> CompiledGrammar:
