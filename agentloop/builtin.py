@@ -22,13 +22,20 @@ from typing import Any
 from .engine.models import BUILTIN_MODEL_DIR
 from .errors import ModelLoadError
 
-__all__ = ["BUILTIN_MODEL_DIR", "demo_agent", "demo_engine", "model_card"]
+__all__ = ["BUILTIN_MODEL_DIR", "card_options", "demo_agent", "demo_engine", "model_card"]
 
 
 def model_card(path: str | Path = BUILTIN_MODEL_DIR) -> dict[str, Any]:
     """The folder's ``agentloop.json`` (how the model expects to be run), or ``{}``."""
     f = Path(path) / "agentloop.json"
     return json.loads(f.read_text("utf-8")) if f.is_file() else {}
+
+
+def card_options(path: str | Path = BUILTIN_MODEL_DIR, **overrides: Any) -> Any:
+    """The sampler settings the model card recommends (``"options"``), with ``overrides``."""
+    from .engine import GenerationOptions
+
+    return GenerationOptions(**{**model_card(path).get("options", {}), **overrides})
 
 
 def demo_engine(path: str | Path = BUILTIN_MODEL_DIR, **kwargs: Any) -> Any:
@@ -48,7 +55,6 @@ def demo_agent(path: str | Path = BUILTIN_MODEL_DIR, *, engine: Any = None, tool
     their schemas). ``agent_kwargs`` go to ``Agent`` (``max_steps``, ``options``, ...)."""
     from .agent import Agent
     from .demo_tools import TOOLS
-    from .engine import GenerationOptions
 
     card = model_card(path)
     engine = engine if engine is not None else demo_engine(path)
@@ -57,6 +63,6 @@ def demo_agent(path: str | Path = BUILTIN_MODEL_DIR, *, engine: Any = None, tool
                                   wire_format=card.get("wire_format", "gemma4"))
     kwargs.update(agent_kwargs)
     # Its outputs were all shorter than a canvas: a few canvases bound a run-on answer.
-    options = kwargs.get("options") or GenerationOptions()
+    options = kwargs.get("options") or card_options(path)
     kwargs["options"] = replace(options, max_new_tokens=min(options.max_new_tokens, card.get("max_new_tokens", 256)))
     return Agent(engine, TOOLS if tools is None else tools, **kwargs)

@@ -440,9 +440,12 @@ def train_cmd(out: Path, steps: int | None, minutes: float | None, seed: int, ba
 @click.option("--modes", default=",".join(("copy", "grammar", "unconstrained")), show_default=True,
               help="Comma-separated: copy (grammar + copy constraint), grammar, unconstrained (parse the text).")
 @click.option("--seed", default=1, show_default=True)
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="A sampler setting over the model card's, e.g. t_max=0.3 or entropy_bound=0.02. Repeatable.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
               show_default=True)
-def eval_cmd(model: str, single: int, multi: int, chat: int, modes: str, seed: int, out: Path) -> None:
+def eval_cmd(model: str, single: int, multi: int, chat: int, modes: str, seed: int, options: tuple[str, ...],
+             out: Path) -> None:
     """Evaluate the demo model on held-out requests through the real loop and tools.
 
     Reports right calls and right runs end to end per mode, calls valid by jsonschema,
@@ -459,7 +462,16 @@ def eval_cmd(model: str, single: int, multi: int, chat: int, modes: str, seed: i
     bad = [m for m in chosen if m not in MODES]
     if bad or not chosen:
         raise click.BadParameter(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}", param_hint="--modes")
-    cfg = EvalConfig(model=model, single=single, multi=multi, chat=chat, seed=seed, modes=chosen)
+    overrides: dict[str, Any] = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--option")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    cfg = EvalConfig(model=model, single=single, multi=multi, chat=chat, seed=seed, modes=chosen, options=overrides)
     with Progress(TextColumn("cases"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), console=None) as bar:
         task = bar.add_task("", total=single + multi + chat)

@@ -242,15 +242,18 @@ class EvalConfig:
     seed: int = 1
     modes: tuple[str, ...] = MODES
     max_steps: int = 6
+    #: GenerationOptions fields over the model card's (e.g. {"t_max": 0.3})
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 def evaluate(cfg: EvalConfig, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Run every case in every mode (modes interleaved per case, so machine noise hits all alike)."""
-    from .builtin import BUILTIN_MODEL_DIR, demo_agent, demo_engine
+    from .builtin import BUILTIN_MODEL_DIR, card_options, demo_agent, demo_engine
 
     path = BUILTIN_MODEL_DIR if cfg.model == "builtin" else Path(cfg.model)
     engine = demo_engine(path)
-    agents = {m: demo_agent(path, engine=engine, max_steps=cfg.max_steps, keep_sessions=0,
+    options = card_options(path, **cfg.options)
+    agents = {m: demo_agent(path, engine=engine, max_steps=cfg.max_steps, keep_sessions=0, options=options,
                             copy_constraint=m == "copy", constrained=m != "unconstrained") for m in cfg.modes}
     schemas = {t.name: t.parameters for t in next(iter(agents.values())).tools}
     todo = cases(cfg.single, cfg.multi, cfg.chat, cfg.seed)
@@ -268,7 +271,7 @@ def evaluate(cfg: EvalConfig, progress: Callable[[str, int, int], None] | None =
     anyio.run(main)
     n_params = sum(p.numel() for p in engine.model.parameters())
     return {
-        "config": asdict(cfg), "model_path": str(path), "parameters": n_params,
+        "config": asdict(cfg), "model_path": str(path), "parameters": n_params, "options": asdict(options),
         "model_card": json.loads((path / "agentloop.json").read_text()) if (path / "agentloop.json").is_file() else {},
         "machine": f"{platform.machine()} {platform.processor() or ''} {_cpus()} CPUs, torch threads {_threads()}",
         "seconds": time.perf_counter() - t0,
