@@ -33,9 +33,17 @@ def model_card(path: str | Path = BUILTIN_MODEL_DIR) -> dict[str, Any]:
 
 def card_options(path: str | Path = BUILTIN_MODEL_DIR, **overrides: Any) -> Any:
     """The sampler settings the model card recommends (``"options"``), with ``overrides``."""
-    from .engine import GenerationOptions
+    import dataclasses
 
-    return GenerationOptions(**{**model_card(path).get("options", {}), **overrides})
+    from .engine import GenerationOptions
+    from .errors import EngineInputError
+
+    settings = {**model_card(path).get("options", {}), **overrides}
+    known = {f.name for f in dataclasses.fields(GenerationOptions)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise EngineInputError(f"unknown sampler setting(s) {unknown}; GenerationOptions has: {', '.join(sorted(known))}")
+    return GenerationOptions(**settings)
 
 
 def demo_engine(path: str | Path = BUILTIN_MODEL_DIR, **kwargs: Any) -> Any:
