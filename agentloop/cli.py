@@ -440,12 +440,14 @@ def train_cmd(out: Path, steps: int | None, minutes: float | None, seed: int, ba
 @click.option("--modes", default=",".join(("copy", "grammar", "unconstrained")), show_default=True,
               help="Comma-separated: copy (grammar + copy constraint), grammar, unconstrained (parse the text).")
 @click.option("--seed", default=1, show_default=True)
+@click.option("--split", type=click.Choice(["heldout", "train"]), default="heldout", show_default=True,
+              help="heldout: phrasings never trained on; train: trained phrasings with fresh values.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="A sampler setting over the model card's, e.g. t_max=0.3 or entropy_bound=0.02. Repeatable.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
               show_default=True)
-def eval_cmd(model: str, single: int, multi: int, chat: int, modes: str, seed: int, options: tuple[str, ...],
-             out: Path) -> None:
+def eval_cmd(model: str, single: int, multi: int, chat: int, modes: str, seed: int, split: str,
+             options: tuple[str, ...], out: Path) -> None:
     """Evaluate the demo model on held-out requests through the real loop and tools.
 
     Reports right calls and right runs end to end per mode, calls valid by jsonschema,
@@ -471,7 +473,8 @@ def eval_cmd(model: str, single: int, multi: int, chat: int, modes: str, seed: i
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    cfg = EvalConfig(model=model, single=single, multi=multi, chat=chat, seed=seed, modes=chosen, options=overrides)
+    cfg = EvalConfig(model=model, single=single, multi=multi, chat=chat, seed=seed, modes=chosen, options=overrides,
+                     split=split)  # type: ignore[arg-type]
     with Progress(TextColumn("cases"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), console=None) as bar:
         task = bar.add_task("", total=single + multi + chat)

@@ -32,7 +32,7 @@ import jsonschema
 
 from .errors import AgentloopError, MaxStepsExceeded, ModelOutputError, ToolRetriesExhausted
 from .grammar import ToolCall
-from .training.data import KINDS, Conversation, conversations
+from .training.data import KINDS, Conversation, Split, conversations
 
 MODES = ("copy", "grammar", "unconstrained")
 
@@ -194,12 +194,14 @@ async def run_case(agent: Any, case: Case, mode: str, schemas: dict[str, Any], s
                    [s.latency_s - s.tool_s for s in trace], seconds)
 
 
-def cases(n_single: int, n_multi: int, n_chat: int, seed: int) -> list[Case]:
+def cases(n_single: int, n_multi: int, n_chat: int, seed: int, split: Split = "heldout") -> list[Case]:
     """Held-out cases: ``n_single`` single-call requests, ``n_multi`` multi-step ones (chains,
-    parallel calls, a failing call), ``n_chat`` with no tool; deterministic for ``seed``."""
+    parallel calls, a failing call), ``n_chat`` with no tool; deterministic for ``seed``.
+    ``split="train"`` draws trained phrasings (with fresh values: the seed differs from
+    training's), to tell memorised phrasing from generalisation."""
     want = {"single": n_single, "multi": n_multi, "answer": n_chat}
     out: list[Case] = []
-    for conv in conversations(100 * (n_single + n_multi + n_chat) + 100, seed, "heldout"):
+    for conv in conversations(100 * (n_single + n_multi + n_chat) + 100, seed + 7_919 * (split == "train"), split):
         group = "single" if conv.kind == "single" else "answer" if conv.kind == "answer" else "multi"
         if want[group] > 0:
             want[group] -= 1
@@ -242,6 +244,7 @@ class EvalConfig:
     seed: int = 1
     modes: tuple[str, ...] = MODES
     max_steps: int = 6
+    split: Split = "heldout"
     #: GenerationOptions fields over the model card's (e.g. {"t_max": 0.3})
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -256,7 +259,7 @@ def evaluate(cfg: EvalConfig, progress: Callable[[str, int, int], None] | None =
     agents = {m: demo_agent(path, engine=engine, max_steps=cfg.max_steps, keep_sessions=0, options=options,
                             copy_constraint=m == "copy", constrained=m != "unconstrained") for m in cfg.modes}
     schemas = {t.name: t.parameters for t in next(iter(agents.values())).tools}
-    todo = cases(cfg.single, cfg.multi, cfg.chat, cfg.seed)
+    todo = cases(cfg.single, cfg.multi, cfg.chat, cfg.seed, cfg.split)
     outcomes: list[Outcome] = []
 
     async def main() -> None:
@@ -298,11 +301,12 @@ def _pct(x: float | None) -> str:
 
 def markdown(res: dict[str, Any], command: str) -> str:
     modes = list(res["modes"])
-    rows = [("held-out single-call requests: exact call", "single_exact_call"),
-            ("held-out single-call requests: right end to end", "single_right"),
-            ("held-out multi-step runs: right end to end", "multi_right"),
+    rows = [("single-call requests: exact call", "single_exact_call"),
+            ("single-call requests: right end to end", "single_right"),
+            ("multi-step runs: right end to end", "multi_right"),
             ("calls valid (jsonschema)", "valid_calls")]
-    out = [f"# Demo model evaluation (held-out split)\n",
+    split = res["config"].get("split", "heldout")
+    out = [f"# Demo model evaluation ({'held-out' if split == 'heldout' else 'trained'} phrasings)\n",
            f"`{command}` on {res['machine']}; model `{res['model_path']}` ({res['parameters'] / 1e6:.1f}M parameters, "
            f"{res['model_card'].get('trained_steps', '?')} training steps); {res['config']['single']} single-call, "
            f"{res['config']['multi']} multi-step and {res['config']['chat']} chat cases; "
@@ -340,7 +344,8 @@ def markdown(res: dict[str, Any], command: str) -> str:
 
 def write(res: dict[str, Any], out_dir: Path, command: str) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "demo_eval.json", "md": out_dir / "demo_eval.md"}
+    stem = "demo_eval" if res["config"].get("split", "heldout") == "heldout" else "demo_eval_trained_phrasings"
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
     paths["json"].write_text(json.dumps({**res, "command": command}, indent=1, ensure_ascii=False, default=str))
     paths["md"].write_text(markdown(res, command))
     return paths

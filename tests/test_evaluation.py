@@ -33,6 +33,8 @@ def test_cases_are_deterministic_held_out_and_sized():
     assert sum(c.kind in ("chain", "parallel", "error") for c in a) == 5
     train_prompts = {c.user for c in conversations(3000, 3, "train")}
     assert not {c.prompt for c in a} & train_prompts
+    trained_phrasings = cases(8, 5, 2, seed=3, split="train")
+    assert trained_phrasings != a and len(trained_phrasings) == 15
 
 
 def test_a_right_weather_run_is_right():
