@@ -1,4 +1,5 @@
-"""The copy constraint: x-copy strings are exactly the substrings of the context texts."""
+"""The copy constraint: x-copy strings are exactly the copies (word-aligned substrings) of the
+context texts, x-copy numbers exactly the numbers written there."""
 
 from __future__ import annotations
 
@@ -8,17 +9,33 @@ from hypothesis import strategies as st
 
 from agentloop import Agent, Copied, tool
 from agentloop.grammar import SchemaOptions, compile_schema
-from agentloop.grammar.copy import substring_node
+from agentloop.grammar.copy import copies_node, is_copied
 from agentloop.grammar.fsa import to_dfa
 from agentloop.grammar.wireformat import load_wire_format
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
-@given(text=st.text(alphabet="ab\"\\é", max_size=12), probe=st.text(alphabet="ab\"\\é", max_size=5))
-def test_suffix_automaton_accepts_exactly_the_substrings(text, probe):
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(text=st.text(alphabet="ab \"\\é.", max_size=12), probe=st.text(alphabet="ab \"\\é.", max_size=5))
+def test_copy_automaton_accepts_exactly_the_copies(text, probe):
     wf = load_wire_format("json")
-    d = to_dfa(substring_node([text], wf), wf.n_symbols)
-    assert d.accepts(wf.spell_string_content(probe)) == (probe in text)
+    d = to_dfa(copies_node([text], wf), wf.n_symbols)
+    # brute force: a substring starting and ending at word boundaries, no outer whitespace
+    def word(c):
+        return c.isalnum() or c == "_"
+
+    want = probe == "" or any(
+        text[i:i + len(probe)] == probe and not probe[0].isspace() and not probe[-1].isspace()
+        and (i == 0 or not (word(text[i - 1]) and word(probe[0])))
+        and (i + len(probe) == len(text) or not (word(probe[-1]) and word(text[i + len(probe)])))
+        for i in range(len(text) - len(probe) + 1))
+    assert d.accepts(wf.spell_string_content(probe)) == want
+    assert is_copied(probe, [text]) == want
+
+
+def test_copies_are_whole_words():
+    assert is_copied("Belri", ["Weather in Belri, please"]) and is_copied("in Belri", ["Weather in Belri, please"])
+    assert not is_copied("Belr", ["Weather in Belri, please"]) and not is_copied("Belri ", ["in Belri now"])
+    assert is_copied("nijor.txt", ["Write nijor.txt now"]) and is_copied("nijor", ["Write nijor.txt now"])
 
 
 @pytest.mark.parametrize("wire_format", ["json", "gemma4"])

@@ -48,7 +48,7 @@ def test_a_right_weather_run_is_right():
 def test_wrong_argument_and_wrong_answer_are_told_apart():
     case = _case("single", "weather")
     city = case.expected[0][0].arguments["city"]
-    wrong = city[:-1]  # a substring: the copy constraint allows it, the judge does not
+    wrong = case.prompt.split()[0]  # a copy from the request: the constraint allows it, the judge does not
     o = _run(case, [call("get_weather", city=wrong), "whatever"])
     assert not o.right and o.failure == "wrong argument: city"
     o = _run(case, [call("get_weather", city=city), "It is nice."])

@@ -1,20 +1,23 @@
-"""The copy constraint: a string may only be a substring of given texts, a number only one
+"""The copy constraint: a string may only be a copy from given texts, a number only one
 written in them.
 
-The substrings of a text form a regular language accepted by its suffix automaton (at
-most 2n states, built online in O(n)), so a parameter marked ``"x-copy": true`` can be
-intersected with the rest of its schema. The automaton works on characters; each edge is
-spelled by the wire format (escapes included), so the language is over the same symbols
-as everything else.
+A copy is a substring that starts and ends at word boundaries and neither starts nor ends
+with whitespace: from "Weather in Belri, please" the copies include "Belri", "in Belri"
+and "Belri, please", not "Belr" or "ather". (A plain substring rule lets a small model stop
+a name one letter short.) The copies of a text of n characters form a regular language: an
+automaton with a state per position, entered at every word start and accepting at every
+word end, so a parameter marked ``"x-copy": true`` can be intersected with the rest of its
+schema. Its edges are spelled by the wire format (escapes included), so the language is
+over the same symbols as everything else.
 
 Example::
 
     >>> from agentloop.grammar.wireformat import load_wire_format
     >>> from agentloop.grammar.fsa import to_dfa
     >>> wf = load_wire_format("json")
-    >>> d = to_dfa(substring_node(["Reykjavik"], wf), wf.n_symbols)
-    >>> d.accepts(b"kjav"), d.accepts(b"Paris")
-    (True, False)
+    >>> d = to_dfa(copies_node(["Weather in Reykjavik?"], wf), wf.n_symbols)
+    >>> d.accepts(b"Reykjavik"), d.accepts(b"in Reykjavik"), d.accepts(b"Reykja"), d.accepts(b"Paris")
+    (True, True, False, False)
 """
 
 from __future__ import annotations
@@ -22,56 +25,51 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-from .fsa import NEVER, Node, alt, graph, literal
+from .fsa import EMPTY, NEVER, Node, alt, graph, literal
 from .wireformat import WireFormat
 
 
-def suffix_automaton(text: str) -> list[dict[str, int]]:
-    """Transitions of the suffix automaton of ``text``; every state accepts a substring."""
-    nxt: list[dict[str, int]] = [{}]
-    length = [0]
-    link = [-1]
-    last = 0
-    for ch in text:
-        cur = len(nxt)
-        nxt.append({})
-        length.append(length[last] + 1)
-        link.append(0)
-        p = last
-        while p != -1 and ch not in nxt[p]:
-            nxt[p][ch] = cur
-            p = link[p]
-        if p != -1:
-            q = nxt[p][ch]
-            if length[p] + 1 == length[q]:
-                link[cur] = q
-            else:
-                clone = len(nxt)
-                nxt.append(dict(nxt[q]))
-                length.append(length[p] + 1)
-                link.append(link[q])
-                while p != -1 and nxt[p].get(ch) == q:
-                    nxt[p][ch] = clone
-                    p = link[p]
-                link[q] = clone
-                link[cur] = clone
-        last = cur
-    return nxt
+def _in_word(c: str) -> bool:
+    return c.isalnum() or c == "_"
 
 
-def substring_node(texts: Iterable[str], wf: WireFormat) -> Node:
-    """String content equal to a substring (possibly empty) of one of ``texts``."""
+def copy_starts(text: str, i: int) -> bool:
+    """Whether a copy may start at ``text[i]``."""
+    return not text[i].isspace() and (i == 0 or not (_in_word(text[i - 1]) and _in_word(text[i])))
+
+
+def copy_ends(text: str, j: int) -> bool:
+    """Whether a copy may end just before ``text[j]`` (``j == len(text)``: at the end)."""
+    return not text[j - 1].isspace() and (j == len(text) or not (_in_word(text[j - 1]) and _in_word(text[j])))
+
+
+def is_copied(value: str, texts: Iterable[str]) -> bool:
+    """Whether ``value`` is a copy from one of ``texts`` (the validator's side of the automaton)."""
+    if not value:
+        return True
+    for text in texts:
+        i = text.find(value)
+        while i >= 0:
+            if copy_starts(text, i) and copy_ends(text, i + len(value)):
+                return True
+            i = text.find(value, i + 1)
+    return False
+
+
+def copies_node(texts: Iterable[str], wf: WireFormat) -> Node:
+    """String content that is a copy (see above), or empty, from one of ``texts``."""
     branches = []
     spelled: dict[str, Node] = {}
     for text in texts:
-        trans = suffix_automaton(text)
-        edges = []
-        for s, out in enumerate(trans):
-            for ch, t in out.items():
-                if ch not in spelled:
-                    spelled[ch] = wf.spell_char(((ord(ch), ord(ch)),))
-                edges.append((s, t, spelled[ch]))
-        branches.append(graph(len(trans), list(range(len(trans))), edges))
+        n = len(text)
+        # state 0: before the copy; state k + 1: at position k of the text
+        edges: list[tuple[int, int, Node]] = [(0, i + 1, EMPTY) for i in range(n) if copy_starts(text, i)]
+        for k, ch in enumerate(text):
+            if ch not in spelled:
+                spelled[ch] = wf.spell_char(((ord(ch), ord(ch)),))
+            edges.append((k + 1, k + 2, spelled[ch]))
+        finals = [0] + [j + 1 for j in range(1, n + 1) if copy_ends(text, j)]
+        branches.append(graph(n + 2, finals, edges))
     return alt(*branches) if branches else NEVER
 
 

@@ -61,7 +61,7 @@ from .fsa import (
     to_dfa,
 )
 from .regex import full_match_node, pattern_is_exact, pattern_node
-from .copy import copied_number_node, copied_numbers, substring_node
+from .copy import copied_number_node, copied_numbers, copies_node, is_copied
 from .wireformat import WireFormat
 
 Facet = tuple[Any, str, str]
@@ -372,7 +372,7 @@ def _substrings_dfa(sources: tuple[str, ...], wf: WireFormat) -> Dfa:
     key = (sources, wf.name, wf.file_text)
     d = _substrings.get(key)
     if d is None:
-        d = _substrings[key] = to_dfa(substring_node(sources, wf), wf.n_symbols)
+        d = _substrings[key] = to_dfa(copies_node(sources, wf), wf.n_symbols)
         while len(_substrings) > 16:
             _substrings.popitem(last=False)
     return d
@@ -582,8 +582,8 @@ class SchemaCompiler:
         def copy(validator: Any, on: Any, instance: Any, schema: Any) -> Iterator[Any]:
             if not on or over:
                 return
-            if isinstance(instance, str) and not any(instance in t for t in comp.opt.copy_sources):
-                yield error(f"{instance!r} does not occur in the conversation")
+            if isinstance(instance, str) and not is_copied(instance, comp.opt.copy_sources):
+                yield error(f"{instance!r} is not copied from the conversation (whole words)")
             elif isinstance(instance, (int, float)) and not isinstance(instance, bool) and \
                     instance not in copied_numbers(comp.opt.copy_sources):
                 yield error(f"{instance!r} is not a number written in the conversation")
