@@ -183,7 +183,7 @@ def train(out: Path, cfg: TrainConfig, minutes: float | None = None, log: Any = 
         log(f"resumed at step {state['step']}")
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + state["step"])
     data = batches(tok, cfg)
-    for _ in range(state["step"]):  # the same stream of batches, resumed or not
+    for _ in range(state["step"] if state["step"] < cfg.max_steps else 0):  # the same stream, resumed or not
         next(data)
 
     def lr_at(step: int) -> float:
