@@ -76,7 +76,7 @@ def main() -> None:
     """agentloop: fast local tool-use loops on a block-diffusion LM, every call valid by construction."""
 
 
-DEMO_PROMPTS = ("What's the weather in Oslo?", "Convert 12 miles to km and add 5.", "What time is it in Tokyo?")
+DEMO_PROMPTS = ("What's the weather in Oslo?", "What time is it in Tokyo?", "Convert 12 miles to km.")
 
 
 @main.command()
@@ -104,11 +104,10 @@ def demo(prompts: tuple[str, ...], seed: int, trace: bool, random_model: bool, s
         return
     import tempfile
 
-    from .builtin import demo_agent
-    from .engine import GenerationOptions
+    from .builtin import card_options, demo_agent
 
     with _progress("loading the bundled demo model"):
-        agent = demo_agent(options=GenerationOptions(seed=seed))
+        agent = demo_agent(options=card_options(seed=seed))
         _ = agent.constraint
     with tempfile.TemporaryDirectory(prefix="agentloop-demo-") as sandbox:
         for prompt in prompts or DEMO_PROMPTS:
@@ -116,7 +115,7 @@ def demo(prompts: tuple[str, ...], seed: int, trace: bool, random_model: bool, s
             result = agent.run_sync(prompt, deps=sandbox)
             _print_result(result, False, trace)
             u = result.usage
-            click.echo(f"  ({u.model_steps} model steps, {u.denoising_steps} denoising steps, "
+            click.echo(f"  ({u.steps} model steps, {u.denoising_steps} denoising steps, "
                        f"{u.forced_tokens} tokens forced, {1000 * result.total_s:.0f} ms)", err=True)
 
 
@@ -207,7 +206,7 @@ def _make_agent(tool_specs: tuple[str, ...], model: str, device: str, dtype: str
                 max_denoising_steps: int, instructions: str | None, seed: int | None) -> Any:
     from .agent import Agent
     from .engine import DiffusionEngine, GenerationOptions
-    from .builtin import BUILTIN_MODEL_DIR, demo_agent, model_card
+    from .builtin import BUILTIN_MODEL_DIR, card_options, demo_agent, model_card
     from .tools import load_tools
 
     tools = [t for spec in tool_specs for t in load_tools(spec)]
@@ -217,7 +216,8 @@ def _make_agent(tool_specs: tuple[str, ...], model: str, device: str, dtype: str
             raise click.UsageError("the bundled demo model is not in this installation; use --model random "
                                    "(a tiny random DiffusionGemma) or --model PATH (a local checkpoint)")
         model = str(BUILTIN_MODEL_DIR)
-    if model_card(model):  # a model agentloop trained: run it as it was trained (its tools by default)
+    if model_card(model):  # a model agentloop trained: run it as it was trained (its tools, its sampler)
+        options = card_options(model, max_denoising_steps=max_denoising_steps, seed=seed)
         with _progress(f"loading model {model}"):
             agent = demo_agent(model, tools=tools or None, max_steps=max_steps, options=options,
                                **({"instructions": instructions} if instructions else {}))

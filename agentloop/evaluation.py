@@ -276,7 +276,7 @@ def evaluate(cfg: EvalConfig, progress: Callable[[str, int, int], None] | None =
     return {
         "config": asdict(cfg), "model_path": str(path), "parameters": n_params, "options": asdict(options),
         "model_card": json.loads((path / "agentloop.json").read_text()) if (path / "agentloop.json").is_file() else {},
-        "machine": f"{platform.machine()} {platform.processor() or ''} {_cpus()} CPUs, torch threads {_threads()}",
+        "machine": f"{platform.processor() or platform.machine()}, {_cpus()} CPUs, torch threads {_threads()}",
         "seconds": time.perf_counter() - t0,
         "modes": {m: summarize([o for o in outcomes if o.mode == m]) for m in cfg.modes},
         "outcomes": [asdict(o) for o in outcomes],

@@ -238,6 +238,12 @@ def train(out: Path, cfg: TrainConfig, minutes: float | None = None, log: Any = 
     return export(model, tok, out / "model", cfg, state["step"])
 
 
+#: The sampler settings the model card recommends: cooler than DiffusionGemma's 0.8 -> 0.4.
+#: On held-out cases of another seed (`agentloop eval --seed 99 --option t_max=0.3 ...`)
+#: they gave the same accuracy with 4.3 instead of 15.5 denoising steps per canvas.
+SAMPLER = {"t_max": 0.3, "t_min": 0.1}
+
+
 def export(model: Any, tok: Any, folder: Path, cfg: TrainConfig, steps: int) -> Path:
     """safetensors + config + tokenizer.json + agentloop.json, loadable with from_pretrained."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -247,7 +253,7 @@ def export(model: Any, tok: Any, folder: Path, cfg: TrainConfig, steps: int) -> 
     tok.save(str(folder / "tokenizer.json"))
     (folder / "agentloop.json").write_text(json.dumps({
         "declare_tools": False, "instructions": INSTRUCTIONS, "tools": "agentloop.demo_tools", "wire_format": "gemma4",
-        "trained_steps": steps, "train_config": asdict(cfg)}, indent=1))
+        "trained_steps": steps, "train_config": asdict(cfg), "options": SAMPLER}, indent=1))
     return folder
 
 
