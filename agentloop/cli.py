@@ -206,7 +206,7 @@ def _make_agent(tool_specs: tuple[str, ...], model: str, device: str, dtype: str
                 max_denoising_steps: int, instructions: str | None, seed: int | None) -> Any:
     from .agent import Agent
     from .engine import DiffusionEngine, GenerationOptions
-    from .builtin import BUILTIN_MODEL_DIR, card_options, demo_agent, model_card
+    from .builtin import BUILTIN_MODEL_DIR, card_options, demo_agent, demo_engine, model_card
     from .tools import load_tools
 
     tools = [t for spec in tool_specs for t in load_tools(spec)]
@@ -219,7 +219,8 @@ def _make_agent(tool_specs: tuple[str, ...], model: str, device: str, dtype: str
     if model_card(model):  # a model agentloop trained: run it as it was trained (its tools, its sampler)
         options = card_options(model, max_denoising_steps=max_denoising_steps, seed=seed)
         with _progress(f"loading model {model}"):
-            agent = demo_agent(model, tools=tools or None, max_steps=max_steps, options=options,
+            agent = demo_agent(model, engine=demo_engine(model, device=device, dtype=dtype), tools=tools or None,
+                               max_steps=max_steps, options=options,
                                **({"instructions": instructions} if instructions else {}))
             _ = agent.constraint
         return agent

@@ -88,7 +88,7 @@ def _normal(tools: dict[str, Any], call: ToolCall) -> tuple[str, str]:
     if t is not None:
         try:
             args = t._model.model_validate(args).model_dump(mode="json")
-        except Exception:
+        except Exception:  # pydantic's errors have no common base: invalid arguments compare as written
             pass
     return call.name, json.dumps({k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
                                   for k, v in sorted(args.items())}, sort_keys=True)

@@ -61,9 +61,13 @@ def test_run_json_and_trace():
         assert c["name"] == "convert_units" and not c["is_error"] or "cannot convert" in c["result"]
 
 
-def test_run_usage_errors_exit_2():
+def test_run_usage_errors_exit_2(tmp_path, monkeypatch):
+    import agentloop.builtin
+
+    monkeypatch.setattr(agentloop.builtin, "BUILTIN_MODEL_DIR", tmp_path)  # an installation without the model
     r = CliRunner().invoke(main, ["run", "hi", "--model", "builtin"])
     assert r.exit_code == 2 and "--model random" in r.output
+    monkeypatch.undo()
     r = CliRunner().invoke(main, ["run", "hi", "--model", "/no/such/folder"])
     assert r.exit_code == 2 and "is not a folder" in r.output
     r = CliRunner().invoke(main, ["run", "hi", "--max-steps", "0", *RUN])
