@@ -453,6 +453,14 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[s
         if card else {}
     options = GenerationOptions(max_denoising_steps=cfg.steps or 48, fixed_steps=bool(cfg.steps))
     todo = [s for s in scenario_list if not cfg.only or any(s.name.startswith(o) for o in cfg.only)]
+    # A scenario longer than the model's context cannot run (the engine raises rather than
+    # truncate): say so in the results instead of failing the whole benchmark at its end.
+    limit = engine.model.config.get_text_config().max_position_embeddings
+    skipped = {s.name: f"needs {n} positions, the model has {limit}"
+               for s in todo if (n := _positions(s, by_name, prompting, engine)) > limit}
+    for name, why in skipped.items():
+        log(f"skipping {name}: {why}")
+    todo = [s for s in todo if s.name not in skipped]
     records: list[TurnRecord] = []
     grammars: dict[tuple[str, ...], CompiledGrammar] = {}
     for s in todo:
@@ -461,6 +469,12 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[s
             t = time.perf_counter()
             grammars[s.tools] = compile_tools(tools, engine.tokenizer, "gemma4")
             log(f"compiled {len(tools)} tools in {time.perf_counter() - t:.1f} s")
+    meta = {"config": asdict(cfg), "weights": weights, "domain": domain, "machine": _machine(engine),
+            "autoregressive": f"LlamaForCausalLM, random weights, forced lengths, "
+                              f"{sum(p.numel() for p in ar.parameters()) / 1e6:.2f}M params",
+            "diffusion_params_m": sum(p.numel() for p in engine.model.parameters()) / 1e6, "skipped": skipped}
+    if not todo:
+        return {**meta, "summary": [], "turns": []}
     # Warm up every contender once (JIT-compiled kernels, per-canvas DP supports, allocator)
     # so that the first measured turn is not the first ever.
     warm = todo[0]
@@ -493,11 +507,18 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[s
                     records.append(TurnRecord(s.name, kind, r, i, wall, parts, steps, forced, n_out, prefill, valid,
                                               tries, useful))
                 log(f"repeat {r + 1}/{cfg.repeats} {s.name}: {kind} done")
-    return {"config": asdict(cfg), "weights": weights, "domain": domain, "machine": _machine(engine),
-            "autoregressive": f"LlamaForCausalLM, random weights, forced lengths, "
-                              f"{sum(p.numel() for p in ar.parameters()) / 1e6:.2f}M params",
-            "diffusion_params_m": sum(p.numel() for p in engine.model.parameters()) / 1e6,
-            "summary": summarize(records), "turns": [asdict(x) for x in records]}
+    return {**meta, "summary": summarize(records), "turns": [asdict(x) for x in records]}
+
+
+def _positions(s: Scenario, by_name: dict[str, Any], prompting: dict[str, Any], engine: DiffusionEngine) -> int:
+    """Positions the scenario's whole conversation needs, plus one canvas to write into."""
+    conv = Conversation(Protocol("gemma4"), [by_name[n] for n in s.tools], **prompting)
+    segments = conv.system()
+    first = True
+    for turn in s.turns:
+        segments += conv.before(turn, first) + conv.output(turn) + conv.after(turn)
+        first = isinstance(turn.output, str)
+    return len(encode_segments(engine.tokenizer, segments)) + engine.canvas_length
 
 
 def _machine(engine: DiffusionEngine) -> dict[str, Any]:
@@ -554,7 +575,8 @@ def to_markdown(res: dict[str, Any], command: str) -> str:
              f"Steps per canvas: {res['config']['steps'] or 'adaptive'}. Repeats: {res['config']['repeats']}, "
              "contenders interleaved; per-turn medians and p95. Valid: the turn's kind of output (calls or "
              "answer) with schema-valid calls, the same test for every contender (n/a for the forced-length "
-             "autoregressive contender); tok/s counts the turn's scripted output tokens.", "",
+             "autoregressive contender); tok/s counts the turn's scripted output tokens."
+             + "".join(f" Skipped {k}: {v}." for k, v in res.get("skipped", {}).items()), "",
              "| scenario | contender | median ms | p95 ms | x agentloop | encode | denoise | constraint | sampler | "
              "tool | overhead | steps | forced | tok/s | valid | retries |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

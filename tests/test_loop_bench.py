@@ -87,3 +87,12 @@ def test_every_scripted_demo_turn_is_valid_under_its_turn_grammar() -> None:
             assert g.accepts(conv.output_ids(engine, turn) + encode_text(engine.tokenizer, stop)), (s.name, turn)
             conv.after(turn)
             first = isinstance(turn.output, str)
+
+
+def test_a_scenario_longer_than_the_context_is_skipped_and_reported() -> None:
+    from agentloop.engine.models import BUILTIN_MODEL_DIR
+
+    if not (BUILTIN_MODEL_DIR / "config.json").is_file():
+        return  # needs the bundled model's 2,048 positions
+    res = run(BenchConfig(model="builtin", steps=1, repeats=1, only=("long",)))
+    assert res["summary"] == [] and "needs" in res["skipped"]["long session (30 turns) / 5 tools"]
