@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from click.testing import CliRunner
 
 from agentloop.benchmark import CONTENDERS, PARTS, BenchConfig, run, scenarios, write
@@ -93,6 +95,6 @@ def test_a_scenario_longer_than_the_context_is_skipped_and_reported() -> None:
     from agentloop.engine.models import BUILTIN_MODEL_DIR
 
     if not (BUILTIN_MODEL_DIR / "config.json").is_file():
-        return  # needs the bundled model's 2,048 positions
+        pytest.skip("needs the bundled model (2,048 positions)")
     res = run(BenchConfig(model="builtin", steps=1, repeats=1, only=("long",)))
     assert res["summary"] == [] and "needs" in res["skipped"]["long session (30 turns) / 5 tools"]
