@@ -8,19 +8,24 @@ loop, not a general assistant.
 
 >>> from agentloop.builtin import demo_agent
 >>> agent = demo_agent()                                            # doctest: +SKIP
->>> agent.run_sync("What is 12 miles in km?").output               # doctest: +SKIP
-'12 mi = 19.3121 km.'
+>>> result = agent.run_sync("What's the weather in Oslo?")          # doctest: +SKIP
+>>> [c.call for c in result.calls]                                  # doctest: +SKIP
+[ToolCall(name='get_weather', arguments={'city': 'Oslo'})]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .engine.models import BUILTIN_MODEL_DIR
-from .errors import ModelLoadError
+from .errors import EngineInputError, ModelLoadError
+
+if TYPE_CHECKING:
+    from .agent import Agent
+    from .engine import DiffusionEngine, GenerationOptions
 
 __all__ = ["BUILTIN_MODEL_DIR", "card_options", "demo_agent", "demo_engine", "model_card"]
 
@@ -31,12 +36,9 @@ def model_card(path: str | Path = BUILTIN_MODEL_DIR) -> dict[str, Any]:
     return json.loads(f.read_text("utf-8")) if f.is_file() else {}
 
 
-def card_options(path: str | Path = BUILTIN_MODEL_DIR, **overrides: Any) -> Any:
+def card_options(path: str | Path = BUILTIN_MODEL_DIR, **overrides: Any) -> "GenerationOptions":
     """The sampler settings the model card recommends (``"options"``), with ``overrides``."""
-    import dataclasses
-
     from .engine import GenerationOptions
-    from .errors import EngineInputError
 
     settings = {**model_card(path).get("options", {}), **overrides}
     known = {f.name for f in dataclasses.fields(GenerationOptions)}
@@ -46,7 +48,7 @@ def card_options(path: str | Path = BUILTIN_MODEL_DIR, **overrides: Any) -> Any:
     return GenerationOptions(**settings)
 
 
-def demo_engine(path: str | Path = BUILTIN_MODEL_DIR, **kwargs: Any) -> Any:
+def demo_engine(path: str | Path = BUILTIN_MODEL_DIR, **kwargs: Any) -> "DiffusionEngine":
     """The bundled model (or a model folder ``agentloop train`` wrote) as a :class:`DiffusionEngine`."""
     from .engine import DiffusionEngine
 
@@ -57,7 +59,7 @@ def demo_engine(path: str | Path = BUILTIN_MODEL_DIR, **kwargs: Any) -> Any:
 
 
 def demo_agent(path: str | Path = BUILTIN_MODEL_DIR, *, engine: Any = None, tools: Any = None,
-               **agent_kwargs: Any) -> Any:
+               **agent_kwargs: Any) -> "Agent[Any]":
     """An :class:`Agent` set up as the model was trained: the demo tools, its instructions,
     tool declarations left out of the prompt (it learned the tools; the grammar holds it to
     their schemas). ``agent_kwargs`` go to ``Agent`` (``max_steps``, ``options``, ...)."""
@@ -72,5 +74,5 @@ def demo_agent(path: str | Path = BUILTIN_MODEL_DIR, *, engine: Any = None, tool
     kwargs.update(agent_kwargs)
     # Its outputs were all shorter than a canvas: a few canvases bound a run-on answer.
     options = kwargs.get("options") or card_options(path)
-    kwargs["options"] = replace(options, max_new_tokens=min(options.max_new_tokens, card.get("max_new_tokens", 256)))
+    kwargs["options"] = dataclasses.replace(options, max_new_tokens=min(options.max_new_tokens, card.get("max_new_tokens", 256)))
     return Agent(engine, TOOLS if tools is None else tools, **kwargs)
