@@ -33,6 +33,7 @@ from .engine.generation import CallCost, Draft, GenerationOptions
 from .engine.session import Session
 from .errors import AgentloopError, MaxStepsExceeded, ModelOutputError, ParseError, ToolRetriesExhausted
 from .grammar import CompiledGrammar, SchemaOptions, ToolCall, compile_tools
+from .grammar.copy import uses_copy, without_copy
 from .protocol import Protocol, Segment
 from .tools import DepsT, RunContext, Tool, ToolResult, as_tool
 
@@ -225,7 +226,7 @@ class Agent(Generic[DepsT]):
         self.options = options
         self.approve = approve
         self._constraint: CompiledGrammar | None = None
-        self._copies = copy_constraint and constrained and any(_has_copy(t.parameters) for t in self.tools)
+        self._copies = copy_constraint and constrained and any(uses_copy(t.parameters) for t in self.tools)
         self._copy_grammars: OrderedDict[tuple[str, ...], CompiledGrammar] = OrderedDict()
         self._copy_lock = threading.Lock()
         # Sessions of finished runs, keyed by their message list, so a continued conversation
@@ -262,7 +263,7 @@ class Agent(Generic[DepsT]):
     def _compile(self, sources: tuple[str, ...]) -> CompiledGrammar:
         tools = [] if self.tool_choice == "none" else [t.tool_schema for t in self.tools]
         if not self.copy_constraint:
-            tools = [replace(t, parameters=_without_copy(t.parameters)) for t in tools]
+            tools = [replace(t, parameters=without_copy(t.parameters)) for t in tools]
         return compile_tools(tools, self.engine.tokenizer, self.protocol.wire_format,
                              allow_text=self.tool_choice != "required", parallel_calls=self.parallel_tool_calls,
                              options=SchemaOptions(copy_sources=sources))
@@ -514,19 +515,3 @@ def copy_sources(messages: Sequence[Message]) -> tuple[str, ...]:
         elif isinstance(m, ToolResultsMessage):
             out += [r.content for r in m.results]
     return tuple(out)
-
-
-def _has_copy(schema: Any) -> bool:
-    if isinstance(schema, dict):
-        return bool(schema.get("x-copy")) or any(_has_copy(v) for v in schema.values())
-    if isinstance(schema, list):
-        return any(_has_copy(v) for v in schema)
-    return False
-
-
-def _without_copy(schema: Any) -> Any:
-    if isinstance(schema, dict):
-        return {k: _without_copy(v) for k, v in schema.items() if k != "x-copy"}
-    if isinstance(schema, list):
-        return [_without_copy(v) for v in schema]
-    return schema

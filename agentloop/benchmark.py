@@ -247,9 +247,9 @@ def turn_grammar(base: CompiledGrammar, engine: DiffusionEngine, conv: Conversat
     step. The in-memory caches are cleared first: in real use every turn brings new text,
     while here repeats would find their grammars cached."""
     from . import grammar
-    from .agent import _has_copy
+    from .grammar.copy import uses_copy
 
-    if not any(_has_copy(t["parameters"]) for t in conv.tools):
+    if not any(uses_copy(t["parameters"]) for t in conv.tools):
         return base, 0.0
     t = time.perf_counter()
     grammar.clear_caches()
@@ -469,7 +469,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[s
             t = time.perf_counter()
             grammars[s.tools] = compile_tools(tools, engine.tokenizer, "gemma4")
             log(f"compiled {len(tools)} tools in {time.perf_counter() - t:.1f} s")
-    meta = {"config": asdict(cfg), "weights": weights, "domain": domain, "machine": _machine(engine),
+    meta = {"config": asdict(cfg), "weights": weights, "domain": domain, "machine": machine_info(engine),
             "autoregressive": f"LlamaForCausalLM, random weights, forced lengths, "
                               f"{sum(p.numel() for p in ar.parameters()) / 1e6:.2f}M params",
             "diffusion_params_m": sum(p.numel() for p in engine.model.parameters()) / 1e6, "skipped": skipped}
@@ -521,7 +521,8 @@ def _positions(s: Scenario, by_name: dict[str, Any], prompting: dict[str, Any], 
     return len(encode_segments(engine.tokenizer, segments)) + engine.canvas_length
 
 
-def _machine(engine: DiffusionEngine) -> dict[str, Any]:
+def machine_info(engine: DiffusionEngine) -> dict[str, Any]:
+    """Where figures were taken: platform, processor, torch, threads, device, dtype (and the GPU)."""
     d = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
          "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(engine.device),
          "dtype": str(engine.dtype)}
@@ -565,11 +566,14 @@ def summarize(records: Sequence[TurnRecord]) -> list[dict[str, Any]]:
 # ---- reporting -----------------------------------------------------------------------------------
 
 
+def describe_machine(m: dict[str, Any]) -> str:
+    """``machine_info`` as one line of a report."""
+    return f"{m.get('gpu', m['processor'])}, {m['platform']}, torch {m['torch']}, {m['threads']} threads, {m['dtype']}"
+
+
 def to_markdown(res: dict[str, Any], command: str) -> str:
-    m = res["machine"]
     lines = ["# Loop-latency benchmark", "",
-             f"Command: `{command}`. Machine: {m.get('gpu', m['processor'])}, {m['platform']}, torch {m['torch']}, "
-             f"{m['threads']} threads, {m['dtype']}. Weights: {res['weights']} "
+             f"Command: `{command}`. Machine: {describe_machine(res['machine'])}. Weights: {res['weights']} "
              f"({res['diffusion_params_m']:.2f}M params). Tools and conversations: {res.get('domain', 'realistic')}. "
              f"Autoregressive contender: {res['autoregressive']}. "
              f"Steps per canvas: {res['config']['steps'] or 'adaptive'}. Repeats: {res['config']['repeats']}, "

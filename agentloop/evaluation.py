@@ -18,7 +18,6 @@ True
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ from typing import Any, Callable, Sequence
 import anyio
 import jsonschema
 
+from .benchmark import describe_machine, machine_info
 from .errors import AgentloopError, MaxStepsExceeded, ModelOutputError, ToolRetriesExhausted
 from .grammar import ToolCall
 from .training.data import KINDS, Conversation, Split, conversations
@@ -106,7 +106,7 @@ def _facts(case: Case, results: list[str]) -> list[str]:
     if not results:
         return []
     last = results[-1]
-    if case.intent == "weather_days" or case.intent == "weather" or case.kind == "parallel":
+    if case.intent in ("weather", "weather_days") or case.kind == "parallel":
         return [_first_day(r) for r in results]
     if case.intent == "time":
         return [last.split(" ")[-2]]  # "City: 2026-05-01 14:05 (Europe/Paris)" -> "14:05"
@@ -276,23 +276,11 @@ def evaluate(cfg: EvalConfig, progress: Callable[[str, int, int], None] | None =
     return {
         "config": asdict(cfg), "model_path": str(path), "parameters": n_params, "options": asdict(options),
         "model_card": json.loads((path / "agentloop.json").read_text()) if (path / "agentloop.json").is_file() else {},
-        "machine": f"{platform.processor() or platform.machine()}, {_cpus()} CPUs, torch threads {_threads()}",
+        "machine": machine_info(engine),
         "seconds": time.perf_counter() - t0,
         "modes": {m: summarize([o for o in outcomes if o.mode == m]) for m in cfg.modes},
         "outcomes": [asdict(o) for o in outcomes],
     }
-
-
-def _cpus() -> int:
-    import os
-
-    return os.cpu_count() or 0
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _pct(x: float | None) -> str:
@@ -307,7 +295,7 @@ def markdown(res: dict[str, Any], command: str) -> str:
             ("calls valid (jsonschema)", "valid_calls")]
     split = res["config"].get("split", "heldout")
     out = [f"# Demo model evaluation ({'held-out' if split == 'heldout' else 'trained'} phrasings)\n",
-           f"`{command}` on {res['machine']}; model `{res['model_path']}` ({res['parameters'] / 1e6:.1f}M parameters, "
+           f"`{command}` on {describe_machine(res['machine'])}; model `{res['model_path']}` ({res['parameters'] / 1e6:.1f}M parameters, "
            f"{res['model_card'].get('trained_steps', '?')} training steps); {res['config']['single']} single-call, "
            f"{res['config']['multi']} multi-step and {res['config']['chat']} chat cases; "
            f"{res['seconds'] / 60:.1f} min in all.\n",

@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 from ..errors import SchemaError
 from . import cache as disk_cache
 from . import charset as cs
+from .copy import uses_copy
 from .compiled import CompiledGrammar, GrammarStats, ParsedOutput, StepOutput, ToolCall
 from .fsa import Node, alt, literal, rep, seq, sym, to_dfa
 from .schema import SchemaCompiler, SchemaOptions
@@ -275,7 +276,7 @@ def _arguments_dfa(t: ToolSchema, wf: WireFormat, options: SchemaOptions) -> Any
     """A tool's arguments as a DFA (one per tool keeps the envelope's NFA small), memoised:
     with the copy constraint the grammar is recompiled at every model step, and only tools
     with copied parameters depend on the conversation's text."""
-    if options.copy_sources and "x-copy" not in json.dumps(t.parameters, default=str):
+    if options.copy_sources and not uses_copy(t.parameters):
         options = dataclasses.replace(options, copy_sources=())
     key = hashlib.sha256(json.dumps([t.parameters, wf.name, wf.source, repr(options)], sort_keys=True,
                                     default=str).encode()).hexdigest()
@@ -303,7 +304,7 @@ def clear_caches() -> None:
     with _lock:
         _grammar_cache.clear()
         _args_cache.clear()
-    schema._substrings.clear()
+    schema._copies.clear()
 
 
 def byte_tokenizer(special_tokens: Sequence[str] = ("<pad>", "<eos>", "<|turn>", "<turn|>", "<|tool>", "<tool|>",

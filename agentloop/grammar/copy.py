@@ -23,7 +23,7 @@ Example::
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Any, Iterable
 
 from .fsa import EMPTY, NEVER, Node, alt, graph, literal
 from .wireformat import WireFormat
@@ -54,6 +54,24 @@ def is_copied(value: str, texts: Iterable[str]) -> bool:
                 return True
             i = text.find(value, i + 1)
     return False
+
+
+def uses_copy(schema: Any) -> bool:
+    """Whether ``schema`` marks anything ``"x-copy": true`` (it then depends on the conversation)."""
+    if isinstance(schema, dict):
+        return bool(schema.get("x-copy")) or any(uses_copy(v) for v in schema.values())
+    if isinstance(schema, list):
+        return any(uses_copy(v) for v in schema)
+    return False
+
+
+def without_copy(schema: Any) -> Any:
+    """``schema`` with every ``x-copy`` mark removed: the plain schema's language."""
+    if isinstance(schema, dict):
+        return {k: without_copy(v) for k, v in schema.items() if k != "x-copy"}
+    if isinstance(schema, list):
+        return [without_copy(v) for v in schema]
+    return schema
 
 
 def copies_node(texts: Iterable[str], wf: WireFormat) -> Node:

@@ -364,17 +364,17 @@ def _char_any_dfa(wf: WireFormat) -> Dfa:
     return d
 
 
-_substrings: "OrderedDict[tuple[Any, ...], Dfa]" = OrderedDict()
+_copies: "OrderedDict[tuple[Any, ...], Dfa]" = OrderedDict()
 
 
-def _substrings_dfa(sources: tuple[str, ...], wf: WireFormat) -> Dfa:
+def _copies_dfa(sources: tuple[str, ...], wf: WireFormat) -> Dfa:
     """The copy constraint's automaton, shared by every copied parameter of a model step."""
     key = (sources, wf.name, wf.file_text)
-    d = _substrings.get(key)
+    d = _copies.get(key)
     if d is None:
-        d = _substrings[key] = to_dfa(copies_node(sources, wf), wf.n_symbols)
-        while len(_substrings) > 16:
-            _substrings.popitem(last=False)
+        d = _copies[key] = to_dfa(copies_node(sources, wf), wf.n_symbols)
+        while len(_copies) > 16:
+            _copies.popitem(last=False)
     return d
 
 
@@ -1131,7 +1131,7 @@ class SchemaCompiler:
         if copy:
             self._approx += 1
             if not ctx.over:
-                copied = _substrings_dfa(self.opt.copy_sources, self.wf)
+                copied = _copies_dfa(self.opt.copy_sources, self.wf)
                 if not constraints and min_len == 0 and max_len is None:
                     return embed(copied)  # the substrings alone: every spelled character is valid
                 constraints.append(copied)

@@ -198,7 +198,6 @@ def train(out: Path, cfg: TrainConfig, minutes: float | None = None, log: Any = 
         ckpt.with_suffix(".tmp").replace(ckpt)
         plot_loss(state["history"], out / "loss.png")
         export(model, tok, out / "model", cfg, state["step"])  # small: every checkpoint is also a loadable model
-        model.train()
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
