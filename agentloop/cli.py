@@ -415,8 +415,12 @@ def bench_cmd(model: str, random_weights: str | None, device: str, dtype: str, s
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--hidden-size", default=128, show_default=True)
 @click.option("--layers", default=4, show_default=True)
+@click.option("--space-prefix/--split-spaces", default=True, show_default=True,
+              help="Tokenizer: words carry their leading space, or every space is a token of its own.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (cuda when there is one), cpu, cuda, cuda:1... The data and noise are the same on any.")
 def train_cmd(out: Path, steps: int | None, minutes: float | None, seed: int, batch_size: int, hidden_size: int,
-              layers: int) -> None:
+              layers: int, space_prefix: bool, device: str) -> None:
     """Train the demo model on synthetic tool-use conversations (CPU, reproducible from --seed).
 
     The bundled model is exactly `agentloop train` with the defaults. Run it again with the
@@ -424,12 +428,17 @@ def train_cmd(out: Path, steps: int | None, minutes: float | None, seed: int, ba
 
         agentloop train --out runs/demo --minutes 60     # then again, until it reports done
     """
+    import torch
+
     from .training.train import TrainConfig, train
 
-    cfg = TrainConfig(seed=seed, batch_size=batch_size, hidden_size=hidden_size, layers=layers)
+    cfg = TrainConfig(seed=seed, batch_size=batch_size, hidden_size=hidden_size, layers=layers,
+                      space_prefix=space_prefix)
     if steps is not None:
         cfg.max_steps = steps
-    folder = train(out, cfg, minutes, log=lambda m: click.echo(m, err=True))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    folder = train(out, cfg, minutes, log=lambda m: click.echo(m, err=True), device=device)
     click.echo(f"model written to {folder}")
 
 

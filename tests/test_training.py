@@ -12,7 +12,7 @@ from agentloop.grammar import SchemaOptions, compile_tools
 from agentloop.grammar.vocabulary import encode_segments, encode_text
 from agentloop.protocol import Protocol
 from agentloop.tools import load_tools
-from agentloop.training.data import KINDS, TEMPLATES, conversations, corpus_text
+from agentloop.training.data import _OPS, _PREFIXES, _SUFFIXES, _UNITS, KINDS, TEMPLATES, conversations, corpus_text
 from agentloop.training.render import render_steps
 from agentloop.training.tokenizer import SPECIALS, train_tokenizer
 from agentloop.training.train import TrainConfig, batches, examples, loss_fn, make_batch, model_config, train
@@ -31,20 +31,32 @@ def test_data_is_deterministic_and_splits_phrasings() -> None:
     held = list(conversations(200, seed=3, split="heldout"))
     assert not {c.user for c in a} & {c.user for c in held}  # fresh entities
 
+    units = "|".join(re.escape(u) for names in _UNITS.values() for u in names)
+    ops = "|".join(re.escape(o) for names in _OPS.values() for o in names)
+    number = r"\d+(\.\d+)?"
+    slot = {"a": number, "b": number, "v": number, "x": number, "days": number, "op": f"({ops})",
+            "u1": f"({units})", "u2": f"({units})"}
+
     def pool(split: str) -> list[re.Pattern[str]]:
         out = []
-        for opts in TEMPLATES.values():
-            cut = max(1, len(opts) * 3 // 4)
-            for t in (opts[:cut] if split == "train" else opts[cut:]):
-                out.append(re.compile(re.sub(r"\\\{\w+\\\}", ".+?", re.escape(t)) + r"\Z"))
+        for trained, held_out in TEMPLATES.values():
+            assert not set(trained) & set(held_out)
+            for t in (trained if split == "train" else held_out):
+                # any casing, a greeting before and a thanks after: what ``_surface`` may add
+                body = re.sub(r"\\\{(\w+)\\\}", lambda m: slot.get(m[1], ".+?"), re.escape(t.rstrip(".?!")))
+                pre = "|".join(re.escape(p) for p in _PREFIXES)
+                post = "|".join(re.escape(s) for s in _SUFFIXES)
+                out.append(re.compile(rf"(?i)({pre})?{body}[.?!]?({post})?\Z"))
         return out
 
     train_t, held_t = pool("train"), pool("heldout")
     singles = [c for c in held if c.kind == "single"]
     assert all(any(p.match(c.user) for p in held_t) for c in singles)
-    # most held-out requests are phrased in a way no training template produces
+    # most held-out requests are phrased in a way no training phrasing (however varied) produces
     unseen = [c for c in singles if not any(p.match(c.user) for p in train_t)]
     assert len(unseen) > 0.5 * len(singles)
+    # trained phrasings are varied on the surface, held-out ones are not
+    assert any(c.user[:1].islower() for c in a) and any(c.user.startswith(("Hey, ", "Please, ")) for c in a)
 
 
 def test_tokenizer_specials_and_copyable_words(tok) -> None:

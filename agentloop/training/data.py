@@ -37,51 +37,121 @@ _UNITS = {"km": ["km", "kilometers"], "mi": ["miles", "mi"], "m": ["meters", "m"
 _DIMS = [["km", "mi", "m", "ft"], ["cm", "in", "m"], ["kg", "lb", "g", "oz"], ["C", "F", "K"], ["l", "gal"]]
 _OPS = {"+": ["plus", "+"], "-": ["minus", "-"], "*": ["times", "*", "multiplied by"], "/": ["divided by", "/"]}
 
-# Phrasings per intent; the last quarter of each list is held out (never trained on).
-TEMPLATES: dict[str, list[str]] = {
-    "weather": ["What's the weather in {city}?", "Weather in {city}, please.", "How is the weather in {city}?",
-                "Tell me the weather for {city}.", "Is it sunny in {city}?", "Forecast for {city}?",
-                "what is the weather like in {city}", "Check the weather in {city} for me.",
-                "Do I need an umbrella in {city}?", "Weather report for {city}?", "How warm is it in {city}?",
-                "I'm going to {city}, what's the weather?"],
-    "weather_days": ["Weather in {city} for the next {days} days?", "Give me a {days} day forecast for {city}.",
-                     "What will the weather be in {city} over {days} days?", "{days}-day forecast for {city}, please.",
-                     "Forecast {city} for {days} days.", "How's the weather in {city} for the coming {days} days?",
-                     "Show the weather in {city}, {days} days ahead.", "Next {days} days of weather in {city}?"],
-    "calc": ["What is {a} {op} {b}?", "Calculate {a} {op} {b}.", "How much is {a} {op} {b}?", "{a} {op} {b} = ?",
-             "Can you compute {a} {op} {b}?", "Work out {a} {op} {b} for me.", "what's {a} {op} {b}",
-             "Please calculate {a} {op} {b}."],
-    "convert": ["Convert {v} {u1} to {u2}.", "How many {u2} is {v} {u1}?", "What is {v} {u1} in {u2}?",
-                "{v} {u1} in {u2}?", "Change {v} {u1} into {u2}.", "Please convert {v} {u1} into {u2}.",
-                "I have {v} {u1}, how much is that in {u2}?", "Express {v} {u1} in {u2}."],
-    "time": ["What time is it in {city}?", "Current time in {city}?", "Tell me the time in {city}.",
-             "What's the local time in {city}?", "Time in {city}, please.", "Do you know the time in {city}?",
-             "what time is it now in {city}", "Check the clock in {city}."],
-    "note": ["Make a note titled {title}: {text}", "Save a note called {title} saying {text}",
-             "Note down {title}: {text}", "Please remember this as {title}: {text}", "Add a note {title}: {text}",
-             "Write a note named {title} with {text}", "Create note {title}, content {text}",
-             "Keep a note titled {title}: {text}"],
-    "write": ["Write {text} to {file}.", "Save {text} in the file {file}.", "Put {text} into {file}.",
-              "Create {file} containing {text}.", "Store {text} in {file}.", "Make a file {file} with {text}.",
-              "Please write {text} into {file}.", "Write the file {file} with the text {text}."],
-    "read": ["Read {file}.", "What is in {file}?", "Show me the file {file}.", "Open {file} for me.",
-             "What does {file} say?", "Print the contents of {file}.", "Can you read {file}?", "Display {file}."],
-    "chain": ["Convert {v} {u1} to {u2} and add {x}.", "Take {v} {u1} in {u2}, then add {x}.",
-              "What is {v} {u1} in {u2} plus {x}?", "Convert {v} {u1} into {u2} and add {x} to it.",
-              "First convert {v} {u1} to {u2}, then add {x}.", "Add {x} to {v} {u1} converted to {u2}.",
-              "{v} {u1} to {u2}, plus {x}?", "Please turn {v} {u1} into {u2} and add {x}."],
-    "parallel": ["What's the weather in {city} and {city2}?", "Weather in {city} and in {city2}, please.",
-                 "Compare the weather in {city} and {city2}.", "How is the weather in {city} and {city2}?",
-                 "Check the weather for {city} and {city2}.", "Forecast for {city} and {city2}?",
-                 "Tell me the weather in both {city} and {city2}.", "Weather for {city} plus {city2}?"],
-    "chat": ["Hi!", "Hello there.", "Thanks!", "Who are you?", "What can you do?", "Good morning!", "Thank you.",
-             "Hey, how are you?"],
+# Phrasings per intent: (trained, held out). The held-out ones are never trained on, and
+# training phrasings are further varied on the surface (see ``_surface``), so that a model
+# must read the request's words rather than recognise a template.
+TEMPLATES: dict[str, tuple[list[str], list[str]]] = {
+    "weather": (
+        ["What's the weather in {city}?", "Weather in {city}, please.", "How is the weather in {city}?",
+         "Tell me the weather for {city}.", "Is it sunny in {city}?", "Forecast for {city}?",
+         "what is the weather like in {city}", "Check the weather in {city} for me.",
+         "Do I need an umbrella in {city}?", "Is it raining in {city}?", "Weather {city}", "{city} weather?",
+         "How cold is it in {city}?", "What's the forecast for {city}?", "Any rain in {city} today?",
+         "Give me the weather in {city}.", "Look up the weather in {city}.", "Is it cold in {city} today?",
+         "What is the temperature in {city}?", "Should I take a jacket in {city}?", "weather for {city} today",
+         "How's {city} looking weather-wise?", "Can you get the weather for {city}?",
+         "I'm in {city}. Weather?", "Tell me about the weather in {city} today."],
+        ["Weather report for {city}?", "How warm is it in {city}?", "I'm going to {city}, what's the weather?"]),
+    "weather_days": (
+        ["Weather in {city} for the next {days} days?", "Give me a {days} day forecast for {city}.",
+         "What will the weather be in {city} over {days} days?", "{days}-day forecast for {city}, please.",
+         "Forecast {city} for {days} days.", "How's the weather in {city} for the coming {days} days?",
+         "Weather for {city}, {days} days.", "{city} forecast, {days} days?",
+         "What's the weather going to be in {city} for {days} days?", "Forecast the next {days} days in {city}.",
+         "Can I get {days} days of forecast for {city}?", "Tell me the weather in {city} for {days} days.",
+         "I need a {days}-day forecast for {city}.", "{days} days of weather for {city}, please.",
+         "Weather outlook for {city}, next {days} days?", "How will the weather be in {city} in the next {days} days?"],
+        ["Show the weather in {city}, {days} days ahead.", "Next {days} days of weather in {city}?"]),
+    "calc": (
+        ["What is {a} {op} {b}?", "Calculate {a} {op} {b}.", "How much is {a} {op} {b}?", "{a} {op} {b} = ?",
+         "Can you compute {a} {op} {b}?", "Work out {a} {op} {b} for me.", "{a} {op} {b}?", "Solve {a} {op} {b}.",
+         "What do you get for {a} {op} {b}?", "I need {a} {op} {b}.",
+         "Quick math: {a} {op} {b}", "What's the result of {a} {op} {b}?", "Figure out {a} {op} {b}.",
+         "Tell me {a} {op} {b}.", "calc {a} {op} {b}", "Evaluate {a} {op} {b}, please.",
+         "How much do {a} {op} {b} make?", "What does {a} {op} {b} come to?"],
+        ["what's {a} {op} {b}", "Please calculate {a} {op} {b}."]),
+    "convert": (
+        ["Convert {v} {u1} to {u2}.", "How many {u2} is {v} {u1}?", "What is {v} {u1} in {u2}?",
+         "{v} {u1} in {u2}?", "Change {v} {u1} into {u2}.", "Please convert {v} {u1} into {u2}.",
+         "{v} {u1} to {u2}", "How much is {v} {u1} in {u2}?", "Turn {v} {u1} into {u2}.",
+         "What's {v} {u1} in {u2}?", "Can you convert {v} {u1} to {u2}?", "{v} {u1} equals how many {u2}?",
+         "I need {v} {u1} in {u2}.", "Give me {v} {u1} in {u2}.", "Convert {v} {u1} into {u2}, please.",
+         "If I have {v} {u1}, how many {u2} is that?", "Show {v} {u1} as {u2}.", "From {u1} to {u2}: {v}"],
+        ["I have {v} {u1}, how much is that in {u2}?", "Express {v} {u1} in {u2}."]),
+    "time": (
+        ["What time is it in {city}?", "Current time in {city}?", "Tell me the time in {city}.",
+         "What's the local time in {city}?", "Time in {city}, please.", "Do you know the time in {city}?",
+         "What's the time in {city} right now?", "time in {city}", "{city} time?", "What hour is it in {city}?",
+         "Give me the current time in {city}.", "Look up the time in {city}.", "Is it late in {city}?",
+         "Clock time in {city}?", "How late is it in {city}?", "Can you check the time in {city}?",
+         "What time do they have in {city}?", "Local time for {city}, please."],
+        ["what time is it now in {city}", "Check the clock in {city}."]),
+    "note": (
+        ["Make a note titled {title}: {text}", "Save a note called {title} saying {text}",
+         "Note down {title}: {text}", "Please remember this as {title}: {text}", "Add a note {title}: {text}",
+         "Write a note named {title} with {text}", "New note {title}: {text}", "Note {title}: {text}",
+         "Jot down a note {title} that says {text}", "Remember {title}: {text}",
+         "Create a note called {title} with the text {text}", "Add note titled {title} saying {text}",
+         "Can you note {title}: {text}", "Save note {title} with {text}", "Take a note, {title}: {text}",
+         "Put a note {title} down: {text}"],
+        ["Create note {title}, content {text}", "Keep a note titled {title}: {text}"]),
+    "write": (
+        ["Write {text} to {file}.", "Save {text} in the file {file}.", "Put {text} into {file}.",
+         "Create {file} containing {text}.", "Store {text} in {file}.", "Make a file {file} with {text}.",
+         "Write to {file}: {text}", "Save to {file}: {text}", "Write {text} into the file {file}.",
+         "Create a file {file} that says {text}.", "Please save {text} to {file}.", "{file} should say {text}.",
+         "Put the text {text} in {file}.", "Can you write {text} to {file}?", "Store the text {text} in {file}.",
+         "Make {file} say {text}."],
+        ["Please write {text} into {file}.", "Write the file {file} with the text {text}."]),
+    "read": (
+        ["Read {file}.", "What is in {file}?", "Show me the file {file}.", "Open {file} for me.",
+         "What does {file} say?", "Print the contents of {file}.", "Read the file {file}.", "Show {file}.",
+         "What's inside {file}?", "Open {file}.", "Let me see {file}.", "Cat {file}.", "Read me {file}, please.",
+         "What are the contents of {file}?", "Look at {file} and tell me what it says.", "Show the contents of {file}."],
+        ["Can you read {file}?", "Display {file}."]),
+    "chain": (
+        ["Convert {v} {u1} to {u2} and add {x}.", "Take {v} {u1} in {u2}, then add {x}.",
+         "What is {v} {u1} in {u2} plus {x}?", "Convert {v} {u1} into {u2} and add {x} to it.",
+         "First convert {v} {u1} to {u2}, then add {x}.", "Add {x} to {v} {u1} converted to {u2}.",
+         "{v} {u1} in {u2}, then plus {x}.", "How many {u2} is {v} {u1}, plus {x}?",
+         "Convert {v} {u1} to {u2}, then add {x} to the result.", "Change {v} {u1} into {u2} and add {x}.",
+         "What's {v} {u1} in {u2}? Then add {x}.", "I have {v} {u1}; convert to {u2} and add {x}.",
+         "Turn {v} {u1} into {u2}, plus {x}.", "{v} {u1} as {u2} plus {x}?",
+         "Convert {v} {u1} to {u2}. Add {x} to that.", "Get {v} {u1} in {u2} and then add {x}."],
+        ["{v} {u1} to {u2}, plus {x}?", "Please turn {v} {u1} into {u2} and add {x}."]),
+    "parallel": (
+        ["What's the weather in {city} and {city2}?", "Weather in {city} and in {city2}, please.",
+         "Compare the weather in {city} and {city2}.", "How is the weather in {city} and {city2}?",
+         "Check the weather for {city} and {city2}.", "Forecast for {city} and {city2}?",
+         "Weather in {city} and {city2}?", "Is it sunny in {city} or {city2}?",
+         "Give me the weather for {city} and {city2}.", "{city} and {city2} weather?",
+         "How's the weather in {city}, and in {city2}?", "Look up the weather in {city} and {city2}.",
+         "Weather for both {city} and {city2}, please.", "Tell me the weather in {city} and also {city2}."],
+        ["Tell me the weather in both {city} and {city2}.", "Weather for {city} plus {city2}?"]),
+    "chat": (
+        ["Hi!", "Hello there.", "Thanks!", "Who are you?", "What can you do?", "Good morning!", "Hello!",
+         "Thanks a lot.", "Good evening.", "What are you?", "How can you help me?", "Hey!", "Thank you so much!",
+         "Good night."],
+        ["Thank you.", "Hey, how are you?"]),
 }
 _CHAT_ANSWERS = {"Hi!": "Hello! How can I help?", "Hello there.": "Hello! What can I do for you?",
                  "Thanks!": "You're welcome!", "Who are you?": "I am a small assistant with tools.",
                  "What can you do?": "I can check the weather and time, calculate, convert units, and keep notes and "
                                      "files.", "Good morning!": "Good morning! How can I help?",
+                 "Hello!": "Hello! How can I help?", "Thanks a lot.": "You're welcome!",
+                 "Good evening.": "Good evening! What can I do for you?",
+                 "What are you?": "I am a small assistant with tools.",
+                 "How can you help me?": "I can check the weather and time, calculate, convert units, and keep "
+                                         "notes and files.",
+                 "Hey!": "Hello! How can I help?", "Thank you so much!": "You're welcome!",
+                 "Good night.": "Good night!",
+                 # held out: never trained on
                  "Thank you.": "You're welcome!", "Hey, how are you?": "I'm fine, thanks! What do you need?"}
+#: The failing-call kind: "x" is not an operator the calculator knows.
+_TIMES_TRAINED = ["What is {a} x {b}?", "{a} x {b}?", "How much is {a} x {b}?", "Calculate {a} x {b}.",
+                  "What's {a} x {b}?"]
+_PREFIXES = ["Please, ", "Hey, ", "Hi! ", "Quick question: ", "Hello. ", "Could you help? ", "OK, ", "So, "]
+_SUFFIXES = [" Thanks!", " Thank you.", " Please.", " Thanks a lot.", " :)", " Cheers."]
 
 
 @dataclass(frozen=True)
@@ -102,10 +172,28 @@ class Conversation:
 
 
 def _pick(rng: random.Random, key: str, split: Split) -> str:
-    opts = TEMPLATES[key]
-    cut = max(1, len(opts) * 3 // 4)
-    pool = opts[:cut] if split == "train" else opts[cut:]
-    return rng.choice(pool)
+    """A phrasing for ``key``: a held-out one as written, or a trained one varied on the surface."""
+    trained, held = TEMPLATES[key]
+    if split == "heldout":
+        return rng.choice(held)
+    return _surface(rng, rng.choice(trained)) if key != "chat" else rng.choice(trained)
+
+
+def _surface(rng: random.Random, t: str) -> str:
+    """Casing, punctuation, a greeting or a thanks around a template (never inside a value:
+    placeholders are filled after this)."""
+    r = rng.random()
+    if r < 0.15:
+        t = t.lower()  # placeholders are lowercase already; values keep their case
+    elif r < 0.25 and t[:1].isupper():
+        t = t[0].lower() + t[1:]
+    if rng.random() < 0.2:
+        t = t.rstrip(".?!")
+    if rng.random() < 0.2:
+        t = rng.choice(_PREFIXES) + (t if t[:2] in ("I ", "I'") else t[0].lower() + t[1:])
+    if rng.random() < 0.15 and t[-1:] in ".?!":
+        t += rng.choice(_SUFFIXES)
+    return t
 
 
 def _place(rng: random.Random) -> str:
@@ -164,7 +252,7 @@ def _clock(rng: random.Random, city: str) -> tuple[str, str]:
 
 
 def conversation(rng: random.Random, split: Split) -> Conversation:
-    kind = rng.choices(KINDS, weights=[0.55, 0.12, 0.1, 0.1, 0.13])[0]
+    kind = rng.choices(KINDS, weights=[0.5, 0.17, 0.1, 0.1, 0.13])[0]
     if kind == "single":
         return _single(rng, split)
     if kind == "chain":
@@ -190,7 +278,8 @@ def conversation(rng: random.Random, split: Split) -> Conversation:
     # error: a call fails, then a corrected call or an honest answer
     if rng.random() < 0.5:
         a, b = rng.randint(2, 99), rng.randint(2, 99)
-        user = f"What is {a} x {b}?" if split == "train" else f"Compute {a} x {b} please."
+        user = (_surface(rng, rng.choice(_TIMES_TRAINED)) if split == "train" else "Compute {a} x {b} please."
+                ).format(a=a, b=b)
         bad = f"{a} x {b}"
         res = _calc(a, "*", b)
         return Conversation(kind, user, (

@@ -13,6 +13,10 @@ The objective (NVIDIA NeMo's DiffusionGemma recipe), per example:
    logits feed the second.
 
     agentloop train --out runs/demo --minutes 60        # resumable: run it again to continue
+    agentloop train --out runs/demo --device cuda       # the same recipe on a GPU, in minutes
+
+Data and noise are drawn on the CPU from the seed whatever the device, so a GPU run sees
+the same examples and corruption as a CPU run; only floating-point rounding differs.
 
 Writes checkpoints (``ckpt.pt``, every few minutes), ``loss.png`` and ``train.json`` to
 ``--out``, and the exported model (safetensors + config + tokenizer.json + agentloop.json)
@@ -52,12 +56,13 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 200
-    max_steps: int = 5_000  #: the cosine schedule's length: the shipped model's whole run
+    max_steps: int = 7_000  #: the cosine schedule's length: the shipped model's whole run
     bucket_batches: int = 16  #: batches drawn together and grouped by context length (less padding)
     eps: float = 1e-3
     self_conditioning: float = 0.5
     ar_weight: float = 1.0
     checkpoint_minutes: float = 5.0
+    space_prefix: bool = True  #: the tokenizer's pre-tokenizer (see ``tokenizer.py``)
 
 
 def model_config(cfg: TrainConfig) -> Any:
@@ -113,17 +118,53 @@ def make_batch(batch: list[tuple[list[int], list[int]]], L: int, pad: int) -> di
     return {"ctx": ctx, "mask": mask, "target": target, "lens": lens}
 
 
+def tensor_batches(tok: Any, cfg: TrainConfig, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """``batches`` as tensors (``make_batch``), after skipping the first ``skip`` (a resumed run)."""
+    data = batches(tok, cfg)
+    for _ in range(skip):
+        next(data)
+    for batch in data:
+        yield make_batch(batch, cfg.canvas_length, 0)
+
+
+def _produce(tok_json: str, cfg: TrainConfig, skip: int, queue: Any) -> None:
+    from tokenizers import Tokenizer
+
+    torch.set_num_threads(1)
+    for batch in tensor_batches(Tokenizer.from_str(tok_json), cfg, skip):
+        queue.put(batch)
+
+
+def prefetched(tok: Any, cfg: TrainConfig, skip: int = 0, depth: int = 64) -> Iterator[dict[str, torch.Tensor]]:
+    """``tensor_batches`` drawn by one worker process (the same stream, in order), so a
+    GPU does not wait on Python data generation. The worker ends with the iterator."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue(maxsize=depth)
+    worker = ctx.Process(target=_produce, args=(tok.to_str(), cfg, skip, queue), daemon=True)
+    worker.start()
+    try:
+        while True:
+            yield queue.get()
+    finally:
+        worker.terminate()
+        worker.join()
+
+
 def _softcap(model: Any, logits: torch.Tensor) -> torch.Tensor:
     cap = model.final_logit_softcapping
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def loss_fn(model: Any, b: dict[str, torch.Tensor], cfg: TrainConfig, gen: torch.Generator
-            ) -> tuple[torch.Tensor, dict[str, float]]:
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss and its parts (0-d tensors: reading them waits for a GPU, so callers do it rarely)."""
     from transformers import DynamicCache
 
     B, C = b["ctx"].shape
     L, V = cfg.canvas_length, model.config.text_config.vocab_size
+    dev = b["ctx"].device
     pos = (torch.cumsum(b["mask"], 1) - 1).clamp(min=0)  # (B, C) positions count real tokens only
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     # 1. encoder over the context, with its next-token loss
@@ -132,13 +173,15 @@ def loss_fn(model: Any, b: dict[str, torch.Tensor], cfg: TrainConfig, gen: torch
     ar_valid = (b["mask"][:, :-1] * b["mask"][:, 1:]).bool()
     ar_loss = F.cross_entropy(ar_logits[:, :-1][ar_valid], b["ctx"][:, 1:][ar_valid])
     # 2. corrupt the canvas: each position uniform-random with probability t
+    # (noise is drawn on the CPU from ``gen``: the same corruption on any device)
     t = torch.rand(B, 1, generator=gen) * (1 - cfg.eps) + cfg.eps  # (B, 1)
-    noisy = torch.where(torch.rand(B, L, generator=gen) < t, torch.randint(0, V, (B, L), generator=gen), b["target"])
-    dec_mask = torch.cat([b["mask"], torch.ones(B, L, dtype=torch.long)], 1)  # (B, C + L)
-    dpos = b["lens"][:, None] + torch.arange(L)[None]  # (B, L)
+    corrupt = (torch.rand(B, L, generator=gen) < t).to(dev)  # (B, L)
+    noisy = torch.where(corrupt, torch.randint(0, V, (B, L), generator=gen).to(dev), b["target"])
+    dec_mask = torch.cat([b["mask"], torch.ones(B, L, dtype=torch.long, device=dev)], 1)  # (B, C + L)
+    dpos = b["lens"][:, None] + torch.arange(L, device=dev)[None]  # (B, L)
     kw = dict(decoder_input_ids=noisy, cache=cache, decoder_attention_mask=dec_mask, decoder_position_ids=dpos)
     # 4. self-conditioning on a random half: a first pass without it, detached
-    sc_on = torch.rand(B, generator=gen) < cfg.self_conditioning
+    sc_on = (torch.rand(B, generator=gen) < cfg.self_conditioning).to(dev)
     with torch.no_grad():
         first = model(**kw).logits.detach()
     logits = model(**kw, self_conditioning_logits=first, self_conditioning_mask=sc_on).logits  # (B, L, V)
@@ -148,17 +191,17 @@ def loss_fn(model: Any, b: dict[str, torch.Tensor], cfg: TrainConfig, gen: torch
     with torch.no_grad():
         n_out = (b["target"] != 0).sum()
         acc = ((logits.argmax(-1) == b["target"]) & (b["target"] != 0)).sum() / n_out.clamp(min=1)
-    return loss, {"loss": loss.item(), "diffusion": diff_loss.item(), "ar": ar_loss.item(), "token_acc": acc.item()}
+    return loss, {"loss": loss.detach(), "diffusion": diff_loss.detach(), "ar": ar_loss.detach(), "token_acc": acc}
 
 
-def train(out: Path, cfg: TrainConfig, minutes: float | None = None, log: Any = print) -> Path:
+def train(out: Path, cfg: TrainConfig, minutes: float | None = None, log: Any = print, device: str = "cpu") -> Path:
     """Train (or resume) in ``out`` until ``cfg.max_steps``, or for at most ``minutes`` of
     this invocation; returns the exported model folder."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "ckpt.pt"
-    saved = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
+    saved = torch.load(ckpt, weights_only=False, map_location="cpu") if ckpt.exists() else None
     if saved is not None and saved["config"] != asdict(cfg):
         # A run is one recipe: resuming continues it, whatever flags this invocation got.
         cfg = TrainConfig(**saved["config"])
@@ -171,20 +214,22 @@ def train(out: Path, cfg: TrainConfig, minutes: float | None = None, log: Any = 
 
         tok = Tokenizer.from_file(str(tok_path))
     else:
-        tok = train_tokenizer(corpus_text(4000, cfg.seed + 10_000), cfg.vocab_size)
+        tok = train_tokenizer(corpus_text(4000, cfg.seed + 10_000), cfg.vocab_size, cfg.space_prefix)
         tok.save(str(tok_path))
-    model = DiffusionGemmaForBlockDiffusion(model_config(cfg))
+    model = DiffusionGemmaForBlockDiffusion(model_config(cfg))  # initialised on the CPU: the same on any device
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
     state = {"step": 0, "history": [], "seconds": 0.0}
     if saved is not None:
-        model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
         log(f"resumed at step {state['step']}")
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + state["step"])
-    data = batches(tok, cfg)
-    for _ in range(state["step"] if state["step"] < cfg.max_steps else 0):  # the same stream, resumed or not
-        next(data)
+    skip = state["step"] if state["step"] < cfg.max_steps else 0  # the same stream, resumed or not
+    # On a GPU, drawing data in the training process would idle the GPU; a worker draws the same stream.
+    data = prefetched(tok, cfg, skip) if device != "cpu" else tensor_batches(tok, cfg, skip)
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup:
@@ -208,7 +253,7 @@ def train(out: Path, cfg: TrainConfig, minutes: float | None = None, log: Any = 
                   TextColumn("{task.description}")) as bar:
         task = bar.add_task("", total=cfg.max_steps, completed=state["step"])
         while time.perf_counter() - t_start < budget and state["step"] < cfg.max_steps:
-            batch = make_batch(next(data), cfg.canvas_length, 0)
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(data).items()}
             for g in opt.param_groups:
                 g["lr"] = lr_at(state["step"])
             loss, stats = loss_fn(model, batch, cfg, gen)
@@ -218,20 +263,23 @@ def train(out: Path, cfg: TrainConfig, minutes: float | None = None, log: Any = 
             opt.step()
             state["step"] += 1
             if state["step"] % 10 == 0:
+                stats = {k: v.item() for k, v in stats.items()}
                 state["history"].append({"step": state["step"], **stats})
-            bar.update(task, completed=state["step"],
-                       description=f"step {state['step']} loss {stats['loss']:.3f} diff {stats['diffusion']:.3f} "
-                                   f"ar {stats['ar']:.3f} acc {stats['token_acc']:.2f}")
-            if not bar.console.is_terminal and state["step"] % 50 == 0:  # a log file gets lines, not a bar
-                log(f"step {state['step']} {time.perf_counter() - t_start:.0f}s " +
-                    " ".join(f"{k} {v:.3f}" for k, v in stats.items()))
+                bar.update(task, completed=state["step"],
+                           description=f"step {state['step']} loss {stats['loss']:.3f} diff {stats['diffusion']:.3f} "
+                                       f"ar {stats['ar']:.3f} acc {stats['token_acc']:.2f}")
+                if not bar.console.is_terminal and state["step"] % 50 == 0:  # a log file gets lines, not a bar
+                    log(f"step {state['step']} {time.perf_counter() - t_start:.0f}s " +
+                        " ".join(f"{k} {v:.3f}" for k, v in stats.items()))
             if time.perf_counter() - t_ckpt > cfg.checkpoint_minutes * 60:
                 state["seconds"] += time.perf_counter() - t_ckpt
                 t_ckpt = time.perf_counter()
                 save()
+    if hasattr(data, "close"):
+        data.close()  # ends a prefetch worker
     state["seconds"] += time.perf_counter() - t_ckpt
     save()
-    (out / "train.json").write_text(json.dumps({"config": asdict(cfg), "steps": state["step"],
+    (out / "train.json").write_text(json.dumps({"config": asdict(cfg), "steps": state["step"], "device": device,
                                                 "seconds": state["seconds"], "last": state["history"][-5:]},
                                                indent=1))
     return export(model, tok, out / "model", cfg, state["step"])
