@@ -15,7 +15,8 @@ from agentloop.tools import load_tools
 from agentloop.training.data import _OPS, _PREFIXES, _SUFFIXES, _UNITS, KINDS, TEMPLATES, conversations, corpus_text
 from agentloop.training.render import render_steps
 from agentloop.training.tokenizer import SPECIALS, train_tokenizer
-from agentloop.training.train import TrainConfig, batches, examples, loss_fn, make_batch, model_config, train
+from agentloop.training.train import (TrainConfig, batches, examples, loss_fn, make_batch, model_config, prefetched,
+                                      tensor_batches, train)
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +126,26 @@ def test_train_resumes_and_exports(tmp_path) -> None:
 
     e = DiffusionEngine.from_pretrained(folder)
     assert e.canvas_length == 64 and (folder / "agentloop.json").exists() and (tmp_path / "loss.png").exists()
+
+
+def test_prefetch_worker_draws_the_same_stream(tok) -> None:
+    """A GPU run's worker process yields exactly the batches a CPU run draws (resumed too)."""
+    import itertools
+
+    cfg = TrainConfig(batch_size=4, bucket_batches=2)
+    want = list(itertools.islice(tensor_batches(tok, cfg, skip=3), 4))
+    stream = prefetched(tok, cfg, skip=3)
+    got = list(itertools.islice(stream, 4))
+    stream.close()
+    assert all(torch.equal(w[k], g[k]) for w, g in zip(want, got) for k in w)
+
+
+def test_space_prefix_tokenizer_shortens_text() -> None:
+    texts = list(corpus_text(300, 1))
+    split, prefix = train_tokenizer(texts, 512), train_tokenizer(texts, 512, space_prefix=True)
+    sample = "In Oslo: light rain, 19 C. What is 12 mi in km?"
+    assert "".join(prefix.decode(prefix.encode(sample).ids)) == sample
+    assert len(prefix.encode(sample).ids) < len(split.encode(sample).ids)
+    # before BPE, a space is a piece of its own only when spaces are split off ("Ġ" is a space)
+    assert "Ġ" in [p for p, _ in split.pre_tokenizer.pre_tokenize_str(sample)]
+    assert "Ġ" not in [p for p, _ in prefix.pre_tokenizer.pre_tokenize_str(sample)]

@@ -56,7 +56,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 200
-    max_steps: int = 7_000  #: the cosine schedule's length: the shipped model's whole run
+    max_steps: int = 6_000  #: the cosine schedule's length: the shipped model's whole run
     bucket_batches: int = 16  #: batches drawn together and grouped by context length (less padding)
     eps: float = 1e-3
     self_conditioning: float = 0.5
@@ -204,7 +204,7 @@ def train(out: Path, cfg: TrainConfig, minutes: float | None = None, log: Any = 
     saved = torch.load(ckpt, weights_only=False, map_location="cpu") if ckpt.exists() else None
     if saved is not None and saved["config"] != asdict(cfg):
         # A run is one recipe: resuming continues it, whatever flags this invocation got.
-        cfg = TrainConfig(**saved["config"])
+        cfg = TrainConfig(**{"space_prefix": False, **saved["config"]})  # runs before the option split spaces
         log(f"resuming with the checkpoint's config: {saved['config']}")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
