@@ -171,3 +171,73 @@ def test_agent_grammar_per_step_is_cached_by_its_sources():
     # with no conversation yet, a copied parameter has no value to take
     assert not agent.constraint.accepts_json([{"name": "get_weather", "arguments": {"city": "Oslo"}}])
     assert a.accepts_json([{"name": "get_weather", "arguments": {"city": "Oslo"}}])
+
+
+# ---- the per-turn splice: the envelope compiled once, each turn's copies spliced in ---------
+
+_SPLICE_TOOLS = [
+    {"name": "weather", "parameters": {"type": "object", "required": ["city"], "properties": {
+        "city": {"type": "string", "x-copy": True}, "days": {"type": "integer", "minimum": 1, "maximum": 7}}}},
+    {"name": "convert", "parameters": {"type": "object", "required": ["value", "unit"], "properties": {
+        "value": {"type": "number", "x-copy": True}, "times": {"type": "integer", "minimum": 0, "x-copy": True},
+        "unit": {"enum": ["km", "mi"]}, "note": {"type": "string", "x-copy": True}}}},
+    {"name": "search", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}},
+]
+
+
+def _full_and_spliced(btok, wire_format, texts, tools=_SPLICE_TOOLS):
+    from unittest import mock
+
+    import agentloop.grammar as grammar
+    from agentloop.grammar import clear_caches, compile_tools
+
+    opt = SchemaOptions(copy_sources=tuple(texts))
+    clear_caches()
+    spliced = compile_tools(tools, btok, wire_format, options=opt)
+    clear_caches()
+    with mock.patch.object(grammar, "holes_fit", lambda schema: False):  # force the full compile
+        full = compile_tools(tools, btok, wire_format, options=opt)
+    clear_caches()
+    return full, spliced
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(texts=st.lists(st.text(alphabet='ab 1.2-"\\é', max_size=10), min_size=1, max_size=3))
+def test_spliced_copies_are_exactly_the_full_compile(btok, texts):
+    from agentloop.grammar.copy import HOLE_SYMBOLS
+    from agentloop.grammar.fsa import product
+
+    for wire_format in ("json", "gemma4"):
+        full, spliced = _full_and_spliced(btok, wire_format, texts)
+        assert product(full.dfa, spliced.dfa, "xor").is_empty()  # the same language
+        d = spliced.dfa
+        assert not any((d.trans[:, d.sym_class[h]] >= 0).any() for h in HOLE_SYMBOLS)  # no hole survives
+
+
+def test_splice_reuses_the_envelope_and_falls_back_where_a_hole_cannot_stand(btok):
+    import agentloop.grammar as grammar
+    from agentloop.grammar import compile_tools
+
+    envelopes = []
+    for text in ("Weather in Oslo, 3 km", "Weather in Rome, 4 mi"):
+        g = compile_tools(_SPLICE_TOOLS, btok, "gemma4", options=SchemaOptions(copy_sources=(text,)))
+        assert g.accepts_json([{"name": "weather", "arguments": {"city": text.split()[2].rstrip(",")}}])
+        envelopes.append(dict(grammar._holed))
+    assert envelopes[0] == envelopes[1]  # one envelope, compiled once, for both turns
+    # a copied string with a length bound is no plain hole: compiled in full, still exact
+    bounded = [{"name": "w", "parameters": {"type": "object", "required": ["city"], "properties": {
+        "city": {"type": "string", "maxLength": 4, "x-copy": True}}}}]
+    g = compile_tools(bounded, btok, "json", options=SchemaOptions(copy_sources=("Weather in Oslo or Bergen",)))
+    assert g.accepts_json([{"name": "w", "arguments": {"city": "Oslo"}}])
+    assert not g.accepts_json([{"name": "w", "arguments": {"city": "Bergen"}}])  # too long
+    assert not g.accepts_json([{"name": "w", "arguments": {"city": "Rome"}}])  # not in the text
+
+
+def test_substitute_refuses_a_splice_that_is_not_deterministic():
+    from agentloop.grammar.fsa import alt, literal, seq, substitute, sym
+
+    d = to_dfa(seq(sym(0xFF), literal(b"b")), 256)
+    s = substitute(d, {0xFF: to_dfa(alt(literal(b"a"), literal(b"ac")), 256)})
+    assert s.accepts(b"ab") and s.accepts(b"acb") and not s.accepts(b"b")
+    # after "b" the filler may go on with "b" while the hole's successor also reads "b"
+    assert substitute(d, {0xFF: to_dfa(alt(literal(b"b"), literal(b"bb")), 256)}) is None

@@ -32,10 +32,10 @@ from typing import Any, Mapping, Sequence
 from ..errors import SchemaError
 from . import cache as disk_cache
 from . import charset as cs
-from .copy import uses_copy
+from .copy import HOLE_SYMBOLS, STRING_HOLE, copied_number_node, holes_fit, number_hole_language, uses_copy
 from .compiled import CompiledGrammar, GrammarStats, ParsedOutput, StepOutput, ToolCall
-from .fsa import Node, alt, literal, rep, seq, sym, to_dfa
-from .schema import SchemaCompiler, SchemaOptions
+from .fsa import Dfa, Node, alt, literal, product, rep, seq, substitute, sym, to_dfa
+from .schema import SchemaCompiler, SchemaOptions, _copies_dfa
 from .token_automaton import build_token_automaton
 from .vocabulary import Vocabulary
 from .wireformat import EOS, PAD, WireFormat, available_wire_formats, load_wire_format
@@ -144,7 +144,8 @@ def _compile(node_fn: Any, key_parts: Any, vocab: Vocabulary, kind: str, tools: 
     if cached is not None:
         dfa, automaton = cached
     else:
-        dfa = to_dfa(node_fn(), vocab.wire_format.n_symbols)
+        made = node_fn()  # an expression, or an automaton already built (spliced copies)
+        dfa = made if isinstance(made, Dfa) else to_dfa(made, vocab.wire_format.n_symbols)
         if dfa.is_empty():
             raise SchemaError("the schema admits no value at all (its constraints contradict each other)")
         automaton = build_token_automaton(dfa, vocab)
@@ -232,7 +233,7 @@ def compile_tools(
     # Compile each parameters schema now, so errors surface with the tool's name.
     vocab = _vocabulary(tokenizer, wf, stop_token, pad_token, aliases)
 
-    def node() -> Node:
+    def envelope(options: SchemaOptions) -> Node:
         calls: list[Node] = []
         for t in specs:
             args_dfa = _arguments_dfa(t, wf, options)
@@ -262,11 +263,57 @@ def compile_tools(
                                 literal(wf.lit("end", "text"))))
         return seq(alt(*branches), _tail(wf, vocab))
 
-    key = ["tools", [(t.name, t.description, t.parameters) for t in specs], allow_text, parallel_calls,
-           wf.name, wf.source, repr(options)]
+    def key(options: SchemaOptions) -> list[Any]:
+        return ["tools", [(t.name, t.description, t.parameters) for t in specs], allow_text, parallel_calls,
+                wf.name, wf.source, repr(options)]
+
+    def node() -> Node | Dfa:
+        if options.copy_sources and all(holes_fit(t.parameters) for t in specs if uses_copy(t.parameters)):
+            # The copy constraint changes every turn: compile the envelope once with holes
+            # where copied values go, and splice this turn's copies in (milliseconds).
+            holed = dataclasses.replace(options, copy_sources=(), copy_holes=True)
+            base = _holed_envelope(lambda: envelope(holed), key(holed), wf)
+            spliced = substitute(base, _hole_fills(base, options.copy_sources, wf))
+            if spliced is not None:
+                return spliced
+        return envelope(options)
+
     # A grammar with copy sources belongs to one conversation: kept in memory, never written
     # to the disk cache (which would fill up with users' text).
-    return _compile(node, key, vocab, "tools", specs, persist=not options.copy_sources)
+    return _compile(node, key(options), vocab, "tools", specs, persist=not options.copy_sources)
+
+
+_holed: "OrderedDict[str, Dfa]" = OrderedDict()
+
+
+def _holed_envelope(node_fn: Any, key_parts: Any, wf: WireFormat) -> Dfa:
+    """A tool envelope compiled with holes for copied values (it does not depend on the
+    conversation), memoised."""
+    key = hashlib.sha256(json.dumps([key_parts, wf.file_text, _compiler_version()], sort_keys=True,
+                                    default=str).encode()).hexdigest()
+    with _lock:
+        if key in _holed:
+            _holed.move_to_end(key)
+            return _holed[key]
+    dfa = to_dfa(node_fn(), wf.n_symbols)
+    with _lock:
+        _holed[key] = dfa
+        while len(_holed) > 16:
+            _holed.popitem(last=False)
+    return dfa
+
+
+def _hole_fills(envelope: Dfa, sources: tuple[str, ...], wf: WireFormat) -> dict[int, Dfa]:
+    """What each hole of ``envelope`` stands for this turn: the copies from ``sources``
+    (strings), or the numbers written in them within the hole's number language."""
+    used = [h for h in HOLE_SYMBOLS if (envelope.trans[:, envelope.sym_class[h]] >= 0).any()]
+    fills = {STRING_HOLE: _copies_dfa(sources, wf)} if STRING_HOLE in used else {}
+    if len(used) > len(fills):
+        numbers = to_dfa(copied_number_node(sources), wf.n_symbols)
+        for h in used:
+            if h != STRING_HOLE:
+                fills[h] = product(number_hole_language(h), numbers, "and")
+    return fills
 
 
 _args_cache: "OrderedDict[str, Any]" = OrderedDict()

@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any, Iterable
 
 from .fsa import EMPTY, NEVER, Node, alt, graph, literal
@@ -115,3 +116,54 @@ def copied_number_node(texts: Iterable[str]) -> Node:
 def copied_numbers(texts: Iterable[str]) -> set[float]:
     """The values a copied number parameter may take (the validator's side)."""
     return {float(s) for s in copied_number_spellings(texts)}
+
+
+# ---- holes: the envelope compiled once, each turn's copies spliced in ---------------------
+#: Bytes that never occur in UTF-8. A copied value compiled as one of these ("a hole") keeps
+#: its place in an automaton that does not depend on the conversation; each turn, the
+#: copies are spliced in (``fsa.substitute``) instead of recompiling every tool.
+HOLE_SYMBOLS = (0xFF, 0xFE, 0xFD, 0xFC, 0xFB, 0xFA, 0xF9, 0xF8, 0xF7, 0xF6, 0xF5, 0xC1, 0xC0)
+STRING_HOLE = HOLE_SYMBOLS[0]
+#: A number hole per distinct number language (a copied number must also satisfy its
+#: schema: integer, minimum...); process-wide so that every tool agrees on the symbols.
+_number_holes: dict[bytes, tuple[int, Any]] = {}
+_holes_lock = threading.Lock()
+
+#: What a copied value's schema may say and still be a hole (anything else: full compile).
+_HOLE_KEYS = {"type", "x-copy", "description", "title", "default", "examples"}
+_NUMBER_KEYS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+_COMBINATORS = {"anyOf", "oneOf", "allOf", "not", "if", "then", "else", "$ref", "dependentSchemas"}
+
+
+def number_hole(dfa: Any) -> int | None:
+    """The hole symbol standing for copied numbers of the language ``dfa``; None when every
+    symbol is taken."""
+    key = b"|".join([dfa.trans.tobytes(), dfa.accept.tobytes(), str(dfa.start).encode(), dfa.sym_class.tobytes()])
+    with _holes_lock:
+        if key not in _number_holes:
+            free = [h for h in HOLE_SYMBOLS[1:] if h not in {s for s, _ in _number_holes.values()}]
+            if not free:
+                return None
+            _number_holes[key] = (free[0], dfa)
+        return _number_holes[key][0]
+
+
+def number_hole_language(symbol: int) -> Any:
+    """The number language a number hole stands for."""
+    with _holes_lock:
+        return next(d for s, d in _number_holes.values() if s == symbol)
+
+
+def holes_fit(schema: Any, under_combinator: bool = False) -> bool:
+    """Whether every copied value in ``schema`` can be a hole: a plain string, or a number
+    with at most bounds, and not under a combinator or reference (where the compiler
+    reasons about values, which a hole does not have)."""
+    if isinstance(schema, list):
+        return all(holes_fit(v, under_combinator) for v in schema)
+    if not isinstance(schema, dict):
+        return True
+    if schema.get("x-copy"):
+        allowed = _HOLE_KEYS | (_NUMBER_KEYS if schema.get("type") in ("number", "integer") else set())
+        if under_combinator or not set(schema) <= allowed or schema.get("type") not in ("string", "number", "integer"):
+            return False
+    return all(holes_fit(v, under_combinator or k in _COMBINATORS) for k, v in schema.items())

@@ -631,3 +631,81 @@ def exactly_one(dfas: Sequence[Dfa]) -> Dfa:
     assert two is not None
     return product(one, two, "minus")
 
+
+
+def substitute(dfa: Dfa, fills: dict[int, Dfa]) -> Dfa | None:
+    """The language of ``dfa`` with every edge on symbol ``h`` (a *hole*) replaced by a
+    word of ``fills[h]``, built by splicing a copy of the filler's states in place of the
+    edge rather than recompiling: ``dfa`` is compiled once, the fillers change (the copy
+    constraint fills a tool envelope's holes with each turn's texts).
+
+    Returns None where the splice would not be deterministic: the state before a hole has
+    other edges sharing a symbol with the filler's first ones, or the edges after a hole
+    share a symbol with those inside the filler. (Callers then compile the full language.)
+
+    >>> import numpy as np
+    >>> d = to_dfa(seq(literal(b"a"), sym(0xFF), literal(b"b")), 256)
+    >>> f = to_dfa(alt(literal(b"xy"), literal(b"z")), 256)
+    >>> s = substitute(d, {0xFF: f})
+    >>> s.accepts(b"axyb"), s.accepts(b"azb"), s.accepts(b"ab"), s.accepts(b"a\\xffb")
+    (True, True, False, False)
+    """
+    n_symbols = dfa.n_symbols
+    holes = [h for h in fills if dfa.sym_class[h] >= 0 and (dfa.trans[:, dfa.sym_class[h]] >= 0).any()]
+    if not holes:
+        return dfa
+    parts = [dfa.sym_class] + [fills[h].sym_class for h in holes]
+    # 1. one alphabet partition that refines the automaton's and every filler's
+    sig = np.stack([p.astype(np.int64) for p in parts], axis=1)  # (n_symbols, 1 + holes)
+    _, first, sym_class = np.unique(sig, axis=0, return_index=True, return_inverse=True)
+    sym_class = sym_class.ravel().astype(np.int32)
+    K = len(first)
+    rows = [dfa.trans[:, dfa.sym_class[first]]]  # (S, K) the automaton's edges on the new classes
+    hole_cols = np.zeros(K, bool)
+    for h in holes:
+        hole_cols |= sym_class[first] == sym_class[h]
+        if (dfa.sym_class == dfa.sym_class[h]).sum() > 1:
+            return None  # the automaton treats other symbols as it treats the hole: not a hole
+    base = rows[0].copy()
+    base[:, hole_cols] = -1
+    accept = [dfa.accept.copy()]
+    n = dfa.n_states
+    edges: list[tuple[int, int, int]] = []  # (state, hole, state after the hole)
+    for h in holes:
+        src = np.nonzero(dfa.trans[:, dfa.sym_class[h]] >= 0)[0]
+        edges += [(int(s), h, int(dfa.trans[s, dfa.sym_class[h]])) for s in src]
+
+    def merge(row: np.ndarray, other: np.ndarray) -> bool:
+        if ((row >= 0) & (other >= 0) & (row != other)).any():
+            return False
+        np.copyto(row, other, where=other >= 0)
+        return True
+
+    # 2. a copy of the filler per (hole, state after it): its accepting states continue as that state does
+    offset: dict[tuple[int, int], int] = {}
+    for _, h, t in edges:
+        if (h, t) in offset:
+            continue
+        f = fills[h]
+        block = f.trans[:, f.sym_class[first]]  # (S_f, K)
+        block = np.where(block >= 0, block + n, -1)
+        for q in np.nonzero(f.accept)[0]:
+            if not merge(block[q], base[t]):
+                return None
+        offset[(h, t)] = n
+        rows.append(block)
+        accept.append(f.accept & bool(dfa.accept[t]))
+        n += f.n_states
+    trans = np.concatenate([base] + rows[1:], axis=0)
+    acc = np.concatenate(accept)
+    # 3. the state before each hole enters the filler (and, if it accepts the empty word, what follows)
+    for s, h, t in edges:
+        f = fills[h]
+        if not merge(trans[s], trans[offset[(h, t)] + f.start]):
+            return None
+        if f.accept[f.start]:
+            acc[s] |= bool(dfa.accept[t])
+    masks = [0] * K
+    for s in range(n_symbols):
+        masks[sym_class[s]] |= 1 << s
+    return minimize(trans, acc, dfa.start, sym_class, masks)

@@ -58,10 +58,11 @@ from .fsa import (
     product,
     rep,
     seq,
+    sym,
     to_dfa,
 )
 from .regex import full_match_node, pattern_is_exact, pattern_node
-from .copy import copied_number_node, copied_numbers, copies_node, is_copied
+from .copy import STRING_HOLE, copied_number_node, copied_numbers, copies_node, is_copied, number_hole
 from .wireformat import WireFormat
 
 Facet = tuple[Any, str, str]
@@ -252,6 +253,10 @@ class SchemaOptions:
     max_multiple_of: int = 10_000
     #: Texts that ``x-copy`` string parameters must be substrings of (copy constraint).
     copy_sources: tuple[str, ...] = field(default=())
+    #: Compile copied values as hole symbols (``copy.HOLE_SYMBOLS``) instead of from
+    #: ``copy_sources``: a language that does not depend on the conversation, into which
+    #: ``fsa.substitute`` splices each turn's copies. Only for schemas ``copy.holes_fit``.
+    copy_holes: bool = False
 
 
 @dataclass(frozen=True)
@@ -1070,6 +1075,11 @@ class SchemaCompiler:
             node = embed(product(self._dfa(node), self._canonical_numbers(), "and"))
         if any(schema.get("x-copy") for schema, _, _ in fs):
             self._approx += 1  # the validator reads values; the automaton, spellings
+            if not ctx.over and self.opt.copy_holes:
+                hole = number_hole(self._dfa(node))
+                if hole is None:
+                    raise SchemaError("too many distinct copied number languages for holes", keyword="x-copy")
+                return sym(hole)
             if not ctx.over:
                 copied = self._dfa(copied_number_node(self.opt.copy_sources))
                 node = embed(product(self._dfa(node), copied, "and"))
@@ -1130,6 +1140,8 @@ class SchemaCompiler:
             constraints.append(self._string_dfa(("format", f, ctx.over)))
         if copy:
             self._approx += 1
+            if not ctx.over and self.opt.copy_holes:
+                return sym(STRING_HOLE)  # holes_fit: a plain copied string
             if not ctx.over:
                 copied = _copies_dfa(self.opt.copy_sources, self.wf)
                 if not constraints and min_len == 0 and max_len is None:
