@@ -76,7 +76,7 @@ def main() -> None:
     """agentloop: fast local tool-use loops on a block-diffusion LM, every call valid by construction."""
 
 
-DEMO_PROMPTS = ("What's the weather in Oslo?", "What time is it in Tokyo?", "Convert 12 miles to km.")
+DEMO_PROMPTS = ("How is the weather in Berlin?", "What time is it in Tokyo?", "Convert 12 miles to km.")
 
 
 @main.command()
@@ -409,7 +409,7 @@ def bench_cmd(model: str, random_weights: str | None, device: str, dtype: str, s
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
               show_default=True, help="Run folder: checkpoints, loss.png, train.json and the exported model/.")
 @click.option("--steps", default=None, type=int,
-              help="Optimizer steps of the whole run (the cosine schedule's length) [default: 5000].")
+              help="Optimizer steps of the whole run (the cosine schedule's length) [default: 6000].")
 @click.option("--minutes", default=None, type=float, help="Stop this invocation after so many minutes (resumable).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)

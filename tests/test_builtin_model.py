@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,12 +27,14 @@ def test_shipped_files_are_small_and_described():
 
 def test_one_request_its_call_and_its_answer(tmp_path):
     agent = demo_agent(options=card_options(seed=0))
-    r = agent.run_sync("What's the weather in Oslo?", deps=tmp_path)
-    assert [(c.call.name, c.call.arguments) for c in r.calls] == [("get_weather", {"city": "Oslo"})]
-    # it read the tool's result: the temperature is copied into the answer (the small model's
-    # spacing is not reliable: see bench/results/demo_eval.md)
-    temperature = re.search(r"-?\d+ C", str(demo.get_weather("Oslo"))).group(0)  # e.g. "24 C"
-    assert r.output is not None and "Oslo" in r.output and temperature in r.output, r.output
+    # One request the shipped model gets right end to end, pinned so that a break anywhere
+    # in the loop (prompt, tokenizer, engine, grammar, tools) shows; how often it is right
+    # on requests it never saw is the evaluation's job (bench/results/demo_eval.md).
+    r = agent.run_sync("How is the weather in Berlin?", deps=tmp_path)
+    assert [(c.call.name, c.call.arguments) for c in r.calls] == [("get_weather", {"city": "Berlin"})]
+    # it read the tool's result: condition and temperature are copied into the answer
+    facts = str(demo.get_weather("Berlin")).split(": ", 2)[2]  # e.g. "light rain, -5 C"
+    assert r.output is not None and "Berlin" in r.output and facts in r.output, r.output
     assert r.usage.steps == 2 and r.usage.tool_calls == 1
 
 

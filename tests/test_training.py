@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +151,16 @@ def test_space_prefix_tokenizer_shortens_text() -> None:
     # before BPE, a space is a piece of its own only when spaces are split off ("Ġ" is a space)
     assert "Ġ" in [p for p, _ in split.pre_tokenizer.pre_tokenize_str(sample)]
     assert "Ġ" not in [p for p, _ in prefix.pre_tokenizer.pre_tokenize_str(sample)]
+
+
+def test_cli_defaults_are_the_shipped_recipe() -> None:
+    """`agentloop train` with no flags is the recipe of the bundled model."""
+    from agentloop.cli import train_cmd
+
+    flags = {p.name: p for p in train_cmd.params}
+    cfg = TrainConfig()
+    for name in ("seed", "batch_size", "hidden_size", "layers", "space_prefix"):
+        assert flags[name].default == getattr(cfg, name), name
+    assert f"[default: {cfg.max_steps}]" in flags["steps"].help
+    card = json.loads((Path(__file__).parent.parent / "agentloop" / "model" / "agentloop.json").read_text())
+    assert card["train_config"] == {**asdict(cfg), "checkpoint_minutes": card["train_config"]["checkpoint_minutes"]}
