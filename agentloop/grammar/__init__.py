@@ -345,7 +345,9 @@ def _arguments_dfa(t: ToolSchema, wf: WireFormat, options: SchemaOptions) -> Any
 
 def clear_caches() -> None:
     """Forget compiled grammars held in memory (the disk cache stays). For benchmarks that
-    must pay for a compile each time, as a conversation with new text does."""
+    must pay for a compile each time, as a conversation with new text does. Envelopes
+    compiled with holes for copied values stay: no text changes them, so a new
+    conversation with the same tools reuses them too."""
     from . import schema
 
     with _lock:
