@@ -286,21 +286,27 @@ def compile_tools(
 _holed: "OrderedDict[str, Dfa]" = OrderedDict()
 
 
+def _memoised(cache: "OrderedDict[str, Any]", key_parts: Any, size: int, make: Any) -> Any:
+    """``make()``, kept in the LRU ``cache`` under a digest of ``key_parts``. The work runs
+    outside the lock (two threads may both make it once; the result is the same)."""
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()
+    with _lock:
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+    value = make()
+    with _lock:
+        cache[key] = value
+        while len(cache) > size:
+            cache.popitem(last=False)
+    return value
+
+
 def _holed_envelope(node_fn: Any, key_parts: Any, wf: WireFormat) -> Dfa:
     """A tool envelope compiled with holes for copied values (it does not depend on the
     conversation), memoised."""
-    key = hashlib.sha256(json.dumps([key_parts, wf.file_text, _compiler_version()], sort_keys=True,
-                                    default=str).encode()).hexdigest()
-    with _lock:
-        if key in _holed:
-            _holed.move_to_end(key)
-            return _holed[key]
-    dfa = to_dfa(node_fn(), wf.n_symbols)
-    with _lock:
-        _holed[key] = dfa
-        while len(_holed) > 16:
-            _holed.popitem(last=False)
-    return dfa
+    return _memoised(_holed, [key_parts, wf.file_text, _compiler_version()], 16,
+                     lambda: to_dfa(node_fn(), wf.n_symbols))
 
 
 def _hole_fills(envelope: Dfa, sources: tuple[str, ...], wf: WireFormat) -> dict[int, Dfa]:
@@ -325,22 +331,15 @@ def _arguments_dfa(t: ToolSchema, wf: WireFormat, options: SchemaOptions) -> Any
     with copied parameters depend on the conversation's text."""
     if options.copy_sources and not uses_copy(t.parameters):
         options = dataclasses.replace(options, copy_sources=())
-    key = hashlib.sha256(json.dumps([t.parameters, wf.name, wf.source, repr(options)], sort_keys=True,
-                                    default=str).encode()).hexdigest()
-    with _lock:
-        if key in _args_cache:
-            _args_cache.move_to_end(key)
-            return _args_cache[key]
-    try:
-        dfa = to_dfa(SchemaCompiler(dict(t.parameters), wf, options).node(), wf.n_symbols)
-    except SchemaError as e:
-        raise SchemaError(f"tool {t.name!r}: {e.message}", keyword=e.keyword,
-                          pointer=f"/tools/{t.name}/parameters{e.pointer}") from None
-    with _lock:
-        _args_cache[key] = dfa
-        while len(_args_cache) > 256:
-            _args_cache.popitem(last=False)
-    return dfa
+
+    def make() -> Any:
+        try:
+            return to_dfa(SchemaCompiler(dict(t.parameters), wf, options).node(), wf.n_symbols)
+        except SchemaError as e:
+            raise SchemaError(f"tool {t.name!r}: {e.message}", keyword=e.keyword,
+                              pointer=f"/tools/{t.name}/parameters{e.pointer}") from None
+
+    return _memoised(_args_cache, [t.parameters, wf.name, wf.source, repr(options)], 256, make)
 
 
 def clear_caches() -> None:

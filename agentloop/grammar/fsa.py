@@ -632,7 +632,6 @@ def exactly_one(dfas: Sequence[Dfa]) -> Dfa:
     return product(one, two, "minus")
 
 
-
 def substitute(dfa: Dfa, fills: dict[int, Dfa]) -> Dfa | None:
     """The language of ``dfa`` with every edge on symbol ``h`` (a *hole*) replaced by a
     word of ``fills[h]``, built by splicing a copy of the filler's states in place of the
@@ -643,7 +642,6 @@ def substitute(dfa: Dfa, fills: dict[int, Dfa]) -> Dfa | None:
     other edges sharing a symbol with the filler's first ones, or the edges after a hole
     share a symbol with those inside the filler. (Callers then compile the full language.)
 
-    >>> import numpy as np
     >>> d = to_dfa(seq(literal(b"a"), sym(0xFF), literal(b"b")), 256)
     >>> f = to_dfa(alt(literal(b"xy"), literal(b"z")), 256)
     >>> s = substitute(d, {0xFF: f})
@@ -659,21 +657,18 @@ def substitute(dfa: Dfa, fills: dict[int, Dfa]) -> Dfa | None:
     sig = np.stack([p.astype(np.int64) for p in parts], axis=1)  # (n_symbols, 1 + holes)
     _, first, sym_class = np.unique(sig, axis=0, return_index=True, return_inverse=True)
     sym_class = sym_class.ravel().astype(np.int32)
-    K = len(first)
-    rows = [dfa.trans[:, dfa.sym_class[first]]]  # (S, K) the automaton's edges on the new classes
+    K = len(first)  # first[k]: a symbol of new class k
     hole_cols = np.zeros(K, bool)
     for h in holes:
-        hole_cols |= sym_class[first] == sym_class[h]
         if (dfa.sym_class == dfa.sym_class[h]).sum() > 1:
             return None  # the automaton treats other symbols as it treats the hole: not a hole
-    base = rows[0].copy()
+        hole_cols |= sym_class[first] == sym_class[h]
+    base = dfa.trans[:, dfa.sym_class[first]]  # (S, K) the automaton's edges on the new classes (a copy)
     base[:, hole_cols] = -1
-    accept = [dfa.accept.copy()]
-    n = dfa.n_states
     edges: list[tuple[int, int, int]] = []  # (state, hole, state after the hole)
     for h in holes:
-        src = np.nonzero(dfa.trans[:, dfa.sym_class[h]] >= 0)[0]
-        edges += [(int(s), h, int(dfa.trans[s, dfa.sym_class[h]])) for s in src]
+        after = dfa.trans[:, dfa.sym_class[h]]  # (S,)
+        edges += [(int(s), h, int(after[s])) for s in np.nonzero(after >= 0)[0]]
 
     def merge(row: np.ndarray, other: np.ndarray) -> bool:
         if ((row >= 0) & (other >= 0) & (row != other)).any():
@@ -682,7 +677,9 @@ def substitute(dfa: Dfa, fills: dict[int, Dfa]) -> Dfa | None:
         return True
 
     # 2. a copy of the filler per (hole, state after it): its accepting states continue as that state does
+    blocks, accept = [base], [dfa.accept.copy()]
     offset: dict[tuple[int, int], int] = {}
+    n = dfa.n_states
     for _, h, t in edges:
         if (h, t) in offset:
             continue
@@ -693,10 +690,10 @@ def substitute(dfa: Dfa, fills: dict[int, Dfa]) -> Dfa | None:
             if not merge(block[q], base[t]):
                 return None
         offset[(h, t)] = n
-        rows.append(block)
+        blocks.append(block)
         accept.append(f.accept & bool(dfa.accept[t]))
         n += f.n_states
-    trans = np.concatenate([base] + rows[1:], axis=0)
+    trans = np.concatenate(blocks, axis=0)
     acc = np.concatenate(accept)
     # 3. the state before each hole enters the filler (and, if it accepts the empty word, what follows)
     for s, h, t in edges:

@@ -6,7 +6,7 @@ Two ways to cut text before BPE:
   word is tokenized the same in a request, in a call's string and in a tool result
   (copying a value is copying the same tokens), but every space is a token of its own;
 * ``space_prefix=True``: a word, digit or punctuation mark carries the space before it
-  (as GPT-2 and Gemma do). Texts are about a third shorter and a parallel decoder no
+  (as GPT-2 and Gemma do). Contexts are about a fifth shorter and a parallel decoder no
   longer has to place spaces, but a value's first token differs between a sentence
   (" Oslo") and a call's string ("Oslo").
 """

@@ -13,7 +13,7 @@ The objective (NVIDIA NeMo's DiffusionGemma recipe), per example:
    logits feed the second.
 
     agentloop train --out runs/demo --minutes 60        # resumable: run it again to continue
-    agentloop train --out runs/demo --device cuda       # the same recipe on a GPU, in minutes
+    agentloop train --out runs/demo --device cuda       # the same recipe on a GPU
 
 Data and noise are drawn on the CPU from the seed whatever the device, so a GPU run sees
 the same examples and corruption as a CPU run; only floating-point rounding differs.
@@ -275,8 +275,7 @@ def train(out: Path, cfg: TrainConfig, minutes: float | None = None, log: Any = 
                 state["seconds"] += time.perf_counter() - t_ckpt
                 t_ckpt = time.perf_counter()
                 save()
-    if hasattr(data, "close"):
-        data.close()  # ends a prefetch worker
+    data.close()  # ends a prefetch worker
     state["seconds"] += time.perf_counter() - t_ckpt
     save()
     (out / "train.json").write_text(json.dumps({"config": asdict(cfg), "steps": state["step"], "device": device,
