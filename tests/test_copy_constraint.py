@@ -241,3 +241,18 @@ def test_substitute_refuses_a_splice_that_is_not_deterministic():
     assert s.accepts(b"ab") and s.accepts(b"acb") and not s.accepts(b"b")
     # after "b" the filler may go on with "b" while the hole's successor also reads "b"
     assert substitute(d, {0xFF: to_dfa(alt(literal(b"b"), literal(b"bb")), 256)}) is None
+
+
+def test_compile_falls_back_when_every_number_hole_is_taken(btok, monkeypatch):
+    from agentloop.grammar import clear_caches, compile_tools
+    from agentloop.grammar import copy as copy_mod
+
+    taken = {f"other language {i}".encode(): (h, None) for i, h in enumerate(copy_mod.HOLE_SYMBOLS[1:])}
+    monkeypatch.setattr(copy_mod, "_number_holes", taken)
+    clear_caches()
+    tools = [{"name": "n", "parameters": {"type": "object", "required": ["v"], "properties": {
+        "v": {"type": "number", "minimum": -77, "x-copy": True}}}}]
+    g = compile_tools(tools, btok, "gemma4", options=SchemaOptions(copy_sources=("about 12.5 km",)))
+    assert g.accepts_json([{"name": "n", "arguments": {"v": 12.5}}])
+    assert not g.accepts_json([{"name": "n", "arguments": {"v": 12}}])
+    clear_caches()

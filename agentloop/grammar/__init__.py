@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 from ..errors import SchemaError
 from . import cache as disk_cache
 from . import charset as cs
-from .copy import HOLE_SYMBOLS, STRING_HOLE, copied_number_node, holes_fit, number_hole_language, uses_copy
+from .copy import HOLE_SYMBOLS, STRING_HOLE, HolesExhausted, copied_number_node, holes_fit, number_hole_language, uses_copy
 from .compiled import CompiledGrammar, GrammarStats, ParsedOutput, StepOutput, ToolCall
 from .fsa import Dfa, Node, alt, literal, product, rep, seq, substitute, sym, to_dfa
 from .schema import SchemaCompiler, SchemaOptions, _copies_dfa
@@ -272,8 +272,11 @@ def compile_tools(
             # The copy constraint changes every turn: compile the envelope once with holes
             # where copied values go, and splice this turn's copies in (milliseconds).
             holed = dataclasses.replace(options, copy_sources=(), copy_holes=True)
-            base = _holed_envelope(lambda: envelope(holed), key(holed), wf)
-            spliced = substitute(base, _hole_fills(base, options.copy_sources, wf))
+            try:
+                base = _holed_envelope(lambda: envelope(holed), key(holed), wf)
+            except HolesExhausted:
+                base = None  # more distinct copied number languages than hole symbols
+            spliced = None if base is None else substitute(base, _hole_fills(base, options.copy_sources, wf))
             if spliced is not None:
                 return spliced
         return envelope(options)

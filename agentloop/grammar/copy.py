@@ -135,15 +135,20 @@ _NUMBER_KEYS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
 _COMBINATORS = {"anyOf", "oneOf", "allOf", "not", "if", "then", "else", "$ref", "dependentSchemas"}
 
 
-def number_hole(dfa: Any) -> int | None:
-    """The hole symbol standing for copied numbers of the language ``dfa``; None when every
-    symbol is taken."""
+class HolesExhausted(Exception):
+    """Every hole symbol is taken: compile this grammar in full (internal, never escapes
+    ``compile_tools``)."""
+
+
+def number_hole(dfa: Any) -> int:
+    """The hole symbol standing for copied numbers of the language ``dfa``; raises
+    :class:`HolesExhausted` when every symbol is taken."""
     key = b"|".join([dfa.trans.tobytes(), dfa.accept.tobytes(), str(dfa.start).encode(), dfa.sym_class.tobytes()])
     with _holes_lock:
         if key not in _number_holes:
             free = [h for h in HOLE_SYMBOLS[1:] if h not in {s for s, _ in _number_holes.values()}]
             if not free:
-                return None
+                raise HolesExhausted
             _number_holes[key] = (free[0], dfa)
         return _number_holes[key][0]
 

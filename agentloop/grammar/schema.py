@@ -1076,10 +1076,7 @@ class SchemaCompiler:
         if any(schema.get("x-copy") for schema, _, _ in fs):
             self._approx += 1  # the validator reads values; the automaton, spellings
             if not ctx.over and self.opt.copy_holes:
-                hole = number_hole(self._dfa(node))
-                if hole is None:
-                    raise SchemaError("too many distinct copied number languages for holes", keyword="x-copy")
-                return sym(hole)
+                return sym(number_hole(self._dfa(node)))
             if not ctx.over:
                 copied = self._dfa(copied_number_node(self.opt.copy_sources))
                 node = embed(product(self._dfa(node), copied, "and"))
