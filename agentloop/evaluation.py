@@ -32,7 +32,7 @@ import jsonschema
 from .benchmark import describe_machine, machine_info
 from .errors import AgentloopError, MaxStepsExceeded, ModelOutputError, ToolRetriesExhausted
 from .grammar import ToolCall
-from .training.data import KINDS, Conversation, Split, conversations
+from .training.data import BLIND_HELDOUT, KINDS, Conversation, Split, conversations
 
 MODES = ("copy", "grammar", "unconstrained")
 
@@ -47,6 +47,7 @@ class Case:
     expected: tuple[tuple[ToolCall, ...], ...]  #: calls per model step
     files: tuple[tuple[str, str], ...] = ()  #: sandbox files the request refers to
     answer: str | None = None  #: the expected final answer where it is fixed text
+    phrasing: str = ""  #: the request's template (single calls)
 
     @classmethod
     def from_conversation(cls, conv: Conversation) -> "Case":
@@ -56,7 +57,7 @@ class Case:
         if intent == "read":
             files = ((conv.steps[0].calls[0].arguments["path"], conv.steps[0].results[0]),)
         return cls(conv.kind, intent, conv.user, expected, files,
-                   conv.steps[-1].answer if conv.kind == "answer" else None)
+                   conv.steps[-1].answer if conv.kind == "answer" else None, conv.meta.get("template", ""))
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Outcome:
     denoising_steps: int
     turn_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    phrasing: str = ""
 
 
 def _normal(tools: dict[str, Any], call: ToolCall) -> tuple[str, str]:
@@ -191,7 +193,7 @@ async def run_case(agent: Any, case: Case, mode: str, schemas: dict[str, Any], s
                    [{"name": r.call.name, "arguments": r.call.arguments, "result": r.result.content[:200]}
                     for r in records], answer, invalid, len(records) + (failure == "malformed call"), len(trace),
                    sum(s.cost.canvases for s in trace), sum(s.cost.denoising_steps for s in trace),
-                   [s.latency_s - s.tool_s for s in trace], seconds)
+                   [s.latency_s - s.tool_s for s in trace], seconds, case.phrasing)
 
 
 def cases(n_single: int, n_multi: int, n_chat: int, seed: int, split: Split = "heldout") -> list[Case]:
@@ -227,6 +229,9 @@ def summarize(outcomes: Sequence[Outcome]) -> dict[str, Any]:
                     for k in KINDS if (xs := [o for o in outcomes if o.kind == k])},
         "by_intent": {i: {"n": len(xs), "right_calls": rate(xs, "right_calls")}
                       for i in sorted({o.intent for o in single}) if (xs := [o for o in single if o.intent == i])},
+        "by_phrasing": {p: {"n": len(xs), "intent": xs[0].intent, "right_calls": rate(xs, "right_calls")}
+                        for p in sorted({o.phrasing for o in single if o.phrasing})
+                        if (xs := [o for o in single if o.phrasing == p])},
         "calls": n_calls, "valid_calls": 1 - sum(o.invalid_calls for o in outcomes) / n_calls if n_calls else None,
         "steps_per_canvas": sum(o.denoising_steps for o in outcomes) / max(1, sum(o.canvases for o in outcomes)),
         "turn_ms_median": 1000 * statistics.median(turns) if turns else None,
@@ -315,6 +320,17 @@ def markdown(res: dict[str, Any], command: str) -> str:
     for intent in res["modes"][modes[0]]["by_intent"]:
         out.append(f"| {intent} | " + " | ".join(
             _pct(res["modes"][m]["by_intent"].get(intent, {}).get("right_calls")) for m in modes) + " |")
+    if split == "heldout" and res["modes"][modes[0]].get("by_phrasing"):
+        out.append("\n## Single-call exact rate by held-out phrasing\n")
+        out.append("Phrasings marked * were added to the held-out lists after the shipped model was "
+                   "trained (earlier reports drew from the others alone).\n")
+        out.append("| intent | phrasing | n | " + " | ".join(modes) + " |")
+        out.append("|---|---|---|" + "---|" * len(modes))
+        rows = res["modes"][modes[0]]["by_phrasing"]
+        for p, r in sorted(rows.items(), key=lambda kv: (kv[1]["intent"], kv[0])):
+            mark = "*" if p in BLIND_HELDOUT else ""
+            out.append(f"| {r['intent']} | {p}{mark} | {r['n']} | " + " | ".join(
+                _pct(res["modes"][m]["by_phrasing"].get(p, {}).get("right_calls")) for m in modes) + " |")
     out.append("\n## Failures by kind\n")
     for m in modes:
         f = res["modes"][m]["failures"]

@@ -16,9 +16,12 @@ and this module computes, per step of the denoiser:
 
 All of them work on atoms and groups (see token_automaton), never on single tokens,
 except for one pass over the logits per position that scores the atoms, and the final
-choice of a token inside the sampled atom. Forward/backward run in probability space with
-per-position scaling (float64), which is exact up to rounding for logits within ~700 of
-the row maximum; Viterbi runs in log space.
+choice of a token inside the sampled atom. The DP visits only the states that lie on
+some valid canvas at each position and pulls over their edges (each state's value is a
+sum or max over its incoming or outgoing edges), so it writes one number per live state,
+never one per edge; the marginals' edge posteriors are summed inside the forward pass.
+Forward/backward run in probability space with per-position scaling (float64), which is
+exact up to rounding for logits within ~700 of the row maximum; Viterbi runs in log space.
 """
 
 from __future__ import annotations
@@ -146,140 +149,150 @@ def _group_sums(asum, group_atoms, group_offsets):  # pragma: no cover - compile
     return gsum
 
 
-# ---- 2. the support: edges that lie on some valid canvas, per position -------------------
+# ---- 2. the support: states that lie on some valid canvas, per position ------------------
 # Computed once per (canvas length, start state, ending rule) and reused by every
-# denoising step. All passes below run over these alive edges only, and keep per-edge
-# messages (alpha at the source, beta at the destination) instead of (L, S) tables.
+# denoising step. The passes below visit only these live states, and reach their edges
+# through the automaton's static adjacency (in CSR, a few hundred KB that stay in cache),
+# so a step streams O(L x live states) words of memory, not O(L x live edges).
 
 
 @nb.njit(cache=True, nogil=True)
-def alive_edges(edge_src, edge_dst, edge_group, S, start, final, L):  # pragma: no cover - compiled
-    fwd = np.zeros((L + 1, S), np.bool_)
-    bwd = np.zeros((L + 1, S), np.bool_)
-    fwd[0, start] = True
+def live_states(edge_src, edge_dst, S, start, final, L):  # pragma: no cover - compiled
+    """(offsets (L + 2,), states): the states at position l (0..L) on a valid canvas, sorted.
+
+    A state is live at l when the start reaches it in exactly l tokens and it reaches an
+    accepting state in exactly L - l more; states[offsets[l]:offsets[l + 1]] lists them.
+    """
     E = edge_src.shape[0]
+    fwd = np.zeros((L + 1, S), np.bool_)
+    live = np.zeros((L + 1, S), np.bool_)
+    fwd[0, start] = True
     for l in range(L):
         for e in range(E):
             if fwd[l, edge_src[e]]:
                 fwd[l + 1, edge_dst[e]] = True
     for s in range(S):
-        bwd[L, s] = final[s] and fwd[L, s]
+        live[L, s] = final[s] and fwd[L, s]
     for l in range(L - 1, -1, -1):
         for e in range(E):
-            if bwd[l + 1, edge_dst[e]] and fwd[l, edge_src[e]]:
-                bwd[l, edge_src[e]] = True
-    offsets = np.zeros(L + 1, np.int64)
+            if live[l + 1, edge_dst[e]] and fwd[l, edge_src[e]]:
+                live[l, edge_src[e]] = True
+    offsets = np.zeros(L + 2, np.int64)
     count = 0
-    for l in range(L):
-        for e in range(E):
-            if bwd[l, edge_src[e]] and bwd[l + 1, edge_dst[e]]:
+    for l in range(L + 1):
+        for s in range(S):
+            if live[l, s]:
                 count += 1
         offsets[l + 1] = count
-    # structure of arrays: (source, destination, group) of each alive edge, by position
-    a_src = np.empty(count, np.int32)
-    a_dst = np.empty(count, np.int32)
-    a_grp = np.empty(count, np.int32)
+    states = np.empty(count, np.int32)
     i = 0
-    for l in range(L):
-        for e in range(E):
-            if bwd[l, edge_src[e]] and bwd[l + 1, edge_dst[e]]:
-                a_src[i] = edge_src[e]
-                a_dst[i] = edge_dst[e]
-                a_grp[i] = edge_group[e]
+    for l in range(L + 1):
+        for s in range(S):
+            if live[l, s]:
+                states[i] = s
                 i += 1
-    return offsets, a_src, a_dst, a_grp
+    return offsets, states
 
 
-# ---- 3. forward / backward over alive edges ------------------------------------------------
+@nb.njit(cache=True, nogil=True, inline="always")
+def _slot(states, lo, hi, s):  # pragma: no cover - compiled
+    """Index of state s in the sorted states[lo:hi], or -1."""
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        v = states[mid]
+        if v < s:
+            lo = mid + 1
+        elif v > s:
+            hi = mid
+        else:
+            return mid
+    return -1
+
+
+# ---- 3. forward / backward over live states ----------------------------------------------
+# Messages are kept per (position, live state), aligned with ``states``; each position is
+# rescaled by its total so float64 never under- or overflows (the posteriors below are
+# ratios within one position).
 
 
 @nb.njit(cache=True, nogil=True)
-def _backward(gsum, offsets, edge_src, edge_dst, edge_group, final, S):  # pragma: no cover
-    """b_dst[i] ∝ weight of valid completions after alive edge i (beta at its destination)."""
+def _backward(gsum, offsets, states, out_offsets, out_dst, out_group, S):  # pragma: no cover
+    """beta[i] ∝ weight of the valid completions from live state i (its position's suffix)."""
     L = gsum.shape[0]
-    b_dst = np.empty(edge_src.shape[0], np.float64)
-    nxt = np.zeros(S, np.float64)  # beta at l + 1
-    cur = np.zeros(S, np.float64)  # beta at l (being built)
-    for s in range(S):
-        nxt[s] = 1.0 if final[s] else 0.0
+    beta = np.zeros(states.shape[0], np.float64)
+    nxt = np.zeros(S, np.float64)  # beta at l + 1, dense over states
+    for i in range(offsets[L], offsets[L + 1]):
+        beta[i] = 1.0
+        nxt[states[i]] = 1.0
     for l in range(L - 1, -1, -1):
         tot = 0.0
         for i in range(offsets[l], offsets[l + 1]):
-            e = i
-            v = nxt[edge_dst[e]]
-            b_dst[i] = v
-            w = gsum[l, edge_group[e]] * v
-            cur[edge_src[e]] += w
-            tot += w
+            s = states[i]
+            acc = 0.0
+            for j in range(out_offsets[s], out_offsets[s + 1]):
+                acc += gsum[l, out_group[j]] * nxt[out_dst[j]]
+            beta[i] = acc
+            tot += acc
         if tot <= 0.0:
-            return b_dst, False
+            return beta, False
+        for i in range(offsets[l + 1], offsets[l + 2]):
+            nxt[states[i]] = 0.0
         for i in range(offsets[l], offsets[l + 1]):
-            nxt[edge_dst[i]] = 0.0
-        for i in range(offsets[l], offsets[l + 1]):
-            s = edge_src[i]
-            if cur[s] != 0.0:
-                nxt[s] = cur[s] / tot
-                cur[s] = 0.0
-    return b_dst, True
+            beta[i] /= tot
+            nxt[states[i]] = beta[i]
+    return beta, True
 
 
 @nb.njit(cache=True, nogil=True)
-def _forward(gsum, offsets, edge_src, edge_dst, edge_group, start, S):  # pragma: no cover
-    """a_src[i] ∝ weight of valid prefixes before alive edge i (alpha at its source)."""
-    L = gsum.shape[0]
-    a_src = np.empty(edge_src.shape[0], np.float64)
-    cur = np.zeros(S, np.float64)
-    nxt = np.zeros(S, np.float64)
-    cur[start] = 1.0
-    for l in range(L):
-        tot = 0.0
-        for i in range(offsets[l], offsets[l + 1]):
-            e = i
-            v = cur[edge_src[e]]
-            a_src[i] = v
-            w = v * gsum[l, edge_group[e]]
-            nxt[edge_dst[e]] += w
-            tot += w
-        if tot <= 0.0:
-            return a_src, False
-        for i in range(offsets[l], offsets[l + 1]):
-            cur[edge_src[i]] = 0.0
-        for i in range(offsets[l], offsets[l + 1]):
-            d = edge_dst[i]
-            if nxt[d] != 0.0:
-                cur[d] = nxt[d] / tot
-                nxt[d] = 0.0
-    return a_src, True
+def _forward_factors(gsum, offsets, states, beta, in_offsets, in_src, in_group, atom_groups, atom_group_offsets,
+                     S):  # pragma: no cover
+    """The forward pass, and from it and ``beta`` the atom factors F (L, K):
+    P(token t at l) = exp(x_t - rowmax_l) * F[l, atom(t)].
 
-
-@nb.njit(cache=True, nogil=True)
-def _atom_factors(gsum, offsets, a_src, b_dst, edge_group, atom_groups, atom_group_offsets):  # pragma: no cover
-    """F[l, k]: P(token t at l) = exp(x_t - rowmax_l) * F[l, atom(t)].
-
-    The posterior of an edge is a_src * gsum * b_dst, normalised per position (exactly
-    one edge is taken at each position); inside a group, tokens follow exp(x_t)/gsum.
+    The posterior of an edge s -> d at l is alpha_l(s) * gsum[l, g] * beta_{l+1}(d),
+    normalised per position (exactly one edge is taken at each position). The forward
+    pass pulls alpha_{l+1}(d) over exactly these products (bar beta), so the group
+    posteriors come out of it for one more multiply-add per edge; inside a group, tokens
+    follow exp(x_t) / gsum.
     """
     L, G = gsum.shape
     K = atom_group_offsets.shape[0] - 1
     F = np.zeros((L, K), np.float64)
     W = np.zeros(G, np.float64)
+    cur = np.zeros(S, np.float64)  # alpha at l (scaled), dense over states
+    nxt = np.zeros(S, np.float64)
+    for i in range(offsets[0], offsets[1]):  # the start state alone
+        cur[states[i]] = 1.0
     for l in range(L):
-        tot = 0.0
-        for i in range(offsets[l], offsets[l + 1]):
-            g = edge_group[i]
-            w = a_src[i] * gsum[l, g] * b_dst[i]
-            W[g] += w
-            tot += w
+        tot = 0.0  # forward mass at l + 1 (for scaling)
+        post = 0.0  # posterior mass of position l (for normalising W)
+        for i in range(offsets[l + 1], offsets[l + 2]):
+            d = states[i]
+            b = beta[i]
+            acc = 0.0
+            for j in range(in_offsets[d], in_offsets[d + 1]):
+                w = cur[in_src[j]] * gsum[l, in_group[j]]
+                acc += w
+                W[in_group[j]] += w * b
+            nxt[d] = acc
+            tot += acc
+            post += acc * b
+        if tot <= 0.0 or post <= 0.0:
+            return F, False
         for g in range(G):
             if W[g] > 0.0:
-                W[g] /= tot * gsum[l, g]
+                W[g] /= post * gsum[l, g]
         for k in range(K):
             acc = 0.0
             for j in range(atom_group_offsets[k], atom_group_offsets[k + 1]):
                 acc += W[atom_groups[j]]
             F[l, k] = acc
         W[:] = 0.0
-    return F
+        for i in range(offsets[l], offsets[l + 1]):
+            cur[states[i]] = 0.0
+        for i in range(offsets[l + 1], offsets[l + 2]):
+            cur[states[i]] = nxt[states[i]] / tot
+    return F, True
 
 
 @nb.njit(cache=True, nogil=True)
@@ -319,31 +332,33 @@ def _entropy(asum, asumx, F):  # pragma: no cover
 
 
 @nb.njit(cache=True, nogil=True)
-def _sample_path(logits, rowmax, asum, amax, aarg, gsum, offsets, b_dst, start, edge_src, edge_dst, edge_group,
-                 group_atoms, group_offsets, atom_tokens, atom_offsets, uniforms):  # pragma: no cover
+def _sample_path(logits, rowmax, asum, amax, aarg, gsum, offsets, states, beta, start, out_offsets, out_dst,
+                 out_group, group_atoms, group_offsets, atom_tokens, atom_offsets, uniforms):  # pragma: no cover
     L = gsum.shape[0]
     out = np.empty(L, np.int32)
+    w_edge = np.empty(out_offsets.shape[0], np.float64)  # scratch: weights of the current state's edges
     s = start
     for l in range(L):
-        # an alive edge out of s, weight gsum * beta(next)
+        # an edge out of s, weight gsum * beta(next); beta of a state not live at l + 1 is 0
+        lo, hi = offsets[l + 1], offsets[l + 2]
+        e0, e1 = out_offsets[s], out_offsets[s + 1]
         tot = 0.0
-        for i in range(offsets[l], offsets[l + 1]):
-            e = i
-            if edge_src[e] == s:
-                tot += gsum[l, edge_group[e]] * b_dst[i]
+        for j in range(e0, e1):
+            i = _slot(states, lo, hi, out_dst[j])
+            w = gsum[l, out_group[j]] * beta[i] if i >= 0 else 0.0
+            w_edge[j - e0] = w
+            tot += w
         u = uniforms[l, 0] * tot
         chosen = -1
         acc = 0.0
-        for i in range(offsets[l], offsets[l + 1]):
-            e = i
-            if edge_src[e] == s:
-                w = gsum[l, edge_group[e]] * b_dst[i]
-                if w > 0.0:
-                    chosen = e
-                    acc += w
-                    if acc >= u:
-                        break
-        g = edge_group[chosen]
+        for j in range(e0, e1):
+            w = w_edge[j - e0]
+            if w > 0.0:
+                chosen = j
+                acc += w
+                if acc >= u:
+                    break
+        g = out_group[chosen]
         # an atom inside the group, weight asum
         u = uniforms[l, 1] * gsum[l, g]
         k = -1
@@ -379,7 +394,7 @@ def _sample_path(logits, rowmax, asum, amax, aarg, gsum, offsets, b_dst, start, 
                     if acc >= u:
                         break
         out[l] = tok
-        s = edge_dst[chosen]
+        s = out_dst[chosen]
     return out
 
 
@@ -400,71 +415,75 @@ def _group_max(amax, aarg, group_atoms, group_offsets):  # pragma: no cover
 
 
 @nb.njit(cache=True, nogil=True)
-def _viterbi(gmax, garg, offsets, edge_src, edge_dst, edge_group, start, final, S):  # pragma: no cover
+def _viterbi(gmax, garg, offsets, states, in_offsets, in_src, in_group, S):  # pragma: no cover
+    """Max-product over live states, pulling over each state's incoming edges; a
+    backpointer (incoming edge) per live state, then a trace back from the best end."""
     L = gmax.shape[0]
-    d_src = np.empty(edge_src.shape[0], np.float64)  # best prefix score at each alive edge's source
-    cur = np.full(S, -np.inf)
+    back = np.full(states.shape[0], -1, np.int32)
+    cur = np.full(S, -np.inf)  # best prefix score at l, dense over states
     nxt = np.full(S, -np.inf)
-    cur[start] = 0.0
+    for i in range(offsets[0], offsets[1]):
+        cur[states[i]] = 0.0
     for l in range(L):
+        for i in range(offsets[l + 1], offsets[l + 2]):
+            d = states[i]
+            best = -np.inf
+            be = -1
+            for j in range(in_offsets[d], in_offsets[d + 1]):
+                v = cur[in_src[j]] + gmax[l, in_group[j]]
+                if v > best:
+                    best = v
+                    be = j
+            nxt[d] = best
+            back[i] = be
         for i in range(offsets[l], offsets[l + 1]):
-            e = i
-            d = cur[edge_src[e]]
-            d_src[i] = d
-            v = d + gmax[l, edge_group[e]]
-            if v > nxt[edge_dst[e]]:
-                nxt[edge_dst[e]] = v
-        for i in range(offsets[l], offsets[l + 1]):
-            cur[edge_src[i]] = -np.inf
-        for i in range(offsets[l], offsets[l + 1]):
-            dd = edge_dst[i]
-            if nxt[dd] > -np.inf:
-                cur[dd] = nxt[dd]
-                nxt[dd] = -np.inf
+            cur[states[i]] = -np.inf
+        for i in range(offsets[l + 1], offsets[l + 2]):
+            cur[states[i]] = nxt[states[i]]
     best = -1
     bv = -np.inf
-    for s in range(S):
-        if final[s] and cur[s] > bv:
-            bv = cur[s]
-            best = s
+    for i in range(offsets[L], offsets[L + 1]):  # live at L: accepting by construction
+        if cur[states[i]] > bv:
+            bv = cur[states[i]]
+            best = i
     out = np.full(L, -1, np.int32)
     if best < 0:
         return out, -np.inf, False
-    s = best
+    i = best
     for l in range(L - 1, -1, -1):
-        be = -1
-        bs = -np.inf
-        for i in range(offsets[l], offsets[l + 1]):
-            e = i
-            if edge_dst[e] == s:
-                v = d_src[i] + gmax[l, edge_group[e]]
-                if v > bs:
-                    bs = v
-                    be = e
-        out[l] = garg[l, edge_group[be]]
-        s = edge_src[be]
+        j = back[i]
+        out[l] = garg[l, in_group[j]]
+        if l > 0:
+            i = _slot(states, offsets[l], offsets[l + 1], in_src[j])
     return out, bv, True
 
 
 @nb.njit(cache=True, nogil=True)
-def _forced(offsets, edge_group, group_atoms, group_offsets, atom_offsets, atom_tokens, L):  # pragma: no cover
+def _forced(offsets, states, out_offsets, out_dst, out_group, group_atoms, group_offsets, atom_offsets, atom_tokens,
+            L):  # pragma: no cover
     """Token forced at each position whatever the logits (-1 where there is a choice)."""
     out = np.full(L, -1, np.int32)
     for l in range(L):
         tok = -1
         ok = offsets[l + 1] > offsets[l]
         for i in range(offsets[l], offsets[l + 1]):
-            g = edge_group[i]
-            for j in range(group_offsets[g], group_offsets[g + 1]):
-                k = group_atoms[j]
-                if atom_offsets[k + 1] - atom_offsets[k] != 1:
-                    ok = False
-                    break
-                t = atom_tokens[atom_offsets[k]]
-                if tok == -1:
-                    tok = t
-                elif tok != t:
-                    ok = False
+            s = states[i]
+            for e in range(out_offsets[s], out_offsets[s + 1]):
+                if _slot(states, offsets[l + 1], offsets[l + 2], out_dst[e]) < 0:
+                    continue  # an edge off every valid canvas
+                g = out_group[e]
+                for j in range(group_offsets[g], group_offsets[g + 1]):
+                    k = group_atoms[j]
+                    if atom_offsets[k + 1] - atom_offsets[k] != 1:
+                        ok = False
+                        break
+                    t = atom_tokens[atom_offsets[k]]
+                    if tok == -1:
+                        tok = t
+                    elif tok != t:
+                        ok = False
+                        break
+                if not ok:
                     break
             if not ok:
                 break

@@ -353,7 +353,7 @@ class CompiledGrammar:
 
     def _viterbi_one(self, gmax: np.ndarray, garg: np.ndarray, sup: tuple[np.ndarray, ...], s0: int,
                      partial: bool) -> list[int]:
-        path, _, ok = dp._viterbi(gmax, garg, *sup, s0, self._final(partial), self.automaton.n_states)
+        path, _, ok = dp._viterbi(gmax, garg, *sup, *self._in_edges, self.automaton.n_states)
         if not ok:
             raise NoValidCanvasError(self._no_canvas_message(gmax.shape[0], s0, partial))
         return path.tolist()
@@ -372,26 +372,27 @@ class CompiledGrammar:
         return rowmax, asum, asumx, amax, aarg, gsum
 
     def _beta(self, gsum: np.ndarray, sup: tuple[np.ndarray, ...], s0: int, partial: bool) -> np.ndarray:
-        b_dst, ok = dp._backward(gsum, *sup, self._final(partial), self.automaton.n_states)
+        beta, ok = dp._backward(gsum, *sup, *self._out_edges, self.automaton.n_states)
         if not ok:
             raise NoValidCanvasError(self._no_canvas_message(gsum.shape[0], s0, partial))
-        return b_dst
+        return beta
 
-    def _factors(self, gsum: np.ndarray, sup: tuple[np.ndarray, ...], b_dst: np.ndarray, s0: int,
+    def _factors(self, gsum: np.ndarray, sup: tuple[np.ndarray, ...], beta: np.ndarray, s0: int,
                  partial: bool) -> np.ndarray:
         """Atom factors F (L, K) of one canvas from its backward messages plus a forward pass."""
         ta = self.automaton
-        a_src, ok = dp._forward(gsum, *sup, s0, ta.n_states)
+        F, ok = dp._forward_factors(gsum, *sup, beta, *self._in_edges, ta.atom_groups, ta.atom_group_offsets,
+                                    ta.n_states)
         if not ok:
             raise NoValidCanvasError(self._no_canvas_message(gsum.shape[0], s0, partial))
-        return dp._atom_factors(gsum, sup[0], a_src, b_dst, sup[3], ta.atom_groups, ta.atom_group_offsets)
+        return F
 
     def _sample_one(self, x: np.ndarray, stats: tuple[np.ndarray, ...], sl: slice, sup: tuple[np.ndarray, ...],
-                    b_dst: np.ndarray, s0: int, uniforms: np.ndarray) -> list[int]:
+                    beta: np.ndarray, s0: int, uniforms: np.ndarray) -> list[int]:
         ta = self.automaton
         rowmax, asum, _, amax, aarg, gsum = stats
-        return dp._sample_path(x, rowmax[sl], asum[sl], amax[sl], aarg[sl], gsum[sl], sup[0], b_dst, s0, *sup[1:],
-                               ta.group_atoms, ta.group_offsets, ta.atom_tokens, ta.atom_offsets, uniforms).tolist()
+        return dp._sample_path(x, rowmax[sl], asum[sl], amax[sl], aarg[sl], gsum[sl], *sup, beta, s0,
+                               *self._out_edges, ta.group_atoms, ta.group_offsets, ta.atom_tokens, ta.atom_offsets, uniforms).tolist()
 
     def _log_marginals(self, xs: np.ndarray, rowmax: np.ndarray, F: np.ndarray) -> torch.Tensor:
         B, L, V = xs.shape
@@ -412,8 +413,8 @@ class CompiledGrammar:
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
-            b_dst = self._beta(stats[5][sl], sup, s0, partial)
-            out.append(self._sample_one(xs[b], stats, sl, sup, b_dst, s0, uniforms[b]))
+            beta = self._beta(stats[5][sl], sup, s0, partial)
+            out.append(self._sample_one(xs[b], stats, sl, sup, beta, s0, uniforms[b]))
         return out if batched else out[0]
 
     def marginals(self, logits: Any, state: int | Sequence[int] | None = None, partial: bool = False,
@@ -462,10 +463,10 @@ class CompiledGrammar:
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
-            b_dst = self._beta(gsum[sl], sup, s0, partial)
-            F[sl] = self._factors(gsum[sl], sup, b_dst, s0, partial)
+            beta = self._beta(gsum[sl], sup, s0, partial)
+            F[sl] = self._factors(gsum[sl], sup, beta, s0, partial)
             best.append(self._viterbi_one(gmax[sl], garg[sl], sup, s0, partial))
-            samples.append(self._sample_one(xs[b], stats, sl, sup, b_dst, s0, uniforms[b]))
+            samples.append(self._sample_one(xs[b], stats, sl, sup, beta, s0, uniforms[b]))
         logp = self._log_marginals(xs, rowmax, F)
         H = torch.from_numpy(dp._entropy(asum, asumx, F).reshape(B, L))
         if batched:
@@ -473,14 +474,14 @@ class CompiledGrammar:
         return StepOutput(best[0], samples[0], logp[0], H[0])
 
     def _support(self, length: int, state: int, partial: bool) -> tuple[np.ndarray, ...]:
-        """Alive edges per position for canvases of ``length`` from ``state`` (cached)."""
+        """Live states per position, (offsets, states), for canvases of ``length`` from
+        ``state`` (cached: every denoising step of a canvas reuses it)."""
         key = (length, state, partial)
         hit = self._support_cache.get(key)
         if hit is None:
             ta = self.automaton
-            hit = dp.alive_edges(ta.edge_src, ta.edge_dst, ta.edge_group, ta.n_states, state, self._final(partial),
-                                 length)
-            if hit[1].shape[0] == 0:
+            hit = dp.live_states(ta.edge_src, ta.edge_dst, ta.n_states, state, self._final(partial), length)
+            if hit[0][1] == 0:  # the start state is on no valid canvas
                 raise NoValidCanvasError(self._no_canvas_message(length, state, partial))
             if len(self._support_cache) >= 16:
                 self._support_cache.pop(next(iter(self._support_cache)))
@@ -563,5 +564,19 @@ class CompiledGrammar:
         s0 = self.start_state if state is None else int(state)
         ta = self.automaton
         sup = self._support(length, s0, partial)
-        return dp._forced(sup[0], sup[3], ta.group_atoms, ta.group_offsets, ta.atom_offsets,
+        return dp._forced(*sup, *self._out_edges, ta.group_atoms, ta.group_offsets, ta.atom_offsets,
                           ta.atom_tokens, length).tolist()
+
+    @cached_property
+    def _out_edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(offsets (S + 1,), destination, group) of each state's outgoing edges."""
+        ta = self.automaton
+        return ta.src_offsets, ta.edge_dst, ta.edge_group
+
+    @cached_property
+    def _in_edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(offsets (S + 1,), source, group) of each state's incoming edges."""
+        ta = self.automaton
+        order = np.argsort(ta.edge_dst, kind="stable")
+        offsets = np.searchsorted(ta.edge_dst[order], np.arange(ta.n_states + 1)).astype(np.int64)
+        return offsets, np.ascontiguousarray(ta.edge_src[order]), np.ascontiguousarray(ta.edge_group[order])
