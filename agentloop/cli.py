@@ -446,9 +446,9 @@ def train_cmd(out: Path, steps: int | None, minutes: float | None, seed: int, ba
 
 @main.command("eval")
 @click.option("--model", default="builtin", show_default=True, help="builtin, or a folder `agentloop train` wrote.")
-@click.option("--single", default=100, show_default=True, help="Held-out single-call requests.")
-@click.option("--multi", default=50, show_default=True, help="Held-out multi-step runs (chains, parallel, errors).")
-@click.option("--chat", default=10, show_default=True, help="Held-out requests that need no tool.")
+@click.option("--single", default=300, show_default=True, help="Held-out single-call requests.")
+@click.option("--multi", default=150, show_default=True, help="Held-out multi-step runs (chains, parallel, errors).")
+@click.option("--chat", default=30, show_default=True, help="Held-out requests that need no tool.")
 @click.option("--modes", default=",".join(("copy", "grammar", "unconstrained")), show_default=True,
               help="Comma-separated: copy (grammar + copy constraint), grammar, unconstrained (parse the text).")
 @click.option("--seed", default=1, show_default=True)

@@ -243,9 +243,9 @@ def summarize(outcomes: Sequence[Outcome]) -> dict[str, Any]:
 @dataclass
 class EvalConfig:
     model: str = "builtin"
-    single: int = 100
-    multi: int = 50
-    chat: int = 10
+    single: int = 300
+    multi: int = 150
+    chat: int = 30
     seed: int = 1
     modes: tuple[str, ...] = MODES
     max_steps: int = 6

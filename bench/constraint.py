@@ -260,9 +260,13 @@ def disk_cache_at(folder: Path) -> Iterator[None]:
 
 
 def clear_grammar_caches() -> None:
-    """Fresh process state for a cold compile: compiled grammars and vocabulary maps."""
+    """Fresh process state for a cold compile: compiled grammars, the per-tool argument
+    DFAs and hole envelopes memoised across compiles, and vocabulary maps (a tool set that
+    shares tools with the previous one must not reuse their DFAs, or the compile is not
+    cold and ``DfaReplay`` records fewer DFAs than a cold compile asks for)."""
+    G.clear_caches()
     with G._lock:
-        G._grammar_cache.clear()
+        G._holed.clear()
         G._vocab_cache.clear()
 
 
