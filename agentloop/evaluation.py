@@ -32,7 +32,7 @@ import jsonschema
 from .benchmark import describe_machine, machine_info
 from .errors import AgentloopError, MaxStepsExceeded, ModelOutputError, ToolRetriesExhausted
 from .grammar import ToolCall
-from .training.data import BLIND_HELDOUT, KINDS, Conversation, Split, conversations
+from .training.data import ADDED_HELDOUT, KINDS, Conversation, Split, conversations
 
 MODES = ("copy", "grammar", "unconstrained")
 
@@ -328,7 +328,7 @@ def markdown(res: dict[str, Any], command: str) -> str:
         out.append("|---|---|---|" + "---|" * len(modes))
         rows = res["modes"][modes[0]]["by_phrasing"]
         for p, r in sorted(rows.items(), key=lambda kv: (kv[1]["intent"], kv[0])):
-            mark = "*" if p in BLIND_HELDOUT else ""
+            mark = "*" if p in ADDED_HELDOUT else ""
             out.append(f"| {r['intent']} | {p}{mark} | {r['n']} | " + " | ".join(
                 _pct(res["modes"][m]["by_phrasing"].get(p, {}).get("right_calls")) for m in modes) + " |")
     out.append("\n## Failures by kind\n")

@@ -95,11 +95,11 @@ def test_other_kinds_judge_a_faithful_replay_right(kind):
 
 
 def test_single_calls_are_reported_by_held_out_phrasing():
-    from agentloop.training.data import BLIND_HELDOUT, TEMPLATES
+    from agentloop.training.data import ADDED_HELDOUT, TEMPLATES
 
     held = {p for _, hs in TEMPLATES.values() for p in hs}
     trained = {p for ts, _ in TEMPLATES.values() for p in ts}
-    assert BLIND_HELDOUT <= held and not BLIND_HELDOUT & trained
+    assert ADDED_HELDOUT <= held and not ADDED_HELDOUT & trained
     case = _case("single", "weather")
     assert case.phrasing in TEMPLATES["weather"][1] and case.prompt != case.phrasing
     right = _run(case, [[call("get_weather", city=case.expected[0][0].arguments["city"])], "no idea"])

@@ -164,3 +164,24 @@ def test_cli_defaults_are_the_shipped_recipe() -> None:
     assert f"[default: {cfg.max_steps}]" in flags["steps"].help
     card = json.loads((Path(__file__).parent.parent / "agentloop" / "model" / "agentloop.json").read_text())
     assert card["train_config"] == {**asdict(cfg), "checkpoint_minutes": card["train_config"]["checkpoint_minutes"]}
+
+
+#: sha256 of the first 3,000 training conversations of the bundled model's run
+SHIPPED_STREAM_DIGEST = "767f062bdc92ef766cf9d6c60a36d685055348258e3ac8b44f15dd6aa09e5b46"
+
+
+def _stream_digest(n: int) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for c in conversations(n, 0, "train"):
+        steps = [[[[x.name, x.arguments] for x in s.calls], list(s.results), s.answer] for s in c.steps]
+        h.update(json.dumps([c.kind, c.user, steps], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def test_training_stream_is_the_shipped_models() -> None:
+    """The bundled model was trained on this stream (seed 0). Held-out phrasings and
+    reporting may change freely; a change to what training draws needs a retrained model
+    (and then a new digest here)."""
+    assert _stream_digest(3000) == SHIPPED_STREAM_DIGEST

@@ -392,7 +392,8 @@ class CompiledGrammar:
         ta = self.automaton
         rowmax, asum, _, amax, aarg, gsum = stats
         return dp._sample_path(x, rowmax[sl], asum[sl], amax[sl], aarg[sl], gsum[sl], *sup, beta, s0,
-                               *self._out_edges, ta.group_atoms, ta.group_offsets, ta.atom_tokens, ta.atom_offsets, uniforms).tolist()
+                               *self._out_edges, ta.group_atoms, ta.group_offsets, ta.atom_tokens, ta.atom_offsets,
+                               uniforms).tolist()
 
     def _log_marginals(self, xs: np.ndarray, rowmax: np.ndarray, F: np.ndarray) -> torch.Tensor:
         B, L, V = xs.shape

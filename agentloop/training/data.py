@@ -142,7 +142,7 @@ TEMPLATES: dict[str, tuple[list[str], list[str]]] = {
 #: Held-out phrasings added after the shipped model was trained and evaluated (one per
 #: single-call intent, written before any model was run on them); reports mark them, as
 #: earlier reports' figures come from the other phrasings alone.
-BLIND_HELDOUT = frozenset({
+ADDED_HELDOUT = frozenset({
     "Is it going to rain in {city}?", "What's the {days}-day outlook for {city}?", "How much would {a} {op} {b} be?",
     "Could you turn {v} {u1} into {u2}?", "Look at the clock for {city}.", "Write down a note called {title}: {text}",
     "Save the words {text} to {file}.", "I want to see {file}."})
