@@ -32,7 +32,8 @@ from typing import Any, Mapping, Sequence
 from ..errors import SchemaError
 from . import cache as disk_cache
 from . import charset as cs
-from .copy import HOLE_SYMBOLS, STRING_HOLE, HolesExhausted, copied_number_node, holes_fit, number_hole_language, uses_copy
+from .copy import (HOLE_SYMBOLS, STRING_HOLE, HolesExhausted, copied_number_node, holes_fit, number_hole_language,
+                   uses_copy)
 from .compiled import CompiledGrammar, GrammarStats, ParsedOutput, StepOutput, ToolCall
 from .fsa import Dfa, Node, alt, literal, product, rep, seq, substitute, sym, to_dfa
 from .schema import SchemaCompiler, SchemaOptions, _copies_dfa

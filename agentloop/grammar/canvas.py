@@ -336,7 +336,8 @@ def _sample_path(logits, rowmax, asum, amax, aarg, gsum, offsets, states, beta, 
                  out_group, group_atoms, group_offsets, atom_tokens, atom_offsets, uniforms):  # pragma: no cover
     L = gsum.shape[0]
     out = np.empty(L, np.int32)
-    w_edge = np.empty(out_offsets.shape[0], np.float64)  # scratch: weights of the current state's edges
+    degree = out_offsets[1:] - out_offsets[:-1]
+    w_edge = np.empty(degree.max() if degree.shape[0] else 0, np.float64)  # weights of the current state's edges
     s = start
     for l in range(L):
         # an edge out of s, weight gsum * beta(next); beta of a state not live at l + 1 is 0
