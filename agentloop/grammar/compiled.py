@@ -353,10 +353,30 @@ class CompiledGrammar:
 
     def _viterbi_one(self, gmax: np.ndarray, garg: np.ndarray, sup: tuple[np.ndarray, ...], s0: int,
                      partial: bool) -> list[int]:
-        path, _, ok = dp._viterbi(gmax, garg, *sup, *self._in_edges, self.automaton.n_states)
+        _, path = self._forward(sup, s0, partial, gmax=gmax, garg=garg)
+        assert path is not None
+        return path
+
+    def _forward(self, sup: tuple[np.ndarray, ...], s0: int, partial: bool, gsum: np.ndarray | None = None,
+                 beta: np.ndarray | None = None, gmax: np.ndarray | None = None,
+                 garg: np.ndarray | None = None) -> tuple[np.ndarray | None, list[int] | None]:
+        """One sweep over the canvas's live edges: the atom factors F (L, K) when ``gsum``
+        and ``beta`` are given, the Viterbi canvas when ``gmax`` and ``garg`` are."""
+        ta = self.automaton
+        none2 = np.zeros((0, 0), np.float64)
+        kernel = dp._forward_max if gsum is None else dp._forward_sum if gmax is None else dp._forward_both
+        F, back, best_end, ok = kernel(
+            none2 if gsum is None else gsum, none2 if gmax is None else gmax, *sup,
+            np.zeros(0, np.float64) if beta is None else beta, *self._in_edges, ta.atom_groups,
+            ta.atom_group_offsets, ta.n_states)
         if not ok:
-            raise NoValidCanvasError(self._no_canvas_message(gmax.shape[0], s0, partial))
-        return path.tolist()
+            L = (gsum if gsum is not None else gmax).shape[0]  # type: ignore[union-attr]
+            raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
+        if gmax is None:
+            return F, None
+        _, in_src, in_group = self._in_edges
+        path = dp._trace_back(back, best_end, garg, sup[0], sup[1], in_src, in_group)
+        return (F if gsum is not None else None), path.tolist()
 
     def _no_canvas_message(self, L: int, s0: int, partial: bool) -> str:
         return (f"no valid canvas of {L} positions from state {s0}"
@@ -380,11 +400,8 @@ class CompiledGrammar:
     def _factors(self, gsum: np.ndarray, sup: tuple[np.ndarray, ...], beta: np.ndarray, s0: int,
                  partial: bool) -> np.ndarray:
         """Atom factors F (L, K) of one canvas from its backward messages plus a forward pass."""
-        ta = self.automaton
-        F, ok = dp._forward_factors(gsum, *sup, beta, *self._in_edges, ta.atom_groups, ta.atom_group_offsets,
-                                    ta.n_states)
-        if not ok:
-            raise NoValidCanvasError(self._no_canvas_message(gsum.shape[0], s0, partial))
+        F, _ = self._forward(sup, s0, partial, gsum=gsum, beta=beta)
+        assert F is not None
         return F
 
     def _sample_one(self, x: np.ndarray, stats: tuple[np.ndarray, ...], sl: slice, sup: tuple[np.ndarray, ...],
@@ -465,8 +482,8 @@ class CompiledGrammar:
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
             beta = self._beta(gsum[sl], sup, s0, partial)
-            F[sl] = self._factors(gsum[sl], sup, beta, s0, partial)
-            best.append(self._viterbi_one(gmax[sl], garg[sl], sup, s0, partial))
+            F[sl], path = self._forward(sup, s0, partial, gsum=gsum[sl], beta=beta, gmax=gmax[sl], garg=garg[sl])
+            best.append(path)
             samples.append(self._sample_one(xs[b], stats, sl, sup, beta, s0, uniforms[b]))
         logp = self._log_marginals(xs, rowmax, F)
         H = torch.from_numpy(dp._entropy(asum, asumx, F).reshape(B, L))
