@@ -30,10 +30,10 @@ from .agent import (
 )
 from .errors import AgentloopError, MaxStepsExceeded, ModelOutputError, ToolDefinitionError, ToolRetriesExhausted
 from .grammar import ToolCall
-from .tools import Copied, RunContext, Tool, ToolResult, load_tools, tool
+from .tools import Copied, CopiedNumbers, RunContext, Tool, ToolResult, load_tools, tool
 
 __all__ = [
-    "Agent", "AgentloopError", "CanvasDraft", "Copied", "Event", "FinalAnswer", "MaxStepsExceeded", "Message",
+    "Agent", "AgentloopError", "CanvasDraft", "Copied", "CopiedNumbers", "Event", "FinalAnswer", "MaxStepsExceeded", "Message",
     "ModelMessage", "ModelOutputError",
     "ModelStepEnd", "ModelStepStart", "RunComplete", "RunContext", "RunResult", "StepTrace", "Tool", "ToolCall",
     "ToolCallEnd", "ToolCallStart", "ToolDefinitionError", "ToolResult", "ToolResultsMessage",

@@ -188,6 +188,10 @@ class Agent(Generic[DepsT]):
     ``copy_constraint``: parameters marked ``Copied[...]`` (``"x-copy": true``) take only
     values written in this run's user messages and tool results; the grammar is recompiled
     for each model step that has new text (a few ms to ~100 ms, in a worker thread).
+    ``grounded_numbers=True`` holds the final answer to the same rule for numbers: every
+    number it writes is one written in this run's user messages or tool results (no
+    "46883" for a tool's "46.83"; also no rounding and no arithmetic of its own, so turn it
+    on where answers report what tools computed).
     ``constrained=False`` turns the grammar off: the model's text is parsed, as
     prompt-and-parse runtimes do, and a malformed call raises ``ModelOutputError`` (for
     comparisons; calls to unknown tools and invalid arguments go back to the model as errors).
@@ -197,7 +201,8 @@ class Agent(Generic[DepsT]):
                  max_steps: int = 10, parallel_tool_calls: bool = True, wire_format: str = "gemma4",
                  options: GenerationOptions | None = None, approve: Approver | None = None,
                  tool_choice: Literal["auto", "required", "none"] = "auto", declare_tools: bool = True,
-                 keep_sessions: int = 16, copy_constraint: bool = True, constrained: bool = True) -> None:
+                 keep_sessions: int = 16, copy_constraint: bool = True, grounded_numbers: bool = False,
+                 constrained: bool = True) -> None:
         if max_steps < 1:
             raise ValueError("max_steps must be >= 1")
         if tool_choice not in ("auto", "required", "none"):
@@ -206,6 +211,7 @@ class Agent(Generic[DepsT]):
             raise AgentloopError("tool_choice='required' needs at least one tool")
         self.tool_choice = tool_choice
         self.copy_constraint = copy_constraint
+        self.grounded_numbers = grounded_numbers
         self.constrained = constrained
         self.declare_tools = declare_tools
         self.keep_sessions = keep_sessions
@@ -226,7 +232,8 @@ class Agent(Generic[DepsT]):
         self.options = options
         self.approve = approve
         self._constraint: CompiledGrammar | None = None
-        self._copies = copy_constraint and constrained and any(uses_copy(t.parameters) for t in self.tools)
+        self._copies = constrained and ((copy_constraint and any(uses_copy(t.parameters) for t in self.tools))
+                                        or (grounded_numbers and tool_choice != "required"))
         self._copy_grammars: OrderedDict[tuple[str, ...], CompiledGrammar] = OrderedDict()
         self._copy_lock = threading.Lock()
         # Sessions of finished runs, keyed by their message list, so a continued conversation
@@ -266,7 +273,7 @@ class Agent(Generic[DepsT]):
             tools = [replace(t, parameters=without_copy(t.parameters)) for t in tools]
         return compile_tools(tools, self.engine.tokenizer, self.protocol.wire_format,
                              allow_text=self.tool_choice != "required", parallel_calls=self.parallel_tool_calls,
-                             options=SchemaOptions(copy_sources=sources))
+                             options=SchemaOptions(copy_sources=sources, grounded_text_numbers=self.grounded_numbers))
 
     # ---- public runs -----------------------------------------------------------------------------
     async def run(self, prompt: str, *, message_history: Sequence[Message] | None = None,

@@ -62,7 +62,8 @@ def demo_agent(path: str | Path = BUILTIN_MODEL_DIR, *, engine: Any = None, tool
                **agent_kwargs: Any) -> "Agent[Any]":
     """An :class:`Agent` set up as the model was trained: the demo tools, its instructions,
     tool declarations left out of the prompt (it learned the tools; the grammar holds it to
-    their schemas). ``agent_kwargs`` go to ``Agent`` (``max_steps``, ``options``, ...)."""
+    their schemas), numbers in answers held to the conversation's (``grounded_numbers``).
+    ``agent_kwargs`` go to ``Agent`` (``max_steps``, ``options``, ...)."""
     from .agent import Agent
     from .demo_tools import TOOLS
 
@@ -70,7 +71,9 @@ def demo_agent(path: str | Path = BUILTIN_MODEL_DIR, *, engine: Any = None, tool
     engine = engine if engine is not None else demo_engine(path)
     kwargs: dict[str, Any] = dict(instructions=card.get("instructions", ""),
                                   declare_tools=card.get("declare_tools", True),
-                                  wire_format=card.get("wire_format", "gemma4"))
+                                  wire_format=card.get("wire_format", "gemma4"),
+                                  # every answer it learned reports numbers the tools or the user wrote
+                                  grounded_numbers=True)
     kwargs.update(agent_kwargs)
     # Its outputs were all shorter than a canvas: a few canvases bound a run-on answer.
     options = kwargs.get("options") or card_options(path)

@@ -449,8 +449,9 @@ def train_cmd(out: Path, steps: int | None, minutes: float | None, seed: int, ba
 @click.option("--single", default=300, show_default=True, help="Held-out single-call requests.")
 @click.option("--multi", default=150, show_default=True, help="Held-out multi-step runs (chains, parallel, errors).")
 @click.option("--chat", default=30, show_default=True, help="Held-out requests that need no tool.")
-@click.option("--modes", default=",".join(("copy", "grammar", "unconstrained")), show_default=True,
-              help="Comma-separated: copy (grammar + copy constraint), grammar, unconstrained (parse the text).")
+@click.option("--modes", default=",".join(("grounded", "copy", "grammar", "unconstrained")), show_default=True,
+              help="Comma-separated: grounded (copy + answer numbers from the conversation, as the demo runs), "
+                   "copy (grammar + copy constraint), grammar, unconstrained (parse the text).")
 @click.option("--seed", default=1, show_default=True)
 @click.option("--split", type=click.Choice(["heldout", "train"]), default="heldout", show_default=True,
               help="heldout: phrasings never trained on; train: trained phrasings with fresh values.")

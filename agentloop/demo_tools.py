@@ -4,8 +4,9 @@ The bundled model's training data (``agentloop.training.data``) is made by calli
 very functions, so what it reads at run time is what it learned from. Load them as
 ``--tools agentloop.demo_tools`` or by path, ``--tools tools/demo.py`` (all) or
 ``--tools tools/demo.py:calculator`` (one). Everything is offline and deterministic except
-``get_time``. Names, numbers, titles, paths and contents are ``Copied``: the copy
-constraint holds the model to values written in the conversation. Notes and files live in a sandbox folder: ``deps.sandbox`` when the agent is
+``get_time``. Names, numbers, titles, paths and contents are ``Copied``, and the
+calculator's expression is ``CopiedNumbers``: the copy constraint holds the model to values
+(and numbers) written in the conversation. Notes and files live in a sandbox folder: ``deps.sandbox`` when the agent is
 run with such deps, else ``$AGENTLOOP_SANDBOX``, else ``./agentloop-sandbox``; paths cannot
 leave it.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from agentloop import Copied, RunContext, tool
+from agentloop import Copied, CopiedNumbers, RunContext, tool
 
 CONDITIONS = ["sunny", "partly cloudy", "cloudy", "light rain", "rain", "thunderstorms", "fog", "snow", "windy"]
 
@@ -106,7 +107,7 @@ def _eval(node: ast.AST) -> float:
 
 
 @tool
-def calculator(expression: str) -> str:
+def calculator(expression: CopiedNumbers[str]) -> str:
     """Evaluate an arithmetic expression.
 
     Args:

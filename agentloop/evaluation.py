@@ -3,9 +3,11 @@
 Each case is a held-out conversation (phrasings and entity values never trained on). The
 agent runs it with the demo tools in a scratch sandbox; the run is right when its calls
 are the expected ones (name and every argument, parallel calls in any order) and its final
-answer states what the tool results said. Three modes run the same model side by side:
+answer states what the tool results said. Four modes run the same model side by side:
 
-* ``copy``: the grammar plus the copy constraint (``Copied`` parameters);
+* ``grounded``: as the demo agent runs: the copy constraint, and numbers in the final
+  answer held to those the conversation wrote (``Agent(grounded_numbers=True)``);
+* ``copy``: the grammar plus the copy constraint (``Copied`` and ``CopiedNumbers`` parameters);
 * ``grammar``: the tools' JSON schemas only;
 * ``unconstrained``: no grammar; the text is parsed, as prompt-and-parse runtimes do.
 
@@ -34,7 +36,7 @@ from .errors import AgentloopError, MaxStepsExceeded, ModelOutputError, ToolRetr
 from .grammar import ToolCall
 from .training.data import ADDED_HELDOUT, KINDS, Conversation, Split, conversations
 
-MODES = ("copy", "grammar", "unconstrained")
+MODES = ("grounded", "copy", "grammar", "unconstrained")
 
 
 @dataclass(frozen=True)
@@ -262,7 +264,8 @@ def evaluate(cfg: EvalConfig, progress: Callable[[str, int, int], None] | None =
     engine = demo_engine(path)
     options = card_options(path, **cfg.options)
     agents = {m: demo_agent(path, engine=engine, max_steps=cfg.max_steps, keep_sessions=0, options=options,
-                            copy_constraint=m == "copy", constrained=m != "unconstrained") for m in cfg.modes}
+                            copy_constraint=m in ("grounded", "copy"), grounded_numbers=m == "grounded",
+                            constrained=m != "unconstrained") for m in cfg.modes}
     schemas = {t.name: t.parameters for t in next(iter(agents.values())).tools}
     todo = cases(cfg.single, cfg.multi, cfg.chat, cfg.seed, cfg.split)
     outcomes: list[Outcome] = []

@@ -51,6 +51,13 @@ _T = TypeVar("_T")
 #: ``"x-copy": true``; ``Agent(copy_constraint=False)`` ignores it.
 Copied = Annotated[_T, pydantic.Field(json_schema_extra={"x-copy": True})]
 
+#: A string parameter that is free text but whose numbers the model copies from the
+#: conversation: ``expression: CopiedNumbers[str]`` takes "327 * 848" after "what's 327
+#: times 848", never "327 * 888". A number in it is a run of digits with its fraction
+#: ("6.83"), and must be one the user wrote or a tool returned, whole. In a raw JSON schema:
+#: ``"x-copy": "numbers"``.
+CopiedNumbers = Annotated[_T, pydantic.Field(json_schema_extra={"x-copy": "numbers"})]
+
 
 @dataclass
 class RunContext(Generic[DepsT]):

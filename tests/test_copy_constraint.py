@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentloop import Agent, Copied, tool
+from agentloop import Agent, Copied, CopiedNumbers, tool
 from agentloop.grammar import SchemaOptions, compile_schema
 from agentloop.grammar.copy import copies_node, is_copied
 from agentloop.grammar.fsa import to_dfa
@@ -27,6 +27,7 @@ def test_copy_automaton_accepts_exactly_the_copies(text, probe):
         text[i:i + len(probe)] == probe and not probe[0].isspace() and not probe[-1].isspace()
         and (i == 0 or not (word(text[i - 1]) and word(probe[0])))
         and (i + len(probe) == len(text) or not (word(probe[-1]) and word(text[i + len(probe)])))
+        and not (probe[-1] in ".,;:!?" and (i + len(probe) == len(text) or text[i + len(probe)].isspace()))
         for i in range(len(text) - len(probe) + 1))
     assert d.accepts(wf.spell_string_content(probe)) == want
     assert is_copied(probe, [text]) == want
@@ -36,6 +37,9 @@ def test_copies_are_whole_words():
     assert is_copied("Belri", ["Weather in Belri, please"]) and is_copied("in Belri", ["Weather in Belri, please"])
     assert not is_copied("Belr", ["Weather in Belri, please"]) and not is_copied("Belri ", ["in Belri now"])
     assert is_copied("nijor.txt", ["Write nijor.txt now"]) and is_copied("nijor", ["Write nijor.txt now"])
+    # clause punctuation is not part of a copy; inner punctuation is
+    assert is_copied("recipe.txt", ["I want to see recipe.txt."]) and not is_copied("recipe.txt.", ["see recipe.txt."])
+    assert not is_copied("Oslo,", ["Oslo, then Rome"]) and is_copied("Oslo, then Rome", ["Oslo, then Rome"])
 
 
 @pytest.mark.parametrize("wire_format", ["json", "gemma4"])
@@ -182,16 +186,18 @@ _SPLICE_TOOLS = [
         "value": {"type": "number", "x-copy": True}, "times": {"type": "integer", "minimum": 0, "x-copy": True},
         "unit": {"enum": ["km", "mi"]}, "note": {"type": "string", "x-copy": True}}}},
     {"name": "search", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}},
+    {"name": "calc", "parameters": {"type": "object", "required": ["expr"], "properties": {
+        "expr": {"type": "string", "x-copy": "numbers"}}}},
 ]
 
 
-def _full_and_spliced(btok, wire_format, texts, tools=_SPLICE_TOOLS):
+def _full_and_spliced(btok, wire_format, texts, tools=_SPLICE_TOOLS, grounded=False):
     from unittest import mock
 
     import agentloop.grammar as grammar
     from agentloop.grammar import clear_caches, compile_tools
 
-    opt = SchemaOptions(copy_sources=tuple(texts))
+    opt = SchemaOptions(copy_sources=tuple(texts), grounded_text_numbers=grounded)
     clear_caches()
     spliced = compile_tools(tools, btok, wire_format, options=opt)
     clear_caches()
@@ -207,8 +213,8 @@ def test_spliced_copies_are_exactly_the_full_compile(btok, texts):
     from agentloop.grammar.copy import HOLE_SYMBOLS
     from agentloop.grammar.fsa import product
 
-    for wire_format in ("json", "gemma4"):
-        full, spliced = _full_and_spliced(btok, wire_format, texts)
+    for wire_format, grounded in (("json", False), ("gemma4", False), ("json", True), ("gemma4", True)):
+        full, spliced = _full_and_spliced(btok, wire_format, texts, grounded=grounded)
         assert product(full.dfa, spliced.dfa, "xor").is_empty()  # the same language
         d = spliced.dfa
         assert not any((d.trans[:, d.sym_class[h]] >= 0).any() for h in HOLE_SYMBOLS)  # no hole survives
@@ -256,3 +262,90 @@ def test_compile_falls_back_when_every_number_hole_is_taken(btok, monkeypatch):
     assert g.accepts_json([{"name": "n", "arguments": {"v": 12.5}}])
     assert not g.accepts_json([{"name": "n", "arguments": {"v": 12}}])
     clear_caches()
+
+
+# ---- the numbers rule: free text whose numbers are copied ------------------------------------------
+
+
+@settings(max_examples=120, deadline=None, derandomize=True)
+@given(texts=st.lists(st.text(alphabet="12. a-", max_size=9), max_size=2),
+       probe=st.text(alphabet="12. a\"", max_size=8))
+def test_numbers_automaton_accepts_exactly_texts_whose_numbers_are_written(texts, probe):
+    import re
+
+    from agentloop.grammar import charset as cs
+    from agentloop.grammar.copy import numbers_are_copied, numbers_copied_node
+
+    # brute force: each greedy digits[.digits] run of the probe occurs as such a run in a text
+    runs = {m for t in texts for m in re.findall(r"[0-9]+(?:\.[0-9]+)?", t)}
+    want = all(m in runs for m in re.findall(r"[0-9]+(?:\.[0-9]+)?", probe))
+    assert numbers_are_copied(probe, texts) == want
+    wf = load_wire_format("json")
+    in_string = to_dfa(numbers_copied_node(texts, wf.spell_char), wf.n_symbols)
+    assert in_string.accepts(wf.spell_string_content(probe)) == want
+    raw = to_dfa(numbers_copied_node(texts, cs.utf8_node, nonempty=True), 256)
+    assert raw.accepts(probe.encode()) == (want and probe != "")
+
+
+_CALC = {"type": "object", "properties": {"expression": {"type": "string", "x-copy": "numbers"}},
+         "required": ["expression"]}
+
+
+@pytest.mark.parametrize("wire_format", ["json", "gemma4"])
+def test_numbers_rule_on_a_string_parameter(btok, wire_format):
+    import torch
+
+    from agentloop.grammar.copy import numbers_are_copied
+
+    sources = ("what's 327 times 848", "6.83 m")
+    g = compile_schema(_CALC, btok, wire_format, options=SchemaOptions(copy_sources=sources))
+    assert g.accepts_json({"expression": "327 * 848"}) and g.accepts_json({"expression": "(6.83 + 327) / 848"})
+    assert g.accepts_json({"expression": "sqrt(x)"})  # no number: free
+    assert not g.accepts_json({"expression": "327 * 888"})
+    assert not g.accepts_json({"expression": "32 * 848"})  # a number is whole: not "32" out of "327"
+    assert not g.accepts_json({"expression": "6.8 * 2"})
+    for seed in range(6):
+        ids = g.sample(torch.randn(30, g.vocab.size, generator=torch.Generator().manual_seed(seed)) * 3)
+        assert numbers_are_copied(g.parse(ids)["expression"], sources)
+
+
+def test_copied_numbers_annotation_and_bad_x_copy_values(btok):
+    from agentloop.errors import SchemaError
+
+    @tool
+    def calc(expression: CopiedNumbers[str]) -> str:
+        """Compute."""
+        return expression
+
+    assert calc.parameters["properties"]["expression"] == {"type": "string", "x-copy": "numbers"}
+    bad = {"type": "object", "properties": {"s": {"type": "string", "x-copy": "yes"}}}
+    with pytest.raises(SchemaError, match='x-copy must be true, false or "numbers"') as err:
+        compile_schema(bad, btok, "json")
+    assert err.value.pointer == "/properties/s/x-copy"
+
+
+def _grounded_agent(script, **kw):
+    from agentloop.testing import ScriptedEngine
+
+    @tool
+    def convert(value: Copied[float]) -> str:
+        """cm to m."""
+        return f"{value} cm = {value / 100} m"
+
+    return Agent(ScriptedEngine(script), [convert], grounded_numbers=True, **kw)
+
+
+def test_grounded_numbers_hold_the_answer_to_numbers_the_run_wrote():
+    from agentloop.errors import ScriptError
+    from agentloop.testing import call
+
+    r = _grounded_agent([call("convert", value=683), "683 cm is 6.83 m; plus 40 is 46.83."]).run_sync(
+        "683 cm in m, plus 40? The tool may say 46.83")
+    assert r.output == "683 cm is 6.83 m; plus 40 is 46.83."
+    with pytest.raises(ScriptError, match="not valid for the tools' grammar"):
+        _grounded_agent([call("convert", value=683), "That makes 46883."]).run_sync("683 cm in m, plus 40?")
+    # off by default: the answer's numbers are free
+    from agentloop.testing import ScriptedEngine
+
+    free = Agent(ScriptedEngine(["That makes 46883."]), [])
+    assert free.run_sync("683 cm in m, plus 40?").output == "That makes 46883."

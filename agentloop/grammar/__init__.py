@@ -32,10 +32,10 @@ from typing import Any, Mapping, Sequence
 from ..errors import SchemaError
 from . import cache as disk_cache
 from . import charset as cs
-from .copy import (HOLE_SYMBOLS, STRING_HOLE, HolesExhausted, copied_number_node, holes_fit, number_hole_language,
-                   uses_copy)
+from .copy import (HOLE_SYMBOLS, STRING_HOLE, STRING_NUMBERS_HOLE, TEXT_NUMBERS_HOLE, HolesExhausted,
+                   copied_number_node, holes_fit, number_hole_language, uses_copy)
 from .compiled import CompiledGrammar, GrammarStats, ParsedOutput, StepOutput, ToolCall
-from .fsa import Dfa, Node, alt, literal, product, rep, seq, substitute, sym, to_dfa
+from .fsa import Dfa, Node, alt, embed, literal, product, rep, seq, substitute, sym, to_dfa
 from .schema import SchemaCompiler, SchemaOptions, _copies_dfa
 from .token_automaton import build_token_automaton
 from .vocabulary import Vocabulary
@@ -243,8 +243,6 @@ def compile_tools(
                 if part == "name":
                     parts.append(literal(t.name.encode()))
                 elif part == "arguments":
-                    from .fsa import embed
-
                     parts.append(embed(args_dfa))
                 else:
                     parts.append(literal(part))  # type: ignore[arg-type]
@@ -256,7 +254,14 @@ def compile_tools(
             branches.append(seq(literal(wf.lit("open", "calls")), many, literal(wf.lit("close", "calls")),
                                 literal(wf.lit("end", "calls"))))
         if allow_text:
-            if wf.text.get("body", "raw") == "string":
+            string_body = wf.text.get("body", "raw") == "string"
+            if options.grounded_text_numbers and options.copy_holes:
+                body = wf.string_node(sym(STRING_NUMBERS_HOLE)) if string_body else sym(TEXT_NUMBERS_HOLE)
+            elif options.grounded_text_numbers:
+                kind = "string_numbers" if string_body else "text_numbers"
+                body = embed(_copies_dfa(options.copy_sources, wf, kind))
+                body = wf.string_node(body) if string_body else body
+            elif string_body:
                 body = wf.string_node(rep(wf.spell_char(cs.ANY)))
             else:
                 body = rep(cs.utf8_node(cs.ANY), 1)
@@ -269,7 +274,8 @@ def compile_tools(
                 wf.name, wf.source, repr(options)]
 
     def node() -> Node | Dfa:
-        if options.copy_sources and all(holes_fit(t.parameters) for t in specs if uses_copy(t.parameters)):
+        if (options.copy_sources or options.grounded_text_numbers) and \
+                all(holes_fit(t.parameters) for t in specs if uses_copy(t.parameters)):
             # The copy constraint changes every turn: compile the envelope once with holes
             # where copied values go, and splice this turn's copies in (milliseconds).
             holed = dataclasses.replace(options, copy_sources=(), copy_holes=True)
@@ -317,11 +323,12 @@ def _hole_fills(envelope: Dfa, sources: tuple[str, ...], wf: WireFormat) -> dict
     """What each hole of ``envelope`` stands for this turn: the copies from ``sources``
     (strings), or the numbers written in them within the hole's number language."""
     used = [h for h in HOLE_SYMBOLS if (envelope.trans[:, envelope.sym_class[h]] >= 0).any()]
-    fills = {STRING_HOLE: _copies_dfa(sources, wf)} if STRING_HOLE in used else {}
+    kinds = {STRING_HOLE: "copies", STRING_NUMBERS_HOLE: "string_numbers", TEXT_NUMBERS_HOLE: "text_numbers"}
+    fills = {h: _copies_dfa(sources, wf, kinds[h]) for h in used if h in kinds}  # type: ignore[arg-type]
     if len(used) > len(fills):
         numbers = to_dfa(copied_number_node(sources), wf.n_symbols)
         for h in used:
-            if h != STRING_HOLE:
+            if h not in kinds:
                 fills[h] = product(number_hole_language(h), numbers, "and")
     return fills
 

@@ -1,9 +1,10 @@
 """The copy constraint: a string may only be a copy from given texts, a number only one
 written in them.
 
-A copy is a substring that starts and ends at word boundaries and neither starts nor ends
-with whitespace: from "Weather in Belri, please" the copies include "Belri", "in Belri"
-and "Belri, please", not "Belr" or "ather". (A plain substring rule lets a small model stop
+A copy is a substring that starts and ends at word boundaries, neither starts nor ends
+with whitespace, and does not end with the punctuation that closes a clause: from "Weather
+in Belri, please." the copies include "Belri", "in Belri" and "Belri, please", not "Belr",
+"ather", "Belri," or "please.". (A plain substring rule lets a small model stop
 a name one letter short.) The copies of a text of n characters form a regular language: an
 automaton with a state per position, entered at every word start and accepting at every
 word end, so a parameter marked ``"x-copy": true`` can be intersected with the rest of its
@@ -24,8 +25,9 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
+from . import charset as cs
 from .fsa import EMPTY, NEVER, Node, alt, graph, literal
 from .wireformat import WireFormat
 
@@ -39,9 +41,17 @@ def copy_starts(text: str, i: int) -> bool:
     return not text[i].isspace() and (i == 0 or not (_in_word(text[i - 1]) and _in_word(text[i])))
 
 
+#: Punctuation that ends a clause when whitespace or the end of the text follows it.
+_CLAUSE_END = frozenset(".,;:!?")
+
+
 def copy_ends(text: str, j: int) -> bool:
-    """Whether a copy may end just before ``text[j]`` (``j == len(text)``: at the end)."""
-    return not text[j - 1].isspace() and (j == len(text) or not (_in_word(text[j - 1]) and _in_word(text[j])))
+    """Whether a copy may end just before ``text[j]`` (``j == len(text)``: at the end).
+    Not after the punctuation that ends a clause: "Read notes.txt." copies "notes.txt"."""
+    at_end = j == len(text)
+    if text[j - 1] in _CLAUSE_END and (at_end or text[j].isspace()):
+        return False
+    return not text[j - 1].isspace() and (at_end or not (_in_word(text[j - 1]) and _in_word(text[j])))
 
 
 def is_copied(value: str, texts: Iterable[str]) -> bool:
@@ -118,12 +128,81 @@ def copied_numbers(texts: Iterable[str]) -> set[float]:
     return {float(s) for s in copied_number_spellings(texts)}
 
 
+# ---- numbers copied into free text ----------------------------------------------------------
+# The numbers rule (``"x-copy": "numbers"`` on a string, ``grounded_text_numbers`` on an
+# answer): the text is free, but every number in it is one written in the sources. A small
+# model that writes "46883" for a tool's "46.83", or "327 * 888" for "327 times 848", cannot.
+#: A number inside free text as the rule reads it: a run of digits, with its fraction when a
+#: digit follows the point ("6.83" in "6.83 m."; "1.2" and "3" in "1.2.3"). Signs are text.
+_TEXT_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
+def written_numbers(texts: Iterable[str]) -> set[str]:
+    """The numbers written in ``texts``, as the numbers rule reads them (unsigned)."""
+    return {m.group(0) for text in texts for m in _TEXT_NUMBER.finditer(text)}
+
+
+def numbers_are_copied(value: str, texts: Iterable[str]) -> bool:
+    """Whether every number in ``value`` is written in one of ``texts`` (the validator's
+    side of ``numbers_copied_node``)."""
+    allowed = written_numbers(texts)
+    return all(m.group(0) in allowed for m in _TEXT_NUMBER.finditer(value))
+
+
+def numbers_copied_node(texts: Iterable[str], spell: Callable[[cs.CharSet], Node], nonempty: bool = False) -> Node:
+    """Free text whose numbers are all written in ``texts``; ``spell`` spells one character
+    of a set (``wf.spell_char`` inside a string, ``charset.utf8_node`` in raw text).
+
+    States: outside a number; inside one, at a prefix of an allowed number (a trie); and
+    "a whole number then a point that no digit may follow" (the point ends a sentence, not a
+    fraction). Leaving a number is allowed only where the prefix is a whole allowed number,
+    which mirrors ``_TEXT_NUMBER``'s greedy reading of the text.
+    """
+    allowed = written_numbers(texts)
+    START, OUT, POINT = 0, 1, 2  # START: OUT before the first character (final unless nonempty)
+    trie: dict[str, int] = {}
+    for number in sorted(allowed):
+        for i in range(1, len(number) + 1):
+            trie.setdefault(number[:i], 3 + len(trie))
+    non_digit = cs.minus(cs.ANY, cs.DIGIT)
+    point = cs.of_chars(".")
+    plain: dict[str, Node] = {"non_digit": spell(non_digit), "non_digit_point": spell(cs.minus(non_digit, point)),
+                              "point": spell(point)}
+    digit = {d: spell(cs.of_chars(d)) for d in "0123456789"}
+    edges: list[tuple[int, int, Node]] = []
+    finals = [OUT, POINT] + ([] if nonempty else [START])
+    for q in (START, OUT):
+        edges.append((q, OUT, plain["non_digit"]))
+        edges += [(q, trie[d], digit[d]) for d in digit if d in trie]
+    edges.append((POINT, OUT, plain["non_digit"]))
+    for prefix, q in trie.items():
+        edges += [(q, trie[prefix + d], digit[d]) for d in digit if prefix + d in trie]
+        if "." not in prefix:  # the integer part
+            whole = prefix in allowed
+            if prefix + "." in trie:
+                edges.append((q, trie[prefix + "."], plain["point"]))
+            elif whole:
+                edges.append((q, POINT, plain["point"]))
+            if whole:
+                edges.append((q, OUT, plain["non_digit_point"]))
+                finals.append(q)
+        else:  # after the point: a fraction follows, or the point was text after a whole number
+            whole = prefix[:-1] in allowed if prefix.endswith(".") else prefix in allowed
+            if whole:
+                edges.append((q, OUT, plain["non_digit"]))
+                finals.append(q)
+    return graph(3 + len(trie), finals, edges)
+
+
 # ---- holes: the envelope compiled once, each turn's copies spliced in ---------------------
 #: Bytes that never occur in UTF-8. A copied value compiled as one of these ("a hole") keeps
 #: its place in an automaton that does not depend on the conversation; each turn, the
 #: copies are spliced in (``fsa.substitute``) instead of recompiling every tool.
 HOLE_SYMBOLS = (0xFF, 0xFE, 0xFD, 0xFC, 0xFB, 0xFA, 0xF9, 0xF8, 0xF7, 0xF6, 0xF5, 0xC1, 0xC0)
-STRING_HOLE = HOLE_SYMBOLS[0]
+STRING_HOLE = HOLE_SYMBOLS[0]  #: a copied string's content
+STRING_NUMBERS_HOLE = HOLE_SYMBOLS[1]  #: a string's content under the numbers rule
+TEXT_NUMBERS_HOLE = HOLE_SYMBOLS[2]  #: a final answer's raw text under the numbers rule
+_NUMBER_HOLES = HOLE_SYMBOLS[3:]
 #: A number hole per distinct number language (a copied number must also satisfy its
 #: schema: integer, minimum...); process-wide so that every tool agrees on the symbols.
 _number_holes: dict[bytes, tuple[int, Any]] = {}
@@ -146,7 +225,7 @@ def number_hole(dfa: Any) -> int:
     key = b"|".join([dfa.trans.tobytes(), dfa.accept.tobytes(), str(dfa.start).encode(), dfa.sym_class.tobytes()])
     with _holes_lock:
         if key not in _number_holes:
-            free = [h for h in HOLE_SYMBOLS[1:] if h not in {s for s, _ in _number_holes.values()}]
+            free = [h for h in _NUMBER_HOLES if h not in {s for s, _ in _number_holes.values()}]
             if not free:
                 raise HolesExhausted
             _number_holes[key] = (free[0], dfa)

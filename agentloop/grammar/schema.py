@@ -34,7 +34,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 from urllib.parse import unquote, urldefrag, urljoin
 
 import jsonschema
@@ -62,7 +62,8 @@ from .fsa import (
     to_dfa,
 )
 from .regex import full_match_node, pattern_is_exact, pattern_node
-from .copy import STRING_HOLE, copied_number_node, copied_numbers, copies_node, is_copied, number_hole
+from .copy import (STRING_HOLE, STRING_NUMBERS_HOLE, copied_number_node, copied_numbers, copies_node, is_copied,
+                   number_hole, numbers_are_copied, numbers_copied_node)
 from .wireformat import WireFormat
 
 Facet = tuple[Any, str, str]
@@ -257,6 +258,9 @@ class SchemaOptions:
     #: ``copy_sources``: a language that does not depend on the conversation, into which
     #: ``fsa.substitute`` splices each turn's copies. Only for schemas ``copy.holes_fit``.
     copy_holes: bool = False
+    #: A tool envelope's final text may only write numbers that ``copy_sources`` write
+    #: (the numbers rule of ``"x-copy": "numbers"``, applied to the answer).
+    grounded_text_numbers: bool = False
 
 
 @dataclass(frozen=True)
@@ -372,12 +376,21 @@ def _char_any_dfa(wf: WireFormat) -> Dfa:
 _copies: "OrderedDict[tuple[Any, ...], Dfa]" = OrderedDict()
 
 
-def _copies_dfa(sources: tuple[str, ...], wf: WireFormat) -> Dfa:
-    """The copy constraint's automaton, shared by every copied parameter of a model step."""
-    key = (sources, wf.name, wf.file_text)
+def _copies_dfa(sources: tuple[str, ...], wf: WireFormat,
+                kind: Literal["copies", "string_numbers", "text_numbers"] = "copies") -> Dfa:
+    """The copy constraint's automata, shared by every copied parameter of a model step:
+    ``copies`` (string content that is a copy), ``string_numbers`` (string content whose
+    numbers are copied) or ``text_numbers`` (a final answer's raw text, idem, not empty)."""
+    key = (sources, wf.name, wf.file_text, kind)
     d = _copies.get(key)
     if d is None:
-        d = _copies[key] = to_dfa(copies_node(sources, wf), wf.n_symbols)
+        if kind == "copies":
+            node = copies_node(sources, wf)
+        elif kind == "string_numbers":
+            node = numbers_copied_node(sources, wf.spell_char)
+        else:
+            node = numbers_copied_node(sources, cs.utf8_node, nonempty=True)
+        d = _copies[key] = to_dfa(node, wf.n_symbols)
         while len(_copies) > 16:
             _copies.popitem(last=False)
     return d
@@ -587,7 +600,10 @@ class SchemaCompiler:
         def copy(validator: Any, on: Any, instance: Any, schema: Any) -> Iterator[Any]:
             if not on or over:
                 return
-            if isinstance(instance, str) and not is_copied(instance, comp.opt.copy_sources):
+            if on == "numbers" and isinstance(instance, str):
+                if not numbers_are_copied(instance, comp.opt.copy_sources):
+                    yield error(f"{instance!r} has a number not written in the conversation")
+            elif isinstance(instance, str) and not is_copied(instance, comp.opt.copy_sources):
                 yield error(f"{instance!r} is not copied from the conversation (whole words)")
             elif isinstance(instance, (int, float)) and not isinstance(instance, bool) and \
                     instance not in copied_numbers(comp.opt.copy_sources):
@@ -636,6 +652,9 @@ class SchemaCompiler:
         for key in schema:
             if key in UNSUPPORTED:
                 raise SchemaError(f"keyword {key!r} is not supported by the grammar compiler", keyword=key, pointer=_ptr(ptr, key))
+        if "x-copy" in schema and schema["x-copy"] not in (True, False, "numbers"):
+            raise SchemaError(f'x-copy must be true, false or "numbers", got {schema["x-copy"]!r}', keyword="x-copy",
+                              pointer=_ptr(ptr, "x-copy"))
 
     def expand(self, facets: Sequence[Facet], ctx: _Ctx) -> tuple[list[Facet], list[Facet], list[Facet], tuple[str, ...]] | str | None:
         """Flatten allOf and $ref; split off ``not`` subschemas and if/then/else facets.
@@ -1097,7 +1116,7 @@ class SchemaCompiler:
         min_len, max_len = 0, None
         patterns: list[tuple[str, str]] = []
         formats: list[tuple[str, str]] = []
-        copy = False
+        copy = copy_numbers = False
         for schema, ptr, base in fs:
             if "minLength" in schema:
                 min_len = max(min_len, int(schema["minLength"]))
@@ -1113,7 +1132,9 @@ class SchemaCompiler:
                 if f not in FORMATS:
                     raise SchemaError(f"format {f!r} is not supported; supported: {', '.join(sorted(FORMATS))}", keyword="format", pointer=_ptr(ptr, "format"))
                 formats.append((f, _ptr(ptr, "format")))
-            if schema.get("x-copy"):
+            if schema.get("x-copy") == "numbers":
+                copy_numbers = True
+            elif schema.get("x-copy"):
                 copy = True
         if max_len is not None:
             if max_len < min_len:
@@ -1141,9 +1162,18 @@ class SchemaCompiler:
                 return sym(STRING_HOLE)  # holes_fit: a plain copied string
             if not ctx.over:
                 copied = _copies_dfa(self.opt.copy_sources, self.wf)
-                if not constraints and min_len == 0 and max_len is None:
+                if not constraints and min_len == 0 and max_len is None and not copy_numbers:
                     return embed(copied)  # the substrings alone: every spelled character is valid
                 constraints.append(copied)
+        if copy_numbers:
+            self._approx += 1
+            if not ctx.over and self.opt.copy_holes:
+                return sym(STRING_NUMBERS_HOLE)  # holes_fit: a plain string under the numbers rule
+            if not ctx.over:
+                numbers = _copies_dfa(self.opt.copy_sources, self.wf, "string_numbers")
+                if not constraints and min_len == 0 and max_len is None:
+                    return embed(numbers)
+                constraints.append(numbers)
         if constraints:
             content = embed(intersect_all([self._dfa(content)] + constraints))
         return content
