@@ -381,6 +381,20 @@ def step_row(g: Any, cfg: Config, forward_ms: float) -> dict[str, Any]:
     }
     if hasattr(g, "denoise_step"):  # all three sharing one pass over the logits (what the engine calls)
         ops["denoise_step"] = lambda: g.denoise_step(logits, generator=sampler)
+    if torch.cuda.is_available() and hasattr(g, "denoise_step"):
+        on_gpu = logits.cuda()
+
+        def gpu_step() -> None:  # vocabulary passes on the GPU, only (L, atoms) statistics to the host
+            g.denoise_step(on_gpu, generator=sampler)
+            torch.cuda.synchronize()
+
+        def via_host() -> None:  # the logits to the host and the marginals back, as before device_passes
+            out = g.denoise_step(on_gpu.cpu(), generator=sampler)
+            out.log_marginals.cuda()
+            torch.cuda.synchronize()
+
+        ops["denoise_step_cuda"] = gpu_step
+        ops["denoise_step_cuda_via_host"] = via_host
     row: dict[str, Any] = {"forward_ms": forward_ms}
     for name, fn in ops.items():
         row[f"{name}_ms"], row[f"{name}_min_ms"] = time_ms(fn, cfg.repeats, cfg.warmup)
@@ -566,6 +580,12 @@ def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
              ["tokenizer", "tools", "viterbi reduce", "viterbi rest", "sample reduce", "sample rest",
               "marginals reduce", "marginals rest"], split_rows)
     out = [main, phases, split]
+    gpu_rows = [[s["tokenizer"], str(s["n_tools"]), f"{s['denoise_step_cuda_ms']:.2f}",
+                 f"{s['denoise_step_cuda_via_host_ms']:.2f}"] for s in result["step"] if "denoise_step_cuda_ms" in s]
+    if gpu_rows:
+        out.append(("denoise_step with the logits on the GPU (ms): vocabulary passes on the device vs the logits "
+                    "copied to the host and the marginals back; the DP runs on the CPU in both",
+                    ["tokenizer", "tools", "on the device", "via the host"], gpu_rows))
     if result["outlines"]:
         o_rows = []
         for o in result["outlines"]:

@@ -22,6 +22,16 @@ TOKENS = ["[", "]", "1", "2", ",", "12"]
 SCHEMA = {"type": "array", "items": {"enum": [1, 2, 12]}, "maxItems": 2}
 
 
+@pytest.fixture(autouse=True, params=["host", "device"])
+def vocab_passes(request, monkeypatch):
+    """Every test runs twice: the vocabulary passes compiled on the host, and in torch as
+    they run for logits on a GPU (``device_passes``), here on the CPU."""
+    from agentloop.grammar.compiled import CompiledGrammar
+
+    monkeypatch.setattr(CompiledGrammar, "_device_passes_on_cpu", request.param == "device")
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def grammar():
     return compile_schema(SCHEMA, word_tokenizer(TOKENS))

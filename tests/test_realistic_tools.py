@@ -52,3 +52,25 @@ def test_canonical_examples_are_accepted(btok):
     assert g.accepts_json([{"name": "get_weather", "arguments": {"city": "Zürich", "days": 3, "units": "metric"}}])
     assert not g.accepts_json([{"name": "get_weather", "arguments": {"city": "", "days": 3}}])  # minLength 1
     assert not g.accepts_json([{"name": "get_weather", "arguments": {"city": "Paris", "extra": 1}}])
+
+
+def test_device_passes_match_the_host_passes(btok, monkeypatch):
+    """Logits on a GPU keep the vocabulary passes in torch (``device_passes``); run here on
+    the CPU, they must give what the compiled host passes give: the same Viterbi canvas
+    and, from the same random numbers, the same sample; the same marginals and entropies."""
+    import torch
+
+    from agentloop.grammar import compile_tools
+    from agentloop.grammar.compiled import CompiledGrammar
+
+    g = compile_tools(TOOLS[:4], btok, "gemma4")
+    for seed in range(3):
+        logits = torch.randn(2, 48, g.vocab.size + 5, generator=torch.Generator().manual_seed(seed)) * 4
+        host = g.denoise_step(logits, generator=torch.Generator().manual_seed(seed), partial=True)
+        monkeypatch.setattr(CompiledGrammar, "_device_passes_on_cpu", True)
+        dev = g.denoise_step(logits, generator=torch.Generator().manual_seed(seed), partial=True)
+        monkeypatch.setattr(CompiledGrammar, "_device_passes_on_cpu", False)
+        assert dev.argmax == host.argmax and dev.sample == host.sample
+        assert torch.allclose(dev.log_marginals, host.log_marginals, atol=1e-4)
+        assert torch.allclose(dev.entropy, host.entropy, atol=1e-5)
+        assert torch.isneginf(dev.log_marginals[..., g.vocab.size:]).all()  # padding columns never allowed

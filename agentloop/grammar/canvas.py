@@ -399,8 +399,10 @@ def _entropy(asum, asumx, F):  # pragma: no cover
 
 
 @nb.njit(cache=True, nogil=True)
-def _sample_path(logits, rowmax, asum, amax, aarg, gsum, offsets, states, beta, start, out_offsets, out_dst,
-                 out_group, group_atoms, group_offsets, atom_tokens, atom_offsets, uniforms):  # pragma: no cover
+def _sample_atoms(asum, gsum, offsets, states, beta, start, out_offsets, out_dst, out_group, group_atoms,
+                  group_offsets, uniforms):  # pragma: no cover
+    """Backward filtering, forward sampling: an edge per position (weight gsum * beta of
+    its end), then an atom inside the edge's group (weight asum). -> atoms (L,) int32."""
     L = gsum.shape[0]
     out = np.empty(L, np.int32)
     degree = out_offsets[1:] - out_offsets[:-1]
@@ -438,18 +440,27 @@ def _sample_path(logits, rowmax, asum, amax, aarg, gsum, offsets, states, beta, 
                 acc += w
                 if acc >= u:
                     break
-        # a token inside the atom, weight exp(x - rowmax). The atom's argmax token alone
-        # carries e_max / asum of the mass: try it first (a peaked model ends here in O(1)),
-        # else scan the other tokens with the remaining mass.
+        out[l] = k
+        s = out_dst[chosen]
+    return out
+
+
+@nb.njit(cache=True, nogil=True)
+def _sample_tokens(logits, rowmax, asum, amax, aarg, atoms, atom_tokens, atom_offsets, uniforms):  # pragma: no cover
+    """A token inside each position's sampled atom, weight exp(x - rowmax). The atom's
+    argmax token alone carries e_max / asum of the mass: try it first (a peaked model ends
+    here in O(1)), else scan the other tokens with the remaining mass."""
+    L = atoms.shape[0]
+    out = np.empty(L, np.int32)
+    for l in range(L):
+        k = atoms[l]
         m = rowmax[l]
         best = aarg[l, k]
         e_best = math.exp(amax[l, k] - m)
         u = uniforms[l, 2] * asum[l, k]
-        if u < e_best or atom_offsets[k + 1] - atom_offsets[k] == 1:
-            tok = best
-        else:
+        tok = best
+        if not (u < e_best or atom_offsets[k + 1] - atom_offsets[k] == 1):
             u -= e_best
-            tok = best
             acc = 0.0
             for i in range(atom_offsets[k], atom_offsets[k + 1]):
                 t = atom_tokens[i]
@@ -462,7 +473,6 @@ def _sample_path(logits, rowmax, asum, amax, aarg, gsum, offsets, states, beta, 
                     if acc >= u:
                         break
         out[l] = tok
-        s = out_dst[chosen]
     return out
 
 

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import GrammarInputError, NoValidCanvasError, ParseError
 from . import canvas as dp
+from . import device_passes
 from .fsa import Dfa
 from .token_automaton import TokenAutomaton
 from .vocabulary import Vocabulary
@@ -67,6 +68,20 @@ def _as_numpy(logits: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(logits, dtype=np.float32))
 
 
+@dataclass(frozen=True)
+class _Scores:
+    """One pass over a step's logits: per-row atom statistics on the host (numpy)."""
+
+    flat: Any  # (B * L, V) the logits: numpy, or a float32 tensor on its device
+    rowmax: np.ndarray  # (N,) f64 the reference each row's sums are taken from
+    asum: np.ndarray  # (N, K) f64 sum of exp(x - rowmax) per atom
+    asumx: np.ndarray  # (N, K) f64 the same weighted by (x - rowmax), for entropies
+    amax: np.ndarray  # (N, K) f32 best logit per atom
+    aarg: np.ndarray  # (N, K) i32 its token
+    gsum: np.ndarray  # (N, G) f64 sums per group
+    rowmax_dev: torch.Tensor | None  # (N,) rowmax on the logits' device (device passes), else None
+
+
 class CompiledGrammar:
     """A language over token ids with exact canvas inference.
 
@@ -88,6 +103,7 @@ class CompiledGrammar:
         self._final_any = np.ones(ta.n_states, np.bool_)
         self._support_cache: dict[tuple[int, int, bool], tuple[np.ndarray, ...]] = {}
         self._allowed_cache: dict[int, np.ndarray] = {}
+        self._atom_indices: dict[tuple[int, str], torch.Tensor] = {}  # (V, device) -> (V,) atom per token
 
     # ---- states ------------------------------------------------------------------------
     @property
@@ -299,8 +315,13 @@ class CompiledGrammar:
             return calls
 
     # ---- canvas inference --------------------------------------------------------------
-    def _prepare(self, logits: Any) -> tuple[np.ndarray, bool]:
-        x = _as_numpy(logits)
+    def _prepare(self, logits: Any) -> tuple[Any, bool]:
+        """(B, L, V) logits as numpy on the host, or as a float32 tensor left on its device
+        (see ``device_passes``), and whether the call was batched."""
+        if isinstance(logits, torch.Tensor) and (logits.device.type != "cpu" or self._device_passes_on_cpu):
+            x: Any = logits.detach().float()
+        else:
+            x = _as_numpy(logits)
         batched = x.ndim == 3
         if x.ndim not in (2, 3):
             raise GrammarInputError(f"logits must be (L, V) or (B, L, V), got shape {tuple(x.shape)}")
@@ -310,7 +331,17 @@ class CompiledGrammar:
                 f"logits have {V} columns but the grammar's tokenizer has {self.vocab.size} tokens; "
                 "was the grammar compiled for this model's tokenizer?"
             )
-        return x, batched
+        return (x if batched else x[None]), batched
+
+    #: Run the vocabulary passes in torch for CPU tensors too (tests of the device path).
+    _device_passes_on_cpu = False
+
+    def _atom_index(self, V: int, device: torch.device) -> torch.Tensor:
+        key = (V, str(device))
+        idx = self._atom_indices.get(key)
+        if idx is None:
+            idx = self._atom_indices[key] = device_passes.atom_index(self._atom_of(V), self.automaton.n_atoms, device)
+        return idx
 
     def _atom_of(self, V: int) -> np.ndarray:
         a = self.automaton.atom_of_token
@@ -340,12 +371,11 @@ class CompiledGrammar:
         ``partial=True`` lets the canvas end before the stop token (the call continues in
         the next canvas from ``state_after``); otherwise it must contain the stop token.
         """
-        x, batched = self._prepare(logits)
-        xs = x if batched else x[None]
+        xs, batched = self._prepare(logits)
         B, L, V = xs.shape
         ta = self.automaton
-        _, _, _, amax, aarg = dp.reduce_atoms(xs.reshape(B * L, V), self._atom_of(V), ta.n_atoms, False, False)
-        gmax, garg = dp._group_max(amax, aarg, ta.group_atoms, ta.group_offsets)
+        sc = self._scores(xs, want_sum=False, want_x=False)
+        gmax, garg = dp._group_max(sc.amax, sc.aarg, ta.group_atoms, ta.group_offsets)
         out = [self._viterbi_one(gmax[b * L : (b + 1) * L], garg[b * L : (b + 1) * L],
                                  self._support(L, s0, partial), s0, partial)
                for b, s0 in enumerate(self._states(state, B))]
@@ -382,14 +412,20 @@ class CompiledGrammar:
         return (f"no valid canvas of {L} positions from state {s0}"
                 + ("" if partial else " ending with the stop token; pass partial=True to continue in another canvas"))
 
-    def _scores(self, xs: np.ndarray, want_x: bool) -> tuple[np.ndarray, ...]:
-        """One pass over the logits: (rowmax, asum, asumx, amax, aarg, gsum) over B * L rows."""
+    def _scores(self, xs: Any, want_sum: bool = True, want_x: bool = False) -> "_Scores":
+        """One pass over the logits (B * L rows): atom statistics on the host, from the
+        compiled scan or, for logits on a device, from ``device_passes``."""
         B, L, V = xs.shape
         ta = self.automaton
-        rowmax, asum, asumx, amax, aarg = dp.reduce_atoms(xs.reshape(B * L, V), self._atom_of(V), ta.n_atoms, True,
-                                                          want_x)
-        gsum = dp._group_sums(asum, ta.group_atoms, ta.group_offsets)
-        return rowmax, asum, asumx, amax, aarg, gsum
+        flat = xs.reshape(B * L, V)
+        if isinstance(xs, torch.Tensor):
+            rowmax_dev, rowmax, asum, asumx, amax, aarg = device_passes.reduce_atoms(
+                flat, self._atom_index(V, xs.device), ta.n_atoms, want_sum, want_x)
+        else:
+            rowmax_dev = None
+            rowmax, asum, asumx, amax, aarg = dp.reduce_atoms(flat, self._atom_of(V), ta.n_atoms, want_sum, want_x)
+        gsum = dp._group_sums(asum, ta.group_atoms, ta.group_offsets) if want_sum else np.zeros((B * L, 0))
+        return _Scores(flat, rowmax, asum, asumx, amax, aarg, gsum, rowmax_dev)
 
     def _beta(self, gsum: np.ndarray, sup: tuple[np.ndarray, ...], s0: int, partial: bool) -> np.ndarray:
         beta, ok = dp._backward(gsum, *sup, *self._out_edges, self.automaton.n_states)
@@ -404,58 +440,68 @@ class CompiledGrammar:
         assert F is not None
         return F
 
-    def _sample_one(self, x: np.ndarray, stats: tuple[np.ndarray, ...], sl: slice, sup: tuple[np.ndarray, ...],
-                    beta: np.ndarray, s0: int, uniforms: np.ndarray) -> list[int]:
+    def _sample_one(self, sc: "_Scores", sl: slice, sup: tuple[np.ndarray, ...], beta: np.ndarray, s0: int,
+                    uniforms: np.ndarray) -> list[int]:
         ta = self.automaton
-        rowmax, asum, _, amax, aarg, gsum = stats
-        return dp._sample_path(x, rowmax[sl], asum[sl], amax[sl], aarg[sl], gsum[sl], *sup, beta, s0,
-                               *self._out_edges, ta.group_atoms, ta.group_offsets, ta.atom_tokens, ta.atom_offsets,
-                               uniforms).tolist()
+        atoms = dp._sample_atoms(sc.asum[sl], sc.gsum[sl], *sup, beta, s0, *self._out_edges, ta.group_atoms,
+                                 ta.group_offsets, uniforms)
+        if sc.rowmax_dev is None:
+            tokens = dp._sample_tokens(sc.flat[sl], sc.rowmax[sl], sc.asum[sl], sc.amax[sl], sc.aarg[sl], atoms,
+                                       ta.atom_tokens, ta.atom_offsets, uniforms)
+            return tokens.tolist()
+        rows = np.arange(sl.start, sl.stop)
+        best = sc.aarg[rows, atoms]
+        e_best = np.exp(sc.amax[rows, atoms].astype(np.float64) - sc.rowmax[rows])
+        V = sc.flat.shape[1]
+        tokens = device_passes.tokens_in_atoms(sc.flat[sl], sc.rowmax_dev[sl], self._atom_index(V, sc.flat.device),
+                                               atoms, best, e_best, sc.asum[rows, atoms], uniforms[:, 2])
+        return tokens.tolist()
 
-    def _log_marginals(self, xs: np.ndarray, rowmax: np.ndarray, F: np.ndarray) -> torch.Tensor:
-        B, L, V = xs.shape
-        flat = xs.reshape(B * L, V)
-        out = np.empty_like(flat)
-        dp._write_marginals(flat, rowmax, self._atom_of(V), F, out)
-        return torch.from_numpy(out.reshape(B, L, V))
+    def _log_marginals(self, sc: "_Scores", F: np.ndarray, B: int) -> torch.Tensor:
+        N, V = sc.flat.shape
+        if sc.rowmax_dev is not None:
+            out = device_passes.log_marginals(sc.flat, sc.rowmax_dev, F, self._atom_index(V, sc.flat.device))
+            return out.reshape(B, N // B, V)
+        out = np.empty_like(sc.flat)
+        dp._write_marginals(sc.flat, sc.rowmax, self._atom_of(V), F, out)
+        return torch.from_numpy(out.reshape(B, N // B, V))
 
     def sample(self, logits: Any, generator: torch.Generator | None = None,
                state: int | Sequence[int] | None = None, partial: bool = False) -> Any:
         """An exact sample of the per-position product distribution restricted to the language."""
-        x, batched = self._prepare(logits)
-        xs = x if batched else x[None]
+        xs, batched = self._prepare(logits)
         B, L, V = xs.shape
-        stats = self._scores(xs, want_x=False)
+        sc = self._scores(xs)
         uniforms = torch.rand((B, L, 3), generator=generator, dtype=torch.float64).numpy()
         out = []
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
-            beta = self._beta(stats[5][sl], sup, s0, partial)
-            out.append(self._sample_one(xs[b], stats, sl, sup, beta, s0, uniforms[b]))
+            beta = self._beta(sc.gsum[sl], sup, s0, partial)
+            out.append(self._sample_one(sc, sl, sup, beta, s0, uniforms[b]))
         return out if batched else out[0]
 
     def marginals(self, logits: Any, state: int | Sequence[int] | None = None, partial: bool = False,
                   return_entropy: bool = False) -> Any:
-        """Constrained posterior marginals as log-probs, shape like ``logits`` (float32).
+        """Constrained posterior marginals as log-probs, shape like ``logits`` (float32, on
+        the logits' device).
 
         With ``return_entropy=True`` also returns each position's entropy (nats), shape
         (L,) or (B, L), computed from atom statistics (no second pass over the vocab).
         """
-        x, batched = self._prepare(logits)
-        xs = x if batched else x[None]
+        xs, batched = self._prepare(logits)
         B, L, V = xs.shape
-        rowmax, asum, asumx, _, _, gsum = self._scores(xs, want_x=return_entropy)
+        sc = self._scores(xs, want_x=return_entropy)
         F = np.zeros((B * L, self.automaton.n_atoms), np.float64)
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
-            F[sl] = self._factors(gsum[sl], sup, self._beta(gsum[sl], sup, s0, partial), s0, partial)
-        logp = self._log_marginals(xs, rowmax, F)
+            F[sl] = self._factors(sc.gsum[sl], sup, self._beta(sc.gsum[sl], sup, s0, partial), s0, partial)
+        logp = self._log_marginals(sc, F, B)
         result = logp if batched else logp[0]
         if not return_entropy:
             return result
-        H = torch.from_numpy(dp._entropy(asum, asumx, F).reshape(B, L))
+        H = torch.from_numpy(dp._entropy(sc.asum, sc.asumx, F).reshape(B, L))
         return result, (H if batched else H[0])
 
     def denoise_step(self, logits: Any, generator: torch.Generator | None = None,
@@ -465,15 +511,15 @@ class CompiledGrammar:
         Returns the Viterbi canvas (the argmax canvas the model emits), an exact sample
         (the denoiser sample), the constrained log-marginals (for self-conditioning) and
         their per-position entropies (for entropy-bound acceptance). Shapes follow
-        ``logits``: (L, V) -> lists / (L, V) / (L,); (B, L, V) -> batched.
+        ``logits``: (L, V) -> lists / (L, V) / (L,); (B, L, V) -> batched. Logits on a
+        GPU stay there: only (L, atoms) statistics cross to the host, and the marginals
+        come back on the logits' device (see ``device_passes``).
         """
-        x, batched = self._prepare(logits)
-        xs = x if batched else x[None]
+        xs, batched = self._prepare(logits)
         B, L, V = xs.shape
         ta = self.automaton
-        stats = self._scores(xs, want_x=True)
-        rowmax, asum, asumx, amax, aarg, gsum = stats
-        gmax, garg = dp._group_max(amax, aarg, ta.group_atoms, ta.group_offsets)
+        sc = self._scores(xs, want_x=True)
+        gmax, garg = dp._group_max(sc.amax, sc.aarg, ta.group_atoms, ta.group_offsets)
         uniforms = torch.rand((B, L, 3), generator=generator, dtype=torch.float64).numpy()
         F = np.zeros((B * L, ta.n_atoms), np.float64)
         best: list[list[int]] = []
@@ -481,12 +527,13 @@ class CompiledGrammar:
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
-            beta = self._beta(gsum[sl], sup, s0, partial)
-            F[sl], path = self._forward(sup, s0, partial, gsum=gsum[sl], beta=beta, gmax=gmax[sl], garg=garg[sl])
+            beta = self._beta(sc.gsum[sl], sup, s0, partial)
+            F[sl], path = self._forward(sup, s0, partial, gsum=sc.gsum[sl], beta=beta, gmax=gmax[sl],
+                                        garg=garg[sl])
             best.append(path)
-            samples.append(self._sample_one(xs[b], stats, sl, sup, beta, s0, uniforms[b]))
-        logp = self._log_marginals(xs, rowmax, F)
-        H = torch.from_numpy(dp._entropy(asum, asumx, F).reshape(B, L))
+            samples.append(self._sample_one(sc, sl, sup, beta, s0, uniforms[b]))
+        logp = self._log_marginals(sc, F, B)
+        H = torch.from_numpy(dp._entropy(sc.asum, sc.asumx, F).reshape(B, L))
         if batched:
             return StepOutput(best, samples, logp, H)
         return StepOutput(best[0], samples[0], logp[0], H[0])

@@ -63,7 +63,7 @@ from .fsa import (
 )
 from .regex import full_match_node, pattern_is_exact, pattern_node
 from .copy import (STRING_HOLE, STRING_NUMBERS_HOLE, copied_number_node, copied_numbers, copies_node, is_copied,
-                   number_hole, numbers_are_copied, numbers_copied_node)
+                   number_hole, numbers_are_copied, numbers_copied_node, written_numbers)
 from .wireformat import WireFormat
 
 Facet = tuple[Any, str, str]
@@ -381,6 +381,8 @@ def _copies_dfa(sources: tuple[str, ...], wf: WireFormat,
     """The copy constraint's automata, shared by every copied parameter of a model step:
     ``copies`` (string content that is a copy), ``string_numbers`` (string content whose
     numbers are copied) or ``text_numbers`` (a final answer's raw text, idem, not empty)."""
+    if kind != "copies":  # the numbers rule reads only the numbers, which later steps often repeat
+        sources = (" ".join(sorted(written_numbers(sources))),)
     key = (sources, wf.name, wf.file_text, kind)
     d = _copies.get(key)
     if d is None:
