@@ -409,7 +409,7 @@ def bench_cmd(model: str, random_weights: str | None, device: str, dtype: str, s
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
               show_default=True, help="Run folder: checkpoints, loss.png, train.json and the exported model/.")
 @click.option("--steps", default=None, type=int,
-              help="Optimizer steps of the whole run (the cosine schedule's length) [default: 6000].")
+              help="Optimizer steps of the whole run (the cosine schedule's length) [default: 7000].")
 @click.option("--minutes", default=None, type=float, help="Stop this invocation after so many minutes (resumable).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)

@@ -325,8 +325,8 @@ def markdown(res: dict[str, Any], command: str) -> str:
             _pct(res["modes"][m]["by_intent"].get(intent, {}).get("right_calls")) for m in modes) + " |")
     if split == "heldout" and res["modes"][modes[0]].get("by_phrasing"):
         out.append("\n## Single-call exact rate by held-out phrasing\n")
-        out.append("Phrasings marked * were added to the held-out lists after the shipped model was "
-                   "trained (earlier reports drew from the others alone).\n")
+        out.append("Phrasings marked * are the newest, written before any model ran on them (the "
+                   "training phrasings were never tuned against them).\n")
         out.append("| intent | phrasing | n | " + " | ".join(modes) + " |")
         out.append("|---|---|---|" + "---|" * len(modes))
         rows = res["modes"][modes[0]]["by_phrasing"]

@@ -167,7 +167,7 @@ def test_cli_defaults_are_the_shipped_recipe() -> None:
 
 
 #: sha256 of the first 3,000 training conversations of the bundled model's run
-SHIPPED_STREAM_DIGEST = "767f062bdc92ef766cf9d6c60a36d685055348258e3ac8b44f15dd6aa09e5b46"
+SHIPPED_STREAM_DIGEST = "455f6446e1b5aa35a3e091098538666988c4f4521c09bd8df3e814bd1c5a50bd"
 
 
 def _stream_digest(n: int) -> str:

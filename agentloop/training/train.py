@@ -56,7 +56,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 200
-    max_steps: int = 6_000  #: the cosine schedule's length: the shipped model's whole run
+    max_steps: int = 7_000  #: the cosine schedule's length: the shipped model's whole run
     bucket_batches: int = 16  #: batches drawn together and grouped by context length (less padding)
     eps: float = 1e-3
     self_conditioning: float = 0.5
