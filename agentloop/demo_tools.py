@@ -4,7 +4,7 @@ The bundled model's training data (``agentloop.training.data``) is made by calli
 very functions, so what it reads at run time is what it learned from. Load them as
 ``--tools agentloop.demo_tools`` or by path, ``--tools tools/demo.py`` (all) or
 ``--tools tools/demo.py:calculator`` (one). Everything is offline and deterministic except
-``get_time``. Names, numbers, titles, paths and contents are ``Copied``, and the
+``get_time``. Names, numbers, days, titles, paths and contents are ``Copied``, and the
 calculator's expression is ``CopiedNumbers``: the copy constraint holds the model to values
 (and numbers) written in the conversation. Notes and files live in a sandbox folder: ``deps.sandbox`` when the agent is
 run with such deps, else ``$AGENTLOOP_SANDBOX``, else ``./agentloop-sandbox``; paths cannot
@@ -58,7 +58,7 @@ def _seed(*parts: object) -> int:
 
 
 @tool
-def get_weather(city: Copied[str], days: int = 1) -> str:
+def get_weather(city: Copied[str], days: Copied[int] = 1) -> str:
     """Weather forecast for a city.
 
     Args:

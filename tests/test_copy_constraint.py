@@ -188,6 +188,8 @@ _SPLICE_TOOLS = [
     {"name": "search", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}},
     {"name": "calc", "parameters": {"type": "object", "required": ["expr"], "properties": {
         "expr": {"type": "string", "x-copy": "numbers"}}}},
+    {"name": "sum", "parameters": {"type": "object", "required": ["expr"], "properties": {
+        "expr": {"type": "string", "x-copy": "numbers", "pattern": "^[0-9.]+( ?[+*] ?[0-9.]+)*$", "maxLength": 9}}}},
 ]
 
 
@@ -349,3 +351,23 @@ def test_grounded_numbers_hold_the_answer_to_numbers_the_run_wrote():
 
     free = Agent(ScriptedEngine(["That makes 46883."]), [])
     assert free.run_sync("683 cm in m, plus 40?").output == "That makes 46883."
+
+
+def test_a_patterned_string_under_the_numbers_rule_is_a_hole(btok):
+    """The calculator's case: a pattern and the numbers rule together still splice (the
+    envelope is not recompiled each turn), and the splice holds both."""
+    import agentloop.grammar as grammar
+    from agentloop.grammar import compile_tools
+    from agentloop.grammar.copy import holes_fit
+
+    tools = _SPLICE_TOOLS[-1:]
+    assert holes_fit(tools[0]["parameters"])
+    envelopes = []
+    for text in ("add 12 and 30", "add 7.5 and 1"):
+        g = compile_tools(tools, btok, "gemma4", options=SchemaOptions(copy_sources=(text,)))
+        a, b = text.split()[1], text.split()[3]
+        assert g.accepts_json([{"name": "sum", "arguments": {"expr": f"{a} + {b}"}}])
+        assert not g.accepts_json([{"name": "sum", "arguments": {"expr": f"{a} + 5"}}])  # 5 is not written
+        assert not g.accepts_json([{"name": "sum", "arguments": {"expr": f"{a} - {b}"}}])  # the pattern has no "-"
+        envelopes.append(dict(grammar._holed))
+    assert envelopes[0] == envelopes[1]

@@ -325,11 +325,16 @@ def _hole_fills(envelope: Dfa, sources: tuple[str, ...], wf: WireFormat) -> dict
     used = [h for h in HOLE_SYMBOLS if (envelope.trans[:, envelope.sym_class[h]] >= 0).any()]
     kinds = {STRING_HOLE: "copies", STRING_NUMBERS_HOLE: "string_numbers", TEXT_NUMBERS_HOLE: "text_numbers"}
     fills = {h: _copies_dfa(sources, wf, kinds[h]) for h in used if h in kinds}  # type: ignore[arg-type]
-    if len(used) > len(fills):
-        numbers = to_dfa(copied_number_node(sources), wf.n_symbols)
-        for h in used:
-            if h not in kinds:
-                fills[h] = product(number_hole_language(h), numbers, "and")
+    numbers: Dfa | None = None
+    for h in used:
+        if h in kinds:
+            continue
+        kind, language = number_hole_language(h)
+        if kind == "string_numbers":  # string content of a pattern, under the numbers rule
+            fills[h] = product(language, _copies_dfa(sources, wf, "string_numbers"), "and")
+        else:
+            numbers = numbers or to_dfa(copied_number_node(sources), wf.n_symbols)
+            fills[h] = product(language, numbers, "and")
     return fills
 
 

@@ -203,14 +203,17 @@ STRING_HOLE = HOLE_SYMBOLS[0]  #: a copied string's content
 STRING_NUMBERS_HOLE = HOLE_SYMBOLS[1]  #: a string's content under the numbers rule
 TEXT_NUMBERS_HOLE = HOLE_SYMBOLS[2]  #: a final answer's raw text under the numbers rule
 _NUMBER_HOLES = HOLE_SYMBOLS[3:]
-#: A number hole per distinct number language (a copied number must also satisfy its
-#: schema: integer, minimum...); process-wide so that every tool agrees on the symbols.
+#: A hole per distinct language that copies are intersected with: a copied number's
+#: (integer, minimum...) or, under the numbers rule, a string's content (a pattern);
+#: process-wide so that every tool agrees on the symbols.
 _number_holes: dict[bytes, tuple[int, Any]] = {}
+_hole_kinds: dict[int, str] = {}  # symbol -> "number" or "string_numbers"
 _holes_lock = threading.Lock()
 
 #: What a copied value's schema may say and still be a hole (anything else: full compile).
 _HOLE_KEYS = {"type", "x-copy", "description", "title", "default", "examples"}
 _NUMBER_KEYS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+_STRING_NUMBERS_KEYS = {"pattern", "minLength", "maxLength"}
 _COMBINATORS = {"anyOf", "oneOf", "allOf", "not", "if", "then", "else", "$ref", "dependentSchemas"}
 
 
@@ -219,35 +222,40 @@ class HolesExhausted(Exception):
     ``compile_tools``)."""
 
 
-def number_hole(dfa: Any) -> int:
-    """The hole symbol standing for copied numbers of the language ``dfa``; raises
-    :class:`HolesExhausted` when every symbol is taken."""
-    key = b"|".join([dfa.trans.tobytes(), dfa.accept.tobytes(), str(dfa.start).encode(), dfa.sym_class.tobytes()])
+def number_hole(dfa: Any, kind: str = "number") -> int:
+    """The hole symbol standing for copied numbers of the language ``dfa`` (``kind``
+    "number"), or for string content of the language ``dfa`` under the numbers rule
+    ("string_numbers"); raises :class:`HolesExhausted` when every symbol is taken."""
+    key = b"|".join([kind.encode(), dfa.trans.tobytes(), dfa.accept.tobytes(), str(dfa.start).encode(),
+                     dfa.sym_class.tobytes()])
     with _holes_lock:
         if key not in _number_holes:
             free = [h for h in _NUMBER_HOLES if h not in {s for s, _ in _number_holes.values()}]
             if not free:
                 raise HolesExhausted
             _number_holes[key] = (free[0], dfa)
+            _hole_kinds[free[0]] = kind
         return _number_holes[key][0]
 
 
-def number_hole_language(symbol: int) -> Any:
-    """The number language a number hole stands for."""
+def number_hole_language(symbol: int) -> tuple[str, Any]:
+    """What a hole from ``number_hole`` stands for: (kind, language)."""
     with _holes_lock:
-        return next(d for s, d in _number_holes.values() if s == symbol)
+        return _hole_kinds.get(symbol, "number"), next(d for s, d in _number_holes.values() if s == symbol)
 
 
 def holes_fit(schema: Any, under_combinator: bool = False) -> bool:
-    """Whether every copied value in ``schema`` can be a hole: a plain string, or a number
-    with at most bounds, and not under a combinator or reference (where the compiler
+    """Whether every copied value in ``schema`` can be a hole: a plain string, a number
+    with at most bounds, a string under the numbers rule with at most a pattern and
+    length bounds, and not under a combinator or reference (where the compiler
     reasons about values, which a hole does not have)."""
     if isinstance(schema, list):
         return all(holes_fit(v, under_combinator) for v in schema)
     if not isinstance(schema, dict):
         return True
     if schema.get("x-copy"):
-        allowed = _HOLE_KEYS | (_NUMBER_KEYS if schema.get("type") in ("number", "integer") else set())
+        allowed = _HOLE_KEYS | (_NUMBER_KEYS if schema.get("type") in ("number", "integer") else set()) | (
+            _STRING_NUMBERS_KEYS if schema.get("x-copy") == "numbers" and schema.get("type") == "string" else set())
         if under_combinator or not set(schema) <= allowed or schema.get("type") not in ("string", "number", "integer"):
             return False
     return all(holes_fit(v, under_combinator or k in _COMBINATORS) for k, v in schema.items())

@@ -1169,8 +1169,11 @@ class SchemaCompiler:
                 constraints.append(copied)
         if copy_numbers:
             self._approx += 1
-            if not ctx.over and self.opt.copy_holes:
-                return sym(STRING_NUMBERS_HOLE)  # holes_fit: a plain string under the numbers rule
+            if not ctx.over and self.opt.copy_holes:  # holes_fit: at most a pattern and length bounds
+                if not constraints and min_len == 0 and max_len is None:
+                    return sym(STRING_NUMBERS_HOLE)
+                language = intersect_all([self._dfa(content)] + constraints) if constraints else self._dfa(content)
+                return sym(number_hole(language, "string_numbers"))
             if not ctx.over:
                 numbers = _copies_dfa(self.opt.copy_sources, self.wf, "string_numbers")
                 if not constraints and min_len == 0 and max_len is None:
