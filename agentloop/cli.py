@@ -6,7 +6,7 @@
     agentloop bench --quick                                       # loop latency against the alternatives
     agentloop train --out runs/demo                               # train the demo model (resumable)
     agentloop demo                      # the bundled model runs a few requests with the demo tools
-    agentloop eval                      # the bundled model on held-out requests, three modes
+    agentloop eval                      # the bundled model on held-out requests, four modes
     agentloop grammar check tools.json  # compile tool schemas, report sizes or the exact error
 
 Exit codes: 0 success, 1 run error, 2 usage error.

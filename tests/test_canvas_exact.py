@@ -8,6 +8,7 @@ computed directly. Viterbi, marginals, entropies and sampling must match it.
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -216,3 +217,19 @@ def test_allowed_tokens_far_below_a_forbidden_one_do_not_underflow():
     np.testing.assert_allclose(g.marginals(logits).exp().numpy(), enumerated_marginals(valid, logits), atol=1e-6)
     assert g.viterbi(logits) == valid[np.argmax(scores(valid, logits))].tolist()
     assert g.accepts(g.sample(logits))
+
+
+def test_minus_infinity_logits_give_finite_entropies_or_a_clear_error(grammar):
+    """A masked allowed token (-inf) weighs nothing: entropies stay finite. A position
+    whose allowed tokens are all -inf admits no canvas: a clear error, never nan."""
+    logits = torch.randn(5, grammar.vocab.size, generator=torch.Generator().manual_seed(4))
+    free = grammar.denoise_step(logits)
+    l = int(free.entropy.argmax())  # a position with a choice: masking its best token leaves others
+    t = free.argmax[l]
+    logits[l, t] = -math.inf
+    out = grammar.denoise_step(logits, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.entropy).all() and out.argmax[l] != t and out.sample[l] != t
+    logits[1, :] = -math.inf
+    for op in (grammar.viterbi, grammar.sample, grammar.marginals, grammar.denoise_step):
+        with pytest.raises(NoValidCanvasError):
+            op(logits)

@@ -43,6 +43,8 @@ def _reduce_row(row, atom_of, K, asum, asumx, amax, aarg, want_sum, want_x):  # 
     for t in range(row.shape[0]):
         if atom_of[t] >= 0 and row[t] > m:
             m = row[t]
+    if m == -np.inf:  # every allowed token at -inf: zero mass, no valid canvas through this row
+        return 0.0
     for t in range(row.shape[0]):
         k = atom_of[t]
         if k < 0:
@@ -54,7 +56,7 @@ def _reduce_row(row, atom_of, K, asum, asumx, amax, aarg, want_sum, want_x):  # 
         if want_sum:
             e = math.exp(x - m)
             asum[k] += e
-            if want_x:
+            if want_x and e > 0.0:  # e == 0 at x = -inf, where e * (x - m) would be nan
                 asumx[k] += e * (x - m)
     return m
 
@@ -77,7 +79,7 @@ def _scatter_atoms(x, e, atom_of, asum, asumx, amax, aarg, rowmax, want_x):  # p
             v = row[t]
             w = er[t]
             s[k] += w
-            if want_x:
+            if want_x and w > 0.0:  # w == 0 at v = -inf, where w * (v - m) would be nan
                 asumx[n, k] += w * (v - m)
             if v > mx[k]:
                 mx[k] = v
@@ -118,6 +120,7 @@ def reduce_atoms(logits, atom_of, K, want_sum, want_x):  # type: ignore[no-untyp
         _max_atoms(logits, atom_of, amax, aarg)
         return np.zeros(N), np.zeros((N, 1)), np.zeros((N, 1)), amax, aarg
     rowmax = logits.max(axis=1).astype(np.float64)
+    rowmax[~np.isfinite(rowmax)] = 0.0  # a row of -inf: zero mass below (and no nan from -inf - -inf)
     asum = np.zeros((N, K), np.float64)
     asumx = np.zeros((N, K if want_x else 1), np.float64)
     rows = max(1, _CHUNK_ELEMENTS // max(V, 1))

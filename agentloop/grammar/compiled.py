@@ -316,9 +316,10 @@ class CompiledGrammar:
 
     # ---- canvas inference --------------------------------------------------------------
     def _prepare(self, logits: Any) -> tuple[Any, bool]:
-        """(B, L, V) logits as numpy on the host, or as a float32 tensor left on its device
-        (see ``device_passes``), and whether the call was batched."""
-        if isinstance(logits, torch.Tensor) and (logits.device.type != "cpu" or self._device_passes_on_cpu):
+        """(B, L, V) logits as numpy on the host, or, on a CUDA device, as a float32 tensor
+        left there (see ``device_passes``; its sums are float64, which MPS lacks), and
+        whether the call was batched."""
+        if isinstance(logits, torch.Tensor) and (logits.device.type == "cuda" or self._device_passes_on_cpu):
             x: Any = logits.detach().float()
         else:
             x = _as_numpy(logits)

@@ -56,7 +56,7 @@ def reduce_atoms(x: torch.Tensor, idx: torch.Tensor, K: int, want_sum: bool, wan
         xr = x[r]  # (n, V)
         cols = idx.expand(xr.shape[0], V)  # (n, V) atom per token
         amax[r] = amax[r].scatter_reduce(1, cols, xr, "amax")
-        at_max = xr == amax[r].gather(1, cols)
+        at_max = (xr == amax[r].gather(1, cols)) & torch.isfinite(xr)  # an all -inf atom has no argmax
         aarg[r] = aarg[r].scatter_reduce(1, cols, torch.where(at_max, ids, V), "amin")
         if K:
             best = amax[r, :K].max(dim=1).values
@@ -66,7 +66,8 @@ def reduce_atoms(x: torch.Tensor, idx: torch.Tensor, K: int, want_sum: bool, wan
             e = shifted.exp()
             asum[r] = asum[r].scatter_add(1, cols, e.double())
             if want_x:
-                asumx[r] = asumx[r].scatter_add(1, cols, (e * shifted).double())
+                ex = torch.where(e > 0, e * shifted, 0.0)  # e == 0 at x = -inf, where e * shifted is nan
+                asumx[r] = asumx[r].scatter_add(1, cols, ex.double())
     aarg = torch.where(aarg >= V, -1, aarg)  # an atom with no token in this vocabulary
     host = {"amax": amax[:, :K], "aarg": aarg[:, :K].int(), "rowmax": rowmax.double()}
     if want_sum:
@@ -84,9 +85,12 @@ def log_marginals(x: torch.Tensor, rowmax: torch.Tensor, F: np.ndarray, idx: tor
     logF_host = np.full((N, K + 1), -np.inf)
     np.log(F, where=F > 0, out=logF_host[:, :K])
     logF = torch.from_numpy(logF_host).to(device=x.device, dtype=torch.float32)  # (N, K + 1), K: never allowed
-    # x - rowmax first: near the row's best logit the difference is exact in float32
-    out = x - rowmax[:, None]  # (N, V)
-    return out.add_(logF.gather(1, idx.expand(N, -1)))
+    out = torch.empty_like(x)  # (N, V)
+    for r in _row_chunks(N, x.shape[1]):  # the gathered factors are an (n, V) temporary
+        # x - rowmax first: near the row's best logit the difference is exact in float32
+        torch.sub(x[r], rowmax[r, None], out=out[r])
+        out[r] += logF[r].gather(1, idx.expand(out[r].shape[0], -1))
+    return out
 
 
 def tokens_in_atoms(x: torch.Tensor, rowmax: torch.Tensor, idx: torch.Tensor, atoms: np.ndarray,
