@@ -406,3 +406,20 @@ def test_encoder_failure_leaves_the_session_usable(engine: DiffusionEngine, monk
     probe = list(range(3, 35))
     assert torch.allclose(engine.canvas_logits(s, probe), engine.canvas_logits(engine.session(before), probe),
                           atol=1e-4)
+
+
+def test_engine_runs_the_same_with_the_vocabulary_passes_on_the_device(engine64: DiffusionEngine,
+                                                                        monkeypatch) -> None:
+    """On a GPU the grammar keeps the vocabulary passes in torch on the device (marginals
+    fed back as self-conditioning stay there). Forced onto the CPU here: the same seed gives
+    the same canvases as the compiled host passes."""
+    from agentloop.grammar.compiled import CompiledGrammar
+
+    tools = [t for t in TOOLS if t["name"] in ("get_weather", "convert_units")]
+    g = compile_tools(tools, engine64.tokenizer, "gemma4")
+    opts = GenerationOptions(seed=3, max_new_tokens=128, max_denoising_steps=8)
+    host = engine64.generate_sync(engine64.session(PROMPT), g, options=opts)
+    monkeypatch.setattr(CompiledGrammar, "_device_passes_on_cpu", True)
+    device = engine64.generate_sync(engine64.session(PROMPT), g, options=opts)
+    assert device.tokens == host.tokens and device.canvases == host.canvases
+    assert g.accepts(device.tokens + [device.stop_token])
