@@ -247,20 +247,25 @@ def _empty_dfa(n_symbols: int) -> Dfa:
 
 
 def _symbol_classes(masks: Iterable[int], n_symbols: int) -> tuple[np.ndarray, list[int]]:
-    """Coarsest partition of the alphabet that every mask is a union of."""
+    """Coarsest partition of the alphabet that every mask is a union of, classes numbered
+    by their lowest symbol. A symbol's class is the set of masks holding it: one bit matrix
+    (masks x symbols), each symbol's column packed into bytes, rather than a Python tuple
+    per symbol and mask."""
     distinct = sorted(set(m for m in masks if m))
-    signature: dict[tuple[int, ...], int] = {}
+    n_bytes = (n_symbols + 7) // 8
+    raw = np.frombuffer(b"".join(m.to_bytes(n_bytes, "little") for m in distinct), np.uint8)
+    bits = np.unpackbits(raw.reshape(len(distinct), n_bytes), axis=1, bitorder="little")[:, :n_symbols]
+    columns = np.packbits(bits.T, axis=1)  # (n_symbols, ceil(masks / 8)) each symbol's signature
+    signature: dict[bytes, int] = {}
     sym_class = np.zeros(n_symbols, np.int32)
     class_masks: list[int] = []
-    for s in range(n_symbols):
-        bit = 1 << s
-        key = tuple(i for i, m in enumerate(distinct) if m & bit)
+    for s_, key in enumerate(map(bytes, columns)):
         c = signature.get(key)
         if c is None:
             c = signature[key] = len(class_masks)
             class_masks.append(0)
-        class_masks[c] |= bit
-        sym_class[s] = c
+        class_masks[c] |= 1 << s_
+        sym_class[s_] = c
     return sym_class, class_masks
 
 
