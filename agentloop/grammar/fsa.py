@@ -511,6 +511,25 @@ def _refine(t: np.ndarray, accept: np.ndarray) -> np.ndarray:
     return dense.ravel().astype(np.int64)
 
 
+def _unique_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(a, axis=0, return_inverse=True)`` for wide int rows, in the same order.
+
+    numpy builds a structured dtype with one field per column for that, which costs ~ms
+    per thousand columns; a transition table's columns are as wide as the automaton
+    (thousands of states for a copy of a long tool result). Here each row becomes one
+    opaque key: its int64s as big-endian with the sign bit flipped, so that comparing
+    the bytes compares the rows lexicographically as signed numbers.
+    """
+    a = np.asarray(a, np.int64)
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        uniq, inverse = np.unique(a, axis=0, return_inverse=True)
+        return uniq, inverse.ravel()
+    keys = np.ascontiguousarray((a.view(np.uint64) ^ np.uint64(1 << 63)).astype(">u8"))  # (R, C)
+    rows = keys.view(np.dtype((np.void, 8 * a.shape[1]))).ravel()  # (R,) one opaque key per row
+    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+    return a[first], inverse.ravel()
+
+
 def minimize(
     trans: np.ndarray,
     accept: np.ndarray,
@@ -545,8 +564,7 @@ def minimize(
 
     # Merge classes with identical columns; drop classes used nowhere.
     used = (t2 >= 0).any(axis=0)
-    cols, col_of_class = np.unique(t2.T, axis=0, return_inverse=True)
-    col_of_class = col_of_class.ravel()
+    cols, col_of_class = _unique_rows(t2.T)
     dead_col = next((i for i in range(cols.shape[0]) if (cols[i] < 0).all()), None)
     new_masks: list[int] = [0] * cols.shape[0]
     for c, m in enumerate(class_masks):
