@@ -371,3 +371,29 @@ def test_a_patterned_string_under_the_numbers_rule_is_a_hole(btok):
         assert not g.accepts_json([{"name": "sum", "arguments": {"expr": f"{a} - {b}"}}])  # the pattern has no "-"
         envelopes.append(dict(grammar._holed))
     assert envelopes[0] == envelopes[1]
+
+
+def test_fsa_helpers_match_their_plain_numpy_definitions():
+    """The splice's hot helpers: symbol classes from one bit matrix, and wide-row dedupe
+    through opaque byte keys, give what the per-symbol / np.unique(axis=0) versions give
+    (same partition, same order: class and state numbering feed cache keys)."""
+    import numpy as np
+
+    from agentloop.grammar.fsa import _symbol_classes, _unique_rows
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        n = int(rng.choice([8, 64, 270]))
+        masks = [int(sum(1 << int(s) for s in rng.choice(n, size=rng.integers(1, n), replace=False)))
+                 for _ in range(rng.integers(0, 12))]
+        distinct = sorted(set(m for m in masks if m))
+        keys = [tuple(i for i, m in enumerate(distinct) if m >> s & 1) for s in range(n)]
+        first_seen = list(dict.fromkeys(keys))
+        sym_class, class_masks = _symbol_classes(masks, n)
+        assert sym_class.tolist() == [first_seen.index(k) for k in keys]
+        assert class_masks == [sum(1 << s for s in range(n) if keys[s] == k) for k in first_seen]
+        a = rng.integers(-2, 3, size=(int(rng.integers(1, 20)), int(rng.integers(1, 40))))
+        a[-1] = a[0]
+        want, inverse = np.unique(a, axis=0, return_inverse=True)
+        got, got_inverse = _unique_rows(np.asfortranarray(a))  # not C-contiguous, as minimize passes it
+        assert (got == want).all() and (got_inverse == inverse.ravel()).all()
