@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 from ..errors import SchemaError
 from . import cache as disk_cache
 from . import charset as cs
-from .copy import (HOLE_SYMBOLS, STRING_HOLE, STRING_NUMBERS_HOLE, TEXT_NUMBERS_HOLE, HolesExhausted,
+from .copy import (FIXED_HOLE_KINDS, HOLE_SYMBOLS, STRING_NUMBERS_HOLE, TEXT_NUMBERS_HOLE, HolesExhausted,
                    copied_number_node, holes_fit, number_hole_language, uses_copy)
 from .compiled import CompiledGrammar, GrammarStats, ParsedOutput, StepOutput, ToolCall
 from .fsa import Dfa, Node, alt, embed, literal, product, rep, seq, substitute, sym, to_dfa
@@ -323,11 +323,11 @@ def _hole_fills(envelope: Dfa, sources: tuple[str, ...], wf: WireFormat) -> dict
     """What each hole of ``envelope`` stands for this turn: the copies from ``sources``
     (strings), or the numbers written in them within the hole's number language."""
     used = [h for h in HOLE_SYMBOLS if (envelope.trans[:, envelope.sym_class[h]] >= 0).any()]
-    kinds = {STRING_HOLE: "copies", STRING_NUMBERS_HOLE: "string_numbers", TEXT_NUMBERS_HOLE: "text_numbers"}
-    fills = {h: _copies_dfa(sources, wf, kinds[h]) for h in used if h in kinds}  # type: ignore[arg-type]
+    fills = {h: _copies_dfa(sources, wf, FIXED_HOLE_KINDS[h])  # type: ignore[arg-type]
+             for h in used if h in FIXED_HOLE_KINDS}
     numbers: Dfa | None = None
     for h in used:
-        if h in kinds:
+        if h in FIXED_HOLE_KINDS:
             continue
         kind, language = number_hole_language(h)
         if kind == "string_numbers":  # string content of a pattern, under the numbers rule

@@ -203,6 +203,8 @@ STRING_HOLE = HOLE_SYMBOLS[0]  #: a copied string's content
 STRING_NUMBERS_HOLE = HOLE_SYMBOLS[1]  #: a string's content under the numbers rule
 TEXT_NUMBERS_HOLE = HOLE_SYMBOLS[2]  #: a final answer's raw text under the numbers rule
 _NUMBER_HOLES = HOLE_SYMBOLS[3:]
+#: What each fixed hole's fill is this turn: the ``schema._copies_dfa`` automaton of this kind.
+FIXED_HOLE_KINDS = {STRING_HOLE: "copies", STRING_NUMBERS_HOLE: "string_numbers", TEXT_NUMBERS_HOLE: "text_numbers"}
 #: A hole per distinct language that copies are intersected with: a copied number's
 #: (integer, minimum...) or, under the numbers rule, a string's content (a pattern);
 #: process-wide so that every tool agrees on the symbols.
