@@ -22,8 +22,10 @@ import operator
 import os
 import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
+
+import pydantic
 
 from agentloop import Copied, CopiedNumbers, RunContext, tool
 
@@ -106,8 +108,14 @@ def _eval(node: ast.AST) -> float:
     raise ValueError(f"unsupported expression: {ast.unparse(node)}")
 
 
+#: What an expression is spelled with: numbers, operators, parentheses, the functions and
+#: constants ``_eval`` knows, and "x", which people write for times (the tool rejects it
+#: with a message, and the model is trained to correct the call).
+EXPRESSION_PATTERN = r"^(?:[0-9.\s+\-*/%(),x]|sqrt|abs|round|log|sin|cos|pi|e)+$"
+
+
 @tool
-def calculator(expression: CopiedNumbers[str]) -> str:
+def calculator(expression: Annotated[CopiedNumbers[str], pydantic.Field(pattern=EXPRESSION_PATTERN)]) -> str:
     """Evaluate an arithmetic expression.
 
     Args:

@@ -56,13 +56,43 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 200
-    max_steps: int = 7_000  #: the cosine schedule's length: the shipped model's whole run
+    max_steps: int = 7_000  #: the first cosine cycle's length
+    #: a second cycle after max_steps (a warm restart: ``warmup`` steps up to restart_lr,
+    #: then cosine down to a tenth of it); 0: none. It lets a finished run go on
+    #: (``agentloop train --restart-steps N`` on its folder) as a run that had the cycle
+    #: from the start. The shipped model: 7,000 + 3,000 steps (the restart took held-out
+    #: exact calls 75% -> 82%, multi-step runs 71% -> 81%).
+    restart_steps: int = 3_000
+    restart_lr: float = 1e-3
     bucket_batches: int = 16  #: batches drawn together and grouped by context length (less padding)
     eps: float = 1e-3
     self_conditioning: float = 0.5
     ar_weight: float = 1.0
     checkpoint_minutes: float = 5.0
     space_prefix: bool = True  #: the tokenizer's pre-tokenizer (see ``tokenizer.py``)
+
+    @property
+    def total_steps(self) -> int:
+        return self.max_steps + self.restart_steps
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based): warmup, cosine to lr / 10,
+        then the restart cycle if any."""
+        if step >= self.max_steps:  # the restart cycle: from the first cycle's floor up to restart_lr
+            step -= self.max_steps
+            if step < self.warmup:
+                lo = 0.1 * self.lr
+                return lo + (self.restart_lr - lo) * (step + 1) / self.warmup
+            frac = min(1.0, (step - self.warmup) / max(1, self.restart_steps - self.warmup))
+            return self.restart_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        frac = min(1.0, (step - self.warmup) / max(1, self.max_steps - self.warmup))
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+#: Fields a finished run may take on when it is continued (they only add steps after it).
+_EXTENSION_FIELDS = ("restart_steps", "restart_lr")
 
 
 def model_config(cfg: TrainConfig) -> Any:
@@ -195,17 +225,25 @@ def loss_fn(model: Any, b: dict[str, torch.Tensor], cfg: TrainConfig, gen: torch
 
 
 def train(out: Path, cfg: TrainConfig, minutes: float | None = None, log: Any = print, device: str = "cpu") -> Path:
-    """Train (or resume) in ``out`` until ``cfg.max_steps``, or for at most ``minutes`` of
+    """Train (or resume) in ``out`` until ``cfg.total_steps``, or for at most ``minutes`` of
     this invocation; returns the exported model folder."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "ckpt.pt"
     saved = torch.load(ckpt, weights_only=False, map_location="cpu") if ckpt.exists() else None
-    if saved is not None and saved["config"] != asdict(cfg):
-        # A run is one recipe: resuming continues it, whatever flags this invocation got.
-        cfg = TrainConfig(**{"space_prefix": False, **saved["config"]})  # runs before the option split spaces
-        log(f"resuming with the checkpoint's config: {saved['config']}")
+    if saved is not None:
+        # runs from before an option have its old behaviour: they split spaces, had no restart
+        theirs = {**asdict(cfg), "space_prefix": False, "restart_steps": 0, **saved["config"]}
+        mine = asdict(cfg)
+        differ = {k for k in mine if mine[k] != theirs[k]}
+        adds_cycle = theirs["restart_steps"] == 0 < mine["restart_steps"] and saved["state"]["step"] <= cfg.max_steps
+        if differ and differ <= set(_EXTENSION_FIELDS) and adds_cycle:
+            log(f"continuing the run with a restart cycle: {', '.join(f'{k}={mine[k]}' for k in sorted(differ))}")
+        elif differ:
+            # A run is one recipe: resuming continues it, whatever flags this invocation got.
+            cfg = TrainConfig(**theirs)
+            log(f"resuming with the checkpoint's config: {saved['config']}")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     tok_path = out / "tokenizer.json"
@@ -227,15 +265,9 @@ def train(out: Path, cfg: TrainConfig, minutes: float | None = None, log: Any = 
         state = saved["state"]
         log(f"resumed at step {state['step']}")
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + state["step"])
-    skip = state["step"] if state["step"] < cfg.max_steps else 0  # the same stream, resumed or not
+    skip = state["step"] if state["step"] < cfg.total_steps else 0  # the same stream, resumed or not
     # On a GPU, drawing data in the training process would idle the GPU; a worker draws the same stream.
     data = prefetched(tok, cfg, skip) if device != "cpu" else tensor_batches(tok, cfg, skip)
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        frac = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     def save() -> None:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state, "config": asdict(cfg)},
@@ -251,11 +283,11 @@ def train(out: Path, cfg: TrainConfig, minutes: float | None = None, log: Any = 
     budget = math.inf if minutes is None else minutes * 60
     with Progress(TextColumn("step {task.completed:.0f}"), BarColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}")) as bar:
-        task = bar.add_task("", total=cfg.max_steps, completed=state["step"])
-        while time.perf_counter() - t_start < budget and state["step"] < cfg.max_steps:
+        task = bar.add_task("", total=cfg.total_steps, completed=state["step"])
+        while time.perf_counter() - t_start < budget and state["step"] < cfg.total_steps:
             batch = {k: v.to(device, non_blocking=True) for k, v in next(data).items()}
             for g in opt.param_groups:
-                g["lr"] = lr_at(state["step"])
+                g["lr"] = cfg.lr_at(state["step"])
             loss, stats = loss_fn(model, batch, cfg, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
