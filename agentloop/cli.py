@@ -411,8 +411,9 @@ def bench_cmd(model: str, random_weights: str | None, device: str, dtype: str, s
 @click.option("--steps", default=None, type=int,
               help="Optimizer steps of the first cosine cycle [default: 7000].")
 @click.option("--restart-steps", default=3000, show_default=True,
-              help="Steps of a second cycle after --steps (warm restart to --restart-lr). On a finished "
-                   "run's folder it continues that run.")
+              help="Steps of each cycle after --steps (a warm restart to --restart-lr).")
+@click.option("--restarts", default=2, show_default=True,
+              help="How many restart cycles. More of them on a finished run's folder continue that run.")
 @click.option("--restart-lr", default=1e-3, show_default=True)
 @click.option("--minutes", default=None, type=float, help="Stop this invocation after so many minutes (resumable).")
 @click.option("--seed", default=0, show_default=True)
@@ -423,12 +424,13 @@ def bench_cmd(model: str, random_weights: str | None, device: str, dtype: str, s
               help="Tokenizer: words carry their leading space, or every space is a token of its own.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (cuda when there is one), cpu, cuda, cuda:1... The data and noise are the same on any.")
-def train_cmd(out: Path, steps: int | None, restart_steps: int, restart_lr: float, minutes: float | None, seed: int,
+def train_cmd(out: Path, steps: int | None, restart_steps: int, restarts: int, restart_lr: float,
+              minutes: float | None, seed: int,
               batch_size: int, hidden_size: int, layers: int, space_prefix: bool, device: str) -> None:
     """Train the demo model on synthetic tool-use conversations (reproducible from --seed).
 
     The bundled model is `agentloop train --device cpu` with the other defaults (about
-    2.5 h on 2 CPU cores; on a GPU the same data and noise, rounded differently). Run it
+    3 h 15 min on 2 CPU cores; on a GPU the same data and noise, rounded differently). Run it
     again with the same --out to resume from the last checkpoint (the run keeps its first
     flags). Example:
 
@@ -439,7 +441,8 @@ def train_cmd(out: Path, steps: int | None, restart_steps: int, restart_lr: floa
     from .training.train import TrainConfig, train
 
     cfg = TrainConfig(seed=seed, batch_size=batch_size, hidden_size=hidden_size, layers=layers,
-                      space_prefix=space_prefix, restart_steps=restart_steps, restart_lr=restart_lr)
+                      space_prefix=space_prefix, restart_steps=restart_steps, restarts=restarts,
+                      restart_lr=restart_lr)
     if steps is not None:
         cfg.max_steps = steps
     if device == "auto":

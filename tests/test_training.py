@@ -136,7 +136,7 @@ def test_learning_rate_schedule_and_restart_cycle() -> None:
     import math
 
     plain = TrainConfig(max_steps=1000, warmup=100, restart_steps=0)
-    again = TrainConfig(max_steps=1000, warmup=100, restart_steps=500, restart_lr=1e-3)
+    again = TrainConfig(max_steps=1000, warmup=100, restart_steps=500, restarts=1, restart_lr=1e-3)
     assert [plain.lr_at(s) for s in range(1000)] == [again.lr_at(s) for s in range(1000)]
     assert plain.lr_at(99) == pytest.approx(plain.lr) and plain.lr_at(999) == pytest.approx(0.1 * plain.lr, rel=1e-4)
     floor = 0.1 * again.lr
@@ -145,23 +145,31 @@ def test_learning_rate_schedule_and_restart_cycle() -> None:
     assert again.lr_at(1499) == pytest.approx(0.1 * again.restart_lr, rel=1e-3)
     assert all(again.lr_at(s) >= again.lr_at(s + 1) for s in range(1099, 1499))
     assert again.total_steps == 1500 and plain.total_steps == 1000 and math.isfinite(again.lr_at(5000))
+    twice = TrainConfig(max_steps=1000, warmup=100, restart_steps=500, restarts=2, restart_lr=1e-3)
+    assert twice.total_steps == 2000
+    assert [twice.lr_at(s) for s in range(1500)] == [again.lr_at(s) for s in range(1500)]
+    assert [twice.lr_at(s) for s in range(1500, 2000)] == [again.lr_at(s) for s in range(1000, 1500)]
 
 
 @pytest.mark.slow
 def test_a_finished_run_continues_with_a_restart_cycle(tmp_path) -> None:
-    """`agentloop train --restart-steps N` on a finished run's folder adds a cycle; any
-    other changed flag still resumes the run as it was."""
+    """`agentloop train --restarts N` on a finished run's folder adds cycles (the steps
+    taken keep their schedule); any other changed flag still resumes the run as it was."""
     tiny = dict(vocab_size=512, hidden_size=64, layers=2, heads=2, batch_size=4, warmup=2)
     train(tmp_path, TrainConfig(**tiny, max_steps=3, restart_steps=0), log=lambda m: None)
     logs: list[str] = []
-    train(tmp_path, TrainConfig(**tiny, max_steps=3, restart_steps=2), log=logs.append)
+    train(tmp_path, TrainConfig(**tiny, max_steps=3, restart_steps=2, restarts=1), log=logs.append)
     done = json.loads((tmp_path / "train.json").read_text())
     assert done["steps"] == 5 and done["config"]["restart_steps"] == 2
-    assert any("restart cycle" in m for m in logs)
-    # a different recipe flag does not take: the run keeps its own (and is finished)
-    train(tmp_path, TrainConfig(**{**tiny, "batch_size": 8}, max_steps=3, restart_steps=2), log=logs.append)
-    again = json.loads((tmp_path / "train.json").read_text())
-    assert again["steps"] == 5 and again["config"]["batch_size"] == 4
+    assert any("restart cycles" in m for m in logs)
+    train(tmp_path, TrainConfig(**tiny, max_steps=3, restart_steps=2, restarts=2), log=logs.append)
+    assert json.loads((tmp_path / "train.json").read_text())["steps"] == 7
+    # a different recipe flag does not take, nor a restart that would change the steps
+    # already taken: the run keeps its own (and is finished)
+    for other in ({**tiny, "batch_size": 8}, {**tiny, "restart_lr": 5e-4}):
+        train(tmp_path, TrainConfig(**other, max_steps=3, restart_steps=2, restarts=2), log=logs.append)
+        again = json.loads((tmp_path / "train.json").read_text())
+        assert again["steps"] == 7 and again["config"]["batch_size"] == 4 and again["config"]["restart_lr"] == 1e-3
 
 
 def test_prefetch_worker_draws_the_same_stream(tok) -> None:
@@ -193,7 +201,8 @@ def test_cli_defaults_are_the_shipped_recipe() -> None:
 
     flags = {p.name: p for p in train_cmd.params}
     cfg = TrainConfig()
-    for name in ("seed", "batch_size", "hidden_size", "layers", "space_prefix", "restart_steps", "restart_lr"):
+    for name in ("seed", "batch_size", "hidden_size", "layers", "space_prefix", "restart_steps", "restarts",
+                 "restart_lr"):
         assert flags[name].default == getattr(cfg, name), name
     assert f"[default: {cfg.max_steps}]" in flags["steps"].help
     card = json.loads((Path(__file__).parent.parent / "agentloop" / "model" / "agentloop.json").read_text())
