@@ -432,7 +432,7 @@ def train_cmd(out: Path, steps: int | None, restart_steps: int, restarts: int, r
     The bundled model is `agentloop train --device cpu` with the other defaults (about
     3 h 15 min on 2 CPU cores; on a GPU the same data and noise, rounded differently). Run it
     again with the same --out to resume from the last checkpoint (the run keeps its first
-    flags). Example:
+    flags, except that --restarts may add cycles to it). Example:
 
         agentloop train --out runs/demo --minutes 60     # then again, until it reports done
     """
