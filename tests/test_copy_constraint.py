@@ -255,7 +255,7 @@ def test_compile_falls_back_when_every_number_hole_is_taken(btok, monkeypatch):
     from agentloop.grammar import clear_caches, compile_tools
     from agentloop.grammar import copy as copy_mod
 
-    taken = {f"other language {i}".encode(): (h, None) for i, h in enumerate(copy_mod.HOLE_SYMBOLS[1:])}
+    taken = {f"other language {i}".encode(): (h, "number", None) for i, h in enumerate(copy_mod.HOLE_SYMBOLS[1:])}
     monkeypatch.setattr(copy_mod, "_number_holes", taken)
     clear_caches()
     tools = [{"name": "n", "parameters": {"type": "object", "required": ["v"], "properties": {

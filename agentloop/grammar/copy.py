@@ -208,8 +208,7 @@ FIXED_HOLE_KINDS = {STRING_HOLE: "copies", STRING_NUMBERS_HOLE: "string_numbers"
 #: A hole per distinct language that copies are intersected with: a copied number's
 #: (integer, minimum...) or, under the numbers rule, a string's content (a pattern);
 #: process-wide so that every tool agrees on the symbols.
-_number_holes: dict[bytes, tuple[int, Any]] = {}
-_hole_kinds: dict[int, str] = {}  # symbol -> "number" or "string_numbers"
+_number_holes: dict[bytes, tuple[int, str, Any]] = {}  # key -> (symbol, kind, language)
 _holes_lock = threading.Lock()
 
 #: What a copied value's schema may say and still be a hole (anything else: full compile).
@@ -232,18 +231,17 @@ def number_hole(dfa: Any, kind: str = "number") -> int:
                      dfa.sym_class.tobytes()])
     with _holes_lock:
         if key not in _number_holes:
-            free = [h for h in _NUMBER_HOLES if h not in {s for s, _ in _number_holes.values()}]
+            free = [h for h in _NUMBER_HOLES if h not in {s for s, _, _ in _number_holes.values()}]
             if not free:
                 raise HolesExhausted
-            _number_holes[key] = (free[0], dfa)
-            _hole_kinds[free[0]] = kind
+            _number_holes[key] = (free[0], kind, dfa)
         return _number_holes[key][0]
 
 
 def number_hole_language(symbol: int) -> tuple[str, Any]:
     """What a hole from ``number_hole`` stands for: (kind, language)."""
     with _holes_lock:
-        return _hole_kinds.get(symbol, "number"), next(d for s, d in _number_holes.values() if s == symbol)
+        return next((k, d) for s, k, d in _number_holes.values() if s == symbol)
 
 
 def holes_fit(schema: Any, under_combinator: bool = False) -> bool:

@@ -9,7 +9,7 @@ the marginals back costs more than the model's forward. These passes keep the vo
 on the device and send only the (L, K) statistics to the CPU, where ``canvas`` runs the DP.
 
 They compute what ``canvas.reduce_atoms``, ``canvas._write_marginals`` and the token step
-of ``canvas._sample_path`` compute, with one difference that cancels out: statistics are
+of ``canvas._sample_tokens`` compute, with one difference that cancels out: statistics are
 taken relative to each row's best *allowed* logit (``canvas`` uses the best of all, and
 recomputes the rare rows whose allowed tokens underflow), so no row can underflow here.
 """

@@ -1172,7 +1172,7 @@ class SchemaCompiler:
             if not ctx.over and self.opt.copy_holes:  # holes_fit: at most a pattern and length bounds
                 if not constraints and min_len == 0 and max_len is None:
                     return sym(STRING_NUMBERS_HOLE)
-                language = intersect_all([self._dfa(content)] + constraints) if constraints else self._dfa(content)
+                language = intersect_all([self._dfa(content)] + constraints)
                 return sym(number_hole(language, "string_numbers"))
             if not ctx.over:
                 numbers = _copies_dfa(self.opt.copy_sources, self.wf, "string_numbers")

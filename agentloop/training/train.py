@@ -236,16 +236,16 @@ def train(out: Path, cfg: TrainConfig, minutes: float | None = None, log: Any = 
     saved = torch.load(ckpt, weights_only=False, map_location="cpu") if ckpt.exists() else None
     if saved is not None:
         # runs from before an option have its old behaviour: they split spaces, had no restart
-        theirs = {**asdict(cfg), "space_prefix": False, "restart_steps": 0, "restarts": 1, **saved["config"]}
         mine = asdict(cfg)
+        theirs = {**mine, "space_prefix": False, "restart_steps": 0, "restarts": 1, **saved["config"]}
         differ = {k for k in mine if mine[k] != theirs[k]}
-        done = saved["state"]["step"]
-        same_so_far = all(cfg.lr_at(s) == TrainConfig(**theirs).lr_at(s) for s in range(done))
+        done, was = saved["state"]["step"], TrainConfig(**theirs)
+        same_so_far = all(cfg.lr_at(s) == was.lr_at(s) for s in range(done))
         if differ and differ <= set(_EXTENSION_FIELDS) and same_so_far and cfg.total_steps > done:
             log(f"continuing the run with restart cycles: {', '.join(f'{k}={mine[k]}' for k in sorted(differ))}")
         elif differ:
             # A run is one recipe: resuming continues it, whatever flags this invocation got.
-            cfg = TrainConfig(**theirs)
+            cfg = was
             log(f"resuming with the checkpoint's config: {saved['config']}")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
