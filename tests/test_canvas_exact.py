@@ -239,19 +239,22 @@ def test_minus_infinity_logits_give_finite_entropies_or_a_clear_error(grammar):
 def test_atom_scores_equal_their_definition(vocab_passes, V):
     """The one pass over the logits: per atom, the sum of exp(x - rowmax), of
     exp(x - rowmax) * (x - rowmax), the max and the lowest token id reaching it, for
-    vocabularies that are not a multiple of the scan's lanes, forbidden tokens (atom -1),
-    -inf logits and ties."""
+    vocabularies of odd sizes, forbidden tokens (atom -1),
+    -inf logits and ties; the compiled scan and its torch twin (``device_passes``)."""
     from agentloop.grammar import canvas as dp
+    from agentloop.grammar import device_passes
 
-    if vocab_passes == "device":
-        pytest.skip("the torch passes are checked through the grammar ops above")
     rng = np.random.default_rng(V)
     K = 3
     atom_of = rng.integers(-1, K, V).astype(np.int32)
     x = np.round(rng.normal(0, 2, (5, V)), 1).astype(np.float32)  # rounded: ties
     x[1, rng.random(V) < 0.4] = -np.inf
     x[2] = -np.inf
-    rowmax, asum, asumx, amax, aarg = dp.reduce_atoms(x, atom_of, K, True, True)
+    if vocab_passes == "device":
+        idx = device_passes.atom_index(atom_of, K, torch.device("cpu"))
+        _, rowmax, asum, asumx, amax, aarg = device_passes.reduce_atoms(torch.from_numpy(x), idx, K, True, True)
+    else:
+        rowmax, asum, asumx, amax, aarg = dp.reduce_atoms(x, atom_of, K, True, True)
     for n in range(x.shape[0]):
         m = rowmax[n]  # the shift of the sums: finite, at or above every allowed logit
         allowed = x[n][atom_of >= 0]
