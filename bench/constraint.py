@@ -63,6 +63,7 @@ import torch  # noqa: E402
 
 import agentloop.grammar as G  # noqa: E402
 from agentloop.grammar import canvas as dp  # noqa: E402
+from agentloop.grammar import device_passes  # noqa: E402
 from agentloop.grammar import fsa  # noqa: E402
 from bench.tokenizers_offline import LOADERS, SCHEMAS  # noqa: E402
 
@@ -382,22 +383,16 @@ def step_row(g: Any, cfg: Config, forward_ms: float) -> dict[str, Any]:
     if hasattr(g, "denoise_step"):  # all three sharing one pass over the logits (what the engine calls)
         ops["denoise_step"] = lambda: g.denoise_step(logits, generator=sampler)
     if torch.cuda.is_available() and hasattr(g, "denoise_step"):
-        on_gpu = logits.cuda()
-
-        def gpu_step() -> None:  # vocabulary passes on the GPU, only (L, atoms) statistics to the host
-            g.denoise_step(on_gpu, generator=sampler)
-            torch.cuda.synchronize()
-
-        def via_host() -> None:  # the logits to the host and the marginals back, as before device_passes
-            out = g.denoise_step(on_gpu.cpu(), generator=sampler)
-            out.log_marginals.cuda()
-            torch.cuda.synchronize()
-
-        ops["denoise_step_cuda"] = gpu_step
-        ops["denoise_step_cuda_via_host"] = via_host
+        ops.update(cuda_ops(g, logits, sampler))
     row: dict[str, Any] = {"forward_ms": forward_ms}
     for name, fn in ops.items():
-        row[f"{name}_ms"], row[f"{name}_min_ms"] = time_ms(fn, cfg.repeats, cfg.warmup)
+        try:
+            row[f"{name}_ms"], row[f"{name}_min_ms"] = time_ms(fn, cfg.repeats, cfg.warmup)
+        except Exception as e:  # noqa: BLE001 - a GPU variant that fails is recorded, the others still run
+            if not name.endswith("cuda") and "_cuda_" not in name:
+                raise
+            row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:500]
+            log(f"{name} failed: {row[f'{name}_error']}")
     for name in ("viterbi", "sample", "marginals", "denoise_step"):
         if f"{name}_ms" in row:
             row[f"{name}_pct"] = 100.0 * row[f"{name}_ms"] / forward_ms
@@ -405,6 +400,44 @@ def step_row(g: Any, cfg: Config, forward_ms: float) -> dict[str, Any]:
     row["sample_dp_ms"] = row["sample_ms"] - row["reduce_sum_ms"]
     row["marginals_dp_ms"] = row["marginals_ms"] - row["reduce_sum_x_ms"]
     return row
+
+
+def cuda_ops(g: Any, logits: torch.Tensor, sampler: torch.Generator) -> dict[str, Callable[[], Any]]:
+    """The step with its logits on the GPU: the whole ``denoise_step`` (vocabulary passes
+    on the device, the DP on the host), the same with the logits copied to the host and the
+    marginals back, and its device parts apart: the atom reduction per kernel and chunk size
+    (chunk 1 is a scatter straight from the vocabulary) and the marginals write."""
+    on_gpu = logits.cuda()
+    V = on_gpu.shape[1]
+    ta = g.automaton
+    sync = torch.cuda.synchronize
+
+    def step() -> None:
+        g.denoise_step(on_gpu, generator=sampler)
+        sync()
+
+    def via_host() -> None:
+        out = g.denoise_step(on_gpu.cpu(), generator=sampler)
+        out.log_marginals.cuda()
+        sync()
+
+    ops: dict[str, Callable[[], Any]] = {"denoise_step_cuda": step, "denoise_step_cuda_via_host": via_host}
+    layout = g._atom_layout(V, on_gpu.device)
+    kernels = ["torch"] + (["triton"] if device_passes._triton_available() else [])
+    for chunk in sorted({1, 8, layout.chunk}):
+        lay = device_passes.atom_layout(g._atom_of(V), ta.n_atoms, on_gpu.device, chunk=chunk)
+        for kernel in kernels:
+            ops[f"reduce_cuda_{kernel}_c{chunk}"] = (
+                lambda lay=lay, kernel=kernel: device_passes.reduce_atoms(on_gpu, lay, True, True, kernel=kernel))
+    rowmax = device_passes.reduce_atoms(on_gpu, layout, True, True)[0]
+    F = np.random.default_rng(0).random((on_gpu.shape[0], ta.n_atoms))  # (L, K) atom factors
+
+    def marginals() -> None:
+        device_passes.log_marginals(on_gpu, rowmax, F, layout.index)
+        sync()
+
+    ops["log_marginals_cuda"] = marginals
+    return ops
 
 
 # ---- outlines-core ----------------------------------------------------------------------------
@@ -580,12 +613,24 @@ def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
              ["tokenizer", "tools", "viterbi reduce", "viterbi rest", "sample reduce", "sample rest",
               "marginals reduce", "marginals rest"], split_rows)
     out = [main, phases, split]
-    gpu_rows = [[s["tokenizer"], str(s["n_tools"]), f"{s['denoise_step_cuda_ms']:.2f}",
-                 f"{s['denoise_step_cuda_via_host_ms']:.2f}"] for s in result["step"] if "denoise_step_cuda_ms" in s]
+    gpu_rows = []
+    for s in result["step"]:
+        if "denoise_step_cuda_ms" not in s:
+            continue
+        reduce = {k[len("reduce_cuda_"):-len("_ms")]: v for k, v in s.items()
+                  if k.startswith("reduce_cuda_") and k.endswith("_ms") and not k.endswith("_min_ms")}
+        best = min(reduce, key=reduce.get)
+        gpu_rows.append([s["tokenizer"], str(s["n_tools"]), f"{s['denoise_step_cuda_ms']:.2f}",
+                         f"{s.get('denoise_step_cuda_via_host_ms', float('nan')):.2f}",
+                         ", ".join(f"{k} {v:.2f}" for k, v in sorted(reduce.items())), best,
+                         f"{s.get('log_marginals_cuda_ms', float('nan')):.2f}"])
     if gpu_rows:
         out.append(("denoise_step with the logits on the GPU (ms): vocabulary passes on the device vs the logits "
-                    "copied to the host and the marginals back; the DP runs on the CPU in both",
-                    ["tokenizer", "tools", "on the device", "via the host"], gpu_rows))
+                    "copied to the host and the marginals back (the DP runs on the CPU in both); the device "
+                    "parts apart: the atom reduction per kernel and chunk size (c1: a scatter per token) and "
+                    "the marginals write",
+                    ["tokenizer", "tools", "on the device", "via the host", "atom reduction", "fastest",
+                     "marginals write"], gpu_rows))
     if result["outlines"]:
         o_rows = []
         for o in result["outlines"]:

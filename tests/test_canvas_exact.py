@@ -233,39 +233,3 @@ def test_minus_infinity_logits_give_finite_entropies_or_a_clear_error(grammar):
     for op in (grammar.viterbi, grammar.sample, grammar.marginals, grammar.denoise_step):
         with pytest.raises(NoValidCanvasError):
             op(logits)
-
-
-@pytest.mark.parametrize("V", [1, 3, 4, 7, 13, 64])
-def test_atom_scores_equal_their_definition(vocab_passes, V):
-    """The one pass over the logits: per atom, the sum of exp(x - rowmax), of
-    exp(x - rowmax) * (x - rowmax), the max and the lowest token id reaching it, for
-    vocabularies of odd sizes, forbidden tokens (atom -1),
-    -inf logits and ties; the compiled scan and its torch twin (``device_passes``)."""
-    from agentloop.grammar import canvas as dp
-    from agentloop.grammar import device_passes
-
-    rng = np.random.default_rng(V)
-    K = 3
-    atom_of = rng.integers(-1, K, V).astype(np.int32)
-    x = np.round(rng.normal(0, 2, (5, V)), 1).astype(np.float32)  # rounded: ties
-    x[1, rng.random(V) < 0.4] = -np.inf
-    x[2] = -np.inf
-    if vocab_passes == "device":
-        idx = device_passes.atom_index(atom_of, K, torch.device("cpu"))
-        _, rowmax, asum, asumx, amax, aarg = device_passes.reduce_atoms(torch.from_numpy(x), idx, K, True, True)
-    else:
-        rowmax, asum, asumx, amax, aarg = dp.reduce_atoms(x, atom_of, K, True, True)
-    for n in range(x.shape[0]):
-        m = rowmax[n]  # the shift of the sums: finite, at or above every allowed logit
-        allowed = x[n][atom_of >= 0]
-        assert np.isfinite(m) and (not allowed.size or m >= allowed.max())
-        for k in range(K):
-            xs = x[n][atom_of == k].astype(np.float64)
-            e = np.exp(xs - m)
-            assert asum[n, k] == pytest.approx(e.sum(), rel=1e-6, abs=1e-300)
-            assert asumx[n, k] == pytest.approx(np.where(e > 0, e * (xs - m), 0.0).sum(), rel=1e-5, abs=1e-12)
-            finite = np.isfinite(xs)
-            want = xs.max() if finite.any() else -np.inf
-            assert amax[n, k] == want
-            if finite.any():
-                assert aarg[n, k] == np.flatnonzero((atom_of == k) & (x[n] == want))[0]

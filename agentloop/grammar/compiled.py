@@ -103,7 +103,7 @@ class CompiledGrammar:
         self._final_any = np.ones(ta.n_states, np.bool_)
         self._support_cache: dict[tuple[int, int, bool], tuple[np.ndarray, ...]] = {}
         self._allowed_cache: dict[int, np.ndarray] = {}
-        self._atom_indices: dict[tuple[int, str], torch.Tensor] = {}  # (V, device) -> (V,) atom per token
+        self._atom_layouts: dict[tuple[int, str], device_passes.AtomLayout] = {}  # (V, device) -> its layout
 
     # ---- states ------------------------------------------------------------------------
     @property
@@ -337,12 +337,13 @@ class CompiledGrammar:
     #: Run the vocabulary passes in torch for CPU tensors too (tests of the device path).
     _device_passes_on_cpu = False
 
-    def _atom_index(self, V: int, device: torch.device) -> torch.Tensor:
+    def _atom_layout(self, V: int, device: torch.device) -> device_passes.AtomLayout:
         key = (V, str(device))
-        idx = self._atom_indices.get(key)
-        if idx is None:
-            idx = self._atom_indices[key] = device_passes.atom_index(self._atom_of(V), self.automaton.n_atoms, device)
-        return idx
+        layout = self._atom_layouts.get(key)
+        if layout is None:
+            layout = device_passes.atom_layout(self._atom_of(V), self.automaton.n_atoms, device)
+            self._atom_layouts[key] = layout
+        return layout
 
     def _atom_of(self, V: int) -> np.ndarray:
         a = self.automaton.atom_of_token
@@ -421,7 +422,7 @@ class CompiledGrammar:
         flat = xs.reshape(B * L, V)
         if isinstance(xs, torch.Tensor):
             rowmax_dev, rowmax, asum, asumx, amax, aarg = device_passes.reduce_atoms(
-                flat, self._atom_index(V, xs.device), ta.n_atoms, want_sum, want_x)
+                flat, self._atom_layout(V, xs.device), want_sum, want_x)
         else:
             rowmax_dev = None
             rowmax, asum, asumx, amax, aarg = dp.reduce_atoms(flat, self._atom_of(V), ta.n_atoms, want_sum, want_x)
@@ -453,15 +454,15 @@ class CompiledGrammar:
         rows = np.arange(sl.start, sl.stop)
         best = sc.aarg[rows, atoms]
         e_best = np.exp(sc.amax[rows, atoms].astype(np.float64) - sc.rowmax[rows])
-        V = sc.flat.shape[1]
-        tokens = device_passes.tokens_in_atoms(sc.flat[sl], sc.rowmax_dev[sl], self._atom_index(V, sc.flat.device),
-                                               atoms, best, e_best, sc.asum[rows, atoms], uniforms[:, 2])
+        index = self._atom_layout(sc.flat.shape[1], sc.flat.device).index
+        tokens = device_passes.tokens_in_atoms(sc.flat[sl], sc.rowmax_dev[sl], index, atoms, best, e_best,
+                                               sc.asum[rows, atoms], uniforms[:, 2])
         return tokens.tolist()
 
     def _log_marginals(self, sc: "_Scores", F: np.ndarray, B: int) -> torch.Tensor:
         N, V = sc.flat.shape
         if sc.rowmax_dev is not None:
-            out = device_passes.log_marginals(sc.flat, sc.rowmax_dev, F, self._atom_index(V, sc.flat.device))
+            out = device_passes.log_marginals(sc.flat, sc.rowmax_dev, F, self._atom_layout(V, sc.flat.device).index)
             return out.reshape(B, N // B, V)
         out = np.empty_like(sc.flat)
         dp._write_marginals(sc.flat, sc.rowmax, self._atom_of(V), F, out)

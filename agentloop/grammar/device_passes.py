@@ -16,67 +16,203 @@ recomputes the rare rows whose allowed tokens underflow), so no row can underflo
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 
-def atom_index(atom_of: np.ndarray, K: int, device: torch.device) -> torch.Tensor:
-    """(V,) int64 on ``device``: each token's atom, K (one past the last) where never allowed."""
-    return torch.from_numpy(np.where(atom_of >= 0, atom_of, K).astype(np.int64)).to(device)
+@dataclass(frozen=True)
+class AtomLayout:
+    """A grammar's token -> atom map on a device, in the two shapes its passes read.
+
+    ``index`` maps each token to its atom (scatters back onto the vocabulary). ``gather``
+    lists the allowed tokens grouped by atom, in token order, each atom's run padded to
+    whole chunks of ``chunk`` tokens (a pad repeats the atom's first token, weight 0): the
+    atom reduction then reduces dense (chunk,) rows and only the (rows, chunks) partial
+    results meet in a scatter. A scatter straight from the vocabulary sends tens of
+    thousands of tokens onto each of a few hundred atoms, and on a GPU those atomic
+    updates to one address serialise.
+    """
+
+    index: torch.Tensor  # (V,) int64 atom of each token, K where never allowed
+    K: int
+    chunk: int  # C tokens per chunk
+    gather: torch.Tensor  # (n_chunks * C,) int64 token ids, grouped by atom
+    weight: torch.Tensor  # (n_chunks * C,) float32: 1 for a token, 0 for a pad
+    chunk_atom: torch.Tensor  # (n_chunks,) int64 the atom of each chunk
 
 
-def _row_chunks(N: int, V: int) -> list[slice]:
-    """Row slices of ~8M elements: the int64 / float64 temporaries of a chunk stay ~64 MB
-    at any vocabulary (a whole 256 x 262k canvas would need ~0.5 GB each)."""
-    rows = max(1, (1 << 23) // max(V, 1))
+def _chunk_size(sizes: np.ndarray) -> int:
+    """The largest chunk (<= 64 tokens) whose padding adds at most a quarter to the
+    allowed tokens: at Gemma's 262k tokens and a few hundred atoms that is 64, for a
+    small vocabulary split into many atoms it falls towards 1 (a scatter per token)."""
+    n = int(sizes.sum())
+    for C in (64, 32, 16, 8, 4, 2):
+        if int((-(-sizes // C) * C).sum()) * 4 <= n * 5:
+            return C
+    return 1
+
+
+def atom_layout(atom_of: np.ndarray, K: int, device: torch.device, chunk: int | None = None) -> AtomLayout:
+    """``atom_of`` (V,) (-1: never allowed) placed on ``device``; ``chunk`` overrides
+    the chunk size (tests)."""
+    index = np.where(atom_of >= 0, atom_of, K).astype(np.int64)
+    allowed = np.flatnonzero(atom_of >= 0)
+    order = allowed[np.argsort(atom_of[allowed], kind="stable")]  # (n,) grouped by atom, token order inside
+    sizes = np.bincount(atom_of[allowed], minlength=K).astype(np.int64)  # (K,)
+    C = chunk or _chunk_size(sizes)
+    padded = -(-sizes // C) * C  # (K,) each atom's run, whole chunks
+    slot_atom = np.repeat(np.arange(K), padded)  # (n_chunks * C,)
+    offset = np.arange(padded.sum()) - np.repeat(np.cumsum(padded) - padded, padded)  # place in its atom's run
+    first = np.cumsum(sizes) - sizes  # (K,) where each atom starts in ``order``
+    real = offset < sizes[slot_atom]
+    gather = order[np.where(real, first[slot_atom] + offset, first[slot_atom])] if order.size else order
+    return AtomLayout(
+        index=torch.from_numpy(index).to(device), K=K, chunk=C,
+        gather=torch.from_numpy(gather.astype(np.int64)).to(device),
+        weight=torch.from_numpy(real.astype(np.float32)).to(device),
+        chunk_atom=torch.from_numpy(np.repeat(np.arange(K), padded // C).astype(np.int64)).to(device))
+
+
+def _row_chunks(N: int, V: int, device: torch.device | None = None) -> list[slice]:
+    """Row slices of ~8M elements (64M on a CUDA device): the temporaries of a slice stay
+    ~32-64 MB in host memory at any vocabulary, and on a GPU a 256 x 262k canvas goes in
+    one slice (~0.3 GB per temporary), not eight rounds of a dozen small kernels."""
+    rows = max(1, (1 << (26 if device is not None and device.type == "cuda" else 23)) // max(V, 1))
     return [slice(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)]
 
 
-def reduce_atoms(x: torch.Tensor, idx: torch.Tensor, K: int, want_sum: bool, want_x: bool
+def reduce_atoms(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bool, kernel: str = "auto"
                  ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """x (N, V) float32 on the device -> (rowmax tensor (N,), and as numpy on the host:
     rowmax (N,) f64, asum (N, K) f64, asumx (N, K or 1) f64, amax (N, K) f32, aarg (N, K) i32).
 
     asum[n, k] = sum over tokens t of atom k of exp(x[n, t] - rowmax[n]); asumx adds the
     factor (x - rowmax) (for entropies); aarg is the lowest token id reaching amax, as the
-    compiled scan picks it. Sums are float64, as the host keeps them (an atom may hold
-    most of the vocabulary).
+    compiled scan picks it. Each chunk of an atom's tokens is reduced first, its sums
+    taken from its own best logit m (float32 over at most 64 terms); those are rescaled by
+    exp(m - rowmax) and added up per atom in float64, as the host keeps them (an atom may
+    hold most of the vocabulary). ``kernel``: "triton" reads the logits once in one fused
+    kernel, "torch" in a few passes of torch ops, "auto" takes triton on a CUDA device
+    where it is installed (it comes with CUDA builds of torch).
     """
     N, V = x.shape
+    K = layout.K
+    n_chunks = layout.chunk_atom.shape[0]
     dev = x.device
-    amax = torch.full((N, K + 1), -math.inf, device=dev)  # (N, K + 1), column K: never allowed
-    aarg = torch.full((N, K + 1), V, device=dev)  # (N, K + 1) int64
+    fused = kernel == "triton" or (kernel == "auto" and dev.type == "cuda" and _triton_available())
+    amax = torch.full((N, K), -math.inf, device=dev)  # (N, K)
+    aarg = torch.full((N, K), V, device=dev)  # (N, K) int64, V: no finite logit
     rowmax = torch.zeros(N, device=dev)  # (N,) best allowed logit of each row
-    asum = torch.zeros((N, K + 1) if want_sum else (0, 0), dtype=torch.float64, device=dev)
-    asumx = torch.zeros((N, K + 1) if want_x else (0, 0), dtype=torch.float64, device=dev)
-    ids = torch.arange(V, device=dev)
-    for r in _row_chunks(N, V):
-        xr = x[r]  # (n, V)
-        cols = idx.expand(xr.shape[0], V)  # (n, V) atom per token
-        amax[r] = amax[r].scatter_reduce(1, cols, xr, "amax")
-        at_max = (xr == amax[r].gather(1, cols)) & torch.isfinite(xr)  # an all -inf atom has no argmax
-        aarg[r] = aarg[r].scatter_reduce(1, cols, torch.where(at_max, ids, V), "amin")
+    asum = torch.zeros((N, K) if want_sum else (0, 0), dtype=torch.float64, device=dev)
+    asumx = torch.zeros((N, K) if want_x else (0, 0), dtype=torch.float64, device=dev)
+    for r in _row_chunks(N, n_chunks * layout.chunk, dev):
+        m, first, s, sx = _chunk_stats(x[r], layout, want_sum, want_x, fused, strict=kernel == "triton")
+        atom = layout.chunk_atom.expand(m.shape[0], n_chunks)  # (n, n_chunks)
+        amax[r] = amax[r].scatter_reduce(1, atom, m, "amax")
+        top = m == amax[r].gather(1, atom)  # (n, n_chunks) chunks holding their atom's best
+        aarg[r] = aarg[r].scatter_reduce(1, atom, torch.where(top, first, V), "amin")
         if K:
-            best = amax[r, :K].max(dim=1).values
+            best = amax[r].max(dim=1).values
             rowmax[r] = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
         if want_sum:
-            shifted = xr - rowmax[r, None]  # (n, V)
-            e = shifted.exp()
-            asum[r] = asum[r].scatter_add(1, cols, e.double())
-            if want_x:
-                ex = torch.where(e > 0, e * shifted, 0.0)  # e == 0 at x = -inf, where e * shifted is nan
-                asumx[r] = asumx[r].scatter_add(1, cols, ex.double())
-    aarg = torch.where(aarg >= V, -1, aarg)  # an atom with no token in this vocabulary
-    host = {"amax": amax[:, :K], "aarg": aarg[:, :K].int(), "rowmax": rowmax.double()}
+            m0 = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # the chunk sums' reference
+            lift = m0.double() - rowmax[r, None].double()  # (n, n_chunks) chunk reference -> row reference
+            scale = lift.exp()
+            asum[r] = asum[r].scatter_add(1, atom, s.double() * scale)
+            if want_x:  # sum of e * (x - rowmax) = sum of e * (x - m) + (m - rowmax) * sum of e
+                asumx[r] = asumx[r].scatter_add(1, atom, (sx.double() + s.double() * lift) * scale)
+    aarg = torch.where(aarg >= V, -1, aarg)  # an atom with no finite logit (or no token in this vocabulary)
+    host = {"amax": amax, "aarg": aarg.int(), "rowmax": rowmax.double()}
     if want_sum:
-        host["asum"] = asum[:, :K]
+        host["asum"] = asum
     if want_x:
-        host["asumx"] = asumx[:, :K]
+        host["asumx"] = asumx
     out = {k: v.cpu().numpy() for k, v in host.items()}
     return (rowmax, out["rowmax"], out.get("asum", np.zeros((N, 1))), out.get("asumx", np.zeros((N, 1))),
             out["amax"], out["aarg"])
+
+
+def _chunk_stats_torch(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (n, V) -> per (row, chunk): best logit m, lowest token reaching it (V where the
+    chunk has no finite logit), sum of e = exp(x - m) and of e * (x - m) (an all -inf chunk
+    takes m = 0 as the sums' reference, and sums 0)."""
+    n_chunks, C = layout.chunk_atom.shape[0], layout.chunk
+    token = layout.gather.view(n_chunks, C)  # (n_chunks, C)
+    xr = x.index_select(1, layout.gather).view(-1, n_chunks, C)  # (n, n_chunks, C) grouped by atom
+    # inside a chunk tokens rise in id and the pads (last) repeat a token of the atom's
+    # first chunk, so max's first place holds the chunk's lowest token reaching its best
+    m, at = xr.max(dim=2)  # (n, n_chunks)
+    chunk_ids = torch.arange(n_chunks, device=x.device)  # (n_chunks,)
+    first = torch.where(torch.isfinite(m), token[chunk_ids, at], x.shape[1])  # (n, n_chunks)
+    if not want_sum:
+        return m, first, m, m
+    m0 = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # (n, n_chunks)
+    shifted = (xr - m0[..., None]).clamp_(min=-1e30)  # (n, n_chunks, C) <= 0; floored: e * shifted is 0 at -inf
+    e = shifted.exp().mul_(layout.weight.view(n_chunks, C))  # pads weigh 0
+    s = e.sum(dim=2)  # (n, n_chunks)
+    sx = e.mul_(shifted).sum(dim=2) if want_x else s
+    return m, first, s, sx
+
+
+def _chunk_stats(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bool, fused: bool, strict: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chunk statistics from the fused kernel where asked, else from torch ops. Where the
+    kernel was only preferred ("auto") and fails to build or run, the step goes on in torch
+    and the kernel is not tried again in this process (with a warning that says why)."""
+    if fused:
+        try:
+            return _chunk_stats_triton(x, layout, want_sum, want_x)
+        except Exception as e:  # noqa: BLE001 - any failure of an optional fast path
+            if strict:
+                raise
+            _kernel_failed.append(f"{type(e).__name__}: {e}")
+            warnings.warn(f"agentloop: the fused Triton kernel of the grammar's vocabulary pass failed "
+                          f"({_kernel_failed[-1][:300]}); using torch ops instead", RuntimeWarning, stacklevel=3)
+    return _chunk_stats_torch(x, layout, want_sum, want_x)
+
+
+#: Why the fused kernel failed in this process, if it did (then "auto" stops trying it).
+_kernel_failed: list[str] = []
+
+
+def _triton_available() -> bool:
+    return not _kernel_failed and _chunk_kernel() is not None
+
+
+@functools.cache
+def _chunk_kernel() -> Any:
+    """The fused chunk-statistics kernel (``fused_kernel.chunk_stats``), or None without
+    triton. Imported on first use: the CPU never needs triton."""
+    try:
+        from . import fused_kernel
+    except ImportError:
+        return None
+    return fused_kernel.chunk_stats
+
+
+def _chunk_stats_triton(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_chunk_stats_torch`` in one Triton kernel."""
+    n, V = x.shape
+    n_chunks, C = layout.chunk_atom.shape[0], layout.chunk
+    x = x.contiguous()
+    m = torch.empty((n, n_chunks), device=x.device)  # (n, n_chunks) float32
+    first = torch.empty((n, n_chunks), dtype=torch.int64, device=x.device)
+    s = torch.empty((n, n_chunks), device=x.device) if want_sum else m
+    sx = torch.empty((n, n_chunks), device=x.device) if want_x else s
+    if n and n_chunks:
+        block = max(1, 1024 // C)
+        _chunk_kernel()[(n, -(-n_chunks // block))](
+            x, V, layout.gather, layout.weight, m, first, s, sx, n_chunks, V,
+            C=C, BLOCK=block, WANT_SUM=want_sum, WANT_X=want_x)
+    return m, first, s, sx
 
 
 def log_marginals(x: torch.Tensor, rowmax: torch.Tensor, F: np.ndarray, idx: torch.Tensor) -> torch.Tensor:

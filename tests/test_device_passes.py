@@ -1,0 +1,163 @@
+"""The one pass over a step's logits (per atom: sums, max, its lowest token) against its
+definition, in each implementation: the compiled host scan, its torch twin that runs where
+the logits are (``device_passes``), with chunk layouts that split and pad atoms, and the
+fused Triton kernel (here in Triton's interpreter; on a GPU with ``-m gpu``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agentloop.grammar import canvas as dp
+from agentloop.grammar import compile_tools, device_passes
+from agentloop.grammar.compiled import CompiledGrammar
+
+TOOLS = json.loads((Path(__file__).parents[1] / "agentloop/data/tool_schemas.json").read_text())
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _case(V: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Logits (5, V) with ties, -inf entries, an all -inf row and an all -inf atom; the
+    atom of each token (-1: never allowed), K = 4 atoms of which atom 3 holds no token."""
+    rng = np.random.default_rng(V)
+    K = 4
+    atom_of = rng.integers(-1, K - 1, V).astype(np.int32)
+    x = np.round(rng.normal(0, 2, (5, V)), 1).astype(np.float32)  # rounded: ties
+    x[1, rng.random(V) < 0.4] = -np.inf
+    x[2] = -np.inf
+    x[3, atom_of == 0] = -np.inf
+    return x, atom_of, K
+
+
+def _check_atom_scores(x, atom_of, K, rowmax, asum, asumx, amax, aarg):
+    for n in range(x.shape[0]):
+        m = rowmax[n]  # the shift of the sums: finite, at or above every allowed logit
+        allowed = x[n][atom_of >= 0]
+        assert np.isfinite(m) and (not allowed.size or m >= allowed.max())
+        for k in range(K):
+            xs = x[n][atom_of == k].astype(np.float64)
+            e = np.exp(xs - m)
+            assert asum[n, k] == pytest.approx(e.sum(), rel=1e-6, abs=1e-300)
+            with np.errstate(invalid="ignore"):  # 0 * -inf where x = -inf, masked
+                ex = np.where(e > 0, e * (xs - m), 0.0)
+            assert asumx[n, k] == pytest.approx(ex.sum(), rel=1e-5, abs=1e-12)
+            finite = np.isfinite(xs)
+            want = xs.max() if finite.any() else -np.inf
+            assert amax[n, k] == want
+            if finite.any():
+                assert aarg[n, k] == np.flatnonzero((atom_of == k) & (x[n] == want))[0]
+            else:
+                assert aarg[n, k] == -1
+
+
+VOCABS = [1, 3, 4, 7, 13, 64, 300]
+
+
+@pytest.mark.parametrize("V", VOCABS)
+def test_host_scan_equals_the_definition(V):
+    x, atom_of, K = _case(V)
+    _check_atom_scores(x, atom_of, K, *dp.reduce_atoms(x, atom_of, K, True, True))
+
+
+def _device_scores(x: np.ndarray, atom_of: np.ndarray, K: int, device: str, kernel: str) -> None:
+    for chunk in (None, 1, 4, 64):  # None: the layout's own choice
+        layout = device_passes.atom_layout(atom_of, K, torch.device(device), chunk=chunk)
+        scores = device_passes.reduce_atoms(torch.from_numpy(x).to(device), layout, True, True, kernel=kernel)
+        _check_atom_scores(x, atom_of, K, *scores[1:])
+
+
+@pytest.mark.parametrize("V", VOCABS)
+def test_torch_passes_equal_the_definition(V):
+    _device_scores(*_case(V), device="cpu", kernel="torch")
+
+
+def test_fused_kernel_equals_the_definition():
+    """The Triton kernel in Triton's interpreter, on CPU tensors. The interpreter must be
+    on before triton is first imported, so the check runs in a process of its own."""
+    pytest.importorskip("triton", reason="the fused kernel needs triton (it comes with CUDA builds of torch)")
+    code = f"import test_device_passes as t\nfor V in t.VOCABS: t._device_scores(*t._case(V), 'cpu', 'triton')"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_layout_groups_each_atom_in_whole_chunks():
+    rng = np.random.default_rng(0)
+    atom_of = rng.integers(-1, 5, 1000).astype(np.int32)
+    layout = device_passes.atom_layout(atom_of, 6, torch.device("cpu"))  # atom 5 holds no token
+    C = layout.chunk
+    gather, weight = layout.gather.numpy(), layout.weight.numpy()
+    assert C > 1 and gather.size % C == 0 and layout.chunk_atom.numel() * C == gather.size
+    slot_atom = np.repeat(layout.chunk_atom.numpy(), C)
+    assert (atom_of[gather] == slot_atom).all()  # pads repeat a token of their own atom
+    real = gather[weight == 1]
+    assert sorted(real.tolist()) == np.flatnonzero(atom_of >= 0).tolist()  # each allowed token once
+    assert gather.size * 4 <= 5 * real.size  # padding adds at most a quarter
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+@pytest.mark.parametrize("V", VOCABS + [5000])
+def test_cuda_passes_equal_the_definition(V, kernel):
+    _device_scores(*_case(V), device="cuda", kernel=kernel)
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_step_matches_the_host_step(btok, monkeypatch, fused):
+    """Logits on a GPU: the same Viterbi canvas and, from the same random numbers, the same
+    sample as the host; the same marginals and entropies, on the logits' device."""
+    monkeypatch.setattr(device_passes, "_triton_available", lambda: fused)
+    g = compile_tools(TOOLS[:4], btok, "gemma4")
+    for seed in range(3):
+        logits = torch.randn(2, 48, g.vocab.size + 5, generator=torch.Generator().manual_seed(seed)) * 4
+        host = g.denoise_step(logits, generator=torch.Generator().manual_seed(seed), partial=True)
+        dev = g.denoise_step(logits.cuda(), generator=torch.Generator().manual_seed(seed), partial=True)
+        assert dev.log_marginals.is_cuda
+        assert dev.argmax == host.argmax and dev.sample == host.sample
+        assert torch.allclose(dev.log_marginals.cpu(), host.log_marginals, atol=1e-4)
+        assert torch.allclose(dev.entropy, host.entropy, atol=1e-5)
+
+
+def test_cpu_tensors_take_the_host_scan_unless_asked(btok, monkeypatch):
+    """Only CUDA logits (or the tests' switch) take the torch passes: the compiled scan is
+    faster on the CPU."""
+    calls = []
+    real = device_passes.reduce_atoms
+    monkeypatch.setattr(device_passes, "reduce_atoms", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = compile_tools(TOOLS[:1], btok, "gemma4")
+    logits = torch.randn(16, g.vocab.size)
+    g.viterbi(logits)
+    assert not calls
+    monkeypatch.setattr(CompiledGrammar, "_device_passes_on_cpu", True)
+    g.viterbi(logits)
+    assert calls
+
+
+def test_a_failing_fused_kernel_falls_back_to_torch_with_a_warning(monkeypatch):
+    """"auto" prefers the kernel: if it fails to build or run, the step goes on in torch
+    and says why; asked for by name, the failure is raised."""
+    def broken(*args):
+        raise RuntimeError("no PTX for this card")
+
+    monkeypatch.setattr(device_passes, "_chunk_stats_triton", broken)
+    monkeypatch.setattr(device_passes, "_kernel_failed", [])
+    x, atom_of, K = _case(64)
+    layout = device_passes.atom_layout(atom_of, K, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="no PTX"):
+        device_passes._chunk_stats(torch.from_numpy(x), layout, True, True, fused=True, strict=True)
+    with pytest.warns(RuntimeWarning, match="Triton kernel .* failed .*no PTX.*using torch ops"):
+        got = device_passes._chunk_stats(torch.from_numpy(x), layout, True, True, fused=True, strict=False)
+    want = device_passes._chunk_stats_torch(torch.from_numpy(x), layout, True, True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    monkeypatch.setattr(device_passes, "_chunk_kernel", lambda: object())  # as if triton were there
+    assert not device_passes._triton_available()  # not tried again in this process
