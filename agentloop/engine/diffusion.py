@@ -134,7 +134,7 @@ class DiffusionEngine:
             from ..grammar import byte_tokenizer
 
             tokenizer = byte_tokenizer()
-        vocab = _tokenizer_size(tokenizer)
+        vocab = config_overrides.pop("vocab_size", _tokenizer_size(tokenizer))  # a model may pad past it
         ids = {name: _token_id(tokenizer, tok) for name, tok in (("pad", "<pad>"), ("eos", "<eos>"), ("bos", "<bos>"))}
         cfg = diffusion_gemma_config(vocab, preset=preset, canvas_length=canvas_length,
                                      max_position_embeddings=max_position_embeddings,
