@@ -379,6 +379,7 @@ def step_row(g: Any, cfg: Config, forward_ms: float) -> dict[str, Any]:
         row = {"forward_ms": forward_ms}
         for name, fn in cuda_ops(g, logits, sampler).items():
             _time_into(row, name, fn, cfg)
+        row.update(cuda_step_split(g, logits, sampler, cfg.repeats))
         return row
     ops: dict[str, Callable[[], Any]] = {
         "viterbi": lambda: g.viterbi(logits),
@@ -396,6 +397,8 @@ def step_row(g: Any, cfg: Config, forward_ms: float) -> dict[str, Any]:
     row: dict[str, Any] = {"forward_ms": forward_ms}
     for name, fn in ops.items():
         _time_into(row, name, fn, cfg)
+    if "denoise_step_cuda" in ops:
+        row.update(cuda_step_split(g, logits, sampler, cfg.repeats))
     for name in ("viterbi", "sample", "marginals", "denoise_step"):
         if f"{name}_ms" in row:
             row[f"{name}_pct"] = 100.0 * row[f"{name}_ms"] / forward_ms
@@ -453,6 +456,47 @@ def cuda_ops(g: Any, logits: torch.Tensor, sampler: torch.Generator) -> dict[str
 
     ops["log_marginals_cuda"] = marginals
     return ops
+
+
+def cuda_step_split(g: Any, logits: torch.Tensor, sampler: torch.Generator, repeats: int) -> dict[str, float]:
+    """Where a GPU ``denoise_step`` spends its time: each device pass timed inside the step
+    (synchronised before and after), the host's share (the DP over the automaton, group
+    sums, sampling the atoms) the rest. Mean ms per step over ``repeats`` steps."""
+    on_gpu = logits.cuda()
+    names = ("reduce_atoms", "tokens_in_atoms", "log_marginals")
+    spent = dict.fromkeys(names, 0.0)
+    originals = {name: getattr(device_passes, name) for name in names}
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            torch.cuda.synchronize()
+            spent[name] += time.perf_counter() - t0
+            return out
+        return run
+
+    total = 0.0
+    try:
+        for name, fn in originals.items():
+            setattr(device_passes, name, timed(name, fn))
+        g.denoise_step(on_gpu, generator=sampler)  # warm
+        spent.update(dict.fromkeys(names, 0.0))
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            g.denoise_step(on_gpu, generator=sampler)
+            torch.cuda.synchronize()
+            total += time.perf_counter() - t0
+    finally:
+        for name, fn in originals.items():
+            setattr(device_passes, name, fn)
+    out = {f"split_{name}_ms": 1e3 * v / repeats for name, v in spent.items()}
+    out["split_total_ms"] = 1e3 * total / repeats
+    out["split_host_ms"] = out["split_total_ms"] - sum(out[f"split_{name}_ms"] for name in names)
+    log("  split: " + ", ".join(f"{k[6:-3]} {v:.3f}" for k, v in out.items()))
+    return out
 
 
 # ---- outlines-core ----------------------------------------------------------------------------
@@ -639,17 +683,19 @@ def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
         reduce = {k[len("reduce_cuda_"):-len("_ms")]: v for k, v in s.items()
                   if k.startswith("reduce_cuda_") and k.endswith("_ms") and not k.endswith("_min_ms")}
         best = min(reduce, key=reduce.get)
+        nan = float("nan")
         gpu_rows.append([s["tokenizer"], str(s["n_tools"]), f"{s['denoise_step_cuda_ms']:.2f}",
-                         f"{s.get('denoise_step_cuda_via_host_ms', float('nan')):.2f}",
-                         ", ".join(f"{k} {v:.2f}" for k, v in sorted(reduce.items())), best,
-                         f"{s.get('log_marginals_cuda_ms', float('nan')):.2f}"])
+                         f"{s.get('denoise_step_cuda_via_host_ms', nan):.2f}",
+                         " / ".join(f"{s.get(f'split_{k}_ms', nan):.2f}"
+                                    for k in ("reduce_atoms", "tokens_in_atoms", "log_marginals", "host")),
+                         ", ".join(f"{k} {v:.2f}" for k, v in sorted(reduce.items())), best])
     if gpu_rows:
         out.append(("denoise_step with the logits on the GPU (ms): vocabulary passes on the device vs the logits "
-                    "copied to the host and the marginals back (the DP runs on the CPU in both); the device "
-                    "parts apart: the atom reduction per kernel and chunk size (c1: a scatter per token) and "
-                    "the marginals write",
-                    ["tokenizer", "tools", "on the device", "via the host", "atom reduction", "fastest",
-                     "marginals write"], gpu_rows))
+                    "copied to the host and the marginals back (the DP runs on the CPU in both); inside the "
+                    "device step: atom reduction / token draw / marginals write / host (DP, group sums, atom "
+                    "sampling); the atom reduction alone per kernel and chunk size (c1: a scatter per token)",
+                    ["tokenizer", "tools", "on the device", "via the host", "reduce / tokens / marginals / host",
+                     "atom reduction", "fastest"], gpu_rows))
     if result["outlines"]:
         o_rows = []
         for o in result["outlines"]:

@@ -454,8 +454,8 @@ class CompiledGrammar:
         rows = np.arange(sl.start, sl.stop)
         best = sc.aarg[rows, atoms]
         e_best = np.exp(sc.amax[rows, atoms].astype(np.float64) - sc.rowmax[rows])
-        index = self._atom_layout(sc.flat.shape[1], sc.flat.device).index
-        tokens = device_passes.tokens_in_atoms(sc.flat[sl], sc.rowmax_dev[sl], index, atoms, best, e_best,
+        layout = self._atom_layout(sc.flat.shape[1], sc.flat.device)
+        tokens = device_passes.tokens_in_atoms(sc.flat[sl], sc.rowmax_dev[sl], layout, atoms, best, e_best,
                                                sc.asum[rows, atoms], uniforms[:, 2])
         return tokens.tolist()
 

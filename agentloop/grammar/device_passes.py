@@ -30,7 +30,9 @@ import torch
 class AtomLayout:
     """A grammar's token -> atom map on a device, in the two shapes its passes read.
 
-    ``index`` maps each token to its atom (scatters back onto the vocabulary). ``gather``
+    ``index`` maps each token to its atom (scatters back onto the vocabulary); ``tokens``
+    lists each atom's tokens in token order, atom after atom (``offsets`` on the host says
+    where each starts), for drawing a token inside an atom. ``gather``
     lists the allowed tokens grouped by atom, in token order, each atom's run padded to
     whole chunks of ``chunk`` tokens (a pad repeats the atom's first token, weight 0): the
     atom reduction then reduces dense (chunk,) rows and only the (rows, chunks) partial
@@ -45,6 +47,8 @@ class AtomLayout:
     gather: torch.Tensor  # (n_chunks * C,) int64 token ids, grouped by atom
     weight: torch.Tensor  # (n_chunks * C,) float32: 1 for a token, 0 for a pad
     chunk_atom: torch.Tensor  # (n_chunks,) int64 the atom of each chunk
+    tokens: torch.Tensor  # (n,) int64 the allowed tokens, grouped by atom, in token order
+    offsets: np.ndarray  # (K + 1,) int64 where each atom's tokens start in ``tokens``
 
 
 def _chunk_size(sizes: np.ndarray) -> int:
@@ -76,14 +80,16 @@ def atom_layout(atom_of: np.ndarray, K: int, device: torch.device, chunk: int | 
         index=torch.from_numpy(index).to(device), K=K, chunk=C,
         gather=torch.from_numpy(gather.astype(np.int64)).to(device),
         weight=torch.from_numpy(real.astype(np.float32)).to(device),
-        chunk_atom=torch.from_numpy(np.repeat(np.arange(K), padded // C).astype(np.int64)).to(device))
+        chunk_atom=torch.from_numpy(np.repeat(np.arange(K), padded // C).astype(np.int64)).to(device),
+        tokens=torch.from_numpy(order.astype(np.int64)).to(device), offsets=np.concatenate([first, [order.size]]))
 
 
 def _row_chunks(N: int, V: int, device: torch.device | None = None) -> list[slice]:
     """Row slices of ~8M elements (64M on a CUDA device): the temporaries of a slice stay
     ~32-64 MB in host memory at any vocabulary, and on a GPU a 256 x 262k canvas goes in
-    one slice (~0.3 GB per temporary), not eight rounds of a dozen small kernels."""
-    rows = max(1, (1 << (26 if device is not None and device.type == "cuda" else 23)) // max(V, 1))
+    one slice (~0.3 GB per temporary), not eight rounds of a dozen small kernels. At most
+    32,768 rows: a kernel's grid has at most 65,535 blocks along its rows."""
+    rows = min(1 << 15, max(1, (1 << (26 if device is not None and device.type == "cuda" else 23)) // max(V, 1)))
     return [slice(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)]
 
 
@@ -209,7 +215,7 @@ def _chunk_stats_triton(x: torch.Tensor, layout: AtomLayout, want_sum: bool, wan
     sx = torch.empty((n, n_chunks), device=x.device) if want_x else s
     if n and n_chunks:
         block = max(1, 1024 // C)
-        _chunk_kernel()[(n, -(-n_chunks // block))](
+        _chunk_kernel()[(-(-n_chunks // block), n)](
             x, V, layout.gather, layout.weight, m, first, s, sx, n_chunks, V,
             C=C, BLOCK=block, WANT_SUM=want_sum, WANT_X=want_x)
     return m, first, s, sx
@@ -222,40 +228,47 @@ def log_marginals(x: torch.Tensor, rowmax: torch.Tensor, F: np.ndarray, idx: tor
     np.log(F, where=F > 0, out=logF_host[:, :K])
     logF = torch.from_numpy(logF_host).to(device=x.device, dtype=torch.float32)  # (N, K + 1), K: never allowed
     out = torch.empty_like(x)  # (N, V)
-    for r in _row_chunks(N, x.shape[1]):  # the gathered factors are an (n, V) temporary
+    for r in _row_chunks(N, x.shape[1], x.device):  # the gathered factors are an (n, V) temporary
         # x - rowmax first: near the row's best logit the difference is exact in float32
         torch.sub(x[r], rowmax[r, None], out=out[r])
         out[r] += logF[r].gather(1, idx.expand(out[r].shape[0], -1))
     return out
 
 
-def tokens_in_atoms(x: torch.Tensor, rowmax: torch.Tensor, idx: torch.Tensor, atoms: np.ndarray,
+def tokens_in_atoms(x: torch.Tensor, rowmax: torch.Tensor, layout: AtomLayout, atoms: np.ndarray,
                     best: np.ndarray, e_best: np.ndarray, asum: np.ndarray, u: np.ndarray) -> np.ndarray:
     """A token inside each position's sampled atom, weight exp(x - rowmax), drawn with the
     uniforms ``u`` (L,) exactly as the compiled scan draws it: the atom's argmax token
     ``best`` first (its share e_best / asum), else the others in token order. Only the
-    positions that fall past the argmax token touch the device.
+    positions that fall past the argmax token touch the device, and only their atoms'
+    tokens are read (``layout.tokens``), not the whole vocabulary.
     """
     target = u * asum  # (L,) mass to reach inside the atom
     out = best.astype(np.int64).copy()
     rows = np.nonzero(target >= e_best)[0]
     if rows.size == 0:
         return out
-    V = x.shape[1]
-    ids = torch.arange(V, device=x.device)
-    for chunk in _row_chunks(rows.size, V):
+    dev = x.device
+    start = layout.offsets[atoms[rows]]  # (R,) where each row's atom starts in layout.tokens
+    size = layout.offsets[atoms[rows] + 1] - start  # (R,) > 0: a sampled atom has tokens
+    width = int(size.max())
+    place = torch.arange(width, device=dev)  # (W,)
+    for chunk in _row_chunks(rows.size, width, dev):
         sel = rows[chunk]
-        r = torch.from_numpy(sel).to(x.device)
-        k = torch.from_numpy(atoms[sel].astype(np.int64)).to(x.device)  # (R,)
-        b = torch.from_numpy(best[sel].astype(np.int64)).to(x.device)  # (R,)
-        inside = (idx[None, :] == k[:, None]) & (ids[None, :] != b[:, None])  # (R, V) the atom's other tokens
-        w = torch.where(inside, (x[r] - rowmax[r, None]).exp(), 0.0)  # (R, V)
-        c = w.cumsum(dim=1, dtype=torch.float64)  # (R, V) running mass, in token order as the host scans
+        r = torch.from_numpy(sel).to(dev)  # (R,)
+        b = torch.from_numpy(best[sel].astype(np.int64)).to(dev)  # (R,)
+        n = torch.from_numpy(size[chunk]).to(dev)  # (R,)
+        at = (torch.from_numpy(start[chunk]).to(dev)[:, None] + place).clamp_(max=layout.tokens.shape[0] - 1)
+        ids = layout.tokens[at]  # (R, W) the atom's tokens in token order, then filler past its size
+        inside = (place[None, :] < n[:, None]) & (ids != b[:, None])  # the atom's other tokens
+        w = torch.where(inside, (x[r[:, None], ids] - rowmax[r, None]).exp(), 0.0)  # (R, W)
+        c = w.cumsum(dim=1, dtype=torch.float64)  # (R, W) running mass, in token order as the host scans
         # (R,) mass past the argmax token; > 0, so the first token reaching it has weight
         rest = torch.from_numpy(np.maximum(target[sel] - e_best[sel], np.finfo(np.float64).tiny))
-        pick = torch.searchsorted(c, rest.to(x.device)[:, None]).squeeze(1)  # first token reaching the rest
-        last = torch.where(w > 0, ids[None, :], -1).max(dim=1).values  # rounding past the end: the last token
-        pick = torch.where(pick >= V, last, pick)
-        pick = torch.where(last < 0, b, pick)  # the argmax token holds all the mass
-        out[sel] = pick.cpu().numpy()
+        pick = torch.searchsorted(c, rest.to(dev)[:, None])  # (R, 1) first place reaching the rest
+        last = torch.where(w > 0, place[None, :], -1).max(dim=1).values  # rounding past the end: the last token
+        pick = torch.where(pick[:, 0] >= width, last, pick[:, 0])
+        token = ids.gather(1, pick.clamp(min=0)[:, None])[:, 0]
+        token = torch.where(last < 0, b, token)  # the argmax token holds all the mass
+        out[sel] = token.cpu().numpy()
     return out

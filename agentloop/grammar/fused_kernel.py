@@ -17,8 +17,10 @@ def chunk_stats(x_ptr, stride, gather_ptr, weight_ptr, m_ptr, first_ptr, s_ptr, 
     best logit m, the lowest token reaching it (V if none is finite), the sum of
     e = exp(x - m) over its tokens (pads weigh 0) and of e * (x - m); an all -inf chunk
     takes m = 0 as the sums' reference."""
-    row = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) chunk ids
+    # chunks along the grid's fast axis: the blocks running at once read the same few rows,
+    # which stay in L2 while their tokens are gathered out of order
+    row = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) chunk ids
     live = c < n_chunks
     slot = c[:, None] * C + tl.arange(0, C)[None, :]  # (BLOCK, C) places in the layout
     tok = tl.load(gather_ptr + slot, mask=live[:, None], other=0)
