@@ -556,6 +556,7 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
         "transformers": transformers.__version__, "numpy": np.__version__,
         "numba_threads": numba.get_num_threads(), "numba_threading_layer": _threading_layer(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
     }
 
 
@@ -636,8 +637,8 @@ def _fmt_bytes(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
-def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(title, header, rows) for each table, shared by the console and markdown output."""
+def host_tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The compile and per-step tables of a full run (host ops and the CPU forward)."""
     step_of = {(r["tokenizer"], r["n_tools"]): r for r in result["step"]}
     main_rows = []
     for c in result["compile"]:
@@ -675,7 +676,18 @@ def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
     split = ("Per-step split (ms): reduce_atoms (one pass over the logits) vs the rest (group scores + DP + output)",
              ["tokenizer", "tools", "viterbi reduce", "viterbi rest", "sample reduce", "sample rest",
               "marginals reduce", "marginals rest"], split_rows)
-    out = [main, phases, split]
+    return [main, phases, split]
+
+
+def gpu_tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The GPU step table, where the run had a GPU (with ``--cuda-only`` also the automaton
+    sizes and compile times, which the host table holds otherwise)."""
+    out: list[tuple[str, list[str], list[list[str]]]] = []
+    if result["config"].get("cuda_only"):
+        out.append(("Grammars (gemma4 wire format)", ["tokenizer", "V", "tools", "cold compile s",
+                                                      "states/atoms/groups/edges"],
+                    [[c["tokenizer"], str(c["vocab"]), str(c["n_tools"]), f"{c['cold_s']:.2f}",
+                      f"{c['dfa_states']}/{c['atoms']}/{c['groups']}/{c['edges']}"] for c in result["compile"]]))
     gpu_rows = []
     for s in result["step"]:
         if "denoise_step_cuda_ms" not in s:
@@ -696,6 +708,13 @@ def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
                     "sampling); the atom reduction alone per kernel and chunk size (c1: a scatter per token)",
                     ["tokenizer", "tools", "on the device", "via the host", "reduce / tokens / marginals / host",
                      "atom reduction", "fastest"], gpu_rows))
+    return out
+
+
+def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) for each table, shared by the console and markdown output."""
+    out = [] if result["config"].get("cuda_only") else host_tables(result)
+    out += gpu_tables(result)
     if result["outlines"]:
         o_rows = []
         for o in result["outlines"]:
@@ -737,20 +756,30 @@ def print_tables(result: dict[str, Any]) -> None:
 
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
+    cuda_only = result["config"].get("cuda_only", False)
     lines = [
         "# Constraint benchmark",
         "",
         f"Command: `{result['command']}`  ",
         f"Machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs; numba threading layer "
         f"{m['numba_threading_layer']} ({m['numba_threads']} threads); Python {m['python']}, "
-        f"torch {m['torch']}, transformers {m['transformers']}, numpy {m['numpy']}  ",
+        f"torch {m['torch']}, transformers {m['transformers']}, numpy {m['numpy']}"
+        + (f"; GPU {m['gpu']}" if m.get("gpu") else "") + "  ",
         f"Code: agentloop at {result['code']['commit']}"
         + (f" + uncommitted changes to {', '.join(result['code']['modified'])}" if result["code"]["modified"] else "")
         + "  ",
         f"Date: {result['date']}; total {result['total_s']:.0f} s; load average (1 min) at start "
-        f"{result['load_average_start'][0]:.2f}, at end {result['load_average_end'][0]:.2f} (2 CPUs shared "
-        "with other work: treat single runs with care)",
+        f"{result['load_average_start'][0]:.2f}, at end {result['load_average_end'][0]:.2f}"
+        + ("" if cuda_only else " (2 CPUs shared with other work: treat single runs with care)"),
         "",
+    ]
+    if cuda_only:
+        lines += ["GPU step ops only (`--cuda-only`): medians of {r} repeats after {w} warmup runs, random logits "
+                  "(L={L}) on the GPU, {th} numba thread(s) for the host's share.".format(
+                      r=result["config"]["repeats"], w=result["config"]["warmup"], L=result["config"]["length"],
+                      th=result["config"]["threads"] or "default"), ""]
+    else:
+        lines += [
         "Times are medians of {r} repeats after {w} warmup runs (minimums in the JSON), with {th} torch/numba "
         "thread(s); logits are random (L={L}). The forward is one "
         "denoising step of a tiny random DiffusionGemma with the tokenizer's vocab (decoder over the canvas with "
@@ -759,11 +788,11 @@ def markdown(result: dict[str, Any]) -> str:
             th=result["config"]["threads"] or "default",
             P=result["config"]["prompt"], ms=", ".join(f"{k}={v}" for k, v in result["config"]["model"].items())),
         "",
-    ]
-    for fw in result["forward"]:
-        lines.append(f"- {fw['tokenizer']}: forward {fw['forward_ms']:.1f} ms ({fw['params'] / 1e6:.1f} M params, "
-                     f"{fw['torch_threads']} torch threads)")
-    lines.append("")
+        ]
+        for fw in result["forward"]:
+            lines.append(f"- {fw['tokenizer']}: forward {fw['forward_ms']:.1f} ms ({fw['params'] / 1e6:.1f} M params, "
+                         f"{fw['torch_threads']} torch threads)")
+        lines.append("")
     for title, header, rows in tables(result):
         lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -822,12 +851,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
     cfg.partial_out.unlink(missing_ok=True)
-    if cfg.cuda_only:  # only the GPU table has figures
-        log(f"wrote {args.out / f'{stem}.json'}")
-        return result
     print_tables(result)
-    (args.out / "constraint.md").write_text(markdown(result))
-    log(f"wrote {args.out / 'constraint.json'} and {args.out / 'constraint.md'}")
+    (args.out / f"{stem}.md").write_text(markdown(result))
+    log(f"wrote {args.out / f'{stem}.json'} and {args.out / f'{stem}.md'}")
     return result
 
 
