@@ -12,11 +12,13 @@ Measures, on whatever CUDA card it finds:
 and compares the step with the roofline: every step reads all weights once (256 tokens
 hit all 128 experts), so step >= weight bytes / memory bandwidth.
 
-    python bench/gpu_roofline.py --out bench/results      # a GPU with more than 80 GB (an H200)
+    python bench/gpu_roofline.py --out bench/results
 
-The build needs ~100 GB of GPU memory for a moment: transformers allocates DiffusionGemma's
-encoder and decoder stacks apart and ties their weights afterwards (50.5 GB at bf16 once
-tied). On an 80 GB H100 it ran out of memory inside the decoder's layers (78.5 GB allocated).
+The weights take 50.5 GB at bf16. A plain build of the model allocates the encoder and
+decoder stacks apart and ties their weights afterwards, ~100 GB for a moment: on an 80 GB
+H100 that ran out of memory (78.5 GB allocated, inside the decoder's layers).
+``models.build_tied`` now allocates each tied weight once; that build has not run on a GPU
+yet.
 
 Writes ``gpu_roofline.json`` and prints a summary. The weights are random: figures are
 speed only. The architecture is approximate (see ``agentloop/engine/models.py``); a real

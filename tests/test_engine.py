@@ -423,3 +423,35 @@ def test_engine_runs_the_same_with_the_vocabulary_passes_on_the_device(engine64:
     device = engine64.generate_sync(engine64.session(PROMPT), g, options=opts)
     assert device.tokens == host.tokens and device.canvases == host.canvases
     assert g.accepts(device.tokens + [device.stop_token])
+
+
+def test_real_width_build_allocates_each_tied_weight_once() -> None:
+    """The in-place build of real-width configs (``models.build_tied``), here at tiny width
+    on the CPU: the encoder and decoder share their weights, nothing is left on the meta
+    device, the buffers (rotary frequencies, embedding scale) equal a plain build's, the
+    weights follow the model's own initialisation, and the patched constructor hook is
+    restored."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from agentloop.engine.models import build_tied, diffusion_gemma_config
+
+    cfg = diffusion_gemma_config(300, preset="tiny")
+    plain = DiffusionGemmaForBlockDiffusion(cfg)
+    register = torch.nn.Module.register_parameter
+    torch.manual_seed(0)
+    model = build_tied(DiffusionGemmaForBlockDiffusion, cfg, torch.device("cpu"))
+    assert torch.nn.Module.register_parameter is register
+    params = dict(model.named_parameters())
+    assert params.keys() == dict(plain.named_parameters()).keys()  # tied names listed once, as in a plain build
+    assert not any(p.is_meta for p in params.values())
+    assert len({p.data_ptr() for p in params.values()}) == len(params)  # one storage per distinct weight
+    enc, dec = model.model.encoder.language_model, model.model.decoder
+    assert enc.layers[0].self_attn.q_proj.weight is dec.layers[0].self_attn.q_proj.weight
+    plain_buffers = dict(plain.named_buffers())
+    for name, b in model.named_buffers():
+        assert torch.equal(b, plain_buffers[name]), name
+    for name, p in plain.named_parameters():
+        assert params[name].std().item() == pytest.approx(p.std().item(), rel=0.3, abs=1e-3), name
+    engine = DiffusionEngine(model.eval(), word_tokenizer([f"w{i}" for i in range(298)]))
+    out = engine.generate_sync(engine.session([5, 6, 7]), options=GenerationOptions(max_new_tokens=16, max_denoising_steps=2, seed=0))
+    assert len(out.tokens) > 0

@@ -86,12 +86,50 @@ def random_model(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float
     old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), dev:
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)
-            model = DiffusionGemmaForBlockDiffusion(config)
+            model = build_tied(DiffusionGemmaForBlockDiffusion, config, dev)
     finally:
         torch.set_default_dtype(old_dtype)
     return model.eval()
+
+
+def build_tied(model_class: Any, config: Any, device: torch.device) -> Any:
+    """``model_class(config)`` on ``device``, each tied weight allocated once.
+
+    DiffusionGemma's encoder and decoder share their text weights, but the model's
+    constructor allocates both stacks and ties them afterwards: ~100 GB for a moment at
+    26B-A4B in bf16, more than an 80 GB H100 (or a 96 GB RTX PRO 6000) holds. Here each
+    parameter goes to the meta device as soon as it is created (buffers, such as the rotary
+    frequencies, are computed on ``device`` as usual), the constructor ties the meta
+    parameters, then each distinct parameter gets storage once and the model's own
+    initialisation fills it (from torch's current seed).
+    """
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:  # created on the device, freed here: one at a time
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        with device:
+            model = model_class(config)
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+    storage: dict[int, torch.nn.Parameter] = {}  # id of a meta parameter -> its one tensor on the device
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in storage:
+                storage[id(param)] = torch.nn.Parameter(torch.empty_like(param, device=device),
+                                                        requires_grad=param.requires_grad)
+            module._parameters[name] = storage[id(param)]
+        module.__dict__.pop("_is_hf_initialized", None)  # set while the parameters were on meta
+    model.init_weights()
+    return model
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Any:
