@@ -694,13 +694,14 @@ def gpu_tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[s
             continue
         reduce = {k[len("reduce_cuda_"):-len("_ms")]: v for k, v in s.items()
                   if k.startswith("reduce_cuda_") and k.endswith("_ms") and not k.endswith("_min_ms")}
-        best = min(reduce, key=reduce.get)
+        order = sorted(reduce, key=lambda k: (k.split("_c")[0], int(k.split("_c")[1])))  # kernel, then chunk
+        best = min(reduce, key=reduce.get) if reduce else "-"
         nan = float("nan")
         gpu_rows.append([s["tokenizer"], str(s["n_tools"]), f"{s['denoise_step_cuda_ms']:.2f}",
                          f"{s.get('denoise_step_cuda_via_host_ms', nan):.2f}",
                          " / ".join(f"{s.get(f'split_{k}_ms', nan):.2f}"
                                     for k in ("reduce_atoms", "tokens_in_atoms", "log_marginals", "host")),
-                         ", ".join(f"{k} {v:.2f}" for k, v in sorted(reduce.items())), best])
+                         ", ".join(f"{k} {reduce[k]:.2f}" for k in order), best])
     if gpu_rows:
         out.append(("denoise_step with the logits on the GPU (ms): vocabulary passes on the device vs the logits "
                     "copied to the host and the marginals back (the DP runs on the CPU in both); inside the "

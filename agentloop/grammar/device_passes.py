@@ -31,14 +31,13 @@ class AtomLayout:
     """A grammar's token -> atom map on a device, in the two shapes its passes read.
 
     ``index`` maps each token to its atom (scatters back onto the vocabulary); ``tokens``
-    lists each atom's tokens in token order, atom after atom (``offsets`` on the host says
-    where each starts), for drawing a token inside an atom. ``gather``
-    lists the allowed tokens grouped by atom, in token order, each atom's run padded to
-    whole chunks of ``chunk`` tokens (a pad repeats the atom's first token, weight 0): the
-    atom reduction then reduces dense (chunk,) rows and only the (rows, chunks) partial
-    results meet in a scatter. A scatter straight from the vocabulary sends tens of
-    thousands of tokens onto each of a few hundred atoms, and on a GPU those atomic
-    updates to one address serialise.
+    lists each atom's tokens in token order, atom after atom (``offsets``, on the host,
+    says where each starts), for drawing a token inside an atom. ``gather`` is the same
+    list with each atom's run padded to whole chunks of ``chunk`` tokens (a pad repeats
+    the atom's first token and weighs 0): the atom reduction reduces dense (chunk,) rows
+    and only the (rows, chunks) partial results meet in a scatter. A scatter straight
+    from the vocabulary sends tens of thousands of tokens onto each of a few hundred atoms,
+    and on a GPU those atomic updates to one address serialise.
     """
 
     index: torch.Tensor  # (V,) int64 atom of each token, K where never allowed
@@ -107,6 +106,8 @@ def reduce_atoms(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bo
     kernel, "torch" in a few passes of torch ops, "auto" takes triton on a CUDA device
     where it is installed (it comes with CUDA builds of torch).
     """
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', not {kernel!r}")
     N, V = x.shape
     K = layout.K
     n_chunks = layout.chunk_atom.shape[0]
