@@ -412,7 +412,7 @@ def bench_cmd(model: str, random_weights: str | None, device: str, dtype: str, s
               help="Optimizer steps of the first cosine cycle [default: 7000].")
 @click.option("--restart-steps", default=3000, show_default=True,
               help="Steps of each cycle after --steps (a warm restart to --restart-lr).")
-@click.option("--restarts", default=2, show_default=True,
+@click.option("--restarts", default=3, show_default=True,
               help="How many restart cycles. More of them on a finished run's folder continue that run.")
 @click.option("--restart-lr", default=1e-3, show_default=True)
 @click.option("--minutes", default=None, type=float, help="Stop this invocation after so many minutes (resumable).")
@@ -430,7 +430,7 @@ def train_cmd(out: Path, steps: int | None, restart_steps: int, restarts: int, r
     """Train the demo model on synthetic tool-use conversations (reproducible from --seed).
 
     The bundled model is `agentloop train --device cpu` with the other defaults (about
-    3 h 15 min on 2 CPU cores; on a GPU the same data and noise, rounded differently). Run it
+    4 h on 2 CPU cores; on a GPU the same data and noise, rounded differently). Run it
     again with the same --out to resume from the last checkpoint (the run keeps its first
     flags, except that --restarts may add cycles to it). Example:
 

@@ -60,10 +60,10 @@ class TrainConfig:
     #: cycles after max_steps, each a warm restart: ``warmup`` steps from the first cycle's
     #: floor up to restart_lr, then cosine down to a tenth of it. They let a finished run go
     #: on (``agentloop train --restarts N`` on its folder) as a run that had them from the
-    #: start. The shipped model: 7,000 + 2 x 3,000 steps (held-out exact calls 76% -> 82%
-    #: -> 84%, multi-step runs 71% -> 81% -> 83% after each cycle).
+    #: start. The shipped model: 7,000 + 3 x 3,000 steps (held-out exact calls 76% -> 82%
+    #: -> 84% -> 89%, multi-step runs 71% -> 81% -> 83% -> 85% after each cycle).
     restart_steps: int = 3_000  #: steps of each restart cycle
-    restarts: int = 2  #: how many
+    restarts: int = 3  #: how many
     restart_lr: float = 1e-3
     bucket_batches: int = 16  #: batches drawn together and grouped by context length (less padding)
     eps: float = 1e-3
