@@ -103,7 +103,8 @@ def build_tied(model_class: Any, config: Any, device: torch.device) -> Any:
     parameter goes to the meta device as soon as it is created (buffers, such as the rotary
     frequencies, are computed on ``device`` as usual), the constructor ties the meta
     parameters, then each distinct parameter gets storage once and the model's own
-    initialisation fills it (from torch's current seed).
+    initialisation fills it (from torch's current seed). Not for concurrent use: it
+    patches ``nn.Module.register_parameter`` while the constructor runs.
     """
     register = torch.nn.Module.register_parameter
 
