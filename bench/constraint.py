@@ -375,13 +375,7 @@ def step_row(g: Any, cfg: Config, forward_ms: float) -> dict[str, Any]:
     ta = g.automaton
     atom_of = ta.atom_of_token
     sampler = torch.Generator().manual_seed(cfg.seed + 1)
-    if cfg.cuda_only:
-        row = {"forward_ms": forward_ms}
-        for name, fn in cuda_ops(g, logits, sampler).items():
-            _time_into(row, name, fn, cfg)
-        row.update(cuda_step_split(g, logits, sampler, cfg.repeats))
-        return row
-    ops: dict[str, Callable[[], Any]] = {
+    ops: dict[str, Callable[[], Any]] = {} if cfg.cuda_only else {
         "viterbi": lambda: g.viterbi(logits),
         "sample": lambda: g.sample(logits, generator=sampler),
         "marginals": lambda: g.marginals(logits, return_entropy=True),
@@ -389,16 +383,19 @@ def step_row(g: Any, cfg: Config, forward_ms: float) -> dict[str, Any]:
         "reduce_max": lambda: dp.reduce_atoms(x, atom_of, ta.n_atoms, False, False),
         "reduce_sum": lambda: dp.reduce_atoms(x, atom_of, ta.n_atoms, True, False),
         "reduce_sum_x": lambda: dp.reduce_atoms(x, atom_of, ta.n_atoms, True, True),
+        # all three sharing one pass over the logits (what the engine calls)
+        "denoise_step": lambda: g.denoise_step(logits, generator=sampler),
     }
-    if hasattr(g, "denoise_step"):  # all three sharing one pass over the logits (what the engine calls)
-        ops["denoise_step"] = lambda: g.denoise_step(logits, generator=sampler)
-    if torch.cuda.is_available() and hasattr(g, "denoise_step"):
-        ops.update(cuda_ops(g, logits, sampler))
+    on_gpu = logits.cuda() if torch.cuda.is_available() else None
+    if on_gpu is not None:
+        ops.update(cuda_ops(g, on_gpu, sampler))
     row: dict[str, Any] = {"forward_ms": forward_ms}
     for name, fn in ops.items():
         _time_into(row, name, fn, cfg)
-    if "denoise_step_cuda" in ops:
-        row.update(cuda_step_split(g, logits, sampler, cfg.repeats))
+    if on_gpu is not None:
+        row.update(cuda_step_split(g, on_gpu, sampler, cfg.repeats))
+    if cfg.cuda_only:  # no host ops, no CPU forward to compare with
+        return row
     for name in ("viterbi", "sample", "marginals", "denoise_step"):
         if f"{name}_ms" in row:
             row[f"{name}_pct"] = 100.0 * row[f"{name}_ms"] / forward_ms
@@ -420,12 +417,11 @@ def _time_into(row: dict[str, Any], name: str, fn: Callable[[], Any], cfg: Confi
         log(f"  {name}: {row[f'{name}_ms']:.3f} ms")
 
 
-def cuda_ops(g: Any, logits: torch.Tensor, sampler: torch.Generator) -> dict[str, Callable[[], Any]]:
+def cuda_ops(g: Any, on_gpu: torch.Tensor, sampler: torch.Generator) -> dict[str, Callable[[], Any]]:
     """The step with its logits on the GPU: the whole ``denoise_step`` (vocabulary passes
     on the device, the DP on the host), the same with the logits copied to the host and the
     marginals back, and its device parts apart: the atom reduction per kernel and chunk size
     (chunk 1 is a scatter straight from the vocabulary) and the marginals write."""
-    on_gpu = logits.cuda()
     V = on_gpu.shape[1]
     ta = g.automaton
     sync = torch.cuda.synchronize
@@ -458,11 +454,10 @@ def cuda_ops(g: Any, logits: torch.Tensor, sampler: torch.Generator) -> dict[str
     return ops
 
 
-def cuda_step_split(g: Any, logits: torch.Tensor, sampler: torch.Generator, repeats: int) -> dict[str, float]:
+def cuda_step_split(g: Any, on_gpu: torch.Tensor, sampler: torch.Generator, repeats: int) -> dict[str, float]:
     """Where a GPU ``denoise_step`` spends its time: each device pass timed inside the step
     (synchronised before and after), the host's share (the DP over the automaton, group
     sums, sampling the atoms) the rest. Mean ms per step over ``repeats`` steps."""
-    on_gpu = logits.cuda()
     names = ("reduce_atoms", "tokens_in_atoms", "log_marginals")
     spent = dict.fromkeys(names, 0.0)
     originals = {name: getattr(device_passes, name) for name in names}
