@@ -84,12 +84,16 @@ class TrainConfig:
             if step < self.warmup:
                 lo = 0.1 * self.lr
                 return lo + (self.restart_lr - lo) * (step + 1) / self.warmup
-            frac = min(1.0, (step - self.warmup) / max(1, self.restart_steps - self.warmup))
-            return self.restart_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+            return _cosine_down(self.restart_lr, step - self.warmup, self.restart_steps - self.warmup)
         if step < self.warmup:
             return self.lr * (step + 1) / self.warmup
-        frac = min(1.0, (step - self.warmup) / max(1, self.max_steps - self.warmup))
-        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        return _cosine_down(self.lr, step - self.warmup, self.max_steps - self.warmup)
+
+
+def _cosine_down(peak: float, step: int, length: int) -> float:
+    """``step`` of a cosine from ``peak`` down to a tenth of it over ``length`` steps."""
+    frac = min(1.0, step / max(1, length))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 #: Fields a run may take on when it is continued, as long as its schedule stays the same
