@@ -373,16 +373,16 @@ def step_row(g: Any, cfg: Config, forward_ms: float) -> dict[str, Any]:
     logits = torch.randn(cfg.length, V, generator=gen) * 2.0
     x = logits.numpy()
     ta = g.automaton
-    atom_of = ta.atom_of_token
+    atoms = dp.sorted_atoms(ta.atom_of_token, ta.n_atoms)
     sampler = torch.Generator().manual_seed(cfg.seed + 1)
     ops: dict[str, Callable[[], Any]] = {} if cfg.cuda_only else {
         "viterbi": lambda: g.viterbi(logits),
         "sample": lambda: g.sample(logits, generator=sampler),
         "marginals": lambda: g.marginals(logits, return_entropy=True),
         # the one pass over the logits inside each op (numba, parallel over positions)
-        "reduce_max": lambda: dp.reduce_atoms(x, atom_of, ta.n_atoms, False, False),
-        "reduce_sum": lambda: dp.reduce_atoms(x, atom_of, ta.n_atoms, True, False),
-        "reduce_sum_x": lambda: dp.reduce_atoms(x, atom_of, ta.n_atoms, True, True),
+        "reduce_max": lambda: dp.reduce_atoms(x, atoms, False, False),
+        "reduce_sum": lambda: dp.reduce_atoms(x, atoms, True, False),
+        "reduce_sum_x": lambda: dp.reduce_atoms(x, atoms, True, True),
         # all three sharing one pass over the logits (what the engine calls)
         "denoise_step": lambda: g.denoise_step(logits, generator=sampler),
     }

@@ -38,6 +38,16 @@ def test_one_request_its_call_and_its_answer(tmp_path):
     assert r.usage.steps == 2 and r.usage.tool_calls == 1
 
 
+def test_a_low_temperature_loop_runs(tmp_path):
+    """At temperature 0.1 the model's logits span ~360 nats, and the canvas needs tokens
+    far below each position's best: this request and seed once stopped the loop with a
+    division by zero in the canvas DP (an underflowed product), and the host's float32
+    vocabulary pass zeroed such tokens outright."""
+    agent = demo_agent(options=card_options(seed=100_202, t_max=0.1))
+    r = agent.run_sync("Express 620 cm in inches.", deps=tmp_path)
+    assert [c.call.name for c in r.calls] == ["convert_units"] and r.output
+
+
 def test_demo_command_runs_offline_in_a_fresh_process():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME="/nonexistent")

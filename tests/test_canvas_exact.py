@@ -219,6 +219,22 @@ def test_allowed_tokens_far_below_a_forbidden_one_do_not_underflow():
     assert g.accepts(g.sample(logits))
 
 
+def test_a_required_token_far_below_an_allowed_one_elsewhere(grammar):
+    """Position 0 can only be "[", while "]" (allowed elsewhere in the grammar) leads it by
+    400 nats, as low temperatures make of a model's logits: the "[" group then weighs
+    ~1e-174 against the row's reference, and so does the position's posterior total;
+    their product underflows float64 and must not be formed (it was: a division by zero
+    inside the compiled forward pass)."""
+    L = 5
+    logits = torch.randn(L, grammar.vocab.size, generator=torch.Generator().manual_seed(5))
+    logits[0, grammar.vocab.size - len(TOKENS) + TOKENS.index("]")] = 400.0  # ids: the specials, then TOKENS
+    valid = enumerate_valid(grammar, L)
+    np.testing.assert_allclose(grammar.marginals(logits).exp().numpy(), enumerated_marginals(valid, logits), atol=1e-6)
+    out = grammar.denoise_step(logits, generator=torch.Generator().manual_seed(0))
+    assert out.argmax == valid[np.argmax(scores(valid, logits))].tolist()
+    assert grammar.accepts(out.sample) and torch.isfinite(out.entropy).all()
+
+
 def test_minus_infinity_logits_give_finite_entropies_or_a_clear_error(grammar):
     """A masked allowed token (-inf) weighs nothing: entropies stay finite. A position
     whose allowed tokens are all -inf admits no canvas: a clear error, never nan."""

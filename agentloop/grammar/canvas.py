@@ -27,6 +27,7 @@ exact up to rounding for logits within ~700 of the row maximum; Viterbi runs in 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numba as nb
 import numpy as np
@@ -37,53 +38,27 @@ NEG_INF = -np.inf
 # ---- 1. score atoms: one pass over the logits per position --------------------------------
 
 
-@nb.njit(cache=True, nogil=True)
-def _reduce_row(row, atom_of, K, asum, asumx, amax, aarg, want_sum, want_x):  # pragma: no cover
-    m = -np.inf
-    for t in range(row.shape[0]):
-        if atom_of[t] >= 0 and row[t] > m:
-            m = row[t]
-    if m == -np.inf:  # every allowed token at -inf: zero mass, no valid canvas through this row
-        return 0.0
-    for t in range(row.shape[0]):
-        k = atom_of[t]
-        if k < 0:
-            continue
-        x = row[t]
-        if x > amax[k]:
-            amax[k] = x
-            aarg[k] = t
-        if want_sum:
-            e = math.exp(x - m)
-            asum[k] += e
-            if want_x and e > 0.0:  # e == 0 at x = -inf, where e * (x - m) would be nan
-                asumx[k] += e * (x - m)
-    return m
+class SortedAtoms(NamedTuple):
+    """The allowed tokens listed atom by atom: after one gather each atom's logits are a
+    contiguous run, reduced in registers (a scatter into per-atom sums, token by token,
+    serialises on the few large atoms)."""
+
+    atom_of: np.ndarray  # (V,) i32 the atom of each token, -1 where never allowed
+    perm: np.ndarray  # (n,) i32 allowed token ids, grouped by atom, ascending within one
+    starts: np.ndarray  # (R,) i64 where each run begins in perm, increasing (one run per non-empty atom)
+    run_atom: np.ndarray  # (R,) i64 the atom of each run
+    run_at: np.ndarray  # (n,) i64 the run of perm[j]
+    n_atoms: int  # K, empty atoms included
 
 
-@nb.njit(cache=True, nogil=True)
-def _scatter_atoms(x, e, atom_of, asum, asumx, amax, aarg, rowmax, want_x):  # pragma: no cover - compiled
-    """Accumulate per-atom sums of e = exp(x - rowmax) (and e * (x - rowmax)), max, argmax."""
-    N, V = x.shape
-    for n in range(N):
-        row = x[n]
-        er = e[n]
-        s = asum[n]
-        mx = amax[n]
-        am = aarg[n]
-        m = rowmax[n]
-        for t in range(V):
-            k = atom_of[t]
-            if k < 0:
-                continue
-            v = row[t]
-            w = er[t]
-            s[k] += w
-            if want_x and w > 0.0:  # w == 0 at v = -inf, where w * (v - m) would be nan
-                asumx[n, k] += w * (v - m)
-            if v > mx[k]:
-                mx[k] = v
-                am[k] = t
+def sorted_atoms(atom_of: np.ndarray, K: int) -> SortedAtoms:
+    allowed = np.flatnonzero(atom_of >= 0)
+    perm = allowed[np.argsort(atom_of[allowed], kind="stable")].astype(np.int32)
+    sizes = np.bincount(atom_of[allowed], minlength=K)[:K]
+    run_atom = np.flatnonzero(sizes)
+    starts = np.concatenate([[0], np.cumsum(sizes[run_atom])[:-1]]).astype(np.int64)
+    run_at = np.repeat(np.arange(run_atom.size), sizes[run_atom])
+    return SortedAtoms(atom_of, perm, starts, run_atom.astype(np.int64), run_at.astype(np.int64), K)
 
 
 @nb.njit(cache=True, nogil=True)
@@ -100,48 +75,109 @@ def _max_atoms(x, atom_of, amax, aarg):  # pragma: no cover - compiled
                 am[k] = t
 
 
-# Rows per exp() call: 256 KB of float32, which stays in L2 while the scatter reads it. One
-# buffer is reused across chunks: a fresh 4 MB array per call comes from mmap, and its page
-# faults alone cost more than the exp (~3 ms of a 7 ms pass at L=256, V=4096).
+@nb.njit(cache=True, nogil=True)
+def _gather_runs(x, perm, starts, rmax, rarg, d):  # pragma: no cover - compiled
+    """Per row of x (rows, V) and run of ``perm``: the best logit, its lowest token id, and
+    d (rows, n) = x - that best in the run's order (>= -1e30: a -inf logit's term must be
+    exp(d) = 0 and d * exp(d) = 0, never 0 * -inf)."""
+    rows = x.shape[0]
+    n = perm.shape[0]
+    R = starts.shape[0]
+    for r in range(rows):
+        row = x[r]
+        out = d[r]
+        for k in range(R):
+            lo = starts[k]
+            hi = starts[k + 1] if k + 1 < R else n
+            best = -np.inf
+            arg = -1
+            for j in range(lo, hi):
+                v = row[perm[j]]
+                out[j] = v
+                if v > best:  # strict: ties keep the first, the lowest id (a run ascends)
+                    best = v
+                    arg = perm[j]
+            rmax[r, k] = best
+            rarg[r, k] = arg
+            ref = best if best > -np.inf else 0.0
+            for j in range(lo, hi):
+                out[j] = max(out[j] - ref, -1e30)
+
+
+@nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _run_sums(e, d, starts, rel, relx, want_x):  # pragma: no cover - compiled
+    """rel (rows, R) = sum of e over each run, relx = sum of e * d (float64 accumulators;
+    reassociation lets them vectorise)."""
+    rows, n = e.shape
+    R = starts.shape[0]
+    for r in range(rows):
+        er = e[r]
+        dr = d[r]
+        for k in range(R):
+            lo = starts[k]
+            hi = starts[k + 1] if k + 1 < R else n
+            acc = 0.0
+            for j in range(lo, hi):
+                acc += er[j]
+            rel[r, k] = acc
+            if want_x:
+                acc = 0.0
+                for j in range(lo, hi):
+                    acc += er[j] * dr[j]
+                relx[r, k] = acc
+
+
+# Rows per chunk: 64K float32 per buffer, which stay in L2 between the passes. Buffers are
+# reused across chunks: a fresh 4 MB array per call comes from mmap, and its page faults
+# alone cost as much as the exp.
 _CHUNK_ELEMENTS = 1 << 16
 
 
-def reduce_atoms(logits, atom_of, K, want_sum, want_x):  # type: ignore[no-untyped-def]
-    """logits (N, V) -> rowmax (N,), asum/asumx (N, K) f64, amax (N, K) f32, aarg (N, K) i32.
+def reduce_atoms(logits, atoms, want_sum, want_x):  # type: ignore[no-untyped-def]
+    """logits (N, V), ``atoms`` from :func:`sorted_atoms` -> rowmax (N,) f64, asum/asumx
+    (N, K) f64, amax (N, K) f32, aarg (N, K) i32.
 
-    asum[n, k] = sum over tokens t of atom k of exp(logits[n, t] - rowmax[n]). The exp runs
-    in numpy's SIMD loops (float32) and only the scatter into atoms in compiled code: a
-    scalar exp per token would cost more than the whole DP.
+    rowmax[n] is the best allowed logit of row n (0 if there is none), and
+    asum[n, k] = sum over tokens t of atom k of exp(logits[n, t] - rowmax[n]); asumx weighs
+    the same terms by (logits[n, t] - rowmax[n]). Each atom is summed around its own best
+    logit (float32 exp: the largest term is exactly 1, so no atom underflows whole) and
+    then scaled to rowmax in float64: an atom hundreds of nats below the row's best, as
+    low temperatures make them, keeps its weight down to ~1e-308. The canvas may need
+    exactly that atom.
     """
-    N, V = logits.shape
+    N = logits.shape[0]
+    atom_of, perm, starts, run_atom, run_at, K = atoms
     amax = np.full((N, K), -np.inf, np.float32)
-    aarg = np.full((N, K), -1, np.int32)
+    aarg = np.full(amax.shape, -1, np.int32)
     if not want_sum:
         _max_atoms(logits, atom_of, amax, aarg)
         return np.zeros(N), np.zeros((N, 1)), np.zeros((N, 1)), amax, aarg
-    rowmax = logits.max(axis=1).astype(np.float64)
-    rowmax[~np.isfinite(rowmax)] = 0.0  # a row of -inf: zero mass below (and no nan from -inf - -inf)
-    asum = np.zeros((N, K), np.float64)
-    asumx = np.zeros((N, K if want_x else 1), np.float64)
-    rows = max(1, _CHUNK_ELEMENTS // max(V, 1))
-    shift = rowmax.astype(np.float32)[:, None]  # (N, 1)
-    buf = np.empty((min(rows, N), V), np.float32)  # exp(logits - rowmax) of one chunk
-    for r0 in range(0, N, rows):
+    n, R = perm.shape[0], starts.shape[0]
+    rmax = np.full((N, R), -np.inf, np.float32)  # per run: best logit ...
+    rarg = np.full((N, R), -1, np.int32)  # ... its lowest token ...
+    rel = np.zeros((N, R), np.float64)  # ... sum of exp(x - best) ...
+    relx = np.zeros((N, R if want_x else 0), np.float64)  # ... weighted by (x - best)
+    rows = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    d = np.empty((min(rows, N), n), np.float32)  # the chunk's logits atom by atom, less their atom's best
+    e = np.empty_like(d)  # exp(d)
+    for r0 in range(0, N if R else 0, rows):
         r1 = min(N, r0 + rows)
-        e = buf[: r1 - r0]
-        np.subtract(logits[r0:r1], shift[r0:r1], out=e)
-        np.exp(e, out=e)
-        _scatter_atoms(logits[r0:r1], e, atom_of, asum[r0:r1], asumx[r0:r1] if want_x else asumx, amax[r0:r1],
-                       aarg[r0:r1], rowmax[r0:r1], want_x)
-    # Where every allowed token sits ~100 nats below a forbidden one, float32 underflows:
-    # redo those rows in float64 around the best allowed logit.
-    weak = np.nonzero(asum.max(axis=1) < 1e-30)[0] if K else np.zeros(0, np.int64)
-    for n in weak.tolist():
-        asum[n] = 0.0
-        if want_x:
-            asumx[n] = 0.0
-        rowmax[n] = _reduce_row(logits[n], atom_of, K, asum[n], asumx[n] if want_x else np.zeros(K), amax[n],
-                                aarg[n], True, want_x)
+        c = slice(0, r1 - r0)
+        _gather_runs(logits[r0:r1], perm, starts, rmax[r0:r1], rarg[r0:r1], d[c])
+        np.exp(d[c], out=e[c])
+        _run_sums(e[c], d[c], starts, rel[r0:r1], relx[r0:r1] if want_x else relx, want_x)
+    finite = np.isfinite(rmax)
+    best = rmax.max(axis=1, initial=-np.inf).astype(np.float64)  # (N,)
+    rowmax = np.where(np.isfinite(best), best, 0.0)  # a row with no allowed finite logit: zero mass
+    gap = np.where(finite, rmax.astype(np.float64) - rowmax[:, None], 0.0)  # (N, R) <= 0
+    scale = np.where(finite, np.exp(gap), 0.0)  # (N, R) weight of each run's best token
+    asum = np.zeros(amax.shape, np.float64)
+    asum[:, run_atom] = scale * rel
+    asumx = np.zeros(amax.shape if want_x else (N, 1), np.float64)
+    if want_x:
+        asumx[:, run_atom] = scale * (relx + gap * rel)
+    amax[:, run_atom] = rmax
+    aarg[:, run_atom] = rarg
     return rowmax, asum, asumx, amax, aarg
 
 
@@ -331,7 +367,10 @@ def _forward_body(gsum, gmax, offsets, states, beta, in_offsets, in_src, in_grou
                 return F, back, -1, False
             for g in range(G):
                 if W[g] > 0.0:
-                    W[g] /= post * gsum[l, g]
+                    # not W / (post * gsum): at low temperatures both factors can be ~1e-170
+                    # (a group the canvas needs, far below the row's best token) and their
+                    # product underflows to 0
+                    W[g] = W[g] / post / gsum[l, g]
             for k in range(K):
                 acc = 0.0
                 for j in range(atom_group_offsets[k], atom_group_offsets[k + 1]):

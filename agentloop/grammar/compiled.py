@@ -104,6 +104,7 @@ class CompiledGrammar:
         self._support_cache: dict[tuple[int, int, bool], tuple[np.ndarray, ...]] = {}
         self._allowed_cache: dict[int, np.ndarray] = {}
         self._atom_layouts: dict[tuple[int, str], device_passes.AtomLayout] = {}  # (V, device) -> its layout
+        self._host_atoms: dict[int, dp.SortedAtoms] = {}  # V -> the host scan's token order
 
     # ---- states ------------------------------------------------------------------------
     @property
@@ -345,6 +346,12 @@ class CompiledGrammar:
             self._atom_layouts[key] = layout
         return layout
 
+    def _sorted_atoms(self, V: int) -> dp.SortedAtoms:
+        hit = self._host_atoms.get(V)
+        if hit is None:
+            hit = self._host_atoms[V] = dp.sorted_atoms(self._atom_of(V), self.automaton.n_atoms)
+        return hit
+
     def _atom_of(self, V: int) -> np.ndarray:
         a = self.automaton.atom_of_token
         if V == a.shape[0]:
@@ -425,7 +432,7 @@ class CompiledGrammar:
                 flat, self._atom_layout(V, xs.device), want_sum, want_x)
         else:
             rowmax_dev = None
-            rowmax, asum, asumx, amax, aarg = dp.reduce_atoms(flat, self._atom_of(V), ta.n_atoms, want_sum, want_x)
+            rowmax, asum, asumx, amax, aarg = dp.reduce_atoms(flat, self._sorted_atoms(V), want_sum, want_x)
         gsum = dp._group_sums(asum, ta.group_atoms, ta.group_offsets) if want_sum else np.zeros((B * L, 0))
         return _Scores(flat, rowmax, asum, asumx, amax, aarg, gsum, rowmax_dev)
 
