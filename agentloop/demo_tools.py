@@ -108,10 +108,27 @@ def _eval(node: ast.AST) -> float:
     raise ValueError(f"unsupported expression: {ast.unparse(node)}")
 
 
-#: What an expression is spelled with: numbers, operators, parentheses, the functions and
-#: constants ``_eval`` knows, and "x", which people write for times (the tool rejects it
-#: with a message, and the model is trained to correct the call).
-EXPRESSION_PATTERN = r"^(?:[0-9.\s+\-*/%(),x]|sqrt|abs|round|log|sin|cos|pi|e)+$"
+def _expression_pattern(depth: int) -> str:
+    """Operands joined by operators, an operand being a number (digits, a fraction, an
+    exponent: "1.00584e+06", as a tool prints it), pi, e, or a parenthesised or function
+    expression nested up to ``depth`` levels."""
+    number = r"(?:[0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?|pi|e)"
+    op = r"\s*(?:\*\*|//|[-+*/%x])\s*"
+    expr = ""
+    for level in range(depth + 1):
+        inner = [number] if level == 0 else [
+            number, rf"\(\s*{expr}\s*\)", rf"(?:sqrt|abs|round|log|sin|cos)\(\s*{expr}(?:\s*,\s*{expr})?\s*\)"]
+        operand = rf"-?(?:{'|'.join(inner)})"
+        expr = rf"{operand}(?:{op}{operand})*"
+    return rf"^\s*{expr}\s*$"
+
+
+#: An arithmetic expression as ``_eval`` reads it, parentheses nested two deep, with one
+#: more operator: "x", which people write for times (the tool rejects it with a message,
+#: and the model is trained to correct the call). A canvas cannot spell two numbers with
+#: no operator between them, an operator with no operand, or "40." with the sentence's
+#: full stop.
+EXPRESSION_PATTERN = _expression_pattern(2)
 
 
 @tool

@@ -34,13 +34,36 @@ def test_calculator(expr: str, out: str) -> None:
 
 
 @pytest.mark.parametrize("expr, why", [("9**9**9", "calculator failed: ValueError"),
-                                       ("x + 1", "calculator failed: ValueError"),
-                                       ("1 +", "calculator failed: ValueError"),
+                                       ("2 x 3", "calculator failed: ValueError"),  # "x": in the pattern, not Python
+                                       ("log(0)", "calculator failed: ValueError"),
                                        # outside the expression's pattern: refused before it runs
+                                       ("1 +", "String should match pattern"),
                                        ("__import__('os').system('ls')", "String should match pattern")])
 def test_calculator_refuses(expr: str, why: str) -> None:
     r = run("calculator", expression=expr)
     assert r.is_error and why in r.content
+
+
+def test_the_expression_pattern_is_arithmetic() -> None:
+    """The pattern is what a canvas can spell: every expression the demo model was trained
+    to write (and the "x" it is trained to correct), none of the malformed ones a canvas
+    wrote under a looser pattern (two numbers with no operator, a stray operator, the
+    sentence's full stop, a name soup)."""
+    import re
+
+    from agentloop.demo_tools import EXPRESSION_PATTERN
+    from agentloop.training.data import conversations
+
+    trained = {c.arguments["expression"] for conv in conversations(3000, 0, "train") for st in conv.steps
+               for c in st.calls or () if c.name == "calculator"}
+    assert len(trained) > 300 and "x" in "".join(trained)
+    written = ["2*(3+4)**2/7", "sqrt(2) * (3 + 4)", "round(2.5, 1)", "-3 + pi", "1.00584e+06 + 8", "10 // 3 % 2",
+               "((1 + 2) * (3 - 4)) / 5"]
+    for e in sorted(trained) + written:
+        assert re.fullmatch(EXPRESSION_PATTERN, e), e
+    for e in ["87.0 309.6", "181.7 * *..", "835 * 40.", "370.7 - -..", "pi *sin", "pisin.", "1 +", "()", "sqrt"]:
+        assert not re.fullmatch(EXPRESSION_PATTERN, e), e
+    assert not re.fullmatch(EXPRESSION_PATTERN, "(((1)))")  # parentheses nest two deep, no more
 
 
 def test_convert_units() -> None:
@@ -147,5 +170,5 @@ def test_calculator_refuses_huge_results_fast() -> None:
     import time
 
     t0 = time.perf_counter()
-    r = run("calculator", expression="(((9**99)**99)**99)**20")
+    r = run("calculator", expression="((9**99)**99)**99 ** 20")
     assert r.is_error and "too large" in r.content and time.perf_counter() - t0 < 1
