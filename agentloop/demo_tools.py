@@ -108,27 +108,25 @@ def _eval(node: ast.AST) -> float:
     raise ValueError(f"unsupported expression: {ast.unparse(node)}")
 
 
-def _expression_pattern(depth: int) -> str:
-    """Operands joined by operators, an operand being a number (digits, a fraction, an
-    exponent: "1.00584e+06", as a tool prints it), pi, e, or a parenthesised or function
-    expression nested up to ``depth`` levels."""
-    number = r"(?:[0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?|pi|e)"
-    op = r"\s*(?:\*\*|//|[-+*/%x])\s*"
-    expr = ""
-    for level in range(depth + 1):
-        inner = [number] if level == 0 else [
-            number, rf"\(\s*{expr}\s*\)", rf"(?:sqrt|abs|round|log|sin|cos)\(\s*{expr}(?:\s*,\s*{expr})?\s*\)"]
-        operand = rf"-?(?:{'|'.join(inner)})"
-        expr = rf"{operand}(?:{op}{operand})*"
-    return rf"^\s*{expr}\s*$"
+def _expression_pattern() -> str:
+    """Operands and operators in turn. An operand is a number (digits, a fraction, an
+    exponent: "1.00584e+06", as a tool prints it), pi or e, opened by any "(", "-" or
+    function call and closed by any ")"; a "," separates like an operator. Whether the
+    parentheses balance is left to the evaluator: nesting is not a regular language, and a
+    regex for two levels of it is 6,600 characters, too long to declare in a prompt."""
+    operand = r"(?:[0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?|pi|e)"
+    opening = r"(?:(?:sqrt|abs|round|log|sin|cos)?\(\s*|-\s*)*"
+    closing = r"(?:\s*\))*"
+    between = r"(?:\s*(?:\*\*|//|[-+*/%x,])\s*)"
+    term = opening + operand + closing
+    return rf"^\s*{term}(?:{between}{term})*\s*$"
 
 
-#: An arithmetic expression as ``_eval`` reads it, parentheses nested two deep, with one
-#: more operator: "x", which people write for times (the tool rejects it with a message,
-#: and the model is trained to correct the call). A canvas cannot spell two numbers with
-#: no operator between them, an operator with no operand, or "40." with the sentence's
-#: full stop.
-EXPRESSION_PATTERN = _expression_pattern(2)
+#: An arithmetic expression as ``_eval`` reads it, with one more operator: "x", which
+#: people write for times (the tool rejects it with a message, and the model is trained to
+#: correct the call). A canvas cannot spell two numbers with no operator between them, an
+#: operator with no operand, or "40." with the sentence's full stop.
+EXPRESSION_PATTERN = _expression_pattern()
 
 
 @tool
