@@ -28,3 +28,25 @@ def test_engine_bench_quick(tmp_path):
     assert all(c["valid_calls"] == c["calls"] for c in data["calls"] if c["mode"] == "constrained")
     assert data["session"]["prefill_tokens"]["cached"] < data["session"]["prefill_tokens"]["re-encoded"]
     assert data["sampler"]["speedup"] > 0
+
+
+def test_eval_draws_pools_the_draws(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench/eval_draws.py"), "--seeds", "1", "2", "--single", "2",
+                        "--multi", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "demo_eval_draws.json").read_text())
+    assert [d["seed"] for d in data["per_draw"]] == [1, 2]
+    rates = data["pooled"]["grounded"]["rates"]
+    assert rates["single_exact_call"]["n"] == 4 and rates["multi_right"]["n"] == 2
+    pooled = rates["single_exact_call"]["rate"]
+    assert pooled == sum(d["grounded"]["single_exact_call"] for d in data["per_draw"]) / 2  # equal draws: the mean
+    assert "| grounded | single-call requests: exact call |" in (tmp_path / "demo_eval_draws.md").read_text()
+
+
+def test_wilson_interval():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from eval_draws import wilson
+
+    lo, hi = wilson(90, 100)
+    assert abs(lo - 0.8256) < 1e-3 and abs(hi - 0.9448) < 1e-3
+    assert abs(wilson(0, 10)[0]) < 1e-12 and wilson(10, 10)[1] > 0.9999
