@@ -47,18 +47,18 @@ class SortedAtoms(NamedTuple):
     perm: np.ndarray  # (n,) i32 allowed token ids, grouped by atom, ascending within one
     starts: np.ndarray  # (R,) i64 where each run begins in perm, increasing (one run per non-empty atom)
     run_atom: np.ndarray  # (R,) i64 the atom of each run
-    run_at: np.ndarray  # (n,) i64 the run of perm[j]
     n_atoms: int  # K, empty atoms included
 
 
 def sorted_atoms(atom_of: np.ndarray, K: int) -> SortedAtoms:
+    """The host scan's token order for ``atom_of`` (V,) over K atoms (built once per grammar
+    and vocabulary size)."""
     allowed = np.flatnonzero(atom_of >= 0)
     perm = allowed[np.argsort(atom_of[allowed], kind="stable")].astype(np.int32)
     sizes = np.bincount(atom_of[allowed], minlength=K)[:K]
     run_atom = np.flatnonzero(sizes)
     starts = np.concatenate([[0], np.cumsum(sizes[run_atom])[:-1]]).astype(np.int64)
-    run_at = np.repeat(np.arange(run_atom.size), sizes[run_atom])
-    return SortedAtoms(atom_of, perm, starts, run_atom.astype(np.int64), run_at.astype(np.int64), K)
+    return SortedAtoms(atom_of, perm, starts, run_atom.astype(np.int64), K)
 
 
 @nb.njit(cache=True, nogil=True)
@@ -146,7 +146,7 @@ def reduce_atoms(logits, atoms, want_sum, want_x):  # type: ignore[no-untyped-de
     exactly that atom.
     """
     N = logits.shape[0]
-    atom_of, perm, starts, run_atom, run_at, K = atoms
+    atom_of, perm, starts, run_atom, K = atoms
     amax = np.full((N, K), -np.inf, np.float32)
     aarg = np.full(amax.shape, -1, np.int32)
     if not want_sum:
