@@ -437,12 +437,12 @@ def make_engine(cfg: BenchConfig) -> tuple[DiffusionEngine, str]:
 
 
 def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    from .builtin import BUILTIN_MODEL_DIR, model_card
+    from .builtin import BUILTIN_MODEL_DIR, card_options, model_card
 
     engine, weights = make_engine(cfg)
     ar = _ar_model(engine, cfg.seed)
-    card = model_card(BUILTIN_MODEL_DIR if cfg.model == "builtin" else cfg.model) \
-        if not cfg.model.startswith("random") else {}
+    card_dir = BUILTIN_MODEL_DIR if cfg.model == "builtin" else cfg.model
+    card = model_card(card_dir) if not cfg.model.startswith("random") else {}
     domain = cfg.domain if cfg.domain != "auto" else ("demo" if card else "realistic")
     if domain not in ("demo", "realistic"):
         raise ValueError(f"domain must be 'auto', 'demo' or 'realistic', got {cfg.domain!r}")
@@ -451,7 +451,9 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[s
     # A model agentloop trained is prompted as it was trained (its instructions, maybe no declarations).
     prompting = {"instructions": card["instructions"], "declare_tools": card.get("declare_tools", True)} \
         if card else {}
-    options = GenerationOptions(max_denoising_steps=cfg.steps or 48, fixed_steps=bool(cfg.steps))
+    # ... and sampled as its card recommends (temperatures, entropy bound), as demo_agent() does.
+    steps = {"fixed_steps": bool(cfg.steps), **({"max_denoising_steps": cfg.steps} if cfg.steps else {})}
+    options = card_options(card_dir, **steps) if card else GenerationOptions(**{"max_denoising_steps": 48, **steps})
     todo = [s for s in scenario_list if not cfg.only or any(s.name.startswith(o) for o in cfg.only)]
     # A scenario longer than the model's context cannot run (the engine raises rather than
     # truncate): say so in the results instead of failing the whole benchmark at its end.
@@ -472,7 +474,9 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[s
     meta = {"config": asdict(cfg), "weights": weights, "domain": domain, "machine": machine_info(engine),
             "autoregressive": f"LlamaForCausalLM, random weights, forced lengths, "
                               f"{sum(p.numel() for p in ar.parameters()) / 1e6:.2f}M params",
-            "diffusion_params_m": sum(p.numel() for p in engine.model.parameters()) / 1e6, "skipped": skipped}
+            "diffusion_params_m": sum(p.numel() for p in engine.model.parameters()) / 1e6, "skipped": skipped,
+            "sampler": {"t_max": options.t_max, "t_min": options.t_min, "entropy_bound": options.entropy_bound,
+                        "source": "model card" if card else "GenerationOptions defaults"}}
     if not todo:
         return {**meta, "summary": [], "turns": []}
     # Warm up every contender once (JIT-compiled kernels, per-canvas DP supports, allocator)
@@ -576,7 +580,10 @@ def to_markdown(res: dict[str, Any], command: str) -> str:
              f"Command: `{command}`. Machine: {describe_machine(res['machine'])}. Weights: {res['weights']} "
              f"({res['diffusion_params_m']:.2f}M params). Tools and conversations: {res.get('domain', 'realistic')}. "
              f"Autoregressive contender: {res['autoregressive']}. "
-             f"Steps per canvas: {res['config']['steps'] or 'adaptive'}. Repeats: {res['config']['repeats']}, "
+             f"Steps per canvas: {res['config']['steps'] or 'adaptive'}"
+             + (f" (temperature {sp['t_max']} -> {sp['t_min']}, entropy bound {sp['entropy_bound']}: {sp['source']})"
+                if (sp := res.get("sampler")) else "")
+             + f". Repeats: {res['config']['repeats']}, "
              "contenders interleaved; per-turn medians and p95. Valid: the turn's kind of output (calls or "
              "answer) with schema-valid calls, the same test for every contender (n/a for the forced-length "
              "autoregressive contender); tok/s counts the turn's scripted output tokens."

@@ -98,3 +98,11 @@ def test_a_scenario_longer_than_the_context_is_skipped_and_reported() -> None:
         pytest.skip("needs the bundled model (2,048 positions)")
     res = run(BenchConfig(model="builtin", steps=1, repeats=1, only=("long",)))
     assert res["summary"] == [] and "needs" in res["skipped"]["long session (30 turns) / 5 tools"]
+    # and a model with a card is sampled as its card says (as demo_agent() runs it), not
+    # with DiffusionGemma's defaults: 0.8 -> 0.4 took the bundled model 21 steps a turn
+    from agentloop.builtin import card_options
+
+    card = card_options()
+    assert res["sampler"] == {"t_max": card.t_max, "t_min": card.t_min, "entropy_bound": card.entropy_bound,
+                              "source": "model card"}
+    assert run(BenchConfig(steps=1, repeats=1, only=("answer",)))["sampler"]["source"] == "GenerationOptions defaults"
