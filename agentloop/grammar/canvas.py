@@ -39,26 +39,46 @@ NEG_INF = -np.inf
 
 
 class SortedAtoms(NamedTuple):
-    """The allowed tokens listed atom by atom: after one gather each atom's logits are a
-    contiguous run, reduced in registers (a scatter into per-atom sums, token by token,
-    serialises on the few large atoms)."""
+    """The allowed tokens listed atom by atom (built once per grammar and vocabulary size):
+    the tokens of atom k are perm[lo[k]:hi[k]], ascending."""
 
     atom_of: np.ndarray  # (V,) i32 the atom of each token, -1 where never allowed
-    perm: np.ndarray  # (n,) i32 allowed token ids, grouped by atom, ascending within one
-    starts: np.ndarray  # (R,) i64 where each run begins in perm, increasing (one run per non-empty atom)
-    run_atom: np.ndarray  # (R,) i64 the atom of each run
-    n_atoms: int  # K, empty atoms included
+    perm: np.ndarray  # (n,) i32 allowed token ids, grouped by atom
+    lo: np.ndarray  # (K,) i64
+    hi: np.ndarray  # (K,) i64
 
 
 def sorted_atoms(atom_of: np.ndarray, K: int) -> SortedAtoms:
-    """The host scan's token order for ``atom_of`` (V,) over K atoms (built once per grammar
-    and vocabulary size)."""
     allowed = np.flatnonzero(atom_of >= 0)
     perm = allowed[np.argsort(atom_of[allowed], kind="stable")].astype(np.int32)
-    sizes = np.bincount(atom_of[allowed], minlength=K)[:K]
-    run_atom = np.flatnonzero(sizes)
-    starts = np.concatenate([[0], np.cumsum(sizes[run_atom])[:-1]]).astype(np.int64)
-    return SortedAtoms(atom_of, perm, starts, run_atom.astype(np.int64), K)
+    hi = np.cumsum(np.bincount(atom_of[allowed], minlength=K)[:K]).astype(np.int64)
+    lo = np.concatenate([[0], hi[:-1]]).astype(np.int64)
+    return SortedAtoms(atom_of, perm, lo, hi)
+
+
+@nb.njit(cache=True, nogil=True)
+def _scatter_atoms(x, e, atom_of, asum, asumx, amax, aarg, rowmax, want_x):  # pragma: no cover - compiled
+    """Accumulate per-atom sums of e = exp(x - rowmax) (and e * (x - rowmax)), max, argmax."""
+    N, V = x.shape
+    for n in range(N):
+        row = x[n]
+        er = e[n]
+        s = asum[n]
+        mx = amax[n]
+        am = aarg[n]
+        m = rowmax[n]
+        for t in range(V):
+            k = atom_of[t]
+            if k < 0:
+                continue
+            v = row[t]
+            w = er[t]
+            s[k] += w
+            if want_x and w > 0.0:  # w == 0 at v = -inf, where w * (v - m) would be nan
+                asumx[n, k] += w * (v - m)
+            if v > mx[k]:
+                mx[k] = v
+                am[k] = t
 
 
 @nb.njit(cache=True, nogil=True)
@@ -76,61 +96,45 @@ def _max_atoms(x, atom_of, amax, aarg):  # pragma: no cover - compiled
 
 
 @nb.njit(cache=True, nogil=True)
-def _gather_runs(x, perm, starts, rmax, rarg, d):  # pragma: no cover - compiled
-    """Per row of x (rows, V) and run of ``perm``: the best logit, its lowest token id, and
-    d (rows, n) = x - that best in the run's order (>= -1e30: a -inf logit's term must be
-    exp(d) = 0 and d * exp(d) = 0, never 0 * -inf)."""
-    rows = x.shape[0]
-    n = perm.shape[0]
-    R = starts.shape[0]
-    for r in range(rows):
-        row = x[r]
-        out = d[r]
-        for k in range(R):
-            lo = starts[k]
-            hi = starts[k + 1] if k + 1 < R else n
-            best = -np.inf
-            arg = -1
-            for j in range(lo, hi):
-                v = row[perm[j]]
-                out[j] = v
-                if v > best:  # strict: ties keep the first, the lowest id (a run ascends)
-                    best = v
-                    arg = perm[j]
-            rmax[r, k] = best
-            rarg[r, k] = arg
-            ref = best if best > -np.inf else 0.0
-            for j in range(lo, hi):
-                out[j] = max(out[j] - ref, -1e30)
+def _gather_pairs(x, perm, lo, hi, rows, ks, amax, d):  # pragma: no cover - compiled
+    """d = the logits of each (row, atom) pair's tokens less the atom's best, pair after
+    pair (>= -1e30: a -inf logit's terms must be exp(d) = 0 and d * exp(d) = 0, not nan)."""
+    pos = 0
+    for p in range(rows.shape[0]):
+        r = rows[p]
+        k = ks[p]
+        m = amax[r, k]
+        for j in range(lo[k], hi[k]):
+            d[pos] = max(x[r, perm[j]] - m, -1e30)
+            pos += 1
 
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _run_sums(e, d, starts, rel, relx, want_x):  # pragma: no cover - compiled
-    """rel (rows, R) = sum of e over each run, relx = sum of e * d (float64 accumulators;
-    reassociation lets them vectorise)."""
-    rows, n = e.shape
-    R = starts.shape[0]
-    for r in range(rows):
-        er = e[r]
-        dr = d[r]
-        for k in range(R):
-            lo = starts[k]
-            hi = starts[k + 1] if k + 1 < R else n
-            acc = 0.0
-            for j in range(lo, hi):
-                acc += er[j]
-            rel[r, k] = acc
+def _pair_sums(e, d, lens, rel, relx, want_x):  # pragma: no cover - compiled
+    """Per pair (consecutive runs of ``lens``): sum of e, and of e * d (float64)."""
+    pos = 0
+    for p in range(lens.shape[0]):
+        acc = 0.0
+        accx = 0.0
+        for j in range(pos, pos + lens[p]):
+            acc += e[j]
             if want_x:
-                acc = 0.0
-                for j in range(lo, hi):
-                    acc += er[j] * dr[j]
-                relx[r, k] = acc
+                accx += e[j] * d[j]
+        rel[p] = acc
+        relx[p] = accx
+        pos += lens[p]
 
 
-# Rows per chunk: 64K float32 per buffer, which stay in L2 between the passes. Buffers are
-# reused across chunks: a fresh 4 MB array per call comes from mmap, and its page faults
-# alone cost as much as the exp.
+# Rows per exp() call: 256 KB of float32, which stays in L2 while the scatter reads it. One
+# buffer is reused across chunks: a fresh 4 MB array per call comes from mmap, and its page
+# faults alone cost more than the exp (~3 ms of a 7 ms pass at L=256, V=4096).
 _CHUNK_ELEMENTS = 1 << 16
+
+# An atom whose best logit lies more than this many nats below the row's reference is
+# summed again around its own best: below ~-87 float32's exp loses precision and below
+# ~-104 it is 0, and at 50 the terms float32 coarsens weigh < 262k * e^-37 (~1e-11) of
+# their atom.
+_WEAK_NATS = 50.0
 
 
 def reduce_atoms(logits, atoms, want_sum, want_x):  # type: ignore[no-untyped-def]
@@ -139,46 +143,80 @@ def reduce_atoms(logits, atoms, want_sum, want_x):  # type: ignore[no-untyped-de
 
     rowmax[n] is the best allowed logit of row n (0 if there is none), and
     asum[n, k] = sum over tokens t of atom k of exp(logits[n, t] - rowmax[n]); asumx weighs
-    the same terms by (logits[n, t] - rowmax[n]). Each atom is summed around its own best
-    logit (float32 exp: the largest term is exactly 1, so no atom underflows whole) and
-    then scaled to rowmax in float64: an atom hundreds of nats below the row's best, as
-    low temperatures make them, keeps its weight down to ~1e-308. The canvas may need
-    exactly that atom.
+    the same terms by (logits[n, t] - rowmax[n]). One scan takes exp(x - the row's max) in
+    numpy's float32 SIMD loops and scatters it into atoms (a scalar exp per token would
+    cost more than the whole DP). An atom far below that max, as low temperatures make
+    them (the demo model's logits span ~360 nats at 0.1), would come out 0 or coarse, and
+    the canvas may need exactly that atom: those atoms are summed again around their own
+    best logit and scaled in float64, which keeps them down to ~1e-308. (float32's exp of
+    x - ref is good to ~|x - ref| * 6e-8 relative, so an atom kept from the scan is known
+    to a few 1e-6 at worst.)
     """
-    N = logits.shape[0]
-    atom_of, perm, starts, run_atom, K = atoms
+    N, V = logits.shape
+    atom_of, perm, lo, hi = atoms
+    K = lo.shape[0]
     amax = np.full((N, K), -np.inf, np.float32)
-    aarg = np.full(amax.shape, -1, np.int32)
+    aarg = np.full((N, K), -1, np.int32)
     if not want_sum:
         _max_atoms(logits, atom_of, amax, aarg)
         return np.zeros(N), np.zeros((N, 1)), np.zeros((N, 1)), amax, aarg
-    n, R = perm.shape[0], starts.shape[0]
-    rmax = np.full((N, R), -np.inf, np.float32)  # per run: best logit ...
-    rarg = np.full((N, R), -1, np.int32)  # ... its lowest token ...
-    rel = np.zeros((N, R), np.float64)  # ... sum of exp(x - best) ...
-    relx = np.zeros((N, R if want_x else 0), np.float64)  # ... weighted by (x - best)
-    rows = max(1, _CHUNK_ELEMENTS // max(n, 1))
-    d = np.empty((min(rows, N), n), np.float32)  # the chunk's logits atom by atom, less their atom's best
-    e = np.empty_like(d)  # exp(d)
-    for r0 in range(0, N if R else 0, rows):
+    ref = logits.max(axis=1).astype(np.float64)  # the scan's reference: any token's best
+    ref[~np.isfinite(ref)] = 0.0  # a row of -inf: zero mass below (and no nan from -inf - -inf)
+    asum = np.zeros((N, K), np.float64)
+    asumx = np.zeros((N, K if want_x else 1), np.float64)
+    rows = max(1, _CHUNK_ELEMENTS // max(V, 1))
+    shift = ref.astype(np.float32)[:, None]  # (N, 1)
+    buf = np.empty((min(rows, N), V), np.float32)  # exp(logits - ref) of one chunk
+    for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        c = slice(0, r1 - r0)
-        _gather_runs(logits[r0:r1], perm, starts, rmax[r0:r1], rarg[r0:r1], d[c])
-        np.exp(d[c], out=e[c])
-        _run_sums(e[c], d[c], starts, rel[r0:r1], relx[r0:r1] if want_x else relx, want_x)
-    finite = np.isfinite(rmax)
-    best = rmax.max(axis=1, initial=-np.inf).astype(np.float64)  # (N,)
-    rowmax = np.where(np.isfinite(best), best, 0.0)  # a row with no allowed finite logit: zero mass
-    gap = np.where(finite, rmax.astype(np.float64) - rowmax[:, None], 0.0)  # (N, R) <= 0
-    scale = np.where(finite, np.exp(gap), 0.0)  # (N, R) weight of each run's best token
-    asum = np.zeros(amax.shape, np.float64)
-    asum[:, run_atom] = scale * rel
-    asumx = np.zeros(amax.shape if want_x else (N, 1), np.float64)
+        e = buf[: r1 - r0]
+        np.subtract(logits[r0:r1], shift[r0:r1], out=e)
+        np.exp(e, out=e)
+        _scatter_atoms(logits[r0:r1], e, atom_of, asum[r0:r1], asumx[r0:r1] if want_x else asumx, amax[r0:r1],
+                       aarg[r0:r1], ref[r0:r1], want_x)
+    finite = np.isfinite(amax)
+    best = np.where(finite, amax, -np.inf).max(axis=1, initial=-np.inf).astype(np.float64)  # (N,)
+    rowmax = np.where(np.isfinite(best), best, 0.0)
+    # Move the scan's sums from ref to rowmax (<= ref). A row with an atom the scan kept
+    # has rowmax >= ref - _WEAK_NATS; in other rows nothing is kept, and the cap only
+    # stops exp from overflowing.
+    gap = np.minimum(ref - rowmax, _WEAK_NATS)  # (N,)
     if want_x:
-        asumx[:, run_atom] = scale * (relx + gap * rel)
-    amax[:, run_atom] = rmax
-    aarg[:, run_atom] = rarg
+        asumx += gap[:, None] * asum
+        asumx *= np.exp(gap)[:, None]
+    asum *= np.exp(gap)[:, None]
+    redo_r, redo_k = np.nonzero(finite & (amax < (ref - _WEAK_NATS)[:, None].astype(np.float32)))
+    if redo_r.size:
+        rel, relx = _resum_atoms(logits, perm, lo, hi, redo_r, redo_k, amax, want_x)
+        g = amax[redo_r, redo_k].astype(np.float64) - rowmax[redo_r]  # (P,) <= 0
+        scale = np.exp(g)
+        asum[redo_r, redo_k] = scale * rel
+        if want_x:
+            asumx[redo_r, redo_k] = scale * (relx + g * rel)
     return rowmax, asum, asumx, amax, aarg
+
+
+def _resum_atoms(logits, perm, lo, hi, rows, ks, amax, want_x):  # type: ignore[no-untyped-def]
+    """(rel, relx) per (row, atom) pair: the sum of exp(x - atom's best) over the atom's
+    tokens, and of its terms weighted by (x - atom's best). The gathers and sums are
+    compiled, the exp is numpy's (float32; the largest term is exactly 1)."""
+    lens = hi[ks] - lo[ks]  # (P,)
+    rel = np.zeros(rows.shape[0], np.float64)
+    relx = np.zeros(rows.shape[0], np.float64)
+    ends = np.cumsum(lens)
+    cap = max(_CHUNK_ELEMENTS, int(lens.max()))
+    d = np.empty(cap, np.float32)
+    e = np.empty(cap, np.float32)
+    p0 = 0
+    while p0 < rows.shape[0]:
+        base = ends[p0] - lens[p0]
+        p1 = max(p0 + 1, int(np.searchsorted(ends, base + cap, side="right")))  # pairs that fit the buffer
+        n = int(ends[p1 - 1] - base)
+        _gather_pairs(logits, perm, lo, hi, rows[p0:p1], ks[p0:p1], amax, d[:n])
+        np.exp(d[:n], out=e[:n])
+        _pair_sums(e[:n], d[:n], lens[p0:p1], rel[p0:p1], relx[p0:p1], want_x)
+        p0 = p1
+    return rel, relx
 
 
 @nb.njit(cache=True, nogil=True)
