@@ -49,6 +49,7 @@ class SortedAtoms(NamedTuple):
 
 
 def sorted_atoms(atom_of: np.ndarray, K: int) -> SortedAtoms:
+    """The token lists of ``atom_of`` (V,) over K atoms, for the pass below."""
     allowed = np.flatnonzero(atom_of >= 0)
     perm = allowed[np.argsort(atom_of[allowed], kind="stable")].astype(np.int32)
     hi = np.cumsum(np.bincount(atom_of[allowed], minlength=K)[:K]).astype(np.int64)

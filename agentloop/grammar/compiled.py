@@ -104,7 +104,7 @@ class CompiledGrammar:
         self._support_cache: dict[tuple[int, int, bool], tuple[np.ndarray, ...]] = {}
         self._allowed_cache: dict[int, np.ndarray] = {}
         self._atom_layouts: dict[tuple[int, str], device_passes.AtomLayout] = {}  # (V, device) -> its layout
-        self._host_atoms: dict[int, dp.SortedAtoms] = {}  # V -> the host scan's token order
+        self._host_atoms: dict[int, dp.SortedAtoms] = {}  # V -> each atom's tokens (the host pass)
 
     # ---- states ------------------------------------------------------------------------
     @property
