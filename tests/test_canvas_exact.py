@@ -235,6 +235,28 @@ def test_a_required_token_far_below_an_allowed_one_elsewhere(grammar):
     assert grammar.accepts(out.sample) and torch.isfinite(out.entropy).all()
 
 
+def test_nan_logits_never_allowed_are_ignored_and_allowed_ones_are_named():
+    """A nan logit on a token the grammar never allows changes nothing (its marginal is
+    -inf, as for any such token); one on a token it allows is an error naming the
+    canvas and position, never nan marginals fed back to the model."""
+    tok = word_tokenizer(TOKENS + ["x"])
+    g = compile_schema(SCHEMA, tok)
+    x_id = tok.token_to_id("x")
+    logits = torch.randn(2, 5, g.vocab.size, generator=torch.Generator().manual_seed(6))
+    masked = logits.clone()
+    masked[1, 2, x_id] = -math.inf
+    logits[1, 2, x_id] = math.nan
+    got = g.denoise_step(logits, generator=torch.Generator().manual_seed(1))
+    want = g.denoise_step(masked, generator=torch.Generator().manual_seed(1))
+    assert not torch.isnan(got.log_marginals).any() and got.log_marginals[1, 2, x_id] == -math.inf
+    torch.testing.assert_close(got.log_marginals, want.log_marginals)
+    assert got.argmax == want.argmax and got.sample == want.sample
+    logits[1, 3, tok.token_to_id("1")] = math.nan  # allowed
+    for op in (g.sample, g.marginals, g.denoise_step):
+        with pytest.raises(GrammarInputError, match="canvas 1 position 3"):
+            op(logits)
+
+
 def test_minus_infinity_logits_give_finite_entropies_or_a_clear_error(grammar):
     """A masked allowed token (-inf) weighs nothing: entropies stay finite. A position
     whose allowed tokens are all -inf admits no canvas: a clear error, never nan."""

@@ -186,7 +186,7 @@ def reduce_atoms(logits, atoms, want_sum, want_x):  # type: ignore[no-untyped-de
     if not want_sum:
         _max_atoms(logits, atom_of, amax, aarg)
         return np.zeros(N), np.zeros((N, 1)), np.zeros((N, 1)), amax, aarg
-    ref = logits.max(axis=1).astype(np.float64)  # the scan's reference: any token's best
+    ref = np.fmax.reduce(logits, axis=1).astype(np.float64)  # the scan's reference: any token's best, nan aside
     ref[~np.isfinite(ref)] = 0.0  # a row of -inf: zero mass below (and no nan from -inf - -inf)
     asum = np.zeros((N, K), np.float64)
     asumx = np.zeros((N, K if want_x else 1), np.float64)
@@ -482,7 +482,8 @@ def _write_marginals(logits, rowmax, atom_of, F, out):  # pragma: no cover
         o = out[n]
         for t in range(V):
             k = atom_of[t]
-            o[t] = row[t] + shift[k if k >= 0 else K]
+            # a token never allowed is -inf even where its logit is nan (or +inf)
+            o[t] = row[t] + shift[k] if k >= 0 else -np.inf
 
 
 @nb.njit(cache=True, nogil=True)

@@ -433,6 +433,12 @@ class CompiledGrammar:
         else:
             rowmax_dev = None
             rowmax, asum, asumx, amax, aarg = dp.reduce_atoms(flat, self._sorted_atoms(V), want_sum, want_x)
+        if want_sum and np.isnan(asum).any():
+            rows = np.flatnonzero(np.isnan(asum).any(axis=1))
+            where = ", ".join(f"canvas {n // L} position {n % L}" for n in rows[:5].tolist())
+            raise GrammarInputError(
+                f"the logits are nan at a token the grammar allows ({where}{', ...' if rows.size > 5 else ''}; "
+                f"{rows.size} position(s) in all): a model overflowing in float16 or bfloat16 gives nan logits")
         gsum = dp._group_sums(asum, ta.group_atoms, ta.group_offsets) if want_sum else np.zeros((B * L, 0))
         return _Scores(flat, rowmax, asum, asumx, amax, aarg, gsum, rowmax_dev)
 

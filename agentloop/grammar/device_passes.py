@@ -233,6 +233,7 @@ def log_marginals(x: torch.Tensor, rowmax: torch.Tensor, F: np.ndarray, idx: tor
         # x - rowmax first: near the row's best logit the difference is exact in float32
         torch.sub(x[r], rowmax[r, None], out=out[r])
         out[r] += logF[r].gather(1, idx.expand(out[r].shape[0], -1))
+        out[r].masked_fill_(idx == K, -math.inf)  # never allowed: -inf even where the logit is nan
     return out
 
 
