@@ -178,9 +178,11 @@ class Protocol:
         return out + [(self._turn("responses_end"), False)]
 
     def render_declaration(self, name: str, description: str, parameters: Mapping[str, Any]) -> str:
+        """A tool's declaration for the system turn. Extension keywords ("x-copy", any
+        "x-...") steer the grammar, not the model, and are left out of what it reads."""
         return self._turn("declaration", name=name, description=description,
                           description_json=json.dumps(description, ensure_ascii=False),
-                          parameters=self._declared(parameters))
+                          parameters=self._declared(_without_extensions(parameters)))
 
     def _declared(self, schema: Any) -> str:
         """A JSON Schema for the model to read: the value spelling, any key allowed."""
@@ -340,6 +342,32 @@ class Protocol:
         if not s.startswith(after, i):
             raise ParseError(f"expected {after!r} after key {key!r} at character {i}")
         return key, i + len(after)
+
+
+# Where a JSON Schema holds subschemas: name -> schema maps, lists of schemas, one schema.
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
+_SUBSCHEMA_ONE = ("items", "additionalProperties", "additionalItems", "unevaluatedProperties", "unevaluatedItems",
+                  "contains", "propertyNames", "not", "if", "then", "else")
+
+
+def _without_extensions(schema: Any) -> Any:
+    """``schema`` with its "x-..." keywords left out, in every subschema (a property that is
+    *named* "x-..." stays: only keywords go)."""
+    if not isinstance(schema, Mapping):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key.startswith("x-"):
+            continue
+        if key in _SUBSCHEMA_MAPS and isinstance(value, Mapping):
+            value = {name: _without_extensions(sub) for name, sub in value.items()}
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+            value = [_without_extensions(sub) for sub in value]
+        elif key in _SUBSCHEMA_ONE:
+            value = _without_extensions(value)
+        out[key] = value
+    return out
 
 
 def _split_marks(text: str, marks: list[str]) -> list[Segment]:

@@ -54,6 +54,13 @@ def test_turns_and_declarations() -> None:
     assert decl == ('<|tool>declaration:f{description:<|"|>Does f.<|"|>,parameters:{type:<|"|>object<|"|>,'
                     'properties:{x:{type:<|"|>integer<|"|>}}}}<tool|>')
     assert p.system_turn("Be brief.", [decl]).startswith("<|turn>system\nBe brief.<|tool>declaration:f")
+    # agentloop's own keywords steer the grammar and stay out of the prompt, at any depth;
+    # a property named like one is the tool's and stays
+    copied = {"type": "object", "properties": {
+        "city": {"type": "string", "x-copy": True},
+        "x-copy": {"type": "array", "items": {"anyOf": [{"type": "string", "x-copy": "numbers"}]}}}}
+    decl = p.render_declaration("g", "Does g.", copied)
+    assert decl.count("x-copy") == 1 and "x-copy:{type:" in decl and copied["properties"]["city"]["x-copy"] is True
     assert p.render_response("f", 'a <|"|> b') == '<|tool_response>response:f{value:<|"|>a  b<|"|>}<tool_response|>'
     with pytest.raises(ValueError, match="identifiers"):
         p.render_value({"not an id": 1})
