@@ -179,10 +179,87 @@ class Protocol:
 
     def render_declaration(self, name: str, description: str, parameters: Mapping[str, Any]) -> str:
         """A tool's declaration for the system turn. Extension keywords ("x-copy", any
-        "x-...") steer the grammar, not the model, and are left out of what it reads."""
+        "x-...") steer the grammar, not the model, and are left out of what it reads.
+
+        With ``declared_schema = "gemma"`` in the wire format's [turns] the parameters are
+        written as Gemma 4's chat template writes them (what its checkpoints read in
+        training); otherwise the whole JSON Schema is written in the value spelling."""
+        schema = _without_extensions(parameters)
+        style = self.wire_format.turns.get("declared_schema", "full")
+        if style not in ("full", "gemma"):
+            raise WireFormatError(f'[turns] declared_schema must be "full" or "gemma", got {style!r} '
+                                  f"({self.wire_format.source})")
         return self._turn("declaration", name=name, description=description,
                           description_json=json.dumps(description, ensure_ascii=False),
-                          parameters=self._declared(_without_extensions(parameters)))
+                          parameters=self._gemma_parameters(schema) if style == "gemma" else self._declared(schema))
+
+    # Gemma 4's chat template writes a tool's parameters with a fixed set of keys: per
+    # property (sorted by name) its description, enum (strings), items (arrays), nullable,
+    # properties and required (objects), and its type in capitals, last; every other
+    # keyword (bounds, patterns, defaults, additionalProperties) is not shown to the model.
+    def _gemma_parameters(self, schema: Mapping[str, Any]) -> str:
+        parts = []
+        if schema.get("properties"):
+            parts.append("properties:{" + self._gemma_properties(schema["properties"]) + "}")
+        if schema.get("required"):
+            parts.append("required:" + self._gemma_argument(list(schema["required"])))
+        parts.append("type:" + self.render_string(str(schema.get("type", "object")).upper()))
+        return "{" + ",".join(parts) + "}"
+
+    def _gemma_properties(self, properties: Mapping[str, Any]) -> str:
+        out = []
+        for key in sorted(properties):
+            if key in ("description", "type", "properties", "required", "nullable"):
+                continue  # the template skips properties named like its own keys
+            value = properties[key] if isinstance(properties[key], Mapping) else {}
+            kind = str(value.get("type", "")).upper()
+            parts = []
+            if value.get("description"):
+                parts.append("description:" + self.render_string(str(value["description"])))
+            if kind == "STRING" and value.get("enum"):
+                parts.append("enum:" + self._gemma_argument(list(value["enum"])))
+            if kind == "ARRAY" and isinstance(value.get("items"), Mapping) and value["items"]:
+                parts.append("items:{" + self._gemma_items(value["items"]) + "}")
+            if value.get("nullable"):
+                parts.append("nullable:true")
+            if kind == "OBJECT" and isinstance(value.get("properties"), Mapping):
+                parts.append("properties:{" + self._gemma_properties(value["properties"]) + "}")
+            if kind == "OBJECT" and value.get("required"):
+                parts.append("required:" + self._gemma_argument(list(value["required"])))
+            parts.append("type:" + self.render_string(kind))
+            out.append(f"{key}:{{" + ",".join(parts) + "}")
+        return ",".join(out)
+
+    def _gemma_items(self, items: Mapping[str, Any]) -> str:
+        parts = []
+        for key in sorted(items):
+            value = items[key]
+            if value is None:
+                continue
+            if key == "properties" and isinstance(value, Mapping):
+                parts.append("properties:{" + self._gemma_properties(value) + "}")
+            elif key == "required":
+                parts.append("required:" + self._gemma_argument(list(value)))
+            elif key == "type":
+                upper = value.upper() if isinstance(value, str) else [str(v).upper() for v in value]
+                parts.append("type:" + self._gemma_argument(upper))
+            else:
+                parts.append(f"{key}:" + self._gemma_argument(value))
+        return ",".join(parts)
+
+    def _gemma_argument(self, value: Any) -> str:
+        """A literal as the template writes one: strings delimited, mapping keys sorted
+        and delimited too, booleans lower-case, numbers as written."""
+        if isinstance(value, str):
+            return self.render_string(value)
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, Mapping):
+            return "{" + ",".join(self.render_string(str(k)) + ":" + self._gemma_argument(value[k])
+                                  for k in sorted(value)) + "}"
+        if isinstance(value, (list, tuple)):
+            return "[" + ",".join(self._gemma_argument(v) for v in value) + "]"
+        return str(value)
 
     def _declared(self, schema: Any) -> str:
         """A JSON Schema for the model to read: the value spelling, any key allowed."""

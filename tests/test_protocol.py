@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from agentloop.errors import ParseError
+from agentloop.errors import ParseError, WireFormatError
 from agentloop.grammar import ToolCall, byte_tokenizer, compile_tools
 from agentloop.protocol import Protocol
 
@@ -51,16 +52,43 @@ def test_text_answers_and_parse_errors() -> None:
 def test_turns_and_declarations() -> None:
     p = Protocol("gemma4")
     decl = p.render_declaration("f", "Does f.", {"type": "object", "properties": {"x": {"type": "integer"}}})
-    assert decl == ('<|tool>declaration:f{description:<|"|>Does f.<|"|>,parameters:{type:<|"|>object<|"|>,'
-                    'properties:{x:{type:<|"|>integer<|"|>}}}}<tool|>')
+    assert decl == ('<|tool>declaration:f{description:<|"|>Does f.<|"|>,parameters:{'
+                    'properties:{x:{type:<|"|>INTEGER<|"|>}},type:<|"|>OBJECT<|"|>}}<tool|>')
     assert p.system_turn("Be brief.", [decl]).startswith("<|turn>system\nBe brief.<|tool>declaration:f")
     # agentloop's own keywords steer the grammar and stay out of the prompt, at any depth;
     # a property named like one is the tool's and stays
     copied = {"type": "object", "properties": {
         "city": {"type": "string", "x-copy": True},
         "x-copy": {"type": "array", "items": {"anyOf": [{"type": "string", "x-copy": "numbers"}]}}}}
-    decl = p.render_declaration("g", "Does g.", copied)
-    assert decl.count("x-copy") == 1 and "x-copy:{type:" in decl and copied["properties"]["city"]["x-copy"] is True
+    decl = Protocol("json").render_declaration("g", "Does g.", copied)  # the whole schema, keywords and all
+    assert decl.count("x-copy") == 1 and '"x-copy":{"type":' in decl and copied["properties"]["city"]["x-copy"] is True
+
+
+def test_gemma4_declares_parameters_as_its_chat_template_does() -> None:
+    """Gemma 4's checkpoints read tool parameters in their chat template's shape: per
+    property (sorted) description, enum (strings), items (arrays), nullable, nested
+    properties and required (objects) and the type in capitals, last; bounds, patterns,
+    defaults and additionalProperties are not shown."""
+    p = Protocol("gemma4")
+    s = '<|"|>'
+    params = {"type": "object", "additionalProperties": False, "required": ["unit", "city"], "properties": {
+        "unit": {"type": "string", "enum": ["C", "F"], "description": "Scale."},
+        "city": {"type": "string", "pattern": "^[A-Z]", "maxLength": 40, "x-copy": True},
+        "days": {"type": "integer", "minimum": 1, "default": 1, "nullable": True},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}},
+        "where": {"type": "object", "required": ["lat"], "properties": {"lat": {"type": "number"}}}}}
+    assert p.render_declaration("w", "Weather.", params) == (
+        f"<|tool>declaration:w{{description:{s}Weather.{s},parameters:{{properties:{{"
+        f"city:{{type:{s}STRING{s}}},"
+        f"days:{{nullable:true,type:{s}INTEGER{s}}},"
+        f"tags:{{items:{{maxLength:8,type:{s}STRING{s}}},type:{s}ARRAY{s}}},"
+        f"unit:{{description:{s}Scale.{s},enum:[{s}C{s},{s}F{s}],type:{s}STRING{s}}},"
+        f"where:{{properties:{{lat:{{type:{s}NUMBER{s}}}}},required:[{s}lat{s}],type:{s}OBJECT{s}}}}},"
+        f"required:[{s}unit{s},{s}city{s}],type:{s}OBJECT{s}}}}}<tool|>")
+    wf = p.wire_format
+    bad = Protocol(dataclasses.replace(wf, turns={**wf.turns, "declared_schema": "html"}))
+    with pytest.raises(WireFormatError, match="declared_schema"):
+        bad.render_declaration("w", "Weather.", params)
     assert p.render_response("f", 'a <|"|> b') == '<|tool_response>response:f{value:<|"|>a  b<|"|>}<tool_response|>'
     with pytest.raises(ValueError, match="identifiers"):
         p.render_value({"not an id": 1})
