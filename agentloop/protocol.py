@@ -209,8 +209,8 @@ class Protocol:
     def _gemma_properties(self, properties: Mapping[str, Any]) -> str:
         out = []
         for key in sorted(properties):
-            if key in ("description", "type", "properties", "required", "nullable"):
-                continue  # the template skips properties named like its own keys
+            # (one published version of the template skipped properties named like its own
+            # keys, "description" or "type"; a later one writes them, as here)
             value = properties[key] if isinstance(properties[key], Mapping) else {}
             kind = str(value.get("type", "")).upper()
             parts = []

@@ -75,12 +75,14 @@ def test_gemma4_declares_parameters_as_its_chat_template_does() -> None:
         "unit": {"type": "string", "enum": ["C", "F"], "description": "Scale."},
         "city": {"type": "string", "pattern": "^[A-Z]", "maxLength": 40, "x-copy": True},
         "days": {"type": "integer", "minimum": 1, "default": 1, "nullable": True},
+        "description": {"type": "string"},  # a parameter named like a keyword is still declared
         "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}},
         "where": {"type": "object", "required": ["lat"], "properties": {"lat": {"type": "number"}}}}}
     assert p.render_declaration("w", "Weather.", params) == (
         f"<|tool>declaration:w{{description:{s}Weather.{s},parameters:{{properties:{{"
         f"city:{{type:{s}STRING{s}}},"
         f"days:{{nullable:true,type:{s}INTEGER{s}}},"
+        f"description:{{type:{s}STRING{s}}},"
         f"tags:{{items:{{maxLength:8,type:{s}STRING{s}}},type:{s}ARRAY{s}}},"
         f"unit:{{description:{s}Scale.{s},enum:[{s}C{s},{s}F{s}],type:{s}STRING{s}}},"
         f"where:{{properties:{{lat:{{type:{s}NUMBER{s}}}}},required:[{s}lat{s}],type:{s}OBJECT{s}}}}},"
