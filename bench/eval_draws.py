@@ -18,15 +18,14 @@ import json
 import math
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 from agentloop.benchmark import describe_machine
-from agentloop.evaluation import MODES, EvalConfig, evaluate
+from agentloop.evaluation import MODES, EvalConfig, Outcome, evaluate, summarize
 
 TARGETS = {"single_exact_call": 0.90, "multi_right": 0.80}
-MULTI_KINDS = ("chain", "parallel", "error")
+MULTI_KINDS = ("chain", "parallel", "error")  # the kinds summarize() counts as multi-step runs
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -40,21 +39,17 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def pooled(draws: list[dict[str, Any]], mode: str) -> dict[str, Any]:
-    """Counts over every draw's outcomes in ``mode``: rates, intervals, intents, failures."""
-    outs = [o for d in draws for o in d["outcomes"] if o["mode"] == mode]
-    single = [o for o in outs if o["kind"] == "single"]
-    multi = [o for o in outs if o["kind"] in MULTI_KINDS]
-    counts = {"single_exact_call": (sum(o["right_calls"] for o in single), len(single)),
-              "single_right": (sum(o["right"] for o in single), len(single)),
-              "multi_right": (sum(o["right"] for o in multi), len(multi))}
-    intents = Counter(o["intent"] for o in single)
-    return {
-        "rates": {k: {"k": k_, "n": n, "rate": k_ / n if n else None, "ci95": wilson(k_, n)}
-                  for k, (k_, n) in counts.items()},
-        "by_intent": {i: {"n": n, "right_calls": sum(o["right_calls"] for o in single if o["intent"] == i) / n}
-                      for i, n in sorted(intents.items())},
-        "failures": dict(Counter(o["failure"] for o in single + multi if o["failure"]).most_common()),
-    }
+    """The evaluation's own summary of every draw's outcomes in ``mode`` together, with
+    counts and intervals for the target rates."""
+    s = summarize([Outcome(**o) for d in draws for o in d["outcomes"] if o["mode"] == mode])
+    kinds = s["by_kind"]
+    n_single = kinds.get("single", {}).get("n", 0)
+    n_multi = sum(kinds[k]["n"] for k in MULTI_KINDS if k in kinds)
+    rates = {}
+    for key, n in (("single_exact_call", n_single), ("single_right", n_single), ("multi_right", n_multi)):
+        k = round(s[key] * n) if n else 0  # summarize's rates are counts over n
+        rates[key] = {"k": k, "n": n, "rate": s[key], "ci95": wilson(k, n)}
+    return {"rates": rates, "by_intent": s["by_intent"], "failures": s["failures"]}
 
 
 def run(seeds: Sequence[int], modes: Sequence[str], single: int, multi: int, model: str) -> dict[str, Any]:
