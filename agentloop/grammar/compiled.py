@@ -390,31 +390,31 @@ class CompiledGrammar:
                for b, s0 in enumerate(self._states(state, B))]
         return out if batched else out[0]
 
-    def _viterbi_one(self, gmax: np.ndarray, garg: np.ndarray, sup: tuple[np.ndarray, ...], s0: int,
+    def _viterbi_one(self, gmax: np.ndarray, garg: np.ndarray, sup: dp.Support, s0: int,
                      partial: bool) -> list[int]:
         _, path = self._forward(sup, s0, partial, gmax=gmax, garg=garg)
         assert path is not None
         return path
 
-    def _forward(self, sup: tuple[np.ndarray, ...], s0: int, partial: bool, gsum: np.ndarray | None = None,
+    def _forward(self, sup: dp.Support, s0: int, partial: bool, gsum: np.ndarray | None = None,
                  beta: np.ndarray | None = None, gmax: np.ndarray | None = None,
                  garg: np.ndarray | None = None) -> tuple[np.ndarray | None, list[int] | None]:
-        """One sweep over the canvas's live edges: the atom factors F (L, K) when ``gsum``
-        and ``beta`` are given, the Viterbi canvas when ``gmax`` and ``garg`` are."""
+        """One sweep over the canvas: the atom factors F (L, K) when ``gsum`` and ``beta``
+        are given, the Viterbi canvas when ``gmax`` and ``garg`` are."""
         ta = self.automaton
+        lay = self._layout
         none2 = np.zeros((0, 0), np.float64)
         kernel = dp._forward_max if gsum is None else dp._forward_sum if gmax is None else dp._forward_both
         F, back, best_end, ok = kernel(
-            none2 if gsum is None else gsum, none2 if gmax is None else gmax, *sup,
-            np.zeros(0, np.float64) if beta is None else beta, *self._in_edges, ta.atom_groups,
-            ta.atom_group_offsets, ta.n_states)
+            none2 if gsum is None else gsum, none2 if gmax is None else gmax, sup.live_in, lay.in_rounds,
+            lay.in_src, lay.in_group, lay.in_rank[s0], none2 if beta is None else beta, lay.group_edges,
+            lay.group_src, lay.group_dst, ta.atom_groups, ta.atom_group_offsets, lay.in_rank)
         if not ok:
             L = (gsum if gsum is not None else gmax).shape[0]  # type: ignore[union-attr]
             raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
         if gmax is None:
             return F, None
-        _, in_src, in_group = self._in_edges
-        path = dp._trace_back(back, best_end, garg, sup[0], sup[1], in_src, in_group)
+        path = dp._trace_back(back, best_end, garg, lay.in_src, lay.in_group)
         return (F if gsum is not None else None), path.tolist()
 
     def _no_canvas_message(self, L: int, s0: int, partial: bool) -> str:
@@ -442,24 +442,24 @@ class CompiledGrammar:
         gsum = dp._group_sums(asum, ta.group_atoms, ta.group_offsets) if want_sum else np.zeros((B * L, 0))
         return _Scores(flat, rowmax, asum, asumx, amax, aarg, gsum, rowmax_dev)
 
-    def _beta(self, gsum: np.ndarray, sup: tuple[np.ndarray, ...], s0: int, partial: bool) -> np.ndarray:
-        beta, ok = dp._backward(gsum, *sup, *self._out_edges, self.automaton.n_states)
+    def _beta(self, gsum: np.ndarray, sup: dp.Support, s0: int, partial: bool) -> np.ndarray:
+        lay = self._layout
+        beta, ok = dp._backward(gsum, sup.live_out, lay.out_rounds, lay.out_dst, lay.out_group)
         if not ok:
             raise NoValidCanvasError(self._no_canvas_message(gsum.shape[0], s0, partial))
         return beta
 
-    def _factors(self, gsum: np.ndarray, sup: tuple[np.ndarray, ...], beta: np.ndarray, s0: int,
+    def _factors(self, gsum: np.ndarray, sup: dp.Support, beta: np.ndarray, s0: int,
                  partial: bool) -> np.ndarray:
         """Atom factors F (L, K) of one canvas from its backward messages plus a forward pass."""
         F, _ = self._forward(sup, s0, partial, gsum=gsum, beta=beta)
         assert F is not None
         return F
 
-    def _sample_one(self, sc: "_Scores", sl: slice, sup: tuple[np.ndarray, ...], beta: np.ndarray, s0: int,
-                    uniforms: np.ndarray) -> list[int]:
+    def _sample_one(self, sc: "_Scores", sl: slice, beta: np.ndarray, s0: int, uniforms: np.ndarray) -> list[int]:
         ta = self.automaton
-        atoms = dp._sample_atoms(sc.asum[sl], sc.gsum[sl], *sup, beta, s0, *self._out_edges, ta.group_atoms,
-                                 ta.group_offsets, uniforms)
+        atoms = dp._sample_atoms(sc.asum[sl], sc.gsum[sl], beta, self._layout.out_rank, s0, *self._out_edges,
+                                 ta.group_atoms, ta.group_offsets, uniforms)
         if sc.rowmax_dev is None:
             tokens = dp._sample_tokens(sc.flat[sl], sc.rowmax[sl], sc.asum[sl], sc.amax[sl], sc.aarg[sl], atoms,
                                        ta.atom_tokens, ta.atom_offsets, uniforms)
@@ -493,7 +493,7 @@ class CompiledGrammar:
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
             beta = self._beta(sc.gsum[sl], sup, s0, partial)
-            out.append(self._sample_one(sc, sl, sup, beta, s0, uniforms[b]))
+            out.append(self._sample_one(sc, sl, beta, s0, uniforms[b]))
         return out if batched else out[0]
 
     def marginals(self, logits: Any, state: int | Sequence[int] | None = None, partial: bool = False,
@@ -546,22 +546,22 @@ class CompiledGrammar:
             F[sl], path = self._forward(sup, s0, partial, gsum=sc.gsum[sl], beta=beta, gmax=gmax[sl],
                                         garg=garg[sl])
             best.append(path)
-            samples.append(self._sample_one(sc, sl, sup, beta, s0, uniforms[b]))
+            samples.append(self._sample_one(sc, sl, beta, s0, uniforms[b]))
         logp = self._log_marginals(sc, F, B)
         H = torch.from_numpy(dp._entropy(sc.asum, sc.asumx, F).reshape(B, L))
         if batched:
             return StepOutput(best, samples, logp, H)
         return StepOutput(best[0], samples[0], logp[0], H[0])
 
-    def _support(self, length: int, state: int, partial: bool) -> tuple[np.ndarray, ...]:
+    def _support(self, length: int, state: int, partial: bool) -> dp.Support:
         """Live states per position, (offsets, states), for canvases of ``length`` from
         ``state`` (cached: every denoising step of a canvas reuses it)."""
         key = (length, state, partial)
         hit = self._support_cache.get(key)
         if hit is None:
             ta = self.automaton
-            hit = dp.live_states(ta.edge_src, ta.edge_dst, ta.n_states, state, self._final(partial), length)
-            if hit[0][1] == 0:  # the start state is on no valid canvas
+            hit = dp.support(ta.edge_src, ta.edge_dst, ta.n_states, state, self._final(partial), length, self._layout)
+            if hit.offsets[1] == 0:  # the start state is on no valid canvas
                 raise NoValidCanvasError(self._no_canvas_message(length, state, partial))
             if len(self._support_cache) >= 16:
                 self._support_cache.pop(next(iter(self._support_cache)))
@@ -644,7 +644,7 @@ class CompiledGrammar:
         s0 = self.start_state if state is None else int(state)
         ta = self.automaton
         sup = self._support(length, s0, partial)
-        return dp._forced(*sup, *self._out_edges, ta.group_atoms, ta.group_offsets, ta.atom_offsets,
+        return dp._forced(sup.offsets, sup.states, *self._out_edges, ta.group_atoms, ta.group_offsets, ta.atom_offsets,
                           ta.atom_tokens, length).tolist()
 
     @cached_property
@@ -654,9 +654,7 @@ class CompiledGrammar:
         return ta.src_offsets, ta.edge_dst, ta.edge_group
 
     @cached_property
-    def _in_edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(offsets (S + 1,), source, group) of each state's incoming edges."""
+    def _layout(self) -> dp.EdgeLayout:
+        """The edges in the order the canvas passes read them."""
         ta = self.automaton
-        order = np.argsort(ta.edge_dst, kind="stable")
-        offsets = np.searchsorted(ta.edge_dst[order], np.arange(ta.n_states + 1)).astype(np.int64)
-        return offsets, np.ascontiguousarray(ta.edge_src[order]), np.ascontiguousarray(ta.edge_group[order])
+        return dp.edge_layout(ta.edge_src, ta.edge_dst, ta.edge_group, ta.n_states, ta.n_groups)

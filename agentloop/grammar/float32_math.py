@@ -1,0 +1,85 @@
+"""float32 helpers for compiled loops that must vectorise: exp, and order-preserving keys.
+
+numba hands ``math.exp`` to libm one element at a time (no vector math library ships with
+it) and does not vectorise a nan-aware float max. The canvas scan needs both over every
+allowed token of every position, so they are written here from operations the compiler
+vectorises: a Cody-Waite range reduction with a degree-6 polynomial for exp (within
+~1.5 ulp of the true value, numpy's float32 exp is within ~3.5), and the integer image of
+a float's bits, whose int max vectorises.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def bits_to_float(typingctx, bits):  # type: ignore[no-untyped-def]  # pragma: no cover - compile time
+    """Reinterpret an int32's bits as a float32 (a no-op in registers)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+_LOG2E = np.float32(1.44269504088896341)
+_LN2_HI = np.float32(0.693359375)  # ln 2 split so that n * _LN2_HI is exact for |n| < 2**9
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_FLOOR = np.float32(-87.0)  # below this exp is flushed to 0 (float32's normal range ends at ~-87.3)
+
+
+@nb.njit(cache=True, nogil=True, fastmath={"contract"})  # no reassociation: the reduction relies on its order
+def exp_nonpositive(d):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """exp(d) for a float32 d <= 0: 0 below -87 (and at -inf), nan at nan and +inf.
+
+    >>> float(exp_nonpositive(np.float32(-1.0)))  # doctest: +ELLIPSIS
+    0.36787945...
+    """
+    z = min(max(d, _EXP_FLOOR), np.float32(0.0))
+    n = np.floor(z * _LOG2E + np.float32(0.5))
+    r = z - n * _LN2_HI
+    r = r - n * _LN2_LO
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * (r * r) + r + np.float32(1.0)
+    e = p * bits_to_float((np.int32(n) + np.int32(127)) << 23)  # p * 2**n
+    if d >= _EXP_FLOOR and d <= np.float32(0.0):
+        return e
+    if d < _EXP_FLOOR:
+        return np.float32(0.0)
+    return np.float32(np.nan)  # nan, or a positive d (a +inf logit above a finite best)
+
+
+#: The key of -inf: a key no higher belongs to no usable logit (-inf, or nothing).
+KEY_NEG_INF = np.int32(-2139095041)
+#: The key of +inf: finite floats' keys are below it.
+KEY_POS_INF = np.int32(0x7F800000)
+#: Keys to give nan: below every float's (a nan is never the best) or above (it always
+#: is, so that it shows).
+KEY_NAN_LOW = np.int32(-(2**31))
+KEY_NAN_HIGH = np.int32(2**31 - 1)
+
+
+@nb.njit(cache=True, nogil=True)
+def order_key(bits, nan_key):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """The int32 whose order is the float32's order, from the float's bits (an int32
+    view of the value); a nan gets ``nan_key``. The map is its own inverse on the keys
+    of non-nan floats."""
+    key = bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
+    return key if (bits & np.int32(0x7FFFFFFF)) <= KEY_POS_INF else nan_key
+
+
+@nb.njit(cache=True, nogil=True)
+def key_to_bits(key):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """The float32 bits of a (non-nan) key."""
+    return key ^ ((key >> 31) & np.int32(0x7FFFFFFF))
