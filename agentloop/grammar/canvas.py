@@ -584,34 +584,58 @@ def _sample_atoms(asum, gsum, beta, out_rank, start, out_offsets, out_dst, out_g
     return out
 
 
-@nb.njit(cache=True, nogil=True)
+_SAMPLE_BLOCK = 64  # tokens whose weights are taken (vectorised) before the scan looks at them
+
+
+@nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _sample_tokens(logits, rowmax, asum, amax, aarg, atoms, atom_tokens, atom_offsets, uniforms):  # pragma: no cover
-    """A token inside each position's sampled atom, weight exp(x - rowmax). The atom's
-    argmax token alone carries e_max / asum of the mass: try it first (a peaked model ends
-    here in O(1)), else scan the other tokens with the remaining mass."""
+    """A token inside each position's sampled atom, weight exp(x - best) (best: the
+    atom's best logit, whose token weighs exactly 1 of the atom's
+    asum * exp(rowmax - best)): try that token first (a peaked model ends here in O(1)),
+    else walk the other tokens a block at a time, each block's weights computed together,
+    and scan inside the block that holds the remaining mass."""
     L = atoms.shape[0]
     out = np.empty(L, np.int32)
+    e = np.empty(_SAMPLE_BLOCK, np.float32)
     for l in range(L):
         k = atoms[l]
-        m = rowmax[l]
+        row = logits[l]
         best = aarg[l, k]
-        e_best = math.exp(amax[l, k] - m)
-        u = uniforms[l, 2] * asum[l, k]
-        tok = best
-        if not (u < e_best or atom_offsets[k + 1] - atom_offsets[k] == 1):
-            u -= e_best
-            acc = 0.0
-            for i in range(atom_offsets[k], atom_offsets[k + 1]):
-                t = atom_tokens[i]
-                if t == best:
-                    continue
-                w = math.exp(logits[l, t] - m)
-                if w > 0.0:
-                    tok = t
-                    acc += w
+        b = amax[l, k]
+        tokens = atom_tokens[atom_offsets[k]:atom_offsets[k + 1]]
+        u = uniforms[l, 2] * asum[l, k] * math.exp(rowmax[l] - np.float64(b))
+        out[l] = best
+        if u < 1.0 or tokens.shape[0] == 1:
+            continue
+        u -= 1.0
+        acc = 0.0
+        last = -1  # the last block with weight: where u lands if rounding leaves it past the end
+        found = -1
+        for j0 in range(0, tokens.shape[0], _SAMPLE_BLOCK):
+            block = tokens[j0:j0 + _SAMPLE_BLOCK]
+            s = 0.0
+            for j in range(block.shape[0]):
+                w = exp_nonpositive(row[block[j]] - b) if block[j] != best else np.float32(0.0)
+                e[j] = w
+                s += w
+            if s > 0.0:
+                last = j0
+            if acc + s >= u:
+                found = j0
+                break
+            acc += s
+        if found >= 0:
+            for j in range(block.shape[0]):
+                if e[j] > 0.0:
+                    out[l] = block[j]
+                    acc += e[j]
                     if acc >= u:
                         break
-        out[l] = tok
+        elif last >= 0:  # past the end by rounding: the last token with weight
+            block = tokens[last:last + _SAMPLE_BLOCK]
+            for j in range(block.shape[0]):
+                if block[j] != best and exp_nonpositive(row[block[j]] - b) > 0.0:
+                    out[l] = block[j]
     return out
 
 
