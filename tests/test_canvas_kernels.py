@@ -66,26 +66,27 @@ def test_token_sampling_inside_a_large_atom_follows_the_logits():
     assert tv < 0.03, tv
 
 
+def _pulled_edges(pl) -> list[tuple[int, int, int]]:
+    """(row, other end, group) of every edge of a pull layout, in row numbers."""
+    n_heavy = len(pl.heavy) - 1
+    edges = [(i, int(pl.other[e]), int(pl.group[e])) for i in range(n_heavy) for e in range(pl.heavy[i], pl.heavy[i + 1])]
+    for r in range(len(pl.rounds) - 1):
+        for j, e in enumerate(range(pl.rounds[r], pl.rounds[r + 1])):
+            edges.append((n_heavy + j, int(pl.other[e]), int(pl.group[e])))
+    return edges
+
+
 @pytest.mark.parametrize("n_tools", [1, 5])
 def test_jagged_layout_holds_every_edge_once(btok, n_tools):
     g = compile_tools(TOOLS[:n_tools], btok, "json")
     ta = g.automaton
     lay = g._layout
-    in_state = np.argsort(lay.in_rank)  # row -> state
-    out_state = np.argsort(lay.out_rank)
     want = sorted(zip(ta.edge_src.tolist(), ta.edge_dst.tolist(), ta.edge_group.tolist()))
-    fwd = []
-    for r in range(len(lay.in_rounds) - 1):
-        for j, e in enumerate(range(lay.in_rounds[r], lay.in_rounds[r + 1])):
-            fwd.append((int(in_state[lay.in_src[e]]), int(in_state[j]), int(lay.in_group[e])))
-    bwd = []
-    for r in range(len(lay.out_rounds) - 1):
-        for j, e in enumerate(range(lay.out_rounds[r], lay.out_rounds[r + 1])):
-            bwd.append((int(out_state[j]), int(out_state[lay.out_dst[e]]), int(lay.out_group[e])))
-    by_group = []
-    for grp in range(ta.n_groups):
-        for e in range(lay.group_edges[grp], lay.group_edges[grp + 1]):
-            by_group.append((int(in_state[lay.group_src[e]]), int(out_state[lay.group_dst[e]]), grp))
-    assert sorted(fwd) == want and sorted(bwd) == want and sorted(by_group) == want
-    # rounds shrink: the rows of round r + 1 are a prefix of those of round r
-    assert np.all(np.diff(np.diff(lay.in_rounds)) <= 0) and np.all(np.diff(np.diff(lay.out_rounds)) <= 0)
+    in_state = np.argsort(lay.fwd.rank)  # row -> state
+    out_state = np.argsort(lay.bwd.rank)
+    fwd = [(int(in_state[o]), int(in_state[r]), grp) for r, o, grp in _pulled_edges(lay.fwd)]
+    bwd = [(int(out_state[r]), int(out_state[o]), grp) for r, o, grp in _pulled_edges(lay.bwd)]
+    assert sorted(fwd) == want and sorted(bwd) == want
+    assert np.array_equal(out_state[lay.beta_row], in_state)
+    for pl in (lay.fwd, lay.bwd):  # at most 8 heavy rows; the rows of round r + 1 are a prefix of round r's
+        assert len(pl.heavy) - 1 <= 8 and np.all(np.diff(np.diff(pl.rounds)) <= 0)

@@ -402,19 +402,19 @@ class CompiledGrammar:
         """One sweep over the canvas: the atom factors F (L, K) when ``gsum`` and ``beta``
         are given, the Viterbi canvas when ``gmax`` and ``garg`` are."""
         ta = self.automaton
-        lay = self._layout
         none2 = np.zeros((0, 0), np.float64)
         kernel = dp._forward_max if gsum is None else dp._forward_sum if gmax is None else dp._forward_both
+        fwd = self._layout.fwd
         F, back, best_end, ok = kernel(
-            none2 if gsum is None else gsum, none2 if gmax is None else gmax, sup.live_in, lay.in_rounds,
-            lay.in_src, lay.in_group, lay.in_rank[s0], none2 if beta is None else beta, lay.group_edges,
-            lay.group_src, lay.group_dst, ta.atom_groups, ta.atom_group_offsets, lay.in_rank)
+            none2 if gsum is None else gsum, none2 if gmax is None else gmax, sup.live_in, fwd.heavy, fwd.rounds,
+            fwd.other, fwd.group, fwd.rank[s0], none2 if beta is None else beta, self._layout.beta_row,
+            ta.atom_groups, ta.atom_group_offsets, fwd.rank)
         if not ok:
             L = (gsum if gsum is not None else gmax).shape[0]  # type: ignore[union-attr]
             raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
         if gmax is None:
             return F, None
-        path = dp._trace_back(back, best_end, garg, lay.in_src, lay.in_group)
+        path = dp._trace_back(back, best_end, garg, fwd.other, fwd.group)
         return (F if gsum is not None else None), path.tolist()
 
     def _no_canvas_message(self, L: int, s0: int, partial: bool) -> str:
@@ -443,8 +443,8 @@ class CompiledGrammar:
         return _Scores(flat, rowmax, asum, asumx, amax, aarg, gsum, rowmax_dev)
 
     def _beta(self, gsum: np.ndarray, sup: dp.Support, s0: int, partial: bool) -> np.ndarray:
-        lay = self._layout
-        beta, ok = dp._backward(gsum, sup.live_out, lay.out_rounds, lay.out_dst, lay.out_group)
+        bwd = self._layout.bwd
+        beta, ok = dp._backward(gsum, sup.live_out, bwd.heavy, bwd.rounds, bwd.other, bwd.group)
         if not ok:
             raise NoValidCanvasError(self._no_canvas_message(gsum.shape[0], s0, partial))
         return beta
@@ -458,7 +458,7 @@ class CompiledGrammar:
 
     def _sample_one(self, sc: "_Scores", sl: slice, beta: np.ndarray, s0: int, uniforms: np.ndarray) -> list[int]:
         ta = self.automaton
-        atoms = dp._sample_atoms(sc.asum[sl], sc.gsum[sl], beta, self._layout.out_rank, s0, *self._out_edges,
+        atoms = dp._sample_atoms(sc.asum[sl], sc.gsum[sl], beta, self._layout.bwd.rank, s0, *self._out_edges,
                                  ta.group_atoms, ta.group_offsets, uniforms)
         if sc.rowmax_dev is None:
             tokens = dp._sample_tokens(sc.flat[sl], sc.rowmax[sl], sc.asum[sl], sc.amax[sl], sc.aarg[sl], atoms,
@@ -657,4 +657,4 @@ class CompiledGrammar:
     def _layout(self) -> dp.EdgeLayout:
         """The edges in the order the canvas passes read them."""
         ta = self.automaton
-        return dp.edge_layout(ta.edge_src, ta.edge_dst, ta.edge_group, ta.n_states, ta.n_groups)
+        return dp.edge_layout(ta.edge_src, ta.edge_dst, ta.edge_group, ta.n_states)
