@@ -555,15 +555,21 @@ _forward_max = _forward_kernel(False, True)  # viterbi
 _forward_both = _forward_kernel(True, True)  # denoise_step
 
 
+def log_factors(F: np.ndarray) -> np.ndarray:
+    """log F (-inf where F is 0), in numpy's vectorised log: the compiled passes below
+    would take a scalar log per (position, atom)."""
+    with np.errstate(divide="ignore"):
+        return np.log(F)
+
+
 @nb.njit(cache=True, nogil=True)
-def _write_marginals(logits, rowmax, atom_of, F, out):  # pragma: no cover
+def _write_marginals(logits, rowmax, atom_of, log_f, out):  # pragma: no cover
     N, V = logits.shape
-    K = F.shape[1]
+    K = log_f.shape[1]
     shift = np.empty(K + 1, np.float64)  # log F - rowmax per atom; index K: never allowed (f64: logits may be far from 0)
     for n in range(N):
         for k in range(K):
-            f = F[n, k]
-            shift[k] = math.log(f) - rowmax[n] if f > 0.0 else -np.inf
+            shift[k] = log_f[n, k] - rowmax[n]
         shift[K] = -np.inf
         row = logits[n]
         o = out[n]
@@ -573,8 +579,8 @@ def _write_marginals(logits, rowmax, atom_of, F, out):  # pragma: no cover
             o[t] = row[t] + shift[k] if k >= 0 else -np.inf
 
 
-@nb.njit(cache=True, nogil=True)
-def _entropy(asum, asumx, F):  # pragma: no cover
+@nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _entropy(asum, asumx, F, log_f):  # pragma: no cover
     """Entropy (nats) of each position's constrained marginal, from atom statistics."""
     L, K = F.shape
     H = np.zeros(L, np.float64)
@@ -582,9 +588,8 @@ def _entropy(asum, asumx, F):  # pragma: no cover
         h = 0.0
         for k in range(K):
             f = F[l, k]
-            if f > 0.0 and asum[l, k] > 0.0:
-                # sum_t P log P over atom k, P = e_t f, log P = (x_t - m) + log f
-                h -= f * (asumx[l, k] + asum[l, k] * math.log(f))
+            # sum_t P log P over atom k, P = e_t f, log P = (x_t - m) + log f
+            h -= f * (asumx[l, k] + asum[l, k] * log_f[l, k]) if f > 0.0 and asum[l, k] > 0.0 else 0.0
         H[l] = max(h, 0.0)
     return H
 

@@ -472,13 +472,13 @@ class CompiledGrammar:
                                                sc.asum[rows, atoms], uniforms[:, 2])
         return tokens.tolist()
 
-    def _log_marginals(self, sc: "_Scores", F: np.ndarray, B: int) -> torch.Tensor:
+    def _log_marginals(self, sc: "_Scores", F: np.ndarray, log_f: np.ndarray, B: int) -> torch.Tensor:
         N, V = sc.flat.shape
         if sc.rowmax_dev is not None:
             out = device_passes.log_marginals(sc.flat, sc.rowmax_dev, F, self._atom_layout(V, sc.flat.device).index)
             return out.reshape(B, N // B, V)
         out = np.empty_like(sc.flat)
-        dp._write_marginals(sc.flat, sc.rowmax, self._atom_of(V), F, out)
+        dp._write_marginals(sc.flat, sc.rowmax, self._atom_of(V), log_f, out)
         return torch.from_numpy(out.reshape(B, N // B, V))
 
     def sample(self, logits: Any, generator: torch.Generator | None = None,
@@ -512,11 +512,12 @@ class CompiledGrammar:
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
             F[sl] = self._factors(sc.gsum[sl], sup, self._beta(sc.gsum[sl], sup, s0, partial), s0, partial)
-        logp = self._log_marginals(sc, F, B)
+        log_f = dp.log_factors(F)
+        logp = self._log_marginals(sc, F, log_f, B)
         result = logp if batched else logp[0]
         if not return_entropy:
             return result
-        H = torch.from_numpy(dp._entropy(sc.asum, sc.asumx, F).reshape(B, L))
+        H = torch.from_numpy(dp._entropy(sc.asum, sc.asumx, F, log_f).reshape(B, L))
         return result, (H if batched else H[0])
 
     def denoise_step(self, logits: Any, generator: torch.Generator | None = None,
@@ -547,8 +548,9 @@ class CompiledGrammar:
                                         garg=garg[sl])
             best.append(path)
             samples.append(self._sample_one(sc, sl, beta, s0, uniforms[b]))
-        logp = self._log_marginals(sc, F, B)
-        H = torch.from_numpy(dp._entropy(sc.asum, sc.asumx, F).reshape(B, L))
+        log_f = dp.log_factors(F)
+        logp = self._log_marginals(sc, F, log_f, B)
+        H = torch.from_numpy(dp._entropy(sc.asum, sc.asumx, F, log_f).reshape(B, L))
         if batched:
             return StepOutput(best, samples, logp, H)
         return StepOutput(best[0], samples[0], logp[0], H[0])
