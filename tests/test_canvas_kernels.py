@@ -46,20 +46,19 @@ def test_viterbi_scan_never_takes_a_nan_for_an_atom_best():
 
 
 def test_token_sampling_inside_a_large_atom_follows_the_logits():
-    """One atom of 1000 tokens (16 blocks of the block walk): 200k draws at one position,
-    total variation to exp(x) / sum < 0.03 (the expected TV of 200k draws over ~1000
-    outcomes with this spread is ~0.02, a sampler off by one block is off by >> 0.05)."""
-    V = 1000
+    """One atom of 1500 tokens (6 blocks of the scan's sums): 200k draws at one position,
+    total variation to exp(x) / sum < 0.03 (the expected TV of 200k draws over 1500
+    outcomes with this spread is ~0.02; a sampler off by one block is off by > 0.1)."""
+    V = 1500
     rng = np.random.default_rng(3)
-    atom_of = np.zeros(V, np.int32)
-    x = (rng.normal(0, 1.5, V)).astype(np.float32)
+    x = rng.normal(0, 1.5, V).astype(np.float32)
     n = 200_000
     rows = np.repeat(x[None], n, axis=0)
-    atoms = dp.sorted_atoms(atom_of, 1)
-    rowmax, asum, _, amax, aarg = dp.reduce_atoms(rows[:1], atoms, True, False)
-    rep = lambda a: np.repeat(a, n, axis=0)  # noqa: E731
-    tokens = dp._sample_tokens(rows, rep(rowmax), rep(asum), rep(amax), rep(aarg), np.zeros(n, np.int32), atoms.perm,
-                               np.array([0, V], np.int64), rng.random((n, 3)))
+    atoms = dp.sorted_atoms(np.zeros(V, np.int32), 1)
+    block_sums = np.empty((1, atoms.blocks[-1]), np.float32)
+    _, _, _, amax, _ = dp.reduce_atoms(rows[:1], atoms, True, False, block_sums)
+    tokens = dp._sample_tokens(rows, np.repeat(amax, n, axis=0), np.repeat(block_sums, n, axis=0),
+                               np.zeros(n, np.int32), atoms.perm, atoms.lo, atoms.hi, atoms.blocks, rng.random((n, 3)))
     p = np.exp(x.astype(np.float64) - x.max())
     p /= p.sum()
     tv = 0.5 * np.abs(np.bincount(tokens, minlength=V) / n - p).sum()

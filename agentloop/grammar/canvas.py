@@ -43,12 +43,14 @@ NEG_INF = -np.inf
 
 class SortedAtoms(NamedTuple):
     """The allowed tokens listed atom by atom (built once per grammar and vocabulary size):
-    the tokens of atom k are perm[lo[k]:hi[k]], ascending."""
+    the tokens of atom k are perm[lo[k]:hi[k]], ascending, in blocks of _BLOCK tokens
+    numbered blocks[k]..blocks[k + 1] - 1 (the scan keeps each block's sum for sampling)."""
 
     atom_of: np.ndarray  # (V,) i32 the atom of each token, -1 where never allowed
     perm: np.ndarray  # (n,) i32 allowed token ids, grouped by atom
     lo: np.ndarray  # (K,) i64
     hi: np.ndarray  # (K,) i64
+    blocks: np.ndarray  # (K + 1,) i64
 
 
 def sorted_atoms(atom_of: np.ndarray, K: int) -> SortedAtoms:
@@ -57,7 +59,14 @@ def sorted_atoms(atom_of: np.ndarray, K: int) -> SortedAtoms:
     perm = allowed[np.argsort(atom_of[allowed], kind="stable")].astype(np.int32)
     hi = np.cumsum(np.bincount(atom_of[allowed], minlength=K)[:K]).astype(np.int64)
     lo = np.concatenate([[0], hi[:-1]]).astype(np.int64)
-    return SortedAtoms(atom_of, perm, lo, hi)
+    blocks = np.zeros(K + 1, np.int64)
+    blocks[1:] = np.cumsum(-(-(hi - lo) // _BLOCK))
+    return SortedAtoms(atom_of, perm, lo, hi, blocks)
+
+
+#: Tokens per block of the scan's float32 sums (added up in float64 across blocks) and of
+#: the sampler's walk inside an atom.
+_BLOCK = 256
 
 
 # Atom statistics are reductions over each atom's tokens. Scattering every token into its
@@ -69,15 +78,12 @@ def sorted_atoms(atom_of: np.ndarray, K: int) -> SortedAtoms:
 # only the former (10x).
 
 
-_BLOCK = 256
-
-
 def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
     """The scan compiled for one choice of outputs (compile-time flags keep the inner
     loops free of branches, which is what lets them vectorise)."""
 
     @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-    def scan(logit_bits, perm, lo, hi, rowmax, asum, asumx, amax_bits, aarg):  # pragma: no cover - compiled
+    def scan(logit_bits, perm, lo, hi, blocks, rowmax, asum, asumx, amax_bits, aarg, block_sums):  # pragma: no cover
         # logit_bits: the logits (N, V) as int32 bits (a float32 view of a local array is
         # not known to be contiguous, and its loops would not vectorise)
         N = logit_bits.shape[0]
@@ -123,6 +129,7 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
                     asum[r, k] = 0.0
                     if want_x:
                         asumx[r, k] = 0.0
+                    block_sums[r, blocks[k]:blocks[k + 1]] = 0.0
                     continue
                 b = bits_to_float(key_to_bits(best[k]))
                 run = bits[lo[k]:hi[k]]
@@ -140,6 +147,7 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
                         bs += e
                         if want_x:
                             bsx += e * d if e > np.float32(0.0) else np.float32(0.0)  # 0 * -inf would be nan
+                    block_sums[r, blocks[k] + j0 // _BLOCK] = bs
                     s += bs
                     sx += bsx
                 gap = np.float64(b) - np.float64(m)
@@ -156,7 +164,7 @@ _scan_sums = _scan_kernel(True, False)  # sample, marginals
 _scan_sums_x = _scan_kernel(True, True)  # marginals with entropies, denoise_step
 
 
-def reduce_atoms(logits, atoms, want_sum, want_x):  # type: ignore[no-untyped-def]
+def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ignore[no-untyped-def]
     """logits (N, V), ``atoms`` from :func:`sorted_atoms` -> rowmax (N,) f64, asum/asumx
     (N, K) f64, amax (N, K) f32, aarg (N, K) i32.
 
@@ -169,9 +177,11 @@ def reduce_atoms(logits, atoms, want_sum, want_x):  # type: ignore[no-untyped-de
     logit and scaled in float64, so an atom far below the row's best (as low
     temperatures make them: the demo model's logits span ~360 nats at 0.1) keeps its
     precision down to ~1e-308; the float32 terms are good to ~|x - best| * 6e-8 relative.
+    ``block_sums`` (N, atoms.blocks[-1]) float32, when given, receives the sum of
+    exp(x - amax) over each block of each atom's tokens (see ``_sample_tokens``).
     """
     N, V = logits.shape
-    _, perm, lo, hi = atoms
+    _, perm, lo, hi, blocks = atoms
     K = lo.shape[0]
     amax = np.empty((N, K), np.float32)
     aarg = np.empty((N, K), np.int32)
@@ -179,7 +189,10 @@ def reduce_atoms(logits, atoms, want_sum, want_x):  # type: ignore[no-untyped-de
     asum = np.zeros((N, K) if want_sum else (N, 1), np.float64)
     asumx = np.zeros((N, K) if want_x else (N, 1), np.float64)
     kernel = _scan_sums_x if want_x else _scan_sums if want_sum else _scan_max
-    kernel(np.ascontiguousarray(logits).view(np.int32), perm, lo, hi, rowmax, asum, asumx, amax.view(np.int32), aarg)
+    if block_sums is None:
+        block_sums = np.empty((N, blocks[-1]) if want_sum else (0, 0), np.float32)
+    kernel(np.ascontiguousarray(logits).view(np.int32), perm, lo, hi, blocks, rowmax, asum, asumx, amax.view(np.int32),
+           aarg, block_sums)
     return rowmax, asum, asumx, amax, aarg
 
 
@@ -643,58 +656,43 @@ def _sample_atoms(asum, gsum, beta, out_rank, start, out_offsets, out_dst, out_g
     return out
 
 
-_SAMPLE_BLOCK = 64  # tokens whose weights are taken (vectorised) before the scan looks at them
-
-
-@nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _sample_tokens(logits, rowmax, asum, amax, aarg, atoms, atom_tokens, atom_offsets, uniforms):  # pragma: no cover
-    """A token inside each position's sampled atom, weight exp(x - best) (best: the
-    atom's best logit, whose token weighs exactly 1 of the atom's
-    asum * exp(rowmax - best)): try that token first (a peaked model ends here in O(1)),
-    else walk the other tokens a block at a time, each block's weights computed together,
-    and scan inside the block that holds the remaining mass."""
+@nb.njit(cache=True, nogil=True, fastmath={"contract"})
+def _sample_tokens(logits, amax, block_sums, atoms, perm, lo, hi, blocks, uniforms):  # pragma: no cover
+    """A token inside each position's sampled atom, weight exp(x - amax): the scan's
+    block sums (``reduce_atoms``) pick one block of the atom's tokens, and that block's
+    weights, recomputed with the same exp, pick the token (so a step touches at most
+    _BLOCK of an atom's tokens, however large the atom)."""
     L = atoms.shape[0]
     out = np.empty(L, np.int32)
-    e = np.empty(_SAMPLE_BLOCK, np.float32)
     for l in range(L):
         k = atoms[l]
         row = logits[l]
-        best = aarg[l, k]
         b = amax[l, k]
-        tokens = atom_tokens[atom_offsets[k]:atom_offsets[k + 1]]
-        u = uniforms[l, 2] * asum[l, k] * math.exp(rowmax[l] - np.float64(b))
-        out[l] = best
-        if u < 1.0 or tokens.shape[0] == 1:
-            continue
-        u -= 1.0
+        sums = block_sums[l, blocks[k]:blocks[k + 1]]
+        total = 0.0
+        for i in range(sums.shape[0]):
+            total += sums[i]
+        u = uniforms[l, 2] * total
         acc = 0.0
-        last = -1  # the last block with weight: where u lands if rounding leaves it past the end
-        found = -1
-        for j0 in range(0, tokens.shape[0], _SAMPLE_BLOCK):
-            block = tokens[j0:j0 + _SAMPLE_BLOCK]
-            s = 0.0
-            for j in range(block.shape[0]):
-                w = exp_nonpositive(row[block[j]] - b) if block[j] != best else np.float32(0.0)
-                e[j] = w
-                s += w
-            if s > 0.0:
-                last = j0
-            if acc + s >= u:
-                found = j0
-                break
-            acc += s
-        if found >= 0:
-            for j in range(block.shape[0]):
-                if e[j] > 0.0:
-                    out[l] = block[j]
-                    acc += e[j]
-                    if acc >= u:
-                        break
-        elif last >= 0:  # past the end by rounding: the last token with weight
-            block = tokens[last:last + _SAMPLE_BLOCK]
-            for j in range(block.shape[0]):
-                if block[j] != best and exp_nonpositive(row[block[j]] - b) > 0.0:
-                    out[l] = block[j]
+        chosen = -1
+        for i in range(sums.shape[0]):
+            if sums[i] > 0.0:
+                chosen = i
+                if acc + sums[i] >= u:
+                    break
+                acc += sums[i]
+        else:  # rounding left u past the end: the last block with weight
+            acc -= sums[chosen]
+        tokens = perm[lo[k] + chosen * _BLOCK:min(hi[k], lo[k] + (chosen + 1) * _BLOCK)]
+        tok = -1
+        for j in range(tokens.shape[0]):
+            w = exp_nonpositive(row[tokens[j]] - b)
+            if w > 0.0:
+                tok = tokens[j]
+                acc += w
+                if acc >= u:
+                    break
+        out[l] = tok
     return out
 
 

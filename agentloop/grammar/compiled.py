@@ -79,6 +79,7 @@ class _Scores:
     amax: np.ndarray  # (N, K) f32 best logit per atom
     aarg: np.ndarray  # (N, K) i32 its token
     gsum: np.ndarray  # (N, G) f64 sums per group
+    block_sums: np.ndarray  # (N, blocks) f32 host pass: sums of exp(x - amax) per block of each atom's tokens
     rowmax_dev: torch.Tensor | None  # (N,) rowmax on the logits' device (device passes), else None
 
 
@@ -427,12 +428,16 @@ class CompiledGrammar:
         B, L, V = xs.shape
         ta = self.automaton
         flat = xs.reshape(B * L, V)
+        block_sums = np.zeros((0, 0), np.float32)
         if isinstance(xs, torch.Tensor):
             rowmax_dev, rowmax, asum, asumx, amax, aarg = device_passes.reduce_atoms(
                 flat, self._atom_layout(V, xs.device), want_sum, want_x)
         else:
             rowmax_dev = None
-            rowmax, asum, asumx, amax, aarg = dp.reduce_atoms(flat, self._sorted_atoms(V), want_sum, want_x)
+            atoms = self._sorted_atoms(V)
+            if want_sum:
+                block_sums = np.empty((B * L, atoms.blocks[-1]), np.float32)
+            rowmax, asum, asumx, amax, aarg = dp.reduce_atoms(flat, atoms, want_sum, want_x, block_sums)
         if want_sum and np.isnan(asum).any():
             rows = np.flatnonzero(np.isnan(asum).any(axis=1))
             where = ", ".join(f"canvas {n // L} position {n % L}" for n in rows[:5].tolist())
@@ -440,7 +445,7 @@ class CompiledGrammar:
                 f"the logits are nan at a token the grammar allows ({where}{', ...' if rows.size > 5 else ''}; "
                 f"{rows.size} position(s) in all): a model overflowing in float16 or bfloat16 gives nan logits")
         gsum = dp._group_sums(asum, ta.group_atoms, ta.group_offsets) if want_sum else np.zeros((B * L, 0))
-        return _Scores(flat, rowmax, asum, asumx, amax, aarg, gsum, rowmax_dev)
+        return _Scores(flat, rowmax, asum, asumx, amax, aarg, gsum, block_sums, rowmax_dev)
 
     def _beta(self, gsum: np.ndarray, sup: dp.Support, s0: int, partial: bool) -> np.ndarray:
         bwd = self._layout.bwd
@@ -461,8 +466,9 @@ class CompiledGrammar:
         atoms = dp._sample_atoms(sc.asum[sl], sc.gsum[sl], beta, self._layout.bwd.rank, s0, *self._out_edges,
                                  ta.group_atoms, ta.group_offsets, uniforms)
         if sc.rowmax_dev is None:
-            tokens = dp._sample_tokens(sc.flat[sl], sc.rowmax[sl], sc.asum[sl], sc.amax[sl], sc.aarg[sl], atoms,
-                                       ta.atom_tokens, ta.atom_offsets, uniforms)
+            at = self._sorted_atoms(sc.flat.shape[1])
+            tokens = dp._sample_tokens(sc.flat[sl], sc.amax[sl], sc.block_sums[sl], atoms, at.perm, at.lo, at.hi,
+                                       at.blocks, uniforms)
             return tokens.tolist()
         rows = np.arange(sl.start, sl.stop)
         best = sc.aarg[rows, atoms]
