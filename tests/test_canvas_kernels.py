@@ -12,7 +12,7 @@ import pytest
 
 from agentloop.grammar import canvas as dp
 from agentloop.grammar import compile_tools
-from agentloop.grammar.float32_math import KEY_NAN_HIGH, KEY_NAN_LOW, exp_nonpositive, key_to_bits, order_key
+from agentloop.grammar.float32_math import exp_nonpositive, key_to_bits, order_key
 
 TOOLS = json.loads((Path(__file__).parents[1] / "agentloop/data/tool_schemas.json").read_text())
 
@@ -27,14 +27,12 @@ def test_exp_is_within_two_ulp_and_flushes_below_the_normal_range():
     assert np.isnan(exp_nonpositive(np.float32(np.nan))) and np.isnan(exp_nonpositive(np.float32(np.inf)))
 
 
-def test_order_keys_sort_like_the_floats_and_place_nan_where_asked():
+def test_order_keys_sort_like_the_floats_and_put_nan_above_all():
     x = np.array([-np.inf, -3e38, -1.5, -1e-45, -0.0, 0.0, 1e-45, 2.0, 3e38, np.inf], np.float32)
-    keys = [order_key(b, KEY_NAN_LOW) for b in x.view(np.int32)]
+    keys = [order_key(b) for b in x.view(np.int32)]
     assert all(a < b for a, b in zip(keys, keys[1:]))  # strictly: -0.0 just below 0.0
     assert [key_to_bits(k) for k in keys] == x.view(np.int32).tolist()
-    nan = np.array([np.nan, -np.nan], np.float32).view(np.int32)
-    assert all(order_key(b, KEY_NAN_LOW) < keys[0] for b in nan)
-    assert all(order_key(b, KEY_NAN_HIGH) > keys[-1] for b in nan)
+    assert all(order_key(b) > keys[-1] for b in np.array([np.nan, -np.nan], np.float32).view(np.int32))
 
 
 def test_viterbi_scan_never_takes_a_nan_for_an_atom_best():

@@ -1,11 +1,11 @@
 """float32 helpers for compiled loops that must vectorise: exp, and order-preserving keys.
 
 numba hands ``math.exp`` to libm one element at a time (no vector math library ships with
-it) and does not vectorise a nan-aware float max. The canvas scan needs both over every
-allowed token of every position, so they are written here from operations the compiler
+it) and does not vectorise a float max. The canvas scan needs both over every allowed
+token of every position, so they are written here from operations the compiler
 vectorises: a Cody-Waite range reduction with a degree-6 polynomial for exp (within
-~1.5 ulp of the true value, numpy's float32 exp is within ~3.5), and the integer image of
-a float's bits, whose int max vectorises.
+~1.5 ulp of the true value; numpy's float32 exp is within ~3.5), and the integer image
+of a float's bits, whose int max vectorises.
 """
 
 from __future__ import annotations
@@ -64,19 +64,17 @@ def exp_nonpositive(d):  # type: ignore[no-untyped-def]  # pragma: no cover - co
 KEY_NEG_INF = np.int32(-2139095041)
 #: The key of +inf: finite floats' keys are below it.
 KEY_POS_INF = np.int32(0x7F800000)
-#: Keys to give nan: below every float's (a nan is never the best) or above (it always
-#: is, so that it shows).
-KEY_NAN_LOW = np.int32(-(2**31))
-KEY_NAN_HIGH = np.int32(2**31 - 1)
+#: The key of any nan: above every float's, so that a max over keys shows a nan.
+KEY_NAN = np.int32(2**31 - 1)
 
 
 @nb.njit(cache=True, nogil=True)
-def order_key(bits, nan_key):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+def order_key(bits):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     """The int32 whose order is the float32's order, from the float's bits (an int32
-    view of the value); a nan gets ``nan_key``. The map is its own inverse on the keys
+    view of the value); every nan gets KEY_NAN. The map is its own inverse on the keys
     of non-nan floats."""
     key = bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
-    return key if (bits & np.int32(0x7FFFFFFF)) <= KEY_POS_INF else nan_key
+    return key if (bits & np.int32(0x7FFFFFFF)) <= KEY_POS_INF else KEY_NAN
 
 
 @nb.njit(cache=True, nogil=True)
