@@ -16,7 +16,10 @@ x wire format gemma4 it measures
 * per denoising step, at L=256 on random logits (median of N repeats after warmup):
   ``viterbi``, ``sample``, ``marginals(return_entropy=True)`` and ``denoise_step`` (all
   three sharing one pass over the logits, where the grammar has it), plus the part of each
-  spent in ``reduce_atoms`` (the one pass over the (L, V) logits);
+  spent in ``reduce_atoms`` (the one pass over the (L, V) logits). Each repeat follows a
+  ``gc.collect()``, which leaves the caches cold; the same four ops are timed again right
+  after a decoder forward, with the logits just written (the engine's situation: the
+  forward evicts the grammar's tables, and its logits are in cache);
 * the decoder forward of a tiny random ``DiffusionGemmaForBlockDiffusion`` with the same
   vocab: one denoising step = ``model(cache=<prompt KV cache>, decoder_input_ids=<256-token
   canvas>, decoder_position_ids=..., self_conditioning_logits=<previous step's logits>)``
@@ -110,6 +113,8 @@ class Config:
     #: worker descheduled by another process costs a scheduler quantum per region, which
     #: made the same tiny forward measure anywhere from 8 to 540 ms with 2 threads.
     threads: int = 1
+    #: repeats of each host step op timed right after a decoder forward (0: skip)
+    after_forward_repeats: int = 5
     #: time only the GPU step ops (a GPU lease is short; the host ops are this CPU's table)
     cuda_only: bool = False
     #: where the results so far are written after each tool set (None: only at the end)
@@ -117,7 +122,7 @@ class Config:
 
     @classmethod
     def quick(cls) -> "Config":
-        return cls(tokenizers=["bpe-4k"], tool_sets=[1], length=64, prompt=16, repeats=3, warmup=1,
+        return cls(tokenizers=["bpe-4k"], tool_sets=[1], length=64, prompt=16, repeats=3, warmup=1, after_forward_repeats=2,
                    outlines_tools=1, reuse_dfa_min_tools=0, model=ModelSize(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                                      num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                                                      num_experts=2, top_k_experts=1, moe_intermediate_size=64))
@@ -299,8 +304,9 @@ def tiny_diffusion_gemma(vocab_size: int, size: ModelSize, seed: int) -> torch.n
     return DiffusionGemmaForBlockDiffusion(cfg).eval()
 
 
-def time_forward(vocab_size: int, cfg: Config) -> dict[str, Any]:
-    """Median wall time of one denoising-step decoder forward over a cached prompt."""
+def decoder_forward(vocab_size: int, cfg: Config) -> tuple[Callable[[], None], int]:
+    """One denoising-step decoder forward over a cached prompt (the prompt is encoded
+    once, here), and the model's parameter count."""
     from transformers import DynamicCache
 
     model = tiny_diffusion_gemma(vocab_size, cfg.model, cfg.seed)
@@ -314,13 +320,34 @@ def time_forward(vocab_size: int, cfg: Config) -> dict[str, Any]:
         cache = model.model.encoder(input_ids=prompt, cache=cache, position_ids=torch.arange(P)[None]).cache
         sc = model(cache=cache, decoder_input_ids=canvas, decoder_position_ids=pos).logits
 
-        def step() -> None:
+    def step() -> None:
+        with torch.inference_mode():
             model(cache=cache, decoder_input_ids=canvas, decoder_position_ids=pos, self_conditioning_logits=sc)
-
-        ms, ms_min = time_ms(step, cfg.repeats, cfg.warmup)
         assert cache.get_seq_length() == P, "the decoder must not grow the prompt cache"
-    return {"forward_ms": ms, "forward_min_ms": ms_min, "params": sum(p.numel() for p in model.parameters()), "prompt": P, "canvas": L,
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def time_forward(forward: Callable[[], None], params: int, cfg: Config) -> dict[str, Any]:
+    """Median wall time of the decoder forward."""
+    ms, ms_min = time_ms(forward, cfg.repeats, cfg.warmup)
+    return {"forward_ms": ms, "forward_min_ms": ms_min, "params": params, "prompt": cfg.prompt, "canvas": cfg.length,
             "torch_threads": torch.get_num_threads()}
+
+
+def time_after_forward(fn: Callable[[], Any], forward: Callable[[], None], logits: torch.Tensor,
+                       fresh: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """(median, min) ms of ``fn`` run right after a decoder forward, its input ``logits``
+    just overwritten with ``fresh`` (as the model's last layer writes them): the caches
+    as the engine's constraint step finds them."""
+    times = []
+    for _ in range(repeats):
+        forward()
+        logits.copy_(fresh)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, min(times) * 1e3
 
 
 # ---- the constraint side ----------------------------------------------------------------------
@@ -367,10 +394,11 @@ def compile_row(tok_name: str, tok: Any, aliases: dict[str, str], tools: list[di
     }
 
 
-def step_row(g: Any, cfg: Config, forward_ms: float) -> dict[str, Any]:
+def step_row(g: Any, cfg: Config, forward_ms: float, forward: Callable[[], None] | None = None) -> dict[str, Any]:
     V = g.vocab.size
     gen = torch.Generator().manual_seed(cfg.seed)
-    logits = torch.randn(cfg.length, V, generator=gen) * 2.0
+    fresh = torch.randn(cfg.length, V, generator=gen) * 2.0
+    logits = fresh.clone()  # what the ops read (after a forward: rewritten from ``fresh``)
     x = logits.numpy()
     ta = g.automaton
     atoms = dp.sorted_atoms(ta.atom_of_token, ta.n_atoms)
@@ -399,6 +427,10 @@ def step_row(g: Any, cfg: Config, forward_ms: float) -> dict[str, Any]:
     for name in ("viterbi", "sample", "marginals", "denoise_step"):
         if f"{name}_ms" in row:
             row[f"{name}_pct"] = 100.0 * row[f"{name}_ms"] / forward_ms
+        if forward is not None and cfg.after_forward_repeats:
+            ms, ms_min = time_after_forward(ops[name], forward, logits, fresh, cfg.after_forward_repeats)
+            row[f"{name}_after_forward_ms"], row[f"{name}_after_forward_min_ms"] = ms, ms_min
+            row[f"{name}_after_forward_pct"] = 100.0 * ms / forward_ms
     row["viterbi_dp_ms"] = row["viterbi_ms"] - row["reduce_max_ms"]
     row["sample_dp_ms"] = row["sample_ms"] - row["reduce_sum_ms"]
     row["marginals_dp_ms"] = row["marginals_ms"] - row["reduce_sum_x_ms"]
@@ -595,8 +627,12 @@ def run(cfg: Config) -> dict[str, Any]:
         tok, aliases = LOADERS[tok_name]()
         V = tok.get_vocab_size(with_added_tokens=True)
         log(f"{tok_name}: vocab {V}, loaded in {time.perf_counter() - t0:.1f}s")
-        fwd = {"forward_ms": float("nan"), "params": 0, "torch_threads": torch.get_num_threads()} if cfg.cuda_only \
-            else time_forward(V, cfg)
+        forward = None
+        if cfg.cuda_only:
+            fwd = {"forward_ms": float("nan"), "params": 0, "torch_threads": torch.get_num_threads()}
+        else:
+            forward, params = decoder_forward(V, cfg)
+            fwd = time_forward(forward, params, cfg)
         fwd.update(tokenizer=tok_name, vocab=V)
         result["forward"].append(fwd)
         log(f"{tok_name}: decoder forward {fwd['forward_ms']:.1f} ms")
@@ -607,7 +643,7 @@ def run(cfg: Config) -> dict[str, Any]:
             log(f"{tok_name} x {n} tools: cold {crow['cold_s']:.2f}s{' (DFAs replayed)' if crow['dfa_replayed'] else ''}, "
                 f"{crow['dfa_states']} states, "
                 f"{crow['edges']} edges")
-            srow = step_row(g, cfg, fwd["forward_ms"])
+            srow = step_row(g, cfg, fwd["forward_ms"], forward)
             srow.update(tokenizer=tok_name, vocab=V, n_tools=n)
             result["step"].append(srow)
             if cfg.partial_out is not None:  # a GPU lease may end before the run does
@@ -671,7 +707,22 @@ def host_tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[
     split = ("Per-step split (ms): reduce_atoms (one pass over the logits) vs the rest (group scores + DP + output)",
              ["tokenizer", "tools", "viterbi reduce", "viterbi rest", "sample reduce", "sample rest",
               "marginals reduce", "marginals rest"], split_rows)
-    return [main, phases, split]
+    tables_ = [main]
+    af_rows = []
+    for c in result["compile"]:
+        s = step_of[(c["tokenizer"], c["n_tools"])]
+        if "viterbi_after_forward_ms" not in s:
+            continue
+        af_rows.append([c["tokenizer"], str(c["vocab"]), str(c["n_tools"]), f"{s['forward_ms']:.1f}"] + [
+            f"{s[f'{n}_after_forward_ms']:.2f} ({s[f'{n}_after_forward_pct']:.1f}%)"
+            for n in ("viterbi", "sample", "marginals", "denoise_step")])
+    if af_rows:
+        tables_.append(("Per-step cost right after a decoder forward (the engine's situation: the forward has just "
+                        "written the logits and evicted the grammar's tables; medians of {r}; % of the forward)".format(
+                            r=result["config"].get("after_forward_repeats")),
+                        ["tokenizer", "V", "tools", "forward ms", "viterbi ms", "sample ms", "marginals+H ms",
+                         "denoise_step ms"], af_rows))
+    return tables_ + [phases, split]
 
 
 def gpu_tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:

@@ -562,8 +562,8 @@ class CompiledGrammar:
         return StepOutput(best[0], samples[0], logp[0], H[0])
 
     def _support(self, length: int, state: int, partial: bool) -> dp.Support:
-        """Live states per position, (offsets, states), for canvases of ``length`` from
-        ``state`` (cached: every denoising step of a canvas reuses it)."""
+        """The live states per position (lists and the passes' masks) for canvases of
+        ``length`` from ``state`` (cached: every denoising step of a canvas reuses it)."""
         key = (length, state, partial)
         hit = self._support_cache.get(key)
         if hit is None:
