@@ -23,13 +23,17 @@ TOKENS = ["[", "]", "1", "2", ",", "12"]
 SCHEMA = {"type": "array", "items": {"enum": [1, 2, 12]}, "maxItems": 2}
 
 
-@pytest.fixture(autouse=True, params=["host", "device"])
+@pytest.fixture(autouse=True, params=["host", "host-live", "device"])
 def vocab_passes(request, monkeypatch):
-    """Every test runs twice: the vocabulary passes compiled on the host, and in torch as
-    they run for logits on a GPU (``device_passes``), here on the CPU."""
+    """Every test runs three times: the vocabulary passes compiled on the host with the
+    dense canvas passes, the same with the live-list passes (large automata take those),
+    and the vocabulary passes in torch as they run for logits on a GPU
+    (``device_passes``), here on the CPU."""
     from agentloop.grammar.compiled import CompiledGrammar
 
     monkeypatch.setattr(CompiledGrammar, "_device_passes_on_cpu", request.param == "device")
+    if request.param == "host-live":
+        monkeypatch.setattr(CompiledGrammar, "_dense_max_states", 0)
     return request.param
 
 

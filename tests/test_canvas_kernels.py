@@ -54,9 +54,10 @@ def test_token_sampling_inside_a_large_atom_follows_the_logits():
     rows = np.repeat(x[None], n, axis=0)
     atoms = dp.sorted_atoms(np.zeros(V, np.int32), 1)
     block_sums = np.empty((1, atoms.blocks[-1]), np.float32)
-    _, _, _, amax, _ = dp.reduce_atoms(rows[:1], atoms, True, False, block_sums)
-    tokens = dp._sample_tokens(rows, np.repeat(amax, n, axis=0), np.repeat(block_sums, n, axis=0),
-                               np.zeros(n, np.int32), atoms.perm, atoms.lo, atoms.hi, atoms.blocks, rng.random((n, 3)))
+    _, _, _, amax, aarg = dp.reduce_atoms(rows[:1], atoms, True, False, block_sums)
+    rep = lambda a: np.repeat(a, n, axis=0)  # noqa: E731
+    tokens = dp._sample_tokens(rows, rep(amax), rep(aarg), rep(block_sums), np.zeros(n, np.int32), atoms.perm,
+                               atoms.lo, atoms.hi, atoms.blocks, rng.random((n, 3)))
     p = np.exp(x.astype(np.float64) - x.max())
     p /= p.sum()
     tv = 0.5 * np.abs(np.bincount(tokens, minlength=V) / n - p).sum()

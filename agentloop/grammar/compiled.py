@@ -102,7 +102,7 @@ class CompiledGrammar:
         ta = automaton
         self._final_complete = np.ascontiguousarray(ta.accept.astype(np.bool_))
         self._final_any = np.ones(ta.n_states, np.bool_)
-        self._support_cache: dict[tuple[int, int, bool], tuple[np.ndarray, ...]] = {}
+        self._support_cache: dict[tuple[int, int, bool, bool], dp.Support] = {}
         self._allowed_cache: dict[int, np.ndarray] = {}
         self._atom_layouts: dict[tuple[int, str], device_passes.AtomLayout] = {}  # (V, device) -> its layout
         self._host_atoms: dict[int, dp.SortedAtoms] = {}  # V -> each atom's tokens (the host pass)
@@ -338,6 +338,9 @@ class CompiledGrammar:
 
     #: Run the vocabulary passes in torch for CPU tensors too (tests of the device path).
     _device_passes_on_cpu = False
+    #: Automata up to this many states run the dense canvas passes, larger ones the
+    #: live-list passes (see ``canvas``; tests lower it to run both).
+    _dense_max_states = dp.DENSE_MAX_STATES
 
     def _atom_layout(self, V: int, device: torch.device) -> device_passes.AtomLayout:
         key = (V, str(device))
@@ -404,18 +407,30 @@ class CompiledGrammar:
         are given, the Viterbi canvas when ``gmax`` and ``garg`` are."""
         ta = self.automaton
         none2 = np.zeros((0, 0), np.float64)
-        kernel = dp._forward_max if gsum is None else dp._forward_sum if gmax is None else dp._forward_both
-        fwd = self._layout.fwd
-        F, back, best_end, ok = kernel(
-            none2 if gsum is None else gsum, none2 if gmax is None else gmax, sup.live_in, fwd.heavy, fwd.rounds,
-            fwd.other, fwd.group, fwd.rank[s0], none2 if beta is None else beta, self._layout.beta_row,
-            ta.atom_groups, ta.atom_group_offsets, fwd.rank)
+        if sup.dense:
+            kernel = dp._forward_max if gsum is None else dp._forward_sum if gmax is None else dp._forward_both
+            fwd = self._layout.fwd
+            F, back, best_end, ok = kernel(
+                none2 if gsum is None else gsum, none2 if gmax is None else gmax, sup.live_in, fwd.heavy, fwd.rounds,
+                fwd.other, fwd.group, fwd.rank[s0], none2 if beta is None else beta, self._layout.beta_row,
+                ta.atom_groups, ta.atom_group_offsets, fwd.rank)
+        else:
+            kernel = (dp._forward_live_max if gsum is None else dp._forward_live_sum if gmax is None
+                      else dp._forward_live_both)
+            F, back, best_end, ok = kernel(
+                none2 if gsum is None else gsum, none2 if gmax is None else gmax, sup.offsets, sup.states,
+                np.zeros(0, np.float64) if beta is None else beta, *self._in_edges, ta.atom_groups,
+                ta.atom_group_offsets, ta.n_states)
         if not ok:
             L = (gsum if gsum is not None else gmax).shape[0]  # type: ignore[union-attr]
             raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
         if gmax is None:
             return F, None
-        path = dp._trace_back(back, best_end, garg, fwd.other, fwd.group)
+        if sup.dense:
+            path = dp._trace_back(back, best_end, garg, fwd.other, fwd.group)
+        else:
+            _, in_src, in_group = self._in_edges
+            path = dp._trace_back_live(back, best_end, garg, sup.offsets, sup.states, in_src, in_group)
         return (F if gsum is not None else None), path.tolist()
 
     def _no_canvas_message(self, L: int, s0: int, partial: bool) -> str:
@@ -448,8 +463,11 @@ class CompiledGrammar:
         return _Scores(flat, rowmax, asum, asumx, amax, aarg, gsum, block_sums, rowmax_dev)
 
     def _beta(self, gsum: np.ndarray, sup: dp.Support, s0: int, partial: bool) -> np.ndarray:
-        bwd = self._layout.bwd
-        beta, ok = dp._backward(gsum, sup.live_out, bwd.heavy, bwd.rounds, bwd.other, bwd.group)
+        if sup.dense:
+            bwd = self._layout.bwd
+            beta, ok = dp._backward(gsum, sup.live_out, bwd.heavy, bwd.rounds, bwd.other, bwd.group)
+        else:
+            beta, ok = dp._backward_live(gsum, sup.offsets, sup.states, *self._out_edges, self.automaton.n_states)
         if not ok:
             raise NoValidCanvasError(self._no_canvas_message(gsum.shape[0], s0, partial))
         return beta
@@ -461,14 +479,19 @@ class CompiledGrammar:
         assert F is not None
         return F
 
-    def _sample_one(self, sc: "_Scores", sl: slice, beta: np.ndarray, s0: int, uniforms: np.ndarray) -> list[int]:
+    def _sample_one(self, sc: "_Scores", sl: slice, sup: dp.Support, beta: np.ndarray, s0: int,
+                    uniforms: np.ndarray) -> list[int]:
         ta = self.automaton
-        atoms = dp._sample_atoms(sc.asum[sl], sc.gsum[sl], beta, self._layout.bwd.rank, s0, *self._out_edges,
-                                 ta.group_atoms, ta.group_offsets, uniforms)
+        if sup.dense:
+            atoms = dp._sample_atoms(sc.asum[sl], sc.gsum[sl], beta, self._layout.bwd.rank, s0, *self._out_edges,
+                                     ta.group_atoms, ta.group_offsets, uniforms)
+        else:
+            atoms = dp._sample_atoms_live(sc.asum[sl], sc.gsum[sl], sup.offsets, sup.states, beta, s0,
+                                          *self._out_edges, ta.group_atoms, ta.group_offsets, uniforms)
         if sc.rowmax_dev is None:
             at = self._sorted_atoms(sc.flat.shape[1])
-            tokens = dp._sample_tokens(sc.flat[sl], sc.amax[sl], sc.block_sums[sl], atoms, at.perm, at.lo, at.hi,
-                                       at.blocks, uniforms)
+            tokens = dp._sample_tokens(sc.flat[sl], sc.amax[sl], sc.aarg[sl], sc.block_sums[sl], atoms, at.perm, at.lo,
+                                       at.hi, at.blocks, uniforms)
             return tokens.tolist()
         rows = np.arange(sl.start, sl.stop)
         best = sc.aarg[rows, atoms]
@@ -499,7 +522,7 @@ class CompiledGrammar:
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
             beta = self._beta(sc.gsum[sl], sup, s0, partial)
-            out.append(self._sample_one(sc, sl, beta, s0, uniforms[b]))
+            out.append(self._sample_one(sc, sl, sup, beta, s0, uniforms[b]))
         return out if batched else out[0]
 
     def marginals(self, logits: Any, state: int | Sequence[int] | None = None, partial: bool = False,
@@ -553,7 +576,7 @@ class CompiledGrammar:
             F[sl], path = self._forward(sup, s0, partial, gsum=sc.gsum[sl], beta=beta, gmax=gmax[sl],
                                         garg=garg[sl])
             best.append(path)
-            samples.append(self._sample_one(sc, sl, beta, s0, uniforms[b]))
+            samples.append(self._sample_one(sc, sl, sup, beta, s0, uniforms[b]))
         log_f = dp.log_factors(F)
         logp = self._log_marginals(sc, F, log_f, B)
         H = torch.from_numpy(dp._entropy(sc.asum, sc.asumx, F, log_f).reshape(B, L))
@@ -564,11 +587,13 @@ class CompiledGrammar:
     def _support(self, length: int, state: int, partial: bool) -> dp.Support:
         """The live states per position (lists and the passes' masks) for canvases of
         ``length`` from ``state`` (cached: every denoising step of a canvas reuses it)."""
-        key = (length, state, partial)
+        dense = self.automaton.n_states <= self._dense_max_states
+        key = (length, state, partial, dense)
         hit = self._support_cache.get(key)
         if hit is None:
             ta = self.automaton
-            hit = dp.support(ta.edge_src, ta.edge_dst, ta.n_states, state, self._final(partial), length, self._layout)
+            layout = self._layout if dense else None
+            hit = dp.support(ta.edge_src, ta.edge_dst, ta.n_states, state, self._final(partial), length, layout)
             if hit.offsets[1] == 0:  # the start state is on no valid canvas
                 raise NoValidCanvasError(self._no_canvas_message(length, state, partial))
             if len(self._support_cache) >= 16:
@@ -660,6 +685,14 @@ class CompiledGrammar:
         """(offsets (S + 1,), destination, group) of each state's outgoing edges."""
         ta = self.automaton
         return ta.src_offsets, ta.edge_dst, ta.edge_group
+
+    @cached_property
+    def _in_edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(offsets (S + 1,), source, group) of each state's incoming edges (live-list passes)."""
+        ta = self.automaton
+        order = np.argsort(ta.edge_dst, kind="stable")
+        offsets = np.searchsorted(ta.edge_dst[order], np.arange(ta.n_states + 1)).astype(np.int64)
+        return offsets, np.ascontiguousarray(ta.edge_src[order]), np.ascontiguousarray(ta.edge_group[order])
 
     @cached_property
     def _layout(self) -> dp.EdgeLayout:
