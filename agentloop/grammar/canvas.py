@@ -18,9 +18,10 @@ All of them work on atoms and groups (see token_automaton), never on single toke
 except for one pass over the logits per position that scores the atoms (section 1), and
 the final choice of a token inside the sampled atom. The DP (section 3) keeps dense
 messages over the automaton's states, zero where a state lies on no valid canvas at that
-position, and pulls each state's value over its edges in branch-free rounds; it writes
-one number per state and position, never one per edge, and the marginals' edge
-posteriors are added up inside the forward pass. Forward/backward run in probability
+position, and pulls each state's value over its edges in branch-free rounds (automata
+too large for that visit the live states one by one, section 3b); it writes one number
+per state and position, never one per edge, and the marginals' edge posteriors are
+added up inside the forward pass. Forward/backward run in probability
 space with per-position scaling (float64), which is exact up to rounding for logits
 within ~700 of the row maximum; Viterbi runs in log space.
 """
@@ -609,9 +610,10 @@ _forward_both = _forward_kernel(True, True)  # denoise_step
 # each position only a third of the states may live: the passes below visit the live
 # states only, in state order (whose edges mostly join nearby states), one by one. Each
 # stored message is one number per (position, live state), aligned with Support.states.
-# At 49k states (20 tools) they take 57 ms for a backward pass and 117 ms for a whole
-# step where the dense passes take 74 and 165; at 2.7k states (5 tools) the dense passes
-# are ~1.6x faster. (Measured on a byte vocabulary, L=256, this CPU.)
+# At 49k states (20 tools, byte vocabulary, L=256) they take 57 ms for a backward pass
+# and 117 ms for a whole step where the dense passes take 74 and 165; at 2.7k states (5
+# tools, BPE 4k) the dense passes make sample and marginals ~1.5x faster (constraint
+# bench). The threshold lies between the two, where the messages outgrow L2.
 
 #: Automata with more states than this run the live-list passes.
 DENSE_MAX_STATES = 16384
