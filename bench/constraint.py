@@ -122,8 +122,8 @@ class Config:
 
     @classmethod
     def quick(cls) -> "Config":
-        return cls(tokenizers=["bpe-4k"], tool_sets=[1], length=64, prompt=16, repeats=3, warmup=1, after_forward_repeats=2,
-                   outlines_tools=1, reuse_dfa_min_tools=0, model=ModelSize(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        return cls(tokenizers=["bpe-4k"], tool_sets=[1], length=64, prompt=16, repeats=3, warmup=1,
+                   after_forward_repeats=2, outlines_tools=1, reuse_dfa_min_tools=0, model=ModelSize(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                                      num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                                                      num_experts=2, top_k_experts=1, moe_intermediate_size=64))
 

@@ -67,7 +67,8 @@ def test_token_sampling_inside_a_large_atom_follows_the_logits():
 def _pulled_edges(pl) -> list[tuple[int, int, int]]:
     """(row, other end, group) of every edge of a pull layout, in row numbers."""
     n_heavy = len(pl.heavy) - 1
-    edges = [(i, int(pl.other[e]), int(pl.group[e])) for i in range(n_heavy) for e in range(pl.heavy[i], pl.heavy[i + 1])]
+    edges = [(i, int(pl.other[e]), int(pl.group[e]))
+             for i in range(n_heavy) for e in range(pl.heavy[i], pl.heavy[i + 1])]
     for r in range(len(pl.rounds) - 1):
         for j, e in enumerate(range(pl.rounds[r], pl.rounds[r + 1])):
             edges.append((n_heavy + j, int(pl.other[e]), int(pl.group[e])))

@@ -335,7 +335,8 @@ def pull_layout(pull: np.ndarray, other: np.ndarray, group: np.ndarray, S: int) 
     by_row = np.lexsort((np.arange(E), rank[pull]))  # edges sorted by row, then edge index
     rows = rank[pull][by_row]
     d = degree[order]  # (S,) descending
-    n_heavy = int(np.searchsorted(-d, -d[_MAX_HEAVY], side="left")) if S > _MAX_HEAVY else 0  # rows above the 9th's degree
+    # heavy: the rows of higher degree than the 9th row's
+    n_heavy = int(np.searchsorted(-d, -d[_MAX_HEAVY], side="left")) if S > _MAX_HEAVY else 0
     n_heavy_edges = int(d[:n_heavy].sum())
     heavy = np.zeros(n_heavy + 1, np.int64)
     heavy[1:] = np.cumsum(d[:n_heavy])
