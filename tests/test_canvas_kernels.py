@@ -81,8 +81,9 @@ def test_jagged_layout_holds_every_edge_once(btok, n_tools):
     ta = g.automaton
     lay = g._layout
     want = sorted(zip(ta.edge_src.tolist(), ta.edge_dst.tolist(), ta.edge_group.tolist()))
-    in_state = np.argsort(lay.fwd.rank)  # row -> state
-    out_state = np.argsort(lay.bwd.rank)
+    in_state, out_state = lay.in_state, lay.out_state
+    assert np.array_equal(lay.fwd.rank[in_state], np.arange(len(in_state)))
+    assert np.array_equal(lay.bwd.rank[out_state], np.arange(len(out_state)))
     fwd = [(int(in_state[o]), int(in_state[r]), grp) for r, o, grp in _pulled_edges(lay.fwd)]
     bwd = [(int(out_state[r]), int(out_state[o]), grp) for r, o, grp in _pulled_edges(lay.bwd)]
     assert sorted(fwd) == want and sorted(bwd) == want

@@ -238,7 +238,8 @@ def _group_sums(asum, group_atoms, group_offsets):  # pragma: no cover - compile
 
 @nb.njit(cache=True, nogil=True)
 def live_states(edge_src, edge_dst, S, start, final, L):  # pragma: no cover - compiled
-    """(offsets (L + 2,), states): the states at position l (0..L) on a valid canvas, sorted.
+    """(offsets (L + 2,), states, live (L + 1, S) bool): the states at position l (0..L)
+    on a valid canvas, as sorted lists and as a dense mask.
 
     A state is live at l when the start reaches it in exactly l tokens and it reaches an
     accepting state in exactly L - l more; states[offsets[l]:offsets[l + 1]] lists them.
@@ -271,7 +272,7 @@ def live_states(edge_src, edge_dst, S, start, final, L):  # pragma: no cover - c
             if live[l, s]:
                 states[i] = s
                 i += 1
-    return offsets, states
+    return offsets, states, live
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
@@ -359,14 +360,16 @@ class EdgeLayout(NamedTuple):
 
     fwd: PullLayout  # rows: destinations, "in" order
     bwd: PullLayout  # rows: sources, "out" order
+    in_state: np.ndarray  # (S,) "in" row -> its state
+    out_state: np.ndarray  # (S,) "out" row -> its state
     beta_row: np.ndarray  # (S,) i32 "in" row -> the same state's "out" row
 
 
 def edge_layout(edge_src: np.ndarray, edge_dst: np.ndarray, edge_group: np.ndarray, S: int) -> EdgeLayout:
     fwd = pull_layout(edge_dst, edge_src, edge_group, S)
     bwd = pull_layout(edge_src, edge_dst, edge_group, S)
-    in_state = np.argsort(fwd.rank)  # row -> state
-    return EdgeLayout(fwd, bwd, bwd.rank[in_state].astype(np.int32))
+    in_state, out_state = np.argsort(fwd.rank), np.argsort(bwd.rank)
+    return EdgeLayout(fwd, bwd, in_state, out_state, bwd.rank[in_state].astype(np.int32))
 
 
 class Support(NamedTuple):
@@ -387,16 +390,13 @@ def support(edge_src: np.ndarray, edge_dst: np.ndarray, S: int, start: int, fina
             layout: EdgeLayout | None) -> Support:
     """The support of canvases of L positions from ``start``; masks for the dense passes
     when ``layout`` is given."""
-    offsets, states = live_states(edge_src, edge_dst, S, start, final, L)
+    offsets, states, live = live_states(edge_src, edge_dst, S, start, final, L)
     if layout is None:
         none = np.zeros((0, 0), np.uint8)
         return Support(offsets, states, none, none)
-    pos = np.repeat(np.arange(L + 1), np.diff(offsets)[: L + 1])
-    live_in = np.zeros((L + 1, S), np.uint8)
-    live_in[pos, layout.fwd.rank[states]] = 1
-    live_out = np.zeros((L + 1, S), np.uint8)
-    live_out[pos, layout.bwd.rank[states]] = 1
-    return Support(offsets, states, live_in, live_out)
+    live = live.view(np.uint8)
+    return Support(offsets, states, np.ascontiguousarray(live[:, layout.in_state]),
+                   np.ascontiguousarray(live[:, layout.out_state]))
 
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
@@ -762,9 +762,38 @@ _forward_live_max = _forward_live_kernel(False, True)
 _forward_live_both = _forward_live_kernel(True, True)
 
 
+@nb.njit(cache=True, nogil=True, inline="always")
+def _draw_edge_and_atom(w_edge, e0, e1, tot, l, asum, gsum, out_group, group_atoms, group_offsets,
+                        uniforms):  # pragma: no cover - compiled
+    """The edge among e0..e1 - 1 (weights w_edge[0:e1 - e0], total tot) and the atom
+    inside its group (weight asum) drawn at position l: -> (edge, atom)."""
+    u = uniforms[l, 0] * tot
+    chosen = -1
+    acc = 0.0
+    for j in range(e0, e1):
+        w = w_edge[j - e0]
+        if w > 0.0:
+            chosen = j
+            acc += w
+            if acc >= u:
+                break
+    g = out_group[chosen]
+    u = uniforms[l, 1] * gsum[l, g]
+    k = -1
+    acc = 0.0
+    for i in range(group_offsets[g], group_offsets[g + 1]):
+        w = asum[l, group_atoms[i]]
+        if w > 0.0:
+            k = group_atoms[i]
+            acc += w
+            if acc >= u:
+                break
+    return chosen, k
+
+
 @nb.njit(cache=True, nogil=True)
 def _sample_atoms_live(asum, gsum, offsets, states, beta, start, out_offsets, out_dst, out_group, group_atoms,
-                  group_offsets, uniforms):  # pragma: no cover
+                       group_offsets, uniforms):  # pragma: no cover
     """Backward filtering, forward sampling: an edge per position (weight gsum * beta of
     its end), then an atom inside the edge's group (weight asum). -> atoms (L,) int32."""
     L = gsum.shape[0]
@@ -782,28 +811,8 @@ def _sample_atoms_live(asum, gsum, offsets, states, beta, start, out_offsets, ou
             w = gsum[l, out_group[j]] * beta[i] if i >= 0 else 0.0
             w_edge[j - e0] = w
             tot += w
-        u = uniforms[l, 0] * tot
-        chosen = -1
-        acc = 0.0
-        for j in range(e0, e1):
-            w = w_edge[j - e0]
-            if w > 0.0:
-                chosen = j
-                acc += w
-                if acc >= u:
-                    break
-        g = out_group[chosen]
-        # an atom inside the group, weight asum
-        u = uniforms[l, 1] * gsum[l, g]
-        k = -1
-        acc = 0.0
-        for i in range(group_offsets[g], group_offsets[g + 1]):
-            w = asum[l, group_atoms[i]]
-            if w > 0.0:
-                k = group_atoms[i]
-                acc += w
-                if acc >= u:
-                    break
+        chosen, k = _draw_edge_and_atom(w_edge, e0, e1, tot, l, asum, gsum, out_group, group_atoms,
+                                         group_offsets, uniforms)
         out[l] = k
         s = out_dst[chosen]
     return out
@@ -887,28 +896,8 @@ def _sample_atoms(asum, gsum, beta, out_rank, start, out_offsets, out_dst, out_g
             w = gsum[l, out_group[j]] * bn[out_rank[out_dst[j]]]
             w_edge[j - e0] = w
             tot += w
-        u = uniforms[l, 0] * tot
-        chosen = -1
-        acc = 0.0
-        for j in range(e0, e1):
-            w = w_edge[j - e0]
-            if w > 0.0:
-                chosen = j
-                acc += w
-                if acc >= u:
-                    break
-        g = out_group[chosen]
-        # an atom inside the group, weight asum
-        u = uniforms[l, 1] * gsum[l, g]
-        k = -1
-        acc = 0.0
-        for i in range(group_offsets[g], group_offsets[g + 1]):
-            w = asum[l, group_atoms[i]]
-            if w > 0.0:
-                k = group_atoms[i]
-                acc += w
-                if acc >= u:
-                    break
+        chosen, k = _draw_edge_and_atom(w_edge, e0, e1, tot, l, asum, gsum, out_group, group_atoms,
+                                         group_offsets, uniforms)
         out[l] = k
         s = out_dst[chosen]
     return out
