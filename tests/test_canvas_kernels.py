@@ -90,3 +90,18 @@ def test_jagged_layout_holds_every_edge_once(btok, n_tools):
     assert np.array_equal(out_state[lay.beta_row], in_state)
     for pl in (lay.fwd, lay.bwd):  # at most 8 heavy rows; the rows of round r + 1 are a prefix of round r's
         assert len(pl.heavy) - 1 <= 8 and np.all(np.diff(np.diff(pl.rounds)) <= 0)
+
+
+def test_an_infinite_logit_at_an_allowed_token_is_named_like_a_nan(btok):
+    """+inf at an allowed token has no finite distribution to give: the host pass refuses
+    it with the position, as it does nan."""
+    import torch
+
+    from agentloop.errors import GrammarInputError
+    from agentloop.grammar import compile_schema
+
+    g = compile_schema({"enum": [1, 2]}, btok)
+    x = torch.randn(2, 4, g.vocab.size)
+    x[1, 0, btok.token_to_id("1")] = float("inf")
+    with pytest.raises(GrammarInputError, match="nan or \\+inf at a token the grammar allows .canvas 1 position 0"):
+        g.marginals(x)

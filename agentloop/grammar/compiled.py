@@ -457,8 +457,9 @@ class CompiledGrammar:
             rows = np.flatnonzero(np.isnan(asum).any(axis=1))
             where = ", ".join(f"canvas {n // L} position {n % L}" for n in rows[:5].tolist())
             raise GrammarInputError(
-                f"the logits are nan at a token the grammar allows ({where}{', ...' if rows.size > 5 else ''}; "
-                f"{rows.size} position(s) in all): a model overflowing in float16 or bfloat16 gives nan logits")
+                f"the logits are nan or +inf at a token the grammar allows ({where}"
+                f"{', ...' if rows.size > 5 else ''}; {rows.size} position(s) in all): a model overflowing in "
+                "float16 or bfloat16 gives such logits")
         gsum = dp._group_sums(asum, ta.group_atoms, ta.group_offsets) if want_sum else np.zeros((B * L, 0))
         return _Scores(flat, rowmax, asum, asumx, amax, aarg, gsum, block_sums, rowmax_dev)
 
