@@ -12,6 +12,7 @@ import pytest
 
 from agentloop.grammar import canvas as dp
 from agentloop.grammar import compile_tools
+from agentloop.grammar.canvas_layout import MIN_RUN
 from agentloop.grammar.float32_math import exp_nonpositive, key_to_bits, order_key
 
 TOOLS = json.loads((Path(__file__).parents[1] / "agentloop/data/tool_schemas.json").read_text())
@@ -64,32 +65,29 @@ def test_token_sampling_inside_a_large_atom_follows_the_logits():
     assert tv < 0.03, tv
 
 
-def _pulled_edges(pl) -> list[tuple[int, int, int]]:
-    """(row, other end, group) of every edge of a pull layout, in row numbers."""
-    n_heavy = len(pl.heavy) - 1
-    edges = [(i, int(pl.other[e]), int(pl.group[e]))
-             for i in range(n_heavy) for e in range(pl.heavy[i], pl.heavy[i + 1])]
-    for r in range(len(pl.rounds) - 1):
-        for j, e in enumerate(range(pl.rounds[r], pl.rounds[r + 1])):
-            edges.append((n_heavy + j, int(pl.other[e]), int(pl.group[e])))
-    return edges
-
-
 @pytest.mark.parametrize("n_tools", [1, 5])
-def test_jagged_layout_holds_every_edge_once(btok, n_tools):
+def test_layout_holds_every_edge_once_and_runs_are_runs(btok, n_tools):
     g = compile_tools(TOOLS[:n_tools], btok, "json")
     ta = g.automaton
     lay = g._layout
+    S, E = ta.n_states, ta.n_edges
+    assert np.array_equal(lay.rank[lay.state], np.arange(S))
     want = sorted(zip(ta.edge_src.tolist(), ta.edge_dst.tolist(), ta.edge_group.tolist()))
-    in_state, out_state = lay.in_state, lay.out_state
-    assert np.array_equal(lay.fwd.rank[in_state], np.arange(len(in_state)))
-    assert np.array_equal(lay.bwd.rank[out_state], np.arange(len(out_state)))
-    fwd = [(int(in_state[o]), int(in_state[r]), grp) for r, o, grp in _pulled_edges(lay.fwd)]
-    bwd = [(int(out_state[r]), int(out_state[o]), grp) for r, o, grp in _pulled_edges(lay.bwd)]
-    assert sorted(fwd) == want and sorted(bwd) == want
-    assert np.array_equal(out_state[lay.beta_row], in_state)
-    for pl in (lay.fwd, lay.bwd):  # at most 8 heavy rows; the rows of round r + 1 are a prefix of round r's
-        assert len(pl.heavy) - 1 <= 8 and np.all(np.diff(np.diff(pl.rounds)) <= 0)
+    got = sorted(zip(lay.state[lay.src].tolist(), lay.state[lay.dst].tolist(), lay.group.tolist()))
+    assert got == want
+    for r in range(len(lay.runs) - 1):  # a run: rows up by one on both ends, one group
+        a, b = lay.runs[r], lay.runs[r + 1]
+        assert b - a >= MIN_RUN
+        assert np.all(np.diff(lay.src[a:b]) == 1) and np.all(np.diff(lay.dst[a:b]) == 1)
+        assert np.all(lay.group[a:b] == lay.group[a])
+    single = np.arange(lay.runs[-1], E)
+    assert np.all(np.diff(lay.src[single]) >= 0)  # the backward pass pulls them by source row
+    assert sorted(lay.in_edge.tolist()) == single.tolist()
+    assert np.all(np.diff(lay.in_row) >= 0)
+    assert np.array_equal(lay.in_row, lay.dst[lay.in_edge]) and np.array_equal(lay.in_other, lay.src[lay.in_edge])
+    assert np.array_equal(lay.in_group, lay.group[lay.in_edge])
+    # the string counters (maxLength) are what runs are for: most edges lie on them
+    assert lay.runs[-1] > 0.6 * E, (lay.runs[-1], E)
 
 
 def test_an_infinite_logit_at_an_allowed_token_is_named_like_a_nan(btok):

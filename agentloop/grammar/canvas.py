@@ -34,6 +34,7 @@ from typing import NamedTuple
 import numba as nb
 import numpy as np
 
+from .canvas_layout import EdgeLayout
 from .float32_math import KEY_NEG_INF, KEY_POS_INF, bits_to_float, exp_nonpositive, key_to_bits, order_key
 
 # ---- 1. score atoms: one pass over the logits per position --------------------------------
@@ -290,125 +291,102 @@ def _slot(states, lo, hi, s):  # pragma: no cover - compiled
     return -1
 
 
-# ---- 3. forward / backward: dense messages, edges in jagged-diagonal order ------------------
+# ---- 3. forward / backward: dense messages, edges in runs ----------------------------------
 # Messages are dense over the automaton's states at each position, zero (or -inf) where a
 # state is not live; each position is rescaled by its total so float64 never under- or
 # overflows (the posteriors below are ratios within one position).
 #
-# A pass pulls every state's value over its incoming (forward) or outgoing (backward)
-# edges. Numbering the states by that degree, largest first, puts the r-th edge of every
-# state with more than r edges in one contiguous "round" whose rows are consecutive
-# states (the jagged-diagonal layout of sparse matrices): a round is one branch-free loop,
-#     value[j] += message[other[e]] * weight[group[e]],  j = first..first + n_r - 1,
-# with no per-state loop, and dead states cost a multiply by 0, which is cheaper than
-# looking up which states live (2.5x faster than pulling over live states one by one at
-# 4k vocab). The few states of far higher degree than the rest (the end of a bounded
-# string is entered from every count) would make rounds of one row each: they come first
-# and are pulled one by one ("heavy" rows). The two passes number the states differently
-# ("in" and "out" order).
-
-
-class PullLayout(NamedTuple):
-    """The edges of one pass: rows (states in this pass's order) and, per row, the edges
-    it pulls over. Edges of row i < n_heavy are other[heavy[i]:heavy[i + 1]]; round r
-    holds other[rounds[r]:rounds[r + 1]], the r-th edge of rows n_heavy, n_heavy + 1, ..."""
-
-    rank: np.ndarray  # (S,) i32 state -> its row
-    heavy: np.ndarray  # (n_heavy + 1,) i64
-    rounds: np.ndarray  # (R + 1,) i64
-    other: np.ndarray  # (E,) i32 the edge's other end, as a row of the same order
-    group: np.ndarray  # (E,) i32
-
-
-#: At most this many rows are pulled one by one; the others go in rounds.
-_MAX_HEAVY = 8
-
-
-def pull_layout(pull: np.ndarray, other: np.ndarray, group: np.ndarray, S: int) -> PullLayout:
-    """The layout of the edges pulled by ``pull`` (their destination for the forward pass,
-    their source for the backward pass). A row's edges keep their order (edge index), so
-    a max over them breaks ties as the automaton lists the edges."""
-    E = pull.shape[0]
-    degree = np.bincount(pull, minlength=S)
-    order = np.argsort(-degree, kind="stable")  # row -> state
-    rank = np.empty(S, np.int32)
-    rank[order] = np.arange(S, dtype=np.int32)
-    by_row = np.lexsort((np.arange(E), rank[pull]))  # edges sorted by row, then edge index
-    rows = rank[pull][by_row]
-    d = degree[order]  # (S,) descending
-    # heavy: the rows of higher degree than the 9th row's
-    n_heavy = int(np.searchsorted(-d, -d[_MAX_HEAVY], side="left")) if S > _MAX_HEAVY else 0
-    n_heavy_edges = int(d[:n_heavy].sum())
-    heavy = np.zeros(n_heavy + 1, np.int64)
-    heavy[1:] = np.cumsum(d[:n_heavy])
-    light = rows[n_heavy_edges:] - n_heavy
-    slot = np.arange(light.shape[0]) - np.searchsorted(light, light)  # the edge's place in its row
-    R = int(d[n_heavy]) if n_heavy < S else 0
-    rows_in_round = (S - n_heavy) - np.cumsum(np.bincount(d[n_heavy:], minlength=R + 1))[:R]  # rows of degree > r
-    rounds = np.full(R + 1, n_heavy_edges, np.int64)
-    rounds[1:] += np.cumsum(rows_in_round)
-    at = np.concatenate([np.arange(n_heavy_edges), rounds[slot] + light])
-    o = np.empty(E, np.int32)
-    g = np.empty(E, np.int32)
-    o[at] = rank[other[by_row]]
-    g[at] = group[by_row]
-    return PullLayout(rank, heavy, rounds, o, g)
-
-
-class EdgeLayout(NamedTuple):
-    """The token automaton's edges laid out for the passes (built once per automaton)."""
-
-    fwd: PullLayout  # rows: destinations, "in" order
-    bwd: PullLayout  # rows: sources, "out" order
-    in_state: np.ndarray  # (S,) "in" row -> its state
-    out_state: np.ndarray  # (S,) "out" row -> its state
-    beta_row: np.ndarray  # (S,) i32 "in" row -> the same state's "out" row
-
-
-def edge_layout(edge_src: np.ndarray, edge_dst: np.ndarray, edge_group: np.ndarray, S: int) -> EdgeLayout:
-    fwd = pull_layout(edge_dst, edge_src, edge_group, S)
-    bwd = pull_layout(edge_src, edge_dst, edge_group, S)
-    in_state, out_state = np.argsort(fwd.rank), np.argsort(bwd.rank)
-    return EdgeLayout(fwd, bwd, in_state, out_state, bwd.rank[in_state].astype(np.int32))
+# A pass pulls every state's value over its outgoing (backward) or incoming (forward)
+# edges. The states are numbered so that the counters' edges form runs (see
+# canvas_layout): a run is one branch-free loop over contiguous rows,
+#     value[a:a + n] += weight[g] * message[b:b + n],
+# and dead states cost a multiply by 0, which is cheaper than looking up which states
+# live. The remaining edges are pulled one by one, row by row. Both passes and the
+# sampler share the one numbering, so beta needs no reordering between them.
 
 
 class Support(NamedTuple):
     """The states that lie on some valid canvas at each position (see ``live_states``),
-    as lists and, for the dense passes, as masks in each pass's order."""
+    as lists and, for the dense passes, as a mask in the layout's row order."""
 
     offsets: np.ndarray  # (L + 2,) i64 states[offsets[l]:offsets[l + 1]] live at l
     states: np.ndarray  # (n,) i32
-    live_in: np.ndarray  # (L + 1, S) u8 in "in" order; (0, 0) for the live-list passes
-    live_out: np.ndarray  # (L + 1, S) u8 in "out" order; (0, 0) for the live-list passes
+    live: np.ndarray  # (L + 1, S) u8 by row; (0, 0) for the live-list passes
 
     @property
     def dense(self) -> bool:
-        return self.live_in.shape[0] > 0
+        return self.live.shape[0] > 0
 
 
 def support(edge_src: np.ndarray, edge_dst: np.ndarray, S: int, start: int, final: np.ndarray, L: int,
             layout: EdgeLayout | None) -> Support:
-    """The support of canvases of L positions from ``start``; masks for the dense passes
+    """The support of canvases of L positions from ``start``; the mask for the dense passes
     when ``layout`` is given."""
     offsets, states, live = live_states(edge_src, edge_dst, S, start, final, L)
     if layout is None:
-        none = np.zeros((0, 0), np.uint8)
-        return Support(offsets, states, none, none)
-    live = live.view(np.uint8)
-    return Support(offsets, states, np.ascontiguousarray(live[:, layout.in_state]),
-                   np.ascontiguousarray(live[:, layout.out_state]))
+        return Support(offsets, states, np.zeros((0, 0), np.uint8))
+    return Support(offsets, states, np.ascontiguousarray(live.view(np.uint8)[:, layout.state]))
+
+
+# The inner loops are compiled as functions of their own: inlined into the passes' bodies
+# they lose their vectorisation (the masking loop ran 2x slower inside _backward).
 
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _backward(gsum, live, heavy, rounds, dst, group):  # pragma: no cover
-    """beta (L + 1, S) in "out" order: beta[l, j] ∝ weight of the valid completions of
-    the canvas from state j at position l (0 where j is not live). Each row is known up
-    to its own factor (every use normalises within a position): its total divides the
-    next row's weights instead of a pass over the row."""
+def _axpy(out, w, x):  # pragma: no cover - compiled
+    for j in range(out.shape[0]):
+        out[j] += w * x[j]
+
+
+@nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _axpy_dot(out, w, x, y):  # pragma: no cover - compiled
+    """out += w * x; returns x . y (a run's forward pull and its posterior)."""
+    t = 0.0
+    for j in range(out.shape[0]):
+        out[j] += w * x[j]
+        t += x[j] * y[j]
+    return t
+
+
+@nb.njit(cache=True, nogil=True)
+def _max_plus(out, w, x):  # pragma: no cover - compiled
+    """out = max(out, x + w) (a run's Viterbi pull)."""
+    for j in range(out.shape[0]):
+        out[j] = max(out[j], x[j] + w)
+
+
+@nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _mask_total(out, live):  # pragma: no cover - compiled
+    """Zero out where not live; returns the total."""
+    t = 0.0
+    for j in range(out.shape[0]):
+        v = out[j] if live[j] else 0.0
+        out[j] = v
+        t += v
+    return t
+
+
+@nb.njit(cache=True, nogil=True)
+def _mask_max(out, live):  # pragma: no cover - compiled
+    """-inf where not live; returns the largest value."""
+    t = -np.inf
+    for j in range(out.shape[0]):
+        v = out[j] if live[j] else -np.inf
+        out[j] = v
+        t = max(t, v)
+    return t
+
+
+@nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _backward(gsum, live, src, dst, group, runs):  # pragma: no cover
+    """beta (L + 1, S) by row: beta[l, j] ∝ weight of the valid completions of the canvas
+    from row j at position l (0 where j is not live). Each row is known up to its own
+    factor (every use normalises within a position): its total divides the next row's
+    weights instead of a pass over the row."""
     L = gsum.shape[0]
     S = live.shape[1]
-    n_heavy = heavy.shape[0] - 1
     G = gsum.shape[1]
+    E = src.shape[0]
     beta = np.zeros((L + 1, S), np.float64)
     for j in range(S):
         beta[L, j] = 1.0 if live[L, j] else 0.0
@@ -420,25 +398,13 @@ def _backward(gsum, live, heavy, rounds, dst, group):  # pragma: no cover
             gsi[g] = gs[g] * scale
         nxt = beta[l + 1]
         out = beta[l]
-        for i in range(n_heavy):
-            d = dst[heavy[i]:heavy[i + 1]]
-            g_ = group[heavy[i]:heavy[i + 1]]
-            t = 0.0
-            for j in range(d.shape[0]):
-                t += gsi[g_[j]] * nxt[d[j]]
-            out[i] = t
-        for r in range(rounds.shape[0] - 1):
-            d = dst[rounds[r]:rounds[r + 1]]
-            g_ = group[rounds[r]:rounds[r + 1]]
-            o = out[n_heavy:n_heavy + d.shape[0]]
-            for j in range(d.shape[0]):
-                o[j] += gsi[g_[j]] * nxt[d[j]]
-        lv = live[l]
-        tot = 0.0
-        for j in range(S):
-            v = out[j] if lv[j] else 0.0
-            out[j] = v
-            tot += v
+        for r in range(runs.shape[0] - 1):
+            e = runs[r]
+            n = runs[r + 1] - e
+            _axpy(out[src[e]:src[e] + n], gsi[group[e]], nxt[dst[e]:dst[e] + n])
+        for e in range(runs[-1], E):  # the single edges, by source row
+            out[src[e]] += gsi[group[e]] * nxt[dst[e]]
+        tot = _mask_total(out, live[l])
         if not tot > 0.0:
             return beta, False
         scale = 1.0 / tot
@@ -450,115 +416,83 @@ def _forward_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyped-
     constants: a runtime flag in the inner loop costs the single passes ~20%)."""
 
     @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-    def forward(gsum, gmax, live, heavy, rounds, src, group, start, beta, beta_row, atom_groups, atom_group_offsets,
-                in_rank):  # pragma: no cover - compiled
-        return _forward_body(gsum, gmax, live, heavy, rounds, src, group, start, beta, beta_row, atom_groups,
-                             atom_group_offsets, in_rank, want_sum, want_max)
+    def forward(gsum, gmax, live, src, dst, group, runs, in_edge, in_row, in_other, in_group, start, beta,
+                atom_groups, atom_group_offsets, rank):  # pragma: no cover - compiled
+        return _forward_body(gsum, gmax, live, src, dst, group, runs, in_edge, in_row, in_other, in_group, start,
+                             beta, atom_groups, atom_group_offsets, rank, want_sum, want_max)
 
     return forward
 
 
-#: Copies of the group posteriors the forward pass adds into, by row (a power of 2):
-#: consecutive edges of a round often share a group, and adds into one slot wait for each
-#: other (fused so, the posteriors cost 0.26 ms at 4k vocab, 1 tool; a pass over the
-#: edges group by group cost 0.37).
+#: Copies of the group posteriors the single edges add into, by edge (a power of 2): a
+#: row's edges often share a group, and adds into one slot wait for each other.
 _POSTERIOR_COPIES = 4
 
 
 @nb.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
-def _forward_body(gsum, gmax, live, heavy, rounds, src, group, start, beta, beta_row, atom_groups, atom_group_offsets,
-                  in_rank, want_sum, want_max):  # pragma: no cover
-    """The forward passes over the canvas ("in" order): with ``want_sum`` the sum-product
-    pass and from it and ``beta`` the atom factors F (L, K); with ``want_max`` the
-    max-product (Viterbi) pass and its backpointers. Asked together they share one sweep
-    over the edges (the denoiser wants both every step).
+def _forward_body(gsum, gmax, live, src, dst, group, runs, in_edge, in_row, in_other, in_group, start, beta,
+                  atom_groups, atom_group_offsets, rank, want_sum, want_max):  # pragma: no cover
+    """The forward passes over the canvas (rows as in ``canvas_layout``): with
+    ``want_sum`` the sum-product pass and from it and ``beta`` the atom factors F (L, K);
+    with ``want_max`` the max-product (Viterbi) pass, every position's scores kept for the
+    traceback (no backpointers: writing them kept the pass from vectorising). Asked together
+    they share one sweep over the edges (the denoiser wants both every step).
 
     Atom factors: P(token t at l) = exp(x_t - rowmax_l) * F[l, atom(t)]. The posterior of
     an edge s -> d at l is alpha_l(s) * gsum[l, g] * beta_{l+1}(d) / post_l, and a token
     of group g at l weighs exp(x_t - rowmax_l) / gsum[l, g] of its edge, so
     F[l, k] = sum over the groups g holding k of acc_g / post_l, with
     acc_g = sum over g's edges of alpha_l(s) * beta_{l+1}(d) (added up while the pass
-    pulls alpha over the same edges) and post_l = sum over g of gsum[l, g] * acc_g
-    (gsum itself never divides: at low temperatures a group the canvas needs can weigh
-    ~1e-170).
+    pulls alpha over the same edges: a dot product per run) and
+    post_l = sum over g of gsum[l, g] * acc_g (gsum itself never divides: at low
+    temperatures a group the canvas needs can weigh ~1e-170).
 
-    Returns (F, back, best_end, ok): back[l, j] is the edge (index into ``src``/``group``)
-    of the best prefix into row j at l + 1, best_end the best accepting row at L, ok is
-    False when no valid canvas exists.
+    Returns (F, vit, best_end, ok): vit[l, j] is the best log-score of a prefix of l
+    tokens ending in row j (-inf where not live), best_end the best accepting row at L
+    (ties: the lowest state), ok is False when no valid canvas exists.
     """
     L = gsum.shape[0] if want_sum else gmax.shape[0]
     G = gsum.shape[1] if want_sum else gmax.shape[1]
     S = live.shape[1]
     K = atom_group_offsets.shape[0] - 1
-    n_heavy = heavy.shape[0] - 1
     F = np.zeros((L, K if want_sum else 0), np.float64)
     acc = np.zeros((_POSTERIOR_COPIES, G), np.float64)
     cur = np.zeros(S, np.float64)  # alpha at l, times 1 / scale (each position's total divides the next one's weights)
     nxt = np.zeros(S, np.float64)
     gsi = np.zeros(G, np.float64)  # the group weights at l, times scale
     scale = 1.0
-    bn = np.zeros(S, np.float64)  # beta at l + 1, in "in" order
-    # written wherever a prefix of finite score arrives, which is all the traceback visits
-    back = np.empty((L if want_max else 0, S), np.int32)
-    vcur = np.full(S, -np.inf)  # best prefix log-score at l
-    vnxt = np.full(S, -np.inf)
+    vit = np.full((L + 1 if want_max else 0, S), -np.inf)  # best prefix log-score per position and row
     cur[start] = 1.0
-    vcur[start] = 0.0
+    if want_max:
+        vit[0, start] = 0.0
     for l in range(L):
         if want_sum:
             gs = gsum[l]
             for g in range(G):
                 gsi[g] = gs[g] * scale
-            b_out = beta[l + 1]
-            for j in range(S):
-                bn[j] = b_out[beta_row[j]]
+            bn = beta[l + 1]
             acc[:, :] = 0.0
             nxt[:] = 0.0
         if want_max:
             gm = gmax[l]
-            vnxt[:] = -np.inf
-            bk = back[l]
-        for i in range(n_heavy):
-            s_ = src[heavy[i]:heavy[i + 1]]
-            g_ = group[heavy[i]:heavy[i + 1]]
+            vcur = vit[l]
+            vnxt = vit[l + 1]
+        for r in range(runs.shape[0] - 1):
+            e0 = runs[r]
+            n = runs[r + 1] - e0
+            a, b, g = src[e0], dst[e0], group[e0]
             if want_sum:
-                t = 0.0
-                b = bn[i]
-                for j in range(s_.shape[0]):
-                    c = cur[s_[j]]
-                    t += c * gsi[g_[j]]
-                    acc[j & (_POSTERIOR_COPIES - 1), g_[j]] += c * b
-                nxt[i] = t
+                acc[0, g] += _axpy_dot(nxt[b:b + n], gsi[g], cur[a:a + n], bn[b:b + n])
             if want_max:
-                best = -np.inf
-                arg = -1
-                for j in range(s_.shape[0]):
-                    v = vcur[s_[j]] + gm[g_[j]]
-                    if v > best:
-                        best = v
-                        arg = heavy[i] + j
-                vnxt[i] = best
-                bk[i] = arg
-        for r in range(rounds.shape[0] - 1):
-            a = rounds[r]
-            s_ = src[a:rounds[r + 1]]
-            g_ = group[a:rounds[r + 1]]
-            n = s_.shape[0]
+                _max_plus(vnxt[b:b + n], gm[g], vcur[a:a + n])
+        for k in range(in_edge.shape[0]):  # the single edges, by destination row
+            row, g = in_row[k], in_group[k]
             if want_sum:
-                o = nxt[n_heavy:n_heavy + n]
-                bb = bn[n_heavy:n_heavy + n]
-                for j in range(n):
-                    c = cur[s_[j]]
-                    o[j] += c * gsi[g_[j]]
-                    acc[j & (_POSTERIOR_COPIES - 1), g_[j]] += c * bb[j]
+                c = cur[in_other[k]]
+                nxt[row] += c * gsi[g]
+                acc[k & (_POSTERIOR_COPIES - 1), g] += c * bn[row]
             if want_max:
-                vo = vnxt[n_heavy:n_heavy + n]
-                bo = bk[n_heavy:n_heavy + n]
-                for j in range(n):
-                    v = vcur[s_[j]] + gm[g_[j]]
-                    if v > vo[j]:
-                        vo[j] = v
-                        bo[j] = a + j
+                vnxt[row] = max(vnxt[row], vcur[in_other[k]] + gm[g])
         lv = live[l + 1]
         if want_sum:
             post = 0.0
@@ -569,36 +503,31 @@ def _forward_body(gsum, gmax, live, heavy, rounds, src, group, start, beta, beta
                 acc[0, g] = t
                 post += t * gs[g]
             if not post > 0.0:
-                return F, back, -1, False
+                return F, vit, -1, False
             inv = 1.0 / post
             for k in range(K):
                 t = 0.0
                 for i in range(atom_group_offsets[k], atom_group_offsets[k + 1]):
                     t += acc[0, atom_groups[i]]
                 F[l, k] = t * inv
-            tot = 0.0
-            for j in range(S):
-                v = nxt[j] if lv[j] else 0.0
-                nxt[j] = v
-                tot += v
+            tot = _mask_total(nxt, lv)
             if not tot > 0.0:
-                return F, back, -1, False
+                return F, vit, -1, False
             scale = 1.0 / tot
             cur, nxt = nxt, cur
-        if want_max:
-            for j in range(S):
-                vcur[j] = vnxt[j] if lv[j] else -np.inf
+        if want_max and not _mask_max(vnxt, lv) > -np.inf:
+            return F, vit, -1, False
     best_end = -1
     if want_max:
         bv = -np.inf
-        for s in range(S):  # in state order: ties go to the lowest state, as they always have
-            j = in_rank[s]
-            if vcur[j] > bv:
-                bv = vcur[j]
+        for s in range(rank.shape[0]):  # in state order: ties go to the lowest state, as they always have
+            j = rank[s]
+            if vit[L, j] > bv:
+                bv = vit[L, j]
                 best_end = j
         if best_end < 0:
-            return F, back, -1, False
-    return F, back, best_end, True
+            return F, vit, -1, False
+    return F, vit, best_end, True
 
 
 _forward_sum = _forward_kernel(True, False)  # marginals, sample: atom factors
@@ -974,16 +903,24 @@ def _group_max(amax, aarg, group_atoms, group_offsets):  # pragma: no cover
 
 
 @nb.njit(cache=True, nogil=True)
-def _trace_back(back, best_end, garg, src, group):  # pragma: no cover
-    """The Viterbi canvas: follow the backpointers of ``_forward(want_max=True)`` from the
-    best accepting state, taking each edge's best token."""
+def _trace_back(vit, best_end, gmax, garg, state, rank, in_offsets, in_src, in_group):  # pragma: no cover
+    """The Viterbi canvas from the scores of ``_forward(want_max=True)``: from the best
+    accepting row back, the first incoming edge (in the automaton's order) whose prefix
+    score plus its group's best logit is the row's score (the same float sum the pass
+    took its max over, so equal exactly), and that group's best token."""
     L = garg.shape[0]
     out = np.full(L, -1, np.int32)
     j = best_end
     for l in range(L - 1, -1, -1):
-        e = back[l, j]
-        out[l] = garg[l, group[e]]
-        j = src[e]
+        s = state[j]
+        target = vit[l + 1, j]
+        for i in range(in_offsets[s], in_offsets[s + 1]):
+            p = rank[in_src[i]]
+            g = in_group[i]
+            if vit[l, p] + gmax[l, g] == target:
+                out[l] = garg[l, g]
+                j = p
+                break
     return out
 
 

@@ -16,6 +16,7 @@ import torch
 from ..errors import GrammarInputError, NoValidCanvasError, ParseError
 from . import canvas as dp
 from . import device_passes
+from .canvas_layout import EdgeLayout, edge_layout
 from .fsa import Dfa
 from .token_automaton import TokenAutomaton
 from .vocabulary import Vocabulary
@@ -409,11 +410,11 @@ class CompiledGrammar:
         none2 = np.zeros((0, 0), np.float64)
         if sup.dense:
             kernel = dp._forward_max if gsum is None else dp._forward_sum if gmax is None else dp._forward_both
-            fwd = self._layout.fwd
+            lay = self._layout
             F, back, best_end, ok = kernel(
-                none2 if gsum is None else gsum, none2 if gmax is None else gmax, sup.live_in, fwd.heavy, fwd.rounds,
-                fwd.other, fwd.group, fwd.rank[s0], none2 if beta is None else beta, self._layout.beta_row,
-                ta.atom_groups, ta.atom_group_offsets, fwd.rank)
+                none2 if gsum is None else gsum, none2 if gmax is None else gmax, sup.live, lay.src, lay.dst,
+                lay.group, lay.runs, lay.in_edge, lay.in_row, lay.in_other, lay.in_group, lay.rank[s0],
+                none2 if beta is None else beta, ta.atom_groups, ta.atom_group_offsets, lay.rank)
         else:
             kernel = (dp._forward_live_max if gsum is None else dp._forward_live_sum if gmax is None
                       else dp._forward_live_both)
@@ -427,7 +428,7 @@ class CompiledGrammar:
         if gmax is None:
             return F, None
         if sup.dense:
-            path = dp._trace_back(back, best_end, garg, fwd.other, fwd.group)
+            path = dp._trace_back(back, best_end, gmax, garg, lay.state, lay.rank, *self._in_edges)
         else:
             _, in_src, in_group = self._in_edges
             path = dp._trace_back_live(back, best_end, garg, sup.offsets, sup.states, in_src, in_group)
@@ -465,8 +466,8 @@ class CompiledGrammar:
 
     def _beta(self, gsum: np.ndarray, sup: dp.Support, s0: int, partial: bool) -> np.ndarray:
         if sup.dense:
-            bwd = self._layout.bwd
-            beta, ok = dp._backward(gsum, sup.live_out, bwd.heavy, bwd.rounds, bwd.other, bwd.group)
+            lay = self._layout
+            beta, ok = dp._backward(gsum, sup.live, lay.src, lay.dst, lay.group, lay.runs)
         else:
             beta, ok = dp._backward_live(gsum, sup.offsets, sup.states, *self._out_edges, self.automaton.n_states)
         if not ok:
@@ -484,7 +485,7 @@ class CompiledGrammar:
                     uniforms: np.ndarray) -> list[int]:
         ta = self.automaton
         if sup.dense:
-            atoms = dp._sample_atoms(sc.asum[sl], sc.gsum[sl], beta, self._layout.bwd.rank, s0, *self._out_edges,
+            atoms = dp._sample_atoms(sc.asum[sl], sc.gsum[sl], beta, self._layout.rank, s0, *self._out_edges,
                                      ta.group_atoms, ta.group_offsets, uniforms)
         else:
             atoms = dp._sample_atoms_live(sc.asum[sl], sc.gsum[sl], sup.offsets, sup.states, beta, s0,
@@ -696,7 +697,7 @@ class CompiledGrammar:
         return offsets, np.ascontiguousarray(ta.edge_src[order]), np.ascontiguousarray(ta.edge_group[order])
 
     @cached_property
-    def _layout(self) -> dp.EdgeLayout:
-        """The edges in the order the canvas passes read them."""
+    def _layout(self) -> EdgeLayout:
+        """The states and edges in the order the canvas passes read them."""
         ta = self.automaton
-        return dp.edge_layout(ta.edge_src, ta.edge_dst, ta.edge_group, ta.n_states)
+        return edge_layout(ta.edge_src, ta.edge_dst, ta.edge_group, ta.n_states, ta.start, ta.src_offsets)
