@@ -215,18 +215,48 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
     return rowmax, asum, asumx, amax, aarg
 
 
+# Group statistics are added up over all positions at once, along the positions (atoms by
+# positions): one vectorised loop per (group, atom) pair instead of a scalar add per
+# position (20 tools: 13k pairs, 4.6 -> 1 ms for the sums).
+
+
+@nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _add_into(out, x):  # pragma: no cover - compiled
+    for j in range(out.shape[0]):
+        out[j] += x[j]
+
+
+@nb.njit(cache=True, nogil=True)
+def _max_into(out, x):  # pragma: no cover - compiled
+    for j in range(out.shape[0]):
+        v = np.float64(x[j])
+        out[j] = v if v > out[j] else out[j]  # a plain max (no nan rule) vectorises
+
+
 @nb.njit(cache=True, nogil=True)
 def _group_sums(asum, group_atoms, group_offsets):  # pragma: no cover - compiled
-    L = asum.shape[0]
+    """gsum (L, G): the sum of asum (L, K) over each group's atoms."""
     G = group_offsets.shape[0] - 1
-    gsum = np.zeros((L, G), np.float64)
-    for l in range(L):
-        for g in range(G):
-            acc = 0.0
-            for i in range(group_offsets[g], group_offsets[g + 1]):
-                acc += asum[l, group_atoms[i]]
-            gsum[l, g] = acc
-    return gsum
+    by_atom = np.ascontiguousarray(asum.T)  # (K, L)
+    by_group = np.zeros((G, asum.shape[0]), np.float64)  # (G, L)
+    for g in range(G):
+        for i in range(group_offsets[g], group_offsets[g + 1]):
+            _add_into(by_group[g], by_atom[group_atoms[i]])
+    return np.ascontiguousarray(by_group.T)
+
+
+@nb.njit(cache=True, nogil=True)
+def _group_max(amax, group_atoms, group_offsets):  # pragma: no cover - compiled
+    """gmax (L, G) float64: the best logit of each group's atoms (amax (L, K) float32);
+    which token reaches it is looked up only where the Viterbi canvas takes the group
+    (``group_best_tokens``)."""
+    G = group_offsets.shape[0] - 1
+    by_atom = np.ascontiguousarray(amax.T)  # (K, L)
+    by_group = np.full((G, amax.shape[0]), -np.inf, np.float64)  # (G, L)
+    for g in range(G):
+        for i in range(group_offsets[g], group_offsets[g + 1]):
+            _max_into(by_group[g], by_atom[group_atoms[i]])
+    return np.ascontiguousarray(by_group.T)
 
 
 # ---- 2. the support: states that lie on some valid canvas, per position ------------------
@@ -748,15 +778,15 @@ def _sample_atoms_live(asum, gsum, offsets, states, beta, start, out_offsets, ou
 
 
 @nb.njit(cache=True, nogil=True)
-def _trace_back_live(back, best_end, garg, offsets, states, in_src, in_group):  # pragma: no cover
-    """The Viterbi canvas: follow the backpointers of ``_forward(want_max=True)`` from the
-    best accepting state, taking each edge's best token."""
-    L = garg.shape[0]
+def _trace_back_live(back, best_end, offsets, states, in_src, in_group):  # pragma: no cover
+    """The Viterbi canvas' groups: follow the backpointers of ``_forward(want_max=True)``
+    from the best accepting state. -> groups (L,) i32."""
+    L = offsets.shape[0] - 2
     out = np.full(L, -1, np.int32)
     i = best_end
     for l in range(L - 1, -1, -1):
         j = back[i]
-        out[l] = garg[l, in_group[j]]
+        out[l] = in_group[j]
         if l > 0:
             i = _slot(states, offsets[l], offsets[l + 1], in_src[j])
     return out
@@ -887,28 +917,27 @@ def _sample_tokens(logits, amax, aarg, block_sums, atoms, perm, lo, hi, blocks, 
 
 
 @nb.njit(cache=True, nogil=True)
-def _group_max(amax, aarg, group_atoms, group_offsets):  # pragma: no cover
-    L = amax.shape[0]
-    G = group_offsets.shape[0] - 1
-    gmax = np.full((L, G), -np.inf, np.float64)
-    garg = np.full((L, G), -1, np.int32)
-    for l in range(L):
-        for g in range(G):
-            for i in range(group_offsets[g], group_offsets[g + 1]):
-                k = group_atoms[i]
-                if amax[l, k] > gmax[l, g]:
-                    gmax[l, g] = amax[l, k]
-                    garg[l, g] = aarg[l, k]
-    return gmax, garg
+def group_best_tokens(groups, gmax, amax, aarg, group_atoms, group_offsets):  # pragma: no cover - compiled
+    """The best token of the group taken at each position (L,): that of the group's first
+    atom (in group order) whose best logit is the group's."""
+    out = np.full(groups.shape[0], -1, np.int32)
+    for l in range(groups.shape[0]):
+        g = groups[l]
+        for i in range(group_offsets[g], group_offsets[g + 1]):
+            k = group_atoms[i]
+            if np.float64(amax[l, k]) == gmax[l, g]:
+                out[l] = aarg[l, k]
+                break
+    return out
 
 
 @nb.njit(cache=True, nogil=True)
-def _trace_back(vit, best_end, gmax, garg, state, rank, in_offsets, in_src, in_group):  # pragma: no cover
-    """The Viterbi canvas from the scores of ``_forward(want_max=True)``: from the best
-    accepting row back, the first incoming edge (in the automaton's order) whose prefix
-    score plus its group's best logit is the row's score (the same float sum the pass
-    took its max over, so equal exactly), and that group's best token."""
-    L = garg.shape[0]
+def _trace_back(vit, best_end, gmax, state, rank, in_offsets, in_src, in_group):  # pragma: no cover
+    """The Viterbi canvas' groups from the scores of ``_forward(want_max=True)``: from the
+    best accepting row back, the first incoming edge (in the automaton's order) whose
+    prefix score plus its group's best logit is the row's score (the same float sum the
+    pass took its max over, so equal exactly). -> groups (L,) i32."""
+    L = gmax.shape[0]
     out = np.full(L, -1, np.int32)
     j = best_end
     for l in range(L - 1, -1, -1):
@@ -918,7 +947,7 @@ def _trace_back(vit, best_end, gmax, garg, state, rank, in_offsets, in_src, in_g
             p = rank[in_src[i]]
             g = in_group[i]
             if vit[l, p] + gmax[l, g] == target:
-                out[l] = garg[l, g]
+                out[l] = g
                 j = p
                 break
     return out

@@ -389,23 +389,22 @@ class CompiledGrammar:
         B, L, V = xs.shape
         ta = self.automaton
         sc = self._scores(xs, want_sum=False, want_x=False)
-        gmax, garg = dp._group_max(sc.amax, sc.aarg, ta.group_atoms, ta.group_offsets)
-        out = [self._viterbi_one(gmax[b * L : (b + 1) * L], garg[b * L : (b + 1) * L],
-                                 self._support(L, s0, partial), s0, partial)
-               for b, s0 in enumerate(self._states(state, B))]
+        gmax = dp._group_max(sc.amax, ta.group_atoms, ta.group_offsets)
+        out = []
+        for b, s0 in enumerate(self._states(state, B)):
+            sl = slice(b * L, (b + 1) * L)
+            _, path = self._forward(self._support(L, s0, partial), s0, partial, gmax=gmax[sl],
+                                    best=(sc.amax[sl], sc.aarg[sl]))
+            assert path is not None
+            out.append(path)
         return out if batched else out[0]
-
-    def _viterbi_one(self, gmax: np.ndarray, garg: np.ndarray, sup: dp.Support, s0: int,
-                     partial: bool) -> list[int]:
-        _, path = self._forward(sup, s0, partial, gmax=gmax, garg=garg)
-        assert path is not None
-        return path
 
     def _forward(self, sup: dp.Support, s0: int, partial: bool, gsum: np.ndarray | None = None,
                  beta: np.ndarray | None = None, gmax: np.ndarray | None = None,
-                 garg: np.ndarray | None = None) -> tuple[np.ndarray | None, list[int] | None]:
+                 best: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray | None, list[int] | None]:
         """One sweep over the canvas: the atom factors F (L, K) when ``gsum`` and ``beta``
-        are given, the Viterbi canvas when ``gmax`` and ``garg`` are."""
+        are given, the Viterbi canvas when ``gmax`` (L, G) and ``best``, each atom's best
+        logit and token (L, K), are."""
         ta = self.automaton
         none2 = np.zeros((0, 0), np.float64)
         if sup.dense:
@@ -428,10 +427,12 @@ class CompiledGrammar:
         if gmax is None:
             return F, None
         if sup.dense:
-            path = dp._trace_back(back, best_end, gmax, garg, lay.state, lay.rank, *self._in_edges)
+            groups = dp._trace_back(back, best_end, gmax, lay.state, lay.rank, *self._in_edges)
         else:
             _, in_src, in_group = self._in_edges
-            path = dp._trace_back_live(back, best_end, garg, sup.offsets, sup.states, in_src, in_group)
+            groups = dp._trace_back_live(back, best_end, sup.offsets, sup.states, in_src, in_group)
+        assert best is not None
+        path = dp.group_best_tokens(groups, gmax, *best, ta.group_atoms, ta.group_offsets)
         return (F if gsum is not None else None), path.tolist()
 
     def _no_canvas_message(self, L: int, s0: int, partial: bool) -> str:
@@ -566,7 +567,7 @@ class CompiledGrammar:
         B, L, V = xs.shape
         ta = self.automaton
         sc = self._scores(xs, want_x=True)
-        gmax, garg = dp._group_max(sc.amax, sc.aarg, ta.group_atoms, ta.group_offsets)
+        gmax = dp._group_max(sc.amax, ta.group_atoms, ta.group_offsets)
         uniforms = torch.rand((B, L, 3), generator=generator, dtype=torch.float64).numpy()
         F = np.zeros((B * L, ta.n_atoms), np.float64)
         best: list[list[int]] = []
@@ -576,7 +577,7 @@ class CompiledGrammar:
             sup = self._support(L, s0, partial)
             beta = self._beta(sc.gsum[sl], sup, s0, partial)
             F[sl], path = self._forward(sup, s0, partial, gsum=sc.gsum[sl], beta=beta, gmax=gmax[sl],
-                                        garg=garg[sl])
+                                        best=(sc.amax[sl], sc.aarg[sl]))
             best.append(path)
             samples.append(self._sample_one(sc, sl, sup, beta, s0, uniforms[b]))
         log_f = dp.log_factors(F)
