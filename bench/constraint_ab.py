@@ -1,0 +1,150 @@
+"""A/B of the per-step canvas constraint: the working tree against a baseline commit,
+side by side in one process.
+
+On a shared, noisy machine two separate runs of ``bench/constraint.py`` can differ by 2x
+for the same code. Here both versions load into one process (the baseline's
+``agentloop/`` exported with ``git archive`` and imported as ``agentloop_baseline``) and
+their calls alternate, so that both see the same load; the ratio of medians is what to
+quote. The two versions' outputs are compared too: Viterbi canvases must be equal and
+marginals agree to float32 rounding (samples may differ where float sums were
+reassociated).
+
+    python bench/constraint_ab.py --baseline 8a6fe74            # 1, 5 and 20 tools, BPE 4k
+    python bench/constraint_ab.py --baseline HEAD~1 --tools 1 --repeats 40
+
+Writes ``bench/results/constraint_ab.md`` (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import agentloop.grammar as current  # noqa: E402
+from bench.tokenizers_offline import LOADERS, SCHEMAS  # noqa: E402
+
+BASELINE_PACKAGE = "agentloop_baseline"
+
+
+def export_baseline(rev: str, into: Path) -> Any:
+    """The baseline's ``agentloop.grammar``, imported from ``into`` under another name."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "agentloop", "grammars"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    (into / "agentloop").rename(into / BASELINE_PACKAGE)
+    for path in (into / BASELINE_PACKAGE).rglob("*.py"):  # absolute self-imports would load the working tree
+        text = path.read_text()
+        fixed = re.sub(r"\b(from|import) agentloop\b", rf"\1 {BASELINE_PACKAGE}", text)
+        if fixed != text:
+            path.write_text(fixed)
+    sys.path.insert(0, str(into))
+    module = importlib.import_module(f"{BASELINE_PACKAGE}.grammar")
+    assert Path(module.__file__).is_relative_to(into), module.__file__
+    return module
+
+
+def timed_pair(ops: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each op, the ops called in turn ``repeats`` times (after one warm-up each)."""
+    for op in ops.values():
+        op()
+    times: dict[str, list[float]] = {name: [] for name in ops}
+    for _ in range(repeats):
+        for name, op in ops.items():
+            t0 = time.perf_counter()
+            op()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, seed: int = 0) -> list[dict[str, Any]]:
+    tok, aliases = LOADERS[tok_name]()
+    tools = json.loads(SCHEMAS.read_text())[:n_tools]
+    grammars = {"baseline": baseline.compile_tools(tools, tok, "gemma4", aliases=aliases),
+                "current": current.compile_tools(tools, tok, "gemma4", aliases=aliases)}
+    V, L = tok.get_vocab_size(), 256
+    logits = torch.randn(L, V, generator=torch.Generator().manual_seed(seed)) * 3  # (L, V)
+
+    def ops_of(g: Any) -> dict[str, Callable[[], Any]]:
+        return {"viterbi": lambda: g.viterbi(logits),
+                "sample": lambda: g.sample(logits, torch.Generator().manual_seed(seed)),
+                "marginals": lambda: g.marginals(logits, return_entropy=True),
+                "denoise_step": lambda: g.denoise_step(logits, torch.Generator().manual_seed(seed))}
+
+    b_out, c_out = (grammars[k].viterbi(logits) for k in ("baseline", "current"))
+    assert b_out == c_out, f"{tok_name} x {n_tools} tools: the Viterbi canvases differ"
+    b_m, c_m = (grammars[k].marginals(logits) for k in ("baseline", "current"))
+    finite = torch.isfinite(b_m)
+    assert torch.equal(finite, torch.isfinite(c_m)), "the marginals' supports differ"
+    assert torch.allclose(torch.exp(b_m[finite]), torch.exp(c_m[finite]), atol=1e-6), "the marginals differ"
+    rows = []
+    for op in ("viterbi", "sample", "marginals", "denoise_step"):
+        times = timed_pair({k: ops_of(g)[op] for k, g in grammars.items()}, repeats)
+        base, cur = (statistics.median(times[k]) * 1e3 for k in ("baseline", "current"))
+        rows.append({"tokenizer": tok_name, "tools": n_tools, "op": op, "baseline_ms": base, "current_ms": cur,
+                     "ratio": cur / base})
+        print(f"{tok_name} x {n_tools} tools {op:12s} baseline {base:8.2f} ms  current {cur:8.2f} ms  "
+              f"current/baseline {cur / base:5.2f}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", required=True, help="git revision to compare the working tree against")
+    parser.add_argument("--tokenizer", default="bpe-4k", choices=sorted(LOADERS))
+    parser.add_argument("--tools", type=int, nargs="+", default=[1, 5, 20])
+    parser.add_argument("--repeats", type=int, default=0, help="calls per op and version (default: 30, 5 at 20 tools)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "constraint_ab.md")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.baseline], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "agentloop"], check=True,
+                           capture_output=True, text=True).stdout.strip()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline = export_baseline(rev, Path(tmp))
+        for n in args.tools:
+            rows += compare(args.tokenizer, n, baseline, args.repeats or (30 if n < 20 else 5))
+    command = "python bench/constraint_ab.py " + " ".join(sys.argv[1:])
+    lines = ["# Canvas constraint A/B", "",
+             f"Command: `{command}`  ",
+             f"Machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, 1 torch/numba thread; "
+             f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}  ",
+             f"Current: agentloop at {head}{' + uncommitted changes' if dirty else ''}; baseline: {rev}  ",
+             f"Date: {time.strftime('%Y-%m-%d %H:%M:%S')}; load average (1 min) at the end "
+             f"{os.getloadavg()[0]:.2f}", "",
+             "Both versions in one process, their calls alternating; L=256, random logits (std 3), gemma4 wire "
+             "format; medians. Viterbi canvases equal and marginals equal to 1e-6 between the two (checked).", "",
+             "| tokenizer | tools | op | baseline ms | current ms | current / baseline |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['tokenizer']} | {r['tools']} | {r['op']} | {r['baseline_ms']:.2f} | {r['current_ms']:.2f} | "
+              f"{r['ratio']:.2f} |" for r in rows]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
