@@ -18,10 +18,11 @@ All of them work on atoms and groups (see token_automaton), never on single toke
 except for one pass over the logits per position that scores the atoms (section 1), and
 the final choice of a token inside the sampled atom. The DP (section 3) keeps dense
 messages over the automaton's states, zero where a state lies on no valid canvas at that
-position, and pulls each state's value over its edges in branch-free rounds (automata
-too large for that visit the live states one by one, section 3b); it writes one number
-per state and position, never one per edge, and the marginals' edge posteriors are
-added up inside the forward pass. Forward/backward run in probability
+position, and pulls each state's value over its edges, most of them in runs of
+consecutive states that one vectorised loop covers (see canvas_layout; automata too
+large for dense messages visit the live states one by one, section 3b); it writes one
+number per state and position, never one per edge, and the marginals' edge posteriors
+are added up inside the forward pass. Forward/backward run in probability
 space with per-position scaling (float64), which is exact up to rounding for logits
 within ~700 of the row maximum; Viterbi runs in log space.
 """
@@ -446,10 +447,10 @@ def _forward_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyped-
     constants: a runtime flag in the inner loop costs the single passes ~20%)."""
 
     @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-    def forward(gsum, gmax, live, src, dst, group, runs, in_edge, in_row, in_other, in_group, start, beta,
-                atom_groups, atom_group_offsets, rank):  # pragma: no cover - compiled
-        return _forward_body(gsum, gmax, live, src, dst, group, runs, in_edge, in_row, in_other, in_group, start,
-                             beta, atom_groups, atom_group_offsets, rank, want_sum, want_max)
+    def forward(gsum, gmax, live, src, dst, group, runs, in_row, in_other, in_group, start, beta, atom_groups,
+                atom_group_offsets, rank):  # pragma: no cover - compiled
+        return _forward_body(gsum, gmax, live, src, dst, group, runs, in_row, in_other, in_group, start, beta,
+                             atom_groups, atom_group_offsets, rank, want_sum, want_max)
 
     return forward
 
@@ -460,8 +461,8 @@ _POSTERIOR_COPIES = 4
 
 
 @nb.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
-def _forward_body(gsum, gmax, live, src, dst, group, runs, in_edge, in_row, in_other, in_group, start, beta,
-                  atom_groups, atom_group_offsets, rank, want_sum, want_max):  # pragma: no cover
+def _forward_body(gsum, gmax, live, src, dst, group, runs, in_row, in_other, in_group, start, beta, atom_groups,
+                  atom_group_offsets, rank, want_sum, want_max):  # pragma: no cover
     """The forward passes over the canvas (rows as in ``canvas_layout``): with
     ``want_sum`` the sum-product pass and from it and ``beta`` the atom factors F (L, K);
     with ``want_max`` the max-product (Viterbi) pass, every position's scores kept for the
@@ -515,7 +516,7 @@ def _forward_body(gsum, gmax, live, src, dst, group, runs, in_edge, in_row, in_o
                 acc[0, g] += _axpy_dot(nxt[b:b + n], gsi[g], cur[a:a + n], bn[b:b + n])
             if want_max:
                 _max_plus(vnxt[b:b + n], gm[g], vcur[a:a + n])
-        for k in range(in_edge.shape[0]):  # the single edges, by destination row
+        for k in range(in_row.shape[0]):  # the single edges, by destination row
             row, g = in_row[k], in_group[k]
             if want_sum:
                 c = cur[in_other[k]]

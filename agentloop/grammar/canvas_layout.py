@@ -178,9 +178,8 @@ class EdgeLayout(NamedTuple):
     runs (run r holds edges runs[r]:runs[r + 1], along which src and dst each go up by one
     and the group stays the same), then the single edges, sorted by source row (the
     backward pass pulls them in this order). The forward pass pulls the single edges by
-    destination row: ``in_edge`` lists them so, and ``in_row``/``in_other``/``in_group``
-    repeat their destination, source and group in that order. Within a row, edges keep
-    the automaton's order (Viterbi breaks ties between single edges by it).
+    destination row: ``in_row``/``in_other``/``in_group`` list their destination, source
+    and group in that order. Within a row, edges keep the automaton's order.
     """
 
     rank: np.ndarray  # (S,) i32 state -> row
@@ -189,7 +188,6 @@ class EdgeLayout(NamedTuple):
     dst: np.ndarray  # (E,) i32 destination row
     group: np.ndarray  # (E,) i32
     runs: np.ndarray  # (R + 1,) i64; the single edges are runs[-1]:E
-    in_edge: np.ndarray  # (E - runs[-1],) i32
     in_row: np.ndarray  # (E - runs[-1],) i32
     in_other: np.ndarray  # (E - runs[-1],) i32
     in_group: np.ndarray  # (E - runs[-1],) i32
@@ -224,6 +222,5 @@ def edge_layout(edge_src: np.ndarray, edge_dst: np.ndarray, edge_group: np.ndarr
     src, dst, group = r_src[order].astype(np.int32), r_dst[order].astype(np.int32), edge_group[order].astype(np.int32)
     n_run = int(runs[-1])
     ids = np.arange(n_run, E)
-    in_edge = ids[np.lexsort((order[ids], dst[ids]))]  # by destination row, then automaton order
-    return EdgeLayout(rank, state.astype(np.int32), src, dst, group, runs, in_edge.astype(np.int32),
-                      dst[in_edge], src[in_edge], group[in_edge])
+    by_dst = ids[np.lexsort((order[ids], dst[ids]))]  # by destination row, then automaton order
+    return EdgeLayout(rank, state.astype(np.int32), src, dst, group, runs, dst[by_dst], src[by_dst], group[by_dst])

@@ -410,14 +410,16 @@ class CompiledGrammar:
         if sup.dense:
             kernel = dp._forward_max if gsum is None else dp._forward_sum if gmax is None else dp._forward_both
             lay = self._layout
-            F, back, best_end, ok = kernel(
+            # trace: the Viterbi pass's record, here every position's scores by row
+            F, trace, best_end, ok = kernel(
                 none2 if gsum is None else gsum, none2 if gmax is None else gmax, sup.live, lay.src, lay.dst,
-                lay.group, lay.runs, lay.in_edge, lay.in_row, lay.in_other, lay.in_group, lay.rank[s0],
+                lay.group, lay.runs, lay.in_row, lay.in_other, lay.in_group, lay.rank[s0],
                 none2 if beta is None else beta, ta.atom_groups, ta.atom_group_offsets, lay.rank)
         else:
             kernel = (dp._forward_live_max if gsum is None else dp._forward_live_sum if gmax is None
                       else dp._forward_live_both)
-            F, back, best_end, ok = kernel(
+            # trace: here a backpointer per live state
+            F, trace, best_end, ok = kernel(
                 none2 if gsum is None else gsum, none2 if gmax is None else gmax, sup.offsets, sup.states,
                 np.zeros(0, np.float64) if beta is None else beta, *self._in_edges, ta.atom_groups,
                 ta.atom_group_offsets, ta.n_states)
@@ -427,10 +429,10 @@ class CompiledGrammar:
         if gmax is None:
             return F, None
         if sup.dense:
-            groups = dp._trace_back(back, best_end, gmax, lay.state, lay.rank, *self._in_edges)
+            groups = dp._trace_back(trace, best_end, gmax, lay.state, lay.rank, *self._in_edges)
         else:
             _, in_src, in_group = self._in_edges
-            groups = dp._trace_back_live(back, best_end, sup.offsets, sup.states, in_src, in_group)
+            groups = dp._trace_back_live(trace, best_end, sup.offsets, sup.states, in_src, in_group)
         assert best is not None
         path = dp.group_best_tokens(groups, gmax, *best, ta.group_atoms, ta.group_offsets)
         return (F if gsum is not None else None), path.tolist()
