@@ -10,7 +10,7 @@ a + j to row b + j under one group, and a pass over a run is one contiguous loop
     value[a:a + n] += weight[g] * message[b:b + n],
 
 which the compiler vectorises, with no index loaded per edge (89% of the edges of one tool,
-90% of five, 68% of twenty, at 4k vocab). The other edges are pulled one by one, listed
+90% of five, 70% of twenty, at 4k vocab). The other edges are pulled one by one, listed
 by the row they pull into.
 
 Finding the chains: a group whose edges form long simple paths (the one-character step of
