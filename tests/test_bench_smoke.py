@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,3 +52,14 @@ def test_wilson_interval():
     lo, hi = wilson(90, 100)
     assert abs(lo - 0.8256) < 1e-3 and abs(hi - 0.9448) < 1e-3
     assert abs(wilson(0, 10)[0]) < 1e-12 and wilson(10, 10)[1] > 0.9999
+
+
+@pytest.mark.slow  # compiles a second copy of the numba kernels (~1 min)
+def test_constraint_ab_runs_both_versions_side_by_side(tmp_path):
+    out = tmp_path / "ab.md"
+    r = subprocess.run([sys.executable, str(ROOT / "bench/constraint_ab.py"), "--baseline", "HEAD", "--tools", "1",
+                        "--repeats", "2", "--out", str(out)], capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| bpe-4k | 1 |")]
+    assert [row.split("|")[3].strip() for row in rows] == ["viterbi", "sample", "marginals", "denoise_step"]
+    assert all(float(row.split("|")[6]) > 0 for row in rows)
