@@ -211,6 +211,28 @@ def test_denoise_step_agrees_with_the_separate_calls(grammar):
     torch.testing.assert_close(out.entropy, H)
 
 
+def test_denoise_step_writes_the_marginals_into_out(grammar):
+    """The engine hands rows of its self-conditioning buffer as ``out``: the marginals are
+    written there (no other copy), equal to those of a call without it."""
+    logits = torch.randn(6, grammar.vocab.size, generator=torch.Generator().manual_seed(2))
+    buffer = torch.full((8, grammar.vocab.size), 7.0)  # rows 0-1 stand for a forced prefix
+    step = grammar.denoise_step(logits, generator=torch.Generator().manual_seed(1), out=buffer[2:])
+    plain = grammar.denoise_step(logits, generator=torch.Generator().manual_seed(1))
+    assert step.log_marginals.data_ptr() == buffer[2:].data_ptr()
+    torch.testing.assert_close(buffer[2:], plain.log_marginals)
+    assert torch.all(buffer[:2] == 7.0)
+    assert step.sample == plain.sample and step.argmax == plain.argmax
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype", "strided"])
+def test_denoise_step_refuses_an_out_it_cannot_write(grammar, bad):
+    logits = torch.randn(6, grammar.vocab.size, generator=torch.Generator().manual_seed(2))
+    out = {"shape": torch.empty(5, grammar.vocab.size), "dtype": torch.empty(6, grammar.vocab.size, dtype=torch.float64),
+           "strided": torch.empty(grammar.vocab.size, 6).T}[bad]
+    with pytest.raises(GrammarInputError, match=r"out must be a contiguous float32 tensor of shape \(6, "):
+        grammar.denoise_step(logits, out=out)
+
+
 def test_allowed_tokens_far_below_a_forbidden_one_do_not_underflow():
     tok = word_tokenizer(TOKENS + ["x"])  # "x" is never allowed
     g = compile_schema(SCHEMA, tok)

@@ -362,9 +362,11 @@ class DiffusionEngine:
             canvas = torch.where(forced_t >= 0, forced_t, canvas)
             if min(forced) >= 0:
                 return forced, 0, forced  # nothing left to denoise
-            forced_rows = torch.full((1, k, V), -math.inf, device=self.device)  # (1, k, V) one-hot log-probs
+            # the self-conditioning buffer: one-hot log-probs on the forced prefix, and the
+            # constrained marginals of the rest, written there by each step's DP
+            cond = torch.full((1, L, V), -math.inf, device=self.device)  # (1, L, V)
             if k:
-                forced_rows[0, torch.arange(k), torch.tensor(prefix)] = 0.0
+                cond[0, torch.arange(k), torch.tensor(prefix)] = 0.0
         argmax = canvas
         self_cond: torch.Tensor | None = None
         stopper = StableAndConfident(opts.stability_threshold, opts.confidence_threshold)
@@ -385,12 +387,17 @@ class DiffusionEngine:
                     logits.div_(temperature)
                 with clock("constraint"):
                     # the DP over the free part of the canvas, from the state after the forced text
-                    step = g.denoise_step(logits[0, k:], gen_cpu, state=q_k, partial=partial_ok)
+                    # the marginals land in the buffer where the vocabulary passes run (the
+                    # logits' CUDA device, or the host); elsewhere (MPS) they are copied in
+                    in_place = self.device.type in ("cpu", "cuda")
+                    step = g.denoise_step(logits[0, k:], gen_cpu, state=q_k, partial=partial_ok,
+                                          out=cond[0, k:] if in_place else None)
+                    if not in_place:
+                        cond[0, k:] = step.log_marginals.to(self.device)
                     sample = torch.tensor(prefix + step.sample, device=self.device)[None]  # (1, L)
                     argmax = torch.tensor(prefix + step.argmax, device=self.device)[None]  # (1, L)
                     entropy = torch.nn.functional.pad(step.entropy, (k, 0))[None]  # (1, L) float64, 0 where forced
-                    marg = step.log_marginals[None].to(self.device)  # (1, L - k, V) constrained posterior
-                    next_cond = torch.cat([forced_rows, marg], dim=1) if k else marg  # (1, L, V)
+                    next_cond = cond
             else:
                 with clock("sampler"):
                     if opts.sampler == "reference":

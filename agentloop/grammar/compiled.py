@@ -506,14 +506,27 @@ class CompiledGrammar:
                                                sc.asum[rows, atoms], uniforms[:, 2])
         return tokens.tolist()
 
-    def _log_marginals(self, sc: "_Scores", F: np.ndarray, log_f: np.ndarray, B: int) -> torch.Tensor:
+    def _log_marginals(self, sc: "_Scores", F: np.ndarray, log_f: np.ndarray, B: int,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
         N, V = sc.flat.shape
         if sc.rowmax_dev is not None:
-            out = device_passes.log_marginals(sc.flat, sc.rowmax_dev, F, self._atom_layout(V, sc.flat.device).index)
-            return out.reshape(B, N // B, V)
-        out = np.empty_like(sc.flat)
-        dp._write_marginals(sc.flat, sc.rowmax, self._atom_of(V), log_f, out)
-        return torch.from_numpy(out.reshape(B, N // B, V))
+            logp = device_passes.log_marginals(sc.flat, sc.rowmax_dev, F, self._atom_layout(V, sc.flat.device).index,
+                                               None if out is None else out.view(N, V))
+            return logp.view(B, N // B, V)
+        host = np.empty_like(sc.flat) if out is None else out.view(N, V).numpy()
+        dp._write_marginals(sc.flat, sc.rowmax, self._atom_of(V), log_f, host)
+        return torch.from_numpy(host).view(B, N // B, V) if out is None else out.view(B, N // B, V)
+
+    @staticmethod
+    def _check_out(out: Any, shape: tuple[int, ...], xs: Any) -> None:
+        """``out`` must take the marginals as they are computed: same shape as the logits,
+        float32, contiguous, on the device the vocabulary passes run on."""
+        device = xs.device if isinstance(xs, torch.Tensor) else torch.device("cpu")
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or out.dtype != torch.float32 \
+                or not out.is_contiguous() or out.device != device:
+            got = (f"{tuple(out.shape)} {out.dtype} on {out.device}{'' if out.is_contiguous() else ', not contiguous'}"
+                   if isinstance(out, torch.Tensor) else type(out).__name__)
+            raise GrammarInputError(f"out must be a contiguous float32 tensor of shape {shape} on {device}; got {got}")
 
     def sample(self, logits: Any, generator: torch.Generator | None = None,
                state: int | Sequence[int] | None = None, partial: bool = False) -> Any:
@@ -555,7 +568,8 @@ class CompiledGrammar:
         return result, (H if batched else H[0])
 
     def denoise_step(self, logits: Any, generator: torch.Generator | None = None,
-                     state: int | Sequence[int] | None = None, partial: bool = False) -> "StepOutput":
+                     state: int | Sequence[int] | None = None, partial: bool = False,
+                     out: torch.Tensor | None = None) -> "StepOutput":
         """Everything one denoising step needs, sharing one pass over the logits.
 
         Returns the Viterbi canvas (the argmax canvas the model emits), an exact sample
@@ -563,10 +577,14 @@ class CompiledGrammar:
         their per-position entropies (for entropy-bound acceptance). Shapes follow
         ``logits``: (L, V) -> lists / (L, V) / (L,); (B, L, V) -> batched. Logits on a
         GPU stay there: only (L, atoms) statistics cross to the host, and the marginals
-        come back on the logits' device (see ``device_passes``).
+        come back on the logits' device (see ``device_passes``). ``out``, a contiguous
+        float32 tensor of the logits' shape on their device, receives the marginals
+        instead of a new tensor (the engine passes rows of its self-conditioning buffer).
         """
         xs, batched = self._prepare(logits)
         B, L, V = xs.shape
+        if out is not None:
+            self._check_out(out, tuple(xs.shape if batched else xs.shape[1:]), xs)
         ta = self.automaton
         sc = self._scores(xs, want_x=True)
         gmax = dp._group_max(sc.amax, ta.group_atoms, ta.group_offsets)
@@ -583,7 +601,7 @@ class CompiledGrammar:
             best.append(path)
             samples.append(self._sample_one(sc, sl, sup, beta, s0, uniforms[b]))
         log_f = dp.log_factors(F)
-        logp = self._log_marginals(sc, F, log_f, B)
+        logp = self._log_marginals(sc, F, log_f, B, out)
         H = torch.from_numpy(dp._entropy(sc.asum, sc.asumx, F, log_f).reshape(B, L))
         if batched:
             return StepOutput(best, samples, logp, H)

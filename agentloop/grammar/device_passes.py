@@ -222,13 +222,16 @@ def _chunk_stats_triton(x: torch.Tensor, layout: AtomLayout, want_sum: bool, wan
     return m, first, s, sx
 
 
-def log_marginals(x: torch.Tensor, rowmax: torch.Tensor, F: np.ndarray, idx: torch.Tensor) -> torch.Tensor:
-    """(N, V) constrained log-probs on the device: x - rowmax + log F[atom], -inf where never."""
+def log_marginals(x: torch.Tensor, rowmax: torch.Tensor, F: np.ndarray, idx: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, V) constrained log-probs on the device: x - rowmax + log F[atom], -inf where
+    never; written into ``out`` (N, V) when given."""
     N, K = F.shape
     logF_host = np.full((N, K + 1), -np.inf)
     np.log(F, where=F > 0, out=logF_host[:, :K])
     logF = torch.from_numpy(logF_host).to(device=x.device, dtype=torch.float32)  # (N, K + 1), K: never allowed
-    out = torch.empty_like(x)  # (N, V)
+    if out is None:
+        out = torch.empty_like(x)  # (N, V)
     for r in _row_chunks(N, x.shape[1], x.device):  # the gathered factors are an (n, V) temporary
         # x - rowmax first: near the row's best logit the difference is exact in float32
         torch.sub(x[r], rowmax[r, None], out=out[r])
