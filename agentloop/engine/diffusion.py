@@ -365,6 +365,9 @@ class DiffusionEngine:
             # the self-conditioning buffer: one-hot log-probs on the forced prefix, and the
             # constrained marginals of the rest, written there by each step's DP
             cond = torch.full((1, L, V), -math.inf, device=self.device)  # (1, L, V)
+            # the DP writes there where the vocabulary passes run (the logits' CUDA device,
+            # or the host); elsewhere (MPS) its marginals are copied in
+            in_place = self.device.type in ("cpu", "cuda")
             if k:
                 cond[0, torch.arange(k), torch.tensor(prefix)] = 0.0
         argmax = canvas
@@ -387,9 +390,6 @@ class DiffusionEngine:
                     logits.div_(temperature)
                 with clock("constraint"):
                     # the DP over the free part of the canvas, from the state after the forced text
-                    # the marginals land in the buffer where the vocabulary passes run (the
-                    # logits' CUDA device, or the host); elsewhere (MPS) they are copied in
-                    in_place = self.device.type in ("cpu", "cuda")
                     step = g.denoise_step(logits[0, k:], gen_cpu, state=q_k, partial=partial_ok,
                                           out=cond[0, k:] if in_place else None)
                     if not in_place:

@@ -233,30 +233,32 @@ def _max_into(out, x):  # pragma: no cover - compiled
         out[j] = max(out[j], np.float64(x[j]))
 
 
-@nb.njit(cache=True, nogil=True)
-def _group_sums(asum, group_atoms, group_offsets):  # pragma: no cover - compiled
-    """gsum (L, G): the sum of asum (L, K) over each group's atoms."""
-    G = group_offsets.shape[0] - 1
-    by_atom = np.ascontiguousarray(asum.T)  # (K, L)
-    by_group = np.zeros((G, asum.shape[0]), np.float64)  # (G, L)
-    for g in range(G):
-        for i in range(group_offsets[g], group_offsets[g + 1]):
-            _add_into(by_group[g], by_atom[group_atoms[i]])
-    return np.ascontiguousarray(by_group.T)
+def _group_kernel(want_max: bool):  # type: ignore[no-untyped-def]
+    """The reduction of per-atom values (L, K) over each group's atoms -> (L, G) float64:
+    their sum, or with ``want_max`` their max (a compile-time flag, as for the scan)."""
+
+    @nb.njit(cache=True, nogil=True)
+    def reduce(values, group_atoms, group_offsets):  # pragma: no cover - compiled
+        G = group_offsets.shape[0] - 1
+        by_atom = np.ascontiguousarray(values.T)  # (K, L)
+        by_group = np.full((G, values.shape[0]), -np.inf if want_max else 0.0, np.float64)  # (G, L)
+        for g in range(G):
+            for i in range(group_offsets[g], group_offsets[g + 1]):
+                if want_max:
+                    _max_into(by_group[g], by_atom[group_atoms[i]])
+                else:
+                    _add_into(by_group[g], by_atom[group_atoms[i]])
+        return np.ascontiguousarray(by_group.T)
+
+    return reduce
 
 
-@nb.njit(cache=True, nogil=True)
-def _group_max(amax, group_atoms, group_offsets):  # pragma: no cover - compiled
-    """gmax (L, G) float64: the best logit of each group's atoms (amax (L, K) float32);
-    which token reaches it is looked up only where the Viterbi canvas takes the group
-    (``group_best_tokens``)."""
-    G = group_offsets.shape[0] - 1
-    by_atom = np.ascontiguousarray(amax.T)  # (K, L)
-    by_group = np.full((G, amax.shape[0]), -np.inf, np.float64)  # (G, L)
-    for g in range(G):
-        for i in range(group_offsets[g], group_offsets[g + 1]):
-            _max_into(by_group[g], by_atom[group_atoms[i]])
-    return np.ascontiguousarray(by_group.T)
+#: gsum (L, G): the sum of asum (L, K) over each group's atoms.
+_group_sums = _group_kernel(False)
+#: gmax (L, G): the best logit of each group's atoms (amax (L, K) float32); which token
+#: reaches it is looked up only where the Viterbi canvas takes the group
+#: (``group_best_tokens``).
+_group_max = _group_kernel(True)
 
 
 # ---- 2. the support: states that lie on some valid canvas, per position ------------------

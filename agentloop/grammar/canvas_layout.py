@@ -67,7 +67,6 @@ def _path_edges(edges, edge_src, edge_dst, outd, ind):  # pragma: no cover - com
 @nb.njit(cache=True, nogil=True)
 def _chain_successors(S, src_offsets, edge_src, edge_dst, edge_group, G):  # pragma: no cover - compiled
     """succ (S,) and pred (S,): each state's next state along its chain (-1: none)."""
-    E = edge_src.shape[0]
     by_group = np.argsort(edge_group, kind="mergesort")
     g_offsets = np.searchsorted(edge_group[by_group], np.arange(G + 1))
     outd = np.zeros(S, np.int64)
@@ -210,9 +209,10 @@ def edge_layout(edge_src: np.ndarray, edge_dst: np.ndarray, edge_group: np.ndarr
     new = np.ones(E, np.bool_)
     new[1:] = (grp64[o][1:] != grp64[o][:-1]) | (diag[o][1:] != diag[o][:-1]) | (r_src[o][1:] != r_src[o][:-1] + 1)
     run_of = np.cumsum(new) - 1  # (E,) in o's order
-    in_run = np.bincount(run_of)[run_of] >= MIN_RUN
+    run_len = np.bincount(run_of)
+    in_run = run_len[run_of] >= MIN_RUN
     firsts = np.flatnonzero(new & in_run)  # the runs' first edges, in o's order
-    lens = np.bincount(run_of)[run_of[firsts]]
+    lens = run_len[run_of[firsts]]
     by_src = np.argsort(r_src[o[firsts]], kind="stable")  # runs visited by source row, for locality
     run_edges = [o[firsts[i]:firsts[i] + lens[i]] for i in by_src]
     runs = np.concatenate([[0], np.cumsum(lens[by_src])]).astype(np.int64)
