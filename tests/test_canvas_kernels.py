@@ -102,3 +102,77 @@ def test_an_infinite_logit_at_an_allowed_token_is_named_like_a_nan(btok):
     x[1, 0, btok.token_to_id("1")] = float("inf")
     with pytest.raises(GrammarInputError, match="nan or \\+inf at a token the grammar allows .canvas 1 position 0"):
         g.marginals(x)
+
+
+def _step_outputs(g, x, seed=0):
+    import torch
+
+    step = g.denoise_step(x, torch.Generator().manual_seed(seed))
+    return step.argmax, step.sample, step.log_marginals.numpy().copy(), step.entropy.numpy().copy()
+
+
+def test_vocabulary_passes_give_the_same_step_on_any_number_of_threads(btok):
+    """The scan, the marginals write and the token draw split their rows across numba's
+    threads; each row is computed alone, so the step is the same to the bit (a batch of
+    3 canvases makes the shares uneven)."""
+    import numba
+    import torch
+
+    g = compile_tools(TOOLS[:3], btok, "gemma4")
+    x = torch.randn(3, 40, g.vocab.size, generator=torch.Generator().manual_seed(1)) * 3
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = _step_outputs(g, x)
+        one_viterbi = g.viterbi(x)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        many = _step_outputs(g, x)
+        assert g.viterbi(x) == one_viterbi
+    finally:
+        numba.set_num_threads(before)
+    assert one[0] == many[0] and one[1] == many[1]
+    np.testing.assert_array_equal(one[2], many[2])
+    np.testing.assert_array_equal(one[3], many[3])
+
+
+_CONCURRENT_CALLS = """
+import sys, threading
+import numba, torch
+from agentloop.grammar import byte_tokenizer, compile_tools
+from agentloop.engine.sampling import fused_draw
+import json
+tools = json.loads(open(sys.argv[1]).read())[:2]
+g = compile_tools(tools, byte_tokenizer(), "gemma4")
+x = torch.randn(32, g.vocab.size, generator=torch.Generator().manual_seed(0)) * 3
+want = g.denoise_step(x, torch.Generator().manual_seed(0)).argmax
+errors = []
+def worker():
+    try:
+        for _ in range(20):
+            assert g.denoise_step(x, torch.Generator().manual_seed(0)).argmax == want
+            fused_draw(x[None].clone(), 0.7, torch.Generator().manual_seed(0))
+    except Exception as e:  # reported below
+        errors.append(repr(e))
+threads = [threading.Thread(target=worker) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(numba.threading_layer(), errors)
+"""
+
+
+def test_threads_may_call_the_passes_at_once_under_numba_s_workqueue_layer(tmp_path):
+    """numba's fallback threading layer (no TBB, no OpenMP: a stock macOS) aborts the
+    process when two threads launch a parallel kernel at once; ``parallel_launch`` takes
+    turns there. Four threads here, in a process forced onto that layer."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "four_threads.py"
+    script.write_text(_CONCURRENT_CALLS)
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue", "NUMBA_NUM_THREADS": "2"}
+    schemas = Path(__file__).parents[1] / "agentloop/data/tool_schemas.json"
+    done = subprocess.run([sys.executable, str(script), str(schemas)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["workqueue", "[]"], done.stdout

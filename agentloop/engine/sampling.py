@@ -23,6 +23,8 @@ import numba as nb
 import numpy as np
 import torch
 
+from ..numba_threads import parallel_launch
+
 
 def temperature_at(cur_step: int, max_steps: int, t_min: float, t_max: float) -> float:
     """Temperature at ``cur_step``, which counts the steps *remaining* (max_steps .. 1)."""
@@ -141,7 +143,8 @@ def fused_draw(logits: torch.Tensor, temperature: float, generator: torch.Genera
     argmax = np.empty(B * L, np.int64)
     sample = np.empty(B * L, np.int64)
     entropy = np.empty(B * L, np.float64)
-    _fused_rows(x, float(temperature), uniforms, argmax, sample, entropy)
+    with parallel_launch():  # safe from several threads whatever numba's threading layer
+        _fused_rows(x, float(temperature), uniforms, argmax, sample, entropy)
     return (torch.from_numpy(sample).view(B, L), torch.from_numpy(argmax).view(B, L),
             torch.from_numpy(entropy).view(B, L))
 

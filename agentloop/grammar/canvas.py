@@ -35,6 +35,7 @@ from typing import NamedTuple
 import numba as nb
 import numpy as np
 
+from ..numba_threads import parallel_launch, row_parts
 from .canvas_layout import EdgeLayout
 from .float32_math import KEY_NEG_INF, KEY_POS_INF, bits_to_float, exp_nonpositive, key_to_bits, order_key
 
@@ -82,76 +83,78 @@ def _scan_kernel(want_x: bool):  # type: ignore[no-untyped-def]
     """The scan compiled with or without the entropy sums (a compile-time flag keeps the
     inner loops free of branches, which is what lets them vectorise)."""
 
-    @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-    def scan(logit_bits, perm, lo, hi, blocks, rowmax, asum, asumx, amax_bits, aarg, block_sums):  # pragma: no cover
+    @nb.njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "contract"})
+    def scan(logit_bits, perm, lo, hi, blocks, rowmax, asum, asumx, amax_bits, aarg, block_sums,
+             parts):  # pragma: no cover
         # logit_bits: the logits (N, V) as int32 bits (a float32 view of a local array is
         # not known to be contiguous, and its loops would not vectorise)
         N = logit_bits.shape[0]
         K = lo.shape[0]
-        bits = np.empty(perm.shape[0], np.int32)  # one row's allowed logits, atom after atom
-        best = np.empty(K, np.int32)  # each atom's best key
-        for r in range(N):
-            row = logit_bits[r]
-            for j in range(perm.shape[0]):
-                bits[j] = row[perm[j]]
-            # 1. each atom's best logit and its first token: a max over keys packed with
-            # the run offset (key << 32 | (2**32 - 1 - offset): ties go to the lowest
-            # token). A nan is the best (its atom's sums come out nan, and the caller
-            # names the position).
-            top_row = KEY_NEG_INF
-            for k in range(K):
-                run = bits[lo[k]:hi[k]]
-                top = np.int64(-(2**63))
-                for j in range(run.shape[0]):
-                    top = max(top, (np.int64(order_key(run[j])) << 32) | (np.int64(0xFFFFFFFF) - j))
-                key = np.int32(top >> 32)
-                best[k] = key
-                if key <= KEY_NEG_INF:  # no usable logit
-                    amax_bits[r, k] = np.int32(-8388608)  # 0xff800000: -inf
-                    aarg[r, k] = -1
-                else:
-                    amax_bits[r, k] = key_to_bits(key)
-                    aarg[r, k] = perm[lo[k] + np.int64(0xFFFFFFFF) - (top & np.int64(0xFFFFFFFF))]
-                    if key < KEY_POS_INF:  # finite
-                        top_row = max(top_row, key)
-            # 2. each atom's sums around its own best b (every term <= 1, so an atom far
-            # below the row's best keeps its precision), moved to rowmax in float64:
-            # asum = exp(b - rowmax) * sum exp(x - b), asumx likewise with (x - rowmax)
-            m = np.float32(0.0)
-            if top_row > KEY_NEG_INF:
-                m = bits_to_float(key_to_bits(top_row))
-            rowmax[r] = m
-            for k in range(K):
-                if best[k] <= KEY_NEG_INF:
-                    asum[r, k] = 0.0
-                    if want_x:
-                        asumx[r, k] = 0.0
-                    block_sums[r, blocks[k]:blocks[k + 1]] = 0.0
-                    continue
-                b = bits_to_float(key_to_bits(best[k]))
-                run = bits[lo[k]:hi[k]]
-                s = 0.0
-                sx = 0.0
-                for j0 in range(0, run.shape[0], _BLOCK):
-                    # float32 sums over a block (16 lanes, a handful of terms per lane),
-                    # float64 across blocks
-                    block = run[j0:j0 + _BLOCK]
-                    bs = np.float32(0.0)
-                    bsx = np.float32(0.0)
-                    for j in range(block.shape[0]):
-                        d = bits_to_float(block[j]) - b
-                        e = exp_nonpositive(d)  # nan at a nan or +inf logit: the caller refuses it
-                        bs += e
+        for part in nb.prange(parts):  # rows are independent: a share of them per thread (see row_parts)
+            bits = np.empty(perm.shape[0], np.int32)  # a row's allowed logits, atom after atom
+            best = np.empty(K, np.int32)  # each atom's best key
+            for r in range(part * N // parts, (part + 1) * N // parts):
+                row = logit_bits[r]
+                for j in range(perm.shape[0]):
+                    bits[j] = row[perm[j]]
+                # 1. each atom's best logit and its first token: a max over keys packed with
+                # the run offset (key << 32 | (2**32 - 1 - offset): ties go to the lowest
+                # token). A nan is the best (its atom's sums come out nan, and the caller
+                # names the position).
+                top_row = KEY_NEG_INF
+                for k in range(K):
+                    run = bits[lo[k]:hi[k]]
+                    top = np.int64(-(2**63))
+                    for j in range(run.shape[0]):
+                        top = max(top, (np.int64(order_key(run[j])) << 32) | (np.int64(0xFFFFFFFF) - j))
+                    key = np.int32(top >> 32)
+                    best[k] = key
+                    if key <= KEY_NEG_INF:  # no usable logit
+                        amax_bits[r, k] = np.int32(-8388608)  # 0xff800000: -inf
+                        aarg[r, k] = -1
+                    else:
+                        amax_bits[r, k] = key_to_bits(key)
+                        aarg[r, k] = perm[lo[k] + np.int64(0xFFFFFFFF) - (top & np.int64(0xFFFFFFFF))]
+                        if key < KEY_POS_INF:  # finite
+                            top_row = max(top_row, key)
+                # 2. each atom's sums around its own best b (every term <= 1, so an atom far
+                # below the row's best keeps its precision), moved to rowmax in float64:
+                # asum = exp(b - rowmax) * sum exp(x - b), asumx likewise with (x - rowmax)
+                m = np.float32(0.0)
+                if top_row > KEY_NEG_INF:
+                    m = bits_to_float(key_to_bits(top_row))
+                rowmax[r] = m
+                for k in range(K):
+                    if best[k] <= KEY_NEG_INF:
+                        asum[r, k] = 0.0
                         if want_x:
-                            bsx += e * d if e > np.float32(0.0) else np.float32(0.0)  # 0 * -inf would be nan
-                    block_sums[r, blocks[k] + j0 // _BLOCK] = bs
-                    s += bs
-                    sx += bsx
-                gap = np.float64(b) - np.float64(m)
-                scale = math.exp(gap)
-                asum[r, k] = scale * s
-                if want_x:
-                    asumx[r, k] = scale * (sx + gap * s)
+                            asumx[r, k] = 0.0
+                        block_sums[r, blocks[k]:blocks[k + 1]] = 0.0
+                        continue
+                    b = bits_to_float(key_to_bits(best[k]))
+                    run = bits[lo[k]:hi[k]]
+                    s = 0.0
+                    sx = 0.0
+                    for j0 in range(0, run.shape[0], _BLOCK):
+                        # float32 sums over a block (16 lanes, a handful of terms per lane),
+                        # float64 across blocks
+                        block = run[j0:j0 + _BLOCK]
+                        bs = np.float32(0.0)
+                        bsx = np.float32(0.0)
+                        for j in range(block.shape[0]):
+                            d = bits_to_float(block[j]) - b
+                            e = exp_nonpositive(d)  # nan at a nan or +inf logit: the caller refuses it
+                            bs += e
+                            if want_x:
+                                bsx += e * d if e > np.float32(0.0) else np.float32(0.0)  # 0 * -inf would be nan
+                        block_sums[r, blocks[k] + j0 // _BLOCK] = bs
+                        s += bs
+                        sx += bsx
+                    gap = np.float64(b) - np.float64(m)
+                    scale = math.exp(gap)
+                    asum[r, k] = scale * s
+                    if want_x:
+                        asumx[r, k] = scale * (sx + gap * s)
 
     return scan
 
@@ -160,7 +163,7 @@ _scan_sums = _scan_kernel(False)  # sample, marginals
 _scan_sums_x = _scan_kernel(True)  # marginals with entropies, denoise_step
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(cache=True, nogil=True, parallel=True)
 def _max_atoms(x, atom_of, amax, aarg):  # pragma: no cover - compiled
     """Each atom's best logit and its lowest token, in one pass over each row in token
     order (Viterbi needs no sums, and without the exp the gather into atom order costs
@@ -168,7 +171,7 @@ def _max_atoms(x, atom_of, amax, aarg):  # pragma: no cover - compiled
     The update is rare after the first tokens, so its branch is predicted; a nan never
     compares greater, so it is never an atom's best."""
     N, V = x.shape
-    for n in range(N):
+    for n in nb.prange(N):
         row = x[n]
         mx = amax[n]
         am = aarg[n]
@@ -202,7 +205,8 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
     if not want_sum:
         amax = np.full((N, K), -np.inf, np.float32)
         aarg = np.full((N, K), -1, np.int32)
-        _max_atoms(logits, atom_of, amax, aarg)
+        with parallel_launch():
+            _max_atoms(logits, atom_of, amax, aarg)
         return rowmax, np.zeros((N, 1)), np.zeros((N, 1)), amax, aarg
     amax = np.empty((N, K), np.float32)
     aarg = np.empty((N, K), np.int32)
@@ -211,8 +215,9 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
     if block_sums is None:
         block_sums = np.empty((N, blocks[-1]), np.float32)
     kernel = _scan_sums_x if want_x else _scan_sums
-    kernel(np.ascontiguousarray(logits).view(np.int32), perm, lo, hi, blocks, rowmax, asum, asumx, amax.view(np.int32),
-           aarg, block_sums)
+    with parallel_launch():
+        kernel(np.ascontiguousarray(logits).view(np.int32), perm, lo, hi, blocks, rowmax, asum, asumx,
+               amax.view(np.int32), aarg, block_sums, row_parts(N))
     return rowmax, asum, asumx, amax, aarg
 
 
@@ -803,21 +808,31 @@ def log_factors(F: np.ndarray) -> np.ndarray:
         return np.log(F)
 
 
-@nb.njit(cache=True, nogil=True)
-def _write_marginals(logits, rowmax, atom_of, log_f, out):  # pragma: no cover
+@nb.njit(cache=True, nogil=True, parallel=True)
+def _write_marginals(logits, rowmax, atom_of, log_f, out, parts):  # pragma: no cover
     N, V = logits.shape
     K = log_f.shape[1]
-    shift = np.empty(K + 1, np.float64)  # log F - rowmax per atom; index K: never allowed (f64: logits may be far from 0)
-    for n in range(N):
-        for k in range(K):
-            shift[k] = log_f[n, k] - rowmax[n]
-        shift[K] = -np.inf
-        row = logits[n]
-        o = out[n]
-        for t in range(V):
-            k = atom_of[t]
-            # a token never allowed is -inf even where its logit is nan (or +inf)
-            o[t] = row[t] + shift[k] if k >= 0 else -np.inf
+    for part in nb.prange(parts):  # rows are independent (see row_parts)
+        # log F - rowmax per atom; index K: never allowed (f64: logits may be far from 0)
+        shift = np.empty(K + 1, np.float64)
+        for n in range(part * N // parts, (part + 1) * N // parts):
+            for k in range(K):
+                shift[k] = log_f[n, k] - rowmax[n]
+            shift[K] = -np.inf
+            row = logits[n]
+            o = out[n]
+            for t in range(V):
+                k = atom_of[t]
+                # a token never allowed is -inf even where its logit is nan (or +inf)
+                o[t] = row[t] + shift[k] if k >= 0 else -np.inf
+
+
+def write_marginals(logits: np.ndarray, rowmax: np.ndarray, atom_of: np.ndarray, log_f: np.ndarray,
+                    out: np.ndarray) -> None:
+    """out (N, V) float32 <- the log-marginals logits - rowmax + log F[atom] (-inf at tokens
+    never allowed), rows split across numba's threads."""
+    with parallel_launch():
+        _write_marginals(logits, rowmax, atom_of, log_f, out, row_parts(logits.shape[0]))
 
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
@@ -864,7 +879,7 @@ def _sample_atoms(asum, gsum, beta, out_rank, start, out_offsets, out_dst, out_g
     return out
 
 
-@nb.njit(cache=True, nogil=True, fastmath={"contract"})
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath={"contract"})
 def _sample_tokens(logits, amax, aarg, block_sums, atoms, perm, lo, hi, blocks, uniforms):  # pragma: no cover
     """A token inside each position's sampled atom, weight exp(x - amax). The atom's best
     token weighs exactly 1 of the atom's total: it is tried first (a peaked model ends
@@ -875,7 +890,7 @@ def _sample_tokens(logits, amax, aarg, block_sums, atoms, perm, lo, hi, blocks, 
     (``device_passes.tokens_in_atoms``: the best token, then the others in token order)."""
     L = atoms.shape[0]
     out = np.empty(L, np.int32)
-    for l in range(L):
+    for l in nb.prange(L):  # positions are independent given their atoms
         k = atoms[l]
         row = logits[l]
         b = amax[l, k]
@@ -916,6 +931,15 @@ def _sample_tokens(logits, amax, aarg, block_sums, atoms, perm, lo, hi, blocks, 
                 if acc >= u:
                     break
     return out
+
+
+def sample_tokens(logits: np.ndarray, amax: np.ndarray, aarg: np.ndarray, block_sums: np.ndarray,
+                  atoms: np.ndarray, sorted_atoms: SortedAtoms, uniforms: np.ndarray) -> np.ndarray:
+    """A token inside each position's sampled atom (see ``_sample_tokens``), positions
+    split across numba's threads."""
+    with parallel_launch():
+        return _sample_tokens(logits, amax, aarg, block_sums, atoms, sorted_atoms.perm, sorted_atoms.lo,
+                              sorted_atoms.hi, sorted_atoms.blocks, uniforms)
 
 
 @nb.njit(cache=True, nogil=True)

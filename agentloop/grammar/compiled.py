@@ -494,9 +494,8 @@ class CompiledGrammar:
             atoms = dp._sample_atoms_live(sc.asum[sl], sc.gsum[sl], sup.offsets, sup.states, beta, s0,
                                           *self._out_edges, ta.group_atoms, ta.group_offsets, uniforms)
         if sc.rowmax_dev is None:
-            at = self._sorted_atoms(sc.flat.shape[1])
-            tokens = dp._sample_tokens(sc.flat[sl], sc.amax[sl], sc.aarg[sl], sc.block_sums[sl], atoms, at.perm, at.lo,
-                                       at.hi, at.blocks, uniforms)
+            tokens = dp.sample_tokens(sc.flat[sl], sc.amax[sl], sc.aarg[sl], sc.block_sums[sl], atoms,
+                                      self._sorted_atoms(sc.flat.shape[1]), uniforms)
             return tokens.tolist()
         rows = np.arange(sl.start, sl.stop)
         best = sc.aarg[rows, atoms]
@@ -514,7 +513,7 @@ class CompiledGrammar:
                                                None if out is None else out.view(N, V))
             return logp.view(B, N // B, V)
         host = np.empty_like(sc.flat) if out is None else out.view(N, V).numpy()
-        dp._write_marginals(sc.flat, sc.rowmax, self._atom_of(V), log_f, host)
+        dp.write_marginals(sc.flat, sc.rowmax, self._atom_of(V), log_f, host)
         return torch.from_numpy(host).view(B, N // B, V) if out is None else out.view(B, N // B, V)
 
     @staticmethod

@@ -1,0 +1,49 @@
+"""Launching numba's parallel kernels from several Python threads.
+
+The passes over the vocabulary (the grammar's scan and marginals, the engine's fused
+sampler) are numba kernels over independent rows, run on numba's thread pool. Two of
+numba's threading layers, TBB and OpenMP, take launches from any number of Python threads
+at once. The third, ``workqueue`` (numba's fallback where neither library is installed,
+as on a stock macOS), aborts the process when a second thread launches while one kernel
+runs. :func:`parallel_launch` serialises the launches there and costs nothing elsewhere,
+so that agents running in threads never bring the process down.
+
+>>> with parallel_launch():
+...     pass  # call a parallel=True kernel here
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numba as nb
+
+_launch_lock = threading.Lock()
+#: threading layers that take concurrent launches (numba's docs: "threadsafe")
+_THREADSAFE_LAYERS = frozenset({"tbb", "omp"})
+
+
+def _layer() -> str | None:
+    try:
+        return str(nb.threading_layer())
+    except ValueError:  # no parallel kernel has run yet: the first launch picks the layer
+        return None
+
+
+@contextmanager
+def parallel_launch() -> Iterator[None]:
+    """Hold this around a call of a ``parallel=True`` kernel."""
+    if _layer() in _THREADSAFE_LAYERS:
+        yield
+        return
+    with _launch_lock:
+        yield
+
+
+def row_parts(rows: int) -> int:
+    """How many shares a kernel over ``rows`` independent rows splits them into: one per
+    numba thread (``numba.set_num_threads``), a block of rows each, so that each thread
+    allocates its buffers once."""
+    return max(1, min(rows, nb.get_num_threads()))
