@@ -11,6 +11,7 @@ reassociated).
 
     python bench/constraint_ab.py --baseline 8a6fe74            # 1, 5 and 20 tools, BPE 4k
     python bench/constraint_ab.py --baseline HEAD~1 --tools 1 --repeats 40
+    python bench/constraint_ab.py --baseline HEAD~1 --threads 2 --out bench/results/constraint_ab_2threads.md
 
 Writes ``bench/results/constraint_ab.md`` (``--out`` to change).
 """
@@ -112,10 +113,11 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="bpe-4k", choices=sorted(LOADERS))
     parser.add_argument("--tools", type=int, nargs="+", default=[1, 5, 20])
     parser.add_argument("--repeats", type=int, default=0, help="calls per op and version (default: 30, 5 at 20 tools)")
+    parser.add_argument("--threads", type=int, default=1, help="torch and numba threads (default 1)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "constraint_ab.md")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    numba.set_num_threads(args.threads)
     rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.baseline], check=True,
                          capture_output=True, text=True).stdout.strip()
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=True,
@@ -130,7 +132,8 @@ def main() -> None:
     command = "python bench/constraint_ab.py " + " ".join(sys.argv[1:])
     lines = ["# Canvas constraint A/B", "",
              f"Command: `{command}`  ",
-             f"Machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, 1 torch/numba thread; "
+             f"Machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, "
+             f"{args.threads} torch/numba thread{'s' if args.threads > 1 else ''}; "
              f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}  ",
              f"Current: agentloop at {head}{' + uncommitted changes' if dirty else ''}; baseline: {rev}  ",
              f"Date: {time.strftime('%Y-%m-%d %H:%M:%S')}; load average (1 min) at the end "

@@ -143,8 +143,9 @@ def test_forced_tokens_follow_from_the_language(grammar):
 
 
 def test_no_valid_canvas_is_a_clear_error(grammar):
-    with pytest.raises(NoValidCanvasError, match="partial=True"):
-        grammar.viterbi(torch.zeros(2, grammar.vocab.size))  # "[]" + stop needs 3
+    for op in (grammar.viterbi, grammar.sample, grammar.marginals, grammar.denoise_step):
+        with pytest.raises(NoValidCanvasError, match="partial=True"):
+            op(torch.zeros(2, grammar.vocab.size))  # "[]" + stop needs 3
     assert len(grammar.viterbi(torch.zeros(2, grammar.vocab.size), partial=True)) == 2
     with pytest.raises(GrammarInputError, match="columns"):
         grammar.sample(torch.zeros(4, 3))

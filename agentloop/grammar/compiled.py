@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import GrammarInputError, NoValidCanvasError, ParseError
+from ..numba_threads import parallel_launch
 from . import canvas as dp
 from . import device_passes
 from .canvas_layout import EdgeLayout, edge_layout
@@ -404,11 +405,13 @@ class CompiledGrammar:
                  best: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray | None, list[int] | None]:
         """One sweep over the canvas: the atom factors F (L, K) when ``gsum`` and ``beta``
         are given, the Viterbi canvas when ``gmax`` (L, G) and ``best``, each atom's best
-        logit and token (L, K), are."""
+        logit and token (L, K), are (both at once only over live-state lists: on dense
+        messages ``_step_passes`` runs them side by side)."""
         ta = self.automaton
         none2 = np.zeros((0, 0), np.float64)
         if sup.dense:
-            kernel = dp._forward_max if gsum is None else dp._forward_sum if gmax is None else dp._forward_both
+            assert gsum is None or gmax is None
+            kernel = dp._forward_max if gsum is None else dp._forward_sum
             lay = self._layout
             # trace: the Viterbi pass's record, here every position's scores by row
             F, trace, best_end, ok = kernel(
@@ -428,14 +431,40 @@ class CompiledGrammar:
             raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
         if gmax is None:
             return F, None
+        assert best is not None
+        return (F if gsum is not None else None), self._viterbi_path(sup, trace, best_end, gmax, best)
+
+    def _viterbi_path(self, sup: dp.Support, trace: np.ndarray, best_end: int, gmax: np.ndarray,
+                      best: tuple[np.ndarray, np.ndarray]) -> list[int]:
+        """The Viterbi canvas from the max pass's record (``trace``: scores by row on
+        dense messages, backpointers over live lists) and each atom's best token."""
+        ta = self.automaton
         if sup.dense:
-            groups = dp._trace_back(trace, best_end, gmax, lay.state, lay.rank, *self._in_edges)
+            groups = dp._trace_back(trace, best_end, gmax, self._layout.state, self._layout.rank, *self._in_edges)
         else:
             _, in_src, in_group = self._in_edges
             groups = dp._trace_back_live(trace, best_end, sup.offsets, sup.states, in_src, in_group)
-        assert best is not None
-        path = dp.group_best_tokens(groups, gmax, *best, ta.group_atoms, ta.group_offsets)
-        return (F if gsum is not None else None), path.tolist()
+        return dp.group_best_tokens(groups, gmax, *best, ta.group_atoms, ta.group_offsets).tolist()
+
+    def _step_passes(self, sc: "_Scores", sl: slice, gmax: np.ndarray, sup: dp.Support, s0: int,
+                     partial: bool) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """denoise_step's passes over one canvas: (beta, atom factors F, Viterbi canvas).
+        On dense messages the Viterbi pass runs beside the backward and factor passes, on
+        a thread of its own where numba has two; live lists share one forward sweep."""
+        best = (sc.amax[sl], sc.aarg[sl])
+        if not sup.dense:
+            beta = self._beta(sc.gsum[sl], sup, s0, partial)
+            F, path = self._forward(sup, s0, partial, gsum=sc.gsum[sl], beta=beta, gmax=gmax, best=best)
+            assert F is not None and path is not None
+            return beta, F, path
+        ta, lay = self.automaton, self._layout
+        with parallel_launch():
+            beta, F, vit, (best_end, vit_ok, sum_ok) = dp._step_passes(
+                sc.gsum[sl], gmax, sup.live, lay.src, lay.dst, lay.group, lay.runs, lay.in_row, lay.in_other,
+                lay.in_group, lay.rank[s0], ta.atom_groups, ta.atom_group_offsets, lay.rank)
+        if not (vit_ok and sum_ok):
+            raise NoValidCanvasError(self._no_canvas_message(gmax.shape[0], s0, partial))
+        return beta, F, self._viterbi_path(sup, vit, int(best_end), gmax, best)
 
     def _no_canvas_message(self, L: int, s0: int, partial: bool) -> str:
         return (f"no valid canvas of {L} positions from state {s0}"
@@ -594,9 +623,7 @@ class CompiledGrammar:
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
-            beta = self._beta(sc.gsum[sl], sup, s0, partial)
-            F[sl], path = self._forward(sup, s0, partial, gsum=sc.gsum[sl], beta=beta, gmax=gmax[sl],
-                                        best=(sc.amax[sl], sc.aarg[sl]))
+            beta, F[sl], path = self._step_passes(sc, sl, gmax[sl], sup, s0, partial)
             best.append(path)
             samples.append(self._sample_one(sc, sl, sup, beta, s0, uniforms[b]))
         log_f = dp.log_factors(F)
