@@ -111,28 +111,40 @@ def _step_outputs(g, x, seed=0):
     return step.argmax, step.sample, step.log_marginals.numpy().copy(), step.entropy.numpy().copy()
 
 
-def test_vocabulary_passes_give_the_same_step_on_any_number_of_threads(btok):
-    """The scan, the marginals write and the token draw split their rows across numba's
-    threads; each row is computed alone, so the step is the same to the bit (a batch of
-    3 canvases makes the shares uneven)."""
+@pytest.mark.parametrize("messages", ["dense", "live lists"])
+def test_the_step_is_the_same_on_any_number_of_threads(btok, monkeypatch, messages):
+    """The vocabulary passes split their rows across numba's threads (each row computed
+    alone), denoise_step runs the Viterbi pass beside the others, and the live-list
+    passes cut each position's states into a fixed number of chunks whose sums are added
+    in order: the step is the same to the bit with one thread or many (a batch of 3
+    canvases makes the shares uneven)."""
     import numba
     import torch
 
+    from agentloop.grammar.compiled import CompiledGrammar
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread on this machine (NUMBA_NUM_THREADS)")
+    if messages == "live lists":
+        monkeypatch.setattr(CompiledGrammar, "_dense_max_states", 0)
     g = compile_tools(TOOLS[:3], btok, "gemma4")
     x = torch.randn(3, 40, g.vocab.size, generator=torch.Generator().manual_seed(1)) * 3
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
         one = _step_outputs(g, x)
-        one_viterbi = g.viterbi(x)
+        one_ops = (g.viterbi(x), g.sample(x, torch.Generator().manual_seed(2)), g.marginals(x).numpy())
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
         many = _step_outputs(g, x)
-        assert g.viterbi(x) == one_viterbi
+        many_ops = (g.viterbi(x), g.sample(x, torch.Generator().manual_seed(2)), g.marginals(x).numpy())
     finally:
         numba.set_num_threads(before)
+    assert g._support(40, g.start_state, False).dense == (messages == "dense")
     assert one[0] == many[0] and one[1] == many[1]
     np.testing.assert_array_equal(one[2], many[2])
     np.testing.assert_array_equal(one[3], many[3])
+    assert one_ops[:2] == many_ops[:2]
+    np.testing.assert_array_equal(one_ops[2], many_ops[2])
 
 
 _CONCURRENT_CALLS = """

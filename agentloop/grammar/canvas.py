@@ -636,43 +636,68 @@ def _step_passes(gsum, gmax, live, src, dst, group, runs, in_row, in_other, in_g
 # and 117 ms for a whole step where the dense passes take 74 and 165; at 2.7k states (5
 # tools, BPE 4k) the dense passes make sample and marginals ~1.5x faster (constraint
 # bench). The threshold lies between the two, where the messages outgrow L2.
+#
+# The live states of one position are independent of each other in every pass: each
+# position's list is cut into LIVE_CHUNKS chunks that numba's threads share. Sums across
+# a position (its total, the group posteriors) are kept per chunk and added up in chunk
+# order, so the result is the same to the bit whatever the number of threads.
 
 #: Automata with more states than this run the live-list passes.
 DENSE_MAX_STATES = 16384
+#: Chunks of a position's live states (a fixed number: see above).
+LIVE_CHUNKS = 8
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(cache=True, nogil=True, inline="always")
+def _chunk(lo, hi, c):  # pragma: no cover - compiled
+    """Chunk c of LIVE_CHUNKS of the range lo..hi: (start, stop)."""
+    n = hi - lo
+    return lo + c * n // LIVE_CHUNKS, lo + (c + 1) * n // LIVE_CHUNKS
+
+
+@nb.njit(cache=True, nogil=True, parallel=True)
 def _backward_live(gsum, offsets, states, out_offsets, out_dst, out_group, S):  # pragma: no cover
     """beta[i] ∝ weight of the valid completions from live state i (its position's suffix)."""
     L = gsum.shape[0]
     beta = np.zeros(states.shape[0], np.float64)
     nxt = np.zeros(S, np.float64)  # beta at l + 1, dense over states
+    totals = np.zeros(LIVE_CHUNKS, np.float64)
     for i in range(offsets[L], offsets[L + 1]):
         beta[i] = 1.0
         nxt[states[i]] = 1.0
     for l in range(L - 1, -1, -1):
+        for c in nb.prange(LIVE_CHUNKS):
+            t = 0.0
+            i0, i1 = _chunk(offsets[l], offsets[l + 1], c)
+            for i in range(i0, i1):
+                s = states[i]
+                acc = 0.0
+                for j in range(out_offsets[s], out_offsets[s + 1]):
+                    acc += gsum[l, out_group[j]] * nxt[out_dst[j]]
+                beta[i] = acc
+                t += acc
+            totals[c] = t
         tot = 0.0
-        for i in range(offsets[l], offsets[l + 1]):
-            s = states[i]
-            acc = 0.0
-            for j in range(out_offsets[s], out_offsets[s + 1]):
-                acc += gsum[l, out_group[j]] * nxt[out_dst[j]]
-            beta[i] = acc
-            tot += acc
+        for c in range(LIVE_CHUNKS):
+            tot += totals[c]
         if tot <= 0.0:
             return beta, False
-        for i in range(offsets[l + 1], offsets[l + 2]):
-            nxt[states[i]] = 0.0
-        for i in range(offsets[l], offsets[l + 1]):
-            beta[i] /= tot
-            nxt[states[i]] = beta[i]
+        for c in nb.prange(LIVE_CHUNKS):
+            i0, i1 = _chunk(offsets[l + 1], offsets[l + 2], c)
+            for i in range(i0, i1):
+                nxt[states[i]] = 0.0
+        for c in nb.prange(LIVE_CHUNKS):
+            i0, i1 = _chunk(offsets[l], offsets[l + 1], c)
+            for i in range(i0, i1):
+                beta[i] /= tot
+                nxt[states[i]] = beta[i]
     return beta, True
 
 
 def _forward_live_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyped-def]
     """As ``_forward_kernel``, over live-state lists."""
 
-    @nb.njit(cache=True, nogil=True)
+    @nb.njit(cache=True, nogil=True, parallel=True)
     def forward(gsum, gmax, offsets, states, beta, in_offsets, in_src, in_group, atom_groups, atom_group_offsets,
                 S):  # pragma: no cover - compiled
         return _forward_live_body(gsum, gmax, offsets, states, beta, in_offsets, in_src, in_group, atom_groups,
@@ -705,6 +730,8 @@ def _forward_live_body(gsum, gmax, offsets, states, beta, in_offsets, in_src, in
     K = atom_group_offsets.shape[0] - 1
     F = np.zeros((L, K if want_sum else 0), np.float64)
     W = np.zeros(G, np.float64)
+    Wc = np.zeros((LIVE_CHUNKS, G if want_sum else 0), np.float64)  # W per chunk of the live states
+    totals = np.zeros((LIVE_CHUNKS, 2), np.float64)  # per chunk: tot, post
     cur = np.zeros(S, np.float64)  # alpha at l (scaled), dense over states
     nxt = np.zeros(S, np.float64)
     back = np.full(states.shape[0] if want_max else 0, -1, np.int32)  # incoming edge of the best prefix
@@ -714,34 +741,48 @@ def _forward_live_body(gsum, gmax, offsets, states, beta, in_offsets, in_src, in
         cur[states[i]] = 1.0
         vcur[states[i]] = 0.0
     for l in range(L):
-        tot = 0.0  # forward mass at l + 1 (for scaling)
-        post = 0.0  # posterior mass of position l (for normalising W)
-        for i in range(offsets[l + 1], offsets[l + 2]):
-            d = states[i]
-            b = beta[i] if want_sum else 0.0
-            acc = 0.0
-            best = -np.inf
-            be = -1
-            for j in range(in_offsets[d], in_offsets[d + 1]):
-                s = in_src[j]
-                g = in_group[j]
+        for c in nb.prange(LIVE_CHUNKS):
+            Wl = Wc[c]
+            tot_c = 0.0  # forward mass at l + 1 (for scaling)
+            post_c = 0.0  # posterior mass of position l (for normalising W)
+            i0, i1 = _chunk(offsets[l + 1], offsets[l + 2], c)
+            for i in range(i0, i1):
+                d = states[i]
+                b = beta[i] if want_sum else 0.0
+                acc = 0.0
+                best = -np.inf
+                be = -1
+                for j in range(in_offsets[d], in_offsets[d + 1]):
+                    s = in_src[j]
+                    g = in_group[j]
+                    if want_sum:
+                        w = cur[s] * gsum[l, g]
+                        acc += w
+                        Wl[g] += w * b
+                    if want_max:
+                        v = vcur[s] + gmax[l, g]
+                        if v > best:
+                            best = v
+                            be = j
                 if want_sum:
-                    w = cur[s] * gsum[l, g]
-                    acc += w
-                    W[g] += w * b
+                    nxt[d] = acc
+                    tot_c += acc
+                    post_c += acc * b
                 if want_max:
-                    v = vcur[s] + gmax[l, g]
-                    if v > best:
-                        best = v
-                        be = j
-            if want_sum:
-                nxt[d] = acc
-                tot += acc
-                post += acc * b
-            if want_max:
-                vnxt[d] = best
-                back[i] = be
+                    vnxt[d] = best
+                    back[i] = be
+            totals[c, 0] = tot_c
+            totals[c, 1] = post_c
+        tot = 0.0
+        post = 0.0
         if want_sum:
+            for c in range(LIVE_CHUNKS):
+                tot += totals[c, 0]
+                post += totals[c, 1]
+                Wl = Wc[c]
+                for g in range(G):
+                    W[g] += Wl[g]
+                    Wl[g] = 0.0
             if tot <= 0.0 or post <= 0.0:
                 return F, back, -1, False
             for g in range(G):
@@ -756,16 +797,20 @@ def _forward_live_body(gsum, gmax, offsets, states, beta, in_offsets, in_src, in
                     acc += W[atom_groups[j]]
                 F[l, k] = acc
             W[:] = 0.0
-        for i in range(offsets[l], offsets[l + 1]):
-            if want_sum:
-                cur[states[i]] = 0.0
-            if want_max:
-                vcur[states[i]] = -np.inf
-        for i in range(offsets[l + 1], offsets[l + 2]):
-            if want_sum:
-                cur[states[i]] = nxt[states[i]] / tot
-            if want_max:
-                vcur[states[i]] = vnxt[states[i]]
+        for c in nb.prange(LIVE_CHUNKS):
+            i0, i1 = _chunk(offsets[l], offsets[l + 1], c)
+            for i in range(i0, i1):
+                if want_sum:
+                    cur[states[i]] = 0.0
+                if want_max:
+                    vcur[states[i]] = -np.inf
+        for c in nb.prange(LIVE_CHUNKS):
+            i0, i1 = _chunk(offsets[l + 1], offsets[l + 2], c)
+            for i in range(i0, i1):
+                if want_sum:
+                    cur[states[i]] = nxt[states[i]] / tot
+                if want_max:
+                    vcur[states[i]] = vnxt[states[i]]
     best_end = -1
     if want_max:
         bv = -np.inf
