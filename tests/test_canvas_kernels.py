@@ -1,6 +1,7 @@
 """The compiled pieces under the canvas DP, each against its definition: the float32 exp
-and order keys, the Viterbi-only scan, token sampling inside a large atom, and the
-jagged-diagonal edge layout."""
+and order keys, the Viterbi-only scan, token sampling inside a large atom, the edge
+layout in runs, and the passes on numba's threads (the same step on any number of them;
+concurrent calls under numba's workqueue layer)."""
 
 from __future__ import annotations
 
