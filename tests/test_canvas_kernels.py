@@ -152,23 +152,29 @@ _CONCURRENT_CALLS = """
 import sys, threading
 import numba, torch
 from agentloop.grammar import byte_tokenizer, compile_tools
+from agentloop.grammar.compiled import CompiledGrammar
 from agentloop.engine.sampling import fused_draw
 import json
 tools = json.loads(open(sys.argv[1]).read())[:2]
-g = compile_tools(tools, byte_tokenizer(), "gemma4")
-x = torch.randn(32, g.vocab.size, generator=torch.Generator().manual_seed(0)) * 3
-want = g.denoise_step(x, torch.Generator().manual_seed(0)).argmax
+dense = compile_tools(tools, byte_tokenizer(), "gemma4")
+live = compile_tools(tools[::-1], byte_tokenizer(), "gemma4")  # another object (compiles are cached)
+live._dense_max_states = 0  # the live-list passes
+x = torch.randn(32, dense.vocab.size, generator=torch.Generator().manual_seed(0)) * 3
+want = {id(g): g.denoise_step(x, torch.Generator().manual_seed(0)).argmax for g in (dense, live)}
 errors = []
 def worker():
     try:
-        for _ in range(20):
-            assert g.denoise_step(x, torch.Generator().manual_seed(0)).argmax == want
+        for _ in range(10):
+            for g in (dense, live):
+                assert g.denoise_step(x, torch.Generator().manual_seed(0)).argmax == want[id(g)]
             fused_draw(x[None].clone(), 0.7, torch.Generator().manual_seed(0))
     except Exception as e:  # reported below
         errors.append(repr(e))
 threads = [threading.Thread(target=worker) for _ in range(4)]
 for t in threads: t.start()
 for t in threads: t.join()
+assert dense is not live and live._support(32, live.start_state, False).states.size
+assert not live._support(32, live.start_state, False).dense and dense._support(32, dense.start_state, False).dense
 print(numba.threading_layer(), errors)
 """
 
@@ -176,7 +182,8 @@ print(numba.threading_layer(), errors)
 def test_threads_may_call_the_passes_at_once_under_numba_s_workqueue_layer(tmp_path):
     """numba's fallback threading layer (no TBB, no OpenMP: a stock macOS) aborts the
     process when two threads launch a parallel kernel at once; ``parallel_launch`` takes
-    turns there. Four threads here, in a process forced onto that layer."""
+    turns there. Four threads here, in a process forced onto that layer, through the
+    dense and the live-list passes and the engine's fused sampler."""
     import os
     import subprocess
     import sys

@@ -422,10 +422,11 @@ class CompiledGrammar:
             kernel = (dp._forward_live_max if gsum is None else dp._forward_live_sum if gmax is None
                       else dp._forward_live_both)
             # trace: here a backpointer per live state
-            F, trace, best_end, ok = kernel(
-                none2 if gsum is None else gsum, none2 if gmax is None else gmax, sup.offsets, sup.states,
-                np.zeros(0, np.float64) if beta is None else beta, *self._in_edges, ta.atom_groups,
-                ta.atom_group_offsets, ta.n_states)
+            with parallel_launch():
+                F, trace, best_end, ok = kernel(
+                    none2 if gsum is None else gsum, none2 if gmax is None else gmax, sup.offsets, sup.states,
+                    np.zeros(0, np.float64) if beta is None else beta, *self._in_edges, ta.atom_groups,
+                    ta.atom_group_offsets, ta.n_states)
         if not ok:
             L = (gsum if gsum is not None else gmax).shape[0]  # type: ignore[union-attr]
             raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
@@ -501,7 +502,9 @@ class CompiledGrammar:
             lay = self._layout
             beta, ok = dp._backward(gsum, sup.live, lay.src, lay.dst, lay.group, lay.runs)
         else:
-            beta, ok = dp._backward_live(gsum, sup.offsets, sup.states, *self._out_edges, self.automaton.n_states)
+            with parallel_launch():
+                beta, ok = dp._backward_live(gsum, sup.offsets, sup.states, *self._out_edges,
+                                             self.automaton.n_states)
         if not ok:
             raise NoValidCanvasError(self._no_canvas_message(gsum.shape[0], s0, partial))
         return beta
