@@ -20,9 +20,11 @@ the final choice of a token inside the sampled atom. The DP (section 3) keeps de
 messages over the automaton's states, zero where a state lies on no valid canvas at that
 position, and pulls each state's value over its edges, most of them in runs of
 consecutive states that one vectorised loop covers (see canvas_layout; automata too
-large for dense messages visit the live states one by one, section 3b); it writes one
+large for dense messages visit the live states in chunks, section 3b); it writes one
 number per state and position, never one per edge, and the marginals' edge posteriors
-are added up inside the forward pass. Forward/backward run in probability
+are added up per position from both messages (dense) or inside the forward pass (live
+lists). The passes that do not depend on each other, and the positions of the passes
+over the vocabulary, run on numba's threads. Forward/backward run in probability
 space with per-position scaling (float64), which is exact up to rounding for logits
 within ~700 of the row maximum; Viterbi runs in log space.
 """
@@ -338,8 +340,13 @@ def _slot(states, lo, hi, s):  # pragma: no cover - compiled
 # canvas_layout): a run is one branch-free loop over contiguous rows,
 #     value[a:a + n] += weight[g] * message[b:b + n],
 # and dead states cost a multiply by 0, which is cheaper than looking up which states
-# live. The remaining edges are pulled one by one, row by row. Both passes and the
+# live. The remaining edges are pulled one by one, row by row. All passes and the
 # sampler share the one numbering, so beta needs no reordering between them.
+#
+# Viterbi, alpha and beta do not depend on each other: a step runs them as tasks on
+# numba's threads (``_dense_passes``), then the posteriors from alpha and beta, whose
+# positions are independent (``_factors``). One sweep for alpha and Viterbi together
+# saved nothing on dense messages (1.14 vs 0.67 + 0.52 ms at 1 tool, session 10).
 
 
 class Support(NamedTuple):
@@ -373,16 +380,6 @@ def support(edge_src: np.ndarray, edge_dst: np.ndarray, S: int, start: int, fina
 def _axpy(out, w, x):  # pragma: no cover - compiled
     for j in range(out.shape[0]):
         out[j] += w * x[j]
-
-
-@nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _axpy_dot(out, w, x, y):  # pragma: no cover - compiled
-    """out += w * x; returns x . y (a run's forward pull and its posterior)."""
-    t = 0.0
-    for j in range(out.shape[0]):
-        out[j] += w * x[j]
-        t += x[j] * y[j]
-    return t
 
 
 @nb.njit(cache=True, nogil=True)
@@ -454,34 +451,41 @@ def _backward_into(beta, gsum, live, src, dst, group, runs):  # pragma: no cover
     return True
 
 
-def _forward_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyped-def]
-    """The forward kernel compiled for one choice of passes (the flags are compile-time
-    constants: a runtime flag in the inner loop costs the single passes ~20%)."""
+@nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _alpha_into(alpha, gsum, live, src, dst, group, runs, in_row, in_other, in_group, start):  # pragma: no cover
+    """alpha (L + 1, S) zeros <- alpha[l, j] ∝ weight of the valid prefixes of l tokens
+    ending in row j (0 where j is not live); False when there are none. The mirror of
+    ``_backward_into``: each row is known up to its own factor, and its total divides
+    the next row's weights."""
+    L, G = gsum.shape
+    gsi = np.empty(G, np.float64)  # the group weights at l, divided by the total of row l
+    alpha[0, start] = 1.0
+    scale = 1.0
+    for l in range(L):
+        gs = gsum[l]
+        for g in range(G):
+            gsi[g] = gs[g] * scale
+        cur = alpha[l]
+        nxt = alpha[l + 1]
+        for r in range(runs.shape[0] - 1):
+            e = runs[r]
+            n = runs[r + 1] - e
+            _axpy(nxt[dst[e]:dst[e] + n], gsi[group[e]], cur[src[e]:src[e] + n])
+        for k in range(in_row.shape[0]):  # the single edges, by destination row
+            nxt[in_row[k]] += cur[in_other[k]] * gsi[in_group[k]]
+        tot = _mask_total(nxt, live[l + 1])
+        if not tot > 0.0:
+            return False
+        scale = 1.0 / tot
+    return True
 
-    @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-    def forward_into(F, vit, gsum, gmax, live, src, dst, group, runs, in_row, in_other, in_group, start, beta,
-                     atom_groups, atom_group_offsets, rank):  # pragma: no cover - compiled
-        return _forward_body(F, vit, gsum, gmax, live, src, dst, group, runs, in_row, in_other, in_group, start,
-                             beta, atom_groups, atom_group_offsets, rank, want_sum, want_max)
 
-    @nb.njit(cache=True, nogil=True)
-    def forward(gsum, gmax, live, src, dst, group, runs, in_row, in_other, in_group, start, beta, atom_groups,
-                atom_group_offsets, rank):  # pragma: no cover - compiled
-        F, vit = _forward_outputs(gsum, gmax, live, atom_group_offsets, want_sum, want_max)
-        best_end, ok = forward_into(F, vit, gsum, gmax, live, src, dst, group, runs, in_row, in_other, in_group,
-                                    start, beta, atom_groups, atom_group_offsets, rank)
-        return F, vit, best_end, ok
-
-    return forward, forward_into
-
-
-@nb.njit(cache=True, nogil=True, inline="always")
-def _forward_outputs(gsum, gmax, live, atom_group_offsets, want_sum, want_max):  # pragma: no cover - compiled
-    """The forward pass's outputs, empty where not wanted: F (L, K) zeros, vit (L + 1, S) -inf."""
-    L = gsum.shape[0] if want_sum else gmax.shape[0]
-    F = np.zeros((L, atom_group_offsets.shape[0] - 1 if want_sum else 0), np.float64)
-    vit = np.full((L + 1 if want_max else 0, live.shape[1]), -np.inf)
-    return F, vit
+@nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _dot(x, y):  # pragma: no cover - compiled
+    t = 0.0
+    for j in range(x.shape[0]):
+        t += x[j] * y[j]
+    return t
 
 
 #: Copies of the group posteriors the single edges add into, by edge (a power of 2): a
@@ -489,71 +493,36 @@ def _forward_outputs(gsum, gmax, live, atom_group_offsets, want_sum, want_max): 
 _POSTERIOR_COPIES = 4
 
 
-@nb.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
-def _forward_body(F, vit, gsum, gmax, live, src, dst, group, runs, in_row, in_other, in_group, start, beta,
-                  atom_groups, atom_group_offsets, rank, want_sum, want_max):  # pragma: no cover
-    """The forward passes over the canvas (rows as in ``canvas_layout``): with
-    ``want_sum`` the sum-product pass and from it and ``beta`` the atom factors F (L, K);
-    with ``want_max`` the max-product (Viterbi) pass, every position's scores kept for the
-    traceback (no backpointers: writing them made the run loops ~2x slower). Asked together
-    they share one sweep over the edges (the denoiser wants both every step).
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "contract"})
+def _factors(alpha, beta, gsum, src, dst, group, runs, in_row, in_other, in_group, atom_groups, atom_group_offsets,
+             parts):  # pragma: no cover - compiled
+    """The atom factors F (L, K) from both messages, and whether every position has
+    posterior mass. P(token t at l) = exp(x_t - rowmax_l) * F[l, atom(t)].
 
-    Atom factors: P(token t at l) = exp(x_t - rowmax_l) * F[l, atom(t)]. The posterior of
-    an edge s -> d at l is alpha_l(s) * gsum[l, g] * beta_{l+1}(d) / post_l, and a token
-    of group g at l weighs exp(x_t - rowmax_l) / gsum[l, g] of its edge, so
-    F[l, k] = sum over the groups g holding k of acc_g / post_l, with
-    acc_g = sum over g's edges of alpha_l(s) * beta_{l+1}(d) (added up while the pass
-    pulls alpha over the same edges: a dot product per run) and
+    The posterior of an edge s -> d at l is alpha_l(s) * gsum[l, g] * beta_{l+1}(d) /
+    post_l, and a token of group g at l weighs exp(x_t - rowmax_l) / gsum[l, g] of its
+    edge, so F[l, k] = sum over the groups g holding k of acc_g / post_l, with
+    acc_g = sum over g's edges of alpha_l(s) * beta_{l+1}(d) (a dot product per run) and
     post_l = sum over g of gsum[l, g] * acc_g (gsum itself never divides: at low
-    temperatures a group the canvas needs can weigh ~1e-170).
-
-    Writes F (L, K), zeros on entry, and vit (L + 1, S), -inf on entry: vit[l, j] is the
-    best log-score of a prefix of l tokens ending in row j (-inf where not live). Returns
-    (best_end, ok): the best accepting row at L (ties: the lowest state), and False when
-    no valid canvas exists.
-    """
-    L = gsum.shape[0] if want_sum else gmax.shape[0]
-    G = gsum.shape[1] if want_sum else gmax.shape[1]
-    S = live.shape[1]
+    temperatures a group the canvas needs can weigh ~1e-170). Each row's own factor
+    cancels in the ratio, so positions are independent: blocks of them per thread."""
+    L, G = gsum.shape
     K = atom_group_offsets.shape[0] - 1
-    acc = np.zeros((_POSTERIOR_COPIES, G), np.float64)
-    cur = np.zeros(S, np.float64)  # alpha at l, times 1 / scale (each position's total divides the next one's weights)
-    nxt = np.zeros(S, np.float64)
-    gsi = np.zeros(G, np.float64)  # the group weights at l, times scale
-    scale = 1.0
-    cur[start] = 1.0
-    if want_max:
-        vit[0, start] = 0.0
-    for l in range(L):
-        if want_sum:
-            gs = gsum[l]
-            for g in range(G):
-                gsi[g] = gs[g] * scale
-            bn = beta[l + 1]
+    F = np.zeros((L, K), np.float64)
+    ok = np.ones(L, np.bool_)
+    for part in nb.prange(parts):
+        acc = np.empty((_POSTERIOR_COPIES, G), np.float64)
+        for l in range(part * L // parts, (part + 1) * L // parts):
             acc[:, :] = 0.0
-            nxt[:] = 0.0
-        if want_max:
-            gm = gmax[l]
-            vcur = vit[l]
-            vnxt = vit[l + 1]
-        for r in range(runs.shape[0] - 1):
-            e0 = runs[r]
-            n = runs[r + 1] - e0
-            a, b, g = src[e0], dst[e0], group[e0]
-            if want_sum:
-                acc[0, g] += _axpy_dot(nxt[b:b + n], gsi[g], cur[a:a + n], bn[b:b + n])
-            if want_max:
-                _max_plus(vnxt[b:b + n], gm[g], vcur[a:a + n])
-        for k in range(in_row.shape[0]):  # the single edges, by destination row
-            row, g = in_row[k], in_group[k]
-            if want_sum:
-                c = cur[in_other[k]]
-                nxt[row] += c * gsi[g]
-                acc[k & (_POSTERIOR_COPIES - 1), g] += c * bn[row]
-            if want_max:
-                vnxt[row] = max(vnxt[row], vcur[in_other[k]] + gm[g])
-        lv = live[l + 1]
-        if want_sum:
+            cur = alpha[l]
+            bn = beta[l + 1]
+            for r in range(runs.shape[0] - 1):
+                e = runs[r]
+                n = runs[r + 1] - e
+                acc[0, group[e]] += _dot(cur[src[e]:src[e] + n], bn[dst[e]:dst[e] + n])
+            for k in range(in_row.shape[0]):
+                acc[k & (_POSTERIOR_COPIES - 1), in_group[k]] += cur[in_other[k]] * bn[in_row[k]]
+            gs = gsum[l]
             post = 0.0
             for g in range(G):
                 t = 0.0
@@ -562,69 +531,106 @@ def _forward_body(F, vit, gsum, gmax, live, src, dst, group, runs, in_row, in_ot
                 acc[0, g] = t
                 post += t * gs[g]
             if not post > 0.0:
-                return -1, False
+                ok[l] = False
+                continue
             inv = 1.0 / post
             for k in range(K):
                 t = 0.0
                 for i in range(atom_group_offsets[k], atom_group_offsets[k + 1]):
                     t += acc[0, atom_groups[i]]
                 F[l, k] = t * inv
-            tot = _mask_total(nxt, lv)
-            if not tot > 0.0:
-                return -1, False
-            scale = 1.0 / tot
-            cur, nxt = nxt, cur
-        if want_max and not _mask_max(vnxt, lv) > -np.inf:
+    return F, ok.all()
+
+
+@nb.njit(cache=True, nogil=True)
+def _viterbi(gmax, live, src, dst, group, runs, in_row, in_other, in_group, start, rank):  # pragma: no cover
+    """The max-product pass: (vit, best_end, ok), see ``_viterbi_into``."""
+    vit = np.full((gmax.shape[0] + 1, live.shape[1]), -np.inf)
+    best_end, ok = _viterbi_into(vit, gmax, live, src, dst, group, runs, in_row, in_other, in_group, start, rank)
+    return vit, best_end, ok
+
+
+@nb.njit(cache=True, nogil=True)
+def _viterbi_into(vit, gmax, live, src, dst, group, runs, in_row, in_other, in_group, start,
+                  rank):  # pragma: no cover - compiled
+    """vit (L + 1, S), -inf on entry <- vit[l, j], the best log-score of a prefix of l
+    tokens ending in row j (-inf where not live). Every position's scores are kept for
+    the traceback instead of backpointers (writing them made the run loops ~2x slower).
+    Returns (best_end, ok): the best accepting row at L (ties: the lowest state), and
+    False when no valid canvas exists."""
+    L = gmax.shape[0]
+    vit[0, start] = 0.0
+    for l in range(L):
+        gm = gmax[l]
+        vcur = vit[l]
+        vnxt = vit[l + 1]
+        for r in range(runs.shape[0] - 1):
+            e = runs[r]
+            n = runs[r + 1] - e
+            _max_plus(vnxt[dst[e]:dst[e] + n], gm[group[e]], vcur[src[e]:src[e] + n])
+        for k in range(in_row.shape[0]):  # the single edges, by destination row
+            row = in_row[k]
+            vnxt[row] = max(vnxt[row], vcur[in_other[k]] + gm[in_group[k]])
+        if not _mask_max(vnxt, live[l + 1]) > -np.inf:
             return -1, False
     best_end = -1
-    if want_max:
-        bv = -np.inf
-        for s in range(rank.shape[0]):  # in state order: ties go to the lowest state, as they always have
-            j = rank[s]
-            if vit[L, j] > bv:
-                bv = vit[L, j]
-                best_end = j
-        if best_end < 0:
-            return -1, False
+    bv = -np.inf
+    for s in range(rank.shape[0]):  # in state order: ties go to the lowest state, as they always have
+        j = rank[s]
+        if vit[L, j] > bv:
+            bv = vit[L, j]
+            best_end = j
+    if best_end < 0:
+        return -1, False
     return best_end, True
 
 
-_forward_sum, _forward_sum_into = _forward_kernel(True, False)  # marginals: atom factors
-_forward_max, _forward_max_into = _forward_kernel(False, True)  # viterbi
+#: The dense passes a step can ask for together (see ``_dense_passes``).
+VITERBI, ALPHA, BETA = 0, 1, 2
 
 
 @nb.njit(cache=True, nogil=True, parallel=True)
-def _step_passes(gsum, gmax, live, src, dst, group, runs, in_row, in_other, in_group, start, atom_groups,
-                 atom_group_offsets, rank):  # pragma: no cover - compiled
-    """denoise_step's passes as two tasks for two threads: the Viterbi pass, and the
-    backward pass followed by the forward pass for the atom factors (it needs beta).
-    Each pass is its own sweep (one sweep for both forward passes saves nothing on the
-    dense messages: 1.14 vs 0.67 + 0.52 ms at 1 tool), so with one thread the step costs
-    what it did, and with two the Viterbi pass is off the critical path.
-
-    Returns (beta, F, vit, status): status = [best_end, Viterbi ok, factors ok]."""
-    L, G = gsum.shape
+def _dense_passes(gsum, gmax, live, src, dst, group, runs, in_row, in_other, in_group, start, rank,
+                  task_of):  # pragma: no cover - compiled
+    """The passes that do not depend on each other, as tasks for numba's threads:
+    task_of[p] is the task that runs pass p (VITERBI, ALPHA, BETA), -1 where the pass is
+    not wanted; a task runs its passes in that order. Returns (vit, alpha, beta, status),
+    an array (0, S) for a pass not run; status = [best_end, Viterbi ok, alpha ok,
+    beta ok]."""
+    L = gsum.shape[0] if gsum.shape[0] else gmax.shape[0]
     S = live.shape[1]
-    beta = np.zeros((L + 1, S), np.float64)
-    F = np.zeros((L, atom_group_offsets.shape[0] - 1), np.float64)
-    vit = np.full((L + 1, S), -np.inf)
-    no_F = np.zeros((L, 0), np.float64)
-    no_vit = np.zeros((0, S), np.float64)
-    no_g = np.zeros((0, 0), np.float64)
-    status = np.zeros(3, np.int64)
-    for task in nb.prange(2):
-        if task == 0:
-            best_end, ok = _forward_max_into(no_F, vit, no_g, gmax, live, src, dst, group, runs, in_row, in_other,
-                                             in_group, start, no_g, atom_groups, atom_group_offsets, rank)
+    vit = np.full((L + 1 if task_of[VITERBI] >= 0 else 0, S), -np.inf)
+    alpha = np.zeros((L + 1 if task_of[ALPHA] >= 0 else 0, S), np.float64)
+    beta = np.zeros((L + 1 if task_of[BETA] >= 0 else 0, S), np.float64)
+    status = np.ones(4, np.int64)
+    status[0] = -1
+    for task in nb.prange(task_of.max() + 1):
+        if task_of[VITERBI] == task:
+            best_end, ok = _viterbi_into(vit, gmax, live, src, dst, group, runs, in_row, in_other, in_group, start,
+                                         rank)
             status[0] = best_end
             status[1] = ok
-        else:
-            ok = _backward_into(beta, gsum, live, src, dst, group, runs)
-            if ok:
-                _, ok = _forward_sum_into(F, no_vit, gsum, no_g, live, src, dst, group, runs, in_row, in_other,
-                                          in_group, start, beta, atom_groups, atom_group_offsets, rank)
-            status[2] = ok
-    return beta, F, vit, status
+        if task_of[ALPHA] == task:
+            status[2] = _alpha_into(alpha, gsum, live, src, dst, group, runs, in_row, in_other, in_group, start)
+        if task_of[BETA] == task:
+            status[3] = _backward_into(beta, gsum, live, src, dst, group, runs)
+    return vit, alpha, beta, status
+
+
+def dense_tasks(passes: tuple[int, ...], threads: int) -> np.ndarray:
+    """task_of for ``_dense_passes``: one task per pass where there are threads enough;
+    with two threads for three passes, the Viterbi pass (the longest: max-plus) alone and
+    alpha then beta on the other."""
+    task_of = np.full(3, -1, np.int64)
+    if threads >= len(passes):
+        for t, p in enumerate(passes):
+            task_of[p] = t
+    elif threads == 2:
+        for p in passes:
+            task_of[p] = 0 if p == VITERBI else 1
+    else:
+        task_of[list(passes)] = 0
+    return task_of
 
 
 # ---- 3b. the same passes over live-state lists, for large automata ------------------------
@@ -695,7 +701,8 @@ def _backward_live(gsum, offsets, states, out_offsets, out_dst, out_group, S):  
 
 
 def _forward_live_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyped-def]
-    """As ``_forward_kernel``, over live-state lists."""
+    """The forward sweep over live-state lists compiled for one choice of passes (the
+    flags are compile-time constants: a runtime flag in the inner loop costs ~20%)."""
 
     @nb.njit(cache=True, nogil=True, parallel=True)
     def forward(gsum, gmax, offsets, states, beta, in_offsets, in_src, in_group, atom_groups, atom_group_offsets,
@@ -886,7 +893,7 @@ def _sample_atoms_live(asum, gsum, offsets, states, beta, start, out_offsets, ou
 
 @nb.njit(cache=True, nogil=True)
 def _trace_back_live(back, best_end, offsets, states, in_src, in_group):  # pragma: no cover
-    """The Viterbi canvas' groups: follow the backpointers of ``_forward(want_max=True)``
+    """The Viterbi canvas' groups: follow the backpointers of ``_forward_live_max``
     from the best accepting state. -> groups (L,) i32."""
     L = offsets.shape[0] - 2
     out = np.full(L, -1, np.int32)
@@ -1059,7 +1066,7 @@ def group_best_tokens(groups, gmax, amax, aarg, group_atoms, group_offsets):  # 
 
 @nb.njit(cache=True, nogil=True)
 def _trace_back(vit, best_end, gmax, state, rank, in_offsets, in_src, in_group):  # pragma: no cover
-    """The Viterbi canvas' groups from the scores of ``_forward(want_max=True)``: from the
+    """The Viterbi canvas' groups from the scores of ``_viterbi_into``: from the
     best accepting row back, the first incoming edge (in the automaton's order) whose
     prefix score plus its group's best logit is the row's score (the same float sum the
     pass took its max over, so equal exactly). -> groups (L,) i32."""

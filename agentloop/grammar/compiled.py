@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
+import numba
 import numpy as np
 import torch
 
 from ..errors import GrammarInputError, NoValidCanvasError, ParseError
-from ..numba_threads import parallel_launch
+from ..numba_threads import parallel_launch, row_parts
 from . import canvas as dp
 from . import device_passes
 from .canvas_layout import EdgeLayout, edge_layout
@@ -83,6 +84,14 @@ class _Scores:
     gsum: np.ndarray  # (N, G) f64 sums per group
     block_sums: np.ndarray  # (N, blocks) f32 host pass: sums of exp(x - amax) per block of each atom's tokens
     rowmax_dev: torch.Tensor | None  # (N,) rowmax on the logits' device (device passes), else None
+
+
+class _Passes(NamedTuple):
+    """What the DP over one canvas gave (see ``CompiledGrammar._canvas_passes``)."""
+
+    beta: np.ndarray | None  # backward messages (dense: (L + 1, S) by row; live lists: one per live state)
+    F: np.ndarray | None  # (L, K) atom factors
+    path: list[int] | None  # the Viterbi canvas
 
 
 class CompiledGrammar:
@@ -394,46 +403,69 @@ class CompiledGrammar:
         out = []
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
-            _, path = self._forward(self._support(L, s0, partial), s0, partial, gmax=gmax[sl],
-                                    best=(sc.amax[sl], sc.aarg[sl]))
+            path = self._canvas_passes(self._support(L, s0, partial), s0, partial, gmax=gmax[sl],
+                                       best=(sc.amax[sl], sc.aarg[sl])).path
             assert path is not None
             out.append(path)
         return out if batched else out[0]
 
-    def _forward(self, sup: dp.Support, s0: int, partial: bool, gsum: np.ndarray | None = None,
-                 beta: np.ndarray | None = None, gmax: np.ndarray | None = None,
-                 best: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray | None, list[int] | None]:
-        """One sweep over the canvas: the atom factors F (L, K) when ``gsum`` and ``beta``
-        are given, the Viterbi canvas when ``gmax`` (L, G) and ``best``, each atom's best
-        logit and token (L, K), are (both at once only over live-state lists: on dense
-        messages ``_step_passes`` runs them side by side)."""
+    def _canvas_passes(self, sup: dp.Support, s0: int, partial: bool, *, gsum: np.ndarray | None = None,
+                       factors: bool = False, gmax: np.ndarray | None = None,
+                       best: tuple[np.ndarray, np.ndarray] | None = None) -> "_Passes":
+        """The DP over one canvas: beta when ``gsum`` (L, G) is given, the atom factors
+        F (L, K) too with ``factors``, the Viterbi canvas when ``gmax`` (L, G) and
+        ``best`` (each atom's best logit and token, (L, K)) are.
+
+        On dense messages the passes that do not depend on each other (Viterbi, alpha,
+        beta) run as tasks on numba's threads, then the factors from alpha and beta, a
+        block of positions per thread. Over live-state lists beta comes first, then one
+        forward sweep for the factors and the Viterbi pass together (it shares the
+        edges' loads), each position's states shared by the threads."""
         ta = self.automaton
+        L = (gsum if gsum is not None else gmax).shape[0]  # type: ignore[union-attr]
         none2 = np.zeros((0, 0), np.float64)
+        beta = F = trace = None
+        best_end, ok = -1, True
         if sup.dense:
-            assert gsum is None or gmax is None
-            kernel = dp._forward_max if gsum is None else dp._forward_sum
             lay = self._layout
-            # trace: the Viterbi pass's record, here every position's scores by row
-            F, trace, best_end, ok = kernel(
-                none2 if gsum is None else gsum, none2 if gmax is None else gmax, sup.live, lay.src, lay.dst,
-                lay.group, lay.runs, lay.in_row, lay.in_other, lay.in_group, lay.rank[s0],
-                none2 if beta is None else beta, ta.atom_groups, ta.atom_group_offsets, lay.rank)
+            edges = (sup.live, lay.src, lay.dst, lay.group, lay.runs, lay.in_row, lay.in_other, lay.in_group,
+                     lay.rank[s0])
+            if gmax is not None and gsum is None:  # viterbi alone
+                trace, best_end, ok = dp._viterbi(gmax, *edges, lay.rank)
+            elif gmax is None and not factors:  # beta alone (sample)
+                beta, ok = dp._backward(gsum, *edges[:5])
+            else:
+                passes = tuple(p for p, wanted in ((dp.VITERBI, gmax is not None), (dp.ALPHA, factors),
+                                                   (dp.BETA, True)) if wanted)
+                with parallel_launch():
+                    trace, alpha, beta, status = dp._dense_passes(
+                        gsum, none2 if gmax is None else gmax, *edges, lay.rank,
+                        dp.dense_tasks(passes, numba.get_num_threads()))
+                best_end, ok = int(status[0]), bool(status[1:].all())
+                if ok and factors:
+                    with parallel_launch():
+                        F, ok = dp._factors(alpha, beta, gsum, *edges[1:8], ta.atom_groups, ta.atom_group_offsets,
+                                            row_parts(L))
         else:
-            kernel = (dp._forward_live_max if gsum is None else dp._forward_live_sum if gmax is None
-                      else dp._forward_live_both)
-            # trace: here a backpointer per live state
-            with parallel_launch():
-                F, trace, best_end, ok = kernel(
-                    none2 if gsum is None else gsum, none2 if gmax is None else gmax, sup.offsets, sup.states,
-                    np.zeros(0, np.float64) if beta is None else beta, *self._in_edges, ta.atom_groups,
-                    ta.atom_group_offsets, ta.n_states)
+            if gsum is not None:
+                with parallel_launch():
+                    beta, ok = dp._backward_live(gsum, sup.offsets, sup.states, *self._out_edges, ta.n_states)
+            if ok and (factors or gmax is not None):
+                kernel = (dp._forward_live_max if not factors else dp._forward_live_sum if gmax is None
+                          else dp._forward_live_both)
+                # trace: here a backpointer per live state
+                with parallel_launch():
+                    F, trace, best_end, ok = kernel(
+                        gsum if factors else none2, none2 if gmax is None else gmax, sup.offsets, sup.states,
+                        beta if factors else np.zeros(0, np.float64), *self._in_edges, ta.atom_groups,
+                        ta.atom_group_offsets, ta.n_states)
         if not ok:
-            L = (gsum if gsum is not None else gmax).shape[0]  # type: ignore[union-attr]
             raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
-        if gmax is None:
-            return F, None
-        assert best is not None
-        return (F if gsum is not None else None), self._viterbi_path(sup, trace, best_end, gmax, best)
+        path = None
+        if gmax is not None:
+            assert best is not None and trace is not None
+            path = self._viterbi_path(sup, trace, best_end, gmax, best)
+        return _Passes(beta, F if factors else None, path)
 
     def _viterbi_path(self, sup: dp.Support, trace: np.ndarray, best_end: int, gmax: np.ndarray,
                       best: tuple[np.ndarray, np.ndarray]) -> list[int]:
@@ -446,26 +478,6 @@ class CompiledGrammar:
             _, in_src, in_group = self._in_edges
             groups = dp._trace_back_live(trace, best_end, sup.offsets, sup.states, in_src, in_group)
         return dp.group_best_tokens(groups, gmax, *best, ta.group_atoms, ta.group_offsets).tolist()
-
-    def _step_passes(self, sc: "_Scores", sl: slice, gmax: np.ndarray, sup: dp.Support, s0: int,
-                     partial: bool) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """denoise_step's passes over one canvas: (beta, atom factors F, Viterbi canvas).
-        On dense messages the Viterbi pass runs beside the backward and factor passes, on
-        a thread of its own where numba has two; live lists share one forward sweep."""
-        best = (sc.amax[sl], sc.aarg[sl])
-        if not sup.dense:
-            beta = self._beta(sc.gsum[sl], sup, s0, partial)
-            F, path = self._forward(sup, s0, partial, gsum=sc.gsum[sl], beta=beta, gmax=gmax, best=best)
-            assert F is not None and path is not None
-            return beta, F, path
-        ta, lay = self.automaton, self._layout
-        with parallel_launch():
-            beta, F, vit, (best_end, vit_ok, sum_ok) = dp._step_passes(
-                sc.gsum[sl], gmax, sup.live, lay.src, lay.dst, lay.group, lay.runs, lay.in_row, lay.in_other,
-                lay.in_group, lay.rank[s0], ta.atom_groups, ta.atom_group_offsets, lay.rank)
-        if not (vit_ok and sum_ok):
-            raise NoValidCanvasError(self._no_canvas_message(gmax.shape[0], s0, partial))
-        return beta, F, self._viterbi_path(sup, vit, int(best_end), gmax, best)
 
     def _no_canvas_message(self, L: int, s0: int, partial: bool) -> str:
         return (f"no valid canvas of {L} positions from state {s0}"
@@ -496,25 +508,6 @@ class CompiledGrammar:
                 "float16 or bfloat16 gives such logits")
         gsum = dp._group_sums(asum, ta.group_atoms, ta.group_offsets) if want_sum else np.zeros((B * L, 0))
         return _Scores(flat, rowmax, asum, asumx, amax, aarg, gsum, block_sums, rowmax_dev)
-
-    def _beta(self, gsum: np.ndarray, sup: dp.Support, s0: int, partial: bool) -> np.ndarray:
-        if sup.dense:
-            lay = self._layout
-            beta, ok = dp._backward(gsum, sup.live, lay.src, lay.dst, lay.group, lay.runs)
-        else:
-            with parallel_launch():
-                beta, ok = dp._backward_live(gsum, sup.offsets, sup.states, *self._out_edges,
-                                             self.automaton.n_states)
-        if not ok:
-            raise NoValidCanvasError(self._no_canvas_message(gsum.shape[0], s0, partial))
-        return beta
-
-    def _factors(self, gsum: np.ndarray, sup: dp.Support, beta: np.ndarray, s0: int,
-                 partial: bool) -> np.ndarray:
-        """Atom factors F (L, K) of one canvas from its backward messages plus a forward pass."""
-        F, _ = self._forward(sup, s0, partial, gsum=gsum, beta=beta)
-        assert F is not None
-        return F
 
     def _sample_one(self, sc: "_Scores", sl: slice, sup: dp.Support, beta: np.ndarray, s0: int,
                     uniforms: np.ndarray) -> list[int]:
@@ -570,7 +563,7 @@ class CompiledGrammar:
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
-            beta = self._beta(sc.gsum[sl], sup, s0, partial)
+            beta = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl]).beta
             out.append(self._sample_one(sc, sl, sup, beta, s0, uniforms[b]))
         return out if batched else out[0]
 
@@ -589,7 +582,7 @@ class CompiledGrammar:
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
-            F[sl] = self._factors(sc.gsum[sl], sup, self._beta(sc.gsum[sl], sup, s0, partial), s0, partial)
+            F[sl] = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True).F
         log_f = dp.log_factors(F)
         logp = self._log_marginals(sc, F, log_f, B)
         result = logp if batched else logp[0]
@@ -626,8 +619,10 @@ class CompiledGrammar:
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
-            beta, F[sl], path = self._step_passes(sc, sl, gmax[sl], sup, s0, partial)
-            best.append(path)
+            passes = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True, gmax=gmax[sl],
+                                         best=(sc.amax[sl], sc.aarg[sl]))
+            beta, F[sl] = passes.beta, passes.F
+            best.append(passes.path)
             samples.append(self._sample_one(sc, sl, sup, beta, s0, uniforms[b]))
         log_f = dp.log_factors(F)
         logp = self._log_marginals(sc, F, log_f, B, out)
