@@ -6,17 +6,27 @@ numba's threading layers, TBB and OpenMP, take launches from any number of Pytho
 at once. The third, ``workqueue`` (numba's fallback where neither library is installed,
 as on a stock macOS), aborts the process when a second thread launches while one kernel
 runs. :func:`parallel_launch` serialises the launches there and costs nothing elsewhere,
-so that agents running in threads never bring the process down.
+so that agents running in threads never bring the process down; every parallel kernel
+of the package is compiled by :func:`parallel_kernel`, which launches it so.
 
->>> with parallel_launch():
-...     pass  # call a parallel=True kernel here
+>>> @parallel_kernel(cache=False)
+... def total(x):
+...     s = 0.0
+...     for i in nb.prange(x.shape[0]):
+...         s += x[i]
+...     return s
+>>> import numpy as np
+>>> float(total(np.ones(4)))
+4.0
 """
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numba as nb
 
@@ -40,6 +50,25 @@ def parallel_launch() -> Iterator[None]:
         return
     with _launch_lock:
         yield
+
+
+def parallel_kernel(**options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``numba.njit(parallel=True, **options)``, called from Python through
+    :func:`parallel_launch`. The kernel is for Python callers only (numba code cannot
+    call the wrapper); the compiled dispatcher is its ``kernel`` attribute."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        kernel = nb.njit(parallel=True, **options)(fn)
+
+        @functools.wraps(fn)
+        def launch(*args: Any) -> Any:
+            with parallel_launch():
+                return kernel(*args)
+
+        launch.kernel = kernel  # type: ignore[attr-defined]
+        return launch
+
+    return decorate
 
 
 def row_parts(rows: int) -> int:

@@ -23,7 +23,7 @@ import numba as nb
 import numpy as np
 import torch
 
-from ..numba_threads import parallel_launch
+from ..numba_threads import parallel_kernel
 
 
 def temperature_at(cur_step: int, max_steps: int, t_min: float, t_max: float) -> float:
@@ -53,7 +53,7 @@ def reference_draw(tempered: torch.Tensor, generator: torch.Generator | None
 _BLOCK = 2048  # tokens per block: the block is re-read from L1/L2, the row from memory once
 
 
-@nb.njit(parallel=True, cache=True, nogil=True)
+@parallel_kernel(cache=True, nogil=True)
 def _fused_rows(x, temperature, uniforms, argmax, sample, entropy):  # pragma: no cover - compiled
     """Per row of x (R, V): divide by the temperature in place, then argmax, entropy and an
     inverse-CDF sample, reading the row from memory once (block sums stand in for the CDF)."""
@@ -143,8 +143,7 @@ def fused_draw(logits: torch.Tensor, temperature: float, generator: torch.Genera
     argmax = np.empty(B * L, np.int64)
     sample = np.empty(B * L, np.int64)
     entropy = np.empty(B * L, np.float64)
-    with parallel_launch():  # safe from several threads whatever numba's threading layer
-        _fused_rows(x, float(temperature), uniforms, argmax, sample, entropy)
+    _fused_rows(x, float(temperature), uniforms, argmax, sample, entropy)
     return (torch.from_numpy(sample).view(B, L), torch.from_numpy(argmax).view(B, L),
             torch.from_numpy(entropy).view(B, L))
 

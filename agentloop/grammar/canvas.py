@@ -37,7 +37,7 @@ from typing import NamedTuple
 import numba as nb
 import numpy as np
 
-from ..numba_threads import parallel_launch, row_parts
+from ..numba_threads import parallel_kernel, row_parts
 from .canvas_layout import EdgeLayout
 from .float32_math import KEY_NEG_INF, KEY_POS_INF, bits_to_float, exp_nonpositive, key_to_bits, order_key
 
@@ -85,7 +85,7 @@ def _scan_kernel(want_x: bool):  # type: ignore[no-untyped-def]
     """The scan compiled with or without the entropy sums (a compile-time flag keeps the
     inner loops free of branches, which is what lets them vectorise)."""
 
-    @nb.njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "contract"})
+    @parallel_kernel(cache=True, nogil=True, fastmath={"reassoc", "contract"})
     def scan(logit_bits, perm, lo, hi, blocks, rowmax, asum, asumx, amax_bits, aarg, block_sums,
              parts):  # pragma: no cover
         # logit_bits: the logits (N, V) as int32 bits (a float32 view of a local array is
@@ -165,7 +165,7 @@ _scan_sums = _scan_kernel(False)  # sample, marginals
 _scan_sums_x = _scan_kernel(True)  # marginals with entropies, denoise_step
 
 
-@nb.njit(cache=True, nogil=True, parallel=True)
+@parallel_kernel(cache=True, nogil=True)
 def _max_atoms(x, atom_of, amax, aarg):  # pragma: no cover - compiled
     """Each atom's best logit and its lowest token, in one pass over each row in token
     order (Viterbi needs no sums, and without the exp the gather into atom order costs
@@ -207,8 +207,7 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
     if not want_sum:
         amax = np.full((N, K), -np.inf, np.float32)
         aarg = np.full((N, K), -1, np.int32)
-        with parallel_launch():
-            _max_atoms(logits, atom_of, amax, aarg)
+        _max_atoms(logits, atom_of, amax, aarg)
         return rowmax, np.zeros((N, 1)), np.zeros((N, 1)), amax, aarg
     amax = np.empty((N, K), np.float32)
     aarg = np.empty((N, K), np.int32)
@@ -217,9 +216,8 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
     if block_sums is None:
         block_sums = np.empty((N, blocks[-1]), np.float32)
     kernel = _scan_sums_x if want_x else _scan_sums
-    with parallel_launch():
-        kernel(np.ascontiguousarray(logits).view(np.int32), perm, lo, hi, blocks, rowmax, asum, asumx,
-               amax.view(np.int32), aarg, block_sums, row_parts(N))
+    kernel(np.ascontiguousarray(logits).view(np.int32), perm, lo, hi, blocks, rowmax, asum, asumx,
+           amax.view(np.int32), aarg, block_sums, row_parts(N))
     return rowmax, asum, asumx, amax, aarg
 
 
@@ -494,7 +492,7 @@ def _dot(x, y):  # pragma: no cover - compiled
 _POSTERIOR_COPIES = 4
 
 
-@nb.njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "contract"})
+@parallel_kernel(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _factors(alpha, beta, gsum, src, dst, group, runs, in_row, in_other, in_group, atom_groups, atom_group_offsets,
              parts):  # pragma: no cover - compiled
     """The atom factors F (L, K) from both messages, and whether every position has
@@ -590,7 +588,7 @@ def _viterbi_into(vit, gmax, live, src, dst, group, runs, in_row, in_other, in_g
 VITERBI, ALPHA, BETA = 0, 1, 2
 
 
-@nb.njit(cache=True, nogil=True, parallel=True)
+@parallel_kernel(cache=True, nogil=True)
 def _dense_passes(gsum, gmax, live, src, dst, group, runs, in_row, in_other, in_group, start, rank,
                   task_of):  # pragma: no cover - compiled
     """The passes that do not depend on each other, as tasks for numba's threads:
@@ -662,7 +660,7 @@ def _chunk(lo, hi, c):  # pragma: no cover - compiled
     return lo + c * n // LIVE_CHUNKS, lo + (c + 1) * n // LIVE_CHUNKS
 
 
-@nb.njit(cache=True, nogil=True, parallel=True)
+@parallel_kernel(cache=True, nogil=True)
 def _backward_live(gsum, offsets, states, out_offsets, out_dst, out_group, S):  # pragma: no cover
     """beta[i] ∝ weight of the valid completions from live state i (its position's suffix)."""
     L = gsum.shape[0]
@@ -705,7 +703,7 @@ def _forward_live_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-unt
     """The forward sweep over live-state lists compiled for one choice of passes (the
     flags are compile-time constants: a runtime flag in the inner loop costs ~20%)."""
 
-    @nb.njit(cache=True, nogil=True, parallel=True)
+    @parallel_kernel(cache=True, nogil=True)
     def forward(gsum, gmax, offsets, states, beta, in_offsets, in_src, in_group, atom_groups, atom_group_offsets,
                 S):  # pragma: no cover - compiled
         return _forward_live_body(gsum, gmax, offsets, states, beta, in_offsets, in_src, in_group, atom_groups,
@@ -916,7 +914,7 @@ def log_factors(F: np.ndarray) -> np.ndarray:
         return np.log(F)
 
 
-@nb.njit(cache=True, nogil=True, parallel=True)
+@parallel_kernel(cache=True, nogil=True)
 def _write_marginals(logits, rowmax, atom_of, log_f, out, parts):  # pragma: no cover
     N, V = logits.shape
     K = log_f.shape[1]
@@ -939,8 +937,7 @@ def write_marginals(logits: np.ndarray, rowmax: np.ndarray, atom_of: np.ndarray,
                     out: np.ndarray) -> None:
     """out (N, V) float32 <- the log-marginals logits - rowmax + log F[atom] (-inf at tokens
     never allowed), rows split across numba's threads."""
-    with parallel_launch():
-        _write_marginals(logits, rowmax, atom_of, log_f, out, row_parts(logits.shape[0]))
+    _write_marginals(logits, rowmax, atom_of, log_f, out, row_parts(logits.shape[0]))
 
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
@@ -987,7 +984,7 @@ def _sample_atoms(asum, gsum, beta, out_rank, start, out_offsets, out_dst, out_g
     return out
 
 
-@nb.njit(cache=True, nogil=True, parallel=True, fastmath={"contract"})
+@parallel_kernel(cache=True, nogil=True, fastmath={"contract"})
 def _sample_tokens(logits, amax, aarg, block_sums, atoms, perm, lo, hi, blocks, uniforms):  # pragma: no cover
     """A token inside each position's sampled atom, weight exp(x - amax). The atom's best
     token weighs exactly 1 of the atom's total: it is tried first (a peaked model ends
@@ -1045,9 +1042,8 @@ def sample_tokens(logits: np.ndarray, amax: np.ndarray, aarg: np.ndarray, block_
                   atoms: np.ndarray, sorted_atoms: SortedAtoms, uniforms: np.ndarray) -> np.ndarray:
     """A token inside each position's sampled atom (see ``_sample_tokens``), positions
     split across numba's threads."""
-    with parallel_launch():
-        return _sample_tokens(logits, amax, aarg, block_sums, atoms, sorted_atoms.perm, sorted_atoms.lo,
-                              sorted_atoms.hi, sorted_atoms.blocks, uniforms)
+    return _sample_tokens(logits, amax, aarg, block_sums, atoms, sorted_atoms.perm, sorted_atoms.lo,
+                          sorted_atoms.hi, sorted_atoms.blocks, uniforms)
 
 
 @nb.njit(cache=True, nogil=True)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import GrammarInputError, NoValidCanvasError, ParseError
-from ..numba_threads import parallel_launch, row_parts
+from ..numba_threads import row_parts
 from . import canvas as dp
 from . import device_passes
 from .canvas_layout import EdgeLayout, edge_layout
@@ -437,28 +437,23 @@ class CompiledGrammar:
             else:
                 passes = tuple(p for p, wanted in ((dp.VITERBI, gmax is not None), (dp.ALPHA, factors),
                                                    (dp.BETA, True)) if wanted)
-                with parallel_launch():
-                    trace, alpha, beta, status = dp._dense_passes(
-                        gsum, none2 if gmax is None else gmax, *edges, lay.rank,
-                        dp.dense_tasks(passes, numba.get_num_threads()))
+                trace, alpha, beta, status = dp._dense_passes(gsum, none2 if gmax is None else gmax, *edges, lay.rank,
+                                                              dp.dense_tasks(passes, numba.get_num_threads()))
                 best_end, ok = int(status[0]), bool(status[1:].all())
                 if ok and factors:
-                    with parallel_launch():
-                        F, ok = dp._factors(alpha, beta, gsum, *edges[1:8], ta.atom_groups, ta.atom_group_offsets,
-                                            row_parts(L))
+                    F, ok = dp._factors(alpha, beta, gsum, *edges[1:8], ta.atom_groups, ta.atom_group_offsets,
+                                        row_parts(L))
         else:
             if gsum is not None:
-                with parallel_launch():
-                    beta, ok = dp._backward_live(gsum, sup.offsets, sup.states, *self._out_edges, ta.n_states)
+                beta, ok = dp._backward_live(gsum, sup.offsets, sup.states, *self._out_edges, ta.n_states)
             if ok and (factors or gmax is not None):
                 kernel = (dp._forward_live_max if not factors else dp._forward_live_sum if gmax is None
                           else dp._forward_live_both)
                 # trace: here a backpointer per live state
-                with parallel_launch():
-                    F, trace, best_end, ok = kernel(
-                        gsum if factors else none2, none2 if gmax is None else gmax, sup.offsets, sup.states,
-                        beta if factors else np.zeros(0, np.float64), *self._in_edges, ta.atom_groups,
-                        ta.atom_group_offsets, ta.n_states)
+                F, trace, best_end, ok = kernel(
+                    gsum if factors else none2, none2 if gmax is None else gmax, sup.offsets, sup.states,
+                    beta if factors else np.zeros(0, np.float64), *self._in_edges, ta.atom_groups,
+                    ta.atom_group_offsets, ta.n_states)
         if not ok:
             raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
         path = None
