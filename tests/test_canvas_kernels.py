@@ -45,6 +45,27 @@ def test_viterbi_scan_never_takes_a_nan_for_an_atom_best():
     assert aarg.tolist() == [[1, -1], [0, 2]]  # ties: the lowest token; no usable logit: -1
 
 
+def test_scan_of_one_token_atoms_equals_the_definition():
+    """Atoms of one token skip the scan's loops: the same maxima, tokens and sums as the
+    definition, 0 for a -inf logit, nan sums for a nan or +inf one (the caller names it)."""
+    atom_of = np.array([0, 1, 2, 3, 3, -1, 4], np.int32)  # atom 3: two tokens, the others one
+    x = np.array([[0.5, -np.inf, 2.0, 1.0, 1.0, 9.0, -3.0],
+                  [np.nan, 1.0, np.inf, 0.0, -1.0, 0.0, 2.0]], np.float32)
+    atoms = dp.sorted_atoms(atom_of, 5)
+    block_sums = np.empty((2, atoms.blocks[-1]), np.float32)
+    rowmax, asum, asumx, amax, aarg = dp.reduce_atoms(x, atoms, True, True, block_sums)
+    assert rowmax.tolist() == [2.0, 2.0]  # the best finite allowed logit (token 5 is never allowed)
+    assert amax[0].tolist() == [0.5, -np.inf, 2.0, 1.0, -3.0]
+    assert aarg[0].tolist() == [0, -1, 2, 3, 6]
+    assert aarg[1].tolist() == [0, 1, 2, 3, 6] and np.isnan(amax[1, 0]) and amax[1, 2] == np.inf
+    e = np.exp
+    assert asum[0] == pytest.approx([e(-1.5), 0.0, 1.0, 2 * e(-1.0), e(-5.0)], rel=1e-6)
+    assert asumx[0] == pytest.approx([-1.5 * e(-1.5), 0.0, 0.0, -2 * e(-1.0), -5 * e(-5.0)], rel=1e-6)
+    assert block_sums[0].tolist() == [1.0, 0.0, 1.0, 2.0, 1.0]  # around each atom's own best
+    assert np.isnan(asum[1, [0, 2]]).all() and np.isnan(asumx[1, [0, 2]]).all()
+    assert asum[1, [1, 3, 4]] == pytest.approx([e(-1.0), e(-2.0) + e(-3.0), 1.0], rel=1e-6)
+
+
 def test_token_sampling_inside_a_large_atom_follows_the_logits():
     """One atom of 1500 tokens (6 blocks of the scan's sums): 200k draws at one position,
     total variation to exp(x) / sum < 0.03 (the expected TV of 200k draws over 1500

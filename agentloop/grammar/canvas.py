@@ -105,20 +105,27 @@ def _scan_kernel(want_x: bool):  # type: ignore[no-untyped-def]
                 # the run offset (key << 32 | (2**32 - 1 - offset): ties go to the lowest
                 # token). A nan is the best (its atom's sums come out nan, and the caller
                 # names the position).
+                # An atom of one token (most atoms of a tool grammar: 71 of 94 at BPE 4k, one
+                # tool) skips both loops, whose set-up cost ~25 ns an atom and row.
                 top_row = KEY_NEG_INF
                 for k in range(K):
-                    run = bits[lo[k]:hi[k]]
-                    top = np.int64(-(2**63))
-                    for j in range(run.shape[0]):
-                        top = max(top, (np.int64(order_key(run[j])) << 32) | (np.int64(0xFFFFFFFF) - j))
-                    key = np.int32(top >> 32)
+                    if hi[k] - lo[k] == 1:
+                        key = order_key(bits[lo[k]])
+                        first = lo[k]
+                    else:
+                        run = bits[lo[k]:hi[k]]
+                        top = np.int64(-(2**63))
+                        for j in range(run.shape[0]):
+                            top = max(top, (np.int64(order_key(run[j])) << 32) | (np.int64(0xFFFFFFFF) - j))
+                        key = np.int32(top >> 32)
+                        first = lo[k] + np.int64(0xFFFFFFFF) - (top & np.int64(0xFFFFFFFF))
                     best[k] = key
                     if key <= KEY_NEG_INF:  # no usable logit
                         amax_bits[r, k] = np.int32(-8388608)  # 0xff800000: -inf
                         aarg[r, k] = -1
                     else:
                         amax_bits[r, k] = key_to_bits(key)
-                        aarg[r, k] = perm[lo[k] + np.int64(0xFFFFFFFF) - (top & np.int64(0xFFFFFFFF))]
+                        aarg[r, k] = perm[first]
                         if key < KEY_POS_INF:  # finite
                             top_row = max(top_row, key)
                 # 2. each atom's sums around its own best b (every term <= 1, so an atom far
@@ -139,21 +146,25 @@ def _scan_kernel(want_x: bool):  # type: ignore[no-untyped-def]
                     run = bits[lo[k]:hi[k]]
                     s = 0.0
                     sx = 0.0
-                    for j0 in range(0, run.shape[0], _BLOCK):
-                        # float32 sums over a block (16 lanes, a handful of terms per lane),
-                        # float64 across blocks
-                        block = run[j0:j0 + _BLOCK]
-                        bs = np.float32(0.0)
-                        bsx = np.float32(0.0)
-                        for j in range(block.shape[0]):
-                            d = bits_to_float(block[j]) - b
-                            e = exp_nonpositive(d)  # nan at a nan or +inf logit: the caller refuses it
-                            bs += e
-                            if want_x:
-                                bsx += e * d if e > np.float32(0.0) else np.float32(0.0)  # 0 * -inf would be nan
-                        block_sums[r, blocks[k] + j0 // _BLOCK] = bs
-                        s += bs
-                        sx += bsx
+                    if run.shape[0] == 1:  # its one term is exp(0) = 1 (nan at a nan or +inf logit)
+                        s = 1.0 if best[k] < KEY_POS_INF else np.nan
+                        block_sums[r, blocks[k]] = s
+                    else:
+                        for j0 in range(0, run.shape[0], _BLOCK):
+                            # float32 sums over a block (16 lanes, a handful of terms per
+                            # lane), float64 across blocks
+                            block = run[j0:j0 + _BLOCK]
+                            bs = np.float32(0.0)
+                            bsx = np.float32(0.0)
+                            for j in range(block.shape[0]):
+                                d = bits_to_float(block[j]) - b
+                                e = exp_nonpositive(d)  # nan at a nan or +inf logit: the caller refuses it
+                                bs += e
+                                if want_x:
+                                    bsx += e * d if e > np.float32(0.0) else np.float32(0.0)  # 0 * -inf is nan
+                            block_sums[r, blocks[k] + j0 // _BLOCK] = bs
+                            s += bs
+                            sx += bsx
                     gap = np.float64(b) - np.float64(m)
                     scale = math.exp(gap)
                     asum[r, k] = scale * s
