@@ -105,7 +105,7 @@ def _scan_kernel(want_x: bool):  # type: ignore[no-untyped-def]
                 # the run offset (key << 32 | (2**32 - 1 - offset): ties go to the lowest
                 # token). A nan is the best (its atom's sums come out nan, and the caller
                 # names the position).
-                # An atom of one token (most atoms of a tool grammar: 71 of 94 at BPE 4k, one
+                # An atom of one token (most atoms of a tool grammar: 73 of 94 at BPE 4k, one
                 # tool) skips both loops, whose set-up cost ~25 ns an atom and row.
                 top_row = KEY_NEG_INF
                 for k in range(K):
