@@ -390,11 +390,33 @@ def support(edge_src: np.ndarray, edge_dst: np.ndarray, S: int, start: int, fina
     return Support(offsets, states, np.ascontiguousarray(live.view(np.uint8)[:, layout.state]))
 
 
-# A run's loop is written out in each pass, over slices of the two rows (a loop over
-# ``range(lo, hi)`` of the rows would not vectorise): called as a function of its own it
-# cost 15-25% more a pass (BPE 4k, 1 and 5 tools). The masking loops below are functions
-# of their own: inlined into the passes' bodies they lost their vectorisation (2x slower
-# inside _backward).
+# A run's loop goes over slices of the two rows (a loop over ``range(lo, hi)`` of the rows
+# would not vectorise). Its helpers are inlined into the passes by numba
+# (``inline="always"``): called as functions of their own they cost 15-25% more a pass
+# (BPE 4k, 1 and 5 tools). The masking loops below stay functions of their own: inlined
+# into the passes' bodies they lost their vectorisation (2x slower inside _backward).
+
+
+@nb.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
+def _axpy(out, w, x):  # pragma: no cover - compiled
+    for j in range(out.shape[0]):
+        out[j] += w * x[j]
+
+
+@nb.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
+def _dot(x, y):  # pragma: no cover - compiled
+    t = 0.0
+    for j in range(x.shape[0]):
+        t += x[j] * y[j]
+    return t
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _max_plus(out, w, x):  # pragma: no cover - compiled
+    """out = max(out, x + w), a run's Viterbi pull (max() here would compile to a masked
+    store: see _max_into)."""
+    for j in range(out.shape[0]):
+        out[j] = np.fmax(out[j], x[j] + w)
 
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
@@ -450,9 +472,7 @@ def _backward_into(beta, gsum, live, src, dst, group, runs):  # pragma: no cover
         for r in range(runs.shape[0] - 1):
             e = runs[r]
             n = runs[r + 1] - e
-            o, x, w = out[src[e]:src[e] + n], nxt[dst[e]:dst[e] + n], gsi[group[e]]
-            for j in range(n):
-                o[j] += w * x[j]
+            _axpy(out[src[e]:src[e] + n], gsi[group[e]], nxt[dst[e]:dst[e] + n])
         for e in range(runs[-1], E):  # the single edges, by source row (indices unsigned: see the scan)
             out[np.uint32(src[e])] += gsi[np.uint32(group[e])] * nxt[np.uint32(dst[e])]
         tot = _mask_total(out, live[l])
@@ -481,9 +501,7 @@ def _alpha_into(alpha, gsum, live, src, dst, group, runs, in_row, in_other, in_g
         for r in range(runs.shape[0] - 1):
             e = runs[r]
             n = runs[r + 1] - e
-            o, x, w = nxt[dst[e]:dst[e] + n], cur[src[e]:src[e] + n], gsi[group[e]]
-            for j in range(n):
-                o[j] += w * x[j]
+            _axpy(nxt[dst[e]:dst[e] + n], gsi[group[e]], cur[src[e]:src[e] + n])
         for k in range(in_row.shape[0]):  # the single edges, by destination row (indices unsigned)
             nxt[np.uint32(in_row[k])] += cur[np.uint32(in_other[k])] * gsi[np.uint32(in_group[k])]
         tot = _mask_total(nxt, live[l + 1])
@@ -524,11 +542,7 @@ def _factors(alpha, beta, gsum, src, dst, group, runs, in_row, in_other, in_grou
             for r in range(runs.shape[0] - 1):
                 e = runs[r]
                 n = runs[r + 1] - e
-                x, y = cur[src[e]:src[e] + n], bn[dst[e]:dst[e] + n]
-                t = 0.0
-                for j in range(n):
-                    t += x[j] * y[j]
-                acc[0, group[e]] += t
+                acc[0, group[e]] += _dot(cur[src[e]:src[e] + n], bn[dst[e]:dst[e] + n])
             for k in range(in_row.shape[0]):  # (indices unsigned: see the scan)
                 acc[k & (_POSTERIOR_COPIES - 1), np.uint32(in_group[k])] += (cur[np.uint32(in_other[k])]
                                                                             * bn[np.uint32(in_row[k])])
@@ -577,9 +591,7 @@ def _viterbi_into(vit, gmax, live, src, dst, group, runs, in_row, in_other, in_g
         for r in range(runs.shape[0] - 1):
             e = runs[r]
             n = runs[r + 1] - e
-            o, x, w = vnxt[dst[e]:dst[e] + n], vcur[src[e]:src[e] + n], gm[group[e]]
-            for j in range(n):
-                o[j] = np.fmax(o[j], x[j] + w)  # max() here compiles to a masked store: see _max_into
+            _max_plus(vnxt[dst[e]:dst[e] + n], gm[group[e]], vcur[src[e]:src[e] + n])
         for k in range(in_row.shape[0]):  # the single edges, by destination row (indices unsigned)
             row = np.uint32(in_row[k])
             vnxt[row] = max(vnxt[row], vcur[np.uint32(in_other[k])] + gm[np.uint32(in_group[k])])
