@@ -225,13 +225,29 @@ def test_denoise_step_writes_the_marginals_into_out(grammar):
     assert step.sample == plain.sample and step.argmax == plain.argmax
 
 
+def test_marginals_write_into_out(grammar):
+    """A loop can hand ``marginals`` the same buffer every step (no fresh (L, V) tensor to
+    fault in): the same values as without, batched too, entropies alike."""
+    logits = torch.randn(2, 6, grammar.vocab.size, generator=torch.Generator().manual_seed(3))
+    buffer = torch.full((2, 6, grammar.vocab.size), 7.0)
+    got, H = grammar.marginals(logits, return_entropy=True, out=buffer)
+    want, H_want = grammar.marginals(logits, return_entropy=True)
+    assert got.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(buffer, want)
+    torch.testing.assert_close(H, H_want)
+    row = grammar.marginals(logits[1], out=buffer[0])
+    assert row.data_ptr() == buffer[0].data_ptr()
+    torch.testing.assert_close(buffer[0], want[1])
+
+
+@pytest.mark.parametrize("op", ["denoise_step", "marginals"])
 @pytest.mark.parametrize("bad", ["shape", "dtype", "strided"])
-def test_denoise_step_refuses_an_out_it_cannot_write(grammar, bad):
+def test_an_out_that_cannot_take_the_marginals_is_refused(grammar, bad, op):
     logits = torch.randn(6, grammar.vocab.size, generator=torch.Generator().manual_seed(2))
     out = {"shape": torch.empty(5, grammar.vocab.size), "dtype": torch.empty(6, grammar.vocab.size, dtype=torch.float64),
            "strided": torch.empty(grammar.vocab.size, 6).T}[bad]
     with pytest.raises(GrammarInputError, match=r"out must be a contiguous float32 tensor of shape \(6, "):
-        grammar.denoise_step(logits, out=out)
+        getattr(grammar, op)(logits, out=out)
 
 
 def test_allowed_tokens_far_below_a_forbidden_one_do_not_underflow():
