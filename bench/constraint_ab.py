@@ -12,6 +12,14 @@ reassociated).
     python bench/constraint_ab.py --baseline 8a6fe74            # 1, 5 and 20 tools, BPE 4k
     python bench/constraint_ab.py --baseline HEAD~1 --tools 1 --repeats 40
     python bench/constraint_ab.py --baseline HEAD~1 --threads 2 --out bench/results/constraint_ab_2threads.md
+    python bench/constraint_ab.py --baseline HEAD~1 --peak 80   # one token per row far ahead, as a trained model's
+
+The default logits are N(0, 3): ~15 nats from a row's best to most of its tokens. A
+trained model's are far wider: the bundled model's rows span ~100 nats at its sampling
+temperatures (0.4-0.8), one token or a few far ahead of the rest, so most atoms sit tens
+of nats below the row's best. A change whose cost depends on the logits must be measured
+with ``--peak 80`` too (one such, an exp reference per row instead of per atom, was
+0.7-0.9x the scan on the default logits, 1.0-1.05x on N(0, 12) and 2x on the model's own).
 
 Writes ``bench/results/constraint_ab.md`` (``--out`` to change).
 """
@@ -76,13 +84,18 @@ def timed_pair(ops: dict[str, Callable[[], Any]], repeats: int) -> dict[str, lis
     return times
 
 
-def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, seed: int = 0) -> list[dict[str, Any]]:
+def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std: float, peak: float,
+            seed: int = 0) -> list[dict[str, Any]]:
     tok, aliases = LOADERS[tok_name]()
     tools = json.loads(SCHEMAS.read_text())[:n_tools]
     grammars = {"baseline": baseline.compile_tools(tools, tok, "gemma4", aliases=aliases),
                 "current": current.compile_tools(tools, tok, "gemma4", aliases=aliases)}
     V, L = tok.get_vocab_size(), 256
-    logits = torch.randn(L, V, generator=torch.Generator().manual_seed(seed)) * 3  # (L, V)
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(L, V, generator=gen) * logit_std  # (L, V)
+    if peak:  # one token per row that far above the row's best
+        ahead = torch.randint(0, V, (L,), generator=gen)
+        logits[torch.arange(L), ahead] = logits.max(dim=1).values + peak
 
     def ops_of(g: Any) -> dict[str, Callable[[], Any]]:
         return {"viterbi": lambda: g.viterbi(logits),
@@ -114,6 +127,11 @@ def main() -> None:
     parser.add_argument("--tools", type=int, nargs="+", default=[1, 5, 20])
     parser.add_argument("--repeats", type=int, default=0, help="calls per op and version (default: 30, 5 at 20 tools)")
     parser.add_argument("--threads", type=int, default=1, help="torch and numba threads (default 1)")
+    parser.add_argument("--logit-std", type=float, default=3.0,
+                        help="standard deviation of the random logits (default 3)")
+    parser.add_argument("--peak", type=float, default=0.0,
+                        help="raise one random token per row this many nats above the row's best (default 0: "
+                             "none; 80 is like a trained model's confident rows)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "constraint_ab.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -128,7 +146,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         baseline = export_baseline(rev, Path(tmp))
         for n in args.tools:
-            rows += compare(args.tokenizer, n, baseline, args.repeats or (30 if n < 20 else 5))
+            rows += compare(args.tokenizer, n, baseline, args.repeats or (30 if n < 20 else 5), args.logit_std,
+                            args.peak)
     command = "python bench/constraint_ab.py " + " ".join(sys.argv[1:])
     lines = ["# Canvas constraint A/B", "",
              f"Command: `{command}`  ",
@@ -138,7 +157,8 @@ def main() -> None:
              f"Current: agentloop at {head}{' + uncommitted changes' if dirty else ''}; baseline: {rev}  ",
              f"Date: {time.strftime('%Y-%m-%d %H:%M:%S')}; load average (1 min) at the end "
              f"{os.getloadavg()[0]:.2f}", "",
-             "Both versions in one process, their calls alternating; L=256, random logits (std 3), gemma4 wire "
+             "Both versions in one process, their calls alternating; L=256, random logits "
+             f"(N(0, {args.logit_std:g}){f', one token per row {args.peak:g} nats ahead' if args.peak else ''}), gemma4 wire "
              "format; medians. Viterbi canvases equal and marginals equal to 1e-6 between the two (checked).", "",
              "| tokenizer | tools | op | baseline ms | current ms | current / baseline |",
              "|---|---|---|---|---|---|"]
