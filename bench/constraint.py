@@ -413,9 +413,9 @@ def step_row(g: Any, cfg: Config, forward_ms: float, forward: Callable[[], None]
         "reduce_max": lambda: dp.reduce_atoms(x, atoms, False, False),
         "reduce_sum": lambda: dp.reduce_atoms(x, atoms, True, False),
         "reduce_sum_x": lambda: dp.reduce_atoms(x, atoms, True, True),
-        # all three sharing one pass over the logits (what the engine calls)
-        # the engine's call: the marginals go into its self-conditioning buffer, reused every
-        # step (a fresh (L, V) tensor costs its page faults: ~0.35 s at 262k after a forward)
+        # all three sharing one pass over the logits, called as the engine calls it: the
+        # marginals go into its self-conditioning buffer, reused every step (a fresh (L, V)
+        # tensor costs its page faults: ~0.35 s at 262k right after a forward)
         "denoise_step": lambda: g.denoise_step(logits, generator=sampler, out=step_out),
     }
     on_gpu = logits.cuda() if torch.cuda.is_available() else None

@@ -149,6 +149,7 @@ def main() -> None:
             rows += compare(args.tokenizer, n, baseline, args.repeats or (30 if n < 20 else 5), args.logit_std,
                             args.peak)
     command = "python bench/constraint_ab.py " + " ".join(sys.argv[1:])
+    peaked = f", one token per row {args.peak:g} nats ahead" if args.peak else ""
     lines = ["# Canvas constraint A/B", "",
              f"Command: `{command}`  ",
              f"Machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, "
@@ -158,7 +159,7 @@ def main() -> None:
              f"Date: {time.strftime('%Y-%m-%d %H:%M:%S')}; load average (1 min) at the end "
              f"{os.getloadavg()[0]:.2f}", "",
              "Both versions in one process, their calls alternating; L=256, random logits "
-             f"(N(0, {args.logit_std:g}){f', one token per row {args.peak:g} nats ahead' if args.peak else ''}), gemma4 wire "
+             f"(N(0, {args.logit_std:g}){peaked}), gemma4 wire "
              "format; medians. Viterbi canvases equal and marginals equal to 1e-6 between the two (checked).", "",
              "| tokenizer | tools | op | baseline ms | current ms | current / baseline |",
              "|---|---|---|---|---|---|"]

@@ -571,9 +571,9 @@ class CompiledGrammar:
         (L,) or (B, L), computed from atom statistics (no second pass over the vocab).
         ``out``, a contiguous float32 tensor of the logits' shape on their device,
         receives the marginals instead of a new tensor: a loop that calls this every step
-        should pass one. A fresh (L, V) tensor is first written page by page, and at
-        Gemma's 262,144 tokens (268 MB at L=256) right after a model's forward has freed
-        its buffers that costs ~0.35 s on a CPU, more than the marginals themselves.
+        should pass one. A fresh (L, V) tensor is first written page by page: at Gemma's
+        262,144 tokens (268 MB at L=256), right after a model's forward has freed its
+        buffers, that took ~0.35 s on our 2-core test machine, more than the marginals.
         """
         xs, batched = self._prepare(logits)
         B, L, V = xs.shape
