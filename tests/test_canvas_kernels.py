@@ -169,6 +169,55 @@ def test_the_step_is_the_same_on_any_number_of_threads(btok, monkeypatch, messag
     np.testing.assert_array_equal(one_ops[2], many_ops[2])
 
 
+def test_the_passes_clear_the_message_buffers_they_reuse(btok):
+    """A step's passes fill reused buffers (``MessageBuffers``) row by row: whatever the
+    last step left there (nan here) changes nothing."""
+    import torch
+
+    g = compile_tools(TOOLS[:1], btok, "gemma4")
+    x = torch.randn(40, g.vocab.size, generator=torch.Generator().manual_seed(1)) * 3
+    want = g.denoise_step(x, torch.Generator().manual_seed(0))
+    for p in (dp.VITERBI, dp.ALPHA, dp.BETA):
+        g._messages.get(p, 41, g.automaton.n_states)[:] = np.nan
+    for op in (lambda: g.viterbi(x), lambda: g.sample(x, torch.Generator().manual_seed(0)),
+               lambda: g.marginals(x)):
+        op()
+        for p in (dp.VITERBI, dp.ALPHA, dp.BETA):
+            g._messages.get(p, 41, g.automaton.n_states)[:] = np.nan
+    got = g.denoise_step(x, torch.Generator().manual_seed(0))
+    assert got.argmax == want.argmax == g.viterbi(x) and got.sample == want.sample
+    assert torch.equal(got.log_marginals, want.log_marginals) and torch.equal(got.entropy, want.entropy)
+
+
+def test_threads_stepping_one_grammar_at_once_keep_their_own_messages(btok):
+    """The dense passes' message buffers are kept per thread (``MessageBuffers``): four
+    threads stepping one grammar at once, each on its own logits, get what one thread
+    gets."""
+    import threading
+
+    import torch
+
+    g = compile_tools(TOOLS[:2], btok, "gemma4")
+    xs = [torch.randn(48, g.vocab.size, generator=torch.Generator().manual_seed(s)) * 3 for s in range(4)]
+    want = [g.denoise_step(x, torch.Generator().manual_seed(0)) for x in xs]
+    got: list[list] = [[] for _ in xs]
+
+    def worker(i: int) -> None:
+        for _ in range(8):
+            got[i].append(g.denoise_step(xs[i], torch.Generator().manual_seed(0)))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for w, outs in zip(want, got):
+        assert len(outs) == 8
+        for o in outs:
+            assert o.argmax == w.argmax and o.sample == w.sample
+            assert torch.equal(o.log_marginals, w.log_marginals) and torch.equal(o.entropy, w.entropy)
+
+
 _CONCURRENT_CALLS = """
 import sys, threading
 import numba, torch

@@ -114,6 +114,7 @@ class CompiledGrammar:
         self._final_complete = np.ascontiguousarray(ta.accept.astype(np.bool_))
         self._final_any = np.ones(ta.n_states, np.bool_)
         self._support_cache: dict[tuple[int, int, bool, bool], dp.Support] = {}
+        self._messages = dp.MessageBuffers()  # per thread: the dense passes' messages, reused step to step
         self._allowed_cache: dict[int, np.ndarray] = {}
         self._atom_layouts: dict[tuple[int, str], device_passes.AtomLayout] = {}  # (V, device) -> its layout
         self._host_atoms: dict[int, dp.SortedAtoms] = {}  # V -> each atom's tokens (the host pass)
@@ -430,15 +431,23 @@ class CompiledGrammar:
             lay = self._layout
             edges = (sup.live, lay.src, lay.dst, lay.group, lay.runs, lay.in_row, lay.in_other, lay.in_group,
                      lay.rank[s0])
+            S = ta.n_states
+
+            def messages(p: int, wanted: bool = True) -> np.ndarray:
+                return self._messages.get(p, L + 1, S) if wanted else np.empty((0, S))
+
             if gmax is not None and gsum is None:  # viterbi alone
-                trace, best_end, ok = dp._viterbi(gmax, *edges, lay.rank)
+                trace = messages(dp.VITERBI)
+                best_end, ok = dp._viterbi_into(trace, gmax, *edges, lay.rank)
             elif gmax is None and not factors:  # beta alone (sample)
-                beta, ok = dp._backward(gsum, *edges[:5])
+                beta = messages(dp.BETA)
+                ok = dp._backward_into(beta, gsum, *edges[:5])
             else:
                 passes = tuple(p for p, wanted in ((dp.VITERBI, gmax is not None), (dp.ALPHA, factors),
                                                    (dp.BETA, True)) if wanted)
-                trace, alpha, beta, status = dp._dense_passes(gsum, none2 if gmax is None else gmax, *edges, lay.rank,
-                                                              dp.dense_tasks(passes, numba.get_num_threads()))
+                trace, alpha, beta = (messages(p, p in passes) for p in (dp.VITERBI, dp.ALPHA, dp.BETA))
+                status = dp._dense_passes(gsum, none2 if gmax is None else gmax, *edges, lay.rank,
+                                          dp.dense_tasks(passes, numba.get_num_threads()), trace, alpha, beta)
                 best_end, ok = int(status[0]), bool(status[1:].all())
                 if ok and factors:
                     F, ok = dp._factors(alpha, beta, gsum, *edges[1:8], ta.atom_groups, ta.atom_group_offsets,
