@@ -608,10 +608,14 @@ class MessageBuffers(threading.local):
     """The dense passes' messages, (L + 1, S) float64 for each of VITERBI, ALPHA and BETA,
     kept from one step to the next by each thread that runs steps (the passes clear each
     row before they fill it). A fresh array of a few MB is written page by page, each
-    page faulted in and zeroed by the kernel: three fresh (257, 579) arrays cost ~1.8 ms
-    at one tool on a 2-core EPYC, three reused ones 0.35 ms to clear and fill; at five
-    tools (2,716 states) 8.5 against 2.0 ms. A thread keeps the largest it was asked for:
-    3 x (L + 1) x S x 8 bytes, 3.6 MB at one tool and L=256, 17 MB at five."""
+    page faulted in and zeroed by the kernel: three fresh (257, 2716) arrays (five tools)
+    cost 8.5 ms on a 2-core EPYC, three reused ones 2.0 ms to clear and fill. A thread
+    keeps the largest array it was asked for, up to KEPT_BYTES each (3 x 5.6 MB at five
+    tools and L=256); larger ones are made afresh every time, as the page faults weigh
+    less against the passes over that many states than the memory kept would."""
+
+    #: The largest array kept for the next step.
+    KEPT_BYTES = 16 << 20
 
     def __init__(self) -> None:
         self._arrays: dict[int, np.ndarray] = {}
@@ -620,7 +624,9 @@ class MessageBuffers(threading.local):
         """A (rows, S) float64 array for pass ``which``, its contents left from before."""
         a = self._arrays.get(which)
         if a is None or a.shape[0] < rows or a.shape[1] != S:
-            a = self._arrays[which] = np.empty((rows, S), np.float64)
+            a = np.empty((rows, S), np.float64)
+            if a.nbytes <= self.KEPT_BYTES:
+                self._arrays[which] = a
         return a[:rows]
 
 
