@@ -13,6 +13,7 @@ reassociated).
     python bench/constraint_ab.py --baseline HEAD~1 --tools 1 --repeats 40
     python bench/constraint_ab.py --baseline HEAD~1 --threads 2 --out bench/results/constraint_ab_2threads.md
     python bench/constraint_ab.py --baseline HEAD~1 --peak 80   # one token per row far ahead, as a trained model's
+    python bench/constraint_ab.py --baseline HEAD~1 --after-forward   # each call right after a decoder forward
 
 The default logits are N(0, 3): ~15 nats from a row's best to most of its tokens. A
 trained model's are far wider: the bundled model's rows span ~100 nats at its sampling
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -71,13 +73,17 @@ def export_baseline(rev: str, into: Path) -> Any:
     return module
 
 
-def timed_pair(ops: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each op, the ops called in turn ``repeats`` times (after one warm-up each)."""
+def timed_pair(ops: dict[str, Callable[[], Any]], repeats: int,
+               before: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each op, the ops called in turn ``repeats`` times (after one
+    warm-up each), ``before`` run untimed ahead of every call."""
     for op in ops.values():
         op()
     times: dict[str, list[float]] = {name: [] for name in ops}
     for _ in range(repeats):
         for name, op in ops.items():
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             op()
             times[name].append(time.perf_counter() - t0)
@@ -85,7 +91,7 @@ def timed_pair(ops: dict[str, Callable[[], Any]], repeats: int) -> dict[str, lis
 
 
 def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std: float, peak: float,
-            seed: int = 0) -> list[dict[str, Any]]:
+            after_forward: bool, seed: int = 0) -> list[dict[str, Any]]:
     tok, aliases = LOADERS[tok_name]()
     tools = json.loads(SCHEMAS.read_text())[:n_tools]
     grammars = {"baseline": baseline.compile_tools(tools, tok, "gemma4", aliases=aliases),
@@ -96,12 +102,25 @@ def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std:
     if peak:  # one token per row that far above the row's best
         ahead = torch.randint(0, V, (L,), generator=gen)
         logits[torch.arange(L), ahead] = logits.max(dim=1).values + peak
+    before = None
+    if after_forward:  # as the engine calls a step: right after the model's forward wrote the logits
+        from bench.constraint import Config, decoder_forward
+
+        forward, _ = decoder_forward(V, Config())
+        fresh = logits.clone()
+
+        def before() -> None:
+            forward()
+            logits.copy_(fresh)
+
+    step_out = torch.empty_like(logits)  # the engine's self-conditioning buffer
 
     def ops_of(g: Any) -> dict[str, Callable[[], Any]]:
+        out = {"out": step_out} if "out" in inspect.signature(g.denoise_step).parameters else {}  # older baselines
         return {"viterbi": lambda: g.viterbi(logits),
                 "sample": lambda: g.sample(logits, torch.Generator().manual_seed(seed)),
                 "marginals": lambda: g.marginals(logits, return_entropy=True),
-                "denoise_step": lambda: g.denoise_step(logits, torch.Generator().manual_seed(seed))}
+                "denoise_step": lambda: g.denoise_step(logits, torch.Generator().manual_seed(seed), **out)}
 
     b_out, c_out = (grammars[k].viterbi(logits) for k in ("baseline", "current"))
     assert b_out == c_out, f"{tok_name} x {n_tools} tools: the Viterbi canvases differ"
@@ -111,7 +130,7 @@ def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std:
     assert torch.allclose(torch.exp(b_m[finite]), torch.exp(c_m[finite]), atol=1e-6), "the marginals differ"
     rows = []
     for op in ("viterbi", "sample", "marginals", "denoise_step"):
-        times = timed_pair({k: ops_of(g)[op] for k, g in grammars.items()}, repeats)
+        times = timed_pair({k: ops_of(g)[op] for k, g in grammars.items()}, repeats, before)
         base, cur = (statistics.median(times[k]) * 1e3 for k in ("baseline", "current"))
         rows.append({"tokenizer": tok_name, "tools": n_tools, "op": op, "baseline_ms": base, "current_ms": cur,
                      "ratio": cur / base})
@@ -132,6 +151,8 @@ def main() -> None:
     parser.add_argument("--peak", type=float, default=0.0,
                         help="raise one random token per row this many nats above the row's best (default 0: "
                              "none; 80 is like a trained model's confident rows)")
+    parser.add_argument("--after-forward", action="store_true",
+                        help="run the tiny model's decoder forward (bench/constraint.py's) before every timed call")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "constraint_ab.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -147,7 +168,7 @@ def main() -> None:
         baseline = export_baseline(rev, Path(tmp))
         for n in args.tools:
             rows += compare(args.tokenizer, n, baseline, args.repeats or (30 if n < 20 else 5), args.logit_std,
-                            args.peak)
+                            args.peak, args.after_forward)
     command = "python bench/constraint_ab.py " + " ".join(sys.argv[1:])
     peaked = f", one token per row {args.peak:g} nats ahead" if args.peak else ""
     lines = ["# Canvas constraint A/B", "",
@@ -160,7 +181,9 @@ def main() -> None:
              f"{os.getloadavg()[0]:.2f}", "",
              "Both versions in one process, their calls alternating; L=256, random logits "
              f"(N(0, {args.logit_std:g}){peaked}), gemma4 wire "
-             "format; medians. Viterbi canvases equal and marginals equal to 1e-6 between the two (checked).", "",
+             f"format; {'each call right after a decoder forward; ' if args.after_forward else ''}"
+             "denoise_step writes into a reused out buffer, as the engine's does; medians. Viterbi canvases equal "
+             "and marginals equal to 1e-6 between the two (checked).", "",
              "| tokenizer | tools | op | baseline ms | current ms | current / baseline |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['tokenizer']} | {r['tools']} | {r['op']} | {r['baseline_ms']:.2f} | {r['current_ms']:.2f} | "
