@@ -617,14 +617,15 @@ class MessageBuffers(threading.local):
     #: The largest array kept for the next step.
     KEPT_BYTES = 16 << 20
 
-    def __init__(self) -> None:
+    def __init__(self, S: int) -> None:  # (run again in each thread that uses it, with the same S)
+        self.S = S
         self._arrays: dict[int, np.ndarray] = {}
 
-    def get(self, which: int, rows: int, S: int) -> np.ndarray:
+    def get(self, which: int, rows: int) -> np.ndarray:
         """A (rows, S) float64 array for pass ``which``, its contents left from before."""
         a = self._arrays.get(which)
-        if a is None or a.shape[0] < rows or a.shape[1] != S:
-            a = np.empty((rows, S), np.float64)
+        if a is None or a.shape[0] < rows:
+            a = np.empty((rows, self.S), np.float64)
             if a.nbytes <= self.KEPT_BYTES:
                 self._arrays[which] = a
         return a[:rows]

@@ -114,7 +114,7 @@ class CompiledGrammar:
         self._final_complete = np.ascontiguousarray(ta.accept.astype(np.bool_))
         self._final_any = np.ones(ta.n_states, np.bool_)
         self._support_cache: dict[tuple[int, int, bool, bool], dp.Support] = {}
-        self._messages = dp.MessageBuffers()  # per thread: the dense passes' messages, reused step to step
+        self._messages = dp.MessageBuffers(ta.n_states)  # per thread: the dense passes' messages, step to step
         self._allowed_cache: dict[int, np.ndarray] = {}
         self._atom_layouts: dict[tuple[int, str], device_passes.AtomLayout] = {}  # (V, device) -> its layout
         self._host_atoms: dict[int, dp.SortedAtoms] = {}  # V -> each atom's tokens (the host pass)
@@ -431,10 +431,9 @@ class CompiledGrammar:
             lay = self._layout
             edges = (sup.live, lay.src, lay.dst, lay.group, lay.runs, lay.in_row, lay.in_other, lay.in_group,
                      lay.rank[s0])
-            S = ta.n_states
 
             def messages(p: int, wanted: bool = True) -> np.ndarray:
-                return self._messages.get(p, L + 1, S) if wanted else np.empty((0, S))
+                return self._messages.get(p, L + 1) if wanted else np.empty((0, ta.n_states))
 
             if gmax is not None and gsum is None:  # viterbi alone
                 trace = messages(dp.VITERBI)
@@ -546,9 +545,11 @@ class CompiledGrammar:
         return torch.from_numpy(host).view(B, N // B, V) if out is None else out.view(B, N // B, V)
 
     @staticmethod
-    def _check_out(out: Any, shape: tuple[int, ...], xs: Any) -> None:
-        """``out`` must take the marginals as they are computed: same shape as the logits,
-        float32, contiguous, on the device the vocabulary passes run on."""
+    def _check_out(out: Any, xs: Any, batched: bool) -> None:
+        """``out`` must take the marginals as they are computed: the shape of the logits as
+        given (``xs`` is them as (B, L, V), ``batched`` whether they came so), float32,
+        contiguous, on the device the vocabulary passes run on."""
+        shape = tuple(xs.shape if batched else xs.shape[1:])
         device = xs.device if isinstance(xs, torch.Tensor) else torch.device("cpu")
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or out.dtype != torch.float32 \
                 or not out.is_contiguous() or out.device != device:
@@ -587,7 +588,7 @@ class CompiledGrammar:
         xs, batched = self._prepare(logits)
         B, L, V = xs.shape
         if out is not None:
-            self._check_out(out, tuple(xs.shape if batched else xs.shape[1:]), xs)
+            self._check_out(out, xs, batched)
         sc = self._scores(xs, want_x=return_entropy)
         F = np.zeros((B * L, self.automaton.n_atoms), np.float64)
         for b, s0 in enumerate(self._states(state, B)):
@@ -619,7 +620,7 @@ class CompiledGrammar:
         xs, batched = self._prepare(logits)
         B, L, V = xs.shape
         if out is not None:
-            self._check_out(out, tuple(xs.shape if batched else xs.shape[1:]), xs)
+            self._check_out(out, xs, batched)
         ta = self.automaton
         sc = self._scores(xs, want_x=True)
         gmax = dp._group_max(sc.amax, ta.group_atoms, ta.group_offsets)
