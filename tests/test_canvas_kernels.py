@@ -103,8 +103,24 @@ def test_layout_holds_every_edge_once_and_runs_are_runs(btok, n_tools):
         assert np.all(np.diff(lay.src[a:b]) == 1) and np.all(np.diff(lay.dst[a:b]) == 1)
         assert np.all(lay.group[a:b] == lay.group[a])
     single = np.arange(lay.runs[-1], E)
-    assert np.all(np.diff(lay.src[single]) >= 0)  # the backward pass pulls them by source row
-    assert np.all(np.diff(lay.in_row) >= 0)  # the forward pass pulls them by destination row
+    # the single edges, by source row for the backward pass and by destination row for the
+    # forward pass, dealt out in turns: each row's edges in the automaton's order, every
+    # row's first, then every row's second...
+    edge_id = {(s, g): e for e, (s, g) in enumerate(zip(ta.edge_src.tolist(), ta.edge_group.tolist()))}
+    for rows, srcs, groups in ((lay.src[single], lay.src[single], lay.group[single]),
+                               (lay.in_row, lay.in_other, lay.in_group)):
+        ids = np.array([edge_id[s, g] for s, g in zip(lay.state[srcs].tolist(), groups.tolist())])
+        turn = np.zeros(rows.shape[0], np.int64)
+        seen: dict[int, int] = {}
+        for i, r in enumerate(rows.tolist()):
+            turn[i] = seen.get(r, 0)
+            seen[r] = turn[i] + 1
+        assert np.all(np.diff(turn) >= 0)
+        same_turn = np.diff(turn) == 0
+        assert np.all(np.diff(rows)[same_turn] > 0)
+        for r in np.unique(rows):
+            assert np.all(np.diff(ids[rows == r]) > 0)
+    assert turn.max() > 0  # (some row has more than one single edge, or the check says little)
     by_dst = sorted(zip(lay.in_other.tolist(), lay.in_row.tolist(), lay.in_group.tolist()))
     assert by_dst == sorted(zip(lay.src[single].tolist(), lay.dst[single].tolist(), lay.group[single].tolist()))
     # the string counters (maxLength) are what runs are for: most edges lie on them

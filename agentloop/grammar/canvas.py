@@ -468,7 +468,7 @@ def _backward_into(beta, gsum, live, src, dst, group, runs):  # pragma: no cover
             e = runs[r]
             n = runs[r + 1] - e
             _axpy(out[src[e]:src[e] + n], gsi[group[e]], nxt[dst[e]:dst[e] + n])
-        for e in range(runs[-1], E):  # the single edges, by source row (indices unsigned: see the scan)
+        for e in range(runs[-1], E):  # the single edges, by source row in turns (indices unsigned: see the scan)
             out[np.uint32(src[e])] += gsi[np.uint32(group[e])] * nxt[np.uint32(dst[e])]
         tot = _mask_total(out, live[l])
         if not tot > 0.0:
@@ -499,7 +499,7 @@ def _alpha_into(alpha, gsum, live, src, dst, group, runs, in_row, in_other, in_g
             e = runs[r]
             n = runs[r + 1] - e
             _axpy(nxt[dst[e]:dst[e] + n], gsi[group[e]], cur[src[e]:src[e] + n])
-        for k in range(in_row.shape[0]):  # the single edges, by destination row (indices unsigned)
+        for k in range(in_row.shape[0]):  # the single edges, by destination row in turns (indices unsigned)
             nxt[np.uint32(in_row[k])] += cur[np.uint32(in_other[k])] * gsi[np.uint32(in_group[k])]
         tot = _mask_total(nxt, live[l + 1])
         if not tot > 0.0:
@@ -583,7 +583,7 @@ def _viterbi_into(vit, gmax, live, src, dst, group, runs, in_row, in_other, in_g
             e = runs[r]
             n = runs[r + 1] - e
             _max_plus(vnxt[dst[e]:dst[e] + n], gm[group[e]], vcur[src[e]:src[e] + n])
-        for k in range(in_row.shape[0]):  # the single edges, by destination row (indices unsigned)
+        for k in range(in_row.shape[0]):  # the single edges, by destination row in turns (indices unsigned)
             row = np.uint32(in_row[k])
             vnxt[row] = max(vnxt[row], vcur[np.uint32(in_other[k])] + gm[np.uint32(in_group[k])])
         if not _mask_live(vnxt, live[l + 1]):

@@ -170,15 +170,29 @@ def _rows_along_chains(S, start, src_offsets, edge_dst, succ, pred):  # pragma: 
     return order
 
 
+def _in_turns(rows: np.ndarray) -> np.ndarray:
+    """The order that deals a sorted list of edges out in turns: every row's first edge
+    (rows ascending), then every row's second, and so on. The passes add each single
+    edge into its row's slot, and consecutive adds into one slot wait for each other
+    (a store, its reload and the add: ~2 ns an edge); dealt out in turns, consecutive
+    edges mostly go to different rows (20 tools: 4.4 single edges a row on average, up
+    to 36). A row still receives its edges in their order, so every sum comes out the
+    same to the bit."""
+    first = np.searchsorted(rows, rows, side="left")
+    turn = np.arange(rows.shape[0]) - first  # (n,) the edge's place among its row's
+    return np.lexsort((rows, turn))
+
+
 class EdgeLayout(NamedTuple):
     """The token automaton's edges in the passes' order (built once per automaton).
 
     States are renumbered as rows (``rank``); every edge appears once, as rows: first the
     runs (run r holds edges runs[r]:runs[r + 1], along which src and dst each go up by one
-    and the group stays the same), then the single edges, sorted by source row (the
-    backward pass pulls them in this order). The forward pass pulls the single edges by
-    destination row: ``in_row``/``in_other``/``in_group`` list their destination, source
-    and group in that order. Within a row, edges keep the automaton's order.
+    and the group stays the same), then the single edges by source row (the backward
+    pass pulls them in this order), dealt out in turns (``_in_turns``). The forward pass
+    pulls the single edges by destination row, dealt out likewise:
+    ``in_row``/``in_other``/``in_group`` list their destination, source and group in that
+    order. A row's edges keep the automaton's order.
     """
 
     rank: np.ndarray  # (S,) i32 state -> row
@@ -218,9 +232,11 @@ def edge_layout(edge_src: np.ndarray, edge_dst: np.ndarray, edge_group: np.ndarr
     runs = np.concatenate([[0], np.cumsum(lens[by_src])]).astype(np.int64)
     single = o[~in_run]
     single = single[np.lexsort((single, r_src[single]))]  # by source row, then automaton order
+    single = single[_in_turns(r_src[single])]
     order = np.concatenate(run_edges + [single]).astype(np.int64)
     src, dst, group = r_src[order].astype(np.int32), r_dst[order].astype(np.int32), edge_group[order].astype(np.int32)
     n_run = int(runs[-1])
     ids = np.arange(n_run, E)
     by_dst = ids[np.lexsort((order[ids], dst[ids]))]  # by destination row, then automaton order
+    by_dst = by_dst[_in_turns(dst[by_dst])]
     return EdgeLayout(rank, state.astype(np.int32), src, dst, group, runs, dst[by_dst], src[by_dst], group[by_dst])
