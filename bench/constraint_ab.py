@@ -126,7 +126,10 @@ def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std:
     assert b_out == c_out, f"{tok_name} x {n_tools} tools: the Viterbi canvases differ"
     b_m, c_m = (grammars[k].marginals(logits) for k in ("baseline", "current"))
     finite = torch.isfinite(b_m)
-    assert torch.equal(finite, torch.isfinite(c_m)), "the marginals' supports differ"
+    # a token whose posterior lies near float64's underflow may be 0 in one pass and not
+    # in the other (dense and live-list passes scale their messages differently)
+    tiny = torch.where(finite, b_m, c_m) < -700
+    assert torch.equal(finite | tiny, torch.isfinite(c_m) | tiny), "the marginals' supports differ"
     assert torch.allclose(torch.exp(b_m[finite]), torch.exp(c_m[finite]), atol=1e-6), "the marginals differ"
     rows = []
     for op in ("viterbi", "sample", "marginals", "denoise_step"):

@@ -33,7 +33,7 @@ def vocab_passes(request, monkeypatch):
 
     monkeypatch.setattr(CompiledGrammar, "_device_passes_on_cpu", request.param == "device")
     if request.param == "host-live":
-        monkeypatch.setattr(CompiledGrammar, "_dense_max_states", 0)
+        monkeypatch.setattr(CompiledGrammar, "_canvas_pass_kind", "live")
     return request.param
 
 

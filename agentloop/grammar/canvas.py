@@ -381,14 +381,9 @@ class Support(NamedTuple):
         return self.live.shape[0] > 0
 
 
-def support(edge_src: np.ndarray, edge_dst: np.ndarray, S: int, start: int, final: np.ndarray, L: int,
-            layout: EdgeLayout | None) -> Support:
-    """The support of canvases of L positions from ``start``; the mask for the dense passes
-    when ``layout`` is given."""
-    offsets, states, live = live_states(edge_src, edge_dst, S, start, final, L)
-    if layout is None:
-        return Support(offsets, states, np.zeros((0, 0), np.uint8))
-    return Support(offsets, states, np.ascontiguousarray(live.view(np.uint8)[:, layout.state]))
+def live_rows(live: np.ndarray, layout: EdgeLayout) -> np.ndarray:
+    """The dense passes' mask (L + 1, S) u8 by row, from ``live_states``' mask by state."""
+    return np.ascontiguousarray(live.view(np.uint8)[:, layout.state])
 
 
 # A run's loop goes over slices of the two rows (a loop over ``range(lo, hi)`` of the rows
@@ -670,24 +665,36 @@ def dense_tasks(passes: tuple[int, ...], threads: int) -> np.ndarray:
 
 
 # ---- 3b. the same passes over live-state lists, for large automata ------------------------
-# With tens of thousands of states the dense messages no longer fit the caches, and at
-# each position only a third of the states may live: the passes below visit the live
+# With tens of thousands of states the dense messages no longer fit the caches, and where
+# few of the states live at each position the passes below pay off: they visit the live
 # states only, in state order (whose edges mostly join nearby states), one by one. Each
 # stored message is one number per (position, live state), aligned with Support.states.
-# At 49k states (20 tools, byte vocabulary, L=256) they take 57 ms for a backward pass
-# and 117 ms for a whole step where the dense passes take 74 and 165; at 2.7k states (5
-# tools, BPE 4k) the dense passes make sample and marginals ~1.5x faster (constraint
-# bench). The threshold lies between the two, where the messages outgrow L2.
+# Which pays depends on that share more than on the size (20 tools, 49k states, L=256,
+# 1 thread, whole step dense / live; 2-core EPYC): BPE 4k, 66% live, 222 / 274 ms;
+# Gemma 262k, 68% live, 517 / 544; WordPiece 30k, whose tokens never split a character
+# so that the partial-character states of the strings' counters all lie dead, 17%
+# live, 208 / 158. At 2.7k states (5 tools, BPE 4k) the dense passes made sample and
+# marginals ~1.5x faster.
 #
 # The live states of one position are independent of each other in every pass: each
 # position's list is cut into LIVE_CHUNKS chunks that numba's threads share. Sums across
 # a position (its total, the group posteriors) are kept per chunk and added up in chunk
 # order, so the result is the same to the bit whatever the number of threads.
 
-#: Automata with more states than this run the live-list passes.
+#: Automata up to this many states always run the dense passes.
 DENSE_MAX_STATES = 16384
+#: Larger ones run them too when at least this share of their (position, state) pairs is
+#: live (the measurements above).
+DENSE_MIN_LIVE = 0.5
 #: Chunks of a position's live states (a fixed number: see above).
 LIVE_CHUNKS = 8
+
+
+def dense_pays(S: int, offsets: np.ndarray) -> bool:
+    """Whether the dense passes beat the live-list passes over an automaton of S states
+    whose live states at each position ``offsets`` (L + 2,) counts (see ``live_states``)."""
+    L = offsets.shape[0] - 2
+    return S <= DENSE_MAX_STATES or offsets[-1] >= DENSE_MIN_LIVE * S * (L + 1)
 
 
 @nb.njit(cache=True, nogil=True, inline="always")

@@ -350,9 +350,10 @@ class CompiledGrammar:
 
     #: Run the vocabulary passes in torch for CPU tensors too (tests of the device path).
     _device_passes_on_cpu = False
-    #: Automata up to this many states run the dense canvas passes, larger ones the
-    #: live-list passes (see ``canvas``; tests lower it to run both).
-    _dense_max_states = dp.DENSE_MAX_STATES
+    #: Which canvas passes run: "dense", "live" (lists of live states) or "auto", chosen
+    #: by the automaton's size and how much of it lives (see ``canvas.dense_pays``;
+    #: tests set it to run both).
+    _canvas_pass_kind = "auto"
 
     def _atom_layout(self, V: int, device: torch.device) -> device_passes.AtomLayout:
         key = (V, str(device))
@@ -646,13 +647,15 @@ class CompiledGrammar:
     def _support(self, length: int, state: int, partial: bool) -> dp.Support:
         """The live states per position (lists and the passes' masks) for canvases of
         ``length`` from ``state`` (cached: every denoising step of a canvas reuses it)."""
-        dense = self.automaton.n_states <= self._dense_max_states
-        key = (length, state, partial, dense)
+        kind = self._canvas_pass_kind
+        key = (length, state, partial, kind)
         hit = self._support_cache.get(key)
         if hit is None:
             ta = self.automaton
-            layout = self._layout if dense else None
-            hit = dp.support(ta.edge_src, ta.edge_dst, ta.n_states, state, self._final(partial), length, layout)
+            offsets, states, live = dp.live_states(ta.edge_src, ta.edge_dst, ta.n_states, state,
+                                                   self._final(partial), length)
+            dense = kind == "dense" or (kind == "auto" and dp.dense_pays(ta.n_states, offsets))
+            hit = dp.Support(offsets, states, dp.live_rows(live, self._layout) if dense else np.zeros((0, 0), np.uint8))
             if hit.offsets[1] == 0:  # the start state is on no valid canvas
                 raise NoValidCanvasError(self._no_canvas_message(length, state, partial))
             if len(self._support_cache) >= 16:
