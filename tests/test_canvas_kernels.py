@@ -127,6 +127,20 @@ def test_layout_holds_every_edge_once_and_runs_are_runs(btok, n_tools):
     assert lay.runs[-1] > 0.6 * E, (lay.runs[-1], E)
 
 
+def test_counters_with_two_sources_per_step_still_lay_out_in_runs(btok):
+    """A hostname label counts up to 63 characters, and each count is entered from two
+    states (after a letter, after a hyphen) by the same letters: the counter's chain
+    follows the longest path of them, so that its edges still form runs (before: every
+    state a chain of its own, no edge in a run)."""
+    from agentloop.grammar import compile_schema
+
+    g = compile_schema({"type": "string", "format": "email"}, btok, "json")
+    lay = g._layout
+    chain_rows = np.flatnonzero(np.diff(lay.src[:lay.runs[-1]]) == 1)
+    assert lay.runs[-1] > 0.7 * g.automaton.n_edges, (lay.runs[-1], g.automaton.n_edges)
+    assert chain_rows.size > 60
+
+
 def test_the_dense_passes_run_where_they_pay(btok, monkeypatch):
     """Small automata always take the dense passes; large ones only where most of their
     (position, state) pairs live (measured: 66% live, dense faster; 17%, slower)."""

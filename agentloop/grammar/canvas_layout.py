@@ -10,11 +10,12 @@ a + j to row b + j under one group, and a pass over a run is one contiguous loop
     value[a:a + n] += weight[g] * message[b:b + n],
 
 which the compiler vectorises, with no index loaded per edge (89% of the edges of one tool,
-90% of five, 70% of twenty, at 4k vocab). The other edges are pulled one by one, listed
+90% of five, 90% of twenty, at 4k vocab). The other edges are pulled one by one, listed
 by the row they pull into.
 
 Finding the chains: a group whose edges form long simple paths (the one-character step of
-a counter) seeds a *successor* map succ(s) along them; the map then spreads over the
+a counter; where several of its edges enter one state, the path keeps the one that comes
+the longest way) seeds a *successor* map succ(s) along them; the map then spreads over the
 automaton: where s -> t and succ(s) -> t' under the same group, succ(t) = t'. Groups are
 tried in order of the path lengths they offer, each over the states still without a
 successor. Rows then follow the chains, chain after chain, in breadth-first order from the
@@ -46,21 +47,52 @@ def _find_out(src_offsets, edge_group, edge_dst, s, g):  # pragma: no cover - co
 
 
 @nb.njit(cache=True, nogil=True)
-def _path_edges(edges, edge_src, edge_dst, outd, ind):  # pragma: no cover - compiled
-    """Of ``edges`` (one group's), those on simple paths: their source leaves by no other
-    of them and their end is entered by no other; self-loops excluded. ``outd``/``ind``
-    are zeroed scratch arrays (S,), left zeroed."""
+def _path_edges(edges, edge_src, edge_dst, scratch):  # pragma: no cover - compiled
+    """Of ``edges`` (one group's: a state leaves by at most one of them), a set that forms
+    simple paths: where several of them enter one state, the one kept comes from the
+    state that ends the longest path of them (a counter whose every step has two
+    sources, as a hostname label's after a letter and after a hyphen, still yields its
+    chain of one kind); self-loops excluded. ``scratch`` (4, S) int64 holds zeros and
+    is left so."""
+    out_of, ind, depth, best = scratch[0], scratch[1], scratch[2], scratch[3]  # best: edge + 1
     for e in edges:
         if edge_src[e] != edge_dst[e]:
-            outd[edge_src[e]] += 1
+            out_of[edge_src[e]] = e + 1
             ind[edge_dst[e]] += 1
+    # the longest path ending at each state, states taken once all their edges in are
+    # (Kahn's order); an edge from a cycle is never taken here
+    ready = np.empty(edges.shape[0], np.int64)
+    top = 0
+    for e in edges:
+        if edge_src[e] != edge_dst[e] and ind[edge_src[e]] == 0:
+            ready[top] = edge_src[e]
+            top += 1
+    while top > 0:
+        top -= 1
+        s = ready[top]
+        e = out_of[s] - 1
+        t = edge_dst[e]
+        b = best[t] - 1
+        if b < 0 or depth[s] > depth[edge_src[b]] or (depth[s] == depth[edge_src[b]] and e < b):
+            best[t] = e + 1
+            depth[t] = depth[s] + 1
+        ind[t] -= 1
+        if ind[t] == 0 and out_of[t] > 0:
+            ready[top] = t
+            top += 1
+    for e in edges:  # a cycle's edges, where nothing else enters: the cycle stays whole
+        if edge_src[e] != edge_dst[e] and best[edge_dst[e]] == 0:
+            best[edge_dst[e]] = e + 1
     keep = np.zeros(edges.shape[0], np.bool_)
     for i in range(edges.shape[0]):
         e = edges[i]
-        keep[i] = edge_src[e] != edge_dst[e] and outd[edge_src[e]] == 1 and ind[edge_dst[e]] == 1
+        keep[i] = edge_src[e] != edge_dst[e] and best[edge_dst[e]] == e + 1
     for e in edges:
-        outd[edge_src[e]] = 0
-        ind[edge_dst[e]] = 0
+        for s in (edge_src[e], edge_dst[e]):
+            out_of[s] = 0
+            ind[s] = 0
+            depth[s] = 0
+            best[s] = 0
     return edges[keep]
 
 
@@ -69,13 +101,13 @@ def _chain_successors(S, src_offsets, edge_src, edge_dst, edge_group, G):  # pra
     """succ (S,) and pred (S,): each state's next state along its chain (-1: none)."""
     by_group = np.argsort(edge_group, kind="mergesort")
     g_offsets = np.searchsorted(edge_group[by_group], np.arange(G + 1))
-    outd = np.zeros(S, np.int64)
+    scratch = np.zeros((4, S), np.int64)
     ind = np.zeros(S, np.int64)
     nxt = np.full(S, -1, np.int64)
     # 1. score each group by the edges on its simple paths of _MIN_PATH edges or more
     score = np.zeros(G, np.int64)
     for g in range(G):
-        path = _path_edges(by_group[g_offsets[g]:g_offsets[g + 1]], edge_src, edge_dst, outd, ind)
+        path = _path_edges(by_group[g_offsets[g]:g_offsets[g + 1]], edge_src, edge_dst, scratch)
         for e in path:
             nxt[edge_src[e]] = edge_dst[e]
             ind[edge_dst[e]] = 1  # marks "has a path predecessor"
@@ -100,7 +132,7 @@ def _chain_successors(S, src_offsets, edge_src, edge_dst, edge_group, G):  # pra
         if score[g] == 0:
             break
         top = 0
-        for e in _path_edges(by_group[g_offsets[g]:g_offsets[g + 1]], edge_src, edge_dst, outd, ind):
+        for e in _path_edges(by_group[g_offsets[g]:g_offsets[g + 1]], edge_src, edge_dst, scratch):
             s, t = edge_src[e], edge_dst[e]
             if succ[s] < 0 and pred[t] < 0:
                 succ[s] = t
