@@ -17,7 +17,9 @@ x wire format gemma4 it measures
   ``viterbi``, ``sample``, ``marginals(return_entropy=True)`` and ``denoise_step`` (all
   three sharing one pass over the logits, where the grammar has it; called as the engine
   calls it, writing the marginals into a buffer reused every step), plus the part of each
-  spent in ``reduce_atoms`` (the one pass over the (L, V) logits). Each repeat follows a
+  spent in ``reduce_atoms`` (the one pass over the (L, V) logits), and, once per canvas,
+  the support (the states on some valid canvas at each position, shared by the canvas's
+  steps; a new canvas starts from a new state). Each repeat follows a
   ``gc.collect()``, which leaves the caches cold; the same four ops are timed again right
   after a decoder forward, with the logits just written (the engine's situation: the
   forward evicts the grammar's tables, and its logits are in cache);
@@ -417,6 +419,9 @@ def step_row(g: Any, cfg: Config, forward_ms: float, forward: Callable[[], None]
         # marginals go into its self-conditioning buffer, reused every step (a fresh (L, V)
         # tensor costs its page faults: ~0.35 s at 262k right after a forward)
         "denoise_step": lambda: g.denoise_step(logits, generator=sampler, out=step_out),
+        # once per canvas, not per step: the states on some valid canvas at each position,
+        # which every step of that canvas reuses (a new canvas starts from a new state)
+        "support": lambda: (g._support_cache.clear(), g._support(cfg.length, g.start_state, False)),
     }
     on_gpu = logits.cuda() if torch.cuda.is_available() else None
     if on_gpu is not None:
@@ -707,10 +712,11 @@ def host_tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[
     for s in result["step"]:
         split_rows.append([s["tokenizer"], str(s["n_tools"]), f"{s['reduce_max_ms']:.2f}", f"{s['viterbi_dp_ms']:.2f}",
                            f"{s['reduce_sum_ms']:.2f}", f"{s['sample_dp_ms']:.2f}", f"{s['reduce_sum_x_ms']:.2f}",
-                           f"{s['marginals_dp_ms']:.2f}"])
-    split = ("Per-step split (ms): reduce_atoms (one pass over the logits) vs the rest (group scores + DP + output)",
+                           f"{s['marginals_dp_ms']:.2f}", f"{s['support_ms']:.2f}" if "support_ms" in s else "-"])
+    split = ("Per-step split (ms): reduce_atoms (one pass over the logits) vs the rest (group scores + DP + output); "
+             "and once per canvas, the support (the live states at each position, which the canvas's steps share)",
              ["tokenizer", "tools", "viterbi reduce", "viterbi rest", "sample reduce", "sample rest",
-              "marginals reduce", "marginals rest"], split_rows)
+              "marginals reduce", "marginals rest", "support (per canvas)"], split_rows)
     tables_ = [main]
     af_rows = []
     for c in result["compile"]:

@@ -120,7 +120,9 @@ def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std:
         return {"viterbi": lambda: g.viterbi(logits),
                 "sample": lambda: g.sample(logits, torch.Generator().manual_seed(seed)),
                 "marginals": lambda: g.marginals(logits, return_entropy=True),
-                "denoise_step": lambda: g.denoise_step(logits, torch.Generator().manual_seed(seed), **out)}
+                "denoise_step": lambda: g.denoise_step(logits, torch.Generator().manual_seed(seed), **out),
+                # once per canvas: the live states at each position (a new canvas, a new start state)
+                "support": lambda: (g._support_cache.clear(), g._support(L, g.start_state, False))}
 
     b_out, c_out = (grammars[k].viterbi(logits) for k in ("baseline", "current"))
     assert b_out == c_out, f"{tok_name} x {n_tools} tools: the Viterbi canvases differ"
@@ -132,7 +134,7 @@ def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std:
     assert torch.equal(finite | tiny, torch.isfinite(c_m) | tiny), "the marginals' supports differ"
     assert torch.allclose(torch.exp(b_m[finite]), torch.exp(c_m[finite]), atol=1e-6), "the marginals differ"
     rows = []
-    for op in ("viterbi", "sample", "marginals", "denoise_step"):
+    for op in ("viterbi", "sample", "marginals", "denoise_step", "support"):
         times = timed_pair({k: ops_of(g)[op] for k, g in grammars.items()}, repeats, before)
         base, cur = (statistics.median(times[k]) * 1e3 for k in ("baseline", "current"))
         rows.append({"tokenizer": tok_name, "tools": n_tools, "op": op, "baseline_ms": base, "current_ms": cur,

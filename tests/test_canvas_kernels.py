@@ -141,6 +141,32 @@ def test_counters_with_two_sources_per_step_still_lay_out_in_runs(btok):
     assert chain_rows.size > 60
 
 
+@pytest.mark.parametrize("partial", [False, True])
+def test_the_support_holds_exactly_the_states_on_some_valid_canvas(btok, partial):
+    """The live states per position, from the layout's runs and single edges, against
+    their definition in sets: reached from the start in exactly l tokens, and reaching an
+    end in exactly L - l more."""
+    g = compile_tools(TOOLS[:3], btok, "gemma4")
+    ta = g.automaton
+    edges = list(zip(ta.edge_src.tolist(), ta.edge_dst.tolist()))
+    final = g._final(partial)
+    mid = g.state_after(btok.encode("<|tool_call>call:get_weather{", add_special_tokens=False).ids)
+    for start, L in ((g.start_state, 30), (mid, 12)):
+        reach = [{start}]
+        for _ in range(L):
+            reach.append({d for s, d in edges if s in reach[-1]})
+        live = [set() for _ in range(L + 1)]
+        live[L] = {s for s in reach[L] if final[s]}
+        for l in range(L - 1, -1, -1):
+            live[l] = {s for s, d in edges if s in reach[l] and d in live[l + 1]}
+        sup = dp.support(g._layout, start, final, L, "dense")
+        assert sup.offsets.tolist() == [0] + np.cumsum([len(x) for x in live]).tolist()
+        assert sup.states.tolist() == [s for x in live for s in sorted(x)]
+        for l in range(L + 1):
+            assert set(g._layout.state[np.flatnonzero(sup.live[l])].tolist()) == live[l]
+        assert sum(map(len, live)) > 2 * (L + 1)  # (not a trivial support)
+
+
 def test_the_dense_passes_run_where_they_pay(btok, monkeypatch):
     """Small automata always take the dense passes; large ones only where most of their
     (position, state) pairs live (measured: 66% live, dense faster; 17%, slower)."""

@@ -294,43 +294,46 @@ _group_max = _group_kernel(True)
 # mass out of float64's range.
 
 
-@nb.njit(cache=True, nogil=True)
-def live_states(edge_src, edge_dst, S, start, final, L):  # pragma: no cover - compiled
-    """(offsets (L + 2,), states, live (L + 1, S) bool): the states at position l (0..L)
-    on a valid canvas, as sorted lists and as a dense mask.
+@nb.njit(cache=True, nogil=True, inline="always")
+def _or_into(out, x):  # pragma: no cover - compiled
+    for j in range(out.shape[0]):
+        out[j] |= x[j]
 
-    A state is live at l when the start reaches it in exactly l tokens and it reaches an
-    accepting state in exactly L - l more; states[offsets[l]:offsets[l + 1]] lists them.
-    """
-    E = edge_src.shape[0]
-    fwd = np.zeros((L + 1, S), np.bool_)
-    live = np.zeros((L + 1, S), np.bool_)
-    fwd[0, start] = True
+
+@nb.njit(cache=True, nogil=True)
+def _live_rows(src, dst, runs, S, start_row, final_rows, L):  # pragma: no cover - compiled
+    """live (L + 1, S) u8 by the layout's rows (see canvas_layout): 1 where the row's
+    state lies on a valid canvas at position l, i.e. the start reaches it in exactly l
+    tokens and it reaches an accepting state in exactly L - l more. Both sweeps go over
+    the edges as the passes do, a run as one loop over a slice of bytes."""
+    E = src.shape[0]
+    fwd = np.zeros((L + 1, S), np.uint8)  # reached from the start in exactly l tokens
+    fwd[0, start_row] = 1
     for l in range(L):
-        for e in range(E):
-            if fwd[l, edge_src[e]]:
-                fwd[l + 1, edge_dst[e]] = True
-    for s in range(S):
-        live[L, s] = final[s] and fwd[L, s]
+        cur = fwd[l]
+        nxt = fwd[l + 1]
+        for r in range(runs.shape[0] - 1):
+            e = runs[r]
+            n = runs[r + 1] - e
+            _or_into(nxt[dst[e]:dst[e] + n], cur[src[e]:src[e] + n])
+        for e in range(runs[-1], E):
+            nxt[np.uint32(dst[e])] |= cur[np.uint32(src[e])]
+    live = np.zeros((L + 1, S), np.uint8)
+    for j in range(S):
+        live[L, j] = fwd[L, j] & final_rows[j]
     for l in range(L - 1, -1, -1):
-        for e in range(E):
-            if live[l + 1, edge_dst[e]] and fwd[l, edge_src[e]]:
-                live[l, edge_src[e]] = True
-    offsets = np.zeros(L + 2, np.int64)
-    count = 0
-    for l in range(L + 1):
-        for s in range(S):
-            if live[l, s]:
-                count += 1
-        offsets[l + 1] = count
-    states = np.empty(count, np.int32)
-    i = 0
-    for l in range(L + 1):
-        for s in range(S):
-            if live[l, s]:
-                states[i] = s
-                i += 1
-    return offsets, states, live
+        out = live[l]
+        nxt = live[l + 1]
+        for r in range(runs.shape[0] - 1):
+            e = runs[r]
+            n = runs[r + 1] - e
+            _or_into(out[src[e]:src[e] + n], nxt[dst[e]:dst[e] + n])
+        for e in range(runs[-1], E):
+            out[np.uint32(src[e])] |= nxt[np.uint32(dst[e])]
+        f = fwd[l]
+        for j in range(S):
+            out[j] &= f[j]
+    return live
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
@@ -369,7 +372,7 @@ def _slot(states, lo, hi, s):  # pragma: no cover - compiled
 
 
 class Support(NamedTuple):
-    """The states that lie on some valid canvas at each position (see ``live_states``),
+    """The states that lie on some valid canvas at each position (see ``_live_rows``),
     as lists and, for the dense passes, as a mask in the layout's row order."""
 
     offsets: np.ndarray  # (L + 2,) i64 states[offsets[l]:offsets[l + 1]] live at l
@@ -381,9 +384,32 @@ class Support(NamedTuple):
         return self.live.shape[0] > 0
 
 
-def live_rows(live: np.ndarray, layout: EdgeLayout) -> np.ndarray:
-    """The dense passes' mask (L + 1, S) u8 by row, from ``live_states``' mask by state."""
-    return np.ascontiguousarray(live.view(np.uint8)[:, layout.state])
+@nb.njit(cache=True, nogil=True)
+def _set_columns(mask, n):  # pragma: no cover - compiled
+    """The column of each of the n set entries of ``mask`` (rows, S) u8, row after row
+    (np.nonzero takes 5x as long: it makes both coordinates in int64)."""
+    out = np.empty(n + 1, np.int32)  # (one slot past the end: every column is written)
+    i = 0
+    for r in range(mask.shape[0]):
+        row = mask[r]
+        for j in range(row.shape[0]):
+            out[i] = j
+            i += row[j] != 0
+    return out[:n]
+
+
+def support(layout: EdgeLayout, start: int, final: np.ndarray, L: int, kind: str = "auto") -> Support:
+    """The support of canvases of L positions from state ``start`` (``final`` (S,) bool:
+    the states a canvas may end in): the live states' lists always, the dense passes'
+    mask where they run (``kind`` "dense", or "auto" and ``dense_pays``; else "live")."""
+    S = layout.rank.shape[0]
+    live = _live_rows(layout.src, layout.dst, layout.runs, S, layout.rank[start],
+                      final[layout.state].view(np.uint8), L)  # (L + 1, S) by row
+    offsets = np.zeros(L + 2, np.int64)
+    np.cumsum(live.sum(axis=1, dtype=np.int64), out=offsets[1:])
+    states = _set_columns(live[:, layout.rank], offsets[-1])  # by position, then state
+    dense = kind == "dense" or (kind == "auto" and dense_pays(S, offsets))
+    return Support(offsets, states, live if dense else np.zeros((0, 0), np.uint8))
 
 
 # A run's loop goes over slices of the two rows (a loop over ``range(lo, hi)`` of the rows
@@ -692,7 +718,7 @@ LIVE_CHUNKS = 8
 
 def dense_pays(S: int, offsets: np.ndarray) -> bool:
     """Whether the dense passes beat the live-list passes over an automaton of S states
-    whose live states at each position ``offsets`` (L + 2,) counts (see ``live_states``)."""
+    whose live states at each position ``offsets`` (L + 2,) counts (see ``support``)."""
     L = offsets.shape[0] - 2
     return S <= DENSE_MAX_STATES or offsets[-1] >= DENSE_MIN_LIVE * S * (L + 1)
 

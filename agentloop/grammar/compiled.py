@@ -651,11 +651,7 @@ class CompiledGrammar:
         key = (length, state, partial, kind)
         hit = self._support_cache.get(key)
         if hit is None:
-            ta = self.automaton
-            offsets, states, live = dp.live_states(ta.edge_src, ta.edge_dst, ta.n_states, state,
-                                                   self._final(partial), length)
-            dense = kind == "dense" or (kind == "auto" and dp.dense_pays(ta.n_states, offsets))
-            hit = dp.Support(offsets, states, dp.live_rows(live, self._layout) if dense else np.zeros((0, 0), np.uint8))
+            hit = dp.support(self._layout, state, self._final(partial), length, kind)
             if hit.offsets[1] == 0:  # the start state is on no valid canvas
                 raise NoValidCanvasError(self._no_canvas_message(length, state, partial))
             if len(self._support_cache) >= 16:
