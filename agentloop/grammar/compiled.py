@@ -420,7 +420,8 @@ class CompiledGrammar:
 
         On dense messages the passes that do not depend on each other (Viterbi, alpha,
         beta) run as tasks on numba's threads, then the factors from alpha and beta, a
-        block of positions per thread. Over live-state lists beta comes first, then one
+        block of positions per thread; on one thread, Viterbi and beta, then alpha and
+        the factors in one sweep (the same numbers). Over live-state lists beta comes first, then one
         forward sweep for the factors and the Viterbi pass together (it shares the
         edges' loads), each position's states shared by the threads."""
         ta = self.automaton
@@ -443,13 +444,18 @@ class CompiledGrammar:
                 beta = messages(dp.BETA)
                 ok = dp._backward_into(beta, gsum, *edges[:5])
             else:
-                passes = tuple(p for p, wanted in ((dp.VITERBI, gmax is not None), (dp.ALPHA, factors),
+                # one thread: the factors are taken in the forward sweep (no thread would
+                # run alpha beside beta, or the factors' positions side by side)
+                threads = numba.get_num_threads()
+                passes = tuple(p for p, wanted in ((dp.VITERBI, gmax is not None), (dp.ALPHA, factors and threads > 1),
                                                    (dp.BETA, True)) if wanted)
                 trace, alpha, beta = (messages(p, p in passes) for p in (dp.VITERBI, dp.ALPHA, dp.BETA))
                 status = dp._dense_passes(gsum, none2 if gmax is None else gmax, *edges, lay.rank,
-                                          dp.dense_tasks(passes, numba.get_num_threads()), trace, alpha, beta)
+                                          dp.dense_tasks(passes, threads), trace, alpha, beta)
                 best_end, ok = int(status[0]), bool(status[1:].all())
-                if ok and factors:
+                if ok and factors and threads == 1:
+                    F, ok = dp._alpha_factors(beta, gsum, *edges, ta.atom_groups, ta.atom_group_offsets)
+                elif ok and factors:
                     F, ok = dp._factors(alpha, beta, gsum, *edges[1:8], ta.atom_groups, ta.atom_group_offsets,
                                         row_parts(L))
         else:
