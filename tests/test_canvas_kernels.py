@@ -256,7 +256,7 @@ def test_the_passes_clear_the_message_buffers_they_reuse(btok):
 
     def spoil() -> None:
         for p in (dp.VITERBI, dp.ALPHA, dp.BETA):
-            g._messages.get(p, 41)[:] = np.nan
+            dp.MESSAGES.get(p, 41, g.automaton.n_states)[:] = np.nan
 
     for op in (lambda: g.viterbi(x), lambda: g.sample(x, torch.Generator().manual_seed(0)),
                lambda: g.marginals(x)):

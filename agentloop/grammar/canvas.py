@@ -672,29 +672,35 @@ VITERBI, ALPHA, BETA = 0, 1, 2
 
 class MessageBuffers(threading.local):
     """The dense passes' messages, (L + 1, S) float64 for each of VITERBI, ALPHA and BETA,
-    kept from one step to the next by each thread that runs steps (the passes clear each
-    row before they fill it). A fresh array of a few MB is written page by page, each
-    page faulted in and zeroed by the kernel: three fresh (257, 2716) arrays (five tools)
-    cost 8.5 ms on a 2-core EPYC, three reused ones 2.0 ms to clear and fill. A thread
-    keeps the largest array it was asked for, up to KEPT_BYTES each (3 x 5.6 MB at five
-    tools and L=256); larger ones are made afresh every time, as the page faults weigh
-    less against the passes over that many states than the memory kept would."""
+    kept from one step to the next by each thread that runs steps, for whichever grammar
+    it steps next (a step uses them only while it runs; the passes clear each row before
+    they fill it). A fresh array is written page by page, each page faulted in and zeroed
+    by the kernel: three fresh (257, 2716) arrays (five tools) cost 8.5 ms on a 2-core
+    EPYC, three reused ones 2.0 ms to clear and fill; right after a model's forward has
+    freed its own buffers the faults cost far more (20 tools, Gemma 262k: a step 708 ms
+    with fresh messages, 414 kept). A thread keeps the largest array it was asked for,
+    up to KEPT_BYTES each: 2 x 100 MB at twenty tools and L=256 on one thread (three with
+    more threads: alpha then has its own), 2 x 5.6 MB at five."""
 
     #: The largest array kept for the next step.
-    KEPT_BYTES = 16 << 20
+    KEPT_BYTES = 256 << 20
 
-    def __init__(self, S: int) -> None:  # (run again in each thread that uses it, with the same S)
-        self.S = S
-        self._arrays: dict[int, np.ndarray] = {}
+    def __init__(self) -> None:  # (run again in each thread that uses it)
+        self._flat: dict[int, np.ndarray] = {}
 
-    def get(self, which: int, rows: int) -> np.ndarray:
+    def get(self, which: int, rows: int, S: int) -> np.ndarray:
         """A (rows, S) float64 array for pass ``which``, its contents left from before."""
-        a = self._arrays.get(which)
-        if a is None or a.shape[0] < rows:
-            a = np.empty((rows, self.S), np.float64)
+        n = rows * S
+        a = self._flat.get(which)
+        if a is None or a.shape[0] < n:
+            a = np.empty(n, np.float64)
             if a.nbytes <= self.KEPT_BYTES:
-                self._arrays[which] = a
-        return a[:rows]
+                self._flat[which] = a
+        return a[:n].reshape(rows, S)
+
+
+#: Each thread's messages (see MessageBuffers).
+MESSAGES = MessageBuffers()
 
 
 @parallel_kernel(cache=True, nogil=True)

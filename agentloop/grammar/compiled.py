@@ -113,8 +113,7 @@ class CompiledGrammar:
         ta = automaton
         self._final_complete = np.ascontiguousarray(ta.accept.astype(np.bool_))
         self._final_any = np.ones(ta.n_states, np.bool_)
-        self._support_cache: dict[tuple[int, int, bool, bool], dp.Support] = {}
-        self._messages = dp.MessageBuffers(ta.n_states)  # per thread: the dense passes' messages, step to step
+        self._support_cache: dict[tuple[int, int, bool, str], dp.Support] = {}
         self._allowed_cache: dict[int, np.ndarray] = {}
         self._atom_layouts: dict[tuple[int, str], device_passes.AtomLayout] = {}  # (V, device) -> its layout
         self._host_atoms: dict[int, dp.SortedAtoms] = {}  # V -> each atom's tokens (the host pass)
@@ -435,7 +434,7 @@ class CompiledGrammar:
                      lay.rank[s0])
 
             def messages(p: int, wanted: bool = True) -> np.ndarray:
-                return self._messages.get(p, L + 1) if wanted else np.empty((0, ta.n_states))
+                return dp.MESSAGES.get(p, L + 1, ta.n_states) if wanted else np.empty((0, ta.n_states))
 
             if gmax is not None and gsum is None:  # viterbi alone
                 trace = messages(dp.VITERBI)
