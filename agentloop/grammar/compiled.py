@@ -420,9 +420,9 @@ class CompiledGrammar:
         On dense messages the passes that do not depend on each other (Viterbi, alpha,
         beta) run as tasks on numba's threads, then the factors from alpha and beta, a
         block of positions per thread; on one thread, Viterbi and beta, then alpha and
-        the factors in one sweep (the same numbers). Over live-state lists beta comes first, then one
-        forward sweep for the factors and the Viterbi pass together (it shares the
-        edges' loads), each position's states shared by the threads."""
+        the factors in one sweep (the same numbers). Over live-state lists beta comes
+        first, then one forward sweep for the factors and the Viterbi pass together (it
+        shares the edges' loads), each position's states shared by the threads."""
         ta = self.automaton
         L = (gsum if gsum is not None else gmax).shape[0]  # type: ignore[union-attr]
         none2 = np.zeros((0, 0), np.float64)
