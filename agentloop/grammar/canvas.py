@@ -300,36 +300,34 @@ def _or_into(out, x):  # pragma: no cover - compiled
         out[j] |= x[j]
 
 
+@nb.njit(cache=True, nogil=True, inline="always")
+def _or_along_edges(out, out_rows, x, x_rows, runs):  # pragma: no cover - compiled
+    """out[out_rows[e]] |= x[x_rows[e]] over every edge e, a run as one loop over a slice
+    of bytes: (dst, src) pulls forward along the edges, (src, dst) backward."""
+    for r in range(runs.shape[0] - 1):
+        e = runs[r]
+        n = runs[r + 1] - e
+        _or_into(out[out_rows[e]:out_rows[e] + n], x[x_rows[e]:x_rows[e] + n])
+    for e in range(runs[-1], out_rows.shape[0]):
+        out[np.uint32(out_rows[e])] |= x[np.uint32(x_rows[e])]
+
+
 @nb.njit(cache=True, nogil=True)
 def _live_rows(src, dst, runs, S, start_row, final_rows, L):  # pragma: no cover - compiled
     """live (L + 1, S) u8 by the layout's rows (see canvas_layout): 1 where the row's
     state lies on a valid canvas at position l, i.e. the start reaches it in exactly l
     tokens and it reaches an accepting state in exactly L - l more. Both sweeps go over
-    the edges as the passes do, a run as one loop over a slice of bytes."""
-    E = src.shape[0]
+    the edges as the passes do."""
     fwd = np.zeros((L + 1, S), np.uint8)  # reached from the start in exactly l tokens
     fwd[0, start_row] = 1
     for l in range(L):
-        cur = fwd[l]
-        nxt = fwd[l + 1]
-        for r in range(runs.shape[0] - 1):
-            e = runs[r]
-            n = runs[r + 1] - e
-            _or_into(nxt[dst[e]:dst[e] + n], cur[src[e]:src[e] + n])
-        for e in range(runs[-1], E):
-            nxt[np.uint32(dst[e])] |= cur[np.uint32(src[e])]
+        _or_along_edges(fwd[l + 1], dst, fwd[l], src, runs)
     live = np.zeros((L + 1, S), np.uint8)
     for j in range(S):
         live[L, j] = fwd[L, j] & final_rows[j]
     for l in range(L - 1, -1, -1):
         out = live[l]
-        nxt = live[l + 1]
-        for r in range(runs.shape[0] - 1):
-            e = runs[r]
-            n = runs[r + 1] - e
-            _or_into(out[src[e]:src[e] + n], nxt[dst[e]:dst[e] + n])
-        for e in range(runs[-1], E):
-            out[np.uint32(src[e])] |= nxt[np.uint32(dst[e])]
+        _or_along_edges(out, src, live[l + 1], dst, runs)
         f = fwd[l]
         for j in range(S):
             out[j] &= f[j]
