@@ -1,7 +1,8 @@
 """The compiled pieces under the canvas DP, each against its definition: the float32 exp
 and order keys, the Viterbi-only scan, token sampling inside a large atom, the edge
-layout in runs, and the passes on numba's threads (the same step on any number of them;
-concurrent calls under numba's workqueue layer)."""
+layout in runs and fans, the dense passes against the live-list ones, and the passes on
+numba's threads (the same step on any number of them; concurrent calls under numba's
+workqueue layer)."""
 
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def test_token_sampling_inside_a_large_atom_follows_the_logits():
 
 
 @pytest.mark.parametrize("n_tools", [1, 5])
-def test_layout_holds_every_edge_once_and_runs_are_runs(btok, n_tools):
+def test_layout_holds_every_edge_once_and_runs_and_fans_are_so(btok, n_tools):
     g = compile_tools(TOOLS[:n_tools], btok, "json")
     ta = g.automaton
     lay = g._layout
@@ -102,7 +103,14 @@ def test_layout_holds_every_edge_once_and_runs_are_runs(btok, n_tools):
         assert b - a >= MIN_RUN
         assert np.all(np.diff(lay.src[a:b]) == 1) and np.all(np.diff(lay.dst[a:b]) == 1)
         assert np.all(lay.group[a:b] == lay.group[a])
-    single = np.arange(lay.runs[-1], E)
+    assert lay.fans[0] == lay.runs[-1]
+    for f in range(len(lay.fans) - 1):  # a fan: consecutive source rows into one row, one group
+        a, b = lay.fans[f], lay.fans[f + 1]
+        assert b - a >= MIN_RUN
+        assert np.all(np.diff(lay.src[a:b]) == 1)
+        assert np.all(lay.dst[a:b] == lay.dst[a]) and np.all(lay.group[a:b] == lay.group[a])
+    assert len(lay.fans) > 1  # (a string's closing quote, from each of its counts)
+    single = np.arange(lay.fans[-1], E)
     # the single edges, by source row for the backward pass and by destination row for the
     # forward pass, dealt out in turns: each row's edges in the automaton's order, every
     # row's first, then every row's second...
@@ -143,10 +151,11 @@ def test_counters_with_two_sources_per_step_still_lay_out_in_runs(btok):
 
 @pytest.mark.parametrize("partial", [False, True])
 def test_the_support_holds_exactly_the_states_on_some_valid_canvas(btok, partial):
-    """The live states per position, from the layout's runs and single edges, against
-    their definition in sets: reached from the start in exactly l tokens, and reaching an
-    end in exactly L - l more."""
+    """The live states per position, from the layout's runs, fans and single edges,
+    against their definition in sets: reached from the start in exactly l tokens, and
+    reaching an end in exactly L - l more."""
     g = compile_tools(TOOLS[:3], btok, "gemma4")
+    assert len(g._layout.fans) > 1
     ta = g.automaton
     edges = list(zip(ta.edge_src.tolist(), ta.edge_dst.tolist()))
     final = g._final(partial)
@@ -185,6 +194,50 @@ def test_the_dense_passes_run_where_they_pay(btok, monkeypatch):
     assert not g._support(24, g.start_state, False).dense
     monkeypatch.setattr(CompiledGrammar, "_canvas_pass_kind", "dense")
     assert g._support(24, g.start_state, False).dense
+
+
+def test_the_dense_passes_agree_with_the_live_lists(btok, monkeypatch):
+    """The dense passes pull most edges as slices of rows (runs and fans, see
+    canvas_layout); the live-list passes pull every edge one by one from the automaton's
+    own lists. On tools whose counted strings make both runs and fans, a step gives the
+    same Viterbi canvas and sample either way, and the same marginals and entropies to
+    rounding; so do the separate calls (on one thread, alpha and the factors come from one
+    sweep; on more, from passes of their own: the threads test compares those)."""
+    import torch
+
+    from agentloop.grammar.compiled import CompiledGrammar
+
+    g = compile_tools(TOOLS[:3], btok, "gemma4")
+    lay = g._layout
+    assert lay.fans[-1] - lay.fans[0] > 100 and lay.runs[-1] > 0.6 * len(lay.src)
+    # from inside a call, the canvas free to end mid-call: the strings open and close in
+    # it (from the start, 48 byte tokens hold no whole call, only a text answer)
+    mid = g.state_after(btok.encode("<|tool_call>call:get_weather{", add_special_tokens=False).ids)
+    x = torch.randn(2, 48, g.vocab.size, generator=torch.Generator().manual_seed(3)) * 3
+    # a canvas that closes its strings (by fans' edges), made the most likely one
+    target = btok.encode('city:<|"|>Paris<|"|>,days:3}<tool_call|><|tool_call>call:get_weather{city:<|"|>Oslo<|"|>}'
+                         '<tool_call|><|tool_call>', add_special_tokens=False).ids
+    assert len(target) == 48 and g.state_after(target, mid) >= 0
+    likely = x.clone()
+    likely[:, torch.arange(48), torch.tensor(target)] += 30.0
+    got = {}
+    for kind in ("dense", "live"):
+        monkeypatch.setattr(CompiledGrammar, "_canvas_pass_kind", kind)
+        assert g._support(48, mid, True).dense == (kind == "dense")
+        step = g.denoise_step(x, torch.Generator().manual_seed(0), state=mid, partial=True)
+        got[kind] = (step.argmax, step.sample, step.log_marginals.numpy(), step.entropy.numpy(),
+                     g.viterbi(likely, state=mid, partial=True),
+                     g.sample(x, torch.Generator().manual_seed(4), state=mid, partial=True),
+                     g.marginals(x, state=mid, partial=True).numpy())
+    dense, live = got["dense"], got["live"]
+    quote = btok.token_to_id('<|"|>')
+    assert np.exp(live[2][..., quote]).sum() > 1.0  # (strings close: the fans' edges carry weight)
+    assert live[4] == [target, target]
+    assert dense[0] == live[0] and dense[1] == live[1]
+    np.testing.assert_allclose(dense[2], live[2], rtol=1e-5, atol=1e-5)  # (float32 log-probs; -inf alike)
+    np.testing.assert_allclose(dense[3], live[3], rtol=1e-9, atol=1e-12)
+    assert dense[4] == live[4] and dense[5] == live[5]
+    np.testing.assert_allclose(dense[6], live[6], rtol=1e-5, atol=1e-5)
 
 
 def test_an_infinite_logit_at_an_allowed_token_is_named_like_a_nan(btok):

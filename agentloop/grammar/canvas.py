@@ -301,19 +301,37 @@ def _or_into(out, x):  # pragma: no cover - compiled
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
-def _or_along_edges(out, out_rows, x, x_rows, runs):  # pragma: no cover - compiled
-    """out[out_rows[e]] |= x[x_rows[e]] over every edge e, a run as one loop over a slice
-    of bytes: (dst, src) pulls forward along the edges, (src, dst) backward."""
+def _fill_or(out, v):  # pragma: no cover - compiled
+    for j in range(out.shape[0]):
+        out[j] |= v
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _or_along_edges(out, out_rows, x, x_rows, runs, fans, forward):  # pragma: no cover - compiled
+    """out[out_rows[e]] |= x[x_rows[e]] over every edge e, a run or a fan as one loop over
+    a slice of bytes: (dst, src) pulls forward along the edges (``forward``: a fan's
+    sources into its one row), (src, dst) backward (its one row out to its sources)."""
     for r in range(runs.shape[0] - 1):
         e = runs[r]
         n = runs[r + 1] - e
         _or_into(out[out_rows[e]:out_rows[e] + n], x[x_rows[e]:x_rows[e] + n])
-    for e in range(runs[-1], out_rows.shape[0]):
+    for f in range(fans.shape[0] - 1):
+        e = fans[f]
+        n = fans[f + 1] - e
+        if forward:
+            sources = x[x_rows[e]:x_rows[e] + n]
+            v = np.uint8(0)
+            for j in range(sources.shape[0]):
+                v |= sources[j]
+            out[out_rows[e]] |= v
+        else:
+            _fill_or(out[out_rows[e]:out_rows[e] + n], x[x_rows[e]])
+    for e in range(fans[-1], out_rows.shape[0]):
         out[np.uint32(out_rows[e])] |= x[np.uint32(x_rows[e])]
 
 
 @nb.njit(cache=True, nogil=True)
-def _live_rows(src, dst, runs, S, start_row, final_rows, L):  # pragma: no cover - compiled
+def _live_rows(src, dst, runs, fans, S, start_row, final_rows, L):  # pragma: no cover - compiled
     """live (L + 1, S) u8 by the layout's rows (see canvas_layout): 1 where the row's
     state lies on a valid canvas at position l, i.e. the start reaches it in exactly l
     tokens and it reaches an accepting state in exactly L - l more. Both sweeps go over
@@ -321,13 +339,13 @@ def _live_rows(src, dst, runs, S, start_row, final_rows, L):  # pragma: no cover
     fwd = np.zeros((L + 1, S), np.uint8)  # reached from the start in exactly l tokens
     fwd[0, start_row] = 1
     for l in range(L):
-        _or_along_edges(fwd[l + 1], dst, fwd[l], src, runs)
+        _or_along_edges(fwd[l + 1], dst, fwd[l], src, runs, fans, True)
     live = np.zeros((L + 1, S), np.uint8)
     for j in range(S):
         live[L, j] = fwd[L, j] & final_rows[j]
     for l in range(L - 1, -1, -1):
         out = live[l]
-        _or_along_edges(out, src, live[l + 1], dst, runs)
+        _or_along_edges(out, src, live[l + 1], dst, runs, fans, False)
         f = fwd[l]
         for j in range(S):
             out[j] &= f[j]
@@ -359,8 +377,10 @@ def _slot(states, lo, hi, s):  # pragma: no cover - compiled
 # canvas_layout): a run is one branch-free loop over contiguous rows,
 #     value[a:a + n] += weight[g] * message[b:b + n],
 # and dead states cost a multiply by 0, which is cheaper than looking up which states
-# live. The remaining edges are pulled one by one, row by row. All passes and the
-# sampler share the one numbering, so beta needs no reordering between them.
+# live. A fan (consecutive rows into one row, one group) is one loop too: a sum of a
+# slice (forward) or an add to every row of a slice (backward). The remaining edges are
+# pulled one by one, row by row. All passes and the sampler share the one numbering, so
+# beta needs no reordering between them.
 #
 # Viterbi, alpha and beta do not depend on each other: a step runs them as tasks on
 # numba's threads (``_dense_passes``), then the posteriors from alpha and beta, whose
@@ -401,7 +421,7 @@ def support(layout: EdgeLayout, start: int, final: np.ndarray, L: int, kind: str
     the states a canvas may end in): the live states' lists always, the dense passes'
     mask where they run (``kind`` "dense", or "auto" and ``dense_pays``; else "live")."""
     S = layout.rank.shape[0]
-    live = _live_rows(layout.src, layout.dst, layout.runs, S, layout.rank[start],
+    live = _live_rows(layout.src, layout.dst, layout.runs, layout.fans, S, layout.rank[start],
                       final[layout.state].view(np.uint8), L)  # (L + 1, S) by row
     offsets = np.zeros(L + 2, np.int64)
     np.cumsum(live.sum(axis=1, dtype=np.int64), out=offsets[1:])
@@ -428,6 +448,29 @@ def _dot(x, y):  # pragma: no cover - compiled
     t = 0.0
     for j in range(x.shape[0]):
         t += x[j] * y[j]
+    return t
+
+
+@nb.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
+def _add_to_all(out, w):  # pragma: no cover - compiled
+    for j in range(out.shape[0]):
+        out[j] += w
+
+
+@nb.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
+def _total(x):  # pragma: no cover - compiled
+    t = 0.0
+    for j in range(x.shape[0]):
+        t += x[j]
+    return t
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _best(x):  # pragma: no cover - compiled
+    """max of x (-inf when empty)."""
+    t = -np.inf
+    for j in range(x.shape[0]):
+        t = max(t, x[j])
     return t
 
 
@@ -463,7 +506,7 @@ def _mask_live(out, live):  # pragma: no cover - compiled
 
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _backward_into(beta, gsum, live, src, dst, group, runs):  # pragma: no cover
+def _backward_into(beta, gsum, live, src, dst, group, runs, fans):  # pragma: no cover
     """beta (L + 1, S), any contents <- beta[l, j] ∝ weight of the valid completions of
     the canvas from row j at position l (0 where j is not live); False when there are
     none. Each row is known up to its own factor (every use normalises within a
@@ -487,7 +530,10 @@ def _backward_into(beta, gsum, live, src, dst, group, runs):  # pragma: no cover
             e = runs[r]
             n = runs[r + 1] - e
             _axpy(out[src[e]:src[e] + n], gsi[group[e]], nxt[dst[e]:dst[e] + n])
-        for e in range(runs[-1], E):  # the single edges, by source row in turns (indices unsigned: see the scan)
+        for f in range(fans.shape[0] - 1):  # a fan's one row out to its sources
+            e = fans[f]
+            _add_to_all(out[src[e]:src[e] + fans[f + 1] - e], gsi[group[e]] * nxt[dst[e]])
+        for e in range(fans[-1], E):  # the single edges, by source row in turns (indices unsigned: see the scan)
             out[np.uint32(src[e])] += gsi[np.uint32(group[e])] * nxt[np.uint32(dst[e])]
         tot = _mask_total(out, live[l])
         if not tot > 0.0:
@@ -497,7 +543,8 @@ def _backward_into(beta, gsum, live, src, dst, group, runs):  # pragma: no cover
 
 
 @nb.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
-def _alpha_step(cur, nxt, gsi, live_next, src, dst, group, runs, in_row, in_other, in_group):  # pragma: no cover
+def _alpha_step(cur, nxt, gsi, live_next, src, dst, group, runs, fans, in_row, in_other,
+                in_group):  # pragma: no cover
     """nxt <- the forward message one position on from cur (weights gsi (G,)), masked by
     live_next; returns its total."""
     nxt[:] = 0.0  # (the buffers are reused: see MessageBuffers)
@@ -505,13 +552,17 @@ def _alpha_step(cur, nxt, gsi, live_next, src, dst, group, runs, in_row, in_othe
         e = runs[r]
         n = runs[r + 1] - e
         _axpy(nxt[dst[e]:dst[e] + n], gsi[group[e]], cur[src[e]:src[e] + n])
+    for f in range(fans.shape[0] - 1):  # a fan's sources into its one row
+        e = fans[f]
+        nxt[dst[e]] += _total(cur[src[e]:src[e] + fans[f + 1] - e]) * gsi[group[e]]
     for k in range(in_row.shape[0]):  # the single edges, by destination row in turns (indices unsigned)
         nxt[np.uint32(in_row[k])] += cur[np.uint32(in_other[k])] * gsi[np.uint32(in_group[k])]
     return _mask_total(nxt, live_next)
 
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _alpha_into(alpha, gsum, live, src, dst, group, runs, in_row, in_other, in_group, start):  # pragma: no cover
+def _alpha_into(alpha, gsum, live, src, dst, group, runs, fans, in_row, in_other, in_group,
+                start):  # pragma: no cover
     """alpha (L + 1, S), any contents <- alpha[l, j] ∝ weight of the valid prefixes of l
     tokens ending in row j (0 where j is not live); False when there are none. The mirror
     of ``_backward_into``: each row is known up to its own factor, and its total divides
@@ -525,7 +576,8 @@ def _alpha_into(alpha, gsum, live, src, dst, group, runs, in_row, in_other, in_g
         gs = gsum[l]
         for g in range(G):
             gsi[g] = gs[g] * scale
-        tot = _alpha_step(alpha[l], alpha[l + 1], gsi, live[l + 1], src, dst, group, runs, in_row, in_other, in_group)
+        tot = _alpha_step(alpha[l], alpha[l + 1], gsi, live[l + 1], src, dst, group, runs, fans, in_row, in_other,
+                          in_group)
         if not tot > 0.0:
             return False
         scale = 1.0 / tot
@@ -538,7 +590,7 @@ _POSTERIOR_COPIES = 4
 
 
 @nb.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
-def _factors_at(cur, bn, gs, acc, F_row, src, dst, group, runs, in_row, in_other, in_group, atom_groups,
+def _factors_at(cur, bn, gs, acc, F_row, src, dst, group, runs, fans, in_row, in_other, in_group, atom_groups,
                 atom_group_offsets):  # pragma: no cover - compiled
     """F_row (K,) <- the atom factors of one position from its forward message cur and
     the next position's backward message bn (group weights gs (G,); acc
@@ -548,6 +600,9 @@ def _factors_at(cur, bn, gs, acc, F_row, src, dst, group, runs, in_row, in_other
         e = runs[r]
         n = runs[r + 1] - e
         acc[0, group[e]] += _dot(cur[src[e]:src[e] + n], bn[dst[e]:dst[e] + n])
+    for f in range(fans.shape[0] - 1):
+        e = fans[f]
+        acc[0, group[e]] += _total(cur[src[e]:src[e] + fans[f + 1] - e]) * bn[dst[e]]
     for k in range(in_row.shape[0]):  # (indices unsigned: see the scan)
         acc[k & (_POSTERIOR_COPIES - 1), np.uint32(in_group[k])] += (cur[np.uint32(in_other[k])]
                                                                     * bn[np.uint32(in_row[k])])
@@ -570,8 +625,8 @@ def _factors_at(cur, bn, gs, acc, F_row, src, dst, group, runs, in_row, in_other
 
 
 @parallel_kernel(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _factors(alpha, beta, gsum, src, dst, group, runs, in_row, in_other, in_group, atom_groups, atom_group_offsets,
-             parts):  # pragma: no cover - compiled
+def _factors(alpha, beta, gsum, src, dst, group, runs, fans, in_row, in_other, in_group, atom_groups,
+             atom_group_offsets, parts):  # pragma: no cover - compiled
     """The atom factors F (L, K) from both messages, and whether every position has
     posterior mass. P(token t at l) = exp(x_t - rowmax_l) * F[l, atom(t)].
 
@@ -589,13 +644,13 @@ def _factors(alpha, beta, gsum, src, dst, group, runs, in_row, in_other, in_grou
     for part in nb.prange(parts):
         acc = np.empty((_POSTERIOR_COPIES, G), np.float64)
         for l in range(part * L // parts, (part + 1) * L // parts):
-            ok[l] = _factors_at(alpha[l], beta[l + 1], gsum[l], acc, F[l], src, dst, group, runs, in_row, in_other,
-                                in_group, atom_groups, atom_group_offsets)
+            ok[l] = _factors_at(alpha[l], beta[l + 1], gsum[l], acc, F[l], src, dst, group, runs, fans, in_row,
+                                in_other, in_group, atom_groups, atom_group_offsets)
     return F, ok.all()
 
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _alpha_factors(beta, gsum, live, src, dst, group, runs, in_row, in_other, in_group, start, atom_groups,
+def _alpha_factors(beta, gsum, live, src, dst, group, runs, fans, in_row, in_other, in_group, start, atom_groups,
                    atom_group_offsets):  # pragma: no cover - compiled
     """The factors F (L, K) of ``_factors`` and the forward pass of ``_alpha_into`` in one
     sweep, for a single thread: each position's factors are taken from the forward
@@ -614,12 +669,12 @@ def _alpha_factors(beta, gsum, live, src, dst, group, runs, in_row, in_other, in
     scale = 1.0
     for l in range(L):
         gs = gsum[l]
-        if not _factors_at(cur, beta[l + 1], gs, acc, F[l], src, dst, group, runs, in_row, in_other, in_group,
+        if not _factors_at(cur, beta[l + 1], gs, acc, F[l], src, dst, group, runs, fans, in_row, in_other, in_group,
                            atom_groups, atom_group_offsets):
             return F, False
         for g in range(G):
             gsi[g] = gs[g] * scale
-        tot = _alpha_step(cur, nxt, gsi, live[l + 1], src, dst, group, runs, in_row, in_other, in_group)
+        tot = _alpha_step(cur, nxt, gsi, live[l + 1], src, dst, group, runs, fans, in_row, in_other, in_group)
         if not tot > 0.0:
             return F, False
         scale = 1.0 / tot
@@ -628,7 +683,7 @@ def _alpha_factors(beta, gsum, live, src, dst, group, runs, in_row, in_other, in
 
 
 @nb.njit(cache=True, nogil=True)
-def _viterbi_into(vit, gmax, live, src, dst, group, runs, in_row, in_other, in_group, start,
+def _viterbi_into(vit, gmax, live, src, dst, group, runs, fans, in_row, in_other, in_group, start,
                   rank):  # pragma: no cover - compiled
     """vit (L + 1, S), any contents <- vit[l, j], the best log-score of a prefix of l
     tokens ending in row j (-inf where not live). Every position's scores are kept for
@@ -647,6 +702,9 @@ def _viterbi_into(vit, gmax, live, src, dst, group, runs, in_row, in_other, in_g
             e = runs[r]
             n = runs[r + 1] - e
             _max_plus(vnxt[dst[e]:dst[e] + n], gm[group[e]], vcur[src[e]:src[e] + n])
+        for f in range(fans.shape[0] - 1):  # (rounding is monotone: the best source's sum is the best sum)
+            e = fans[f]
+            vnxt[dst[e]] = max(vnxt[dst[e]], _best(vcur[src[e]:src[e] + fans[f + 1] - e]) + gm[group[e]])
         for k in range(in_row.shape[0]):  # the single edges, by destination row in turns (indices unsigned)
             row = np.uint32(in_row[k])
             vnxt[row] = max(vnxt[row], vcur[np.uint32(in_other[k])] + gm[np.uint32(in_group[k])])
@@ -702,7 +760,7 @@ MESSAGES = MessageBuffers()
 
 
 @parallel_kernel(cache=True, nogil=True)
-def _dense_passes(gsum, gmax, live, src, dst, group, runs, in_row, in_other, in_group, start, rank, task_of,
+def _dense_passes(gsum, gmax, live, src, dst, group, runs, fans, in_row, in_other, in_group, start, rank, task_of,
                   vit, alpha, beta):  # pragma: no cover - compiled
     """The passes that do not depend on each other, as tasks for numba's threads:
     task_of[p] is the task that runs pass p (VITERBI, ALPHA, BETA) into its buffer
@@ -712,14 +770,14 @@ def _dense_passes(gsum, gmax, live, src, dst, group, runs, in_row, in_other, in_
     status[0] = -1
     for task in nb.prange(task_of.max() + 1):
         if task_of[VITERBI] == task:
-            best_end, ok = _viterbi_into(vit, gmax, live, src, dst, group, runs, in_row, in_other, in_group, start,
-                                         rank)
+            best_end, ok = _viterbi_into(vit, gmax, live, src, dst, group, runs, fans, in_row, in_other, in_group,
+                                         start, rank)
             status[0] = best_end
             status[1] = ok
         if task_of[ALPHA] == task:
-            status[2] = _alpha_into(alpha, gsum, live, src, dst, group, runs, in_row, in_other, in_group, start)
+            status[2] = _alpha_into(alpha, gsum, live, src, dst, group, runs, fans, in_row, in_other, in_group, start)
         if task_of[BETA] == task:
-            status[3] = _backward_into(beta, gsum, live, src, dst, group, runs)
+            status[3] = _backward_into(beta, gsum, live, src, dst, group, runs, fans)
     return status
 
 

@@ -10,8 +10,10 @@ a + j to row b + j under one group, and a pass over a run is one contiguous loop
     value[a:a + n] += weight[g] * message[b:b + n],
 
 which the compiler vectorises, with no index loaded per edge (89% of the edges of one tool,
-90% of five, 90% of twenty, at 4k vocab). The other edges are pulled one by one, listed
-by the row they pull into.
+90% of five, 90% of twenty, at 4k vocab). Of the other edges, those from consecutive rows
+into one row under one group are *fans* (a counted string ends from every count by its
+closing quote), a loop over one slice too: half of what is left at five and at twenty
+tools. The rest are pulled one by one, listed by the row they pull into.
 
 Finding the chains: a group whose edges form long simple paths (the one-character step of
 a counter; where several of its edges enter one state, the path keeps the one that comes
@@ -29,8 +31,8 @@ from typing import NamedTuple
 import numba as nb
 import numpy as np
 
-#: Shorter runs than this go with the edges pulled one by one (a run's loop costs more
-#: to set up than a few single edges).
+#: Shorter runs (and fans) than this go with the edges pulled one by one (a run's loop
+#: costs more to set up than a few single edges).
 MIN_RUN = 4
 
 #: A group's simple paths shorter than this do not count towards its use as a seed.
@@ -215,16 +217,35 @@ def _in_turns(rows: np.ndarray) -> np.ndarray:
     return np.lexsort((rows, turn))
 
 
+def _consecutive(edges: np.ndarray, key_a: np.ndarray, key_b: np.ndarray, moving: np.ndarray
+                 ) -> tuple[list[np.ndarray], np.ndarray]:
+    """Of ``edges`` (ids), the stretches of MIN_RUN or more that agree on both keys while
+    ``moving`` goes up by one from edge to edge (each in that order, stretches by their
+    first ``moving``), and the edges left over (ids, in no set order). Keys and
+    ``moving`` are indexed by edge id."""
+    o = edges[np.lexsort((moving[edges], key_b[edges], key_a[edges]))]
+    new = np.ones(o.shape[0], np.bool_)
+    new[1:] = (key_a[o][1:] != key_a[o][:-1]) | (key_b[o][1:] != key_b[o][:-1]) | (moving[o][1:] != moving[o][:-1] + 1)
+    stretch_of = np.cumsum(new) - 1  # (n,) in o's order
+    length = np.bincount(stretch_of)
+    kept = length[stretch_of] >= MIN_RUN
+    firsts = np.flatnonzero(new & kept)
+    firsts = firsts[np.argsort(moving[o[firsts]], kind="stable")]  # visited by source row, for locality
+    return [o[f:f + length[stretch_of[f]]] for f in firsts], o[~kept]
+
+
 class EdgeLayout(NamedTuple):
     """The token automaton's edges in the passes' order (built once per automaton).
 
     States are renumbered as rows (``rank``); every edge appears once, as rows: first the
     runs (run r holds edges runs[r]:runs[r + 1], along which src and dst each go up by one
-    and the group stays the same), then the single edges by source row (the backward
-    pass pulls them in this order), dealt out in turns (``_in_turns``). The forward pass
-    pulls the single edges by destination row, dealt out likewise:
-    ``in_row``/``in_other``/``in_group`` list their destination, source and group in that
-    order. A row's edges keep the automaton's order.
+    and the group stays the same), then the fans (fan f holds edges fans[f]:fans[f + 1],
+    from consecutive source rows into one destination row under one group: the end of a
+    counted string, entered from every count by the closing quote), then the single
+    edges by source row (the backward pass pulls them in this order), dealt out in turns
+    (``_in_turns``). The forward pass pulls the single edges by destination row, dealt
+    out likewise: ``in_row``/``in_other``/``in_group`` list their destination, source and
+    group in that order. A row's single edges keep the automaton's order.
     """
 
     rank: np.ndarray  # (S,) i32 state -> row
@@ -232,10 +253,11 @@ class EdgeLayout(NamedTuple):
     src: np.ndarray  # (E,) i32 source row of each edge
     dst: np.ndarray  # (E,) i32 destination row
     group: np.ndarray  # (E,) i32
-    runs: np.ndarray  # (R + 1,) i64; the single edges are runs[-1]:E
-    in_row: np.ndarray  # (E - runs[-1],) i32
-    in_other: np.ndarray  # (E - runs[-1],) i32
-    in_group: np.ndarray  # (E - runs[-1],) i32
+    runs: np.ndarray  # (R + 1,) i64
+    fans: np.ndarray  # (F + 1,) i64, fans[0] == runs[-1]; the single edges are fans[-1]:E
+    in_row: np.ndarray  # (E - fans[-1],) i32
+    in_other: np.ndarray  # (E - fans[-1],) i32
+    in_group: np.ndarray  # (E - fans[-1],) i32
 
 
 def edge_layout(edge_src: np.ndarray, edge_dst: np.ndarray, edge_group: np.ndarray, S: int, start: int,
@@ -248,27 +270,19 @@ def edge_layout(edge_src: np.ndarray, edge_dst: np.ndarray, edge_group: np.ndarr
     rank = np.empty(S, np.int32)
     rank[state] = np.arange(S, dtype=np.int32)
     r_src, r_dst = rank[edge_src].astype(np.int64), rank[edge_dst].astype(np.int64)
-    # runs: edges sorted by (group, diagonal dst - src, src); a run goes on while src goes up by one
     E = edge_src.shape[0]
-    diag = r_dst - r_src
-    o = np.lexsort((r_src, diag, grp64))
-    new = np.ones(E, np.bool_)
-    new[1:] = (grp64[o][1:] != grp64[o][:-1]) | (diag[o][1:] != diag[o][:-1]) | (r_src[o][1:] != r_src[o][:-1] + 1)
-    run_of = np.cumsum(new) - 1  # (E,) in o's order
-    run_len = np.bincount(run_of)
-    in_run = run_len[run_of] >= MIN_RUN
-    firsts = np.flatnonzero(new & in_run)  # the runs' first edges, in o's order
-    lens = run_len[run_of[firsts]]
-    by_src = np.argsort(r_src[o[firsts]], kind="stable")  # runs visited by source row, for locality
-    run_edges = [o[firsts[i]:firsts[i] + lens[i]] for i in by_src]
-    runs = np.concatenate([[0], np.cumsum(lens[by_src])]).astype(np.int64)
-    single = o[~in_run]
+    # runs: one group and one diagonal dst - src, src going up by one; then, of the rest,
+    # fans: one group and one dst, src going up by one
+    run_edges, rest = _consecutive(np.arange(E), grp64, r_dst - r_src, r_src)
+    fan_edges, single = _consecutive(rest, grp64, r_dst, r_src)
+    runs = np.cumsum([0] + [len(r) for r in run_edges]).astype(np.int64)
+    fans = runs[-1] + np.cumsum([0] + [len(f) for f in fan_edges]).astype(np.int64)
     single = single[np.lexsort((single, r_src[single]))]  # by source row, then automaton order
     single = single[_in_turns(r_src[single])]
-    order = np.concatenate(run_edges + [single]).astype(np.int64)
+    order = np.concatenate(run_edges + fan_edges + [single]).astype(np.int64)
     src, dst, group = r_src[order].astype(np.int32), r_dst[order].astype(np.int32), edge_group[order].astype(np.int32)
-    n_run = int(runs[-1])
-    ids = np.arange(n_run, E)
+    ids = np.arange(int(fans[-1]), E)
     by_dst = ids[np.lexsort((order[ids], dst[ids]))]  # by destination row, then automaton order
     by_dst = by_dst[_in_turns(dst[by_dst])]
-    return EdgeLayout(rank, state.astype(np.int32), src, dst, group, runs, dst[by_dst], src[by_dst], group[by_dst])
+    return EdgeLayout(rank, state.astype(np.int32), src, dst, group, runs, fans, dst[by_dst], src[by_dst],
+                      group[by_dst])
