@@ -168,11 +168,14 @@ def test_the_support_holds_exactly_the_states_on_some_valid_canvas(btok, partial
         live[L] = {s for s in reach[L] if final[s]}
         for l in range(L - 1, -1, -1):
             live[l] = {s for s, d in edges if s in reach[l] and d in live[l + 1]}
-        sup = dp.support(g._layout, start, final, L, "dense")
+        sup = dp.support(g._layout, start, final, L, "live")  # (lists are made for the live-list passes)
         assert sup.offsets.tolist() == [0] + np.cumsum([len(x) for x in live]).tolist()
         assert sup.states.tolist() == [s for x in live for s in sorted(x)]
+        dense = dp.support(g._layout, start, final, L, "dense")
+        assert dense.dense and not sup.dense and dense.states.size == 0
         for l in range(L + 1):
-            assert set(g._layout.state[np.flatnonzero(sup.live[l])].tolist()) == live[l]
+            for mask in (sup.live, dense.live):
+                assert set(g._layout.state[np.flatnonzero(mask[l])].tolist()) == live[l]
         assert sum(map(len, live)) > 2 * (L + 1)  # (not a trivial support)
 
 

@@ -390,16 +390,15 @@ def _slot(states, lo, hi, s):  # pragma: no cover - compiled
 
 
 class Support(NamedTuple):
-    """The states that lie on some valid canvas at each position (see ``_live_rows``),
-    as lists and, for the dense passes, as a mask in the layout's row order."""
+    """The states that lie on some valid canvas at each position (see ``_live_rows``):
+    a mask in the layout's row order, their count, and, for the live-list passes, their
+    lists (made only for those: at twenty tools, 8M entries cost 44 ms a canvas, more
+    than the mask)."""
 
-    offsets: np.ndarray  # (L + 2,) i64 states[offsets[l]:offsets[l + 1]] live at l
-    states: np.ndarray  # (n,) i32
-    live: np.ndarray  # (L + 1, S) u8 by row; (0, 0) for the live-list passes
-
-    @property
-    def dense(self) -> bool:
-        return self.live.shape[0] > 0
+    offsets: np.ndarray  # (L + 2,) i64 offsets[l + 1] - offsets[l] states live at l
+    states: np.ndarray  # (offsets[-1],) i32, states[offsets[l]:offsets[l + 1]] live at l; (0,) when dense
+    live: np.ndarray  # (L + 1, S) u8 by row
+    dense: bool  # whether the dense passes run (else the live-list ones)
 
 
 @nb.njit(cache=True, nogil=True)
@@ -418,16 +417,16 @@ def _set_columns(mask, n):  # pragma: no cover - compiled
 
 def support(layout: EdgeLayout, start: int, final: np.ndarray, L: int, kind: str = "auto") -> Support:
     """The support of canvases of L positions from state ``start`` (``final`` (S,) bool:
-    the states a canvas may end in): the live states' lists always, the dense passes'
-    mask where they run (``kind`` "dense", or "auto" and ``dense_pays``; else "live")."""
+    the states a canvas may end in), for the dense passes (``kind`` "dense", or "auto"
+    and ``dense_pays``) or else the live-list ones ("live")."""
     S = layout.rank.shape[0]
     live = _live_rows(layout.src, layout.dst, layout.runs, layout.fans, S, layout.rank[start],
                       final[layout.state].view(np.uint8), L)  # (L + 1, S) by row
     offsets = np.zeros(L + 2, np.int64)
     np.cumsum(live.sum(axis=1, dtype=np.int64), out=offsets[1:])
-    states = _set_columns(live[:, layout.rank], offsets[-1])  # by position, then state
     dense = kind == "dense" or (kind == "auto" and dense_pays(S, offsets))
-    return Support(offsets, states, live if dense else np.zeros((0, 0), np.uint8))
+    states = np.zeros(0, np.int32) if dense else _set_columns(live[:, layout.rank], offsets[-1])  # by position, then state
+    return Support(offsets, states, live, dense)
 
 
 # A run's loop goes over slices of the two rows (a loop over ``range(lo, hi)`` of the rows
@@ -1278,17 +1277,23 @@ def _trace_back(vit, best_end, gmax, state, rank, in_offsets, in_src, in_group):
 
 
 @nb.njit(cache=True, nogil=True)
-def _forced(offsets, states, out_offsets, out_dst, out_group, group_atoms, group_offsets, atom_offsets, atom_tokens,
+def _forced(live, state, rank, out_offsets, out_dst, out_group, group_atoms, group_offsets, atom_offsets, atom_tokens,
             L):  # pragma: no cover
-    """Token forced at each position whatever the logits (-1 where there is a choice)."""
+    """Token forced at each position whatever the logits (-1 where there is a choice),
+    from the support's mask ``live`` (L + 1, S) by row (``state``/``rank``: row <-> state)."""
     out = np.full(L, -1, np.int32)
     for l in range(L):
         tok = -1
-        ok = offsets[l + 1] > offsets[l]
-        for i in range(offsets[l], offsets[l + 1]):
-            s = states[i]
+        ok = False  # (a position with no live state forces nothing)
+        here = live[l]
+        after = live[l + 1]
+        for r in range(here.shape[0]):
+            if not here[r]:
+                continue
+            ok = True
+            s = state[r]
             for e in range(out_offsets[s], out_offsets[s + 1]):
-                if _slot(states, offsets[l + 1], offsets[l + 2], out_dst[e]) < 0:
+                if not after[rank[out_dst[e]]]:
                     continue  # an edge off every valid canvas
                 g = out_group[e]
                 for j in range(group_offsets[g], group_offsets[g + 1]):

@@ -740,8 +740,8 @@ class CompiledGrammar:
         s0 = self.start_state if state is None else int(state)
         ta = self.automaton
         sup = self._support(length, s0, partial)
-        return dp._forced(sup.offsets, sup.states, *self._out_edges, ta.group_atoms, ta.group_offsets, ta.atom_offsets,
-                          ta.atom_tokens, length).tolist()
+        return dp._forced(sup.live, self._layout.state, self._layout.rank, *self._out_edges, ta.group_atoms,
+                          ta.group_offsets, ta.atom_offsets, ta.atom_tokens, length).tolist()
 
     @cached_property
     def _out_edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
