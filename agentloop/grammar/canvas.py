@@ -425,7 +425,8 @@ def support(layout: EdgeLayout, start: int, final: np.ndarray, L: int, kind: str
     offsets = np.zeros(L + 2, np.int64)
     np.cumsum(live.sum(axis=1, dtype=np.int64), out=offsets[1:])
     dense = kind == "dense" or (kind == "auto" and dense_pays(S, offsets))
-    states = np.zeros(0, np.int32) if dense else _set_columns(live[:, layout.rank], offsets[-1])  # by position, then state
+    # the lists by position, then state
+    states = np.zeros(0, np.int32) if dense else _set_columns(live[:, layout.rank], offsets[-1])
     return Support(offsets, states, live, dense)
 
 
