@@ -62,7 +62,7 @@ def test_scan_of_one_token_atoms_equals_the_definition():
     e = np.exp
     assert asum[0] == pytest.approx([e(-1.5), 0.0, 1.0, 2 * e(-1.0), e(-5.0)], rel=1e-6)
     assert asumx[0] == pytest.approx([-1.5 * e(-1.5), 0.0, 0.0, -2 * e(-1.0), -5 * e(-5.0)], rel=1e-6)
-    assert block_sums[0].tolist() == [1.0, 0.0, 1.0, 2.0, 1.0]  # around each atom's own best
+    assert block_sums[0].tolist() == [2.0]  # atom 3's one block, around its own best (one-token atoms have none)
     assert np.isnan(asum[1, [0, 2]]).all() and np.isnan(asumx[1, [0, 2]]).all()
     assert asum[1, [1, 3, 4]] == pytest.approx([e(-1.0), e(-2.0) + e(-3.0), 1.0], rel=1e-6)
 

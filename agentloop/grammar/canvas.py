@@ -47,25 +47,37 @@ from .float32_math import KEY_NEG_INF, KEY_POS_INF, bits_to_float, exp_nonpositi
 
 class SortedAtoms(NamedTuple):
     """The allowed tokens listed atom by atom (built once per grammar and vocabulary size):
-    the tokens of atom k are perm[lo[k]:hi[k]], ascending, in blocks of _BLOCK tokens
-    numbered blocks[k]..blocks[k + 1] - 1 (the scan keeps each block's sum for sampling)."""
+    the tokens of atom k are perm[lo[k]:hi[k]], ascending. The atoms of one token come
+    first, in the order of ``singles`` (the token of atom singles[j] is perm[j]), then the
+    ``others`` (several tokens, or none at this vocabulary size). An atom of several tokens
+    has blocks of _BLOCK tokens numbered blocks[k]..blocks[k + 1] - 1 (the scan keeps each
+    block's sum for sampling); an atom of one has none."""
 
     atom_of: np.ndarray  # (V,) i32 the atom of each token, -1 where never allowed
     perm: np.ndarray  # (n,) i32 allowed token ids, grouped by atom
     lo: np.ndarray  # (K,) i64
     hi: np.ndarray  # (K,) i64
     blocks: np.ndarray  # (K + 1,) i64
+    singles: np.ndarray  # (K1,) i64 the atoms of one token
+    others: np.ndarray  # (K - K1,) i64 the rest, ascending
 
 
 def sorted_atoms(atom_of: np.ndarray, K: int) -> SortedAtoms:
     """The token lists of ``atom_of`` (V,) over K atoms, for the pass below."""
     allowed = np.flatnonzero(atom_of >= 0)
-    perm = allowed[np.argsort(atom_of[allowed], kind="stable")].astype(np.int32)
-    hi = np.cumsum(np.bincount(atom_of[allowed], minlength=K)[:K]).astype(np.int64)
-    lo = np.concatenate([[0], hi[:-1]]).astype(np.int64)
+    count = np.bincount(atom_of[allowed], minlength=K)[:K]
+    singles = np.flatnonzero(count == 1).astype(np.int64)
+    others = np.flatnonzero(count != 1).astype(np.int64)
+    order = np.concatenate([singles, others])  # the atoms in perm's order
+    place = np.empty(K, np.int64)
+    place[order] = np.arange(K)
+    perm = allowed[np.argsort(place[atom_of[allowed]], kind="stable")].astype(np.int32)
+    hi = np.empty(K, np.int64)
+    hi[order] = np.cumsum(count[order])
+    lo = hi - count
     blocks = np.zeros(K + 1, np.int64)
-    blocks[1:] = np.cumsum(-(-(hi - lo) // _BLOCK))
-    return SortedAtoms(atom_of, perm, lo, hi, blocks)
+    blocks[1:] = np.cumsum(np.where(count == 1, 0, -(-count // _BLOCK)))
+    return SortedAtoms(atom_of, perm, lo, hi, blocks, singles, others)
 
 
 #: Tokens per block of the scan's float32 sums (added up in float64 across blocks) and of
@@ -79,7 +91,10 @@ _BLOCK = 256
 # one contiguous run, and each run is reduced by loops the compiler vectorises, exp
 # included (see float32_math); the whole pass is one compiled call per step. A run is
 # walked through a slice of the row, not ``range(lo, hi)`` over the row: numba vectorises
-# only the former (10x).
+# only the former (10x). Most atoms of a tool grammar have one token (73 of 94 at BPE 4k,
+# one tool; 614 of 747 at 20 tools): they lie side by side at the start of the row, and
+# each of their steps is one loop across all of them rather than a loop per atom, whose
+# set-up cost ~25 ns an atom and row.
 
 
 def _scan_kernel(want_x: bool):  # type: ignore[no-untyped-def]
@@ -87,90 +102,120 @@ def _scan_kernel(want_x: bool):  # type: ignore[no-untyped-def]
     inner loops free of branches, which is what lets them vectorise)."""
 
     @parallel_kernel(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-    def scan(logit_bits, perm, lo, hi, blocks, rowmax, asum, asumx, amax_bits, aarg, block_sums,
+    def scan(logit_bits, perm, lo, hi, blocks, singles, others, rowmax, asum, asumx, amax_bits, aarg, block_sums,
              parts):  # pragma: no cover
         # logit_bits: the logits (N, V) as int32 bits (a float32 view of a local array is
         # not known to be contiguous, and its loops would not vectorise)
         N = logit_bits.shape[0]
-        K = lo.shape[0]
+        K1 = singles.shape[0]
         for part in nb.prange(parts):  # rows are independent: a share of them per thread (see row_parts)
             bits = np.empty(perm.shape[0], np.int32)  # a row's allowed logits, atom after atom
-            best = np.empty(K, np.int32)  # each atom's best key
+            keys = np.empty(K1, np.int32)  # the one-token atoms' keys
+            e1 = np.empty(K1, np.float32)  # their exp(x - rowmax)
+            d1 = np.empty(K1, np.float32)  # their x - rowmax
             for r in range(part * N // parts, (part + 1) * N // parts):
                 row = logit_bits[r]
+                r_amax = amax_bits[r]
+                r_aarg = aarg[r]
+                r_sum = asum[r]
+                r_sumx = asumx[r]
                 for j in range(perm.shape[0]):
                     # an unsigned index: a signed one is checked for wrapping around from the
                     # end, which made this gather 1.6x slower
                     bits[j] = row[np.uint32(perm[j])]
-                # 1. each atom's best logit and its first token: a max over keys packed with
-                # the run offset (key << 32 | (2**32 - 1 - offset): ties go to the lowest
-                # token). A nan is the best (its atom's sums come out nan, and the caller
+                # 1. each atom's best logit (as a key) and its first token; the row's best
+                # finite one. A nan is an atom's best (its sums come out nan, and the caller
                 # names the position).
-                # An atom of one token (most atoms of a tool grammar: 73 of 94 at BPE 4k, one
-                # tool) skips both loops, whose set-up cost ~25 ns an atom and row.
                 top_row = KEY_NEG_INF
-                for k in range(K):
-                    if hi[k] - lo[k] == 1:
-                        key = order_key(bits[lo[k]])
-                        first = lo[k]
+                for j in range(K1):
+                    key = order_key(bits[j])
+                    keys[j] = key
+                    top_row = max(top_row, key if key < KEY_POS_INF else KEY_NEG_INF)
+                for j in range(K1):
+                    k = singles[j]
+                    if keys[j] <= KEY_NEG_INF:  # no usable logit
+                        r_amax[k] = np.int32(-8388608)  # 0xff800000: -inf
+                        r_aarg[k] = -1
                     else:
-                        run = bits[lo[k]:hi[k]]
-                        top = np.int64(-(2**63))
-                        for j in range(run.shape[0]):
-                            top = max(top, (np.int64(order_key(run[j])) << 32) | (np.int64(0xFFFFFFFF) - j))
-                        key = np.int32(top >> 32)
-                        first = lo[k] + np.int64(0xFFFFFFFF) - (top & np.int64(0xFFFFFFFF))
-                    best[k] = key
-                    if key <= KEY_NEG_INF:  # no usable logit
-                        amax_bits[r, k] = np.int32(-8388608)  # 0xff800000: -inf
-                        aarg[r, k] = -1
+                        r_amax[k] = key_to_bits(keys[j])
+                        r_aarg[k] = perm[j]
+                for i in range(others.shape[0]):
+                    # a max over keys packed with the run offset (key << 32 | (2**32 - 1 -
+                    # offset)): ties go to the lowest token
+                    k = others[i]
+                    run = bits[lo[k]:hi[k]]
+                    top = np.int64(-(2**63))
+                    for j in range(run.shape[0]):
+                        top = max(top, (np.int64(order_key(run[j])) << 32) | (np.int64(0xFFFFFFFF) - j))
+                    key = np.int32(top >> 32)
+                    if key <= KEY_NEG_INF:  # no usable logit (or no token at all)
+                        r_amax[k] = np.int32(-8388608)
+                        r_aarg[k] = -1
                     else:
-                        amax_bits[r, k] = key_to_bits(key)
-                        aarg[r, k] = perm[first]
+                        r_amax[k] = key_to_bits(key)
+                        r_aarg[k] = perm[lo[k] + np.int64(0xFFFFFFFF) - (top & np.int64(0xFFFFFFFF))]
                         if key < KEY_POS_INF:  # finite
                             top_row = max(top_row, key)
-                # 2. each atom's sums around its own best b (every term <= 1, so an atom far
-                # below the row's best keeps its precision), moved to rowmax in float64:
-                # asum = exp(b - rowmax) * sum exp(x - b), asumx likewise with (x - rowmax)
                 m = np.float32(0.0)
                 if top_row > KEY_NEG_INF:
                     m = bits_to_float(key_to_bits(top_row))
                 rowmax[r] = m
-                for k in range(K):
-                    if best[k] <= KEY_NEG_INF:
-                        asum[r, k] = 0.0
+                # 2. a one-token atom's sums are its one term exp(x - rowmax), in float32 like
+                # every other term; where float32 flushes it (more than 87 below the row's
+                # best), in float64. 0 at -inf; nan at nan or +inf.
+                for j in range(K1):
+                    d = bits_to_float(bits[j]) - m
+                    e1[j] = exp_nonpositive(d)
+                    if want_x:
+                        d1[j] = d
+                for j in range(K1):
+                    k = singles[j]
+                    e = np.float64(e1[j])
+                    if e == 0.0 and keys[j] > KEY_NEG_INF:
+                        gap = np.float64(bits_to_float(bits[j])) - np.float64(m)
+                        e = math.exp(gap)
+                        r_sum[k] = e
                         if want_x:
-                            asumx[r, k] = 0.0
+                            r_sumx[k] = e * gap
+                    else:
+                        r_sum[k] = e
+                        if want_x:
+                            r_sumx[k] = e * d1[j] if e > 0.0 else e  # 0 * -inf is nan
+                # 3. any other atom's sums around its own best b (every term <= 1, so an atom
+                # far below the row's best keeps its precision), moved to rowmax in float64:
+                # asum = exp(b - rowmax) * sum exp(x - b), asumx likewise with (x - rowmax)
+                for i in range(others.shape[0]):
+                    k = others[i]
+                    if r_aarg[k] < 0:
+                        r_sum[k] = 0.0
+                        if want_x:
+                            r_sumx[k] = 0.0
                         block_sums[r, blocks[k]:blocks[k + 1]] = 0.0
                         continue
-                    b = bits_to_float(key_to_bits(best[k]))
+                    b = bits_to_float(r_amax[k])
                     run = bits[lo[k]:hi[k]]
                     s = 0.0
                     sx = 0.0
-                    if run.shape[0] == 1:  # its one term is exp(0) = 1 (nan at a nan or +inf logit)
-                        s = 1.0 if best[k] < KEY_POS_INF else np.nan
-                        block_sums[r, blocks[k]] = s
-                    else:
-                        for j0 in range(0, run.shape[0], _BLOCK):
-                            # float32 sums over a block (16 lanes, a handful of terms per
-                            # lane), float64 across blocks
-                            block = run[j0:j0 + _BLOCK]
-                            bs = np.float32(0.0)
-                            bsx = np.float32(0.0)
-                            for j in range(block.shape[0]):
-                                d = bits_to_float(block[j]) - b
-                                e = exp_nonpositive(d)  # nan at a nan or +inf logit: the caller refuses it
-                                bs += e
-                                if want_x:
-                                    bsx += e * d if e > np.float32(0.0) else np.float32(0.0)  # 0 * -inf is nan
-                            block_sums[r, blocks[k] + j0 // _BLOCK] = bs
-                            s += bs
-                            sx += bsx
+                    for j0 in range(0, run.shape[0], _BLOCK):
+                        # float32 sums over a block (16 lanes, a handful of terms per lane),
+                        # float64 across blocks
+                        block = run[j0:j0 + _BLOCK]
+                        bs = np.float32(0.0)
+                        bsx = np.float32(0.0)
+                        for j in range(block.shape[0]):
+                            d = bits_to_float(block[j]) - b
+                            e = exp_nonpositive(d)  # nan at a nan or +inf logit: the caller refuses it
+                            bs += e
+                            if want_x:
+                                bsx += e * d if e > np.float32(0.0) else np.float32(0.0)  # 0 * -inf is nan
+                        block_sums[r, blocks[k] + j0 // _BLOCK] = bs
+                        s += bs
+                        sx += bsx
                     gap = np.float64(b) - np.float64(m)
                     scale = math.exp(gap)
-                    asum[r, k] = scale * s
+                    r_sum[k] = scale * s
                     if want_x:
-                        asumx[r, k] = scale * (sx + gap * s)
+                        r_sumx[k] = scale * (sx + gap * s)
 
     return scan
 
@@ -207,15 +252,17 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
     allowed logit of row n (0 if there is none). With ``want_sum``,
     asum[n, k] = sum over tokens t of atom k of exp(logits[n, t] - rowmax[n]), and asumx
     (with ``want_x``) weighs the same terms by (logits[n, t] - rowmax[n]); an allowed nan
-    or +inf logit makes its atom's sums nan. Each atom is summed around its own best
-    logit and scaled in float64, so an atom far below the row's best (as low
-    temperatures make them: the demo model's logits span ~360 nats at 0.1) keeps its
-    precision down to ~1e-308; the float32 terms are good to ~|x - best| * 6e-8 relative.
-    ``block_sums`` (N, atoms.blocks[-1]) float32, when given, receives the sum of
-    exp(x - amax) over each block of each atom's tokens (see ``_sample_tokens``).
+    or +inf logit makes its atom's sums nan. An atom of several tokens is summed around
+    its own best logit and scaled in float64, and an atom of one token is its one term,
+    taken in float64 where float32 would flush it (87 nats below the row's best): so an
+    atom far below the row's best (as low temperatures make them: the demo model's logits
+    span ~360 nats at 0.1) keeps its precision down to ~1e-308; the float32 terms are good
+    to ~|x - best| * 6e-8 relative. ``block_sums`` (N, atoms.blocks[-1]) float32, when
+    given, receives the sum of exp(x - amax) over each block of each atom of several
+    tokens (see ``_sample_tokens``).
     """
     N, V = logits.shape
-    atom_of, perm, lo, hi, blocks = atoms
+    atom_of, perm, lo, hi, blocks, singles, others = atoms
     K = lo.shape[0]
     rowmax = np.zeros(N, np.float64)
     if not want_sum:
@@ -230,8 +277,8 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
     if block_sums is None:
         block_sums = np.empty((N, blocks[-1]), np.float32)
     kernel = _scan_sums_x if want_x else _scan_sums
-    kernel(np.ascontiguousarray(logits).view(np.int32), perm, lo, hi, blocks, rowmax, asum, asumx,
-           amax.view(np.int32), aarg, block_sums, row_parts(N))
+    kernel(np.ascontiguousarray(logits).view(np.int32), perm, lo, hi, blocks, singles, others, rowmax, asum,
+           asumx, amax.view(np.int32), aarg, block_sums, row_parts(N))
     return rowmax, asum, asumx, amax, aarg
 
 
@@ -1196,12 +1243,14 @@ def _sample_tokens(logits, amax, aarg, block_sums, atoms, perm, lo, hi, blocks, 
         best = aarg[l, k]
         out[l] = best
         run = perm[lo[k]:hi[k]]
+        if run.shape[0] == 1:  # (an atom of one token has no blocks)
+            continue
         sums = block_sums[l, blocks[k]:blocks[k + 1]]
         total = 0.0
         for i in range(sums.shape[0]):
             total += sums[i]
         u = uniforms[l, 2] * total
-        if u < 1.0 or run.shape[0] == 1:
+        if u < 1.0:
             continue
         u -= 1.0
         best_block = np.searchsorted(run, best) // _BLOCK
