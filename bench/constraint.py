@@ -484,14 +484,26 @@ def cuda_ops(g: Any, on_gpu: torch.Tensor, sampler: torch.Generator) -> dict[str
         for kernel in kernels:
             ops[f"reduce_cuda_{kernel}_c{chunk}"] = (
                 lambda lay=lay, kernel=kernel: device_passes.reduce_atoms(on_gpu, lay, True, True, kernel=kernel))
-    rowmax = device_passes.reduce_atoms(on_gpu, layout, True, True)[0]
-    F = np.random.default_rng(0).random((on_gpu.shape[0], ta.n_atoms))  # (L, K) atom factors
+    rowmax, _, asum, _, amax, aarg = device_passes.reduce_atoms(on_gpu, layout, True, False)
+    L = on_gpu.shape[0]
+    F = np.random.default_rng(0).random((L, ta.n_atoms))  # (L, K) atom factors
+    # a draw at every position inside its heaviest atom (the largest, mostly), past its best token
+    atoms = asum.argmax(axis=1)  # (L,)
+    rows = np.arange(L)
+    best = aarg[rows, atoms]
+    e_best = np.exp(amax[rows, atoms].astype(np.float64) - rowmax.double().cpu().numpy())
+    u = np.random.default_rng(1).random(L)
+    for kernel in kernels:
+        def marginals(kernel: str = kernel) -> None:
+            device_passes.log_marginals(on_gpu, rowmax, F, layout.index, kernel=kernel)
+            sync()
 
-    def marginals() -> None:
-        device_passes.log_marginals(on_gpu, rowmax, F, layout.index)
-        sync()
+        def draws(kernel: str = kernel) -> None:  # (its tokens come back to the host: synchronised)
+            device_passes.tokens_in_atoms(on_gpu, rowmax, layout, atoms, best, e_best, asum[rows, atoms], u,
+                                          kernel=kernel)
 
-    ops["log_marginals_cuda"] = marginals
+        ops[f"marginals_cuda_{kernel}"] = marginals
+        ops[f"draw_cuda_{kernel}"] = draws
     return ops
 
 
@@ -753,18 +765,22 @@ def gpu_tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[s
         order = sorted(reduce, key=lambda k: (k.split("_c")[0], int(k.split("_c")[1])))  # kernel, then chunk
         best = min(reduce, key=reduce.get) if reduce else "-"
         nan = float("nan")
+        passes = ", ".join(f"{k} {s.get(f'marginals_cuda_{k}_ms', nan):.2f} / {s.get(f'draw_cuda_{k}_ms', nan):.2f}"
+                           for k in ("torch", "triton") if f"marginals_cuda_{k}_ms" in s)
         gpu_rows.append([s["tokenizer"], str(s["n_tools"]), f"{s['denoise_step_cuda_ms']:.2f}",
                          f"{s.get('denoise_step_cuda_via_host_ms', nan):.2f}",
                          " / ".join(f"{s.get(f'split_{k}_ms', nan):.2f}"
                                     for k in ("reduce_atoms", "tokens_in_atoms", "log_marginals", "host")),
-                         ", ".join(f"{k} {reduce[k]:.2f}" for k in order), best])
+                         ", ".join(f"{k} {reduce[k]:.2f}" for k in order), best, passes])
     if gpu_rows:
         out.append(("denoise_step with the logits on the GPU (ms): vocabulary passes on the device vs the logits "
                     "copied to the host and the marginals back (the DP runs on the CPU in both); inside the "
                     "device step: atom reduction / token draw / marginals write / host (DP, group sums, atom "
-                    "sampling); the atom reduction alone per kernel and chunk size (c1: a scatter per token)",
+                    "sampling); the atom reduction alone per kernel and chunk size (c1: a scatter per token); "
+                    "the marginals write and a token draw at every position (inside its heaviest atom, past "
+                    "its best token) alone per kernel",
                     ["tokenizer", "tools", "on the device", "via the host", "reduce / tokens / marginals / host",
-                     "atom reduction", "fastest"], gpu_rows))
+                     "atom reduction", "fastest", "marginals / draw"], gpu_rows))
     return out
 
 

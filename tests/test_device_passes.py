@@ -86,11 +86,53 @@ def test_torch_passes_equal_the_definition(V):
     _device_scores(*_case(V), device="cpu", kernel="torch")
 
 
+def _marginals_and_draws(V: int, device: str, kernel: str) -> None:
+    """The marginals write and the token draw of ``kernel`` against the torch ops'. The
+    marginals: the same float32 numbers, -inf at tokens never allowed (nan logits
+    there too) and where an atom's factor is 0. The draws: the same tokens for the same
+    uniforms, at every position and for uniforms that reach the atom's first and last
+    tokens; each token inside its atom."""
+    x, atom_of, K = _case(V)
+    x[0, atom_of < 0] = np.nan  # never allowed: -inf all the same
+    xt = torch.from_numpy(x).to(device)
+    layout = device_passes.atom_layout(atom_of, K, torch.device(device))
+    rowmax, _, asum, _, amax, aarg = device_passes.reduce_atoms(xt, layout, True, False, kernel="torch")
+    F = np.random.default_rng(V).random((x.shape[0], K))
+    F[:, 1] = 0.0  # an atom the canvas never takes here
+    want = device_passes.log_marginals(xt, rowmax, F, layout.index, kernel="torch")
+    got = torch.full_like(xt, 7.0)
+    assert device_passes.log_marginals(xt, rowmax, F, layout.index, out=got, kernel=kernel) is got
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert torch.isneginf(got[:, torch.from_numpy(atom_of < 0).to(device)]).all()
+    rng = np.random.default_rng(V + 1)
+    for n in range(x.shape[0]):
+        usable = np.flatnonzero(asum[n] > 0)
+        if not usable.size:
+            continue
+        atoms = rng.choice(usable, 40)  # (40,) the sampled atom of each draw
+        e_best = np.exp(amax[n, atoms].astype(np.float64) - rowmax[n].item())
+        u = np.concatenate([rng.random(38), [0.0, 1.0 - 1e-12]])  # the atom's best token; the far end
+        rows = torch.full((40,), n, device=device)
+        draws = [device_passes.tokens_in_atoms(xt[rows], rowmax[rows], layout, atoms, aarg[n, atoms], e_best,
+                                               asum[n, atoms], u, kernel=k) for k in ("torch", kernel)]
+        assert draws[0].tolist() == draws[1].tolist()
+        assert (atom_of[draws[1]] == atoms).all()
+
+
+@pytest.mark.parametrize("V", VOCABS)
+def test_torch_marginals_and_draws_run(V):
+    """(The torch ops against themselves: the check's own set-up, where triton is missing.)"""
+    _marginals_and_draws(V, "cpu", "torch")
+
+
 def test_fused_kernel_equals_the_definition():
-    """The Triton kernel in Triton's interpreter, on CPU tensors. The interpreter must be
-    on before triton is first imported, so the check runs in a process of its own."""
-    pytest.importorskip("triton", reason="the fused kernel needs triton (it comes with CUDA builds of torch)")
-    code = f"import test_device_passes as t\nfor V in t.VOCABS: t._device_scores(*t._case(V), 'cpu', 'triton')"
+    """The Triton kernels in Triton's interpreter, on CPU tensors: the atom reduction
+    against its definition, the marginals write and the token draw against the torch ops.
+    The interpreter must be on before triton is first imported, so the check runs in a
+    process of its own."""
+    pytest.importorskip("triton", reason="the fused kernels need triton (it comes with CUDA builds of torch)")
+    code = ("import test_device_passes as t\nfor V in t.VOCABS: t._device_scores(*t._case(V), 'cpu', 'triton')\n"
+            "for V in t.VOCABS + [5000]: t._marginals_and_draws(V, 'cpu', 'triton')")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -116,6 +158,13 @@ def test_layout_groups_each_atom_in_whole_chunks():
 @pytest.mark.parametrize("V", VOCABS + [5000])
 def test_cuda_passes_equal_the_definition(V, kernel):
     _device_scores(*_case(V), device="cuda", kernel=kernel)
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("V", VOCABS + [5000])
+def test_cuda_marginals_and_draws_equal_the_torch_ops(V):
+    _marginals_and_draws(V, "cuda", "triton")
 
 
 @pytest.mark.gpu
@@ -167,5 +216,5 @@ def test_a_failing_fused_kernel_falls_back_to_torch_with_a_warning(monkeypatch):
         got = device_passes._chunk_stats(torch.from_numpy(x), layout, True, True, fused=True, strict=False)
     want = device_passes._chunk_stats_torch(torch.from_numpy(x), layout, True, True)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
-    monkeypatch.setattr(device_passes, "_chunk_kernel", lambda: object())  # as if triton were there
+    monkeypatch.setattr(device_passes, "_kernels", lambda: object())  # as if triton were there
     assert not device_passes._triton_available()  # not tried again in this process

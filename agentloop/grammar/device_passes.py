@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,13 +107,11 @@ def reduce_atoms(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bo
     kernel, "torch" in a few passes of torch ops, "auto" takes triton on a CUDA device
     where it is installed (it comes with CUDA builds of torch).
     """
-    if kernel not in ("auto", "torch", "triton"):
-        raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', not {kernel!r}")
     N, V = x.shape
     K = layout.K
     n_chunks = layout.chunk_atom.shape[0]
     dev = x.device
-    fused = kernel == "triton" or (kernel == "auto" and dev.type == "cuda" and _triton_available())
+    fused = _use_kernel(kernel, dev)
     amax = torch.full((N, K), -math.inf, device=dev)  # (N, K)
     aarg = torch.full((N, K), V, device=dev)  # (N, K) int64, V: no finite logit
     rowmax = torch.zeros(N, device=dev)  # (N,) best allowed logit of each row
@@ -170,38 +169,54 @@ def _chunk_stats_torch(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want
 
 def _chunk_stats(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bool, fused: bool, strict: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Chunk statistics from the fused kernel where asked, else from torch ops. Where the
-    kernel was only preferred ("auto") and fails to build or run, the step goes on in torch
-    and the kernel is not tried again in this process (with a warning that says why)."""
+    """Chunk statistics from the fused kernel where asked, else from torch ops."""
     if fused:
-        try:
-            return _chunk_stats_triton(x, layout, want_sum, want_x)
-        except Exception as e:  # noqa: BLE001 - any failure of an optional fast path
-            if strict:
-                raise
-            _kernel_failed.append(f"{type(e).__name__}: {e}")
-            warnings.warn(f"agentloop: the fused Triton kernel of the grammar's vocabulary pass failed "
-                          f"({_kernel_failed[-1][:300]}); using torch ops instead", RuntimeWarning, stacklevel=3)
+        return _kernel_or_torch(lambda: _chunk_stats_triton(x, layout, want_sum, want_x),
+                                lambda: _chunk_stats_torch(x, layout, want_sum, want_x), strict)
     return _chunk_stats_torch(x, layout, want_sum, want_x)
 
 
-#: Why the fused kernel failed in this process, if it did (then "auto" stops trying it).
+def _use_kernel(kernel: str, device: torch.device) -> bool:
+    """Whether a pass takes its Triton kernel: asked for by name ("triton"), or, for
+    "auto", on a CUDA device where triton is installed (it comes with CUDA builds of torch)
+    and no kernel has failed in this process; "torch" never."""
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', not {kernel!r}")
+    return kernel == "triton" or (kernel == "auto" and device.type == "cuda" and _triton_available())
+
+
+def _kernel_or_torch(run_kernel: Callable[[], Any], run_torch: Callable[[], Any], strict: bool) -> Any:
+    """A pass from its Triton kernel. Where the kernel was only preferred ("auto", not
+    ``strict``) and fails to build or run, the pass goes on in torch and no kernel is
+    tried again in this process (with a warning that says why)."""
+    try:
+        return run_kernel()
+    except Exception as e:  # noqa: BLE001 - any failure of an optional fast path
+        if strict:
+            raise
+        _kernel_failed.append(f"{type(e).__name__}: {e}")
+        warnings.warn(f"agentloop: a fused Triton kernel of the grammar's vocabulary passes failed "
+                      f"({_kernel_failed[-1][:300]}); using torch ops instead", RuntimeWarning, stacklevel=4)
+    return run_torch()
+
+
+#: Why a fused kernel failed in this process, if one did (then "auto" stops trying them).
 _kernel_failed: list[str] = []
 
 
 def _triton_available() -> bool:
-    return not _kernel_failed and _chunk_kernel() is not None
+    return not _kernel_failed and _kernels() is not None
 
 
 @functools.cache
-def _chunk_kernel() -> Any:
-    """The fused chunk-statistics kernel (``fused_kernel.chunk_stats``), or None without
-    triton. Imported on first use: the CPU never needs triton."""
+def _kernels() -> Any:
+    """The module of Triton kernels (``fused_kernel``), or None without triton. Imported on
+    first use: the CPU never needs triton."""
     try:
         from . import fused_kernel
     except ImportError:
         return None
-    return fused_kernel.chunk_stats
+    return fused_kernel
 
 
 def _chunk_stats_triton(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bool
@@ -216,23 +231,34 @@ def _chunk_stats_triton(x: torch.Tensor, layout: AtomLayout, want_sum: bool, wan
     sx = torch.empty((n, n_chunks), device=x.device) if want_x else s
     if n and n_chunks:
         block = max(1, 1024 // C)
-        _chunk_kernel()[(-(-n_chunks // block), n)](
+        _kernels().chunk_stats[(-(-n_chunks // block), n)](
             x, V, layout.gather, layout.weight, m, first, s, sx, n_chunks, V,
             C=C, BLOCK=block, WANT_SUM=want_sum, WANT_X=want_x)
     return m, first, s, sx
 
 
 def log_marginals(x: torch.Tensor, rowmax: torch.Tensor, F: np.ndarray, idx: torch.Tensor,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, kernel: str = "auto") -> torch.Tensor:
     """(N, V) constrained log-probs on the device: x - rowmax + log F[atom], -inf where
-    never; written into ``out`` (N, V) when given."""
+    never; written into ``out`` (N, V) when given. ``kernel`` as for :func:`reduce_atoms`:
+    the Triton kernel reads x once and writes ``out`` once; the torch ops take a few passes
+    and an (N, V) temporary."""
     N, K = F.shape
     logF_host = np.full((N, K + 1), -np.inf)
     np.log(F, where=F > 0, out=logF_host[:, :K])
     logF = torch.from_numpy(logF_host).to(device=x.device, dtype=torch.float32)  # (N, K + 1), K: never allowed
     if out is None:
         out = torch.empty_like(x)  # (N, V)
-    for r in _row_chunks(N, x.shape[1], x.device):  # the gathered factors are an (n, V) temporary
+    if _use_kernel(kernel, x.device):
+        return _kernel_or_torch(lambda: _log_marginals_triton(x, rowmax, logF, idx, out),
+                                lambda: _log_marginals_torch(x, rowmax, logF, idx, out), strict=kernel == "triton")
+    return _log_marginals_torch(x, rowmax, logF, idx, out)
+
+
+def _log_marginals_torch(x: torch.Tensor, rowmax: torch.Tensor, logF: torch.Tensor, idx: torch.Tensor,
+                         out: torch.Tensor) -> torch.Tensor:
+    K = logF.shape[1] - 1
+    for r in _row_chunks(x.shape[0], x.shape[1], x.device):  # the gathered factors are an (n, V) temporary
         # x - rowmax first: near the row's best logit the difference is exact in float32
         torch.sub(x[r], rowmax[r, None], out=out[r])
         out[r] += logF[r].gather(1, idx.expand(out[r].shape[0], -1))
@@ -240,40 +266,91 @@ def log_marginals(x: torch.Tensor, rowmax: torch.Tensor, F: np.ndarray, idx: tor
     return out
 
 
+#: Tokens per program of the marginals kernel.
+_MARGINALS_BLOCK = 1024
+
+
+def _log_marginals_triton(x: torch.Tensor, rowmax: torch.Tensor, logF: torch.Tensor, idx: torch.Tensor,
+                          out: torch.Tensor) -> torch.Tensor:
+    N, V = x.shape
+    x = x if x.stride(1) == 1 else x.contiguous()
+    if out.stride(1) != 1:
+        raise ValueError("out must have contiguous rows")
+    for r in _row_chunks(N, V, x.device):  # (at most 32,768 rows: a grid's second axis ends at 65,535)
+        n = r.stop - r.start
+        if n and V:
+            _kernels().log_marginals[(-(-V // _MARGINALS_BLOCK), n)](
+                x[r], x.stride(0), rowmax[r].contiguous(), logF[r].contiguous(), idx, out[r], out.stride(0), V,
+                logF.shape[1] - 1, BLOCK=_MARGINALS_BLOCK)
+    return out
+
+
 def tokens_in_atoms(x: torch.Tensor, rowmax: torch.Tensor, layout: AtomLayout, atoms: np.ndarray,
-                    best: np.ndarray, e_best: np.ndarray, asum: np.ndarray, u: np.ndarray) -> np.ndarray:
+                    best: np.ndarray, e_best: np.ndarray, asum: np.ndarray, u: np.ndarray,
+                    kernel: str = "auto") -> np.ndarray:
     """A token inside each position's sampled atom, weight exp(x - rowmax), drawn with the
     uniforms ``u`` (L,) exactly as the compiled scan draws it: the atom's argmax token
     ``best`` first (its share e_best / asum), else the others in token order. Only the
     positions that fall past the argmax token touch the device, and only their atoms'
-    tokens are read (``layout.tokens``), not the whole vocabulary.
+    tokens are read (``layout.tokens``), not the whole vocabulary. ``kernel`` as for
+    :func:`reduce_atoms`: the Triton kernel walks each position's atom block by block and
+    stops at the block holding the token; the torch ops weigh every token of the largest
+    sampled atom at every such position.
     """
     target = u * asum  # (L,) mass to reach inside the atom
     out = best.astype(np.int64).copy()
     rows = np.nonzero(target >= e_best)[0]
     if rows.size == 0:
         return out
-    dev = x.device
     start = layout.offsets[atoms[rows]]  # (R,) where each row's atom starts in layout.tokens
     size = layout.offsets[atoms[rows] + 1] - start  # (R,) > 0: a sampled atom has tokens
+    # (R,) mass past the argmax token; > 0, so the first token reaching it has weight
+    rest = np.maximum(target[rows] - e_best[rows], np.finfo(np.float64).tiny)
+    args = (x, rowmax, layout, rows, start, size, best[rows].astype(np.int64), rest)
+    if _use_kernel(kernel, x.device):
+        out[rows] = _kernel_or_torch(lambda: _draw_triton(*args), lambda: _draw_torch(*args),
+                                     strict=kernel == "triton")
+    else:
+        out[rows] = _draw_torch(*args)
+    return out
+
+
+def _draw_torch(x: torch.Tensor, rowmax: torch.Tensor, layout: AtomLayout, rows: np.ndarray, start: np.ndarray,
+                size: np.ndarray, best: np.ndarray, rest: np.ndarray) -> np.ndarray:
+    dev = x.device
+    out = np.empty(rows.size, np.int64)
     width = int(size.max())
     place = torch.arange(width, device=dev)  # (W,)
     for chunk in _row_chunks(rows.size, width, dev):
-        sel = rows[chunk]
-        r = torch.from_numpy(sel).to(dev)  # (R,)
-        b = torch.from_numpy(best[sel].astype(np.int64)).to(dev)  # (R,)
+        r = torch.from_numpy(rows[chunk]).to(dev)  # (R,)
+        b = torch.from_numpy(best[chunk]).to(dev)  # (R,)
         n = torch.from_numpy(size[chunk]).to(dev)  # (R,)
         at = (torch.from_numpy(start[chunk]).to(dev)[:, None] + place).clamp_(max=layout.tokens.shape[0] - 1)
         ids = layout.tokens[at]  # (R, W) the atom's tokens in token order, then filler past its size
         inside = (place[None, :] < n[:, None]) & (ids != b[:, None])  # the atom's other tokens
         w = torch.where(inside, (x[r[:, None], ids] - rowmax[r, None]).exp(), 0.0)  # (R, W)
         c = w.cumsum(dim=1, dtype=torch.float64)  # (R, W) running mass, in token order as the host scans
-        # (R,) mass past the argmax token; > 0, so the first token reaching it has weight
-        rest = torch.from_numpy(np.maximum(target[sel] - e_best[sel], np.finfo(np.float64).tiny))
-        pick = torch.searchsorted(c, rest.to(dev)[:, None])  # (R, 1) first place reaching the rest
+        pick = torch.searchsorted(c, torch.from_numpy(rest[chunk]).to(dev)[:, None])  # (R, 1) first place reaching it
         last = torch.where(w > 0, place[None, :], -1).max(dim=1).values  # rounding past the end: the last token
         pick = torch.where(pick[:, 0] >= width, last, pick[:, 0])
         token = ids.gather(1, pick.clamp(min=0)[:, None])[:, 0]
         token = torch.where(last < 0, b, token)  # the argmax token holds all the mass
-        out[sel] = token.cpu().numpy()
+        out[chunk] = token.cpu().numpy()
     return out
+
+
+#: Tokens per step of the draw kernel's walk through an atom.
+_DRAW_BLOCK = 1024
+
+
+def _draw_triton(x: torch.Tensor, rowmax: torch.Tensor, layout: AtomLayout, rows: np.ndarray, start: np.ndarray,
+                 size: np.ndarray, best: np.ndarray, rest: np.ndarray) -> np.ndarray:
+    dev = x.device
+    x = x if x.stride(1) == 1 else x.contiguous()
+    # one host-to-device copy for the four integer columns
+    cols = torch.from_numpy(np.stack([rows.astype(np.int64), start, size, best])).to(dev)  # (4, R)
+    out = torch.empty(rows.size, dtype=torch.int64, device=dev)
+    _kernels().draw_in_atoms[(rows.size,)](
+        x, x.stride(0), rowmax.contiguous(), layout.tokens, cols[0], cols[1], cols[2], cols[3],
+        torch.from_numpy(rest).to(dev), out, BLOCK=_DRAW_BLOCK)
+    return out.cpu().numpy()
