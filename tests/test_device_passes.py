@@ -64,7 +64,9 @@ def _check_atom_scores(x, atom_of, K, rowmax, asum, asumx, amax, aarg):
 
 
 VOCABS = [1, 3, 4, 7, 13, 64, 300]
-HOST_VOCABS = VOCABS + [5000]  # atoms of ~1250 tokens: several blocks of the scan's float32 sums
+# 5000: atoms of ~1250 tokens, several blocks of the scan's float32 sums; 9000: rows read in
+# token order (canvas._SCATTER_FROM)
+HOST_VOCABS = VOCABS + [5000, 9000]
 
 
 @pytest.mark.parametrize("V", HOST_VOCABS)
