@@ -177,6 +177,18 @@ def test_the_support_holds_exactly_the_states_on_some_valid_canvas(btok, partial
             for mask in (sup.live, dense.live):
                 assert set(g._layout.state[np.flatnonzero(mask[l])].tolist()) == live[l]
         assert sum(map(len, live)) > 2 * (L + 1)  # (not a trivial support)
+        # each run clipped, at each position, to its first and last edge live at both ends
+        lay = g._layout
+        clipped = 0
+        for r in range(len(lay.runs) - 1):
+            e = np.arange(lay.runs[r], lay.runs[r + 1])
+            for l in range(L):
+                ends = [j for j, (s, d) in enumerate(zip(lay.state[lay.src[e]], lay.state[lay.dst[e]]))
+                        if s in live[l] and d in live[l + 1]]
+                want = (ends[0], ends[-1] + 1) if ends else (0, 0)
+                assert tuple(dense.clip[l, r]) == want, (r, l)
+                clipped += want[1] - want[0] < len(e)
+        assert clipped and sup.clip.size == 0  # (some runs are clipped; the live-list passes have none)
 
 
 def test_the_dense_passes_run_where_they_pay(btok, monkeypatch):

@@ -19,7 +19,8 @@ except for one pass over the logits per position that scores the atoms (section 
 the final choice of a token inside the sampled atom. The DP (section 3) keeps dense
 messages over the automaton's states, zero where a state lies on no valid canvas at that
 position, and pulls each state's value over its edges, most of them in runs of
-consecutive states that one vectorised loop covers (see canvas_layout; automata too
+consecutive states that one vectorised loop covers, clipped at each position to the
+edges live at both ends (see canvas_layout and ``_run_clips``; automata too
 large for dense messages visit the live states in chunks, section 3b); it writes one
 number per state and position, never one per edge, and the marginals' edge posteriors
 are added up per position from both messages (dense) or inside the forward pass (live
@@ -464,6 +465,56 @@ class Support(NamedTuple):
     states: np.ndarray  # (offsets[-1],) i32, states[offsets[l]:offsets[l + 1]] live at l; (0,) when dense
     live: np.ndarray  # (L + 1, S) u8 by row
     dense: bool  # whether the dense passes run (else the live-list ones)
+    clip: np.ndarray  # (L, runs, 2) i32 for the dense passes (see _run_clips); (0, 0, 2) otherwise
+
+
+@nb.njit(cache=True, nogil=True)
+def _run_clips(live, src, dst, runs):  # pragma: no cover - compiled
+    """(L, R, 2): for each position l and run r, the edges [a, b) of the run (offsets into
+    it) from its first to its last edge whose source lives at l and destination at l + 1.
+    An edge outside carries nothing in any dense pass (its source's message is 0, or -inf,
+    or its destination is masked after it), and a third of the run edges of twenty tools
+    lie there (BPE 4k, L=256): the passes walk the clipped runs only, to the same numbers."""
+    L = live.shape[0] - 1
+    R = runs.shape[0] - 1
+    clip = np.zeros((L, R, 2), np.int32)
+    longest = 0
+    for r in range(R):
+        longest = max(longest, runs[r + 1] - runs[r])
+    both = np.zeros(-(-longest // 8) * 8, np.uint8)  # a run's edges, 1 where both ends live
+    words = both.view(np.uint64)  # ... read 8 at a time to find the first and the last
+    for l in range(L):
+        here = live[l]
+        there = live[l + 1]
+        for r in range(R):
+            e = runs[r]
+            n = runs[r + 1] - e
+            s0 = src[e]
+            d0 = dst[e]
+            h = here[s0:s0 + n]  # (slices: a loop over them vectorises)
+            t = there[d0:d0 + n]
+            for j in range(n):
+                both[j] = h[j] & t[j]
+            nw = -(-n // 8)
+            for j in range(n, nw * 8):
+                both[j] = 0
+            i = 0
+            while i < nw and words[i] == 0:
+                i += 1
+            if i == nw:
+                continue  # no edge of the run carries anything: [0, 0)
+            a = 8 * i
+            while both[a] == 0:
+                a += 1
+            i = nw - 1
+            while words[i] == 0:
+                i -= 1
+            b = min(8 * i + 8, n)
+            while both[b - 1] == 0:
+                b -= 1
+            clip[l, r, 0] = a
+            clip[l, r, 1] = b
+    return clip
 
 
 @nb.njit(cache=True, nogil=True)
@@ -492,7 +543,8 @@ def support(layout: EdgeLayout, start: int, final: np.ndarray, L: int, kind: str
     dense = kind == "dense" or (kind == "auto" and dense_pays(S, offsets))
     # the lists by position, then state
     states = np.zeros(0, np.int32) if dense else _set_columns(live[:, layout.rank], offsets[-1])
-    return Support(offsets, states, live, dense)
+    clip = _run_clips(live, layout.src, layout.dst, layout.runs) if dense else np.zeros((0, 0, 2), np.int32)
+    return Support(offsets, states, live, dense, clip)
 
 
 # A run's loop goes over slices of the two rows (a loop over ``range(lo, hi)`` of the rows
@@ -580,7 +632,7 @@ def _mask_live(out, live, following):  # pragma: no cover - compiled
 
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _backward_into(beta, gsum, live, src, dst, group, runs, fans):  # pragma: no cover
+def _backward_into(beta, gsum, live, src, dst, group, runs, clip, fans):  # pragma: no cover
     """beta (L + 1, S), any contents <- beta[l, j] ∝ weight of the valid completions of
     the canvas from row j at position l (0 where j is not live); False when there are
     none. Each row is known up to its own factor (every use normalises within a
@@ -602,10 +654,12 @@ def _backward_into(beta, gsum, live, src, dst, group, runs, fans):  # pragma: no
             gsi[g] = gs[g] * scale
         nxt = beta[l + 1]
         out = beta[l]
+        cl = clip[l]
         for r in range(runs.shape[0] - 1):
             e = runs[r]
-            n = runs[r + 1] - e
-            _axpy(out[src[e]:src[e] + n], gsi[group[e]], nxt[dst[e]:dst[e] + n])
+            a, b = src[e] + cl[r, 0], dst[e] + cl[r, 0]
+            n = cl[r, 1] - cl[r, 0]
+            _axpy(out[a:a + n], gsi[group[e]], nxt[b:b + n])
         for f in range(fans.shape[0] - 1):  # a fan's one row out to its sources
             e = fans[f]
             _add_to_all(out[src[e]:src[e] + fans[f + 1] - e], gsi[group[e]] * nxt[dst[e]])
@@ -619,14 +673,15 @@ def _backward_into(beta, gsum, live, src, dst, group, runs, fans):  # pragma: no
 
 
 @nb.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
-def _alpha_step(cur, nxt, following, gsi, live_next, src, dst, group, runs, fans, in_row, in_other,
+def _alpha_step(cur, nxt, following, gsi, live_next, src, dst, group, runs, clip_l, fans, in_row, in_other,
                 in_group):  # pragma: no cover
     """nxt, all zero <- the forward message one position on from cur (weights gsi (G,)),
     masked by live_next; clears ``following`` (which may be cur) and returns nxt's total."""
     for r in range(runs.shape[0] - 1):
         e = runs[r]
-        n = runs[r + 1] - e
-        _axpy(nxt[dst[e]:dst[e] + n], gsi[group[e]], cur[src[e]:src[e] + n])
+        a, b = src[e] + clip_l[r, 0], dst[e] + clip_l[r, 0]
+        n = clip_l[r, 1] - clip_l[r, 0]
+        _axpy(nxt[b:b + n], gsi[group[e]], cur[a:a + n])
     for f in range(fans.shape[0] - 1):  # a fan's sources into its one row
         e = fans[f]
         nxt[dst[e]] += _total(cur[src[e]:src[e] + fans[f + 1] - e]) * gsi[group[e]]
@@ -636,7 +691,7 @@ def _alpha_step(cur, nxt, following, gsi, live_next, src, dst, group, runs, fans
 
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _alpha_into(alpha, gsum, live, src, dst, group, runs, fans, in_row, in_other, in_group,
+def _alpha_into(alpha, gsum, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group,
                 start):  # pragma: no cover
     """alpha (L + 1, S), any contents <- alpha[l, j] ∝ weight of the valid prefixes of l
     tokens ending in row j (0 where j is not live); False when there are none. The mirror
@@ -655,7 +710,7 @@ def _alpha_into(alpha, gsum, live, src, dst, group, runs, fans, in_row, in_other
         for g in range(G):
             gsi[g] = gs[g] * scale
         tot = _alpha_step(alpha[l], alpha[l + 1], alpha[l + 2] if l + 2 <= L else spare, gsi, live[l + 1], src, dst,
-                          group, runs, fans, in_row, in_other, in_group)
+                          group, runs, clip[l], fans, in_row, in_other, in_group)
         if not tot > 0.0:
             return False
         scale = 1.0 / tot
@@ -668,7 +723,7 @@ _POSTERIOR_COPIES = 4
 
 
 @nb.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
-def _factors_at(cur, bn, gs, acc, F_row, src, dst, group, runs, fans, in_row, in_other, in_group, atom_groups,
+def _factors_at(cur, bn, gs, acc, F_row, src, dst, group, runs, clip_l, fans, in_row, in_other, in_group, atom_groups,
                 atom_group_offsets):  # pragma: no cover - compiled
     """F_row (K,) <- the atom factors of one position from its forward message cur and
     the next position's backward message bn (group weights gs (G,); acc
@@ -676,8 +731,9 @@ def _factors_at(cur, bn, gs, acc, F_row, src, dst, group, runs, fans, in_row, in
     acc[:, :] = 0.0
     for r in range(runs.shape[0] - 1):
         e = runs[r]
-        n = runs[r + 1] - e
-        acc[0, group[e]] += _dot(cur[src[e]:src[e] + n], bn[dst[e]:dst[e] + n])
+        a, b = src[e] + clip_l[r, 0], dst[e] + clip_l[r, 0]
+        n = clip_l[r, 1] - clip_l[r, 0]
+        acc[0, group[e]] += _dot(cur[a:a + n], bn[b:b + n])
     for f in range(fans.shape[0] - 1):
         e = fans[f]
         acc[0, group[e]] += _total(cur[src[e]:src[e] + fans[f + 1] - e]) * bn[dst[e]]
@@ -703,7 +759,7 @@ def _factors_at(cur, bn, gs, acc, F_row, src, dst, group, runs, fans, in_row, in
 
 
 @parallel_kernel(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _factors(alpha, beta, gsum, src, dst, group, runs, fans, in_row, in_other, in_group, atom_groups,
+def _factors(alpha, beta, gsum, src, dst, group, runs, clip, fans, in_row, in_other, in_group, atom_groups,
              atom_group_offsets, parts):  # pragma: no cover - compiled
     """The atom factors F (L, K) from both messages, and whether every position has
     posterior mass. P(token t at l) = exp(x_t - rowmax_l) * F[l, atom(t)].
@@ -722,13 +778,13 @@ def _factors(alpha, beta, gsum, src, dst, group, runs, fans, in_row, in_other, i
     for part in nb.prange(parts):
         acc = np.empty((_POSTERIOR_COPIES, G), np.float64)
         for l in range(part * L // parts, (part + 1) * L // parts):
-            ok[l] = _factors_at(alpha[l], beta[l + 1], gsum[l], acc, F[l], src, dst, group, runs, fans, in_row,
+            ok[l] = _factors_at(alpha[l], beta[l + 1], gsum[l], acc, F[l], src, dst, group, runs, clip[l], fans, in_row,
                                 in_other, in_group, atom_groups, atom_group_offsets)
     return F, ok.all()
 
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _alpha_factors(beta, gsum, live, src, dst, group, runs, fans, in_row, in_other, in_group, start, atom_groups,
+def _alpha_factors(beta, gsum, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group, start, atom_groups,
                    atom_group_offsets):  # pragma: no cover - compiled
     """The factors F (L, K) of ``_factors`` and the forward pass of ``_alpha_into`` in one
     sweep, for a single thread: each position's factors are taken from the forward
@@ -747,12 +803,14 @@ def _alpha_factors(beta, gsum, live, src, dst, group, runs, fans, in_row, in_oth
     scale = 1.0
     for l in range(L):
         gs = gsum[l]
-        if not _factors_at(cur, beta[l + 1], gs, acc, F[l], src, dst, group, runs, fans, in_row, in_other, in_group,
+        if not _factors_at(cur, beta[l + 1], gs, acc, F[l], src, dst, group, runs, clip[l], fans, in_row, in_other,
+                           in_group,
                            atom_groups, atom_group_offsets):
             return F, False
         for g in range(G):
             gsi[g] = gs[g] * scale
-        tot = _alpha_step(cur, nxt, cur, gsi, live[l + 1], src, dst, group, runs, fans, in_row, in_other, in_group)
+        tot = _alpha_step(cur, nxt, cur, gsi, live[l + 1], src, dst, group, runs, clip[l], fans, in_row, in_other,
+                          in_group)
         if not tot > 0.0:
             return F, False
         scale = 1.0 / tot
@@ -761,7 +819,7 @@ def _alpha_factors(beta, gsum, live, src, dst, group, runs, fans, in_row, in_oth
 
 
 @nb.njit(cache=True, nogil=True)
-def _viterbi_into(vit, gmax, live, src, dst, group, runs, fans, in_row, in_other, in_group, start,
+def _viterbi_into(vit, gmax, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group, start,
                   rank):  # pragma: no cover - compiled
     """vit (L + 1, S), any contents <- vit[l, j], the best log-score of a prefix of l
     tokens ending in row j (-inf where not live). Every position's scores are kept for
@@ -778,10 +836,12 @@ def _viterbi_into(vit, gmax, live, src, dst, group, runs, fans, in_row, in_other
         gm = gmax[l]
         vcur = vit[l]
         vnxt = vit[l + 1]
+        cl = clip[l]
         for r in range(runs.shape[0] - 1):
             e = runs[r]
-            n = runs[r + 1] - e
-            _max_plus(vnxt[dst[e]:dst[e] + n], gm[group[e]], vcur[src[e]:src[e] + n])
+            a, b = src[e] + cl[r, 0], dst[e] + cl[r, 0]
+            n = cl[r, 1] - cl[r, 0]
+            _max_plus(vnxt[b:b + n], gm[group[e]], vcur[a:a + n])
         for f in range(fans.shape[0] - 1):  # (rounding is monotone: the best source's sum is the best sum)
             e = fans[f]
             vnxt[dst[e]] = max(vnxt[dst[e]], _best(vcur[src[e]:src[e] + fans[f + 1] - e]) + gm[group[e]])
@@ -840,7 +900,8 @@ MESSAGES = MessageBuffers()
 
 
 @parallel_kernel(cache=True, nogil=True)
-def _dense_passes(gsum, gmax, live, src, dst, group, runs, fans, in_row, in_other, in_group, start, rank, task_of,
+def _dense_passes(gsum, gmax, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group, start, rank,
+                  task_of,
                   vit, alpha, beta):  # pragma: no cover - compiled
     """The passes that do not depend on each other, as tasks for numba's threads:
     task_of[p] is the task that runs pass p (VITERBI, ALPHA, BETA) into its buffer
@@ -850,14 +911,15 @@ def _dense_passes(gsum, gmax, live, src, dst, group, runs, fans, in_row, in_othe
     status[0] = -1
     for task in nb.prange(task_of.max() + 1):
         if task_of[VITERBI] == task:
-            best_end, ok = _viterbi_into(vit, gmax, live, src, dst, group, runs, fans, in_row, in_other, in_group,
+            best_end, ok = _viterbi_into(vit, gmax, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group,
                                          start, rank)
             status[0] = best_end
             status[1] = ok
         if task_of[ALPHA] == task:
-            status[2] = _alpha_into(alpha, gsum, live, src, dst, group, runs, fans, in_row, in_other, in_group, start)
+            status[2] = _alpha_into(alpha, gsum, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group,
+                                    start)
         if task_of[BETA] == task:
-            status[3] = _backward_into(beta, gsum, live, src, dst, group, runs, fans)
+            status[3] = _backward_into(beta, gsum, live, src, dst, group, runs, clip, fans)
     return status
 
 

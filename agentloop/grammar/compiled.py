@@ -430,7 +430,7 @@ class CompiledGrammar:
         best_end, ok = -1, True
         if sup.dense:
             lay = self._layout
-            edges = (sup.live, lay.src, lay.dst, lay.group, lay.runs, lay.fans, lay.in_row, lay.in_other,
+            edges = (sup.live, lay.src, lay.dst, lay.group, lay.runs, sup.clip, lay.fans, lay.in_row, lay.in_other,
                      lay.in_group, lay.rank[s0])
 
             def messages(p: int, wanted: bool = True) -> np.ndarray:
@@ -441,7 +441,7 @@ class CompiledGrammar:
                 best_end, ok = dp._viterbi_into(trace, gmax, *edges, lay.rank)
             elif gmax is None and not factors:  # beta alone (sample)
                 beta = messages(dp.BETA)
-                ok = dp._backward_into(beta, gsum, *edges[:6])
+                ok = dp._backward_into(beta, gsum, *edges[:7])
             else:
                 # one thread: the factors are taken in the forward sweep (no thread would
                 # run alpha beside beta, or the factors' positions side by side)
@@ -455,7 +455,7 @@ class CompiledGrammar:
                 if ok and factors and threads == 1:
                     F, ok = dp._alpha_factors(beta, gsum, *edges, ta.atom_groups, ta.atom_group_offsets)
                 elif ok and factors:
-                    F, ok = dp._factors(alpha, beta, gsum, *edges[1:9], ta.atom_groups, ta.atom_group_offsets,
+                    F, ok = dp._factors(alpha, beta, gsum, *edges[1:10], ta.atom_groups, ta.atom_group_offsets,
                                         row_parts(L))
         else:
             if gsum is not None:
