@@ -81,9 +81,9 @@ def sorted_atoms(atom_of: np.ndarray, K: int) -> SortedAtoms:
     singles = np.flatnonzero(count == 1).astype(np.int64)
     others = np.flatnonzero(count != 1).astype(np.int64)
     order = np.concatenate([singles, others])  # the atoms in perm's order
-    place = np.empty(K, np.int64)
-    place[order] = np.arange(K)
-    perm = allowed[np.argsort(place[atom_of[allowed]], kind="stable")].astype(np.int32)
+    at = np.empty(K, np.int64)  # each atom's place in that order
+    at[order] = np.arange(K)
+    perm = allowed[np.argsort(at[atom_of[allowed]], kind="stable")].astype(np.int32)
     hi = np.empty(K, np.int64)
     hi[order] = np.cumsum(count[order])
     lo = hi - count
@@ -103,8 +103,9 @@ _BLOCK = 256
 # Atom statistics are reductions over each atom's tokens. Scattering every token into its
 # atom's slot costs ~1.6 ns a token (each add waits for the previous add to the same
 # slot). Instead each row is copied into atom order (``perm``; see _SCATTER_FROM for how
-# it is read), which makes every atom one contiguous run, and each run is reduced by loops the compiler vectorises, exp
-# included (see float32_math); the whole pass is one compiled call per step. A run is
+# it is read), which makes every atom one contiguous run, and each run is reduced by
+# loops the compiler vectorises, exp included (see float32_math); the whole pass is one
+# compiled call per step. A run is
 # walked through a slice of the row, not ``range(lo, hi)`` over the row: numba vectorises
 # only the former (10x). Most atoms of a tool grammar have one token (73 of 94 at BPE 4k,
 # one tool; 614 of 747 at 20 tools): they lie side by side at the start of the row, and
@@ -474,7 +475,8 @@ def _run_clips(live, src, dst, runs):  # pragma: no cover - compiled
     it) from its first to its last edge whose source lives at l and destination at l + 1.
     An edge outside carries nothing in any dense pass (its source's message is 0, or -inf,
     or its destination is masked after it), and a third of the run edges of twenty tools
-    lie there (BPE 4k, L=256): the passes walk the clipped runs only, to the same numbers."""
+    lie there (BPE 4k, L=256): the passes walk the clipped runs only, to the same numbers
+    (the factors' dot products up to rounding: they add fewer zeros)."""
     L = live.shape[0] - 1
     R = runs.shape[0] - 1
     clip = np.zeros((L, R, 2), np.int32)
@@ -804,8 +806,7 @@ def _alpha_factors(beta, gsum, live, src, dst, group, runs, clip, fans, in_row, 
     for l in range(L):
         gs = gsum[l]
         if not _factors_at(cur, beta[l + 1], gs, acc, F[l], src, dst, group, runs, clip[l], fans, in_row, in_other,
-                           in_group,
-                           atom_groups, atom_group_offsets):
+                           in_group, atom_groups, atom_group_offsets):
             return F, False
         for g in range(G):
             gsi[g] = gs[g] * scale
@@ -901,8 +902,7 @@ MESSAGES = MessageBuffers()
 
 @parallel_kernel(cache=True, nogil=True)
 def _dense_passes(gsum, gmax, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group, start, rank,
-                  task_of,
-                  vit, alpha, beta):  # pragma: no cover - compiled
+                  task_of, vit, alpha, beta):  # pragma: no cover - compiled
     """The passes that do not depend on each other, as tasks for numba's threads:
     task_of[p] is the task that runs pass p (VITERBI, ALPHA, BETA) into its buffer
     (L + 1, S), -1 where the pass is not wanted; a task runs its passes in that order.

@@ -248,8 +248,8 @@ def log_marginals(x: torch.Tensor, rowmax: torch.Tensor, F: np.ndarray, idx: tor
     np.log(F, where=F > 0, out=logF_host[:, :K])
     logF = torch.from_numpy(logF_host).to(device=x.device, dtype=torch.float32)  # (N, K + 1), K: never allowed
     if out is None:
-        out = torch.empty_like(x)  # (N, V)
-    if _use_kernel(kernel, x.device):
+        out = torch.empty(x.shape, device=x.device)  # (N, V)
+    if _use_kernel(kernel, x.device) and out.stride(1) == 1:  # (the kernel writes rows of contiguous tokens)
         return _kernel_or_torch(lambda: _log_marginals_triton(x, rowmax, logF, idx, out),
                                 lambda: _log_marginals_torch(x, rowmax, logF, idx, out), strict=kernel == "triton")
     return _log_marginals_torch(x, rowmax, logF, idx, out)
@@ -274,8 +274,6 @@ def _log_marginals_triton(x: torch.Tensor, rowmax: torch.Tensor, logF: torch.Ten
                           out: torch.Tensor) -> torch.Tensor:
     N, V = x.shape
     x = x if x.stride(1) == 1 else x.contiguous()
-    if out.stride(1) != 1:
-        raise ValueError("out must have contiguous rows")
     for r in _row_chunks(N, V, x.device):  # (at most 32,768 rows: a grid's second axis ends at 65,535)
         n = r.stop - r.start
         if n and V:
