@@ -175,7 +175,7 @@ def test_cuda_marginals_and_draws_equal_the_torch_ops(V):
 def test_cuda_step_matches_the_host_step(btok, monkeypatch, fused):
     """Logits on a GPU: the same Viterbi canvas and, from the same random numbers, the same
     sample as the host; the same marginals and entropies, on the logits' device."""
-    monkeypatch.setattr(device_passes, "_triton_available", lambda: fused)
+    monkeypatch.setattr(device_passes, "_triton_available", lambda name="": fused)
     g = compile_tools(TOOLS[:4], btok, "gemma4")
     for seed in range(3):
         logits = torch.randn(2, 48, g.vocab.size + 5, generator=torch.Generator().manual_seed(seed)) * 4
@@ -204,12 +204,13 @@ def test_cpu_tensors_take_the_host_scan_unless_asked(btok, monkeypatch):
 
 def test_a_failing_fused_kernel_falls_back_to_torch_with_a_warning(monkeypatch):
     """"auto" prefers the kernel: if it fails to build or run, the step goes on in torch
-    and says why; asked for by name, the failure is raised."""
+    and says why, and that kernel (only) is not tried again; asked for by name, the failure
+    is raised."""
     def broken(*args):
         raise RuntimeError("no PTX for this card")
 
     monkeypatch.setattr(device_passes, "_chunk_stats_triton", broken)
-    monkeypatch.setattr(device_passes, "_kernel_failed", [])
+    monkeypatch.setattr(device_passes, "_kernel_failed", {})
     x, atom_of, K = _case(64)
     layout = device_passes.atom_layout(atom_of, K, torch.device("cpu"))
     with pytest.raises(RuntimeError, match="no PTX"):
@@ -219,4 +220,7 @@ def test_a_failing_fused_kernel_falls_back_to_torch_with_a_warning(monkeypatch):
     want = device_passes._chunk_stats_torch(torch.from_numpy(x), layout, True, True)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     monkeypatch.setattr(device_passes, "_kernels", lambda: object())  # as if triton were there
-    assert not device_passes._triton_available()  # not tried again in this process
+    assert not device_passes._triton_available("chunk_stats")  # not tried again in this process
+    assert device_passes._triton_available("log_marginals")  # the other kernels are
+    assert not device_passes._use_kernel("auto", torch.device("cuda"), "chunk_stats")
+    assert device_passes._use_kernel("auto", torch.device("cuda"), "draw_in_atoms")

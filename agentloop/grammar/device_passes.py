@@ -111,7 +111,7 @@ def reduce_atoms(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bo
     K = layout.K
     n_chunks = layout.chunk_atom.shape[0]
     dev = x.device
-    fused = _use_kernel(kernel, dev)
+    fused = _use_kernel(kernel, dev, "chunk_stats")
     amax = torch.full((N, K), -math.inf, device=dev)  # (N, K)
     aarg = torch.full((N, K), V, device=dev)  # (N, K) int64, V: no finite logit
     rowmax = torch.zeros(N, device=dev)  # (N,) best allowed logit of each row
@@ -171,41 +171,43 @@ def _chunk_stats(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bo
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunk statistics from the fused kernel where asked, else from torch ops."""
     if fused:
-        return _kernel_or_torch(lambda: _chunk_stats_triton(x, layout, want_sum, want_x),
+        return _kernel_or_torch("chunk_stats", lambda: _chunk_stats_triton(x, layout, want_sum, want_x),
                                 lambda: _chunk_stats_torch(x, layout, want_sum, want_x), strict)
     return _chunk_stats_torch(x, layout, want_sum, want_x)
 
 
-def _use_kernel(kernel: str, device: torch.device) -> bool:
-    """Whether a pass takes its Triton kernel: asked for by name ("triton"), or, for
-    "auto", on a CUDA device where triton is installed (it comes with CUDA builds of torch)
-    and no kernel has failed in this process; "torch" never."""
+def _use_kernel(kernel: str, device: torch.device, name: str) -> bool:
+    """Whether a pass takes its Triton kernel (``fused_kernel.<name>``): asked for by name
+    ("triton"), or, for "auto", on a CUDA device where triton is installed (it comes with
+    CUDA builds of torch) and that kernel has not failed in this process; "torch" never."""
     if kernel not in ("auto", "torch", "triton"):
         raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', not {kernel!r}")
-    return kernel == "triton" or (kernel == "auto" and device.type == "cuda" and _triton_available())
+    return kernel == "triton" or (kernel == "auto" and device.type == "cuda" and _triton_available(name))
 
 
-def _kernel_or_torch(run_kernel: Callable[[], Any], run_torch: Callable[[], Any], strict: bool) -> Any:
-    """A pass from its Triton kernel. Where the kernel was only preferred ("auto", not
-    ``strict``) and fails to build or run, the pass goes on in torch and no kernel is
-    tried again in this process (with a warning that says why)."""
+def _kernel_or_torch(name: str, run_kernel: Callable[[], Any], run_torch: Callable[[], Any], strict: bool) -> Any:
+    """A pass from its Triton kernel ``name``. Where the kernel was only preferred ("auto",
+    not ``strict``) and fails to build or run, the pass goes on in torch and that kernel is
+    not tried again in this process (with a warning that says why); the others are."""
     try:
         return run_kernel()
     except Exception as e:  # noqa: BLE001 - any failure of an optional fast path
         if strict:
             raise
-        _kernel_failed.append(f"{type(e).__name__}: {e}")
-        warnings.warn(f"agentloop: a fused Triton kernel of the grammar's vocabulary passes failed "
-                      f"({_kernel_failed[-1][:300]}); using torch ops instead", RuntimeWarning, stacklevel=4)
+        _kernel_failed[name] = f"{type(e).__name__}: {e}"
+        warnings.warn(f"agentloop: the fused Triton kernel {name} of the grammar's vocabulary passes failed "
+                      f"({_kernel_failed[name][:300]}); using torch ops instead", RuntimeWarning, stacklevel=4)
     return run_torch()
 
 
-#: Why a fused kernel failed in this process, if one did (then "auto" stops trying them).
-_kernel_failed: list[str] = []
+#: Why each fused kernel that failed in this process failed (then "auto" stops trying it).
+_kernel_failed: dict[str, str] = {}
 
 
-def _triton_available() -> bool:
-    return not _kernel_failed and _kernels() is not None
+def _triton_available(name: str = "") -> bool:
+    """Whether triton is installed and the kernel ``name`` (with no name: every kernel)
+    has not failed in this process."""
+    return _kernels() is not None and (name not in _kernel_failed if name else not _kernel_failed)
 
 
 @functools.cache
@@ -249,8 +251,9 @@ def log_marginals(x: torch.Tensor, rowmax: torch.Tensor, F: np.ndarray, idx: tor
     logF = torch.from_numpy(logF_host).to(device=x.device, dtype=torch.float32)  # (N, K + 1), K: never allowed
     if out is None:
         out = torch.empty(x.shape, device=x.device)  # (N, V)
-    if _use_kernel(kernel, x.device) and out.stride(1) == 1:  # (the kernel writes rows of contiguous tokens)
-        return _kernel_or_torch(lambda: _log_marginals_triton(x, rowmax, logF, idx, out),
+    # (the kernel writes rows of contiguous tokens)
+    if _use_kernel(kernel, x.device, "log_marginals") and out.stride(1) == 1:
+        return _kernel_or_torch("log_marginals", lambda: _log_marginals_triton(x, rowmax, logF, idx, out),
                                 lambda: _log_marginals_torch(x, rowmax, logF, idx, out), strict=kernel == "triton")
     return _log_marginals_torch(x, rowmax, logF, idx, out)
 
@@ -305,8 +308,8 @@ def tokens_in_atoms(x: torch.Tensor, rowmax: torch.Tensor, layout: AtomLayout, a
     # (R,) mass past the argmax token; > 0, so the first token reaching it has weight
     rest = np.maximum(target[rows] - e_best[rows], np.finfo(np.float64).tiny)
     args = (x, rowmax, layout, rows, start, size, best[rows].astype(np.int64), rest)
-    if _use_kernel(kernel, x.device):
-        out[rows] = _kernel_or_torch(lambda: _draw_triton(*args), lambda: _draw_torch(*args),
+    if _use_kernel(kernel, x.device, "draw_in_atoms"):
+        out[rows] = _kernel_or_torch("draw_in_atoms", lambda: _draw_triton(*args), lambda: _draw_torch(*args),
                                      strict=kernel == "triton")
     else:
         out[rows] = _draw_torch(*args)
