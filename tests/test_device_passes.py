@@ -123,7 +123,9 @@ def _marginals_and_draws(V: int, device: str, kernel: str) -> None:
 
 @pytest.mark.parametrize("V", VOCABS)
 def test_torch_marginals_and_draws_run(V):
-    """(The torch ops against themselves: the check's own set-up, where triton is missing.)"""
+    """The torch ops' marginals are -inf at the tokens never allowed and their draws land
+    inside the sampled atoms (the kernels' check, run with the torch ops on both sides, so
+    that its set-up runs where triton is missing)."""
     _marginals_and_draws(V, "cpu", "torch")
 
 
