@@ -63,7 +63,6 @@ class SortedAtoms(NamedTuple):
     others: np.ndarray  # (K - K1,) i64 the rest, ascending
     allowed: np.ndarray  # (n,) i32 the allowed tokens, ascending ...
     place: np.ndarray  # (n,) i32 ... and where each stands in perm
-    scatter: bool  # whether the scan reads a row in token order (see _SCATTER_FROM)
 
 
 #: The vocabulary size from which the scan reads each row in token order and writes each
@@ -91,8 +90,7 @@ def sorted_atoms(atom_of: np.ndarray, K: int) -> SortedAtoms:
     blocks[1:] = np.cumsum(np.where(count == 1, 0, -(-count // _BLOCK)))
     place = np.empty(atom_of.shape[0], np.int32)
     place[perm] = np.arange(perm.shape[0], dtype=np.int32)
-    return SortedAtoms(atom_of, perm, lo, hi, blocks, singles, others, allowed.astype(np.int32), place[allowed],
-                       atom_of.shape[0] >= _SCATTER_FROM)
+    return SortedAtoms(atom_of, perm, lo, hi, blocks, singles, others, allowed.astype(np.int32), place[allowed])
 
 
 #: Tokens per block of the scan's float32 sums (added up in float64 across blocks) and of
@@ -282,7 +280,7 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
     tokens (see ``_sample_tokens``).
     """
     N, V = logits.shape
-    atom_of, perm, lo, hi, blocks, singles, others, allowed, place, scatter = atoms
+    atom_of, perm, lo, hi, blocks, singles, others, allowed, place = atoms
     K = lo.shape[0]
     rowmax = np.zeros(N, np.float64)
     if not want_sum:
@@ -298,7 +296,7 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
         block_sums = np.empty((N, blocks[-1]), np.float32)
     kernel = _scan_sums_x if want_x else _scan_sums
     kernel(np.ascontiguousarray(logits).view(np.int32), perm, lo, hi, blocks, singles, others, allowed, place,
-           scatter, rowmax, asum, asumx, amax.view(np.int32), aarg, block_sums, row_parts(N))
+           V >= _SCATTER_FROM, rowmax, asum, asumx, amax.view(np.int32), aarg, block_sums, row_parts(N))
     return rowmax, asum, asumx, amax, aarg
 
 

@@ -118,6 +118,7 @@ def reduce_atoms(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bo
     asum = torch.zeros((N, K) if want_sum else (0, 0), dtype=torch.float64, device=dev)
     asumx = torch.zeros((N, K) if want_x else (0, 0), dtype=torch.float64, device=dev)
     for r in _row_chunks(N, n_chunks * layout.chunk, dev):
+        fused = fused and _use_kernel(kernel, dev, "chunk_stats")  # (after a failure, the next slices: torch)
         m, first, s, sx = _chunk_stats(x[r], layout, want_sum, want_x, fused, strict=kernel == "triton")
         atom = layout.chunk_atom.expand(m.shape[0], n_chunks)  # (n, n_chunks)
         amax[r] = amax[r].scatter_reduce(1, atom, m, "amax")
