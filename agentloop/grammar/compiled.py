@@ -419,8 +419,8 @@ class CompiledGrammar:
 
         On dense messages the passes that do not depend on each other (Viterbi, alpha,
         beta) run as tasks on numba's threads, then the factors from alpha and beta, a
-        block of positions per thread; on one thread, Viterbi and beta, then alpha and
-        the factors in one sweep (the same numbers). Over live-state lists beta comes
+        block of positions per thread; on one thread, beta, then alpha, the factors and
+        the Viterbi pass in one sweep (the same numbers). Over live-state lists beta comes
         first, then one forward sweep for the factors and the Viterbi pass together (it
         shares the edges' loads), each position's states shared by the threads."""
         ta = self.automaton
@@ -442,19 +442,27 @@ class CompiledGrammar:
             elif gmax is None and not factors:  # beta alone (sample)
                 beta = messages(dp.BETA)
                 ok = dp._backward_into(beta, gsum, *edges[:7])
+            elif factors and numba.get_num_threads() == 1:
+                # one thread: beta, then the factors taken in the forward sweep, and the
+                # Viterbi pass in it too where asked (no thread would run the passes side
+                # by side, or the factors' positions)
+                beta = messages(dp.BETA)
+                ok = dp._backward_into(beta, gsum, *edges[:7])
+                if ok and gmax is not None:
+                    trace = messages(dp.VITERBI)
+                    F, best_end, ok = dp._alpha_factors_viterbi(beta, gsum, gmax, trace, *edges, lay.rank,
+                                                                ta.atom_groups, ta.atom_group_offsets)
+                elif ok:
+                    F, ok = dp._alpha_factors(beta, gsum, *edges, ta.atom_groups, ta.atom_group_offsets)
             else:
-                # one thread: the factors are taken in the forward sweep (no thread would
-                # run alpha beside beta, or the factors' positions side by side)
                 threads = numba.get_num_threads()
-                passes = tuple(p for p, wanted in ((dp.VITERBI, gmax is not None), (dp.ALPHA, factors and threads > 1),
+                passes = tuple(p for p, wanted in ((dp.VITERBI, gmax is not None), (dp.ALPHA, factors),
                                                    (dp.BETA, True)) if wanted)
                 trace, alpha, beta = (messages(p, p in passes) for p in (dp.VITERBI, dp.ALPHA, dp.BETA))
                 status = dp._dense_passes(gsum, none2 if gmax is None else gmax, *edges, lay.rank,
                                           dp.dense_tasks(passes, threads), trace, alpha, beta)
                 best_end, ok = int(status[0]), bool(status[1:].all())
-                if ok and factors and threads == 1:
-                    F, ok = dp._alpha_factors(beta, gsum, *edges, ta.atom_groups, ta.atom_group_offsets)
-                elif ok and factors:
+                if ok and factors:
                     F, ok = dp._factors(alpha, beta, gsum, *edges[1:10], ta.atom_groups, ta.atom_group_offsets,
                                         row_parts(L))
         else:
