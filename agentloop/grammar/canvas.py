@@ -739,33 +739,83 @@ def _forward_step(cur, nxt, following, gsi, vcur, vnxt, vfollowing, gm, live_nex
     return 0.0, _mask_live(vnxt, live_next, vfollowing)
 
 
+@nb.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
+def _forward_into(alpha, vit, gsum, gmax, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group, start,
+                  rank, want_sum, want_max):  # pragma: no cover - compiled
+    """The forward passes into their (L + 1, S) buffers, any contents: with ``want_sum``
+    alpha[l, j] ∝ weight of the valid prefixes of l tokens ending in row j (0 where j is
+    not live), the mirror of ``_backward_into`` (each row is known up to its own factor,
+    and its total divides the next row's weights); with ``want_max`` vit[l, j], the best
+    log-score of such a prefix (-inf where not live). Both together share one sweep
+    (``_forward_step``). Returns (best_end, ok): the best accepting row at L (ties: the
+    lowest state; -1 without ``want_max``), and False when no valid canvas exists. Every
+    position's Viterbi scores are kept for the traceback instead of backpointers
+    (writing them made the run loops ~2x slower)."""
+    L = live.shape[0] - 1
+    G = gsum.shape[1]
+    gsi = np.empty(G, np.float64)  # the group weights at l, divided by the total of row l
+    spare = np.empty(live.shape[1], np.float64)  # (what the last rows' masking clears)
+    none = np.empty(0, np.float64)  # (the rows of a pass not asked for)
+    if want_sum:
+        alpha[0, :] = 0.0
+        alpha[0, start] = 1.0
+        if L > 0:
+            alpha[1, :] = 0.0
+    if want_max:
+        _viterbi_start(vit, start)
+    scale = 1.0
+    for l in range(L):
+        if want_sum:
+            gs = gsum[l]
+            for g in range(G):
+                gsi[g] = gs[g] * scale
+        if want_sum and want_max:
+            tot, ok = _forward_step(alpha[l], alpha[l + 1], alpha[l + 2] if l + 2 <= L else spare, gsi, vit[l],
+                                    vit[l + 1], vit[l + 2] if l + 2 <= L else spare, gmax[l], live[l + 1], src, dst,
+                                    group, runs, clip[l], fans, in_row, in_other, in_group, True, True)
+        elif want_sum:
+            tot, ok = _forward_step(alpha[l], alpha[l + 1], alpha[l + 2] if l + 2 <= L else spare, gsi, none, none,
+                                    none, none, live[l + 1], src, dst, group, runs, clip[l], fans, in_row, in_other,
+                                    in_group, True, False)
+        else:
+            tot, ok = _forward_step(none, none, none, none, vit[l], vit[l + 1], vit[l + 2] if l + 2 <= L else spare,
+                                    gmax[l], live[l + 1], src, dst, group, runs, clip[l], fans, in_row, in_other,
+                                    in_group, False, True)
+        if want_sum:
+            if not tot > 0.0:
+                return -1, False
+            scale = 1.0 / tot
+        if not ok:
+            return -1, False
+    if want_max:
+        return _best_end(vit[L], rank)
+    return -1, True
+
+
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _alpha_into(alpha, gsum, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group,
                 start):  # pragma: no cover
-    """alpha (L + 1, S), any contents <- alpha[l, j] ∝ weight of the valid prefixes of l
-    tokens ending in row j (0 where j is not live); False when there are none. The mirror
-    of ``_backward_into``: each row is known up to its own factor, and its total divides
-    the next row's weights."""
-    L, G = gsum.shape
-    gsi = np.empty(G, np.float64)  # the group weights at l, divided by the total of row l
-    spare = np.empty(alpha.shape[1], np.float64)  # (what the last row's masking clears)
-    none = np.empty(0, np.float64)  # (the Viterbi pass's rows: not asked for)
-    alpha[0, :] = 0.0
-    alpha[0, start] = 1.0
-    if L > 0:
-        alpha[1, :] = 0.0
-    scale = 1.0
-    for l in range(L):
-        gs = gsum[l]
-        for g in range(G):
-            gsi[g] = gs[g] * scale
-        tot, _ = _forward_step(alpha[l], alpha[l + 1], alpha[l + 2] if l + 2 <= L else spare, gsi, none, none, none,
-                               none, live[l + 1], src, dst, group, runs, clip[l], fans, in_row, in_other, in_group, True,
-                               False)
-        if not tot > 0.0:
-            return False
-        scale = 1.0 / tot
-    return True
+    """``_forward_into``'s sum pass alone: whether there is a valid canvas."""
+    none2 = np.empty((0, 0), np.float64)
+    return _forward_into(alpha, none2, gsum, none2, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group,
+                         start, np.empty(0, np.int32), True, False)[1]
+
+
+@nb.njit(cache=True, nogil=True)
+def _viterbi_into(vit, gmax, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group, start,
+                  rank):  # pragma: no cover - compiled
+    """``_forward_into``'s Viterbi pass alone: (best_end, ok)."""
+    none2 = np.empty((0, 0), np.float64)
+    return _forward_into(none2, vit, none2, gmax, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group,
+                         start, rank, False, True)
+
+
+@nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _alpha_viterbi_into(alpha, vit, gsum, gmax, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group,
+                        start, rank):  # pragma: no cover - compiled
+    """``_forward_into``'s two passes in one sweep: (best_end, ok)."""
+    return _forward_into(alpha, vit, gsum, gmax, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group,
+                         start, rank, True, True)
 
 
 #: Copies of the group posteriors the single edges add into, by edge (a power of 2): a
@@ -925,26 +975,6 @@ def _best_end(last, rank):  # pragma: no cover - compiled
     return best_end, best_end >= 0
 
 
-@nb.njit(cache=True, nogil=True)
-def _viterbi_into(vit, gmax, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group, start,
-                  rank):  # pragma: no cover - compiled
-    """vit (L + 1, S), any contents <- vit[l, j], the best log-score of a prefix of l
-    tokens ending in row j (-inf where not live). Every position's scores are kept for
-    the traceback instead of backpointers (writing them made the run loops ~2x slower).
-    Returns (best_end, ok): the best accepting row at L (ties: the lowest state), and
-    False when no valid canvas exists."""
-    L = gmax.shape[0]
-    spare = np.empty(vit.shape[1], np.float64)  # (what the last row's masking fills)
-    none = np.empty(0, np.float64)  # (the sum pass's rows: not asked for)
-    _viterbi_start(vit, start)
-    for l in range(L):
-        _, ok = _forward_step(none, none, none, none, vit[l], vit[l + 1], vit[l + 2] if l + 2 <= L else spare, gmax[l],
-                              live[l + 1], src, dst, group, runs, clip[l], fans, in_row, in_other, in_group, False, True)
-        if not ok:
-            return -1, False
-    return _best_end(vit[L], rank)
-
-
 #: The dense passes a step can ask for together (see ``_dense_passes``).
 VITERBI, ALPHA, BETA = 0, 1, 2
 
@@ -987,17 +1017,24 @@ def _dense_passes(gsum, gmax, live, src, dst, group, runs, clip, fans, in_row, i
                   task_of, vit, alpha, beta):  # pragma: no cover - compiled
     """The passes that do not depend on each other, as tasks for numba's threads:
     task_of[p] is the task that runs pass p (VITERBI, ALPHA, BETA) into its buffer
-    (L + 1, S), -1 where the pass is not wanted; a task runs its passes in that order.
-    Returns status = [best_end, Viterbi ok, alpha ok, beta ok]."""
+    (L + 1, S), -1 where the pass is not wanted; a task runs its passes in that order,
+    Viterbi and alpha in one sweep where it has both. Returns status = [best_end,
+    Viterbi ok, alpha ok, beta ok]."""
     status = np.ones(4, np.int64)
     status[0] = -1
     for task in nb.prange(task_of.max() + 1):
-        if task_of[VITERBI] == task:
+        if task_of[VITERBI] == task and task_of[ALPHA] == task:
+            best_end, ok = _alpha_viterbi_into(alpha, vit, gsum, gmax, live, src, dst, group, runs, clip, fans, in_row,
+                                               in_other, in_group, start, rank)
+            status[0] = best_end
+            status[1] = ok
+            status[2] = ok
+        elif task_of[VITERBI] == task:
             best_end, ok = _viterbi_into(vit, gmax, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group,
                                          start, rank)
             status[0] = best_end
             status[1] = ok
-        if task_of[ALPHA] == task:
+        elif task_of[ALPHA] == task:
             status[2] = _alpha_into(alpha, gsum, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group,
                                     start)
         if task_of[BETA] == task:
@@ -1007,15 +1044,15 @@ def _dense_passes(gsum, gmax, live, src, dst, group, runs, clip, fans, in_row, i
 
 def dense_tasks(passes: tuple[int, ...], threads: int) -> np.ndarray:
     """task_of for ``_dense_passes``: one task per pass where there are threads enough;
-    with two threads for three passes, the Viterbi pass (the longest: max-plus) alone and
-    alpha then beta on the other."""
+    with two threads for three passes, the forward ones (Viterbi and alpha, in one sweep)
+    on one and beta on the other."""
     task_of = np.full(3, -1, np.int64)
     if threads >= len(passes):
         for t, p in enumerate(passes):
             task_of[p] = t
     elif threads == 2:
         for p in passes:
-            task_of[p] = 0 if p == VITERBI else 1
+            task_of[p] = 1 if p == BETA else 0
     else:
         task_of[list(passes)] = 0
     return task_of
