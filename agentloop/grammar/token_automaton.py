@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numba as nb
 import numpy as np
 
+from ..numba_threads import parallel_kernel
 from .fsa import Dfa
 from .vocabulary import Vocabulary
 
@@ -39,30 +40,66 @@ def _jump_table(lcp, lens, maxlen):  # pragma: no cover - compiled
     return jump
 
 
-@nb.njit(cache=True, nogil=True)
-def _walk_hash(trans, shapes, lens, lcp, jump, h1, h2):  # pragma: no cover - compiled
-    """Fold (state, next state) of every alive (state, shape) pair into two hashes."""
-    n_states = trans.shape[0]
+#: States walked side by side through each shape: their steps are independent loads,
+#: which the core overlaps, where one state's walk waits for each load in turn (262k
+#: vocab, 20 tools, 49k states: 3.1x faster than one state at a time).
+_LANES = 16
+#: Stretches of the sorted shapes that numba's threads walk apart (a fixed number, so
+#: that the hashes, folded state after state within each shape, never depend on the
+#: thread count).
+_SHAPE_CHUNKS = 8
+
+
+def _walk_table(trans: np.ndarray) -> np.ndarray:
+    """The DFA's table for ``_walk_hash``: (C, S + 1) int32, class-major (the lanes' states
+    are neighbours, so one class's entries for them share cache lines), with a last
+    column for the dead state S that every dead entry points to and that stays dead."""
+    S, C = trans.shape
+    table = np.full((C, S + 1), S, np.int32)
+    table[:, :S] = np.where(trans >= 0, trans, S).T
+    return table
+
+
+@parallel_kernel(cache=True, nogil=True)
+def _walk_hash(table, shapes, lens, lcp, jump, h1, h2):  # pragma: no cover - compiled
+    """Fold (state, next state) of every alive (state, shape) pair into two hashes, states
+    in order within each shape. ``table`` is ``_walk_table``'s."""
+    n_states = table.shape[1] - 1
+    dead = n_states
     n_shapes = shapes.shape[0]
     maxlen = shapes.shape[1]
-    st = np.empty(maxlen + 1, np.int64)
-    for s in range(n_states):
-        st[0] = s
-        u = 0
-        while u < n_shapes:
-            alive = True
-            for d in range(lcp[u], lens[u]):
-                q = trans[st[d], shapes[u, d]]
-                if q < 0:
-                    u = jump[u, d]
-                    alive = False
-                    break
-                st[d + 1] = q
-            if alive:
-                key = np.uint64(s * 1000003 + st[lens[u]] + 1)
-                h1[u] = h1[u] * np.uint64(0x100000001B3) ^ key
-                h2[u] = (h2[u] ^ (key * np.uint64(0x9E3779B97F4A7C15))) * np.uint64(0xC2B2AE3D27D4EB4F)
-                u += 1
+    for chunk in nb.prange(_SHAPE_CHUNKS):
+        u0 = chunk * n_shapes // _SHAPE_CHUNKS
+        u1 = (chunk + 1) * n_shapes // _SHAPE_CHUNKS
+        st = np.empty((maxlen + 1, _LANES), np.int32)  # each lane's state along the current shape
+        for s0 in range(0, n_states, _LANES):
+            lanes = min(_LANES, n_states - s0)
+            for b in range(_LANES):
+                st[0, b] = s0 + b if b < lanes else dead
+            u = u0
+            while u < u1:
+                alive = True
+                # the walk so far is shared with the previous shape, except at a chunk's first
+                for d in range(lcp[u] if u > u0 else 0, lens[u]):
+                    row = table[shapes[u, d]]
+                    n_alive = 0
+                    for b in range(_LANES):
+                        q = row[st[d, b]]
+                        st[d + 1, b] = q
+                        n_alive += q != dead
+                    if n_alive == 0:  # dead for every lane: skip the shapes sharing this prefix
+                        u = jump[u, d]
+                        alive = False
+                        break
+                if alive:
+                    end = lens[u]
+                    for b in range(lanes):
+                        q = st[end, b]
+                        if q != dead:
+                            key = np.uint64((s0 + b) * 1000003 + q + 1)
+                            h1[u] = h1[u] * np.uint64(0x100000001B3) ^ key
+                            h2[u] = (h2[u] ^ (key * np.uint64(0x9E3779B97F4A7C15))) * np.uint64(0xC2B2AE3D27D4EB4F)
+                    u += 1
 
 
 @nb.njit(cache=True, nogil=True)
@@ -211,7 +248,7 @@ def build_token_automaton(dfa: Dfa, vocab: Vocabulary) -> TokenAutomaton:
     h1 = np.zeros(len(uniq), np.uint64)
     h2 = np.zeros(len(uniq), np.uint64)
     jump = _jump_table(lcp, slens, maxlen)
-    _walk_hash(dfa.trans.astype(np.int64), shapes, slens, lcp, jump, h1, h2)
+    _walk_hash(_walk_table(dfa.trans), shapes, slens, lcp, jump, h1, h2)
     del jump
     dead_shape = (h1 == 0) & (h2 == 0)
     sig = np.stack([h1, h2], axis=1)

@@ -1,0 +1,64 @@
+"""The token automaton against its definition: every token walked through the symbol DFA
+from every state, by brute force."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from agentloop.grammar import compile_tools
+from agentloop.grammar import token_automaton as ta_module
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = json.loads((ROOT / "agentloop/data/tool_schemas.json").read_text())
+
+
+def _walk_every_token(dfa, vocab) -> np.ndarray:
+    """(S, V): the DFA state after each token's symbols from each state, -1 where it dies
+    (numpy over all states at once, token after token)."""
+    S = dfa.trans.shape[0]
+    out = np.full((S, vocab.size), -1, np.int64)
+    for t, symbols in enumerate(vocab.token_symbols):
+        if not symbols:
+            continue
+        cur = np.arange(S)
+        for sym in symbols:
+            nxt = np.full(S, -1, np.int64)
+            ok = cur >= 0
+            nxt[ok] = dfa.trans[cur[ok], dfa.sym_class[sym]]
+            cur = nxt
+        out[:, t] = cur
+    return out
+
+
+def _automaton_steps(ta) -> np.ndarray:
+    """(S, V): the token automaton's next state for each (state, token), -1 where none."""
+    dense = np.full((ta.n_states, ta.n_atoms + 1), -1, np.int64)  # last column: never allowed
+    for e in range(ta.edge_src.shape[0]):
+        g = ta.edge_group[e]
+        dense[ta.edge_src[e], ta.group_atoms[ta.group_offsets[g]:ta.group_offsets[g + 1]]] = ta.edge_dst[e]
+    return dense[:, np.where(ta.atom_of_token >= 0, ta.atom_of_token, ta.n_atoms)]
+
+
+@pytest.mark.parametrize("n_tools", [1, 3])
+def test_atoms_and_edges_are_the_dfa_walked_token_by_token(n_tools):
+    """Each (state, token) step of the automaton is the DFA's walk of the token's symbols,
+    and the atoms are exactly the classes of tokens that every state sends alike (no two
+    atoms do the same everywhere). The bundled model's BPE tokenizer has tokens of many
+    symbols, so the walk shares prefixes and skips dead ones, and the states outnumber
+    the lanes walked side by side many times over."""
+    tok = Tokenizer.from_file(str(ROOT / "agentloop/model/tokenizer.json"))
+    g = compile_tools(TOOLS[:n_tools], tok, "gemma4")
+    ta, dfa, vocab = g.automaton, g.dfa, g.vocab
+    assert ta.n_states > 4 * ta_module._LANES
+    assert max(len(s) for s in vocab.token_symbols) > 4
+    want = _walk_every_token(dfa, vocab)
+    np.testing.assert_array_equal(_automaton_steps(ta), want)
+    # atoms: the distinct columns of tokens some state takes
+    alive = (want >= 0).any(axis=0)
+    assert np.array_equal(ta.atom_of_token >= 0, alive)
+    assert ta.n_atoms == np.unique(want[:, alive], axis=1).shape[1]
