@@ -212,6 +212,28 @@ class TokenAutomaton:
         return sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
 
 
+def _unique_shapes(shape_mat: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct shapes of tokens (rows of ``shape_mat`` (n, maxlen), the first
+    ``lens[i]`` classes of row i), in lexicographic order, a shape before those it is a
+    prefix of (the walk shares each shape's prefix with the one before it): (shapes (U,
+    maxlen) int32 padded with 0, their lengths (U,), each token's shape (n,)).
+
+    Each shape is sorted as bytes (classes as big-endian 16-bit numbers, so that byte
+    order is class order): 0.33-0.47 s at Gemma's 262k tokens, 4-5x faster than
+    ``np.unique(axis=0)``, whose rows compare column by column (49 of them)."""
+    n, maxlen = shape_mat.shape
+    width = 2 * maxlen
+    buf = shape_mat.astype(">u2").tobytes()
+    keys = [buf[i * width:i * width + 2 * int(k)] for i, k in enumerate(lens.tolist())]
+    ordered = sorted(set(keys))
+    index = {k: u for u, k in enumerate(ordered)}
+    shape_of = np.fromiter((index[k] for k in keys), np.int64, count=n)
+    padded = b"".join(k.ljust(width, b"\0") for k in ordered)
+    shapes = np.frombuffer(padded, ">u2").reshape(len(ordered), maxlen).astype(np.int32)
+    slens = np.fromiter((len(k) // 2 for k in ordered), np.int64, count=len(ordered))
+    return shapes, slens, shape_of
+
+
 def build_token_automaton(dfa: Dfa, vocab: Vocabulary) -> TokenAutomaton:
     S = dfa.n_states
     V = vocab.size
@@ -230,23 +252,17 @@ def build_token_automaton(dfa: Dfa, vocab: Vocabulary) -> TokenAutomaton:
     alive_ids = np.nonzero(alive)[0]
     if alive_ids.size == 0:
         raise ValueError("no token of the vocabulary can spell anything in this grammar")
-    # unique shapes, sorted lexicographically (row-wise with length as a tiebreak: a
-    # padded 0 never collides because lengths differ and the walk stops at lens[u])
-    key = np.concatenate([shape_mat[alive_ids], lens[alive_ids, None].astype(np.int32)], axis=1)
-    uniq, shape_of_alive = np.unique(key, axis=0, return_inverse=True)
-    shape_of_alive = shape_of_alive.ravel()
-    shapes = np.ascontiguousarray(uniq[:, :maxlen])
-    slens = uniq[:, maxlen].astype(np.int64)
+    shapes, slens, shape_of_alive = _unique_shapes(shape_mat[alive_ids], lens[alive_ids])
     # longest common prefix with the previous shape
-    lcp = np.zeros(len(uniq), np.int64)
-    if len(uniq) > 1:
+    lcp = np.zeros(len(slens), np.int64)
+    if len(slens) > 1:
         eq = shapes[1:] == shapes[:-1]
         first_diff = np.where(eq.all(axis=1), maxlen, np.argmin(eq, axis=1))
         lcp[1:] = np.minimum(first_diff, np.minimum(slens[1:], slens[:-1]))
 
     # 2. signature hashes -> atoms
-    h1 = np.zeros(len(uniq), np.uint64)
-    h2 = np.zeros(len(uniq), np.uint64)
+    h1 = np.zeros(len(slens), np.uint64)
+    h2 = np.zeros(len(slens), np.uint64)
     jump = _jump_table(lcp, slens, maxlen)
     _walk_hash(_walk_table(dfa.trans), shapes, slens, lcp, jump, h1, h2)
     del jump
