@@ -63,3 +63,14 @@ def test_constraint_ab_runs_both_versions_side_by_side(tmp_path):
     rows = [line for line in out.read_text().splitlines() if line.startswith("| bpe-4k | 1 |")]
     assert [row.split("|")[3].strip() for row in rows] == ["viterbi", "sample", "marginals", "denoise_step", "support"]
     assert all(float(row.split("|")[6]) > 0 for row in rows)
+
+
+@pytest.mark.slow  # compiles a second copy of the token automaton's kernels
+def test_token_automaton_ab_builds_both_versions(tmp_path):
+    out = tmp_path / "ta.md"
+    r = subprocess.run([sys.executable, str(ROOT / "bench/token_automaton_ab.py"), "--baseline", "HEAD",
+                        "--tokenizers", "bpe-4k", "--tools", "1", "--repeats", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| bpe-4k | 1 |")]
+    assert len(rows) == 1 and rows[0].rstrip(" |").endswith("yes")

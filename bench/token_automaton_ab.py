@@ -1,0 +1,138 @@
+"""A/B of the token automaton build (symbol DFA x vocabulary -> atoms, groups, edges):
+the working tree against a baseline commit, side by side in one process.
+
+For each tokenizer and tool set, the grammar is compiled once (the on-disk cache off) to
+get the symbol DFA and the vocabulary that ``build_token_automaton`` receives; then both
+versions' ``build_token_automaton`` run on exactly those, in turns, and their automata
+are compared array for array (an optimisation of the build must not change what it
+builds). The baseline is exported with ``git archive`` as in ``bench/constraint_ab.py``.
+
+    python bench/token_automaton_ab.py --baseline 3ad4e4b
+    python bench/token_automaton_ab.py --baseline HEAD~1 --tokenizers gemma3-262k --tools 20 --repeats 1
+
+Writes ``bench/results/token_automaton_ab.md`` (``--out`` to change); medians of the
+repeats, seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+
+import agentloop.grammar as G  # noqa: E402
+from bench.constraint import clear_grammar_caches  # noqa: E402
+from bench.constraint_ab import export_baseline  # noqa: E402
+from bench.tokenizers_offline import LOADERS, SCHEMAS  # noqa: E402
+
+#: What a build returns, compared between the two versions.
+FIELDS = ("n_states", "start", "accept", "atom_of_token", "atom_tokens", "atom_offsets", "group_atoms",
+          "group_offsets", "atom_groups", "atom_group_offsets", "edge_src", "edge_dst", "edge_group", "src_offsets")
+
+
+def build_inputs(tools: list[dict[str, Any]], tok: Any, aliases: dict[str, str]) -> tuple[Any, Any]:
+    """The (symbol DFA, vocabulary) that compiling ``tools`` hands to build_token_automaton."""
+    seen: list[tuple[Any, Any]] = []
+    build = G.build_token_automaton
+
+    def spy(dfa: Any, vocab: Any) -> Any:
+        seen.append((dfa, vocab))
+        return build(dfa, vocab)
+
+    G.build_token_automaton = spy  # compile_tools looks it up in agentloop.grammar's namespace
+    try:
+        clear_grammar_caches()
+        G.compile_tools(tools, tok, "gemma4", aliases=aliases)
+    finally:
+        G.build_token_automaton = build
+    if not seen:
+        raise RuntimeError("compile_tools did not build a token automaton (cached?)")
+    return seen[-1]
+
+
+def same_automaton(a: Any, b: Any) -> bool:
+    return all(np.array_equal(np.asarray(getattr(a, f)), np.asarray(getattr(b, f))) for f in FIELDS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", required=True, help="git revision to compare the working tree against")
+    parser.add_argument("--tokenizers", default="bpe-4k,wordpiece-30k,gemma3-262k")
+    parser.add_argument("--tools", type=int, nargs="+", default=[1, 5, 20])
+    parser.add_argument("--repeats", type=int, default=3, help="builds per version (default 3)")
+    parser.add_argument("--threads", type=int, default=1, help="numba threads (default 1)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "token_automaton_ab.md")
+    args = parser.parse_args()
+    os.environ["AGENTLOOP_CACHE_DIR"] = "off"
+    numba.set_num_threads(args.threads)
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *a], check=True, capture_output=True, text=True).stdout.strip()
+
+    rev, head = git("rev-parse", "--short", args.baseline), git("rev-parse", "--short", "HEAD")
+    dirty = git("status", "--porcelain", "agentloop")
+    schemas = json.loads(SCHEMAS.read_text())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline = export_baseline(rev, Path(tmp))
+        base_build = importlib.import_module(baseline.__name__ + ".token_automaton").build_token_automaton
+        for name in args.tokenizers.split(","):
+            tok, aliases = LOADERS[name]()
+            for n in args.tools:
+                dfa, vocab = build_inputs(schemas[:n], tok, aliases)
+                times: dict[str, list[float]] = {"baseline": [], "current": []}
+                built = {}
+                if not rows:  # the first build of each version compiles its numba kernels: not timed
+                    base_build(dfa, vocab)
+                    G.build_token_automaton(dfa, vocab)
+                for _ in range(args.repeats):
+                    for which, build in (("baseline", base_build), ("current", G.build_token_automaton)):
+                        t0 = time.perf_counter()
+                        built[which] = build(dfa, vocab)
+                        times[which].append(time.perf_counter() - t0)
+                same = same_automaton(built["baseline"], built["current"])
+                b, c = statistics.median(times["baseline"]), statistics.median(times["current"])
+                rows.append((name, n, dfa.n_states, vocab.size, b, c, same))
+                print(f"{name} x {n} tools: baseline {b:.2f} s, current {c:.2f} s, {c / b:.2f}x, "
+                      f"{'same automaton' if same else 'AUTOMATA DIFFER'}", flush=True)
+    command = "python bench/token_automaton_ab.py " + " ".join(sys.argv[1:])
+    lines = ["# Token automaton build A/B", "",
+             f"Command: `{command}`  ",
+             f"Machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, "
+             f"{args.threads} numba thread{'s' if args.threads > 1 else ''}; Python {platform.python_version()}, "
+             f"numpy {np.__version__}  ",
+             f"Current: agentloop at {head}{' + uncommitted changes' if dirty else ''}; baseline: {rev}  ",
+             f"Date: {time.strftime('%Y-%m-%d %H:%M:%S')}; load average (1 min) at the end "
+             f"{os.getloadavg()[0]:.2f}", "",
+             f"``build_token_automaton`` on the same symbol DFA and vocabulary (gemma4 wire format), the two versions "
+             f"in turns, medians of {args.repeats} (after one untimed build of each, which compiles its kernels); "
+             "'same' compares every array of the two automata.", "",
+             "| tokenizer | tools | DFA states | V | baseline s | current s | current / baseline | same |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.2f} | {r[5]:.2f} | {r[5] / r[4]:.2f} | "
+              f"{'yes' if r[6] else '**no**'} |" for r in rows]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+    if not all(r[6] for r in rows):
+        raise SystemExit("the two versions built different automata")
+
+
+if __name__ == "__main__":
+    main()
