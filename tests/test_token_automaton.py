@@ -62,3 +62,23 @@ def test_atoms_and_edges_are_the_dfa_walked_token_by_token(n_tools):
     alive = (want >= 0).any(axis=0)
     assert np.array_equal(ta.atom_of_token >= 0, alive)
     assert ta.n_atoms == np.unique(want[:, alive], axis=1).shape[1]
+
+
+def test_groups_found_by_hash_equal_the_exact_ones(monkeypatch):
+    """Edges' atom sets are matched into groups by a hash and then checked member by
+    member; where hashes collide (forced here: every hash 0) the exact path takes over
+    and builds the same groups."""
+    tok = Tokenizer.from_file(str(ROOT / "agentloop/model/tokenizer.json"))
+    g = compile_tools(TOOLS[:3], tok, "gemma4")
+    want = ta_module.build_token_automaton(g.dfa, g.vocab)
+    rng = np.random.default_rng(0)
+    atoms = np.sort(rng.integers(0, 6, size=(50, 3)), axis=1).ravel().astype(np.int32)
+    starts = np.arange(0, 150, 3, dtype=np.int64)
+    hashed = ta_module._groups(atoms, starts, starts + 3)
+    monkeypatch.setattr(ta_module, "_segment_hashes", lambda values, s, e: np.zeros(s.shape[0], np.uint64))
+    exact = ta_module._groups(atoms, starts, starts + 3)
+    for a, b in zip(hashed, exact):
+        np.testing.assert_array_equal(a, b)
+    got = ta_module.build_token_automaton(g.dfa, g.vocab)
+    for field in ("group_atoms", "group_offsets", "edge_src", "edge_dst", "edge_group", "atom_groups"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
