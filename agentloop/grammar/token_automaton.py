@@ -10,7 +10,8 @@ over edges ``(s, s', group)`` and never over single tokens.
 To keep 262k vocabularies fast, tokens are first reduced to their *shape* (the string of
 DFA symbol classes they spell; many tokens share one), shapes are sorted, and each state
 walks them in order reusing the walk of the common prefix with the previous shape and
-skipping every shape that shares a prefix already found dead.
+skipping every shape that shares a prefix already found dead; neighbouring states walk
+side by side, so that their table loads overlap.
 """
 
 from __future__ import annotations
