@@ -73,6 +73,37 @@ def export_baseline(rev: str, into: Path) -> Any:
     return module
 
 
+def revisions(baseline: str) -> tuple[str, str, bool]:
+    """(the baseline's short hash, HEAD's, whether agentloop/ has uncommitted changes)."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *a], check=True, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", baseline), git("rev-parse", "--short", "HEAD"), bool(
+        git("status", "--porcelain", "agentloop"))
+
+
+def report_header(title: str, command: str, software: str, head: str, dirty: bool, rev: str) -> list[str]:
+    """An A/B report's first lines: the command, the machine, both versions, the date."""
+    return [f"# {title}", "",
+            f"Command: `{command}`  ",
+            f"Machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, {software}  ",
+            f"Current: agentloop at {head}{' + uncommitted changes' if dirty else ''}; baseline: {rev}  ",
+            f"Date: {time.strftime('%Y-%m-%d %H:%M:%S')}; load average (1 min) at the end {os.getloadavg()[0]:.2f}",
+            ""]
+
+
+def table_lines(columns: list[str], rows: list[list[Any]]) -> list[str]:
+    """A markdown table."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + [
+        "| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def write_report(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
 def timed_pair(ops: dict[str, Callable[[], Any]], repeats: int,
                before: Callable[[], None] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each op, the ops called in turn ``repeats`` times (after one
@@ -162,12 +193,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
-    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.baseline], check=True,
-                         capture_output=True, text=True).stdout.strip()
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=True,
-                          capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "agentloop"], check=True,
-                           capture_output=True, text=True).stdout.strip()
+    rev, head, dirty = revisions(args.baseline)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         baseline = export_baseline(rev, Path(tmp))
@@ -176,26 +202,19 @@ def main() -> None:
                             args.peak, args.after_forward)
     command = "python bench/constraint_ab.py " + " ".join(sys.argv[1:])
     peaked = f", one token per row {args.peak:g} nats ahead" if args.peak else ""
-    lines = ["# Canvas constraint A/B", "",
-             f"Command: `{command}`  ",
-             f"Machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, "
-             f"{args.threads} torch/numba thread{'s' if args.threads > 1 else ''}; "
-             f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}  ",
-             f"Current: agentloop at {head}{' + uncommitted changes' if dirty else ''}; baseline: {rev}  ",
-             f"Date: {time.strftime('%Y-%m-%d %H:%M:%S')}; load average (1 min) at the end "
-             f"{os.getloadavg()[0]:.2f}", "",
+    lines = report_header("Canvas constraint A/B", command,
+                          f"{args.threads} torch/numba thread{'s' if args.threads > 1 else ''}; "
+                          f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}",
+                          head, dirty, rev) + [
              "Both versions in one process, their calls alternating; L=256, random logits "
              f"(N(0, {args.logit_std:g}){peaked}), gemma4 wire "
              f"format; {'each call right after a decoder forward; ' if args.after_forward else ''}"
              "denoise_step writes into a reused out buffer, as the engine's does; medians. Viterbi canvases equal "
-             "and marginals equal to 1e-6 between the two (checked).", "",
-             "| tokenizer | tools | op | baseline ms | current ms | current / baseline |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['tokenizer']} | {r['tools']} | {r['op']} | {r['baseline_ms']:.2f} | {r['current_ms']:.2f} | "
-              f"{r['ratio']:.2f} |" for r in rows]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+             "and marginals equal to 1e-6 between the two (checked).", ""]
+    lines += table_lines(["tokenizer", "tools", "op", "baseline ms", "current ms", "current / baseline"],
+                         [[r["tokenizer"], r["tools"], r["op"], f"{r['baseline_ms']:.2f}", f"{r['current_ms']:.2f}",
+                           f"{r['ratio']:.2f}"] for r in rows])
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

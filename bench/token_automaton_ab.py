@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,8 @@ import numpy as np  # noqa: E402
 
 import agentloop.grammar as G  # noqa: E402
 from bench.constraint import clear_grammar_caches  # noqa: E402
-from bench.constraint_ab import export_baseline  # noqa: E402
+from bench.constraint_ab import (export_baseline, report_header, revisions, table_lines,  # noqa: E402
+                                 write_report)
 from bench.tokenizers_offline import LOADERS, SCHEMAS  # noqa: E402
 
 #: What a build returns, compared between the two versions.
@@ -82,11 +82,7 @@ def main() -> None:
     os.environ["AGENTLOOP_CACHE_DIR"] = "off"
     numba.set_num_threads(args.threads)
 
-    def git(*a: str) -> str:
-        return subprocess.run(["git", "-C", str(REPO), *a], check=True, capture_output=True, text=True).stdout.strip()
-
-    rev, head = git("rev-parse", "--short", args.baseline), git("rev-parse", "--short", "HEAD")
-    dirty = git("status", "--porcelain", "agentloop")
+    rev, head, dirty = revisions(args.baseline)
     schemas = json.loads(SCHEMAS.read_text())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,24 +108,17 @@ def main() -> None:
                 print(f"{name} x {n} tools: baseline {b:.2f} s, current {c:.2f} s, {c / b:.2f}x, "
                       f"{'same automaton' if same else 'AUTOMATA DIFFER'}", flush=True)
     command = "python bench/token_automaton_ab.py " + " ".join(sys.argv[1:])
-    lines = ["# Token automaton build A/B", "",
-             f"Command: `{command}`  ",
-             f"Machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, "
-             f"{args.threads} numba thread{'s' if args.threads > 1 else ''}; Python {platform.python_version()}, "
-             f"numpy {np.__version__}  ",
-             f"Current: agentloop at {head}{' + uncommitted changes' if dirty else ''}; baseline: {rev}  ",
-             f"Date: {time.strftime('%Y-%m-%d %H:%M:%S')}; load average (1 min) at the end "
-             f"{os.getloadavg()[0]:.2f}", "",
+    lines = report_header("Token automaton build A/B", command,
+                          f"{args.threads} numba thread{'s' if args.threads > 1 else ''}; "
+                          f"Python {platform.python_version()}, numpy {np.__version__}", head, dirty, rev) + [
              f"``build_token_automaton`` on the same symbol DFA and vocabulary (gemma4 wire format), the two versions "
              f"in turns, medians of {args.repeats} (after one untimed build of each, which compiles its kernels); "
-             "'same' compares every array of the two automata.", "",
-             "| tokenizer | tools | DFA states | V | baseline s | current s | current / baseline | same |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.2f} | {r[5]:.2f} | {r[5] / r[4]:.2f} | "
-              f"{'yes' if r[6] else '**no**'} |" for r in rows]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+             "'same' compares every array of the two automata.", ""]
+    lines += table_lines(["tokenizer", "tools", "DFA states", "V", "baseline s", "current s", "current / baseline",
+                          "same"],
+                         [[*r[:4], f"{r[4]:.2f}", f"{r[5]:.2f}", f"{r[5] / r[4]:.2f}", "yes" if r[6] else "**no**"]
+                          for r in rows])
+    write_report(args.out, lines)
     if not all(r[6] for r in rows):
         raise SystemExit("the two versions built different automata")
 
