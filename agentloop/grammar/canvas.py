@@ -615,6 +615,13 @@ def _axpy_max_plus(out, w, x, vout, v, vx):  # pragma: no cover - compiled
 # of its own; the first row to fill is cleared before the loop.
 
 
+@nb.njit(cache=True, nogil=True, inline="always")
+def _clipped_run(src, dst, e, clip_r):  # pragma: no cover - compiled
+    """The live stretch of the run starting at edge e, given its clip at this position
+    (``Support.clip[l, r]``): (first source row, first destination row, length)."""
+    return src[e] + clip_r[0], dst[e] + clip_r[0], clip_r[1] - clip_r[0]
+
+
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _mask_total(out, live, following):  # pragma: no cover - compiled
     """Zero out where not live, and ``following`` everywhere; returns out's total."""
@@ -685,8 +692,7 @@ def _backward_into(beta, gsum, live, src, dst, group, runs, clip, fans):  # prag
         cl = clip[l]
         for r in range(runs.shape[0] - 1):
             e = runs[r]
-            a, b = src[e] + cl[r, 0], dst[e] + cl[r, 0]
-            n = cl[r, 1] - cl[r, 0]
+            a, b, n = _clipped_run(src, dst, e, cl[r])
             _axpy(out[a:a + n], gsi[group[e]], nxt[b:b + n])
         for f in range(fans.shape[0] - 1):  # a fan's one row out to its sources
             e = fans[f]
@@ -712,8 +718,7 @@ def _forward_step(cur, nxt, following, gsi, vcur, vnxt, vfollowing, gm, live_nex
     -inf). The flags are compile-time constants where it is inlined."""
     for r in range(runs.shape[0] - 1):
         e = runs[r]
-        a, b = src[e] + clip_l[r, 0], dst[e] + clip_l[r, 0]
-        n = clip_l[r, 1] - clip_l[r, 0]
+        a, b, n = _clipped_run(src, dst, e, clip_l[r])
         if want_sum and want_max:
             _axpy_max_plus(nxt[b:b + n], gsi[group[e]], cur[a:a + n], vnxt[b:b + n], gm[group[e]], vcur[a:a + n])
         elif want_sum:
@@ -832,8 +837,7 @@ def _factors_at(cur, bn, gs, acc, F_row, src, dst, group, runs, clip_l, fans, in
     acc[:, :] = 0.0
     for r in range(runs.shape[0] - 1):
         e = runs[r]
-        a, b = src[e] + clip_l[r, 0], dst[e] + clip_l[r, 0]
-        n = clip_l[r, 1] - clip_l[r, 0]
+        a, b, n = _clipped_run(src, dst, e, clip_l[r])
         acc[0, group[e]] += _dot(cur[a:a + n], bn[b:b + n])
     for f in range(fans.shape[0] - 1):
         e = fans[f]
