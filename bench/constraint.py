@@ -481,9 +481,34 @@ def cuda_ops(g: Any, on_gpu: torch.Tensor, sampler: torch.Generator) -> dict[str
     kernels = ["torch"] + (["triton"] if device_passes._triton_available() else [])
     for chunk in sorted({1, 8, layout.chunk}):
         lay = device_passes.atom_layout(g._atom_of(V), ta.n_atoms, on_gpu.device, chunk=chunk)
-        for kernel in kernels:
-            ops[f"reduce_cuda_{kernel}_c{chunk}"] = (
-                lambda lay=lay, kernel=kernel: device_passes.reduce_atoms(on_gpu, lay, True, True, kernel=kernel))
+        ops[f"reduce_cuda_torch_c{chunk}"] = lambda lay=lay: device_passes.reduce_atoms(on_gpu, lay, True, True,
+                                                                                       kernel="torch")
+        if "triton" in kernels:  # the chunks' Triton kernel inside the torch ops (A/B against the tiles)
+            def chunks(lay: device_passes.AtomLayout = lay) -> Any:
+                device_passes._REDUCE_CHUNKS = "triton"
+                try:
+                    return device_passes._reduce_atoms_torch(on_gpu, lay, True, True)
+                finally:
+                    device_passes._REDUCE_CHUNKS = "torch"
+            ops[f"reduce_cuda_chunks_c{chunk}"] = chunks
+    if "triton" in kernels:  # the Triton tiles (c: tokens per tile), checked against the torch ops here
+        try:
+            want = device_passes.reduce_atoms(on_gpu, layout, True, True, kernel="torch")
+            got = device_passes.reduce_atoms(on_gpu, layout, True, True, kernel="triton")
+            rel = [float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300), initial=0.0))
+                   for a, b in zip(got[2:4], want[2:4])]
+            log(f"  triton vs torch reduce: rowmax equal {np.array_equal(got[1], want[1])}, amax equal "
+                f"{np.array_equal(got[4], want[4])}, aarg equal {np.array_equal(got[5], want[5])}, "
+                f"asum / asumx max rel diff {rel[0]:.2e} / {rel[1]:.2e}")
+        except Exception as e:  # noqa: BLE001 - recorded by the timed ops below too
+            log(f"  triton reduce failed: {type(e).__name__}: {str(e)[:400]}")
+        default_tile = device_passes._TILE
+        for tile in (1024, 4096, 16384):
+            device_passes._TILE = tile
+            lay = device_passes.atom_layout(g._atom_of(V), ta.n_atoms, on_gpu.device)
+            device_passes._TILE = default_tile
+            ops[f"reduce_cuda_triton_c{tile}"] = (
+                lambda lay=lay: device_passes.reduce_atoms(on_gpu, lay, True, True, kernel="triton"))
     rowmax, _, asum, _, amax, aarg = device_passes.reduce_atoms(on_gpu, layout, True, False)
     L = on_gpu.shape[0]
     F = np.random.default_rng(0).random((L, ta.n_atoms))  # (L, K) atom factors

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -135,8 +136,12 @@ def test_fused_kernel_equals_the_definition():
     The interpreter must be on before triton is first imported, so the check runs in a
     process of its own."""
     pytest.importorskip("triton", reason="the fused kernels need triton (it comes with CUDA builds of torch)")
+    # then tiles of 5 tokens read 2 at a time: atoms cut into several tiles, tiles read in
+    # several sweeps, a last tile shorter than the others
     code = ("import test_device_passes as t\nfor V in t.VOCABS: t._device_scores(*t._case(V), 'cpu', 'triton')\n"
-            "for V in t.VOCABS + [5000]: t._marginals_and_draws(V, 'cpu', 'triton')")
+            "for V in t.VOCABS + [5000]: t._marginals_and_draws(V, 'cpu', 'triton')\n"
+            "t.device_passes._TILE, t.device_passes._TILE_BLOCK = 5, 2\n"
+            "for V in (7, 13, 300): t._device_scores(*t._case(V), 'cpu', 'triton')")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -211,18 +216,23 @@ def test_a_failing_fused_kernel_falls_back_to_torch_with_a_warning(monkeypatch):
     def broken(*args):
         raise RuntimeError("no PTX for this card")
 
-    monkeypatch.setattr(device_passes, "_chunk_stats_triton", broken)
+    monkeypatch.setattr(device_passes, "_reduce_atoms_triton", broken)
     monkeypatch.setattr(device_passes, "_kernel_failed", {})
+    monkeypatch.setattr(device_passes, "_triton_available", lambda name="": name not in device_passes._kernel_failed)
     x, atom_of, K = _case(64)
     layout = device_passes.atom_layout(atom_of, K, torch.device("cpu"))
+    xt = torch.from_numpy(x)
     with pytest.raises(RuntimeError, match="no PTX"):
-        device_passes._chunk_stats(torch.from_numpy(x), layout, True, True, fused=True, strict=True)
-    with pytest.warns(RuntimeWarning, match="Triton kernel .* failed .*no PTX.*using torch ops"):
-        got = device_passes._chunk_stats(torch.from_numpy(x), layout, True, True, fused=True, strict=False)
-    want = device_passes._chunk_stats_torch(torch.from_numpy(x), layout, True, True)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
-    monkeypatch.setattr(device_passes, "_kernels", lambda: object())  # as if triton were there
-    assert not device_passes._triton_available("chunk_stats")  # not tried again in this process
+        device_passes.reduce_atoms(xt, layout, True, True, kernel="triton")
+    # "auto" on a CUDA device, here with the logits on the CPU
+    monkeypatch.setattr(device_passes, "_use_kernel",
+                        lambda kernel, device, name: kernel != "torch" and device_passes._triton_available(name))
+    with pytest.warns(RuntimeWarning, match="Triton kernel tile_stats .*failed .*no PTX.*using torch ops"):
+        got = device_passes.reduce_atoms(xt, layout, True, True)
+    want = device_passes._reduce_atoms_torch(xt, layout, True, True)
+    assert torch.equal(got[0], want[0]) and all(np.array_equal(a, b) for a, b in zip(got[1:], want[1:]))
+    assert not device_passes._triton_available("tile_stats")  # not tried again in this process
     assert device_passes._triton_available("log_marginals")  # the other kernels are
-    assert not device_passes._use_kernel("auto", torch.device("cuda"), "chunk_stats")
-    assert device_passes._use_kernel("auto", torch.device("cuda"), "draw_in_atoms")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the torch ops straight away
+        device_passes.reduce_atoms(xt, layout, True, True)

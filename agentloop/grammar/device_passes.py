@@ -38,7 +38,9 @@ class AtomLayout:
     the atom's first token and weighs 0): the atom reduction reduces dense (chunk,) rows
     and only the (rows, chunks) partial results meet in a scatter. A scatter straight
     from the vocabulary sends tens of thousands of tokens onto each of a few hundred atoms,
-    and on a GPU those atomic updates to one address serialise.
+    and on a GPU those atomic updates to one address serialise. The Triton kernels read
+    ``tokens`` in *tiles* instead: each atom's run cut into stretches of at most ``_TILE``
+    tokens, one program per row and tile, whose results a second kernel folds per atom.
     """
 
     index: torch.Tensor  # (V,) int64 atom of each token, K where never allowed
@@ -47,8 +49,12 @@ class AtomLayout:
     gather: torch.Tensor  # (n_chunks * C,) int64 token ids, grouped by atom
     weight: torch.Tensor  # (n_chunks * C,) float32: 1 for a token, 0 for a pad
     chunk_atom: torch.Tensor  # (n_chunks,) int64 the atom of each chunk
-    tokens: torch.Tensor  # (n,) int64 the allowed tokens, grouped by atom, in token order
+    tokens: torch.Tensor  # (n,) int32 the allowed tokens, grouped by atom, in token order
     offsets: np.ndarray  # (K + 1,) int64 where each atom's tokens start in ``tokens``
+    tile_start: torch.Tensor  # (T,) int32 where each tile starts in ``tokens``
+    tile_len: torch.Tensor  # (T,) int32 its length, 1.._TILE
+    atom_tiles: torch.Tensor  # (K + 1,) int32 where each atom's tiles start
+    max_tiles: int  # the most tiles one atom has
 
 
 def _chunk_size(sizes: np.ndarray) -> int:
@@ -76,12 +82,26 @@ def atom_layout(atom_of: np.ndarray, K: int, device: torch.device, chunk: int | 
     first = np.cumsum(sizes) - sizes  # (K,) where each atom starts in ``order``
     real = offset < sizes[slot_atom]
     gather = order[np.where(real, first[slot_atom] + offset, first[slot_atom])] if order.size else order
+    n_tiles = -(-sizes // _TILE)  # (K,)
+    tile_atom = np.repeat(np.arange(K), n_tiles)  # (T,)
+    tile_start = first[tile_atom] + (np.arange(tile_atom.size) - np.repeat(np.cumsum(n_tiles) - n_tiles, n_tiles)) * _TILE
+    tile_len = np.minimum(_TILE, first[tile_atom] + sizes[tile_atom] - tile_start)
     return AtomLayout(
         index=torch.from_numpy(index).to(device), K=K, chunk=C,
         gather=torch.from_numpy(gather.astype(np.int64)).to(device),
         weight=torch.from_numpy(real.astype(np.float32)).to(device),
         chunk_atom=torch.from_numpy(np.repeat(np.arange(K), padded // C).astype(np.int64)).to(device),
-        tokens=torch.from_numpy(order.astype(np.int64)).to(device), offsets=np.concatenate([first, [order.size]]))
+        tokens=torch.from_numpy(order.astype(np.int32)).to(device), offsets=np.concatenate([first, [order.size]]),
+        tile_start=torch.from_numpy(tile_start.astype(np.int32)).to(device),
+        tile_len=torch.from_numpy(tile_len.astype(np.int32)).to(device),
+        atom_tiles=torch.from_numpy(np.concatenate([[0], np.cumsum(n_tiles)]).astype(np.int32)).to(device),
+        max_tiles=int(n_tiles.max()) if K else 0)
+
+
+#: Tokens per tile of the Triton atom reduction (``tile_stats``): a Gemma-sized atom of
+#: ~250k tokens becomes ~60 programs per row, each reading 16 KB of logits twice (the
+#: second time from L2).
+_TILE = 4096
 
 
 def _row_chunks(N: int, V: int, device: torch.device | None = None) -> list[slice]:
@@ -107,19 +127,69 @@ def reduce_atoms(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bo
     kernel, "torch" in a few passes of torch ops, "auto" takes triton on a CUDA device
     where it is installed (it comes with CUDA builds of torch).
     """
+    if _use_kernel(kernel, x.device, "tile_stats"):
+        return _kernel_or_torch("tile_stats", lambda: _reduce_atoms_triton(x, layout, want_sum, want_x),
+                                lambda: _reduce_atoms_torch(x, layout, want_sum, want_x), strict=kernel == "triton")
+    return _reduce_atoms_torch(x, layout, want_sum, want_x)
+
+
+def _reduce_atoms_triton(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bool
+                         ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``reduce_atoms`` in two Triton kernels (per row and tile, then per row and atom)
+    and one copy to the host."""
+    N, V = x.shape
+    K, T = layout.K, layout.tile_start.shape[0]
+    dev = x.device
+    x = x if x.stride(1) == 1 else x.contiguous()
+    m = torch.empty((N, T), device=dev)  # (N, T) float32 each tile's best logit
+    first = torch.empty((N, T), dtype=torch.int32, device=dev)  # (N, T) its lowest token
+    s = torch.empty((N, T) if want_sum else (0,), dtype=torch.float64, device=dev)  # (N, T) its sums
+    sx = torch.empty((N, T) if want_x else (0,), dtype=torch.float64, device=dev)
+    rowmax = torch.zeros(N, device=dev)  # (N,)
+    planes = 2 + want_sum + want_x
+    out = torch.empty(N + planes * N * K, dtype=torch.float64, device=dev)  # rowmax, then (N, K) planes
+    if N and T:
+        for r in _row_chunks(N, 0, dev):  # (a grid's second axis ends at 65,535 rows)
+            _kernels().tile_stats[(T, r.stop - r.start)](
+                x[r], x.stride(0), layout.tokens, layout.tile_start, layout.tile_len, m[r], first[r],
+                s[r] if want_sum else s, sx[r] if want_x else sx, T, V,
+                BLOCK=_TILE_BLOCK, WANT_SUM=want_sum, WANT_X=want_x)
+    if N:
+        _kernels().combine_tiles[(N,)](m, first, s, sx, layout.atom_tiles, rowmax, out, N, T, K, layout.max_tiles, V,
+                                       BLOCK_K=triton_block(K), WANT_SUM=want_sum, WANT_X=want_x)
+    host = out.cpu().numpy()
+    plane = [host[N + i * N * K: N + (i + 1) * N * K].reshape(N, K) for i in range(planes)]
+    aarg = plane[1].astype(np.int32)
+    aarg[aarg >= V] = -1  # an atom with no finite logit (or no token in this vocabulary)
+    return (rowmax, host[:N], plane[2] if want_sum else np.zeros((N, 1)), plane[3] if want_x else np.zeros((N, 1)),
+            plane[0].astype(np.float32), aarg)
+
+
+#: Lanes of the ``tile_stats`` kernel (tokens read at once).
+_TILE_BLOCK = 1024
+
+
+def triton_block(n: int) -> int:
+    """The power of two at or above ``n`` (at least 16): a Triton block holding n lanes."""
+    return max(16, 1 << max(0, n - 1).bit_length())
+
+
+def _reduce_atoms_torch(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bool
+                        ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``reduce_atoms`` in torch ops: per chunk of ``layout.gather``, then scattered per atom."""
     N, V = x.shape
     K = layout.K
     n_chunks = layout.chunk_atom.shape[0]
     dev = x.device
-    fused = _use_kernel(kernel, dev, "chunk_stats")
+    fused = _use_kernel(_REDUCE_CHUNKS, dev, "chunk_stats")
     amax = torch.full((N, K), -math.inf, device=dev)  # (N, K)
     aarg = torch.full((N, K), V, device=dev)  # (N, K) int64, V: no finite logit
     rowmax = torch.zeros(N, device=dev)  # (N,) best allowed logit of each row
     asum = torch.zeros((N, K) if want_sum else (0, 0), dtype=torch.float64, device=dev)
     asumx = torch.zeros((N, K) if want_x else (0, 0), dtype=torch.float64, device=dev)
     for r in _row_chunks(N, n_chunks * layout.chunk, dev):
-        fused = fused and _use_kernel(kernel, dev, "chunk_stats")  # (after a failure, the next slices: torch)
-        m, first, s, sx = _chunk_stats(x[r], layout, want_sum, want_x, fused, strict=kernel == "triton")
+        fused = fused and _use_kernel(_REDUCE_CHUNKS, dev, "chunk_stats")  # (after a failure, the next slices: torch)
+        m, first, s, sx = _chunk_stats(x[r], layout, want_sum, want_x, fused, strict=_REDUCE_CHUNKS == "triton")
         atom = layout.chunk_atom.expand(m.shape[0], n_chunks)  # (n, n_chunks)
         amax[r] = amax[r].scatter_reduce(1, atom, m, "amax")
         top = m == amax[r].gather(1, atom)  # (n, n_chunks) chunks holding their atom's best
@@ -143,6 +213,10 @@ def reduce_atoms(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bo
     out = {k: v.cpu().numpy() for k, v in host.items()}
     return (rowmax, out["rowmax"], out.get("asum", np.zeros((N, 1))), out.get("asumx", np.zeros((N, 1))),
             out["amax"], out["aarg"])
+
+
+#: A/B switch for the GPU lease: "triton" runs the old chunked Triton kernel inside the torch path.
+_REDUCE_CHUNKS = "torch"
 
 
 def _chunk_stats_torch(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bool

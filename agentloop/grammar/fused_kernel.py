@@ -6,8 +6,28 @@ at import, the kernels run on CPU tensors in Triton's interpreter (the tests).
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter has no libdevice: numpy's exp, as torch's on the CPU
+    @triton.jit
+    def exact_exp(x):
+        return tl.exp(x)
+else:
+    try:
+        from triton.language.extra import libdevice
+    except ImportError:  # triton < 3.1
+        from triton.language.extra.cuda import libdevice
+
+    @triton.jit
+    def exact_exp(x):
+        """exp as torch computes it on a GPU (CUDA's expf, exp for float64). ``tl.exp`` lowers to
+        the approximate ex2 instruction, an ulp or two away: enough to move a draw whose
+        uniform falls among an atom's last tokens, where mass below 1e-12 of the atom's
+        decides, off the token the torch ops (and the tests) pick."""
+        return libdevice.exp(x)
 
 
 @triton.jit
@@ -80,9 +100,9 @@ def draw_in_atoms(x_ptr, x_stride, rowmax_ptr, tokens_ptr, row_ptr, start_ptr, s
     while (j0 < size) & (found == 0):
         place = j0 + tl.arange(0, BLOCK)  # (BLOCK,)
         inside = place < size
-        ids = tl.load(tokens_ptr + start + place, mask=inside, other=0)
+        ids = tl.load(tokens_ptr + start + place, mask=inside, other=0).to(tl.int64)
         x = tl.load(x_ptr + row * x_stride + ids, mask=inside, other=-float("inf"))
-        w = tl.where(inside & (ids != best), tl.exp(x - m), 0.0)  # (BLOCK,) float32
+        w = tl.where(inside & (ids != best), exact_exp(x - m), 0.0)  # (BLOCK,) float32
         c = acc + tl.cumsum(w.to(tl.float64), 0)  # (BLOCK,) running mass
         at = tl.min(tl.where(c >= rest, place, size))  # first place reaching it (it has weight: rest > 0)
         weighted = tl.max(tl.where(w > 0, place, -1))
@@ -94,3 +114,97 @@ def draw_in_atoms(x_ptr, x_stride, rowmax_ptr, tokens_ptr, row_ptr, start_ptr, s
         acc = tl.max(c)  # c rises: its last value
         j0 += BLOCK
     tl.store(out_ptr + i, tl.where(found == 1, pick, last))
+
+
+@triton.jit
+def tile_stats(x_ptr, stride, tokens_ptr, tile_start_ptr, tile_len_ptr, m_ptr, first_ptr, s_ptr, sx_ptr, n_tiles, V,
+               BLOCK: tl.constexpr, WANT_SUM: tl.constexpr, WANT_X: tl.constexpr):
+    """One logits row x one tile (a stretch of at most a few thousand of one atom's tokens,
+    ``AtomLayout.tile_start``/``tile_len`` into ``tokens``) -> the best logit m, the lowest
+    token reaching it (V if none is finite, nan never counts), and the float64 sums over
+    the tile of e = exp(x - m) and of e * (x - m) (an all -inf tile takes m = 0 as their
+    reference). Two sweeps, the max then the sums: the second reads the tile back from L2."""
+    t = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    start = tl.load(tile_start_ptr + t)
+    size = tl.load(tile_len_ptr + t)
+    lane = tl.arange(0, BLOCK)  # (BLOCK,)
+    xrow = x_ptr + row * stride
+    best = tl.full([BLOCK], -float("inf"), tl.float32)  # (BLOCK,) each lane's best logit so far
+    best_tok = tl.zeros([BLOCK], tl.int32) + V  # (BLOCK,) and its token
+    for j in range(0, size, BLOCK):
+        live = j + lane < size
+        tok = tl.load(tokens_ptr + start + j + lane, mask=live, other=0)
+        x = tl.load(xrow + tok, mask=live, other=-float("inf"))
+        better = x > best  # a lane's tokens rise: only a strictly better logit moves its token
+        best_tok = tl.where(better, tok, best_tok)
+        best = tl.where(better, x, best)
+    m = tl.max(best, axis=0)
+    out = row * n_tiles + t
+    tl.store(m_ptr + out, m)
+    tl.store(first_ptr + out, tl.min(tl.where(best == m, best_tok, V), axis=0))
+    if WANT_SUM:
+        m0 = tl.where(m == -float("inf"), 0.0, m)
+        s = tl.zeros([BLOCK], tl.float64)  # (BLOCK,) float64: a tile can hold most of the row's mass
+        sx = tl.zeros([BLOCK], tl.float64)
+        for j in range(0, size, BLOCK):
+            live = j + lane < size
+            tok = tl.load(tokens_ptr + start + j + lane, mask=live, other=0)
+            x = tl.load(xrow + tok, mask=live, other=-float("inf"))
+            # floored, so that e * d is 0 (not nan) at x = -inf; nan stays nan (the caller's check)
+            d = tl.maximum(x - m0, -1e30, propagate_nan=tl.PropagateNan.ALL)
+            e = exact_exp(d)
+            s += e.to(tl.float64)
+            if WANT_X:
+                sx += (e * d).to(tl.float64)
+        tl.store(s_ptr + out, tl.sum(s, axis=0))
+        if WANT_X:
+            tl.store(sx_ptr + out, tl.sum(sx, axis=0))
+
+
+@triton.jit
+def combine_tiles(m_ptr, first_ptr, s_ptr, sx_ptr, atom_tiles_ptr, rowmax_ptr, out_ptr, n_rows, n_tiles, K, max_tiles,
+                  V, BLOCK_K: tl.constexpr, WANT_SUM: tl.constexpr, WANT_X: tl.constexpr):
+    """One row's tiles -> its atoms (a lane each): the row's best allowed logit (0 if
+    none is finite) into ``rowmax`` (float32, for the later passes), and into the float64
+    planes of ``out``, one after another: rowmax (n_rows,), then (n_rows, K) each, the
+    atoms' best logit, its lowest token (V: none), and their sums taken from rowmax."""
+    row = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, BLOCK_K)  # (BLOCK_K,) atoms
+    live = k < K
+    lo = tl.load(atom_tiles_ptr + k, mask=live, other=0)  # (BLOCK_K,) the atom's first tile
+    hi = tl.load(atom_tiles_ptr + k + 1, mask=live, other=0)
+    base = row * n_tiles
+    amax = tl.full([BLOCK_K], -float("inf"), tl.float32)
+    for j in range(0, max_tiles):
+        amax = tl.maximum(amax, tl.load(m_ptr + base + lo + j, mask=lo + j < hi, other=-float("inf")))
+    aarg = tl.zeros([BLOCK_K], tl.int32) + V
+    for j in range(0, max_tiles):
+        has = lo + j < hi
+        mj = tl.load(m_ptr + base + lo + j, mask=has, other=-float("inf"))
+        fj = tl.load(first_ptr + base + lo + j, mask=has, other=V)
+        aarg = tl.where(has & (mj == amax), tl.minimum(aarg, fj), aarg)
+    best = tl.max(amax, axis=0)
+    rowmax = tl.where((best > -float("inf")) & (best < float("inf")), best, 0.0)
+    tl.store(rowmax_ptr + row, rowmax)
+    plane = n_rows * K
+    at = n_rows + row * K + k  # (BLOCK_K,) the row's atoms in the first (K-wide) plane
+    tl.store(out_ptr + row, rowmax.to(tl.float64))
+    tl.store(out_ptr + at, amax.to(tl.float64), mask=live)
+    tl.store(out_ptr + plane + at, aarg.to(tl.float64), mask=live)
+    if WANT_SUM:
+        acc = tl.zeros([BLOCK_K], tl.float64)
+        accx = tl.zeros([BLOCK_K], tl.float64)
+        for j in range(0, max_tiles):
+            has = lo + j < hi
+            mj = tl.load(m_ptr + base + lo + j, mask=has, other=0.0)
+            sj = tl.load(s_ptr + base + lo + j, mask=has, other=0.0)
+            lift = tl.where(mj == -float("inf"), 0.0, mj).to(tl.float64) - rowmax.to(tl.float64)  # tile -> row
+            scale = exact_exp(lift)
+            acc += tl.where(has, sj * scale, 0.0)
+            if WANT_X:  # sum of e * (x - rowmax) = sum of e * (x - m) + (m - rowmax) * sum of e
+                sxj = tl.load(sx_ptr + base + lo + j, mask=has, other=0.0)
+                accx += tl.where(has, (sxj + sj * lift) * scale, 0.0)
+        tl.store(out_ptr + 2 * plane + at, acc, mask=live)
+        if WANT_X:
+            tl.store(out_ptr + 3 * plane + at, accx, mask=live)
