@@ -483,14 +483,6 @@ def cuda_ops(g: Any, on_gpu: torch.Tensor, sampler: torch.Generator) -> dict[str
         lay = device_passes.atom_layout(g._atom_of(V), ta.n_atoms, on_gpu.device, chunk=chunk)
         ops[f"reduce_cuda_torch_c{chunk}"] = lambda lay=lay: device_passes.reduce_atoms(on_gpu, lay, True, True,
                                                                                        kernel="torch")
-        if "triton" in kernels:  # the chunks' Triton kernel inside the torch ops (A/B against the tiles)
-            def chunks(lay: device_passes.AtomLayout = lay) -> Any:
-                device_passes._REDUCE_CHUNKS = "triton"
-                try:
-                    return device_passes._reduce_atoms_torch(on_gpu, lay, True, True)
-                finally:
-                    device_passes._REDUCE_CHUNKS = "torch"
-            ops[f"reduce_cuda_chunks_c{chunk}"] = chunks
     if "triton" in kernels:  # the Triton tiles (c: tokens per tile), checked against the torch ops here
         try:
             want = device_passes.reduce_atoms(on_gpu, layout, True, True, kernel="torch")

@@ -14,6 +14,7 @@ reassociated).
     python bench/constraint_ab.py --baseline HEAD~1 --threads 2 --out bench/results/constraint_ab_2threads.md
     python bench/constraint_ab.py --baseline HEAD~1 --peak 80   # one token per row far ahead, as a trained model's
     python bench/constraint_ab.py --baseline HEAD~1 --after-forward   # each call right after a decoder forward
+    python bench/constraint_ab.py --baseline HEAD~1 --device cuda --tokenizer gemma3-262k   # the GPU step
 
 The default logits are N(0, 3): ~15 nats from a row's best to most of its tokens. A
 trained model's are far wider: the bundled model's rows span ~100 nats at its sampling
@@ -122,7 +123,7 @@ def timed_pair(ops: dict[str, Callable[[], Any]], repeats: int,
 
 
 def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std: float, peak: float,
-            after_forward: bool, seed: int = 0) -> list[dict[str, Any]]:
+            after_forward: bool, device: str = "cpu", seed: int = 0) -> list[dict[str, Any]]:
     tok, aliases = LOADERS[tok_name]()
     tools = json.loads(SCHEMAS.read_text())[:n_tools]
     grammars = {"baseline": baseline.compile_tools(tools, tok, "gemma4", aliases=aliases),
@@ -133,6 +134,7 @@ def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std:
     if peak:  # one token per row that far above the row's best
         ahead = torch.randint(0, V, (L,), generator=gen)
         logits[torch.arange(L), ahead] = logits.max(dim=1).values + peak
+    logits = logits.to(device)  # on a GPU the vocabulary passes run there, the DP on the host
     before = None
     if after_forward:  # as the engine calls a step: right after the model's forward wrote the logits
         from bench.constraint import Config, decoder_forward
@@ -146,12 +148,17 @@ def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std:
 
     step_out = torch.empty_like(logits)  # the engine's self-conditioning buffer
 
+    def synced(op: Callable[[], Any]) -> Callable[[], Any]:
+        if device == "cpu":
+            return op
+        return lambda: (op(), torch.cuda.synchronize())  # the device's queue drained: its work is in the time
+
     def ops_of(g: Any) -> dict[str, Callable[[], Any]]:
         out = {"out": step_out} if "out" in inspect.signature(g.denoise_step).parameters else {}  # older baselines
-        return {"viterbi": lambda: g.viterbi(logits),
-                "sample": lambda: g.sample(logits, torch.Generator().manual_seed(seed)),
-                "marginals": lambda: g.marginals(logits, return_entropy=True),
-                "denoise_step": lambda: g.denoise_step(logits, torch.Generator().manual_seed(seed), **out),
+        return {"viterbi": synced(lambda: g.viterbi(logits)),
+                "sample": synced(lambda: g.sample(logits, torch.Generator().manual_seed(seed))),
+                "marginals": synced(lambda: g.marginals(logits, return_entropy=True)),
+                "denoise_step": synced(lambda: g.denoise_step(logits, torch.Generator().manual_seed(seed), **out)),
                 # once per canvas: the live states at each position (a new canvas, a new start state)
                 "support": lambda: (g._support_cache.clear(), g._support(L, g.start_state, False))}
 
@@ -189,8 +196,14 @@ def main() -> None:
                              "none; 80 is like a trained model's confident rows)")
     parser.add_argument("--after-forward", action="store_true",
                         help="run the tiny model's decoder forward (bench/constraint.py's) before every timed call")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the logits are (default cpu; cuda: the vocabulary passes run on the GPU)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "constraint_ab.md")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    if args.device == "cuda" and args.after_forward:
+        parser.error("--after-forward runs the tiny model's forward on the CPU; it does not combine with --device cuda")
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
     rev, head, dirty = revisions(args.baseline)
@@ -199,12 +212,13 @@ def main() -> None:
         baseline = export_baseline(rev, Path(tmp))
         for n in args.tools:
             rows += compare(args.tokenizer, n, baseline, args.repeats or (30 if n < 20 else 5), args.logit_std,
-                            args.peak, args.after_forward)
+                            args.peak, args.after_forward, args.device)
     command = "python bench/constraint_ab.py " + " ".join(sys.argv[1:])
     peaked = f", one token per row {args.peak:g} nats ahead" if args.peak else ""
     lines = report_header("Canvas constraint A/B", command,
                           f"{args.threads} torch/numba thread{'s' if args.threads > 1 else ''}; "
-                          f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}",
+                          f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}"
+                          + (f"; logits on {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
                           head, dirty, rev) + [
              "Both versions in one process, their calls alternating; L=256, random logits "
              f"(N(0, {args.logit_std:g}){peaked}), gemma4 wire "

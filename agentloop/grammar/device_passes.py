@@ -120,12 +120,13 @@ def reduce_atoms(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bo
 
     asum[n, k] = sum over tokens t of atom k of exp(x[n, t] - rowmax[n]); asumx adds the
     factor (x - rowmax) (for entropies); aarg is the lowest token id reaching amax, as the
-    compiled scan picks it. Each chunk of an atom's tokens is reduced first, its sums
-    taken from its own best logit m (float32 over at most 64 terms); those are rescaled by
-    exp(m - rowmax) and added up per atom in float64, as the host keeps them (an atom may
-    hold most of the vocabulary). ``kernel``: "triton" reads the logits once in one fused
-    kernel, "torch" in a few passes of torch ops, "auto" takes triton on a CUDA device
-    where it is installed (it comes with CUDA builds of torch).
+    compiled scan picks it. Each stretch of an atom's tokens is reduced first, its sums
+    taken from its own best logit m; those are rescaled by exp(m - rowmax) and added up per
+    atom in float64, as the host keeps them (an atom may hold most of the vocabulary).
+    ``kernel``: "triton" reads the logits once, in tiles of up to ``_TILE`` of an atom's
+    tokens (float64 sums), and folds the tiles per atom in a second kernel; "torch" takes a
+    dozen torch ops over chunks of at most 64 tokens (float32 sums); "auto" takes triton on
+    a CUDA device where it is installed (it comes with CUDA builds of torch).
     """
     if _use_kernel(kernel, x.device, "tile_stats"):
         return _kernel_or_torch("tile_stats", lambda: _reduce_atoms_triton(x, layout, want_sum, want_x),
@@ -181,15 +182,13 @@ def _reduce_atoms_torch(x: torch.Tensor, layout: AtomLayout, want_sum: bool, wan
     K = layout.K
     n_chunks = layout.chunk_atom.shape[0]
     dev = x.device
-    fused = _use_kernel(_REDUCE_CHUNKS, dev, "chunk_stats")
     amax = torch.full((N, K), -math.inf, device=dev)  # (N, K)
     aarg = torch.full((N, K), V, device=dev)  # (N, K) int64, V: no finite logit
     rowmax = torch.zeros(N, device=dev)  # (N,) best allowed logit of each row
     asum = torch.zeros((N, K) if want_sum else (0, 0), dtype=torch.float64, device=dev)
     asumx = torch.zeros((N, K) if want_x else (0, 0), dtype=torch.float64, device=dev)
     for r in _row_chunks(N, n_chunks * layout.chunk, dev):
-        fused = fused and _use_kernel(_REDUCE_CHUNKS, dev, "chunk_stats")  # (after a failure, the next slices: torch)
-        m, first, s, sx = _chunk_stats(x[r], layout, want_sum, want_x, fused, strict=_REDUCE_CHUNKS == "triton")
+        m, first, s, sx = _chunk_stats(x[r], layout, want_sum, want_x)
         atom = layout.chunk_atom.expand(m.shape[0], n_chunks)  # (n, n_chunks)
         amax[r] = amax[r].scatter_reduce(1, atom, m, "amax")
         top = m == amax[r].gather(1, atom)  # (n, n_chunks) chunks holding their atom's best
@@ -215,12 +214,8 @@ def _reduce_atoms_torch(x: torch.Tensor, layout: AtomLayout, want_sum: bool, wan
             out["amax"], out["aarg"])
 
 
-#: A/B switch for the GPU lease: "triton" runs the old chunked Triton kernel inside the torch path.
-_REDUCE_CHUNKS = "torch"
-
-
-def _chunk_stats_torch(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _chunk_stats(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (n, V) -> per (row, chunk): best logit m, lowest token reaching it (V where the
     chunk has no finite logit), sum of e = exp(x - m) and of e * (x - m) (an all -inf chunk
     takes m = 0 as the sums' reference, and sums 0)."""
@@ -240,15 +235,6 @@ def _chunk_stats_torch(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want
     s = e.sum(dim=2)  # (n, n_chunks)
     sx = e.mul_(shifted).sum(dim=2) if want_x else s
     return m, first, s, sx
-
-
-def _chunk_stats(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bool, fused: bool, strict: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Chunk statistics from the fused kernel where asked, else from torch ops."""
-    if fused:
-        return _kernel_or_torch("chunk_stats", lambda: _chunk_stats_triton(x, layout, want_sum, want_x),
-                                lambda: _chunk_stats_torch(x, layout, want_sum, want_x), strict)
-    return _chunk_stats_torch(x, layout, want_sum, want_x)
 
 
 def _use_kernel(kernel: str, device: torch.device, name: str) -> bool:
@@ -294,24 +280,6 @@ def _kernels() -> Any:
     except ImportError:
         return None
     return fused_kernel
-
-
-def _chunk_stats_triton(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``_chunk_stats_torch`` in one Triton kernel."""
-    n, V = x.shape
-    n_chunks, C = layout.chunk_atom.shape[0], layout.chunk
-    x = x.contiguous()
-    m = torch.empty((n, n_chunks), device=x.device)  # (n, n_chunks) float32
-    first = torch.empty((n, n_chunks), dtype=torch.int64, device=x.device)
-    s = torch.empty((n, n_chunks), device=x.device) if want_sum else m
-    sx = torch.empty((n, n_chunks), device=x.device) if want_x else s
-    if n and n_chunks:
-        block = max(1, 1024 // C)
-        _kernels().chunk_stats[(-(-n_chunks // block), n)](
-            x, V, layout.gather, layout.weight, m, first, s, sx, n_chunks, V,
-            C=C, BLOCK=block, WANT_SUM=want_sum, WANT_X=want_x)
-    return m, first, s, sx
 
 
 def log_marginals(x: torch.Tensor, rowmax: torch.Tensor, F: np.ndarray, idx: torch.Tensor,
