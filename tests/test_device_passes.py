@@ -130,9 +130,37 @@ def test_torch_marginals_and_draws_run(V):
     _marginals_and_draws(V, "cpu", "torch")
 
 
+def _step_through_kernels() -> None:
+    """A whole ``denoise_step`` with the vocabulary passes in the Triton kernels (logits on
+    the CPU: the interpreter) against the host's step: the same Viterbi canvas and sample,
+    the same marginals and entropies up to float rounding."""
+    from agentloop.grammar import byte_tokenizer
+
+    used = set()
+
+    def use_kernel(kernel: str, device: torch.device, name: str) -> bool:
+        used.add(name)
+        return kernel != "torch"
+
+    device_passes._use_kernel = use_kernel
+    CompiledGrammar._device_passes_on_cpu = True
+    g = compile_tools(TOOLS[:2], byte_tokenizer(), "gemma4")
+    for seed in range(2):
+        logits = torch.randn(2, 12, g.vocab.size + 5, generator=torch.Generator().manual_seed(seed)) * 4
+        CompiledGrammar._device_passes_on_cpu = False
+        host = g.denoise_step(logits, generator=torch.Generator().manual_seed(seed), partial=True)
+        CompiledGrammar._device_passes_on_cpu = True
+        dev = g.denoise_step(logits, generator=torch.Generator().manual_seed(seed), partial=True)
+        assert dev.argmax == host.argmax and dev.sample == host.sample
+        assert torch.allclose(dev.log_marginals, host.log_marginals, atol=1e-4)
+        assert torch.allclose(dev.entropy, host.entropy, atol=1e-5)
+    assert used == {"tile_stats", "draw_in_atoms", "log_marginals"}, used
+
+
 def test_fused_kernel_equals_the_definition():
     """The Triton kernels in Triton's interpreter, on CPU tensors: the atom reduction
-    against its definition, the marginals write and the token draw against the torch ops.
+    against its definition, the marginals write and the token draw against the torch ops,
+    a whole step through them against the host's.
     The interpreter must be on before triton is first imported, so the check runs in a
     process of its own."""
     pytest.importorskip("triton", reason="the fused kernels need triton (it comes with CUDA builds of torch)")
@@ -141,7 +169,8 @@ def test_fused_kernel_equals_the_definition():
     code = ("import test_device_passes as t\nfor V in t.VOCABS: t._device_scores(*t._case(V), 'cpu', 'triton')\n"
             "for V in t.VOCABS + [5000]: t._marginals_and_draws(V, 'cpu', 'triton')\n"
             "t.device_passes._TILE, t.device_passes._TILE_BLOCK = 5, 2\n"
-            "for V in (7, 13, 300): t._device_scores(*t._case(V), 'cpu', 'triton')")
+            "for V in (7, 13, 300): t._device_scores(*t._case(V), 'cpu', 'triton')\n"
+            "t._step_through_kernels()")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
