@@ -156,7 +156,7 @@ def combine_tiles(m_ptr, first_ptr, s_ptr, sx_ptr, atom_tiles_ptr, rowmax_ptr, o
     best = tl.max(amax, axis=0)
     rowmax = tl.where((best > -float("inf")) & (best < float("inf")), best, 0.0)
     tl.store(rowmax_ptr + row, rowmax)
-    plane = n_rows * K
+    plane = (row * 0 + n_rows) * K  # int64 (row is): a plane of many canvases' rows may pass 2**31 entries
     at = n_rows + row * K + k  # (BLOCK_K,) the row's atoms in the first (K-wide) plane
     tl.store(out_ptr + row, rowmax.to(tl.float64))
     tl.store(out_ptr + at, amax.to(tl.float64), mask=live)
