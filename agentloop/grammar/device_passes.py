@@ -126,8 +126,10 @@ def reduce_atoms(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bo
     ``kernel``: "triton" reads the logits once, in tiles of up to ``_TILE`` of an atom's
     tokens (float64 sums), and folds the tiles per atom in a second kernel; "torch" takes a
     dozen torch ops over chunks of at most 64 tokens (float32 sums); "auto" takes triton on
-    a CUDA device where it is installed (it comes with CUDA builds of torch).
+    a CUDA device where it is installed (it comes with CUDA builds of torch). The
+    x-weighted sums come only with the sums (``want_x`` needs ``want_sum``).
     """
+    want_x = want_x and want_sum
     if _use_kernel(kernel, x.device, "tile_stats"):
         return _kernel_or_torch("tile_stats", lambda: _reduce_atoms_triton(x, layout, want_sum, want_x),
                                 lambda: _reduce_atoms_torch(x, layout, want_sum, want_x), strict=kernel == "triton")
