@@ -8,7 +8,9 @@ atoms as ``bench/constraint.py`` reports them): one Triton program per canvas th
 each position, gathers alpha[t, src] * score[t, atom] for every edge, adds it into
 alpha[t + 1, dst] with atomics in global memory, waits at a block barrier and, optionally,
 rescales the row by its sum. Checked against a float64 torch loop. Also timed: a batch of
-canvases (one program each) and a plain loop of 256 ``index_add_`` launches.
+canvases (one program each), a plain loop of 256 ``index_add_`` launches, and the pass
+with its messages on chip (``on_chip_pass``: gathers between register tensors and a
+segmented scan, no atomics and no trip through global memory between positions).
 
     python bench/gpu_dp_probe.py        # needs a CUDA GPU; writes bench/results/gpu_dp_probe.md
 
@@ -68,6 +70,54 @@ def forward_pass(src_ptr, dst_ptr, atom_ptr, score_ptr, alpha_ptr, E, S, K, L,
                 v = tl.load(alpha_ptr + (t + 1) * S + j, mask=j < S, other=0.0, cache_modifier=".cg")
                 tl.store(alpha_ptr + (t + 1) * S + j, v * inv, mask=j < S)
             tl.debug_barrier()
+
+
+@triton.jit
+def _segmented_add(v1, f1, v2, f2):
+    """The combine of a sum restarting where the flag is set (a new destination)."""
+    return tl.where(f2 != 0, v2, v1 + v2), f1 | f2
+
+
+@triton.jit
+def on_chip_pass(src_ptr, atom_ptr, first_ptr, last_ptr, score_ptr, alpha_ptr, E, S, K, L,
+                 BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The same pass, rescaled, with the messages in registers: edges sorted by
+    destination, one lane each (E <= BLOCK_E), states one lane each (S <= BLOCK_S). At
+    each position: gather alpha[src] from the state lanes (``tl.gather``, through shared
+    memory), weigh by the atom's score, a segmented sum over the edge lanes (a scan that
+    restarts at each destination's first edge), gather each state's total from its last
+    edge, rescale. Rows go to global memory only to be kept (the factors would read them)."""
+    b = tl.program_id(0)
+    alpha_ptr += b * (L + 1) * S
+    score_ptr += b * L * K
+    e = tl.arange(0, BLOCK_E)
+    s = tl.arange(0, BLOCK_S)
+    src = tl.load(src_ptr + e, mask=e < E, other=0)
+    atom = tl.load(atom_ptr + e, mask=e < E, other=0)
+    first = tl.load(first_ptr + e, mask=e < E, other=1)  # 1 where a destination's edges start
+    last = tl.load(last_ptr + s, mask=s < S, other=-1)  # each state's last incoming edge, -1: none
+    alpha = tl.where(s == 0, 1.0, 0.0)  # (BLOCK_S,) float32
+    tl.store(alpha_ptr + s, alpha, mask=s < S)
+    for t in range(L):
+        w = tl.load(score_ptr + t * K + atom, mask=e < E, other=0.0)  # (BLOCK_E,) no wait on alpha
+        v = tl.gather(alpha, src, axis=0) * w
+        c, _ = tl.associative_scan((v, first), 0, _segmented_add)
+        nxt = tl.where(last >= 0, tl.gather(c, tl.maximum(last, 0), axis=0), 0.0)
+        alpha = nxt / tl.maximum(tl.sum(nxt, axis=0), 1e-30)
+        tl.store(alpha_ptr + (t + 1) * S + s, alpha, mask=s < S)
+
+
+def by_destination(src: torch.Tensor, dst: torch.Tensor, atom: torch.Tensor, S: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The edges sorted by destination: (src, atom, first flag) (E,) int32, and each
+    state's last incoming edge (S,) int32 (-1: none)."""
+    order = torch.argsort(dst.long(), stable=True)
+    d = dst.long()[order]
+    first = torch.ones_like(d)
+    first[1:] = (d[1:] != d[:-1]).long()
+    last = torch.full((S,), -1, dtype=torch.long, device=d.device)
+    last.scatter_reduce_(0, d, torch.arange(d.numel(), device=d.device), "amax")
+    return src[order], atom[order], first.int(), last.int()
 
 
 def random_automaton(S: int, E: int, K: int, device: str, seed: int = 0) -> list[torch.Tensor]:
@@ -147,6 +197,25 @@ def main() -> None:
             run_batch()
             ms = median_ms(run_batch, sync, repeats)
             lines.append(f"| {S} | {E} | {B} | 1024 | yes | {ms:.3f} | {1e3 * ms / L:.2f} | - |")
+            print(lines[-1], flush=True)
+        if E <= 1 << 15:  # the messages on chip: one lane per edge and per state
+            srt = by_destination(src, dst, atom, S)
+            block_e, block_s = triton.next_power_of_2(E), triton.next_power_of_2(S)
+            alpha = torch.zeros(L + 1, S, device=device)  # (L + 1, S)
+
+            def run_on_chip(alpha: torch.Tensor = alpha, block_e: int = block_e, block_s: int = block_s) -> None:
+                on_chip_pass[(1,)](*srt[:2], srt[2], srt[3], score, alpha, E, S, K, L, BLOCK_E=block_e,
+                                   BLOCK_S=block_s, num_warps=8 if block_e >= 4096 else 4)
+
+            try:
+                run_on_chip()
+                sync()
+                ref = reference(src, dst, atom, score, S, L)
+                err = f"{float(((alpha.double() - ref).abs() / ref.abs().clamp_min(1e-30)).max()):.1e}"
+                ms = median_ms(run_on_chip, sync, repeats)
+                lines.append(f"| {S} | {E} | 1 | on chip, {block_e} | yes | {ms:.3f} | {1e3 * ms / L:.2f} | {err} |")
+            except Exception as exc:  # noqa: BLE001 - a size the compiler refuses is a finding too
+                lines.append(f"| {S} | {E} | 1 | on chip, {block_e} | yes | failed: {type(exc).__name__} | - | - |")
             print(lines[-1], flush=True)
         alpha64 = torch.zeros(L + 1, S, device=device, dtype=torch.float64)
 
