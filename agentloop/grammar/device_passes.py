@@ -339,9 +339,10 @@ def tokens_in_atoms(x: torch.Tensor, rowmax: torch.Tensor, layout: AtomLayout, a
     ``best`` first (its share e_best / asum), else the others in token order. Only the
     positions that fall past the argmax token touch the device, and only their atoms'
     tokens are read (``layout.tokens``), not the whole vocabulary. ``kernel`` as for
-    :func:`reduce_atoms`: the Triton kernel walks each position's atom block by block and
-    stops at the block holding the token; the torch ops weigh every token of the largest
-    sampled atom at every such position.
+    :func:`reduce_atoms`: the Triton kernels weigh each position's atom tile by tile, all
+    tiles at once, then walk from the tile holding the token, block by block, and stop at
+    the block holding it; the torch ops weigh every token of the largest sampled atom at
+    every such position.
     """
     target = u * asum  # (L,) mass to reach inside the atom
     out = best.astype(np.int64).copy()
@@ -396,7 +397,16 @@ def _draw_triton(x: torch.Tensor, rowmax: torch.Tensor, layout: AtomLayout, rows
     # one host-to-device copy for the four integer columns
     cols = torch.from_numpy(np.stack([rows.astype(np.int64), start, size, best])).to(dev)  # (4, R)
     out = torch.empty(rows.size, dtype=torch.int64, device=dev)
+    # first the mass of each tile of each position's atom (all in parallel), so that the
+    # walk starts at the tile holding the token: a Gemma-sized atom is ~60 tiles, which a
+    # single walk took one after another
+    n_mass = int(-(-size.max() // _TILE))
+    mass = torch.empty((rows.size, n_mass), dtype=torch.float64, device=dev)  # (R, tiles)
+    _kernels().tile_masses[(rows.size, n_mass)](
+        x, x.stride(0), rowmax.contiguous(), layout.tokens, cols[0], cols[1], cols[2], cols[3], mass, n_mass,
+        TILE=_TILE, BLOCK=min(_TILE_BLOCK, triton_block(_TILE)))
     _kernels().draw_in_atoms[(rows.size,)](
         x, x.stride(0), rowmax.contiguous(), layout.tokens, cols[0], cols[1], cols[2], cols[3],
-        torch.from_numpy(rest).to(dev), out, BLOCK=_DRAW_BLOCK)
+        torch.from_numpy(rest).to(dev), mass, n_mass, out, TILE=_TILE, BLOCK_T=triton_block(n_mass),
+        BLOCK=_DRAW_BLOCK)
     return out.cpu().numpy()

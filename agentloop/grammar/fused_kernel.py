@@ -47,13 +47,38 @@ def log_marginals(x_ptr, x_stride, rowmax_ptr, logf_ptr, index_ptr, out_ptr, out
 
 
 @triton.jit
+def tile_masses(x_ptr, x_stride, rowmax_ptr, tokens_ptr, row_ptr, start_ptr, size_ptr, best_ptr, mass_ptr, n_mass,
+                TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """One sampled position x one tile (TILE tokens) of its atom: the float64 sum of the
+    float32 weights exp(x - rowmax) of the tile's tokens but the best, the weights the
+    draw walks through (0 for a tile past the atom's end)."""
+    i = tl.program_id(0)
+    j = tl.program_id(1)
+    row = tl.load(row_ptr + i)
+    start = tl.load(start_ptr + i)
+    size = tl.load(size_ptr + i)
+    best = tl.load(best_ptr + i)
+    m = tl.load(rowmax_ptr + row)
+    acc = tl.zeros([BLOCK], tl.float64)
+    for j0 in range(j * TILE, tl.minimum(size, (j + 1) * TILE), BLOCK):
+        place = j0 + tl.arange(0, BLOCK)
+        inside = (place < size) & (place < (j + 1) * TILE)
+        ids = tl.load(tokens_ptr + start + place, mask=inside, other=0).to(tl.int64)
+        x = tl.load(x_ptr + row * x_stride + ids, mask=inside, other=-float("inf"))
+        acc += tl.where(inside & (ids != best), exact_exp(x - m), 0.0).to(tl.float64)
+    tl.store(mass_ptr + i * n_mass + j, tl.sum(acc, axis=0))
+
+
+@triton.jit
 def draw_in_atoms(x_ptr, x_stride, rowmax_ptr, tokens_ptr, row_ptr, start_ptr, size_ptr, best_ptr, rest_ptr,
-                  out_ptr, BLOCK: tl.constexpr):
+                  mass_ptr, n_mass, out_ptr, TILE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr):
     """One sampled position: the token inside its atom at which the running mass of the
     atom's other tokens (weight exp(x - rowmax), token order, float64 sums) first reaches
     ``rest``; past the end (rounding), the last token with weight; with none, the best
-    token. The atom's tokens are ``tokens[start:start + size]``; the walk stops at the
-    block holding the answer."""
+    token. The atom's tokens are ``tokens[start:start + size]``. The tiles' masses
+    (``tile_masses``, n_mass a position) say which tile holds the answer; the walk starts
+    there, from the mass of the tiles before it, and stops at the block holding the token
+    (it walks on where rounding leaves it short)."""
     i = tl.program_id(0)
     row = tl.load(row_ptr + i)
     start = tl.load(start_ptr + i)
@@ -61,11 +86,16 @@ def draw_in_atoms(x_ptr, x_stride, rowmax_ptr, tokens_ptr, row_ptr, start_ptr, s
     best = tl.load(best_ptr + i)
     rest = tl.load(rest_ptr + i)  # float64, > 0
     m = tl.load(rowmax_ptr + row)
-    acc = tl.zeros((), tl.float64)  # the mass of the blocks walked
+    jt = tl.arange(0, BLOCK_T)  # (BLOCK_T,) the atom's tiles
+    mass = tl.load(mass_ptr + i * n_mass + jt, mask=jt < n_mass, other=0.0)
+    reach = tl.min(tl.where(tl.cumsum(mass, 0) >= rest, jt, BLOCK_T))  # the first tile reaching rest
+    # none (rounding at the far end): the last tile with weight, which holds the last token with weight
+    tile = tl.where(reach < BLOCK_T, reach, tl.maximum(tl.max(tl.where(mass > 0, jt, -1)), 0))
+    acc = tl.sum(tl.where(jt < tile, mass, 0.0))  # the mass of the tiles before it
     pick = best
     last = best  # the last token with weight so far
     found = 0
-    j0 = 0
+    j0 = tile * TILE
     while (j0 < size) & (found == 0):
         place = j0 + tl.arange(0, BLOCK)  # (BLOCK,)
         inside = place < size
