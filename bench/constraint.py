@@ -793,7 +793,8 @@ def gpu_tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[s
         out.append(("denoise_step with the logits on the GPU (ms): vocabulary passes on the device vs the logits "
                     "copied to the host and the marginals back (the DP runs on the CPU in both); inside the "
                     "device step: atom reduction / token draw / marginals write / host (DP, group sums, atom "
-                    "sampling); the atom reduction alone per kernel and chunk size (c1: a scatter per token); "
+                    "sampling); the atom reduction alone per kernel and chunk (torch; c1: a scatter per token) or "
+                    "tile (triton) size; "
                     "the marginals write and a token draw at every position (inside its heaviest atom, past "
                     "its best token) alone per kernel",
                     ["tokenizer", "tools", "on the device", "via the host", "reduce / tokens / marginals / host",

@@ -159,7 +159,7 @@ def _reduce_atoms_triton(x: torch.Tensor, layout: AtomLayout, want_sum: bool, wa
                 BLOCK=_TILE_BLOCK, WANT_SUM=want_sum, WANT_X=want_x)
     if N:
         _kernels().combine_tiles[(N,)](m, first, s, sx, layout.atom_tiles, rowmax, out, N, T, K, layout.max_tiles, V,
-                                       BLOCK_K=triton_block(K), WANT_SUM=want_sum, WANT_X=want_x)
+                                       BLOCK_K=_triton_block(K), WANT_SUM=want_sum, WANT_X=want_x)
     host = out.cpu().numpy()
     plane = [host[N + i * N * K: N + (i + 1) * N * K].reshape(N, K) for i in range(planes)]
     aarg = plane[1].astype(np.int32)
@@ -172,7 +172,7 @@ def _reduce_atoms_triton(x: torch.Tensor, layout: AtomLayout, want_sum: bool, wa
 _TILE_BLOCK = 1024
 
 
-def triton_block(n: int) -> int:
+def _triton_block(n: int) -> int:
     """The power of two at or above ``n`` (at least 16): a Triton block holding n lanes."""
     return max(16, 1 << max(0, n - 1).bit_length())
 
@@ -404,9 +404,9 @@ def _draw_triton(x: torch.Tensor, rowmax: torch.Tensor, layout: AtomLayout, rows
     mass = torch.empty((rows.size, n_mass), dtype=torch.float64, device=dev)  # (R, tiles)
     _kernels().tile_masses[(rows.size, n_mass)](
         x, x.stride(0), rowmax.contiguous(), layout.tokens, cols[0], cols[1], cols[2], cols[3], mass, n_mass,
-        TILE=_TILE, BLOCK=min(_TILE_BLOCK, triton_block(_TILE)))
+        TILE=_TILE, BLOCK=min(_TILE_BLOCK, _triton_block(_TILE)))
     _kernels().draw_in_atoms[(rows.size,)](
         x, x.stride(0), rowmax.contiguous(), layout.tokens, cols[0], cols[1], cols[2], cols[3],
-        torch.from_numpy(rest).to(dev), mass, n_mass, out, TILE=_TILE, BLOCK_T=triton_block(n_mass),
+        torch.from_numpy(rest).to(dev), mass, n_mass, out, TILE=_TILE, BLOCK_T=_triton_block(n_mass),
         BLOCK=_DRAW_BLOCK)
     return out.cpu().numpy()

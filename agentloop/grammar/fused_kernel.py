@@ -1,4 +1,6 @@
-"""The vocabulary passes of ``device_passes`` as Triton kernels, each reading the logits once.
+"""The vocabulary passes of ``device_passes`` as Triton kernels: the atom reduction in tiles
+(``tile_stats``, then ``combine_tiles`` per atom), the marginals write, and the token draw
+(``tile_masses``, then ``draw_in_atoms``). Each reads the logits it needs from HBM once.
 
 Imported only where triton is (CUDA builds of torch bring it). Under ``TRITON_INTERPRET=1``
 at import, the kernels run on CPU tensors in Triton's interpreter (the tests).
