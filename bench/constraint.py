@@ -509,6 +509,7 @@ def cuda_ops(g: Any, on_gpu: torch.Tensor, sampler: torch.Generator) -> dict[str
     rows = np.arange(L)
     best = aarg[rows, atoms]
     e_best = np.exp(amax[rows, atoms].astype(np.float64) - rowmax.double().cpu().numpy())
+    mass = asum[rows, atoms] / e_best  # (L,) each atom's total from its best logit
     u = np.random.default_rng(1).random(L)
     for kernel in kernels:
         def marginals(kernel: str = kernel) -> None:
@@ -516,7 +517,7 @@ def cuda_ops(g: Any, on_gpu: torch.Tensor, sampler: torch.Generator) -> dict[str
             sync()
 
         def draws(kernel: str = kernel) -> None:  # (its tokens come back to the host: synchronised)
-            device_passes.tokens_in_atoms(on_gpu, rowmax, layout, atoms, best, e_best, asum[rows, atoms], u,
+            device_passes.tokens_in_atoms(on_gpu, layout, atoms, best, amax[rows, atoms], mass, u,
                                           kernel=kernel)
 
         ops[f"marginals_cuda_{kernel}"] = marginals

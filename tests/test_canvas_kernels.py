@@ -255,14 +255,18 @@ def test_the_dense_passes_agree_with_the_live_lists(btok, monkeypatch):
     np.testing.assert_allclose(dense[6], live[6], rtol=1e-5, atol=1e-5)
 
 
-def test_an_infinite_logit_at_an_allowed_token_is_named_like_a_nan(btok):
-    """+inf at an allowed token has no finite distribution to give: the host pass refuses
-    it with the position, as it does nan."""
+@pytest.mark.parametrize("device_passes", [False, True])
+def test_an_infinite_logit_at_an_allowed_token_is_named_like_a_nan(btok, monkeypatch, device_passes):
+    """+inf at an allowed token has no finite distribution to give: the host pass and the
+    device passes (whose torch ops sum it to inf, not nan) refuse it with the position, as
+    they do nan."""
     import torch
 
     from agentloop.errors import GrammarInputError
     from agentloop.grammar import compile_schema
+    from agentloop.grammar.compiled import CompiledGrammar
 
+    monkeypatch.setattr(CompiledGrammar, "_device_passes_on_cpu", device_passes)
     g = compile_schema({"enum": [1, 2]}, btok)
     x = torch.randn(2, 4, g.vocab.size)
     x[1, 0, btok.token_to_id("1")] = float("inf")

@@ -25,14 +25,16 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 def _case(V: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Logits (6, V) with ties, -inf entries, an all -inf row, an all -inf atom, an
-    allowed token far above the rest of its row and a row of wide spread; the atom of each token (-1: never
-    allowed), K = 4 atoms of which atom 3 holds no token."""
+    """Logits (7, V) with ties, -inf entries, an all -inf row, an all -inf atom, an
+    allowed token far above the rest of its row, a row of wide spread and one whose atom 1
+    lies 200 nats below the rest; the atom of each token (-1: never allowed), K = 4 atoms
+    of which atom 3 holds no token."""
     rng = np.random.default_rng(V)
     K = 4
     atom_of = rng.integers(-1, K - 1, V).astype(np.int32)
-    x = np.round(rng.normal(0, 2, (6, V)), 1).astype(np.float32)  # rounded: ties
+    x = np.round(rng.normal(0, 2, (7, V)), 1).astype(np.float32)  # rounded: ties
     x[5] = rng.normal(0, 60, V)  # as at temperature 0.1: atoms tens to hundreds of nats apart
+    x[6, atom_of == 1] -= 200.0  # as a digit the grammar forces where the model wants a letter
     x[1, rng.random(V) < 0.4] = -np.inf
     x[2] = -np.inf
     x[3, atom_of == 0] = -np.inf
@@ -112,14 +114,18 @@ def _marginals_and_draws(V: int, device: str, kernel: str) -> None:
         usable = np.flatnonzero(asum[n] > 0)
         if not usable.size:
             continue
-        atoms = rng.choice(usable, 40)  # (40,) the sampled atom of each draw
+        far = n == 6 and 1 in usable and (atom_of == 1).sum() >= 3
+        atoms = np.full(40, 1) if far else rng.choice(usable, 40)  # (40,) the sampled atom of each draw
         e_best = np.exp(amax[n, atoms].astype(np.float64) - rowmax[n].item())
+        mass = asum[n, atoms] / e_best  # each atom's total from its best logit
         u = np.concatenate([rng.random(38), [0.0, 1.0 - 1e-12]])  # the atom's best token; the far end
         rows = torch.full((40,), n, device=device)
-        draws = [device_passes.tokens_in_atoms(xt[rows], rowmax[rows], layout, atoms, aarg[n, atoms], e_best,
-                                               asum[n, atoms], u, kernel=k) for k in ("torch", kernel)]
+        draws = [device_passes.tokens_in_atoms(xt[rows], layout, atoms, aarg[n, atoms], amax[n, atoms], mass, u,
+                                               kernel=k) for k in ("torch", kernel)]
         assert draws[0].tolist() == draws[1].tolist()
         assert (atom_of[draws[1]] == atoms).all()
+        if far:  # weighed from the atom's own best: its tokens are drawn, not only its best (exp(-200) is 0 in float32)
+            assert len(set(draws[1].tolist())) > 1
 
 
 @pytest.mark.parametrize("V", VOCABS)
@@ -154,6 +160,7 @@ def _step_through_kernels() -> None:
     assert torch.allclose(dev.log_marginals, host.log_marginals, atol=1e-4)
     assert torch.allclose(dev.entropy, host.entropy, atol=1e-5)
     assert used == {"tile_stats", "draw_in_atoms", "log_marginals"}, used
+    assert not device_passes._kernel_failed  # each ran: none fell back to the torch ops
 
 
 def test_fused_kernel_equals_the_definition():
@@ -165,11 +172,11 @@ def test_fused_kernel_equals_the_definition():
     pytest.importorskip("triton", reason="the fused kernels need triton (it comes with CUDA builds of torch)")
     # then tiles of 5 tokens read 2 at a time: atoms cut into several tiles, tiles read in
     # several sweeps, a last tile shorter than the others, draws that start their walk in
-    # a later tile
+    # a later tile and walk on, 2 tokens a block
     code = ("import test_device_passes as t\nfor V in t.VOCABS: t._device_scores(*t._case(V), 'cpu', 'triton')\n"
             "for V in t.VOCABS + [5000]: t._marginals_and_draws(V, 'cpu', 'triton')\n"
             "t._step_through_kernels()\n"
-            "t.device_passes._TILE, t.device_passes._TILE_BLOCK = 5, 2\n"
+            "t.device_passes._TILE, t.device_passes._TILE_BLOCK, t.device_passes._DRAW_BLOCK = 5, 2, 2\n"
             "for V in (7, 64): t._device_scores(*t._case(V), 'cpu', 'triton')\n"
             "t._marginals_and_draws(64, 'cpu', 'triton')")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
@@ -208,17 +215,31 @@ def test_cuda_marginals_and_draws_equal_the_torch_ops(V):
 
 @pytest.mark.gpu
 @CUDA
+def test_cuda_kernels_with_atoms_of_many_tiles(monkeypatch):
+    """The tests' atoms fit one tile of the default size: on the GPU too, atoms folded
+    from many tiles, tiles read in many sweeps and draws that start in a later tile."""
+    monkeypatch.setattr(device_passes, "_TILE", 64)
+    monkeypatch.setattr(device_passes, "_TILE_BLOCK", 16)
+    monkeypatch.setattr(device_passes, "_DRAW_BLOCK", 32)
+    _device_scores(*_case(5000), device="cuda", kernel="triton")
+    _marginals_and_draws(5000, "cuda", "triton")
+
+
+@pytest.mark.gpu
+@CUDA
 @pytest.mark.parametrize("fused", [False, True])
 def test_cuda_step_matches_the_host_step(btok, monkeypatch, fused):
     """Logits on a GPU: the same Viterbi canvas and, from the same random numbers, the same
     sample as the host; the same marginals and entropies, on the logits' device."""
     monkeypatch.setattr(device_passes, "_triton_available", lambda name="": fused)
+    monkeypatch.setattr(device_passes, "_kernel_failed", {})
     g = compile_tools(TOOLS[:4], btok, "gemma4")
     for seed in range(3):
         logits = torch.randn(2, 48, g.vocab.size + 5, generator=torch.Generator().manual_seed(seed)) * 4
         host = g.denoise_step(logits, generator=torch.Generator().manual_seed(seed), partial=True)
         dev = g.denoise_step(logits.cuda(), generator=torch.Generator().manual_seed(seed), partial=True)
         assert dev.log_marginals.is_cuda
+        assert not device_passes._kernel_failed  # (with fused, each kernel ran: none fell back to torch)
         assert dev.argmax == host.argmax and dev.sample == host.sample
         assert torch.allclose(dev.log_marginals.cpu(), host.log_marginals, atol=1e-4)
         assert torch.allclose(dev.entropy, host.entropy, atol=1e-5)

@@ -516,8 +516,10 @@ class CompiledGrammar:
             if want_sum:
                 block_sums = np.empty((B * L, atoms.blocks[-1]), np.float32)
             rowmax, asum, asumx, amax, aarg = dp.reduce_atoms(flat, atoms, want_sum, want_x, block_sums)
-        if want_sum and np.isnan(asum).any():
-            rows = np.flatnonzero(np.isnan(asum).any(axis=1))
+        # (every term is at most 1 from the row's best: a sum that is not finite comes from
+        # a nan or +inf logit, whichever pass computed it)
+        if want_sum and not np.isfinite(asum).all():
+            rows = np.flatnonzero(~np.isfinite(asum).all(axis=1))
             where = ", ".join(f"canvas {n // L} position {n % L}" for n in rows[:5].tolist())
             raise GrammarInputError(
                 f"the logits are nan or +inf at a token the grammar allows ({where}"
@@ -541,10 +543,13 @@ class CompiledGrammar:
             return tokens.tolist()
         rows = np.arange(sl.start, sl.stop)
         best = sc.aarg[rows, atoms]
-        e_best = np.exp(sc.amax[rows, atoms].astype(np.float64) - sc.rowmax[rows])
+        best_logit = sc.amax[rows, atoms]
+        # each atom's total weight from its own best logit (its best token weighs 1); an
+        # atom too far below the row's best for float64 (exp underflows) is never sampled
+        e_best = np.exp(best_logit.astype(np.float64) - sc.rowmax[rows])
+        mass = np.divide(sc.asum[rows, atoms], e_best, out=np.ones_like(e_best), where=e_best > 0)
         layout = self._atom_layout(sc.flat.shape[1], sc.flat.device)
-        tokens = device_passes.tokens_in_atoms(sc.flat[sl], sc.rowmax_dev[sl], layout, atoms, best, e_best,
-                                               sc.asum[rows, atoms], uniforms[:, 2])
+        tokens = device_passes.tokens_in_atoms(sc.flat[sl], layout, atoms, best, best_logit, mass, uniforms[:, 2])
         return tokens.tolist()
 
     def _log_marginals(self, sc: "_Scores", F: np.ndarray, log_f: np.ndarray, B: int,

@@ -201,7 +201,7 @@ def _reduce_atoms_torch(x: torch.Tensor, layout: AtomLayout, want_sum: bool, wan
         if want_sum:
             m0 = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # the chunk sums' reference
             lift = m0.double() - rowmax[r, None].double()  # (n, n_chunks) chunk reference -> row reference
-            scale = lift.exp()
+            scale = torch.where(m == -math.inf, 0.0, lift.exp())  # an all -inf chunk adds nothing
             asum[r] = asum[r].scatter_add(1, atom, s.double() * scale)
             if want_x:  # sum of e * (x - rowmax) = sum of e * (x - m) + (m - rowmax) * sum of e
                 asumx[r] = asumx[r].scatter_add(1, atom, (sx.double() + s.double() * lift) * scale)
@@ -331,29 +331,31 @@ def _log_marginals_triton(x: torch.Tensor, rowmax: torch.Tensor, logF: torch.Ten
     return out
 
 
-def tokens_in_atoms(x: torch.Tensor, rowmax: torch.Tensor, layout: AtomLayout, atoms: np.ndarray,
-                    best: np.ndarray, e_best: np.ndarray, asum: np.ndarray, u: np.ndarray,
-                    kernel: str = "auto") -> np.ndarray:
-    """A token inside each position's sampled atom, weight exp(x - rowmax), drawn with the
-    uniforms ``u`` (L,) exactly as the compiled scan draws it: the atom's argmax token
-    ``best`` first (its share e_best / asum), else the others in token order. Only the
-    positions that fall past the argmax token touch the device, and only their atoms'
-    tokens are read (``layout.tokens``), not the whole vocabulary. ``kernel`` as for
-    :func:`reduce_atoms`: the Triton kernels weigh each position's atom tile by tile, all
-    tiles at once, then walk from the tile holding the token, block by block, and stop at
-    the block holding it; the torch ops weigh every token of the largest sampled atom at
-    every such position.
+def tokens_in_atoms(x: torch.Tensor, layout: AtomLayout, atoms: np.ndarray, best: np.ndarray,
+                    best_logit: np.ndarray, mass: np.ndarray, u: np.ndarray, kernel: str = "auto") -> np.ndarray:
+    """A token inside each position's sampled atom, drawn with the uniforms ``u`` (L,) as
+    the compiled scan draws it: weights exp(x - best_logit), taken from the atom's best
+    logit (L,), so its best token ``best`` weighs 1 and ``mass`` (L,) is the atom's total
+    in those units (asum / exp(amax - rowmax)); the best token first (its share 1 / mass),
+    else the others in token order. From the atom's own best, an atom far below the row's
+    best (a forced digit where the model wants a letter, at a low temperature) keeps its
+    tokens' weights, which float32 flushes to 0 beyond 87 nats. Only the positions that
+    fall past the best token touch the device, and only their atoms' tokens are read
+    (``layout.tokens``), not the whole vocabulary. ``kernel`` as for :func:`reduce_atoms`:
+    the Triton kernels weigh each position's atom tile by tile, all tiles at once, then
+    walk from the tile holding the token, block by block, and stop at the block holding
+    it; the torch ops weigh every token of the largest sampled atom at every such position.
     """
-    target = u * asum  # (L,) mass to reach inside the atom
+    target = u * mass  # (L,) mass to reach inside the atom
     out = best.astype(np.int64).copy()
-    rows = np.nonzero(target >= e_best)[0]
+    rows = np.nonzero(target >= 1.0)[0]
     if rows.size == 0:
         return out
     start = layout.offsets[atoms[rows]]  # (R,) where each row's atom starts in layout.tokens
     size = layout.offsets[atoms[rows] + 1] - start  # (R,) > 0: a sampled atom has tokens
-    # (R,) mass past the argmax token; > 0, so the first token reaching it has weight
-    rest = np.maximum(target[rows] - e_best[rows], np.finfo(np.float64).tiny)
-    args = (x, rowmax, layout, rows, start, size, best[rows].astype(np.int64), rest)
+    # (R,) mass past the best token; > 0, so the first token reaching it has weight
+    rest = np.maximum(target[rows] - 1.0, np.finfo(np.float64).tiny)
+    args = (x, layout, rows, best_logit[rows].astype(np.float32), start, size, best[rows].astype(np.int64), rest)
     if _use_kernel(kernel, x.device, "draw_in_atoms"):
         out[rows] = _kernel_or_torch("draw_in_atoms", lambda: _draw_triton(*args), lambda: _draw_torch(*args),
                                      strict=kernel == "triton")
@@ -362,7 +364,7 @@ def tokens_in_atoms(x: torch.Tensor, rowmax: torch.Tensor, layout: AtomLayout, a
     return out
 
 
-def _draw_torch(x: torch.Tensor, rowmax: torch.Tensor, layout: AtomLayout, rows: np.ndarray, start: np.ndarray,
+def _draw_torch(x: torch.Tensor, layout: AtomLayout, rows: np.ndarray, ref: np.ndarray, start: np.ndarray,
                 size: np.ndarray, best: np.ndarray, rest: np.ndarray) -> np.ndarray:
     dev = x.device
     out = np.empty(rows.size, np.int64)
@@ -370,18 +372,19 @@ def _draw_torch(x: torch.Tensor, rowmax: torch.Tensor, layout: AtomLayout, rows:
     place = torch.arange(width, device=dev)  # (W,)
     for chunk in _row_chunks(rows.size, width, dev):
         r = torch.from_numpy(rows[chunk]).to(dev)  # (R,)
+        m = torch.from_numpy(ref[chunk]).to(dev)  # (R,) float32 the weights' reference
         b = torch.from_numpy(best[chunk]).to(dev)  # (R,)
         n = torch.from_numpy(size[chunk]).to(dev)  # (R,)
         at = (torch.from_numpy(start[chunk]).to(dev)[:, None] + place).clamp_(max=layout.tokens.shape[0] - 1)
         ids = layout.tokens[at]  # (R, W) the atom's tokens in token order, then filler past its size
         inside = (place[None, :] < n[:, None]) & (ids != b[:, None])  # the atom's other tokens
-        w = torch.where(inside, (x[r[:, None], ids] - rowmax[r, None]).exp(), 0.0)  # (R, W)
+        w = torch.where(inside, (x[r[:, None], ids] - m[:, None]).exp(), 0.0)  # (R, W)
         c = w.cumsum(dim=1, dtype=torch.float64)  # (R, W) running mass, in token order as the host scans
         pick = torch.searchsorted(c, torch.from_numpy(rest[chunk]).to(dev)[:, None])  # (R, 1) first place reaching it
         last = torch.where(w > 0, place[None, :], -1).max(dim=1).values  # rounding past the end: the last token
         pick = torch.where(pick[:, 0] >= width, last, pick[:, 0])
         token = ids.gather(1, pick.clamp(min=0)[:, None])[:, 0]
-        token = torch.where(last < 0, b, token)  # the argmax token holds all the mass
+        token = torch.where(last < 0, b, token)  # the best token holds all the mass
         out[chunk] = token.cpu().numpy()
     return out
 
@@ -390,12 +393,13 @@ def _draw_torch(x: torch.Tensor, rowmax: torch.Tensor, layout: AtomLayout, rows:
 _DRAW_BLOCK = 1024
 
 
-def _draw_triton(x: torch.Tensor, rowmax: torch.Tensor, layout: AtomLayout, rows: np.ndarray, start: np.ndarray,
+def _draw_triton(x: torch.Tensor, layout: AtomLayout, rows: np.ndarray, ref: np.ndarray, start: np.ndarray,
                  size: np.ndarray, best: np.ndarray, rest: np.ndarray) -> np.ndarray:
     dev = x.device
     x = x if x.stride(1) == 1 else x.contiguous()
-    # one host-to-device copy for the four integer columns
+    # one host-to-device copy for the four integer columns, one for the two float ones
     cols = torch.from_numpy(np.stack([rows.astype(np.int64), start, size, best])).to(dev)  # (4, R)
+    floats = torch.from_numpy(np.stack([rest, ref.astype(np.float64)])).to(dev)  # (2, R) float64 (ref: a float32)
     out = torch.empty(rows.size, dtype=torch.int64, device=dev)
     # first the mass of each tile of each position's atom (all in parallel), so that the
     # walk starts at the tile holding the token: a Gemma-sized atom is ~60 tiles, which a
@@ -403,10 +407,9 @@ def _draw_triton(x: torch.Tensor, rowmax: torch.Tensor, layout: AtomLayout, rows
     n_mass = int(-(-size.max() // _TILE))
     mass = torch.empty((rows.size, n_mass), dtype=torch.float64, device=dev)  # (R, tiles)
     _kernels().tile_masses[(rows.size, n_mass)](
-        x, x.stride(0), rowmax.contiguous(), layout.tokens, cols[0], cols[1], cols[2], cols[3], mass, n_mass,
+        x, x.stride(0), floats[1], layout.tokens, cols[0], cols[1], cols[2], cols[3], mass, n_mass,
         TILE=_TILE, BLOCK=min(_TILE_BLOCK, _triton_block(_TILE)))
     _kernels().draw_in_atoms[(rows.size,)](
-        x, x.stride(0), rowmax.contiguous(), layout.tokens, cols[0], cols[1], cols[2], cols[3],
-        torch.from_numpy(rest).to(dev), mass, n_mass, out, TILE=_TILE, BLOCK_T=_triton_block(n_mass),
-        BLOCK=_DRAW_BLOCK)
+        x, x.stride(0), floats[1], layout.tokens, cols[0], cols[1], cols[2], cols[3], floats[0], mass, n_mass, out,
+        TILE=_TILE, BLOCK_T=_triton_block(n_mass), BLOCK=_DRAW_BLOCK)
     return out.cpu().numpy()

@@ -49,18 +49,18 @@ def log_marginals(x_ptr, x_stride, rowmax_ptr, logf_ptr, index_ptr, out_ptr, out
 
 
 @triton.jit
-def tile_masses(x_ptr, x_stride, rowmax_ptr, tokens_ptr, row_ptr, start_ptr, size_ptr, best_ptr, mass_ptr, n_mass,
+def tile_masses(x_ptr, x_stride, ref_ptr, tokens_ptr, row_ptr, start_ptr, size_ptr, best_ptr, mass_ptr, n_mass,
                 TILE: tl.constexpr, BLOCK: tl.constexpr):
     """One sampled position x one tile (TILE tokens) of its atom: the float64 sum of the
-    float32 weights exp(x - rowmax) of the tile's tokens but the best, the weights the
-    draw walks through (0 for a tile past the atom's end)."""
+    float32 weights exp(x - ref) (ref: the atom's best logit) of the tile's tokens but the
+    best, the weights the draw walks through (0 for a tile past the atom's end)."""
     i = tl.program_id(0)
     j = tl.program_id(1)
     row = tl.load(row_ptr + i)
     start = tl.load(start_ptr + i)
     size = tl.load(size_ptr + i)
     best = tl.load(best_ptr + i)
-    m = tl.load(rowmax_ptr + row)
+    m = tl.load(ref_ptr + i).to(tl.float32)  # (a float32 value, sent as float64)
     acc = tl.zeros([BLOCK], tl.float64)
     for j0 in range(j * TILE, tl.minimum(size, (j + 1) * TILE), BLOCK):
         place = j0 + tl.arange(0, BLOCK)
@@ -72,10 +72,10 @@ def tile_masses(x_ptr, x_stride, rowmax_ptr, tokens_ptr, row_ptr, start_ptr, siz
 
 
 @triton.jit
-def draw_in_atoms(x_ptr, x_stride, rowmax_ptr, tokens_ptr, row_ptr, start_ptr, size_ptr, best_ptr, rest_ptr,
+def draw_in_atoms(x_ptr, x_stride, ref_ptr, tokens_ptr, row_ptr, start_ptr, size_ptr, best_ptr, rest_ptr,
                   mass_ptr, n_mass, out_ptr, TILE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr):
     """One sampled position: the token inside its atom at which the running mass of the
-    atom's other tokens (weight exp(x - rowmax), token order, float64 sums) first reaches
+    atom's other tokens (weight exp(x - ref), token order, float64 sums) first reaches
     ``rest``; past the end (rounding), the last token with weight; with none, the best
     token. The atom's tokens are ``tokens[start:start + size]``. The tiles' masses
     (``tile_masses``, n_mass a position) say which tile holds the answer; the walk starts
@@ -87,13 +87,16 @@ def draw_in_atoms(x_ptr, x_stride, rowmax_ptr, tokens_ptr, row_ptr, start_ptr, s
     size = tl.load(size_ptr + i)
     best = tl.load(best_ptr + i)
     rest = tl.load(rest_ptr + i)  # float64, > 0
-    m = tl.load(rowmax_ptr + row)
+    m = tl.load(ref_ptr + i).to(tl.float32)  # (a float32 value, sent as float64)
     jt = tl.arange(0, BLOCK_T)  # (BLOCK_T,) the atom's tiles
     mass = tl.load(mass_ptr + i * n_mass + jt, mask=jt < n_mass, other=0.0)
-    reach = tl.min(tl.where(tl.cumsum(mass, 0) >= rest, jt, BLOCK_T))  # the first tile reaching rest
+    upto = tl.cumsum(mass, 0)  # (BLOCK_T,) the mass up to each tile's end
+    reach = tl.min(tl.where(upto >= rest, jt, BLOCK_T))  # the first tile reaching rest
     # none (rounding at the far end): the last tile with weight, which holds the last token with weight
     tile = tl.where(reach < BLOCK_T, reach, tl.maximum(tl.max(tl.where(mass > 0, jt, -1)), 0))
-    acc = tl.sum(tl.where(jt < tile, mass, 0.0))  # the mass of the tiles before it
+    # the mass of the tiles before it, from the same sums that chose it: below rest, so the
+    # walk's first place reaching rest is a token with weight
+    acc = tl.sum(tl.where(jt == tile - 1, upto, 0.0))
     pick = best
     last = best  # the last token with weight so far
     found = 0
@@ -201,7 +204,8 @@ def combine_tiles(m_ptr, first_ptr, s_ptr, sx_ptr, atom_tiles_ptr, rowmax_ptr, o
             mj = tl.load(m_ptr + base + lo + j, mask=has, other=0.0)
             sj = tl.load(s_ptr + base + lo + j, mask=has, other=0.0)
             lift = tl.where(mj == -float("inf"), 0.0, mj).to(tl.float64) - rowmax.to(tl.float64)  # tile -> row
-            scale = exact_exp(lift)
+            # (an all -inf tile adds nothing, even where rowmax is so low that exp(lift) overflows)
+            scale = tl.where(mj == -float("inf"), 0.0, exact_exp(lift))
             acc += tl.where(has, sj * scale, 0.0)
             if WANT_X:  # sum of e * (x - rowmax) = sum of e * (x - m) + (m - rowmax) * sum of e
                 sxj = tl.load(sx_ptr + base + lo + j, mask=has, other=0.0)
