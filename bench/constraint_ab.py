@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,10 +59,17 @@ BASELINE_PACKAGE = "agentloop_baseline"
 
 
 def export_baseline(rev: str, into: Path) -> Any:
-    """The baseline's ``agentloop.grammar``, imported from ``into`` under another name."""
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "agentloop", "grammars"],
-                             check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    """The baseline's ``agentloop.grammar``, imported from ``into`` under another name.
+    ``rev`` is a git revision, or a folder holding an exported ``agentloop/`` and
+    ``grammars/`` (``git archive REV agentloop grammars``; for a machine whose copy of the
+    repository has no history)."""
+    if Path(rev).is_dir():
+        for part in ("agentloop", "grammars"):
+            shutil.copytree(Path(rev) / part, into / part)
+    else:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "agentloop", "grammars"],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     (into / "agentloop").rename(into / BASELINE_PACKAGE)
     for path in (into / BASELINE_PACKAGE).rglob("*.py"):  # absolute self-imports would load the working tree
         text = path.read_text()
@@ -75,12 +83,16 @@ def export_baseline(rev: str, into: Path) -> Any:
 
 
 def revisions(baseline: str) -> tuple[str, str, bool]:
-    """(the baseline's short hash, HEAD's, whether agentloop/ has uncommitted changes)."""
+    """(the baseline's short hash, HEAD's, whether agentloop/ has uncommitted changes); a
+    baseline folder is named by its path, and without git HEAD reads "?" and clean."""
     def git(*a: str) -> str:
         return subprocess.run(["git", "-C", str(REPO), *a], check=True, capture_output=True, text=True).stdout.strip()
 
-    return git("rev-parse", "--short", baseline), git("rev-parse", "--short", "HEAD"), bool(
-        git("status", "--porcelain", "agentloop"))
+    rev = baseline if Path(baseline).is_dir() else git("rev-parse", "--short", baseline)
+    try:
+        return rev, git("rev-parse", "--short", "HEAD"), bool(git("status", "--porcelain", "agentloop"))
+    except (OSError, subprocess.CalledProcessError):
+        return rev, "?", False
 
 
 def report_header(title: str, command: str, software: str, head: str, dirty: bool, rev: str) -> list[str]:
@@ -184,7 +196,9 @@ def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline", required=True, help="git revision to compare the working tree against")
+    parser.add_argument("--baseline", required=True,
+                        help="git revision to compare the working tree against, or a folder holding its agentloop/ "
+                             "and grammars/")
     parser.add_argument("--tokenizer", default="bpe-4k", choices=sorted(LOADERS))
     parser.add_argument("--tools", type=int, nargs="+", default=[1, 5, 20])
     parser.add_argument("--repeats", type=int, default=0, help="calls per op and version (default: 30, 5 at 20 tools)")
