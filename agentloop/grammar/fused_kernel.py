@@ -100,7 +100,7 @@ def draw_in_atoms(x_ptr, x_stride, ref_ptr, tokens_ptr, row_ptr, start_ptr, size
     pick = best
     last = best  # the last token with weight so far
     found = 0
-    j0 = tile * TILE
+    j0 = tl.where(tl.max(mass, 0) > 0, tile * TILE, size)  # no other token with weight: the best, no walk
     while (j0 < size) & (found == 0):
         place = j0 + tl.arange(0, BLOCK)  # (BLOCK,)
         inside = place < size
