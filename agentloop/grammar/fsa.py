@@ -161,19 +161,29 @@ class _Nfa:
                 self.eps[cur].append(e)
         elif kind == "dfa":
             dfa: Dfa = node[1]
-            ids = [self.new() for _ in range(dfa.n_states)]
-            self.eps[s].append(ids[dfa.start])
+            base = len(self.eps)  # the embedded states are base, base + 1, ...
+            self.eps.extend([] for _ in range(dfa.n_states))
+            self.edges.extend([] for _ in range(dfa.n_states))
+            self.eps[s].append(base + dfa.start)
             masks = dfa.class_masks
-            for q in range(dfa.n_states):
-                row = dfa.trans[q]
-                by_dst: dict[int, int] = {}
-                for c in np.nonzero(row >= 0)[0]:
-                    d = int(row[c])
-                    by_dst[d] = by_dst.get(d, 0) | masks[c]
-                for d, mask in by_dst.items():
-                    self.edges[ids[q]].append((mask, ids[d]))
-                if dfa.accept[q]:
-                    self.eps[ids[q]].append(e)
+            # each state's edges by destination, in the order the destinations first come
+            # (by class), their classes' masks joined; the table's live entries read at once,
+            # state after state (a Gemma-sized tool set embeds ~250k states)
+            states, classes = np.nonzero(dfa.trans >= 0)
+            dsts = dfa.trans[states, classes]
+            q_prev = -1
+            by_dst: dict[int, int] = {}
+            for q, c, d in zip(states.tolist(), classes.tolist(), dsts.tolist()):
+                if q != q_prev:
+                    for to, mask in by_dst.items():
+                        self.edges[base + q_prev].append((mask, base + to))
+                    by_dst = {}
+                    q_prev = q
+                by_dst[d] = by_dst.get(d, 0) | masks[c]
+            for to, mask in by_dst.items():
+                self.edges[base + q_prev].append((mask, base + to))
+            for q in np.flatnonzero(dfa.accept).tolist():
+                self.eps[base + q].append(e)
         elif kind == "graph":
             _, n_states, finals, edges = node
             ids = [self.new() for _ in range(n_states)]
