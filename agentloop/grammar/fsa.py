@@ -162,8 +162,8 @@ class _Nfa:
         elif kind == "dfa":
             dfa: Dfa = node[1]
             base = len(self.eps)  # the embedded states are base, base + 1, ...
-            self.eps.extend([] for _ in range(dfa.n_states))
-            self.edges.extend([] for _ in range(dfa.n_states))
+            self.eps += [[] for _ in range(dfa.n_states)]
+            self.edges += [[] for _ in range(dfa.n_states)]
             self.eps[s].append(base + dfa.start)
             masks = dfa.class_masks
             # each state's edges by destination, in the order the destinations first come
