@@ -494,22 +494,17 @@ def cuda_ops(g: Any, on_gpu: torch.Tensor, sampler: torch.Generator) -> dict[str
                 f"asum / asumx max rel diff {rel[0]:.2e} / {rel[1]:.2e}")
         except Exception as e:  # noqa: BLE001 - recorded by the timed ops below too
             log(f"  triton reduce failed: {type(e).__name__}: {str(e)[:400]}")
-        default_tile = device_passes._TILE
         for tile in (1024, 4096, 16384):
-            device_passes._TILE = tile
-            lay = device_passes.atom_layout(g._atom_of(V), ta.n_atoms, on_gpu.device)
-            device_passes._TILE = default_tile
+            lay = device_passes.atom_layout(g._atom_of(V), ta.n_atoms, on_gpu.device, tile=tile)
             ops[f"reduce_cuda_triton_c{tile}"] = (
                 lambda lay=lay: device_passes.reduce_atoms(on_gpu, lay, True, True, kernel="triton"))
-    rowmax, _, asum, _, amax, aarg = device_passes.reduce_atoms(on_gpu, layout, True, False)
+    rowmax, rowmax_host, asum, _, amax, aarg = device_passes.reduce_atoms(on_gpu, layout, True, False)
     L = on_gpu.shape[0]
     F = np.random.default_rng(0).random((L, ta.n_atoms))  # (L, K) atom factors
     # a draw at every position inside its heaviest atom (the largest, mostly), past its best token
     atoms = asum.argmax(axis=1)  # (L,)
     rows = np.arange(L)
     best = aarg[rows, atoms]
-    e_best = np.exp(amax[rows, atoms].astype(np.float64) - rowmax.double().cpu().numpy())
-    mass = asum[rows, atoms] / e_best  # (L,) each atom's total from its best logit
     u = np.random.default_rng(1).random(L)
     for kernel in kernels:
         def marginals(kernel: str = kernel) -> None:
@@ -517,8 +512,8 @@ def cuda_ops(g: Any, on_gpu: torch.Tensor, sampler: torch.Generator) -> dict[str
             sync()
 
         def draws(kernel: str = kernel) -> None:  # (its tokens come back to the host: synchronised)
-            device_passes.tokens_in_atoms(on_gpu, layout, atoms, best, amax[rows, atoms], mass, u,
-                                          kernel=kernel)
+            device_passes.tokens_in_atoms(on_gpu, layout, atoms, best, amax[rows, atoms], rowmax_host,
+                                          asum[rows, atoms], u, kernel=kernel)
 
         ops[f"marginals_cuda_{kernel}"] = marginals
         ops[f"draw_cuda_{kernel}"] = draws

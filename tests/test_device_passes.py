@@ -116,12 +116,11 @@ def _marginals_and_draws(V: int, device: str, kernel: str) -> None:
             continue
         far = n == 6 and 1 in usable and (atom_of == 1).sum() >= 3
         atoms = np.full(40, 1) if far else rng.choice(usable, 40)  # (40,) the sampled atom of each draw
-        e_best = np.exp(amax[n, atoms].astype(np.float64) - rowmax[n].item())
-        mass = asum[n, atoms] / e_best  # each atom's total from its best logit
         u = np.concatenate([rng.random(38), [0.0, 1.0 - 1e-12]])  # the atom's best token; the far end
         rows = torch.full((40,), n, device=device)
-        draws = [device_passes.tokens_in_atoms(xt[rows], layout, atoms, aarg[n, atoms], amax[n, atoms], mass, u,
-                                               kernel=k) for k in ("torch", kernel)]
+        draws = [device_passes.tokens_in_atoms(xt[rows], layout, atoms, aarg[n, atoms], amax[n, atoms],
+                                               np.full(40, rowmax[n].item()), asum[n, atoms], u, kernel=k)
+                 for k in ("torch", kernel)]
         assert draws[0].tolist() == draws[1].tolist()
         assert (atom_of[draws[1]] == atoms).all()
         if far:  # weighed from the atom's own best: its tokens are drawn, not only its best (exp(-200) is 0 in float32)

@@ -543,13 +543,9 @@ class CompiledGrammar:
             return tokens.tolist()
         rows = np.arange(sl.start, sl.stop)
         best = sc.aarg[rows, atoms]
-        best_logit = sc.amax[rows, atoms]
-        # each atom's total weight from its own best logit (its best token weighs 1); an
-        # atom too far below the row's best for float64 (exp underflows) is never sampled
-        e_best = np.exp(best_logit.astype(np.float64) - sc.rowmax[rows])
-        mass = np.divide(sc.asum[rows, atoms], e_best, out=np.ones_like(e_best), where=e_best > 0)
         layout = self._atom_layout(sc.flat.shape[1], sc.flat.device)
-        tokens = device_passes.tokens_in_atoms(sc.flat[sl], layout, atoms, best, best_logit, mass, uniforms[:, 2])
+        tokens = device_passes.tokens_in_atoms(sc.flat[sl], layout, atoms, best, sc.amax[rows, atoms], sc.rowmax[rows],
+                                               sc.asum[rows, atoms], uniforms[:, 2])
         return tokens.tolist()
 
     def _log_marginals(self, sc: "_Scores", F: np.ndarray, log_f: np.ndarray, B: int,

@@ -39,8 +39,9 @@ class AtomLayout:
     and only the (rows, chunks) partial results meet in a scatter. A scatter straight
     from the vocabulary sends tens of thousands of tokens onto each of a few hundred atoms,
     and on a GPU those atomic updates to one address serialise. The Triton kernels read
-    ``tokens`` in *tiles* instead: each atom's run cut into stretches of at most ``_TILE``
-    tokens, one program per row and tile, whose results a second kernel folds per atom.
+    ``tokens`` in *tiles* instead: each atom's run cut into stretches of at most ``tile``
+    tokens, one program per row and tile, whose results a second kernel folds per atom
+    (and the draw weighs a sampled atom tile by tile).
     """
 
     index: torch.Tensor  # (V,) int64 atom of each token, K where never allowed
@@ -51,8 +52,9 @@ class AtomLayout:
     chunk_atom: torch.Tensor  # (n_chunks,) int64 the atom of each chunk
     tokens: torch.Tensor  # (n,) int32 the allowed tokens, grouped by atom, in token order
     offsets: np.ndarray  # (K + 1,) int64 where each atom's tokens start in ``tokens``
+    tile: int  # tokens per tile (the last of an atom's may be shorter)
     tile_start: torch.Tensor  # (T,) int32 where each tile starts in ``tokens``
-    tile_len: torch.Tensor  # (T,) int32 its length, 1.._TILE
+    tile_len: torch.Tensor  # (T,) int32 its length, 1..tile
     atom_tiles: torch.Tensor  # (K + 1,) int32 where each atom's tiles start
     max_tiles: int  # the most tiles one atom has
 
@@ -68,9 +70,10 @@ def _chunk_size(sizes: np.ndarray) -> int:
     return 1
 
 
-def atom_layout(atom_of: np.ndarray, K: int, device: torch.device, chunk: int | None = None) -> AtomLayout:
-    """``atom_of`` (V,) (-1: never allowed) placed on ``device``; ``chunk`` overrides
-    the chunk size (tests)."""
+def atom_layout(atom_of: np.ndarray, K: int, device: torch.device, chunk: int | None = None,
+                tile: int | None = None) -> AtomLayout:
+    """``atom_of`` (V,) (-1: never allowed) placed on ``device``; ``chunk`` and ``tile``
+    override the chunk size and the tile size (``_TILE``) (tests, benchmarks)."""
     index = np.where(atom_of >= 0, atom_of, K).astype(np.int64)
     allowed = np.flatnonzero(atom_of >= 0)
     order = allowed[np.argsort(atom_of[allowed], kind="stable")]  # (n,) grouped by atom, token order inside
@@ -82,17 +85,18 @@ def atom_layout(atom_of: np.ndarray, K: int, device: torch.device, chunk: int | 
     first = np.cumsum(sizes) - sizes  # (K,) where each atom starts in ``order``
     real = offset < sizes[slot_atom]
     gather = order[np.where(real, first[slot_atom] + offset, first[slot_atom])] if order.size else order
-    n_tiles = -(-sizes // _TILE)  # (K,)
+    tile = tile or _TILE
+    n_tiles = -(-sizes // tile)  # (K,)
     tile_atom = np.repeat(np.arange(K), n_tiles)  # (T,)
-    tile_start = first[tile_atom] + (np.arange(tile_atom.size) - np.repeat(np.cumsum(n_tiles) - n_tiles, n_tiles)) * _TILE
-    tile_len = np.minimum(_TILE, first[tile_atom] + sizes[tile_atom] - tile_start)
+    tile_start = first[tile_atom] + (np.arange(tile_atom.size) - np.repeat(np.cumsum(n_tiles) - n_tiles, n_tiles)) * tile
+    tile_len = np.minimum(tile, first[tile_atom] + sizes[tile_atom] - tile_start)
     return AtomLayout(
         index=torch.from_numpy(index).to(device), K=K, chunk=C,
         gather=torch.from_numpy(gather.astype(np.int64)).to(device),
         weight=torch.from_numpy(real.astype(np.float32)).to(device),
         chunk_atom=torch.from_numpy(np.repeat(np.arange(K), padded // C).astype(np.int64)).to(device),
         tokens=torch.from_numpy(order.astype(np.int32)).to(device), offsets=np.concatenate([first, [order.size]]),
-        tile_start=torch.from_numpy(tile_start.astype(np.int32)).to(device),
+        tile=tile, tile_start=torch.from_numpy(tile_start.astype(np.int32)).to(device),
         tile_len=torch.from_numpy(tile_len.astype(np.int32)).to(device),
         atom_tiles=torch.from_numpy(np.concatenate([[0], np.cumsum(n_tiles)]).astype(np.int32)).to(device),
         max_tiles=int(n_tiles.max()) if K else 0)
@@ -108,9 +112,14 @@ def _row_chunks(N: int, V: int, device: torch.device | None = None) -> list[slic
     """Row slices of ~8M elements (64M on a CUDA device): the temporaries of a slice stay
     ~32-64 MB in host memory at any vocabulary, and on a GPU a 256 x 262k canvas goes in
     one slice (~0.3 GB per temporary), not eight rounds of a dozen small kernels. At most
-    32,768 rows: a kernel's grid has at most 65,535 blocks along its rows."""
-    rows = min(1 << 15, max(1, (1 << (26 if device is not None and device.type == "cuda" else 23)) // max(V, 1)))
+    ``_GRID_ROWS`` rows."""
+    rows = min(_GRID_ROWS, max(1, (1 << (26 if device is not None and device.type == "cuda" else 23)) // max(V, 1)))
     return [slice(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)]
+
+
+#: Rows per launch of a kernel whose grid runs along the rows on its second axis, which
+#: ends at 65,535 blocks.
+_GRID_ROWS = 1 << 15
 
 
 def reduce_atoms(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bool, kernel: str = "auto"
@@ -152,7 +161,8 @@ def _reduce_atoms_triton(x: torch.Tensor, layout: AtomLayout, want_sum: bool, wa
     planes = 2 + want_sum + want_x
     out = torch.empty(N + planes * N * K, dtype=torch.float64, device=dev)  # rowmax, then (N, K) planes
     if N and T:
-        for r in _row_chunks(N, 0, dev):  # (a grid's second axis ends at 65,535 rows)
+        for r0 in range(0, N, _GRID_ROWS):
+            r = slice(r0, min(N, r0 + _GRID_ROWS))
             _kernels().tile_stats[(T, r.stop - r.start)](
                 x[r], x.stride(0), layout.tokens, layout.tile_start, layout.tile_len, m[r], first[r],
                 s[r] if want_sum else s, sx[r] if want_x else sx, T, V,
@@ -332,12 +342,13 @@ def _log_marginals_triton(x: torch.Tensor, rowmax: torch.Tensor, logF: torch.Ten
 
 
 def tokens_in_atoms(x: torch.Tensor, layout: AtomLayout, atoms: np.ndarray, best: np.ndarray,
-                    best_logit: np.ndarray, mass: np.ndarray, u: np.ndarray, kernel: str = "auto") -> np.ndarray:
+                    best_logit: np.ndarray, rowmax: np.ndarray, asum: np.ndarray, u: np.ndarray,
+                    kernel: str = "auto") -> np.ndarray:
     """A token inside each position's sampled atom, drawn with the uniforms ``u`` (L,) as
     the compiled scan draws it: weights exp(x - best_logit), taken from the atom's best
-    logit (L,), so its best token ``best`` weighs 1 and ``mass`` (L,) is the atom's total
-    in those units (asum / exp(amax - rowmax)); the best token first (its share 1 / mass),
-    else the others in token order. From the atom's own best, an atom far below the row's
+    logit (L,), so its best token ``best`` weighs 1 and its total is asum (L,), which is
+    taken from the row's best ``rowmax`` (L,), over exp(best_logit - rowmax); the best
+    token first (its share 1 / total), else the others in token order. From the atom's own best, an atom far below the row's
     best (a forced digit where the model wants a letter, at a low temperature) keeps its
     tokens' weights, which float32 flushes to 0 beyond 87 nats. Only the positions that
     fall past the best token touch the device, and only their atoms' tokens are read
@@ -346,6 +357,9 @@ def tokens_in_atoms(x: torch.Tensor, layout: AtomLayout, atoms: np.ndarray, best
     walk from the tile holding the token, block by block, and stop at the block holding
     it; the torch ops weigh every token of the largest sampled atom at every such position.
     """
+    # (an atom too far below its row's best for float64, exp underflowing, is never sampled)
+    e_best = np.exp(best_logit.astype(np.float64) - rowmax)
+    mass = np.divide(asum, e_best, out=np.ones_like(e_best), where=e_best > 0)  # (L,) the atom's total
     target = u * mass  # (L,) mass to reach inside the atom
     out = best.astype(np.int64).copy()
     rows = np.nonzero(target >= 1.0)[0]
@@ -404,12 +418,12 @@ def _draw_triton(x: torch.Tensor, layout: AtomLayout, rows: np.ndarray, ref: np.
     # first the mass of each tile of each position's atom (all in parallel), so that the
     # walk starts at the tile holding the token: a Gemma-sized atom is ~60 tiles, which a
     # single walk took one after another
-    n_mass = int(-(-size.max() // _TILE))
+    n_mass = int(-(-size.max() // layout.tile))
     mass = torch.empty((rows.size, n_mass), dtype=torch.float64, device=dev)  # (R, tiles)
     _kernels().tile_masses[(rows.size, n_mass)](
         x, x.stride(0), floats[1], layout.tokens, cols[0], cols[1], cols[2], cols[3], mass, n_mass,
-        TILE=_TILE, BLOCK=min(_TILE_BLOCK, _triton_block(_TILE)))
+        TILE=layout.tile, BLOCK=min(_TILE_BLOCK, _triton_block(layout.tile)))
     _kernels().draw_in_atoms[(rows.size,)](
         x, x.stride(0), floats[1], layout.tokens, cols[0], cols[1], cols[2], cols[3], floats[0], mass, n_mass, out,
-        TILE=_TILE, BLOCK_T=_triton_block(n_mass), BLOCK=_DRAW_BLOCK)
+        TILE=layout.tile, BLOCK_T=_triton_block(n_mass), BLOCK=_DRAW_BLOCK)
     return out.cpu().numpy()

@@ -49,6 +49,18 @@ def log_marginals(x_ptr, x_stride, rowmax_ptr, logf_ptr, index_ptr, out_ptr, out
 
 
 @triton.jit
+def _other_weights(x_ptr, x_stride, tokens_ptr, row, start, place, end, best, m):
+    """The tokens at ``place`` (BLOCK,) of an atom's list ``tokens[start:]``, those before
+    ``end``, and their float32 weights exp(x - m), 0 for the best token and past ``end``:
+    the one definition of the weights the tiles' masses add up and the draw walks, which
+    must agree to the bit."""
+    inside = place < end
+    ids = tl.load(tokens_ptr + start + place, mask=inside, other=0).to(tl.int64)
+    x = tl.load(x_ptr + row * x_stride + ids, mask=inside, other=-float("inf"))
+    return ids, tl.where(inside & (ids != best), exact_exp(x - m), 0.0)
+
+
+@triton.jit
 def tile_masses(x_ptr, x_stride, ref_ptr, tokens_ptr, row_ptr, start_ptr, size_ptr, best_ptr, mass_ptr, n_mass,
                 TILE: tl.constexpr, BLOCK: tl.constexpr):
     """One sampled position x one tile (TILE tokens) of its atom: the float64 sum of the
@@ -62,12 +74,10 @@ def tile_masses(x_ptr, x_stride, ref_ptr, tokens_ptr, row_ptr, start_ptr, size_p
     best = tl.load(best_ptr + i)
     m = tl.load(ref_ptr + i).to(tl.float32)  # (a float32 value, sent as float64)
     acc = tl.zeros([BLOCK], tl.float64)
-    for j0 in range(j * TILE, tl.minimum(size, (j + 1) * TILE), BLOCK):
-        place = j0 + tl.arange(0, BLOCK)
-        inside = (place < size) & (place < (j + 1) * TILE)
-        ids = tl.load(tokens_ptr + start + place, mask=inside, other=0).to(tl.int64)
-        x = tl.load(x_ptr + row * x_stride + ids, mask=inside, other=-float("inf"))
-        acc += tl.where(inside & (ids != best), exact_exp(x - m), 0.0).to(tl.float64)
+    end = tl.minimum(size, (j + 1) * TILE)
+    for j0 in range(j * TILE, end, BLOCK):
+        _, w = _other_weights(x_ptr, x_stride, tokens_ptr, row, start, j0 + tl.arange(0, BLOCK), end, best, m)
+        acc += w.to(tl.float64)
     tl.store(mass_ptr + i * n_mass + j, tl.sum(acc, axis=0))
 
 
@@ -103,10 +113,7 @@ def draw_in_atoms(x_ptr, x_stride, ref_ptr, tokens_ptr, row_ptr, start_ptr, size
     j0 = tl.where(tl.max(mass, 0) > 0, tile * TILE, size)  # no other token with weight: the best, no walk
     while (j0 < size) & (found == 0):
         place = j0 + tl.arange(0, BLOCK)  # (BLOCK,)
-        inside = place < size
-        ids = tl.load(tokens_ptr + start + place, mask=inside, other=0).to(tl.int64)
-        x = tl.load(x_ptr + row * x_stride + ids, mask=inside, other=-float("inf"))
-        w = tl.where(inside & (ids != best), exact_exp(x - m), 0.0)  # (BLOCK,) float32
+        ids, w = _other_weights(x_ptr, x_stride, tokens_ptr, row, start, place, size, best, m)  # (BLOCK,) float32 w
         c = acc + tl.cumsum(w.to(tl.float64), 0)  # (BLOCK,) running mass
         at = tl.min(tl.where(c >= rest, place, size))  # first place reaching it (it has weight: rest > 0)
         weighted = tl.max(tl.where(w > 0, place, -1))
