@@ -35,7 +35,7 @@ from . import charset as cs
 from .copy import (FIXED_HOLE_KINDS, HOLE_SYMBOLS, STRING_NUMBERS_HOLE, TEXT_NUMBERS_HOLE, HolesExhausted,
                    copied_number_node, holes_fit, number_hole_language, uses_copy)
 from .compiled import CompiledGrammar, GrammarStats, ParsedOutput, StepOutput, ToolCall
-from .fsa import Dfa, Node, alt, embed, literal, product, rep, seq, substitute, sym, to_dfa
+from .fsa import Dfa, Node, alt, embed, literal, product, rep, separated, seq, substitute, sym, to_dfa
 from .schema import SchemaCompiler, SchemaOptions, _copies_dfa
 from .token_automaton import build_token_automaton
 from .vocabulary import Vocabulary
@@ -250,7 +250,7 @@ def compile_tools(
         branches: list[Node] = []
         if calls:
             one = alt(*calls)
-            many = seq(one, rep(seq(literal(wf.lit("separator", "calls")), one))) if parallel_calls else one
+            many = separated(one, literal(wf.lit("separator", "calls"))) if parallel_calls else one
             branches.append(seq(literal(wf.lit("open", "calls")), many, literal(wf.lit("close", "calls")),
                                 literal(wf.lit("end", "calls"))))
         if allow_text:

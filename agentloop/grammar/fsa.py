@@ -29,7 +29,8 @@ import numpy as np
 #   ("dfa", Dfa)                        an already-compiled automaton, embedded
 #   ("graph", n_states, finals, edges)  a small NFA whose edges are nodes; state 0 starts.
 #                                       Used where a tree would duplicate shared suffixes
-#                                       (object members with optional properties).
+#                                       (object members with optional properties) or
+#                                       repeat a part (``separated``).
 # ----------------------------------------------------------------------------------------
 
 Node = tuple
@@ -99,6 +100,16 @@ def embed(dfa: "Dfa") -> Node:
 
 def graph(n_states: int, finals: Sequence[int], edges: Sequence[tuple[int, int, Node]]) -> Node:
     return ("graph", n_states, tuple(finals), tuple(edges))
+
+
+def separated(item: Node, separator: Node) -> Node:
+    """One or more ``item`` with ``separator`` between them, the language of
+    seq(item, rep(seq(separator, item))) built with one copy of ``item``: a loop back
+    through the separator. The NFA of the seq form holds ``item`` twice, and the subset
+    construction walks both copies before minimising folds them: a 20-tool envelope
+    walked 101k states for the 49k it keeps (its to_dfa 3.6-4.2 s; with one copy, 51k
+    states and 1.9-2.2 s, at BPE 4k)."""
+    return graph(2, [1], [(0, 1, item), (1, 0, separator)])
 
 
 # ----------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from .fsa import (
     minimize,
     product,
     rep,
+    separated,
     seq,
     sym,
     to_dfa,
@@ -1260,8 +1261,11 @@ class SchemaCompiler:
         if hi == 0:
             body: Node = EMPTY
         else:
-            first = item(0) if k > 0 else rest
-            nonempty = seq(first or NEVER, tail(1))
+            if k == 0 and rest is not None and hi is None and lo <= 1:
+                nonempty = separated(rest, sep)  # the item built once (see ``separated``)
+            else:
+                first = item(0) if k > 0 else rest
+                nonempty = seq(first or NEVER, tail(1))
             body = nonempty if lo > 0 else alt(EMPTY, nonempty)
         return seq(open_, body, close)
 
@@ -1823,12 +1827,12 @@ class SchemaCompiler:
         isep = literal(self.wf.lit("item_separator"))
         msep = literal(self.wf.lit("member_separator"))
         member = seq(embed(self._any_key()), inner)
-        arr = seq(arr_open, alt(EMPTY, seq(inner, rep(seq(isep, inner)))), arr_close)
+        arr = seq(arr_open, alt(EMPTY, separated(inner, isep)), arr_close)
         if ctx.canonical:
             self._approx += 1
             obj = seq(obj_open, alt(EMPTY, member), obj_close)
         else:
-            obj = seq(obj_open, alt(EMPTY, seq(member, rep(seq(msep, member)))), obj_close)
+            obj = seq(obj_open, alt(EMPTY, separated(member, msep)), obj_close)
         return alt(*scalars, arr, obj)
 
 
