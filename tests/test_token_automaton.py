@@ -62,6 +62,13 @@ def test_atoms_and_edges_are_the_dfa_walked_token_by_token(n_tools):
     alive = (want >= 0).any(axis=0)
     assert np.array_equal(ta.atom_of_token >= 0, alive)
     assert ta.n_atoms == np.unique(want[:, alive], axis=1).shape[1]
+    # one edge per (state, next state), in that order; a group lists its atoms ascending
+    pair = ta.edge_src.astype(np.int64) * ta.n_states + ta.edge_dst
+    assert (np.diff(pair) > 0).all()
+    for g in range(ta.group_offsets.shape[0] - 1):
+        assert (np.diff(ta.group_atoms[ta.group_offsets[g]:ta.group_offsets[g + 1]]) > 0).all()
+    members = {ta.group_atoms[a:b].tobytes() for a, b in zip(ta.group_offsets[:-1], ta.group_offsets[1:])}
+    assert len(members) == ta.group_offsets.shape[0] - 1  # no two groups alike
 
 
 def test_groups_found_by_hash_equal_the_exact_ones(monkeypatch):
