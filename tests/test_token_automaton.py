@@ -44,16 +44,20 @@ def _automaton_steps(ta) -> np.ndarray:
     return dense[:, np.where(ta.atom_of_token >= 0, ta.atom_of_token, ta.n_atoms)]
 
 
-@pytest.mark.parametrize("n_tools", [1, 3])
-def test_atoms_and_edges_are_the_dfa_walked_token_by_token(n_tools):
+@pytest.mark.parametrize("n_tools,wide_table", [(1, False), (3, False), (3, True)])
+def test_atoms_and_edges_are_the_dfa_walked_token_by_token(n_tools, wide_table, monkeypatch):
     """Each (state, token) step of the automaton is the DFA's walk of the token's symbols,
     and the atoms are exactly the classes of tokens that every state sends alike (no two
     atoms do the same everywhere). The bundled model's BPE tokenizer has tokens of many
     symbols, so the walk shares prefixes and skips dead ones, and the states outnumber
     the lanes walked side by side many times over."""
+    if wide_table:  # the walk's table in int32, as for automata of 65k states or more
+        monkeypatch.setattr(ta_module, "_UINT16_STATES", 0)
     tok = Tokenizer.from_file(str(ROOT / "agentloop/model/tokenizer.json"))
     g = compile_tools(TOOLS[:n_tools], tok, "gemma4")
-    ta, dfa, vocab = g.automaton, g.dfa, g.vocab
+    dfa, vocab = g.dfa, g.vocab
+    ta = ta_module.build_token_automaton(dfa, vocab)  # (not the cached one)
+    assert ta_module._walk_table(dfa).dtype == (np.int32 if wide_table else np.uint16)
     assert ta.n_states > 4 * ta_module._LANES
     assert max(len(s) for s in vocab.token_symbols) > 4
     want = _walk_every_token(dfa, vocab)
