@@ -73,4 +73,33 @@ def test_token_automaton_ab_builds_both_versions(tmp_path):
                        capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith("| bpe-4k | 1 |")]
-    assert len(rows) == 1 and rows[0].rstrip(" |").endswith("yes")
+    assert len(rows) == 1 and rows[0].rstrip(" |").endswith("same")
+
+
+def test_token_automaton_ab_tells_a_relabelling_from_a_different_automaton():
+    """Atoms and groups numbered otherwise are the same automaton (the A/B against builds
+    before session 18, which numbered atoms by hash value); a token moved to another
+    atom, or an edge given another group's tokens, is not."""
+    import dataclasses
+
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from agentloop.grammar import compile_tools
+    from bench.token_automaton_ab import same_automaton
+
+    tok = Tokenizer.from_file(str(ROOT / "agentloop/model/tokenizer.json"))
+    tools = json.loads((ROOT / "agentloop/data/tool_schemas.json").read_text())[:2]
+    ta = compile_tools(tools, tok, "gemma4").automaton
+    K = ta.n_atoms
+    perm = np.random.default_rng(0).permutation(K)
+    relabelled = dataclasses.replace(ta, atom_of_token=np.where(ta.atom_of_token >= 0, perm[ta.atom_of_token], -1),
+                                     group_atoms=perm[ta.group_atoms])
+    assert same_automaton(ta, ta) == "same"
+    assert same_automaton(ta, relabelled) == "relabelled"
+    moved = ta.atom_of_token.copy()
+    moved[np.flatnonzero(moved == 0)[0]] = 1  # a token of atom 0 now in atom 1
+    assert same_automaton(ta, dataclasses.replace(ta, atom_of_token=moved)) == "different"
+    regrouped = ta.edge_group.copy()
+    regrouped[0] = (regrouped[0] + 1) % (ta.group_offsets.size - 1)
+    assert same_automaton(ta, dataclasses.replace(ta, edge_group=regrouped)) == "different"
