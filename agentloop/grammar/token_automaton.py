@@ -67,7 +67,7 @@ def _walk_table(dfa: Dfa) -> np.ndarray:
     c_i, c_i+1, ... step to c_i+n, c_i+1+n, ...), and the entries are uint16 where the
     states fit. The table of 20 tools (49k states, 94 classes) is 18 MB in int32, larger
     than the caches, and the walk waits on its loads: 262k x 20 tools, one thread,
-    7.8-9.6 s in int32 in the DFA's numbering, 3.8 s so. The hashes see row numbers;
+    7.8-9.6 s in int32 in the DFA's numbering, 3.4-3.9 s so. The hashes see row numbers;
     atoms are numbered by their first token, whatever the hashes."""
     S, C = dfa.trans.shape
     src, cls = np.nonzero(dfa.trans >= 0)  # the DFA's edges, by state then class
