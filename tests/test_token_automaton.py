@@ -57,7 +57,7 @@ def test_atoms_and_edges_are_the_dfa_walked_token_by_token(n_tools, wide_table, 
     g = compile_tools(TOOLS[:n_tools], tok, "gemma4")
     dfa, vocab = g.dfa, g.vocab
     ta = ta_module.build_token_automaton(dfa, vocab)  # (not the cached one)
-    assert ta_module._walk_table(dfa).dtype == (np.int32 if wide_table else np.uint16)
+    assert ta_module._walk_table(dfa)[0].dtype == (np.int32 if wide_table else np.uint16)
     assert ta.n_states > 4 * ta_module._LANES
     assert max(len(s) for s in vocab.token_symbols) > 4
     want = _walk_every_token(dfa, vocab)

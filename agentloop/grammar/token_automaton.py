@@ -57,8 +57,9 @@ _SHAPE_CHUNKS = 8
 _UINT16_STATES = int(np.iinfo(np.uint16).max)
 
 
-def _walk_table(dfa: Dfa) -> np.ndarray:
-    """The DFA's table for ``_walk_hash``: (C, S + 1), class-major (the lanes' states are
+def _walk_table(dfa: Dfa) -> tuple[np.ndarray, np.ndarray]:
+    """The DFA's table for ``_walk_hash`` and ``_walk_reps``, and the state of each of its
+    rows (S,) int32. The table is (C, S + 1), class-major (the lanes' states are
     neighbours, so one class's entries for them share cache lines), with a last column
     for the dead state S that every dead entry points to and that stays dead.
 
@@ -79,7 +80,27 @@ def _walk_table(dfa: Dfa) -> np.ndarray:
     table = np.empty((C, S + 1), np.uint16 if S < _UINT16_STATES else np.int32)
     table[:, row[:S]] = row[np.where(dfa.trans >= 0, dfa.trans, S)].T
     table[:, S] = S
-    return table
+    return table, state.astype(np.int32)
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _lanes_start(st, s0, lanes, dead):  # pragma: no cover - compiled
+    """The lanes at rows s0, s0 + 1, ... (``lanes`` of them; the rest dead)."""
+    for b in range(_LANES):
+        st[0, b] = s0 + b if b < lanes else dead
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _lanes_step(table, st, cls, d, dead):  # pragma: no cover - compiled
+    """Every lane one symbol of class ``cls`` on: st[d + 1] <- the table's row cls at
+    st[d]. Whether any lane is still alive."""
+    row = table[cls]
+    n_alive = 0
+    for b in range(_LANES):
+        q = row[st[d, b]]
+        st[d + 1, b] = q
+        n_alive += q != dead
+    return n_alive > 0
 
 
 @parallel_kernel(cache=True, nogil=True)
@@ -96,20 +117,14 @@ def _walk_hash(table, shapes, lens, lcp, jump, h1, h2):  # pragma: no cover - co
         st = np.empty((maxlen + 1, _LANES), table.dtype)  # each lane's state (row) along the current shape
         for s0 in range(0, n_states, _LANES):
             lanes = min(_LANES, n_states - s0)
-            for b in range(_LANES):
-                st[0, b] = s0 + b if b < lanes else dead
+            _lanes_start(st, s0, lanes, dead)
             u = u0
             while u < u1:
                 alive = True
                 # the walk so far is shared with the previous shape, except at a chunk's first
                 for d in range(lcp[u] if u > u0 else 0, lens[u]):
-                    row = table[shapes[u, d]]
-                    n_alive = 0
-                    for b in range(_LANES):
-                        q = row[st[d, b]]
-                        st[d + 1, b] = q
-                        n_alive += q != dead
-                    if n_alive == 0:  # dead for every lane: skip the shapes sharing this prefix
+                    if not _lanes_step(table, st, shapes[u, d], d, dead):
+                        # dead for every lane: skip the shapes sharing this prefix
                         u = jump[u, d]
                         alive = False
                         break
@@ -125,35 +140,57 @@ def _walk_hash(table, shapes, lens, lcp, jump, h1, h2):  # pragma: no cover - co
 
 
 @nb.njit(cache=True, nogil=True)
-def _walk_reps(trans, shapes, lens, rep_shapes):  # pragma: no cover - compiled
-    """Sparse (state, atom, next state) for every atom alive from every state.
+def _walk_reps(table, state_of_row, shapes, lens, rep_shapes):  # pragma: no cover - compiled
+    """Sparse (state, atom, next state) for every atom alive from every state, by state,
+    then atom. ``table`` is ``_walk_table``'s (rows), ``state_of_row`` its numbering.
 
-    Two passes (count, then fill) so a 262k vocabulary with tens of thousands of states
-    never materialises a dense (S, K) table.
-    """
-    n_states = trans.shape[0]
+    Each atom's representative shape is walked from _LANES neighbouring rows at once, as
+    in ``_walk_hash`` (262k x 20 tools: 10M triples from 83M walks). Two passes (count,
+    then fill) so a 262k vocabulary with tens of thousands of states never materialises
+    a dense (S, K) table; the fill writes each state's triples at its place in state
+    order, however the rows are numbered."""
+    n_states = table.shape[1] - 1
+    dead = n_states
     K = rep_shapes.shape[0]
-    count = 0
+    maxlen = shapes.shape[1]
+    per_state = np.zeros(n_states + 1, np.int64)
+    st = np.empty((maxlen + 1, _LANES), table.dtype)
+    src = np.empty(0, np.int32)
+    atom = np.empty(0, np.int32)
+    dst = np.empty(0, np.int32)
     for phase in range(2):
         if phase == 1:
-            src = np.empty(count, np.int32)
-            atom = np.empty(count, np.int32)
-            dst = np.empty(count, np.int32)
-            count = 0
-        for s in range(n_states):
+            at = np.cumsum(per_state)  # where each state's triples end
+            src = np.empty(at[-1], np.int32)
+            atom = np.empty(at[-1], np.int32)
+            dst = np.empty(at[-1], np.int32)
+            at -= per_state  # ... and start
+        for s0 in range(0, n_states, _LANES):
+            lanes = min(_LANES, n_states - s0)
+            _lanes_start(st, s0, lanes, dead)
             for k in range(K):
                 u = rep_shapes[k]
-                q = s
-                for d in range(lens[u]):
-                    q = trans[q, shapes[u, d]]
-                    if q < 0:
+                n = lens[u]
+                alive = True
+                for d in range(n):
+                    if not _lanes_step(table, st, shapes[u, d], d, dead):
+                        alive = False  # (st[n] is left from an earlier shape)
                         break
-                if q >= 0:
-                    if phase == 1:
-                        src[count] = s
-                        atom[count] = k
-                        dst[count] = q
-                    count += 1
+                if not alive:
+                    continue
+                for b in range(lanes):
+                    q = st[n, b]
+                    if q == dead:
+                        continue
+                    s = state_of_row[s0 + b]
+                    if phase == 0:
+                        per_state[s] += 1
+                    else:
+                        i = at[s]
+                        src[i] = s
+                        atom[i] = k
+                        dst[i] = state_of_row[q]
+                        at[s] = i + 1
     return src, atom, dst
 
 
@@ -390,7 +427,8 @@ def build_token_automaton(dfa: Dfa, vocab: Vocabulary) -> TokenAutomaton:
     h1 = np.zeros(len(slens), np.uint64)
     h2 = np.zeros(len(slens), np.uint64)
     jump = _jump_table(lcp, slens, maxlen)
-    _walk_hash(_walk_table(dfa), shapes, slens, lcp, jump, h1, h2)
+    table, state_of_row = _walk_table(dfa)
+    _walk_hash(table, shapes, slens, lcp, jump, h1, h2)
     del jump
     dead_shape = (h1 == 0) & (h2 == 0)
     sig = np.stack([h1, h2], axis=1)
@@ -417,7 +455,7 @@ def build_token_automaton(dfa: Dfa, vocab: Vocabulary) -> TokenAutomaton:
     # 3. the DFA on atoms, from one representative shape each
     rep_shape = np.zeros(K, np.int64)
     rep_shape[atom_of_shape[atom_of_shape >= 0]] = np.nonzero(atom_of_shape >= 0)[0]
-    src, atoms, dst = _walk_reps(dfa.trans, shapes, slens, rep_shape)
+    src, atoms, dst = _walk_reps(table, state_of_row, shapes, slens, rep_shape)
 
     # 4. edges (s, s') with their atom sets -> deduplicated groups
     atoms_sorted, starts, ends, edge_src, edge_dst = _edges_by_destination(src, atoms, dst)
