@@ -441,8 +441,8 @@ def build_token_automaton(dfa: Dfa, vocab: Vocabulary) -> TokenAutomaton:
     live_tokens = np.flatnonzero(sig_of_token >= 0)
     live_sigs, first = np.unique(sig_of_token[live_tokens], return_index=True)
     remap = np.full(sig_of_shape.max() + 1, -1, np.int64)
-    remap[live_sigs[np.argsort(first)]] = np.arange(len(live_sigs))
-    atom_of_shape = np.where(dead_shape, -1, remap[sig_of_shape])
+    remap[live_sigs[np.argsort(first)]] = np.arange(len(live_sigs))  # (the dead signature's stays -1)
+    atom_of_shape = remap[sig_of_shape]
     K = len(live_sigs)
 
     atom_of_token = np.full(V, -1, np.int32)
