@@ -314,3 +314,119 @@ def test_minus_infinity_logits_give_finite_entropies_or_a_clear_error(grammar):
     for op in (grammar.viterbi, grammar.sample, grammar.marginals, grammar.denoise_step):
         with pytest.raises(NoValidCanvasError):
             op(logits)
+
+
+# ---- logits beyond float64's range ----------------------------------------------------------
+# At a low temperature a row's logits span thousands of nats: the valid tokens of a position
+# can all lie 745+ nats below its best allowed token, or a branch of the grammar can fall
+# ~700 nats behind early on and win later. The fast passes' float64 weights cannot hold
+# that; such canvases are redone in log space (log_canvas), and must stay exact.
+
+
+@pytest.fixture
+def log_space_calls(monkeypatch):
+    """How many canvases went to log space (a list holding the count)."""
+    from agentloop.grammar.compiled import CompiledGrammar
+
+    calls = [0]
+    redo = CompiledGrammar._log_space
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return redo(self, *args, **kwargs)
+
+    monkeypatch.setattr(CompiledGrammar, "_log_space", counted)
+    return calls
+
+
+def enumerated_entropies(p: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+
+
+@pytest.mark.parametrize("scale", [1.0, 300.0, 3000.0])
+def test_marginals_and_entropies_are_exact_at_any_logit_scale(grammar, log_space_calls, scale):
+    """Random logits times 300 or 3000 (a temperature of ~0.003 on a model's logits): the
+    float64 passes used to say "no valid canvas" here. Marginals and entropies match
+    enumeration; at scale 1 nothing goes to log space."""
+    L = 6
+    valid = enumerate_valid(grammar, L)
+    for seed in range(4):
+        logits = torch.randn(L, grammar.vocab.size, generator=torch.Generator().manual_seed(seed)) * scale
+        want = enumerated_marginals(valid, logits)
+        got, H = grammar.marginals(logits, return_entropy=True)
+        step = grammar.denoise_step(logits, generator=torch.Generator().manual_seed(0))
+        for m, h in ((got, H), (step.log_marginals, step.entropy)):
+            np.testing.assert_allclose(m.exp().double().numpy(), want, atol=5e-6)
+            np.testing.assert_allclose(h.numpy(), enumerated_entropies(want), atol=1e-5)
+        assert step.argmax == valid[np.argmax(scores(valid, logits))].tolist()
+        assert tuple(step.sample) in {tuple(c) for c in valid.tolist()}
+    assert (log_space_calls[0] == 0) == (scale == 1.0), log_space_calls
+
+
+def test_sample_is_exact_where_the_valid_tokens_lie_far_below_the_rows_best(grammar, log_space_calls):
+    """Tokens the grammar allows elsewhere but not here get 2000 nats over the rest: the
+    distribution over valid canvases is unchanged (they never count), but every valid
+    token's weight underflows against the row's best. 3000 samples, TV < 0.05 (~0.02
+    expected with 14 canvases)."""
+    L = 6
+    valid = enumerate_valid(grammar, L)
+    logits = torch.randn(L, grammar.vocab.size, generator=torch.Generator().manual_seed(3)) * 1.5
+    p = np.exp(scores(valid, logits) - scores(valid, logits).max())
+    p /= p.sum()
+    far = logits.clone()
+    far[0, 3] += 2000.0  # "]" first: never
+    far[1:, 2] += 2000.0  # "[" after the first: never
+    n = 3000
+    samples = grammar.sample(far.expand(n, L, -1).contiguous(), generator=torch.Generator().manual_seed(11))
+    index = {tuple(c): i for i, c in enumerate(valid.tolist())}
+    counts = np.zeros(len(valid))
+    for c in samples:
+        counts[index[tuple(c)]] += 1  # KeyError would mean an invalid sample
+    assert 0.5 * np.abs(counts / n - p).sum() < 0.05
+    assert log_space_calls[0] > 0
+    np.testing.assert_allclose(grammar.marginals(far).exp().double().numpy(), enumerated_marginals(valid, logits),
+                               atol=5e-6)
+
+
+def test_a_branch_far_behind_early_that_wins_later():
+    """"aaaa" against "bbbb": b trails by 1200 nats after two letters (beyond float64's
+    range from a), then leads by 1300 over the last two. Every logit lies within 700
+    of its row's best, so no weight underflows on its own: only the two passes'
+    disagreement about the canvas's mass tells the forward one lost "bbbb"."""
+    g = compile_schema({"enum": ["aaaa", "bbbb"]}, word_tokenizer(['"', "a", "b"]), wire_format="json")
+    q, a, b = 2, 3, 4
+    L = 7  # '"' x x x x '"' <eos>
+    logits = torch.full((L, g.vocab.size), -600.0)
+    logits[0, q] = logits[5, q] = logits[6, 1] = 0.0
+    logits[1, a] = logits[2, a] = 0.0  # b: -600 at each
+    logits[3, b] = logits[4, b] = 0.0
+    logits[3, a], logits[4, a] = -600.0, -700.0
+    logp = g.marginals(logits)
+    assert abs(logp[1, a] + 100.0) < 1e-3 and abs(logp[1, b]) < 1e-6  # P(aaaa) = e^-100 / (1 + e^-100)
+    step = g.denoise_step(logits, generator=torch.Generator().manual_seed(0))
+    assert step.argmax == step.sample == [q, b, b, b, b, q, 1]
+
+
+def test_weights_that_lose_digits_show_as_masses_that_disagree():
+    """No weight underflows to 0 here, yet two lose most of their digits: at the second
+    letter every valid token lies 700 nats below the row's best (~1e-304, still a normal
+    float64), and the branch behind by 38 nats (b in the forward pass, a in the
+    backward one) lands at ~1e-320, where float64 keeps ~14 bits. Each pass then weighs
+    its canvases with an error of ~1e-4, and the two passes' masses of the canvas
+    disagree: the canvas is redone in log space (without that check its marginals were
+    3.5e-4 off)."""
+    g = compile_schema({"enum": ["aaaa", "bbbb"]}, word_tokenizer(['"', "a", "b"]), wire_format="json")
+    q, a, b = 2, 3, 4
+    L = 7
+    logits = torch.full((L, g.vocab.size), -50.0)
+    logits[0, q] = logits[5, q] = logits[6, 1] = 0.0
+    logits[1, q] = logits[2, q] = 0.0  # a quote: allowed in the grammar, never here
+    logits[1, a], logits[1, b] = 0.0, -38.0
+    logits[2, a] = logits[2, b] = -700.0
+    logits[3, b] = logits[4, b] = 0.0
+    logits[3, a] = logits[4, a] = -20.0  # "bbbb" ahead by 2 in all
+    valid = enumerate_valid(g, L)
+    want = enumerated_marginals(valid, logits)
+    assert abs(want[1, b] - 1 / (1 + math.exp(-2))) < 1e-12
+    np.testing.assert_allclose(g.marginals(logits).exp().double().numpy(), want, atol=5e-6)

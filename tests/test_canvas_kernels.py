@@ -417,3 +417,31 @@ def test_threads_may_call_the_passes_at_once_under_numba_s_workqueue_layer(tmp_p
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["workqueue", "[]"], done.stdout
+
+
+def test_a_draw_whose_weights_fall_out_of_float64_s_range_is_refused():
+    """The sampler's draws check their weights' total against the largest group weight
+    and the next backward row's total: a draw among weights of ~1e-320 (float64 keeps a
+    few bits there, or none) says so, and the caller redoes the canvas in log space."""
+    # one position: state 0 -> state 1 (group 0, atom 0) or -> state 2 (group 1, atom 1)
+    out_offsets, out_dst, out_group = np.array([0, 2, 2, 2]), np.array([1, 2], np.int32), np.array([0, 1], np.int32)
+    group_atoms, group_offsets = np.array([0, 1], np.int32), np.array([0, 1, 2])
+    rank = np.arange(3, dtype=np.int32)
+    u = np.full((1, 3), 0.5)
+
+    def draw(gsum, beta_next, live_lists):
+        gsum = np.array([gsum])
+        beta = np.array([[1.0, 0.0, 0.0], [0.0, *beta_next]])
+        if live_lists:  # the live-list passes' rows each sum to 1: (offsets, states, beta) of live states
+            offsets, states = np.array([0, 1, 3]), np.array([0, 1, 2], np.int32)
+            flat = np.array([1.0, *beta_next])
+            return dp._sample_atoms_live(gsum, gsum, offsets, states, flat, 0, out_offsets, out_dst, out_group,
+                                         group_atoms, group_offsets, u)
+        return dp._sample_atoms(gsum, gsum, beta, np.array([1.0, sum(beta_next)]), rank, 0, out_offsets, out_dst,
+                                out_group, group_atoms, group_offsets, u)
+
+    for live_lists in (False, True):
+        atoms, ok = draw([0.3, 0.7], [0.5, 0.5], live_lists)
+        assert ok and atoms.tolist() == [1]
+        assert not draw([3e-320, 7e-320], [0.5, 0.5], live_lists)[1]  # the group weights
+    assert not draw([0.3, 0.7], [3e-320, 7e-320], False)[1]  # the dense backward row's values

@@ -102,11 +102,11 @@ def _marginals_and_draws(V: int, device: str, kernel: str) -> None:
     xt = torch.from_numpy(x).to(device)
     layout = device_passes.atom_layout(atom_of, K, torch.device(device))
     rowmax, _, asum, _, amax, aarg = device_passes.reduce_atoms(xt, layout, True, False, kernel="torch")
-    F = np.random.default_rng(V).random((x.shape[0], K))
-    F[:, 1] = 0.0  # an atom the canvas never takes here
-    want = device_passes.log_marginals(xt, rowmax, F, layout.index, kernel="torch")
+    log_f = np.log(np.random.default_rng(V).random((x.shape[0], K)))
+    log_f[:, 1] = -np.inf  # an atom the canvas never takes here
+    want = device_passes.log_marginals(xt, rowmax, log_f, layout.index, kernel="torch")
     got = torch.full_like(xt, 7.0)
-    assert device_passes.log_marginals(xt, rowmax, F, layout.index, out=got, kernel=kernel) is got
+    assert device_passes.log_marginals(xt, rowmax, log_f, layout.index, out=got, kernel=kernel) is got
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     assert torch.isneginf(got[:, torch.from_numpy(atom_of < 0).to(device)]).all()
     rng = np.random.default_rng(V + 1)

@@ -667,17 +667,22 @@ def _mask_both(out, vout, live, following, vfollowing):  # pragma: no cover - co
 
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _backward_into(beta, gsum, live, src, dst, group, runs, clip, fans):  # pragma: no cover
+def _backward_into(beta, gsum, live, src, dst, group, runs, clip, fans, totals):  # pragma: no cover
     """beta (L + 1, S), any contents <- beta[l, j] ∝ weight of the valid completions of
     the canvas from row j at position l (0 where j is not live); False when there are
     none. Each row is known up to its own factor (every use normalises within a
-    position): its total divides the next row's weights instead of a pass over the row."""
+    position): its total divides the next row's weights instead of a pass over the row.
+    totals (L + 1,) <- each row's total, from which ``log_mass_backward`` recovers the
+    canvas's mass (see ``in_range``)."""
     L = gsum.shape[0]
     S = live.shape[1]
     G = gsum.shape[1]
     E = src.shape[0]
+    n_final = 0.0
     for j in range(S):
         beta[L, j] = 1.0 if live[L, j] else 0.0
+        n_final += beta[L, j]
+    totals[L] = n_final
     gsi = np.empty(G, np.float64)  # the group weights at l, divided by the total of row l + 1
     spare = np.empty(S, np.float64)  # (what the last row's masking clears)
     if L > 0:
@@ -700,6 +705,7 @@ def _backward_into(beta, gsum, live, src, dst, group, runs, clip, fans):  # prag
         for e in range(fans[-1], E):  # the single edges, by source row in turns (indices unsigned: see the scan)
             out[np.uint32(src[e])] += gsi[np.uint32(group[e])] * nxt[np.uint32(dst[e])]
         tot = _mask_total(out, live[l], beta[l - 1] if l > 0 else spare)
+        totals[l] = tot
         if not tot > 0.0:
             return False
         scale = 1.0 / tot
@@ -746,7 +752,7 @@ def _forward_step(cur, nxt, following, gsi, vcur, vnxt, vfollowing, gm, live_nex
 
 @nb.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
 def _forward_into(alpha, vit, gsum, gmax, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group, start,
-                  rank, want_sum, want_max):  # pragma: no cover - compiled
+                  rank, totals, want_sum, want_max):  # pragma: no cover - compiled
     """The forward passes into their (L + 1, S) buffers, any contents: with ``want_sum``
     alpha[l, j] ∝ weight of the valid prefixes of l tokens ending in row j (0 where j is
     not live), the mirror of ``_backward_into`` (each row is known up to its own factor,
@@ -755,7 +761,8 @@ def _forward_into(alpha, vit, gsum, gmax, live, src, dst, group, runs, clip, fan
     (``_forward_step``). Returns (best_end, ok): the best accepting row at L (ties: the
     lowest state; -1 without ``want_max``), and False when no valid canvas exists. Every
     position's Viterbi scores are kept for the traceback instead of backpointers
-    (writing them made the run loops ~2x slower)."""
+    (writing them made the run loops ~2x slower). With ``want_sum``, totals (L + 1,) <-
+    each row's total (see ``log_mass_forward``)."""
     L = live.shape[0] - 1
     G = gsum.shape[1]
     gsi = np.empty(G, np.float64)  # the group weights at l, divided by the total of row l
@@ -764,6 +771,7 @@ def _forward_into(alpha, vit, gsum, gmax, live, src, dst, group, runs, clip, fan
     if want_sum:
         alpha[0, :] = 0.0
         alpha[0, start] = 1.0
+        totals[0] = 1.0
         if L > 0:
             alpha[1, :] = 0.0
     if want_max:
@@ -787,6 +795,7 @@ def _forward_into(alpha, vit, gsum, gmax, live, src, dst, group, runs, clip, fan
                                     gmax[l], live[l + 1], src, dst, group, runs, clip[l], fans, in_row, in_other,
                                     in_group, False, True)
         if want_sum:
+            totals[l + 1] = tot
             if not tot > 0.0:
                 return -1, False
             scale = 1.0 / tot
@@ -799,11 +808,11 @@ def _forward_into(alpha, vit, gsum, gmax, live, src, dst, group, runs, clip, fan
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _alpha_into(alpha, gsum, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group,
-                start):  # pragma: no cover
+                start, totals):  # pragma: no cover
     """``_forward_into``'s sum pass alone: whether there is a valid canvas."""
     none2 = np.empty((0, 0), np.float64)
     return _forward_into(alpha, none2, gsum, none2, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group,
-                         start, np.empty(0, np.int32), True, False)[1]
+                         start, np.empty(0, np.int32), totals, True, False)[1]
 
 
 @nb.njit(cache=True, nogil=True)
@@ -812,15 +821,15 @@ def _viterbi_into(vit, gmax, live, src, dst, group, runs, clip, fans, in_row, in
     """``_forward_into``'s Viterbi pass alone: (best_end, ok)."""
     none2 = np.empty((0, 0), np.float64)
     return _forward_into(none2, vit, none2, gmax, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group,
-                         start, rank, False, True)
+                         start, rank, np.empty(0, np.float64), False, True)
 
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _alpha_viterbi_into(alpha, vit, gsum, gmax, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group,
-                        start, rank):  # pragma: no cover - compiled
+                        start, rank, totals):  # pragma: no cover - compiled
     """``_forward_into``'s two passes in one sweep: (best_end, ok)."""
     return _forward_into(alpha, vit, gsum, gmax, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group,
-                         start, rank, True, True)
+                         start, rank, totals, True, True)
 
 
 #: Copies of the group posteriors the single edges add into, by edge (a power of 2): a
@@ -890,7 +899,7 @@ def _factors(alpha, beta, gsum, src, dst, group, runs, clip, fans, in_row, in_ot
 
 @nb.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
 def _alpha_factors_body(beta, gsum, gmax, vit, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group,
-                        start, rank, atom_groups, atom_group_offsets, want_max):  # pragma: no cover - compiled
+                        start, rank, atom_groups, atom_group_offsets, totals, want_max):  # pragma: no cover - compiled
     """The factors F (L, K) of ``_factors`` and the forward pass of ``_alpha_into`` in one
     sweep, for a single thread: each position's factors are taken from the forward
     message just computed, while it is in cache, and only two rows of it are kept. The
@@ -898,7 +907,8 @@ def _alpha_factors_body(beta, gsum, gmax, vit, live, src, dst, group, runs, clip
     passes at 1 tool, BPE 4k; 0.78x at 20 tools, whose messages outgrow the caches).
     With ``want_max`` the Viterbi pass of ``_viterbi_into`` into vit rides along, its
     numbers the same too (warm, BPE 4k: 0.93x the two sweeps at 1 tool, 0.92x at 5 and
-    0.91x at 20 tools).
+    0.91x at 20 tools). totals (L + 1,) <- the forward rows' totals, as
+    ``_forward_into`` records them.
     Returns (F, best_end, ok); best_end is -1 without ``want_max``."""
     L, G = gsum.shape
     S = live.shape[1]
@@ -911,6 +921,7 @@ def _alpha_factors_body(beta, gsum, gmax, vit, live, src, dst, group, runs, clip
     spare = np.empty(S, np.float64)  # (what the last Viterbi row's masking fills)
     none = np.empty(0, np.float64)
     cur[start] = 1.0
+    totals[0] = 1.0
     if want_max:
         _viterbi_start(vit, start)
     scale = 1.0
@@ -928,6 +939,7 @@ def _alpha_factors_body(beta, gsum, gmax, vit, live, src, dst, group, runs, clip
         else:
             tot, ok = _forward_step(cur, nxt, cur, gsi, none, none, none, none, live[l + 1], src, dst, group, runs,
                                     clip[l], fans, in_row, in_other, in_group, True, False)
+        totals[l + 1] = tot
         if not (tot > 0.0 and ok):
             return F, -1, False
         scale = 1.0 / tot
@@ -940,20 +952,21 @@ def _alpha_factors_body(beta, gsum, gmax, vit, live, src, dst, group, runs, clip
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _alpha_factors(beta, gsum, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group, start, atom_groups,
-                   atom_group_offsets):  # pragma: no cover - compiled
+                   atom_group_offsets, totals):  # pragma: no cover - compiled
     """``_alpha_factors_body`` without the Viterbi pass: (F, ok)."""
     none2 = np.empty((0, 0), np.float64)
     F, _, ok = _alpha_factors_body(beta, gsum, none2, none2, live, src, dst, group, runs, clip, fans, in_row, in_other,
-                                   in_group, start, np.empty(0, np.int32), atom_groups, atom_group_offsets, False)
+                                   in_group, start, np.empty(0, np.int32), atom_groups, atom_group_offsets, totals,
+                                   False)
     return F, ok
 
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _alpha_factors_viterbi(beta, gsum, gmax, vit, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group,
-                           start, rank, atom_groups, atom_group_offsets):  # pragma: no cover - compiled
+                           start, rank, atom_groups, atom_group_offsets, totals):  # pragma: no cover - compiled
     """``_alpha_factors_body`` with the Viterbi pass into vit (L + 1, S): (F, best_end, ok)."""
     return _alpha_factors_body(beta, gsum, gmax, vit, live, src, dst, group, runs, clip, fans, in_row, in_other,
-                               in_group, start, rank, atom_groups, atom_group_offsets, True)
+                               in_group, start, rank, atom_groups, atom_group_offsets, totals, True)
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
@@ -977,6 +990,35 @@ def _best_end(last, rank):  # pragma: no cover - compiled
             bv = last[j]
             best_end = j
     return best_end, best_end >= 0
+
+
+# ---- the total weight of the valid canvases, from each pass's row totals -----------------
+# Each pass divides a row by a total before it pulls the next one, so the canvas's mass is
+# the last row's total times every divisor before it. Forward and backward masses agree
+# to rounding (~1e-13 in log) unless weight fell out of float64's range on one side (a
+# branch of the grammar ~700 nats below the rest early on that outweighs it later): the
+# caller then redoes the canvas in log space (see log_canvas).
+
+#: Largest gap (in log) between the forward and the backward mass of a canvas in range.
+MASS_TOLERANCE = 1e-6
+
+
+def log_mass_forward(totals: np.ndarray) -> float:
+    """log of the canvas's mass from a forward pass's row totals (L + 1,): row l + 1 was
+    pulled from row l divided by its total (``_forward_into``, ``_alpha_factors_body``,
+    ``_forward_live_body`` alike), row 0 holds the start state alone."""
+    with np.errstate(divide="ignore"):
+        return float(np.log(totals[1:]).sum())
+
+
+def log_mass_backward(beta_start: float, totals: np.ndarray, dense: bool) -> float:
+    """log of the canvas's mass from a backward pass: the start state's value at
+    position 0 and the rows' totals (L + 1,). The dense pass pulls row l from row l + 1
+    divided by its total (the last row, all ones, undivided); the live-list pass divides
+    each row by its own total."""
+    L = totals.shape[0] - 1
+    with np.errstate(divide="ignore"):
+        return float(np.log(beta_start) + np.log(totals[1:L] if dense else totals[:L]).sum())
 
 
 #: The dense passes a step can ask for together (see ``_dense_passes``).
@@ -1018,18 +1060,18 @@ MESSAGES = MessageBuffers()
 
 @parallel_kernel(cache=True, nogil=True)
 def _dense_passes(gsum, gmax, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group, start, rank,
-                  task_of, vit, alpha, beta):  # pragma: no cover - compiled
+                  task_of, vit, alpha, beta, alpha_totals, beta_totals):  # pragma: no cover - compiled
     """The passes that do not depend on each other, as tasks for numba's threads:
     task_of[p] is the task that runs pass p (VITERBI, ALPHA, BETA) into its buffer
     (L + 1, S), -1 where the pass is not wanted; a task runs its passes in that order,
-    Viterbi and alpha in one sweep where it has both. Returns status = [best_end,
-    Viterbi ok, alpha ok, beta ok]."""
+    Viterbi and alpha in one sweep where it has both; alpha and beta record their rows'
+    totals. Returns status = [best_end, Viterbi ok, alpha ok, beta ok]."""
     status = np.ones(4, np.int64)
     status[0] = -1
     for task in nb.prange(task_of.max() + 1):
         if task_of[VITERBI] == task and task_of[ALPHA] == task:
             best_end, ok = _alpha_viterbi_into(alpha, vit, gsum, gmax, live, src, dst, group, runs, clip, fans, in_row,
-                                               in_other, in_group, start, rank)
+                                               in_other, in_group, start, rank, alpha_totals)
             status[0] = best_end
             status[1] = ok
             status[2] = ok
@@ -1040,9 +1082,9 @@ def _dense_passes(gsum, gmax, live, src, dst, group, runs, clip, fans, in_row, i
             status[1] = ok
         elif task_of[ALPHA] == task:
             status[2] = _alpha_into(alpha, gsum, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group,
-                                    start)
+                                    start, alpha_totals)
         if task_of[BETA] == task:
-            status[3] = _backward_into(beta, gsum, live, src, dst, group, runs, clip, fans)
+            status[3] = _backward_into(beta, gsum, live, src, dst, group, runs, clip, fans, beta_totals)
     return status
 
 
@@ -1103,12 +1145,15 @@ def _chunk(lo, hi, c):  # pragma: no cover - compiled
 
 
 @parallel_kernel(cache=True, nogil=True)
-def _backward_live(gsum, offsets, states, out_offsets, out_dst, out_group, S):  # pragma: no cover
-    """beta[i] ∝ weight of the valid completions from live state i (its position's suffix)."""
+def _backward_live(gsum, offsets, states, out_offsets, out_dst, out_group, S, row_totals):  # pragma: no cover
+    """beta[i] ∝ weight of the valid completions from live state i (its position's suffix),
+    each position's values summing to 1; row_totals (L + 1,) <- what each position's
+    values summed to before (see ``log_mass_backward``)."""
     L = gsum.shape[0]
     beta = np.zeros(states.shape[0], np.float64)
     nxt = np.zeros(S, np.float64)  # beta at l + 1, dense over states
     totals = np.zeros(LIVE_CHUNKS, np.float64)
+    row_totals[L] = offsets[L + 1] - offsets[L]
     for i in range(offsets[L], offsets[L + 1]):
         beta[i] = 1.0
         nxt[states[i]] = 1.0
@@ -1127,7 +1172,8 @@ def _backward_live(gsum, offsets, states, out_offsets, out_dst, out_group, S):  
         tot = 0.0
         for c in range(LIVE_CHUNKS):
             tot += totals[c]
-        if tot <= 0.0:
+        row_totals[l] = tot
+        if not tot > 0.0:
             return beta, False
         for c in nb.prange(LIVE_CHUNKS):
             i0, i1 = _chunk(offsets[l + 1], offsets[l + 2], c)
@@ -1147,16 +1193,16 @@ def _forward_live_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-unt
 
     @parallel_kernel(cache=True, nogil=True)
     def forward(gsum, gmax, offsets, states, beta, in_offsets, in_src, in_group, atom_groups, atom_group_offsets,
-                S):  # pragma: no cover - compiled
+                S, row_totals):  # pragma: no cover - compiled
         return _forward_live_body(gsum, gmax, offsets, states, beta, in_offsets, in_src, in_group, atom_groups,
-                             atom_group_offsets, S, want_sum, want_max)
+                                  atom_group_offsets, S, row_totals, want_sum, want_max)
 
     return forward
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
 def _forward_live_body(gsum, gmax, offsets, states, beta, in_offsets, in_src, in_group, atom_groups, atom_group_offsets,
-                  S, want_sum, want_max):  # pragma: no cover
+                       S, row_totals, want_sum, want_max):  # pragma: no cover
     """The forward passes, pulling over each live state's incoming edges: with
     ``want_sum`` the sum-product pass and from it and ``beta`` the atom factors F (L, K);
     with ``want_max`` the max-product (Viterbi) pass and a backpointer per live state.
@@ -1171,7 +1217,9 @@ def _forward_live_body(gsum, gmax, offsets, states, beta, in_offsets, in_src, in
     exp(x_t) / gsum.
 
     Returns (F, back, best_end, ok): best_end is the live index of the best accepting
-    state at L (Viterbi), ok is False when no valid canvas exists.
+    state at L (Viterbi), ok is False when no valid canvas exists. With ``want_sum``,
+    row_totals (L + 1,) <- what each position's forward values summed to before they
+    were divided by it (see ``log_mass_forward``).
     """
     L = gsum.shape[0] if want_sum else gmax.shape[0]
     G = gsum.shape[1] if want_sum else gmax.shape[1]
@@ -1188,6 +1236,8 @@ def _forward_live_body(gsum, gmax, offsets, states, beta, in_offsets, in_src, in
     for i in range(offsets[0], offsets[1]):  # the start state alone
         cur[states[i]] = 1.0
         vcur[states[i]] = 0.0
+    if want_sum:
+        row_totals[0] = 1.0
     for l in range(L):
         for c in nb.prange(LIVE_CHUNKS):
             Wl = Wc[c]
@@ -1231,6 +1281,7 @@ def _forward_live_body(gsum, gmax, offsets, states, beta, in_offsets, in_src, in
                 for g in range(G):
                     W[g] += Wl[g]
                     Wl[g] = 0.0
+            row_totals[l + 1] = tot
             if tot <= 0.0 or post <= 0.0:
                 return F, back, -1, False
             for g in range(G):
@@ -1278,10 +1329,30 @@ _forward_live_max = _forward_live_kernel(False, True)
 _forward_live_both = _forward_live_kernel(True, True)
 
 
+#: A draw's total below this share of (its largest group weight + the total of the next
+#: position's backward values) may have lost weight to float64's range (see
+#: ``_draw_in_range``).
+DRAW_FLOOR = 1e-265
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _draw_in_range(tot, e0, e1, l, gsum, out_group, next_total):  # pragma: no cover - compiled
+    """Whether a draw from edges e0..e1 - 1 at position l, their weights gsum * beta
+    summing to tot, is exact: an edge's weight was lost to float64's range only where
+    its group weight or its end's beta fell below 2.2e-308 (~1e-302 with a group's
+    ~2.6e5 tokens and ~1e3 edges a state: the rest weigh no more than the largest group
+    weight, or the backward row's total ``next_total``); above DRAW_FLOOR of those,
+    such losses stay below 1e-37 of the draw."""
+    gmx = 0.0
+    for j in range(e0, e1):
+        gmx = max(gmx, gsum[l, out_group[j]])
+    return tot > DRAW_FLOOR * (gmx + next_total)
+
+
 @nb.njit(cache=True, nogil=True, inline="always")
 def _draw_edge_and_atom(w_edge, e0, e1, tot, l, asum, gsum, out_group, group_atoms, group_offsets,
                         uniforms):  # pragma: no cover - compiled
-    """The edge among e0..e1 - 1 (weights w_edge[0:e1 - e0], total tot) and the atom
+    """The edge among e0..e1 - 1 (weights w_edge[0:e1 - e0], total tot > 0) and the atom
     inside its group (weight asum) drawn at position l: -> (edge, atom)."""
     u = uniforms[l, 0] * tot
     chosen = -1
@@ -1311,7 +1382,8 @@ def _draw_edge_and_atom(w_edge, e0, e1, tot, l, asum, gsum, out_group, group_ato
 def _sample_atoms_live(asum, gsum, offsets, states, beta, start, out_offsets, out_dst, out_group, group_atoms,
                        group_offsets, uniforms):  # pragma: no cover
     """Backward filtering, forward sampling: an edge per position (weight gsum * beta of
-    its end), then an atom inside the edge's group (weight asum). -> atoms (L,) int32."""
+    its end; each position's beta sums to 1), then an atom inside the edge's group
+    (weight asum). -> (atoms (L,) int32, ok) as ``_sample_atoms``."""
     L = gsum.shape[0]
     out = np.empty(L, np.int32)
     degree = out_offsets[1:] - out_offsets[:-1]
@@ -1327,11 +1399,13 @@ def _sample_atoms_live(asum, gsum, offsets, states, beta, start, out_offsets, ou
             w = gsum[l, out_group[j]] * beta[i] if i >= 0 else 0.0
             w_edge[j - e0] = w
             tot += w
+        if not _draw_in_range(tot, e0, e1, l, gsum, out_group, 1.0):
+            return out, False
         chosen, k = _draw_edge_and_atom(w_edge, e0, e1, tot, l, asum, gsum, out_group, group_atoms,
                                          group_offsets, uniforms)
         out[l] = k
         s = out_dst[chosen]
-    return out
+    return out, True
 
 
 @nb.njit(cache=True, nogil=True)
@@ -1384,6 +1458,30 @@ def write_marginals(logits: np.ndarray, rowmax: np.ndarray, atom_of: np.ndarray,
     _write_marginals(logits, rowmax, atom_of, log_f, out, row_parts(logits.shape[0]))
 
 
+@nb.njit(cache=True, nogil=True)
+def marginals_reference(log_f, amax, rowmax):  # pragma: no cover - compiled
+    """For a device that writes the log-marginals in float32 as x - ref + shift[atom]:
+    ref (N,) float32, each row's best logit among the atoms with mass (the row's best
+    allowed one where none has), and shift (N, K) float64 = log F - rowmax + ref. Near
+    the tokens that carry the mass both terms stay small; from the row's best allowed
+    token, x - rowmax and log F would cancel at thousands of nats apart when a low
+    temperature puts every valid token far below it."""
+    N, K = log_f.shape
+    ref = np.empty(N, np.float32)
+    shift = np.empty((N, K), np.float64)
+    for n in range(N):
+        r = -np.inf
+        for k in range(K):
+            if log_f[n, k] > -np.inf and amax[n, k] > r:
+                r = amax[n, k]
+        if r == -np.inf:
+            r = rowmax[n]
+        ref[n] = r
+        for k in range(K):
+            shift[n, k] = log_f[n, k] - rowmax[n] + np.float64(ref[n])
+    return ref, shift
+
+
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _entropy(asum, asumx, F, log_f):  # pragma: no cover
     """Entropy (nats) of each position's constrained marginal, from atom statistics."""
@@ -1403,11 +1501,13 @@ def _entropy(asum, asumx, F, log_f):  # pragma: no cover
 
 
 @nb.njit(cache=True, nogil=True)
-def _sample_atoms(asum, gsum, beta, out_rank, start, out_offsets, out_dst, out_group, group_atoms, group_offsets,
-                  uniforms):  # pragma: no cover
+def _sample_atoms(asum, gsum, beta, beta_totals, out_rank, start, out_offsets, out_dst, out_group, group_atoms,
+                  group_offsets, uniforms):  # pragma: no cover
     """Backward filtering, forward sampling: an edge per position (weight gsum * beta of
-    its end; beta in "out" order, 0 off the valid canvases), then an atom inside the
-    edge's group (weight asum). -> atoms (L,) int32."""
+    its end; beta in "out" order, 0 off the valid canvases, each row's total in
+    beta_totals), then an atom inside the edge's group (weight asum). -> (atoms (L,)
+    int32, ok): ok is False where a draw may have lost weight to float64's range
+    (``_draw_in_range``), and the atoms are then unfinished."""
     L = gsum.shape[0]
     out = np.empty(L, np.int32)
     degree = out_offsets[1:] - out_offsets[:-1]
@@ -1421,11 +1521,13 @@ def _sample_atoms(asum, gsum, beta, out_rank, start, out_offsets, out_dst, out_g
             w = gsum[l, out_group[j]] * bn[out_rank[out_dst[j]]]
             w_edge[j - e0] = w
             tot += w
+        if not _draw_in_range(tot, e0, e1, l, gsum, out_group, beta_totals[l + 1]):
+            return out, False
         chosen, k = _draw_edge_and_atom(w_edge, e0, e1, tot, l, asum, gsum, out_group, group_atoms,
                                          group_offsets, uniforms)
         out[l] = k
         s = out_dst[chosen]
-    return out
+    return out, True
 
 
 @parallel_kernel(cache=True, nogil=True, fastmath={"contract"})

@@ -17,7 +17,7 @@ import torch
 from ..errors import GrammarInputError, NoValidCanvasError, ParseError
 from ..numba_threads import row_parts
 from . import canvas as dp
-from . import device_passes
+from . import device_passes, log_canvas
 from .canvas_layout import EdgeLayout, edge_layout
 from .fsa import Dfa
 from .token_automaton import TokenAutomaton
@@ -84,14 +84,40 @@ class _Scores:
     gsum: np.ndarray  # (N, G) f64 sums per group
     block_sums: np.ndarray  # (N, blocks) f32 host pass: sums of exp(x - amax) per block of each atom's tokens
     rowmax_dev: torch.Tensor | None  # (N,) rowmax on the logits' device (device passes), else None
+    #: the atoms' log sums (N, K), taken for all rows when a canvas first needs them (log space)
+    _log_asum: list[np.ndarray] = field(default_factory=list)
+
+    def log_asum(self, atom_of: np.ndarray) -> np.ndarray:
+        """log sum of exp(x - rowmax) per atom (N, K), exact where ``asum`` underflows."""
+        if not self._log_asum:
+            self._log_asum.append(log_canvas.log_atom_sums(self.flat, atom_of, self.amax, self.rowmax))
+        return self._log_asum[0]
+
+    def sums_in_range(self, rows: slice) -> bool:
+        """Whether every atom with a finite logit in these rows kept its sum within
+        float64's normal range (else the fast passes would weigh it as 0, or coarsely)."""
+        return not bool(((self.asum[rows] < _NORMAL) & (self.aarg[rows] >= 0)).any())
+
+
+#: float64's smallest normal number: below it a weight keeps fewer digits, then none.
+_NORMAL = float(np.finfo(np.float64).tiny)
 
 
 class _Passes(NamedTuple):
     """What the DP over one canvas gave (see ``CompiledGrammar._canvas_passes``)."""
 
     beta: np.ndarray | None  # backward messages (dense: (L + 1, S) by row; live lists: one per live state)
+    beta_totals: np.ndarray | None  # (L + 1,) each backward row's total
     F: np.ndarray | None  # (L, K) atom factors
     path: list[int] | None  # the Viterbi canvas
+    #: False where the sums left float64's range (a pass without mass, or forward and
+    #: backward masses that disagree): beta and F are then to be redone in log space
+    #: (``CompiledGrammar._log_space``); path may be None then too.
+    in_range: bool
+
+
+#: A canvas whose atom sums already left float64's range: straight to log space.
+_OUT_OF_RANGE = _Passes(None, None, None, None, in_range=False)
 
 
 class CompiledGrammar:
@@ -422,12 +448,18 @@ class CompiledGrammar:
         block of positions per thread; on one thread, beta, then alpha, the factors and
         the Viterbi pass in one sweep (the same numbers). Over live-state lists beta comes
         first, then one forward sweep for the factors and the Viterbi pass together (it
-        shares the edges' loads), each position's states shared by the threads."""
+        shares the edges' loads), each position's states shared by the threads.
+
+        Where the sums leave float64's range (a pass without mass where the support says
+        there are valid canvases, or forward and backward masses that disagree), the
+        result says so (``in_range``) rather than raising: the caller redoes the canvas
+        in log space (``_log_space``)."""
         ta = self.automaton
         L = (gsum if gsum is not None else gmax).shape[0]  # type: ignore[union-attr]
         none2 = np.zeros((0, 0), np.float64)
         beta = F = trace = None
         best_end, ok = -1, True
+        alpha_totals, beta_totals = np.ones(L + 1), np.ones(L + 1)  # (L + 1,) each: the rows' totals
         if sup.dense:
             lay = self._layout
             edges = (sup.live, lay.src, lay.dst, lay.group, lay.runs, sup.clip, lay.fans, lay.in_row, lay.in_other,
@@ -441,33 +473,36 @@ class CompiledGrammar:
                 best_end, ok = dp._viterbi_into(trace, gmax, *edges, lay.rank)
             elif gmax is None and not factors:  # beta alone (sample)
                 beta = messages(dp.BETA)
-                ok = dp._backward_into(beta, gsum, *edges[:7])
+                ok = dp._backward_into(beta, gsum, *edges[:7], beta_totals)
             elif factors and numba.get_num_threads() == 1:
                 # one thread: beta, then the factors taken in the forward sweep, and the
                 # Viterbi pass in it too where asked (no thread would run the passes side
                 # by side, or the factors' positions)
                 beta = messages(dp.BETA)
-                ok = dp._backward_into(beta, gsum, *edges[:7])
+                ok = dp._backward_into(beta, gsum, *edges[:7], beta_totals)
                 if ok and gmax is not None:
                     trace = messages(dp.VITERBI)
                     F, best_end, ok = dp._alpha_factors_viterbi(beta, gsum, gmax, trace, *edges, lay.rank,
-                                                                ta.atom_groups, ta.atom_group_offsets)
+                                                                ta.atom_groups, ta.atom_group_offsets, alpha_totals)
                 elif ok:
-                    F, ok = dp._alpha_factors(beta, gsum, *edges, ta.atom_groups, ta.atom_group_offsets)
+                    F, ok = dp._alpha_factors(beta, gsum, *edges, ta.atom_groups, ta.atom_group_offsets,
+                                              alpha_totals)
             else:
                 threads = numba.get_num_threads()
                 passes = tuple(p for p, wanted in ((dp.VITERBI, gmax is not None), (dp.ALPHA, factors),
                                                    (dp.BETA, True)) if wanted)
                 trace, alpha, beta = (messages(p, p in passes) for p in (dp.VITERBI, dp.ALPHA, dp.BETA))
                 status = dp._dense_passes(gsum, none2 if gmax is None else gmax, *edges, lay.rank,
-                                          dp.dense_tasks(passes, threads), trace, alpha, beta)
+                                          dp.dense_tasks(passes, threads), trace, alpha, beta, alpha_totals,
+                                          beta_totals)
                 best_end, ok = int(status[0]), bool(status[1:].all())
                 if ok and factors:
                     F, ok = dp._factors(alpha, beta, gsum, *edges[1:10], ta.atom_groups, ta.atom_group_offsets,
                                         row_parts(L))
         else:
             if gsum is not None:
-                beta, ok = dp._backward_live(gsum, sup.offsets, sup.states, *self._out_edges, ta.n_states)
+                beta, ok = dp._backward_live(gsum, sup.offsets, sup.states, *self._out_edges, ta.n_states,
+                                             beta_totals)
             if ok and (factors or gmax is not None):
                 kernel = (dp._forward_live_max if not factors else dp._forward_live_sum if gmax is None
                           else dp._forward_live_both)
@@ -475,14 +510,21 @@ class CompiledGrammar:
                 F, trace, best_end, ok = kernel(
                     gsum if factors else none2, none2 if gmax is None else gmax, sup.offsets, sup.states,
                     beta if factors else np.zeros(0, np.float64), *self._in_edges, ta.atom_groups,
-                    ta.atom_group_offsets, ta.n_states)
+                    ta.atom_group_offsets, ta.n_states, alpha_totals)
         if not ok:
-            raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
+            if gsum is None:  # Viterbi scores are logs: no range to leave, the logits allow no canvas
+                raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
+            return _OUT_OF_RANGE
         path = None
         if gmax is not None:
             assert best is not None and trace is not None
             path = self._viterbi_path(sup, trace, best_end, gmax, best)
-        return _Passes(beta, F if factors else None, path)
+        if factors:  # the total weight of the valid canvases, once from each end
+            beta_start = beta[0, self._layout.rank[s0]] if sup.dense else beta[sup.offsets[0]]
+            gap = dp.log_mass_forward(alpha_totals) - dp.log_mass_backward(beta_start, beta_totals, sup.dense)
+            if not abs(gap) <= dp.MASS_TOLERANCE:
+                return _Passes(None, None, None, path, in_range=False)
+        return _Passes(beta, beta_totals, F if factors else None, path, in_range=True)
 
     def _viterbi_path(self, sup: dp.Support, trace: np.ndarray, best_end: int, gmax: np.ndarray,
                       best: tuple[np.ndarray, np.ndarray]) -> list[int]:
@@ -528,31 +570,92 @@ class CompiledGrammar:
         gsum = dp._group_sums(asum, ta.group_atoms, ta.group_offsets) if want_sum else np.zeros((B * L, 0))
         return _Scores(flat, rowmax, asum, asumx, amax, aarg, gsum, block_sums, rowmax_dev)
 
-    def _sample_one(self, sc: "_Scores", sl: slice, sup: dp.Support, beta: np.ndarray, s0: int,
+    def _sample_one(self, sc: "_Scores", sl: slice, sup: dp.Support, passes: _Passes, s0: int, partial: bool,
                     uniforms: np.ndarray) -> list[int]:
+        """One canvas's sample: its atoms drawn from the fast passes' beta where it stayed
+        in range (every draw too), else in log space; then a token inside each atom."""
         ta = self.automaton
-        if sup.dense:
-            atoms = dp._sample_atoms(sc.asum[sl], sc.gsum[sl], beta, self._layout.rank, s0, *self._out_edges,
-                                     ta.group_atoms, ta.group_offsets, uniforms)
-        else:
-            atoms = dp._sample_atoms_live(sc.asum[sl], sc.gsum[sl], sup.offsets, sup.states, beta, s0,
-                                          *self._out_edges, ta.group_atoms, ta.group_offsets, uniforms)
-        if sc.rowmax_dev is None:
+        atoms, ok, log_asum = None, False, None
+        if passes.in_range and sup.dense:
+            atoms, ok = dp._sample_atoms(sc.asum[sl], sc.gsum[sl], passes.beta, passes.beta_totals, self._layout.rank,
+                                         s0, *self._out_edges, ta.group_atoms, ta.group_offsets, uniforms)
+        elif passes.in_range:
+            atoms, ok = dp._sample_atoms_live(sc.asum[sl], sc.gsum[sl], sup.offsets, sup.states, passes.beta, s0,
+                                              *self._out_edges, ta.group_atoms, ta.group_offsets, uniforms)
+        if not ok:
+            _, atoms, log_asum = self._log_space(sc, sl, sup, s0, partial, uniforms=uniforms)
+        return self._tokens_in_atoms(sc, sl, atoms, uniforms, log_asum)
+
+    def _tokens_in_atoms(self, sc: "_Scores", sl: slice, atoms: np.ndarray, uniforms: np.ndarray,
+                         log_asum: np.ndarray | None) -> list[int]:
+        """A token inside each position's atom (L,), weight exp(logit); ``log_asum`` (L, K)
+        where the atoms were drawn in log space (the atoms' sums, else from the scan)."""
+        if sc.rowmax_dev is None:  # (the host's draw weighs tokens from their atom's best: no range to leave)
             tokens = dp.sample_tokens(sc.flat[sl], sc.amax[sl], sc.aarg[sl], sc.block_sums[sl], atoms,
                                       self._sorted_atoms(sc.flat.shape[1]), uniforms)
             return tokens.tolist()
         rows = np.arange(sl.start, sl.stop)
-        best = sc.aarg[rows, atoms]
+        best, best_logit = sc.aarg[rows, atoms], sc.amax[rows, atoms]
+        if log_asum is None:
+            ref, mass = sc.rowmax[rows], sc.asum[rows, atoms]
+        else:  # each atom's total taken from its own best token, which no range can lose
+            ref = best_logit.astype(np.float64)
+            mass = np.exp(log_asum[np.arange(atoms.shape[0]), atoms] + sc.rowmax[rows] - ref)
         layout = self._atom_layout(sc.flat.shape[1], sc.flat.device)
-        tokens = device_passes.tokens_in_atoms(sc.flat[sl], layout, atoms, best, sc.amax[rows, atoms], sc.rowmax[rows],
-                                               sc.asum[rows, atoms], uniforms[:, 2])
-        return tokens.tolist()
+        return device_passes.tokens_in_atoms(sc.flat[sl], layout, atoms, best, best_logit, ref, mass,
+                                             uniforms[:, 2]).tolist()
 
-    def _log_marginals(self, sc: "_Scores", F: np.ndarray, log_f: np.ndarray, B: int,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+    def _log_space(self, sc: "_Scores", sl: slice, sup: dp.Support, s0: int, partial: bool, *,
+                   factors: bool = False, uniforms: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One canvas (rows ``sl``) redone in log space (see log_canvas), for logits whose
+        weights leave float64's range: (log F (L, K) with ``factors``, the sampled atoms
+        (L,) with ``uniforms``, the atoms' log sums (L, K)); empty arrays for what was not
+        asked."""
+        ta = self.automaton
+        L = sl.stop - sl.start
+        log_asum = sc.log_asum(self._atom_of(sc.flat.shape[1]))[sl]
+        log_gsum = log_canvas.log_sums_by_group(log_asum, ta.group_atoms, ta.group_offsets)
+        live = np.ascontiguousarray(sup.live[:, self._layout.rank])  # (L + 1, S) by state
+        lb = log_canvas.log_backward(log_gsum, live, *self._out_edges)
+        ok = bool(lb[0, s0] > -np.inf)
+        log_f, atoms = np.zeros((0, 0)), np.zeros(0, np.int32)
+        if ok and factors:
+            log_f, ok = log_canvas.log_factors(log_gsum, lb, live, s0, *self._in_edges, ta.atom_groups,
+                                               ta.atom_group_offsets)
+        if ok and uniforms is not None:
+            atoms, ok = log_canvas.log_sample_atoms(log_asum, log_gsum, lb, s0, *self._out_edges, ta.group_atoms,
+                                                    ta.group_offsets, uniforms)
+        if not ok:
+            raise NoValidCanvasError(f"{self._no_canvas_message(L, s0, partial)} (every valid canvas passes a token "
+                                     "whose logit is -inf)")
+        return log_f, atoms, log_asum
+
+    @staticmethod
+    def _log_factors(F: np.ndarray, in_log_space: dict[int, np.ndarray], L: int) -> np.ndarray:
+        """log F (B * L, K): of the fast passes' factors, and the log-space ones where taken."""
+        log_f = dp.log_factors(F)
+        for b, rows in in_log_space.items():
+            log_f[b * L:(b + 1) * L] = rows
+        return log_f
+
+    @staticmethod
+    def _entropies(sc: "_Scores", F: np.ndarray, log_f: np.ndarray, logp: torch.Tensor,
+                   in_log_space: dict[int, np.ndarray]) -> torch.Tensor:
+        """(B, L) entropies: from the atom statistics, else (canvases redone in log space)
+        from the marginals."""
+        B, L = logp.shape[0], logp.shape[1]
+        H = torch.from_numpy(dp._entropy(sc.asum, sc.asumx, F, log_f).reshape(B, L))
+        for b in in_log_space:
+            H[b] = log_canvas.entropy_of_log_marginals(logp[b])
+        return H
+
+    def _log_marginals(self, sc: "_Scores", log_f: np.ndarray, B: int, out: torch.Tensor | None = None) -> torch.Tensor:
         N, V = sc.flat.shape
         if sc.rowmax_dev is not None:
-            logp = device_passes.log_marginals(sc.flat, sc.rowmax_dev, F, self._atom_layout(V, sc.flat.device).index,
+            ref, shift = dp.marginals_reference(log_f, sc.amax, sc.rowmax)  # (float32 sums there: see it)
+            logp = device_passes.log_marginals(sc.flat, torch.from_numpy(ref).to(sc.flat.device), shift,
+                                               self._atom_layout(V, sc.flat.device).index,
                                                None if out is None else out.view(N, V))
             return logp.view(B, N // B, V)
         host = np.empty_like(sc.flat) if out is None else out.view(N, V).numpy()
@@ -583,8 +686,8 @@ class CompiledGrammar:
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
-            beta = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl]).beta
-            out.append(self._sample_one(sc, sl, sup, beta, s0, uniforms[b]))
+            passes = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl]) if sc.sums_in_range(sl) else _OUT_OF_RANGE
+            out.append(self._sample_one(sc, sl, sup, passes, s0, partial, uniforms[b]))
         return out if batched else out[0]
 
     def marginals(self, logits: Any, state: int | Sequence[int] | None = None, partial: bool = False,
@@ -606,16 +709,22 @@ class CompiledGrammar:
             self._check_out(out, xs, batched)
         sc = self._scores(xs, want_x=return_entropy)
         F = np.zeros((B * L, self.automaton.n_atoms), np.float64)
+        in_log_space: dict[int, np.ndarray] = {}  # canvas -> its log F, where the sums left float64's range
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
-            F[sl] = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True).F
-        log_f = dp.log_factors(F)
-        logp = self._log_marginals(sc, F, log_f, B, out)
+            passes = (self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True)
+                      if sc.sums_in_range(sl) else _OUT_OF_RANGE)
+            if passes.in_range:
+                F[sl] = passes.F
+            else:
+                in_log_space[b] = self._log_space(sc, sl, sup, s0, partial, factors=True)[0]
+        log_f = self._log_factors(F, in_log_space, L)
+        logp = self._log_marginals(sc, log_f, B, out)
         result = logp if batched else logp[0]
         if not return_entropy:
             return result
-        H = torch.from_numpy(dp._entropy(sc.asum, sc.asumx, F, log_f).reshape(B, L))
+        H = self._entropies(sc, F, log_f, logp, in_log_space)
         return result, (H if batched else H[0])
 
     def denoise_step(self, logits: Any, generator: torch.Generator | None = None,
@@ -641,19 +750,30 @@ class CompiledGrammar:
         gmax = dp._group_max(sc.amax, ta.group_atoms, ta.group_offsets)
         uniforms = torch.rand((B, L, 3), generator=generator, dtype=torch.float64).numpy()
         F = np.zeros((B * L, ta.n_atoms), np.float64)
+        in_log_space: dict[int, np.ndarray] = {}
         best: list[list[int]] = []
         samples: list[list[int]] = []
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
-            passes = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True, gmax=gmax[sl],
-                                         best=(sc.amax[sl], sc.aarg[sl]))
-            beta, F[sl] = passes.beta, passes.F
-            best.append(passes.path)
-            samples.append(self._sample_one(sc, sl, sup, beta, s0, uniforms[b]))
-        log_f = dp.log_factors(F)
-        logp = self._log_marginals(sc, F, log_f, B, out)
-        H = torch.from_numpy(dp._entropy(sc.asum, sc.asumx, F, log_f).reshape(B, L))
+            top = (sc.amax[sl], sc.aarg[sl])
+            passes = (self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True, gmax=gmax[sl], best=top)
+                      if sc.sums_in_range(sl) else _OUT_OF_RANGE)
+            path = passes.path
+            if path is None:  # (the Viterbi pass shared a sweep that stopped early, or never ran)
+                path = self._canvas_passes(sup, s0, partial, gmax=gmax[sl], best=top).path
+                assert path is not None
+            best.append(path)
+            if passes.in_range:
+                F[sl] = passes.F
+                samples.append(self._sample_one(sc, sl, sup, passes, s0, partial, uniforms[b]))
+            else:
+                in_log_space[b], atoms, log_asum = self._log_space(sc, sl, sup, s0, partial, factors=True,
+                                                                   uniforms=uniforms[b])
+                samples.append(self._tokens_in_atoms(sc, sl, atoms, uniforms[b], log_asum))
+        log_f = self._log_factors(F, in_log_space, L)
+        logp = self._log_marginals(sc, log_f, B, out)
+        H = self._entropies(sc, F, log_f, logp, in_log_space)
         if batched:
             return StepOutput(best, samples, logp, H)
         return StepOutput(best[0], samples[0], logp[0], H[0])

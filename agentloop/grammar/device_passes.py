@@ -294,15 +294,15 @@ def _kernels() -> Any:
     return fused_kernel
 
 
-def log_marginals(x: torch.Tensor, rowmax: torch.Tensor, F: np.ndarray, idx: torch.Tensor,
+def log_marginals(x: torch.Tensor, rowmax: torch.Tensor, log_f: np.ndarray, idx: torch.Tensor,
                   out: torch.Tensor | None = None, kernel: str = "auto") -> torch.Tensor:
-    """(N, V) constrained log-probs on the device: x - rowmax + log F[atom], -inf where
-    never; written into ``out`` (N, V) when given. ``kernel`` as for :func:`reduce_atoms`:
-    the Triton kernel reads x once and writes ``out`` once; the torch ops take a few passes
-    and an (N, V) temporary."""
-    N, K = F.shape
+    """(N, V) constrained log-probs on the device: x - rowmax + log_f[atom] (``log_f``
+    (N, K), the log of the atom factors), -inf where never; written into ``out`` (N, V)
+    when given. ``kernel`` as for :func:`reduce_atoms`: the Triton kernel reads x once
+    and writes ``out`` once; the torch ops take a few passes and an (N, V) temporary."""
+    N, K = log_f.shape
     logF_host = np.full((N, K + 1), -np.inf)
-    np.log(F, where=F > 0, out=logF_host[:, :K])
+    logF_host[:, :K] = log_f
     logF = torch.from_numpy(logF_host).to(device=x.device, dtype=torch.float32)  # (N, K + 1), K: never allowed
     if out is None:
         out = torch.empty(x.shape, device=x.device)  # (N, V)

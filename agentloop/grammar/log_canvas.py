@@ -1,0 +1,226 @@
+"""The canvas passes in log space: exact at any scale of the logits.
+
+The passes in ``canvas`` carry plain float64 weights, each position's row known up to its
+own factor. That is fast, and exact while every weight that matters stays within float64's
+range, ~700 nats from the row's largest. A low temperature takes logits far beyond that:
+at temperature 0.01 a model whose logits span 30 has rows spanning 3,000 nats, so a
+position's valid tokens can all lie more than 745 nats below its best allowed token (and
+their weights flush to 0: "no valid canvas" where there are several), or a branch of the
+grammar can fall out of range early in the canvas and weigh the most later on. Such steps
+are recognised (``CompiledGrammar._canvas_passes``: a pass without mass, forward and
+backward masses that disagree, a draw that may have lost weight, an atom whose sum fell
+below float64's normal range) and redone here, where every weight is a log and every sum
+a log-sum-exp: ~20x the work of the fast passes, over lists of edges by state, for the
+rare steps that need it.
+
+Quantities follow ``canvas``: atoms, groups (unions of atoms on one edge), positions
+l = 0..L - 1 between rows l and l + 1 of the automaton's states. Every array here is in
+state order (no layout rows), ``live`` (L + 1, S) masks the states on some valid canvas.
+
+    >>> import numpy as np
+    >>> lg = np.log(np.array([[1.0, 2.0]]))  # one position, two groups
+    >>> log_sums_by_group(lg, np.array([0, 1], np.int32), np.array([0, 2], np.int64)).round(4).tolist()
+    [[1.0986]]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numba as nb
+import numpy as np
+import torch
+
+#: Rows of logits per chunk of ``log_atom_sums`` (its temporaries are (rows, V)).
+_ROWS_PER_CHUNK = 16
+
+
+def log_atom_sums(logits: Any, atom_of: np.ndarray, amax: np.ndarray, rowmax: np.ndarray) -> np.ndarray:
+    """log sum over the tokens t of atom k of exp(logits[n, t] - rowmax[n]), (N, K) float64,
+    -inf where the atom has no finite logit. ``logits`` (N, V) float32 (numpy, or a tensor
+    on its device, where the sums are taken), ``atom_of`` (V,) (-1: never allowed),
+    ``amax`` (N, K) each atom's best logit (from the scan), ``rowmax`` (N,). Each term is
+    taken from its atom's best, so no term underflows that matters."""
+    x = logits if isinstance(logits, torch.Tensor) else torch.from_numpy(logits)
+    N, V = x.shape
+    K = amax.shape[1]
+    dev = x.device
+    idx = torch.from_numpy(atom_of.astype(np.int64)).to(dev)  # (V,)
+    allowed = idx >= 0
+    idx = idx.clamp(min=0)
+    best = torch.from_numpy(np.ascontiguousarray(amax, dtype=np.float32)).to(dev)  # (N, K)
+    out = torch.empty((N, K), dtype=torch.float64, device=dev)
+    for r0 in range(0, N, _ROWS_PER_CHUNK):
+        r = slice(r0, min(N, r0 + _ROWS_PER_CHUNK))
+        n = r.stop - r.start
+        at = idx.expand(n, V)
+        ref = best[r].gather(1, at)  # (n, V) each token's atom's best
+        # float32 differences (exact near the best), exp in float64; an atom whose best is
+        # -inf has no finite logit and no sum
+        w = torch.where(allowed & (ref > -math.inf), (x[r] - ref).double().exp(), 0.0)  # (n, V)
+        s = torch.zeros((n, K), dtype=torch.float64, device=dev).scatter_add_(1, at, w)
+        out[r] = torch.where(best[r] > -math.inf, best[r].double() + s.log(), -math.inf)
+    out -= torch.from_numpy(np.asarray(rowmax, np.float64)).to(dev)[:, None]
+    return out.cpu().numpy()
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _add_log(m, s, v):  # pragma: no cover - compiled
+    """One term v into a running log-sum-exp kept as (max m, sum s of exp(term - m))."""
+    if v == -np.inf:
+        return m, s
+    if v <= m:
+        return m, s + math.exp(v - m)
+    return v, s * math.exp(m - v) + 1.0
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _log_of(m, s):  # pragma: no cover - compiled
+    return m + math.log(s) if s > 0.0 else -np.inf
+
+
+@nb.njit(cache=True, nogil=True)
+def log_sums_by_group(log_asum, group_atoms, group_offsets):  # pragma: no cover - compiled
+    """(N, G) log of each group's sum of its atoms' sums, from ``log_asum`` (N, K)."""
+    N = log_asum.shape[0]
+    G = group_offsets.shape[0] - 1
+    out = np.empty((N, G), np.float64)
+    for n in range(N):
+        for g in range(G):
+            m, s = -np.inf, 0.0
+            for i in range(group_offsets[g], group_offsets[g + 1]):
+                m, s = _add_log(m, s, log_asum[n, group_atoms[i]])
+            out[n, g] = _log_of(m, s)
+    return out
+
+
+@nb.njit(cache=True, nogil=True)
+def log_backward(log_gsum, live, out_offsets, out_dst, out_group):  # pragma: no cover - compiled
+    """lb (L + 1, S): lb[l, s] = log of the total weight of the valid completions of the
+    canvas from state s at position l (-inf where s is not live)."""
+    L = log_gsum.shape[0]
+    S = live.shape[1]
+    lb = np.full((L + 1, S), -np.inf)
+    for s in range(S):
+        if live[L, s]:
+            lb[L, s] = 0.0
+    for l in range(L - 1, -1, -1):
+        for s in range(S):
+            if not live[l, s]:
+                continue
+            m, t = -np.inf, 0.0
+            for j in range(out_offsets[s], out_offsets[s + 1]):
+                m, t = _add_log(m, t, log_gsum[l, out_group[j]] + lb[l + 1, out_dst[j]])
+            lb[l, s] = _log_of(m, t)
+    return lb
+
+
+@nb.njit(cache=True, nogil=True)
+def log_factors(log_gsum, lb, live, start, in_offsets, in_src, in_group, atom_groups,
+                atom_group_offsets):  # pragma: no cover - compiled
+    """The atom factors of ``canvas._factors`` in log: log_f (L, K) with P(token t at l) =
+    exp(x_t - rowmax_l + log_f[l, atom(t)]), from a forward pass in log space and the
+    backward values ``lb``. Returns (log_f, ok): ok is False where the canvas has no
+    mass at all (every valid canvas passes a -inf logit)."""
+    L, G = log_gsum.shape
+    S = live.shape[1]
+    K = atom_group_offsets.shape[0] - 1
+    log_f = np.full((L, K), -np.inf)
+    cur = np.full(S, -np.inf)  # log alpha at l
+    nxt = np.full(S, -np.inf)  # at l + 1
+    acc_m = np.empty(G, np.float64)  # per group: log-sum-exp of alpha_l(s) * beta_{l+1}(d) over its edges
+    acc_s = np.empty(G, np.float64)
+    cur[start] = 0.0
+    for l in range(L):
+        acc_m[:] = -np.inf
+        acc_s[:] = 0.0
+        for d in range(S):
+            nxt[d] = -np.inf
+            if not live[l + 1, d]:
+                continue
+            m, t = -np.inf, 0.0
+            for j in range(in_offsets[d], in_offsets[d + 1]):
+                a = cur[in_src[j]]
+                if a == -np.inf:
+                    continue
+                g = in_group[j]
+                m, t = _add_log(m, t, a + log_gsum[l, g])
+                acc_m[g], acc_s[g] = _add_log(acc_m[g], acc_s[g], a + lb[l + 1, d])
+            nxt[d] = _log_of(m, t)
+        # the position's mass: every group's edges, weighed by the group
+        m, t = -np.inf, 0.0
+        for g in range(G):
+            m, t = _add_log(m, t, _log_of(acc_m[g], acc_s[g]) + log_gsum[l, g])
+        log_post = _log_of(m, t)
+        if log_post == -np.inf:
+            return log_f, False
+        for k in range(K):
+            m, t = -np.inf, 0.0
+            for i in range(atom_group_offsets[k], atom_group_offsets[k + 1]):
+                g = atom_groups[i]
+                m, t = _add_log(m, t, _log_of(acc_m[g], acc_s[g]))
+            log_f[l, k] = _log_of(m, t) - log_post
+        cur, nxt = nxt, cur
+    return log_f, True
+
+
+@nb.njit(cache=True, nogil=True)
+def log_sample_atoms(log_asum, log_gsum, lb, start, out_offsets, out_dst, out_group, group_atoms, group_offsets,
+                     uniforms):  # pragma: no cover - compiled
+    """``canvas._sample_atoms`` in log space: an edge per position, weight
+    exp(log_gsum + lb of its end), then an atom inside the edge's group, weight
+    exp(log_asum), with the same uniforms in the same order. -> (atoms (L,) int32, ok):
+    ok is False where the canvas has no mass."""
+    L = log_gsum.shape[0]
+    out = np.empty(L, np.int32)
+    s = start
+    for l in range(L):
+        e0, e1 = out_offsets[s], out_offsets[s + 1]
+        top = -np.inf
+        for j in range(e0, e1):
+            top = max(top, log_gsum[l, out_group[j]] + lb[l + 1, out_dst[j]])
+        if top == -np.inf:
+            return out, False
+        tot = 0.0
+        for j in range(e0, e1):
+            tot += math.exp(log_gsum[l, out_group[j]] + lb[l + 1, out_dst[j]] - top)
+        u = uniforms[l, 0] * tot
+        chosen = -1
+        acc = 0.0
+        for j in range(e0, e1):
+            w = math.exp(log_gsum[l, out_group[j]] + lb[l + 1, out_dst[j]] - top)
+            if w > 0.0:
+                chosen = j
+                acc += w
+                if acc >= u:
+                    break
+        g = out_group[chosen]
+        top = log_gsum[l, g]  # the group's atoms weigh exp(log_asum - top), summing to 1
+        u = uniforms[l, 1]
+        k = -1
+        acc = 0.0
+        for i in range(group_offsets[g], group_offsets[g + 1]):
+            w = math.exp(log_asum[l, group_atoms[i]] - top)
+            if w > 0.0:
+                k = group_atoms[i]
+                acc += w
+                if acc >= u:
+                    break
+        out[l] = k
+        s = out_dst[chosen]
+    return out, True
+
+
+def entropy_of_log_marginals(logp: torch.Tensor) -> torch.Tensor:
+    """(..., V) float32 log-probs -> (...) float64 entropies in nats, on the host. The
+    log-space steps take them from the marginals themselves: the atom statistics that
+    the fast path weighs them with may have underflowed."""
+    V = logp.shape[-1]
+    flat = logp.detach().reshape(-1, V)
+    out = torch.empty(flat.shape[0], dtype=torch.float64)
+    for r0 in range(0, flat.shape[0], _ROWS_PER_CHUNK):
+        lp = flat[r0:r0 + _ROWS_PER_CHUNK].double()  # (rows, V)
+        h = torch.where(lp > -math.inf, -lp.exp() * lp, 0.0).sum(dim=1).clamp_(min=0.0)
+        out[r0:r0 + _ROWS_PER_CHUNK] = h.cpu()
+    return out.reshape(logp.shape[:-1])
