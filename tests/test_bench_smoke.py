@@ -32,6 +32,15 @@ def test_engine_bench_quick(tmp_path):
     assert data["sampler"]["speedup"] > 0
 
 
+def test_log_space_bench_counts_the_canvases_redone_there(tmp_path):
+    out = tmp_path / "log_space.md"
+    r = subprocess.run([sys.executable, str(ROOT / "bench/log_space.py"), "--tools", "1", "--length", "32",
+                        "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = out.read_text().splitlines()[-1].split(" | ")
+    assert row[4] == "0%" and row[6] == "100%", row  # N(0, 3) in range, N(0, 300) in log space
+
+
 def test_eval_draws_pools_the_draws(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench/eval_draws.py"), "--seeds", "1", "2", "--single", "2",
                         "--multi", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)

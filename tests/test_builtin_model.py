@@ -48,6 +48,15 @@ def test_a_low_temperature_loop_runs(tmp_path):
     assert [c.call.name for c in r.calls] == ["convert_units"] and r.output
 
 
+def test_a_very_low_temperature_loop_runs(tmp_path):
+    """At temperature 0.02 a row spans thousands of nats and the canvas's float64 weights
+    leave their range: this request stopped with "no valid canvas" until such canvases
+    were redone in log space (grammar/log_canvas.py)."""
+    agent = demo_agent(options=card_options(seed=100_202, t_max=0.02, t_min=0.02))
+    r = agent.run_sync("Express 620 cm in inches.", deps=tmp_path)
+    assert [c.call.name for c in r.calls] == ["convert_units"] and r.output
+
+
 def test_demo_command_runs_offline_in_a_fresh_process():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME="/nonexistent")

@@ -16,6 +16,7 @@ import agentloop.engine.session
 import agentloop.grammar
 import agentloop.grammar.compiled
 import agentloop.grammar.copy
+import agentloop.grammar.log_canvas
 import agentloop.grammar.vocabulary
 import agentloop.grammar.wireformat
 import agentloop.protocol
@@ -23,6 +24,7 @@ import agentloop.testing
 import agentloop.tools
 
 MODULES = [agentloop.grammar, agentloop.grammar.wireformat, agentloop.grammar.copy, agentloop.grammar.compiled,
+           agentloop.grammar.log_canvas,
            agentloop.engine, agentloop.engine.diffusion, agentloop.engine.generation, agentloop.engine.models,
            agentloop.engine.session, agentloop.grammar.vocabulary, agentloop, agentloop.agent, agentloop.protocol,
            agentloop.testing, agentloop.tools]

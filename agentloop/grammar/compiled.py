@@ -84,14 +84,15 @@ class _Scores:
     gsum: np.ndarray  # (N, G) f64 sums per group
     block_sums: np.ndarray  # (N, blocks) f32 host pass: sums of exp(x - amax) per block of each atom's tokens
     rowmax_dev: torch.Tensor | None  # (N,) rowmax on the logits' device (device passes), else None
-    #: the atoms' log sums (N, K), taken for all rows when a canvas first needs them (log space)
-    _log_asum: list[np.ndarray] = field(default_factory=list)
+    #: ``log_canvas.log_atom_stats``, taken for all rows when a canvas first needs them
+    _log_stats: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
-    def log_asum(self, atom_of: np.ndarray) -> np.ndarray:
-        """log sum of exp(x - rowmax) per atom (N, K), exact where ``asum`` underflows."""
-        if not self._log_asum:
-            self._log_asum.append(log_canvas.log_atom_sums(self.flat, atom_of, self.amax, self.rowmax))
-        return self._log_asum[0]
+    def log_stats(self, atom_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(log sum of exp(x - rowmax), mean of x - amax) per atom (N, K) each, exact where
+        ``asum`` underflows (see ``log_canvas.log_atom_stats``)."""
+        if not self._log_stats:
+            self._log_stats.append(log_canvas.log_atom_stats(self.flat, atom_of, self.amax, self.rowmax))
+        return self._log_stats[0]
 
     def sums_in_range(self, rows: slice) -> bool:
         """Whether every atom with a finite logit in these rows kept its sum within
@@ -614,7 +615,7 @@ class CompiledGrammar:
         asked."""
         ta = self.automaton
         L = sl.stop - sl.start
-        log_asum = sc.log_asum(self._atom_of(sc.flat.shape[1]))[sl]
+        log_asum = sc.log_stats(self._atom_of(sc.flat.shape[1]))[0][sl]
         log_gsum = log_canvas.log_sums_by_group(log_asum, ta.group_atoms, ta.group_offsets)
         live = np.ascontiguousarray(sup.live[:, self._layout.rank])  # (L + 1, S) by state
         lb = log_canvas.log_backward(log_gsum, live, *self._out_edges)
@@ -639,16 +640,18 @@ class CompiledGrammar:
             log_f[b * L:(b + 1) * L] = rows
         return log_f
 
-    @staticmethod
-    def _entropies(sc: "_Scores", F: np.ndarray, log_f: np.ndarray, logp: torch.Tensor,
+    def _entropies(self, sc: "_Scores", F: np.ndarray, log_f: np.ndarray, B: int,
                    in_log_space: dict[int, np.ndarray]) -> torch.Tensor:
-        """(B, L) entropies: from the atom statistics, else (canvases redone in log space)
-        from the marginals."""
-        B, L = logp.shape[0], logp.shape[1]
-        H = torch.from_numpy(dp._entropy(sc.asum, sc.asumx, F, log_f).reshape(B, L))
-        for b in in_log_space:
-            H[b] = log_canvas.entropy_of_log_marginals(logp[b])
-        return H
+        """(B, L) entropies from the atom statistics: the scan's, else (canvases redone in
+        log space, whose sums may have underflowed) ``log_canvas``'s."""
+        H = dp._entropy(sc.asum, sc.asumx, F, log_f).reshape(B, -1)
+        if in_log_space:
+            log_asum, mean_gap = sc.log_stats(self._atom_of(sc.flat.shape[1]))
+            L = H.shape[1]
+            for b in in_log_space:
+                sl = slice(b * L, (b + 1) * L)
+                H[b] = log_canvas.entropies(log_f[sl], log_asum[sl], mean_gap[sl], sc.amax[sl], sc.rowmax[sl])
+        return torch.from_numpy(H)
 
     def _log_marginals(self, sc: "_Scores", log_f: np.ndarray, B: int, out: torch.Tensor | None = None) -> torch.Tensor:
         N, V = sc.flat.shape
@@ -724,7 +727,7 @@ class CompiledGrammar:
         result = logp if batched else logp[0]
         if not return_entropy:
             return result
-        H = self._entropies(sc, F, log_f, logp, in_log_space)
+        H = self._entropies(sc, F, log_f, B, in_log_space)
         return result, (H if batched else H[0])
 
     def denoise_step(self, logits: Any, generator: torch.Generator | None = None,
@@ -773,7 +776,7 @@ class CompiledGrammar:
                 samples.append(self._tokens_in_atoms(sc, sl, atoms, uniforms[b], log_asum))
         log_f = self._log_factors(F, in_log_space, L)
         logp = self._log_marginals(sc, log_f, B, out)
-        H = self._entropies(sc, F, log_f, logp, in_log_space)
+        H = self._entropies(sc, F, log_f, B, in_log_space)
         if batched:
             return StepOutput(best, samples, logp, H)
         return StepOutput(best[0], samples[0], logp[0], H[0])

@@ -32,16 +32,23 @@ import numba as nb
 import numpy as np
 import torch
 
-#: Rows of logits per chunk of ``log_atom_sums`` (its temporaries are (rows, V)).
+#: Rows of logits per chunk of ``log_atom_stats`` (its temporaries are (rows, V)).
 _ROWS_PER_CHUNK = 16
 
+#: Terms further below their atom's best than this (float32's exp reaches its subnormals
+#: at 87.3) weigh less than 1e-37 of it: they count as 0.
+_FLUSHED = 87.0
 
-def log_atom_sums(logits: Any, atom_of: np.ndarray, amax: np.ndarray, rowmax: np.ndarray) -> np.ndarray:
-    """log sum over the tokens t of atom k of exp(logits[n, t] - rowmax[n]), (N, K) float64,
-    -inf where the atom has no finite logit. ``logits`` (N, V) float32 (numpy, or a tensor
-    on its device, where the sums are taken), ``atom_of`` (V,) (-1: never allowed),
-    ``amax`` (N, K) each atom's best logit (from the scan), ``rowmax`` (N,). Each term is
-    taken from its atom's best, so no term underflows that matters."""
+
+def log_atom_stats(logits: Any, atom_of: np.ndarray, amax: np.ndarray, rowmax: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per row n and atom k, over the atom's tokens t: (log sum of exp(x_t - rowmax[n]),
+    and the mean of x_t - amax[n, k] under weights exp(x_t)), both (N, K) float64; -inf
+    and 0 where the atom has no finite logit. ``logits`` (N, V) float32 (numpy, or a
+    tensor on its device, where the sums are taken), ``atom_of`` (V,) (-1: never
+    allowed), ``amax`` (N, K) each atom's best logit (from the scan), ``rowmax`` (N,).
+    Each term is taken from its atom's best, so it is at most 1 and the terms float32
+    flushes (87 nats below the best) weigh nothing beside it."""
     x = logits if isinstance(logits, torch.Tensor) else torch.from_numpy(logits)
     N, V = x.shape
     K = amax.shape[1]
@@ -50,19 +57,24 @@ def log_atom_sums(logits: Any, atom_of: np.ndarray, amax: np.ndarray, rowmax: np
     allowed = idx >= 0
     idx = idx.clamp(min=0)
     best = torch.from_numpy(np.ascontiguousarray(amax, dtype=np.float32)).to(dev)  # (N, K)
-    out = torch.empty((N, K), dtype=torch.float64, device=dev)
+    log_sum = torch.empty((N, K), dtype=torch.float64, device=dev)
+    mean_gap = torch.empty((N, K), dtype=torch.float64, device=dev)
     for r0 in range(0, N, _ROWS_PER_CHUNK):
         r = slice(r0, min(N, r0 + _ROWS_PER_CHUNK))
         n = r.stop - r.start
         at = idx.expand(n, V)
-        ref = best[r].gather(1, at)  # (n, V) each token's atom's best
-        # float32 differences (exact near the best), exp in float64; an atom whose best is
-        # -inf has no finite logit and no sum
-        w = torch.where(allowed & (ref > -math.inf), (x[r] - ref).double().exp(), 0.0)  # (n, V)
-        s = torch.zeros((n, K), dtype=torch.float64, device=dev).scatter_add_(1, at, w)
-        out[r] = torch.where(best[r] > -math.inf, best[r].double() + s.log(), -math.inf)
-    out -= torch.from_numpy(np.asarray(rowmax, np.float64)).to(dev)[:, None]
-    return out.cpu().numpy()
+        gap = x[r] - best[r].gather(1, at)  # (n, V) x - its atom's best, <= 0 (nan past an atom without one)
+        use = allowed & (gap > -_FLUSHED)
+        # (clamped: exp's results below float32's normal range are slow to make, and nil here)
+        w = torch.where(use, gap.clamp(min=-_FLUSHED).exp(), 0.0)  # (n, V) float32
+        gap = torch.where(use, gap, 0.0)
+        s = torch.zeros((n, K), dtype=torch.float64, device=dev).scatter_add_(1, at, w.double())
+        sx = torch.zeros((n, K), dtype=torch.float64, device=dev).scatter_add_(1, at, (w * gap).double())
+        has = best[r] > -math.inf
+        log_sum[r] = torch.where(has, best[r].double() + s.log(), -math.inf)
+        mean_gap[r] = torch.where(has, sx / s, 0.0)
+    log_sum -= torch.from_numpy(np.asarray(rowmax, np.float64)).to(dev)[:, None]
+    return log_sum.cpu().numpy(), mean_gap.cpu().numpy()
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
@@ -212,15 +224,19 @@ def log_sample_atoms(log_asum, log_gsum, lb, start, out_offsets, out_dst, out_gr
     return out, True
 
 
-def entropy_of_log_marginals(logp: torch.Tensor) -> torch.Tensor:
-    """(..., V) float32 log-probs -> (...) float64 entropies in nats, on the host. The
-    log-space steps take them from the marginals themselves: the atom statistics that
-    the fast path weighs them with may have underflowed."""
-    V = logp.shape[-1]
-    flat = logp.detach().reshape(-1, V)
-    out = torch.empty(flat.shape[0], dtype=torch.float64)
-    for r0 in range(0, flat.shape[0], _ROWS_PER_CHUNK):
-        lp = flat[r0:r0 + _ROWS_PER_CHUNK].double()  # (rows, V)
-        h = torch.where(lp > -math.inf, -lp.exp() * lp, 0.0).sum(dim=1).clamp_(min=0.0)
-        out[r0:r0 + _ROWS_PER_CHUNK] = h.cpu()
-    return out.reshape(logp.shape[:-1])
+@nb.njit(cache=True, nogil=True)
+def entropies(log_f, log_asum, mean_gap, amax, rowmax):  # pragma: no cover - compiled
+    """(N,) entropy (nats) of each row's constrained marginal, from the atoms: the tokens
+    of atom k weigh p_t = exp(x_t - rowmax + log_f[k]) and carry P_k = exp(log_f[k] +
+    log_asum[k]) in all, so that -sum over them of p_t log p_t = -P_k (mean_gap[k] +
+    amax[k] - rowmax + log_f[k]), with every term finite where P_k > 0."""
+    N, K = log_f.shape
+    H = np.zeros(N, np.float64)
+    for n in range(N):
+        h = 0.0
+        for k in range(K):
+            lp = log_f[n, k] + log_asum[n, k]
+            if lp > -np.inf:
+                h -= math.exp(lp) * (mean_gap[n, k] + amax[n, k] - rowmax[n] + log_f[n, k])
+        H[n] = max(h, 0.0)
+    return H
