@@ -49,6 +49,6 @@ def test_gemma_262k_tools_grammar(gemma):
         out = g.parse(ids)
         for call in out.calls:
             schema = next(t["parameters"] for t in TOOLS if t["name"] == call.name)
-            jsonschema.validate(call.arguments, schema, format_checker=jsonschema.FormatChecker())
+            jsonschema.validate(call.arguments, schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
     m = g.marginals(logits)
     assert torch.allclose(m.exp().sum(-1), torch.ones(256, dtype=m.dtype), atol=1e-4)

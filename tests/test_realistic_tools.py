@@ -20,7 +20,7 @@ BY_NAME = {t["name"]: t for t in TOOLS}
 
 def validate(call) -> None:
     schema = BY_NAME[call.name]["parameters"]
-    v = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    v = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
     errors = [e.message for e in v.iter_errors(call.arguments)]
     assert not errors, (call, errors)
 

@@ -673,7 +673,7 @@ def _backward_into(beta, gsum, live, src, dst, group, runs, clip, fans, totals):
     none. Each row is known up to its own factor (every use normalises within a
     position): its total divides the next row's weights instead of a pass over the row.
     totals (L + 1,) <- each row's total, from which ``log_mass_backward`` recovers the
-    canvas's mass (see ``in_range``)."""
+    canvas's mass."""
     L = gsum.shape[0]
     S = live.shape[1]
     G = gsum.shape[1]
