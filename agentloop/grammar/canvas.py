@@ -1350,20 +1350,27 @@ def _draw_in_range(tot, e0, e1, l, gsum, out_group, next_total):  # pragma: no c
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
-def _draw_edge_and_atom(w_edge, e0, e1, tot, l, asum, gsum, out_group, group_atoms, group_offsets,
-                        uniforms):  # pragma: no cover - compiled
-    """The edge among e0..e1 - 1 (weights w_edge[0:e1 - e0], total tot > 0) and the atom
-    inside its group (weight asum) drawn at position l: -> (edge, atom)."""
-    u = uniforms[l, 0] * tot
+def draw_index(weights, u):  # pragma: no cover - compiled
+    """The first index where the running sum of the positive ``weights`` reaches u (the
+    last positive one where rounding leaves u unreached; -1 where none is positive)."""
     chosen = -1
     acc = 0.0
-    for j in range(e0, e1):
-        w = w_edge[j - e0]
+    for j in range(weights.shape[0]):
+        w = weights[j]
         if w > 0.0:
             chosen = j
             acc += w
             if acc >= u:
                 break
+    return chosen
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _draw_edge_and_atom(w_edge, e0, e1, tot, l, asum, gsum, out_group, group_atoms, group_offsets,
+                        uniforms):  # pragma: no cover - compiled
+    """The edge among e0..e1 - 1 (weights w_edge[0:e1 - e0], total tot > 0) and the atom
+    inside its group (weight asum) drawn at position l: -> (edge, atom)."""
+    chosen = e0 + draw_index(w_edge[:e1 - e0], uniforms[l, 0] * tot)
     g = out_group[chosen]
     u = uniforms[l, 1] * gsum[l, g]
     k = -1

@@ -32,6 +32,8 @@ import numba as nb
 import numpy as np
 import torch
 
+from . import canvas
+
 #: Rows of logits per chunk of ``log_atom_stats`` (its temporaries are (rows, V)).
 _ROWS_PER_CHUNK = 16
 
@@ -186,40 +188,28 @@ def log_sample_atoms(log_asum, log_gsum, lb, start, out_offsets, out_dst, out_gr
     ok is False where the canvas has no mass."""
     L = log_gsum.shape[0]
     out = np.empty(L, np.int32)
+    degree = out_offsets[1:] - out_offsets[:-1]
+    sizes = group_offsets[1:] - group_offsets[:-1]
+    w = np.empty(max(degree.max() if degree.shape[0] else 0, sizes.max() if sizes.shape[0] else 0), np.float64)
     s = start
     for l in range(L):
         e0, e1 = out_offsets[s], out_offsets[s + 1]
         top = -np.inf
         for j in range(e0, e1):
-            top = max(top, log_gsum[l, out_group[j]] + lb[l + 1, out_dst[j]])
+            w[j - e0] = log_gsum[l, out_group[j]] + lb[l + 1, out_dst[j]]
+            top = max(top, w[j - e0])
         if top == -np.inf:
             return out, False
         tot = 0.0
-        for j in range(e0, e1):
-            tot += math.exp(log_gsum[l, out_group[j]] + lb[l + 1, out_dst[j]] - top)
-        u = uniforms[l, 0] * tot
-        chosen = -1
-        acc = 0.0
-        for j in range(e0, e1):
-            w = math.exp(log_gsum[l, out_group[j]] + lb[l + 1, out_dst[j]] - top)
-            if w > 0.0:
-                chosen = j
-                acc += w
-                if acc >= u:
-                    break
+        for j in range(e1 - e0):  # weights from the best edge's: no range to leave
+            w[j] = math.exp(w[j] - top)
+            tot += w[j]
+        chosen = e0 + canvas.draw_index(w[:e1 - e0], uniforms[l, 0] * tot)
         g = out_group[chosen]
-        top = log_gsum[l, g]  # the group's atoms weigh exp(log_asum - top), summing to 1
-        u = uniforms[l, 1]
-        k = -1
-        acc = 0.0
-        for i in range(group_offsets[g], group_offsets[g + 1]):
-            w = math.exp(log_asum[l, group_atoms[i]] - top)
-            if w > 0.0:
-                k = group_atoms[i]
-                acc += w
-                if acc >= u:
-                    break
-        out[l] = k
+        a0, a1 = group_offsets[g], group_offsets[g + 1]
+        for i in range(a0, a1):  # the group's atoms, weights summing to 1
+            w[i - a0] = math.exp(log_asum[l, group_atoms[i]] - log_gsum[l, g])
+        out[l] = group_atoms[a0 + canvas.draw_index(w[:a1 - a0], uniforms[l, 1])]
         s = out_dst[chosen]
     return out, True
 
