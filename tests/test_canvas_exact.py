@@ -312,7 +312,7 @@ def test_minus_infinity_logits_give_finite_entropies_or_a_clear_error(grammar):
     assert torch.isfinite(out.entropy).all() and out.argmax[l] != t and out.sample[l] != t
     logits[1, :] = -math.inf
     for op in (grammar.viterbi, grammar.sample, grammar.marginals, grammar.denoise_step):
-        with pytest.raises(NoValidCanvasError):
+        with pytest.raises(NoValidCanvasError, match="whose logit is -inf"):
             op(logits)
 
 

@@ -513,8 +513,8 @@ class CompiledGrammar:
                     beta if factors else np.zeros(0, np.float64), *self._in_edges, ta.atom_groups,
                     ta.atom_group_offsets, ta.n_states, alpha_totals)
         if not ok:
-            if gsum is None:  # Viterbi scores are logs: no range to leave, the logits allow no canvas
-                raise NoValidCanvasError(self._no_canvas_message(L, s0, partial))
+            if gsum is None:  # Viterbi scores are logs: no range to leave; the support has canvases, the logits none
+                raise NoValidCanvasError(self._no_finite_canvas_message(L, s0))
             return _OUT_OF_RANGE
         path = None
         if gmax is not None:
@@ -538,6 +538,11 @@ class CompiledGrammar:
             _, in_src, in_group = self._in_edges
             groups = dp._trace_back_live(trace, best_end, sup.offsets, sup.states, in_src, in_group)
         return dp.group_best_tokens(groups, gmax, *best, ta.group_atoms, ta.group_offsets).tolist()
+
+    @staticmethod
+    def _no_finite_canvas_message(L: int, s0: int) -> str:
+        return (f"no canvas of {L} positions from state {s0} has a finite score: every valid one passes a token "
+                "whose logit is -inf (or nan)")
 
     def _no_canvas_message(self, L: int, s0: int, partial: bool) -> str:
         return (f"no valid canvas of {L} positions from state {s0}"
@@ -628,8 +633,7 @@ class CompiledGrammar:
             atoms, ok = log_canvas.log_sample_atoms(log_asum, log_gsum, lb, s0, *self._out_edges, ta.group_atoms,
                                                     ta.group_offsets, uniforms)
         if not ok:
-            raise NoValidCanvasError(f"{self._no_canvas_message(L, s0, partial)} (every valid canvas passes a token "
-                                     "whose logit is -inf)")
+            raise NoValidCanvasError(self._no_finite_canvas_message(L, s0))
         return log_f, atoms, log_asum
 
     @staticmethod
