@@ -430,3 +430,19 @@ def test_weights_that_lose_digits_show_as_masses_that_disagree():
     want = enumerated_marginals(valid, logits)
     assert abs(want[1, b] - 1 / (1 + math.exp(-2))) < 1e-12
     np.testing.assert_allclose(g.marginals(logits).exp().double().numpy(), want, atol=5e-6)
+
+
+def test_a_batch_mixes_canvases_in_range_and_in_log_space(grammar, log_space_calls):
+    """One canvas of a batch in range, the other redone in log space: each gets the
+    marginals, entropies and Viterbi canvas it gets alone, and a valid sample."""
+    L = 6
+    mild = torch.randn(L, grammar.vocab.size, generator=torch.Generator().manual_seed(1))
+    wild = torch.randn(L, grammar.vocab.size, generator=torch.Generator().manual_seed(2)) * 3000
+    step = grammar.denoise_step(torch.stack([mild, wild]), generator=torch.Generator().manual_seed(0))
+    assert log_space_calls[0] == 1
+    valid = {tuple(c) for c in enumerate_valid(grammar, L).tolist()}
+    for b, logits in enumerate((mild, wild)):
+        alone = grammar.denoise_step(logits, generator=torch.Generator().manual_seed(0))
+        assert step.argmax[b] == alone.argmax and tuple(step.sample[b]) in valid
+        torch.testing.assert_close(step.log_marginals[b], alone.log_marginals)
+        torch.testing.assert_close(step.entropy[b], alone.entropy)
