@@ -282,12 +282,14 @@ def _step_outputs(g, x, seed=0):
 
 
 @pytest.mark.parametrize("messages", ["dense", "live lists"])
-def test_the_step_is_the_same_on_any_number_of_threads(btok, monkeypatch, messages):
+@pytest.mark.parametrize("scale", [3.0, 3000.0])
+def test_the_step_is_the_same_on_any_number_of_threads(btok, monkeypatch, messages, scale):
     """The vocabulary passes split their rows across numba's threads (each row computed
     alone), denoise_step runs the Viterbi pass beside the others, and the live-list
     passes cut each position's states into a fixed number of chunks whose sums are added
     in order: the step is the same to the bit with one thread or many (a batch of 3
-    canvases makes the shares uneven)."""
+    canvases makes the shares uneven). So are the log-space passes that logits N(0, 3000)
+    take (log_canvas: chunks of states too)."""
     import numba
     import torch
 
@@ -298,7 +300,7 @@ def test_the_step_is_the_same_on_any_number_of_threads(btok, monkeypatch, messag
     if messages == "live lists":
         monkeypatch.setattr(CompiledGrammar, "_canvas_pass_kind", "live")
     g = compile_tools(TOOLS[:3], btok, "gemma4")
-    x = torch.randn(3, 40, g.vocab.size, generator=torch.Generator().manual_seed(1)) * 3
+    x = torch.randn(3, 40, g.vocab.size, generator=torch.Generator().manual_seed(1)) * scale
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)

@@ -32,10 +32,15 @@ import numba as nb
 import numpy as np
 import torch
 
+from ..numba_threads import parallel_kernel
 from . import canvas
 
 #: Rows of logits per chunk of ``log_atom_stats`` (its temporaries are (rows, V)).
 _ROWS_PER_CHUNK = 16
+
+#: Chunks of a position's states in the passes (a fixed number, so that sums come out the
+#: same on any number of threads).
+CHUNKS = 8
 
 #: Terms further below their atom's best than this (float32's exp reaches its subnormals
 #: at 87.3) weigh less than 1e-37 of it: they count as 0.
@@ -109,10 +114,17 @@ def log_sums_by_group(log_asum, group_atoms, group_offsets):  # pragma: no cover
     return out
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(cache=True, nogil=True, inline="always")
+def _chunk(n, c):  # pragma: no cover - compiled
+    """Chunk c of CHUNKS of range(n): (start, stop)."""
+    return c * n // CHUNKS, (c + 1) * n // CHUNKS
+
+
+@parallel_kernel(cache=True, nogil=True)
 def log_backward(log_gsum, live, out_offsets, out_dst, out_group):  # pragma: no cover - compiled
     """lb (L + 1, S): lb[l, s] = log of the total weight of the valid completions of the
-    canvas from state s at position l (-inf where s is not live)."""
+    canvas from state s at position l (-inf where s is not live). A position's states
+    are independent: CHUNKS chunks of them, shared by numba's threads."""
     L = log_gsum.shape[0]
     S = live.shape[1]
     lb = np.full((L + 1, S), -np.inf)
@@ -120,60 +132,72 @@ def log_backward(log_gsum, live, out_offsets, out_dst, out_group):  # pragma: no
         if live[L, s]:
             lb[L, s] = 0.0
     for l in range(L - 1, -1, -1):
-        for s in range(S):
-            if not live[l, s]:
-                continue
-            m, t = -np.inf, 0.0
-            for j in range(out_offsets[s], out_offsets[s + 1]):
-                m, t = _add_log(m, t, log_gsum[l, out_group[j]] + lb[l + 1, out_dst[j]])
-            lb[l, s] = _log_of(m, t)
+        for c in nb.prange(CHUNKS):
+            s0, s1 = _chunk(S, c)
+            for s in range(s0, s1):
+                if not live[l, s]:
+                    continue
+                m, t = -np.inf, 0.0
+                for j in range(out_offsets[s], out_offsets[s + 1]):
+                    m, t = _add_log(m, t, log_gsum[l, out_group[j]] + lb[l + 1, out_dst[j]])
+                lb[l, s] = _log_of(m, t)
     return lb
 
 
-@nb.njit(cache=True, nogil=True)
+@parallel_kernel(cache=True, nogil=True)
 def log_factors(log_gsum, lb, live, start, in_offsets, in_src, in_group, atom_groups,
                 atom_group_offsets):  # pragma: no cover - compiled
     """The atom factors of ``canvas._factors`` in log: log_f (L, K) with P(token t at l) =
     exp(x_t - rowmax_l + log_f[l, atom(t)]), from a forward pass in log space and the
     backward values ``lb``. Returns (log_f, ok): ok is False where the canvas has no
-    mass at all (every valid canvas passes a -inf logit)."""
+    mass at all (every valid canvas passes a -inf logit). A position's states are
+    pulled in CHUNKS chunks on numba's threads, each chunk's group sums kept apart and
+    added in chunk order (the same numbers on any number of threads)."""
     L, G = log_gsum.shape
     S = live.shape[1]
     K = atom_group_offsets.shape[0] - 1
     log_f = np.full((L, K), -np.inf)
     cur = np.full(S, -np.inf)  # log alpha at l
     nxt = np.full(S, -np.inf)  # at l + 1
-    acc_m = np.empty(G, np.float64)  # per group: log-sum-exp of alpha_l(s) * beta_{l+1}(d) over its edges
-    acc_s = np.empty(G, np.float64)
+    # per chunk and group: log-sum-exp of alpha_l(s) * beta_{l+1}(d) over the group's edges
+    acc_m = np.empty((CHUNKS, G), np.float64)
+    acc_s = np.empty((CHUNKS, G), np.float64)
+    acc = np.empty(G, np.float64)  # their sum over the chunks, a log
     cur[start] = 0.0
     for l in range(L):
-        acc_m[:] = -np.inf
-        acc_s[:] = 0.0
-        for d in range(S):
-            nxt[d] = -np.inf
-            if not live[l + 1, d]:
-                continue
-            m, t = -np.inf, 0.0
-            for j in range(in_offsets[d], in_offsets[d + 1]):
-                a = cur[in_src[j]]
-                if a == -np.inf:
+        for c in nb.prange(CHUNKS):
+            am, at = acc_m[c], acc_s[c]
+            am[:] = -np.inf
+            at[:] = 0.0
+            d0, d1 = _chunk(S, c)
+            for d in range(d0, d1):
+                nxt[d] = -np.inf
+                if not live[l + 1, d]:
                     continue
-                g = in_group[j]
-                m, t = _add_log(m, t, a + log_gsum[l, g])
-                acc_m[g], acc_s[g] = _add_log(acc_m[g], acc_s[g], a + lb[l + 1, d])
-            nxt[d] = _log_of(m, t)
+                m, t = -np.inf, 0.0
+                for j in range(in_offsets[d], in_offsets[d + 1]):
+                    a = cur[in_src[j]]
+                    if a == -np.inf:
+                        continue
+                    g = in_group[j]
+                    m, t = _add_log(m, t, a + log_gsum[l, g])
+                    am[g], at[g] = _add_log(am[g], at[g], a + lb[l + 1, d])
+                nxt[d] = _log_of(m, t)
         # the position's mass: every group's edges, weighed by the group
         m, t = -np.inf, 0.0
         for g in range(G):
-            m, t = _add_log(m, t, _log_of(acc_m[g], acc_s[g]) + log_gsum[l, g])
+            gm, gt = -np.inf, 0.0
+            for c in range(CHUNKS):
+                gm, gt = _add_log(gm, gt, _log_of(acc_m[c, g], acc_s[c, g]))
+            acc[g] = _log_of(gm, gt)
+            m, t = _add_log(m, t, acc[g] + log_gsum[l, g])
         log_post = _log_of(m, t)
         if log_post == -np.inf:
             return log_f, False
         for k in range(K):
             m, t = -np.inf, 0.0
             for i in range(atom_group_offsets[k], atom_group_offsets[k + 1]):
-                g = atom_groups[i]
-                m, t = _add_log(m, t, _log_of(acc_m[g], acc_s[g]))
+                m, t = _add_log(m, t, acc[atom_groups[i]])
             log_f[l, k] = _log_of(m, t) - log_post
         cur, nxt = nxt, cur
     return log_f, True
