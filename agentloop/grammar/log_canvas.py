@@ -10,8 +10,9 @@ grammar can fall out of range early in the canvas and weigh the most later on. S
 are recognised (``CompiledGrammar._canvas_passes``: a pass without mass, forward and
 backward masses that disagree, a draw that may have lost weight, an atom whose sum fell
 below float64's normal range) and redone here, where every weight is a log and every sum
-a log-sum-exp: ~20x the work of the fast passes, over lists of edges by state, for the
-rare steps that need it.
+a log-sum-exp, over lists of edges by state, each position's states shared by numba's
+threads: 9-20x the time of the fast passes (bench/log_space.py), for the rare steps that
+need it.
 
 Quantities follow ``canvas``: atoms, groups (unions of atoms on one edge), positions
 l = 0..L - 1 between rows l and l + 1 of the automaton's states. Every array here is in
