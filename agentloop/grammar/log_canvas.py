@@ -39,10 +39,6 @@ from . import canvas
 #: Rows of logits per chunk of ``log_atom_stats`` (its temporaries are (rows, V)).
 _ROWS_PER_CHUNK = 16
 
-#: Chunks of a position's states in the passes (a fixed number, so that sums come out the
-#: same on any number of threads).
-CHUNKS = 8
-
 #: Terms further below their atom's best than this (float32's exp reaches its subnormals
 #: at 87.3) weigh less than 1e-37 of it: they count as 0.
 _FLUSHED = 87.0
@@ -115,17 +111,11 @@ def log_sums_by_group(log_asum, group_atoms, group_offsets):  # pragma: no cover
     return out
 
 
-@nb.njit(cache=True, nogil=True, inline="always")
-def _chunk(n, c):  # pragma: no cover - compiled
-    """Chunk c of CHUNKS of range(n): (start, stop)."""
-    return c * n // CHUNKS, (c + 1) * n // CHUNKS
-
-
 @parallel_kernel(cache=True, nogil=True)
 def log_backward(log_gsum, live, out_offsets, out_dst, out_group):  # pragma: no cover - compiled
     """lb (L + 1, S): lb[l, s] = log of the total weight of the valid completions of the
     canvas from state s at position l (-inf where s is not live). A position's states
-    are independent: CHUNKS chunks of them, shared by numba's threads."""
+    are independent: ``canvas.LIVE_CHUNKS`` chunks of them, shared by numba's threads."""
     L = log_gsum.shape[0]
     S = live.shape[1]
     lb = np.full((L + 1, S), -np.inf)
@@ -133,8 +123,8 @@ def log_backward(log_gsum, live, out_offsets, out_dst, out_group):  # pragma: no
         if live[L, s]:
             lb[L, s] = 0.0
     for l in range(L - 1, -1, -1):
-        for c in nb.prange(CHUNKS):
-            s0, s1 = _chunk(S, c)
+        for c in nb.prange(canvas.LIVE_CHUNKS):
+            s0, s1 = canvas._chunk(0, S, c)
             for s in range(s0, s1):
                 if not live[l, s]:
                     continue
@@ -152,8 +142,9 @@ def log_factors(log_gsum, lb, live, start, in_offsets, in_src, in_group, atom_gr
     exp(x_t - rowmax_l + log_f[l, atom(t)]), from a forward pass in log space and the
     backward values ``lb``. Returns (log_f, ok): ok is False where the canvas has no
     mass at all (every valid canvas passes a -inf logit). A position's states are
-    pulled in CHUNKS chunks on numba's threads, each chunk's group sums kept apart and
-    added in chunk order (the same numbers on any number of threads)."""
+    pulled in ``canvas.LIVE_CHUNKS`` chunks on numba's threads, as the live-list passes
+    pull theirs, each chunk's group sums kept apart and added in chunk order (the same
+    numbers on any number of threads)."""
     L, G = log_gsum.shape
     S = live.shape[1]
     K = atom_group_offsets.shape[0] - 1
@@ -161,16 +152,16 @@ def log_factors(log_gsum, lb, live, start, in_offsets, in_src, in_group, atom_gr
     cur = np.full(S, -np.inf)  # log alpha at l
     nxt = np.full(S, -np.inf)  # at l + 1
     # per chunk and group: log-sum-exp of alpha_l(s) * beta_{l+1}(d) over the group's edges
-    acc_m = np.empty((CHUNKS, G), np.float64)
-    acc_s = np.empty((CHUNKS, G), np.float64)
+    acc_m = np.empty((canvas.LIVE_CHUNKS, G), np.float64)
+    acc_s = np.empty((canvas.LIVE_CHUNKS, G), np.float64)
     acc = np.empty(G, np.float64)  # their sum over the chunks, a log
     cur[start] = 0.0
     for l in range(L):
-        for c in nb.prange(CHUNKS):
+        for c in nb.prange(canvas.LIVE_CHUNKS):
             am, at = acc_m[c], acc_s[c]
             am[:] = -np.inf
             at[:] = 0.0
-            d0, d1 = _chunk(S, c)
+            d0, d1 = canvas._chunk(0, S, c)
             for d in range(d0, d1):
                 nxt[d] = -np.inf
                 if not live[l + 1, d]:
@@ -188,7 +179,7 @@ def log_factors(log_gsum, lb, live, start, in_offsets, in_src, in_group, atom_gr
         m, t = -np.inf, 0.0
         for g in range(G):
             gm, gt = -np.inf, 0.0
-            for c in range(CHUNKS):
+            for c in range(canvas.LIVE_CHUNKS):
                 gm, gt = _add_log(gm, gt, _log_of(acc_m[c, g], acc_s[c, g]))
             acc[g] = _log_of(gm, gt)
             m, t = _add_log(m, t, acc[g] + log_gsum[l, g])
