@@ -447,3 +447,86 @@ def test_a_draw_whose_weights_fall_out_of_float64_s_range_is_refused():
         assert ok and atoms.tolist() == [1]
         assert not draw([3e-320, 7e-320], [0.5, 0.5], live_lists)[1]  # the group weights
     assert not draw([0.3, 0.7], [3e-320, 7e-320], False)[1]  # the dense backward row's values
+
+
+def test_float64_exp_and_log_are_within_two_ulp_and_keep_their_edges():
+    """The log-space passes' vectorised exp and log (float64_math) against numpy's."""
+    from agentloop.grammar.float64_math import exp_nonpositive as exp64
+    from agentloop.grammar.float64_math import key_to_double, log_positive, order_key
+
+    rng = np.random.default_rng(0)
+    d = np.concatenate([-rng.random(3000) * 708.0, -rng.random(1000), [0.0, -1e-300, -708.0]])
+    got = np.array([exp64(v) for v in d])
+    assert np.max(np.abs(got - np.exp(d)) / np.exp(d)) < 2 * 2.0**-52
+    assert [exp64(v) for v in (-708.5, -1e9, -np.inf, np.nan)] == [0.0, 0.0, 0.0, 0.0]
+    s = np.concatenate([np.exp(rng.uniform(-700, 700, 3000)), rng.uniform(1, 10, 1000),
+                        [1.0, 2.0, np.sqrt(2), np.sqrt(0.5), np.nextafter(1.0, 2.0), np.finfo(np.float64).tiny]])
+    got = np.array([log_positive(v) for v in s])
+    assert np.max(np.abs(got - np.log(s)) / np.maximum(np.abs(np.log(s)), 1e-300)) < 2 * 2.0**-52
+    assert log_positive(1.0) == 0.0
+    x = np.array([-np.inf, -1e300, -2.5, -1e-300, 0.0, 1e-300, 3.0, 1e300])
+    keys = [order_key(v) for v in x]
+    assert all(a < b for a, b in zip(keys, keys[1:])) and [key_to_double(k) for k in keys] == x.tolist()
+
+
+def test_the_host_log_atom_stats_agree_with_the_torch_ops():
+    """The atoms' log sums and mean gaps for log space: the compiled host pass against the
+    torch ops the device passes use, at logits far beyond float64's range (N(0, 300)),
+    atoms of one token, of many, and without a finite logit."""
+    from agentloop.grammar import log_canvas
+
+    atom_of = np.array([0, 1, 1, 1, -1, 2, 2, 3, 1, 2], np.int32)
+    x = (np.random.default_rng(1).standard_normal((6, 10)) * 300).astype(np.float32)
+    x[2, [5, 6, 9]] = -np.inf  # atom 2 without a finite logit
+    x[3, 1] = x[3, 2] = x[3, 3] - 80.0  # terms near float32's flush
+    atoms = dp.sorted_atoms(atom_of, 4)
+    rowmax, _, _, amax, _ = dp.reduce_atoms(x, atoms, True, True)
+    want = log_canvas.log_atom_stats(x, atom_of, amax, rowmax)
+    got = log_canvas.log_atom_stats_host(x, atoms, amax, rowmax)
+    assert np.array_equal(np.isfinite(want[0]), np.isfinite(got[0])) and not np.isfinite(got[0][2, 2])
+    finite = np.isfinite(want[0])
+    np.testing.assert_allclose(got[0][finite], want[0][finite], rtol=1e-9, atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_the_dense_log_passes_agree_with_the_lists_by_state(btok, partial):
+    """Log space over dense messages (runs, fans and single edges in the layout's rows, a
+    vectorised log-sum-exp per run) against the passes over each state's edges, on tools
+    whose counted strings make runs and fans, at logits N(0, 300): the same backward
+    values and factors to rounding, the same supports."""
+    from agentloop.grammar import log_canvas
+
+    g = compile_tools(TOOLS[:3], btok, "gemma4")
+    lay, ta = g._layout, g.automaton
+    assert lay.fans[-1] - lay.fans[0] > 100 and lay.runs[-1] > 0.6 * len(lay.src)
+    mid = g.state_after(btok.encode("<|tool_call>call:get_weather{", add_special_tokens=False).ids)
+    L = 40
+    x = (np.random.default_rng(2).standard_normal((L, g.vocab.size)) * 300).astype(np.float32)
+    sup = dp.support(lay, mid, g._final(partial), L, "dense")
+    V = g.vocab.size
+    rowmax, _, _, amax, _ = dp.reduce_atoms(x, g._sorted_atoms(V), True, False)
+    log_asum = log_canvas.log_atom_stats_host(x, g._sorted_atoms(V), amax, rowmax)[0]
+    log_gsum = log_canvas.log_sums_by_group(log_asum, ta.group_atoms, ta.group_offsets)
+    live = np.ascontiguousarray(sup.live[:, lay.rank])
+    want_lb = log_canvas.log_backward(log_gsum, live, *g._out_edges)
+    want_f, ok = log_canvas.log_factors(log_gsum, want_lb, live, mid, *g._in_edges, ta.atom_groups,
+                                        ta.atom_group_offsets)
+    assert ok
+    edges = (lay.src, lay.dst, lay.group, lay.runs, sup.clip, lay.fans)
+    lb, ok = log_canvas.dense_log_backward(log_gsum, sup.live, *edges)
+    assert ok
+    lb_states = lb[:, lay.rank]
+    assert np.array_equal(np.isfinite(lb_states), np.isfinite(want_lb))
+    finite = np.isfinite(want_lb)
+    np.testing.assert_allclose(lb_states[finite], want_lb[finite], rtol=1e-12, atol=1e-9)
+    got_f, ok = log_canvas.dense_log_factors(log_gsum, lb, sup.live, *edges, lay.in_row, lay.in_other, lay.in_group,
+                                             lay.rank[mid], ta.atom_groups, ta.atom_group_offsets)
+    assert ok and np.array_equal(np.isfinite(got_f), np.isfinite(want_f))
+    finite = np.isfinite(want_f)
+    np.testing.assert_allclose(got_f[finite], want_f[finite], rtol=1e-12, atol=1e-9)
+    # the group sums, against a plain log-sum-exp
+    want_g = np.array([[np.logaddexp.reduce(log_asum[n, ta.group_atoms[ta.group_offsets[h]:ta.group_offsets[h + 1]]])
+                        for h in range(len(ta.group_offsets) - 1)] for n in range(L)])
+    np.testing.assert_allclose(log_gsum[np.isfinite(want_g)], want_g[np.isfinite(want_g)], rtol=1e-13, atol=1e-12)
+    assert np.array_equal(np.isfinite(log_gsum), np.isfinite(want_g))

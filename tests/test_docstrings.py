@@ -16,6 +16,7 @@ import agentloop.engine.session
 import agentloop.grammar
 import agentloop.grammar.compiled
 import agentloop.grammar.copy
+import agentloop.grammar.float64_math
 import agentloop.grammar.log_canvas
 import agentloop.grammar.vocabulary
 import agentloop.grammar.wireformat
@@ -24,7 +25,7 @@ import agentloop.testing
 import agentloop.tools
 
 MODULES = [agentloop.grammar, agentloop.grammar.wireformat, agentloop.grammar.copy, agentloop.grammar.compiled,
-           agentloop.grammar.log_canvas,
+           agentloop.grammar.log_canvas, agentloop.grammar.float64_math,
            agentloop.engine, agentloop.engine.diffusion, agentloop.engine.generation, agentloop.engine.models,
            agentloop.engine.session, agentloop.grammar.vocabulary, agentloop, agentloop.agent, agentloop.protocol,
            agentloop.testing, agentloop.tools]

@@ -87,11 +87,15 @@ class _Scores:
     #: ``log_canvas.log_atom_stats``, taken for all rows when a canvas first needs them
     _log_stats: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
-    def log_stats(self, atom_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def log_stats(self, atoms: dp.SortedAtoms) -> tuple[np.ndarray, np.ndarray]:
         """(log sum of exp(x - rowmax), mean of x - amax) per atom (N, K) each, exact where
         ``asum`` underflows (see ``log_canvas.log_atom_stats``)."""
         if not self._log_stats:
-            self._log_stats.append(log_canvas.log_atom_stats(self.flat, atom_of, self.amax, self.rowmax))
+            if isinstance(self.flat, np.ndarray):
+                stats = log_canvas.log_atom_stats_host(self.flat, atoms, self.amax, self.rowmax)
+            else:
+                stats = log_canvas.log_atom_stats(self.flat, atoms.atom_of, self.amax, self.rowmax)
+            self._log_stats.append(stats)
         return self._log_stats[0]
 
     def sums_in_range(self, rows: slice) -> bool:
@@ -620,15 +624,26 @@ class CompiledGrammar:
         asked."""
         ta = self.automaton
         L = sl.stop - sl.start
-        log_asum = sc.log_stats(self._atom_of(sc.flat.shape[1]))[0][sl]
+        log_asum = sc.log_stats(self._sorted_atoms(sc.flat.shape[1]))[0][sl]
         log_gsum = log_canvas.log_sums_by_group(log_asum, ta.group_atoms, ta.group_offsets)
-        live = np.ascontiguousarray(sup.live[:, self._layout.rank])  # (L + 1, S) by state
-        lb = log_canvas.log_backward(log_gsum, live, *self._out_edges)
-        ok = bool(lb[0, s0] > -np.inf)
         log_f, atoms = np.zeros((0, 0)), np.zeros(0, np.int32)
-        if ok and factors:
-            log_f, ok = log_canvas.log_factors(log_gsum, lb, live, s0, *self._in_edges, ta.atom_groups,
-                                               ta.atom_group_offsets)
+        lay = self._layout
+        if sup.dense:  # the fast passes' layout: runs, fans, single edges (by row)
+            edges = (lay.src, lay.dst, lay.group, lay.runs, sup.clip, lay.fans)
+            lb_rows, ok = log_canvas.dense_log_backward(log_gsum, sup.live, *edges)
+            ok = ok and bool(lb_rows[0, lay.rank[s0]] > -np.inf)
+            if ok and factors:
+                log_f, ok = log_canvas.dense_log_factors(log_gsum, lb_rows, sup.live, *edges, lay.in_row, lay.in_other,
+                                                         lay.in_group, lay.rank[s0], ta.atom_groups,
+                                                         ta.atom_group_offsets)
+            lb = lb_rows[:, lay.rank] if ok and uniforms is not None else lb_rows  # (L + 1, S) by state
+        else:  # lists of edges by state, each position's states on numba's threads
+            live = np.ascontiguousarray(sup.live[:, lay.rank])  # (L + 1, S) by state
+            lb = log_canvas.log_backward(log_gsum, live, *self._out_edges)
+            ok = bool(lb[0, s0] > -np.inf)
+            if ok and factors:
+                log_f, ok = log_canvas.log_factors(log_gsum, lb, live, s0, *self._in_edges, ta.atom_groups,
+                                                   ta.atom_group_offsets)
         if ok and uniforms is not None:
             atoms, ok = log_canvas.log_sample_atoms(log_asum, log_gsum, lb, s0, *self._out_edges, ta.group_atoms,
                                                     ta.group_offsets, uniforms)
@@ -650,7 +665,7 @@ class CompiledGrammar:
         log space, whose sums may have underflowed) ``log_canvas``'s."""
         H = dp._entropy(sc.asum, sc.asumx, F, log_f).reshape(B, -1)
         if in_log_space:
-            log_asum, mean_gap = sc.log_stats(self._atom_of(sc.flat.shape[1]))
+            log_asum, mean_gap = sc.log_stats(self._sorted_atoms(sc.flat.shape[1]))
             L = H.shape[1]
             for b in in_log_space:
                 sl = slice(b * L, (b + 1) * L)

@@ -10,9 +10,10 @@ grammar can fall out of range early in the canvas and weigh the most later on. S
 are recognised (``CompiledGrammar._canvas_passes``: a pass without mass, forward and
 backward masses that disagree, a draw that may have lost weight, an atom whose sum fell
 below float64's normal range) and redone here, where every weight is a log and every sum
-a log-sum-exp, over lists of edges by state, each position's states shared by numba's
-threads: 9-20x the time of the fast passes (bench/log_space.py), for the rare steps that
-need it.
+a log-sum-exp: over dense messages in the fast passes' layout (runs of edges, each a
+vectorised loop) where the canvas's support is dense, else over lists of edges by state,
+each position's states shared by numba's threads. A step redone here costs ~3x to ~8x a
+step in range (bench/log_space.py), for the rare steps that need it.
 
 Quantities follow ``canvas``: atoms, groups (unions of atoms on one edge), positions
 l = 0..L - 1 between rows l and l + 1 of the automaton's states. Every array here is in
@@ -33,8 +34,10 @@ import numba as nb
 import numpy as np
 import torch
 
-from ..numba_threads import parallel_kernel
+from ..numba_threads import parallel_kernel, row_parts
 from . import canvas
+from .float32_math import exp_nonpositive as exp_nonpositive32
+from .float64_math import exp_nonpositive, key_to_double, log_positive, order_key
 
 #: Rows of logits per chunk of ``log_atom_stats`` (its temporaries are (rows, V)).
 _ROWS_PER_CHUNK = 16
@@ -94,21 +97,6 @@ def _add_log(m, s, v):  # pragma: no cover - compiled
 @nb.njit(cache=True, nogil=True, inline="always")
 def _log_of(m, s):  # pragma: no cover - compiled
     return m + math.log(s) if s > 0.0 else -np.inf
-
-
-@nb.njit(cache=True, nogil=True)
-def log_sums_by_group(log_asum, group_atoms, group_offsets):  # pragma: no cover - compiled
-    """(N, G) log of each group's sum of its atoms' sums, from ``log_asum`` (N, K)."""
-    N = log_asum.shape[0]
-    G = group_offsets.shape[0] - 1
-    out = np.empty((N, G), np.float64)
-    for n in range(N):
-        for g in range(G):
-            m, s = -np.inf, 0.0
-            for i in range(group_offsets[g], group_offsets[g + 1]):
-                m, s = _add_log(m, s, log_asum[n, group_atoms[i]])
-            out[n, g] = _log_of(m, s)
-    return out
 
 
 @parallel_kernel(cache=True, nogil=True)
@@ -191,6 +179,272 @@ def log_factors(log_gsum, lb, live, start, in_offsets, in_src, in_group, atom_gr
             for i in range(atom_group_offsets[k], atom_group_offsets[k + 1]):
                 m, t = _add_log(m, t, acc[atom_groups[i]])
             log_f[l, k] = _log_of(m, t) - log_post
+        cur, nxt = nxt, cur
+    return log_f, True
+
+
+# ---- the same passes over dense messages, as the fast passes run -------------------------
+# Where the canvas's support is dense (``canvas.Support.dense``), the passes below visit
+# the edges as ``canvas``'s dense passes do, in the layout's rows: runs of consecutive
+# rows (one vectorised loop each, clipped to the live stretch at each position), fans,
+# then single edges. Every row's value is built as a running log-sum-exp (m, s): m the
+# largest term so far, s the sum of exp(term - m), each term added with one vectorised
+# exp (float64_math) and no log; a log per row at the end of each position. 4-5x the
+# speed of the passes over lists of edges by state above on one thread (BPE 4k, 1 and 5
+# tools; bench/log_space.py), the same numbers to ~1e-11 in log. One thread each: a
+# state takes terms from several runs, so the rows cannot be shared out without locks;
+# the result is the same on any number of threads.
+
+
+@nb.njit(cache=True, nogil=True, inline="always", fastmath={"contract"})
+def _with_term(m, s, v):  # pragma: no cover - compiled
+    """(m, s) with the term v added (either or both may be -inf; no nan comes in)."""
+    hi = np.fmax(m, v)
+    e = exp_nonpositive(np.fmin(m, v) - hi)  # (nan where both are -inf: exp gives 0 there)
+    return hi, (s * e + 1.0 if v > m else s + e)
+
+
+@nb.njit(cache=True, nogil=True, inline="always", fastmath={"contract"})
+def _add_run(m, s, w, x):  # pragma: no cover - compiled
+    """Terms w + x[j] into the rows' sums (m[j], s[j]): a run's pull."""
+    for j in range(m.shape[0]):
+        m[j], s[j] = _with_term(m[j], s[j], w + x[j])
+
+
+@nb.njit(cache=True, nogil=True, inline="always", fastmath={"contract"})
+def _add_to_all(m, s, v):  # pragma: no cover - compiled
+    """One term v into every row's sums: a fan's one row pushed to its sources."""
+    for j in range(m.shape[0]):
+        m[j], s[j] = _with_term(m[j], s[j], v)
+
+
+@nb.njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
+def _close_rows(out, m, s, live):  # pragma: no cover - compiled
+    """out <- m + log s where the row is live and has a term, else -inf; returns how many
+    rows have a finite value. (A function of its own: inlined into a pass, its loop lost
+    its vectorisation.)"""
+    n = 0
+    for j in range(out.shape[0]):
+        has = live[j] != 0 and s[j] > 0.0
+        out[j] = m[j] + log_positive(s[j] if has else 1.0) if has else -np.inf
+        n += has
+    return n
+
+
+# A slice's log-sum-exp in two loops, each in a helper of its own (in one function the
+# compiler vectorised neither): the largest term, as an int max over order keys, then the
+# sum of exp(term - largest).
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _largest_sum(x, y):  # pragma: no cover - compiled
+    k = order_key(-np.inf)  # (an empty slice: -inf)
+    for j in range(x.shape[0]):
+        k = max(k, order_key(x[j] + y[j]))
+    return key_to_double(k)
+
+
+@nb.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
+def _exp_sum_below(x, y, top):  # pragma: no cover - compiled
+    t = 0.0
+    for j in range(x.shape[0]):
+        t += exp_nonpositive(x[j] + y[j] - top)
+    return t
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _largest(x):  # pragma: no cover - compiled
+    k = order_key(-np.inf)
+    for j in range(x.shape[0]):
+        k = max(k, order_key(x[j]))
+    return key_to_double(k)
+
+
+@nb.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
+def _exp_total_below(x, top):  # pragma: no cover - compiled
+    t = 0.0
+    for j in range(x.shape[0]):
+        t += exp_nonpositive(x[j] - top)
+    return t
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _log_dot(x, y):  # pragma: no cover - compiled
+    """log sum exp(x[j] + y[j]): a run's share of its group's edge posteriors."""
+    top = _largest_sum(x, y)
+    return top if top == -np.inf else top + math.log(_exp_sum_below(x, y, top))
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _log_total(x):  # pragma: no cover - compiled
+    """log sum exp(x[j]): a fan's sources."""
+    top = _largest(x)
+    return top if top == -np.inf else top + math.log(_exp_total_below(x, top))
+
+
+def log_atom_stats_host(logits: np.ndarray, atoms: "canvas.SortedAtoms", amax: np.ndarray, rowmax: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """``log_atom_stats`` for logits on the host, from the scan's token lists (``atoms``,
+    ``canvas.sorted_atoms``): one compiled pass, its rows on numba's threads (2.6 ms
+    against the torch ops' 10.7 at BPE 4k, one thread). Each term is exp(x - the atom's
+    best) in float32, as the scan and the torch ops take it, added up in float64."""
+    N = logits.shape[0]
+    K = amax.shape[1]
+    log_sum = np.empty((N, K), np.float64)
+    mean_gap = np.empty((N, K), np.float64)
+    _log_atom_stats_rows(np.ascontiguousarray(logits, np.float32), atoms.perm, atoms.lo, atoms.hi, atoms.singles,
+                         atoms.others, np.ascontiguousarray(amax, np.float32), np.asarray(rowmax, np.float64),
+                         log_sum, mean_gap, row_parts(N))
+    return log_sum, mean_gap
+
+
+@parallel_kernel(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _log_atom_stats_rows(x, perm, lo, hi, singles, others, amax, rowmax, log_sum, mean_gap,
+                         parts):  # pragma: no cover - compiled
+    N = x.shape[0]
+    for part in nb.prange(parts):
+        for r in range(part * N // parts, (part + 1) * N // parts):
+            row = x[r]
+            ref = rowmax[r]
+            for j in range(singles.shape[0]):  # one term: the token's own logit, its atom's best
+                k = singles[j]
+                b = amax[r, k]
+                log_sum[r, k] = np.float64(b) - ref if b > -np.inf else -np.inf
+                mean_gap[r, k] = 0.0
+            for i in range(others.shape[0]):
+                k = others[i]
+                b = amax[r, k]
+                if not b > -np.inf:
+                    log_sum[r, k] = -np.inf
+                    mean_gap[r, k] = 0.0
+                    continue
+                t = 0.0
+                tx = 0.0
+                for j in range(lo[k], hi[k]):
+                    d = row[np.uint32(perm[j])] - b
+                    e = exp_nonpositive32(d)
+                    t += np.float64(e)
+                    tx += np.float64(e * d) if e > np.float32(0.0) else 0.0  # (0 * -inf is nan)
+                log_sum[r, k] = np.float64(b) - ref + math.log(t)
+                mean_gap[r, k] = tx / t
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def log_sums_by_group(log_asum, group_atoms, group_offsets):  # pragma: no cover - compiled
+    """(N, G) log of each group's sum of its atoms' sums, from ``log_asum`` (N, K): added
+    along the positions, one vectorised loop per (group, atom) pair."""
+    N = log_asum.shape[0]
+    G = group_offsets.shape[0] - 1
+    cols = np.ascontiguousarray(log_asum.T)  # (K, N)
+    out = np.empty((G, N), np.float64)
+    m = np.empty(N, np.float64)
+    s = np.empty(N, np.float64)
+    every = np.ones(N, np.uint8)
+    for g in range(G):
+        m[:] = -np.inf
+        s[:] = 0.0
+        for i in range(group_offsets[g], group_offsets[g + 1]):
+            _add_run(m, s, 0.0, cols[group_atoms[i]])
+        _close_rows(out[g], m, s, every)
+    return np.ascontiguousarray(out.T)
+
+
+@nb.njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
+def dense_log_backward(log_gsum, live, src, dst, group, runs, clip, fans):  # pragma: no cover - compiled
+    """``log_backward`` over dense messages in the layout's rows: (lb (L + 1, S) by row,
+    ok), ok False where a position has no live row with a finite value (lb's rows above
+    it are then not filled). ``live`` (L + 1, S) and ``clip`` are the support's
+    (``canvas.Support``), the edges the layout's (``canvas_layout.EdgeLayout``)."""
+    L = log_gsum.shape[0]
+    S = live.shape[1]
+    E = src.shape[0]
+    lb = np.empty((L + 1, S), np.float64)
+    for j in range(S):
+        lb[L, j] = 0.0 if live[L, j] else -np.inf
+    m = np.empty(S, np.float64)  # each row's running log-sum-exp at l: largest term
+    s = np.empty(S, np.float64)  # and sum of exp(term - largest)
+    for l in range(L - 1, -1, -1):
+        m[:] = -np.inf
+        s[:] = 0.0
+        w = log_gsum[l]
+        nxt = lb[l + 1]
+        cl = clip[l]
+        for r in range(runs.shape[0] - 1):
+            e = runs[r]
+            a, b, n = canvas._clipped_run(src, dst, e, cl[r])
+            _add_run(m[a:a + n], s[a:a + n], w[group[e]], nxt[b:b + n])
+        for f in range(fans.shape[0] - 1):
+            e = fans[f]
+            n = fans[f + 1] - e
+            _add_to_all(m[src[e]:src[e] + n], s[src[e]:src[e] + n], w[group[e]] + nxt[dst[e]])
+        for e in range(fans[-1], E):  # (indices unsigned: see canvas's scan)
+            j = np.uint32(src[e])
+            m[j], s[j] = _with_term(m[j], s[j], w[np.uint32(group[e])] + nxt[np.uint32(dst[e])])
+        if _close_rows(lb[l], m, s, live[l]) == 0:
+            return lb, False
+    return lb, True
+
+
+@nb.njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
+def dense_log_factors(log_gsum, lb, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group, start,
+                      atom_groups, atom_group_offsets):  # pragma: no cover - compiled
+    """``log_factors`` over dense messages in the layout's rows, from ``dense_log_backward``'s
+    lb: (log_f (L, K), ok). ``start`` is the start state's row. Each position's group
+    posteriors are taken from the forward message just computed, as the fast passes'
+    one-thread sweep takes its factors (``canvas._alpha_factors_body``)."""
+    L, G = log_gsum.shape
+    S = live.shape[1]
+    K = atom_group_offsets.shape[0] - 1
+    log_f = np.full((L, K), -np.inf)
+    cur = np.full(S, -np.inf)  # log alpha at l, by row
+    nxt = np.empty(S, np.float64)  # at l + 1
+    m = np.empty(S, np.float64)  # nxt's running log-sum-exps
+    s = np.empty(S, np.float64)
+    gm = np.empty(G, np.float64)  # per group: log-sum-exp of alpha_l(src) + lb_{l+1}(dst) over its edges
+    gs = np.empty(G, np.float64)
+    acc = np.empty(G, np.float64)
+    cur[start] = 0.0
+    for l in range(L):
+        m[:] = -np.inf
+        s[:] = 0.0
+        gm[:] = -np.inf
+        gs[:] = 0.0
+        w = log_gsum[l]
+        bn = lb[l + 1]
+        cl = clip[l]
+        for r in range(runs.shape[0] - 1):
+            e = runs[r]
+            a, b, n = canvas._clipped_run(src, dst, e, cl[r])
+            g = group[e]
+            _add_run(m[b:b + n], s[b:b + n], w[g], cur[a:a + n])
+            gm[g], gs[g] = _with_term(gm[g], gs[g], _log_dot(cur[a:a + n], bn[b:b + n]))
+        for f in range(fans.shape[0] - 1):  # a fan's sources into its one row
+            e = fans[f]
+            g = group[e]
+            d = dst[e]
+            t = _log_total(cur[src[e]:src[e] + fans[f + 1] - e])
+            m[d], s[d] = _with_term(m[d], s[d], t + w[g])
+            gm[g], gs[g] = _with_term(gm[g], gs[g], t + bn[d])
+        for k in range(in_row.shape[0]):  # (indices unsigned: see canvas's scan)
+            row, other, g = np.uint32(in_row[k]), np.uint32(in_other[k]), np.uint32(in_group[k])
+            a = cur[other]
+            m[row], s[row] = _with_term(m[row], s[row], a + w[g])
+            gm[g], gs[g] = _with_term(gm[g], gs[g], a + bn[row])
+        # the position's mass: every group's edges, weighed by the group
+        pm, ps = -np.inf, 0.0
+        for g in range(G):
+            acc[g] = gm[g] + math.log(gs[g]) if gs[g] > 0.0 else -np.inf
+            pm, ps = _with_term(pm, ps, acc[g] + w[g])
+        if not ps > 0.0:
+            return log_f, False
+        log_post = pm + math.log(ps)
+        for k in range(K):
+            km, ks = -np.inf, 0.0
+            for i in range(atom_group_offsets[k], atom_group_offsets[k + 1]):
+                km, ks = _with_term(km, ks, acc[atom_groups[i]])
+            log_f[l, k] = km + math.log(ks) - log_post if ks > 0.0 else -np.inf
+        if _close_rows(nxt, m, s, live[l + 1]) == 0:
+            return log_f, False
         cur, nxt = nxt, cur
     return log_f, True
 
