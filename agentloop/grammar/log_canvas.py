@@ -12,12 +12,13 @@ backward masses that disagree, a draw that may have lost weight, an atom whose s
 below float64's normal range) and redone here, where every weight is a log and every sum
 a log-sum-exp: over dense messages in the fast passes' layout (runs of edges, each a
 vectorised loop) where the canvas's support is dense, else over lists of edges by state,
-each position's states shared by numba's threads. A step redone here costs ~3x to ~8x a
-step in range (bench/log_space.py), for the rare steps that need it.
+each position's states shared by numba's threads. A step redone here costs 3-6x a step
+in range (BPE 4k, 1 to 20 tools; bench/log_space.py), for the rare steps that need it.
 
 Quantities follow ``canvas``: atoms, groups (unions of atoms on one edge), positions
-l = 0..L - 1 between rows l and l + 1 of the automaton's states. Every array here is in
-state order (no layout rows), ``live`` (L + 1, S) masks the states on some valid canvas.
+l = 0..L - 1 between rows l and l + 1 of the automaton's states. The passes over lists
+take their arrays in state order, the dense ones in the layout's rows; ``live`` (L + 1, S)
+masks the states on some valid canvas.
 
     >>> import numpy as np
     >>> lg = np.log(np.array([[1.0, 2.0]]))  # one position, two groups
@@ -189,9 +190,9 @@ def log_factors(log_gsum, lb, live, start, in_offsets, in_src, in_group, atom_gr
 # rows (one vectorised loop each, clipped to the live stretch at each position), fans,
 # then single edges. Every row's value is built as a running log-sum-exp (m, s): m the
 # largest term so far, s the sum of exp(term - m), each term added with one vectorised
-# exp (float64_math) and no log; a log per row at the end of each position. 4-5x the
+# exp (float64_math) and no log; a log per row at the end of each position. 4-6x the
 # speed of the passes over lists of edges by state above on one thread (BPE 4k, 1 and 5
-# tools; bench/log_space.py), the same numbers to ~1e-11 in log. One thread each: a
+# tools), the same numbers to ~1e-11 in log. One thread each: a
 # state takes terms from several runs, so the rows cannot be shared out without locks;
 # the result is the same on any number of threads.
 
