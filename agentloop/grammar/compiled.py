@@ -636,7 +636,8 @@ class CompiledGrammar:
                 log_f, ok = log_canvas.dense_log_factors(log_gsum, lb_rows, sup.live, *edges, lay.in_row, lay.in_other,
                                                          lay.in_group, lay.rank[s0], ta.atom_groups,
                                                          ta.atom_group_offsets)
-            lb = lb_rows[:, lay.rank] if ok and uniforms is not None else lb_rows  # (L + 1, S) by state
+            # the sampler reads lb by state (a copy: at 20 tools ~100 MB, made only to sample)
+            lb = lb_rows[:, lay.rank] if ok and uniforms is not None else lb_rows
         else:  # lists of edges by state, each position's states on numba's threads
             live = np.ascontiguousarray(sup.live[:, lay.rank])  # (L + 1, S) by state
             lb = log_canvas.log_backward(log_gsum, live, *self._out_edges)
