@@ -293,12 +293,15 @@ def test_the_step_is_the_same_on_any_number_of_threads(btok, monkeypatch, messag
     import numba
     import torch
 
+    from agentloop.grammar import log_canvas
     from agentloop.grammar.compiled import CompiledGrammar
 
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("numba has one thread on this machine (NUMBA_NUM_THREADS)")
     if messages == "live lists":
         monkeypatch.setattr(CompiledGrammar, "_canvas_pass_kind", "live")
+    else:  # the dense log-space passes cut their rows into chunks for the threads from this size
+        monkeypatch.setattr(log_canvas, "THREADED_MIN_STATES", 0)
     g = compile_tools(TOOLS[:3], btok, "gemma4")
     x = torch.randn(3, 40, g.vocab.size, generator=torch.Generator().manual_seed(1)) * scale
     before = numba.get_num_threads()
@@ -489,14 +492,18 @@ def test_the_host_log_atom_stats_agree_with_the_torch_ops():
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("partial", [False, True])
-def test_the_dense_log_passes_agree_with_the_lists_by_state(btok, partial):
+def test_the_dense_log_passes_agree_with_the_lists_by_state(btok, monkeypatch, partial, chunked):
     """Log space over dense messages (runs, fans and single edges in the layout's rows, a
-    vectorised log-sum-exp per run) against the passes over each state's edges, on tools
-    whose counted strings make runs and fans, at logits N(0, 300): the same backward
-    values and factors to rounding, the same supports."""
+    vectorised log-sum-exp per run; rows whole, or cut into chunks for numba's threads as
+    large automata have them) against the passes over each state's edges, on tools whose
+    counted strings make runs and fans, at logits N(0, 300): the same backward values
+    and factors to rounding, the same supports."""
     from agentloop.grammar import log_canvas
 
+    if chunked:
+        monkeypatch.setattr(log_canvas, "THREADED_MIN_STATES", 0)
     g = compile_tools(TOOLS[:3], btok, "gemma4")
     lay, ta = g._layout, g.automaton
     assert lay.fans[-1] - lay.fans[0] > 100 and lay.runs[-1] > 0.6 * len(lay.src)

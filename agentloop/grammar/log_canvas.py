@@ -190,11 +190,9 @@ def log_factors(log_gsum, lb, live, start, in_offsets, in_src, in_group, atom_gr
 # rows (one vectorised loop each, clipped to the live stretch at each position), fans,
 # then single edges. Every row's value is built as a running log-sum-exp (m, s): m the
 # largest term so far, s the sum of exp(term - m), each term added with one vectorised
-# exp (float64_math) and no log; a log per row at the end of each position. 4-6x the
-# speed of the passes over lists of edges by state above on one thread (BPE 4k, 1 and 5
-# tools), the same numbers to ~1e-11 in log. One thread each: a
-# state takes terms from several runs, so the rows cannot be shared out without locks;
-# the result is the same on any number of threads.
+# exp (float64_math) and no log; a log per row at the end of each position. 3-6x the
+# speed of the passes over lists of edges by state above (BPE 4k, 1, 5 and 20 tools, one
+# thread), the same numbers to ~1e-11 in log.
 
 
 @nb.njit(cache=True, nogil=True, inline="always", fastmath={"contract"})
@@ -350,104 +348,224 @@ def log_sums_by_group(log_asum, group_atoms, group_offsets):  # pragma: no cover
     return np.ascontiguousarray(out.T)
 
 
-@nb.njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
-def dense_log_backward(log_gsum, live, src, dst, group, runs, clip, fans):  # pragma: no cover - compiled
+# Large automata cut each position's rows into canvas.LIVE_CHUNKS chunks that numba's
+# threads share; a chunk takes the terms of the edges into its rows (a run cut at the
+# chunk's edges) in the order a whole row would, and its own share of every group's
+# posterior, added up in chunk order: the same numbers on one thread or many. Small ones
+# keep their rows whole (cut into 8 they ran 1.3-1.4x slower at one tool, and no launch
+# per position pays for their work); how an automaton is cut depends on its size only.
+
+
+def _chunks(S: int) -> int:
+    """How many chunks the dense log-space passes cut S rows into."""
+    return canvas.LIVE_CHUNKS if S >= THREADED_MIN_STATES else 1
+
+
+#: Automata from this many states run the dense log-space passes in chunks on numba's threads.
+THREADED_MIN_STATES = 4096
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _chunk_rows(S, c, C):  # pragma: no cover - compiled
+    """Chunk c of C of the rows 0..S: (start, stop)."""
+    return c * S // C, (c + 1) * S // C
+
+
+@nb.njit(cache=True, nogil=True)
+def _by_chunk(rows, S, C):  # pragma: no cover - compiled
+    """The single edges grouped by the chunk (of C) of the row each writes, in their
+    order: (offsets (C + 1,), indices into ``rows``)."""
+    chunk_of = np.empty(rows.shape[0], np.int64)
+    offsets = np.zeros(C + 1, np.int64)
+    for c in range(C):
+        r0, r1 = _chunk_rows(S, c, C)
+        for i in range(rows.shape[0]):
+            if r0 <= rows[i] < r1:
+                chunk_of[i] = c
+                offsets[c + 1] += 1
+    offsets = np.cumsum(offsets)
+    order = np.empty(rows.shape[0], np.int64)
+    fill = offsets[:-1].copy()
+    for i in range(rows.shape[0]):
+        order[fill[chunk_of[i]]] = i
+        fill[chunk_of[i]] += 1
+    return offsets, order
+
+
+@nb.njit(cache=True, nogil=True, inline="always", fastmath={"contract"}, error_model="numpy")
+def _backward_chunk(c, C, out, nxt, w, m, s, live, src, dst, group, runs, clip_l, fans, singles,
+                    single_offsets):  # pragma: no cover - compiled
+    """Rows of chunk c (of C) of lb at one position (``out``) from the next position's
+    (``nxt``), group weights w (G,) in log; returns how many of them are finite."""
+    r0, r1 = _chunk_rows(out.shape[0], c, C)
+    m[r0:r1] = -np.inf
+    s[r0:r1] = 0.0
+    for r in range(runs.shape[0] - 1):  # a run's sources (the rows written) cut to the chunk
+        e = runs[r]
+        a, b, n = canvas._clipped_run(src, dst, e, clip_l[r])
+        lo, hi = max(a, r0), min(a + n, r1)
+        if lo < hi:
+            _add_run(m[lo:hi], s[lo:hi], w[group[e]], nxt[b + lo - a:b + hi - a])
+    for f in range(fans.shape[0] - 1):  # a fan's one row out to its sources
+        e = fans[f]
+        lo, hi = max(src[e], r0), min(src[e] + fans[f + 1] - e, r1)
+        if lo < hi:
+            _add_to_all(m[lo:hi], s[lo:hi], w[group[e]] + nxt[dst[e]])
+    E0 = fans[-1]
+    for i in range(single_offsets[c], single_offsets[c + 1]):  # (indices unsigned: see canvas's scan)
+        e = E0 + singles[i]
+        j = np.uint32(src[e])
+        m[j], s[j] = _with_term(m[j], s[j], w[np.uint32(group[e])] + nxt[np.uint32(dst[e])])
+    return _close_rows(out[r0:r1], m[r0:r1], s[r0:r1], live[r0:r1])
+
+
+def _dense_log_backward_kernel(chunks):  # type: ignore[no-untyped-def]
+    """The backward pass with its chunks in a ``range`` (one thread) or an ``nb.prange``
+    (numba's threads): two closures, so that numba's cache keeps them apart (it keys
+    machine code by a function's source and closure, not by ``parallel``: one function
+    compiled both ways loaded the one-thread code for both)."""
+
+    def kernel(log_gsum, live, src, dst, group, runs, clip, fans, C):  # pragma: no cover - compiled
+        L = log_gsum.shape[0]
+        S = live.shape[1]
+        lb = np.empty((L + 1, S), np.float64)
+        for j in range(S):
+            lb[L, j] = 0.0 if live[L, j] else -np.inf
+        m = np.empty(S, np.float64)  # each row's running log-sum-exp at l: largest term
+        s = np.empty(S, np.float64)  # and sum of exp(term - largest)
+        single_offsets, singles = _by_chunk(src[fans[-1]:], S, C)
+        finite = np.zeros(C, np.int64)
+        for l in range(L - 1, -1, -1):
+            for c in chunks(C):
+                finite[c] = _backward_chunk(c, C, lb[l], lb[l + 1], log_gsum[l], m, s, live[l], src, dst, group, runs,
+                                            clip[l], fans, singles, single_offsets)
+            if finite.sum() == 0:
+                return lb, False
+        return lb, True
+
+    return kernel
+
+
+_dense_log_backward_one = nb.njit(cache=True, nogil=True, fastmath={"contract"},
+                                  error_model="numpy")(_dense_log_backward_kernel(range))
+_dense_log_backward_threads = parallel_kernel(cache=True, nogil=True, fastmath={"contract"},
+                                              error_model="numpy")(_dense_log_backward_kernel(nb.prange))
+
+
+def dense_log_backward(log_gsum: np.ndarray, live: np.ndarray, src: np.ndarray, dst: np.ndarray, group: np.ndarray,
+                       runs: np.ndarray, clip: np.ndarray, fans: np.ndarray) -> tuple[np.ndarray, bool]:
     """``log_backward`` over dense messages in the layout's rows: (lb (L + 1, S) by row,
     ok), ok False where a position has no live row with a finite value (lb's rows above
     it are then not filled). ``live`` (L + 1, S) and ``clip`` are the support's
     (``canvas.Support``), the edges the layout's (``canvas_layout.EdgeLayout``)."""
-    L = log_gsum.shape[0]
-    S = live.shape[1]
-    E = src.shape[0]
-    lb = np.empty((L + 1, S), np.float64)
-    for j in range(S):
-        lb[L, j] = 0.0 if live[L, j] else -np.inf
-    m = np.empty(S, np.float64)  # each row's running log-sum-exp at l: largest term
-    s = np.empty(S, np.float64)  # and sum of exp(term - largest)
-    for l in range(L - 1, -1, -1):
-        m[:] = -np.inf
-        s[:] = 0.0
-        w = log_gsum[l]
-        nxt = lb[l + 1]
-        cl = clip[l]
-        for r in range(runs.shape[0] - 1):
-            e = runs[r]
-            a, b, n = canvas._clipped_run(src, dst, e, cl[r])
-            _add_run(m[a:a + n], s[a:a + n], w[group[e]], nxt[b:b + n])
-        for f in range(fans.shape[0] - 1):
-            e = fans[f]
-            n = fans[f + 1] - e
-            _add_to_all(m[src[e]:src[e] + n], s[src[e]:src[e] + n], w[group[e]] + nxt[dst[e]])
-        for e in range(fans[-1], E):  # (indices unsigned: see canvas's scan)
-            j = np.uint32(src[e])
-            m[j], s[j] = _with_term(m[j], s[j], w[np.uint32(group[e])] + nxt[np.uint32(dst[e])])
-        if _close_rows(lb[l], m, s, live[l]) == 0:
-            return lb, False
-    return lb, True
+    C = _chunks(live.shape[1])
+    kernel = _dense_log_backward_threads if C > 1 and nb.get_num_threads() > 1 else _dense_log_backward_one
+    return kernel(log_gsum, live, src, dst, group, runs, clip, fans, C)
 
 
-@nb.njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
-def dense_log_factors(log_gsum, lb, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group, start,
-                      atom_groups, atom_group_offsets):  # pragma: no cover - compiled
+@nb.njit(cache=True, nogil=True, inline="always", fastmath={"contract"}, error_model="numpy")
+def _forward_chunk(c, C, cur, out, w, bn, m, s, gm, gs, live, src, dst, group, runs, clip_l, fans, in_row, in_other,
+                   in_group, singles, single_offsets):  # pragma: no cover - compiled
+    """Rows of chunk c (of C) of the forward message one position on (``out``) from ``cur``,
+    and the chunk's share of each group's posterior, log-sum-exp of alpha_l(src) +
+    lb_{l+1}(dst) over the group's edges into the chunk (gm, gs (G,)); returns how many
+    of its rows are finite."""
+    r0, r1 = _chunk_rows(out.shape[0], c, C)
+    m[r0:r1] = -np.inf
+    s[r0:r1] = 0.0
+    gm[:] = -np.inf
+    gs[:] = 0.0
+    for r in range(runs.shape[0] - 1):  # a run's destinations (the rows written) cut to the chunk
+        e = runs[r]
+        a, b, n = canvas._clipped_run(src, dst, e, clip_l[r])
+        lo, hi = max(b, r0), min(b + n, r1)
+        if lo < hi:
+            g = group[e]
+            _add_run(m[lo:hi], s[lo:hi], w[g], cur[a + lo - b:a + hi - b])
+            gm[g], gs[g] = _with_term(gm[g], gs[g], _log_dot(cur[a + lo - b:a + hi - b], bn[lo:hi]))
+    for f in range(fans.shape[0] - 1):  # a fan's sources into its one row
+        e = fans[f]
+        d = dst[e]
+        if r0 <= d < r1:
+            g = group[e]
+            t = _log_total(cur[src[e]:src[e] + fans[f + 1] - e])
+            m[d], s[d] = _with_term(m[d], s[d], t + w[g])
+            gm[g], gs[g] = _with_term(gm[g], gs[g], t + bn[d])
+    for i in range(single_offsets[c], single_offsets[c + 1]):  # (indices unsigned: see canvas's scan)
+        k = singles[i]
+        row, other, g = np.uint32(in_row[k]), np.uint32(in_other[k]), np.uint32(in_group[k])
+        x = cur[other]
+        m[row], s[row] = _with_term(m[row], s[row], x + w[g])
+        gm[g], gs[g] = _with_term(gm[g], gs[g], x + bn[row])
+    return _close_rows(out[r0:r1], m[r0:r1], s[r0:r1], live[r0:r1])
+
+
+def _dense_log_factors_kernel(chunks):  # type: ignore[no-untyped-def]
+    """The forward pass and the factors, chunks in a ``range`` or an ``nb.prange`` (see
+    ``_dense_log_backward_kernel``)."""
+
+    def kernel(log_gsum, lb, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group, start, atom_groups,
+               atom_group_offsets, C):  # pragma: no cover - compiled
+        L, G = log_gsum.shape
+        S = live.shape[1]
+        K = atom_group_offsets.shape[0] - 1
+        log_f = np.full((L, K), -np.inf)
+        cur = np.full(S, -np.inf)  # log alpha at l, by row
+        nxt = np.empty(S, np.float64)  # at l + 1
+        m = np.empty(S, np.float64)  # nxt's running log-sum-exps
+        s = np.empty(S, np.float64)
+        gm = np.empty((C, G), np.float64)  # per chunk and group: the posterior's log-sum-exp
+        gs = np.empty((C, G), np.float64)
+        acc = np.empty(G, np.float64)  # per group, over the chunks (a log)
+        single_offsets, singles = _by_chunk(in_row, S, C)
+        finite = np.zeros(C, np.int64)
+        cur[start] = 0.0
+        for l in range(L):
+            for c in chunks(C):
+                finite[c] = _forward_chunk(c, C, cur, nxt, log_gsum[l], lb[l + 1], m, s, gm[c], gs[c], live[l + 1], src,
+                                           dst, group, runs, clip[l], fans, in_row, in_other, in_group, singles,
+                                           single_offsets)
+            # the position's mass: every group's edges, weighed by the group
+            pm, ps = -np.inf, 0.0
+            for g in range(G):
+                am, at = -np.inf, 0.0
+                for c in range(C):
+                    if gs[c, g] > 0.0:
+                        am, at = _with_term(am, at, gm[c, g] + math.log(gs[c, g]))
+                acc[g] = am + math.log(at) if at > 0.0 else -np.inf
+                pm, ps = _with_term(pm, ps, acc[g] + log_gsum[l, g])
+            if not ps > 0.0 or finite.sum() == 0:
+                return log_f, False
+            log_post = pm + math.log(ps)
+            for k in range(K):
+                km, ks = -np.inf, 0.0
+                for i in range(atom_group_offsets[k], atom_group_offsets[k + 1]):
+                    km, ks = _with_term(km, ks, acc[atom_groups[i]])
+                log_f[l, k] = km + math.log(ks) - log_post if ks > 0.0 else -np.inf
+            cur, nxt = nxt, cur
+        return log_f, True
+
+    return kernel
+
+
+_dense_log_factors_one = nb.njit(cache=True, nogil=True, fastmath={"contract"},
+                                 error_model="numpy")(_dense_log_factors_kernel(range))
+_dense_log_factors_threads = parallel_kernel(cache=True, nogil=True, fastmath={"contract"},
+                                             error_model="numpy")(_dense_log_factors_kernel(nb.prange))
+
+
+def dense_log_factors(log_gsum: np.ndarray, lb: np.ndarray, live: np.ndarray, src: np.ndarray, dst: np.ndarray,
+                      group: np.ndarray, runs: np.ndarray, clip: np.ndarray, fans: np.ndarray, in_row: np.ndarray,
+                      in_other: np.ndarray, in_group: np.ndarray, start: int, atom_groups: np.ndarray,
+                      atom_group_offsets: np.ndarray) -> tuple[np.ndarray, bool]:
     """``log_factors`` over dense messages in the layout's rows, from ``dense_log_backward``'s
     lb: (log_f (L, K), ok). ``start`` is the start state's row. Each position's group
     posteriors are taken from the forward message just computed, as the fast passes'
     one-thread sweep takes its factors (``canvas._alpha_factors_body``)."""
-    L, G = log_gsum.shape
-    S = live.shape[1]
-    K = atom_group_offsets.shape[0] - 1
-    log_f = np.full((L, K), -np.inf)
-    cur = np.full(S, -np.inf)  # log alpha at l, by row
-    nxt = np.empty(S, np.float64)  # at l + 1
-    m = np.empty(S, np.float64)  # nxt's running log-sum-exps
-    s = np.empty(S, np.float64)
-    gm = np.empty(G, np.float64)  # per group: log-sum-exp of alpha_l(src) + lb_{l+1}(dst) over its edges
-    gs = np.empty(G, np.float64)
-    acc = np.empty(G, np.float64)
-    cur[start] = 0.0
-    for l in range(L):
-        m[:] = -np.inf
-        s[:] = 0.0
-        gm[:] = -np.inf
-        gs[:] = 0.0
-        w = log_gsum[l]
-        bn = lb[l + 1]
-        cl = clip[l]
-        for r in range(runs.shape[0] - 1):
-            e = runs[r]
-            a, b, n = canvas._clipped_run(src, dst, e, cl[r])
-            g = group[e]
-            _add_run(m[b:b + n], s[b:b + n], w[g], cur[a:a + n])
-            gm[g], gs[g] = _with_term(gm[g], gs[g], _log_dot(cur[a:a + n], bn[b:b + n]))
-        for f in range(fans.shape[0] - 1):  # a fan's sources into its one row
-            e = fans[f]
-            g = group[e]
-            d = dst[e]
-            t = _log_total(cur[src[e]:src[e] + fans[f + 1] - e])
-            m[d], s[d] = _with_term(m[d], s[d], t + w[g])
-            gm[g], gs[g] = _with_term(gm[g], gs[g], t + bn[d])
-        for k in range(in_row.shape[0]):  # (indices unsigned: see canvas's scan)
-            row, other, g = np.uint32(in_row[k]), np.uint32(in_other[k]), np.uint32(in_group[k])
-            a = cur[other]
-            m[row], s[row] = _with_term(m[row], s[row], a + w[g])
-            gm[g], gs[g] = _with_term(gm[g], gs[g], a + bn[row])
-        # the position's mass: every group's edges, weighed by the group
-        pm, ps = -np.inf, 0.0
-        for g in range(G):
-            acc[g] = gm[g] + math.log(gs[g]) if gs[g] > 0.0 else -np.inf
-            pm, ps = _with_term(pm, ps, acc[g] + w[g])
-        if not ps > 0.0:
-            return log_f, False
-        log_post = pm + math.log(ps)
-        for k in range(K):
-            km, ks = -np.inf, 0.0
-            for i in range(atom_group_offsets[k], atom_group_offsets[k + 1]):
-                km, ks = _with_term(km, ks, acc[atom_groups[i]])
-            log_f[l, k] = km + math.log(ks) - log_post if ks > 0.0 else -np.inf
-        if _close_rows(nxt, m, s, live[l + 1]) == 0:
-            return log_f, False
-        cur, nxt = nxt, cur
-    return log_f, True
+    C = _chunks(live.shape[1])
+    kernel = _dense_log_factors_threads if C > 1 and nb.get_num_threads() > 1 else _dense_log_factors_one
+    return kernel(log_gsum, lb, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group, start,
+                  atom_groups, atom_group_offsets, C)
 
 
 @nb.njit(cache=True, nogil=True)
