@@ -630,24 +630,23 @@ class CompiledGrammar:
         lay = self._layout
         if sup.dense:  # the fast passes' layout: runs, fans, single edges (by row)
             edges = (lay.src, lay.dst, lay.group, lay.runs, sup.clip, lay.fans)
-            lb_rows, ok = log_canvas.dense_log_backward(log_gsum, sup.live, *edges)
-            ok = ok and bool(lb_rows[0, lay.rank[s0]] > -np.inf)
+            lb, ok = log_canvas.dense_log_backward(log_gsum, sup.live, *edges)
+            column = lay.rank  # lb's column of each state: its row
+            ok = ok and bool(lb[0, column[s0]] > -np.inf)
             if ok and factors:
-                log_f, ok = log_canvas.dense_log_factors(log_gsum, lb_rows, sup.live, *edges, lay.in_row, lay.in_other,
-                                                         lay.in_group, lay.rank[s0], ta.atom_groups,
+                log_f, ok = log_canvas.dense_log_factors(log_gsum, lb, sup.live, *edges, lay.in_row, lay.in_other,
+                                                         lay.in_group, column[s0], ta.atom_groups,
                                                          ta.atom_group_offsets)
-            # the sampler reads lb by state (a copy: at 20 tools ~100 MB, made only to sample)
-            lb = lb_rows[:, lay.rank] if ok and uniforms is not None else lb_rows
         else:  # lists of edges by state, each position's states on numba's threads
             live = np.ascontiguousarray(sup.live[:, lay.rank])  # (L + 1, S) by state
-            lb = log_canvas.log_backward(log_gsum, live, *self._out_edges)
+            lb, column = log_canvas.log_backward(log_gsum, live, *self._out_edges), np.arange(ta.n_states)
             ok = bool(lb[0, s0] > -np.inf)
             if ok and factors:
                 log_f, ok = log_canvas.log_factors(log_gsum, lb, live, s0, *self._in_edges, ta.atom_groups,
                                                    ta.atom_group_offsets)
         if ok and uniforms is not None:
-            atoms, ok = log_canvas.log_sample_atoms(log_asum, log_gsum, lb, s0, *self._out_edges, ta.group_atoms,
-                                                    ta.group_offsets, uniforms)
+            atoms, ok = log_canvas.log_sample_atoms(log_asum, log_gsum, lb, column, s0, *self._out_edges,
+                                                    ta.group_atoms, ta.group_offsets, uniforms)
         if not ok:
             raise NoValidCanvasError(self._no_finite_canvas_message(L, s0))
         return log_f, atoms, log_asum

@@ -569,12 +569,13 @@ def dense_log_factors(log_gsum: np.ndarray, lb: np.ndarray, live: np.ndarray, sr
 
 
 @nb.njit(cache=True, nogil=True)
-def log_sample_atoms(log_asum, log_gsum, lb, start, out_offsets, out_dst, out_group, group_atoms, group_offsets,
-                     uniforms):  # pragma: no cover - compiled
+def log_sample_atoms(log_asum, log_gsum, lb, column, start, out_offsets, out_dst, out_group, group_atoms,
+                     group_offsets, uniforms):  # pragma: no cover - compiled
     """``canvas._sample_atoms`` in log space: an edge per position, weight
     exp(log_gsum + lb of its end), then an atom inside the edge's group, weight
     exp(log_asum), with the same uniforms in the same order. -> (atoms (L,) int32, ok):
-    ok is False where the canvas has no mass."""
+    ok is False where the canvas has no mass. lb's column of state q is column[q] (the
+    layout's rank for the dense passes' rows, q itself for the lists')."""
     L = log_gsum.shape[0]
     out = np.empty(L, np.int32)
     degree = out_offsets[1:] - out_offsets[:-1]
@@ -585,7 +586,7 @@ def log_sample_atoms(log_asum, log_gsum, lb, start, out_offsets, out_dst, out_gr
         e0, e1 = out_offsets[s], out_offsets[s + 1]
         top = -np.inf
         for j in range(e0, e1):
-            w[j - e0] = log_gsum[l, out_group[j]] + lb[l + 1, out_dst[j]]
+            w[j - e0] = log_gsum[l, out_group[j]] + lb[l + 1, column[out_dst[j]]]
             top = max(top, w[j - e0])
         if top == -np.inf:
             return out, False
