@@ -446,10 +446,21 @@ def _dense_log_backward_kernel(chunks):  # type: ignore[no-untyped-def]
     return kernel
 
 
-_dense_log_backward_one = nb.njit(cache=True, nogil=True, fastmath={"contract"},
-                                  error_model="numpy")(_dense_log_backward_kernel(range))
-_dense_log_backward_threads = parallel_kernel(cache=True, nogil=True, fastmath={"contract"},
-                                              error_model="numpy")(_dense_log_backward_kernel(nb.prange))
+def _both_ways(kernel_of: Any) -> tuple[Any, Any]:
+    """(one-thread, threaded) compiled kernels of ``kernel_of(range)`` and
+    ``kernel_of(nb.prange)``."""
+    options: dict[str, Any] = dict(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
+    return nb.njit(**options)(kernel_of(range)), parallel_kernel(**options)(kernel_of(nb.prange))
+
+
+def _kernel_for(kernels: tuple[Any, Any], S: int) -> tuple[Any, int]:
+    """The kernel of ``_both_ways`` to run over S rows, and their chunk count: the threaded
+    one where the rows are cut and there are threads (the same numbers either way)."""
+    C = _chunks(S)
+    return kernels[1] if C > 1 and nb.get_num_threads() > 1 else kernels[0], C
+
+
+_DENSE_LOG_BACKWARD = _both_ways(_dense_log_backward_kernel)
 
 
 def dense_log_backward(log_gsum: np.ndarray, live: np.ndarray, src: np.ndarray, dst: np.ndarray, group: np.ndarray,
@@ -458,8 +469,7 @@ def dense_log_backward(log_gsum: np.ndarray, live: np.ndarray, src: np.ndarray, 
     ok), ok False where a position has no live row with a finite value (lb's rows above
     it are then not filled). ``live`` (L + 1, S) and ``clip`` are the support's
     (``canvas.Support``), the edges the layout's (``canvas_layout.EdgeLayout``)."""
-    C = _chunks(live.shape[1])
-    kernel = _dense_log_backward_threads if C > 1 and nb.get_num_threads() > 1 else _dense_log_backward_one
+    kernel, C = _kernel_for(_DENSE_LOG_BACKWARD, live.shape[1])
     return kernel(log_gsum, live, src, dst, group, runs, clip, fans, C)
 
 
@@ -548,10 +558,7 @@ def _dense_log_factors_kernel(chunks):  # type: ignore[no-untyped-def]
     return kernel
 
 
-_dense_log_factors_one = nb.njit(cache=True, nogil=True, fastmath={"contract"},
-                                 error_model="numpy")(_dense_log_factors_kernel(range))
-_dense_log_factors_threads = parallel_kernel(cache=True, nogil=True, fastmath={"contract"},
-                                             error_model="numpy")(_dense_log_factors_kernel(nb.prange))
+_DENSE_LOG_FACTORS = _both_ways(_dense_log_factors_kernel)
 
 
 def dense_log_factors(log_gsum: np.ndarray, lb: np.ndarray, live: np.ndarray, src: np.ndarray, dst: np.ndarray,
@@ -562,8 +569,7 @@ def dense_log_factors(log_gsum: np.ndarray, lb: np.ndarray, live: np.ndarray, sr
     lb: (log_f (L, K), ok). ``start`` is the start state's row. Each position's group
     posteriors are taken from the forward message just computed, as the fast passes'
     one-thread sweep takes its factors (``canvas._alpha_factors_body``)."""
-    C = _chunks(live.shape[1])
-    kernel = _dense_log_factors_threads if C > 1 and nb.get_num_threads() > 1 else _dense_log_factors_one
+    kernel, C = _kernel_for(_DENSE_LOG_FACTORS, live.shape[1])
     return kernel(log_gsum, lb, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group, start,
                   atom_groups, atom_group_offsets, C)
 
