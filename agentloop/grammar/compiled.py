@@ -580,7 +580,7 @@ class CompiledGrammar:
         gsum = dp._group_sums(asum, ta.group_atoms, ta.group_offsets) if want_sum else np.zeros((B * L, 0))
         return _Scores(flat, rowmax, asum, asumx, amax, aarg, gsum, block_sums, rowmax_dev)
 
-    def _sample_one(self, sc: "_Scores", sl: slice, sup: dp.Support, passes: _Passes, s0: int, partial: bool,
+    def _sample_one(self, sc: "_Scores", sl: slice, sup: dp.Support, passes: _Passes, s0: int,
                     uniforms: np.ndarray) -> list[int]:
         """One canvas's sample: its atoms drawn from the fast passes' beta where it stayed
         in range (every draw too), else in log space; then a token inside each atom."""
@@ -593,7 +593,7 @@ class CompiledGrammar:
             atoms, ok = dp._sample_atoms_live(sc.asum[sl], sc.gsum[sl], sup.offsets, sup.states, passes.beta, s0,
                                               *self._out_edges, ta.group_atoms, ta.group_offsets, uniforms)
         if not ok:
-            _, atoms, log_asum = self._log_space(sc, sl, sup, s0, partial, uniforms=uniforms)
+            _, atoms, log_asum = self._log_space(sc, sl, sup, s0, uniforms=uniforms)
         return self._tokens_in_atoms(sc, sl, atoms, uniforms, log_asum)
 
     def _tokens_in_atoms(self, sc: "_Scores", sl: slice, atoms: np.ndarray, uniforms: np.ndarray,
@@ -615,7 +615,7 @@ class CompiledGrammar:
         return device_passes.tokens_in_atoms(sc.flat[sl], layout, atoms, best, best_logit, ref, mass,
                                              uniforms[:, 2]).tolist()
 
-    def _log_space(self, sc: "_Scores", sl: slice, sup: dp.Support, s0: int, partial: bool, *,
+    def _log_space(self, sc: "_Scores", sl: slice, sup: dp.Support, s0: int, *,
                    factors: bool = False, uniforms: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One canvas (rows ``sl``) redone in log space (see log_canvas), for logits whose
@@ -709,7 +709,7 @@ class CompiledGrammar:
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
             passes = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl]) if sc.sums_in_range(sl) else _OUT_OF_RANGE
-            out.append(self._sample_one(sc, sl, sup, passes, s0, partial, uniforms[b]))
+            out.append(self._sample_one(sc, sl, sup, passes, s0, uniforms[b]))
         return out if batched else out[0]
 
     def marginals(self, logits: Any, state: int | Sequence[int] | None = None, partial: bool = False,
@@ -740,7 +740,7 @@ class CompiledGrammar:
             if passes.in_range:
                 F[sl] = passes.F
             else:
-                in_log_space[b] = self._log_space(sc, sl, sup, s0, partial, factors=True)[0]
+                in_log_space[b] = self._log_space(sc, sl, sup, s0, factors=True)[0]
         log_f = self._log_factors(F, in_log_space, L)
         logp = self._log_marginals(sc, log_f, B, out)
         result = logp if batched else logp[0]
@@ -788,9 +788,9 @@ class CompiledGrammar:
             best.append(path)
             if passes.in_range:
                 F[sl] = passes.F
-                samples.append(self._sample_one(sc, sl, sup, passes, s0, partial, uniforms[b]))
+                samples.append(self._sample_one(sc, sl, sup, passes, s0, uniforms[b]))
             else:
-                in_log_space[b], atoms, log_asum = self._log_space(sc, sl, sup, s0, partial, factors=True,
+                in_log_space[b], atoms, log_asum = self._log_space(sc, sl, sup, s0, factors=True,
                                                                    uniforms=uniforms[b])
                 samples.append(self._tokens_in_atoms(sc, sl, atoms, uniforms[b], log_asum))
         log_f = self._log_factors(F, in_log_space, L)
