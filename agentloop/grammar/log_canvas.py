@@ -85,14 +85,14 @@ def log_atom_stats(logits: Any, atom_of: np.ndarray, amax: np.ndarray, rowmax: n
     return log_sum.cpu().numpy(), mean_gap.cpu().numpy()
 
 
-@nb.njit(cache=True, nogil=True, inline="always")
-def _add_log(m, s, v):  # pragma: no cover - compiled
-    """One term v into a running log-sum-exp kept as (max m, sum s of exp(term - m))."""
-    if v == -np.inf:
-        return m, s
-    if v <= m:
-        return m, s + math.exp(v - m)
-    return v, s * math.exp(m - v) + 1.0
+@nb.njit(cache=True, nogil=True, inline="always", fastmath={"contract"})
+def _with_term(m, s, v):  # pragma: no cover - compiled
+    """One term v into a running log-sum-exp kept as (max m, sum s of exp(term - m));
+    either or both may be -inf, no nan comes in. Branch-free, with float64_math's exp:
+    the dense passes' run loops vectorise it."""
+    hi = np.fmax(m, v)
+    e = exp_nonpositive(np.fmin(m, v) - hi)  # (nan where both are -inf: exp gives 0 there)
+    return hi, (s * e + 1.0 if v > m else s + e)
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
@@ -119,7 +119,7 @@ def log_backward(log_gsum, live, out_offsets, out_dst, out_group):  # pragma: no
                     continue
                 m, t = -np.inf, 0.0
                 for j in range(out_offsets[s], out_offsets[s + 1]):
-                    m, t = _add_log(m, t, log_gsum[l, out_group[j]] + lb[l + 1, out_dst[j]])
+                    m, t = _with_term(m, t, log_gsum[l, out_group[j]] + lb[l + 1, out_dst[j]])
                 lb[l, s] = _log_of(m, t)
     return lb
 
@@ -161,24 +161,24 @@ def log_factors(log_gsum, lb, live, start, in_offsets, in_src, in_group, atom_gr
                     if a == -np.inf:
                         continue
                     g = in_group[j]
-                    m, t = _add_log(m, t, a + log_gsum[l, g])
-                    am[g], at[g] = _add_log(am[g], at[g], a + lb[l + 1, d])
+                    m, t = _with_term(m, t, a + log_gsum[l, g])
+                    am[g], at[g] = _with_term(am[g], at[g], a + lb[l + 1, d])
                 nxt[d] = _log_of(m, t)
         # the position's mass: every group's edges, weighed by the group
         m, t = -np.inf, 0.0
         for g in range(G):
             gm, gt = -np.inf, 0.0
             for c in range(canvas.LIVE_CHUNKS):
-                gm, gt = _add_log(gm, gt, _log_of(acc_m[c, g], acc_s[c, g]))
+                gm, gt = _with_term(gm, gt, _log_of(acc_m[c, g], acc_s[c, g]))
             acc[g] = _log_of(gm, gt)
-            m, t = _add_log(m, t, acc[g] + log_gsum[l, g])
+            m, t = _with_term(m, t, acc[g] + log_gsum[l, g])
         log_post = _log_of(m, t)
         if log_post == -np.inf:
             return log_f, False
         for k in range(K):
             m, t = -np.inf, 0.0
             for i in range(atom_group_offsets[k], atom_group_offsets[k + 1]):
-                m, t = _add_log(m, t, acc[atom_groups[i]])
+                m, t = _with_term(m, t, acc[atom_groups[i]])
             log_f[l, k] = _log_of(m, t) - log_post
         cur, nxt = nxt, cur
     return log_f, True
@@ -193,14 +193,6 @@ def log_factors(log_gsum, lb, live, start, in_offsets, in_src, in_group, atom_gr
 # exp (float64_math) and no log; a log per row at the end of each position. 3-6x the
 # speed of the passes over lists of edges by state above (BPE 4k, 1, 5 and 20 tools, one
 # thread), the same numbers to ~1e-11 in log.
-
-
-@nb.njit(cache=True, nogil=True, inline="always", fastmath={"contract"})
-def _with_term(m, s, v):  # pragma: no cover - compiled
-    """(m, s) with the term v added (either or both may be -inf; no nan comes in)."""
-    hi = np.fmax(m, v)
-    e = exp_nonpositive(np.fmin(m, v) - hi)  # (nan where both are -inf: exp gives 0 there)
-    return hi, (s * e + 1.0 if v > m else s + e)
 
 
 @nb.njit(cache=True, nogil=True, inline="always", fastmath={"contract"})
@@ -540,18 +532,17 @@ def _dense_log_factors_kernel(chunks):  # type: ignore[no-untyped-def]
             for g in range(G):
                 am, at = -np.inf, 0.0
                 for c in range(C):
-                    if gs[c, g] > 0.0:
-                        am, at = _with_term(am, at, gm[c, g] + math.log(gs[c, g]))
-                acc[g] = am + math.log(at) if at > 0.0 else -np.inf
+                    am, at = _with_term(am, at, _log_of(gm[c, g], gs[c, g]))
+                acc[g] = _log_of(am, at)
                 pm, ps = _with_term(pm, ps, acc[g] + log_gsum[l, g])
             if not ps > 0.0 or finite.sum() == 0:
                 return log_f, False
-            log_post = pm + math.log(ps)
+            log_post = _log_of(pm, ps)
             for k in range(K):
                 km, ks = -np.inf, 0.0
                 for i in range(atom_group_offsets[k], atom_group_offsets[k + 1]):
                     km, ks = _with_term(km, ks, acc[atom_groups[i]])
-                log_f[l, k] = km + math.log(ks) - log_post if ks > 0.0 else -np.inf
+                log_f[l, k] = _log_of(km, ks) - log_post
             cur, nxt = nxt, cur
         return log_f, True
 
