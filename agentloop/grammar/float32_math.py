@@ -10,6 +10,8 @@ of a float's bits, whose int max vectorises.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba as nb
 import numpy as np
 from llvmlite import ir
@@ -17,15 +19,22 @@ from numba import types
 from numba.extending import intrinsic
 
 
-@intrinsic
-def bits_to_float(typingctx, bits):  # type: ignore[no-untyped-def]  # pragma: no cover - compile time
-    """Reinterpret an int32's bits as a float32 (a no-op in registers)."""
-    sig = types.float32(types.int32)
+def bitcast(name: str, sig: types.Type, llvm_type: ir.Type) -> Any:
+    """A compiled function ``name`` that reinterprets its argument's bits as the return
+    type of ``sig`` (a no-op in registers)."""
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.bitcast(args[0], ir.FloatType())
+    def cast(typingctx, x):  # type: ignore[no-untyped-def]  # pragma: no cover - compile time
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            return builder.bitcast(args[0], llvm_type)
 
-    return sig, codegen
+        return sig, codegen
+
+    cast.__name__ = cast.__qualname__ = name
+    cast.__doc__ = f"Reinterpret {sig.args[0]} bits as a {sig.return_type}."
+    return intrinsic(cast)
+
+
+bits_to_float = bitcast("bits_to_float", types.float32(types.int32), ir.FloatType())
 
 
 _LOG2E = np.float32(1.44269504088896341)

@@ -21,29 +21,11 @@ import numba as nb
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
 
+from .float32_math import bitcast
 
-@intrinsic
-def bits_to_double(typingctx, bits):  # type: ignore[no-untyped-def]  # pragma: no cover - compile time
-    """Reinterpret an int64's bits as a float64 (a no-op in registers)."""
-    sig = types.float64(types.int64)
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return sig, codegen
-
-
-@intrinsic
-def double_to_bits(typingctx, x):  # type: ignore[no-untyped-def]  # pragma: no cover - compile time
-    """Reinterpret a float64's bits as an int64."""
-    sig = types.int64(types.float64)
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.bitcast(args[0], ir.IntType(64))
-
-    return sig, codegen
+bits_to_double = bitcast("bits_to_double", types.float64(types.int64), ir.DoubleType())
+double_to_bits = bitcast("double_to_bits", types.int64(types.float64), ir.IntType(64))
 
 
 _LOG2E = 1.4426950408889634
