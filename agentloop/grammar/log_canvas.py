@@ -100,6 +100,30 @@ def _log_of(m, s):  # pragma: no cover - compiled
     return m + math.log(s) if s > 0.0 else -np.inf
 
 
+@nb.njit(cache=True, nogil=True, inline="always")
+def _position_factors(chunk_m, chunk_s, log_w, acc, atom_groups, atom_group_offsets, log_f_l):  # pragma: no cover
+    """log_f_l (K,) <- one position's atom factors in log, from each chunk's group
+    posteriors as running log-sum-exps (chunk_m, chunk_s (chunks, G)), added in chunk
+    order, and the group weights log_w (G,) (acc (G,): scratch). False where the position
+    has no mass."""
+    pm, ps = -np.inf, 0.0  # the position's mass: every group's edges, weighed by the group
+    for g in range(acc.shape[0]):
+        am, at = -np.inf, 0.0
+        for c in range(chunk_m.shape[0]):
+            am, at = _with_term(am, at, _log_of(chunk_m[c, g], chunk_s[c, g]))
+        acc[g] = _log_of(am, at)
+        pm, ps = _with_term(pm, ps, acc[g] + log_w[g])
+    log_post = _log_of(pm, ps)
+    if log_post == -np.inf:
+        return False
+    for k in range(log_f_l.shape[0]):
+        km, ks = -np.inf, 0.0
+        for i in range(atom_group_offsets[k], atom_group_offsets[k + 1]):
+            km, ks = _with_term(km, ks, acc[atom_groups[i]])
+        log_f_l[k] = _log_of(km, ks) - log_post
+    return True
+
+
 @parallel_kernel(cache=True, nogil=True)
 def log_backward(log_gsum, live, out_offsets, out_dst, out_group):  # pragma: no cover - compiled
     """lb (L + 1, S): lb[l, s] = log of the total weight of the valid completions of the
@@ -164,22 +188,8 @@ def log_factors(log_gsum, lb, live, start, in_offsets, in_src, in_group, atom_gr
                     m, t = _with_term(m, t, a + log_gsum[l, g])
                     am[g], at[g] = _with_term(am[g], at[g], a + lb[l + 1, d])
                 nxt[d] = _log_of(m, t)
-        # the position's mass: every group's edges, weighed by the group
-        m, t = -np.inf, 0.0
-        for g in range(G):
-            gm, gt = -np.inf, 0.0
-            for c in range(canvas.LIVE_CHUNKS):
-                gm, gt = _with_term(gm, gt, _log_of(acc_m[c, g], acc_s[c, g]))
-            acc[g] = _log_of(gm, gt)
-            m, t = _with_term(m, t, acc[g] + log_gsum[l, g])
-        log_post = _log_of(m, t)
-        if log_post == -np.inf:
+        if not _position_factors(acc_m, acc_s, log_gsum[l], acc, atom_groups, atom_group_offsets, log_f[l]):
             return log_f, False
-        for k in range(K):
-            m, t = -np.inf, 0.0
-            for i in range(atom_group_offsets[k], atom_group_offsets[k + 1]):
-                m, t = _with_term(m, t, acc[atom_groups[i]])
-            log_f[l, k] = _log_of(m, t) - log_post
         cur, nxt = nxt, cur
     return log_f, True
 
@@ -527,22 +537,9 @@ def _dense_log_factors_kernel(chunks):  # type: ignore[no-untyped-def]
                 finite[c] = _forward_chunk(c, C, cur, nxt, log_gsum[l], lb[l + 1], m, s, gm[c], gs[c], live[l + 1], src,
                                            dst, group, runs, clip[l], fans, in_row, in_other, in_group, singles,
                                            single_offsets)
-            # the position's mass: every group's edges, weighed by the group
-            pm, ps = -np.inf, 0.0
-            for g in range(G):
-                am, at = -np.inf, 0.0
-                for c in range(C):
-                    am, at = _with_term(am, at, _log_of(gm[c, g], gs[c, g]))
-                acc[g] = _log_of(am, at)
-                pm, ps = _with_term(pm, ps, acc[g] + log_gsum[l, g])
-            if not ps > 0.0 or finite.sum() == 0:
+            if not _position_factors(gm, gs, log_gsum[l], acc, atom_groups, atom_group_offsets, log_f[l]) \
+                    or finite.sum() == 0:
                 return log_f, False
-            log_post = _log_of(pm, ps)
-            for k in range(K):
-                km, ks = -np.inf, 0.0
-                for i in range(atom_group_offsets[k], atom_group_offsets[k + 1]):
-                    km, ks = _with_term(km, ks, acc[atom_groups[i]])
-                log_f[l, k] = _log_of(km, ks) - log_post
             cur, nxt = nxt, cur
         return log_f, True
 
