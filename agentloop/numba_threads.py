@@ -71,6 +71,17 @@ def parallel_kernel(**options: Any) -> Callable[[Callable[..., Any]], Callable[.
     return decorate
 
 
+def serial_and_threaded(kernel_of: Callable[[Any], Callable[..., Any]], **options: Any
+                        ) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """A kernel compiled twice, from ``kernel_of(range)`` and ``kernel_of(numba.prange)``:
+    (one-thread, threaded). A caller picks the first where there is one thread, or too
+    little work a call to share out: each of the second's parallel loops costs ~1 us to
+    start even on one thread. They are two closures, not one function compiled two ways:
+    numba's cache keys machine code by source and closure, not by ``parallel``, and one
+    function would get the one-thread code for both."""
+    return nb.njit(**options)(kernel_of(range)), parallel_kernel(**options)(kernel_of(nb.prange))
+
+
 def row_parts(rows: int) -> int:
     """How many shares a kernel over ``rows`` independent rows splits them into: one per
     numba thread (``numba.set_num_threads``), a block of rows each, so that each thread

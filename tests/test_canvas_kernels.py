@@ -217,7 +217,8 @@ def test_the_dense_passes_agree_with_the_live_lists(btok, monkeypatch):
     own lists. On tools whose counted strings make both runs and fans, a step gives the
     same Viterbi canvas and sample either way, and the same marginals and entropies to
     rounding; so do the separate calls (on one thread, alpha and the factors come from one
-    sweep; on more, from passes of their own: the threads test compares those)."""
+    sweep; on more, from passes of their own: the threads test compares those). Over the
+    whole support (``prune=False``: pruning runs the lists on the cells it keeps)."""
     import torch
 
     from agentloop.grammar.compiled import CompiledGrammar
@@ -239,11 +240,11 @@ def test_the_dense_passes_agree_with_the_live_lists(btok, monkeypatch):
     for kind in ("dense", "live"):
         monkeypatch.setattr(CompiledGrammar, "_canvas_pass_kind", kind)
         assert g._support(48, mid, True).dense == (kind == "dense")
-        step = g.denoise_step(x, torch.Generator().manual_seed(0), state=mid, partial=True)
+        step = g.denoise_step(x, torch.Generator().manual_seed(0), state=mid, partial=True, prune=False)
         got[kind] = (step.argmax, step.sample, step.log_marginals.numpy(), step.entropy.numpy(),
-                     g.viterbi(likely, state=mid, partial=True),
-                     g.sample(x, torch.Generator().manual_seed(4), state=mid, partial=True),
-                     g.marginals(x, state=mid, partial=True).numpy())
+                     g.viterbi(likely, state=mid, partial=True, prune=False),
+                     g.sample(x, torch.Generator().manual_seed(4), state=mid, partial=True, prune=False),
+                     g.marginals(x, state=mid, partial=True, prune=False).numpy())
     dense, live = got["dense"], got["live"]
     quote = btok.token_to_id('<|"|>')
     assert np.exp(live[2][..., quote]).sum() > 1.0  # (strings close: the fans' edges carry weight)
@@ -274,22 +275,24 @@ def test_an_infinite_logit_at_an_allowed_token_is_named_like_a_nan(btok, monkeyp
         g.marginals(x)
 
 
-def _step_outputs(g, x, seed=0):
+def _step_outputs(g, x, seed=0, prune=True):
     import torch
 
-    step = g.denoise_step(x, torch.Generator().manual_seed(seed))
+    step = g.denoise_step(x, torch.Generator().manual_seed(seed), prune=prune)
     return step.argmax, step.sample, step.log_marginals.numpy().copy(), step.entropy.numpy().copy()
 
 
+@pytest.mark.parametrize("prune", [False, True])
 @pytest.mark.parametrize("messages", ["dense", "live lists"])
 @pytest.mark.parametrize("scale", [3.0, 3000.0])
-def test_the_step_is_the_same_on_any_number_of_threads(btok, monkeypatch, messages, scale):
+def test_the_step_is_the_same_on_any_number_of_threads(btok, monkeypatch, messages, scale, prune):
     """The vocabulary passes split their rows across numba's threads (each row computed
     alone), denoise_step runs the Viterbi pass beside the others, and the live-list
     passes cut each position's states into a fixed number of chunks whose sums are added
     in order: the step is the same to the bit with one thread or many (a batch of 3
-    canvases makes the shares uneven). So are the log-space passes that logits N(0, 3000)
-    take (log_canvas: chunks of states too)."""
+    canvases makes the shares uneven), over the whole support and over the cells pruning
+    keeps (lists, on threads here too). So are the log-space passes that logits
+    N(0, 3000) take (log_canvas: chunks of states too)."""
     import numba
     import torch
 
@@ -298,6 +301,7 @@ def test_the_step_is_the_same_on_any_number_of_threads(btok, monkeypatch, messag
 
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("numba has one thread on this machine (NUMBA_NUM_THREADS)")
+    monkeypatch.setattr(dp, "LIVE_THREADED_MIN", 0)  # (the lists' threaded kernels run from this many states)
     if messages == "live lists":
         monkeypatch.setattr(CompiledGrammar, "_canvas_pass_kind", "live")
     else:  # the dense log-space passes cut their rows into chunks for the threads from this size
@@ -307,11 +311,13 @@ def test_the_step_is_the_same_on_any_number_of_threads(btok, monkeypatch, messag
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
-        one = _step_outputs(g, x)
-        one_ops = (g.viterbi(x), g.sample(x, torch.Generator().manual_seed(2)), g.marginals(x).numpy())
+        one = _step_outputs(g, x, prune=prune)
+        one_ops = (g.viterbi(x, prune=prune), g.sample(x, torch.Generator().manual_seed(2), prune=prune),
+                   g.marginals(x, prune=prune).numpy())
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        many = _step_outputs(g, x)
-        many_ops = (g.viterbi(x), g.sample(x, torch.Generator().manual_seed(2)), g.marginals(x).numpy())
+        many = _step_outputs(g, x, prune=prune)
+        many_ops = (g.viterbi(x, prune=prune), g.sample(x, torch.Generator().manual_seed(2), prune=prune),
+                    g.marginals(x, prune=prune).numpy())
     finally:
         numba.set_num_threads(before)
     assert g._support(40, g.start_state, False).dense == (messages == "dense")
@@ -324,24 +330,25 @@ def test_the_step_is_the_same_on_any_number_of_threads(btok, monkeypatch, messag
 
 def test_the_passes_clear_the_message_buffers_they_reuse(btok):
     """A step's passes fill reused buffers (``MessageBuffers``) row by row: whatever the
-    last step left there (nan here) changes nothing."""
+    last step left there (nan here) changes nothing. (``prune=False``: the dense passes
+    over the whole support, which use the buffers.)"""
     import torch
 
     g = compile_tools(TOOLS[:1], btok, "gemma4")
     x = torch.randn(40, g.vocab.size, generator=torch.Generator().manual_seed(1)) * 3
-    want = g.denoise_step(x, torch.Generator().manual_seed(0))
+    want = g.denoise_step(x, torch.Generator().manual_seed(0), prune=False)
 
     def spoil() -> None:
         for p in (dp.VITERBI, dp.ALPHA, dp.BETA):
             dp.MESSAGES.get(p, 41, g.automaton.n_states)[:] = np.nan
 
-    for op in (lambda: g.viterbi(x), lambda: g.sample(x, torch.Generator().manual_seed(0)),
-               lambda: g.marginals(x)):
+    for op in (lambda: g.viterbi(x, prune=False), lambda: g.sample(x, torch.Generator().manual_seed(0), prune=False),
+               lambda: g.marginals(x, prune=False)):
         spoil()
         op()
     spoil()
-    got = g.denoise_step(x, torch.Generator().manual_seed(0))
-    assert got.argmax == want.argmax == g.viterbi(x) and got.sample == want.sample
+    got = g.denoise_step(x, torch.Generator().manual_seed(0), prune=False)
+    assert got.argmax == want.argmax == g.viterbi(x, prune=False) and got.sample == want.sample
     assert torch.equal(got.log_marginals, want.log_marginals) and torch.equal(got.entropy, want.entropy)
 
 
@@ -355,12 +362,12 @@ def test_threads_stepping_one_grammar_at_once_keep_their_own_messages(btok):
 
     g = compile_tools(TOOLS[:2], btok, "gemma4")
     xs = [torch.randn(48, g.vocab.size, generator=torch.Generator().manual_seed(s)) * 3 for s in range(4)]
-    want = [g.denoise_step(x, torch.Generator().manual_seed(0)) for x in xs]
+    want = [g.denoise_step(x, torch.Generator().manual_seed(0), prune=False) for x in xs]
     got: list[list] = [[] for _ in xs]
 
     def worker(i: int) -> None:
         for _ in range(8):
-            got[i].append(g.denoise_step(xs[i], torch.Generator().manual_seed(0)))
+            got[i].append(g.denoise_step(xs[i], torch.Generator().manual_seed(0), prune=False))
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(xs))]
     for t in threads:
@@ -377,7 +384,7 @@ def test_threads_stepping_one_grammar_at_once_keep_their_own_messages(btok):
 _CONCURRENT_CALLS = """
 import sys, threading
 import numba, torch
-from agentloop.grammar import byte_tokenizer, compile_tools
+from agentloop.grammar import byte_tokenizer, canvas, compile_tools
 from agentloop.grammar.compiled import CompiledGrammar
 from agentloop.engine.sampling import fused_draw
 import json
@@ -385,14 +392,16 @@ tools = json.loads(open(sys.argv[1]).read())[:2]
 dense = compile_tools(tools, byte_tokenizer(), "gemma4")
 live = compile_tools(tools[::-1], byte_tokenizer(), "gemma4")  # another object (compiles are cached)
 live._canvas_pass_kind = "live"  # the live-list passes
+canvas.LIVE_THREADED_MIN = 0  # ... on numba's threads
 x = torch.randn(32, dense.vocab.size, generator=torch.Generator().manual_seed(0)) * 3
-want = {id(g): g.denoise_step(x, torch.Generator().manual_seed(0)).argmax for g in (dense, live)}
+step = lambda g: g.denoise_step(x, torch.Generator().manual_seed(0), prune=False)  # the whole support's passes
+want = {id(g): step(g).argmax for g in (dense, live)}
 errors = []
 def worker():
     try:
         for _ in range(10):
             for g in (dense, live):
-                assert g.denoise_step(x, torch.Generator().manual_seed(0)).argmax == want[id(g)]
+                assert step(g).argmax == want[id(g)]
             fused_draw(x[None].clone(), 0.7, torch.Generator().manual_seed(0))
     except Exception as e:  # reported below
         errors.append(repr(e))

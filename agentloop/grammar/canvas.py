@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numba as nb
 import numpy as np
 
-from ..numba_threads import parallel_kernel, row_parts
+from ..numba_threads import parallel_kernel, row_parts, serial_and_threaded
 from .canvas_layout import EdgeLayout
 from .float32_math import KEY_NEG_INF, KEY_POS_INF, bits_to_float, exp_nonpositive, key_to_bits, order_key
 
@@ -462,7 +462,7 @@ class Support(NamedTuple):
 
     offsets: np.ndarray  # (L + 2,) i64 offsets[l + 1] - offsets[l] states live at l
     states: np.ndarray  # (offsets[-1],) i32, states[offsets[l]:offsets[l + 1]] live at l; (0,) when dense
-    live: np.ndarray  # (L + 1, S) u8 by row
+    live: np.ndarray  # (L + 1, S) u8 by row; (0, S) for the lists alone (a pruned support: see pruning.py)
     dense: bool  # whether the dense passes run (else the live-list ones)
     clip: np.ndarray  # (L, runs, 2) i32 for the dense passes (see _run_clips); (0, 0, 2) otherwise
 
@@ -1006,7 +1006,7 @@ MASS_TOLERANCE = 1e-6
 def log_mass_forward(totals: np.ndarray) -> float:
     """log of the canvas's mass from a forward pass's row totals (L + 1,): row l + 1 was
     pulled from row l divided by its total (``_forward_into``, ``_alpha_factors_body``,
-    ``_forward_live_body`` alike), row 0 holds the start state alone."""
+    ``_forward_live_kernel`` alike), row 0 holds the start state alone."""
     with np.errstate(divide="ignore"):
         return float(np.log(totals[1:]).sum())
 
@@ -1144,189 +1144,229 @@ def _chunk(lo, hi, c):  # pragma: no cover - compiled
     return lo + c * n // LIVE_CHUNKS, lo + (c + 1) * n // LIVE_CHUNKS
 
 
-@parallel_kernel(cache=True, nogil=True)
-def _backward_live(gsum, offsets, states, out_offsets, out_dst, out_group, S, row_totals):  # pragma: no cover
-    """beta[i] ∝ weight of the valid completions from live state i (its position's suffix),
-    each position's values summing to 1; row_totals (L + 1,) <- what each position's
-    values summed to before (see ``log_mass_backward``)."""
-    L = gsum.shape[0]
-    beta = np.zeros(states.shape[0], np.float64)
-    nxt = np.zeros(S, np.float64)  # beta at l + 1, dense over states
-    totals = np.zeros(LIVE_CHUNKS, np.float64)
-    row_totals[L] = offsets[L + 1] - offsets[L]
-    for i in range(offsets[L], offsets[L + 1]):
-        beta[i] = 1.0
-        nxt[states[i]] = 1.0
-    for l in range(L - 1, -1, -1):
-        for c in nb.prange(LIVE_CHUNKS):
-            t = 0.0
-            i0, i1 = _chunk(offsets[l], offsets[l + 1], c)
-            for i in range(i0, i1):
-                s = np.uint32(states[i])  # (indices unsigned: see the scan)
-                acc = 0.0
-                for j in range(out_offsets[s], out_offsets[s + 1]):
-                    acc += gsum[l, np.uint32(out_group[j])] * nxt[np.uint32(out_dst[j])]
-                beta[i] = acc
-                t += acc
-            totals[c] = t
-        tot = 0.0
-        for c in range(LIVE_CHUNKS):
-            tot += totals[c]
-        row_totals[l] = tot
-        if not tot > 0.0:
-            return beta, False
-        for c in nb.prange(LIVE_CHUNKS):
-            i0, i1 = _chunk(offsets[l + 1], offsets[l + 2], c)
-            for i in range(i0, i1):
-                nxt[np.uint32(states[i])] = 0.0
-        for c in nb.prange(LIVE_CHUNKS):
-            i0, i1 = _chunk(offsets[l], offsets[l + 1], c)
-            for i in range(i0, i1):
-                beta[i] /= tot
-                nxt[np.uint32(states[i])] = beta[i]
-    return beta, True
+def _backward_live_kernel(loop):  # type: ignore[no-untyped-def]
+    """The backward pass over live-state lists, its chunks in ``loop`` (range or prange)."""
+
+    def backward(gsum, offsets, states, out_offsets, out_dst, out_group, S, row_totals):  # pragma: no cover
+        """beta[i] ∝ weight of the valid completions from live state i (its position's suffix),
+        each position's values summing to 1; row_totals (L + 1,) <- what each position's
+        values summed to before (see ``log_mass_backward``)."""
+        L = gsum.shape[0]
+        beta = np.zeros(states.shape[0], np.float64)
+        nxt = np.zeros(S, np.float64)  # beta at l + 1, dense over states
+        totals = np.zeros(LIVE_CHUNKS, np.float64)
+        row_totals[L] = offsets[L + 1] - offsets[L]
+        for i in range(offsets[L], offsets[L + 1]):
+            beta[i] = 1.0
+            nxt[states[i]] = 1.0
+        for l in range(L - 1, -1, -1):
+            for c in loop(LIVE_CHUNKS):
+                t = 0.0
+                i0, i1 = _chunk(offsets[l], offsets[l + 1], c)
+                for i in range(i0, i1):
+                    s = np.uint32(states[i])  # (indices unsigned: see the scan)
+                    acc = 0.0
+                    for j in range(out_offsets[s], out_offsets[s + 1]):
+                        acc += gsum[l, np.uint32(out_group[j])] * nxt[np.uint32(out_dst[j])]
+                    beta[i] = acc
+                    t += acc
+                totals[c] = t
+            tot = 0.0
+            for c in range(LIVE_CHUNKS):
+                tot += totals[c]
+            row_totals[l] = tot
+            if not tot > 0.0:
+                return beta, False
+            for c in loop(LIVE_CHUNKS):
+                i0, i1 = _chunk(offsets[l + 1], offsets[l + 2], c)
+                for i in range(i0, i1):
+                    nxt[np.uint32(states[i])] = 0.0
+            for c in loop(LIVE_CHUNKS):
+                i0, i1 = _chunk(offsets[l], offsets[l + 1], c)
+                for i in range(i0, i1):
+                    beta[i] /= tot
+                    nxt[np.uint32(states[i])] = beta[i]
+        return beta, True
+
+    return backward
 
 
-def _forward_live_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyped-def]
+_BACKWARD_LIVE = serial_and_threaded(_backward_live_kernel, cache=True, nogil=True)
+
+
+def _forward_live_kernel(want_sum: bool, want_max: bool, loop):  # type: ignore[no-untyped-def]
     """The forward sweep over live-state lists compiled for one choice of passes (the
-    flags are compile-time constants: a runtime flag in the inner loop costs ~20%)."""
+    flags are compile-time constants: a runtime flag in the inner loop costs ~20%), its
+    chunks in ``loop`` (range or prange)."""
 
-    @parallel_kernel(cache=True, nogil=True)
-    def forward(gsum, gmax, offsets, states, beta, in_offsets, in_src, in_group, atom_groups, atom_group_offsets,
-                S, row_totals):  # pragma: no cover - compiled
-        return _forward_live_body(gsum, gmax, offsets, states, beta, in_offsets, in_src, in_group, atom_groups,
-                                  atom_group_offsets, S, row_totals, want_sum, want_max)
+    def forward(gsum, gmax, offsets, states, beta, in_offsets, in_src, in_group, group_atoms, group_offsets, K, S,
+                row_totals):  # pragma: no cover - compiled
+        """The forward passes, pulling over each live state's incoming edges: with
+        ``want_sum`` the sum-product pass and from it and ``beta`` the atom factors F (L, K);
+        with ``want_max`` the max-product (Viterbi) pass and a backpointer per live state.
+        Asked together they share one sweep over the edges (the denoiser wants both every
+        step), which saves a third of the time of running them apart.
+
+        Atom factors: P(token t at l) = exp(x_t - rowmax_l) * F[l, atom(t)]. The posterior of
+        an edge s -> d at l is alpha_l(s) * gsum[l, g] * beta_{l+1}(d), normalised per
+        position (exactly one edge is taken at each position). The forward pass pulls
+        alpha_{l+1}(d) over exactly these products (bar beta), so the group posteriors come
+        out of it for one more multiply-add per edge; inside a group, tokens follow
+        exp(x_t) / gsum.
+
+        Returns (F, back, best_end, ok): best_end is the live index of the best accepting
+        state at L (Viterbi), ok is False when no valid canvas exists. With ``want_sum``,
+        row_totals (L + 1,) <- what each position's forward values summed to before they
+        were divided by it (see ``log_mass_forward``).
+        """
+        L = gsum.shape[0] if want_sum else gmax.shape[0]
+        G = gsum.shape[1] if want_sum else gmax.shape[1]
+        F = np.zeros((L, K if want_sum else 0), np.float64)
+        W = np.zeros(G, np.float64)
+        Gs = G if want_sum else 0
+        Wc = np.zeros((LIVE_CHUNKS, Gs), np.float64)  # W per chunk of the live states
+        # the groups each chunk's edges used at this position, in the order first used, and
+        # then all of them: a position's work on W and F follows these, not all G groups and
+        # K atoms (a pruned support keeps ~1% of the states: see pruning.py)
+        used_c = np.empty((LIVE_CHUNKS, Gs), np.int32)
+        n_used_c = np.zeros(LIVE_CHUNKS, np.int64)
+        is_used_c = np.zeros((LIVE_CHUNKS, Gs), np.uint8)
+        used = np.empty(Gs, np.int32)
+        is_used = np.zeros(Gs, np.uint8)
+        totals = np.zeros((LIVE_CHUNKS, 2), np.float64)  # per chunk: tot, post
+        cur = np.zeros(S, np.float64)  # alpha at l (scaled), dense over states
+        nxt = np.zeros(S, np.float64)
+        back = np.full(states.shape[0] if want_max else 0, -1, np.int32)  # incoming edge of the best prefix
+        vcur = np.full(S, -np.inf)  # best prefix log-score at l, dense over states
+        vnxt = np.full(S, -np.inf)
+        for i in range(offsets[0], offsets[1]):  # the start state alone
+            cur[states[i]] = 1.0
+            vcur[states[i]] = 0.0
+        if want_sum:
+            row_totals[0] = 1.0
+        for l in range(L):
+            for c in loop(LIVE_CHUNKS):
+                Wl = Wc[c]
+                used_l = used_c[c]
+                is_used_l = is_used_c[c]
+                n_used = 0
+                tot_c = 0.0  # forward mass at l + 1 (for scaling)
+                post_c = 0.0  # posterior mass of position l (for normalising W)
+                i0, i1 = _chunk(offsets[l + 1], offsets[l + 2], c)
+                for i in range(i0, i1):
+                    d = np.uint32(states[i])
+                    b = beta[i] if want_sum else 0.0
+                    acc = 0.0
+                    best = -np.inf
+                    be = -1
+                    for j in range(in_offsets[d], in_offsets[d + 1]):
+                        s = np.uint32(in_src[j])  # (unsigned indices: see the scan)
+                        g = np.uint32(in_group[j])
+                        if want_sum:
+                            w = cur[s] * gsum[l, g]
+                            acc += w
+                            Wl[g] += w * b
+                            if not is_used_l[g]:
+                                is_used_l[g] = 1
+                                used_l[n_used] = g
+                                n_used += 1
+                        if want_max:
+                            v = vcur[s] + gmax[l, g]
+                            if v > best:
+                                best = v
+                                be = j
+                    if want_sum:
+                        nxt[d] = acc
+                        tot_c += acc
+                        post_c += acc * b
+                    if want_max:
+                        vnxt[d] = best
+                        back[i] = be
+                totals[c, 0] = tot_c
+                totals[c, 1] = post_c
+                n_used_c[c] = n_used
+            tot = 0.0
+            post = 0.0
+            if want_sum:
+                n_used = 0
+                for c in range(LIVE_CHUNKS):  # (each group's chunks added in chunk order, as before)
+                    tot += totals[c, 0]
+                    post += totals[c, 1]
+                    Wl = Wc[c]
+                    for u in range(n_used_c[c]):
+                        g = used_c[c, u]
+                        W[g] += Wl[g]
+                        Wl[g] = 0.0
+                        is_used_c[c, g] = 0
+                        if not is_used[g]:
+                            is_used[g] = 1
+                            used[n_used] = g
+                            n_used += 1
+                row_totals[l + 1] = tot
+                if tot <= 0.0 or post <= 0.0:
+                    return F, back, -1, False
+                Fl = F[l]
+                for u in range(n_used):  # each used group's posterior onto its atoms
+                    g = used[u]
+                    is_used[g] = 0
+                    w = W[g]
+                    W[g] = 0.0
+                    if w > 0.0:
+                        # not W / (post * gsum): at low temperatures both factors can be ~1e-170
+                        # (a group the canvas needs, far below the row's best token) and their
+                        # product underflows to 0
+                        w = w / post / gsum[l, g]
+                        for i in range(group_offsets[g], group_offsets[g + 1]):
+                            Fl[group_atoms[i]] += w
+            for c in loop(LIVE_CHUNKS):
+                i0, i1 = _chunk(offsets[l], offsets[l + 1], c)
+                for i in range(i0, i1):
+                    s = np.uint32(states[i])
+                    if want_sum:
+                        cur[s] = 0.0
+                    if want_max:
+                        vcur[s] = -np.inf
+            for c in loop(LIVE_CHUNKS):
+                i0, i1 = _chunk(offsets[l + 1], offsets[l + 2], c)
+                for i in range(i0, i1):
+                    s = np.uint32(states[i])
+                    if want_sum:
+                        cur[s] = nxt[s] / tot
+                    if want_max:
+                        vcur[s] = vnxt[s]
+        best_end = -1
+        if want_max:
+            bv = -np.inf
+            for i in range(offsets[L], offsets[L + 1]):  # live at L: accepting by construction
+                if vcur[states[i]] > bv:
+                    bv = vcur[states[i]]
+                    best_end = i
+            if best_end < 0:
+                return F, back, -1, False
+        return F, back, best_end, True
 
     return forward
 
 
-@nb.njit(cache=True, nogil=True, inline="always")
-def _forward_live_body(gsum, gmax, offsets, states, beta, in_offsets, in_src, in_group, atom_groups, atom_group_offsets,
-                       S, row_totals, want_sum, want_max):  # pragma: no cover
-    """The forward passes, pulling over each live state's incoming edges: with
-    ``want_sum`` the sum-product pass and from it and ``beta`` the atom factors F (L, K);
-    with ``want_max`` the max-product (Viterbi) pass and a backpointer per live state.
-    Asked together they share one sweep over the edges (the denoiser wants both every
-    step), which saves a third of the time of running them apart.
-
-    Atom factors: P(token t at l) = exp(x_t - rowmax_l) * F[l, atom(t)]. The posterior of
-    an edge s -> d at l is alpha_l(s) * gsum[l, g] * beta_{l+1}(d), normalised per
-    position (exactly one edge is taken at each position). The forward pass pulls
-    alpha_{l+1}(d) over exactly these products (bar beta), so the group posteriors come
-    out of it for one more multiply-add per edge; inside a group, tokens follow
-    exp(x_t) / gsum.
-
-    Returns (F, back, best_end, ok): best_end is the live index of the best accepting
-    state at L (Viterbi), ok is False when no valid canvas exists. With ``want_sum``,
-    row_totals (L + 1,) <- what each position's forward values summed to before they
-    were divided by it (see ``log_mass_forward``).
-    """
-    L = gsum.shape[0] if want_sum else gmax.shape[0]
-    G = gsum.shape[1] if want_sum else gmax.shape[1]
-    K = atom_group_offsets.shape[0] - 1
-    F = np.zeros((L, K if want_sum else 0), np.float64)
-    W = np.zeros(G, np.float64)
-    Wc = np.zeros((LIVE_CHUNKS, G if want_sum else 0), np.float64)  # W per chunk of the live states
-    totals = np.zeros((LIVE_CHUNKS, 2), np.float64)  # per chunk: tot, post
-    cur = np.zeros(S, np.float64)  # alpha at l (scaled), dense over states
-    nxt = np.zeros(S, np.float64)
-    back = np.full(states.shape[0] if want_max else 0, -1, np.int32)  # incoming edge of the best prefix
-    vcur = np.full(S, -np.inf)  # best prefix log-score at l, dense over states
-    vnxt = np.full(S, -np.inf)
-    for i in range(offsets[0], offsets[1]):  # the start state alone
-        cur[states[i]] = 1.0
-        vcur[states[i]] = 0.0
-    if want_sum:
-        row_totals[0] = 1.0
-    for l in range(L):
-        for c in nb.prange(LIVE_CHUNKS):
-            Wl = Wc[c]
-            tot_c = 0.0  # forward mass at l + 1 (for scaling)
-            post_c = 0.0  # posterior mass of position l (for normalising W)
-            i0, i1 = _chunk(offsets[l + 1], offsets[l + 2], c)
-            for i in range(i0, i1):
-                d = np.uint32(states[i])
-                b = beta[i] if want_sum else 0.0
-                acc = 0.0
-                best = -np.inf
-                be = -1
-                for j in range(in_offsets[d], in_offsets[d + 1]):
-                    s = np.uint32(in_src[j])  # (unsigned indices: see the scan)
-                    g = np.uint32(in_group[j])
-                    if want_sum:
-                        w = cur[s] * gsum[l, g]
-                        acc += w
-                        Wl[g] += w * b
-                    if want_max:
-                        v = vcur[s] + gmax[l, g]
-                        if v > best:
-                            best = v
-                            be = j
-                if want_sum:
-                    nxt[d] = acc
-                    tot_c += acc
-                    post_c += acc * b
-                if want_max:
-                    vnxt[d] = best
-                    back[i] = be
-            totals[c, 0] = tot_c
-            totals[c, 1] = post_c
-        tot = 0.0
-        post = 0.0
-        if want_sum:
-            for c in range(LIVE_CHUNKS):
-                tot += totals[c, 0]
-                post += totals[c, 1]
-                Wl = Wc[c]
-                for g in range(G):
-                    W[g] += Wl[g]
-                    Wl[g] = 0.0
-            row_totals[l + 1] = tot
-            if tot <= 0.0 or post <= 0.0:
-                return F, back, -1, False
-            for g in range(G):
-                if W[g] > 0.0:
-                    # not W / (post * gsum): at low temperatures both factors can be ~1e-170
-                    # (a group the canvas needs, far below the row's best token) and their
-                    # product underflows to 0
-                    W[g] = W[g] / post / gsum[l, g]
-            for k in range(K):
-                acc = 0.0
-                for j in range(atom_group_offsets[k], atom_group_offsets[k + 1]):
-                    acc += W[atom_groups[j]]
-                F[l, k] = acc
-            W[:] = 0.0
-        for c in nb.prange(LIVE_CHUNKS):
-            i0, i1 = _chunk(offsets[l], offsets[l + 1], c)
-            for i in range(i0, i1):
-                s = np.uint32(states[i])
-                if want_sum:
-                    cur[s] = 0.0
-                if want_max:
-                    vcur[s] = -np.inf
-        for c in nb.prange(LIVE_CHUNKS):
-            i0, i1 = _chunk(offsets[l + 1], offsets[l + 2], c)
-            for i in range(i0, i1):
-                s = np.uint32(states[i])
-                if want_sum:
-                    cur[s] = nxt[s] / tot
-                if want_max:
-                    vcur[s] = vnxt[s]
-    best_end = -1
-    if want_max:
-        bv = -np.inf
-        for i in range(offsets[L], offsets[L + 1]):  # live at L: accepting by construction
-            if vcur[states[i]] > bv:
-                bv = vcur[states[i]]
-                best_end = i
-        if best_end < 0:
-            return F, back, -1, False
-    return F, back, best_end, True
+def _forward_live_kernels(want_sum: bool, want_max: bool):  # type: ignore[no-untyped-def]
+    return serial_and_threaded(lambda loop: _forward_live_kernel(want_sum, want_max, loop), cache=True, nogil=True)
 
 
-_forward_live_sum = _forward_live_kernel(True, False)
-_forward_live_max = _forward_live_kernel(False, True)
-_forward_live_both = _forward_live_kernel(True, True)
+_FORWARD_LIVE_SUM = _forward_live_kernels(True, False)
+_FORWARD_LIVE_MAX = _forward_live_kernels(False, True)
+_FORWARD_LIVE_BOTH = _forward_live_kernels(True, True)
+
+#: Live cells a position, on average, from which the live-list passes share each
+#: position's chunks out to numba's threads (below, starting the parallel loops costs
+#: more than they save: a pruned support keeps ~1% of 20 tools' states).
+LIVE_THREADED_MIN = 1024
+
+
+def live_kernel(kernels: tuple[Any, Any], offsets: np.ndarray) -> Any:
+    """The kernel of a (one-thread, threaded) pair to run over a support's lists
+    (``offsets`` (L + 2,)): the same numbers either way."""
+    threaded = nb.get_num_threads() > 1 and offsets[-1] >= LIVE_THREADED_MIN * (offsets.shape[0] - 1)
+    return kernels[1] if threaded else kernels[0]
 
 
 #: A draw's total below this share of (its largest group weight + the total of the next
@@ -1417,7 +1457,7 @@ def _sample_atoms_live(asum, gsum, offsets, states, beta, start, out_offsets, ou
 
 @nb.njit(cache=True, nogil=True)
 def _trace_back_live(back, best_end, offsets, states, in_src, in_group):  # pragma: no cover
-    """The Viterbi canvas' groups: follow the backpointers of ``_forward_live_max``
+    """The Viterbi canvas' groups: follow the backpointers of ``_FORWARD_LIVE_MAX``
     from the best accepting state. -> groups (L,) i32."""
     L = offsets.shape[0] - 2
     out = np.full(L, -1, np.int32)

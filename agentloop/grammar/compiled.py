@@ -17,7 +17,7 @@ import torch
 from ..errors import GrammarInputError, NoValidCanvasError, ParseError
 from ..numba_threads import row_parts
 from . import canvas as dp
-from . import device_passes, log_canvas
+from . import device_passes, log_canvas, pruning
 from .canvas_layout import EdgeLayout, edge_layout
 from .fsa import Dfa
 from .token_automaton import TokenAutomaton
@@ -421,11 +421,14 @@ class CompiledGrammar:
     def _final(self, partial: bool) -> np.ndarray:
         return self._final_any if partial else self._final_complete
 
-    def viterbi(self, logits: Any, state: int | Sequence[int] | None = None, partial: bool = False) -> Any:
+    def viterbi(self, logits: Any, state: int | Sequence[int] | None = None, partial: bool = False,
+                prune: bool = True) -> Any:
         """Most probable valid canvas. logits (L, V) -> list[int]; (B, L, V) -> list[list[int]].
 
         ``partial=True`` lets the canvas end before the stop token (the call continues in
         the next canvas from ``state_after``); otherwise it must contain the stop token.
+        ``prune`` skips the lattice cells the best canvas cannot pass (see
+        ``grammar.pruning``; the same canvas either way).
         """
         xs, batched = self._prepare(logits)
         B, L, V = xs.shape
@@ -435,8 +438,10 @@ class CompiledGrammar:
         out = []
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
-            path = self._canvas_passes(self._support(L, s0, partial), s0, partial, gmax=gmax[sl],
-                                       best=(sc.amax[sl], sc.aarg[sl])).path
+            sup = self._support(L, s0, partial)
+            if prune:
+                sup = self._probable(sup, sc, sl, s0, sums=False, gmax=gmax[sl])
+            path = self._canvas_passes(sup, s0, partial, gmax=gmax[sl], best=(sc.amax[sl], sc.aarg[sl])).path
             assert path is not None
             out.append(path)
         return out if batched else out[0]
@@ -506,16 +511,16 @@ class CompiledGrammar:
                                         row_parts(L))
         else:
             if gsum is not None:
-                beta, ok = dp._backward_live(gsum, sup.offsets, sup.states, *self._out_edges, ta.n_states,
-                                             beta_totals)
+                beta, ok = dp.live_kernel(dp._BACKWARD_LIVE, sup.offsets)(
+                    gsum, sup.offsets, sup.states, *self._out_edges, ta.n_states, beta_totals)
             if ok and (factors or gmax is not None):
-                kernel = (dp._forward_live_max if not factors else dp._forward_live_sum if gmax is None
-                          else dp._forward_live_both)
+                kernel = dp.live_kernel(dp._FORWARD_LIVE_MAX if not factors else dp._FORWARD_LIVE_SUM if gmax is None
+                                        else dp._FORWARD_LIVE_BOTH, sup.offsets)
                 # trace: here a backpointer per live state
                 F, trace, best_end, ok = kernel(
                     gsum if factors else none2, none2 if gmax is None else gmax, sup.offsets, sup.states,
-                    beta if factors else np.zeros(0, np.float64), *self._in_edges, ta.atom_groups,
-                    ta.atom_group_offsets, ta.n_states, alpha_totals)
+                    beta if factors else np.zeros(0, np.float64), *self._in_edges, ta.group_atoms, ta.group_offsets,
+                    ta.n_atoms, ta.n_states, alpha_totals)
         if not ok:
             if gsum is None:  # Viterbi scores are logs: no range to leave; the support has canvases, the logits none
                 raise NoValidCanvasError(self._no_finite_canvas_message(L, s0))
@@ -638,7 +643,11 @@ class CompiledGrammar:
                                                          lay.in_group, column[s0], ta.atom_groups,
                                                          ta.atom_group_offsets)
         else:  # lists of edges by state, each position's states on numba's threads
-            live = np.ascontiguousarray(sup.live[:, lay.rank])  # (L + 1, S) by state
+            if sup.live.shape[0]:
+                live = np.ascontiguousarray(sup.live[:, lay.rank])  # (L + 1, S) by state
+            else:  # (a pruned support has its lists only)
+                live = np.zeros((L + 1, ta.n_states), np.uint8)
+                live[np.repeat(np.arange(L + 1), np.diff(sup.offsets)[:L + 1]), sup.states] = 1
             lb, column = log_canvas.log_backward(log_gsum, live, *self._out_edges), np.arange(ta.n_states)
             ok = bool(lb[0, s0] > -np.inf)
             if ok and factors:
@@ -698,8 +707,12 @@ class CompiledGrammar:
             raise GrammarInputError(f"out must be a contiguous float32 tensor of shape {shape} on {device}; got {got}")
 
     def sample(self, logits: Any, generator: torch.Generator | None = None,
-               state: int | Sequence[int] | None = None, partial: bool = False) -> Any:
-        """An exact sample of the per-position product distribution restricted to the language."""
+               state: int | Sequence[int] | None = None, partial: bool = False, prune: bool = True) -> Any:
+        """An exact sample of the per-position product distribution restricted to the language.
+
+        ``prune`` skips the lattice cells whose canvases weigh less than 2**-56 of the total
+        together (see ``grammar.pruning``); ``prune=False`` draws from every valid canvas.
+        """
         xs, batched = self._prepare(logits)
         B, L, V = xs.shape
         sc = self._scores(xs)
@@ -708,12 +721,16 @@ class CompiledGrammar:
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
-            passes = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl]) if sc.sums_in_range(sl) else _OUT_OF_RANGE
+            passes = _OUT_OF_RANGE
+            if sc.sums_in_range(sl):
+                if prune:
+                    sup = self._probable(sup, sc, sl, s0, sums=True)
+                passes = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl])
             out.append(self._sample_one(sc, sl, sup, passes, s0, uniforms[b]))
         return out if batched else out[0]
 
     def marginals(self, logits: Any, state: int | Sequence[int] | None = None, partial: bool = False,
-                  return_entropy: bool = False, out: torch.Tensor | None = None) -> Any:
+                  return_entropy: bool = False, out: torch.Tensor | None = None, prune: bool = True) -> Any:
         """Constrained posterior marginals as log-probs, shape like ``logits`` (float32, on
         the logits' device).
 
@@ -724,6 +741,11 @@ class CompiledGrammar:
         should pass one. A fresh (L, V) tensor is first written page by page: at Gemma's
         262,144 tokens (268 MB at L=256), right after a model's forward has freed its
         buffers, that took ~0.35 s on our 2-core test machine, more than the marginals.
+
+        ``prune`` skips the lattice cells whose canvases weigh less than 2**-56 of the total
+        together (see ``grammar.pruning``): every marginal is then within 2**-56 of its
+        value over all canvases, and a token whose probability is below that may come out
+        -inf. ``prune=False`` sums over every valid canvas.
         """
         xs, batched = self._prepare(logits)
         B, L, V = xs.shape
@@ -735,8 +757,11 @@ class CompiledGrammar:
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
-            passes = (self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True)
-                      if sc.sums_in_range(sl) else _OUT_OF_RANGE)
+            passes = _OUT_OF_RANGE
+            if sc.sums_in_range(sl):
+                if prune:
+                    sup = self._probable(sup, sc, sl, s0, sums=True)
+                passes = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True)
             if passes.in_range:
                 F[sl] = passes.F
             else:
@@ -751,7 +776,7 @@ class CompiledGrammar:
 
     def denoise_step(self, logits: Any, generator: torch.Generator | None = None,
                      state: int | Sequence[int] | None = None, partial: bool = False,
-                     out: torch.Tensor | None = None) -> "StepOutput":
+                     out: torch.Tensor | None = None, prune: bool = True) -> "StepOutput":
         """Everything one denoising step needs, sharing one pass over the logits.
 
         Returns the Viterbi canvas (the argmax canvas the model emits), an exact sample
@@ -762,6 +787,13 @@ class CompiledGrammar:
         come back on the logits' device (see ``device_passes``). ``out``, a contiguous
         float32 tensor of the logits' shape on their device, receives the marginals
         instead of a new tensor (the engine passes rows of its self-conditioning buffer).
+
+        With ``prune`` (the default) the passes skip the cells of the canvas's lattice that
+        neither the Viterbi canvas passes nor canvases of more than 2**-56 of the total
+        weight together (see ``grammar.pruning``), nearly all of them: the Viterbi canvas is
+        the same, samples, entropies and marginals are within 2**-56 of the total weight
+        of their values over all canvases (a token whose probability is below that may get
+        a log-marginal of -inf). ``prune=False`` runs the whole lattice.
         """
         xs, batched = self._prepare(logits)
         B, L, V = xs.shape
@@ -778,9 +810,12 @@ class CompiledGrammar:
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             sup = self._support(L, s0, partial)
+            in_range = sc.sums_in_range(sl)
+            if prune and in_range:
+                sup = self._probable(sup, sc, sl, s0, sums=True, gmax=gmax[sl])
             top = (sc.amax[sl], sc.aarg[sl])
             passes = (self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True, gmax=gmax[sl], best=top)
-                      if sc.sums_in_range(sl) else _OUT_OF_RANGE)
+                      if in_range else _OUT_OF_RANGE)
             path = passes.path
             if path is None:  # (the Viterbi pass shared a sweep that stopped early, or never ran)
                 path = self._canvas_passes(sup, s0, partial, gmax=gmax[sl], best=top).path
@@ -814,6 +849,16 @@ class CompiledGrammar:
                 self._support_cache.pop(next(iter(self._support_cache)))
             self._support_cache[key] = hit
         return hit
+
+    def _probable(self, sup: dp.Support, sc: "_Scores", sl: slice, s0: int, *, sums: bool,
+                  gmax: np.ndarray | None = None) -> dp.Support:
+        """``sup``, or its cells that can carry weight (``sums``: the step's sums in range)
+        or the Viterbi canvas (``gmax`` (L, G)), where few of them can (``grammar.pruning``)."""
+        ref = sc.rowmax[sl] if sums else sc.amax[sl].max(axis=1).astype(np.float64)  # each row's best allowed logit
+        kept = pruning.probable_support(sup, self._layout.rank, s0, self._out_edges, ref,
+                                        gsum=sc.gsum[sl] if sums else None, asum=sc.asum[sl] if sums else None,
+                                        gmax=gmax)
+        return sup if kept is None else kept
 
     def allowed_tokens(self, state: int | None = None) -> np.ndarray:
         """(V,) bool: the tokens that may come next from ``state``, for token-by-token

@@ -35,7 +35,7 @@ import numba as nb
 import numpy as np
 import torch
 
-from ..numba_threads import parallel_kernel, row_parts
+from ..numba_threads import parallel_kernel, row_parts, serial_and_threaded
 from . import canvas
 from .float32_math import exp_nonpositive as exp_nonpositive32
 from .float64_math import exp_nonpositive, key_to_double, log_positive, order_key
@@ -451,8 +451,7 @@ def _dense_log_backward_kernel(chunks):  # type: ignore[no-untyped-def]
 def _both_ways(kernel_of: Any) -> tuple[Any, Any]:
     """(one-thread, threaded) compiled kernels of ``kernel_of(range)`` and
     ``kernel_of(nb.prange)``."""
-    options: dict[str, Any] = dict(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
-    return nb.njit(**options)(kernel_of(range)), parallel_kernel(**options)(kernel_of(nb.prange))
+    return serial_and_threaded(kernel_of, cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
 
 
 def _kernel_for(kernels: tuple[Any, Any], S: int) -> tuple[Any, int]:

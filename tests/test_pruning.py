@@ -1,0 +1,171 @@
+"""Pruning (grammar/pruning.py): the passes over the cells of a canvas's lattice that can
+carry weight or the Viterbi canvas give what the whole lattice gives, leave out all but a
+few of its cells, and leave out less than the stated share of its weight."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agentloop.grammar import canvas as dp
+from agentloop.grammar import compile_tools, pruning
+
+TOOLS = json.loads((Path(__file__).parents[1] / "agentloop/data/tool_schemas.json").read_text())
+L = 64
+
+
+@pytest.fixture(scope="module")
+def tools3(btok):
+    return compile_tools(TOOLS[:3], btok, "gemma4")
+
+
+def _call_canvas(g, btok) -> list[int]:
+    call = btok.encode('<|tool_call>call:get_weather{city:<|"|>Lisbon<|"|>,days:3}<tool_call|><|tool_response>',
+                       add_special_tokens=False).ids
+    canvas = call + [g.vocab.pad_id] * (L - len(call))
+    assert g.accepts(canvas)
+    return canvas
+
+
+def _confident(g, btok, scale: float, seed: int = 0, lead: float = 12.0) -> torch.Tensor:
+    """Logits N(0, scale) with a valid call ``lead`` nats ahead at each position (by
+    default, a model that knows what it writes)."""
+    x = torch.randn(L, g.vocab.size, generator=torch.Generator().manual_seed(seed)) * scale
+    x[torch.arange(L), torch.tensor(_call_canvas(g, btok))] += lead
+    return x
+
+
+def _kept(g, x: torch.Tensor, sums: bool = True, viterbi: bool = True, partial: bool = False) -> dp.Support:
+    """The cells pruning keeps for one canvas of logits ``x`` (L, V) from the start (the
+    support itself where it keeps them all)."""
+    xs = x[None].numpy()
+    sc = g._scores(xs, want_sum=sums, want_x=False)
+    gmax = dp._group_max(sc.amax, g.automaton.group_atoms, g.automaton.group_offsets) if viterbi else None
+    sup = g._support(L, g.start_state, partial)
+    return g._probable(sup, sc, slice(0, L), g.start_state, sums=sums, gmax=gmax)
+
+
+def _log_mass(g, sup: dp.Support, x: torch.Tensor) -> float:
+    """log of the weight of the canvases on ``sup``'s cells, from a backward pass."""
+    sc = g._scores(x[None].numpy())
+    passes = g._canvas_passes(sup, g.start_state, False, gsum=sc.gsum, factors=True)
+    assert passes.in_range
+    beta_start = passes.beta[0, g._layout.rank[g.start_state]] if sup.dense else passes.beta[sup.offsets[0]]
+    return dp.log_mass_backward(beta_start, passes.beta_totals, sup.dense) + float(sc.rowmax.sum())
+
+
+@pytest.mark.parametrize("logits", ["N(0, 1)", "N(0, 3)", "confident"])
+def test_the_pruned_step_gives_what_the_whole_lattice_gives(btok, tools3, logits):
+    """Viterbi canvas and sample the same, marginals and entropies to rounding; every
+    token the whole lattice gives a log-marginal above -30 keeps a finite one. Batched,
+    from the start and from inside a call; and pruning did leave most cells out."""
+    g = tools3
+    if logits == "confident":
+        x = torch.stack([_confident(g, btok, 2.0, seed) for seed in (0, 1)])
+    else:
+        x = torch.randn(2, L, g.vocab.size, generator=torch.Generator().manual_seed(5)) * float(logits[5])
+    mid = g.state_after(btok.encode("<|tool_call>call:get_weather{", add_special_tokens=False).ids)
+    for state, partial in ((None, False), (mid, True)):
+        whole = g.denoise_step(x, torch.Generator().manual_seed(0), state=state, partial=partial, prune=False)
+        kept = g.denoise_step(x, torch.Generator().manual_seed(0), state=state, partial=partial)
+        assert kept.argmax == whole.argmax and kept.sample == whole.sample
+        likely = whole.log_marginals > -30
+        assert torch.isfinite(kept.log_marginals[likely]).all()
+        torch.testing.assert_close(kept.log_marginals[likely], whole.log_marginals[likely], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kept.entropy, whole.entropy, rtol=1e-9, atol=1e-12)
+        assert g.viterbi(x, state=state, partial=partial) == whole.argmax
+        assert g.sample(x, torch.Generator().manual_seed(7), state=state, partial=partial) == \
+            g.sample(x, torch.Generator().manual_seed(7), state=state, partial=partial, prune=False)
+        torch.testing.assert_close(g.marginals(x, state=state, partial=partial)[likely], whole.log_marginals[likely],
+                                   rtol=1e-5, atol=1e-5)
+    share = _kept(g, x[0]).offsets[-1] / g._support(L, g.start_state, False).offsets[-1]
+    assert share < pruning.MAX_KEPT_SHARE  # (it left cells out)
+
+
+def test_the_cells_left_out_weigh_nothing_a_float64_shows(btok, tools3):
+    """The canvases on the kept cells (3% of the support here) weigh what the whole
+    lattice weighs, to rounding (the cut leaves out less than 2**-56 of it); the kept
+    lists hold the start state first, accepting states last, and at every position
+    states of the support, sorted."""
+    g = tools3
+    x = torch.randn(L, g.vocab.size, generator=torch.Generator().manual_seed(2)) * 1.5
+    whole = g._support(L, g.start_state, False)
+    kept = _kept(g, x)
+    assert kept.states[kept.offsets[0]:kept.offsets[1]].tolist() == [g.start_state]
+    assert g._final(False)[kept.states[kept.offsets[L]:kept.offsets[L + 1]]].all()
+    for l in range(L + 1):
+        here = kept.states[kept.offsets[l]:kept.offsets[l + 1]]
+        assert (np.diff(here) > 0).all() and whole.live[l, g._layout.rank[here]].all()
+    assert kept.offsets[-1] < 0.1 * whole.offsets[-1]
+    assert abs(_log_mass(g, whole, x) - _log_mass(g, kept, x)) < 1e-12
+
+
+def _cells_of(g, canvas: list[int], start: int) -> list[tuple[int, int]]:
+    out, q = [(0, start)], start
+    for l, t in enumerate(canvas):
+        q = g.state_after([t], q)
+        out.append((l + 1, q))
+    return out
+
+
+def test_the_viterbi_canvas_stays_where_the_weight_lies_elsewhere(btok, tools3):
+    """Nearly flat logits where a call's tokens lead by 0.7 nats: the best canvas is the
+    call, but nearly all the weight lies on texts (which take most tokens at each
+    position), and the call's cells fall below the weight's cut. The best-prefix test
+    keeps them, and the pruned Viterbi canvas is the whole lattice's."""
+    g = tools3
+    x = _confident(g, btok, 0.1, lead=0.7)
+    best = g.viterbi(x, prune=False)
+    assert best == _call_canvas(g, btok)
+    by_weight = _kept(g, x, viterbi=False)
+    both = _kept(g, x)
+
+    def holds(sup: dp.Support) -> bool:
+        return all(q in sup.states[sup.offsets[l]:sup.offsets[l + 1]] for l, q in _cells_of(g, best, g.start_state))
+
+    assert not holds(by_weight) and holds(both)
+    assert both.offsets[-1] < 0.1 * g._support(L, g.start_state, False).offsets[-1]
+    assert g.viterbi(x) == best and g.denoise_step(x).argmax == best
+    assert _kept(g, x, sums=False).offsets[-1] < 0.1 * g._support(L, g.start_state, False).offsets[-1]
+
+
+def test_pruning_gives_up_where_the_weight_spreads(btok, tools3, monkeypatch):
+    """Equal logits give every valid canvas the same weight: no cell can go, and the
+    step runs over the whole support. So it does past MAX_KEPT_SHARE."""
+    g = tools3
+    whole = g._support(L, g.start_state, False)
+    assert _kept(g, torch.zeros(L, g.vocab.size)) is whole
+    x = torch.randn(L, g.vocab.size, generator=torch.Generator().manual_seed(2))
+    assert _kept(g, x) is not whole
+    monkeypatch.setattr(pruning, "MAX_KEPT_SHARE", 0.0)
+    assert _kept(g, x) is whole
+
+
+def test_a_pruned_canvas_redone_in_log_space_gives_the_whole_lattice_s(btok, tools3, monkeypatch):
+    """Where the fast passes on the kept cells leave float64's range (forced here), the
+    canvas is redone in log space over the kept cells (a mask made from the lists): the
+    same as the whole lattice in log space."""
+    g = tools3
+    monkeypatch.setattr(dp, "MASS_TOLERANCE", -1.0)  # every canvas fails the mass check
+    x = _confident(g, btok, 2.0)
+    whole = g.denoise_step(x, torch.Generator().manual_seed(0), prune=False)
+    kept = g.denoise_step(x, torch.Generator().manual_seed(0))
+    assert kept.argmax == whole.argmax and kept.sample == whole.sample
+    likely = whole.log_marginals > -30
+    torch.testing.assert_close(kept.log_marginals[likely], whole.log_marginals[likely], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kept.entropy, whole.entropy, rtol=1e-9, atol=1e-12)
+
+
+def test_radix_sort_of_states():
+    rng = np.random.default_rng(0)
+    for n, top in ((0, 10), (1, 10), (300, 200), (5000, 70_000), (100, 2**24 - 1)):
+        a = rng.integers(0, top, n).astype(np.int32)
+        bits = 8 * max(1, math.ceil(math.log2(top + 1) / 8))
+        got = a.copy()
+        pruning._sort_states(got, np.empty(max(n, 1), np.int32), np.zeros(257, np.int64), bits)
+        assert got.tolist() == sorted(a.tolist())
