@@ -62,7 +62,7 @@ def kept_share(g: CompiledGrammar, x: torch.Tensor, state: int, partial: bool) -
 
     L = x.shape[0]
     sc = g._scores(x[None].numpy())
-    gmax = dp._group_max(sc.amax, g.automaton.group_atoms, g.automaton.group_offsets)
+    gmax = dp.group_max(sc.amax, g._group_plan)
     sup = g._support(L, state, partial)
     kept = g._probable(sup, sc, slice(0, L), state, sums=True, gmax=gmax)
     return float(kept.offsets[-1] / sup.offsets[-1])

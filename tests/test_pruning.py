@@ -45,7 +45,7 @@ def _kept(g, x: torch.Tensor, sums: bool = True, viterbi: bool = True, partial: 
     support itself where it keeps them all)."""
     xs = x[None].numpy()
     sc = g._scores(xs, want_sum=sums, want_x=False)
-    gmax = dp._group_max(sc.amax, g.automaton.group_atoms, g.automaton.group_offsets) if viterbi else None
+    gmax = dp.group_max(sc.amax, g._group_plan) if viterbi else None
     sup = g._support(L, g.start_state, partial)
     return g._probable(sup, sc, slice(0, L), g.start_state, sums=sums, gmax=gmax)
 

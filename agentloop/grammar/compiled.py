@@ -434,7 +434,7 @@ class CompiledGrammar:
         B, L, V = xs.shape
         ta = self.automaton
         sc = self._scores(xs, want_sum=False, want_x=False)
-        gmax = dp._group_max(sc.amax, ta.group_atoms, ta.group_offsets)
+        gmax = dp.group_max(sc.amax, self._group_plan)
         out = []
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
@@ -582,7 +582,7 @@ class CompiledGrammar:
                 f"the logits are nan or +inf at a token the grammar allows ({where}"
                 f"{', ...' if rows.size > 5 else ''}; {rows.size} position(s) in all): a model overflowing in "
                 "float16 or bfloat16 gives such logits")
-        gsum = dp._group_sums(asum, ta.group_atoms, ta.group_offsets) if want_sum else np.zeros((B * L, 0))
+        gsum = dp.group_sums(asum, self._group_plan) if want_sum else np.zeros((B * L, 0))
         return _Scores(flat, rowmax, asum, asumx, amax, aarg, gsum, block_sums, rowmax_dev)
 
     def _sample_one(self, sc: "_Scores", sl: slice, sup: dp.Support, passes: _Passes, s0: int,
@@ -801,7 +801,7 @@ class CompiledGrammar:
             self._check_out(out, xs, batched)
         ta = self.automaton
         sc = self._scores(xs, want_x=True)
-        gmax = dp._group_max(sc.amax, ta.group_atoms, ta.group_offsets)
+        gmax = dp.group_max(sc.amax, self._group_plan)
         uniforms = torch.rand((B, L, 3), generator=generator, dtype=torch.float64).numpy()
         F = np.zeros((B * L, ta.n_atoms), np.float64)
         in_log_space: dict[int, np.ndarray] = {}
@@ -952,6 +952,12 @@ class CompiledGrammar:
         order = np.argsort(ta.edge_dst, kind="stable")
         offsets = np.searchsorted(ta.edge_dst[order], np.arange(ta.n_states + 1)).astype(np.int64)
         return offsets, np.ascontiguousarray(ta.edge_src[order]), np.ascontiguousarray(ta.edge_group[order])
+
+    @cached_property
+    def _group_plan(self) -> dp.GroupPlan:
+        """How the step builds its groups' statistics from its atoms' (see ``canvas.GroupPlan``)."""
+        ta = self.automaton
+        return dp.group_plan(ta.group_atoms, ta.group_offsets, ta.n_atoms)
 
     @cached_property
     def _layout(self) -> EdgeLayout:
