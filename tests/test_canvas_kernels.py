@@ -546,3 +546,23 @@ def test_the_dense_log_passes_agree_with_the_lists_by_state(btok, monkeypatch, p
                         for h in range(len(ta.group_offsets) - 1)] for n in range(L)])
     np.testing.assert_allclose(log_gsum[np.isfinite(want_g)], want_g[np.isfinite(want_g)], rtol=1e-13, atol=1e-12)
     assert np.array_equal(np.isfinite(log_gsum), np.isfinite(want_g))
+
+
+@pytest.mark.parametrize("n_tools", [1, 5])
+def test_the_group_plan_gives_each_group_the_sum_and_max_of_its_atoms(btok, n_tools):
+    """Groups are built on smaller groups they contain (``canvas.GroupPlan``): each one's
+    sum and max are still those of its own atoms, and most groups did start from one."""
+    g = compile_tools(TOOLS[:n_tools], btok, "gemma4")
+    ta = g.automaton
+    plan = g._group_plan
+    rng = np.random.default_rng(n_tools)
+    asum = rng.random((7, ta.n_atoms))
+    amax = rng.normal(size=(7, ta.n_atoms)).astype(np.float32)
+    amax[:, ::5] = -np.inf  # (atoms without a usable logit)
+    G = ta.group_offsets.shape[0] - 1
+    atoms_of = [ta.group_atoms[ta.group_offsets[i]:ta.group_offsets[i + 1]] for i in range(G)]
+    np.testing.assert_allclose(dp.group_sums(asum, plan), np.stack([asum[:, a].sum(1) for a in atoms_of], 1),
+                               rtol=1e-13)
+    assert np.array_equal(dp.group_max(amax, plan), np.stack([amax[:, a].max(1) for a in atoms_of], 1))
+    assert sorted(plan.order.tolist()) == list(range(G))
+    assert plan.extra.shape[0] < 0.8 * ta.group_atoms.shape[0]
