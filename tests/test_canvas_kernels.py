@@ -39,11 +39,16 @@ def test_order_keys_sort_like_the_floats_and_put_nan_above_all():
 
 
 def test_viterbi_scan_never_takes_a_nan_for_an_atom_best():
-    atom_of = np.array([0, 0, 1, 1, -1], np.int32)
-    x = np.array([[np.nan, 1.0, -np.nan, -np.inf, 9.0], [2.0, 2.0, 3.0, np.nan, np.nan]], np.float32)
-    _, _, _, amax, aarg = dp.reduce_atoms(x, dp.sorted_atoms(atom_of, 2), False, False)
-    assert amax.tolist() == [[1.0, -np.inf], [2.0, 3.0]]
-    assert aarg.tolist() == [[1, -1], [0, 2]]  # ties: the lowest token; no usable logit: -1
+    """Both Viterbi scans: the gathered one (vocabularies under 8k) and the one in token
+    order (``_max_atoms``, larger ones); atoms of one token and of several."""
+    atom_of = np.array([0, 0, 1, 1, -1, 2], np.int32)
+    x = np.array([[np.nan, 1.0, -np.nan, -np.inf, 9.0, np.nan], [2.0, 2.0, 3.0, np.nan, np.nan, 0.5]], np.float32)
+    _, _, _, amax, aarg = dp.reduce_atoms(x, dp.sorted_atoms(atom_of, 3), False, False)
+    in_order = np.full((2, 3), -np.inf, np.float32), np.full((2, 3), -1, np.int32)
+    dp._max_atoms(x, atom_of, *in_order)
+    for got, arg in ((amax, aarg), in_order):
+        assert got.tolist() == [[1.0, -np.inf, -np.inf], [2.0, 3.0, 0.5]]
+        assert arg.tolist() == [[1, -1, -1], [0, 2, 5]]  # ties: the lowest token; no usable logit: -1
 
 
 def test_scan_of_one_token_atoms_equals_the_definition():

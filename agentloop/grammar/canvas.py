@@ -41,7 +41,7 @@ import numpy as np
 
 from ..numba_threads import parallel_kernel, row_parts, serial_and_threaded
 from .canvas_layout import EdgeLayout
-from .float32_math import KEY_NEG_INF, KEY_POS_INF, bits_to_float, exp_nonpositive, key_to_bits, order_key
+from .float32_math import KEY_NAN, KEY_NEG_INF, KEY_POS_INF, bits_to_float, exp_nonpositive, key_to_bits, order_key
 
 # ---- 1. score atoms: one pass over the logits per position --------------------------------
 
@@ -111,9 +111,10 @@ _BLOCK = 256
 # set-up cost ~25 ns an atom and row.
 
 
-def _scan_kernel(want_x: bool):  # type: ignore[no-untyped-def]
-    """The scan compiled with or without the entropy sums (a compile-time flag keeps the
-    inner loops free of branches, which is what lets them vectorise)."""
+def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
+    """The scan compiled with or without the sums, and the entropy sums (compile-time
+    flags keep the inner loops free of branches, which is what lets them vectorise).
+    Without the sums (Viterbi alone) a nan is never an atom's best, as for max()."""
 
     @parallel_kernel(cache=True, nogil=True, fastmath={"reassoc", "contract"})
     def scan(logit_bits, perm, lo, hi, blocks, singles, others, allowed, place, scatter, rowmax, asum, asumx,
@@ -147,6 +148,8 @@ def _scan_kernel(want_x: bool):  # type: ignore[no-untyped-def]
                 top_row = KEY_NEG_INF
                 for j in range(K1):
                     key = order_key(bits[j])
+                    if not want_sum:
+                        key = KEY_NEG_INF if key == KEY_NAN else key
                     keys[j] = key
                     top_row = max(top_row, key if key < KEY_POS_INF else KEY_NEG_INF)
                 for j in range(K1):
@@ -164,7 +167,10 @@ def _scan_kernel(want_x: bool):  # type: ignore[no-untyped-def]
                     run = bits[lo[k]:hi[k]]
                     top = np.int64(-(2**63))
                     for j in range(run.shape[0]):
-                        top = max(top, (np.int64(order_key(run[j])) << 32) | (np.int64(0xFFFFFFFF) - j))
+                        key = order_key(run[j])
+                        if not want_sum:
+                            key = KEY_NEG_INF if key == KEY_NAN else key
+                        top = max(top, (np.int64(key) << 32) | (np.int64(0xFFFFFFFF) - j))
                     key = np.int32(top >> 32)
                     if key <= KEY_NEG_INF:  # no usable logit (or no token at all)
                         r_amax[k] = np.int32(-8388608)
@@ -178,6 +184,8 @@ def _scan_kernel(want_x: bool):  # type: ignore[no-untyped-def]
                 if top_row > KEY_NEG_INF:
                     m = bits_to_float(key_to_bits(top_row))
                 rowmax[r] = m
+                if not want_sum:
+                    continue
                 # 2. a one-token atom's sums are its one term exp(x - rowmax), in float32 like
                 # every other term; where float32 flushes it (more than 87 below the row's
                 # best), in float64. 0 at -inf; nan at nan or +inf.
@@ -238,15 +246,18 @@ def _scan_kernel(want_x: bool):  # type: ignore[no-untyped-def]
     return scan
 
 
-_scan_sums = _scan_kernel(False)  # sample, marginals
-_scan_sums_x = _scan_kernel(True)  # marginals with entropies, denoise_step
+_scan_max = _scan_kernel(False, False)  # viterbi
+_scan_sums = _scan_kernel(True, False)  # sample, marginals
+_scan_sums_x = _scan_kernel(True, True)  # marginals with entropies, denoise_step
 
 
 @parallel_kernel(cache=True, nogil=True)
 def _max_atoms(x, atom_of, amax, aarg):  # pragma: no cover - compiled
     """Each atom's best logit and its lowest token, in one pass over each row in token
-    order (Viterbi needs no sums, and without the exp the gather into atom order costs
-    more than it saves: 0.77 vs 1.27 ms at 4k vocab, 3.8 vs 6.7 at 30k, caches cold).
+    order (Viterbi needs no sums; from 8k tokens the rows stream in faster so than
+    gathered into atom order: 4.4 vs 7.0 ms at 30k, 1 tool. Below, the scan's gather
+    and key maxima win, more so with many atoms, whose updates here mispredict: BPE 4k,
+    0.70 vs 0.81 ms at 1 tool, 1.13 vs 2.13 at 20).
     The update is rare after the first tokens, so its branch is predicted; a nan never
     compares greater, so it is never an atom's best."""
     N, V = x.shape
@@ -283,13 +294,18 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
     atom_of, perm, lo, hi, blocks, singles, others, allowed, place = atoms
     K = lo.shape[0]
     rowmax = np.zeros(N, np.float64)
-    if not want_sum:
+    if not want_sum and V >= _SCATTER_FROM:  # (the atoms' maxima streamed in token order: see _max_atoms)
         amax = np.full((N, K), -np.inf, np.float32)
         aarg = np.full((N, K), -1, np.int32)
         _max_atoms(logits, atom_of, amax, aarg)
         return rowmax, np.zeros((N, 1)), np.zeros((N, 1)), amax, aarg
     amax = np.empty((N, K), np.float32)
     aarg = np.empty((N, K), np.int32)
+    if not want_sum:  # the maxima of the scan alone, rows gathered into atom order
+        _scan_max(np.ascontiguousarray(logits).view(np.int32), perm, lo, hi, blocks, singles, others, allowed, place,
+                  False, rowmax, np.zeros((N, 0)), np.zeros((N, 0)), amax.view(np.int32), aarg,
+                  np.zeros((N, 0), np.float32), row_parts(N))
+        return rowmax, np.zeros((N, 1)), np.zeros((N, 1)), amax, aarg
     asum = np.zeros((N, K), np.float64)
     asumx = np.zeros((N, K) if want_x else (N, 1), np.float64)
     if block_sums is None:
