@@ -32,6 +32,7 @@ import argparse
 import importlib
 import inspect
 import json
+import math
 import os
 import platform
 import re
@@ -179,8 +180,10 @@ def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std:
     b_m, c_m = (grammars[k].marginals(logits) for k in ("baseline", "current"))
     finite = torch.isfinite(b_m)
     # a token whose posterior lies near float64's underflow may be 0 in one pass and not
-    # in the other (dense and live-list passes scale their messages differently)
-    tiny = torch.where(finite, b_m, c_m) < -700
+    # in the other (dense and live-list passes scale their messages differently); with
+    # pruning (grammar/pruning.py) so may any below 2**-56 of the total
+    pruned = any("prune" in inspect.signature(g.marginals).parameters for g in grammars.values())
+    tiny = torch.where(finite, b_m, c_m) < (math.log(2.0**-56) if pruned else -700)
     assert torch.equal(finite | tiny, torch.isfinite(c_m) | tiny), "the marginals' supports differ"
     assert torch.allclose(torch.exp(b_m[finite]), torch.exp(c_m[finite]), atol=1e-6), "the marginals differ"
     rows = []

@@ -63,9 +63,8 @@ def kept_share(g: CompiledGrammar, x: torch.Tensor, state: int, partial: bool) -
     L = x.shape[0]
     sc = g._scores(x[None].numpy())
     gmax = dp.group_max(sc.amax, g._group_plan)
-    sup = g._support(L, state, partial)
-    kept = g._probable(sup, sc, slice(0, L), state, sums=True, gmax=gmax)
-    return float(kept.offsets[-1] / sup.offsets[-1])
+    kept = g._step_support(sc, slice(0, L), state, partial, True, sums=True, gmax=gmax)
+    return float(kept.offsets[-1] / g._support(L, state, partial).offsets[-1])
 
 
 def compare(g: CompiledGrammar, x: torch.Tensor, repeats: int, state: int | None = None,

@@ -46,8 +46,7 @@ def _kept(g, x: torch.Tensor, sums: bool = True, viterbi: bool = True, partial: 
     xs = x[None].numpy()
     sc = g._scores(xs, want_sum=sums, want_x=False)
     gmax = dp.group_max(sc.amax, g._group_plan) if viterbi else None
-    sup = g._support(L, g.start_state, partial)
-    return g._probable(sup, sc, slice(0, L), g.start_state, sums=sums, gmax=gmax)
+    return g._step_support(sc, slice(0, L), g.start_state, partial, True, sums=sums, gmax=gmax)
 
 
 def _log_mass(g, sup: dp.Support, x: torch.Tensor) -> float:
@@ -103,6 +102,25 @@ def test_the_cells_left_out_weigh_nothing_a_float64_shows(btok, tools3):
         assert (np.diff(here) > 0).all() and whole.live[l, g._layout.rank[here]].all()
     assert kept.offsets[-1] < 0.1 * whole.offsets[-1]
     assert abs(_log_mass(g, whole, x) - _log_mass(g, kept, x)) < 1e-12
+
+
+def test_a_pruned_step_makes_no_support(btok):
+    """The kept cells follow the start state forward and keep the states that can still
+    finish in the tokens left (``pruning.fewest_to_finish``: every accepting state steps
+    to an accepting one, so a state finishes in any number of tokens from its fewest):
+    a pruned step builds no ``Support``, whose masks cost more than the step at 20 tools;
+    where pruning gives up, the step builds it."""
+    g = compile_tools(TOOLS[:2], btok, "gemma4")
+    g._support_cache.clear()
+    x = torch.randn(L, g.vocab.size, generator=torch.Generator().manual_seed(2))
+    for op in (lambda: g.denoise_step(x), lambda: g.viterbi(x), lambda: g.sample(x), lambda: g.marginals(x)):
+        op()
+    assert not g._support_cache
+    to_finish = g._to_finish(False)
+    assert to_finish[g.start_state] > 0 and (to_finish[g._final(False)] == 0).all()
+    assert (g._to_finish(True) == 0).all()
+    g.denoise_step(torch.zeros(L, g.vocab.size))  # every canvas alike: nothing can go
+    assert list(g._support_cache) == [(L, g.start_state, False, g._canvas_pass_kind)]
 
 
 def _cells_of(g, canvas: list[int], start: int) -> list[tuple[int, int]]:

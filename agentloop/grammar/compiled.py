@@ -145,6 +145,7 @@ class CompiledGrammar:
         self._final_complete = np.ascontiguousarray(ta.accept.astype(np.bool_))
         self._final_any = np.ones(ta.n_states, np.bool_)
         self._support_cache: dict[tuple[int, int, bool, str], dp.Support] = {}
+        self._fewest_to_finish: dict[bool, np.ndarray | None] = {}  # partial -> pruning.fewest_to_finish
         self._allowed_cache: dict[int, np.ndarray] = {}
         self._atom_layouts: dict[tuple[int, str], device_passes.AtomLayout] = {}  # (V, device) -> its layout
         self._host_atoms: dict[int, dp.SortedAtoms] = {}  # V -> each atom's tokens (the host pass)
@@ -438,9 +439,7 @@ class CompiledGrammar:
         out = []
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
-            sup = self._support(L, s0, partial)
-            if prune:
-                sup = self._probable(sup, sc, sl, s0, sums=False, gmax=gmax[sl])
+            sup = self._step_support(sc, sl, s0, partial, prune, sums=False, gmax=gmax[sl])
             path = self._canvas_passes(sup, s0, partial, gmax=gmax[sl], best=(sc.amax[sl], sc.aarg[sl])).path
             assert path is not None
             out.append(path)
@@ -720,12 +719,9 @@ class CompiledGrammar:
         out = []
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
-            sup = self._support(L, s0, partial)
-            passes = _OUT_OF_RANGE
-            if sc.sums_in_range(sl):
-                if prune:
-                    sup = self._probable(sup, sc, sl, s0, sums=True)
-                passes = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl])
+            in_range = sc.sums_in_range(sl)
+            sup = self._step_support(sc, sl, s0, partial, prune and in_range, sums=True)
+            passes = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl]) if in_range else _OUT_OF_RANGE
             out.append(self._sample_one(sc, sl, sup, passes, s0, uniforms[b]))
         return out if batched else out[0]
 
@@ -756,12 +752,10 @@ class CompiledGrammar:
         in_log_space: dict[int, np.ndarray] = {}  # canvas -> its log F, where the sums left float64's range
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
-            sup = self._support(L, s0, partial)
-            passes = _OUT_OF_RANGE
-            if sc.sums_in_range(sl):
-                if prune:
-                    sup = self._probable(sup, sc, sl, s0, sums=True)
-                passes = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True)
+            in_range = sc.sums_in_range(sl)
+            sup = self._step_support(sc, sl, s0, partial, prune and in_range, sums=True)
+            passes = (self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True)
+                      if in_range else _OUT_OF_RANGE)
             if passes.in_range:
                 F[sl] = passes.F
             else:
@@ -809,10 +803,8 @@ class CompiledGrammar:
         samples: list[list[int]] = []
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
-            sup = self._support(L, s0, partial)
             in_range = sc.sums_in_range(sl)
-            if prune and in_range:
-                sup = self._probable(sup, sc, sl, s0, sums=True, gmax=gmax[sl])
+            sup = self._step_support(sc, sl, s0, partial, prune and in_range, sums=True, gmax=gmax[sl])
             top = (sc.amax[sl], sc.aarg[sl])
             passes = (self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True, gmax=gmax[sl], best=top)
                       if in_range else _OUT_OF_RANGE)
@@ -850,15 +842,29 @@ class CompiledGrammar:
             self._support_cache[key] = hit
         return hit
 
-    def _probable(self, sup: dp.Support, sc: "_Scores", sl: slice, s0: int, *, sums: bool,
-                  gmax: np.ndarray | None = None) -> dp.Support:
-        """``sup``, or its cells that can carry weight (``sums``: the step's sums in range)
-        or the Viterbi canvas (``gmax`` (L, G)), where few of them can (``grammar.pruning``)."""
-        ref = sc.rowmax[sl] if sums else sc.amax[sl].max(axis=1).astype(np.float64)  # each row's best allowed logit
-        kept = pruning.probable_support(sup, self._layout.rank, s0, self._out_edges, ref,
-                                        gsum=sc.gsum[sl] if sums else None, asum=sc.asum[sl] if sums else None,
-                                        gmax=gmax)
-        return sup if kept is None else kept
+    def _step_support(self, sc: "_Scores", sl: slice, s0: int, partial: bool, prune: bool, *, sums: bool,
+                      gmax: np.ndarray | None = None) -> dp.Support:
+        """The cells a step's passes run over for the canvas of rows ``sl`` from ``s0``: with
+        ``prune`` those that can carry weight (``sums``: the step's sums, in range) or the
+        Viterbi canvas (``gmax`` (L, G)), where few of them can (``grammar.pruning``); else
+        the whole support."""
+        L = sl.stop - sl.start
+        to_finish = self._to_finish(partial) if prune else None
+        if to_finish is not None:
+            ref = sc.rowmax[sl] if sums else sc.amax[sl].max(axis=1).astype(np.float64)  # each row's best allowed logit
+            kept = pruning.probable_support(to_finish, L, s0, self._out_edges, ref,
+                                            gsum=sc.gsum[sl] if sums else None, asum=sc.asum[sl] if sums else None,
+                                            gmax=gmax)
+            if kept is not None:
+                return kept
+        return self._support(L, s0, partial)
+
+    def _to_finish(self, partial: bool) -> np.ndarray | None:
+        """``pruning.fewest_to_finish`` of the accepting states (cached)."""
+        if partial not in self._fewest_to_finish:
+            self._fewest_to_finish[partial] = pruning.fewest_to_finish(self._final(partial), self._in_edges,
+                                                                       self._out_edges)
+        return self._fewest_to_finish[partial]
 
     def allowed_tokens(self, state: int | None = None) -> np.ndarray:
         """(V,) bool: the tokens that may come next from ``state``, for token-by-token
