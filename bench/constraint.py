@@ -419,6 +419,9 @@ def step_row(g: Any, cfg: Config, forward_ms: float, forward: Callable[[], None]
         # marginals go into its self-conditioning buffer, reused every step (a fresh (L, V)
         # tensor costs its page faults: ~0.35 s at 262k right after a forward)
         "denoise_step": lambda: g.denoise_step(logits, generator=sampler, out=step_out),
+        # the same over the whole lattice: every op above runs over the cells pruning
+        # keeps (grammar/pruning.py), by default
+        "denoise_step_whole": lambda: g.denoise_step(logits, generator=sampler, out=step_out, prune=False),
         # once per canvas, not per step: the states on some valid canvas at each position,
         # which every step of that canvas reuses (a new canvas starts from a new state)
         "support": lambda: (g._support_cache.clear(), g._support(cfg.length, g.start_state, False)),
@@ -427,13 +430,17 @@ def step_row(g: Any, cfg: Config, forward_ms: float, forward: Callable[[], None]
     if on_gpu is not None:
         ops.update(cuda_ops(g, on_gpu, sampler))
     row: dict[str, Any] = {"forward_ms": forward_ms}
+    if not cfg.cuda_only:
+        from bench.pruning import kept_share  # (bench.pruning imports this module)
+
+        row["kept_share"] = kept_share(g, logits, g.start_state, False)
     for name, fn in ops.items():
         _time_into(row, name, fn, cfg)
     if on_gpu is not None:
         row.update(cuda_step_split(g, on_gpu, sampler, cfg.repeats))
     if cfg.cuda_only:  # no host ops, no CPU forward to compare with
         return row
-    for name in ("viterbi", "sample", "marginals", "denoise_step"):
+    for name in ("viterbi", "sample", "marginals", "denoise_step", "denoise_step_whole"):
         if f"{name}_ms" in row:
             row[f"{name}_pct"] = 100.0 * row[f"{name}_ms"] / forward_ms
         if forward is not None and cfg.after_forward_repeats:
@@ -742,7 +749,18 @@ def host_tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[
              "and once per canvas, the support (the live states at each position, which the canvas's steps share)",
              ["tokenizer", "tools", "viterbi reduce", "viterbi rest", "sample reduce", "sample rest",
               "marginals reduce", "marginals rest", "support (per canvas)"], split_rows)
+    prune_rows = [[s["tokenizer"], str(s["n_tools"]), f"{s['kept_share']:.2%}",
+                   f"{s['denoise_step_whole_ms']:.2f} ({s['denoise_step_whole_pct']:.1f}%)",
+                   f"{s['denoise_step_ms']:.2f} ({s['denoise_step_pct']:.1f}%)",
+                   f"{s['denoise_step_ms'] / s['denoise_step_whole_ms']:.2f}x"]
+                  for s in result["step"] if "denoise_step_whole_ms" in s]
     tables_ = [main]
+    if prune_rows:
+        tables_.append(("Pruning: every op above runs over the lattice cells that can carry weight or the Viterbi "
+                        "canvas (grammar/pruning.py), by default; the step over the whole lattice (prune=False) "
+                        "beside it (% of the forward); kept: the share of the support's cells the step runs on",
+                        ["tokenizer", "tools", "kept", "denoise_step whole ms", "denoise_step ms", "ratio"],
+                        prune_rows))
     af_rows = []
     for c in result["compile"]:
         s = step_of[(c["tokenizer"], c["n_tools"])]
