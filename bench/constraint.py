@@ -616,6 +616,16 @@ def outlines_rows(tok_name: str, tok: Any, tools: list[dict[str, Any]], disk_dir
 # ---- driver -----------------------------------------------------------------------------------
 
 
+def step_bench_options(ap: argparse.ArgumentParser, repeats: int, out: Path) -> None:
+    """The options the side-by-side step benches share (log_space.py, pruning.py)."""
+    ap.add_argument("--tokenizer", default="bpe-4k", choices=sorted(LOADERS))
+    ap.add_argument("--tools", type=int, nargs="+", default=[1, 5, 20])
+    ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=out)
+
+
 def machine() -> dict[str, Any]:
     import transformers
 

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from agentloop.grammar import compile_tools  # noqa: E402
 from agentloop.grammar.compiled import CompiledGrammar  # noqa: E402
-from bench.constraint import code_state, machine  # noqa: E402
+from bench.constraint import code_state, machine, step_bench_options  # noqa: E402
 from bench.tokenizers_offline import LOADERS, SCHEMAS  # noqa: E402
 
 #: The two logit scales: one within float64's range, one beyond it.
@@ -88,12 +88,7 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokenizer", default="bpe-4k", choices=sorted(LOADERS))
-    ap.add_argument("--tools", type=int, nargs="+", default=[1, 5, 20])
-    ap.add_argument("--length", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=REPO / "bench/results/log_space.md")
+    step_bench_options(ap, 5, REPO / "bench/results/log_space.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from agentloop.grammar import compile_tools  # noqa: E402
 from agentloop.grammar.compiled import CompiledGrammar  # noqa: E402
-from bench.constraint import code_state, machine  # noqa: E402
+from bench.constraint import code_state, machine, step_bench_options  # noqa: E402
 from bench.tokenizers_offline import LOADERS, SCHEMAS  # noqa: E402
 
 #: The call the "model" logits are sure of (the first tool of every set).
@@ -151,13 +151,8 @@ def markdown(rows: list[dict[str, Any]], demo: list[dict[str, Any]], command: st
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokenizer", default="bpe-4k", choices=sorted(LOADERS))
-    ap.add_argument("--tools", type=int, nargs="+", default=[1, 5, 20])
-    ap.add_argument("--length", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=1)
+    step_bench_options(ap, 7, REPO / "bench/results/pruning.md")
     ap.add_argument("--demo", action="store_true", help="also replay the demo model's steps")
-    ap.add_argument("--out", type=Path, default=REPO / "bench/results/pruning.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))

@@ -254,10 +254,10 @@ _scan_sums_x = _scan_kernel(True, True)  # marginals with entropies, denoise_ste
 @parallel_kernel(cache=True, nogil=True)
 def _max_atoms(x, atom_of, amax, aarg):  # pragma: no cover - compiled
     """Each atom's best logit and its lowest token, in one pass over each row in token
-    order (Viterbi needs no sums; from 8k tokens the rows stream in faster so than
-    gathered into atom order: 4.4 vs 7.0 ms at 30k, 1 tool. Below, the scan's gather
-    and key maxima win, more so with many atoms, whose updates here mispredict: BPE 4k,
-    0.70 vs 0.81 ms at 1 tool, 1.13 vs 2.13 at 20).
+    order, for vocabularies from 8k tokens (Viterbi needs no sums, and rows read in
+    token order stream in faster than gathered into atom order: 4.4 vs 7.0 ms at 30k, 1
+    tool; below, the scan's gather and key maxima win, more so with many atoms, whose
+    updates here mispredict: BPE 4k, 0.70 vs 0.81 ms at 1 tool, 1.13 vs 2.13 at 20).
     The update is rare after the first tokens, so its branch is predicted; a nan never
     compares greater, so it is never an atom's best."""
     N, V = x.shape

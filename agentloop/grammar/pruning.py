@@ -16,8 +16,8 @@ kept cells only) reaches a cut. A canvas left out passes a first cell left out, 
 prefix mass bounds every canvas through it, so the canvases left out weigh less than
 (cells) x (cut) together. The cut is ``m * 2**-56 / cells``, where ``m`` is the mass of
 some valid canvases and ``cells`` (L + 1) x S, the lattice's count: the canvases left
-out weigh less than 2**-56 of the total. Samples, entropies and marginals over the kept cells are
-within 2**-56 of the total weight of their values over all (below float64's
+out weigh less than 2**-56 of the total. Samples, entropies and marginals over the kept
+cells are within 2**-56 of the total weight of their values over all (below float64's
 resolution), except that a token whose whole probability is that small may get a
 log-marginal of -inf.
 
