@@ -58,13 +58,13 @@ MAX_KEPT_SHARE = 0.25
 @nb.njit(cache=True, nogil=True)
 def greedy_bounds(gsum, gmax, ref, log_norm, to_finish, start, out_offsets, out_dst, out_group,
                   by_max):  # pragma: no cover - compiled
-    """Two lower bounds from a greedy walk over the support: at each position the edge
-    into a state that can still finish the canvas (``to_finish``: see ``fewest_to_finish``)
-    of the heaviest group (``gsum`` (L, G)), or with ``by_max`` of the
-    group with the best token (``gmax`` (L, G) logits; ``gsum`` may then be (L, 0), and
-    the mass comes out -inf). -> (log of the mass of the canvases along it, log of the
-    probability of the best of them); a token's probability is exp(x - ref) / norm at
-    each position. Both -inf where the walk finds no edge."""
+    """Two lower bounds from a greedy walk: at each position the edge of the heaviest
+    group (``gsum`` (L, G)), or with ``by_max`` of the group with the best token (``gmax``
+    (L, G) logits; ``gsum`` may then be (L, 0), and the mass comes out -inf), into a state
+    that can still finish the canvas (``to_finish``: see ``fewest_to_finish``). -> (log of
+    the mass of the canvases along it, log of the probability of the best of them, -inf
+    without ``by_max``); a token's probability is exp(x - ref) / norm at each position.
+    Both -inf where the walk finds no edge."""
     L = gmax.shape[0] if by_max else gsum.shape[0]
     sums = gsum.shape[1] > 0
     s = start
