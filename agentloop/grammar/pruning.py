@@ -271,6 +271,12 @@ def fewest_to_finish(final: np.ndarray, in_edges: tuple[np.ndarray, np.ndarray, 
     return fewest if longer else None
 
 
+def _below_rounding(log_p: float) -> float:
+    """A canvas's log-probability lowered by more than the rounding in its sums, so that
+    the canvas's own cells pass a test against it."""
+    return log_p - 1e-6 * (1.0 + abs(log_p))
+
+
 def probable_support(to_finish: np.ndarray, L: int, start: int, out_edges: tuple[np.ndarray, np.ndarray, np.ndarray],
                      ref: np.ndarray, gsum: np.ndarray | None = None, asum: np.ndarray | None = None,
                      gmax: np.ndarray | None = None) -> Support | None:
@@ -303,15 +309,14 @@ def probable_support(to_finish: np.ndarray, L: int, start: int, out_edges: tuple
     sweep = _KEPT_CELLS[want_sum, want_max]
     args = (gsum_, gmax_, ref, log_norm, to_finish, start, *out_edges, log_cut)
     max_cells = int(MAX_KEPT_SHARE * cells)
-    # (with room for rounding in the best canvas's sums)
-    offsets, states, ok, _ = sweep(*args, log_v - 1e-6 * (1.0 + abs(log_v)), max_cells)
+    offsets, states, ok, _ = sweep(*args, _below_rounding(log_v), max_cells)
     if not ok and want_sum and want_max:
         # a greedy walk's best canvas can lie far below the best (one that turns into a
         # string early, say), and too many cells could beat it: the best canvas among the
         # cells that carry the weight may bound it better
         offsets, states, ok, best = sweep(*args, np.inf, max_cells)
         if ok and best > log_v:
-            offsets, states, ok, _ = sweep(*args, best - 1e-6 * (1.0 + abs(best)), max_cells)
+            offsets, states, ok, _ = sweep(*args, _below_rounding(best), max_cells)
         else:
             ok = False
     if not ok:
