@@ -1715,10 +1715,19 @@ def _sample_tokens(logits, amax, aarg, block_sums, atoms, perm, lo, hi, blocks, 
         if chosen < 0:
             continue
         tokens = run[chosen * _BLOCK:(chosen + 1) * _BLOCK]
+        # the block's weights first, in loops that vectorise (the walk below stops
+        # early, and an exp in it is taken one at a time: BPE 4k, 1 tool, 256
+        # positions 0.117 -> 0.086 ms)
+        x = np.empty(tokens.shape[0], np.float32)
+        for j in range(tokens.shape[0]):
+            x[j] = row[np.uint32(tokens[j])]
+        ws = np.empty(tokens.shape[0], np.float32)
+        for j in range(tokens.shape[0]):
+            ws[j] = exp_nonpositive(x[j] - b)
         for j in range(tokens.shape[0]):
             if tokens[j] == best:
                 continue
-            w = exp_nonpositive(row[tokens[j]] - b)
+            w = ws[j]
             if w > 0.0:
                 out[l] = tokens[j]
                 acc += w
