@@ -172,6 +172,9 @@ def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std:
                 "sample": synced(lambda: g.sample(logits, torch.Generator().manual_seed(seed))),
                 "marginals": synced(lambda: g.marginals(logits, return_entropy=True)),
                 "denoise_step": synced(lambda: g.denoise_step(logits, torch.Generator().manual_seed(seed), **out)),
+                # the same over the whole lattice (grammar/pruning.py keeps a few cells by default)
+                "denoise_step_whole": synced(lambda: g.denoise_step(logits, torch.Generator().manual_seed(seed),
+                                                                    prune=False, **out)),
                 # once per canvas: the live states at each position (a new canvas, a new start state)
                 "support": lambda: (g._support_cache.clear(), g._support(L, g.start_state, False))}
 
@@ -187,7 +190,9 @@ def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std:
     assert torch.equal(finite | tiny, torch.isfinite(c_m) | tiny), "the marginals' supports differ"
     assert torch.allclose(torch.exp(b_m[finite]), torch.exp(c_m[finite]), atol=1e-6), "the marginals differ"
     rows = []
-    for op in ("viterbi", "sample", "marginals", "denoise_step", "support"):
+    whole = ("denoise_step_whole",) if all("prune" in inspect.signature(g.denoise_step).parameters
+                                             for g in grammars.values()) else ()
+    for op in ("viterbi", "sample", "marginals", "denoise_step", *whole, "support"):
         times = timed_pair({k: ops_of(g)[op] for k, g in grammars.items()}, repeats, before)
         base, cur = (statistics.median(times[k]) * 1e3 for k in ("baseline", "current"))
         rows.append({"tokenizer": tok_name, "tools": n_tools, "op": op, "baseline_ms": base, "current_ms": cur,

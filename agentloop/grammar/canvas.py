@@ -405,7 +405,10 @@ def _max_into(out, x):  # pragma: no cover - compiled
 def _group_kernel(want_max: bool):  # type: ignore[no-untyped-def]
     """The reduction of per-atom values (L, K) over each group's atoms -> (L, G) float64:
     their sum, or with ``want_max`` their max (a compile-time flag, as for the scan),
-    along a ``GroupPlan``."""
+    along a ``GroupPlan``. The result is the transpose of the (G, L) array the reduction
+    fills (Fortran order), not a copy in C order: the copy took more than the sums (BPE
+    4k, 20 tools: 0.64 vs 0.24 ms), and the passes read a step's group values at a few
+    cells each, so their order costs them nothing measurable (the step 7.6 -> 7.0 ms)."""
 
     @nb.njit(cache=True, nogil=True)
     def reduce(values, order, base, extra_offsets, extra):  # pragma: no cover - compiled
@@ -424,7 +427,7 @@ def _group_kernel(want_max: bool):  # type: ignore[no-untyped-def]
                     _max_into(row, by_atom[extra[i]])
                 else:
                     _add_into(row, by_atom[extra[i]])
-        return np.ascontiguousarray(by_group.T)
+        return by_group.T
 
     return reduce
 
@@ -434,14 +437,14 @@ _group_max_kernel = _group_kernel(True)
 
 
 def group_sums(asum: np.ndarray, plan: GroupPlan) -> np.ndarray:
-    """gsum (L, G): the sum of asum (L, K) over each group's atoms."""
+    """gsum (L, G), in Fortran order: the sum of asum (L, K) over each group's atoms."""
     return _group_sums_kernel(asum, *plan)
 
 
 def group_max(amax: np.ndarray, plan: GroupPlan) -> np.ndarray:
-    """gmax (L, G): the best logit of each group's atoms (amax (L, K) float32); which token
-    reaches it is looked up only where the Viterbi canvas takes the group
-    (``group_best_tokens``)."""
+    """gmax (L, G), in Fortran order: the best logit of each group's atoms (amax (L, K)
+    float32); which token reaches it is looked up only where the Viterbi canvas takes the
+    group (``group_best_tokens``)."""
     return _group_max_kernel(amax, *plan)
 
 
