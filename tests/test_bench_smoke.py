@@ -70,7 +70,8 @@ def test_constraint_ab_runs_both_versions_side_by_side(tmp_path):
                         "--repeats", "2", "--out", str(out)], capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith("| bpe-4k | 1 |")]
-    assert [row.split("|")[3].strip() for row in rows] == ["viterbi", "sample", "marginals", "denoise_step", "support"]
+    assert [row.split("|")[3].strip() for row in rows] == ["viterbi", "sample", "marginals", "denoise_step",
+                                                           "denoise_step_whole", "support"]
     assert all(float(row.split("|")[6]) > 0 for row in rows)
 
 
