@@ -407,8 +407,10 @@ def _group_kernel(want_max: bool):  # type: ignore[no-untyped-def]
     their sum, or with ``want_max`` their max (a compile-time flag, as for the scan),
     along a ``GroupPlan``. The result is the transpose of the (G, L) array the reduction
     fills (Fortran order), not a copy in C order: the copy took more than the sums (BPE
-    4k, 20 tools: 0.64 vs 0.24 ms), and the passes read a step's group values at a few
-    cells each, so their order costs them nothing measurable (the step 7.6 -> 7.0 ms)."""
+    4k, 20 tools: 0.64 vs 0.24 ms), and the pruned passes read a step's group values at
+    a few cells each (the step 0.90x at 20 tools, 0.96x at 1; the whole lattice's passes,
+    which read every group at every position, 1.02x; bench/results/
+    constraint_ab_group_values_*.md)."""
 
     @nb.njit(cache=True, nogil=True)
     def reduce(values, order, base, extra_offsets, extra):  # pragma: no cover - compiled
