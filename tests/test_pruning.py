@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_grammar_soundness import compile_or_reject, schemas  # (tests/ is on the path, as for conftest)
 
+from agentloop.errors import NoValidCanvasError
 from agentloop.grammar import canvas as dp
 from agentloop.grammar import compile_tools, pruning
 
@@ -200,12 +201,10 @@ _REGIMES = ["noise", "lead", "masked", "flat"]
 def _pruned_equals_whole(g, seed: int, regime: str, scale: float, lead: float, n: int, mid: float,
                          partial: bool) -> None:
     """Logits of one regime, from the start or from a state part way through a sampled
-    canvas; every op pruned against the whole lattice: the same Viterbi canvas (or the
-    same error), log-marginals within 2e-5 (float32's rounding at -35 is 4e-6) wherever
+    canvas; Viterbi and the step (its argmax, sample, marginals and entropies) pruned
+    against the whole lattice: the same Viterbi canvas (or the same error), log-marginals within 2e-5 (float32's rounding at -35 is 4e-6) wherever
     the whole gives a token more than e**-35, a token left out (-inf) only below 2**-56,
     entropies within 1e-6."""
-    from agentloop.errors import NoValidCanvasError
-
     V = g.vocab.size
     gen = torch.Generator().manual_seed(seed)
     x = torch.zeros(n, V) if regime == "flat" else torch.randn(n, V, generator=gen) * scale
