@@ -30,7 +30,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import numba  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from agentloop.grammar import compile_tools  # noqa: E402

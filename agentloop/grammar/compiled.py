@@ -433,7 +433,6 @@ class CompiledGrammar:
         """
         xs, batched = self._prepare(logits)
         B, L, V = xs.shape
-        ta = self.automaton
         sc = self._scores(xs, want_sum=False, want_x=False)
         gmax = dp.group_max(sc.amax, self._group_plan)
         out = []
@@ -560,7 +559,6 @@ class CompiledGrammar:
         """One pass over the logits (B * L rows): atom statistics on the host, from the
         compiled scan or, for logits on a device, from ``device_passes``."""
         B, L, V = xs.shape
-        ta = self.automaton
         flat = xs.reshape(B * L, V)
         block_sums = np.zeros((0, 0), np.float32)
         if isinstance(xs, torch.Tensor):
@@ -852,7 +850,7 @@ class CompiledGrammar:
         to_finish = self._to_finish(partial) if prune else None
         if to_finish is not None:
             ref = sc.rowmax[sl] if sums else sc.amax[sl].max(axis=1).astype(np.float64)  # each row's best allowed logit
-            kept = pruning.probable_support(to_finish, L, s0, self._out_edges, ref,
+            kept = pruning.probable_support(to_finish, s0, self._out_edges, ref,
                                             gsum=sc.gsum[sl] if sums else None, asum=sc.asum[sl] if sums else None,
                                             gmax=gmax)
             if kept is not None:

@@ -277,12 +277,12 @@ def _below_rounding(log_p: float) -> float:
     return log_p - 1e-6 * (1.0 + abs(log_p))
 
 
-def probable_support(to_finish: np.ndarray, L: int, start: int, out_edges: tuple[np.ndarray, np.ndarray, np.ndarray],
+def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndarray, np.ndarray, np.ndarray],
                      ref: np.ndarray, gsum: np.ndarray | None = None, asum: np.ndarray | None = None,
                      gmax: np.ndarray | None = None) -> Support | None:
-    """The cells of a canvas of L positions from ``start`` that can carry weight (with
-    ``gsum`` and ``asum``) and the Viterbi canvas (with ``gmax``), see the module's
-    docstring, as a support of lists; None where too few can be left out.
+    """The cells of a canvas from ``start`` that can carry weight (with ``gsum`` and
+    ``asum``) and the Viterbi canvas (with ``gmax``), see the module's docstring, as a
+    support of lists; None where too few can be left out.
 
     ``to_finish`` is ``fewest_to_finish``'s, ``out_edges`` is (offsets, destination,
     group) of each state's edges. ``ref`` (L,) is each position's best allowed logit,
@@ -291,6 +291,7 @@ def probable_support(to_finish: np.ndarray, L: int, start: int, out_edges: tuple
     groups' best logits.
     """
     want_sum, want_max = gsum is not None, gmax is not None
+    L = ref.shape[0]
     norm = asum.sum(axis=1) if asum is not None else np.ones(L)  # (L,)
     if not (to_finish[start] <= L and np.isfinite(ref).all() and (norm > 0.0).all() and np.isfinite(norm).all()):
         return None
