@@ -155,6 +155,31 @@ def test_constrained_calls_always_valid(engine64: DiffusionEngine, names: list[s
         assert g.state_after([t for c in out.canvases for t in c]) >= 0
 
 
+def test_pruning_is_tried_less_often_while_it_gives_up(engine64: DiffusionEngine, monkeypatch) -> None:
+    """A random model's logits are flat: pruning gives up at every step that tries it, and
+    the engine then skips trying on the next 1, 2, 4, ... steps (``PruningSchedule``);
+    the calls stay valid."""
+    from agentloop.grammar import CompiledGrammar
+
+    steps: list[tuple[bool, bool]] = []  # (tried, pruned) per step
+    step = CompiledGrammar.denoise_step
+
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = step(self, *args, **kwargs)
+        steps.append((kwargs["prune"], out.pruned))
+        return out
+
+    monkeypatch.setattr(CompiledGrammar, "denoise_step", spy)
+    tools = TOOLS[:5]
+    g = compile_tools(tools, engine64.tokenizer, "gemma4", allow_text=False)
+    out = engine64.generate_sync(engine64.session(PROMPT), g, options=GenerationOptions(seed=0, max_new_tokens=64))
+    assert g.accepts(out.tokens + [out.stop_token]) if out.finished else g.state_after(out.tokens) >= 0
+    assert len(steps) == 48
+    tried = [i for i, (t, _) in enumerate(steps) if t]
+    assert all(not pruned for _, pruned in steps)  # it gave up each time it tried
+    assert tried == [0, 2, 5, 10, 19, 36]  # pauses of 1, 2, 4, 8, 16 steps
+
+
 def test_constrained_defaults_and_text_branch(engine: DiffusionEngine) -> None:
     """Default sampler settings (48 steps, adaptive stop) on a tools grammar that allows text."""
     tools = [t for t in TOOLS if t["name"] in ("get_time", "calculator")]

@@ -50,7 +50,7 @@ def _kept(g, x: torch.Tensor, sums: bool = True, viterbi: bool = True, partial: 
     xs = x[None].numpy()
     sc = g._scores(xs, want_sum=sums, want_x=False)
     gmax = dp.group_max(sc.amax, g._group_plan) if viterbi else None
-    return g._step_support(sc, slice(0, L), g.start_state, partial, True, sums=sums, gmax=gmax)
+    return g._step_support(sc, slice(0, L), g.start_state, partial, True, sums=sums, gmax=gmax)[0]
 
 
 def _log_mass(g, sup: dp.Support, x: torch.Tensor) -> float:
@@ -76,6 +76,7 @@ def test_the_pruned_step_gives_what_the_whole_lattice_gives(btok, tools3, logits
     for state, partial in ((None, False), (mid, True)):
         whole = g.denoise_step(x, torch.Generator().manual_seed(0), state=state, partial=partial, prune=False)
         kept = g.denoise_step(x, torch.Generator().manual_seed(0), state=state, partial=partial)
+        assert whole.pruned == [False, False] and kept.pruned == [state is None] * 2  # (inside the call it gives up)
         assert kept.argmax == whole.argmax and kept.sample == whole.sample
         likely = whole.log_marginals > -30
         assert torch.isfinite(kept.log_marginals[likely]).all()
@@ -87,7 +88,7 @@ def test_the_pruned_step_gives_what_the_whole_lattice_gives(btok, tools3, logits
         torch.testing.assert_close(g.marginals(x, state=state, partial=partial)[likely], whole.log_marginals[likely],
                                    rtol=1e-5, atol=1e-5)
     share = _kept(g, x[0]).offsets[-1] / g._support(L, g.start_state, False).offsets[-1]
-    assert share < pruning.MAX_KEPT_SHARE  # (it left cells out)
+    assert share < 0.5  # (it left most cells out)
 
 
 def test_the_cells_left_out_weigh_nothing_a_float64_shows(btok, tools3):
@@ -162,6 +163,7 @@ def test_pruning_gives_up_where_the_weight_spreads(btok, tools3, monkeypatch):
     g = tools3
     whole = g._support(L, g.start_state, False)
     assert _kept(g, torch.zeros(L, g.vocab.size)) is whole
+    assert g.denoise_step(torch.zeros(L, g.vocab.size)).pruned is False
     x = torch.randn(L, g.vocab.size, generator=torch.Generator().manual_seed(2))
     assert _kept(g, x) is not whole
     monkeypatch.setattr(pruning, "MAX_KEPT_SHARE", 0.0)
@@ -181,6 +183,18 @@ def test_a_pruned_canvas_redone_in_log_space_gives_the_whole_lattice_s(btok, too
     likely = whole.log_marginals > -30
     torch.testing.assert_close(kept.log_marginals[likely], whole.log_marginals[likely], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kept.entropy, whole.entropy, rtol=1e-9, atol=1e-12)
+
+
+def test_the_schedule_pauses_longer_after_each_give_up_and_starts_over_after_a_pruned_step():
+    schedule = pruning.PruningSchedule(longest_pause=4)
+    outcomes = iter([False, False, False, False, True, False])
+    tried = []
+    for i in range(20):
+        if schedule.try_now():
+            tried.append(i)
+            schedule.record(pruned=next(outcomes, True))
+    # gave up at 0, 2, 5, 10 (pauses 1, 2, 4, 4), pruned at 15, gave up at 16 (pause 1 again)
+    assert tried == [0, 2, 5, 10, 15, 16, 18, 19]
 
 
 def test_radix_sort_of_states():

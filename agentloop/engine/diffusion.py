@@ -30,6 +30,7 @@ import torch
 
 from ..errors import ContextLengthError, EngineInputError, GrammarMismatchError, NoValidCanvasError
 from ..grammar import CompiledGrammar
+from ..grammar.pruning import PruningSchedule
 from ..grammar.vocabulary import backend_tokenizer, encode_text
 from .generation import CallCost, Draft, Generation, GenerationOptions
 from .models import diffusion_gemma_config, load_model, random_model
@@ -373,6 +374,7 @@ class DiffusionEngine:
         argmax = canvas
         self_cond: torch.Tensor | None = None
         stopper = StableAndConfident(opts.stability_threshold, opts.confidence_threshold)
+        pruning = PruningSchedule()  # (per canvas: its steps' logits look alike)
         steps = 0
         for cur_step in reversed(range(1, N + 1)):  # counts the steps remaining, as the library's schedule does
             if check_cancelled is not None:
@@ -390,8 +392,11 @@ class DiffusionEngine:
                     logits.div_(temperature)
                 with clock("constraint"):
                     # the DP over the free part of the canvas, from the state after the forced text
+                    prune = pruning.try_now()
                     step = g.denoise_step(logits[0, k:], gen_cpu, state=q_k, partial=partial_ok,
-                                          out=cond[0, k:] if in_place else None)
+                                          out=cond[0, k:] if in_place else None, prune=prune)
+                    if prune:
+                        pruning.record(step.pruned)
                     if not in_place:
                         cond[0, k:] = step.log_marginals.to(self.device)
                     sample = torch.tensor(prefix + step.sample, device=self.device)[None]  # (1, L)

@@ -49,6 +49,9 @@ class StepOutput:
     sample: Any  #: exact constrained sample, same shape as ``argmax``
     log_marginals: torch.Tensor  #: (L, V) or (B, L, V) float32 constrained log-probs
     entropy: torch.Tensor  #: (L,) or (B, L) float64 entropy of each position's marginal (nats)
+    #: whether the passes ran on the pruned lattice (bool, or a list when batched); False
+    #: where ``prune=False`` or where pruning gave up and they ran on the whole support
+    pruned: Any = False
 
 
 @dataclass(frozen=True)
@@ -438,7 +441,7 @@ class CompiledGrammar:
         out = []
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
-            sup = self._step_support(sc, sl, s0, partial, prune, sums=False, gmax=gmax[sl])
+            sup, _ = self._step_support(sc, sl, s0, partial, prune, sums=False, gmax=gmax[sl])
             path = self._canvas_passes(sup, s0, partial, gmax=gmax[sl], best=(sc.amax[sl], sc.aarg[sl])).path
             assert path is not None
             out.append(path)
@@ -718,7 +721,7 @@ class CompiledGrammar:
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             in_range = sc.sums_in_range(sl)
-            sup = self._step_support(sc, sl, s0, partial, prune and in_range, sums=True)
+            sup, _ = self._step_support(sc, sl, s0, partial, prune and in_range, sums=True)
             passes = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl]) if in_range else _OUT_OF_RANGE
             out.append(self._sample_one(sc, sl, sup, passes, s0, uniforms[b]))
         return out if batched else out[0]
@@ -751,7 +754,7 @@ class CompiledGrammar:
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             in_range = sc.sums_in_range(sl)
-            sup = self._step_support(sc, sl, s0, partial, prune and in_range, sums=True)
+            sup, _ = self._step_support(sc, sl, s0, partial, prune and in_range, sums=True)
             passes = (self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True)
                       if in_range else _OUT_OF_RANGE)
             if passes.in_range:
@@ -785,7 +788,11 @@ class CompiledGrammar:
         weight together (see ``grammar.pruning``), nearly all of them: the Viterbi canvas is
         the same, samples, entropies and marginals are within 2**-56 of the total weight
         of their values over all canvases (a token whose probability is below that may get
-        a log-marginal of -inf). ``prune=False`` runs the whole lattice.
+        a log-marginal of -inf). ``prune=False`` runs the whole lattice. ``pruned`` in the
+        output says where the passes ran on the pruned lattice and where pruning gave up
+        (too many cells carry weight: flat logits) and they ran on the whole support; a
+        loop of steps can skip trying for a while after that (``pruning.PruningSchedule``,
+        as the engine does).
         """
         xs, batched = self._prepare(logits)
         B, L, V = xs.shape
@@ -799,10 +806,12 @@ class CompiledGrammar:
         in_log_space: dict[int, np.ndarray] = {}
         best: list[list[int]] = []
         samples: list[list[int]] = []
+        pruned: list[bool] = []
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             in_range = sc.sums_in_range(sl)
-            sup = self._step_support(sc, sl, s0, partial, prune and in_range, sums=True, gmax=gmax[sl])
+            sup, kept = self._step_support(sc, sl, s0, partial, prune and in_range, sums=True, gmax=gmax[sl])
+            pruned.append(kept)
             top = (sc.amax[sl], sc.aarg[sl])
             passes = (self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True, gmax=gmax[sl], best=top)
                       if in_range else _OUT_OF_RANGE)
@@ -822,8 +831,8 @@ class CompiledGrammar:
         logp = self._log_marginals(sc, log_f, B, out)
         H = self._entropies(sc, F, log_f, B, in_log_space)
         if batched:
-            return StepOutput(best, samples, logp, H)
-        return StepOutput(best[0], samples[0], logp[0], H[0])
+            return StepOutput(best, samples, logp, H, pruned)
+        return StepOutput(best[0], samples[0], logp[0], H[0], pruned[0])
 
     def _support(self, length: int, state: int, partial: bool) -> dp.Support:
         """The live states per position (lists and the passes' masks) for canvases of
@@ -841,11 +850,11 @@ class CompiledGrammar:
         return hit
 
     def _step_support(self, sc: "_Scores", sl: slice, s0: int, partial: bool, prune: bool, *, sums: bool,
-                      gmax: np.ndarray | None = None) -> dp.Support:
-        """The cells a step's passes run over for the canvas of rows ``sl`` from ``s0``: with
-        ``prune`` those that can carry weight (``sums``: the step's sums, in range) or the
-        Viterbi canvas (``gmax`` (L, G)), where few of them can (``grammar.pruning``); else
-        the whole support."""
+                      gmax: np.ndarray | None = None) -> tuple[dp.Support, bool]:
+        """The cells a step's passes run over for the canvas of rows ``sl`` from ``s0``, and
+        whether they were pruned: with ``prune`` those that can carry weight (``sums``: the
+        step's sums, in range) or the Viterbi canvas (``gmax`` (L, G)), where few of them
+        can (``grammar.pruning``); else the whole support."""
         L = sl.stop - sl.start
         to_finish = self._to_finish(partial) if prune else None
         if to_finish is not None:
@@ -854,8 +863,8 @@ class CompiledGrammar:
                                             gsum=sc.gsum[sl] if sums else None, asum=sc.asum[sl] if sums else None,
                                             gmax=gmax)
             if kept is not None:
-                return kept
-        return self._support(L, s0, partial)
+                return kept, True
+        return self._support(L, s0, partial), False
 
     def _to_finish(self, partial: bool) -> np.ndarray | None:
         """``pruning.fewest_to_finish`` of the accepting states (cached)."""
