@@ -4,13 +4,15 @@ side in one process, calls alternating (these machines are noisy: quote the rati
 ``bench/constraint_ab.py`` times the constraint on random logits; this times it where it
 runs, inside ``DiffusionEngine.generate`` on a random DiffusionGemma: canvases that a call
 continues into (``partial``), logits a model wrote, self-conditioning between steps. Both
-versions build the same random model (same seed) and decode the same calls (5 tools of
-``agentloop/data/tool_schemas.json``, calls only, default sampler settings); per call it
+versions build the same random model (same seed) and decode the same calls (the first 5
+tools of ``agentloop/data/tool_schemas.json`` or ``--tools N``, calls only, default sampler
+settings; ``--allow-text`` lets a canvas answer in text, as an agent's grammar does); per call it
 reports the constraint's time per denoising step, the decoder's, and whether both
 versions emitted the same tokens.
 
     python bench/engine_ab.py --baseline HEAD~1                   # the tiny config (byte tokenizer)
     python bench/engine_ab.py --baseline HEAD~1 --configs tiny,40m --seeds 3
+    python bench/engine_ab.py --baseline HEAD~1 --tools 20 --steps 16
 
 Writes ``bench/results/engine_ab.md`` (``--out`` to change).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import statistics
 import sys
 import tempfile
@@ -36,17 +39,20 @@ import torch  # noqa: E402
 import agentloop  # noqa: E402
 from bench.constraint import machine  # noqa: E402
 from bench.constraint_ab import BASELINE_PACKAGE, export_baseline, revisions  # noqa: E402
-from bench.engine import MODEL, SYSTEM, TOOLS, USER  # noqa: E402
+from bench.engine import MODEL, SYSTEM, USER  # noqa: E402
 from bench.tokenizers_offline import bpe_4k  # noqa: E402
 
 
-def build(package: Any, config: str) -> tuple[Any, Any, list[int]]:
+ALL_TOOLS = json.loads((REPO / "agentloop" / "data" / "tool_schemas.json").read_text("utf-8"))
+
+
+def build(package: Any, config: str, tools: int, allow_text: bool) -> tuple[Any, Any, list[int]]:
     """(engine, grammar, prompt) of one version of the package."""
     engine_mod = importlib.import_module(f"{package.__name__}.engine")
     grammar_mod = importlib.import_module(f"{package.__name__}.grammar")
     tokenizer = grammar_mod.byte_tokenizer() if config == "tiny" else bpe_4k()[0]
     engine = engine_mod.DiffusionEngine.random(tokenizer, preset=config, canvas_length=256)
-    grammar = grammar_mod.compile_tools(TOOLS, engine.tokenizer, "gemma4", allow_text=False)
+    grammar = grammar_mod.compile_tools(ALL_TOOLS[:tools], engine.tokenizer, "gemma4", allow_text=allow_text)
     return engine, grammar, engine.encode(SYSTEM + USER + MODEL)
 
 
@@ -68,6 +74,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--baseline", required=True, help="git revision (or exported folder) to compare against")
     ap.add_argument("--configs", default="tiny", help="comma-separated: tiny (byte tokenizer), 40m (BPE 4k)")
+    ap.add_argument("--tools", type=int, default=5, help="the first N tools of agentloop/data/tool_schemas.json")
+    ap.add_argument("--allow-text", action="store_true", help="the grammar allows a text answer (as an agent's does)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=48, help="max denoising steps per canvas")
     ap.add_argument("--threads", type=int, default=1, help="torch and numba threads")
@@ -81,7 +89,8 @@ def main() -> None:
         baseline = importlib.import_module(BASELINE_PACKAGE)
         rows = []
         for config in a.configs.split(","):
-            built = {"baseline": build(baseline, config), "current": build(agentloop, config)}
+            built = {name: build(package, config, a.tools, a.allow_text)
+                     for name, package in (("baseline", baseline), ("current", agentloop))}
             call(baseline, built["baseline"], 999, 2)  # warm: numba kernels, caches
             call(agentloop, built["current"], 999, 2)
             for seed in range(a.seeds):
@@ -95,7 +104,8 @@ def main() -> None:
              f"Machine: {machine()['platform']}, {machine()['cpu_count']} CPUs, {a.threads} torch/numba thread(s)  ",
              f"Current: agentloop at {head}{' + uncommitted changes' if dirty else ''}; baseline: {base_rev}", "",
              "Both versions in one process, calls alternating; a random DiffusionGemma (same seed for both), "
-             "256-token canvas, 5 tools (calls only), default sampler settings but at most "
+             f"256-token canvas, {a.tools} tools ({'calls or a text' if a.allow_text else 'calls only'}), "
+             "default sampler settings but at most "
              f"{a.steps} steps per canvas. Per call: milliseconds per denoising step.", "",
              "| config | seed | steps | baseline constraint | current constraint | ratio | decoder (current) "
              "| same tokens | valid |", "|---|---|---|---|---|---|---|---|---|"]

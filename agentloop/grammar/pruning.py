@@ -31,12 +31,16 @@ well as ``v``), so the Viterbi canvas over the kept cells is the best of all.
 ``m`` and ``v`` come from greedy walks from the start: at each position the edge of the
 heaviest group, or of the group with the best token, into a state that can still finish
 the canvas in the tokens left; ``m`` counts every token of each group, ``v`` the best
-one. Where that ``v`` lets too many cells through, the best canvas on the cells the first
-test keeps is tried instead. Neither walk nor sweep needs the canvas's ``Support``: the
-sweep follows the start state forward, and whether a state can still finish follows
-from the fewest tokens it needs (``fewest_to_finish``). The sweep gives up, and the
-passes run on the whole support, where the kept cells would pass a quarter of the
-lattice's or the cut falls out of float64's range.
+one. A step that wants both sweeps first with the first test alone, and meanwhile takes
+the best canvas on the cells it keeps and the best bound of the second test on a cell it
+leaves out: where the bound falls below that canvas (or ``v``), the Viterbi canvas lies
+on the kept cells already and one sweep is enough (usually); else a second sweep runs
+both tests, the second against the better of the two canvases. Neither walk nor sweep
+needs the canvas's ``Support``: the sweep follows the start state forward, and whether
+a state can still finish follows from the fewest tokens it needs
+(``fewest_to_finish``). The sweep gives up, and the passes run on the whole support,
+where the kept cells would pass a tenth of the lattice's or the cut falls out of
+float64's range.
 """
 
 from __future__ import annotations
@@ -118,12 +122,14 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyp
     @nb.njit(cache=True, nogil=True)
     def kept_cells(gsum, gmax, ref, log_norm, to_finish, start, out_offsets, out_dst, out_group, log_cut, log_best,
                    max_cells):  # pragma: no cover - compiled
-        """(offsets (L + 2,), states (sorted at each position), ok, best): ok is False where
-        it gives up; best is the log-probability of the best canvas on the kept cells
-        (with ``want_max``). With ``want_sum`` a cell stays where its prefix mass reaches
-        ``log_cut``; with ``want_max`` also where its best prefix followed by the best
-        token at every position after it reaches ``log_best`` (probabilities as in
-        ``greedy_bounds``)."""
+        """(offsets (L + 2,), states (sorted at each position), ok, best, dropped): ok is
+        False where it gives up; best is the log-probability of the best canvas on the
+        kept cells (with ``want_max``). With ``want_sum`` a cell stays where its prefix
+        mass reaches ``log_cut``; with ``want_max`` also where its best prefix followed by
+        the best token at every position after it reaches ``log_best`` (probabilities as
+        in ``greedy_bounds``), and ``dropped`` is the most that bound reaches on a cell
+        left out that could still finish (-inf where none): a canvas of probability above
+        it lies on the kept cells alone."""
         L = log_norm.shape[0]
         S = to_finish.shape[0]
         offsets = np.zeros(L + 2, np.int64)
@@ -151,6 +157,7 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyp
         offsets[1] = 1
         n = 1
         log_scale = 0.0
+        dropped = -np.inf
         for l in range(L):
             nt = 0
             inv = math.exp(-log_norm[l])
@@ -172,7 +179,7 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyp
                     nt += 1 - is_touched[d]
                     is_touched[d] = 1
             if n + nt > max_cells:
-                return offsets, states, False, -np.inf
+                return offsets, states, False, -np.inf, np.inf
             cut = np.inf
             tot = 1.0
             if want_sum:
@@ -182,14 +189,14 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyp
                 for k in range(nt):
                     tot += nxt[touched[k]]
                 if not tot > 0.0:
-                    return offsets, states, False, -np.inf
+                    return offsets, states, False, -np.inf, np.inf
                 log_scale += math.log(tot)
                 # a cell's alpha is nxt / tot * exp(log_scale); below ~1e-300 of the row a
                 # value may have lost weight to float64's range, so a cut there cannot be
                 # told apart from it
                 rel = log_cut - log_scale
                 if rel < -690.0:
-                    return offsets, states, False, -np.inf
+                    return offsets, states, False, -np.inf, np.inf
                 cut = math.exp(rel) * tot if rel < 700.0 else np.inf
             v_cut = log_best - best_after[l + 1]
             if n + nt > cap:
@@ -207,18 +214,22 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyp
                 nxt[d] = 0.0
                 vnxt[d] = -np.inf
                 is_touched[d] = 0
-                if ((want_sum and w >= cut) or (want_max and v >= v_cut)) and to_finish[d] <= left:
+                if to_finish[d] > left:
+                    continue
+                if (want_sum and w >= cut) or (want_max and v >= v_cut):
                     states[m] = d
                     m += 1
                     cur[d] = w / tot
                     vcur[d] = v
+                elif want_max:
+                    dropped = max(dropped, v + best_after[l + 1])
             _sort_states(states[n:m], spare, count, bits)  # (the passes find a state in a list by bisection)
             n = m
             offsets[l + 2] = n
         best = -np.inf
         for i in range(offsets[L], n):
             best = max(best, vcur[states[i]])
-        return offsets, states[:n], True, best
+        return offsets, states[:n], True, best, dropped
 
     return kept_cells
 
@@ -313,16 +324,20 @@ def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndar
     sweep = _KEPT_CELLS[want_sum, want_max]
     args = (gsum_, gmax_, ref, log_norm, to_finish, start, *out_edges, log_cut)
     max_cells = int(MAX_KEPT_SHARE * cells)
-    offsets, states, ok, _ = sweep(*args, _below_rounding(log_v), max_cells)
-    if not ok and want_sum and want_max:
-        # a greedy walk's best canvas can lie far below the best (one that turns into a
-        # string early, say), and too many cells could beat it: the best canvas among the
-        # cells that carry the weight may bound it better
-        offsets, states, ok, best = sweep(*args, np.inf, max_cells)
-        if ok and best > log_v:
-            offsets, states, ok, _ = sweep(*args, _below_rounding(best), max_cells)
-        else:
-            ok = False
+    if want_sum and want_max:
+        # First the cells that carry the weight alone (where they are too many, the cells
+        # of both tests would be more). Where no cell left out leads to a better canvas
+        # than the best one on them, the Viterbi canvas lies on them: done in one sweep.
+        offsets, states, ok, best, dropped = sweep(*args, np.inf, max_cells)
+        if not ok:
+            return None
+        # (a greedy walk's best canvas can lie far below the best on the kept cells: one
+        # that turns into a string early, say)
+        floor = _below_rounding(max(best, log_v))
+        if dropped >= floor:
+            offsets, states, ok, _, _ = sweep(*args, floor, max_cells)
+    else:
+        offsets, states, ok, _, _ = sweep(*args, _below_rounding(log_v), max_cells)
     if not ok:
         return None
     # (no mask: the passes over lists read none, and the log-space ones make theirs)
