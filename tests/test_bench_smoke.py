@@ -75,6 +75,18 @@ def test_constraint_ab_runs_both_versions_side_by_side(tmp_path):
     assert all(float(row.split("|")[6]) > 0 for row in rows)
 
 
+@pytest.mark.slow  # compiles a second copy of the numba kernels (~1 min)
+def test_engine_ab_runs_both_engines_on_the_same_calls(tmp_path):
+    out = tmp_path / "engine_ab.md"
+    r = subprocess.run([sys.executable, str(ROOT / "bench/engine_ab.py"), "--baseline", "HEAD", "--tools", "1",
+                        "--seeds", "1", "--steps", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| tiny | 0 |")]
+    assert len(rows) == 1 and float(rows[0][4]) > 0 and float(rows[0][5]) > 0
+    assert rows[0][8].strip() == "yes" and rows[0][9].strip() == "True"  # same tokens, a valid call
+
+
 @pytest.mark.slow  # compiles a second copy of the token automaton's kernels
 def test_token_automaton_ab_builds_both_versions(tmp_path):
     out = tmp_path / "ta.md"

@@ -349,8 +349,9 @@ class PruningSchedule:
     """When a run of denoising steps over one canvas should try pruning.
 
     Where a canvas's weight spreads over most of its lattice (flat logits: a random
-    model, a first step), pruning gives up, and its sweeps have then cost up to twice a
-    step over the whole support for nothing; the logits of the next steps look alike.
+    model, a first step; a counted string the canvas continues), pruning gives up, and
+    its sweep has cost a good part of a step over the whole support for nothing; the
+    logits of the next steps look alike.
     After each step that tried and gave up, the schedule skips the next 1, 2, 4, ...
     (at most ``longest_pause``) steps, and a step that pruned starts it over. What a step
     returns does not depend on this beyond the 2**-56 of the weight that pruning may
