@@ -157,7 +157,7 @@ def test_constrained_calls_always_valid(engine64: DiffusionEngine, names: list[s
 
 def test_pruning_is_tried_less_often_while_it_gives_up(engine64: DiffusionEngine, monkeypatch) -> None:
     """A random model's logits are flat: pruning gives up at every step that tries it, and
-    the engine then skips trying on the next 1, 2, 4, ... steps (``PruningSchedule``);
+    the engine then skips trying on the next 1, 2, 4, 8, 8 ... steps (``PruningSchedule``);
     the calls stay valid."""
     from agentloop.grammar import CompiledGrammar
 
@@ -177,7 +177,7 @@ def test_pruning_is_tried_less_often_while_it_gives_up(engine64: DiffusionEngine
     assert len(steps) == 48
     tried = [i for i, (t, _) in enumerate(steps) if t]
     assert all(not pruned for _, pruned in steps)  # it gave up each time it tried
-    assert tried == [0, 2, 5, 10, 19, 36]  # pauses of 1, 2, 4, 8, 16 steps
+    assert tried == [0, 2, 5, 10, 19, 28, 37, 46]  # pauses of 1, 2, 4, then 8 steps
 
 
 def test_constrained_defaults_and_text_branch(engine: DiffusionEngine) -> None:

@@ -353,9 +353,12 @@ class PruningSchedule:
     its sweep has cost a good part of a step over the whole support for nothing; the
     logits of the next steps look alike.
     After each step that tried and gave up, the schedule skips the next 1, 2, 4, ...
-    (at most ``longest_pause``) steps, and a step that pruned starts it over. What a step
-    returns does not depend on this beyond the 2**-56 of the weight that pruning may
-    leave out.
+    (at most ``longest_pause``) steps, and a step that pruned starts it over. The pause
+    stays short because a model's logits sharpen as its canvas settles: the bundled
+    model's calls give up on a canvas's first step or two, then prune; a long pause
+    would miss that many pruned steps, a short one costs a few more sweeps where the
+    logits stay flat. What a step returns does not depend on this beyond the 2**-56 of
+    the weight that pruning may leave out.
 
     >>> schedule = PruningSchedule()
     >>> [schedule.try_now() for _ in range(2)]  # nothing recorded yet: try every step
@@ -365,7 +368,7 @@ class PruningSchedule:
     [False, True]
     """
 
-    def __init__(self, longest_pause: int = 16) -> None:
+    def __init__(self, longest_pause: int = 8) -> None:
         self.longest_pause = longest_pause
         self._skip = 0  # steps still to skip
         self._pause = 1  # steps to skip after the next failure
