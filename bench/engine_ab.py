@@ -108,7 +108,7 @@ def main() -> None:
              "default sampler settings but at most "
              f"{a.steps} steps per canvas. Per call: milliseconds per denoising step.", "",
              "| config | seed | steps | baseline constraint | current constraint | ratio | decoder (current) "
-             "| same tokens | valid |", "|---|---|---|---|---|---|---|---|---|"]
+             "| same tokens | valid (current) |", "|---|---|---|---|---|---|---|---|---|"]
     ratios: dict[str, list[float]] = {}
     for config, seed, got in rows:
         b, c = got["baseline"], got["current"]
