@@ -17,7 +17,7 @@ import torch
 from agentloop.engine import DiffusionEngine, GenerationOptions
 from agentloop.engine.sampling import entropy_bound_accept, fused_draw
 from agentloop.errors import ContextLengthError, EngineInputError, GrammarMismatchError
-from agentloop.grammar import compile_schema, compile_tools
+from agentloop.grammar import CompiledGrammar, compile_schema, compile_tools
 
 from conftest import word_tokenizer
 
@@ -159,8 +159,6 @@ def test_pruning_is_tried_less_often_while_it_gives_up(engine64: DiffusionEngine
     """A random model's logits are flat: pruning gives up at every step that tries it, and
     the engine then skips trying on the next 1, 2, 4, 8, 8 ... steps (``PruningSchedule``);
     the calls stay valid."""
-    from agentloop.grammar import CompiledGrammar
-
     steps: list[tuple[bool, bool]] = []  # (tried, pruned) per step
     step = CompiledGrammar.denoise_step
 

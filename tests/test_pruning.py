@@ -216,8 +216,9 @@ def _pruned_equals_whole(g, seed: int, regime: str, scale: float, lead: float, n
                          partial: bool) -> None:
     """Logits of one regime, from the start or from a state part way through a sampled
     canvas; Viterbi and the step (its argmax, sample, marginals and entropies) pruned
-    against the whole lattice: the same Viterbi canvas (or the same error), log-marginals within 2e-5 (float32's rounding at -35 is 4e-6) wherever
-    the whole gives a token more than e**-35, a token left out (-inf) only below 2**-56,
+    against the whole lattice: the same Viterbi canvas (or the same error),
+    log-marginals within 2e-5 (float32's rounding at -35 is 4e-6) wherever the whole
+    gives a token more than e**-35, a token left out (-inf) only below 2**-56,
     entropies within 1e-6."""
     V = g.vocab.size
     gen = torch.Generator().manual_seed(seed)
