@@ -97,6 +97,31 @@ def test_fused_draw_is_exact() -> None:
     assert chi2 < dof + 6 * math.sqrt(2 * dof), (chi2, dof)
 
 
+def test_fused_draw_masked_and_far_tokens() -> None:
+    """-inf logits (tokens masked out) are never drawn and add nothing to the entropy; a
+    token 100 nats below the best (its float32 term flushed) is drawn with probability 0,
+    as float64 would give it (e^-100); a row with one finite logit draws it."""
+    g = torch.Generator().manual_seed(3)
+    V = 2600  # a block and a partial one, sub-blocks cut mid-block
+    base = torch.randn(V, generator=g)
+    base[::3] = -math.inf
+    base[1000] = base[1001] - 100.0
+    R = 4000
+    logits = base.repeat(R, 1)[None].clone()  # (1, R, V)
+    only = torch.full((1, 2, V), -math.inf)
+    only[0, :, 2555] = 1.0
+    logits = torch.cat([logits, only], 1)  # (1, R + 2, V)
+    sample, argmax, entropy = fused_draw(logits, 1.0, torch.Generator().manual_seed(4))
+    finite = torch.isfinite(base)
+    assert finite[sample[0, :R]].all() and not (sample[0, :R] == 1000).any()
+    p = torch.softmax(base.double(), -1)
+    ref_h = float(-(p[finite] * p[finite].log()).sum())
+    assert np.allclose(entropy[0, :R].numpy(), ref_h, atol=1e-5)
+    assert (argmax[0, :R] == int(base.argmax())).all()
+    assert sample[0, R:].tolist() == [2555, 2555] and argmax[0, R:].tolist() == [2555, 2555]
+    assert entropy[0, R:].tolist() == [0.0, 0.0]
+
+
 def test_fast_sampler_matches_reference_statistically() -> None:
     e = confident(DiffusionEngine.random(canvas_length=32, seed=5), scale=12.0)
     prompt = e.encode(PROMPT)

@@ -35,6 +35,7 @@ def bitcast(name: str, sig: types.Type, llvm_type: ir.Type) -> Any:
 
 
 bits_to_float = bitcast("bits_to_float", types.float32(types.int32), ir.FloatType())
+float_to_bits = bitcast("float_to_bits", types.int32(types.float32), ir.IntType(32))
 
 
 _LOG2E = np.float32(1.44269504088896341)
