@@ -117,10 +117,12 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
     Without the sums (Viterbi alone) a nan is never an atom's best, as for max()."""
 
     @parallel_kernel(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-    def scan(logit_bits, perm, lo, hi, blocks, singles, others, allowed, place, scatter, rowmax, asum, asumx,
-             amax_bits, aarg, block_sums, parts):  # pragma: no cover
+    def scan(logit_bits, perm, lo, hi, blocks, singles, others, allowed, place, scatter, singles_first, rowmax,
+             asum, asumx, amax_bits, aarg, block_sums, parts):  # pragma: no cover
         # logit_bits: the logits (N, V) as int32 bits (a float32 view of a local array is
-        # not known to be contiguous, and its loops would not vectorise)
+        # not known to be contiguous, and its loops would not vectorise); singles_first:
+        # singles[j] == j (the token automaton numbers its atoms so), and the one-token
+        # atoms' statistics are written as runs, in loops that vectorise
         N = logit_bits.shape[0]
         K1 = singles.shape[0]
         for part in nb.prange(parts):  # rows are independent: a share of them per thread (see row_parts)
@@ -152,14 +154,20 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
                         key = KEY_NEG_INF if key == KEY_NAN else key
                     keys[j] = key
                     top_row = max(top_row, key if key < KEY_POS_INF else KEY_NEG_INF)
-                for j in range(K1):
-                    k = singles[j]
-                    if keys[j] <= KEY_NEG_INF:  # no usable logit
-                        r_amax[k] = np.int32(-8388608)  # 0xff800000: -inf
-                        r_aarg[k] = -1
-                    else:
-                        r_amax[k] = key_to_bits(keys[j])
-                        r_aarg[k] = perm[j]
+                if singles_first:
+                    for j in range(K1):
+                        usable = keys[j] > KEY_NEG_INF
+                        r_amax[j] = key_to_bits(keys[j]) if usable else np.int32(-8388608)  # 0xff800000: -inf
+                        r_aarg[j] = perm[j] if usable else np.int32(-1)
+                else:
+                    for j in range(K1):
+                        k = singles[j]
+                        if keys[j] <= KEY_NEG_INF:  # no usable logit
+                            r_amax[k] = np.int32(-8388608)
+                            r_aarg[k] = -1
+                        else:
+                            r_amax[k] = key_to_bits(keys[j])
+                            r_aarg[k] = perm[j]
                 for i in range(others.shape[0]):
                     # a max over keys packed with the run offset (key << 32 | (2**32 - 1 -
                     # offset)): ties go to the lowest token
@@ -194,7 +202,15 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
                     e1[j] = exp_nonpositive(d)
                     if want_x:
                         d1[j] = d
-                for j in range(K1):
+                flushed = 0
+                if singles_first:  # (the float64 terms after, where any)
+                    for j in range(K1):
+                        e = np.float64(e1[j])
+                        r_sum[j] = e
+                        if want_x:
+                            r_sumx[j] = e * np.float64(d1[j]) if e > 0.0 else e  # 0 * -inf is nan
+                        flushed += (e1[j] == np.float32(0.0)) & (keys[j] > KEY_NEG_INF)
+                for j in range(K1 if flushed or not singles_first else 0):
                     k = singles[j]
                     e = np.float64(e1[j])
                     if e == 0.0 and keys[j] > KEY_NEG_INF:
@@ -206,7 +222,7 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
                     else:
                         r_sum[k] = e
                         if want_x:
-                            r_sumx[k] = e * d1[j] if e > 0.0 else e  # 0 * -inf is nan
+                            r_sumx[k] = e * d1[j] if e > 0.0 else e
                 # 3. any other atom's sums around its own best b (every term <= 1, so an atom
                 # far below the row's best keeps its precision), moved to rowmax in float64:
                 # asum = exp(b - rowmax) * sum exp(x - b), asumx likewise with (x - rowmax)
@@ -293,6 +309,7 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
     N, V = logits.shape
     atom_of, perm, lo, hi, blocks, singles, others, allowed, place = atoms
     K = lo.shape[0]
+    singles_first = singles.shape[0] == 0 or singles[-1] == singles.shape[0] - 1  # (ascending: singles[j] == j)
     rowmax = np.zeros(N, np.float64)
     if not want_sum and V >= _SCATTER_FROM:  # (the atoms' maxima streamed in token order: see _max_atoms)
         amax = np.full((N, K), -np.inf, np.float32)
@@ -303,7 +320,7 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
     aarg = np.empty((N, K), np.int32)
     if not want_sum:  # the maxima of the scan alone, rows gathered into atom order
         _scan_max(np.ascontiguousarray(logits).view(np.int32), perm, lo, hi, blocks, singles, others, allowed, place,
-                  False, rowmax, np.zeros((N, 0)), np.zeros((N, 0)), amax.view(np.int32), aarg,
+                  False, singles_first, rowmax, np.zeros((N, 0)), np.zeros((N, 0)), amax.view(np.int32), aarg,
                   np.zeros((N, 0), np.float32), row_parts(N))
         return rowmax, np.zeros((N, 1)), np.zeros((N, 1)), amax, aarg
     asum = np.zeros((N, K), np.float64)
@@ -312,7 +329,7 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
         block_sums = np.empty((N, blocks[-1]), np.float32)
     kernel = _scan_sums_x if want_x else _scan_sums
     kernel(np.ascontiguousarray(logits).view(np.int32), perm, lo, hi, blocks, singles, others, allowed, place,
-           V >= _SCATTER_FROM, rowmax, asum, asumx, amax.view(np.int32), aarg, block_sums, row_parts(N))
+           V >= _SCATTER_FROM, singles_first, rowmax, asum, asumx, amax.view(np.int32), aarg, block_sums, row_parts(N))
     return rowmax, asum, asumx, amax, aarg
 
 

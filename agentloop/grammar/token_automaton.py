@@ -69,7 +69,7 @@ def _walk_table(dfa: Dfa) -> tuple[np.ndarray, np.ndarray]:
     states fit. The table of 20 tools (49k states, 94 classes) is 18 MB in int32, larger
     than the caches, and the walk waits on its loads: 262k x 20 tools, one thread,
     7.8-9.6 s in int32 in the DFA's numbering, 3.4-3.9 s so. The hashes see row numbers;
-    atoms are numbered by their first token, whatever the hashes."""
+    atoms are numbered by their tokens (``build_token_automaton``), whatever the hashes."""
     S, C = dfa.trans.shape
     src, cls = np.nonzero(dfa.trans >= 0)  # the DFA's edges, by state then class
     dst = dfa.trans[src, cls]
@@ -434,14 +434,16 @@ def build_token_automaton(dfa: Dfa, vocab: Vocabulary) -> TokenAutomaton:
     sig = np.stack([h1, h2], axis=1)
     _, sig_of_shape = np.unique(sig, axis=0, return_inverse=True)
     sig_of_shape = sig_of_shape.ravel().astype(np.int64)
-    # atoms numbered densely in the order of their first token, skipping the "dead
-    # everywhere" signature (the hashes' values depend on the walk's numbering)
+    # atoms numbered densely, the atoms of one token first, each part in the order of its
+    # first token, skipping the "dead everywhere" signature (the hashes' values depend on
+    # the walk's numbering); the scan over the logits then writes the one-token atoms'
+    # statistics as runs (canvas.reduce_atoms; BPE 4k, 20 tools: 614 of 747 atoms)
     sig_of_token = np.full(V, -1, np.int64)
     sig_of_token[alive_ids] = np.where(dead_shape, -1, sig_of_shape)[shape_of_alive]
     live_tokens = np.flatnonzero(sig_of_token >= 0)
-    live_sigs, first = np.unique(sig_of_token[live_tokens], return_index=True)
+    live_sigs, first, n_tokens = np.unique(sig_of_token[live_tokens], return_index=True, return_counts=True)
     remap = np.full(sig_of_shape.max() + 1, -1, np.int64)
-    remap[live_sigs[np.argsort(first)]] = np.arange(len(live_sigs))  # (the dead signature's stays -1)
+    remap[live_sigs[np.lexsort((first, n_tokens != 1))]] = np.arange(len(live_sigs))  # (the dead signature's stays -1)
     atom_of_shape = remap[sig_of_shape]
     K = len(live_sigs)
 
