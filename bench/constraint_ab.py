@@ -50,6 +50,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import numba  # noqa: E402
+import bench.fresh_kernels  # noqa: E402,F401  (before agentloop: see its docstring)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 

@@ -34,6 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import numba  # noqa: E402
+import bench.fresh_kernels  # noqa: E402,F401  (before agentloop: see its docstring)
 import torch  # noqa: E402
 
 import agentloop  # noqa: E402
