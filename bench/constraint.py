@@ -19,10 +19,12 @@ x wire format gemma4 it measures
   calls it, writing the marginals into a buffer reused every step), plus the part of each
   spent in ``reduce_atoms`` (the one pass over the (L, V) logits), and, once per canvas,
   the support (the states on some valid canvas at each position, shared by the canvas's
-  steps; a new canvas starts from a new state). Each repeat follows a
-  ``gc.collect()``, which leaves the caches cold; the same four ops are timed again right
-  after a decoder forward, with the logits just written (the engine's situation: the
-  forward evicts the grammar's tables, and its logits are in cache);
+  steps; a new canvas starts from a new state). Beside them, what the engine runs in the
+  step's place without a grammar: ``fused_draw`` (sample, argmax and entropy in one pass
+  over the logits). Each repeat follows a ``gc.collect()``, which leaves the caches cold;
+  the same ops are timed again right after a decoder forward, with the logits just
+  written (the engine's situation: the forward evicts the grammar's tables, and its
+  logits are in cache);
 * the decoder forward of a tiny random ``DiffusionGemmaForBlockDiffusion`` with the same
   vocab: one denoising step = ``model(cache=<prompt KV cache>, decoder_input_ids=<256-token
   canvas>, decoder_position_ids=..., self_conditioning_logits=<previous step's logits>)``
@@ -70,6 +72,7 @@ import torch  # noqa: E402
 import agentloop.grammar as G  # noqa: E402
 from agentloop.grammar import canvas as dp  # noqa: E402
 from agentloop.grammar import device_passes  # noqa: E402
+from agentloop.engine.sampling import fused_draw  # noqa: E402
 from agentloop.grammar import fsa  # noqa: E402
 from bench.tokenizers_offline import LOADERS, SCHEMAS  # noqa: E402
 
@@ -422,6 +425,9 @@ def step_row(g: Any, cfg: Config, forward_ms: float, forward: Callable[[], None]
         # the same over the whole lattice: every op above runs over the cells pruning
         # keeps (grammar/pruning.py), by default
         "denoise_step_whole": lambda: g.denoise_step(logits, generator=sampler, out=step_out, prune=False),
+        # what the engine runs in the step's place without a grammar (sample, argmax and
+        # entropy in one pass; temperature 1 leaves the logits as they are)
+        "draw_unconstrained": lambda: fused_draw(logits[None], 1.0, sampler),
         # once per canvas, not per step: the states on some valid canvas at each position,
         # which every step of that canvas reuses (a new canvas starts from a new state)
         "support": lambda: (g._support_cache.clear(), g._support(cfg.length, g.start_state, False)),
@@ -440,7 +446,7 @@ def step_row(g: Any, cfg: Config, forward_ms: float, forward: Callable[[], None]
         row.update(cuda_step_split(g, on_gpu, sampler, cfg.repeats))
     if cfg.cuda_only:  # no host ops, no CPU forward to compare with
         return row
-    for name in ("viterbi", "sample", "marginals", "denoise_step", "denoise_step_whole"):
+    for name in ("viterbi", "sample", "marginals", "denoise_step", "denoise_step_whole", "draw_unconstrained"):
         if f"{name}_ms" in row:
             row[f"{name}_pct"] = 100.0 * row[f"{name}_ms"] / forward_ms
         if forward is not None and cfg.after_forward_repeats:
@@ -734,12 +740,14 @@ def host_tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[
             f"{s['viterbi_ms']:.2f} ({s['viterbi_pct']:.1f}%)", f"{s['sample_ms']:.2f} ({s['sample_pct']:.1f}%)",
             f"{s['marginals_ms']:.2f} ({s['marginals_pct']:.1f}%)",
             f"{s['denoise_step_ms']:.2f} ({s['denoise_step_pct']:.1f}%)" if "denoise_step_ms" in s else "-",
+            f"{s['draw_unconstrained_ms']:.2f} ({s['draw_unconstrained_pct']:.1f}%)"
+            if "draw_unconstrained_ms" in s else "-",
         ])
     main = ("Compile and per-step cost (gemma4 wire format; step ops at L={L}, % of the decoder forward; "
             "* = symbol DFAs replayed from the first tokenizer's compile, vocabulary-dependent phases cold)".format(
         L=result["config"]["length"]),
         ["tokenizer", "V", "tools", "cold s", "disk ms", "cached us", "states/atoms/groups/edges", "memory", "forward ms",
-         "viterbi ms", "sample ms", "marginals+H ms", "denoise_step ms"], main_rows)
+         "viterbi ms", "sample ms", "marginals+H ms", "denoise_step ms", "no-grammar draw ms"], main_rows)
     phase_rows = []
     for c in result["compile"]:
         p = c["phases_s"]
@@ -778,13 +786,14 @@ def host_tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[
             continue
         af_rows.append([c["tokenizer"], str(c["vocab"]), str(c["n_tools"]), f"{s['forward_ms']:.1f}"] + [
             f"{s[f'{n}_after_forward_ms']:.2f} ({s[f'{n}_after_forward_pct']:.1f}%)"
-            for n in ("viterbi", "sample", "marginals", "denoise_step")])
+            for n in ("viterbi", "sample", "marginals", "denoise_step", "draw_unconstrained")
+            if f"{n}_after_forward_ms" in s])
     if af_rows:
         tables_.append(("Per-step cost right after a decoder forward (the engine's situation: the forward has just "
                         "written the logits and evicted the grammar's tables; medians of {r}; % of the forward)".format(
                             r=result["config"].get("after_forward_repeats")),
                         ["tokenizer", "V", "tools", "forward ms", "viterbi ms", "sample ms", "marginals+H ms",
-                         "denoise_step ms"], af_rows))
+                         "denoise_step ms", "no-grammar draw ms"], af_rows))
     return tables_ + [phases, split]
 
 
