@@ -12,10 +12,12 @@ import agentloop.engine
 import agentloop.engine.diffusion
 import agentloop.engine.generation
 import agentloop.engine.models
+import agentloop.engine.sampling
 import agentloop.engine.session
 import agentloop.grammar
 import agentloop.grammar.compiled
 import agentloop.grammar.copy
+import agentloop.grammar.float32_math
 import agentloop.grammar.float64_math
 import agentloop.grammar.log_canvas
 import agentloop.grammar.vocabulary
@@ -25,9 +27,10 @@ import agentloop.testing
 import agentloop.tools
 
 MODULES = [agentloop.grammar, agentloop.grammar.wireformat, agentloop.grammar.copy, agentloop.grammar.compiled,
-           agentloop.grammar.log_canvas, agentloop.grammar.float64_math,
+           agentloop.grammar.log_canvas, agentloop.grammar.float64_math, agentloop.grammar.float32_math,
            agentloop.engine, agentloop.engine.diffusion, agentloop.engine.generation, agentloop.engine.models,
-           agentloop.engine.session, agentloop.grammar.vocabulary, agentloop, agentloop.agent, agentloop.protocol,
+           agentloop.engine.sampling, agentloop.engine.session, agentloop.grammar.vocabulary, agentloop, agentloop.agent,
+           agentloop.protocol,
            agentloop.testing, agentloop.tools]
 
 
