@@ -23,8 +23,8 @@ import numba as nb
 import numpy as np
 import torch
 
-from ..grammar.float32_math import (KEY_NAN, KEY_NEG_INF, bits_to_float, exp_nonpositive, float_to_bits, key_to_bits,
-                                   order_key)
+from ..grammar.float32_math import (KEY_NAN, KEY_NEG_INF, bits_to_float, exp_nonpositive, exp_sums, float_to_bits,
+                                   key_to_bits, order_key)
 from ..numba_threads import parallel_kernel
 
 
@@ -97,14 +97,7 @@ def _fused_rows(x_bits, temperature, uniforms, argmax, sample, entropy):  # prag
                 bsumx[b] = 0.0
                 continue
             for j0 in range(0, block.shape[0], _SUB):
-                part = block[j0:j0 + _SUB]
-                ps = np.float32(0.0)
-                psx = np.float32(0.0)
-                for i in range(part.shape[0]):
-                    d = bits_to_float(part[i]) - m
-                    e = exp_nonpositive(d)
-                    ps += e
-                    psx += e * d if e > np.float32(0.0) else np.float32(0.0)  # 0 * -inf is nan
+                ps, psx = exp_sums(block[j0:j0 + _SUB], m)
                 sub[b * per_block + j0 // _SUB] = ps
                 s += ps
                 sx += psx

@@ -41,7 +41,8 @@ import numpy as np
 
 from ..numba_threads import parallel_kernel, row_parts, serial_and_threaded
 from .canvas_layout import EdgeLayout
-from .float32_math import KEY_NAN, KEY_NEG_INF, KEY_POS_INF, bits_to_float, exp_nonpositive, key_to_bits, order_key
+from .float32_math import (KEY_NAN, KEY_NEG_INF, KEY_POS_INF, bits_to_float, exp_nonpositive, exp_sums, key_to_bits,
+                           order_key)
 
 # ---- 1. score atoms: one pass over the logits per position --------------------------------
 
@@ -239,17 +240,9 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
                     s = 0.0
                     sx = 0.0
                     for j0 in range(0, run.shape[0], _BLOCK):
-                        # float32 sums over a block (16 lanes, a handful of terms per lane),
-                        # float64 across blocks
-                        block = run[j0:j0 + _BLOCK]
-                        bs = np.float32(0.0)
-                        bsx = np.float32(0.0)
-                        for j in range(block.shape[0]):
-                            d = bits_to_float(block[j]) - b
-                            e = exp_nonpositive(d)  # nan at a nan or +inf logit: the caller refuses it
-                            bs += e
-                            if want_x:
-                                bsx += e * d if e > np.float32(0.0) else np.float32(0.0)  # 0 * -inf is nan
+                        # float32 sums over a block, float64 across blocks (a nan or +inf
+                        # logit makes them nan: the caller refuses it)
+                        bs, bsx = exp_sums(run[j0:j0 + _BLOCK], b)
                         block_sums[r, blocks[k] + j0 // _BLOCK] = bs
                         s += bs
                         sx += bsx

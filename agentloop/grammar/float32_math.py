@@ -70,6 +70,23 @@ def exp_nonpositive(d):  # type: ignore[no-untyped-def]  # pragma: no cover - co
     return np.float32(np.nan)  # nan, or a positive d (a +inf logit above a finite best)
 
 
+@nb.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
+def exp_sums(bits, best):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """Over ``bits``, a run of float32 logits as int32 bits (a few hundred: the sums are
+    float32, a handful of terms per lane), with ``best`` at least each of them: the sums
+    of e = exp(x - best) and of e * (x - best), a term of 0 where e is 0 (at -inf). A nan
+    or +inf x makes both nan. Inlined, so that the loop vectorises in its caller (and the
+    second sum goes where the caller drops it)."""
+    s = np.float32(0.0)
+    sx = np.float32(0.0)
+    for i in range(bits.shape[0]):
+        d = bits_to_float(bits[i]) - best
+        e = exp_nonpositive(d)
+        s += e
+        sx += e * d if e > np.float32(0.0) else np.float32(0.0)  # 0 * -inf is nan
+    return s, sx
+
+
 #: The key of -inf: a key no higher belongs to no usable logit (-inf, or nothing).
 KEY_NEG_INF = np.int32(-2139095041)
 #: The key of +inf: finite floats' keys are below it.
