@@ -70,9 +70,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import agentloop.grammar as G  # noqa: E402
+from agentloop.engine.sampling import fused_draw  # noqa: E402
 from agentloop.grammar import canvas as dp  # noqa: E402
 from agentloop.grammar import device_passes  # noqa: E402
-from agentloop.engine.sampling import fused_draw  # noqa: E402
 from agentloop.grammar import fsa  # noqa: E402
 from bench.tokenizers_offline import LOADERS, SCHEMAS  # noqa: E402
 

@@ -41,10 +41,10 @@ import agentloop  # noqa: E402
 from bench.constraint import machine  # noqa: E402
 from bench.constraint_ab import BASELINE_PACKAGE, export_baseline, revisions  # noqa: E402
 from bench.engine import MODEL, SYSTEM, USER  # noqa: E402
-from bench.tokenizers_offline import bpe_4k  # noqa: E402
+from bench.tokenizers_offline import SCHEMAS, bpe_4k  # noqa: E402
 
 
-ALL_TOOLS = json.loads((REPO / "agentloop" / "data" / "tool_schemas.json").read_text("utf-8"))
+ALL_TOOLS = json.loads(SCHEMAS.read_text("utf-8"))
 
 
 def build(package: Any, config: str, tools: int, allow_text: bool) -> tuple[Any, Any, list[int]]:

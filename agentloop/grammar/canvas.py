@@ -203,8 +203,11 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
                     e1[j] = exp_nonpositive(d)
                     if want_x:
                         d1[j] = d
+                # numbered first, the one-token atoms' sums are written as runs; the loop
+                # below then runs only on a row where float32 flushed a term (it takes
+                # those in float64, and writes the others again as they are)
                 flushed = 0
-                if singles_first:  # (the float64 terms after, where any)
+                if singles_first:
                     for j in range(K1):
                         e = np.float64(e1[j])
                         r_sum[j] = e
