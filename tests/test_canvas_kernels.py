@@ -67,9 +67,28 @@ def test_scan_of_one_token_atoms_equals_the_definition():
     e = np.exp
     assert asum[0] == pytest.approx([e(-1.5), 0.0, 1.0, 2 * e(-1.0), e(-5.0)], rel=1e-6)
     assert asumx[0] == pytest.approx([-1.5 * e(-1.5), 0.0, 0.0, -2 * e(-1.0), -5 * e(-5.0)], rel=1e-6)
-    assert block_sums[0].tolist() == [2.0]  # atom 3's one block, around its own best (one-token atoms have none)
+    assert block_sums.shape == (2, 0)  # atoms of a few tokens (atom 3) have no blocks, nor have one-token atoms
     assert np.isnan(asum[1, [0, 2]]).all() and np.isnan(asumx[1, [0, 2]]).all()
     assert asum[1, [1, 3, 4]] == pytest.approx([e(-1.0), e(-2.0) + e(-3.0), 1.0], rel=1e-6)
+
+
+def test_scan_of_few_token_atoms_near_and_far_below_the_row_best():
+    """An atom of a few tokens adds up its float32 terms exp(x - rowmax) where its best
+    lies within _FAR of the row's best (a term float32 flushes there is left out: < 2**-53
+    of the atom's best); farther down its sums are taken around its own best, so an atom
+    95 nats down (below float32's exp range) keeps its value."""
+    atom_of = np.array([0, 0, 0, 1, 1, 2, 2, 3, 4, 4], np.int32)
+    x = np.array([[0.0, -100.0, -1.0, -95.0, -96.5, -30.0, -120.0, 0.5, -np.inf, -np.inf]], np.float32)
+    atoms = dp.sorted_atoms(atom_of, 5)
+    assert atoms.n_few == 4 and atoms.singles.tolist() == [3]
+    rowmax, asum, asumx, amax, aarg = dp.reduce_atoms(x, atoms, True, True)
+    assert rowmax.tolist() == [0.5] and aarg[0].tolist() == [0, 3, 5, 7, -1] and amax[0, 4] == -np.inf
+    d = x[0].astype(np.float64) - 0.5
+    for k in range(4):
+        terms = d[atom_of == k]
+        assert asum[0, k] == pytest.approx(np.exp(terms).sum(), rel=1e-6, abs=0.0)
+        assert asumx[0, k] == pytest.approx((np.exp(terms) * terms).sum(), rel=1e-6, abs=0.0)
+    assert asum[0, 4] == 0.0 and asumx[0, 4] == 0.0
 
 
 @pytest.mark.parametrize("want", [(False, False), (True, False), (True, True)])
@@ -105,11 +124,32 @@ def test_scan_writes_one_token_atoms_alike_in_either_numbering(want):
         assert (a[1] > 0).sum() > (a[1] > 1e-38).sum()  # some one-token terms were taken in float64
 
 
-def test_token_sampling_inside_a_large_atom_follows_the_logits():
-    """One atom of 1500 tokens (6 blocks of the scan's sums): 200k draws at one position,
-    total variation to exp(x) / sum < 0.03 (the expected TV of 200k draws over 1500
-    outcomes with this spread is ~0.02; a sampler off by one block is off by > 0.1)."""
-    V = 1500
+def test_sorted_atoms_list_the_atoms_of_a_few_tokens_after_the_singles():
+    """The scan takes the atoms of 2.._FEW tokens term by term: their tokens lie right
+    after the one-token atoms' (perm[K1:terms]), and they have no blocks of sums."""
+    rng = np.random.default_rng(8)
+    sizes = [1] * 30 + [2, 5, dp._FEW, dp._FEW + 1, 300, 0] + list(rng.integers(2, 3 * dp._FEW, 20))
+    atom_of = np.concatenate([np.full(n, k, np.int32) for k, n in enumerate(sizes)] + [np.full(7, -1, np.int32)])
+    atom_of = atom_of[rng.permutation(atom_of.size)]
+    K = len(sizes)
+    atoms = dp.sorted_atoms(atom_of, K)
+    count = np.bincount(atom_of[atom_of >= 0], minlength=K)
+    few = atoms.others[:atoms.n_few]
+    assert sorted(few.tolist()) == np.flatnonzero((count > 1) & (count <= dp._FEW)).tolist()
+    assert ((count[atoms.others[atoms.n_few:]] == 0) | (count[atoms.others[atoms.n_few:]] > dp._FEW)).all()
+    K1 = atoms.singles.size
+    assert atoms.lo[few].min() == K1 and atoms.hi[few].max() == atoms.terms == K1 + count[few].sum()
+    for k in range(K):
+        assert (atom_of[atoms.perm[atoms.lo[k]:atoms.hi[k]]] == k).all() and atoms.hi[k] - atoms.lo[k] == count[k]
+        assert atoms.blocks[k + 1] - atoms.blocks[k] == (0 if count[k] <= dp._FEW else -(-count[k] // dp._BLOCK))
+
+
+@pytest.mark.parametrize("V", [40, 1500])
+def test_token_sampling_inside_an_atom_follows_the_logits(V):
+    """One atom of 1500 tokens (6 blocks of the scan's sums), or of 40 (few tokens: no
+    block sums, its weights give the total): 200k draws at one position, total variation
+    to exp(x) / sum < 0.03 (the expected TV of 200k draws over 1500 outcomes with this
+    spread is ~0.02; a sampler off by one block is off by > 0.1)."""
     rng = np.random.default_rng(3)
     x = rng.normal(0, 1.5, V).astype(np.float32)
     n = 200_000

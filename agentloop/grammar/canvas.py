@@ -51,9 +51,11 @@ class SortedAtoms(NamedTuple):
     """The allowed tokens listed atom by atom (built once per grammar and vocabulary size):
     the tokens of atom k are perm[lo[k]:hi[k]], ascending. The atoms of one token come
     first, in the order of ``singles`` (the token of atom singles[j] is perm[j]), then the
-    ``others`` (several tokens, or none at this vocabulary size). An atom of several tokens
+    ``others`` (several tokens, or none at this vocabulary size): the first ``n_few`` of
+    them have 2.._FEW tokens, which lie right after the singles' (perm[:terms]; the scan
+    takes them term by term), the rest more (or none). An atom of more than _FEW tokens
     has blocks of _BLOCK tokens numbered blocks[k]..blocks[k + 1] - 1 (the scan keeps each
-    block's sum for sampling); an atom of one has none."""
+    block's sum for sampling); one of fewer has none."""
 
     atom_of: np.ndarray  # (V,) i32 the atom of each token, -1 where never allowed
     perm: np.ndarray  # (n,) i32 allowed token ids, grouped by atom
@@ -61,9 +63,11 @@ class SortedAtoms(NamedTuple):
     hi: np.ndarray  # (K,) i64
     blocks: np.ndarray  # (K + 1,) i64
     singles: np.ndarray  # (K1,) i64 the atoms of one token
-    others: np.ndarray  # (K - K1,) i64 the rest, ascending
+    others: np.ndarray  # (K - K1,) i64 the rest: those of at most _FEW tokens, then the others, each ascending
     allowed: np.ndarray  # (n,) i32 the allowed tokens, ascending ...
     place: np.ndarray  # (n,) i32 ... and where each stands in perm
+    n_few: int  # how many of ``others`` have at most _FEW tokens ...
+    terms: int  # ... and the end of their tokens in perm (after the singles')
 
 
 #: The vocabulary size from which the scan reads each row in token order and writes each
@@ -79,7 +83,8 @@ def sorted_atoms(atom_of: np.ndarray, K: int) -> SortedAtoms:
     allowed = np.flatnonzero(atom_of >= 0)
     count = np.bincount(atom_of[allowed], minlength=K)[:K]
     singles = np.flatnonzero(count == 1).astype(np.int64)
-    others = np.flatnonzero(count != 1).astype(np.int64)
+    few = (count > 1) & (count <= _FEW)
+    others = np.concatenate([np.flatnonzero(few), np.flatnonzero((count == 0) | (count > _FEW))]).astype(np.int64)
     order = np.concatenate([singles, others])  # the atoms in perm's order
     at = np.empty(K, np.int64)  # each atom's place in that order
     at[order] = np.arange(K)
@@ -88,15 +93,25 @@ def sorted_atoms(atom_of: np.ndarray, K: int) -> SortedAtoms:
     hi[order] = np.cumsum(count[order])
     lo = hi - count
     blocks = np.zeros(K + 1, np.int64)
-    blocks[1:] = np.cumsum(np.where(count == 1, 0, -(-count // _BLOCK)))
+    blocks[1:] = np.cumsum(np.where(count <= _FEW, 0, -(-count // _BLOCK)))
     place = np.empty(atom_of.shape[0], np.int32)
     place[perm] = np.arange(perm.shape[0], dtype=np.int32)
-    return SortedAtoms(atom_of, perm, lo, hi, blocks, singles, others, allowed.astype(np.int32), place[allowed])
+    n_few = int(few.sum())
+    return SortedAtoms(atom_of, perm, lo, hi, blocks, singles, others, allowed.astype(np.int32), place[allowed],
+                       n_few, singles.shape[0] + int(count[few].sum()))
 
 
 #: Tokens per block of the scan's float32 sums (added up in float64 across blocks) and of
 #: the sampler's walk inside an atom.
 _BLOCK = 256
+#: The most tokens of an atom the scan takes term by term, as it takes the one-token atoms
+#: (one exp(x - rowmax) per token, in loops across all such atoms), rather than in loops
+#: of its own: those cost ~40 ns an atom and row to set up, more than a few terms.
+_FEW = 64
+#: How far below the row's best (nats) an atom of a few tokens may lie and still be added
+#: up from its float32 terms exp(x - rowmax): 87 - 50 = 37 nats of float32's exponent
+#: range are left below its best, so the terms it flushes are under 2**-53 of that best's.
+_FAR = np.float32(50.0)
 
 
 # Atom statistics are reductions over each atom's tokens. Scattering every token into its
@@ -107,9 +122,10 @@ _BLOCK = 256
 # compiled call per step. A run is
 # walked through a slice of the row, not ``range(lo, hi)`` over the row: numba vectorises
 # only the former (10x). Most atoms of a tool grammar have one token (73 of 94 at BPE 4k,
-# one tool; 614 of 747 at 20 tools): they lie side by side at the start of the row, and
-# each of their steps is one loop across all of them rather than a loop per atom, whose
-# set-up cost ~25 ns an atom and row.
+# one tool; 614 of 747 at 20 tools) and most others a few (97 of the 133 others at 20
+# tools have under 16): their tokens lie side by side at the start of the row, and each
+# of their steps is one loop across all of them (one term exp(x - rowmax) per token)
+# rather than a loop per atom, whose set-up costs ~25-40 ns an atom and row.
 
 
 def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
@@ -118,19 +134,21 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
     Without the sums (Viterbi alone) a nan is never an atom's best, as for max()."""
 
     @parallel_kernel(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-    def scan(logit_bits, perm, lo, hi, blocks, singles, others, allowed, place, scatter, singles_first, rowmax,
-             asum, asumx, amax_bits, aarg, block_sums, parts):  # pragma: no cover
+    def scan(logit_bits, perm, lo, hi, blocks, singles, others, allowed, place, n_few, terms, scatter, singles_first,
+             rowmax, asum, asumx, amax_bits, aarg, block_sums, parts):  # pragma: no cover
         # logit_bits: the logits (N, V) as int32 bits (a float32 view of a local array is
         # not known to be contiguous, and its loops would not vectorise); singles_first:
         # singles[j] == j (the token automaton numbers its atoms so), and the one-token
-        # atoms' statistics are written as runs, in loops that vectorise
+        # atoms' statistics are written as runs, in loops that vectorise; the atoms
+        # others[:n_few] have few tokens, perm[K1:terms], taken term by term as the
+        # one-token atoms are
         N = logit_bits.shape[0]
         K1 = singles.shape[0]
         for part in nb.prange(parts):  # rows are independent: a share of them per thread (see row_parts)
             bits = np.empty(perm.shape[0], np.int32)  # a row's allowed logits, atom after atom
-            keys = np.empty(K1, np.int32)  # the one-token atoms' keys
-            e1 = np.empty(K1, np.float32)  # their exp(x - rowmax)
-            d1 = np.empty(K1, np.float32)  # their x - rowmax
+            keys = np.empty(terms, np.int32)  # the keys of the tokens taken term by term ...
+            e1 = np.empty(terms, np.float32)  # ... their exp(x - rowmax)
+            d1 = np.empty(terms, np.float32)  # ... and x - rowmax
             for r in range(part * N // parts, (part + 1) * N // parts):
                 row = logit_bits[r]
                 r_amax = amax_bits[r]
@@ -149,7 +167,7 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
                 # finite one. A nan is an atom's best (its sums come out nan, and the caller
                 # names the position).
                 top_row = KEY_NEG_INF
-                for j in range(K1):
+                for j in range(terms):
                     key = order_key(bits[j])
                     if not want_sum:
                         key = KEY_NEG_INF if key == KEY_NAN else key
@@ -169,7 +187,17 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
                         else:
                             r_amax[k] = key_to_bits(keys[j])
                             r_aarg[k] = perm[j]
-                for i in range(others.shape[0]):
+                for i in range(n_few):  # (their keys are in top_row already)
+                    k = others[i]
+                    run_keys = keys[lo[k]:hi[k]]
+                    packed = np.int64(-(2**63))  # (packed as below: no branch to mispredict)
+                    for j in range(run_keys.shape[0]):
+                        packed = max(packed, (np.int64(run_keys[j]) << 32) | (np.int64(0xFFFFFFFF) - j))
+                    top = np.int32(packed >> 32)
+                    at = lo[k] + np.int64(0xFFFFFFFF) - (packed & np.int64(0xFFFFFFFF))
+                    r_amax[k] = key_to_bits(top) if top > KEY_NEG_INF else np.int32(-8388608)
+                    r_aarg[k] = perm[at] if top > KEY_NEG_INF else np.int32(-1)
+                for i in range(n_few, others.shape[0]):
                     # a max over keys packed with the run offset (key << 32 | (2**32 - 1 -
                     # offset)): ties go to the lowest token
                     k = others[i]
@@ -195,10 +223,10 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
                 rowmax[r] = m
                 if not want_sum:
                     continue
-                # 2. a one-token atom's sums are its one term exp(x - rowmax), in float32 like
-                # every other term; where float32 flushes it (more than 87 below the row's
-                # best), in float64. 0 at -inf; nan at nan or +inf.
-                for j in range(K1):
+                # 2. the terms exp(x - rowmax) in float32 of the atoms of one token and of a
+                # few: 0 at -inf; nan at nan or +inf. A one-token atom's sums are its term,
+                # taken in float64 where float32 flushes it (more than 87 below the row's best).
+                for j in range(terms):
                     d = bits_to_float(bits[j]) - m
                     e1[j] = exp_nonpositive(d)
                     if want_x:
@@ -227,10 +255,43 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
                         r_sum[k] = e
                         if want_x:
                             r_sumx[k] = e * d1[j] if e > 0.0 else e
+                # an atom of a few tokens adds up its terms; where its best lies more than
+                # _FAR below the row's best, its sums are taken around that best instead,
+                # as in 3. (its terms near float32's end would lose precision, or flush).
+                # Terms float32 flushes in an atom whose best lies within _FAR are less
+                # than 2**-53 of that best's: left out.
+                for i in range(n_few):
+                    k = others[i]
+                    b = bits_to_float(r_amax[k])
+                    if b - m < -_FAR:  # (so not nan, and not -inf: no usable logit)
+                        if r_aarg[k] < 0:
+                            r_sum[k] = 0.0
+                            if want_x:
+                                r_sumx[k] = 0.0
+                            continue
+                        s, sx = exp_sums(bits[lo[k]:hi[k]], b)
+                        gap = np.float64(b) - np.float64(m)
+                        scale = math.exp(gap)
+                        r_sum[k] = scale * s
+                        if want_x:
+                            r_sumx[k] = scale * (sx + gap * s)
+                        continue
+                    run_e = e1[lo[k]:hi[k]]
+                    run_d = d1[lo[k]:hi[k]]
+                    s = 0.0
+                    sx = 0.0
+                    for j in range(run_e.shape[0]):
+                        e = np.float64(run_e[j])
+                        s += e
+                        if want_x:
+                            sx += e * np.float64(run_d[j]) if e > 0.0 else e
+                    r_sum[k] = s
+                    if want_x:
+                        r_sumx[k] = sx
                 # 3. any other atom's sums around its own best b (every term <= 1, so an atom
                 # far below the row's best keeps its precision), moved to rowmax in float64:
                 # asum = exp(b - rowmax) * sum exp(x - b), asumx likewise with (x - rowmax)
-                for i in range(others.shape[0]):
+                for i in range(n_few, others.shape[0]):
                     k = others[i]
                     if r_aarg[k] < 0:
                         r_sum[k] = 0.0
@@ -293,17 +354,17 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
     allowed logit of row n (0 if there is none). With ``want_sum``,
     asum[n, k] = sum over tokens t of atom k of exp(logits[n, t] - rowmax[n]), and asumx
     (with ``want_x``) weighs the same terms by (logits[n, t] - rowmax[n]); an allowed nan
-    or +inf logit makes its atom's sums nan. An atom of several tokens is summed around
-    its own best logit and scaled in float64, and an atom of one token is its one term,
-    taken in float64 where float32 would flush it (87 nats below the row's best): so an
-    atom far below the row's best (as low temperatures make them: the demo model's logits
-    span ~360 nats at 0.1) keeps its precision down to ~1e-308; the float32 terms are good
-    to ~|x - best| * 6e-8 relative. ``block_sums`` (N, atoms.blocks[-1]) float32, when
-    given, receives the sum of exp(x - amax) over each block of each atom of several
-    tokens (see ``_sample_tokens``).
+    or +inf logit makes its atom's sums nan. An atom of more than _FEW tokens is summed
+    around its own best logit and scaled in float64; an atom of fewer is the sum of its
+    terms, each taken in float64 where float32 would flush it (87 nats below the row's
+    best): so an atom far below the row's best (as low temperatures make them: the demo
+    model's logits span ~360 nats at 0.1) keeps its precision down to ~1e-308; the
+    float32 terms are good to ~|x - best| * 6e-8 relative. ``block_sums`` (N,
+    atoms.blocks[-1]) float32, when given, receives the sum of exp(x - amax) over each
+    block of each atom of more than _FEW tokens (see ``_sample_tokens``).
     """
     N, V = logits.shape
-    atom_of, perm, lo, hi, blocks, singles, others, allowed, place = atoms
+    atom_of, perm, lo, hi, blocks, singles, others, allowed, place, n_few, terms = atoms
     K = lo.shape[0]
     singles_first = singles.shape[0] == 0 or singles[-1] == singles.shape[0] - 1  # (ascending: singles[j] == j)
     rowmax = np.zeros(N, np.float64)
@@ -316,8 +377,8 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
     aarg = np.empty((N, K), np.int32)
     if not want_sum:  # the maxima of the scan alone, rows gathered into atom order
         _scan_max(np.ascontiguousarray(logits).view(np.int32), perm, lo, hi, blocks, singles, others, allowed, place,
-                  False, singles_first, rowmax, np.zeros((N, 0)), np.zeros((N, 0)), amax.view(np.int32), aarg,
-                  np.zeros((N, 0), np.float32), row_parts(N))
+                  n_few, terms, False, singles_first, rowmax, np.zeros((N, 0)), np.zeros((N, 0)),
+                  amax.view(np.int32), aarg, np.zeros((N, 0), np.float32), row_parts(N))
         return rowmax, np.zeros((N, 1)), np.zeros((N, 1)), amax, aarg
     asum = np.zeros((N, K), np.float64)
     asumx = np.zeros((N, K) if want_x else (N, 1), np.float64)
@@ -325,7 +386,7 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
         block_sums = np.empty((N, blocks[-1]), np.float32)
     kernel = _scan_sums_x if want_x else _scan_sums
     kernel(np.ascontiguousarray(logits).view(np.int32), perm, lo, hi, blocks, singles, others, allowed, place,
-           V >= _SCATTER_FROM, singles_first, rowmax, asum, asumx, amax.view(np.int32), aarg, block_sums, row_parts(N))
+           n_few, terms, V >= _SCATTER_FROM, singles_first, rowmax, asum, asumx, amax.view(np.int32), aarg, block_sums, row_parts(N))
     return rowmax, asum, asumx, amax, aarg
 
 
@@ -1695,8 +1756,9 @@ def _sample_tokens(logits, amax, aarg, block_sums, atoms, perm, lo, hi, blocks, 
     token weighs exactly 1 of the atom's total: it is tried first (a peaked model ends
     here in O(1)); else the scan's block sums (``reduce_atoms``), less that 1 in the best
     token's block, pick one block of the other tokens, and that block's weights,
-    recomputed with the same exp, pick the token. A step so touches at most _BLOCK of an
-    atom's tokens, however large the atom, and uses the uniforms as the device passes do
+    recomputed with the same exp, pick the token (an atom of at most _FEW tokens is one
+    block, whose weights give the total). A step so touches at most _BLOCK of an atom's
+    tokens, however large the atom, and uses the uniforms as the device passes do
     (``device_passes.tokens_in_atoms``: the best token, then the others in token order)."""
     L = atoms.shape[0]
     out = np.empty(L, np.int32)
@@ -1709,30 +1771,34 @@ def _sample_tokens(logits, amax, aarg, block_sums, atoms, perm, lo, hi, blocks, 
         run = perm[lo[k]:hi[k]]
         if run.shape[0] == 1:  # (an atom of one token has no blocks)
             continue
-        sums = block_sums[l, blocks[k]:blocks[k + 1]]
-        total = 0.0
-        for i in range(sums.shape[0]):
-            total += sums[i]
-        u = uniforms[l, 2] * total
-        if u < 1.0:
-            continue
-        u -= 1.0
-        best_block = np.searchsorted(run, best) // _BLOCK
+        few = blocks[k + 1] == blocks[k]  # (an atom of few tokens has no block sums: one block, weighed below)
+        tokens = run
         acc = 0.0
-        chosen = -1
-        for i in range(sums.shape[0]):
-            w = sums[i] - 1.0 if i == best_block else np.float64(sums[i])
-            if w > 0.0:
-                chosen = i
-                if acc + w >= u:
-                    break
-                acc += w
-        else:  # rounding left u past the end: the last block with weight
-            if chosen >= 0:
-                acc -= sums[chosen] - 1.0 if chosen == best_block else np.float64(sums[chosen])
-        if chosen < 0:
-            continue
-        tokens = run[chosen * _BLOCK:(chosen + 1) * _BLOCK]
+        u = 0.0
+        if not few:
+            sums = block_sums[l, blocks[k]:blocks[k + 1]]
+            total = 0.0
+            for i in range(sums.shape[0]):
+                total += sums[i]
+            u = uniforms[l, 2] * total
+            if u < 1.0:
+                continue
+            u -= 1.0
+            best_block = np.searchsorted(run, best) // _BLOCK
+            chosen = -1
+            for i in range(sums.shape[0]):
+                w = sums[i] - 1.0 if i == best_block else np.float64(sums[i])
+                if w > 0.0:
+                    chosen = i
+                    if acc + w >= u:
+                        break
+                    acc += w
+            else:  # rounding left u past the end: the last block with weight
+                if chosen >= 0:
+                    acc -= sums[chosen] - 1.0 if chosen == best_block else np.float64(sums[chosen])
+            if chosen < 0:
+                continue
+            tokens = run[chosen * _BLOCK:(chosen + 1) * _BLOCK]
         # the block's weights first, in loops that vectorise (the walk below stops
         # early, and an exp in it is taken one at a time: BPE 4k, 1 tool, 256
         # positions 0.117 -> 0.086 ms)
@@ -1742,6 +1808,14 @@ def _sample_tokens(logits, amax, aarg, block_sums, atoms, perm, lo, hi, blocks, 
         ws = np.empty(tokens.shape[0], np.float32)
         for j in range(tokens.shape[0]):
             ws[j] = exp_nonpositive(x[j] - b)
+        if few:  # the atom's total is its one block's: the best token's 1 and the others
+            total = 0.0
+            for j in range(tokens.shape[0]):
+                total += ws[j]
+            u = uniforms[l, 2] * total
+            if u < 1.0:
+                continue
+            u -= 1.0
         for j in range(tokens.shape[0]):
             if tokens[j] == best:
                 continue
