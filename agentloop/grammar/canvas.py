@@ -52,8 +52,9 @@ class SortedAtoms(NamedTuple):
     the tokens of atom k are perm[lo[k]:hi[k]], ascending. The atoms of one token come
     first, in the order of ``singles`` (the token of atom singles[j] is perm[j]), then the
     ``others`` (several tokens, or none at this vocabulary size): the first ``n_few`` of
-    them have 2.._FEW tokens, which lie right after the singles' (perm[:terms]; the scan
-    takes them term by term), the rest more (or none). An atom of more than _FEW tokens
+    them have 2.._FEW tokens, which lie right after the singles' (perm[K1:terms], K1 the
+    number of singles; the scan takes them term by term), the rest more (or none). An
+    atom of more than _FEW tokens
     has blocks of _BLOCK tokens numbered blocks[k]..blocks[k + 1] - 1 (the scan keeps each
     block's sum for sampling); one of fewer has none."""
 
@@ -263,7 +264,7 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
                 for i in range(n_few):
                     k = others[i]
                     b = bits_to_float(r_amax[k])
-                    if b - m < -_FAR:  # (so not nan, and not -inf: no usable logit)
+                    if b - m < -_FAR:  # (never at nan or +inf, whose terms make nan sums below; at -inf, none usable)
                         if r_aarg[k] < 0:
                             r_sum[k] = 0.0
                             if want_x:
@@ -354,12 +355,14 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
     allowed logit of row n (0 if there is none). With ``want_sum``,
     asum[n, k] = sum over tokens t of atom k of exp(logits[n, t] - rowmax[n]), and asumx
     (with ``want_x``) weighs the same terms by (logits[n, t] - rowmax[n]); an allowed nan
-    or +inf logit makes its atom's sums nan. An atom of more than _FEW tokens is summed
-    around its own best logit and scaled in float64; an atom of fewer is the sum of its
-    terms, each taken in float64 where float32 would flush it (87 nats below the row's
-    best): so an atom far below the row's best (as low temperatures make them: the demo
-    model's logits span ~360 nats at 0.1) keeps its precision down to ~1e-308; the
-    float32 terms are good to ~|x - best| * 6e-8 relative. ``block_sums`` (N,
+    or +inf logit makes its atom's sums nan. An atom of more than _FEW tokens, or of fewer
+    whose best lies more than _FAR below the row's best, is summed around its own best
+    logit and scaled in float64; another atom of several tokens adds up its float32 terms
+    exp(x - rowmax) (those float32 flushes weigh under 2**-53 of its best's), and an atom
+    of one token is its one term, taken in float64 where float32 would flush it (87 nats
+    below the row's best): so an atom far below the row's best (as low temperatures make
+    them: the demo model's logits span ~360 nats at 0.1) keeps its precision down to
+    ~1e-308; the float32 terms are good to ~|x - best| * 6e-8 relative. ``block_sums`` (N,
     atoms.blocks[-1]) float32, when given, receives the sum of exp(x - amax) over each
     block of each atom of more than _FEW tokens (see ``_sample_tokens``).
     """
@@ -386,7 +389,8 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
         block_sums = np.empty((N, blocks[-1]), np.float32)
     kernel = _scan_sums_x if want_x else _scan_sums
     kernel(np.ascontiguousarray(logits).view(np.int32), perm, lo, hi, blocks, singles, others, allowed, place,
-           n_few, terms, V >= _SCATTER_FROM, singles_first, rowmax, asum, asumx, amax.view(np.int32), aarg, block_sums, row_parts(N))
+           n_few, terms, V >= _SCATTER_FROM, singles_first, rowmax, asum, asumx, amax.view(np.int32), aarg, block_sums,
+           row_parts(N))
     return rowmax, asum, asumx, amax, aarg
 
 
