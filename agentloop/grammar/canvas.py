@@ -1754,6 +1754,20 @@ def _sample_atoms(asum, gsum, beta, beta_totals, out_rank, start, out_offsets, o
     return out, True
 
 
+@nb.njit(cache=True, nogil=True, inline="always", fastmath={"contract"})
+def _token_weights(row, tokens, b):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """exp(x - b) of ``tokens``' logits in ``row``, in loops that vectorise (the walk
+    over them stops early, and an exp in it is taken one at a time: BPE 4k, 1 tool, 256
+    positions 0.117 -> 0.086 ms)."""
+    x = np.empty(tokens.shape[0], np.float32)
+    for j in range(tokens.shape[0]):
+        x[j] = row[np.uint32(tokens[j])]
+    ws = np.empty(tokens.shape[0], np.float32)
+    for j in range(tokens.shape[0]):
+        ws[j] = exp_nonpositive(x[j] - b)
+    return ws
+
+
 @parallel_kernel(cache=True, nogil=True, fastmath={"contract"})
 def _sample_tokens(logits, amax, aarg, block_sums, atoms, perm, lo, hi, blocks, uniforms):  # pragma: no cover
     """A token inside each position's sampled atom, weight exp(x - amax). The atom's best
@@ -1775,19 +1789,19 @@ def _sample_tokens(logits, amax, aarg, block_sums, atoms, perm, lo, hi, blocks, 
         run = perm[lo[k]:hi[k]]
         if run.shape[0] == 1:  # (an atom of one token has no blocks)
             continue
-        few = blocks[k + 1] == blocks[k]  # (an atom of few tokens has no block sums: one block, weighed below)
+        few = blocks[k + 1] == blocks[k]  # (an atom of few tokens has no block sums: its one block is weighed here)
         tokens = run
+        ws = _token_weights(row, run, b) if few else np.empty(0, np.float32)
+        sums = ws if few else block_sums[l, blocks[k]:blocks[k + 1]]
+        total = 0.0
+        for i in range(sums.shape[0]):
+            total += sums[i]
+        u = uniforms[l, 2] * total
+        if u < 1.0:
+            continue
+        u -= 1.0
         acc = 0.0
-        u = 0.0
         if not few:
-            sums = block_sums[l, blocks[k]:blocks[k + 1]]
-            total = 0.0
-            for i in range(sums.shape[0]):
-                total += sums[i]
-            u = uniforms[l, 2] * total
-            if u < 1.0:
-                continue
-            u -= 1.0
             best_block = np.searchsorted(run, best) // _BLOCK
             chosen = -1
             for i in range(sums.shape[0]):
@@ -1803,23 +1817,7 @@ def _sample_tokens(logits, amax, aarg, block_sums, atoms, perm, lo, hi, blocks, 
             if chosen < 0:
                 continue
             tokens = run[chosen * _BLOCK:(chosen + 1) * _BLOCK]
-        # the block's weights first, in loops that vectorise (the walk below stops
-        # early, and an exp in it is taken one at a time: BPE 4k, 1 tool, 256
-        # positions 0.117 -> 0.086 ms)
-        x = np.empty(tokens.shape[0], np.float32)
-        for j in range(tokens.shape[0]):
-            x[j] = row[np.uint32(tokens[j])]
-        ws = np.empty(tokens.shape[0], np.float32)
-        for j in range(tokens.shape[0]):
-            ws[j] = exp_nonpositive(x[j] - b)
-        if few:  # the atom's total is its one block's: the best token's 1 and the others
-            total = 0.0
-            for j in range(tokens.shape[0]):
-                total += ws[j]
-            u = uniforms[l, 2] * total
-            if u < 1.0:
-                continue
-            u -= 1.0
+            ws = _token_weights(row, tokens, b)
         for j in range(tokens.shape[0]):
             if tokens[j] == best:
                 continue
