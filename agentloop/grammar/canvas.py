@@ -256,51 +256,37 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
                         r_sum[k] = e
                         if want_x:
                             r_sumx[k] = e * d1[j] if e > 0.0 else e
-                # an atom of a few tokens adds up its terms; where its best lies more than
-                # _FAR below the row's best, its sums are taken around that best instead,
-                # as in 3. (its terms near float32's end would lose precision, or flush).
-                # Terms float32 flushes in an atom whose best lies within _FAR are less
-                # than 2**-53 of that best's: left out.
-                for i in range(n_few):
+                # 3. every other atom. One of a few tokens adds up its terms, where its best
+                # lies within _FAR of the row's best (terms float32 flushes there are less
+                # than 2**-53 of that best's: left out).
+                for i in range(others.shape[0]):
                     k = others[i]
                     b = bits_to_float(r_amax[k])
-                    if b - m < -_FAR:  # (never at nan or +inf, whose terms make nan sums below; at -inf, none usable)
-                        if r_aarg[k] < 0:
-                            r_sum[k] = 0.0
+                    if i < n_few and not b - m < -_FAR:  # (nan and +inf too: their terms make nan sums)
+                        run_e = e1[lo[k]:hi[k]]
+                        run_d = d1[lo[k]:hi[k]]
+                        s = 0.0
+                        sx = 0.0
+                        for j in range(run_e.shape[0]):
+                            e = np.float64(run_e[j])
+                            s += e
                             if want_x:
-                                r_sumx[k] = 0.0
-                            continue
-                        s, sx = exp_sums(bits[lo[k]:hi[k]], b)
-                        gap = np.float64(b) - np.float64(m)
-                        scale = math.exp(gap)
-                        r_sum[k] = scale * s
+                                sx += e * np.float64(run_d[j]) if e > 0.0 else e
+                        r_sum[k] = s
                         if want_x:
-                            r_sumx[k] = scale * (sx + gap * s)
+                            r_sumx[k] = sx
                         continue
-                    run_e = e1[lo[k]:hi[k]]
-                    run_d = d1[lo[k]:hi[k]]
-                    s = 0.0
-                    sx = 0.0
-                    for j in range(run_e.shape[0]):
-                        e = np.float64(run_e[j])
-                        s += e
-                        if want_x:
-                            sx += e * np.float64(run_d[j]) if e > 0.0 else e
-                    r_sum[k] = s
-                    if want_x:
-                        r_sumx[k] = sx
-                # 3. any other atom's sums around its own best b (every term <= 1, so an atom
-                # far below the row's best keeps its precision), moved to rowmax in float64:
-                # asum = exp(b - rowmax) * sum exp(x - b), asumx likewise with (x - rowmax)
-                for i in range(n_few, others.shape[0]):
-                    k = others[i]
+                    # the others' sums around their own best b (every term <= 1, so an atom
+                    # far below the row's best keeps its precision, where a few-token atom's
+                    # terms near float32's end would lose it, or flush), moved to rowmax in
+                    # float64: asum = exp(b - rowmax) * sum exp(x - b), asumx likewise with
+                    # (x - rowmax); a block sum for each block (an atom of a few has none)
                     if r_aarg[k] < 0:
                         r_sum[k] = 0.0
                         if want_x:
                             r_sumx[k] = 0.0
                         block_sums[r, blocks[k]:blocks[k + 1]] = 0.0
                         continue
-                    b = bits_to_float(r_amax[k])
                     run = bits[lo[k]:hi[k]]
                     s = 0.0
                     sx = 0.0
@@ -308,7 +294,8 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
                         # float32 sums over a block, float64 across blocks (a nan or +inf
                         # logit makes them nan: the caller refuses it)
                         bs, bsx = exp_sums(run[j0:j0 + _BLOCK], b)
-                        block_sums[r, blocks[k] + j0 // _BLOCK] = bs
+                        if blocks[k] < blocks[k + 1]:
+                            block_sums[r, blocks[k] + j0 // _BLOCK] = bs
                         s += bs
                         sx += bsx
                     gap = np.float64(b) - np.float64(m)
