@@ -170,6 +170,33 @@ def test_pruning_gives_up_where_the_weight_spreads(btok, tools3, monkeypatch):
     assert _kept(g, x) is whole
 
 
+@pytest.mark.parametrize("peak", [25.0, 40.0])
+def test_pruning_holds_where_the_valid_canvases_weigh_far_below_the_best_tokens(btok, tools3, peak):
+    """A model sure of a token the canvas cannot take at each position (one token per row
+    ``peak`` nats ahead, a random one): the valid canvases weigh e^-550 (25) to e^-890
+    (40) of the best tokens', and the greedy walks' bound on that weight lies 200-330
+    nats lower still, so the sweep's cut lies below e^-750 (25) and e^-990 (40), where
+    the kept weights [cut, 1] leave float64's range together. The sweep holds them at a
+    shifted scale, raises a cut below e^-990 and checks that its canvases weigh enough
+    for that: it prunes, and the step is the whole lattice's. Past that range (e^-2000)
+    it gives up."""
+    g = tools3
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(L, g.vocab.size, generator=gen) * 3.0
+        ahead = torch.randint(0, g.vocab.size, (L,), generator=gen)
+        x[torch.arange(L), ahead] = x.max(dim=1).values + peak
+        whole = g.denoise_step(x, torch.Generator().manual_seed(0), prune=False)
+        kept = g.denoise_step(x, torch.Generator().manual_seed(0))
+        assert kept.pruned
+        assert kept.argmax == whole.argmax and kept.sample == whole.sample
+        likely = whole.log_marginals > -30
+        torch.testing.assert_close(kept.log_marginals[likely], whole.log_marginals[likely], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kept.entropy, whole.entropy, rtol=1e-9, atol=1e-12)
+        x[torch.arange(L), ahead] += 100.0 - peak
+        assert g.denoise_step(x).pruned is False
+
+
 def test_a_pruned_canvas_redone_in_log_space_gives_the_whole_lattice_s(btok, tools3, monkeypatch):
     """Where the fast passes on the kept cells leave float64's range (forced here), the
     canvas is redone in log space over the kept cells (a mask made from the lists): the

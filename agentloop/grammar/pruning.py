@@ -39,8 +39,11 @@ both tests, the second against the better of the two canvases. Neither walk nor 
 needs the canvas's ``Support``: the sweep follows the start state forward, and whether
 a state can still finish follows from the fewest tokens it needs
 (``fewest_to_finish``). The sweep gives up, and the passes run on the whole support,
-where the kept cells would pass an eighth of the lattice's or the cut falls out of
-float64's range.
+where the kept cells would pass an eighth of the lattice's. A cut more than 990 nats
+below 1 (under peaked logits the valid canvases can weigh e^-716 of the best tokens',
+and the greedy walks find e^-974) would leave the weights of [cut, 1] out of float64's
+range together: the sweep raises it to e^-990 and checks at the end that the canvases
+over its kept cells weigh enough for that cut (else gives up).
 """
 
 from __future__ import annotations
@@ -61,6 +64,10 @@ LOST_SHARE = 2.0**-56
 #: up at a tenth); engine logits of a random 40M model, 5 tools, 6-8 ms at 5-6% kept,
 #: 12-14 ms at 12-15%, 10 ms whole. A lower cap ends a sweep that will give up sooner.
 MAX_KEPT_SHARE = 0.125
+#: The sweep holds a cut below e^-_CUT_AT at e^-_CUT_AT, and gives up where the best
+#: alpha, 1, would then lie above e^_TOP_AT (float64 ends at e^709).
+_CUT_AT = 300.0
+_TOP_AT = 690.0
 
 
 @nb.njit(cache=True, nogil=True)
@@ -121,8 +128,8 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyp
     """The forward sweep over kept cells for one choice of tests (compile-time flags)."""
 
     @nb.njit(cache=True, nogil=True)
-    def kept_cells(gsum, gmax, ref, log_norm, to_finish, start, out_offsets, out_dst, out_group, log_cut, log_best,
-                   max_cells):  # pragma: no cover - compiled
+    def kept_cells(gsum, gmax, ref, log_norm, to_finish, start, out_offsets, out_dst, out_group, log_cut, log_share,
+                   log_best, max_cells):  # pragma: no cover - compiled
         """(offsets (L + 2,), states (sorted at each position), ok, best, dropped): ok is
         False where it gives up; best is the log-probability of the best canvas on the
         kept cells (with ``want_max``). With ``want_sum`` a cell stays where its prefix
@@ -130,7 +137,9 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyp
         the best token at every position after it reaches ``log_best`` (probabilities as
         in ``greedy_bounds``), and ``dropped`` is the most that bound reaches on a cell
         left out that could still finish (-inf where none): a canvas of probability above
-        it lies on the kept cells alone."""
+        it lies on the kept cells alone. ``log_share`` is log(LOST_SHARE / cells), which
+        ``log_cut`` (with ``want_sum``) adds to a lower bound on the total weight: a cut
+        raised into range is sound where the kept canvases' weight bounds it so too."""
         L = log_norm.shape[0]
         S = to_finish.shape[0]
         offsets = np.zeros(L + 2, np.int64)
@@ -146,18 +155,34 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyp
         best_after = np.zeros(L + 1, np.float64)
         for l in range(L - 1, -1, -1):
             best_after[l] = best_after[l + 1] - log_norm[l]
-        cur = np.zeros(S, np.float64)  # alpha at l over the kept cells, divided by exp(log_scale)
+        # alpha over the kept cells is at most 1 (each position's token probabilities add
+        # up to 1) and at least the cut on a kept cell: held as alpha * exp(shift), with the
+        # shift lifting a cut far below 1 (peaked logits: a valid canvas can weigh e^-716
+        # of the best tokens' where the model is sure of an invalid one) to e^-300, so that
+        # all of [cut, 1] lies in float64's range and a term far below the cut flushes
+        # without passing through the subnormals, which cost ~100 cycles an operation. A
+        # cut below what that range reaches (e^-990) is raised to its end, and the kept
+        # cells are checked at the end to weigh enough for it: their canvases, all valid,
+        # are a lower bound on the total, better than the greedy walk's, which can fall
+        # 250 nats short under peaked logits
+        shift = 0.0
+        raised = want_sum and log_cut < -(_CUT_AT + _TOP_AT)
+        if raised:
+            log_cut = -(_CUT_AT + _TOP_AT)
+        if want_sum and log_cut < -_CUT_AT:
+            shift = -_CUT_AT - log_cut
+        cut = math.exp(log_cut + shift) if want_sum else np.inf
+        cur = np.zeros(S, np.float64)  # alpha at l over the kept cells, times exp(shift)
         nxt = np.zeros(S, np.float64)
         vcur = np.full(S, -np.inf)  # the best prefix's log-probability over the kept cells
         vnxt = np.full(S, -np.inf)
         touched = np.empty(S, np.int32)  # the states reached from the kept cells, finishing or not
         is_touched = np.zeros(S, np.uint8)
         states[0] = start
-        cur[start] = 1.0
+        cur[start] = math.exp(shift)
         vcur[start] = 0.0
         offsets[1] = 1
         n = 1
-        log_scale = 0.0
         dropped = -np.inf
         for l in range(L):
             nt = 0
@@ -181,24 +206,6 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyp
                     is_touched[d] = 1
             if n + nt > max_cells:
                 return offsets, states, False, -np.inf, np.inf
-            cut = np.inf
-            tot = 1.0
-            if want_sum:
-                # the scale of the next alphas: any positive number would do, and the
-                # weight of the states that cannot finish (dropped below) counts in it too
-                tot = 0.0
-                for k in range(nt):
-                    tot += nxt[touched[k]]
-                if not tot > 0.0:
-                    return offsets, states, False, -np.inf, np.inf
-                log_scale += math.log(tot)
-                # a cell's alpha is nxt / tot * exp(log_scale); below ~1e-300 of the row a
-                # value may have lost weight to float64's range, so a cut there cannot be
-                # told apart from it
-                rel = log_cut - log_scale
-                if rel < -690.0:
-                    return offsets, states, False, -np.inf, np.inf
-                cut = math.exp(rel) * tot if rel < 700.0 else np.inf
             v_cut = log_best - best_after[l + 1]
             if n + nt > cap:
                 while cap < n + nt:
@@ -220,16 +227,22 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyp
                 if (want_sum and w >= cut) or (want_max and v >= v_cut):
                     states[m] = d
                     m += 1
-                    cur[d] = w / tot
+                    cur[d] = w
                     vcur[d] = v
                 elif want_max:
                     dropped = max(dropped, v + best_after[l + 1])
+            if m == n:  # (rounding aside, the greedy walk's canvas passes kept cells)
+                return offsets, states, False, -np.inf, np.inf
             _sort_states(states[n:m], spare, count, bits)  # (the passes find a state in a list by bisection)
             n = m
             offsets[l + 2] = n
         best = -np.inf
+        mass = 0.0
         for i in range(offsets[L], n):
             best = max(best, vcur[states[i]])
+            mass += cur[states[i]]
+        if raised and not math.log(mass) - shift + log_share >= log_cut:
+            return offsets, states, False, -np.inf, np.inf
         return offsets, states[:n], True, best, dropped
 
     return kept_cells
@@ -321,9 +334,9 @@ def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndar
     if (want_sum and not log_m > -np.inf) or (want_max and not log_v > -np.inf):
         return None
     cells = (L + 1) * to_finish.shape[0]  # (at least the support's)
-    log_cut = log_m + math.log(LOST_SHARE / cells)
+    log_share = math.log(LOST_SHARE / cells)
     sweep = _KEPT_CELLS[want_sum, want_max]
-    args = (gsum_, gmax_, ref, log_norm, to_finish, start, *out_edges, log_cut)
+    args = (gsum_, gmax_, ref, log_norm, to_finish, start, *out_edges, log_m + log_share, log_share)
     max_cells = int(MAX_KEPT_SHARE * cells)
     if want_sum and want_max:
         # First the cells that carry the weight alone (where they are too many, the cells
