@@ -91,6 +91,35 @@ def test_scan_of_few_token_atoms_near_and_far_below_the_row_best():
     assert asum[0, 4] == 0.0 and asumx[0, 4] == 0.0
 
 
+def test_scan_of_atoms_far_below_the_row_best_as_a_sure_model_puts_them():
+    """One token far ahead of the rest (a model sure of it, or a low temperature): atoms
+    of a few tokens 50-130 nats down add up float32 terms from a reference 80 nats lower
+    (one loop for them all), those further down go around their own best, one-token
+    atoms that float32 flushes are taken in float64 (to e^-708; 0 below). Every sum
+    against float64's, to float32's rounding of x - ref (~|x - ref| * 6e-8)."""
+    rng = np.random.default_rng(3)
+    K1, n_few, size = 40, 30, 6  # one-token atoms 0..39, few-token atoms 40..69 of 6 tokens
+    atom_of = np.concatenate([np.arange(K1), np.repeat(np.arange(K1, K1 + n_few), size)]).astype(np.int32)
+    V = atom_of.shape[0]
+    x = np.empty((3, V), np.float32)
+    for r, (lo, hi) in enumerate([(-60.0, -135.0), (-150.0, -400.0), (-200.0, -760.0)]):
+        x[r] = rng.uniform(hi, lo, V).astype(np.float32) + rng.normal(0.0, 0.3, V).astype(np.float32)
+        x[r, rng.integers(K1)] = 3.25  # the sure token (a one-token atom's)
+    atoms = dp.sorted_atoms(atom_of, K1 + n_few)
+    assert atoms.n_few == n_few and atoms.singles.shape[0] == K1
+    rowmax, asum, asumx, _, _ = dp.reduce_atoms(x, atoms, True, True)
+    assert rowmax.tolist() == [3.25] * 3
+    d = x.astype(np.float64) - 3.25
+    for r in range(3):
+        for k in range(K1 + n_few):
+            terms = d[r, atom_of == k]
+            terms = terms[terms > -708.0]  # (float64's exp ends there: an atom below it sums to 0)
+            tol = 6e-8 * 90.0 * 2  # |x - ref| <= ~87 for a term that counts, two roundings
+            assert asum[r, k] == pytest.approx(np.exp(terms).sum(), rel=tol, abs=0.0), (r, k)
+            assert asumx[r, k] == pytest.approx((np.exp(terms) * terms).sum(), rel=tol, abs=0.0), (r, k)
+    assert (asum[2, :K1] == 0.0).any() and (asum[2, :K1] > 0.0).any()  # some one-token atoms below e^-708
+
+
 @pytest.mark.parametrize("want", [(False, False), (True, False), (True, True)])
 def test_scan_writes_one_token_atoms_alike_in_either_numbering(want):
     """Token automata number their one-token atoms first, and the scan writes their

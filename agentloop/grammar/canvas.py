@@ -41,8 +41,9 @@ import numpy as np
 
 from ..numba_threads import parallel_kernel, row_parts, serial_and_threaded
 from .canvas_layout import EdgeLayout
-from .float32_math import (KEY_NAN, KEY_NEG_INF, KEY_POS_INF, bits_to_float, exp_nonpositive, exp_sums, key_to_bits,
-                           order_key)
+from .float32_math import (KEY_NAN, KEY_NEG_INF, KEY_POS_INF, bits_to_float, exp_nonpositive, exp_sums, exp_to_88,
+                           key_to_bits, order_key)
+from .float64_math import exp_nonpositive as exp_nonpositive64
 
 # ---- 1. score atoms: one pass over the logits per position --------------------------------
 
@@ -113,6 +114,12 @@ _FEW = 64
 #: up from its float32 terms exp(x - rowmax): 87 - 50 = 37 nats of float32's exponent
 #: range are left below its best, so the terms it flushes are under 2**-53 of that best's.
 _FAR = np.float32(50.0)
+#: Atoms of a few tokens from _FAR to _FAR + _LOWER below the row's best add up float32
+#: terms exp(x - (rowmax - _LOWER)) instead, taken for all such atoms of the row in one
+#: loop (up to e^80: float32 ends at e^88.7), and scaled back in float64: a model sure of
+#: one token puts nearly every other atom there (one token 80 nats ahead: 122 of the 123
+#: few-token atoms at 20 tools), where each took the large atoms' loops of its own.
+_LOWER = np.float32(80.0)
 
 
 # Atom statistics are reductions over each atom's tokens. Scattering every token into its
@@ -127,6 +134,19 @@ _FAR = np.float32(50.0)
 # tools have under 16): their tokens lie side by side at the start of the row, and each
 # of their steps is one loop across all of them (one term exp(x - rowmax) per token)
 # rather than a loop per atom, whose set-up costs ~25-40 ns an atom and row.
+
+
+@nb.njit(cache=True, nogil=True, inline="always", fastmath={"contract"})
+def _single_sums(e, key, bits, m, d):  # pragma: no cover - compiled
+    """A one-token atom's sums (exp(x - m), and times x - m) from its float32 term ``e``
+    and ``d`` = x - m (x's ``key`` and ``bits``): in float64 where float32 flushed the
+    term (0 at -inf; a nan's term is nan, not flushed)."""
+    gap = np.float64(bits_to_float(bits)) - np.float64(m)
+    e64 = exp_nonpositive64(gap)
+    far = (e == np.float32(0.0)) & (key > KEY_NEG_INF)
+    s = e64 if far else np.float64(e)
+    sx = e64 * gap if far else (np.float64(e) * np.float64(d) if e > np.float32(0.0) else np.float64(e))
+    return s, sx
 
 
 def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
@@ -150,6 +170,7 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
             keys = np.empty(terms, np.int32)  # the keys of the tokens taken term by term ...
             e1 = np.empty(terms, np.float32)  # ... their exp(x - rowmax)
             d1 = np.empty(terms, np.float32)  # ... and x - rowmax
+            e2 = np.empty(terms - K1, np.float32)  # the few-token atoms' exp(x - (rowmax - _LOWER))
             for r in range(part * N // parts, (part + 1) * N // parts):
                 row = logit_bits[r]
                 r_amax = amax_bits[r]
@@ -233,8 +254,11 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
                     if want_x:
                         d1[j] = d
                 # numbered first, the one-token atoms' sums are written as runs; the loop
-                # below then runs only on a row where float32 flushed a term (it takes
-                # those in float64, and writes the others again as they are)
+                # below then runs only on a row where float32 flushed a term: it takes
+                # those in float64 (with float64_math's exp, which vectorises: where a
+                # model is sure of one token, most of a row's terms flush, and a libm exp
+                # each took 2.4x as long as the whole scan under flat logits), and
+                # writes the others again as they are
                 flushed = 0
                 if singles_first:
                     for j in range(K1):
@@ -243,27 +267,33 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
                         if want_x:
                             r_sumx[j] = e * np.float64(d1[j]) if e > 0.0 else e  # 0 * -inf is nan
                         flushed += (e1[j] == np.float32(0.0)) & (keys[j] > KEY_NEG_INF)
-                for j in range(K1 if flushed or not singles_first else 0):
+                if flushed and singles_first:  # (two loops: the runs' stores vectorise)
+                    for j in range(K1):
+                        r_sum[j], sx = _single_sums(e1[j], keys[j], bits[j], m, d1[j] if want_x else np.float32(0.0))
+                        if want_x:
+                            r_sumx[j] = sx
+                for j in range(0 if singles_first else K1):
                     k = singles[j]
-                    e = np.float64(e1[j])
-                    if e == 0.0 and keys[j] > KEY_NEG_INF:
-                        gap = np.float64(bits_to_float(bits[j])) - np.float64(m)
-                        e = math.exp(gap)
-                        r_sum[k] = e
-                        if want_x:
-                            r_sumx[k] = e * gap
-                    else:
-                        r_sum[k] = e
-                        if want_x:
-                            r_sumx[k] = e * d1[j] if e > 0.0 else e
+                    r_sum[k], sx = _single_sums(e1[j], keys[j], bits[j], m, d1[j] if want_x else np.float32(0.0))
+                    if want_x:
+                        r_sumx[k] = sx
                 # 3. every other atom. One of a few tokens adds up its terms, where its best
                 # lies within _FAR of the row's best (terms float32 flushes there are less
-                # than 2**-53 of that best's: left out).
+                # than 2**-53 of that best's: left out), or within _FAR + _LOWER, its terms
+                # taken from a reference _LOWER lower (ref2, float32; the scale back,
+                # exp(ref2 - rowmax), in float64: no rounding is shared by the terms)
+                scale2 = -1.0  # (e2 not taken yet in this row)
                 for i in range(others.shape[0]):
                     k = others[i]
                     b = bits_to_float(r_amax[k])
-                    if i < n_few and not b - m < -_FAR:  # (nan and +inf too: their terms make nan sums)
-                        run_e = e1[lo[k]:hi[k]]
+                    near = not b - m < -_FAR  # (nan and +inf too: their terms make nan sums)
+                    if i < n_few and (near or not b - m < -(_FAR + _LOWER)):
+                        if not near and scale2 < 0.0:
+                            ref2 = m - _LOWER
+                            for j in range(K1, terms):
+                                e2[j - K1] = exp_to_88(bits_to_float(bits[j]) - ref2)
+                            scale2 = math.exp(np.float64(ref2) - np.float64(m))
+                        run_e = e1[lo[k]:hi[k]] if near else e2[lo[k] - K1:hi[k] - K1]
                         run_d = d1[lo[k]:hi[k]]
                         s = 0.0
                         sx = 0.0
@@ -272,9 +302,10 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
                             s += e
                             if want_x:
                                 sx += e * np.float64(run_d[j]) if e > 0.0 else e
-                        r_sum[k] = s
+                        scale = 1.0 if near else scale2
+                        r_sum[k] = s * scale
                         if want_x:
-                            r_sumx[k] = sx
+                            r_sumx[k] = sx * scale
                         continue
                     # the others' sums around their own best b (every term <= 1, so an atom
                     # far below the row's best keeps its precision, where a few-token atom's
@@ -343,13 +374,15 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
     asum[n, k] = sum over tokens t of atom k of exp(logits[n, t] - rowmax[n]), and asumx
     (with ``want_x``) weighs the same terms by (logits[n, t] - rowmax[n]); an allowed nan
     or +inf logit makes its atom's sums nan. An atom of more than _FEW tokens, or of fewer
-    whose best lies more than _FAR below the row's best, is summed around its own best
-    logit and scaled in float64; another atom of several tokens adds up its float32 terms
-    exp(x - rowmax) (those float32 flushes weigh under 2**-53 of its best's), and an atom
-    of one token is its one term, taken in float64 where float32 would flush it (87 nats
-    below the row's best): so an atom far below the row's best (as low temperatures make
-    them: the demo model's logits span ~360 nats at 0.1) keeps its precision down to
-    ~1e-308; the float32 terms are good to ~|x - best| * 6e-8 relative. ``block_sums`` (N,
+    whose best lies more than _FAR + _LOWER below the row's best, is summed around its own
+    best logit and scaled in float64; another atom of several tokens adds up its float32
+    terms exp(x - rowmax), or from _FAR down exp(x - (rowmax - _LOWER)) scaled in float64
+    (those float32 flushes weigh under 2**-53 of its best's), and an atom of one token is
+    its one term, taken in float64 where float32 would flush it (87 nats below the row's
+    best): so an atom far below the row's best (as low temperatures make them: the demo
+    model's logits span ~360 nats at 0.1) keeps its precision down to ~1e-308; the float32
+    terms are good to ~|x - ref| * 6e-8 relative (|x - ref| < 87 for a term that counts).
+    ``block_sums`` (N,
     atoms.blocks[-1]) float32, when given, receives the sum of exp(x - amax) over each
     block of each atom of more than _FEW tokens (see ``_sample_tokens``).
     """

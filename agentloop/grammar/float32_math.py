@@ -70,6 +70,36 @@ def exp_nonpositive(d):  # type: ignore[no-untyped-def]  # pragma: no cover - co
     return np.float32(np.nan)  # nan, or a positive d (a +inf logit above a finite best)
 
 
+_EXP_CEIL = np.float32(88.0)  # exp(88.72) is float32's largest
+
+
+@nb.njit(cache=True, nogil=True, fastmath={"contract"})
+def exp_to_88(d):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """exp(d) for a float32 d <= 88, as ``exp_nonpositive``: 0 below -87 (and at -inf),
+    nan at nan and above 88.
+
+    >>> float(exp_to_88(np.float32(80.0)))  # doctest: +ELLIPSIS
+    5.54062...e+34
+    """
+    z = min(max(d, _EXP_FLOOR), _EXP_CEIL)
+    n = np.floor(z * _LOG2E + np.float32(0.5))
+    r = z - n * _LN2_HI
+    r = r - n * _LN2_LO
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * (r * r) + r + np.float32(1.0)
+    e = p * bits_to_float((np.int32(n) + np.int32(127)) << 23)  # p * 2**n (n <= 127: a normal number)
+    if d >= _EXP_FLOOR and d <= _EXP_CEIL:
+        return e
+    if d < _EXP_FLOOR:
+        return np.float32(0.0)
+    return np.float32(np.nan)
+
+
 @nb.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
 def exp_sums(bits, best):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     """Over ``bits``, a run of float32 logits as int32 bits (a few hundred: the sums are
