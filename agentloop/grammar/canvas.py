@@ -257,8 +257,8 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
                 # below then runs only on a row where float32 flushed a term: it takes
                 # those in float64 (with float64_math's exp, which vectorises: where a
                 # model is sure of one token, most of a row's terms flush, and a libm exp
-                # each took 2.4x as long as the whole scan under flat logits), and
-                # writes the others again as they are
+                # each added 0.3 ms to the 0.5 ms scan at 20 tools), and writes the others
+                # again as they are
                 flushed = 0
                 if singles_first:
                     for j in range(K1):
