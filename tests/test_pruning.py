@@ -17,6 +17,7 @@ from test_grammar_soundness import compile_or_reject, schemas  # (tests/ is on t
 
 from agentloop.errors import NoValidCanvasError
 from agentloop.grammar import canvas as dp
+from agentloop.grammar import log_canvas
 from agentloop.grammar import compile_tools, pruning
 
 TOOLS = json.loads((Path(__file__).parents[1] / "agentloop/data/tool_schemas.json").read_text())
@@ -171,15 +172,16 @@ def test_pruning_gives_up_where_the_weight_spreads(btok, tools3, monkeypatch):
 
 
 @pytest.mark.parametrize("peak", [25.0, 40.0])
-def test_pruning_holds_where_the_valid_canvases_weigh_far_below_the_best_tokens(btok, tools3, peak):
+def test_pruning_holds_where_the_valid_canvases_weigh_far_below_the_best_tokens(btok, tools3, peak, monkeypatch):
     """A model sure of a token the canvas cannot take at each position (one token per row
     ``peak`` nats ahead, a random one): the valid canvases weigh e^-550 (25) to e^-890
     (40) of the best tokens', and the greedy walks' bound on that weight lies 200-330
     nats lower still, so the sweep's cut lies below e^-750 (25) and e^-990 (40), where
     the kept weights [cut, 1] leave float64's range together. The sweep holds them at a
     shifted scale, raises a cut below e^-990 and checks that its canvases weigh enough
-    for that: it prunes, and the step is the whole lattice's. Past that range (e^-2000)
-    it gives up."""
+    for that: it prunes, and the step is the whole lattice's. Its kept canvases' weight,
+    far above the walks' bound, then gives a higher cut, which leaves out more cells
+    (``keep_above``). Past that range (e^-2000) it gives up."""
     g = tools3
     for seed in range(3):
         gen = torch.Generator().manual_seed(seed)
@@ -193,8 +195,47 @@ def test_pruning_holds_where_the_valid_canvases_weigh_far_below_the_best_tokens(
         likely = whole.log_marginals > -30
         torch.testing.assert_close(kept.log_marginals[likely], whole.log_marginals[likely], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(kept.entropy, whole.entropy, rtol=1e-9, atol=1e-12)
+        with monkeypatch.context() as m:
+            m.setattr(pruning, "_LOOSE_WALK", np.inf)
+            loose = _kept(g, x).offsets[-1]
+        assert _kept(g, x).offsets[-1] < loose
         x[torch.arange(L), ahead] += 100.0 - peak
         assert g.denoise_step(x).pruned is False
+
+
+def test_the_sweeps_kept_weight_is_the_canvases_and_bounds_a_raised_cut(btok, tools3):
+    """The weight the sweep reports for its kept canvases is theirs: the whole lattice's
+    in log space, to rounding. A cut below e^-990 is raised there, and the sweep keeps
+    its cells only where that weight makes the raised cut sound (weight * 2**-56 / cells
+    >= e^-990): peaked logits whose valid canvases weigh from e^-880 to e^-1100 of the
+    best tokens' (around the edge, e^-938) are kept and refused on the right side."""
+    g = tools3
+    L_ = L
+    lay = g._layout
+    seen = set()
+    for peak in (40.0, 42.0, 43.0, 44.0, 46.0, 50.0):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(L_, g.vocab.size, generator=gen) * 3.0
+        ahead = torch.randint(0, g.vocab.size, (L_,), generator=gen)
+        x[torch.arange(L_), ahead] = x.max(dim=1).values + peak
+        sc = g._scores(x[None].numpy())
+        log_norm = np.log(sc.asum.sum(axis=1))
+        log_asum = sc.log_stats(g._sorted_atoms(g.vocab.size))[0]
+        log_gsum = log_canvas.log_sums_by_group(log_asum, g.automaton.group_atoms, g.automaton.group_offsets)
+        live = np.ascontiguousarray(g._support(L_, g.start_state, False).live[:, lay.rank])
+        log_z = log_canvas.log_backward(log_gsum, live, *g._out_edges)[0, g.start_state] - log_norm.sum()
+        to_finish = g._to_finish(False)
+        cells = (L_ + 1) * to_finish.shape[0]
+        log_share = math.log(pruning.LOST_SHARE / cells)
+        _, _, ok, _, _, log_kept, _, _, _ = pruning._KEPT_CELLS[True, False](
+            sc.gsum, np.zeros((L_, 0)), sc.rowmax, log_norm, to_finish, g.start_state, *g._out_edges,
+            -5000.0, log_share, np.inf, cells)
+        sound = log_z + log_share >= -990.0
+        assert ok == sound, (peak, log_z)
+        if ok:
+            assert log_kept == pytest.approx(log_z, abs=1e-5)  # (the scan's float32 terms: ~1e-8 a position)
+        seen.add(sound)
+    assert seen == {True, False}
 
 
 def test_a_pruned_canvas_redone_in_log_space_gives_the_whole_lattice_s(btok, tools3, monkeypatch):
