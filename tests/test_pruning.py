@@ -171,15 +171,16 @@ def test_pruning_gives_up_where_the_weight_spreads(btok, tools3, monkeypatch):
     assert _kept(g, x) is whole
 
 
-@pytest.mark.parametrize("peak", [25.0, 40.0])
+@pytest.mark.parametrize("peak", [25.0, 40.0, 50.0])
 def test_pruning_holds_where_the_valid_canvases_weigh_far_below_the_best_tokens(btok, tools3, peak, monkeypatch):
     """A model sure of a token the canvas cannot take at each position (one token per row
-    ``peak`` nats ahead, a random one): the valid canvases weigh e^-550 (25) to e^-890
-    (40) of the best tokens', and the greedy walks' bound on that weight lies 200-330
-    nats lower still, so the sweep's cut lies below e^-750 (25) and e^-990 (40), where
-    the kept weights [cut, 1] leave float64's range together. The sweep holds them at a
-    shifted scale, raises a cut below e^-990 and checks that its canvases weigh enough
-    for that: it prunes, and the step is the whole lattice's. Its kept canvases' weight,
+    ``peak`` nats ahead, a random one): the valid canvases weigh e^-550 (25), e^-890
+    (40) and e^-1100 (50) of the best tokens', and the greedy walks' bound on that
+    weight lies 200-400 nats lower still, so the sweep's cut lies below e^-750, e^-990
+    and e^-1200, where the kept weights [cut, 1] leave float64's range together. The
+    sweep holds them at a lifted scale, raises a cut below e^-990 and checks that its
+    canvases weigh enough for that, else (50) tries again from e^-1200: it prunes, and
+    the step is the whole lattice's. Its kept canvases' weight,
     far above the walks' bound, then gives a higher cut, which leaves out more cells
     (``keep_above``). Past that range (e^-2000) it gives up."""
     g = tools3
@@ -205,10 +206,11 @@ def test_pruning_holds_where_the_valid_canvases_weigh_far_below_the_best_tokens(
 
 def test_the_sweeps_kept_weight_is_the_canvases_and_bounds_a_raised_cut(btok, tools3):
     """The weight the sweep reports for its kept canvases is theirs: the whole lattice's
-    in log space, to rounding. A cut below e^-990 is raised there, and the sweep keeps
-    its cells only where that weight makes the raised cut sound (weight * 2**-56 / cells
-    >= e^-990): peaked logits whose valid canvases weigh from e^-880 to e^-1100 of the
-    best tokens' (around the edge, e^-938) are kept and refused on the right side."""
+    in log space, to rounding. A cut below a floor (here e^-990) is raised to it, and the
+    sweep keeps its cells only where that weight makes the raised cut sound (weight *
+    2**-56 / cells >= e^-990): peaked logits whose valid canvases weigh from e^-880 to
+    e^-1100 of the best tokens' (around the edge, e^-938) are kept and refused on the
+    right side."""
     g = tools3
     L_ = L
     lay = g._layout
@@ -229,7 +231,7 @@ def test_the_sweeps_kept_weight_is_the_canvases_and_bounds_a_raised_cut(btok, to
         log_share = math.log(pruning.LOST_SHARE / cells)
         _, _, ok, _, _, log_kept, _, _, _ = pruning._KEPT_CELLS[True, False](
             sc.gsum, np.zeros((L_, 0)), sc.rowmax, log_norm, to_finish, g.start_state, *g._out_edges,
-            -5000.0, log_share, np.inf, cells)
+            -5000.0, log_share, -990.0, np.inf, cells)
         sound = log_z + log_share >= -990.0
         assert ok == sound, (peak, log_z)
         if ok:

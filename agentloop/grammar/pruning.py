@@ -65,12 +65,17 @@ LOST_SHARE = 2.0**-56
 #: 12-14 ms at 12-15%, 10 ms whole. A lower cap ends a sweep that will give up sooner.
 MAX_KEPT_SHARE = 0.125
 #: Where the canvases over the kept cells weigh this many nats more than the greedy walks
-#: found, the sweep runs again with their weight (a higher cut, fewer cells).
+#: found, their weight gives a higher cut (``keep_above``: fewer cells).
 _LOOSE_WALK = 20.0
-#: The sweep holds a cut below e^-_CUT_AT at e^-_CUT_AT, and gives up where the best
-#: alpha, 1, would then lie above e^_TOP_AT (float64 ends at e^709).
+#: The sweep holds alpha times exp(lift): a cut below e^-_CUT_AT at e^-_CUT_AT, the lift
+#: at most _TOP_AT (alpha <= 1; float64 ends at e^709), so that cuts down to
+#: e^-(_CUT_AT + _TOP_AT) keep clear of the subnormals; a cut lower still is raised to a
+#: floor (see ``kept_cells``), first that one, then, where the kept canvases weigh too
+#: little for it, e^-_LOWEST_CUT (held at e^-510: terms far below the cut go subnormal,
+#: ~10% slower at 20 tools under one token 80 nats ahead).
 _CUT_AT = 300.0
 _TOP_AT = 690.0
+_LOWEST_CUT = 1200.0
 
 
 @nb.njit(cache=True, nogil=True)
@@ -132,7 +137,7 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyp
 
     @nb.njit(cache=True, nogil=True)
     def kept_cells(gsum, gmax, ref, log_norm, to_finish, start, out_offsets, out_dst, out_group, log_cut, log_share,
-                   log_best, max_cells):  # pragma: no cover - compiled
+                   lowest, log_best, max_cells):  # pragma: no cover - compiled
         """(offsets (L + 2,), states (sorted at each position), ok, best, dropped,
         log_kept, alpha, prefix, lift): ok is False where it gives up; log_kept is the log
         of the weight of the canvases over the kept cells (with ``want_sum``), alpha each
@@ -144,8 +149,9 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyp
         in ``greedy_bounds``), and ``dropped`` is the most that bound reaches on a cell
         left out that could still finish (-inf where none): a canvas of probability above
         it lies on the kept cells alone. ``log_share`` is log(LOST_SHARE / cells), which
-        ``log_cut`` (with ``want_sum``) adds to a lower bound on the total weight: a cut
-        raised into range is sound where the kept canvases' weight bounds it so too."""
+        ``log_cut`` (with ``want_sum``) adds to a lower bound on the total weight; a cut
+        below ``lowest`` is raised to it, sound where the kept canvases' weight bounds it
+        so too (else the sweep gives up)."""
         L = log_norm.shape[0]
         S = to_finish.shape[0]
         offsets = np.zeros(L + 2, np.int64)
@@ -166,19 +172,19 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyp
         # alpha over the kept cells is at most 1 (each position's token probabilities add
         # up to 1) and at least the cut on a kept cell: held as alpha * exp(lift), the lift
         # raising a cut far below 1 (peaked logits: a valid canvas can weigh e^-716
-        # of the best tokens' where the model is sure of an invalid one) to e^-300, so that
-        # all of [cut, 1] lies in float64's range and a term far below the cut flushes
-        # without passing through the subnormals, which cost ~100 cycles an operation. A
-        # cut below what that range reaches (e^-990) is raised to its end, and the kept
-        # cells are checked at the end to weigh enough for it: their canvases, all valid,
-        # are a lower bound on the total, better than the greedy walk's, which can fall
-        # 250 nats short under peaked logits
+        # of the best tokens' where the model is sure of an invalid one) to e^-300 (to
+        # e^-500 at most, see _LOWEST_CUT), so that all of [cut, 1] lies in float64's
+        # range and a term far below the cut flushes without passing through the
+        # subnormals, which cost ~100 cycles an operation. A cut below ``lowest`` is raised
+        # to it, and the kept cells are checked at the end to weigh enough for it: their
+        # canvases, all valid, are a lower bound on the total, better than the greedy
+        # walk's, which can fall 250 nats short under peaked logits
         lift = 0.0
-        raised = want_sum and log_cut < -(_CUT_AT + _TOP_AT)
+        raised = want_sum and log_cut < lowest
         if raised:
-            log_cut = -(_CUT_AT + _TOP_AT)
+            log_cut = lowest
         if want_sum and log_cut < -_CUT_AT:
-            lift = -_CUT_AT - log_cut
+            lift = min(-_CUT_AT - log_cut, _TOP_AT)
         cut = math.exp(log_cut + lift) if want_sum else np.inf
         cur = np.zeros(S, np.float64)  # alpha at l over the kept cells, times exp(lift)
         nxt = np.zeros(S, np.float64)
@@ -388,7 +394,11 @@ def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndar
     args = (gsum_, gmax_, ref, log_norm, to_finish, start, *out_edges, log_m + log_share, log_share)
     max_cells = int(MAX_KEPT_SHARE * cells)
     log_best = np.inf if want_sum else _below_rounding(log_v)
-    offsets, states, ok, best, dropped, log_kept, alpha, prefix, lift = sweep(*args, log_best, max_cells)
+    offsets, states, ok, best, dropped, log_kept, alpha, prefix, lift = sweep(*args, -(_CUT_AT + _TOP_AT), log_best,
+                                                                              max_cells)
+    if not ok and want_sum and log_m + log_share < -(_CUT_AT + _TOP_AT):  # (raised, and refused: lower)
+        offsets, states, ok, best, dropped, log_kept, alpha, prefix, lift = sweep(*args, -_LOWEST_CUT, log_best,
+                                                                                  max_cells)
     if ok and want_sum and log_kept > log_m + _LOOSE_WALK:
         # the greedy walks' bound was loose (a sure model's best tokens invalid: they found
         # e^-974 where the canvases weigh e^-716): the kept canvases' weight gives a higher
@@ -405,7 +415,7 @@ def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndar
         # that turns into a string early, say)
         floor = _below_rounding(max(best, log_v))
         if dropped >= floor:
-            offsets, states, ok = sweep(*args, floor, max_cells)[:3]
+            offsets, states, ok = sweep(*args, -_LOWEST_CUT, floor, max_cells)[:3]
     if not ok:
         return None
     # (no mask: the passes over lists read none, and the log-space ones make theirs)
