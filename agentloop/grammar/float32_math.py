@@ -42,16 +42,12 @@ _LOG2E = np.float32(1.44269504088896341)
 _LN2_HI = np.float32(0.693359375)  # ln 2 split so that n * _LN2_HI is exact for |n| < 2**9
 _LN2_LO = np.float32(-2.12194440e-4)
 _EXP_FLOOR = np.float32(-87.0)  # below this exp is flushed to 0 (float32's normal range ends at ~-87.3)
+_EXP_CEIL = np.float32(88.0)  # exp(88.72) is float32's largest
 
 
-@nb.njit(cache=True, nogil=True, fastmath={"contract"})  # no reassociation: the reduction relies on its order
-def exp_nonpositive(d):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-    """exp(d) for a float32 d <= 0: 0 below -87 (and at -inf), nan at nan and +inf.
-
-    >>> float(exp_nonpositive(np.float32(-1.0)))  # doctest: +ELLIPSIS
-    0.36787945...
-    """
-    z = min(max(d, _EXP_FLOOR), np.float32(0.0))
+@nb.njit(cache=True, nogil=True, inline="always", fastmath={"contract"})
+def _exp_in_range(z):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """exp(z) for a float32 z in [-87, 88]: the range reduction and the polynomial."""
     n = np.floor(z * _LOG2E + np.float32(0.5))
     r = z - n * _LN2_HI
     r = r - n * _LN2_LO
@@ -62,15 +58,22 @@ def exp_nonpositive(d):  # type: ignore[no-untyped-def]  # pragma: no cover - co
     p = p * r + np.float32(1.6666665459e-1)
     p = p * r + np.float32(5.0000001201e-1)
     p = p * (r * r) + r + np.float32(1.0)
-    e = p * bits_to_float((np.int32(n) + np.int32(127)) << 23)  # p * 2**n
+    return p * bits_to_float((np.int32(n) + np.int32(127)) << 23)  # p * 2**n (-126 <= n <= 127: normal)
+
+
+@nb.njit(cache=True, nogil=True, fastmath={"contract"})  # no reassociation: the reduction relies on its order
+def exp_nonpositive(d):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """exp(d) for a float32 d <= 0: 0 below -87 (and at -inf), nan at nan and +inf.
+
+    >>> float(exp_nonpositive(np.float32(-1.0)))  # doctest: +ELLIPSIS
+    0.36787945...
+    """
+    e = _exp_in_range(min(max(d, _EXP_FLOOR), np.float32(0.0)))
     if d >= _EXP_FLOOR and d <= np.float32(0.0):
         return e
     if d < _EXP_FLOOR:
         return np.float32(0.0)
     return np.float32(np.nan)  # nan, or a positive d (a +inf logit above a finite best)
-
-
-_EXP_CEIL = np.float32(88.0)  # exp(88.72) is float32's largest
 
 
 @nb.njit(cache=True, nogil=True, fastmath={"contract"})
@@ -81,18 +84,7 @@ def exp_to_88(d):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     >>> float(exp_to_88(np.float32(80.0)))  # doctest: +ELLIPSIS
     5.54062...e+34
     """
-    z = min(max(d, _EXP_FLOOR), _EXP_CEIL)
-    n = np.floor(z * _LOG2E + np.float32(0.5))
-    r = z - n * _LN2_HI
-    r = r - n * _LN2_LO
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    p = p * (r * r) + r + np.float32(1.0)
-    e = p * bits_to_float((np.int32(n) + np.int32(127)) << 23)  # p * 2**n (n <= 127: a normal number)
+    e = _exp_in_range(min(max(d, _EXP_FLOOR), _EXP_CEIL))
     if d >= _EXP_FLOOR and d <= _EXP_CEIL:
         return e
     if d < _EXP_FLOOR:
