@@ -43,7 +43,9 @@ where the kept cells would pass an eighth of the lattice's. A cut more than 990 
 below 1 (under peaked logits the valid canvases can weigh e^-716 of the best tokens',
 and the greedy walks find e^-974) would leave the weights of [cut, 1] out of float64's
 range together: the sweep raises it to e^-990 and checks at the end that the canvases
-over its kept cells weigh enough for that cut (else gives up).
+over its kept cells weigh enough for that cut; where they do not, it tries again from
+e^-1200, and then gives up. Where those canvases weigh far more than the walks found,
+their weight gives a higher cut, and the kept cells under it go too (``keep_above``).
 """
 
 from __future__ import annotations
@@ -140,9 +142,10 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyp
                    lowest, log_best, max_cells):  # pragma: no cover - compiled
         """(offsets (L + 2,), states (sorted at each position), ok, best, dropped,
         log_kept, alpha, prefix, lift): ok is False where it gives up; log_kept is the log
-        of the weight of the canvases over the kept cells (with ``want_sum``), alpha each
-        kept cell's prefix mass times exp(lift), prefix its best prefix's log-probability
-        (see ``keep_above``); best is the log-probability of the best canvas on the
+        of the weight of the canvases over the kept cells (with ``want_sum``; where it gives
+        up, +inf for too many cells, else that weight or -inf), alpha each kept cell's
+        prefix mass times exp(lift), prefix its best prefix's log-probability (see
+        ``keep_above``); best is the log-probability of the best canvas on the
         kept cells (with ``want_max``). With ``want_sum`` a cell stays where its prefix
         mass reaches ``log_cut``; with ``want_max`` also where its best prefix followed by
         the best token at every position after it reaches ``log_best`` (probabilities as
@@ -173,7 +176,7 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyp
         # up to 1) and at least the cut on a kept cell: held as alpha * exp(lift), the lift
         # raising a cut far below 1 (peaked logits: a valid canvas can weigh e^-716
         # of the best tokens' where the model is sure of an invalid one) to e^-300 (to
-        # e^-500 at most, see _LOWEST_CUT), so that all of [cut, 1] lies in float64's
+        # e^-510 at most, see _LOWEST_CUT), so that all of [cut, 1] lies in float64's
         # range and a term far below the cut flushes without passing through the
         # subnormals, which cost ~100 cycles an operation. A cut below ``lowest`` is raised
         # to it, and the kept cells are checked at the end to weigh enough for it: their
@@ -193,6 +196,8 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyp
         touched = np.empty(S, np.int32)  # the states reached from the kept cells, finishing or not
         is_touched = np.zeros(S, np.uint8)
         states[0] = start
+        alpha[0] = math.exp(lift)
+        prefix[0] = 0.0
         cur[start] = math.exp(lift)
         vcur[start] = 0.0
         offsets[1] = 1
@@ -218,8 +223,8 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyp
                     touched[nt] = d
                     nt += 1 - is_touched[d]
                     is_touched[d] = 1
-            if n + nt > max_cells:
-                return offsets, states, False, -np.inf, np.inf, -np.inf, alpha, prefix, 0.0
+            if n + nt > max_cells:  # (log_kept +inf: too many cells, whatever the cut)
+                return offsets, states, False, -np.inf, np.inf, np.inf, alpha, prefix, 0.0
             v_cut = log_best - best_after[l + 1]
             if n + nt > cap:
                 while cap < n + nt:
@@ -251,7 +256,7 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyp
                     vcur[d] = v
                 elif want_max:
                     dropped = max(dropped, v + best_after[l + 1])
-            if m == n:  # (rounding aside, the greedy walk's canvas passes kept cells)
+            if m == n:  # (a raised cut above every cell; else, rounding aside, the walk's canvas passes)
                 return offsets, states, False, -np.inf, np.inf, -np.inf, alpha, prefix, 0.0
             _sort_states(states[n:m], spare, count, bits)  # (the passes find a state in a list by bisection)
             for i in range(n, m):
@@ -327,7 +332,8 @@ def fewest_to_finish(final: np.ndarray, in_edges: tuple[np.ndarray, np.ndarray, 
 def keep_above(offsets, states, alpha, prefix, cut, log_norm):  # pragma: no cover - compiled
     """A sweep's kept cells (``kept_cells``'s offsets, states, alpha, prefix) less those
     whose alpha is below a higher ``cut`` (at alpha's scale). -> (offsets, states, the most
-    a canvas through a cell left out may weigh, as ``kept_cells``'s ``dropped``).
+    a canvas through a cell left out may weigh, as ``kept_cells``'s ``dropped``: -inf
+    where the sweep ran without the Viterbi test).
 
     Sound as the sweep's own test: a canvas left out passes a first cell left out, whose
     prefixes over the kept cells weigh at most its alpha (taken over at least those
@@ -394,11 +400,13 @@ def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndar
     args = (gsum_, gmax_, ref, log_norm, to_finish, start, *out_edges, log_m + log_share, log_share)
     max_cells = int(MAX_KEPT_SHARE * cells)
     log_best = np.inf if want_sum else _below_rounding(log_v)
-    offsets, states, ok, best, dropped, log_kept, alpha, prefix, lift = sweep(*args, -(_CUT_AT + _TOP_AT), log_best,
-                                                                              max_cells)
-    if not ok and want_sum and log_m + log_share < -(_CUT_AT + _TOP_AT):  # (raised, and refused: lower)
-        offsets, states, ok, best, dropped, log_kept, alpha, prefix, lift = sweep(*args, -_LOWEST_CUT, log_best,
-                                                                                  max_cells)
+    lowest = -(_CUT_AT + _TOP_AT)
+    offsets, states, ok, best, dropped, log_kept, alpha, prefix, lift = sweep(*args, lowest, log_best, max_cells)
+    if not ok and want_sum and log_m + log_share < lowest and log_kept < np.inf:  # (raised and refused: lower)
+        lowest = -_LOWEST_CUT
+        offsets, states, ok, best, dropped, log_kept, alpha, prefix, lift = sweep(*args, lowest, log_best, max_cells)
+    if ok and want_sum:  # (the cut it used, raised or not, is sound: a second sweep starts there)
+        args = (*args[:-2], max(args[-2], lowest), log_share)
     if ok and want_sum and log_kept > log_m + _LOOSE_WALK:
         # the greedy walks' bound was loose (a sure model's best tokens invalid: they found
         # e^-974 where the canvases weigh e^-716): the kept canvases' weight gives a higher
@@ -415,7 +423,7 @@ def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndar
         # that turns into a string early, say)
         floor = _below_rounding(max(best, log_v))
         if dropped >= floor:
-            offsets, states, ok = sweep(*args, -_LOWEST_CUT, floor, max_cells)[:3]
+            offsets, states, ok = sweep(*args, lowest, floor, max_cells)[:3]
     if not ok:
         return None
     # (no mask: the passes over lists read none, and the log-space ones make theirs)
