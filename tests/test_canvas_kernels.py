@@ -546,7 +546,7 @@ def test_a_draw_whose_weights_fall_out_of_float64_s_range_is_refused():
     few bits there, or none) says so, and the caller redoes the canvas in log space."""
     # one position: state 0 -> state 1 (group 0, atom 0) or -> state 2 (group 1, atom 1)
     out_offsets, out_dst, out_group = np.array([0, 2, 2, 2]), np.array([1, 2], np.int32), np.array([0, 1], np.int32)
-    group_atoms, group_offsets = np.array([0, 1], np.int32), np.array([0, 1, 2])
+    plan = dp.group_plan(np.array([0, 1], np.int32), np.array([0, 1, 2]), 2)
     rank = np.arange(3, dtype=np.int32)
     u = np.full((1, 3), 0.5)
 
@@ -557,15 +557,44 @@ def test_a_draw_whose_weights_fall_out_of_float64_s_range_is_refused():
             offsets, states = np.array([0, 1, 3]), np.array([0, 1, 2], np.int32)
             flat = np.array([1.0, *beta_next])
             return dp._sample_atoms_live(gsum, gsum, offsets, states, flat, 0, out_offsets, out_dst, out_group,
-                                         group_atoms, group_offsets, u)
+                                         plan.base, plan.extra_offsets, plan.extra, u)
         return dp._sample_atoms(gsum, gsum, beta, np.array([1.0, sum(beta_next)]), rank, 0, out_offsets, out_dst,
-                                out_group, group_atoms, group_offsets, u)
+                                out_group, plan.base, plan.extra_offsets, plan.extra, u)
 
     for live_lists in (False, True):
         atoms, ok = draw([0.3, 0.7], [0.5, 0.5], live_lists)
         assert ok and atoms.tolist() == [1]
         assert not draw([3e-320, 7e-320], [0.5, 0.5], live_lists)[1]  # the group weights
     assert not draw([0.3, 0.7], [3e-320, 7e-320], False)[1]  # the dense backward row's values
+
+
+def test_an_atom_drawn_inside_a_group_along_its_plan_follows_the_atoms_weights():
+    """The sampler draws the atom inside a group down the group plan's bases (a group is
+    its base plus extra atoms): every atom as often as its weight says, none of weight 0,
+    and u at the very top of the group's sum (rounding) still lands on an atom with
+    weight."""
+    # groups: 0 = {0, 1}, 1 = {0, 1, 2, 3} (base 0), 2 = {0, 1, 2, 3, 4, 5} (base 1)
+    group_atoms = np.array([0, 1, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5], np.int32)
+    group_offsets = np.array([0, 2, 6, 12])
+    plan = dp.group_plan(group_atoms, group_offsets, 6)
+    assert plan.base.tolist() == [-1, 0, 1]
+    asum = np.array([[0.5, 0.0, 2.0, 1.0, 0.0, 3.5]])
+    gsum = dp.group_sums(asum, plan)
+    w_edge = np.ones(1)
+    out_group = np.array([2], np.int32)
+    n = 40_000
+    u = (np.arange(n) + 0.5) / n  # an even grid: the inverse CDF's exact shares
+    counts = np.zeros(6)
+    for x in u:
+        _, k = dp._draw_edge_and_atom(w_edge, 0, 1, 1.0, 0, asum, gsum, out_group, plan.base, plan.extra_offsets,
+                                      plan.extra, np.array([[0.0, x, 0.0]]))
+        counts[k] += 1
+    np.testing.assert_allclose(counts / n, asum[0] / asum[0].sum(), atol=1e-4)
+    for weights in (asum, np.array([[0.5, 0.0, 0.0, 0.0, 0.0, 0.0]])):  # (the second: all weight in a base)
+        for top in (1.0, 1.0 - 2.0**-53):
+            _, k = dp._draw_edge_and_atom(w_edge, 0, 1, 1.0, 0, weights, dp.group_sums(weights, plan), out_group,
+                                          plan.base, plan.extra_offsets, plan.extra, np.array([[0.0, top, 0.0]]))
+            assert weights[0, k] > 0.0
 
 
 def test_float64_exp_and_log_are_within_two_ulp_and_keep_their_edges():

@@ -1603,28 +1603,44 @@ def draw_index(weights, u):  # pragma: no cover - compiled
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
-def _draw_edge_and_atom(w_edge, e0, e1, tot, l, asum, gsum, out_group, group_atoms, group_offsets,
+def _draw_edge_and_atom(w_edge, e0, e1, tot, l, asum, gsum, out_group, base, extra_offsets, extra,
                         uniforms):  # pragma: no cover - compiled
     """The edge among e0..e1 - 1 (weights w_edge[0:e1 - e0], total tot > 0) and the atom
-    inside its group (weight asum) drawn at position l: -> (edge, atom)."""
+    inside its group (weight asum) drawn at position l: -> (edge, atom).
+
+    The atom is drawn along the ``GroupPlan`` (base, extra_offsets, extra): a group is
+    its base group plus its extra atoms, and its sum in ``gsum`` is the base's plus the
+    extras', so the draw goes down into the base where u falls below the base's sum, and
+    else walks the extras only. A text group holds nearly every atom (728 of 747 at 20
+    tools, BPE 4k), which a walk over all its atoms took ~0.4 us a position."""
     chosen = e0 + draw_index(w_edge[:e1 - e0], uniforms[l, 0] * tot)
     g = out_group[chosen]
     u = uniforms[l, 1] * gsum[l, g]
-    k = -1
-    acc = 0.0
-    for i in range(group_offsets[g], group_offsets[g + 1]):
-        w = asum[l, group_atoms[i]]
-        if w > 0.0:
-            k = group_atoms[i]
-            acc += w
-            if acc >= u:
-                break
-    return chosen, k
+    while True:
+        h = base[g]
+        hw = gsum[l, h] if h >= 0 else 0.0
+        if h >= 0 and u < hw:
+            g = h
+            continue
+        k = -1
+        acc = hw
+        for i in range(extra_offsets[g], extra_offsets[g + 1]):
+            w = asum[l, extra[i]]
+            if w > 0.0:
+                k = extra[i]
+                acc += w
+                if acc >= u:
+                    break
+        if k >= 0 or not hw > 0.0:
+            return chosen, k
+        # rounding left u unreached past a base with weight and extras of none: the base
+        g = h
+        u = hw * (1.0 - 2.0**-52)
 
 
 @nb.njit(cache=True, nogil=True)
-def _sample_atoms_live(asum, gsum, offsets, states, beta, start, out_offsets, out_dst, out_group, group_atoms,
-                       group_offsets, uniforms):  # pragma: no cover
+def _sample_atoms_live(asum, gsum, offsets, states, beta, start, out_offsets, out_dst, out_group, base,
+                       extra_offsets, extra, uniforms):  # pragma: no cover
     """Backward filtering, forward sampling: an edge per position (weight gsum * beta of
     its end; each position's beta sums to 1), then an atom inside the edge's group
     (weight asum). -> (atoms (L,) int32, ok) as ``_sample_atoms``."""
@@ -1645,8 +1661,8 @@ def _sample_atoms_live(asum, gsum, offsets, states, beta, start, out_offsets, ou
             tot += w
         if not _draw_in_range(tot, e0, e1, l, gsum, out_group, 1.0):
             return out, False
-        chosen, k = _draw_edge_and_atom(w_edge, e0, e1, tot, l, asum, gsum, out_group, group_atoms,
-                                         group_offsets, uniforms)
+        chosen, k = _draw_edge_and_atom(w_edge, e0, e1, tot, l, asum, gsum, out_group, base, extra_offsets, extra,
+                                         uniforms)
         out[l] = k
         s = out_dst[chosen]
     return out, True
@@ -1745,8 +1761,8 @@ def _entropy(asum, asumx, F, log_f):  # pragma: no cover
 
 
 @nb.njit(cache=True, nogil=True)
-def _sample_atoms(asum, gsum, beta, beta_totals, out_rank, start, out_offsets, out_dst, out_group, group_atoms,
-                  group_offsets, uniforms):  # pragma: no cover
+def _sample_atoms(asum, gsum, beta, beta_totals, out_rank, start, out_offsets, out_dst, out_group, base,
+                  extra_offsets, extra, uniforms):  # pragma: no cover
     """Backward filtering, forward sampling: an edge per position (weight gsum * beta of
     its end; beta in "out" order, 0 off the valid canvases, each row's total in
     beta_totals), then an atom inside the edge's group (weight asum). -> (atoms (L,)
@@ -1767,8 +1783,8 @@ def _sample_atoms(asum, gsum, beta, beta_totals, out_rank, start, out_offsets, o
             tot += w
         if not _draw_in_range(tot, e0, e1, l, gsum, out_group, beta_totals[l + 1]):
             return out, False
-        chosen, k = _draw_edge_and_atom(w_edge, e0, e1, tot, l, asum, gsum, out_group, group_atoms,
-                                         group_offsets, uniforms)
+        chosen, k = _draw_edge_and_atom(w_edge, e0, e1, tot, l, asum, gsum, out_group, base, extra_offsets, extra,
+                                         uniforms)
         out[l] = k
         s = out_dst[chosen]
     return out, True

@@ -589,14 +589,14 @@ class CompiledGrammar:
                     uniforms: np.ndarray) -> list[int]:
         """One canvas's sample: its atoms drawn from the fast passes' beta where it stayed
         in range (every draw too), else in log space; then a token inside each atom."""
-        ta = self.automaton
+        plan = self._group_plan
         atoms, ok, log_asum = None, False, None
         if passes.in_range and sup.dense:
             atoms, ok = dp._sample_atoms(sc.asum[sl], sc.gsum[sl], passes.beta, passes.beta_totals, self._layout.rank,
-                                         s0, *self._out_edges, ta.group_atoms, ta.group_offsets, uniforms)
+                                         s0, *self._out_edges, plan.base, plan.extra_offsets, plan.extra, uniforms)
         elif passes.in_range:
             atoms, ok = dp._sample_atoms_live(sc.asum[sl], sc.gsum[sl], sup.offsets, sup.states, passes.beta, s0,
-                                              *self._out_edges, ta.group_atoms, ta.group_offsets, uniforms)
+                                              *self._out_edges, plan.base, plan.extra_offsets, plan.extra, uniforms)
         if not ok:
             _, atoms, log_asum = self._log_space(sc, sl, sup, s0, uniforms=uniforms)
         return self._tokens_in_atoms(sc, sl, atoms, uniforms, log_asum)
