@@ -134,6 +134,25 @@ def _sort_states(a, spare, count, bits):  # pragma: no cover - compiled
         a[:] = spare[:n]
 
 
+@nb.njit(cache=True, nogil=True)
+def _best_after(log_norm):  # pragma: no cover - compiled
+    """(L + 1,): the log-probability of the best token at each position from l on (each
+    position's best allowed logit has probability 1 / norm)."""
+    L = log_norm.shape[0]
+    best_after = np.zeros(L + 1, np.float64)
+    for l in range(L - 1, -1, -1):
+        best_after[l] = best_after[l + 1] - log_norm[l]
+    return best_after
+
+
+@nb.njit(cache=True, nogil=True)
+def _grown(a, n, cap):  # pragma: no cover - compiled
+    """A new array of ``cap`` entries holding a[:n]."""
+    out = np.empty(cap, a.dtype)
+    out[:n] = a[:n]
+    return out
+
+
 def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyped-def]
     """The forward sweep over kept cells for one choice of tests (compile-time flags)."""
 
@@ -167,11 +186,7 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyp
         states = np.empty(cap, np.int32)
         alpha = np.empty(cap, np.float64)  # each kept cell's alpha, times exp(lift) (see below)
         prefix = np.empty(cap, np.float64)  # ... and its best prefix's log-probability
-        # the log-probability of the best token at each position from l on: the best
-        # allowed logit is ``ref``, its probability 1 / norm
-        best_after = np.zeros(L + 1, np.float64)
-        for l in range(L - 1, -1, -1):
-            best_after[l] = best_after[l + 1] - log_norm[l]
+        best_after = _best_after(log_norm)  # (the best allowed logit is ``ref``, its probability 1 / norm)
         # alpha over the kept cells is at most 1 (each position's token probabilities add
         # up to 1) and at least the cut on a kept cell: held as alpha * exp(lift), the lift
         # raising a cut far below 1 (peaked logits: a valid canvas can weigh e^-716
@@ -229,15 +244,9 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool):  # type: ignore[no-untyp
             if n + nt > cap:
                 while cap < n + nt:
                     cap *= 2
-                grown = np.empty(cap, np.int32)
-                grown[:n] = states[:n]
-                states = grown
-                more = np.empty(cap, np.float64)
-                more[:n] = alpha[:n]
-                alpha = more
-                more = np.empty(cap, np.float64)
-                more[:n] = prefix[:n]
-                prefix = more
+                states = _grown(states, n, cap)
+                alpha = _grown(alpha, n, cap)
+                prefix = _grown(prefix, n, cap)
             left = L - l - 1
             m = n
             for k in range(nt):
@@ -341,9 +350,7 @@ def keep_above(offsets, states, alpha, prefix, cut, log_norm):  # pragma: no cov
     passes is then 0): no harm. A second sweep with the higher cut keeps fewer, at the
     cost of a sweep (1.03-1.08x the step at 1 tool, measured)."""
     L = log_norm.shape[0]
-    best_after = np.zeros(L + 1, np.float64)
-    for l in range(L - 1, -1, -1):
-        best_after[l] = best_after[l + 1] - log_norm[l]
+    best_after = _best_after(log_norm)
     out_offsets = np.zeros_like(offsets)
     out = np.empty_like(states)
     dropped = -np.inf
@@ -356,7 +363,6 @@ def keep_above(offsets, states, alpha, prefix, cut, log_norm):  # pragma: no cov
             else:
                 dropped = max(dropped, prefix[i] + best_after[p])
         out_offsets[p + 1] = n
-    out_offsets[L + 1] = n
     return out_offsets, out[:n], dropped
 
 
@@ -397,16 +403,19 @@ def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndar
     cells = (L + 1) * to_finish.shape[0]  # (at least the support's)
     log_share = math.log(LOST_SHARE / cells)
     sweep = _KEPT_CELLS[want_sum, want_max]
-    args = (gsum_, gmax_, ref, log_norm, to_finish, start, *out_edges, log_m + log_share, log_share)
+    args = (gsum_, gmax_, ref, log_norm, to_finish, start, *out_edges)
     max_cells = int(MAX_KEPT_SHARE * cells)
     log_best = np.inf if want_sum else _below_rounding(log_v)
+    log_cut = log_m + log_share
     lowest = -(_CUT_AT + _TOP_AT)
-    offsets, states, ok, best, dropped, log_kept, alpha, prefix, lift = sweep(*args, lowest, log_best, max_cells)
-    if not ok and want_sum and log_m + log_share < lowest and log_kept < np.inf:  # (raised and refused: lower)
+    offsets, states, ok, best, dropped, log_kept, alpha, prefix, lift = sweep(*args, log_cut, log_share, lowest,
+                                                                              log_best, max_cells)
+    if not ok and want_sum and log_cut < lowest and log_kept < np.inf:  # (raised and refused: lower)
         lowest = -_LOWEST_CUT
-        offsets, states, ok, best, dropped, log_kept, alpha, prefix, lift = sweep(*args, lowest, log_best, max_cells)
+        offsets, states, ok, best, dropped, log_kept, alpha, prefix, lift = sweep(*args, log_cut, log_share, lowest,
+                                                                                  log_best, max_cells)
     if ok and want_sum:  # (the cut it used, raised or not, is sound: a second sweep starts there)
-        args = (*args[:-2], max(args[-2], lowest), log_share)
+        log_cut = max(log_cut, lowest)
     if ok and want_sum and log_kept > log_m + _LOOSE_WALK:
         # the greedy walks' bound was loose (a sure model's best tokens invalid: they found
         # e^-974 where the canvases weigh e^-716): the kept canvases' weight gives a higher
@@ -414,7 +423,6 @@ def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndar
         log_cut = log_kept + log_share
         offsets, states, dropped_now = keep_above(offsets, states, alpha, prefix, math.exp(log_cut + lift), log_norm)
         dropped = max(dropped, dropped_now)
-        args = (*args[:-2], log_cut, log_share)
     if ok and want_sum and want_max:
         # The first sweep took the cells that carry the weight alone (where they are too
         # many, the cells of both tests would be more). Where no cell left out leads to a
@@ -423,7 +431,7 @@ def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndar
         # that turns into a string early, say)
         floor = _below_rounding(max(best, log_v))
         if dropped >= floor:
-            offsets, states, ok = sweep(*args, lowest, floor, max_cells)[:3]
+            offsets, states, ok = sweep(*args, log_cut, log_share, lowest, floor, max_cells)[:3]
     if not ok:
         return None
     # (no mask: the passes over lists read none, and the log-space ones make theirs)
