@@ -6,6 +6,7 @@ derived from it, and the canvas DP entry points that run once per denoising step
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, NamedTuple, Sequence
@@ -105,6 +106,17 @@ class _Scores:
         """Whether every atom with a finite logit in these rows kept its sum within
         float64's normal range (else the fast passes would weigh it as 0, or coarsely)."""
         return not bool(((self.asum[rows] < _NORMAL) & (self.aarg[rows] >= 0)).any())
+
+    def log_underflow(self, rows: slice) -> float:
+        """The log of a bound on the probability, with each row's tokens normalised over
+        the allowed ones, of the token sequences through an atom whose sum fell below
+        float64's smallest normal in these rows: each such atom weighs less than that
+        number at its row (-inf where none did)."""
+        asum = self.asum[rows]
+        under = ((asum < _NORMAL) & (self.aarg[rows] >= 0)).sum(axis=1)  # (L,)
+        if not under.any():
+            return -math.inf
+        return math.log(float((under * _NORMAL / asum.sum(axis=1)).sum()))
 
 
 #: float64's smallest normal number: below it a weight keeps fewer digits, then none.
@@ -441,7 +453,7 @@ class CompiledGrammar:
         out = []
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
-            sup, _ = self._step_support(sc, sl, s0, partial, prune, sums=False, gmax=gmax[sl])
+            sup, _, _ = self._step_support(sc, sl, s0, partial, prune, sums=False, gmax=gmax[sl])
             path = self._canvas_passes(sup, s0, partial, gmax=gmax[sl], best=(sc.amax[sl], sc.aarg[sl])).path
             assert path is not None
             out.append(path)
@@ -720,9 +732,8 @@ class CompiledGrammar:
         out = []
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
-            in_range = sc.sums_in_range(sl)
-            sup, _ = self._step_support(sc, sl, s0, partial, prune and in_range, sums=True)
-            passes = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl]) if in_range else _OUT_OF_RANGE
+            sup, _, fast = self._step_support(sc, sl, s0, partial, prune, sums=True)
+            passes = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl]) if fast else _OUT_OF_RANGE
             out.append(self._sample_one(sc, sl, sup, passes, s0, uniforms[b]))
         return out if batched else out[0]
 
@@ -753,10 +764,9 @@ class CompiledGrammar:
         in_log_space: dict[int, np.ndarray] = {}  # canvas -> its log F, where the sums left float64's range
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
-            in_range = sc.sums_in_range(sl)
-            sup, _ = self._step_support(sc, sl, s0, partial, prune and in_range, sums=True)
+            sup, _, fast = self._step_support(sc, sl, s0, partial, prune, sums=True)
             passes = (self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True)
-                      if in_range else _OUT_OF_RANGE)
+                      if fast else _OUT_OF_RANGE)
             if passes.in_range:
                 F[sl] = passes.F
             else:
@@ -809,12 +819,11 @@ class CompiledGrammar:
         pruned: list[bool] = []
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
-            in_range = sc.sums_in_range(sl)
-            sup, kept = self._step_support(sc, sl, s0, partial, prune and in_range, sums=True, gmax=gmax[sl])
+            sup, kept, fast = self._step_support(sc, sl, s0, partial, prune, sums=True, gmax=gmax[sl])
             pruned.append(kept)
             top = (sc.amax[sl], sc.aarg[sl])
             passes = (self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True, gmax=gmax[sl], best=top)
-                      if in_range else _OUT_OF_RANGE)
+                      if fast else _OUT_OF_RANGE)
             path = passes.path
             if path is None:  # (the Viterbi pass shared a sweep that stopped early, or never ran)
                 path = self._canvas_passes(sup, s0, partial, gmax=gmax[sl], best=top).path
@@ -850,21 +859,26 @@ class CompiledGrammar:
         return hit
 
     def _step_support(self, sc: "_Scores", sl: slice, s0: int, partial: bool, prune: bool, *, sums: bool,
-                      gmax: np.ndarray | None = None) -> tuple[dp.Support, bool]:
-        """The cells a step's passes run over for the canvas of rows ``sl`` from ``s0``, and
-        whether they were pruned: with ``prune`` those that can carry weight (``sums``: the
-        step's sums, in range) or the Viterbi canvas (``gmax`` (L, G)), where few of them
-        can (``grammar.pruning``); else the whole support."""
+                      gmax: np.ndarray | None = None) -> tuple[dp.Support, bool, bool]:
+        """The cells a step's passes run over for the canvas of rows ``sl`` from ``s0``,
+        whether they were pruned, and whether the fast passes may run on them: with
+        ``prune`` those that can carry weight (``sums``: the step's sums) or the Viterbi
+        canvas (``gmax`` (L, G)), where few of them can (``grammar.pruning``); else the
+        whole support. The fast passes run where every atom's sum stayed in float64's
+        range, or where those that fell out of it (low temperatures: an atom 708 nats
+        below its row's best) weigh less than 2**-57 of the kept canvases
+        (``probable_support``'s ``log_lost``); else the caller goes to log space."""
         L = sl.stop - sl.start
+        in_range = not sums or sc.sums_in_range(sl)
         to_finish = self._to_finish(partial) if prune else None
         if to_finish is not None:
             ref = sc.rowmax[sl] if sums else sc.amax[sl].max(axis=1).astype(np.float64)  # each row's best allowed logit
             kept = pruning.probable_support(to_finish, s0, self._out_edges, ref,
                                             gsum=sc.gsum[sl] if sums else None, asum=sc.asum[sl] if sums else None,
-                                            gmax=gmax)
+                                            gmax=gmax, log_lost=-math.inf if in_range else sc.log_underflow(sl))
             if kept is not None:
-                return kept, True
-        return self._support(L, s0, partial), False
+                return kept, True, True
+        return self._support(L, s0, partial), False, in_range
 
     def _to_finish(self, partial: bool) -> np.ndarray | None:
         """``pruning.fewest_to_finish`` of the accepting states (cached)."""

@@ -46,6 +46,16 @@ range together: the sweep raises it to e^-990 and checks at the end that the can
 over its kept cells weigh enough for that cut; where they do not, it tries again from
 e^-1200, and then gives up. Where those canvases weigh far more than the walks found,
 their weight gives a higher cut, and the kept cells under it go too (``keep_above``).
+
+At low temperatures an atom more than 708 nats below its row's best has a sum float64
+holds as 0 (or with few digits), and the fast passes would weigh its canvases as 0.
+Each such atom's probability is below float64's smallest normal at its position, so
+the canvases through any of them weigh at most (their count) x (that number) together
+(the caller's ``log_lost``); where that is below 2**-57 of the kept canvases' weight,
+they are left out too, beside the cells the sweep leaves out under a cut of half the
+share (temperature 0.02, BPE 4k, 20 tools: 3.9 ms a step instead of 264 in log space
+over the whole support). Where the valid canvases weigh that little, those atoms may
+carry them: the passes go to log space.
 """
 
 from __future__ import annotations
@@ -374,7 +384,7 @@ def _below_rounding(log_p: float) -> float:
 
 def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndarray, np.ndarray, np.ndarray],
                      ref: np.ndarray, gsum: np.ndarray | None = None, asum: np.ndarray | None = None,
-                     gmax: np.ndarray | None = None) -> Support | None:
+                     gmax: np.ndarray | None = None, log_lost: float = -math.inf) -> Support | None:
     """The cells of a canvas from ``start`` that can carry weight (with ``gsum`` and
     ``asum``) and the Viterbi canvas (with ``gmax``), see the module's docstring, as a
     support of lists; None where too few can be left out.
@@ -383,7 +393,11 @@ def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndar
     group) of each state's edges. ``ref`` (L,) is each position's best allowed logit,
     which the step's sums were taken from: ``gsum`` (L, G) the groups' sums, ``asum``
     (L, K) the atoms' (they add up to each position's normaliser); ``gmax`` (L, G) the
-    groups' best logits.
+    groups' best logits. ``log_lost`` (with the sums) bounds the log-probability, tokens
+    normalised so at each position, of the canvases through atoms the sums hold as 0 or
+    coarsely (below float64's smallest normal): those are left out too, so the cut takes
+    half the share, and the cells are kept only where they weigh less than the other
+    half of the valid canvases' weight (else None).
     """
     want_sum, want_max = gsum is not None, gmax is not None
     L = ref.shape[0]
@@ -401,7 +415,8 @@ def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndar
     if (want_sum and not log_m > -np.inf) or (want_max and not log_v > -np.inf):
         return None
     cells = (L + 1) * to_finish.shape[0]  # (at least the support's)
-    log_share = math.log(LOST_SHARE / cells)
+    share = LOST_SHARE if not (want_sum and log_lost > -np.inf) else LOST_SHARE / 2
+    log_share = math.log(share / cells)
     sweep = _KEPT_CELLS[want_sum, want_max]
     args = (gsum_, gmax_, ref, log_norm, to_finish, start, *out_edges)
     max_cells = int(MAX_KEPT_SHARE * cells)
@@ -433,6 +448,8 @@ def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndar
         if dropped >= floor:
             offsets, states, ok = sweep(*args, log_cut, log_share, lowest, floor, max_cells)[:3]
     if not ok:
+        return None
+    if want_sum and not log_lost <= max(log_m, log_kept) + math.log(share):  # (both bound the total from below)
         return None
     # (no mask: the passes over lists read none, and the log-space ones make theirs)
     no_mask = np.zeros((0, to_finish.shape[0]), np.uint8)
