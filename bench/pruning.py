@@ -62,7 +62,7 @@ def kept_share(g: CompiledGrammar, x: torch.Tensor, state: int, partial: bool) -
     L = x.shape[0]
     sc = g._scores(x[None].numpy())
     gmax = dp.group_max(sc.amax, g._group_plan)
-    kept, pruned = g._step_support(sc, slice(0, L), state, partial, True, sums=True, gmax=gmax)
+    kept, pruned, _ = g._step_support(sc, slice(0, L), state, partial, True, sums=True, gmax=gmax)
     return float(kept.offsets[-1] / g._support(L, state, partial).offsets[-1]) if pruned else 1.0
 
 
