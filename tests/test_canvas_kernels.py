@@ -659,7 +659,7 @@ def test_the_dense_log_passes_agree_with_the_lists_by_state(btok, monkeypatch, p
     V = g.vocab.size
     rowmax, _, _, amax, _ = dp.reduce_atoms(x, g._sorted_atoms(V), True, False)
     log_asum = log_canvas.log_atom_stats_host(x, g._sorted_atoms(V), amax, rowmax)[0]
-    log_gsum = log_canvas.log_sums_by_group(log_asum, ta.group_atoms, ta.group_offsets)
+    log_gsum = log_canvas.log_sums_by_group(log_asum, *g._group_plan)
     live = np.ascontiguousarray(sup.live[:, lay.rank])
     want_lb = log_canvas.log_backward(log_gsum, live, *g._out_edges)
     want_f, ok = log_canvas.log_factors(log_gsum, want_lb, live, mid, *g._in_edges, ta.atom_groups,
@@ -682,6 +682,50 @@ def test_the_dense_log_passes_agree_with_the_lists_by_state(btok, monkeypatch, p
                         for h in range(len(ta.group_offsets) - 1)] for n in range(L)])
     np.testing.assert_allclose(log_gsum[np.isfinite(want_g)], want_g[np.isfinite(want_g)], rtol=1e-13, atol=1e-12)
     assert np.array_equal(np.isfinite(log_gsum), np.isfinite(want_g))
+
+
+def test_the_log_passes_over_kept_cells_agree_with_the_lists_by_state(btok):
+    """The log-space passes over a pruned canvas's kept lists (a value per kept cell,
+    each position's looked up by state through a scratch row; the factors from the
+    groups the kept edges carry alone) against the passes over each state's edges on
+    the mask of the same cells, on the cells a log-space sweep keeps at logits
+    N(0, 300): the same backward values and factors to rounding, and the sampler
+    reading either draws the same atoms."""
+    from agentloop.grammar import log_canvas, pruning
+
+    g = compile_tools(TOOLS[:3], btok, "gemma4")
+    ta, S, L = g.automaton, g.automaton.n_states, 40
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((1, L, g.vocab.size)) * 300).astype(np.float32)
+    sc = g._scores(x)
+    log_asum, log_gsum = g._log_sums(sc, slice(0, L))
+    sup = pruning.probable_support(g._to_finish(False), g.start_state, g._out_edges, sc.rowmax, gsum=log_gsum,
+                                   asum=sc.asum, in_logs=True)
+    assert sup is not None and sup.offsets[-1] < 0.2 * g._support(L, g.start_state, False).offsets[-1]
+    rows = np.repeat(np.arange(L + 1), np.diff(sup.offsets)[:L + 1])
+    live = np.zeros((L + 1, S), np.uint8)
+    live[rows, sup.states] = 1
+    want_lb = log_canvas.log_backward(log_gsum, live, *g._out_edges)
+    lb = log_canvas.kept_log_backward(log_gsum, sup.offsets, sup.states, *g._out_edges, S)
+    assert np.isfinite(lb[0]) and np.array_equal(np.isfinite(lb), np.isfinite(want_lb[rows, sup.states]))
+    finite = np.isfinite(lb)
+    np.testing.assert_allclose(lb[finite], want_lb[rows, sup.states][finite], rtol=1e-12, atol=1e-9)
+    want_f, ok = log_canvas.log_factors(log_gsum, want_lb, live, g.start_state, *g._in_edges, ta.atom_groups,
+                                        ta.atom_group_offsets)
+    got_f, got_ok = log_canvas.kept_log_factors(log_gsum, lb, sup.offsets, sup.states, *g._out_edges,
+                                                ta.group_atoms, ta.group_offsets, ta.n_atoms, S)
+    assert ok and got_ok and np.array_equal(np.isfinite(got_f), np.isfinite(want_f))
+    finite = np.isfinite(want_f)
+    np.testing.assert_allclose(got_f[finite], want_f[finite], rtol=1e-12, atol=1e-9)
+    none = np.zeros(0, np.int64), np.zeros(0, np.int32)
+    for seed in range(5):
+        u = np.random.default_rng(seed).random((L, 3))
+        want_atoms, ok = log_canvas.log_sample_atoms(log_asum, log_gsum, want_lb.reshape(-1), np.arange(S), *none,
+                                                     g.start_state, *g._out_edges, ta.group_atoms, ta.group_offsets, u)
+        got_atoms, got_ok = log_canvas.log_sample_atoms(log_asum, log_gsum, lb, np.zeros(0, np.int64), sup.offsets,
+                                                        sup.states, g.start_state, *g._out_edges, ta.group_atoms,
+                                                        ta.group_offsets, u)
+        assert ok and got_ok and np.array_equal(got_atoms, want_atoms)
 
 
 @pytest.mark.parametrize("n_tools", [1, 5])

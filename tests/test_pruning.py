@@ -223,13 +223,13 @@ def test_the_sweeps_kept_weight_is_the_canvases_and_bounds_a_raised_cut(btok, to
         sc = g._scores(x[None].numpy())
         log_norm = np.log(sc.asum.sum(axis=1))
         log_asum = sc.log_stats(g._sorted_atoms(g.vocab.size))[0]
-        log_gsum = log_canvas.log_sums_by_group(log_asum, g.automaton.group_atoms, g.automaton.group_offsets)
+        log_gsum = log_canvas.log_sums_by_group(log_asum, *g._group_plan)
         live = np.ascontiguousarray(g._support(L_, g.start_state, False).live[:, lay.rank])
         log_z = log_canvas.log_backward(log_gsum, live, *g._out_edges)[0, g.start_state] - log_norm.sum()
         to_finish = g._to_finish(False)
         cells = (L_ + 1) * to_finish.shape[0]
         log_share = math.log(pruning.LOST_SHARE / cells)
-        _, _, ok, _, _, log_kept, _, _, _ = pruning._KEPT_CELLS[True, False](
+        _, _, ok, _, _, log_kept, _, _, _ = pruning._KEPT_CELLS[True, False, False](
             sc.gsum, np.zeros((L_, 0)), sc.rowmax, log_norm, to_finish, g.start_state, *g._out_edges,
             -5000.0, log_share, -990.0, np.inf, cells)
         sound = log_z + log_share >= -990.0
@@ -255,21 +255,35 @@ def test_a_pruned_canvas_redone_in_log_space_gives_the_whole_lattice_s(btok, too
     torch.testing.assert_close(kept.entropy, whole.entropy, rtol=1e-9, atol=1e-12)
 
 
-def test_a_low_temperature_prunes_where_the_atoms_out_of_float64s_range_weigh_nothing(btok, tools3):
-    """Logits N(0, 2) at temperature 0.02 (a spread of ~800 nats): atoms more than 708
-    nats below their row's best leave float64's range (their sums underflow). The
-    valid canvases pass the best tokens, so those atoms weigh far less than 2**-57 of
-    them: the step prunes and runs the fast passes (the whole lattice goes to log
-    space), and gives the whole lattice's canvas, marginals and entropies (to the
-    rounding of the scan's float32 terms, |x - rowmax| * 6e-8)."""
+@pytest.mark.parametrize("temperature", [0.02, 0.005])
+def test_a_low_temperature_prunes_where_the_atoms_out_of_float64s_range_weigh_nothing(btok, tools3, temperature):
+    """A model sure of a valid call (12 nats ahead over N(0, 2)) at temperature 0.02 (a
+    spread of ~800 nats): atoms more than 708 nats below their row's best leave
+    float64's range (their sums underflow). The valid canvases pass the best tokens,
+    so those atoms weigh far less than 2**-57 of them: the step prunes and runs the fast
+    passes, where the whole lattice goes to log space. Random logits N(0, 2) at 0.005:
+    the valid canvases weigh less than e^-2000 of the best tokens', out of the fast
+    sweep's reach; a sweep in log space prunes, and the log-space passes run over its
+    kept cells' lists (at seeds where it keeps few). Either way the step gives the whole
+    lattice's canvas, sample, marginals and entropies (to the rounding of the scan's
+    float32 terms, |x - rowmax| * 6e-8, on the fast passes)."""
     g = tools3
-    for seed in range(3):
-        x = _confident(g, btok, 2.0, seed) / 0.02
-        assert not g._scores(x[None].numpy()).sums_in_range(slice(0, L))
+    for seed in ((0, 1, 2) if temperature == 0.02 else (0, 2)):
+        if temperature == 0.02:
+            x = _confident(g, btok, 2.0, seed) / temperature
+        else:
+            x = torch.randn(L, g.vocab.size, generator=torch.Generator().manual_seed(seed)) * 2.0 / temperature
+        sc = g._scores(x[None].numpy())
+        assert not sc.sums_in_range(slice(0, L))
+        gmax = dp.group_max(sc.amax, g._group_plan)
+        _, kept_cells, fast = g._step_support(sc, slice(0, L), g.start_state, False, True, sums=True, gmax=gmax)
+        assert kept_cells and fast == (temperature == 0.02)
         whole = g.denoise_step(x, torch.Generator().manual_seed(0), prune=False)
         kept = g.denoise_step(x, torch.Generator().manual_seed(0))
         assert kept.pruned and not whole.pruned
         assert kept.argmax == whole.argmax and g.accepts(kept.sample)
+        if not fast:  # (both in log space, the same uniforms)
+            assert kept.sample == whole.sample
         likely = whole.log_marginals > -30
         assert torch.isfinite(kept.log_marginals[likely]).all()
         torch.testing.assert_close(kept.log_marginals[likely], whole.log_marginals[likely], rtol=1e-5, atol=1e-5)

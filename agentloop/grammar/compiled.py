@@ -90,6 +90,8 @@ class _Scores:
     rowmax_dev: torch.Tensor | None  # (N,) rowmax on the logits' device (device passes), else None
     #: ``log_canvas.log_atom_stats``, taken for all rows when a canvas first needs them
     _log_stats: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    #: ``log_canvas.log_sums_by_group`` of those, likewise (``CompiledGrammar._log_sums``)
+    _log_gsum: list[np.ndarray] = field(default_factory=list)
 
     def log_stats(self, atoms: dp.SortedAtoms) -> tuple[np.ndarray, np.ndarray]:
         """(log sum of exp(x - rowmax), mean of x - amax) per atom (N, K) each, exact where
@@ -641,36 +643,48 @@ class CompiledGrammar:
         asked."""
         ta = self.automaton
         L = sl.stop - sl.start
-        log_asum = sc.log_stats(self._sorted_atoms(sc.flat.shape[1]))[0][sl]
-        log_gsum = log_canvas.log_sums_by_group(log_asum, ta.group_atoms, ta.group_offsets)
+        log_asum, log_gsum = self._log_sums(sc, sl)
         log_f, atoms = np.zeros((0, 0)), np.zeros(0, np.int32)
         lay = self._layout
-        if sup.dense:  # the fast passes' layout: runs, fans, single edges (by row)
+        no_lists = np.zeros(0, np.int64), np.zeros(0, np.int32)
+        if not sup.live.shape[0]:  # a pruned support: its lists alone
+            lb = log_canvas.kept_log_backward(log_gsum, sup.offsets, sup.states, *self._out_edges, ta.n_states)
+            column, lists = np.zeros(0, np.int64), (sup.offsets, sup.states)
+            ok = bool(lb[sup.offsets[0]] > -np.inf)
+            if ok and factors:
+                log_f, ok = log_canvas.kept_log_factors(log_gsum, lb, sup.offsets, sup.states, *self._out_edges,
+                                                        ta.group_atoms, ta.group_offsets, ta.n_atoms, ta.n_states)
+        elif sup.dense:  # the fast passes' layout: runs, fans, single edges (by row)
             edges = (lay.src, lay.dst, lay.group, lay.runs, sup.clip, lay.fans)
             lb, ok = log_canvas.dense_log_backward(log_gsum, sup.live, *edges)
-            column = lay.rank  # lb's column of each state: its row
+            column, lists = lay.rank, no_lists  # lb's column of each state: its row
             ok = ok and bool(lb[0, column[s0]] > -np.inf)
             if ok and factors:
                 log_f, ok = log_canvas.dense_log_factors(log_gsum, lb, sup.live, *edges, lay.in_row, lay.in_other,
                                                          lay.in_group, column[s0], ta.atom_groups,
                                                          ta.atom_group_offsets)
         else:  # lists of edges by state, each position's states on numba's threads
-            if sup.live.shape[0]:
-                live = np.ascontiguousarray(sup.live[:, lay.rank])  # (L + 1, S) by state
-            else:  # (a pruned support has its lists only)
-                live = np.zeros((L + 1, ta.n_states), np.uint8)
-                live[np.repeat(np.arange(L + 1), np.diff(sup.offsets)[:L + 1]), sup.states] = 1
-            lb, column = log_canvas.log_backward(log_gsum, live, *self._out_edges), np.arange(ta.n_states)
+            live = np.ascontiguousarray(sup.live[:, lay.rank])  # (L + 1, S) by state
+            lb = log_canvas.log_backward(log_gsum, live, *self._out_edges)
+            column, lists = np.arange(ta.n_states), no_lists
             ok = bool(lb[0, s0] > -np.inf)
             if ok and factors:
                 log_f, ok = log_canvas.log_factors(log_gsum, lb, live, s0, *self._in_edges, ta.atom_groups,
                                                    ta.atom_group_offsets)
         if ok and uniforms is not None:
-            atoms, ok = log_canvas.log_sample_atoms(log_asum, log_gsum, lb, column, s0, *self._out_edges,
-                                                    ta.group_atoms, ta.group_offsets, uniforms)
+            atoms, ok = log_canvas.log_sample_atoms(log_asum, log_gsum, lb.reshape(-1), column, *lists, s0,
+                                                    *self._out_edges, ta.group_atoms, ta.group_offsets, uniforms)
         if not ok:
             raise NoValidCanvasError(self._no_finite_canvas_message(L, s0))
         return log_f, atoms, log_asum
+
+    def _log_sums(self, sc: "_Scores", sl: slice) -> tuple[np.ndarray, np.ndarray]:
+        """The logs of the atoms' (L, K) and the groups' (L, G) sums in rows ``sl``,
+        exact where the sums leave float64's range (taken once a step)."""
+        log_asum = sc.log_stats(self._sorted_atoms(sc.flat.shape[1]))[0]
+        if not sc._log_gsum:
+            sc._log_gsum.append(log_canvas.log_sums_by_group(log_asum, *self._group_plan))
+        return log_asum[sl], sc._log_gsum[0][sl]
 
     @staticmethod
     def _log_factors(F: np.ndarray, in_log_space: dict[int, np.ndarray], L: int) -> np.ndarray:
@@ -867,7 +881,8 @@ class CompiledGrammar:
         whole support. The fast passes run where every atom's sum stayed in float64's
         range, or where those that fell out of it (low temperatures: an atom 708 nats
         below its row's best) weigh less than 2**-57 of the kept canvases
-        (``probable_support``'s ``log_lost``); else the caller goes to log space."""
+        (``probable_support``'s ``log_lost``); else the caller goes to log space, over
+        the cells a sweep in log space keeps where it keeps few."""
         L = sl.stop - sl.start
         in_range = not sums or sc.sums_in_range(sl)
         to_finish = self._to_finish(partial) if prune else None
@@ -878,6 +893,12 @@ class CompiledGrammar:
                                             gmax=gmax, log_lost=-math.inf if in_range else sc.log_underflow(sl))
             if kept is not None:
                 return kept, True, True
+            if not in_range:  # (the atoms out of range may carry the weight)
+                log_gsum = self._log_sums(sc, sl)[1]
+                kept = pruning.probable_support(to_finish, s0, self._out_edges, ref, gsum=log_gsum, asum=sc.asum[sl],
+                                                gmax=gmax, in_logs=True)
+                if kept is not None:
+                    return kept, True, False
         return self._support(L, s0, partial), False, in_range
 
     def _to_finish(self, partial: bool) -> np.ndarray | None:

@@ -12,8 +12,9 @@ backward masses that disagree, a draw that may have lost weight, an atom whose s
 below float64's normal range) and redone here, where every weight is a log and every sum
 a log-sum-exp: over dense messages in the fast passes' layout (runs of edges, each a
 vectorised loop) where the canvas's support is dense, else over lists of edges by state,
-each position's states shared by numba's threads. A step redone here costs 3-6x a step
-in range (BPE 4k, 1 to 20 tools; bench/log_space.py), for the rare steps that need it.
+each position's states shared by numba's threads, and over a pruned canvas's kept cells
+alone where ``pruning``'s sweep in log space keeps few (random logits at temperature
+0.01, BPE 4k, 20 tools: ~15 ms a step against ~280 over the whole support).
 
 Quantities follow ``canvas``: atoms, groups (unions of atoms on one edge), positions
 l = 0..L - 1 between rows l and l + 1 of the automaton's states. The passes over lists
@@ -21,8 +22,9 @@ take their arrays in state order, the dense ones in the layout's rows; ``live`` 
 masks the states on some valid canvas.
 
     >>> import numpy as np
-    >>> lg = np.log(np.array([[1.0, 2.0]]))  # one position, two groups
-    >>> log_sums_by_group(lg, np.array([0, 1], np.int32), np.array([0, 2], np.int64)).round(4).tolist()
+    >>> lg = np.log(np.array([[1.0, 2.0]]))  # one position, two atoms, one group of both
+    >>> plan = canvas.group_plan(np.array([0, 1], np.int32), np.array([0, 2], np.int64), 2)
+    >>> log_sums_by_group(lg, *plan).round(4).tolist()
     [[1.0986]]
 """
 
@@ -194,6 +196,110 @@ def log_factors(log_gsum, lb, live, start, in_offsets, in_src, in_group, atom_gr
     return log_f, True
 
 
+# ---- the same passes over a pruned canvas's kept cells ------------------------------------
+# ``pruning``'s sweep in log space keeps a few thousand of a canvas's cells (its lists:
+# offsets, states sorted at each position) where the weights leave float64's range; the
+# passes below run over those alone, each value stored per kept cell (a dense (L + 1, S)
+# array is 100 MB at 20 tools, and its pages cost more than the step), a position's
+# values looked up by state in an (S,) scratch row, set from the lists and reset after.
+
+
+@nb.njit(cache=True, nogil=True)
+def kept_log_backward(log_gsum, offsets, states, out_offsets, out_dst, out_group, S):  # pragma: no cover - compiled
+    """lb (n,): lb[i] = log of the total weight of the completions over the kept cells of
+    the canvas from kept cell i (state states[i] at its position); 0 at the last
+    position, whose kept states are all accepting."""
+    L = log_gsum.shape[0]
+    lb = np.full(states.shape[0], -np.inf)
+    nxt = np.full(S, -np.inf)  # lb at l + 1 by state
+    for i in range(offsets[L], offsets[L + 1]):
+        lb[i] = 0.0
+    for l in range(L - 1, -1, -1):
+        for i in range(offsets[l + 1], offsets[l + 2]):
+            nxt[states[i]] = lb[i]
+        for i in range(offsets[l], offsets[l + 1]):
+            s = states[i]
+            m, t = -np.inf, 0.0
+            for j in range(out_offsets[s], out_offsets[s + 1]):
+                b = nxt[out_dst[j]]
+                if b > -np.inf:
+                    m, t = _with_term(m, t, log_gsum[l, out_group[j]] + b)
+            lb[i] = _log_of(m, t)
+        for i in range(offsets[l + 1], offsets[l + 2]):
+            nxt[states[i]] = -np.inf
+    return lb
+
+
+@nb.njit(cache=True, nogil=True)
+def kept_log_factors(log_gsum, lb, offsets, states, out_offsets, out_dst, out_group, group_atoms, group_offsets,
+                     K, S):  # pragma: no cover - compiled
+    """``log_factors`` over the kept cells, from ``kept_log_backward``'s lb: a forward
+    pass pushing each kept cell's log alpha along its edges into kept cells. -> (log_f
+    (L, K), ok). A position's factors come from the groups its kept edges carry alone
+    (a few; ``_position_factors`` walks every group and atom, 15x the time at 20
+    tools), added up in the order the edges first reach them."""
+    L, G = log_gsum.shape
+    log_f = np.full((L, K), -np.inf)
+    alpha = np.full(states.shape[0], -np.inf)  # log alpha of each kept cell
+    nxt_b = np.full(S, -np.inf)  # lb at l + 1 by state
+    nxt_m = np.full(S, -np.inf)  # alpha at l + 1 by state, as running log-sum-exps
+    nxt_s = np.zeros(S, np.float64)
+    acc_m = np.full(G, -np.inf)  # each group's posterior at l, likewise
+    acc_s = np.zeros(G, np.float64)
+    groups = np.empty(G, np.int64)  # the groups the position's edges carry, in the order reached
+    atom_m = np.full(K, -np.inf)  # each atom's factor at l, likewise
+    atom_s = np.zeros(K, np.float64)
+    atoms = np.empty(K, np.int64)
+    alpha[offsets[0]] = 0.0  # (the start state, alone at position 0)
+    for l in range(L):
+        for i in range(offsets[l + 1], offsets[l + 2]):
+            nxt_b[states[i]] = lb[i]
+        ng = 0
+        for i in range(offsets[l], offsets[l + 1]):
+            a = alpha[i]
+            if a == -np.inf:
+                continue
+            s = states[i]
+            for j in range(out_offsets[s], out_offsets[s + 1]):
+                d = out_dst[j]
+                b = nxt_b[d]
+                if b == -np.inf:
+                    continue
+                g = out_group[j]
+                nxt_m[d], nxt_s[d] = _with_term(nxt_m[d], nxt_s[d], a + log_gsum[l, g])
+                if acc_m[g] == -np.inf and acc_s[g] == 0.0:
+                    groups[ng] = g
+                    ng += 1
+                acc_m[g], acc_s[g] = _with_term(acc_m[g], acc_s[g], a + b)
+        pm, ps = -np.inf, 0.0  # the position's mass: every group's edges, weighed by the group
+        for q in range(ng):
+            g = groups[q]
+            pm, ps = _with_term(pm, ps, _log_of(acc_m[g], acc_s[g]) + log_gsum[l, g])
+        log_post = _log_of(pm, ps)
+        if log_post == -np.inf:
+            return log_f, False
+        na = 0
+        for q in range(ng):
+            g = groups[q]
+            post = _log_of(acc_m[g], acc_s[g])
+            acc_m[g], acc_s[g] = -np.inf, 0.0
+            for i in range(group_offsets[g], group_offsets[g + 1]):
+                k = group_atoms[i]
+                if atom_m[k] == -np.inf and atom_s[k] == 0.0:
+                    atoms[na] = k
+                    na += 1
+                atom_m[k], atom_s[k] = _with_term(atom_m[k], atom_s[k], post)
+        for q in range(na):
+            k = atoms[q]
+            log_f[l, k] = _log_of(atom_m[k], atom_s[k]) - log_post
+            atom_m[k], atom_s[k] = -np.inf, 0.0
+        for i in range(offsets[l + 1], offsets[l + 2]):
+            d = states[i]
+            alpha[i] = _log_of(nxt_m[d], nxt_s[d])
+            nxt_b[d], nxt_m[d], nxt_s[d] = -np.inf, -np.inf, 0.0
+    return log_f, True
+
+
 # ---- the same passes over dense messages, as the fast passes run -------------------------
 # Where the canvas's support is dense (``canvas.Support.dense``), the passes below visit
 # the edges as ``canvas``'s dense passes do, in the layout's rows: runs of consecutive
@@ -331,21 +437,29 @@ def _log_atom_stats_rows(x, perm, lo, hi, singles, others, amax, rowmax, log_sum
 
 
 @nb.njit(cache=True, nogil=True, error_model="numpy")
-def log_sums_by_group(log_asum, group_atoms, group_offsets):  # pragma: no cover - compiled
-    """(N, G) log of each group's sum of its atoms' sums, from ``log_asum`` (N, K): added
-    along the positions, one vectorised loop per (group, atom) pair."""
+def log_sums_by_group(log_asum, order, base, extra_offsets, extra):  # pragma: no cover - compiled
+    """(N, G) log of each group's sum of its atoms' sums, from ``log_asum`` (N, K), along
+    a ``canvas.GroupPlan`` (order, base, extra_offsets, extra): each group's row is its
+    base group's plus its other atoms' (3.7x fewer pairs at 20 tools), added along the
+    positions, one vectorised loop per (group, atom) pair."""
     N = log_asum.shape[0]
-    G = group_offsets.shape[0] - 1
+    G = order.shape[0]
     cols = np.ascontiguousarray(log_asum.T)  # (K, N)
     out = np.empty((G, N), np.float64)
     m = np.empty(N, np.float64)
     s = np.empty(N, np.float64)
     every = np.ones(N, np.uint8)
-    for g in range(G):
-        m[:] = -np.inf
-        s[:] = 0.0
-        for i in range(group_offsets[g], group_offsets[g + 1]):
-            _add_run(m, s, 0.0, cols[group_atoms[i]])
+    for a in range(G):
+        g = order[a]
+        if base[g] >= 0:  # (built before g)
+            m[:] = out[base[g]]
+            for j in range(N):
+                s[j] = 1.0 if m[j] > -np.inf else 0.0
+        else:
+            m[:] = -np.inf
+            s[:] = 0.0
+        for i in range(extra_offsets[g], extra_offsets[g + 1]):
+            _add_run(m, s, 0.0, cols[extra[i]])
         _close_rows(out[g], m, s, every)
     return np.ascontiguousarray(out.T)
 
@@ -562,14 +676,18 @@ def dense_log_factors(log_gsum: np.ndarray, lb: np.ndarray, live: np.ndarray, sr
 
 
 @nb.njit(cache=True, nogil=True)
-def log_sample_atoms(log_asum, log_gsum, lb, column, start, out_offsets, out_dst, out_group, group_atoms,
-                     group_offsets, uniforms):  # pragma: no cover - compiled
+def log_sample_atoms(log_asum, log_gsum, lb, column, offsets, states, start, out_offsets, out_dst, out_group,
+                     group_atoms, group_offsets, uniforms):  # pragma: no cover - compiled
     """``canvas._sample_atoms`` in log space: an edge per position, weight
     exp(log_gsum + lb of its end), then an atom inside the edge's group, weight
     exp(log_asum), with the same uniforms in the same order. -> (atoms (L,) int32, ok):
-    ok is False where the canvas has no mass. lb's column of state q is column[q] (the
-    layout's rank for the dense passes' rows, q itself for the lists')."""
+    ok is False where the canvas has no mass. lb is flat: (L + 1) rows of S, state q's
+    column column[q] (the layout's rank for the dense passes' rows, q itself for the
+    lists'), or, where ``offsets`` (L + 2,) is given, one value per kept cell of the
+    lists (``kept_log_backward``'s)."""
     L = log_gsum.shape[0]
+    kept = offsets.shape[0] > 0
+    S = column.shape[0]
     out = np.empty(L, np.int32)
     degree = out_offsets[1:] - out_offsets[:-1]
     sizes = group_offsets[1:] - group_offsets[:-1]
@@ -579,7 +697,12 @@ def log_sample_atoms(log_asum, log_gsum, lb, column, start, out_offsets, out_dst
         e0, e1 = out_offsets[s], out_offsets[s + 1]
         top = -np.inf
         for j in range(e0, e1):
-            w[j - e0] = log_gsum[l, out_group[j]] + lb[l + 1, column[out_dst[j]]]
+            if kept:
+                at = canvas._slot(states, offsets[l + 1], offsets[l + 2], out_dst[j])
+                b = lb[at] if at >= 0 else -np.inf
+            else:
+                b = lb[(l + 1) * S + column[out_dst[j]]]
+            w[j - e0] = log_gsum[l, out_group[j]] + b
             top = max(top, w[j - e0])
         if top == -np.inf:
             return out, False
@@ -590,8 +713,8 @@ def log_sample_atoms(log_asum, log_gsum, lb, column, start, out_offsets, out_dst
         chosen = e0 + canvas.draw_index(w[:e1 - e0], uniforms[l, 0] * tot)
         g = out_group[chosen]
         a0, a1 = group_offsets[g], group_offsets[g + 1]
-        for i in range(a0, a1):  # the group's atoms, weights summing to 1
-            w[i - a0] = math.exp(log_asum[l, group_atoms[i]] - log_gsum[l, g])
+        for i in range(a0, a1):  # the group's atoms, weights summing to 1 (a vectorised exp: 728 at 20 tools)
+            w[i - a0] = exp_nonpositive(min(log_asum[l, group_atoms[i]] - log_gsum[l, g], 0.0))
         out[l] = group_atoms[a0 + canvas.draw_index(w[:a1 - a0], uniforms[l, 1])]
         s = out_dst[chosen]
     return out, True
@@ -605,11 +728,13 @@ def entropies(log_f, log_asum, mean_gap, amax, rowmax):  # pragma: no cover - co
     amax[k] - rowmax + log_f[k]), with every term finite where P_k > 0."""
     N, K = log_f.shape
     H = np.zeros(N, np.float64)
+    P = np.empty(K, np.float64)
     for n in range(N):
+        for k in range(K):  # (vectorised: float64_math's exp, 0 at -inf)
+            P[k] = exp_nonpositive(min(log_f[n, k] + log_asum[n, k], 0.0))
         h = 0.0
         for k in range(K):
-            lp = log_f[n, k] + log_asum[n, k]
-            if lp > -np.inf:
-                h -= math.exp(lp) * (mean_gap[n, k] + amax[n, k] - rowmax[n] + log_f[n, k])
+            if P[k] > 0.0:
+                h -= P[k] * (mean_gap[n, k] + amax[n, k] - rowmax[n] + log_f[n, k])
         H[n] = max(h, 0.0)
     return H
