@@ -1,7 +1,10 @@
-"""What a canvas redone in log space costs: ``denoise_step`` on logits N(0, 3), whose
-weights stay within float64's range (the fast passes), against N(0, 300) (a model's
-logits at temperature ~0.01), which the step redoes in log space (grammar/log_canvas.py),
-side by side in one process, alternating; it counts the canvases that went there.
+"""What low temperatures cost: ``denoise_step`` on logits N(0, 3), whose weights stay
+within float64's range (the fast passes), against N(0, 100) (a model's logits at
+temperature ~0.02: atoms 708+ nats below their row's best underflow, which pruning
+leaves out where they weigh nothing) and N(0, 300) (~0.01: the valid canvases weigh
+e^-2000 of the best tokens', and the step runs in log space, grammar/log_canvas.py, over
+the cells a log-space sweep keeps), side by side in one process, alternating; it counts
+the canvases that went to log space and the steps that pruned.
 
     python bench/log_space.py                       # 1, 5 and 20 tools, BPE 4k, one thread
     python bench/log_space.py --tools 1 --repeats 9
@@ -31,12 +34,14 @@ from agentloop.grammar.compiled import CompiledGrammar  # noqa: E402
 from bench.constraint import code_state, machine, step_bench_options  # noqa: E402
 from bench.tokenizers_offline import LOADERS, SCHEMAS  # noqa: E402
 
-#: The two logit scales: one within float64's range, one beyond it.
-SCALES = (3.0, 300.0)
+#: The logit scales: within float64's range, with atoms beyond it, with the valid
+#: canvases beyond it.
+SCALES = (3.0, 100.0, 300.0)
 
 
 def measure(tokenizer: str, n_tools: int, length: int, repeats: int) -> dict[str, Any]:
-    """Median ms of denoise_step at each scale, and the share of canvases redone in log space."""
+    """Median ms of denoise_step at each scale, and the shares of canvases redone in log
+    space and of steps that pruned."""
     tok, aliases = LOADERS[tokenizer]()
     tools = json.loads(SCHEMAS.read_text())[:n_tools]
     g = compile_tools(tools, tok, wire_format="gemma4", aliases=aliases)
@@ -45,6 +50,7 @@ def measure(tokenizer: str, n_tools: int, length: int, repeats: int) -> dict[str
     logits = {s: torch.randn(length, V, generator=torch.Generator().manual_seed(0)) * s for s in SCALES}
     times: dict[float, list[float]] = {s: [] for s in SCALES}
     redone = dict.fromkeys(SCALES, 0)
+    pruned = dict.fromkeys(SCALES, 0)
     for s in SCALES:  # warm up (compiles, the support, the messages)
         g.denoise_step(logits[s], torch.Generator().manual_seed(0), out=out)
     redo = CompiledGrammar._log_space
@@ -60,13 +66,15 @@ def measure(tokenizer: str, n_tools: int, length: int, repeats: int) -> dict[str
             for s in SCALES:
                 current[0] = s
                 t0 = time.perf_counter()
-                g.denoise_step(logits[s], torch.Generator().manual_seed(0), out=out)
+                step = g.denoise_step(logits[s], torch.Generator().manual_seed(0), out=out)
                 times[s].append(time.perf_counter() - t0)
+                pruned[s] += step.pruned
     finally:
         CompiledGrammar._log_space = redo  # type: ignore[method-assign]
     return {"tokenizer": tokenizer, "tools": n_tools, "states": g.stats.dfa_states,
             **{f"ms_{s:g}": statistics.median(times[s]) * 1e3 for s in SCALES},
-            **{f"log_space_{s:g}": redone[s] / repeats for s in SCALES}}
+            **{f"log_space_{s:g}": redone[s] / repeats for s in SCALES},
+            **{f"pruned_{s:g}": pruned[s] / repeats for s in SCALES}}
 
 
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
@@ -76,13 +84,15 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
              f"Machine: {m['platform']}, {m['cpu_count']} CPUs, {m['numba_threads']} numba thread(s); "
              f"torch {m['torch']}, numpy {m['numpy']}  ",
              f"Code: agentloop at {code['commit']}{' (modified: ' + ', '.join(code['modified']) + ')' if code['modified'] else ''}",
-             "", "`denoise_step` at L=256, medians, the two scales alternating; 'log space' is the share of the "
-             "steps whose canvas was redone there.", "",
-             "| tokenizer | tools | states | N(0, 3) ms | log space | N(0, 300) ms | log space | ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "`denoise_step` at L=256, medians, the scales alternating; each scale: ms, the share of the steps "
+             "whose canvas was redone in log space, the share that pruned, and the ratio to N(0, 3).", "",
+             "| tokenizer | tools | states | " + " | ".join(f"N(0, {s:g}) ms | log space | pruned | ratio"
+                                                      for s in SCALES) + " |",
+             "|---|---|---|" + "---|---|---|---|" * len(SCALES)]
     for r in rows:
-        lines.append(f"| {r['tokenizer']} | {r['tools']} | {r['states']} | {r['ms_3']:.1f} | {r['log_space_3']:.0%} | "
-                     f"{r['ms_300']:.1f} | {r['log_space_300']:.0%} | {r['ms_300'] / r['ms_3']:.1f}x |")
+        lines.append(f"| {r['tokenizer']} | {r['tools']} | {r['states']} | " + " | ".join(
+            f"{r[f'ms_{s:g}']:.1f} | {r[f'log_space_{s:g}']:.0%} | {r[f'pruned_{s:g}']:.0%} | "
+            f"{r[f'ms_{s:g}'] / r['ms_3']:.1f}x" for s in SCALES) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -96,8 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.tools:
         rows.append(measure(args.tokenizer, n, args.length, args.repeats))
         r = rows[-1]
-        print(f"{args.tokenizer} x {n} tools: N(0, 3) {r['ms_3']:.1f} ms ({r['log_space_3']:.0%} in log space), "
-              f"N(0, 300) {r['ms_300']:.1f} ms ({r['log_space_300']:.0%})", flush=True)
+        print(f"{args.tokenizer} x {n} tools: " + ", ".join(
+            f"N(0, {s:g}) {r[f'ms_{s:g}']:.1f} ms ({r[f'log_space_{s:g}']:.0%} in log space, "
+            f"{r[f'pruned_{s:g}']:.0%} pruned)" for s in SCALES), flush=True)
     command = "python bench/log_space.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(
         sys.argv[1:] if argv is None else argv))
     args.out.parent.mkdir(parents=True, exist_ok=True)
