@@ -256,7 +256,8 @@ def test_a_pruned_canvas_redone_in_log_space_gives_the_whole_lattice_s(btok, too
 
 
 @pytest.mark.parametrize("temperature", [0.02, 0.005])
-def test_a_low_temperature_prunes_where_the_atoms_out_of_float64s_range_weigh_nothing(btok, tools3, temperature):
+def test_a_low_temperature_prunes_where_the_atoms_out_of_float64s_range_weigh_nothing(btok, tools3, temperature,
+                                                                                       monkeypatch):
     """A model sure of a valid call (12 nats ahead over N(0, 2)) at temperature 0.02 (a
     spread of ~800 nats): atoms more than 708 nats below their row's best leave
     float64's range (their sums underflow). The valid canvases pass the best tokens,
@@ -264,9 +265,10 @@ def test_a_low_temperature_prunes_where_the_atoms_out_of_float64s_range_weigh_no
     passes, where the whole lattice goes to log space. Random logits N(0, 2) at 0.005:
     the valid canvases weigh less than e^-2000 of the best tokens', out of the fast
     sweep's reach; a sweep in log space prunes, and the log-space passes run over its
-    kept cells' lists (at seeds where it keeps few). Either way the step gives the whole
-    lattice's canvas, sample, marginals and entropies (to the rounding of the scan's
-    float32 terms, |x - rowmax| * 6e-8, on the fast passes)."""
+    kept cells' lists (at seeds where it keeps few), and gives up past
+    ``MAX_KEPT_LOG_CELLS``. Either way the step gives the whole lattice's canvas, sample,
+    marginals and entropies (to the rounding of the scan's float32 terms,
+    |x - rowmax| * 6e-8, on the fast passes)."""
     g = tools3
     for seed in ((0, 1, 2) if temperature == 0.02 else (0, 2)):
         if temperature == 0.02:
@@ -290,6 +292,11 @@ def test_a_low_temperature_prunes_where_the_atoms_out_of_float64s_range_weigh_no
         torch.testing.assert_close(kept.entropy, whole.entropy, rtol=0, atol=1e-6)
         torch.testing.assert_close(g.marginals(x)[likely], whole.log_marginals[likely], rtol=1e-5, atol=1e-5)
         assert g.accepts(g.sample(x, torch.Generator().manual_seed(1)))
+        if not fast:
+            with monkeypatch.context() as m:
+                m.setattr(pruning, "MAX_KEPT_LOG_CELLS", _kept(g, x).offsets[-1] - 1)
+                capped = g.denoise_step(x, torch.Generator().manual_seed(0))
+            assert not capped.pruned and capped.argmax == whole.argmax and capped.sample == whole.sample
 
 
 def test_atoms_out_of_float64s_range_that_carry_weight_keep_the_step_in_log_space(btok, tools3):

@@ -118,7 +118,10 @@ class _Scores:
         under = ((asum < _NORMAL) & (self.aarg[rows] >= 0)).sum(axis=1)  # (L,)
         if not under.any():
             return -math.inf
-        return math.log(float((under * _NORMAL / asum.sum(axis=1)).sum()))
+        norm = asum.sum(axis=1)  # (L,) at least 1 where a row has an allowed finite logit
+        if not (norm > 0.0).all():  # (no valid canvas has mass: nothing to bound)
+            return math.inf
+        return math.log(float((under * _NORMAL / norm).sum()))
 
 
 #: float64's smallest normal number: below it a weight keeps fewer digits, then none.

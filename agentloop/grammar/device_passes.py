@@ -357,7 +357,8 @@ def tokens_in_atoms(x: torch.Tensor, layout: AtomLayout, atoms: np.ndarray, best
     walk from the tile holding the token, block by block, and stop at the block holding
     it; the torch ops weigh every token of the largest sampled atom at every such position.
     """
-    # (an atom too far below its row's best for float64, exp underflowing, is never sampled)
+    # (an atom too far below its row's best for float64, exp underflowing, is drawn only
+    # with probability under 2**-57, where pruning left such atoms out: as its best token)
     e_best = np.exp(best_logit.astype(np.float64) - rowmax)
     mass = np.divide(asum, e_best, out=np.ones_like(e_best), where=e_best > 0)  # (L,) the atom's total
     target = u * mass  # (L,) mass to reach inside the atom
