@@ -107,7 +107,7 @@ class _Scores:
     def sums_in_range(self, rows: slice) -> bool:
         """Whether every atom with a finite logit in these rows kept its sum within
         float64's normal range (else the fast passes would weigh it as 0, or coarsely)."""
-        return not bool(((self.asum[rows] < _NORMAL) & (self.aarg[rows] >= 0)).any())
+        return self.log_underflow(rows) == -math.inf
 
     def log_underflow(self, rows: slice) -> float:
         """The log of a bound on the probability, with each row's tokens normalised over
@@ -115,9 +115,10 @@ class _Scores:
         float64's smallest normal in these rows: each such atom weighs less than that
         number at its row (-inf where none did)."""
         asum = self.asum[rows]
-        under = ((asum < _NORMAL) & (self.aarg[rows] >= 0)).sum(axis=1)  # (L,)
-        if not under.any():
+        out_of_range = (asum < _NORMAL) & (self.aarg[rows] >= 0)  # (L, K)
+        if not out_of_range.any():
             return -math.inf
+        under = out_of_range.sum(axis=1)  # (L,)
         norm = asum.sum(axis=1)  # (L,) at least 1 where a row has an allowed finite logit
         if not (norm > 0.0).all():  # (no valid canvas has mass: nothing to bound)
             return math.inf
@@ -887,13 +888,14 @@ class CompiledGrammar:
         (``probable_support``'s ``log_lost``); else the caller goes to log space, over
         the cells a sweep in log space keeps where it keeps few."""
         L = sl.stop - sl.start
-        in_range = not sums or sc.sums_in_range(sl)
+        log_lost = sc.log_underflow(sl) if sums else -math.inf
+        in_range = log_lost == -math.inf
         to_finish = self._to_finish(partial) if prune else None
         if to_finish is not None:
             ref = sc.rowmax[sl] if sums else sc.amax[sl].max(axis=1).astype(np.float64)  # each row's best allowed logit
             kept = pruning.probable_support(to_finish, s0, self._out_edges, ref,
                                             gsum=sc.gsum[sl] if sums else None, asum=sc.asum[sl] if sums else None,
-                                            gmax=gmax, log_lost=-math.inf if in_range else sc.log_underflow(sl))
+                                            gmax=gmax, log_lost=log_lost)
             if kept is not None:
                 return kept, True, True
             if not in_range:  # (the atoms out of range may carry the weight)
