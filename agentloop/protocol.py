@@ -17,12 +17,16 @@ from __future__ import annotations
 import json
 import math
 import re
+from decimal import Decimal
 from string import Template
 from typing import Any, Mapping, Sequence
 
 from .errors import ParseError, WireFormatError
 from .grammar import ParsedOutput, ToolCall
 from .grammar.wireformat import WireFormat, load_wire_format
+
+#: Keywords that make the grammar spell a number without an exponent (``grammar.numbers``).
+_BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -82,8 +86,13 @@ class Protocol:
             return "1e999" if v > 0 else "-1e999"
         if isinstance(v, float) and math.isnan(v):
             raise ValueError("NaN has no JSON spelling")
-        if isinstance(v, float) and v.is_integer() and abs(v) < 1e16:
-            return str(int(v)) if (schema or {}).get("type") == "integer" else json.dumps(v)
+        if isinstance(v, float):
+            # spelled as the grammar writes it: an integer's digits, a bounded number
+            # without an exponent (see grammar.numbers), else JSON's shortest
+            if v.is_integer() and (schema or {}).get("type") == "integer":
+                return str(int(v))
+            if _BOUNDS & set(schema or {}):
+                return str(int(v)) if v.is_integer() else format(Decimal(repr(v)), "f")
         return json.dumps(v)
 
     def _key(self, key: str) -> str:

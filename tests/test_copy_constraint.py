@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentloop import Agent, Copied, CopiedNumbers, tool
-from agentloop.grammar import SchemaOptions, compile_schema
+from agentloop.grammar import SchemaOptions, compile_schema, compile_tools
 from agentloop.grammar.copy import copies_node, is_copied
 from agentloop.grammar.fsa import to_dfa
 from agentloop.grammar.wireformat import load_wire_format
@@ -59,6 +59,25 @@ def test_copied_parameter_only_takes_values_from_the_context(btok, wire_format):
         city = g.parse(ids)["city"]
         assert any(city in s for s in sources) and len(city) >= 2
 
+
+
+@pytest.mark.parametrize("wire_format", ["json", "gemma4"])
+def test_without_copy_sources_the_marks_are_not_enforced(btok, wire_format):
+    # compiled outside a conversation (copy_sources left None) a copied parameter is what
+    # its other keywords say; an empty conversation (sources ()) has nothing to copy
+    schema = {"type": "object", "properties": {"city": {"type": "string", "x-copy": True, "minLength": 2},
+                                               "n": {"type": "integer", "x-copy": True}}, "required": ["city"]}
+    tool_ = {"name": "get_weather", "parameters": schema}
+    free = compile_tools([tool_], btok, wire_format)
+    assert free.accepts_json([{"name": "get_weather", "arguments": {"city": "Paris", "n": 4}}])
+    assert not free.accepts_json([{"name": "get_weather", "arguments": {"city": "P"}}])  # minLength holds
+    assert compile_schema(schema, btok, wire_format).accepts_json({"city": "Paris"})
+    empty = compile_tools([tool_], btok, wire_format, options=SchemaOptions(copy_sources=()))
+    assert not empty.accepts_json([{"name": "get_weather", "arguments": {"city": "Paris"}}])
+    assert empty.accepts_json("no call")  # (the tool waits for a conversation; the text answer stays)
+    some = compile_tools([tool_], btok, wire_format, options=SchemaOptions(copy_sources=("Paris in 4 days",)))
+    assert some.accepts_json([{"name": "get_weather", "arguments": {"city": "Paris", "n": 4}}])
+    assert not some.accepts_json([{"name": "get_weather", "arguments": {"city": "Rome"}}])
 
 
 # ---- numbers ---------------------------------------------------------------------------------------

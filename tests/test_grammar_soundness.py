@@ -187,6 +187,7 @@ def test_canvases_from_random_logits_validate(btok, wire_format, schema, seed):
         value = g.parse(ids)
         errors = [e.message for e in v.iter_errors(value)]
         assert not errors, (schema, value, errors)
+        assert g.accepts_json(value), (schema, value)  # (in whichever spelling the grammar wrote it)
 
 
 @pytest.mark.parametrize("wire_format", WIRE_FORMATS)
@@ -278,3 +279,21 @@ def test_tail_after_stop_is_padding(btok):
     assert g.forced_tokens(8)[2:] == [g.vocab.pad_id] * 6
     assert not g.accepts(ids[:1])  # no stop: incomplete
     assert g.accepts(ids[:2])
+
+
+@pytest.mark.parametrize("wire_format", WIRE_FORMATS)
+def test_numbers_are_accepted_in_the_spelling_the_grammar_writes(btok, wire_format):
+    """A bounded number or an integer is spelled without an exponent (``0.0000001``), an
+    unbounded float as JSON's shortest (``1e-07``): ``accepts_json`` takes the value in
+    either, and a canvas's parsed value is accepted back."""
+    cases = [({"type": "number", "minimum": 0}, "0.0000001", 1e-07),
+             ({"type": "number", "maximum": 1e30}, "100000000000000000000", 1e20),
+             ({"type": "integer"}, "10000000000000000", 1e16),
+             ({"type": "number"}, "1e-07", 1e-07)]
+    for schema, text, value in cases:
+        g = compile_schema(schema, btok, wire_format)
+        ids = btok.encode(text).ids + [g.vocab.stop_id]
+        assert g.accepts(ids), (schema, text)
+        assert g.parse(ids) == value
+        assert g.accepts_json(value) and g.accepts_json(g.parse(ids)), (schema, value)
+    assert not compile_schema({"type": "number", "maximum": 1}, btok, wire_format).accepts_json(1e20)

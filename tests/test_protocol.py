@@ -35,6 +35,24 @@ def test_rendered_calls_match_the_grammar(wire_format: str) -> None:
             assert p.parse_output(text).calls == calls
 
 
+@pytest.mark.parametrize("wire_format", ["gemma4", "json"])
+def test_numbers_are_rendered_as_the_grammar_spells_them(wire_format: str) -> None:
+    """A bounded number has no exponent in the grammar (0.0000001), an integer none
+    either (10000000000000000): the protocol writes prior calls the same way, and the
+    grammar takes its parse (``ParsedOutput`` or ``ToolCall``s) back."""
+    tok = byte_tokenizer()
+    p = Protocol(wire_format)
+    params = {"type": "object", "properties": {"x": {"type": "number", "minimum": 0}, "n": {"type": "integer"},
+                                               "y": {"type": "number"}}, "required": ["x", "n", "y"]}
+    g = compile_tools([{"name": "f", "parameters": params}], tok, wire_format)
+    for x, n, y in [(1e-07, 1e16, 1e-07), (2.5e20, 3.0, 1e300), (0.1, -12.0, float("inf"))]:
+        calls = [ToolCall("f", {"x": x, "n": n, "y": y})]
+        text = p.render_calls(calls, {"f": params})
+        ids = tok.encode(text + p.calls_stop).ids
+        assert g.accepts(ids), text
+        assert g.accepts_json(g.parse(ids)) and g.accepts_json(g.parse(ids).calls) and g.accepts_json(calls)
+
+
 def test_text_answers_and_parse_errors() -> None:
     p = Protocol("gemma4")
     assert p.parse_output("Hello there").text == "Hello there"

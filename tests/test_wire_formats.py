@@ -114,7 +114,7 @@ def test_aliases_map_protocol_tokens_onto_unused_ones():
 def test_bad_tools_and_schemas_fail_at_definition_with_pointer(btok):
     with pytest.raises(SchemaError, match=r"'\$recursiveRef' is not supported.*at '/properties/x/\$recursiveRef'"):
         compile_schema({"type": "object", "properties": {"x": {"$recursiveRef": "#"}}}, btok)
-    with pytest.raises(SchemaError, match=r"tool 'f'.*'\$dynamicRef'.* at '/tools/f/parameters/properties/a/\$dynamicRef'$"):
+    with pytest.raises(SchemaError, match=r"tool 'f'.*'\$dynamicRef'.* at '/tools/0/parameters/properties/a/\$dynamicRef'$"):
         compile_tools([{"name": "f", "parameters": {"type": "object", "properties": {"a": {"$dynamicRef": "#x"}}}}], btok)
     with pytest.raises(SchemaError, match="tool name 'bad name'"):
         compile_tools([{"name": "bad name", "parameters": {}}], btok)
@@ -126,6 +126,109 @@ def test_bad_tools_and_schemas_fail_at_definition_with_pointer(btok):
         compile_schema({"type": "strnig"}, btok)
     with pytest.raises(SchemaError, match="admits no value"):
         compile_schema({"type": "integer", "minimum": 5, "maximum": 1}, btok)
+
+
+def test_a_tool_that_admits_no_call_is_named_not_dropped(btok):
+    contradiction = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 5, "maximum": 1}},
+                     "required": ["n"]}
+    with pytest.raises(SchemaError, match=r"tool 'g' admits no arguments.* at '/tools/1/parameters'"):
+        compile_tools([WEATHER, {"name": "g", "parameters": contradiction}], btok)  # (allow_text: it would vanish)
+    with pytest.raises(SchemaError, match=r"tool 'f': parameters must be a JSON Schema.*NoneType"):
+        compile_tools([{"name": "f", "parameters": None}], btok)
+
+    def get_weather(city: str) -> str:
+        return city
+
+    with pytest.raises(TypeError, match=r"function 'get_weather'.*agentloop.tool"):
+        compile_tools([get_weather], btok)
+
+
+def test_infinite_bounds(btok):
+    # pydantic's Field(le=float("inf")) writes "maximum": Infinity: no bound
+    g = compile_schema({"type": "number", "maximum": float("inf"), "exclusiveMinimum": float("-inf")}, btok)
+    assert g.accepts_json(1e300) and g.accepts_json(-3)
+    with pytest.raises(SchemaError, match=r"minimum inf admits no finite number.* at '/minimum'"):
+        compile_schema({"type": "number", "minimum": float("inf")}, btok)
+    with pytest.raises(SchemaError, match=r"maximum nan .* at '/properties/x/maximum'"):
+        compile_schema({"type": "object", "properties": {"x": {"type": "integer", "maximum": float("nan")}}}, btok)
+
+
+def test_stop_and_pad_tokens_given_explicitly_are_checked(btok):
+    with pytest.raises(VocabularyError, match="stop_token id 99999 is outside the vocabulary"):
+        compile_tools([WEATHER], btok, stop_token=99999)
+    with pytest.raises(VocabularyError, match="pad_token id -1 is outside"):
+        compile_tools([WEATHER], btok, pad_token=-1)
+    # a token the wire format writes cannot end the canvas: no string could be written
+    with pytest.raises(VocabularyError, match=r"stop token \(id \d+\) is also the wire format's <\|\"\|>"):
+        compile_tools([WEATHER], btok, stop_token='<|"|>')
+
+
+def test_the_protocols_end_token_is_the_stop_token_where_the_tokenizer_spells_it_otherwise():
+    wf = load_wire_format("gemma4")
+    names = [t for t in wf.special_tokens if t != "<eos>"]
+    tok = word_tokenizer(["call:get_weather", "{", "}", "city:", "Paris"], specials=["[PAD]", "[SEP]"] + names)
+    g = compile_tools([WEATHER], tok, "gemma4", allow_text=False)
+    assert g.vocab.stop_id == tok.token_to_id("[SEP]")
+    ids = g.viterbi(torch.randn(10, g.vocab.size, generator=torch.Generator().manual_seed(1)))
+    assert g.parse(ids).calls[0].name == "get_weather"
+
+
+def test_tokens_that_spell_nothing_are_never_accepted(btok):
+    from agentloop.errors import ParseError
+
+    specials = ["<pad>", "<eos>", "<bos>"] + list(load_wire_format("gemma4").special_tokens[:-1])
+    tok = word_tokenizer(["call:get_weather", "{", "}", "city:", "Paris"], specials=specials)
+    g = compile_tools([WEATHER], tok, "gemma4")
+    ids = [tok.token_to_id(t) for t in ("<|tool_call>", "call:get_weather", "{", "city:", '<|"|>', "Paris", '<|"|>',
+                                        "}", "<tool_call|>", "<|tool_response>")]
+    assert g.accepts(ids) and g.parse(ids).calls[0].arguments == {"city": "Paris"}
+    bos = tok.token_to_id("<bos>")  # a special token gemma4 does not use
+    bad = ids[:3] + [bos] + ids[3:]
+    assert g.state_after(bad) == -1
+    assert not g.accepts(bad)
+    with pytest.raises(ParseError, match=r"token 3 \(id 2\) spells nothing in wire format 'gemma4'"):
+        g.parse(bad)
+
+
+def test_states_ids_and_batches_given_to_a_grammar_are_checked(btok):
+    from agentloop.errors import GrammarInputError
+
+    g = compile_tools([WEATHER], btok, "gemma4")
+    x = torch.randn(12, g.vocab.size, generator=torch.Generator().manual_seed(0))
+    for method in (g.forced_prefix, g.allowed_tokens, g.is_complete, lambda s: g.forced_tokens(12, s),
+                   lambda s: g.viterbi(x, state=s)):
+        with pytest.raises(GrammarInputError, match="state 1000000 does not exist"):
+            method(10**6)
+    with pytest.raises(GrammarInputError, match="state -1 is state_after's answer"):
+        g.forced_tokens(12, -1)  # (no wrap-around to the last state)
+    assert not g.is_complete(-1)
+    assert g.viterbi(x, state=torch.tensor(g.start_state)) == g.viterbi(x)
+    with pytest.raises(GrammarInputError, match="state must be an int or one int per canvas, got '0'"):
+        g.viterbi(x, state="0")
+    with pytest.raises(GrammarInputError, match="a state is an int .* got 0.5"):
+        g.allowed_tokens(0.5)
+    with pytest.raises(GrammarInputError, match=r"one flat sequence, got shape \(1, 2\)"):
+        g.accepts(torch.tensor([[1, 2]]))
+    with pytest.raises(GrammarInputError, match="token ids must be ints: item 1"):
+        g.state_after([1, 2.5])
+    empty = torch.zeros(0, 12, g.vocab.size)  # an empty batch gives empty results, as torch ops do
+    step = g.denoise_step(empty)
+    assert step.argmax == [] and step.log_marginals.shape == (0, 12, g.vocab.size) and step.entropy.shape == (0, 12)
+    assert g.marginals(empty).shape == (0, 12, g.vocab.size) and g.sample(empty) == [] and g.viterbi(empty) == []
+
+
+def test_encoding_ignores_the_tokenizers_padding_and_truncation(btok):
+    import copy
+
+    from agentloop.grammar.vocabulary import encode_text
+
+    padded = copy.deepcopy(btok)
+    padded.enable_padding(length=64, pad_id=0, pad_token="<pad>")
+    padded.enable_truncation(max_length=8)
+    text = "a sentence longer than eight tokens, by far"
+    assert len(padded.encode(text, add_special_tokens=False).ids) == 64
+    assert encode_text(padded, text) == encode_text(btok, text) and len(encode_text(btok, text)) > 8
+    assert padded.padding is not None  # (the caller's tokenizer is left as it was)
 
 
 def test_compiled_grammars_are_cached(btok):

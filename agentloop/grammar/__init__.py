@@ -83,8 +83,14 @@ class ToolSchema:
             spec = tool.get("function", tool) if tool.get("type") == "function" else tool
             if "name" not in spec:
                 raise SchemaError("a tool needs a 'name'", pointer="")
-            return cls(spec["name"], spec.get("parameters", {"type": "object", "properties": {}}),
-                       spec.get("description", ""))
+            parameters = spec.get("parameters", {"type": "object", "properties": {}})
+            if not isinstance(parameters, (Mapping, bool)):
+                raise SchemaError(f"tool {spec['name']!r}: parameters must be a JSON Schema (an object), "
+                                  f"got {type(parameters).__name__}", pointer="/parameters")
+            return cls(spec["name"], parameters, spec.get("description", ""))
+        if callable(tool):
+            raise TypeError(f"cannot use the function {getattr(tool, '__name__', tool)!r} as a tool schema: wrap it "
+                            "with agentloop.tool (its schema comes from the type hints) or pass its JSON Schema")
         raise TypeError(f"cannot use {type(tool).__name__} as a tool schema")
 
 
@@ -236,8 +242,13 @@ def compile_tools(
 
     def envelope(options: SchemaOptions) -> Node:
         calls: list[Node] = []
-        for t in specs:
-            args_dfa = _arguments_dfa(t, wf, options)
+        for i, t in enumerate(specs):
+            args_dfa = _arguments_dfa(t, i, wf, options)
+            if args_dfa.is_empty() and not (options.copy_sources is not None and uses_copy(t.parameters)):
+                # (a tool with copied parameters may have nothing to copy yet; any other
+                # tool that admits no call would vanish from the envelope unseen)
+                raise SchemaError(f"tool {t.name!r} admits no arguments at all (its parameters' constraints "
+                                  "contradict each other)", pointer=f"/tools/{i}/parameters")
             parts: list[Node] = []
             for part in wf.template(wf.calls["call"]):
                 if part == "name":
@@ -259,7 +270,7 @@ def compile_tools(
                 body = wf.string_node(sym(STRING_NUMBERS_HOLE)) if string_body else sym(TEXT_NUMBERS_HOLE)
             elif options.grounded_text_numbers:
                 kind = "string_numbers" if string_body else "text_numbers"
-                body = embed(_copies_dfa(options.copy_sources, wf, kind))
+                body = embed(_copies_dfa(options.copy_sources or (), wf, kind))
                 body = wf.string_node(body) if string_body else body
             elif string_body:
                 body = wf.string_node(rep(wf.spell_char(cs.ANY)))
@@ -283,7 +294,7 @@ def compile_tools(
                 base = _holed_envelope(lambda: envelope(holed), key(holed), wf)
             except HolesExhausted:
                 base = None  # more distinct copied number languages than hole symbols
-            spliced = None if base is None else substitute(base, _hole_fills(base, options.copy_sources, wf))
+            spliced = None if base is None else substitute(base, _hole_fills(base, options.copy_sources or (), wf))
             if spliced is not None:
                 return spliced
         return envelope(options)
@@ -341,7 +352,7 @@ def _hole_fills(envelope: Dfa, sources: tuple[str, ...], wf: WireFormat) -> dict
 _args_cache: "OrderedDict[str, Any]" = OrderedDict()
 
 
-def _arguments_dfa(t: ToolSchema, wf: WireFormat, options: SchemaOptions) -> Any:
+def _arguments_dfa(t: ToolSchema, index: int, wf: WireFormat, options: SchemaOptions) -> Any:
     """A tool's arguments as a DFA (one per tool keeps the envelope's NFA small), memoised:
     with the copy constraint the grammar is recompiled at every model step, and only tools
     with copied parameters depend on the conversation's text."""
@@ -353,7 +364,7 @@ def _arguments_dfa(t: ToolSchema, wf: WireFormat, options: SchemaOptions) -> Any
             return to_dfa(SchemaCompiler(dict(t.parameters), wf, options).node(), wf.n_symbols)
         except SchemaError as e:
             raise SchemaError(f"tool {t.name!r}: {e.message}", keyword=e.keyword,
-                              pointer=f"/tools/{t.name}/parameters{e.pointer}") from None
+                              pointer=f"/tools/{index}/parameters{e.pointer}") from None
 
     return _memoised(_args_cache, [t.parameters, wf.name, wf.source, repr(options)], 256, make)
 

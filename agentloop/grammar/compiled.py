@@ -178,16 +178,16 @@ class CompiledGrammar:
 
     def state_after(self, ids: Sequence[int], state: int | None = None) -> int:
         """Automaton state after ``ids`` (carry it into the next canvas); -1 if invalid."""
-        q = self.start_state if state is None else state
-        for t in ids:
-            q = self.automaton.step(q, int(t))
+        q = self._state(state)
+        for t in self._token_ids(ids):
+            q = self.automaton.step(q, t)
             if q < 0:
                 return -1
         return q
 
     def is_complete(self, state: int) -> bool:
         """True once the stop token has been written (the rest of a canvas is padding)."""
-        return state >= 0 and bool(self.automaton.accept[state])
+        return state != -1 and bool(self.automaton.accept[self._state(state)])
 
     @property
     def stats(self) -> GrammarStats:
@@ -198,9 +198,10 @@ class CompiledGrammar:
     # ---- membership --------------------------------------------------------------------
     def accepts(self, ids: Sequence[int], state: int | None = None) -> bool:
         """Whether ``ids`` (content, stop token included, padding optional) is in the language."""
+        ids = self._token_ids(ids)
         try:
-            syms = self.vocab.symbols([int(i) for i in ids])
-        except GrammarInputError:
+            syms = self.vocab.symbols(ids)
+        except (GrammarInputError, ParseError):  # (an id outside the vocabulary, or one no canvas holds)
             return False
         if state is not None:
             # continue from a token-automaton state: walk tokens instead
@@ -212,13 +213,17 @@ class CompiledGrammar:
         """Whether the canonical spelling of ``value`` is accepted.
 
         For a value grammar ``value`` is any JSON value; for a tools grammar it is a list of
-        ``{"name": ..., "arguments": {...}}`` calls or a ``str`` final text. Object keys may
-        come in any order in ``value``: the grammar's own order (schema order) is used.
+        ``{"name": ..., "arguments": {...}}`` calls (or ``ToolCall``s), a ``str`` final
+        text, or what ``parse`` returns (a ``ParsedOutput``). Object keys may come in any
+        order in ``value``: the grammar's own order (schema order) is used. A number is
+        accepted in any of its spellings (``WireFormat.number_spellings``).
         """
         wf = self.wire_format
         end = [wf.symbol(EOS)]
         if self.kind == "value":
             return any(self._run_end(q, end) for q in self._walk_value(value, {self.dfa.start}))
+        if isinstance(value, ParsedOutput):
+            value = value.text if value.text is not None else value.calls
         if isinstance(value, str):
             text = wf.text
             q = self.dfa.run(wf.lit("open", "text"))
@@ -245,6 +250,8 @@ class CompiledGrammar:
         return q >= 0 and bool(self.dfa.accept[q])
 
     def _walk_call(self, call: Any, states: set[int]) -> set[int]:
+        if isinstance(call, ToolCall):
+            call = {"name": call.name, "arguments": call.arguments}
         if not isinstance(call, dict) or set(call) != {"name", "arguments"}:
             return set()
         out: set[int] = set()
@@ -298,15 +305,18 @@ class CompiledGrammar:
                 cur = self._walk_value(item, cur)
             return {q for q in (run(wf.lit("array_close"), q) for q in cur) if q >= 0}
         try:
-            syms = wf.spell_value(v)
+            # (a number has more than one spelling: which one the grammar writes depends
+            # on the schema, 1e-07 unbounded, 0.0000001 under a bound)
+            spellings = wf.number_spellings(v) if isinstance(v, (int, float)) and not isinstance(v, bool) \
+                else [wf.spell_value(v)]
         except (TypeError, ValueError):
             return set()
-        return {q for q in (run(syms, q) for q in states) if q >= 0}
+        return {q1 for syms in spellings for q1 in (run(syms, q) for q in states) if q1 >= 0}
 
     # ---- parsing -----------------------------------------------------------------------
     def parse(self, ids: Sequence[int]) -> Any:
         """Decode complete canvas content: a JSON value (value grammar) or a ParsedOutput."""
-        syms = self.vocab.symbols([int(i) for i in ids])
+        syms = self.vocab.symbols(self._token_ids(ids))
         q = self.dfa.start
         for i, s in enumerate(syms):
             q = self.dfa.step(q, s)
@@ -429,16 +439,49 @@ class CompiledGrammar:
         out[: a.shape[0]] = a
         return out
 
-    def _states(self, state: int | Sequence[int] | None, B: int) -> list[int]:
+    def _state(self, state: Any) -> int:
+        """One automaton state from a caller (None: the start state), checked."""
         if state is None:
-            return [self.start_state] * B
-        states = [int(state)] * B if isinstance(state, (int, np.integer)) else [int(s) for s in state]
+            return self.start_state
+        if isinstance(state, (torch.Tensor, np.ndarray)) and state.ndim == 0:
+            state = state.item()
+        if isinstance(state, bool) or not isinstance(state, (int, np.integer)):
+            raise GrammarInputError(f"a state is an int (from start_state or state_after), got {state!r}")
+        s = int(state)
+        if s == -1:
+            raise GrammarInputError("state -1 is state_after's answer for ids that are not a valid prefix: "
+                                    "there is no state to continue from")
+        if not 0 <= s < self.automaton.n_states:
+            raise GrammarInputError(f"state {s} does not exist (the automaton has {self.automaton.n_states})")
+        return s
+
+    def _states(self, state: Any, B: int) -> list[int]:
+        """A start state per canvas of a batch of B: one state for all, or one each."""
+        if state is None or isinstance(state, (int, np.integer)) or \
+                (isinstance(state, (torch.Tensor, np.ndarray)) and state.ndim == 0):
+            return [self._state(state)] * B
+        if isinstance(state, (torch.Tensor, np.ndarray)):
+            state = state.tolist()
+        if not isinstance(state, Sequence) or isinstance(state, (str, bytes)):
+            raise GrammarInputError(f"state must be an int or one int per canvas, got {state!r}")
+        states = [self._state(s) for s in state]
         if len(states) != B:
             raise GrammarInputError(f"{len(states)} start states for a batch of {B}")
-        for s in states:
-            if not 0 <= s < self.automaton.n_states:
-                raise GrammarInputError(f"state {s} does not exist (the automaton has {self.automaton.n_states})")
         return states
+
+    @staticmethod
+    def _token_ids(ids: Any) -> list[int]:
+        """A flat list of token ids from a list, numpy array or tensor, checked."""
+        if isinstance(ids, (torch.Tensor, np.ndarray)):
+            if ids.ndim != 1:
+                raise GrammarInputError(f"token ids must be one flat sequence, got shape {tuple(ids.shape)}")
+            ids = ids.tolist()
+        out = []
+        for n, i in enumerate(ids):
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+                raise GrammarInputError(f"token ids must be ints: item {n} is {i!r}")
+            out.append(int(i))
+        return out
 
     def _final(self, partial: bool) -> np.ndarray:
         return self._final_any if partial else self._final_complete
@@ -698,30 +741,33 @@ class CompiledGrammar:
             log_f[b * L:(b + 1) * L] = rows
         return log_f
 
-    def _entropies(self, sc: "_Scores", F: np.ndarray, log_f: np.ndarray, B: int,
+    def _entropies(self, sc: "_Scores", F: np.ndarray, log_f: np.ndarray, B: int, L: int,
                    in_log_space: dict[int, np.ndarray]) -> torch.Tensor:
         """(B, L) entropies from the atom statistics: the scan's, else (canvases redone in
         log space, whose sums may have underflowed) ``log_canvas``'s."""
-        H = dp._entropy(sc.asum, sc.asumx, F, log_f).reshape(B, -1)
+        H = dp._entropy(sc.asum, sc.asumx, F, log_f).reshape(B, L)
         if in_log_space:
             log_asum, mean_gap = sc.log_stats(self._sorted_atoms(sc.flat.shape[1]))
-            L = H.shape[1]
             for b in in_log_space:
                 sl = slice(b * L, (b + 1) * L)
                 H[b] = log_canvas.entropies(log_f[sl], log_asum[sl], mean_gap[sl], sc.amax[sl], sc.rowmax[sl])
         return torch.from_numpy(H)
 
-    def _log_marginals(self, sc: "_Scores", log_f: np.ndarray, B: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _log_marginals(self, sc: "_Scores", log_f: np.ndarray, B: int, L: int,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
         N, V = sc.flat.shape
+        if N == 0:  # (an empty batch, or canvases of no position: no row to write)
+            return torch.empty((B, L, V), dtype=torch.float32, device=getattr(sc.flat, "device", "cpu")) \
+                if out is None else out.view(B, L, V)
         if sc.rowmax_dev is not None:
             ref, shift = dp.marginals_reference(log_f, sc.amax, sc.rowmax)  # (float32 sums there: see it)
             logp = device_passes.log_marginals(sc.flat, torch.from_numpy(ref).to(sc.flat.device), shift,
                                                self._atom_layout(V, sc.flat.device).index,
                                                None if out is None else out.view(N, V))
-            return logp.view(B, N // B, V)
+            return logp.view(B, L, V)
         host = np.empty_like(sc.flat) if out is None else out.view(N, V).numpy()
         dp.write_marginals(sc.flat, sc.rowmax, self._atom_of(V), log_f, host)
-        return torch.from_numpy(host).view(B, N // B, V) if out is None else out.view(B, N // B, V)
+        return torch.from_numpy(host).view(B, L, V) if out is None else out.view(B, L, V)
 
     @staticmethod
     def _check_out(out: Any, xs: Any, batched: bool) -> None:
@@ -790,11 +836,11 @@ class CompiledGrammar:
             else:
                 in_log_space[b] = self._log_space(sc, sl, sup, s0, factors=True)[0]
         log_f = self._log_factors(F, in_log_space, L)
-        logp = self._log_marginals(sc, log_f, B, out)
+        logp = self._log_marginals(sc, log_f, B, L, out)
         result = logp if batched else logp[0]
         if not return_entropy:
             return result
-        H = self._entropies(sc, F, log_f, B, in_log_space)
+        H = self._entropies(sc, F, log_f, B, L, in_log_space)
         return result, (H if batched else H[0])
 
     def denoise_step(self, logits: Any, generator: torch.Generator | None = None,
@@ -855,8 +901,8 @@ class CompiledGrammar:
                                                                    uniforms=uniforms[b])
                 samples.append(self._tokens_in_atoms(sc, sl, atoms, uniforms[b], log_asum))
         log_f = self._log_factors(F, in_log_space, L)
-        logp = self._log_marginals(sc, log_f, B, out)
-        H = self._entropies(sc, F, log_f, B, in_log_space)
+        logp = self._log_marginals(sc, log_f, B, L, out)
+        H = self._entropies(sc, F, log_f, B, L, in_log_space)
         if batched:
             return StepOutput(best, samples, logp, H, pruned)
         return StepOutput(best[0], samples[0], logp[0], H[0], pruned[0])
@@ -916,7 +962,7 @@ class CompiledGrammar:
     def allowed_tokens(self, state: int | None = None) -> np.ndarray:
         """(V,) bool: the tokens that may come next from ``state``, for token-by-token
         (autoregressive) decoding. Cached per state."""
-        q = self.start_state if state is None else int(state)
+        q = self._state(state)
         hit = self._allowed_cache.get(q)
         if hit is None:
             ta = self.automaton
@@ -943,7 +989,7 @@ class CompiledGrammar:
         >>> g.vocab.symbols(g.forced_prefix()) == g.vocab.symbols(byte_tokenizer().encode('"hi"').ids) + [g.vocab.wire_format.symbol("${eos}")]
         True
         """
-        q = self.start_state if state is None else int(state)
+        q = s0 = self._state(state)
         dfa = self.dfa
         syms: list[int] = []
         cap = (limit if limit is not None else 1 << 30) * self._max_token_symbols
@@ -958,7 +1004,7 @@ class CompiledGrammar:
             q = int(dfa.trans[q, live[0]])
         out: list[int] = []
         pos = 0
-        t_state = self.start_state if state is None else int(state)
+        t_state = s0
         index = self._token_of_symbols
         while pos < len(syms) and (limit is None or len(out) < limit):
             for n in range(min(self._max_token_symbols, len(syms) - pos), 0, -1):
@@ -986,7 +1032,7 @@ class CompiledGrammar:
 
     def forced_tokens(self, length: int, state: int | None = None, partial: bool = False) -> list[int]:
         """Per position of a canvas, the only token the grammar allows there, or -1."""
-        s0 = self.start_state if state is None else int(state)
+        s0 = self._state(state)
         ta = self.automaton
         sup = self._support(length, s0, partial)
         return dp._forced(sup.live, self._layout.state, self._layout.rank, *self._out_edges, ta.group_atoms,

@@ -253,8 +253,12 @@ class SchemaOptions:
     max_counted_length: int = 512
     #: Largest integer ``multipleOf`` (its automaton has that many states).
     max_multiple_of: int = 10_000
-    #: Texts that ``x-copy`` string parameters must be substrings of (copy constraint).
-    copy_sources: tuple[str, ...] = field(default=())
+    #: Texts that ``x-copy`` parameters must be copied from (the copy constraint: a
+    #: conversation's user messages and tool results). None, the default, compiles
+    #: without a conversation: the marks are not enforced (each such parameter is what
+    #: its other keywords say); a tuple, even an empty one, enforces them (with none, a
+    #: copied parameter can take no value).
+    copy_sources: tuple[str, ...] | None = None
     #: Compile copied values as hole symbols (``copy.HOLE_SYMBOLS``) instead of from
     #: ``copy_sources``: a language that does not depend on the conversation, into which
     #: ``fsa.substitute`` splices each turn's copies. Only for schemas ``copy.holes_fit``.
@@ -406,6 +410,8 @@ class SchemaCompiler:
         self.root = root
         self.wf = wf
         self.opt = options
+        # (whether x-copy marks are enforced: from the sources given, or as holes for them)
+        self._copying = options.copy_holes or options.copy_sources is not None
         self.n_symbols = wf.n_symbols
         _check_schema(root)
         # One spelled character as a small DFA: its expression (UTF-8 ranges, escapes) has
@@ -601,7 +607,7 @@ class SchemaCompiler:
             yield error(f"{instance!r} fails the if / then / else")
 
         def copy(validator: Any, on: Any, instance: Any, schema: Any) -> Iterator[Any]:
-            if not on or over:
+            if not on or over or comp.opt.copy_sources is None:
                 return
             if on == "numbers" and isinstance(instance, str):
                 if not numbers_are_copied(instance, comp.opt.copy_sources):
@@ -1032,6 +1038,11 @@ class SchemaCompiler:
                                       ("minimum", False, False), ("exclusiveMinimum", False, True)):
                 if kw not in schema:
                     continue
+                if isinstance(schema[kw], float) and not math.isfinite(schema[kw]):
+                    if schema[kw] == (math.inf if upper else -math.inf):  # (pydantic's le=inf: no bound)
+                        continue
+                    raise SchemaError(f"{kw} {schema[kw]} admits no finite number (JSON has no infinities or nan)",
+                                      keyword=kw, pointer=_ptr(ptr, kw))
                 dec, exact = _bound(schema[kw])
                 if not upper:
                     dec, exact = -dec, -exact
@@ -1095,7 +1106,7 @@ class SchemaCompiler:
             node = alt(ints, fracs)
         if ctx.canonical:
             node = embed(product(self._dfa(node), self._canonical_numbers(), "and"))
-        if any(schema.get("x-copy") for schema, _, _ in fs):
+        if self._copying and any(schema.get("x-copy") for schema, _, _ in fs):
             self._approx += 1  # the validator reads values; the automaton, spellings
             if not ctx.over and self.opt.copy_holes:
                 return sym(number_hole(self._dfa(node)))
@@ -1136,9 +1147,9 @@ class SchemaCompiler:
                     raise SchemaError(f"format {f!r} is not supported; supported: {', '.join(sorted(FORMATS))}", keyword="format", pointer=_ptr(ptr, "format"))
                 formats.append((f, _ptr(ptr, "format")))
             if schema.get("x-copy") == "numbers":
-                copy_numbers = True
+                copy_numbers = self._copying
             elif schema.get("x-copy"):
-                copy = True
+                copy = self._copying
         if max_len is not None:
             if max_len < min_len:
                 return NEVER

@@ -17,9 +17,12 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
+import threading
+import weakref
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
@@ -27,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 if TYPE_CHECKING:
     import numpy as np
 
-from ..errors import VocabularyError
+from ..errors import GrammarInputError, ParseError, VocabularyError
 from .wireformat import EOS, PAD, WireFormat
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>\Z")
@@ -62,6 +65,32 @@ def backend_tokenizer(tokenizer: Any) -> Any:
     return backend
 
 
+_unpadded: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+_unpadded_lock = threading.Lock()
+
+
+def _without_padding(backend: Any) -> Any:
+    """``backend``, or where it pads or truncates its encodings (a tokenizer saved for
+    embeddings: 128 ids, [PAD] after the text, the rest cut) a copy that does neither
+    (made once per tokenizer: the engine and training encode whole texts)."""
+    if getattr(backend, "padding", None) is None and getattr(backend, "truncation", None) is None:
+        return backend
+    with _unpadded_lock:
+        try:
+            plain = _unpadded.get(backend)
+        except TypeError:  # (not weak-referenceable: a copy per call)
+            plain = None
+        if plain is None:
+            plain = copy.deepcopy(backend)
+            plain.no_padding()
+            plain.no_truncation()
+            try:
+                _unpadded[backend] = plain
+            except TypeError:
+                pass
+    return plain
+
+
 def encode_text(tokenizer: Any, text: str, *, literal: bool = False) -> list[int]:
     """Token ids of ``text`` (no BOS). Special-token strings written in it (``<turn|>``) become
     the control tokens, unless ``literal``: then they are spelled as plain text, so text from
@@ -71,8 +100,10 @@ def encode_text(tokenizer: Any, text: str, *, literal: bool = False) -> list[int
     >>> t = byte_tokenizer()
     >>> len(encode_text(t, "a<turn|>")), len(encode_text(t, "a<turn|>", literal=True))
     (2, 8)
+
+    The tokenizer's own padding and truncation, if it has any, are not applied.
     """
-    backend = backend_tokenizer(tokenizer)
+    backend = _without_padding(backend_tokenizer(tokenizer))
     if not literal:
         return list(backend.encode(text, add_special_tokens=False).ids)
     specials = [t.content for t in backend.get_added_tokens_decoder().values() if t.special and t.content]
@@ -139,13 +170,19 @@ class Vocabulary:
         return mat, lens
 
     def symbols(self, ids: list[int]) -> list[int]:
+        """The symbols ``ids`` spell, in order. Raises ``GrammarInputError`` for an id
+        outside the vocabulary and ``ParseError`` for a token that spells nothing (a
+        special token the wire format does not use, such as ``<bos>``): no canvas of
+        the grammar holds one, and skipping it would accept text the automaton refuses."""
         out: list[int] = []
-        for i in ids:
+        for n, i in enumerate(ids):
             if not 0 <= i < self.size:
-                from ..errors import GrammarInputError
-
                 raise GrammarInputError(f"token id {i} is outside the vocabulary (size {self.size})")
-            out.extend(self.token_symbols[i])
+            spelled = self.token_symbols[i]
+            if not spelled:
+                raise ParseError(f"token {n} (id {i}) spells nothing in wire format {self.wire_format.name!r} "
+                                 "(a special token it does not use): no canvas holds it")
+            out.extend(spelled)
         return out
 
     @classmethod
@@ -180,7 +217,11 @@ class Vocabulary:
         aliases = dict(aliases or {})
 
         def resolve(token: str | int | None, defaults: tuple[str, ...], attr: str, role: str) -> int:
+            if isinstance(token, bool):
+                raise VocabularyError(f"{role}_token must be a token string or id, got {token!r}")
             if isinstance(token, int):
+                if not 0 <= token < size:
+                    raise VocabularyError(f"{role}_token id {token} is outside the vocabulary (size {size})")
                 return token
             if token is None:
                 own = getattr(tokenizer, attr, None)
@@ -200,6 +241,8 @@ class Vocabulary:
         try:
             pad_id = resolve(pad_token, _DEFAULT_PAD, "pad_token_id", "pad")
         except VocabularyError:
+            if pad_token is not None:  # (one asked for by name or id is there, or an error)
+                raise
             pad_id = stop_id  # no pad token: the canvas tail repeats the stop token
 
         special_ids: dict[str, int] = {}
@@ -208,6 +251,8 @@ class Vocabulary:
             tok = aliases.get(name, name)
             if tok in vocab:
                 special_ids[name] = vocab[tok]
+            elif name in _DEFAULT_EOS:  # the protocol's end token, spelled otherwise here: the stop token
+                special_ids[name] = stop_id
             else:
                 missing.append(name)
         if missing:
@@ -217,6 +262,12 @@ class Vocabulary:
                 "or use another wire format"
             )
 
+        for role, i in (("stop", stop_id), ("pad", pad_id)):
+            clash = [n for n, j in special_ids.items() if j == i and n not in _DEFAULT_EOS]
+            if clash:
+                raise VocabularyError(
+                    f"the {role} token (id {i}) is also the wire format's {clash[0]}, which canvases must be able "
+                    f"to write; pass another {role}_token")
         kind = _decoder_kind(spec)
         byte_dec = _byte_decoder() if kind == "bytelevel" else None
         symbol_of_id: dict[int, int] = {i: wire_format.symbol(n) for n, i in special_ids.items()}

@@ -18,6 +18,7 @@ import math
 import re
 import tomllib
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -206,6 +207,27 @@ class WireFormat:
                 return list(str(int(v)).encode())
             return list(json.dumps(v).encode())
         return list(str(v).encode())
+
+    def number_spellings(self, v: int | float) -> list[list[int]]:
+        """Every spelling of the number ``v`` a grammar may use: ``spell_number``'s
+        (JSON's shortest, with an exponent for a large or small float), the integer's
+        digits for a float with an integer value, and the decimal without an exponent
+        (bounded numbers and integers are spelled so: ``0.0000001``, not ``1e-07``).
+
+        >>> [bytes(s).decode() for s in load_wire_format("json").number_spellings(1e-07)]
+        ['1e-07', '0.0000001']
+        """
+        if isinstance(v, float) and math.isinf(v):
+            # (no double: a spelling past the double range, which an unbounded number
+            # allows and a parser reads as inf, as ``Protocol`` spells it back)
+            return [list(b"1e999" if v > 0 else b"-1e999")]
+        first = self.spell_number(v)
+        out = [first]
+        if isinstance(v, float):
+            plain = str(int(v)) if v.is_integer() else format(Decimal(repr(v)), "f")
+            if list(plain.encode()) != first:
+                out.append(list(plain.encode()))
+        return out
 
     def spell_value(self, v: Any, key_order: Sequence[str] | None = None) -> list[int]:
         """Canonical spelling of a JSON value (dict keys in their own order)."""
