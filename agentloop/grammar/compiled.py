@@ -493,7 +493,9 @@ class CompiledGrammar:
         ``partial=True`` lets the canvas end before the stop token (the call continues in
         the next canvas from ``state_after``); otherwise it must contain the stop token.
         ``prune`` skips the lattice cells the best canvas cannot pass (see
-        ``grammar.pruning``; the same canvas either way).
+        ``grammar.pruning``; the same canvas either way). A nan logit counts as -inf here,
+        as in ``max()`` (``sample``, ``marginals`` and ``denoise_step``, whose sums it
+        would poison, refuse it with ``GrammarInputError``).
         """
         xs, batched = self._prepare(logits)
         B, L, V = xs.shape
