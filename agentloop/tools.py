@@ -163,21 +163,24 @@ def tool(function: Callable[..., Any], /) -> Tool: ...
 
 @overload
 def tool(*, name: str | None = None, description: str | None = None, timeout: float | None = 30.0,
-         retries: int = 1, requires_approval: bool = False) -> Callable[[Callable[..., Any]], Tool]: ...
+         retries: int = 1, requires_approval: bool = False,
+         wire_format: str = "gemma4") -> Callable[[Callable[..., Any]], Tool]: ...
 
 
 def tool(function: Callable[..., Any] | None = None, /, *, name: str | None = None, description: str | None = None,
-         timeout: float | None = 30.0, retries: int = 1,
-         requires_approval: bool = False) -> Tool | Callable[[Callable[..., Any]], Tool]:
+         timeout: float | None = 30.0, retries: int = 1, requires_approval: bool = False,
+         wire_format: str = "gemma4") -> Tool | Callable[[Callable[..., Any]], Tool]:
     """Make a function (sync or async) a :class:`Tool`, bare (``@tool``) or with options
     (``@tool(timeout=5, retries=2, requires_approval=True)``).
 
     ``retries`` is how many failed calls (exception, timeout, invalid arguments) the model
-    may correct before the run stops with ``ToolRetriesExhausted``.
+    may correct before the run stops with ``ToolRetriesExhausted``. ``wire_format`` is the
+    one the schema is checked against at definition (gemma4's keys must be identifiers;
+    pass ``"json"`` for an agent that speaks JSON and a parameter aliased ``first-name``).
     """
     def wrap(f: Callable[..., Any]) -> Tool:
         return Tool(f, name=name, description=description, timeout=timeout, retries=retries,
-                    requires_approval=requires_approval)
+                    requires_approval=requires_approval, wire_format=wire_format)
 
     return wrap(function) if function is not None else wrap
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import enum
 import textwrap
 import threading
@@ -149,6 +151,20 @@ def test_bad_definitions_name_the_parameter(src: str, message: str) -> None:
         tool(ns["f"])
     with pytest.raises(ToolDefinitionError, match="identifier"):
         tool(name="bad name")(lambda: None)
+
+
+class _Person(pydantic.BaseModel):
+    first_name: str = pydantic.Field(alias="first-name")
+
+
+def test_the_wire_format_a_tool_is_checked_against() -> None:
+    def greet(person: _Person) -> str:
+        return person.first_name
+
+    with pytest.raises(ToolDefinitionError, match="gemma4"):
+        tool(greet)  # (gemma4's keys are identifiers)
+    t = tool(wire_format="json")(greet)
+    assert "first-name" in json.dumps(t.parameters)
 
 
 def test_validation_and_execution() -> None:
