@@ -126,6 +126,10 @@ def test_bad_tools_and_schemas_fail_at_definition_with_pointer(btok):
         compile_schema({"type": "strnig"}, btok)
     with pytest.raises(SchemaError, match="admits no value"):
         compile_schema({"type": "integer", "minimum": 5, "maximum": 1}, btok)
+    with pytest.raises(SchemaError, match=r"says it is .*draft-07.*reads draft 2020-12.* at '/items'"):
+        compile_schema({"$schema": "http://json-schema.org/draft-07/schema#", "items": [{"type": "integer"}]}, btok)
+    with pytest.raises(SchemaError, match=r"is not a 'regex' \(a pattern must compile with Python's re"):
+        compile_schema({"type": "string", "pattern": "\\p{L}+"}, btok)
 
 
 def test_a_tool_that_admits_no_call_is_named_not_dropped(btok):

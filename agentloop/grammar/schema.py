@@ -361,7 +361,14 @@ def _check_schema(root: Any) -> None:
     try:
         jsonschema.Draft202012Validator.check_schema(root)
     except jsonschema.SchemaError as e:
-        raise SchemaError(f"not a valid JSON Schema: {e.message}", pointer="/" + "/".join(map(str, e.path))) from None
+        hint = ""
+        if e.validator == "format" and e.validator_value == "regex":
+            hint = " (a pattern must compile with Python's re, which jsonschema checks with: no \\p{..} classes)"
+        elif isinstance(root, dict) and isinstance(root.get("$schema"), str) and "2020-12" not in root["$schema"]:
+            hint = (f" (the schema says it is {root['$schema']!r}; agentloop reads draft 2020-12, where an "
+                    "array of `items` is `prefixItems` and `definitions` is `$defs`)")
+        raise SchemaError(f"not a valid JSON Schema: {e.message}{hint}",
+                          pointer="/" + "/".join(map(str, e.path))) from None
     _checked[key] = None
     while len(_checked) > 512:
         _checked.popitem(last=False)
