@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import enum
 import textwrap
@@ -151,6 +152,17 @@ def test_bad_definitions_name_the_parameter(src: str, message: str) -> None:
         tool(ns["f"])
     with pytest.raises(ToolDefinitionError, match="identifier"):
         tool(name="bad name")(lambda: None)
+
+
+def test_formats_the_spec_does_not_define_are_annotations() -> None:
+    from agentloop.grammar import byte_tokenizer, compile_tools
+
+    def read(path: pathlib.Path, secret: pydantic.SecretStr) -> str:
+        return str(path)
+
+    t = tool(read)  # pydantic writes "format": "path" / "password"
+    g = compile_tools([t], byte_tokenizer(), allow_text=False)
+    assert g.accepts_json([{"name": "read", "arguments": {"path": "notes/a.txt", "secret": "x"}}])
 
 
 class _Person(pydantic.BaseModel):

@@ -200,6 +200,14 @@ FORMATS = {
 # we do not mirror).
 _ANY_CHAR = r"(?:.|[\n\r\u2028\u2029])"
 _TIME_ANY = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]+)?(?:[Zz]|[+\-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+#: The formats draft 2020-12 defines. One of them the compiler cannot represent is an
+#: error; any other name (pydantic's "path", "password", "ipvanyaddress") only annotates
+#: the string, as the spec says of formats it does not define.
+STANDARD_FORMATS = frozenset({
+    "date-time", "date", "time", "duration", "email", "idn-email", "hostname", "idn-hostname", "ipv4", "ipv6",
+    "uri", "uri-reference", "iri", "iri-reference", "uuid", "uri-template", "json-pointer", "relative-json-pointer",
+    "regex"})
+
 FORMATS_OVER: dict[str, str | None] = {
     "date": _DATE,
     "time": rf"{_TIME_ANY}\n?",
@@ -1150,8 +1158,10 @@ class SchemaCompiler:
                 patterns.append((schema["pattern"], _ptr(ptr, "pattern")))
             if "format" in schema:
                 f = schema["format"]
-                if f not in FORMATS:
+                if f not in FORMATS and f in STANDARD_FORMATS:
                     raise SchemaError(f"format {f!r} is not supported; supported: {', '.join(sorted(FORMATS))}", keyword="format", pointer=_ptr(ptr, "format"))
+                if f not in FORMATS:  # (a format the spec does not define is an annotation)
+                    continue
                 formats.append((f, _ptr(ptr, "format")))
             if schema.get("x-copy") == "numbers":
                 copy_numbers = self._copying
