@@ -289,7 +289,8 @@ def test_numbers_are_accepted_in_the_spelling_the_grammar_writes(btok, wire_form
     cases = [({"type": "number", "minimum": 0}, "0.0000001", 1e-07),
              ({"type": "number", "maximum": 1e30}, "100000000000000000000", 1e20),
              ({"type": "integer"}, "10000000000000000", 1e16),
-             ({"type": "number"}, "1e-07", 1e-07)]
+             ({"type": "number"}, "1e-07", 1e-07),
+             ({"type": "number", "not": {"type": "string"}}, "0.0000001", 1e-07)]  # (canonical under a negation)
     for schema, text, value in cases:
         g = compile_schema(schema, btok, wire_format)
         ids = btok.encode(text).ids + [g.vocab.stop_id]
