@@ -446,3 +446,33 @@ def test_a_batch_mixes_canvases_in_range_and_in_log_space(grammar, log_space_cal
         assert step.argmax[b] == alone.argmax and tuple(step.sample[b]) in valid
         torch.testing.assert_close(step.log_marginals[b], alone.log_marginals)
         torch.testing.assert_close(step.entropy[b], alone.entropy)
+
+
+def test_a_position_whose_posterior_mass_went_subnormal_is_redone_in_log_space(monkeypatch):
+    """Two realistic tools at a realistic vocabulary (BPE 4k, json), a call's arguments
+    continued from a carried-over state, logits N(0, 30): at one position the forward
+    and the backward messages each put their valid canvases ~e^-360 below their rows'
+    best, so the position's posterior mass (their products, summed) went subnormal while
+    the two passes' total masses still agreed. Its factors came out 1.1e-3 off (every
+    marginal of the position scaled by 0.9989; at other seeds a likely token's
+    log-marginal -inf), found by fuzzing. Such a position now sends the canvas to log
+    space: the fast passes' marginals equal the log-space ones (checked against an
+    independent forward-backward when found)."""
+    import json as json_
+
+    from agentloop.grammar import canvas as dp
+    from bench.tokenizers_offline import LOADERS, SCHEMAS
+
+    tok, aliases = LOADERS["bpe-4k"]()
+    g = compile_tools(json_.loads(SCHEMAS.read_text())[:2], tok, "json", aliases=aliases)
+    state = g.state_after(tok.encode('[{"name":"convert_units","arguments":{"value', add_special_tokens=False).ids)
+    x = torch.randn(32, g.vocab.size, generator=torch.Generator().manual_seed(36)) * 30.0
+    got = g.denoise_step(x, torch.Generator().manual_seed(0), state=state, prune=False)
+    monkeypatch.setattr(dp, "MASS_TOLERANCE", -1.0)  # every canvas in log space
+    want = g.denoise_step(x, torch.Generator().manual_seed(0), state=state, prune=False)
+    # (the fast passes' float32 terms are good to ~|x - rowmax| x 6e-8 relative: ~5e-6
+    # at this scale; the fault was 1.1e-3)
+    likely = want.log_marginals > -35
+    assert (got.log_marginals.double().exp().sum(1) - 1).abs().max() < 2e-5
+    assert (got.log_marginals - want.log_marginals)[likely].abs().max() < 1e-4
+    assert (got.entropy - want.entropy).abs().max() < 2e-5

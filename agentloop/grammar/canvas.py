@@ -1034,12 +1034,34 @@ def _alpha_viterbi_into(alpha, vit, gsum, gmax, live, src, dst, group, runs, cli
 _POSTERIOR_COPIES = 4
 
 
+#: A draw's total, or a position's posterior mass in the factors, below this share of
+#: (the largest group weight x what the messages multiplied sum to) may have lost weight
+#: to float64's range (see ``_draw_in_range``, ``_posterior_in_range``).
+RANGE_FLOOR = 1e-265
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _posterior_in_range(post, gmx, totals):  # pragma: no cover - compiled
+    """Whether a position's posterior mass ``post`` (the sum over its edges of forward x
+    group weight x backward values) is exact enough to divide by: each product lost to
+    float64's range weighed less than 2.2e-308 x gmx (the largest group weight) x
+    ``totals`` (1 + what the two messages sum to: a value of one side below 2.2e-308
+    times one of the other), so above RANGE_FLOOR of that, with up to ~1e6 edges, such
+    losses stay below ~1e-37 of the mass. Below it (logits N(0, 30) from a state whose
+    canvases the forward and the backward messages weigh ~e^-360 of their rows each),
+    products went subnormal and the factors came out ~1e-3 off, or a likely token's
+    log-marginal -inf: the caller redoes the canvas in log space."""
+    return post > RANGE_FLOOR * gmx * (1.0 + totals)
+
+
 @nb.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
 def _factors_at(cur, bn, gs, acc, F_row, src, dst, group, runs, clip_l, fans, in_row, in_other, in_group, atom_groups,
-                atom_group_offsets):  # pragma: no cover - compiled
+                atom_group_offsets, totals):  # pragma: no cover - compiled
     """F_row (K,) <- the atom factors of one position from its forward message cur and
     the next position's backward message bn (group weights gs (G,); acc
-    (_POSTERIOR_COPIES, G) scratch); False where the position has no posterior mass."""
+    (_POSTERIOR_COPIES, G) scratch); False where the position's posterior mass may have
+    lost weight to float64's range (``_posterior_in_range``; ``totals``: what cur and bn
+    sum to)."""
     acc[:, :] = 0.0
     for r in range(runs.shape[0] - 1):
         e = runs[r]
@@ -1052,13 +1074,15 @@ def _factors_at(cur, bn, gs, acc, F_row, src, dst, group, runs, clip_l, fans, in
         acc[k & (_POSTERIOR_COPIES - 1), np.uint32(in_group[k])] += (cur[np.uint32(in_other[k])]
                                                                     * bn[np.uint32(in_row[k])])
     post = 0.0
+    gmx = 0.0
     for g in range(gs.shape[0]):
         t = 0.0
         for c in range(_POSTERIOR_COPIES):
             t += acc[c, g]
         acc[0, g] = t
         post += t * gs[g]
-    if not post > 0.0:
+        gmx = max(gmx, gs[g])
+    if not _posterior_in_range(post, gmx, totals):
         return False
     inv = 1.0 / post
     for k in range(F_row.shape[0]):
@@ -1071,7 +1095,7 @@ def _factors_at(cur, bn, gs, acc, F_row, src, dst, group, runs, clip_l, fans, in
 
 @parallel_kernel(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _factors(alpha, beta, gsum, src, dst, group, runs, clip, fans, in_row, in_other, in_group, atom_groups,
-             atom_group_offsets, parts):  # pragma: no cover - compiled
+             atom_group_offsets, alpha_totals, beta_totals, parts):  # pragma: no cover - compiled
     """The atom factors F (L, K) from both messages, and whether every position has
     posterior mass. P(token t at l) = exp(x_t - rowmax_l) * F[l, atom(t)].
 
@@ -1081,7 +1105,9 @@ def _factors(alpha, beta, gsum, src, dst, group, runs, clip, fans, in_row, in_ot
     acc_g = sum over g's edges of alpha_l(s) * beta_{l+1}(d) (a dot product per run) and
     post_l = sum over g of gsum[l, g] * acc_g (gsum itself never divides: at low
     temperatures a group the canvas needs can weigh ~1e-170). Each row's own factor
-    cancels in the ratio, so positions are independent: blocks of them per thread."""
+    cancels in the ratio, so positions are independent: blocks of them per thread.
+    alpha_totals / beta_totals (L + 1,): what each row of the messages sums to (as the
+    passes record them), for ``_posterior_in_range``."""
     L, G = gsum.shape
     K = atom_group_offsets.shape[0] - 1
     F = np.zeros((L, K), np.float64)
@@ -1090,13 +1116,15 @@ def _factors(alpha, beta, gsum, src, dst, group, runs, clip, fans, in_row, in_ot
         acc = np.empty((_POSTERIOR_COPIES, G), np.float64)
         for l in range(part * L // parts, (part + 1) * L // parts):
             ok[l] = _factors_at(alpha[l], beta[l + 1], gsum[l], acc, F[l], src, dst, group, runs, clip[l], fans, in_row,
-                                in_other, in_group, atom_groups, atom_group_offsets)
+                                in_other, in_group, atom_groups, atom_group_offsets,
+                                alpha_totals[l] + beta_totals[l + 1])
     return F, ok.all()
 
 
 @nb.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract"})
 def _alpha_factors_body(beta, gsum, gmax, vit, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group,
-                        start, rank, atom_groups, atom_group_offsets, totals, want_max):  # pragma: no cover - compiled
+                        start, rank, atom_groups, atom_group_offsets, beta_totals, totals,
+                        want_max):  # pragma: no cover - compiled
     """The factors F (L, K) of ``_factors`` and the forward pass of ``_alpha_into`` in one
     sweep, for a single thread: each position's factors are taken from the forward
     message just computed, while it is in cache, and only two rows of it are kept. The
@@ -1105,7 +1133,8 @@ def _alpha_factors_body(beta, gsum, gmax, vit, live, src, dst, group, runs, clip
     With ``want_max`` the Viterbi pass of ``_viterbi_into`` into vit rides along, its
     numbers the same too (warm, BPE 4k: 0.93x the two sweeps at 1 tool, 0.92x at 5 and
     0.91x at 20 tools). totals (L + 1,) <- the forward rows' totals, as
-    ``_forward_into`` records them.
+    ``_forward_into`` records them; beta_totals (L + 1,): the backward rows', as
+    ``_backward_into`` recorded them.
     Returns (F, best_end, ok); best_end is -1 without ``want_max``."""
     L, G = gsum.shape
     S = live.shape[1]
@@ -1125,7 +1154,7 @@ def _alpha_factors_body(beta, gsum, gmax, vit, live, src, dst, group, runs, clip
     for l in range(L):
         gs = gsum[l]
         if not _factors_at(cur, beta[l + 1], gs, acc, F[l], src, dst, group, runs, clip[l], fans, in_row, in_other,
-                           in_group, atom_groups, atom_group_offsets):
+                           in_group, atom_groups, atom_group_offsets, totals[l] + beta_totals[l + 1]):
             return F, -1, False
         for g in range(G):
             gsi[g] = gs[g] * scale
@@ -1149,21 +1178,22 @@ def _alpha_factors_body(beta, gsum, gmax, vit, live, src, dst, group, runs, clip
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _alpha_factors(beta, gsum, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group, start, atom_groups,
-                   atom_group_offsets, totals):  # pragma: no cover - compiled
+                   atom_group_offsets, beta_totals, totals):  # pragma: no cover - compiled
     """``_alpha_factors_body`` without the Viterbi pass: (F, ok)."""
     none2 = np.empty((0, 0), np.float64)
     F, _, ok = _alpha_factors_body(beta, gsum, none2, none2, live, src, dst, group, runs, clip, fans, in_row, in_other,
-                                   in_group, start, np.empty(0, np.int32), atom_groups, atom_group_offsets, totals,
-                                   False)
+                                   in_group, start, np.empty(0, np.int32), atom_groups, atom_group_offsets, beta_totals,
+                                   totals, False)
     return F, ok
 
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _alpha_factors_viterbi(beta, gsum, gmax, vit, live, src, dst, group, runs, clip, fans, in_row, in_other, in_group,
-                           start, rank, atom_groups, atom_group_offsets, totals):  # pragma: no cover - compiled
+                           start, rank, atom_groups, atom_group_offsets, beta_totals,
+                           totals):  # pragma: no cover - compiled
     """``_alpha_factors_body`` with the Viterbi pass into vit (L + 1, S): (F, best_end, ok)."""
     return _alpha_factors_body(beta, gsum, gmax, vit, live, src, dst, group, runs, clip, fans, in_row, in_other,
-                               in_group, start, rank, atom_groups, atom_group_offsets, totals, True)
+                               in_group, start, rank, atom_groups, atom_group_offsets, beta_totals, totals, True)
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
@@ -1500,7 +1530,10 @@ def _forward_live_kernel(want_sum: bool, want_max: bool, loop):  # type: ignore[
                             used[n_used] = g
                             n_used += 1
                 row_totals[l + 1] = tot
-                if tot <= 0.0 or post <= 0.0:
+                gmx = 0.0
+                for u in range(n_used):
+                    gmx = max(gmx, gsum[l, used[u]])
+                if not (tot > 0.0 and _posterior_in_range(post, gmx, 2.0)):  # (rows here sum to 1)
                     return F, back, -1, False
                 Fl = F[l]
                 for u in range(n_used):  # each used group's posterior onto its atoms
@@ -1566,24 +1599,18 @@ def live_kernel(kernels: tuple[Any, Any], offsets: np.ndarray) -> Any:
     return kernels[1] if threaded else kernels[0]
 
 
-#: A draw's total below this share of (its largest group weight + the total of the next
-#: position's backward values) may have lost weight to float64's range (see
-#: ``_draw_in_range``).
-DRAW_FLOOR = 1e-265
-
-
 @nb.njit(cache=True, nogil=True, inline="always")
 def _draw_in_range(tot, e0, e1, l, gsum, out_group, next_total):  # pragma: no cover - compiled
     """Whether a draw from edges e0..e1 - 1 at position l, their weights gsum * beta
     summing to tot, is exact: an edge's weight was lost to float64's range only where
     its group weight or its end's beta fell below 2.2e-308 (~1e-302 with a group's
     ~2.6e5 tokens and ~1e3 edges a state: the rest weigh no more than the largest group
-    weight, or the backward row's total ``next_total``); above DRAW_FLOOR of those,
+    weight, or the backward row's total ``next_total``); above RANGE_FLOOR of those,
     such losses stay below 1e-37 of the draw."""
     gmx = 0.0
     for j in range(e0, e1):
         gmx = max(gmx, gsum[l, out_group[j]])
-    return tot > DRAW_FLOOR * (gmx + next_total)
+    return tot > RANGE_FLOOR * (gmx + next_total)
 
 
 @nb.njit(cache=True, nogil=True, inline="always")

@@ -557,10 +557,11 @@ class CompiledGrammar:
                 if ok and gmax is not None:
                     trace = messages(dp.VITERBI)
                     F, best_end, ok = dp._alpha_factors_viterbi(beta, gsum, gmax, trace, *edges, lay.rank,
-                                                                ta.atom_groups, ta.atom_group_offsets, alpha_totals)
+                                                                ta.atom_groups, ta.atom_group_offsets, beta_totals,
+                                                                alpha_totals)
                 elif ok:
                     F, ok = dp._alpha_factors(beta, gsum, *edges, ta.atom_groups, ta.atom_group_offsets,
-                                              alpha_totals)
+                                              beta_totals, alpha_totals)
             else:
                 threads = numba.get_num_threads()
                 passes = tuple(p for p, wanted in ((dp.VITERBI, gmax is not None), (dp.ALPHA, factors),
@@ -572,7 +573,7 @@ class CompiledGrammar:
                 best_end, ok = int(status[0]), bool(status[1:].all())
                 if ok and factors:
                     F, ok = dp._factors(alpha, beta, gsum, *edges[1:10], ta.atom_groups, ta.atom_group_offsets,
-                                        row_parts(L))
+                                        alpha_totals, beta_totals, row_parts(L))
         else:
             if gsum is not None:
                 beta, ok = dp.live_kernel(dp._BACKWARD_LIVE, sup.offsets)(
