@@ -205,7 +205,7 @@ def test_states_ids_and_batches_given_to_a_grammar_are_checked(btok):
             method(10**6)
     with pytest.raises(GrammarInputError, match="state -1 is state_after's answer"):
         g.forced_tokens(12, -1)  # (no wrap-around to the last state)
-    assert not g.is_complete(-1)
+    assert not g.is_complete(-1) and g.state_after([1], -1) == -1 and not g.accepts([1], state=-1)
     assert g.viterbi(x, state=torch.tensor(g.start_state)) == g.viterbi(x)
     with pytest.raises(GrammarInputError, match="state must be an int or one int per canvas, got '0'"):
         g.viterbi(x, state="0")

@@ -177,7 +177,10 @@ class CompiledGrammar:
         return self.automaton.start
 
     def state_after(self, ids: Sequence[int], state: int | None = None) -> int:
-        """Automaton state after ``ids`` (carry it into the next canvas); -1 if invalid."""
+        """Automaton state after ``ids`` (carry it into the next canvas); -1 if invalid
+        (from ``state`` -1 too, so that calls chain)."""
+        if state is not None and not isinstance(state, bool) and state == -1:
+            return -1
         q = self._state(state)
         for t in self._token_ids(ids):
             q = self.automaton.step(q, t)
