@@ -183,6 +183,16 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
                     for j in range(allowed.shape[0]):
                         bits[np.uint32(place[j])] = row[np.uint32(allowed[j])]
                 else:
+                    # the row read once in token order first: right after a forward the
+                    # logits sit in L2/L3, and the gather's jumps through a row then wait
+                    # on each line, where one stream brings the row (16 KB at 4k) into
+                    # L1 (the step 0.93-0.96x right after a forward, 1.00-1.02x warm,
+                    # bench/results/constraint_ab_row_touch_*.md). The store keeps the
+                    # loop: without it the compiler drops it (measured: 1.00x)
+                    touch = np.int32(0)
+                    for t in range(row.shape[0]):
+                        touch |= row[t]
+                    bits[0] = touch  # (overwritten by the gather's first store)
                     for j in range(perm.shape[0]):
                         bits[j] = row[np.uint32(perm[j])]
                 # 1. each atom's best logit (as a key) and its first token; the row's best
