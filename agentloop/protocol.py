@@ -59,6 +59,7 @@ class Protocol:
     def _value(self, v: Any, schema: Mapping[str, Any] | None, root: Mapping[str, Any],
                marks: list[str] | None) -> str:
         vs = self._v
+        given = schema
         schema = _resolve(schema, root, v)
         if isinstance(v, dict):
             props = (schema or {}).get("properties", {})
@@ -86,13 +87,10 @@ class Protocol:
             return "1e999" if v > 0 else "-1e999"
         if isinstance(v, float) and math.isnan(v):
             raise ValueError("NaN has no JSON spelling")
-        if isinstance(v, float):
-            # spelled as the grammar writes it: an integer's digits, a bounded number
-            # without an exponent (see grammar.numbers), else JSON's shortest
-            if v.is_integer() and (schema or {}).get("type") == "integer":
-                return str(int(v))
-            if _BOUNDS & set(schema or {}):
-                return str(int(v)) if v.is_integer() else format(Decimal(repr(v)), "f")
+        if isinstance(v, float) and (_plain_numbers(schema) or _plain_numbers(given)):
+            # an integer or a bounded number is spelled without an exponent (see
+            # grammar.numbers): the shortest decimal that reads back as the value
+            return format(Decimal(repr(v)), "f").removesuffix(".0") if v else "0"  # (no -0 in canonical JSON)
         return json.dumps(v)
 
     def _key(self, key: str) -> str:
@@ -465,6 +463,18 @@ def _split_marks(text: str, marks: list[str]) -> list[Segment]:
         elif part:
             out.append((part, False))
     return out
+
+
+def _plain_numbers(schema: Any) -> bool:
+    """Whether the grammar spells a number under ``schema`` without an exponent: an
+    integer type or a numeric bound on it or on an ``allOf`` member (the plain spelling
+    is one every number language takes)."""
+    if not isinstance(schema, Mapping):
+        return False
+    types = schema.get("type")
+    if types == "integer" or (isinstance(types, list) and "integer" in types) or _BOUNDS & set(schema):
+        return True
+    return any(_plain_numbers(sub) for sub in schema.get("allOf", []) if isinstance(schema.get("allOf"), list))
 
 
 def _resolve(schema: Mapping[str, Any] | None, root: Mapping[str, Any], value: Any) -> Mapping[str, Any] | None:

@@ -75,6 +75,8 @@ def test_without_copy_sources_the_marks_are_not_enforced(btok, wire_format):
     empty = compile_tools([tool_], btok, wire_format, options=SchemaOptions(copy_sources=()))
     assert not empty.accepts_json([{"name": "get_weather", "arguments": {"city": "Paris"}}])
     assert empty.accepts_json("no call")  # (the tool waits for a conversation; the text answer stays)
+    grounded = compile_tools([tool_], btok, wire_format, options=SchemaOptions(grounded_text_numbers=True))
+    assert grounded.accepts_json([{"name": "get_weather", "arguments": {"city": "Paris"}}])  # (marks unenforced too)
     some = compile_tools([tool_], btok, wire_format, options=SchemaOptions(copy_sources=("Paris in 4 days",)))
     assert some.accepts_json([{"name": "get_weather", "arguments": {"city": "Paris", "n": 4}}])
     assert not some.accepts_json([{"name": "get_weather", "arguments": {"city": "Rome"}}])

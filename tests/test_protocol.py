@@ -38,15 +38,19 @@ def test_rendered_calls_match_the_grammar(wire_format: str) -> None:
 @pytest.mark.parametrize("wire_format", ["gemma4", "json"])
 def test_numbers_are_rendered_as_the_grammar_spells_them(wire_format: str) -> None:
     """A bounded number has no exponent in the grammar (0.0000001), an integer none
-    either (10000000000000000): the protocol writes prior calls the same way, and the
-    grammar takes its parse (``ParsedOutput`` or ``ToolCall``s) back."""
+    either (10000000000000000), and no -0: the protocol writes prior calls the same way
+    (a bound inside allOf, a type list too), and the grammar takes its parse
+    (``ParsedOutput`` or ``ToolCall``s) back."""
     tok = byte_tokenizer()
     p = Protocol(wire_format)
-    params = {"type": "object", "properties": {"x": {"type": "number", "minimum": 0}, "n": {"type": "integer"},
-                                               "y": {"type": "number"}}, "required": ["x", "n", "y"]}
+    params = {"type": "object", "required": ["x", "n", "y", "z", "m"], "properties": {
+        "x": {"type": "number", "minimum": 0}, "n": {"type": "integer"}, "y": {"type": "number"},
+        "z": {"type": "number", "allOf": [{"minimum": -1}]},  # (a bound one level down)
+        "m": {"type": ["integer", "null"]}}}
     g = compile_tools([{"name": "f", "parameters": params}], tok, wire_format)
-    for x, n, y in [(1e-07, 1e16, 1e-07), (2.5e20, 3.0, 1e300), (0.1, -12.0, float("inf"))]:
-        calls = [ToolCall("f", {"x": x, "n": n, "y": y})]
+    for x, n, y, z, m in [(1e-07, 1e16, 1e-07, 1e-07, 1e16), (2.5e20, 3.0, 1e300, -0.0, None),
+                          (0.1, -12.0, float("inf"), 0.5, 7.0)]:
+        calls = [ToolCall("f", {"x": x, "n": n, "y": y, "z": z, "m": m})]
         text = p.render_calls(calls, {"f": params})
         ids = tok.encode(text + p.calls_stop).ids
         assert g.accepts(ids), text

@@ -233,6 +233,8 @@ def test_encoding_ignores_the_tokenizers_padding_and_truncation(btok):
     assert len(padded.encode(text, add_special_tokens=False).ids) == 64
     assert encode_text(padded, text) == encode_text(btok, text) and len(encode_text(btok, text)) > 8
     assert padded.padding is not None  # (the caller's tokenizer is left as it was)
+    padded.add_special_tokens(["<x>"])  # (a token added later is in the copy too)
+    assert encode_text(padded, "a<x>") == [padded.token_to_id("a"), padded.token_to_id("<x>")]
 
 
 def test_compiled_grammars_are_cached(btok):

@@ -192,7 +192,8 @@ def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
                     touch = np.int32(0)
                     for t in range(row.shape[0]):
                         touch |= row[t]
-                    bits[0] = touch  # (overwritten by the gather's first store)
+                    if perm.shape[0]:
+                        bits[0] = touch  # (overwritten by the gather's first store)
                     for j in range(perm.shape[0]):
                         bits[j] = row[np.uint32(perm[j])]
                 # 1. each atom's best logit (as a key) and its first token; the row's best
@@ -1540,10 +1541,14 @@ def _forward_live_kernel(want_sum: bool, want_max: bool, loop):  # type: ignore[
                             used[n_used] = g
                             n_used += 1
                 row_totals[l + 1] = tot
+                # (here a group weight multiplies the forward value before the backward
+                # one, so a loss need not scale with it: 1 + gmx; the forward values sum
+                # to 1, the backward ones too but at L, where each live state holds 1)
                 gmx = 0.0
                 for u in range(n_used):
                     gmx = max(gmx, gsum[l, used[u]])
-                if not (tot > 0.0 and _posterior_in_range(post, gmx, 2.0)):  # (rows here sum to 1)
+                t_back = 1.0 if l + 1 < L else np.float64(offsets[L + 1] - offsets[L])
+                if not (tot > 0.0 and _posterior_in_range(post, 1.0 + gmx, 1.0 + t_back)):
                     return F, back, -1, False
                 Fl = F[l]
                 for u in range(n_used):  # each used group's posterior onto its atoms

@@ -75,17 +75,18 @@ def _without_padding(backend: Any) -> Any:
     (made once per tokenizer: the engine and training encode whole texts)."""
     if getattr(backend, "padding", None) is None and getattr(backend, "truncation", None) is None:
         return backend
+    size = backend.get_vocab_size(with_added_tokens=True)  # (tokens added since: a new copy)
     with _unpadded_lock:
         try:
-            plain = _unpadded.get(backend)
+            size_then, plain = _unpadded.get(backend, (-1, None))
         except TypeError:  # (not weak-referenceable: a copy per call)
-            plain = None
-        if plain is None:
+            size_then, plain = -1, None
+        if plain is None or size_then != size:
             plain = copy.deepcopy(backend)
             plain.no_padding()
             plain.no_truncation()
             try:
-                _unpadded[backend] = plain
+                _unpadded[backend] = (size, plain)
             except TypeError:
                 pass
     return plain

@@ -221,12 +221,13 @@ class WireFormat:
             # (no double: a spelling past the double range, which an unbounded number
             # allows and a parser reads as inf, as ``Protocol`` spells it back)
             return [list(b"1e999" if v > 0 else b"-1e999")]
-        first = self.spell_number(v)
-        out = [first]
+        out = [self.spell_number(v)]
         if isinstance(v, float):
-            plain = str(int(v)) if v.is_integer() else format(Decimal(repr(v)), "f")
-            if list(plain.encode()) != first:
-                out.append(list(plain.encode()))
+            # (a float with an integer value: its exact digits, and the shortest decimal
+            # that reads back as it, which a bound like 1e308 on its decimal reading takes)
+            for plain in ([str(int(v))] if v.is_integer() else []) + [format(Decimal(repr(v)), "f")]:
+                if list(plain.encode()) not in out:
+                    out.append(list(plain.encode()))
         return out
 
     def spell_value(self, v: Any, key_order: Sequence[str] | None = None) -> list[int]:
