@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from decimal import Decimal
 from string import Template
 from typing import Any, Mapping, Sequence
 
 from .errors import ParseError, WireFormatError
 from .grammar import ParsedOutput, ToolCall
+from .grammar.numbers import plain_decimal
 from .grammar.wireformat import WireFormat, load_wire_format
 
 #: Keywords that make the grammar spell a number without an exponent (``grammar.numbers``).
@@ -90,7 +90,7 @@ class Protocol:
         if isinstance(v, float) and (_plain_numbers(schema) or _plain_numbers(given)):
             # an integer or a bounded number is spelled without an exponent (see
             # grammar.numbers): the shortest decimal that reads back as the value
-            return format(Decimal(repr(v)), "f").removesuffix(".0") if v else "0"  # (no -0 in canonical JSON)
+            return plain_decimal(v).removesuffix(".0") if v else "0"  # (no -0 in canonical JSON)
         return json.dumps(v)
 
     def _key(self, key: str) -> str:

@@ -77,6 +77,10 @@ def test_without_copy_sources_the_marks_are_not_enforced(btok, wire_format):
     assert empty.accepts_json("no call")  # (the tool waits for a conversation; the text answer stays)
     grounded = compile_tools([tool_], btok, wire_format, options=SchemaOptions(grounded_text_numbers=True))
     assert grounded.accepts_json([{"name": "get_weather", "arguments": {"city": "Paris"}}])  # (marks unenforced too)
+    plain = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string",
+                                                                                           "x-copy": True}}}}
+    holed = compile_tools([plain], btok, wire_format, options=SchemaOptions(grounded_text_numbers=True))
+    assert holed.accepts_json([{"name": "get_weather", "arguments": {"city": "Paris"}}])  # (the holed envelope)
     some = compile_tools([tool_], btok, wire_format, options=SchemaOptions(copy_sources=("Paris in 4 days",)))
     assert some.accepts_json([{"name": "get_weather", "arguments": {"city": "Paris", "n": 4}}])
     assert not some.accepts_json([{"name": "get_weather", "arguments": {"city": "Rome"}}])

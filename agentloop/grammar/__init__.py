@@ -33,7 +33,7 @@ from ..errors import SchemaError
 from . import cache as disk_cache
 from . import charset as cs
 from .copy import (FIXED_HOLE_KINDS, HOLE_SYMBOLS, STRING_NUMBERS_HOLE, TEXT_NUMBERS_HOLE, HolesExhausted,
-                   copied_number_node, holes_fit, number_hole_language, uses_copy, without_copy)
+                   copied_number_node, holes_fit, number_hole_language, uses_copy)
 from .compiled import CompiledGrammar, GrammarStats, ParsedOutput, StepOutput, ToolCall
 from .fsa import Dfa, Node, alt, embed, literal, product, rep, separated, seq, substitute, sym, to_dfa
 from .schema import SchemaCompiler, SchemaOptions, _copies_dfa
@@ -228,11 +228,6 @@ def compile_tools(
     """
     wf = wire_format if isinstance(wire_format, WireFormat) else load_wire_format(wire_format)
     specs = [ToolSchema.coerce(t) for t in tools]
-    if options.copy_sources is None and options.grounded_text_numbers:
-        # no conversation, yet the answer's numbers are grounded in one: the copy marks are
-        # not enforced (as without grounding), the answer's numbers come from no text
-        specs = [dataclasses.replace(t, parameters=without_copy(t.parameters)) for t in specs]
-        options = dataclasses.replace(options, copy_sources=())
     if not specs and not allow_text:
         raise SchemaError("compile_tools needs at least one tool when allow_text=False")
     seen: set[str] = set()
@@ -294,7 +289,10 @@ def compile_tools(
                 all(holes_fit(t.parameters) for t in specs if uses_copy(t.parameters)):
             # The copy constraint changes every turn: compile the envelope once with holes
             # where copied values go, and splice this turn's copies in (milliseconds).
-            holed = dataclasses.replace(options, copy_sources=(), copy_holes=True)
+            # (without a conversation, copy_sources None, the copy marks stay unenforced:
+            # only the answer's numbers are holes then)
+            holed = dataclasses.replace(options, copy_sources=None if options.copy_sources is None else (),
+                                        copy_holes=True)
             try:
                 base = _holed_envelope(lambda: envelope(holed), key(holed), wf)
             except HolesExhausted:

@@ -104,11 +104,6 @@ class _Scores:
             self._log_stats.append(stats)
         return self._log_stats[0]
 
-    def sums_in_range(self, rows: slice) -> bool:
-        """Whether every atom with a finite logit in these rows kept its sum within
-        float64's normal range (else the fast passes would weigh it as 0, or coarsely)."""
-        return self.log_underflow(rows) == -math.inf
-
     def log_underflow(self, rows: slice) -> float:
         """The log of a bound on the probability, with each row's tokens normalised over
         the allowed ones, of the token sequences through an atom whose sum fell below

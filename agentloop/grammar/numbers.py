@@ -229,6 +229,13 @@ def canonical_number() -> Node:
     return alt(integer, seq(opt(MINUS), alt(big, small)))
 
 
+def plain_decimal(v: float) -> str:
+    """The shortest decimal that reads back as the finite float ``v``, without an
+    exponent (how bounded numbers are spelled): 1e-07 -> '0.0000001', 1e16 ->
+    '10000000000000000', 3.0 -> '3.0'."""
+    return format(Decimal(repr(v)), "f")
+
+
 def canonical_spelling(v: int | float) -> str | None:
     """The spelling of ``v`` in :func:`canonical_number`, or None if it has none."""
     if isinstance(v, bool):
@@ -239,10 +246,9 @@ def canonical_spelling(v: int | float) -> str | None:
         return None
     if v.is_integer():
         return str(int(v))
-    d = Decimal(repr(v))  # the shortest decimal that rounds to v
-    if len(d.as_tuple().digits) > MAX_CANONICAL_DIGITS:
+    if len(Decimal(repr(v)).as_tuple().digits) > MAX_CANONICAL_DIGITS:  # (repr: the shortest that rounds to v)
         return None
-    return format(d, "f")
+    return plain_decimal(v)
 
 
 # ---- bounds on doubles ------------------------------------------------------------------

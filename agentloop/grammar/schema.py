@@ -269,7 +269,8 @@ class SchemaOptions:
     copy_sources: tuple[str, ...] | None = None
     #: Compile copied values as hole symbols (``copy.HOLE_SYMBOLS``) instead of from
     #: ``copy_sources``: a language that does not depend on the conversation, into which
-    #: ``fsa.substitute`` splices each turn's copies. Only for schemas ``copy.holes_fit``.
+    #: ``fsa.substitute`` splices each turn's copies (where ``copy_sources`` is a tuple:
+    #: with None the marks are not enforced). Only for schemas ``copy.holes_fit``.
     copy_holes: bool = False
     #: A tool envelope's final text may only write numbers that ``copy_sources`` write
     #: (the numbers rule of ``"x-copy": "numbers"``, applied to the answer).
@@ -425,8 +426,8 @@ class SchemaCompiler:
         self.root = root
         self.wf = wf
         self.opt = options
-        # (whether x-copy marks are enforced: from the sources given, or as holes for them)
-        self._copying = options.copy_holes or options.copy_sources is not None
+        # (whether x-copy marks are enforced: with copy_holes as holes the sources fill)
+        self._copying = options.copy_sources is not None
         self.n_symbols = wf.n_symbols
         _check_schema(root)
         # One spelled character as a small DFA: its expression (UTF-8 ranges, escapes) has

@@ -18,12 +18,12 @@ import math
 import re
 import tomllib
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ParseError, WireFormatError
 from . import charset as cs
+from . import numbers
 from .fsa import Node, alt, literal, seq
 
 EOS = "${eos}"
@@ -225,7 +225,7 @@ class WireFormat:
         if isinstance(v, float):
             # (a float with an integer value: its exact digits, and the shortest decimal
             # that reads back as it, which a bound like 1e308 on its decimal reading takes)
-            for plain in ([str(int(v))] if v.is_integer() else []) + [format(Decimal(repr(v)), "f")]:
+            for plain in ([str(int(v))] if v.is_integer() else []) + [numbers.plain_decimal(v)]:
                 if list(plain.encode()) not in out:
                     out.append(list(plain.encode()))
         return out
