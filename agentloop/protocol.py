@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import re
+from decimal import Decimal
 from string import Template
 from typing import Any, Mapping, Sequence
 
@@ -90,7 +92,9 @@ class Protocol:
         if isinstance(v, float) and (_plain_numbers(schema) or _plain_numbers(given)):
             # an integer or a bounded number is spelled without an exponent (see
             # grammar.numbers): the shortest decimal that reads back as the value
-            return plain_decimal(v).removesuffix(".0") if v else "0"  # (no -0 in canonical JSON)
+            if v.is_integer():
+                return _integer_digits(v, (schema, given))
+            return plain_decimal(v)
         return json.dumps(v)
 
     def _key(self, key: str) -> str:
@@ -475,6 +479,37 @@ def _plain_numbers(schema: Any) -> bool:
     if types == "integer" or (isinstance(types, list) and "integer" in types) or _BOUNDS & set(schema):
         return True
     return any(_plain_numbers(sub) for sub in schema.get("allOf", []) if isinstance(schema.get("allOf"), list))
+
+
+def _integer_digits(v: float, schemas: Sequence[Any]) -> str:
+    """The digits of an integer-valued float ``v`` as the grammar takes them under
+    ``schemas``' bounds. Past 2**53 its shortest decimal (100000000000000000000000 for
+    1e23) and its exact value (99999999999999991611392) differ, and a parser reads digits
+    as an exact integer, which the grammar takes only within each bound under both of its
+    readings (its decimal text and the double it parses to; ``SchemaCompiler.number_node``):
+    under "maximum": 1e23 only the exact digits fit, under "maximum": 1e308 only the
+    shortest. The shortest is written unless a bound refuses it. No -0 (canonical JSON)."""
+    shortest = plain_decimal(v).removesuffix(".0") if v else "0"
+    exact = str(int(v))
+    if exact == shortest or all(_fits_bounds(int(shortest), s) for s in schemas):
+        return shortest
+    return exact if all(_fits_bounds(int(exact), s) for s in schemas) else shortest
+
+
+def _fits_bounds(n: int, schema: Any) -> bool:
+    """Whether the integer ``n`` meets ``schema``'s numeric bounds (and its ``allOf``
+    members') under both readings of each bound."""
+    if not isinstance(schema, Mapping):
+        return True
+    for kw, ok in (("maximum", operator.le), ("exclusiveMaximum", operator.lt),
+                   ("minimum", operator.ge), ("exclusiveMinimum", operator.gt)):
+        b = schema.get(kw)
+        if isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b):
+            readings = {Decimal(b), Decimal(repr(b))} if isinstance(b, float) else {Decimal(b)}
+            if not all(ok(n, r) for r in readings):
+                return False
+    members = schema.get("allOf")
+    return all(_fits_bounds(n, m) for m in members) if isinstance(members, list) else True
 
 
 def _resolve(schema: Mapping[str, Any] | None, root: Mapping[str, Any], value: Any) -> Mapping[str, Any] | None:

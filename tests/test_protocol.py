@@ -57,6 +57,27 @@ def test_numbers_are_rendered_as_the_grammar_spells_them(wire_format: str) -> No
         assert g.accepts_json(g.parse(ids)) and g.accepts_json(g.parse(ids).calls) and g.accepts_json(calls)
 
 
+
+@pytest.mark.parametrize("wire_format", ["gemma4", "json"])
+def test_huge_integers_at_a_bound_are_spelled_as_the_grammar_takes_them(wire_format: str) -> None:
+    """Past 2**53 an integer-valued float's exact digits and its shortest decimal differ
+    (1e23: 99999999999999991611392 and 100000000000000000000000), and the grammar reads
+    digits exactly, within each bound under both its readings: at "maximum": 1e23 only
+    the exact digits fit, at "maximum": 1e308 only the shortest, and at a minimum the other
+    way round. The protocol writes the one that fits."""
+    tok = byte_tokenizer()
+    p = Protocol(wire_format)
+    for kw, b in [("maximum", 1e23), ("maximum", 1e308), ("minimum", 1e23), ("minimum", 1e308),
+                  ("exclusiveMaximum", -1e23), ("minimum", -1e23)]:
+        for typ in ("integer", "number"):
+            params = {"type": "object", "required": ["n"], "properties": {"n": {"type": typ, kw: b}}}
+            g = compile_tools([{"name": "f", "parameters": params}], tok, wire_format)
+            v = -1.0000000000000001e23 if kw == "exclusiveMaximum" else b  # (the float below -1e23)
+            calls = [ToolCall("f", {"n": v})]
+            assert g.accepts_json(calls), (kw, b, typ)
+            text = p.render_calls(calls, {"f": params})
+            assert g.accepts(tok.encode(text + p.calls_stop).ids), (kw, b, typ, text)
+
 def test_text_answers_and_parse_errors() -> None:
     p = Protocol("gemma4")
     assert p.parse_output("Hello there").text == "Hello there"
