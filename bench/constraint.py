@@ -790,7 +790,7 @@ def host_tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[
             if f"{n}_after_forward_ms" in s])
     if af_rows:
         tables_.append(("Per-step cost right after a decoder forward (the engine's situation: the forward has just "
-                        "written the logits and evicted the grammar's tables; medians of {r}; % of the forward)".format(
+                        "written the logits, the caches as it left them; medians of {r}; % of the forward)".format(
                             r=result["config"].get("after_forward_repeats")),
                         ["tokenizer", "V", "tools", "forward ms", "viterbi ms", "sample ms", "marginals+H ms",
                          "denoise_step ms", "no-grammar draw ms"], af_rows))
