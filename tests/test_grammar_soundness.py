@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import json
+import math
+from decimal import Decimal
 
 import jsonschema
 import pytest
@@ -244,6 +246,31 @@ def test_accepted_values_are_valid(btok, wire_format, schema, values):
             assert v.is_valid(value), (schema, value)
 
 
+_FAR_BOUND = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-(10**40), 10**40),
+                       st.sampled_from([-1.2345e300, 1e308, -1e308, 1e23, -7.765543766661581e-26, -0.0, 5e-324]))
+
+
+@settings(SETTINGS, max_examples=80)
+@given(data=st.data(), bound=_FAR_BOUND, kw=st.sampled_from(["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"]),
+       kind=st.sampled_from(["number", "integer"]))
+def test_values_near_extreme_bounds_are_accepted_only_if_valid(btok, data, bound, kw, kind):
+    """Soundness at bounds of any magnitude (huge, tiny, subnormal, -0.0, long exact
+    expansions): a value is accepted only if jsonschema finds it valid. The probes sit at
+    the bound, one double either side, and at integers off its exact value by 1 up to
+    10**(its digits), where a bound rounded anywhere to fewer digits lets values through."""
+    schema = {"type": kind, kw: bound}
+    g = compile_or_reject(schema, btok, "json")
+    v = validator(schema)
+    probes: list[int | float] = []
+    if isinstance(bound, float):
+        probes += [bound, math.nextafter(bound, -math.inf), math.nextafter(bound, math.inf)]
+    edge = int(Decimal(bound))
+    scale = data.draw(st.integers(0, max(1, len(str(abs(edge))))), label="scale")
+    probes += [edge + sign * k for sign in (-1, 1) for k in (1, 10**scale)] + [edge]
+    for value in probes:
+        if g.accepts_json(value):
+            assert v.is_valid(value), (schema, value)
+
 @pytest.mark.parametrize("wire_format", WIRE_FORMATS)
 @pytest.mark.parametrize("text", ['say "hi"', "back\\slash \\n", "tab\tnew\nline", "Zürich 東京 🎉", "\x00\x1f\x7f",
                                   "<|\"|> inside", "", "a" * 40])
@@ -298,3 +325,32 @@ def test_numbers_are_accepted_in_the_spelling_the_grammar_writes(btok, wire_form
         assert g.parse(ids) == value
         assert g.accepts_json(value) and g.accepts_json(g.parse(ids)), (schema, value)
     assert not compile_schema({"type": "number", "maximum": 1}, btok, wire_format).accepts_json(1e20)
+
+
+@pytest.mark.parametrize("wire_format", WIRE_FORMATS)
+def test_bounds_hold_to_the_last_digit(btok, wire_format):
+    """A lower bound is compiled as an upper bound on -x. Its negation must be exact: a
+    double's expansion has up to 767 digits, and Decimal's unary minus rounds to 28. At
+    "minimum": -1.2345e300 that let integers up to ~1e272 below the bound through (an
+    invalid call emitted); at "minimum": -7.765543766661581e-26 the bound's own value was
+    refused. Each value is checked against jsonschema, both ways."""
+    cases = []
+    for b in (-1.2345e300, -3.3e300, -2.9e300):  # (their exact value is above the decimal's)
+        edge = int(Decimal(b))
+        cases += [({"type": "integer", "minimum": b}, v) for v in (edge - 10**260, edge - 1, edge, edge + 1)]
+        cases += [({"type": "integer", "exclusiveMinimum": b}, v) for v in (edge, edge + 1)]
+    small = -7.765543766661581e-26
+    below, above = math.nextafter(small, -math.inf), math.nextafter(small, math.inf)
+    for kw in ("minimum", "exclusiveMinimum"):
+        cases += [({"type": "number", kw: small, "maximum": 0.0}, v) for v in (below, small, above)]
+    cases += [({"type": "number", "exclusiveMaximum": -small}, v) for v in (-above, -small, -below)]
+    # -0.0 is a bound too (it compiled to an AssertionError as a maximum), and a digit
+    # string hundreds long (a 300-digit fraction nested a node per digit: RecursionError)
+    for kw in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        cases += [({"type": "number", kw: -0.0}, v) for v in (-0.5, 0, 0.0, 0.5)]
+    cases += [({"type": "number", "exclusiveMaximum": 1.8005000412330444e-167}, v) for v in (0.0, 1.8e-167, 1.9e-167)]
+    cases += [({"type": "integer", "minimum": -(10**400)}, v) for v in (-(10**400) - 1, -(10**400), 7)]
+    for schema, value in cases:
+        g = compile_schema(schema, btok, wire_format)
+        valid = jsonschema.Draft202012Validator(schema).is_valid(value)
+        assert g.accepts_json(value) == valid, (schema, value, valid)

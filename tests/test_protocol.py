@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from agentloop.errors import ParseError, WireFormatError
 from agentloop.grammar import ToolCall, byte_tokenizer, compile_tools
@@ -77,6 +81,45 @@ def test_huge_integers_at_a_bound_are_spelled_as_the_grammar_takes_them(wire_for
             assert g.accepts_json(calls), (kw, b, typ)
             text = p.render_calls(calls, {"f": params})
             assert g.accepts(tok.encode(text + p.calls_stop).ids), (kw, b, typ, text)
+
+
+_BOUND = st.one_of(st.floats(min_value=-1e30, max_value=1e30, allow_nan=False), st.integers(-(10**25), 10**25),
+                   st.sampled_from([1e23, -1e23, 1e308, -1e308, 9007199254740993.0, 0.1, 1e16, 2.5e20]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(data=st.data())
+def test_a_number_the_schema_takes_renders_as_the_grammar_takes_it(data: st.DataObject) -> None:
+    """Property: a number jsonschema finds within a schema's bounds (huge, tiny, at a
+    bound, an integer-valued float) is written by the protocol in a spelling the grammar
+    accepts. (Where the lower and upper bound are the same double, the grammar may take no
+    spelling of a huge one: its bounds hold under both readings of the schema's text.)"""
+    typ = data.draw(st.sampled_from(["number", "integer"]), label="type")
+    lo_kw = data.draw(st.sampled_from(["minimum", "exclusiveMinimum", None]), label="lower")
+    hi_kw = data.draw(st.sampled_from(["maximum", "exclusiveMaximum", None]), label="upper")
+    lo, hi = data.draw(_BOUND, label="lo"), data.draw(_BOUND, label="hi")
+    assume(lo_kw is None or hi_kw is None or lo < hi)
+    prop: dict[str, object] = {"type": typ}
+    if lo_kw:
+        prop[lo_kw] = lo
+    if hi_kw:
+        prop[hi_kw] = hi
+    a = float(lo) if lo_kw else min(-1e30, float(hi))
+    b = float(hi) if hi_kw else max(1e30, a)
+    v = data.draw(st.one_of(st.floats(min_value=a, max_value=b, allow_nan=False), st.sampled_from([a, b])),
+                  label="value")
+    if typ == "integer":
+        v = float(math.floor(v))
+    params = {"type": "object", "required": ["n"], "properties": {"n": prop}}
+    assume(jsonschema.Draft202012Validator(params).is_valid({"n": v}))
+    wire_format = data.draw(st.sampled_from(["gemma4", "json"]), label="wire format")
+    tok = byte_tokenizer()
+    g = compile_tools([{"name": "f", "parameters": params}], tok, wire_format)
+    p = Protocol(wire_format)
+    calls = [ToolCall("f", {"n": v})]
+    text = p.render_calls(calls, {"f": params})
+    assert g.accepts(tok.encode(text + p.calls_stop).ids), text
+    assert g.accepts_json(calls)
 
 def test_text_answers_and_parse_errors() -> None:
     p = Protocol("gemma4")

@@ -39,21 +39,33 @@ def any_number() -> Node:
 
 
 def _fixed(sa: str, sb: str) -> Node:
-    """Digit strings of len(sa) between sa and sb (leading zeros allowed)."""
-    if not sa:
+    """Digit strings of len(sa) between sa and sb (leading zeros allowed).
+
+    An automaton of its own, not nested nodes: a bound's digits can run to hundreds (1e308,
+    or a JSON integer of any length), and a node nested a level per digit overflowed
+    Python's recursion when built. States, at each position i: the prefix equals both
+    bounds' (``both``), only the lower's (``low``: already below the upper), only the
+    upper's (``high``), or neither (``free``: any digits follow)."""
+    n = len(sa)
+    if not n:
         return EMPTY
-    if sa.strip("0") == "" and sb.strip("9") == "":
-        # Every digit string: without this shortcut the two recursive sides below would
-        # both recurse at every digit (2**len nodes for bounds like 18446744073709551615).
-        return rep(DIGIT, len(sa), len(sa))
-    a0, b0 = int(sa[0]), int(sb[0])
-    if a0 == b0:
-        return seq(digits(a0, a0), _fixed(sa[1:], sb[1:]))
-    n = len(sa) - 1
-    low = seq(digits(a0, a0), _fixed(sa[1:], "9" * n))
-    mid = seq(digits(a0 + 1, b0 - 1), rep(DIGIT, n, n)) if b0 - a0 > 1 else NEVER
-    high = seq(digits(b0, b0), _fixed("0" * n, sb[1:]))
-    return alt(low, mid, high)
+    both, low, high, free = (lambda i, k=k: 4 * i + k for k in range(4))  # (state numbers)
+    edges: list[tuple[int, int, Node]] = []
+    for i in range(n):
+        a, b = int(sa[i]), int(sb[i])
+        if a == b:
+            edges.append((both(i), both(i + 1), digits(a, a)))
+        elif a < b:
+            edges += [(both(i), low(i + 1), digits(a, a)), (both(i), high(i + 1), digits(b, b))]
+            if b - a > 1:
+                edges.append((both(i), free(i + 1), digits(a + 1, b - 1)))
+        edges += [(low(i), low(i + 1), digits(a, a)), (high(i), high(i + 1), digits(b, b)),
+                  (free(i), free(i + 1), DIGIT)]
+        if a < 9:
+            edges.append((low(i), free(i + 1), digits(a + 1, 9)))
+        if b > 0:
+            edges.append((high(i), free(i + 1), digits(0, b - 1)))
+    return graph(4 * (n + 1), [both(n), low(n), high(n), free(n)], edges)
 
 
 def uint_range(a: int, b: Optional[int]) -> Node:
@@ -108,39 +120,46 @@ def multiple_of(m: int) -> Node:
 # whether the empty string qualifies).
 
 
+def _tail(d: str, op: str) -> tuple[Node, bool]:
+    """Non-empty digit strings x with 0.x ``op`` 0.d (op: ">=", ">", "<=", "<"), and
+    whether the empty string qualifies. An automaton of its own, as ``_fixed`` (a bound's
+    fraction can run to 767 digits: 5e-324). States: 0 the start; 1 + i the digits so far
+    equal d's first i (i = len(d): all of d, trailing zeros dropped); then above and
+    below, which any digits keep."""
+    d = d.rstrip("0")
+    n = len(d)
+    above, below = n + 2, n + 3
+    equal = [1 + i for i in range(n + 1)]
+    edges: list[tuple[int, int, Node]] = [(above, above, DIGIT), (below, below, DIGIT)]
+    for src, i in [(0, 0)] + [(equal[i], i) for i in range(n + 1)]:  # (the start reads as "equal so far, 0 digits")
+        if i == n:  # all of d read: a zero keeps equality, any other digit goes above
+            edges += [(src, equal[n], digits(0, 0)), (src, above, digits(1, 9))]
+            continue
+        c = int(d[i])
+        edges.append((src, equal[i + 1], digits(c, c)))
+        if c < 9:
+            edges.append((src, above, digits(c + 1, 9)))
+        if c > 0:
+            edges.append((src, below, digits(0, c - 1)))
+    finals = {">=": [above, equal[n]], ">": [above], "<=": [below, *equal], "<": [below, *equal[:n]]}[op]
+    empty_ok = {">=": n == 0, ">": False, "<=": True, "<": n > 0}[op]
+    return graph(n + 4, finals, edges), empty_ok
+
+
 def _ge_tail(d: str) -> tuple[Node, bool]:
-    if not d.strip("0"):
-        return rep(DIGIT, 1), True
-    d0 = int(d[0])
-    rest, rest_empty = _ge_tail(d[1:])
-    same = seq(digits(d0, d0), alt(rest, EMPTY) if rest_empty else rest)
-    return alt(seq(digits(d0 + 1, 9), rep(DIGIT)), same), False
+    return _tail(d, ">=")
 
 
 def _gt_tail(d: str) -> tuple[Node, bool]:
-    if not d.strip("0"):
-        return seq(rep(DIGIT), NONZERO, rep(DIGIT)), False
-    d0 = int(d[0])
-    rest, _ = _gt_tail(d[1:])
-    return alt(seq(digits(d0 + 1, 9), rep(DIGIT)), seq(digits(d0, d0), rest)), False
+    return _tail(d, ">")
 
 
 def _le_tail(d: str) -> tuple[Node, bool]:
-    if not d.strip("0"):
-        return rep(sym(0x30), 1), True
-    d0 = int(d[0])
-    rest, rest_empty = _le_tail(d[1:])
-    same = seq(digits(d0, d0), alt(rest, EMPTY) if rest_empty else rest)
-    return alt(seq(digits(0, d0 - 1), rep(DIGIT)), same), True
+    return _tail(d, "<=")
 
 
 def _lt_tail(d: str) -> tuple[Node, bool]:
-    if not d.strip("0"):
-        return NEVER, False
-    d0 = int(d[0])
-    rest, rest_empty = _lt_tail(d[1:])
-    same = seq(digits(d0, d0), alt(rest, EMPTY) if rest_empty else rest)
-    return alt(seq(digits(0, d0 - 1), rep(DIGIT)), same), True
+    return _tail(d, "<")
 
 
 def _fraction(tail: tuple[Node, bool], fraction_only: bool = False) -> Node:
@@ -150,9 +169,11 @@ def _fraction(tail: tuple[Node, bool], fraction_only: bool = False) -> Node:
 
 
 def _split(x: Decimal) -> tuple[int, str]:
-    """Integer part and fraction digits of a non-negative decimal."""
-    sign, digs, exp = x.as_tuple()
-    assert sign == 0
+    """Integer part and fraction digits of a non-negative decimal (-0 included: a bound
+    of -0.0, or a zero negated exactly)."""
+    if x.is_zero():
+        return 0, ""
+    assert x > 0, x
     text = format(x, "f")
     if "." in text:
         i, f = text.split(".")
@@ -197,13 +218,14 @@ def decimal_range(lo: Optional[Decimal], lo_excl: bool, hi: Optional[Decimal], h
     if hi is None or hi > zero or (hi == zero and not hi_excl):
         a, a_excl = (lo, lo_excl) if lo is not None and lo >= zero else (zero, False)
         branches.append(_magnitudes(a, a_excl, hi, hi_excl, fo))
-    # x < 0 part: m = -x > 0 with -hi <=/< m <=/< -lo
+    # x < 0 part: m = -x > 0 with -hi <=/< m <=/< -lo (copy_negate: exact, where unary
+    # minus would round a double's exact expansion to the context's 28 digits)
     if lo is None or lo < zero:
         if hi is not None and hi < zero:
-            a, a_excl = -hi, hi_excl
+            a, a_excl = hi.copy_negate(), hi_excl
         else:
             a, a_excl = zero, True
-        b, b_excl = (-lo, lo_excl) if lo is not None else (None, False)
+        b, b_excl = (lo.copy_negate(), lo_excl) if lo is not None else (None, False)
         branches.append(seq(MINUS, _magnitudes(a, a_excl, b, b_excl, fo)))
     return alt(*branches)
 

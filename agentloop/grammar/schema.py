@@ -348,7 +348,7 @@ def _looser_hi(a: _Side | None, b: _Side | None) -> _Side | None:
 
 
 def _neg(s: _Side | None) -> _Side | None:
-    return None if s is None else (-s[0], s[1])
+    return None if s is None else (s[0].copy_negate(), s[1])
 
 
 def _int_hi(s: _Side | None) -> int | None:
@@ -1060,8 +1060,8 @@ class SchemaCompiler:
                     raise SchemaError(f"{kw} {schema[kw]} admits no finite number (JSON has no infinities or nan)",
                                       keyword=kw, pointer=_ptr(ptr, kw))
                 dec, exact = _bound(schema[kw])
-                if not upper:
-                    dec, exact = -dec, -exact
+                if not upper:  # (copy_negate is exact: unary minus rounds to the context's 28 digits)
+                    dec, exact = dec.copy_negate(), exact.copy_negate()
                 m, inclusive = numbers.double_le_bound(exact, strict)
                 if upper:
                     dec_hi = _tighter_hi(dec_hi, (dec, not strict))
