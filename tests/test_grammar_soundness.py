@@ -246,6 +246,37 @@ def test_accepted_values_are_valid(btok, wire_format, schema, values):
             assert v.is_valid(value), (schema, value)
 
 
+@pytest.mark.parametrize("wire_format", WIRE_FORMATS)
+def test_float_multiples_follow_jsonschemas_division(btok, wire_format):
+    """jsonschema divides doubles for a float multipleOf: 1 / 1e-05 is 99999.99999999999,
+    so 1 is not a multiple of 1e-05 there, and past 2**53 n / 3.0 rounds. Such schemas
+    accepted every integer (1e-05) or exact multiples past 2**53 (3.0); now 1e-05 on
+    integers is refused with a reason, and float multiples hold below 2**53."""
+    with pytest.raises(SchemaError, match=r"multipleOf 1e-05: jsonschema divides doubles"):
+        compile_schema({"type": "integer", "multipleOf": 1e-05}, btok, wire_format)
+    cases = [({"type": "integer", "multipleOf": 1e-08}, [12391239123, 1, 3]), ({"type": "integer", "multipleOf": 0.5}, [1, -3]),
+             ({"type": "integer", "multipleOf": 3.0}, [9, 10, 9007199254740993, 2**53 - 2]),
+             ({"type": "number", "multipleOf": 3.0}, [9, 4.5, 9.0])]
+    for schema, values in cases:
+        g = compile_schema(schema, btok, wire_format)
+        v = jsonschema.Draft202012Validator(schema)
+        for value in values:
+            if g.accepts_json(value):
+                assert v.is_valid(value), (schema, value)
+    assert compile_schema({"type": "integer", "multipleOf": 1e-08}, btok, wire_format).accepts_json(12391239123)
+
+
+@pytest.mark.parametrize("wire_format", WIRE_FORMATS)
+def test_no_spelling_under_a_negation_parses_below_the_normal_doubles(btok, wire_format):
+    """Inside ``not`` a number has one spelling per double (15 significant digits), which
+    holds for normal doubles only: 0.<400 zeros>1 parses to 0.0, which ``not: {const: 0}``
+    refuses, and was accepted."""
+    tiny = "0." + "0" * 400 + "1"
+    for schema in ({"type": "number", "not": {"const": 0}}, {"type": "number", "not": {"type": "integer"}}):
+        g = compile_schema(schema, btok, wire_format)
+        assert not g.accepts(btok.encode(tiny).ids + [g.vocab.stop_id])
+        assert g.accepts_json(1e-307) and not g.accepts_json(1e-308)
+
 _FAR_BOUND = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-(10**40), 10**40),
                        st.sampled_from([-1.2345e300, 1e308, -1e308, 1e23, -7.765543766661581e-26, -0.0, 5e-324]))
 

@@ -235,9 +235,13 @@ def decimal_range(lo: Optional[Decimal], lo_excl: bool, hi: Optional[Decimal], h
 # value has one spelling. Integers are spelled as integers (any length: parsed exactly);
 # other numbers as decimals with no trailing zero and at most 15 significant digits, so
 # that two different spellings are two different doubles (DBL_DIG = 15) and none of them
-# is a double with an integer value.
+# is a double with an integer value. DBL_DIG holds for normal doubles only: below 2.2e-308
+# decimals collapse onto subnormals and 0.0 (0.<400 zeros>1 parses to 0.0, which a
+# `not: {const: 0}` refuses), so a fraction has at most MAX_LEADING_ZEROS zeros before its
+# first significant digit (the smallest such number is 1e-307).
 
 MAX_CANONICAL_DIGITS = 15
+MAX_LEADING_ZEROS = 306
 
 
 def canonical_number() -> Node:
@@ -247,7 +251,7 @@ def canonical_number() -> Node:
     # I.F with I >= 1: 1 + a integer digits, then b fraction digits and a final non-zero.
     big = alt(*(seq(NONZERO, rep(DIGIT, a, a), DOT, rep(DIGIT, 0, n - 2 - a), NONZERO) for a in range(n - 1)))
     # 0.0...0F: the significant digits start at the first non-zero fraction digit.
-    small = seq(sym(0x30), DOT, rep(sym(0x30)), alt(NONZERO, seq(NONZERO, rep(DIGIT, 0, n - 2), NONZERO)))
+    small = seq(sym(0x30), DOT, rep(sym(0x30), 0, MAX_LEADING_ZEROS), alt(NONZERO, seq(NONZERO, rep(DIGIT, 0, n - 2), NONZERO)))
     return alt(integer, seq(opt(MINUS), alt(big, small)))
 
 
@@ -269,6 +273,8 @@ def canonical_spelling(v: int | float) -> str | None:
     if v.is_integer():
         return str(int(v))
     if len(Decimal(repr(v)).as_tuple().digits) > MAX_CANONICAL_DIGITS:  # (repr: the shortest that rounds to v)
+        return None
+    if abs(v) < 1e-307:  # (see MAX_LEADING_ZEROS)
         return None
     return plain_decimal(v)
 

@@ -33,7 +33,7 @@ import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import Any, Callable, Iterator, Literal, Sequence
 from urllib.parse import unquote, urldefrag, urljoin
 
@@ -345,6 +345,21 @@ def _looser_hi(a: _Side | None, b: _Side | None) -> _Side | None:
     if a[0] != b[0]:
         return a if a[0] > b[0] else b
     return a[0], a[1] or b[1]
+
+
+def _every_integer_divides(m: float, dm: Decimal, exactly: bool = False) -> bool:
+    """Whether jsonschema's float division n / m gives an integer for every integer n
+    below 2**53, where 1 / m (read as the decimal ``dm``) is an integer k: the double m is
+    (1 + d) / k, and n / m rounds to n * k when |d| < 2**-54 (half an ulp of any double,
+    relatively). 0.5 and 1e-08 pass; 1e-05 does not (1 / 1e-05 is 99999.99999999999).
+    ``exactly``: whether d is 0 (m = 0.5, 0.25: every integer, at any size)."""
+    with localcontext() as ctx:
+        ctx.prec = 1200  # (m's exact expansion has at most 767 digits)
+        k = Decimal(1) / dm
+        if k != k.to_integral_value():
+            return False
+        d = abs(Decimal(m) * k - 1)
+        return d == 0 if exactly else d < Decimal(2) ** -54
 
 
 def _neg(s: _Side | None) -> _Side | None:
@@ -1084,26 +1099,37 @@ class SchemaCompiler:
 
         int_multiple = 1
         only_integers = integer
+        divided_as_doubles = False
         for m, ptr in multiples:
             dm = Decimal(repr(m)) if isinstance(m, float) else Decimal(m)
             if isinstance(m, float):
                 # jsonschema divides doubles for a float multipleOf, which is not exact
-                # past 2**53: the over language drops the constraint.
+                # past 2**53: the over language drops the constraint, the under one keeps
+                # integers below 2**53, where n / m is an integer exactly when n is a multiple
                 self._approx += 1
                 if ctx.over:
                     continue
             if dm == dm.to_integral_value():
                 int_multiple = math.lcm(int_multiple, int(dm))
                 only_integers = True
-            elif (Decimal(1) / dm) == (Decimal(1) / dm).to_integral_value() and integer:
-                continue  # every integer is a multiple of 1/k
+                divided_as_doubles = divided_as_doubles or isinstance(m, float)
+            elif integer and _every_integer_divides(m, dm):
+                # n / m rounds to the integer n * (1 / m) for every integer n; past the
+                # double range jsonschema divides exactly, which holds where 1 / m is exact
+                divided_as_doubles = divided_as_doubles or not _every_integer_divides(m, dm, exactly=True)
+                continue
             else:
-                raise SchemaError(f"multipleOf {m} on numbers is not supported (integer multiples are)", keyword="multipleOf", pointer=ptr)
+                why = (f"jsonschema divides doubles, and n / {m} is not an integer for every integer n "
+                       f"(1 / {m} = {1 / m!r})" if integer and isinstance(m, float) else "on numbers is not supported")
+                raise SchemaError(f"multipleOf {m}: {why} (integer multiples, and 1/k on integers where the "
+                                  "division is exact, are)", keyword="multipleOf", pointer=ptr)
         if int_multiple > self.opt.max_multiple_of:
             raise SchemaError(f"multipleOf {int_multiple} exceeds the compiler bound {self.opt.max_multiple_of}", keyword="multipleOf", pointer=multiples[-1][1])
 
         ilo, ihi = _int_hi(int_lo), _int_hi(int_hi)
         ilo = None if ilo is None else -ilo
+        if divided_as_doubles:
+            ilo, ihi = max(ilo, 1 - 2**53) if ilo is not None else 1 - 2**53, min(ihi, 2**53 - 1) if ihi is not None else 2**53 - 1
         if ilo is not None and ihi is not None and ilo > ihi:
             ints: Node = NEVER
         else:
