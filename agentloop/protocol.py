@@ -89,11 +89,11 @@ class Protocol:
             return "1e999" if v > 0 else "-1e999"
         if isinstance(v, float) and math.isnan(v):
             raise ValueError("NaN has no JSON spelling")
-        if isinstance(v, float) and (_plain_numbers(schema) or _plain_numbers(given)):
+        if isinstance(v, float) and (_plain_numbers(schema, root) or _plain_numbers(given, root)):
             # an integer or a bounded number is spelled without an exponent (see
             # grammar.numbers): the shortest decimal that reads back as the value
             if v.is_integer():
-                return _integer_digits(v, (schema, given))
+                return _integer_digits(v, (schema, given), root)
             return plain_decimal(v)
         return json.dumps(v)
 
@@ -469,7 +469,7 @@ def _split_marks(text: str, marks: list[str]) -> list[Segment]:
     return out
 
 
-def _plain_numbers(schema: Any) -> bool:
+def _plain_numbers(schema: Any, root: Mapping[str, Any]) -> bool:
     """Whether the grammar spells a number under ``schema`` without an exponent: an
     integer type or a numeric bound on it or on an ``allOf`` member (the plain spelling
     is one every number language takes)."""
@@ -478,10 +478,11 @@ def _plain_numbers(schema: Any) -> bool:
     types = schema.get("type")
     if types == "integer" or (isinstance(types, list) and "integer" in types) or _BOUNDS & set(schema):
         return True
-    return any(_plain_numbers(sub) for sub in schema.get("allOf", []) if isinstance(schema.get("allOf"), list))
+    members = schema.get("allOf")
+    return isinstance(members, list) and any(_plain_numbers(_follow_ref(m, root), root) for m in members)
 
 
-def _integer_digits(v: float, schemas: Sequence[Any]) -> str:
+def _integer_digits(v: float, schemas: Sequence[Any], root: Mapping[str, Any]) -> str:
     """The digits of an integer-valued float ``v`` as the grammar takes them under
     ``schemas``' bounds. Past 2**53 its shortest decimal (100000000000000000000000 for
     1e23) and its exact value (99999999999999991611392) differ, and a parser reads digits
@@ -491,12 +492,12 @@ def _integer_digits(v: float, schemas: Sequence[Any]) -> str:
     shortest. The shortest is written unless a bound refuses it. No -0 (canonical JSON)."""
     shortest = plain_decimal(v).removesuffix(".0") if v else "0"
     exact = str(int(v))
-    if exact == shortest or all(_fits_bounds(int(shortest), s) for s in schemas):
+    if exact == shortest or all(_fits_bounds(int(shortest), s, root) for s in schemas):
         return shortest
-    return exact if all(_fits_bounds(int(exact), s) for s in schemas) else shortest
+    return exact if all(_fits_bounds(int(exact), s, root) for s in schemas) else shortest
 
 
-def _fits_bounds(n: int, schema: Any) -> bool:
+def _fits_bounds(n: int, schema: Any, root: Mapping[str, Any]) -> bool:
     """Whether the integer ``n`` meets ``schema``'s numeric bounds (and its ``allOf``
     members') under both readings of each bound."""
     if not isinstance(schema, Mapping):
@@ -509,7 +510,12 @@ def _fits_bounds(n: int, schema: Any) -> bool:
             if not all(ok(n, r) for r in readings):
                 return False
     members = schema.get("allOf")
-    return all(_fits_bounds(n, m) for m in members) if isinstance(members, list) else True
+    return all(_fits_bounds(n, _follow_ref(m, root), root) for m in members) if isinstance(members, list) else True
+
+
+def _follow_ref(schema: Any, root: Mapping[str, Any]) -> Any:
+    """``schema`` with a local ``$ref`` followed (an ``allOf`` member that names a ``$defs`` entry)."""
+    return _resolve(schema, root, None) if isinstance(schema, Mapping) and "$ref" in schema else schema
 
 
 def _resolve(schema: Mapping[str, Any] | None, root: Mapping[str, Any], value: Any) -> Mapping[str, Any] | None:
@@ -545,5 +551,6 @@ def _fits(schema: Any, value: Any, root: Mapping[str, Any]) -> bool:
     types = t if isinstance(t, list) else [t]
     kind = ("object" if isinstance(value, dict) else "array" if isinstance(value, (list, tuple))
             else "string" if isinstance(value, str) else "boolean" if isinstance(value, bool)
-            else "null" if value is None else "integer" if isinstance(value, int) else "number")
+            else "null" if value is None else "integer" if isinstance(value, int)
+            or (isinstance(value, float) and value.is_integer()) else "number")
     return kind in types or (kind == "integer" and "number" in types)

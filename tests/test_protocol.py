@@ -83,6 +83,24 @@ def test_huge_integers_at_a_bound_are_spelled_as_the_grammar_takes_them(wire_for
             assert g.accepts(tok.encode(text + p.calls_stop).ids), (kw, b, typ, text)
 
 
+@pytest.mark.parametrize("wire_format", ["gemma4", "json"])
+def test_numbers_under_refs_and_unions_are_spelled_as_the_grammar_takes_them(wire_format: str) -> None:
+    """Bounds reached through an ``allOf`` member's ``$ref``, and an integer-valued float
+    choosing an ``anyOf`` branch of type integer (1.0 is an integer in JSON Schema): the
+    protocol wrote 0.0, 1e+23 and -1e+23 there, which the grammar refuses."""
+    tok = byte_tokenizer()
+    p = Protocol(wire_format)
+    defs = {"b": {"type": "integer", "maximum": 1e23, "exclusiveMinimum": -1}}
+    cases = [({"allOf": [{"$ref": "#/$defs/b"}]}, 0.0), ({"allOf": [{"$ref": "#/$defs/b"}]}, 1e23),
+             ({"anyOf": [{"type": "integer", "maximum": 0}, {"type": "string"}]}, -1e23)]
+    for prop, v in cases:
+        params = {"type": "object", "required": ["n"], "properties": {"n": prop}, "$defs": defs}
+        g = compile_tools([{"name": "f", "parameters": params}], tok, wire_format)
+        calls = [ToolCall("f", {"n": v})]
+        assert g.accepts_json(calls), (prop, v)
+        text = p.render_calls(calls, {"f": params})
+        assert g.accepts(tok.encode(text + p.calls_stop).ids), (prop, v, text)
+
 _BOUND = st.one_of(st.floats(min_value=-1e30, max_value=1e30, allow_nan=False), st.integers(-(10**25), 10**25),
                    st.sampled_from([1e23, -1e23, 1e308, -1e308, 9007199254740993.0, 0.1, 1e16, 2.5e20]))
 
