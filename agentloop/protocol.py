@@ -18,13 +18,12 @@ import json
 import math
 import operator
 import re
-from decimal import Decimal
 from string import Template
 from typing import Any, Mapping, Sequence
 
 from .errors import ParseError, WireFormatError
 from .grammar import ParsedOutput, ToolCall
-from .grammar.numbers import plain_decimal
+from .grammar.numbers import bound_readings, plain_decimal
 from .grammar.wireformat import WireFormat, load_wire_format
 
 #: Keywords that make the grammar spell a number without an exponent (``grammar.numbers``).
@@ -506,8 +505,7 @@ def _fits_bounds(n: int, schema: Any, root: Mapping[str, Any]) -> bool:
                    ("minimum", operator.ge), ("exclusiveMinimum", operator.gt)):
         b = schema.get(kw)
         if isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b):
-            readings = {Decimal(b), Decimal(repr(b))} if isinstance(b, float) else {Decimal(b)}
-            if not all(ok(n, r) for r in readings):
+            if not all(ok(n, r) for r in bound_readings(b)):
                 return False
     members = schema.get("allOf")
     return all(_fits_bounds(n, _follow_ref(m, root), root) for m in members) if isinstance(members, list) else True

@@ -146,22 +146,6 @@ def _tail(d: str, op: str) -> tuple[Node, bool]:
     return graph(n + 4, finals, edges), empty_ok
 
 
-def _ge_tail(d: str) -> tuple[Node, bool]:
-    return _tail(d, ">=")
-
-
-def _gt_tail(d: str) -> tuple[Node, bool]:
-    return _tail(d, ">")
-
-
-def _le_tail(d: str) -> tuple[Node, bool]:
-    return _tail(d, "<=")
-
-
-def _lt_tail(d: str) -> tuple[Node, bool]:
-    return _tail(d, "<")
-
-
 def _fraction(tail: tuple[Node, bool], fraction_only: bool = False) -> Node:
     node, empty_ok = tail
     dotted = seq(DOT, node)
@@ -184,14 +168,14 @@ def _split(x: Decimal) -> tuple[int, str]:
 def _magnitudes(a: Decimal, a_excl: bool, b: Optional[Decimal], b_excl: bool, fo: bool = False) -> Node:
     """Non-negative decimals m (spelled I or I.F; only I.F when ``fo``) with a <=/< m <=/< b."""
     A, fa = _split(a)
-    lower = _gt_tail(fa) if a_excl else _ge_tail(fa)
+    lower = _tail(fa, ">" if a_excl else ">=")
     if b is None:
         return alt(seq(literal(str(A).encode()), _fraction(lower, fo)),
                    seq(uint_range(A + 1, None), _fraction((rep(DIGIT, 1), True), fo)))
     if b < a or (b == a and (a_excl or b_excl)):
         return NEVER
     B, fb = _split(b)
-    upper = _lt_tail(fb) if b_excl else _le_tail(fb)
+    upper = _tail(fb, "<" if b_excl else "<=")
     if A == B:
         from .fsa import embed, product, to_dfa
 
@@ -284,6 +268,15 @@ def canonical_spelling(v: int | float) -> str | None:
 
 def _is_even(f: float) -> bool:
     return struct.unpack("<q", struct.pack("<d", f))[0] & 1 == 0
+
+
+def bound_readings(v: int | float) -> tuple[Decimal, Decimal]:
+    """(decimal, exact) values of a schema bound: what the JSON text says, and what a
+    parsed double is (they differ for doubles like 0.1 and 1e23). The grammar holds a
+    number to a bound under both."""
+    if isinstance(v, float):
+        return Decimal(repr(v)), Decimal(v)
+    return Decimal(v), Decimal(v)
 
 
 def double_le_bound(b: Decimal, strict: bool) -> tuple[Decimal, bool]:

@@ -319,14 +319,6 @@ def _strip_fragment(uri: str) -> str:
     return urldefrag(uri)[0]
 
 
-def _bound(v: Any) -> tuple[Decimal, Decimal]:
-    """(decimal, exact) values of a schema bound: what the JSON text says, and what a
-    parsed double is (they differ for doubles like 0.1)."""
-    if isinstance(v, float):
-        return Decimal(repr(v)), Decimal(v)
-    return Decimal(v), Decimal(v)
-
-
 # A one-sided bound on numbers: (value, inclusive).
 _Side = tuple[Decimal, bool]
 
@@ -347,19 +339,18 @@ def _looser_hi(a: _Side | None, b: _Side | None) -> _Side | None:
     return a[0], a[1] or b[1]
 
 
-def _every_integer_divides(m: float, dm: Decimal, exactly: bool = False) -> bool:
-    """Whether jsonschema's float division n / m gives an integer for every integer n
-    below 2**53, where 1 / m (read as the decimal ``dm``) is an integer k: the double m is
-    (1 + d) / k, and n / m rounds to n * k when |d| < 2**-54 (half an ulp of any double,
-    relatively). 0.5 and 1e-08 pass; 1e-05 does not (1 / 1e-05 is 99999.99999999999).
-    ``exactly``: whether d is 0 (m = 0.5, 0.25: every integer, at any size)."""
+def _reciprocal_error(m: float, dm: Decimal) -> Decimal | None:
+    """|d| where 1 / m (read as the decimal ``dm``) is an integer k and the double m is
+    (1 + d) / k, else None. jsonschema's float division n / m rounds to the integer n * k
+    for every integer n below 2**53 when |d| < 2**-54 (half an ulp of any double,
+    relatively): 0.5 (d = 0: at any size) and 1e-08 do, 1e-05 does not (1 / 1e-05 is
+    99999.99999999999)."""
     with localcontext() as ctx:
         ctx.prec = 1200  # (m's exact expansion has at most 767 digits)
         k = Decimal(1) / dm
         if k != k.to_integral_value():
-            return False
-        d = abs(Decimal(m) * k - 1)
-        return d == 0 if exactly else d < Decimal(2) ** -54
+            return None
+        return abs(Decimal(m) * k - 1)
 
 
 def _neg(s: _Side | None) -> _Side | None:
@@ -1074,7 +1065,7 @@ class SchemaCompiler:
                         continue
                     raise SchemaError(f"{kw} {schema[kw]} admits no finite number (JSON has no infinities or nan)",
                                       keyword=kw, pointer=_ptr(ptr, kw))
-                dec, exact = _bound(schema[kw])
+                dec, exact = numbers.bound_readings(schema[kw])
                 if not upper:  # (copy_negate is exact: unary minus rounds to the context's 28 digits)
                     dec, exact = dec.copy_negate(), exact.copy_negate()
                 m, inclusive = numbers.double_le_bound(exact, strict)
@@ -1113,10 +1104,10 @@ class SchemaCompiler:
                 int_multiple = math.lcm(int_multiple, int(dm))
                 only_integers = True
                 divided_as_doubles = divided_as_doubles or isinstance(m, float)
-            elif integer and _every_integer_divides(m, dm):
+            elif integer and (d := _reciprocal_error(m, dm)) is not None and d < Decimal(2) ** -54:
                 # n / m rounds to the integer n * (1 / m) for every integer n; past the
                 # double range jsonschema divides exactly, which holds where 1 / m is exact
-                divided_as_doubles = divided_as_doubles or not _every_integer_divides(m, dm, exactly=True)
+                divided_as_doubles = divided_as_doubles or d != 0
                 continue
             else:
                 why = (f"jsonschema divides doubles, and n / {m} is not an integer for every integer n "
@@ -1129,7 +1120,9 @@ class SchemaCompiler:
         ilo, ihi = _int_hi(int_lo), _int_hi(int_hi)
         ilo = None if ilo is None else -ilo
         if divided_as_doubles:
-            ilo, ihi = max(ilo, 1 - 2**53) if ilo is not None else 1 - 2**53, min(ihi, 2**53 - 1) if ihi is not None else 2**53 - 1
+            exact_below = 2**53 - 1
+            ilo = -exact_below if ilo is None else max(ilo, -exact_below)
+            ihi = exact_below if ihi is None else min(ihi, exact_below)
         if ilo is not None and ihi is not None and ilo > ihi:
             ints: Node = NEVER
         else:
