@@ -746,3 +746,52 @@ def test_the_group_plan_gives_each_group_the_sum_and_max_of_its_atoms(btok, n_to
     assert np.array_equal(dp.group_max(amax, plan), np.stack([amax[:, a].max(1) for a in atoms_of], 1))
     assert sorted(plan.order.tolist()) == list(range(G))
     assert plan.extra.shape[0] < 0.8 * ta.group_atoms.shape[0]
+
+
+@pytest.mark.parametrize("n_tools", [1, 5])
+def test_each_group_s_best_token_is_that_of_its_lowest_atom_at_the_best(btok, n_tools):
+    """``group_best_tokens`` finds the lowest-numbered atom at the group's best logit
+    across the row and falls back to the group's own list where that atom lies outside
+    the group: ties, as a low-precision model's logits make, inside and outside it."""
+    g = compile_tools(TOOLS[:n_tools], btok, "gemma4")
+    ta = g.automaton
+    G = ta.group_offsets.shape[0] - 1
+    L = 3 * G
+    rng = np.random.default_rng(n_tools)
+    amax = rng.integers(-4, 4, size=(L, ta.n_atoms)).astype(np.float32)  # many ties
+    aarg = rng.integers(0, 10_000, size=(L, ta.n_atoms)).astype(np.int32)
+    groups = np.tile(np.arange(G, dtype=np.int32), 3)
+    gmax = dp.group_max(amax, g._group_plan)
+    got = dp.group_best_tokens(groups, gmax, amax, aarg, ta.group_atoms, ta.group_offsets)
+    outside = 0
+    for l, gr in enumerate(groups.tolist()):
+        atoms = ta.group_atoms[ta.group_offsets[gr]:ta.group_offsets[gr + 1]]
+        best = atoms[amax[l, atoms] == amax[l, atoms].max()].min()
+        assert got[l] == aarg[l, best]
+        outside += bool(np.flatnonzero(amax[l] == amax[l, best])[0] != best)
+    assert outside > 0  # (the fallback ran)
+
+
+def test_factor_logs_and_entropies_agree_with_numpy_at_every_kind_of_factor():
+    """``factor_logs``: log F as numpy's log gives it (within 2 ulp) at normal factors,
+    and exactly at 0, subnormals, inf and nan; entropies as their definition, the rows
+    of subnormal factors included."""
+    rng = np.random.default_rng(0)
+    F = rng.random((40, 30)) * 20.0
+    F[rng.random(F.shape) < 0.3] = 0.0
+    F[3, 4], F[5, 6], F[7, 8], F[9, 1] = 5e-320, np.inf, np.nan, 2.2250738585072014e-308
+    asum = rng.random(F.shape)
+    asum[:, ::7] = 0.0
+    asumx = -rng.random(F.shape)
+    log_f, H = dp.factor_logs(F, asum, asumx)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want = np.log(F)
+        terms = np.where((F > 0) & (asum > 0), F * (asumx + asum * want), 0.0)
+    np.testing.assert_allclose(log_f, want, rtol=4.5e-16, atol=0.0)
+    assert np.array_equal(np.isnan(log_f), np.isnan(want)) and np.array_equal(np.isinf(log_f), np.isinf(want))
+    assert log_f[3, 4] == np.log(5e-320)
+    ok = np.isfinite(terms).all(axis=1)
+    np.testing.assert_allclose(H[ok], np.maximum(-terms.sum(axis=1), 0.0)[ok], rtol=1e-12)
+    assert not ok[5] and ok[3] and ok[7]  # (an inf factor's row is not finite; a nan factor adds nothing)
+    log_only, none = dp.factor_logs(F, asum, None)
+    assert none is None and np.array_equal(log_only, log_f, equal_nan=True)

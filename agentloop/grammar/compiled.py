@@ -734,25 +734,24 @@ class CompiledGrammar:
             sc._log_gsum.append(log_canvas.log_sums_by_group(log_asum, *self._group_plan))
         return log_asum[sl], sc._log_gsum[0][sl]
 
-    @staticmethod
-    def _log_factors(F: np.ndarray, in_log_space: dict[int, np.ndarray], L: int) -> np.ndarray:
-        """log F (B * L, K): of the fast passes' factors, and the log-space ones where taken."""
-        log_f = dp.log_factors(F)
+    def _factor_logs(self, sc: "_Scores", F: np.ndarray, in_log_space: dict[int, np.ndarray], B: int, L: int,
+                     entropy: bool) -> tuple[np.ndarray, torch.Tensor | None]:
+        """log F (B * L, K) of the fast passes' factors, and the log-space ones where taken;
+        with ``entropy`` the (B, L) entropies too, from the atom statistics: the scan's,
+        else (canvases redone in log space, whose sums may have underflowed)
+        ``log_canvas``'s."""
+        log_f, H = dp.factor_logs(F, sc.asum, sc.asumx if entropy else None)
         for b, rows in in_log_space.items():
             log_f[b * L:(b + 1) * L] = rows
-        return log_f
-
-    def _entropies(self, sc: "_Scores", F: np.ndarray, log_f: np.ndarray, B: int, L: int,
-                   in_log_space: dict[int, np.ndarray]) -> torch.Tensor:
-        """(B, L) entropies from the atom statistics: the scan's, else (canvases redone in
-        log space, whose sums may have underflowed) ``log_canvas``'s."""
-        H = dp._entropy(sc.asum, sc.asumx, F, log_f).reshape(B, L)
+        if H is None:
+            return log_f, None
+        H = H.reshape(B, L)
         if in_log_space:
             log_asum, mean_gap = sc.log_stats(self._sorted_atoms(sc.flat.shape[1]))
             for b in in_log_space:
                 sl = slice(b * L, (b + 1) * L)
                 H[b] = log_canvas.entropies(log_f[sl], log_asum[sl], mean_gap[sl], sc.amax[sl], sc.rowmax[sl])
-        return torch.from_numpy(H)
+        return log_f, torch.from_numpy(H)
 
     def _log_marginals(self, sc: "_Scores", log_f: np.ndarray, B: int, L: int,
                        out: torch.Tensor | None = None) -> torch.Tensor:
@@ -836,12 +835,11 @@ class CompiledGrammar:
                 F[sl] = passes.F
             else:
                 in_log_space[b] = self._log_space(sc, sl, sup, s0, factors=True)[0]
-        log_f = self._log_factors(F, in_log_space, L)
+        log_f, H = self._factor_logs(sc, F, in_log_space, B, L, entropy=return_entropy)
         logp = self._log_marginals(sc, log_f, B, L, out)
         result = logp if batched else logp[0]
-        if not return_entropy:
+        if H is None:
             return result
-        H = self._entropies(sc, F, log_f, B, L, in_log_space)
         return result, (H if batched else H[0])
 
     def denoise_step(self, logits: Any, generator: torch.Generator | None = None,
@@ -901,9 +899,9 @@ class CompiledGrammar:
                 in_log_space[b], atoms, log_asum = self._log_space(sc, sl, sup, s0, factors=True,
                                                                    uniforms=uniforms[b])
                 samples.append(self._tokens_in_atoms(sc, sl, atoms, uniforms[b], log_asum))
-        log_f = self._log_factors(F, in_log_space, L)
+        log_f, H = self._factor_logs(sc, F, in_log_space, B, L, entropy=True)
+        assert H is not None
         logp = self._log_marginals(sc, log_f, B, L, out)
-        H = self._entropies(sc, F, log_f, B, L, in_log_space)
         if batched:
             return StepOutput(best, samples, logp, H, pruned)
         return StepOutput(best[0], samples[0], logp[0], H[0], pruned[0])
