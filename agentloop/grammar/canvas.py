@@ -509,12 +509,14 @@ def _add_into(out, x):  # pragma: no cover - compiled
 @nb.njit(cache=True, nogil=True)
 def _max_into(out, x):  # pragma: no cover - compiled
     for j in range(out.shape[0]):
-        out[j] = np.fmax(out[j], np.float64(x[j]))
+        out[j] = np.fmax(out[j], x[j])
 
 
 def _group_kernel(want_max: bool):  # type: ignore[no-untyped-def]
-    """The reduction of per-atom values (L, K) over each group's atoms -> (L, G) float64:
-    their sum, or with ``want_max`` their max (a compile-time flag, as for the scan),
+    """The reduction of per-atom values (L, K) over each group's atoms -> (L, G): their
+    sum (float64), or with ``want_max`` (a compile-time flag, as for the scan) their max,
+    of the values' type: the logits' float32, exact, in half the memory traffic of float64
+    (0.22 -> 0.15 ms at 20 tools, BPE 4k),
     along a ``GroupPlan``. The result is the transpose of the (G, L) array the reduction
     fills (Fortran order), not a copy in C order: the copy took more than the sums (BPE
     4k, 20 tools: 0.64 vs 0.24 ms), and the pruned passes read a step's group values at
@@ -526,7 +528,7 @@ def _group_kernel(want_max: bool):  # type: ignore[no-untyped-def]
     def reduce(values, order, base, extra_offsets, extra):  # pragma: no cover - compiled
         G = order.shape[0]
         by_atom = np.ascontiguousarray(values.T)  # (K, L)
-        by_group = np.empty((G, values.shape[0]), np.float64)  # (G, L)
+        by_group = np.empty((G, values.shape[0]), values.dtype if want_max else np.float64)  # (G, L)
         for a in range(G):
             g = order[a]
             row = by_group[g]
@@ -554,8 +556,8 @@ def group_sums(asum: np.ndarray, plan: GroupPlan) -> np.ndarray:
 
 
 def group_max(amax: np.ndarray, plan: GroupPlan) -> np.ndarray:
-    """gmax (L, G), in Fortran order: the best logit of each group's atoms (amax (L, K)
-    float32); which token reaches it is looked up only where the Viterbi canvas takes the
+    """gmax (L, G) float32, in Fortran order: the best logit of each group's atoms (amax
+    (L, K) float32); which token reaches it is looked up only where the Viterbi canvas takes the
     group (``group_best_tokens``)."""
     return _group_max_kernel(amax, *plan)
 
