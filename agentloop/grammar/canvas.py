@@ -1793,6 +1793,22 @@ def factor_logs(F: np.ndarray, asum: np.ndarray, asumx: np.ndarray | None) -> tu
     return _factor_logs_entropy(F, asum, asumx)
 
 
+@nb.njit(cache=True, nogil=True)
+def below_normal(asum, aarg):  # pragma: no cover - compiled
+    """(N,) int64: per row, the atoms with a usable logit (``aarg`` >= 0) whose sum
+    ``asum`` (N, K) fell below float64's smallest normal number. One pass, no (N, K)
+    temporaries: the masks numpy made took 0.06 ms a step at 20 tools."""
+    N, K = asum.shape
+    out = np.zeros(N, np.int64)
+    for n in range(N):
+        s_n, a_n = asum[n], aarg[n]
+        c = 0
+        for k in range(K):
+            c += (s_n[k] < _NORMAL_MIN) & (a_n[k] >= 0)
+        out[n] = c
+    return out
+
+
 @parallel_kernel(cache=True, nogil=True)
 def _write_marginals(logits, rowmax, atom_of, log_f, out, parts):  # pragma: no cover
     N, V = logits.shape

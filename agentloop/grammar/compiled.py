@@ -110,10 +110,9 @@ class _Scores:
         float64's smallest normal in these rows: each such atom weighs less than that
         number at its row (-inf where none did)."""
         asum = self.asum[rows]
-        out_of_range = (asum < _NORMAL) & (self.aarg[rows] >= 0)  # (L, K)
-        if not out_of_range.any():
+        under = dp.below_normal(asum, self.aarg[rows])  # (L,)
+        if not under.any():
             return -math.inf
-        under = out_of_range.sum(axis=1)  # (L,)
         norm = asum.sum(axis=1)  # (L,) at least 1 where a row has an allowed finite logit
         if not (norm > 0.0).all():  # (no valid canvas has mass: nothing to bound)
             return math.inf
@@ -734,13 +733,18 @@ class CompiledGrammar:
             sc._log_gsum.append(log_canvas.log_sums_by_group(log_asum, *self._group_plan))
         return log_asum[sl], sc._log_gsum[0][sl]
 
-    def _factor_logs(self, sc: "_Scores", F: np.ndarray, in_log_space: dict[int, np.ndarray], B: int, L: int,
-                     entropy: bool) -> tuple[np.ndarray, torch.Tensor | None]:
-        """log F (B * L, K) of the fast passes' factors, and the log-space ones where taken;
-        with ``entropy`` the (B, L) entropies too, from the atom statistics: the scan's,
-        else (canvases redone in log space, whose sums may have underflowed)
-        ``log_canvas``'s."""
-        log_f, H = dp.factor_logs(F, sc.asum, sc.asumx if entropy else None)
+    def _factor_logs(self, sc: "_Scores", F: list[np.ndarray | None], in_log_space: dict[int, np.ndarray], B: int,
+                     L: int, entropy: bool) -> tuple[np.ndarray, torch.Tensor | None]:
+        """log F (B * L, K) of the fast passes' factors (F: each canvas's, None where
+        taken in log space), and the log-space ones where taken; with ``entropy`` the
+        (B, L) entropies too, from the atom statistics: the scan's, else (canvases redone
+        in log space, whose sums may have underflowed) ``log_canvas``'s."""
+        K = self.automaton.n_atoms
+        if B == 1 and F[0] is not None:  # (one canvas: its factors as they came, no copy)
+            factors = F[0]
+        else:
+            factors = np.concatenate([np.zeros((L, K)) if f is None else f for f in F]) if F else np.zeros((0, K))
+        log_f, H = dp.factor_logs(factors, sc.asum, sc.asumx if entropy else None)
         for b, rows in in_log_space.items():
             log_f[b * L:(b + 1) * L] = rows
         if H is None:
@@ -824,16 +828,15 @@ class CompiledGrammar:
         if out is not None:
             self._check_out(out, xs, batched)
         sc = self._scores(xs, want_x=return_entropy)
-        F = np.zeros((B * L, self.automaton.n_atoms), np.float64)
+        F: list[np.ndarray | None] = []  # each canvas's atom factors (L, K) (None: taken in log space)
         in_log_space: dict[int, np.ndarray] = {}  # canvas -> its log F, where the sums left float64's range
         for b, s0 in enumerate(self._states(state, B)):
             sl = slice(b * L, (b + 1) * L)
             sup, _, fast = self._step_support(sc, sl, s0, partial, prune, sums=True)
             passes = (self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True)
                       if fast else _OUT_OF_RANGE)
-            if passes.in_range:
-                F[sl] = passes.F
-            else:
+            F.append(passes.F if passes.in_range else None)
+            if not passes.in_range:
                 in_log_space[b] = self._log_space(sc, sl, sup, s0, factors=True)[0]
         log_f, H = self._factor_logs(sc, F, in_log_space, B, L, entropy=return_entropy)
         logp = self._log_marginals(sc, log_f, B, L, out)
@@ -875,7 +878,7 @@ class CompiledGrammar:
         sc = self._scores(xs, want_x=True)
         gmax = dp.group_max(sc.amax, self._group_plan)
         uniforms = torch.rand((B, L, 3), generator=generator, dtype=torch.float64).numpy()
-        F = np.zeros((B * L, ta.n_atoms), np.float64)
+        F: list[np.ndarray | None] = []  # each canvas's atom factors (L, K) (None: taken in log space)
         in_log_space: dict[int, np.ndarray] = {}
         best: list[list[int]] = []
         samples: list[list[int]] = []
@@ -892,8 +895,8 @@ class CompiledGrammar:
                 path = self._canvas_passes(sup, s0, partial, gmax=gmax[sl], best=top).path
                 assert path is not None
             best.append(path)
+            F.append(passes.F if passes.in_range else None)
             if passes.in_range:
-                F[sl] = passes.F
                 samples.append(self._sample_one(sc, sl, sup, passes, s0, uniforms[b]))
             else:
                 in_log_space[b], atoms, log_asum = self._log_space(sc, sl, sup, s0, factors=True,
