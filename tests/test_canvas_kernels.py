@@ -773,7 +773,7 @@ def test_each_group_s_best_token_is_that_of_its_lowest_atom_at_the_best(btok, n_
 
 
 def test_factor_logs_and_entropies_agree_with_numpy_at_every_kind_of_factor():
-    """``factor_logs``: log F as numpy's log gives it (within 2 ulp) at normal factors,
+    """``factor_logs``: log F as numpy's log gives it (within a few ulp) at normal factors,
     and exactly at 0, subnormals, inf and nan; entropies as their definition, the rows
     of subnormal factors included."""
     rng = np.random.default_rng(0)
@@ -787,7 +787,7 @@ def test_factor_logs_and_entropies_agree_with_numpy_at_every_kind_of_factor():
     with np.errstate(divide="ignore", invalid="ignore"):
         want = np.log(F)
         terms = np.where((F > 0) & (asum > 0), F * (asumx + asum * want), 0.0)
-    np.testing.assert_allclose(log_f, want, rtol=4.5e-16, atol=0.0)
+    np.testing.assert_allclose(log_f, want, rtol=1e-15, atol=0.0)  # (float64_math's log: within 2 ulp of libm's)
     assert np.array_equal(np.isnan(log_f), np.isnan(want)) and np.array_equal(np.isinf(log_f), np.isinf(want))
     assert log_f[3, 4] == np.log(5e-320)
     ok = np.isfinite(terms).all(axis=1)
