@@ -1728,10 +1728,9 @@ def _trace_back_live(back, best_end, offsets, states, in_src, in_group):  # prag
     return out
 
 
-
-
-#: float64's normal range: log_positive takes these, a factor outside them math.log.
-_NORMAL_MIN = float(np.finfo(np.float64).tiny)
+#: float64's normal range: log_positive takes these, a factor outside them math.log; a
+#: sum below NORMAL_MIN has lost digits (see ``below_normal``).
+NORMAL_MIN = float(np.finfo(np.float64).tiny)
 _NORMAL_MAX = float(np.finfo(np.float64).max)
 
 
@@ -1751,7 +1750,7 @@ def _factor_logs_kernel(want_h: bool):  # type: ignore[no-untyped-def]
             n = 0
             for k in range(K):  # (selects, no branch: the loop vectorises)
                 f = f_l[k]
-                normal = (f >= _NORMAL_MIN) & (f <= _NORMAL_MAX)
+                normal = (f >= NORMAL_MIN) & (f <= _NORMAL_MAX)
                 lf = log_positive(f if normal else 1.0)
                 lf = lf if normal else -np.inf
                 out[k] = lf
@@ -1768,7 +1767,7 @@ def _factor_logs_kernel(want_h: bool):  # type: ignore[no-untyped-def]
             h = 0.0
             for k in range(K):
                 f = F[l, k]
-                if f != 0.0 and not (f >= _NORMAL_MIN and f <= _NORMAL_MAX):
+                if f != 0.0 and not (f >= NORMAL_MIN and f <= _NORMAL_MAX):
                     log_f[l, k] = math.log(f) if f > 0.0 else np.nan
                 if want_h:
                     h -= f * (asumx[l, k] + asum[l, k] * log_f[l, k]) if f > 0.0 and asum[l, k] > 0.0 else 0.0
@@ -1804,7 +1803,7 @@ def below_normal(asum, aarg):  # pragma: no cover - compiled
         s_n, a_n = asum[n], aarg[n]
         c = 0
         for k in range(K):
-            c += (s_n[k] < _NORMAL_MIN) & (a_n[k] >= 0)
+            c += (s_n[k] < NORMAL_MIN) & (a_n[k] >= 0)
         out[n] = c
     return out
 

@@ -116,11 +116,7 @@ class _Scores:
         norm = asum.sum(axis=1)  # (L,) at least 1 where a row has an allowed finite logit
         if not (norm > 0.0).all():  # (no valid canvas has mass: nothing to bound)
             return math.inf
-        return math.log(float((under * _NORMAL / norm).sum()))
-
-
-#: float64's smallest normal number: below it a weight keeps fewer digits, then none.
-_NORMAL = float(np.finfo(np.float64).tiny)
+        return math.log(float((under * dp.NORMAL_MIN / norm).sum()))
 
 
 class _Passes(NamedTuple):
