@@ -8,6 +8,7 @@ import torch
 
 from agentloop.errors import SchemaError, VocabularyError, WireFormatError
 from agentloop.grammar import ToolCall, compile_schema, compile_tools, load_wire_format
+from agentloop.protocol import Protocol
 from conftest import word_tokenizer
 
 WEATHER = {
@@ -242,6 +243,36 @@ def test_compiled_grammars_are_cached(btok):
     b = compile_tools([dict(WEATHER)], btok, "gemma4")
     assert a is b
     assert compile_tools([WEATHER], btok, "json") is not a
+
+
+@pytest.mark.parametrize("wire_format", ["gemma4", "json"])
+def test_schemas_differing_only_in_key_order_get_their_own_grammars(btok, tmp_path, monkeypatch, wire_format):
+    """The grammar writes properties in schema order, so a cache key that sorted the
+    schema's keys served one tool's order to another: compiled after {a, b}, a schema
+    listing {b, a} took only "a" first, in memory and from the disk cache of an earlier run."""
+    import agentloop.grammar as grammar
+
+    monkeypatch.setenv("AGENTLOOP_CACHE_DIR", str(tmp_path))
+    props = {"a": {"type": "integer"}, "b": {"type": "integer"}}
+    flipped = dict(reversed(props.items()))
+    spell = load_wire_format(wire_format)
+    for fresh_process in (False, True):
+        grammars = []
+        for p in (props, flipped):
+            if fresh_process:
+                grammar.clear_caches()
+            schema = {"type": "object", "properties": p, "required": ["a", "b"]}
+            tools = compile_tools([{"name": "f", "parameters": schema}], btok, wire_format)
+            grammars.append((compile_schema(schema, btok, wire_format), tools, list(p)))
+        for value_grammar, tools, order in grammars:
+            ids = spell.spell_value({"a": 1, "b": 2}, key_order=order) + spell.lit("end")
+            swapped = spell.spell_value({"a": 1, "b": 2}, key_order=order[::-1]) + spell.lit("end")
+            assert value_grammar.dfa.run(ids) >= 0 and value_grammar.dfa.accept[value_grammar.dfa.run(ids)], order
+            assert value_grammar.dfa.run(swapped) < 0 or not value_grammar.dfa.accept[value_grammar.dfa.run(swapped)]
+            call = ToolCall("f", {"a": 1, "b": 2})
+            assert tools.accepts_json([call])
+            text = Protocol(wire_format).render_calls([call], {"f": {"properties": dict.fromkeys(order)}})
+            assert tools.accepts(btok.encode(text + Protocol(wire_format).calls_stop).ids), (order, text)
 
 
 def test_disk_cache_round_trip(btok, tmp_path, monkeypatch):

@@ -138,8 +138,9 @@ def _tail(wf: WireFormat, vocab: Vocabulary) -> Node:
 def _compile(node_fn: Any, key_parts: Any, vocab: Vocabulary, kind: str, tools: Sequence[Any],
              persist: bool = True) -> CompiledGrammar:
     # The wire format's file text is part of the key: editing grammars/*.toml invalidates.
+    # Keys keep the schema's own order (no sort_keys): the grammar writes properties in
+    # their schema order, and canonical objects in the document's order of first mention.
     key = hashlib.sha256(json.dumps([key_parts, vocab.wire_format.file_text, vocab.fingerprint, _compiler_version()],
-                                    sort_keys=True,
                                     default=str).encode())
     key = key.hexdigest()[:40]
     with _lock:
@@ -313,7 +314,7 @@ _holed: "OrderedDict[str, Dfa]" = OrderedDict()
 def _memoised(cache: "OrderedDict[str, Any]", key_parts: Any, size: int, make: Any) -> Any:
     """``make()``, kept in the LRU ``cache`` under a digest of ``key_parts``. The work runs
     outside the lock (two threads may both make it once; the result is the same)."""
-    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps(key_parts, default=str).encode()).hexdigest()  # (in order: see _compile)
     with _lock:
         if key in cache:
             cache.move_to_end(key)
