@@ -21,9 +21,13 @@ import re
 from string import Template
 from typing import Any, Mapping, Sequence
 
+import jsonschema
+from referencing.exceptions import Unresolvable
+
 from .errors import ParseError, WireFormatError
 from .grammar import ParsedOutput, ToolCall
-from .grammar.numbers import bound_readings, plain_decimal
+from .grammar.numbers import bound_readings, canonical_spelling, plain_decimal
+from .grammar.schema import canonical_key_rank, json_equal
 from .grammar.wireformat import WireFormat, load_wire_format
 
 #: Keywords that make the grammar spell a number without an exponent (``grammar.numbers``).
@@ -58,25 +62,29 @@ class Protocol:
         return self._value(value, schema, schema or {}, None)
 
     def _value(self, v: Any, schema: Mapping[str, Any] | None, root: Mapping[str, Any],
-               marks: list[str] | None) -> str:
+               marks: list[str] | None, canonical: bool = False) -> str:
+        """``canonical``: the value lies inside a negation, where the grammar spells each
+        value one way (``grammar.schema``: keys in the document's order, integers' digits)."""
         vs = self._v
-        given = schema
-        schema = _resolve(schema, root, v)
+        facets = _facets(schema, root, v)
+        canonical = canonical or _negated(facets, v, root)
+        member = _enum_member(facets, v)
+        if member is not None:
+            return self._literal(member[0], root, marks, canonical)
         if isinstance(v, dict):
-            props = (schema or {}).get("properties", {})
-            keys = [k for k in props if k in v] + [k for k in v if k not in props]
-            members = []
-            for k in keys:
-                sub = props.get(k)
-                if sub is None and isinstance((schema or {}).get("additionalProperties"), dict):
-                    sub = schema["additionalProperties"]  # type: ignore[index]
-                members.append(self._key(str(k)) + self._value(v[k], sub, root, marks))
+            # declared keys in the grammar's order (properties, then required, over the
+            # facets), then the others in their own order
+            declared = [k for f in facets for k in _as(f.get("properties"), Mapping)]
+            declared = list(dict.fromkeys(declared + [k for f in facets for k in _as(f.get("required"), list)]))
+            keys = [k for k in declared if k in v] + [k for k in v if k not in declared]
+            if canonical:
+                rank = canonical_key_rank(root)
+                keys = sorted((k for k in v if k in rank), key=rank.__getitem__) + [k for k in v if k not in rank]
+            members = [self._key(str(k)) + self._value(v[k], _member_schema(facets, k), root, marks, canonical)
+                       for k in keys]
             return vs["object_open"] + vs["member_separator"].join(members) + vs["object_close"]
         if isinstance(v, (list, tuple)):
-            items = (schema or {}).get("items")
-            prefix = (schema or {}).get("prefixItems", [])
-            parts = [self._value(x, prefix[i] if i < len(prefix) else items if isinstance(items, dict) else None, root,
-                                 marks) for i, x in enumerate(v)]
+            parts = [self._value(x, _item_schema(facets, i), root, marks, canonical) for i, x in enumerate(v)]
             return vs["array_open"] + vs["item_separator"].join(parts) + vs["array_close"]
         if isinstance(v, str):
             return self.render_string(v, marks)
@@ -88,12 +96,34 @@ class Protocol:
             return "1e999" if v > 0 else "-1e999"
         if isinstance(v, float) and math.isnan(v):
             raise ValueError("NaN has no JSON spelling")
-        if isinstance(v, float) and (_plain_numbers(schema, root) or _plain_numbers(given, root)):
-            # an integer or a bounded number is spelled without an exponent (see
-            # grammar.numbers): the shortest decimal that reads back as the value
-            if v.is_integer():
-                return _integer_digits(v, (schema, given), root)
-            return plain_decimal(v)
+        if isinstance(v, float) and (canonical or any(_plain_numbers(f) for f in facets)):
+            # an integer, a bounded number and any number inside a negation are spelled
+            # without an exponent (see grammar.numbers): the shortest decimal that reads
+            # back as the value (past 2**53, the digits the bounds take)
+            return _integer_digits(v, facets) if v.is_integer() else plain_decimal(v)
+        return json.dumps(v)
+
+    def _literal(self, v: Any, root: Mapping[str, Any], marks: list[str] | None, canonical: bool) -> str:
+        """An ``enum`` / ``const`` member as the grammar spells it: as written (objects in
+        their own key order; an integer-valued float below 1e16 as its digits, others as
+        JSON writes them: ``WireFormat.spell_value``), or inside a negation canonically
+        (``numbers.canonical_spelling``, keys in the document's order)."""
+        vs = self._v
+        if isinstance(v, dict):
+            keys = list(v)
+            if canonical:
+                rank = canonical_key_rank(root)
+                keys = sorted((k for k in v if k in rank), key=rank.__getitem__) + [k for k in v if k not in rank]
+            members = [self._key(str(k)) + self._literal(v[k], root, marks, canonical) for k in keys]
+            return vs["object_open"] + vs["member_separator"].join(members) + vs["object_close"]
+        if isinstance(v, (list, tuple)):
+            parts = [self._literal(x, root, marks, canonical) for x in v]
+            return vs["array_open"] + vs["item_separator"].join(parts) + vs["array_close"]
+        if isinstance(v, str):
+            return self.render_string(v, marks)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            spelled = canonical_spelling(v) if canonical else None
+            return spelled if spelled is not None else bytes(self.wire_format.spell_number(v)).decode()
         return json.dumps(v)
 
     def _key(self, key: str) -> str:
@@ -468,22 +498,142 @@ def _split_marks(text: str, marks: list[str]) -> list[Segment]:
     return out
 
 
-def _plain_numbers(schema: Any, root: Mapping[str, Any]) -> bool:
-    """Whether the grammar spells a number under ``schema`` without an exponent: an
-    integer type or a numeric bound on it or on an ``allOf`` member (the plain spelling
-    is one every number language takes)."""
-    if not isinstance(schema, Mapping):
+def _facets(schema: Any, root: Mapping[str, Any], v: Any) -> list[Mapping[str, Any]]:
+    """The schema nodes the grammar applies to ``v``, in the order it meets them:
+    ``schema``, what its ``$ref`` names, its ``allOf`` members, an ``if`` that ``v`` meets
+    and its ``then`` (else the ``else``), and of each ``anyOf`` / ``oneOf`` the branch
+    ``v`` is spelled under (``_branch``). The grammar intersects a schema's facets and
+    distributes unions over them (grammar.schema), so a spelling is taken when it fits
+    every facet of one case that ``v`` is valid in; a branch picked by type alone could
+    lend the spelling a bound that does not hold for ``v``, or miss the integer branch
+    it is valid under."""
+    out: list[Mapping[str, Any]] = []
+    todo = [schema]
+    while todo and len(out) < 256:  # (a bound on $ref cycles)
+        node = todo.pop(0)
+        if not isinstance(node, Mapping):
+            continue
+        out.append(node)
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/"):
+            todo.append(_ref_target(ref, root))
+        todo.extend(_as(node.get("allOf"), list))
+        if "if" in node and ("then" in node or "else" in node):  # (a lone `if` constrains nothing)
+            todo.extend([node["if"], node.get("then")] if _valid(v, node["if"], root) else [node.get("else")])
+        for key in ("anyOf", "oneOf"):
+            branches = node.get(key)
+            if isinstance(branches, list):
+                todo.append(_branch(branches, v, root))
+    return out
+
+
+def _enum_member(facets: Sequence[Mapping[str, Any]], v: Any) -> tuple[Any] | None:
+    """(the member,) of the first ``enum`` / ``const`` among ``facets`` equal to ``v``
+    (JSON Schema's equality), whose spelling the grammar writes; None without one."""
+    for f in facets:
+        members = [f["const"]] if "const" in f else f.get("enum")
+        if isinstance(members, list):
+            return next(((m,) for m in members if json_equal(m, v)), None)
+    return None
+
+
+def _member_schema(facets: Sequence[Mapping[str, Any]], key: str) -> Mapping[str, Any] | None:
+    """The schema of an object's member ``key`` as the grammar takes it: each facet's
+    property ``key``, or its ``additionalProperties`` where it names no such property."""
+    parts = []
+    for f in facets:
+        props = f.get("properties")
+        if isinstance(props, Mapping) and key in props:
+            parts.append(props[key])
+        elif isinstance(f.get("additionalProperties"), Mapping):
+            parts.append(f["additionalProperties"])
+    return None if not parts else parts[0] if len(parts) == 1 else {"allOf": parts}
+
+
+def _item_schema(facets: Sequence[Mapping[str, Any]], i: int) -> Mapping[str, Any] | None:
+    """The schema of an array's item ``i``: each facet's ``prefixItems[i]``, or its ``items``."""
+    parts = []
+    for f in facets:
+        prefix = f.get("prefixItems")
+        if isinstance(prefix, list) and i < len(prefix):
+            parts.append(prefix[i])
+        elif isinstance(f.get("items"), Mapping):
+            parts.append(f["items"])
+    return None if not parts else parts[0] if len(parts) == 1 else {"allOf": parts}
+
+
+def _as(x: Any, kind: type) -> Any:
+    """``x`` where it is a ``kind`` (a schema's list or map), else an empty one."""
+    return x if isinstance(x, kind) else ()
+
+
+def _branch(branches: list[Any], v: Any, root: Mapping[str, Any]) -> Any:
+    """The union branch the grammar spells ``v`` under: one ``v`` is valid under, naming
+    every key of an object (the grammar writes no key its schema does not name), else
+    the first whose type fits ``v`` (None if none does)."""
+    valid = [b for b in branches if _valid(v, b, root)]
+    if isinstance(v, Mapping):
+        valid = [b for b in valid if _names_keys(b, v, root)] or valid
+    return valid[0] if valid else next((b for b in branches if _fits(b, v, root)), None)
+
+
+def _names_keys(schema: Any, v: Mapping[str, Any], root: Mapping[str, Any]) -> bool:
+    """Whether ``schema``'s facets for the object ``v`` name each of its keys (as a
+    property, by a pattern, or through an ``additionalProperties`` schema)."""
+    names: set[str] = set()
+    patterns: list[str] = []
+    for f in _facets(schema, root, v):
+        names.update(_as(f.get("properties"), Mapping))
+        patterns.extend(_as(f.get("patternProperties"), Mapping))
+        extra = f.get("additionalProperties")
+        if isinstance(extra, Mapping) or extra is True:
+            return True
+    return all(k in names or any(_search(p, k) for p in patterns) for k in v)
+
+
+def _search(pattern: str, text: str) -> bool:
+    try:
+        return re.search(pattern, text) is not None
+    except re.error:
         return False
+
+
+def _negated(facets: Sequence[Mapping[str, Any]], v: Any, root: Mapping[str, Any]) -> bool:
+    """Whether the grammar spells ``v`` (and all inside it) canonically: under a ``not``,
+    a ``oneOf``, or the negated side of a condition (an ``if`` with ``then`` / ``else``
+    that ``v`` fails, a ``dependent*`` key an object lacks): see ``SchemaCompiler.expand``."""
+    for f in facets:
+        if "not" in f or "oneOf" in f:
+            return True
+        if "if" in f and ("then" in f or "else" in f) and not _valid(v, f["if"], root):
+            return True
+        if isinstance(v, dict):
+            required, schemas = f.get("dependentRequired"), f.get("dependentSchemas")
+            if isinstance(required, Mapping) and any(names and k not in v for k, names in required.items()):
+                return True
+            if isinstance(schemas, Mapping) and any(sub not in (True, {}) and k not in v for k, sub in schemas.items()):
+                return True
+    return False
+
+
+def _valid(v: Any, schema: Any, root: Mapping[str, Any]) -> bool:
+    """Whether ``v`` is valid under ``schema``, a subschema of ``root`` (its refs read there)."""
+    try:
+        return bool(jsonschema.Draft202012Validator(root).evolve(schema=schema).is_valid(v))
+    except (Unresolvable, re.error, TypeError, ValueError):  # (a schema the grammar refused to compile)
+        return False
+
+
+def _plain_numbers(schema: Mapping[str, Any]) -> bool:
+    """Whether the grammar spells a number under this facet without an exponent: an
+    integer type or a numeric bound (the plain spelling is one every number language takes)."""
     types = schema.get("type")
-    if types == "integer" or (isinstance(types, list) and "integer" in types) or _BOUNDS & set(schema):
-        return True
-    members = schema.get("allOf")
-    return isinstance(members, list) and any(_plain_numbers(_follow_ref(m, root), root) for m in members)
+    return types == "integer" or (isinstance(types, list) and "integer" in types) or bool(_BOUNDS & set(schema))
 
 
-def _integer_digits(v: float, schemas: Sequence[Any], root: Mapping[str, Any]) -> str:
+def _integer_digits(v: float, facets: Sequence[Mapping[str, Any]]) -> str:
     """The digits of an integer-valued float ``v`` as the grammar takes them under
-    ``schemas``' bounds. Past 2**53 its shortest decimal (100000000000000000000000 for
+    ``facets``' bounds. Past 2**53 its shortest decimal (100000000000000000000000 for
     1e23) and its exact value (99999999999999991611392) differ, and a parser reads digits
     as an exact integer, which the grammar takes only within each bound under both of its
     readings (its decimal text and the double it parses to; ``SchemaCompiler.number_node``):
@@ -491,64 +641,46 @@ def _integer_digits(v: float, schemas: Sequence[Any], root: Mapping[str, Any]) -
     shortest. The shortest is written unless a bound refuses it. No -0 (canonical JSON)."""
     shortest = plain_decimal(v).removesuffix(".0") if v else "0"
     exact = str(int(v))
-    if exact == shortest or all(_fits_bounds(int(shortest), s, root) for s in schemas):
+    if exact == shortest or all(_fits_bounds(int(shortest), f) for f in facets):
         return shortest
-    return exact if all(_fits_bounds(int(exact), s, root) for s in schemas) else shortest
+    return exact if all(_fits_bounds(int(exact), f) for f in facets) else shortest
 
 
-def _fits_bounds(n: int, schema: Any, root: Mapping[str, Any]) -> bool:
-    """Whether the integer ``n`` meets ``schema``'s numeric bounds (and its ``allOf``
-    members') under both readings of each bound."""
-    if not isinstance(schema, Mapping):
-        return True
+def _fits_bounds(n: int, schema: Mapping[str, Any]) -> bool:
+    """Whether the integer ``n`` meets one facet's numeric bounds under both readings of each."""
     for kw, ok in (("maximum", operator.le), ("exclusiveMaximum", operator.lt),
                    ("minimum", operator.ge), ("exclusiveMinimum", operator.gt)):
         b = schema.get(kw)
         if isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b):
             if not all(ok(n, r) for r in bound_readings(b)):
                 return False
-    members = schema.get("allOf")
-    return all(_fits_bounds(n, _follow_ref(m, root), root) for m in members) if isinstance(members, list) else True
+    return True
 
 
-def _follow_ref(schema: Any, root: Mapping[str, Any]) -> Any:
-    """``schema`` with a local ``$ref`` followed (an ``allOf`` member that names a ``$defs`` entry)."""
-    return _resolve(schema, root, None) if isinstance(schema, Mapping) and "$ref" in schema else schema
-
-
-def _resolve(schema: Mapping[str, Any] | None, root: Mapping[str, Any], value: Any) -> Mapping[str, Any] | None:
-    """Follow ``$ref`` and pick the ``anyOf``/``oneOf`` branch whose type fits ``value`` (for key order)."""
-    for _ in range(16):
-        if not isinstance(schema, Mapping):
-            return None
-        ref = schema.get("$ref")
-        if isinstance(ref, str) and ref.startswith("#/"):
-            node: Any = root
-            for part in ref[2:].split("/"):
-                node = node.get(part.replace("~1", "/").replace("~0", "~"), {}) if isinstance(node, Mapping) else {}
-            schema = node
-            continue
-        for key in ("anyOf", "oneOf"):
-            branches = schema.get(key)
-            if isinstance(branches, list):
-                fit = [b for b in branches if _fits(b, value, root)]
-                if fit:
-                    schema = fit[0]
-                    break
-        else:
-            return schema
-    return schema
+def _ref_target(ref: str, root: Mapping[str, Any]) -> Any:
+    """What a local ``$ref`` ("#/$defs/x") names in ``root`` ({} where it names nothing)."""
+    node: Any = root
+    for part in ref[2:].split("/"):
+        node = node.get(part.replace("~1", "/").replace("~0", "~"), {}) if isinstance(node, Mapping) else {}
+    return node
 
 
 def _fits(schema: Any, value: Any, root: Mapping[str, Any]) -> bool:
-    if isinstance(schema, Mapping) and "$ref" in schema:
-        schema = _resolve(schema, root, value)
-    t = schema.get("type") if isinstance(schema, Mapping) else None
-    if t is None:
-        return True
-    types = t if isinstance(t, list) else [t]
+    """Whether ``value``'s JSON type is one that ``schema`` (and what its ``$ref`` chain
+    names) allows."""
     kind = ("object" if isinstance(value, dict) else "array" if isinstance(value, (list, tuple))
             else "string" if isinstance(value, str) else "boolean" if isinstance(value, bool)
             else "null" if value is None else "integer" if isinstance(value, int)
             or (isinstance(value, float) and value.is_integer()) else "number")
-    return kind in types or (kind == "integer" and "number" in types)
+    for _ in range(16):
+        if not isinstance(schema, Mapping):
+            return schema is not False
+        t = schema.get("type")
+        types = t if isinstance(t, list) else [t]
+        if t is not None and kind not in types and not (kind == "integer" and "number" in types):
+            return False
+        ref = schema.get("$ref")
+        if not (isinstance(ref, str) and ref.startswith("#/")):
+            return True
+        schema = _ref_target(ref, root)
+    return True

@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from agentloop.errors import ParseError, WireFormatError
+from agentloop.errors import ParseError, SchemaError, WireFormatError
 from agentloop.grammar import ToolCall, byte_tokenizer, compile_tools
 from agentloop.protocol import Protocol
 
@@ -100,6 +100,111 @@ def test_numbers_under_refs_and_unions_are_spelled_as_the_grammar_takes_them(wir
         assert g.accepts_json(calls), (prop, v)
         text = p.render_calls(calls, {"f": params})
         assert g.accepts(tok.encode(text + p.calls_stop).ids), (prop, v, text)
+
+_INT, _NUM = {"type": "integer"}, {"type": "number"}
+
+
+@pytest.mark.parametrize("params, value", [
+    # a union under allOf + $ref: the integer branch -1e23 is valid under (digits)
+    ({"properties": {"n": {"allOf": [{"$ref": "#/$defs/d"}]}},
+      "$defs": {"d": {"anyOf": [_INT, {"type": "integer", "exclusiveMinimum": 0.5}]}}}, {"n": -1e23}),
+    # 5.0 is valid under the first branch only (integer: "5", not "5.0")
+    ({"properties": {"n": {"$ref": "#/$defs/d"}}, "$defs": {"d": {"anyOf": [
+        {"type": "integer", "maximum": 2.5e20}, {"type": "number", "maximum": 1e23, "exclusiveMinimum": 1e16}]}}},
+     {"n": 5.0}),
+    # a typeless first branch that 1e23 fails lent it bounds it does not meet
+    ({"properties": {"n": {"minimum": 0, "allOf": [{"$ref": "#/$defs/d"}]}}, "$defs": {"d": {"anyOf": [
+        {"minimum": 1e308, "exclusiveMaximum": -1e308}, {"maximum": 1e23, "exclusiveMinimum": 0}]}}}, {"n": 1e23}),
+    # inside oneOf / not each value has one spelling: no exponent
+    ({"properties": {"n": {"oneOf": [{}]}}}, {"n": -1e23}),
+    ({"properties": {"n": {"type": "number", "not": {"minimum": 2.5e20}}}}, {"n": 1e16}),
+    ({"properties": {"n": {"type": "number", "not": {"maximum": -5}}}}, {"n": 1e-07}),
+    # ... and objects there list their keys in the document's order of first mention
+    ({"properties": {"x": {"oneOf": [{"properties": {"b": _NUM, "a": _NUM}}, {"required": ["c"]}]}, "a": _NUM}},
+     {"x": {"a": 1.5, "b": 2.5}}),
+    # the branch the grammar writes the object under names all its keys
+    ({"properties": {"x": {"anyOf": [{"type": "object", "properties": {"d": _NUM}},
+                                     {"type": "object", "properties": {"b": _INT}}]}}}, {"x": {"b": 7.0}}),
+    # a property's schema is every facet's: here `then` makes b an integer
+    ({"properties": {"a": _NUM, "b": _NUM}, "if": {"required": ["a"]},
+      "then": {"properties": {"b": {"type": "integer", "maximum": 100}}}}, {"a": 1e-07, "b": 7.0}),
+    # an enum / const member is written as the grammar spells it (as given; canonically
+    # inside a negation)
+    ({"properties": {"n": {"enum": [5.0]}}}, {"n": 5.0}),
+    ({"properties": {"n": {"enum": [1e-07], "maximum": 1}}}, {"n": 1e-07}),
+    ({"properties": {"n": {"const": {"b": 1, "a": 2}}}}, {"n": {"a": 2, "b": 1}}),
+    ({"properties": {"n": {"not": {"type": "string"}, "enum": [{"b": 1e23, "a": "x"}]}}}, {"n": {"a": "x", "b": 1e23}}),
+    # a $ref's siblings hold too
+    ({"properties": {"n": {"$ref": "#/$defs/d", "type": "integer"}}, "$defs": {"d": {"minimum": 0}}}, {"n": 2.0}),
+])
+@pytest.mark.parametrize("wire_format", ["gemma4", "json"])
+def test_values_under_unions_conditions_and_negations_are_spelled_as_the_grammar_takes_them(
+        params: dict, value: dict, wire_format: str) -> None:
+    """The protocol picks the union branch a value is valid under (not the first whose
+    type fits), merges a property's schema over all facets, and inside a negation writes
+    the canonical spelling; each case here was written in a spelling the grammar refuses."""
+    params = {"type": "object", **params}
+    assert jsonschema.Draft202012Validator(params).is_valid(value)
+    tok = byte_tokenizer()
+    g = compile_tools([{"name": "f", "parameters": params}], tok, wire_format)
+    calls = [ToolCall("f", value)]
+    assert g.accepts_json(calls)
+    p = Protocol(wire_format)
+    text = p.render_calls(calls, {"f": params})
+    assert g.accepts(tok.encode(text + p.calls_stop).ids), text
+    (back,) = p.parse_output(text + p.calls_stop).calls  # (digits read back as an int: valid all the same)
+    assert back.name == "f" and jsonschema.Draft202012Validator(params).is_valid(back.arguments)
+
+
+_NUMBERS = st.sampled_from([1e23, -1e23, 1e308, 9007199254740994.0, 1e16, 3e25, 5.0, 1e-07, 2.5, 0.0])
+_BOUNDS_AT = st.sampled_from([1e23, -1e23, 1e308, -1e308, 0.5, 1e16, 5, -5, 0])
+
+
+@st.composite
+def _number_schemas(draw: st.DrawFn, depth: int = 0) -> dict:
+    """Number schemas with bounds, types, unions, allOf, if/then/else and not."""
+    schema: dict = {}
+    t = draw(st.sampled_from([None, "number", "integer", ["integer", "string"]]))
+    if t is not None:
+        schema["type"] = t
+    for kw in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        if draw(st.integers(0, 9)) < 3:
+            schema[kw] = draw(_BOUNDS_AT)
+    if depth < 2:
+        for kw in ("anyOf", "oneOf", "allOf"):
+            if draw(st.integers(0, 9)) < 2:
+                schema[kw] = draw(st.lists(_number_schemas(depth + 1), min_size=1, max_size=3))
+        if draw(st.integers(0, 9)) < 1:
+            schema["not"] = draw(_number_schemas(2))
+        if draw(st.integers(0, 9)) < 1:
+            schema["if"], schema["then"] = draw(_number_schemas(2)), draw(_number_schemas(2))
+    return schema
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(prop=_number_schemas(), defs=_number_schemas(), ref=st.sampled_from(["none", "ref", "allOf"]),
+       v=_NUMBERS, wire_format=st.sampled_from(["gemma4", "json"]))
+def test_a_number_any_schema_takes_renders_as_the_grammar_takes_it(prop: dict, defs: dict, ref: str, v: float,
+                                                                   wire_format: str) -> None:
+    """Property: wherever the grammar takes a valid number under unions, allOf, $ref,
+    conditions and negations, the protocol writes it in a spelling the grammar takes."""
+    if ref == "ref":
+        prop = {"$ref": "#/$defs/d"}
+    elif ref == "allOf":
+        prop = {**prop, "allOf": [*prop.get("allOf", []), {"$ref": "#/$defs/d"}]}
+    params = {"type": "object", "required": ["n"], "properties": {"n": prop}, "$defs": {"d": defs}}
+    assume(jsonschema.Draft202012Validator(params).is_valid({"n": v}))
+    tok = byte_tokenizer()
+    try:
+        g = compile_tools([{"name": "f", "parameters": params}], tok, wire_format)
+    except SchemaError:
+        assume(False)
+    calls = [ToolCall("f", {"n": v})]
+    assume(g.accepts_json(calls))  # (where none of its spellings is in the grammar's language, none can be written)
+    p = Protocol(wire_format)
+    text = p.render_calls(calls, {"f": params})
+    assert g.accepts(tok.encode(text + p.calls_stop).ids), text
+
 
 _BOUND = st.one_of(st.floats(min_value=-1e30, max_value=1e30, allow_nan=False), st.integers(-(10**25), 10**25),
                    st.sampled_from([1e23, -1e23, 1e308, -1e308, 9007199254740993.0, 0.1, 1e16, 2.5e20]))

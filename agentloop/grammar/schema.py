@@ -294,15 +294,16 @@ def _ptr(base: str, *parts: object) -> str:
     return out
 
 
-def _json_equal(a: Any, b: Any) -> bool:
+def json_equal(a: Any, b: Any) -> bool:
+    """JSON Schema's equality (``enum``, ``const``): 1 == 1.0, true != 1, objects by keys."""
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return a == b
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
     return type(a) is type(b) and a == b
 
 
@@ -425,6 +426,54 @@ def _copies_dfa(sources: tuple[str, ...], wf: WireFormat,
     return d
 
 
+def canonical_key_rank(document: Any) -> dict[str, int]:
+    """Every key a schema document names (properties, required, dependent*, enum / const
+    objects), ranked by first appearance: the key order of canonical objects (the
+    spelling inside negations; ``Protocol`` writes such objects in this order too)."""
+    rank: dict[str, int] = {}
+
+    def add(k: Any) -> None:
+        if isinstance(k, str) and k not in rank:
+            rank[k] = len(rank)
+
+    def value_keys(v: Any) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                add(k)
+                value_keys(x)
+        elif isinstance(v, list):
+            for x in v:
+                value_keys(x)
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if k == "properties" and isinstance(v, dict):
+                    for name in v:
+                        add(name)
+                elif k == "required" and isinstance(v, list):
+                    for name in v:
+                        add(name)
+                elif k == "dependentRequired" and isinstance(v, dict):
+                    for name, names in v.items():
+                        add(name)
+                        for n in names if isinstance(names, list) else ():
+                            add(n)
+                elif k == "dependentSchemas" and isinstance(v, dict):
+                    for name in v:
+                        add(name)
+                elif k in ("enum", "const", "examples", "default"):
+                    value_keys(v)
+                    continue
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(document)
+    return rank
+
+
 class SchemaCompiler:
     """Compile one root schema for one wire format. ``node()`` is the value language."""
 
@@ -449,7 +498,7 @@ class SchemaCompiler:
         self._dfa_cache: dict[Any, Dfa] = {}
         self._memo: dict[Any, tuple[Node, int]] = {}
         self._index_resources()
-        self._rank = self._key_rank()
+        self._rank = canonical_key_rank(root)
         self._max_nesting = self._nesting_bound()
         self._validators = {False: self._validator_class(False), True: self._validator_class(True)}
         # The 2020-12 checker set: FormatChecker() mixes drafts (its "time" is draft 3's).
@@ -531,53 +580,6 @@ class SchemaCompiler:
             return self._at(target), target
         except (KeyError, IndexError, ValueError, TypeError):
             raise SchemaError(f"$ref {ref!r} points nowhere", keyword="$ref", pointer=pointer) from None
-
-    # ---- canonical key order ------------------------------------------------------------
-    def _key_rank(self) -> dict[str, int]:
-        """Every key the document names (properties, required, dependent*, enum / const
-        objects), ranked by first appearance: the key order of canonical objects."""
-        rank: dict[str, int] = {}
-
-        def add(k: Any) -> None:
-            if isinstance(k, str) and k not in rank:
-                rank[k] = len(rank)
-
-        def value_keys(v: Any) -> None:
-            if isinstance(v, dict):
-                for k, x in v.items():
-                    add(k)
-                    value_keys(x)
-            elif isinstance(v, list):
-                for x in v:
-                    value_keys(x)
-
-        def walk(x: Any) -> None:
-            if isinstance(x, dict):
-                for k, v in x.items():
-                    if k == "properties" and isinstance(v, dict):
-                        for name in v:
-                            add(name)
-                    elif k == "required" and isinstance(v, list):
-                        for name in v:
-                            add(name)
-                    elif k == "dependentRequired" and isinstance(v, dict):
-                        for name, names in v.items():
-                            add(name)
-                            for n in names if isinstance(names, list) else ():
-                                add(n)
-                    elif k == "dependentSchemas" and isinstance(v, dict):
-                        for name in v:
-                            add(name)
-                    elif k in ("enum", "const", "examples", "default"):
-                        value_keys(v)
-                        continue
-                    walk(v)
-            elif isinstance(x, list):
-                for v in x:
-                    walk(v)
-
-        walk(self.root)
-        return rank
 
     # ---- a validator with our semantics (enum filtering, concrete keys) -------------------
     def _validator_class(self, over: bool) -> Any:
@@ -945,9 +947,9 @@ class SchemaCompiler:
                 vals = [schema["const"]]
             if "enum" in schema:
                 e = list(schema["enum"])
-                vals = e if vals is None else [v for v in vals if any(_json_equal(v, x) for x in e)]
+                vals = e if vals is None else [v for v in vals if any(json_equal(v, x) for x in e)]
             if vals is not None:
-                enum_values = vals if enum_values is None else [v for v in enum_values if any(_json_equal(v, x) for x in vals)]
+                enum_values = vals if enum_values is None else [v for v in enum_values if any(json_equal(v, x) for x in vals)]
         if enum_values is not None:
             return self.enum_node(enum_values, fs, ctx)
 
