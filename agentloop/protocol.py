@@ -78,8 +78,7 @@ class Protocol:
             declared = list(dict.fromkeys(declared + [k for f in facets for k in _as(f.get("required"), list)]))
             keys = [k for k in declared if k in v] + [k for k in v if k not in declared]
             if canonical:
-                rank = canonical_key_rank(root)
-                keys = sorted((k for k in v if k in rank), key=rank.__getitem__) + [k for k in v if k not in rank]
+                keys = _canonical_order(v, root)
             members = [self._key(str(k)) + self._value(v[k], _member_schema(facets, k), root, marks, canonical)
                        for k in keys]
             return vs["object_open"] + vs["member_separator"].join(members) + vs["object_close"]
@@ -112,8 +111,7 @@ class Protocol:
         if isinstance(v, dict):
             keys = list(v)
             if canonical:
-                rank = canonical_key_rank(root)
-                keys = sorted((k for k in v if k in rank), key=rank.__getitem__) + [k for k in v if k not in rank]
+                keys = _canonical_order(v, root)
             members = [self._key(str(k)) + self._literal(v[k], root, marks, canonical) for k in keys]
             return vs["object_open"] + vs["member_separator"].join(members) + vs["object_close"]
         if isinstance(v, (list, tuple)):
@@ -525,6 +523,13 @@ def _facets(schema: Any, root: Mapping[str, Any], v: Any) -> list[Mapping[str, A
             if isinstance(branches, list):
                 todo.append(_branch(branches, v, root))
     return out
+
+
+def _canonical_order(v: Mapping[str, Any], root: Mapping[str, Any]) -> list[str]:
+    """An object's keys as the grammar orders them inside a negation: those the document
+    names in its order of first mention (``canonical_key_rank``), then the one it does not."""
+    rank = canonical_key_rank(root)
+    return sorted((k for k in v if k in rank), key=rank.__getitem__) + [k for k in v if k not in rank]
 
 
 def _enum_member(facets: Sequence[Mapping[str, Any]], v: Any) -> tuple[Any] | None:
