@@ -99,7 +99,9 @@ class Protocol:
             # an integer, a bounded number and any number inside a negation are spelled
             # without an exponent (see grammar.numbers): the shortest decimal that reads
             # back as the value (past 2**53, the digits the bounds take)
-            return _integer_digits(v, facets) if v.is_integer() else plain_decimal(v)
+            if not v.is_integer():
+                return plain_decimal(v)
+            return _integer_digits(v, facets, _rivals(facets, v, root) if canonical else [], root)
         return json.dumps(v)
 
     def _literal(self, v: Any, root: Mapping[str, Any], marks: list[str] | None, canonical: bool) -> str:
@@ -627,6 +629,8 @@ def _valid(v: Any, schema: Any, root: Mapping[str, Any]) -> bool:
         return bool(jsonschema.Draft202012Validator(root).evolve(schema=schema).is_valid(v))
     except (Unresolvable, re.error, TypeError, ValueError):  # (a schema the grammar refused to compile)
         return False
+    except RecursionError:  # (a union that names itself: {"anyOf": [..., {"$ref": <itself>}]})
+        return False
 
 
 def _plain_numbers(schema: Mapping[str, Any]) -> bool:
@@ -636,19 +640,61 @@ def _plain_numbers(schema: Mapping[str, Any]) -> bool:
     return types == "integer" or (isinstance(types, list) and "integer" in types) or bool(_BOUNDS & set(schema))
 
 
-def _integer_digits(v: float, facets: Sequence[Mapping[str, Any]]) -> str:
+def _integer_digits(v: float, facets: Sequence[Mapping[str, Any]], rivals: Sequence[Any] = (),
+                    root: Mapping[str, Any] | None = None) -> str:
     """The digits of an integer-valued float ``v`` as the grammar takes them under
     ``facets``' bounds. Past 2**53 its shortest decimal (100000000000000000000000 for
     1e23) and its exact value (99999999999999991611392) differ, and a parser reads digits
     as an exact integer, which the grammar takes only within each bound under both of its
     readings (its decimal text and the double it parses to; ``SchemaCompiler.number_node``):
     under "maximum": 1e23 only the exact digits fit, under "maximum": 1e308 only the
-    shortest. The shortest is written unless a bound refuses it. No -0 (canonical JSON)."""
+    shortest. Inside a negation the grammar also takes out the digits that a ``rivals``
+    schema (negated, or another ``oneOf`` branch) might hold under either reading. The
+    shortest is written unless refused. No -0 (canonical JSON)."""
     shortest = plain_decimal(v).removesuffix(".0") if v else "0"
     exact = str(int(v))
-    if exact == shortest or all(_fits_bounds(int(shortest), f) for f in facets):
+    if exact == shortest:
         return shortest
-    return exact if all(_fits_bounds(int(exact), f) for f in facets) else shortest
+    for digits in (shortest, exact):
+        n = int(digits)
+        if all(_fits_bounds(n, f) for f in facets) and not any(_may_hold(n, r, root or {}) for r in rivals):
+            return digits
+    return shortest
+
+
+def _rivals(facets: Sequence[Mapping[str, Any]], v: Any, root: Mapping[str, Any]) -> list[Any]:
+    """The schemas whose values a negation takes out where ``v`` is spelled (see
+    ``SchemaCompiler.one_of_node`` / ``negation_node``): each ``not``, each ``oneOf``
+    branch but the one ``v`` goes under, and an ``if`` that ``v`` fails."""
+    out: list[Any] = []
+    for f in facets:
+        if "not" in f:
+            out.append(f["not"])
+        branches = f.get("oneOf")
+        if isinstance(branches, list):
+            mine = _branch(branches, v, root)
+            out.extend(b for b in branches if b is not mine)
+        if "if" in f and ("then" in f or "else" in f) and not _valid(v, f["if"], root):
+            out.append(f["if"])
+    return out
+
+
+def _may_hold(n: int, schema: Any, root: Mapping[str, Any]) -> bool:
+    """Whether the integer digits ``n`` may be valid under ``schema`` by its type and
+    numeric bounds, each bound under either of its readings (the grammar's "over"
+    language, which a negation takes out, is that generous)."""
+    for f in _facets(schema, root, float(n)):
+        t = f.get("type")
+        types = t if isinstance(t, list) else [t]
+        if t is not None and "integer" not in types and "number" not in types:
+            return False
+        for kw, ok in (("maximum", operator.le), ("exclusiveMaximum", operator.lt),
+                       ("minimum", operator.ge), ("exclusiveMinimum", operator.gt)):
+            b = f.get(kw)
+            if isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b):
+                if not any(ok(n, r) for r in bound_readings(b)):
+                    return False
+    return schema is not False
 
 
 def _fits_bounds(n: int, schema: Mapping[str, Any]) -> bool:
