@@ -688,22 +688,21 @@ def _may_hold(n: int, schema: Any, root: Mapping[str, Any]) -> bool:
         types = t if isinstance(t, list) else [t]
         if t is not None and "integer" not in types and "number" not in types:
             return False
-        for kw, ok in (("maximum", operator.le), ("exclusiveMaximum", operator.lt),
-                       ("minimum", operator.ge), ("exclusiveMinimum", operator.gt)):
-            b = f.get(kw)
-            if isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b):
-                if not any(ok(n, r) for r in bound_readings(b)):
-                    return False
+        if not _fits_bounds(n, f, every_reading=False):
+            return False
     return schema is not False
 
 
-def _fits_bounds(n: int, schema: Mapping[str, Any]) -> bool:
-    """Whether the integer ``n`` meets one facet's numeric bounds under both readings of each."""
+def _fits_bounds(n: int, schema: Mapping[str, Any], every_reading: bool = True) -> bool:
+    """Whether the integer ``n`` meets one facet's numeric bounds under both readings of
+    each (its decimal text and the double it parses to), or with ``every_reading=False``
+    under either."""
+    holds = all if every_reading else any
     for kw, ok in (("maximum", operator.le), ("exclusiveMaximum", operator.lt),
                    ("minimum", operator.ge), ("exclusiveMinimum", operator.gt)):
         b = schema.get(kw)
         if isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b):
-            if not all(ok(n, r) for r in bound_readings(b)):
+            if not holds(ok(n, r) for r in bound_readings(b)):
                 return False
     return True
 
