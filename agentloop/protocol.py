@@ -518,7 +518,7 @@ def _facets(schema: Any, root: Mapping[str, Any], v: Any) -> list[Mapping[str, A
         if isinstance(ref, str) and ref.startswith("#/"):
             todo.append(_ref_target(ref, root))
         todo.extend(_as(node.get("allOf"), list))
-        if "if" in node and ("then" in node or "else" in node):  # (a lone `if` constrains nothing)
+        if _conditional(node):
             todo.extend([node["if"], node.get("then")] if _valid(v, node["if"], root) else [node.get("else")])
         for key in ("anyOf", "oneOf"):
             branches = node.get(key)
@@ -542,6 +542,12 @@ def _enum_member(facets: Sequence[Mapping[str, Any]], v: Any) -> tuple[Any] | No
         if isinstance(members, list):
             return next(((m,) for m in members if json_equal(m, v)), None)
     return None
+
+
+def _conditional(schema: Mapping[str, Any]) -> bool:
+    """Whether ``schema``'s ``if`` splits the grammar into cases: one with a ``then`` or
+    an ``else`` (a lone ``if`` constrains nothing; ``SchemaCompiler.expand``)."""
+    return "if" in schema and ("then" in schema or "else" in schema)
 
 
 def _member_schema(facets: Sequence[Mapping[str, Any]], key: str) -> Mapping[str, Any] | None:
@@ -612,7 +618,7 @@ def _negated(facets: Sequence[Mapping[str, Any]], v: Any, root: Mapping[str, Any
     for f in facets:
         if "not" in f or "oneOf" in f:
             return True
-        if "if" in f and ("then" in f or "else" in f) and not _valid(v, f["if"], root):
+        if _conditional(f) and not _valid(v, f["if"], root):
             return True
         if isinstance(v, dict):
             required, schemas = f.get("dependentRequired"), f.get("dependentSchemas")
@@ -674,7 +680,7 @@ def _rivals(facets: Sequence[Mapping[str, Any]], v: Any, root: Mapping[str, Any]
         if isinstance(branches, list):
             mine = _branch(branches, v, root)
             out.extend(b for b in branches if b is not mine)
-        if "if" in f and ("then" in f or "else" in f) and not _valid(v, f["if"], root):
+        if _conditional(f) and not _valid(v, f["if"], root):
             out.append(f["if"])
     return out
 
