@@ -69,18 +69,22 @@ def _fixed(sa: str, sb: str) -> Node:
 
 
 def uint_range(a: int, b: Optional[int]) -> Node:
-    """Canonical non-negative integers in [a, b] (b None: unbounded)."""
+    """Canonical non-negative integers in [a, b] (b None: unbounded).
+
+    Only the lengths of a and b need a bound's automaton (``_fixed``); every length
+    between takes any digits, one chain for all of them (an automaton per length made
+    the states grow with the square of b's digits: seconds to compile a bound of 1e300)."""
     if b is not None and b < a:
         return NEVER
-    branches = []
-    top_len = len(str(b)) if b is not None else len(str(a))
-    for n in range(len(str(a)), top_len + 1):
-        lo = max(a, 10 ** (n - 1) if n > 1 else 0)
-        hi = 10**n - 1 if b is None else min(b, 10**n - 1)
-        if lo <= hi:
-            branches.append(_fixed(str(lo), str(hi)))
+    la = len(str(a))
+    branches = [_fixed(str(a), str(10**la - 1 if b is None else min(b, 10**la - 1)))]
     if b is None:  # every longer length
-        branches.append(seq(NONZERO, rep(DIGIT, top_len)))
+        return alt(*branches, seq(NONZERO, rep(DIGIT, la)))
+    lb = len(str(b))
+    if lb - la > 1:  # the lengths between: any digits after a non-zero one
+        branches.append(seq(NONZERO, rep(DIGIT, la, lb - 2)))
+    if lb > la:
+        branches.append(_fixed(str(10 ** (lb - 1)), str(b)))
     return alt(*branches)
 
 
