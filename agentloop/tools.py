@@ -36,6 +36,7 @@ import anyio
 import anyio.to_thread
 import pydantic
 
+from .argument_schema import ArgumentsJsonSchema
 from .errors import SchemaError, ToolDefinitionError
 from .grammar import ToolSchema, check_schema
 
@@ -103,7 +104,7 @@ class Tool:
         summary, arg_docs = parse_docstring(inspect.getdoc(function) or "")
         self.description = description if description is not None else summary
         self.takes_ctx, self._model = _arguments_model(function, self.name, arg_docs, where)
-        self.parameters: dict[str, Any] = _clean_schema(self._model.model_json_schema())
+        self.parameters: dict[str, Any] = _clean_schema(self._model.model_json_schema(schema_generator=ArgumentsJsonSchema))
         try:
             check_schema(self.parameters, wire_format)
         except SchemaError as e:
@@ -255,7 +256,7 @@ def _arguments_model(f: Callable[..., Any], name: str, docs: dict[str, str],
         fields[p.name] = (ann, fi)
     try:
         model = pydantic.create_model(f"{name}_arguments", __config__=pydantic.ConfigDict(extra="forbid"), **fields)
-        model.model_json_schema()
+        model.model_json_schema(schema_generator=ArgumentsJsonSchema)
     except Exception as e:  # pydantic's schema and validator errors have no common base
         raise ToolDefinitionError(f"{where}: pydantic cannot build its arguments: {e}") from None
     return takes_ctx, model

@@ -8,6 +8,7 @@ import pytest
 
 import agentloop
 import agentloop.agent
+import agentloop.argument_schema
 import agentloop.engine
 import agentloop.engine.diffusion
 import agentloop.engine.generation
@@ -30,7 +31,7 @@ MODULES = [agentloop.grammar, agentloop.grammar.wireformat, agentloop.grammar.co
            agentloop.grammar.log_canvas, agentloop.grammar.float64_math, agentloop.grammar.float32_math,
            agentloop.engine, agentloop.engine.diffusion, agentloop.engine.generation, agentloop.engine.models,
            agentloop.engine.sampling, agentloop.engine.session, agentloop.grammar.vocabulary, agentloop, agentloop.agent,
-           agentloop.protocol,
+           agentloop.protocol, agentloop.argument_schema,
            agentloop.testing, agentloop.tools]
 
 
