@@ -161,6 +161,17 @@ class ArgumentsJsonSchema(GenerateJsonSchema):
             return number
         return {"type": "string", "pattern": decimal_pattern(max_digits, places)}
 
+    def date_schema(self, schema: core_schema.DateSchema) -> JsonSchemaValue:
+        json_schema = super().date_schema(schema)
+        if self.mode == "validation":  # (ISO dates compare as their texts do)
+            bounds = [_date_pattern(schema[op].isoformat(), op)  # type: ignore[literal-required]
+                      for op in ("gt", "ge", "lt", "le") if schema.get(op) is not None]
+            if len(bounds) == 1:
+                json_schema["pattern"] = bounds[0]
+            elif bounds:
+                json_schema["allOf"] = [{"pattern": b} for b in bounds]
+        return json_schema
+
     def datetime_schema(self, schema: core_schema.DatetimeSchema) -> JsonSchemaValue:
         if self.mode == "validation" and schema.get("tz_constraint") == "naive":
             return {"type": "string", "pattern": NAIVE_DATETIME_PATTERN}
@@ -194,6 +205,23 @@ def _finite(json_schema: dict[str, Any]) -> None:
         json_schema["maximum"] = _LARGEST
     if "minimum" not in json_schema and "exclusiveMinimum" not in json_schema:
         json_schema["minimum"] = -_LARGEST
+
+
+def _date_pattern(bound: str, op: str) -> str:
+    """ISO dates (YYYY-MM-DD, a fixed width) ``op`` ``bound``, compared digit by digit:
+    equal up to some digit, then a greater (gt, ge) or smaller (lt, le) one, any after.
+
+    >>> bool(re.search(_date_pattern("2020-01-01", "gt"), "2019-12-31"))
+    False
+    """
+    above = op in ("gt", "ge")
+    forms = [] if op in ("gt", "lt") else [bound]
+    for i, c in enumerate(bound):
+        if c.isdigit() and (c < "9" if above else c > "0"):
+            d = int(c)
+            step = f"[{d + 1}-9]" if above else f"[0-{d - 1}]"
+            forms.append(f"{bound[:i]}{step}[0-9-]{{{len(bound) - i - 1}}}")
+    return f"^(?:{'|'.join(forms)})$"
 
 
 def _with_schemes(json_schema: JsonSchemaValue, schemes: list[str] | None, mode: JsonSchemaMode,

@@ -35,6 +35,7 @@ from typing import Annotated, Any, Callable, Generic, TypeVar, get_args, get_ori
 import anyio
 import anyio.to_thread
 import pydantic
+import pydantic_core
 
 from .argument_schema import ArgumentsJsonSchema
 from .errors import SchemaError, ToolDefinitionError
@@ -116,8 +117,18 @@ class Tool:
         return ToolSchema(self.name, self.parameters, self.description)
 
     def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        """Arguments checked and converted by pydantic (nested models become instances)."""
-        model = self._model.model_validate(arguments)
+        """Arguments checked and converted by pydantic (nested models become instances).
+
+        They are read as the JSON the model wrote, as pydantic reads JSON: under
+        ``strict=True`` an ISO string is a date, a UUID, a Decimal there, where as Python
+        values it is refused (every call the grammar allows would be). Values with no JSON
+        form (passed from Python) are read as they are."""
+        try:
+            text = pydantic_core.to_json(arguments)
+        except pydantic_core.PydanticSerializationError:
+            model = self._model.model_validate(arguments)
+        else:
+            model = self._model.model_validate_json(text)
         return {k: getattr(model, k) for k in type(model).model_fields}
 
     async def run(self, arguments: dict[str, Any], ctx: RunContext[Any] | None = None) -> ToolResult:

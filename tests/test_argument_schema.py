@@ -9,6 +9,7 @@ import decimal
 import ipaddress
 import random
 import re
+import uuid
 from typing import Annotated, Any
 
 import pydantic
@@ -61,7 +62,23 @@ def decimals(price: decimal.Decimal, cents: Annotated[decimal.Decimal, Field(max
     return ""
 
 
-TOOLS = [http, dsn, naive, duration, uuids, addresses, keyed, finite, decimals]
+def dated(after: Annotated[dt.date, Field(gt=dt.date(2020, 1, 1))],
+          within: Annotated[dt.date, Field(ge=dt.date(2024, 3, 10), le=dt.date(2024, 12, 31))]) -> str:
+    return ""
+
+
+class Booking(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(strict=True)
+    day: dt.date
+    ref: uuid.UUID
+    guests: int
+
+
+def strict(booking: Booking) -> str:
+    return ""
+
+
+TOOLS = [http, dsn, naive, duration, uuids, addresses, keyed, finite, decimals, dated, strict]
 
 
 @pytest.mark.parametrize("wire_format", ["gemma4", "json"])
@@ -70,8 +87,10 @@ def test_every_call_the_grammar_allows_validates(btok, function, wire_format):
     """Random logits make the model prefer anything (long odd strings, huge numbers):
     whatever canvas the grammar lets through, pydantic takes its arguments. With
     pydantic's own schemas, 100% of these calls were refused for the URLs, naive
-    datetimes, durations, versioned UUIDs, networks and int keys (and ``Decimal`` could
-    not be defined)."""
+    datetimes, durations, versioned UUIDs, networks and int keys, ~20% for the date
+    bounds, and all of the strict model's as Python values (an ISO string is no date
+    there; ``Tool.validate`` reads arguments as JSON); ``Decimal`` could not be
+    defined."""
     t = tool(function)
     g = compile_tools([t.tool_schema], btok, wire_format, allow_text=False)
     gen = torch.Generator().manual_seed(len(function.__name__))
@@ -119,6 +138,8 @@ def _accepts(t: Tool, btok: Any, **arguments: Any) -> bool:
     (decimals, {"price": "19.99", "cents": "-123.45", "rate": "0.125", "bounded": 99.5},
      {"cents": "1234.5"}),
     (decimals, {"price": 19.99, "cents": "0.50", "rate": ".5", "bounded": 0}, {"bounded": 101}),
+    (dated, {"after": "2020-01-02", "within": "2024-03-10"}, {"after": "2020-01-01"}),
+    (dated, {"after": "9999-12-31", "within": "2024-12-31"}, {"within": "2025-01-01"}),
 ])
 def test_the_values_users_write_are_allowed_and_refused_ones_are_not(btok, function, good, refused):
     """Each tightened schema still allows the ordinary spellings of its type, and no

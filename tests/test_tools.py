@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import pathlib
 
@@ -195,6 +196,27 @@ def test_validation_and_execution() -> None:
     extra = anyio.run(sync_tool.run, {"n": 1, "m": 2})
     assert extra.is_error and "m: Extra inputs are not permitted" in extra.content
     assert sync_tool(4) == {"n": 4, "sq": 16}  # still a plain function
+
+
+class Stay(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(strict=True)
+    arrive: datetime.date
+
+
+def test_arguments_are_read_as_the_json_the_model_wrote() -> None:
+    """Under ``strict=True`` pydantic refuses an ISO string as a Python date value but
+    takes it in JSON, which is what the model writes (the grammar allows the string)."""
+
+    @tool
+    def book(stay: Stay) -> str:
+        """Book."""
+        return stay.arrive.isoformat()
+
+    ok = anyio.run(book.run, {"stay": {"arrive": "2024-05-01"}})
+    assert not ok.is_error and ok.content == "2024-05-01"
+    assert not anyio.run(book.run, {"stay": {"arrive": datetime.date(2024, 5, 1)}}).is_error  # from Python
+    bad = anyio.run(book.run, {"stay": {"arrive": "2024-02-30"}})
+    assert bad.is_error and "stay.arrive" in bad.content
 
 
 def test_render_result() -> None:
