@@ -14,20 +14,22 @@ JSON Schema is looser for several common types, and uses regex lookarounds for o
 - ``IPvAnyAddress`` and the network / interface types: likewise (``ipvanyaddress``, ...);
 - ``dict[int, ...]``: any key, where only integer keys validate;
 - ``FiniteFloat`` (``allow_inf_nan=False``): a number such as ``1e400`` reads as infinity;
+- a ``date`` with bounds (``Field(gt=date(2020, 1, 1))``): pydantic writes no bound;
 - ``Decimal``: its pattern has lookarounds (``(?!^[-+.]*$)``), which the grammar cannot
   compile (the tool could not be defined), and with ``max_digits`` its first branch is not
   anchored at the end, so it allows any number of digits.
 
 :class:`ArgumentsJsonSchema` (a pydantic schema generator) writes these types' schemas
 so that every value they allow validates: each a subset of what pydantic accepts, most
-of it. Where a subset would leave out what users write (the digits of a bounded
-``Decimal``, a ``FutureDate``, whose language changes each day, ``Json`` text), the
-schema stays pydantic's, and a value the tool refuses is fed back to the model as
-before.
+of it. Where a subset would leave out what users write or change with the day (the
+digits of a bounded ``Decimal``, a ``FutureDate``, datetime bounds, ``Json`` text,
+``ByteSize`` units), the schema stays pydantic's, and a value the tool refuses is fed
+back to the model as before.
 
->>> import datetime, pydantic
->>> pydantic.TypeAdapter(datetime.timedelta).json_schema(schema_generator=ArgumentsJsonSchema)["pattern"][:22]
-'^P(?:[0-9]{1,6}Y)?(?:['
+>>> import re, pydantic
+>>> naive = pydantic.TypeAdapter(pydantic.NaiveDatetime).json_schema(schema_generator=ArgumentsJsonSchema)
+>>> [bool(re.search(naive["pattern"], v)) for v in ("2024-02-29T09:30:00", "2023-02-29T09:30:00", "2024-02-29T09:30Z")]
+[True, False, False]
 """
 
 from __future__ import annotations
@@ -131,7 +133,6 @@ class ArgumentsJsonSchema(GenerateJsonSchema):
     """Pydantic's JSON Schema generator with the types above made as tight as their
     validators (validation mode; serialization schemas are pydantic's own).
 
-    >>> import pydantic
     >>> import re, pydantic
     >>> url = pydantic.TypeAdapter(pydantic.HttpUrl).json_schema(schema_generator=ArgumentsJsonSchema)
     >>> [bool(re.search(url["pattern"], u)) for u in ("https://example.com/a?b", "ftp://example.com", "http://")]
@@ -232,8 +233,8 @@ def _with_schemes(json_schema: JsonSchemaValue, schemes: list[str] | None, mode:
     if mode == "validation" and schemes and "pattern" not in json_schema:
         host_port = f"{_HOST}{_PORT}"
         authority = _USER + (host_port if hosts == 1 else f"{host_port}(?:,{host_port})*")
-        forms = [f"(?:{'|'.join(re.escape(s) for s in sorted(schemes) if s != 'file')})://{authority}"]
-        forms = forms[:1] if set(schemes) != {"file"} else []
+        web = [re.escape(s) for s in sorted(schemes) if s != "file"]
+        forms = [f"(?:{'|'.join(web)})://{authority}"] if web else []
         if "file" in schemes:
             forms.append(f"file://(?:{_HOST})?")
         json_schema["pattern"] = f"^(?:{'|'.join(forms)})(?:[/?#][\\s\\S]*)?$"
