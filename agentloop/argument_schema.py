@@ -34,12 +34,15 @@ back to the model as before.
 
 from __future__ import annotations
 
+import copy
 import re
 import sys
 from typing import Any
 
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
+
+from .grammar.schema import rewrite_schemas
 
 __all__ = ["ArgumentsJsonSchema", "decimal_pattern"]
 
@@ -194,7 +197,9 @@ class ArgumentsJsonSchema(GenerateJsonSchema):
     def dict_schema(self, schema: core_schema.DictSchema) -> JsonSchemaValue:
         json_schema = super().dict_schema(schema)
         keys = schema.get("keys_schema")
+        # (keys with bounds keep pydantic's schema: a pattern would have to say the bounds)
         if self.mode == "validation" and keys is not None and keys.get("type") == "int" \
+                and not any(k in keys for k in ("gt", "ge", "lt", "le", "multiple_of")) \
                 and "propertyNames" not in json_schema and "patternProperties" not in json_schema:
             json_schema["propertyNames"] = {"pattern": _INTEGER_KEY}
         return json_schema
@@ -241,15 +246,13 @@ def _with_schemes(json_schema: JsonSchemaValue, schemes: list[str] | None, mode:
     return json_schema
 
 
-def _checked_formats(value: Any) -> Any:
-    """Replace pydantic's own formats, wherever they occur, by what they allow."""
-    if isinstance(value, list):
-        return [_checked_formats(v) for v in value]
-    if not isinstance(value, dict):
-        return value
-    out = {k: _checked_formats(v) for k, v in value.items()}
-    own = _OWN_FORMATS.get(out.get("format")) if isinstance(out.get("format"), str) else None
-    if own is not None:
-        del out["format"]
-        out.update(own)
-    return out
+def _checked_formats(schema: Any) -> Any:
+    """Replace pydantic's own formats, in every subschema, by what they allow."""
+    return rewrite_schemas(schema, _own_format_checked)
+
+
+def _own_format_checked(schema: dict[str, Any]) -> dict[str, Any]:
+    own = _OWN_FORMATS.get(schema["format"]) if isinstance(schema.get("format"), str) else None
+    if own is None:
+        return schema
+    return {**{k: v for k, v in schema.items() if k != "format"}, **copy.deepcopy(own)}

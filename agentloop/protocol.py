@@ -27,7 +27,7 @@ from referencing.exceptions import Unresolvable
 from .errors import ParseError, WireFormatError
 from .grammar import ParsedOutput, ToolCall
 from .grammar.numbers import bound_readings, canonical_spelling, plain_decimal
-from .grammar.schema import canonical_key_rank, json_equal
+from .grammar.schema import canonical_key_rank, json_equal, rewrite_schemas
 from .grammar.wireformat import WireFormat, load_wire_format
 
 #: Keywords that make the grammar spell a number without an exponent (``grammar.numbers``).
@@ -461,30 +461,10 @@ class Protocol:
         return key, i + len(after)
 
 
-# Where a JSON Schema holds subschemas: name -> schema maps, lists of schemas, one schema.
-_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
-_SUBSCHEMA_ONE = ("items", "additionalProperties", "additionalItems", "unevaluatedProperties", "unevaluatedItems",
-                  "contains", "propertyNames", "not", "if", "then", "else")
-
-
 def _without_extensions(schema: Any) -> Any:
     """``schema`` with its "x-..." keywords left out, in every subschema (a property that is
     *named* "x-..." stays: only keywords go)."""
-    if not isinstance(schema, Mapping):
-        return schema
-    out: dict[str, Any] = {}
-    for key, value in schema.items():
-        if key.startswith("x-"):
-            continue
-        if key in _SUBSCHEMA_MAPS and isinstance(value, Mapping):
-            value = {name: _without_extensions(sub) for name, sub in value.items()}
-        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
-            value = [_without_extensions(sub) for sub in value]
-        elif key in _SUBSCHEMA_ONE:
-            value = _without_extensions(value)
-        out[key] = value
-    return out
+    return rewrite_schemas(schema, lambda s: {k: v for k, v in s.items() if not k.startswith("x-")})
 
 
 def _split_marks(text: str, marks: list[str]) -> list[Segment]:

@@ -40,6 +40,7 @@ import pydantic_core
 from .argument_schema import ArgumentsJsonSchema
 from .errors import SchemaError, ToolDefinitionError
 from .grammar import ToolSchema, check_schema
+from .grammar.schema import rewrite_schemas
 
 DepsT = TypeVar("DepsT")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -287,29 +288,9 @@ def _check_annotation(ann: Any, param: str, where: str) -> None:
                 _check_annotation(a, param, where)
 
 
-_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
-_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SCHEMA_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
-               "unevaluatedProperties", "unevaluatedItems")
-
-
 def _clean_schema(schema: Any) -> Any:
     """Drop pydantic's ``title`` annotations (noise in the prompt); keep everything that validates."""
-    if not isinstance(schema, dict):
-        return schema
-    out: dict[str, Any] = {}
-    for k, v in schema.items():
-        if k == "title":
-            continue
-        if k in _SCHEMA_MAPS and isinstance(v, dict):
-            out[k] = {name: _clean_schema(sub) for name, sub in v.items()}
-        elif k in _SCHEMA_LISTS and isinstance(v, list):
-            out[k] = [_clean_schema(sub) for sub in v]
-        elif k in _SCHEMA_ONE:
-            out[k] = _clean_schema(v)
-        else:
-            out[k] = v
-    return out
+    return rewrite_schemas(schema, lambda s: {k: v for k, v in s.items() if k != "title"})
 
 
 def _parameter_of(pointer: str) -> str:

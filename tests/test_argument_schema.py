@@ -17,7 +17,7 @@ import pytest
 import torch
 from pydantic import Field
 
-from agentloop.argument_schema import DURATION_PATTERN, decimal_pattern
+from agentloop.argument_schema import DURATION_PATTERN, ArgumentsJsonSchema, decimal_pattern
 from agentloop.errors import NoValidCanvasError
 from agentloop.grammar import compile_tools
 from agentloop.tools import Tool, tool
@@ -163,6 +163,17 @@ def test_pydantic_schemas_alone_let_refused_values_through(btok):
     with pytest.raises(pydantic.ValidationError):
         adapter.validate_python("ftp://example.com/")
     assert "(?!" in pydantic.TypeAdapter(decimal.Decimal).json_schema()["anyOf"][1]["pattern"]
+
+
+class Labels(pydantic.BaseModel):
+    format: pydantic.UUID4  # (a property named like the keyword)
+    extra: dict = Field(default={"format": "uuid4"})  # (a value that looks like a schema)
+
+
+def test_only_schemas_are_rewritten():
+    schema = Labels.model_json_schema(schema_generator=ArgumentsJsonSchema)
+    assert schema["properties"]["format"]["format"] == "uuid" and "pattern" in schema["properties"]["format"]
+    assert schema["properties"]["extra"]["default"] == {"format": "uuid4"}
 
 
 LIMITS = [(None, None), (None, 0), (None, 2), (5, 2), (3, 0), (2, 3), (4, None), (1, 1), (3, 3), (7, 1)]

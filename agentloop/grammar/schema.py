@@ -32,6 +32,7 @@ import json
 import math
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, localcontext
 from typing import Any, Callable, Iterator, Literal, Sequence
@@ -226,11 +227,34 @@ _DEFAULT_BASE = "https://agentloop.invalid/schema.json"
 _ID = "$agentloop:id"
 _PARENTS = "$agentloop:parents"
 _ABSOLUTE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
-# Keywords whose values are subschemas (for the $id / $anchor index).
-_SUB_ONE = ("additionalProperties", "items", "contains", "propertyNames", "not", "if", "then",
-            "else", "unevaluatedItems", "unevaluatedProperties", "contentSchema", "additionalItems")
-_SUB_LIST = ("allOf", "anyOf", "oneOf", "prefixItems")
-_SUB_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+# Keywords whose values are subschemas: one schema, a list of schemas, a name -> schema map.
+SUBSCHEMA_ONE = ("additionalProperties", "items", "contains", "propertyNames", "not", "if", "then",
+                 "else", "unevaluatedItems", "unevaluatedProperties", "contentSchema", "additionalItems")
+SUBSCHEMA_LIST = ("allOf", "anyOf", "oneOf", "prefixItems")
+SUBSCHEMA_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def rewrite_schemas(schema: Any, rewrite: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
+    """``schema`` with ``rewrite`` applied to each of its subschemas, innermost first, and
+    to itself. Only schemas are rewritten: the values of other keywords (a ``default``, an
+    ``enum``) and a property *named* like a keyword stay as they are.
+
+    >>> rewrite_schemas({"title": "T", "properties": {"title": {"title": "U", "type": "string"}}},
+    ...                 lambda s: {k: v for k, v in s.items() if k != "title"})
+    {'properties': {'title': {'type': 'string'}}}
+    """
+    if not isinstance(schema, Mapping):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in SUBSCHEMA_MAP and isinstance(value, Mapping):
+            value = {name: rewrite_schemas(sub, rewrite) for name, sub in value.items()}
+        elif key in SUBSCHEMA_LIST and isinstance(value, list):
+            value = [rewrite_schemas(sub, rewrite) for sub in value]
+        elif key in SUBSCHEMA_ONE:
+            value = rewrite_schemas(value, rewrite)
+        out[key] = value
+    return rewrite(out)
 # Largest number of distinct patternProperties per object (regions are their subsets).
 _MAX_PATTERNS = 5
 # Largest number of if/then/else splits (dependentRequired / dependentSchemas entries
@@ -531,14 +555,14 @@ class SchemaCompiler:
             for kw in ("$anchor", "$dynamicAnchor"):
                 if isinstance(schema.get(kw), str):
                     self._anchors.setdefault(base + "#" + schema[kw], ptr)
-            for kw in _SUB_ONE:
+            for kw in SUBSCHEMA_ONE:
                 if kw in schema:
                     walk(schema[kw], _ptr(ptr, kw), base)
-            for kw in _SUB_LIST:
+            for kw in SUBSCHEMA_LIST:
                 if isinstance(schema.get(kw), list):
                     for i, sub in enumerate(schema[kw]):
                         walk(sub, _ptr(ptr, kw, i), base)
-            for kw in _SUB_MAP:
+            for kw in SUBSCHEMA_MAP:
                 if isinstance(schema.get(kw), dict):
                     for k, sub in schema[kw].items():
                         walk(sub, _ptr(ptr, kw, k), base)
@@ -1790,7 +1814,7 @@ class SchemaCompiler:
                     continue
                 v = x[kw]
                 step = 1 if kw in descending else 0
-                if isinstance(v, dict) and kw in _SUB_MAP:
+                if isinstance(v, dict) and kw in SUBSCHEMA_MAP:
                     subs = [(k, sub) for k, sub in v.items()]
                 elif isinstance(v, list):
                     subs = list(enumerate(v))
