@@ -612,41 +612,58 @@ def product(a: Dfa, b: Dfa, op: str) -> Dfa:
         class_masks[sym_class[s]] |= 1 << s
     need_a = op in ("and", "minus")
     need_b = op == "and"
-
-    def accepting(qa: int, qb: int) -> bool:
-        xa = qa >= 0 and bool(a.accept[qa])
-        xb = qb >= 0 and bool(b.accept[qb])
-        if op == "and":
-            return xa and xb
-        if op == "or":
-            return xa or xb
-        if op == "minus":
-            return xa and not xb
-        return xa != xb
-
-    index = {(a.start, b.start): 0}
-    order = [(a.start, b.start)]
-    rows: list[list[int]] = []
-    i = 0
-    while i < len(order):
-        qa, qb = order[i]
-        i += 1
-        row = [-1] * len(uniq)
-        for c in range(len(uniq)):
-            na = int(a.trans[qa, ca[c]]) if qa >= 0 else -1
-            nb = int(b.trans[qb, cb[c]]) if qb >= 0 else -1
-            if (na < 0 and need_a) or (nb < 0 and need_b) or (na < 0 and nb < 0):
-                continue
-            key = (na, nb)
-            j = index.get(key)
-            if j is None:
-                j = index[key] = len(order)
-                order.append(key)
-            row[c] = j
-        rows.append(row)
-    trans = np.array(rows, np.int32).reshape(len(rows), len(uniq))
-    accept = np.array([accepting(qa, qb) for qa, qb in order], bool)
+    trans, pairs = _product_walk(a.trans, b.trans, ca.astype(np.int64), cb.astype(np.int64), a.start, b.start,
+                                 need_a, need_b)
+    qa, qb = pairs[:, 0], pairs[:, 1]
+    xa = (qa >= 0) & a.accept[np.maximum(qa, 0)]
+    xb = (qb >= 0) & b.accept[np.maximum(qb, 0)]
+    accept = {"and": xa & xb, "or": xa | xb, "minus": xa & ~xb, "xor": xa != xb}[op]
     return minimize(trans, accept, 0, sym_class, class_masks)
+
+
+@nb.njit(cache=True, nogil=True)
+def _product_walk(ta, tb, ca, cb, start_a, start_b, need_a, need_b):  # pragma: no cover - compiled
+    """The reachable pairs of states of two DFAs (-1: that side is dead), breadth first,
+    each pair's successors by the joint classes in order -> (transitions (n, len(ca))
+    int32, the pairs (n, 2)). A pair ends where a side it needs is dead, or both are."""
+    U = ca.shape[0]
+    width = tb.shape[0] + 1  # a pair's key: (qa + 1) * width + qb + 1
+    index = dict()
+    index[(start_a + 1) * width + start_b + 1] = 0
+    pairs = np.empty((1024, 2), np.int64)
+    pairs[0, 0] = start_a
+    pairs[0, 1] = start_b
+    trans = np.empty((1024, U), np.int32)
+    n = 1
+    i = 0
+    while i < n:
+        qa = pairs[i, 0]
+        qb = pairs[i, 1]
+        if i >= trans.shape[0]:
+            bigger = np.empty((2 * trans.shape[0], U), np.int32)
+            bigger[: trans.shape[0]] = trans
+            trans = bigger
+        for c in range(U):
+            na = ta[qa, ca[c]] if qa >= 0 else -1
+            nb_ = tb[qb, cb[c]] if qb >= 0 else -1
+            if (na < 0 and need_a) or (nb_ < 0 and need_b) or (na < 0 and nb_ < 0):
+                trans[i, c] = -1
+                continue
+            key = (na + 1) * width + nb_ + 1
+            j = index.get(key, -1)
+            if j < 0:
+                j = n
+                index[key] = j
+                if n == pairs.shape[0]:
+                    grown = np.empty((2 * n, 2), np.int64)
+                    grown[:n] = pairs
+                    pairs = grown
+                pairs[n, 0] = na
+                pairs[n, 1] = nb_
+                n += 1
+            trans[i, c] = j
+        i += 1
+    return trans[:n].copy(), pairs[:n].copy()
 
 
 def intersect_all(dfas: Sequence[Dfa]) -> Dfa:
