@@ -118,25 +118,39 @@ def separated(item: Node, separator: Node) -> Node:
 
 
 class _Nfa:
+    """States are numbers; edges are kept in flat lists (a list per state cost more than
+    the construction: the 20-tool envelope has ~300k states), and an embedded DFA's edges
+    stay in its table until ``to_dfa`` reads them as arrays."""
+
     def __init__(self) -> None:
-        self.eps: list[list[int]] = []
-        self.edges: list[list[tuple[int, int]]] = []  # state -> [(mask, dst)]
+        self.n = 0
+        self.eps_src: list[int] = []
+        self.eps_dst: list[int] = []
+        self.sym_src: list[int] = []  # symbol edges: source, mask, destination
+        self.sym_mask: list[int] = []
+        self.sym_dst: list[int] = []
+        self.blocks: list[tuple[int, Dfa, int]] = []  # (first state, dfa, where its accepting states lead)
 
     def new(self) -> int:
-        self.eps.append([])
-        self.edges.append([])
-        return len(self.eps) - 1
+        self.n += 1
+        return self.n - 1
+
+    def eps(self, s: int, e: int) -> None:
+        self.eps_src.append(s)
+        self.eps_dst.append(e)
 
     def build(self, node: Node, s: int, e: int) -> None:
         """Add paths from ``s`` to ``e`` spelling exactly the language of ``node``."""
         kind = node[0]
         if kind == "set":
             if node[1]:
-                self.edges[s].append((node[1], e))
+                self.sym_src.append(s)
+                self.sym_mask.append(node[1])
+                self.sym_dst.append(e)
         elif kind == "seq":
             parts = node[1]
             if not parts:
-                self.eps[s].append(e)
+                self.eps(s, e)
                 return
             cur = s
             for i, part in enumerate(parts):
@@ -148,7 +162,7 @@ class _Nfa:
                 # A fresh entry state per branch keeps loops inside a branch from leaking
                 # into its siblings.
                 m = self.new()
-                self.eps[s].append(m)
+                self.eps(s, m)
                 self.build(part, m, e)
         elif kind == "rep":
             _, inner, lo, hi = node
@@ -159,47 +173,67 @@ class _Nfa:
                 cur = nxt
             if hi is None:
                 loop = self.new()
-                self.eps[cur].append(loop)
+                self.eps(cur, loop)
                 back = self.new()
                 self.build(inner, loop, back)
-                self.eps[back].append(loop)
-                self.eps[loop].append(e)
+                self.eps(back, loop)
+                self.eps(loop, e)
             else:
                 for _ in range(hi - lo):
-                    self.eps[cur].append(e)
+                    self.eps(cur, e)
                     nxt = self.new()
                     self.build(inner, cur, nxt)
                     cur = nxt
-                self.eps[cur].append(e)
+                self.eps(cur, e)
         elif kind == "dfa":
             dfa: Dfa = node[1]
-            base = len(self.eps)  # the embedded states are base, base + 1, ...
-            self.eps += [[] for _ in range(dfa.n_states)]
-            self.edges += [[] for _ in range(dfa.n_states)]
-            self.eps[s].append(base + dfa.start)
-            masks = dfa.class_masks
-            # each state's edges by destination, in the order the destinations first come
-            # (by class), their classes' masks joined; the table's live entries read at once,
-            # state after state, not a numpy call per state (20 tools embed ~275k states)
-            states, classes = np.nonzero(dfa.trans >= 0)
-            live = zip(states.tolist(), classes.tolist(), dfa.trans[states, classes].tolist())
-            for q, row in itertools.groupby(live, key=lambda entry: entry[0]):
-                by_dst: dict[int, int] = {}
-                for _, c, d in row:
-                    by_dst[d] = by_dst.get(d, 0) | masks[c]
-                self.edges[base + q] = [(mask, base + d) for d, mask in by_dst.items()]
-            for q in np.flatnonzero(dfa.accept).tolist():
-                self.eps[base + q].append(e)
+            base = self.n  # the embedded states are base, base + 1, ...
+            self.n += dfa.n_states
+            self.eps(s, base + dfa.start)
+            self.blocks.append((base, dfa, e))
         elif kind == "graph":
             _, n_states, finals, edges = node
             ids = [self.new() for _ in range(n_states)]
-            self.eps[s].append(ids[0])
+            self.eps(s, ids[0])
             for f in finals:
-                self.eps[ids[f]].append(e)
+                self.eps(ids[f], e)
             for a, b, label in edges:
                 self.build(label, ids[a], ids[b])
         else:  # pragma: no cover - construction bug
             raise ValueError(f"unknown node kind {kind!r}")
+
+    def arrays(self, class_masks: list[int]) -> tuple[np.ndarray, ...]:
+        """(eps_offsets, eps_dst, edge_offsets, edge_mask, edge_dst, mask_offsets,
+        mask_classes): the edges by source as CSR arrays, each symbol edge with a mask id
+        and each mask id with the classes (of ``class_masks``) it covers."""
+        mask_id: dict[int, int] = {}
+        mask_classes: list[int] = []
+        mask_offsets = [0]
+
+        def id_of(m: int) -> int:
+            k = mask_id.get(m)
+            if k is None:
+                k = mask_id[m] = len(mask_id)
+                mask_classes.extend(c for c in range(len(class_masks)) if class_masks[c] & m)
+                mask_offsets.append(len(mask_classes))
+            return k
+
+        sym = [np.array([self.sym_src, [id_of(m) for m in self.sym_mask], self.sym_dst], np.int64).reshape(3, -1)]
+        eps = [np.array([self.eps_src, self.eps_dst], np.int64).reshape(2, -1)]
+        for base, dfa, e in self.blocks:
+            q, c = np.nonzero(dfa.trans >= 0)
+            ids = np.array([id_of(m) for m in dfa.class_masks], np.int64)
+            sym.append(np.stack([q + base, ids[c], dfa.trans[q, c].astype(np.int64) + base]))
+            finals = np.flatnonzero(dfa.accept) + base
+            eps.append(np.stack([finals, np.full(finals.shape[0], e)]))
+        sym_all, eps_all = np.concatenate(sym, axis=1), np.concatenate(eps, axis=1)
+        sym_all = sym_all[:, np.argsort(sym_all[0], kind="stable")]
+        eps_all = eps_all[:, np.argsort(eps_all[0], kind="stable")]
+        states = np.arange(self.n + 1)
+        return (np.searchsorted(eps_all[0], states), np.ascontiguousarray(eps_all[1]),
+                np.searchsorted(sym_all[0], states), np.ascontiguousarray(sym_all[1]),
+                np.ascontiguousarray(sym_all[2]), np.array(mask_offsets, np.int64),
+                np.array(mask_classes, np.int64))
 
 
 # ----------------------------------------------------------------------------------------
@@ -292,106 +326,191 @@ def to_dfa(node: Node, n_symbols: int) -> Dfa:
     nfa.build(node, start, end)
 
     sym_class, class_masks = _symbol_classes(
-        (m for row in nfa.edges for m, _ in row), n_symbols
-    )
-    n_classes = len(class_masks)
-    # For each NFA edge, the classes it covers (few distinct masks: cache per mask).
-    covered: dict[int, tuple[int, ...]] = {}
-    edge_classes: list[list[tuple[tuple[int, ...], int]]] = []
-    for row in nfa.edges:
-        out_row = []
-        for m, d in row:
-            cls = covered.get(m)
-            if cls is None:
-                cls = covered[m] = tuple(c for c in range(n_classes) if class_masks[c] & m)
-            out_row.append((cls, d))
-        edge_classes.append(out_row)
+        itertools.chain(nfa.sym_mask, (m for _, d, _ in nfa.blocks for m in d.class_masks)), n_symbols)
+    trans, accept = _subsets(*nfa.arrays(class_masks), len(class_masks), start, end)
+    return minimize(trans, accept, 0, sym_class, class_masks)
 
-    eps = nfa.eps
-    closure_cache: dict[int, frozenset[int]] = {}
 
-    def closure(states: Iterable[int]) -> frozenset[int]:
-        seen = set()
-        stack = list(states)
-        while stack:
-            q = stack.pop()
-            if q in seen:
-                continue
-            seen.add(q)
-            stack.extend(eps[q])
-        return frozenset(seen)
+@nb.njit(cache=True, nogil=True)
+def grown(a, n, cap):  # pragma: no cover - compiled
+    """A new array of ``cap`` entries holding a[:n]."""
+    out = np.empty(cap, a.dtype)
+    out[:n] = a[:n]
+    return out
 
-    def closure1(q: int) -> frozenset[int]:
-        r = closure_cache.get(q)
-        if r is None:
-            r = closure_cache[q] = closure((q,))
-        return r
 
-    start_set = closure1(start)
-    index: dict[frozenset[int], int] = {start_set: 0}
-    order = [start_set]
-    rows: list[list[int]] = []
-    accept: list[bool] = []
+@nb.njit(cache=True, nogil=True)
+def _closure(seeds, n_seeds, eps_offsets, eps_dst, mark, stamp, stack, out):  # pragma: no cover - compiled
+    """The states reachable from seeds[:n_seeds] by epsilon edges, sorted into out ->
+    their count (``mark`` holds ``stamp`` for each state visited)."""
+    top = 0
+    n = 0
+    for i in range(n_seeds):
+        q = seeds[i]
+        if mark[q] != stamp:
+            mark[q] = stamp
+            stack[top] = q
+            top += 1
+    while top > 0:
+        top -= 1
+        q = stack[top]
+        out[n] = q
+        n += 1
+        for j in range(eps_offsets[q], eps_offsets[q + 1]):
+            d = eps_dst[j]
+            if mark[d] != stamp:
+                mark[d] = stamp
+                stack[top] = d
+                top += 1
+    out[:n].sort()
+    return n
+
+
+@nb.njit(cache=True, nogil=True)
+def _hash_states(a, n):  # pragma: no cover - compiled
+    h = np.uint64(1469598103934665603)
+    for i in range(n):
+        h = (h ^ np.uint64(a[i])) * np.uint64(1099511628211)
+    return np.int64(h >> np.uint64(1))
+
+
+@nb.njit(cache=True, nogil=True)
+def _subsets(eps_offsets, eps_dst, edge_offsets, edge_mask, edge_dst, mask_offsets, mask_classes, C, start,
+             end):  # pragma: no cover - compiled
+    """The subset construction: each DFA state a sorted set of NFA states closed under
+    epsilon edges, found breadth first, its successors by class in order -> (transitions
+    (D, C) int32, accepting (D,) bool: the set holds ``end``)."""
+    N = eps_offsets.shape[0] - 1
+    mark = np.zeros(N, np.int64)
+    stack = np.empty(N, np.int64)
+    found = np.empty(N, np.int64)  # (a closure being built)
+    stamp = 1
+    sets = np.empty(1024, np.int64)  # every DFA state's set, one after another
+    set_offsets = np.zeros(1025, np.int64)
+    index = dict()  # hash of a set -> its first DFA state; same hashes chained through same_hash
+    same_hash = np.full(1024, -1, np.int64)
+    trans = np.full((1024, C), -1, np.int32)
+    accept = np.zeros(1024, np.bool_)
+    seeds = np.empty(16, np.int64)
+    seeds[0] = start
+    n = _closure(seeds, 1, eps_offsets, eps_dst, mark, stamp, stack, found)
+    sets[:n] = found[:n]
+    set_offsets[1] = n
+    index[_hash_states(found, n)] = 0
+    D = 1
+    count = np.zeros(C + 1, np.int64)
+    by_class = np.empty(16, np.int64)
     i = 0
-    while i < len(order):
-        cur = order[i]
+    while i < D:
+        lo, hi = set_offsets[i], set_offsets[i + 1]
+        # (class, destination) of every edge out of the set, bucketed by class
+        count[:] = 0
+        total = 0
+        for k in range(lo, hi):
+            q = sets[k]
+            accept[i] |= q == end
+            for e in range(edge_offsets[q], edge_offsets[q + 1]):
+                m = edge_mask[e]
+                for j in range(mask_offsets[m], mask_offsets[m + 1]):
+                    count[mask_classes[j] + 1] += 1
+                    total += 1
+        if by_class.shape[0] < total:
+            by_class = np.empty(2 * total, np.int64)
+        for c in range(C):
+            count[c + 1] += count[c]
+        fill = count[:C].copy()
+        for k in range(lo, hi):
+            q = sets[k]
+            for e in range(edge_offsets[q], edge_offsets[q + 1]):
+                m = edge_mask[e]
+                for j in range(mask_offsets[m], mask_offsets[m + 1]):
+                    c = mask_classes[j]
+                    by_class[fill[c]] = edge_dst[e]
+                    fill[c] += 1
+        for c in range(C):
+            a, b = count[c], count[c + 1]
+            if a == b:
+                continue
+            stamp += 1
+            n = _closure(by_class[a:b], b - a, eps_offsets, eps_dst, mark, stamp, stack, found)
+            h = _hash_states(found, n)
+            j = index[h] if h in index else -1
+            while j >= 0:
+                s0, s1 = set_offsets[j], set_offsets[j + 1]
+                if s1 - s0 == n and np.array_equal(sets[s0:s1], found[:n]):
+                    break
+                j = same_hash[j]
+            if j < 0:  # a new DFA state
+                j = D
+                if D == trans.shape[0]:  # (the per-state arrays hold trans.shape[0] states)
+                    set_offsets = grown(set_offsets, D + 1, 2 * D + 1)
+                    same_hash = grown(same_hash, D, 2 * D)
+                    bigger = np.full((2 * D, C), -1, np.int32)
+                    bigger[:D] = trans
+                    trans = bigger
+                    accept = grown(accept, D, 2 * D)
+                    accept[D:] = False
+                end_at = set_offsets[D] + n
+                if end_at > sets.shape[0]:
+                    sets = grown(sets, set_offsets[D], max(2 * sets.shape[0], end_at))
+                sets[set_offsets[D]:end_at] = found[:n]
+                set_offsets[D + 1] = end_at
+                same_hash[D] = index[h] if h in index else -1
+                index[h] = D
+                D += 1
+            trans[i, c] = j
         i += 1
-        targets: dict[int, set[int]] = {}
-        for q in cur:
-            for classes, d in edge_classes[q]:
-                for c in classes:
-                    t = targets.get(c)
-                    if t is None:
-                        targets[c] = t = set()
-                    t.add(d)
-        row = [-1] * n_classes
-        for c, ds in targets.items():
-            nxt: frozenset[int]
-            if len(ds) == 1:
-                nxt = closure1(next(iter(ds)))
-            else:
-                acc: set[int] = set()
-                for d in ds:
-                    acc |= closure1(d)
-                nxt = frozenset(acc)
-            j = index.get(nxt)
-            if j is None:
-                j = index[nxt] = len(order)
-                order.append(nxt)
-            row[c] = j
-        rows.append(row)
-        accept.append(end in cur)
-    trans = np.array(rows, np.int32).reshape(len(rows), n_classes)
-    return minimize(trans, np.array(accept, bool), 0, sym_class, class_masks)
+    return trans[:D].copy(), accept[:D].copy()
 
 
-def _trim(trans: np.ndarray, accept: np.ndarray, start: int) -> np.ndarray:
-    """Boolean mask of states reachable from start that can reach acceptance."""
-    n = trans.shape[0]
-    reach = np.zeros(n, bool)
+@nb.njit(cache=True, nogil=True)
+def _trim(trans, accept, start):  # pragma: no cover - compiled
+    """Boolean mask of the states reachable from start that can reach acceptance."""
+    n, C = trans.shape
+    stack = np.empty(n, np.int64)
+    reach = np.zeros(n, np.bool_)
     reach[start] = True
-    frontier = [start]
-    while frontier:
-        nxt = trans[frontier].ravel()
-        nxt = np.unique(nxt[nxt >= 0])
-        nxt = nxt[~reach[nxt]]
-        reach[nxt] = True
-        frontier = nxt.tolist()
-    # Backwards: co-reachable states via the reversed edge list.
-    src, cls = np.nonzero(trans >= 0)
-    dst = trans[src, cls]
-    order = np.argsort(dst, kind="stable")
-    src_by_dst = src[order]
-    bounds = np.searchsorted(dst[order], np.arange(n + 1))
-    co = accept.copy()
-    frontier = np.nonzero(co)[0].tolist()
-    while frontier:
-        parts = [src_by_dst[bounds[q] : bounds[q + 1]] for q in frontier]
-        prev = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
-        prev = prev[~co[prev]]
-        co[prev] = True
-        frontier = prev.tolist()
-    return reach & co
+    stack[0] = start
+    top = 1
+    indegree = np.zeros(n + 1, np.int64)
+    while top > 0:
+        top -= 1
+        q = stack[top]
+        for c in range(C):
+            d = trans[q, c]
+            if d >= 0:
+                indegree[d + 1] += 1
+                if not reach[d]:
+                    reach[d] = True
+                    stack[top] = d
+                    top += 1
+    # backwards from the accepting states, along the reached states' edges reversed
+    offsets = np.cumsum(indegree)
+    fill = offsets[:n].copy()
+    sources = np.empty(offsets[n], np.int64)
+    for q in range(n):
+        if reach[q]:
+            for c in range(C):
+                d = trans[q, c]
+                if d >= 0:
+                    sources[fill[d]] = q
+                    fill[d] += 1
+    live = np.zeros(n, np.bool_)
+    for q in range(n):
+        if reach[q] and accept[q]:
+            live[q] = True
+            stack[top] = q
+            top += 1
+    while top > 0:
+        top -= 1
+        q = stack[top]
+        for j in range(offsets[q], offsets[q + 1]):
+            p = sources[j]
+            if not live[p]:
+                live[p] = True
+                stack[top] = p
+                top += 1
+    return live
 
 
 @nb.njit(cache=True, nogil=True)
@@ -553,7 +672,8 @@ def minimize(
     sym_class: np.ndarray,
     class_masks: list[int],
 ) -> Dfa:
-    """Trim useless states, merge equivalent ones (Moore refinement) and drop unused classes."""
+    """Trim useless states, merge equivalent ones (Hopcroft) and the classes whose columns
+    are the same; numbered by the language alone (``_canonical``)."""
     n_symbols = sym_class.shape[0]
     keep = _trim(trans, accept, start)
     if not keep[start]:
@@ -568,33 +688,60 @@ def minimize(
 
     block = _refine(t.astype(np.int64), acc)
     n_blocks = int(block.max()) + 1
-    # One representative per block; renumber so the start state is 0 (stable, readable).
-    reps = np.zeros(n_blocks, np.int64)
+    reps = np.zeros(n_blocks, np.int64)  # one state of each block
     reps[block] = np.arange(len(block))
-    order = [int(block[st])] + [b for b in range(n_blocks) if b != block[st]]
-    new_id = np.empty(n_blocks, np.int64)
-    new_id[order] = np.arange(n_blocks)
-    t2 = t[reps[order]]
-    t2 = np.where(t2 >= 0, new_id[block[np.maximum(t2, 0)]], -1)
-    acc2 = acc[reps[order]]
-
-    # Merge classes with identical columns; drop classes used nowhere.
-    used = (t2 >= 0).any(axis=0)
+    t2 = t[reps]
+    t2 = np.where(t2 >= 0, block[np.maximum(t2, 0)], -1)
+    # classes whose columns are the same merge
     cols, col_of_class = _unique_rows(t2.T)
-    dead_col = next((i for i in range(cols.shape[0]) if (cols[i] < 0).all()), None)
     new_masks: list[int] = [0] * cols.shape[0]
     for c, m in enumerate(class_masks):
         new_masks[col_of_class[c]] |= m
-    new_sym_class = col_of_class[sym_class].astype(np.int32)
-    if dead_col is None and not used.all():  # pragma: no cover - unique() covers it
-        pass
-    return Dfa(
-        trans=np.ascontiguousarray(cols.T.astype(np.int32)),
-        accept=acc2.astype(bool),
-        start=0,
-        sym_class=new_sym_class,
-        class_masks=new_masks,
-    )
+    return _canonical(np.ascontiguousarray(cols.T.astype(np.int32)), acc[reps].astype(bool), int(block[st]),
+                      col_of_class[sym_class].astype(np.int32), new_masks)
+
+
+def _canonical(trans: np.ndarray, accept: np.ndarray, start: int, sym_class: np.ndarray,
+               class_masks: list[int]) -> Dfa:
+    """A minimal DFA numbered by its language alone: classes by their lowest symbol,
+    states in breadth-first order from the start (which becomes state 0) along the
+    classes in that order. Whatever order a construction found the states in, the same
+    language comes out as the same arrays."""
+    C = trans.shape[1]
+    lowest = np.full(C, sym_class.shape[0], np.int64)
+    np.minimum.at(lowest, sym_class, np.arange(sym_class.shape[0]))
+    class_order = np.argsort(lowest, kind="stable")  # new class -> old class
+    new_class = np.empty(C, np.int32)
+    new_class[class_order] = np.arange(C, dtype=np.int32)
+    t = trans[:, class_order]
+    state_order = _breadth_first(t, start)  # new state -> old state
+    new_state = np.empty(trans.shape[0] + 1, np.int32)
+    new_state[state_order] = np.arange(state_order.shape[0], dtype=np.int32)
+    new_state[-1] = -1  # (a dead entry, -1, stays -1)
+    return Dfa(trans=np.ascontiguousarray(new_state[t[state_order]]), accept=accept[state_order], start=0,
+               sym_class=new_class[sym_class], class_masks=[class_masks[c] for c in class_order])
+
+
+@nb.njit(cache=True, nogil=True)
+def _breadth_first(t, start):  # pragma: no cover - compiled
+    """The states of a trimmed DFA (every state reachable) in breadth-first order."""
+    S, C = t.shape
+    order = np.empty(S, np.int64)
+    seen = np.zeros(S, np.uint8)
+    order[0] = start
+    seen[start] = 1
+    n = 1
+    i = 0
+    while i < n:
+        q = order[i]
+        i += 1
+        for c in range(C):
+            d = t[q, c]
+            if d >= 0 and not seen[d]:
+                seen[d] = 1
+                order[n] = d
+                n += 1
+    return order
 
 
 def product(a: Dfa, b: Dfa, op: str) -> Dfa:

@@ -70,6 +70,7 @@ import numba as nb
 import numpy as np
 
 from .canvas import Support
+from .fsa import grown
 
 #: The most weight, as a share of the total, the canvases left out may have together.
 LOST_SHARE = 2.0**-56
@@ -164,14 +165,6 @@ def _best_after(log_norm):  # pragma: no cover - compiled
     for l in range(L - 1, -1, -1):
         best_after[l] = best_after[l + 1] - log_norm[l]
     return best_after
-
-
-@nb.njit(cache=True, nogil=True)
-def _grown(a, n, cap):  # pragma: no cover - compiled
-    """A new array of ``cap`` entries holding a[:n]."""
-    out = np.empty(cap, a.dtype)
-    out[:n] = a[:n]
-    return out
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
@@ -280,9 +273,9 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool, in_logs: bool):  # type: 
             if n + nt > cap:
                 while cap < n + nt:
                     cap *= 2
-                states = _grown(states, n, cap)
-                alpha = _grown(alpha, n, cap)
-                prefix = _grown(prefix, n, cap)
+                states = grown(states, n, cap)
+                alpha = grown(alpha, n, cap)
+                prefix = grown(prefix, n, cap)
             left = L - l - 1
             m = n
             for k in range(nt):
