@@ -1,10 +1,12 @@
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import pytest
+import torch
 from tokenizers import AddedToken, Tokenizer, models
 
+from agentloop.errors import NoValidCanvasError
 from agentloop.grammar import byte_tokenizer
 
 
@@ -14,6 +16,21 @@ def word_tokenizer(tokens: Sequence[str], specials: Sequence[str] = ("<pad>", "<
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials[0]))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     return tok
+
+
+def calls_under_random_logits(g: Any, generator: torch.Generator, scales: Sequence[float], length: int,
+                              batch: int = 3) -> Iterator[Any]:
+    """Every call in the Viterbi and sampled canvases of ``g`` (a tools grammar) under
+    random logits at each scale (high scales: whatever the model prefers, odd strings and
+    huge numbers), skipping a batch without a valid canvas."""
+    for scale in scales:
+        logits = torch.randn(batch, length, g.vocab.size, generator=generator) * scale
+        try:
+            canvases = g.viterbi(logits) + g.sample(logits, generator=generator)
+        except NoValidCanvasError:
+            continue
+        for ids in canvases:
+            yield from g.parse(ids).calls
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,9 @@ import torch
 from pydantic import Field
 
 from agentloop.argument_schema import DURATION_PATTERN, ArgumentsJsonSchema, decimal_pattern
-from agentloop.errors import NoValidCanvasError
 from agentloop.grammar import compile_tools
 from agentloop.tools import Tool, tool
+from conftest import calls_under_random_logits
 
 
 def http(url: pydantic.HttpUrl, socket: pydantic.WebsocketUrl, file: pydantic.FileUrl) -> str:
@@ -95,19 +95,12 @@ def test_every_call_the_grammar_allows_validates(btok, function, wire_format):
     g = compile_tools([t.tool_schema], btok, wire_format, allow_text=False)
     gen = torch.Generator().manual_seed(len(function.__name__))
     calls = 0
-    for scale in (0.5, 2.0, 6.0, 2.0):
-        logits = torch.randn(3, 160, g.vocab.size, generator=gen) * scale
+    for call in calls_under_random_logits(g, gen, (0.5, 2.0, 6.0, 2.0), 160):
+        calls += 1
         try:
-            canvases = g.viterbi(logits) + g.sample(logits, generator=gen)
-        except NoValidCanvasError:
-            continue
-        for ids in canvases:
-            for call in g.parse(ids).calls:
-                calls += 1
-                try:
-                    t.validate(call.arguments)
-                except pydantic.ValidationError as e:
-                    raise AssertionError(f"{call.arguments!r} refused: {e}") from None
+            t.validate(call.arguments)
+        except pydantic.ValidationError as e:
+            raise AssertionError(f"{call.arguments!r} refused: {e}") from None
     assert calls >= 12
 
 

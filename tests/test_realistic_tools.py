@@ -11,8 +11,8 @@ import jsonschema
 import pytest
 import torch
 
-from agentloop.errors import NoValidCanvasError
 from agentloop.grammar import compile_tools
+from conftest import calls_under_random_logits
 
 TOOLS = json.loads((Path(__file__).parents[1] / "agentloop/data/tool_schemas.json").read_text())
 BY_NAME = {t["name"]: t for t in TOOLS}
@@ -32,18 +32,11 @@ def test_every_emitted_call_validates(btok, wire_format, chunk):
     g = compile_tools(tools, btok, wire_format, allow_text=False)
     gen = torch.Generator().manual_seed(chunk)
     seen = set()
-    for _ in range(6):
-        # A low temperature on random logits still produces long, odd strings: the point
-        # is that whatever the model prefers, the emitted call is valid.
-        logits = torch.randn(3, 200, g.vocab.size, generator=gen) * 4
-        try:
-            canvases = g.viterbi(logits) + g.sample(logits, generator=gen)
-        except NoValidCanvasError:
-            continue
-        for ids in canvases:
-            for call in g.parse(ids).calls:
-                validate(call)
-                seen.add(call.name)
+    # A low temperature on random logits still produces long, odd strings: the point is
+    # that whatever the model prefers, the emitted call is valid.
+    for call in calls_under_random_logits(g, gen, [4.0] * 6, 200):
+        validate(call)
+        seen.add(call.name)
     assert seen, "no call was emitted"
 
 

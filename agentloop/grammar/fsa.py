@@ -341,8 +341,9 @@ def grown(a, n, cap):  # pragma: no cover - compiled
 
 @nb.njit(cache=True, nogil=True)
 def _closure(seeds, n_seeds, eps_offsets, eps_dst, mark, stamp, stack, out):  # pragma: no cover - compiled
-    """The states reachable from seeds[:n_seeds] by epsilon edges, sorted into out ->
-    their count (``mark`` holds ``stamp`` for each state visited)."""
+    """The states reachable from seeds[:n_seeds] along the edges (CSR: ``eps_offsets``,
+    ``eps_dst``; epsilon edges in the subset construction), sorted into out -> their
+    count (``mark`` holds ``stamp`` for each state visited)."""
     top = 0
     n = 0
     for i in range(n_seeds):
@@ -495,21 +496,11 @@ def _trim(trans, accept, start):  # pragma: no cover - compiled
                 if d >= 0:
                     sources[fill[d]] = q
                     fill[d] += 1
+    seeds = np.nonzero(reach & accept)[0]
+    found = np.empty(n, np.int64)
+    k = _closure(seeds, seeds.shape[0], offsets, sources, np.zeros(n, np.int64), 1, stack, found)
     live = np.zeros(n, np.bool_)
-    for q in range(n):
-        if reach[q] and accept[q]:
-            live[q] = True
-            stack[top] = q
-            top += 1
-    while top > 0:
-        top -= 1
-        q = stack[top]
-        for j in range(offsets[q], offsets[q + 1]):
-            p = sources[j]
-            if not live[p]:
-                live[p] = True
-                stack[top] = p
-                top += 1
+    live[found[:k]] = True
     return live
 
 
