@@ -255,6 +255,8 @@ def rewrite_schemas(schema: Any, rewrite: Callable[[dict[str, Any]], dict[str, A
             value = rewrite_schemas(value, rewrite)
         out[key] = value
     return rewrite(out)
+
+
 # Largest number of distinct patternProperties per object (regions are their subsets).
 _MAX_PATTERNS = 5
 # Largest number of if/then/else splits (dependentRequired / dependentSchemas entries
