@@ -106,7 +106,8 @@ class Tool:
         summary, arg_docs = parse_docstring(inspect.getdoc(function) or "")
         self.description = description if description is not None else summary
         self.takes_ctx, self._model = _arguments_model(function, self.name, arg_docs, where)
-        self.parameters: dict[str, Any] = _clean_schema(self._model.model_json_schema(schema_generator=ArgumentsJsonSchema))
+        schema = self._model.model_json_schema(schema_generator=ArgumentsJsonSchema)
+        self.parameters: dict[str, Any] = _clean_schema(schema)
         try:
             check_schema(self.parameters, wire_format)
         except SchemaError as e:
@@ -121,9 +122,9 @@ class Tool:
         """Arguments checked and converted by pydantic (nested models become instances).
 
         They are read as the JSON the model wrote, as pydantic reads JSON: under
-        ``strict=True`` an ISO string is a date, a UUID, a Decimal there, where as Python
-        values it is refused (every call the grammar allows would be). Values with no JSON
-        form (passed from Python) are read as they are."""
+        ``strict=True`` an ISO string is a date, a UUID, a Decimal there, whereas as a
+        Python value it is refused (and so would be every call the grammar allows). Values
+        with no JSON form (passed from Python) are read as they are."""
         try:
             text = pydantic_core.to_json(arguments)
         except pydantic_core.PydanticSerializationError:
