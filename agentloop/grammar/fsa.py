@@ -369,6 +369,7 @@ def _closure(seeds, n_seeds, eps_offsets, eps_dst, mark, stamp, stack, out):  # 
 
 @nb.njit(cache=True, nogil=True)
 def _hash_states(a, n):  # pragma: no cover - compiled
+    """FNV-1a over a sorted set of states a[:n] (a non-negative int64: a typed dict key)."""
     h = np.uint64(1469598103934665603)
     for i in range(n):
         h = (h ^ np.uint64(a[i])) * np.uint64(1099511628211)
