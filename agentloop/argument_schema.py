@@ -22,9 +22,9 @@ JSON Schema is looser for several common types, and uses regex lookarounds for o
 :class:`ArgumentsJsonSchema` (a pydantic schema generator) writes these types' schemas
 so that every value they allow validates: each a subset of what pydantic accepts, most
 of it. Where a subset would leave out what users write or change with the day (the
-digits of a bounded ``Decimal``, a ``FutureDate``, datetime bounds, ``Json`` text,
-``ByteSize`` units), the schema stays pydantic's, and a value the tool refuses is fed
-back to the model as before.
+digits of a ``Decimal`` bounded otherwise than by ``ge=0`` / ``gt=0``, a ``FutureDate``,
+datetime bounds, ``Json`` text, ``ByteSize`` units), the schema stays pydantic's, and a
+value the tool refuses is fed back to the model as before.
 
 >>> import re, pydantic
 >>> naive = pydantic.TypeAdapter(pydantic.NaiveDatetime).json_schema(schema_generator=ArgumentsJsonSchema)
@@ -99,37 +99,48 @@ _INTEGER_KEY = "^-?(?:0|[1-9][0-9]*)$"
 _LARGEST = sys.float_info.max
 
 
-def decimal_pattern(max_digits: int | None, decimal_places: int | None) -> str:
+def decimal_pattern(max_digits: int | None, decimal_places: int | None, lower: str = "any") -> str:
     """A lookaround-free pattern of the decimal strings pydantic's ``Decimal`` takes with
     these limits: an optional sign, digits with an optional point, no exponent; leading
     zeros of the integer part and trailing zeros of the fraction do not count (pydantic
-    normalizes them away), every other digit does.
+    normalizes them away), every other digit does. ``lower``: "any" value, "zero" (no
+    minus sign: ``ge=0``) or "positive" (no minus sign, a non-zero digit: ``gt=0``).
 
     >>> bool(re.fullmatch(decimal_pattern(5, 2), "-00123.4500"))
     True
     >>> bool(re.fullmatch(decimal_pattern(5, 2), "1234.5"))
     False
+    >>> [bool(re.fullmatch(decimal_pattern(5, 2, "positive"), v)) for v in ("0.01", "0.00", "-1")]
+    [True, False, False]
     """
     def fraction(cap: int) -> str:  # after integer digits
         return f"\\.{_D}{{0,{cap}}}0*" if cap else "\\.0*"
 
-    def fraction_only(cap: int) -> str:  # with no integer digit but zeros: at least one digit
+    def fraction_only(cap: int | None) -> str:  # with no integer digit but zeros
+        if lower == "positive":  # a non-zero digit among the first ``cap`` (any with None)
+            if cap is None:
+                return f"0*\\.0*[1-9]{_D}*"
+            nonzero = "|".join(f"0{{{j}}}[1-9]{_D}{{0,{cap - 1 - j}}}" for j in range(cap))
+            return f"0*\\.(?:{nonzero})0*" if cap else ""
+        if cap is None:
+            return f"\\.{_D}+"
         return "0*\\." + (f"{_D}{{1,{cap}}}0*" if cap else "0+")
 
+    zeros = lower != "positive"  # (a zero integer part before an optional fraction)
     if max_digits is None:
-        if decimal_places is None:
-            return f"^[+-]?(?:{_D}+(?:\\.{_D}*)?|\\.{_D}+)$"
-        forms = [f"{_D}+(?:{fraction(decimal_places)})?", fraction_only(decimal_places)]
+        tail = f"(?:\\.{_D}*)?" if decimal_places is None else f"(?:{fraction(decimal_places)})?"
+        forms = [f"{_D}+{tail}" if zeros else f"0*[1-9]{_D}*{tail}", fraction_only(decimal_places)]
     else:
         places = max_digits if decimal_places is None else min(decimal_places, max_digits)
         whole = max_digits if decimal_places is None else max(0, max_digits - decimal_places)
         # (with no whole digit allowed, pydantic counts a zero integer part as one: "0" is
         # refused, "0.0" taken)
-        forms = [fraction_only(places)] + ([f"0+(?:{fraction(places)})?"] if whole else [])
+        forms = [fraction_only(places)] + ([f"0+(?:{fraction(places)})?"] if whole and zeros else [])
         for k in range(1, whole + 1):  # k significant integer digits leave max_digits - k to the fraction
             lead = "0*[1-9]" + (f"{_D}{{{k - 1}}}" if k > 1 else "")
             forms.append(f"{lead}(?:{fraction(min(max_digits - k, places))})?")
-    return f"^[+-]?(?:{'|'.join(forms)})$"
+    sign = {"any": "[+-]?", "zero": "\\+?", "positive": "\\+?"}[lower]
+    return f"^{sign}(?:{'|'.join(f for f in forms if f)})$"
 
 
 class ArgumentsJsonSchema(GenerateJsonSchema):
@@ -161,9 +172,12 @@ class ArgumentsJsonSchema(GenerateJsonSchema):
         number = self.float_schema(core_schema.float_schema(allow_inf_nan=False, **bounds))
         if max_digits is None and places is None:
             return number if bounds else {"anyOf": [number, {"type": "string", "pattern": decimal_pattern(None, None)}]}
-        if bounds:  # a pattern cannot say the bounds, nor a number its digits: pydantic checks the digits
+        # A pattern says a lower bound of zero (the sign), a number no digit limit: other
+        # bounds with digit limits keep the number, and pydantic checks the digits.
+        lower = {(): "any", (("ge", 0.0),): "zero", (("gt", 0.0),): "positive"}.get(tuple(bounds.items()))
+        if lower is None:
             return number
-        return {"type": "string", "pattern": decimal_pattern(max_digits, places)}
+        return {"type": "string", "pattern": decimal_pattern(max_digits, places, lower)}
 
     def date_schema(self, schema: core_schema.DateSchema) -> JsonSchemaValue:
         json_schema = super().date_schema(schema)
