@@ -328,25 +328,28 @@ def to_dfa(node: Node, n_symbols: int) -> Dfa:
     sym_class, class_masks = _symbol_classes(
         itertools.chain(nfa.sym_mask, (m for _, d, _ in nfa.blocks for m in d.class_masks)), n_symbols)
     trans, accept = _subsets(*nfa.arrays(class_masks), len(class_masks), start, end)
-    return minimize(trans, accept, 0, sym_class, class_masks)
+    return minimize(trans.reshape(accept.shape[0], len(class_masks)), accept, 0, sym_class, class_masks)
 
 
 @nb.njit(cache=True, nogil=True)
 def grown(a, n, cap):  # pragma: no cover - compiled
-    """A new array of ``cap`` entries holding a[:n]."""
+    """A new array of ``cap`` entries holding a[:n]. (Loops, not slices, in the compiler's
+    kernels: numba took ~1.3 s to compile a slice assignment, once per install and kernel.)"""
     out = np.empty(cap, a.dtype)
-    out[:n] = a[:n]
+    for i in range(n):
+        out[i] = a[i]
     return out
 
 
 @nb.njit(cache=True, nogil=True)
-def _closure(seeds, n_seeds, eps_offsets, eps_dst, mark, stamp, stack, out):  # pragma: no cover - compiled
-    """The states reachable from seeds[:n_seeds] along the edges (CSR: ``eps_offsets``,
-    ``eps_dst``; epsilon edges in the subset construction), sorted into out -> their
-    count (``mark`` holds ``stamp`` for each state visited)."""
+def _closure(seeds, first, last, eps_offsets, eps_dst, mark, stamp, stack, out):  # pragma: no cover - compiled
+    """The states reachable from seeds[first:last] along the edges (CSR: ``eps_offsets``,
+    ``eps_dst``; epsilon edges in the subset construction), into out, in no order ->
+    their count. ``mark`` holds ``stamp`` for exactly those states afterwards (a stamp
+    not used before)."""
     top = 0
     n = 0
-    for i in range(n_seeds):
+    for i in range(first, last):
         q = seeds[i]
         if mark[q] != stamp:
             mark[q] = stamp
@@ -363,25 +366,28 @@ def _closure(seeds, n_seeds, eps_offsets, eps_dst, mark, stamp, stack, out):  # 
                 mark[d] = stamp
                 stack[top] = d
                 top += 1
-    out[:n].sort()
     return n
 
 
 @nb.njit(cache=True, nogil=True)
 def _hash_states(a, n):  # pragma: no cover - compiled
-    """FNV-1a over a sorted set of states a[:n] (a non-negative int64: a typed dict key)."""
-    h = np.uint64(1469598103934665603)
+    """A hash of the set of states a[:n], in any order (a sum of their splitmix64
+    mixes), as a non-negative int64 (a key of ``_table``)."""
+    h = np.uint64(0)
     for i in range(n):
-        h = (h ^ np.uint64(a[i])) * np.uint64(1099511628211)
+        x = np.uint64(a[i]) + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        h += x ^ (x >> np.uint64(31))
     return np.int64(h >> np.uint64(1))
 
 
 @nb.njit(cache=True, nogil=True)
 def _subsets(eps_offsets, eps_dst, edge_offsets, edge_mask, edge_dst, mask_offsets, mask_classes, C, start,
              end):  # pragma: no cover - compiled
-    """The subset construction: each DFA state a sorted set of NFA states closed under
+    """The subset construction: each DFA state a set of NFA states closed under
     epsilon edges, found breadth first, its successors by class in order -> (transitions
-    (D, C) int32, accepting (D,) bool: the set holds ``end``)."""
+    (D * C,) int32, row by row, accepting (D,) bool: the set holds ``end``)."""
     N = eps_offsets.shape[0] - 1
     mark = np.zeros(N, np.int64)
     stack = np.empty(N, np.int64)
@@ -389,16 +395,21 @@ def _subsets(eps_offsets, eps_dst, edge_offsets, edge_mask, edge_dst, mask_offse
     stamp = 1
     sets = np.empty(1024, np.int64)  # every DFA state's set, one after another
     set_offsets = np.zeros(1025, np.int64)
-    index = dict()  # hash of a set -> its first DFA state; same hashes chained through same_hash
+    keys, values = _table(4096)  # hash of a set -> its latest DFA state; earlier ones chained through same_hash
     same_hash = np.full(1024, -1, np.int64)
-    trans = np.full((1024, C), -1, np.int32)
+    trans = np.full(1024 * C, -1, np.int32)  # (flat, row by row: see _product_walk)
     accept = np.zeros(1024, np.bool_)
     seeds = np.empty(16, np.int64)
     seeds[0] = start
-    n = _closure(seeds, 1, eps_offsets, eps_dst, mark, stamp, stack, found)
-    sets[:n] = found[:n]
+    n = _closure(seeds, 0, 1, eps_offsets, eps_dst, mark, stamp, stack, found)
+    for k in range(n):
+        sets[k] = found[k]
     set_offsets[1] = n
-    index[_hash_states(found, n)] = 0
+    h = _hash_states(found, n)
+    slot = _slot(keys, h)
+    keys[slot] = h
+    values[slot] = 0
+    n_keys = 1
     D = 1
     count = np.zeros(C + 1, np.int64)
     by_class = np.empty(16, np.int64)
@@ -406,7 +417,8 @@ def _subsets(eps_offsets, eps_dst, edge_offsets, edge_mask, edge_dst, mask_offse
     while i < D:
         lo, hi = set_offsets[i], set_offsets[i + 1]
         # (class, destination) of every edge out of the set, bucketed by class
-        count[:] = 0
+        for c in range(C + 1):
+            count[c] = 0
         total = 0
         for k in range(lo, hi):
             q = sets[k]
@@ -420,7 +432,7 @@ def _subsets(eps_offsets, eps_dst, edge_offsets, edge_mask, edge_dst, mask_offse
             by_class = np.empty(2 * total, np.int64)
         for c in range(C):
             count[c + 1] += count[c]
-        fill = count[:C].copy()
+        fill = grown(count, C, C)
         for k in range(lo, hi):
             q = sets[k]
             for e in range(edge_offsets[q], edge_offsets[q + 1]):
@@ -434,35 +446,49 @@ def _subsets(eps_offsets, eps_dst, edge_offsets, edge_mask, edge_dst, mask_offse
             if a == b:
                 continue
             stamp += 1
-            n = _closure(by_class[a:b], b - a, eps_offsets, eps_dst, mark, stamp, stack, found)
+            n = _closure(by_class, a, b, eps_offsets, eps_dst, mark, stamp, stack, found)
             h = _hash_states(found, n)
-            j = index[h] if h in index else -1
-            while j >= 0:
+            slot = _slot(keys, h)
+            j = values[slot] if keys[slot] == h else -1
+            while j >= 0:  # (the set is the closure's when its size is and each state has the stamp)
                 s0, s1 = set_offsets[j], set_offsets[j + 1]
-                if s1 - s0 == n and np.array_equal(sets[s0:s1], found[:n]):
-                    break
+                if s1 - s0 == n:
+                    same = True
+                    for t in range(s0, s1):
+                        if mark[sets[t]] != stamp:
+                            same = False
+                            break
+                    if same:
+                        break
                 j = same_hash[j]
             if j < 0:  # a new DFA state
                 j = D
-                if D == trans.shape[0]:  # (the per-state arrays hold trans.shape[0] states)
+                if D == accept.shape[0]:  # (the per-state arrays hold accept.shape[0] states)
                     set_offsets = grown(set_offsets, D + 1, 2 * D + 1)
                     same_hash = grown(same_hash, D, 2 * D)
-                    bigger = np.full((2 * D, C), -1, np.int32)
-                    bigger[:D] = trans
-                    trans = bigger
+                    trans = grown(trans, D * C, 2 * D * C)
+                    for k in range(D * C, 2 * D * C):
+                        trans[k] = -1
                     accept = grown(accept, D, 2 * D)
-                    accept[D:] = False
+                    for k in range(D, 2 * D):
+                        accept[k] = False
                 end_at = set_offsets[D] + n
                 if end_at > sets.shape[0]:
                     sets = grown(sets, set_offsets[D], max(2 * sets.shape[0], end_at))
-                sets[set_offsets[D]:end_at] = found[:n]
+                for k in range(n):
+                    sets[set_offsets[D] + k] = found[k]
                 set_offsets[D + 1] = end_at
-                same_hash[D] = index[h] if h in index else -1
-                index[h] = D
+                same_hash[D] = values[slot] if keys[slot] == h else -1
+                if keys[slot] != h:
+                    keys[slot] = h
+                    n_keys += 1
+                values[slot] = D
                 D += 1
-            trans[i, c] = j
+                if 2 * n_keys > keys.shape[0]:
+                    keys, values = _table_grown(keys, values)
+            trans[i * C + c] = j
         i += 1
-    return trans[:D].copy(), accept[:D].copy()
+    return grown(trans, D * C, D * C), grown(accept, D, D)
 
 
 @nb.njit(cache=True, nogil=True)
@@ -488,7 +514,7 @@ def _trim(trans, accept, start):  # pragma: no cover - compiled
                     top += 1
     # backwards from the accepting states, along the reached states' edges reversed
     offsets = np.cumsum(indegree)
-    fill = offsets[:n].copy()
+    fill = grown(offsets, n, n)
     sources = np.empty(offsets[n], np.int64)
     for q in range(n):
         if reach[q]:
@@ -497,11 +523,17 @@ def _trim(trans, accept, start):  # pragma: no cover - compiled
                 if d >= 0:
                     sources[fill[d]] = q
                     fill[d] += 1
-    seeds = np.nonzero(reach & accept)[0]
+    seeds = np.empty(n, np.int64)
+    n_seeds = 0
+    for q in range(n):
+        if reach[q] and accept[q]:
+            seeds[n_seeds] = q
+            n_seeds += 1
     found = np.empty(n, np.int64)
-    k = _closure(seeds, seeds.shape[0], offsets, sources, np.zeros(n, np.int64), 1, stack, found)
+    k = _closure(seeds, 0, n_seeds, offsets, sources, np.zeros(n, np.int64), 1, stack, found)
     live = np.zeros(n, np.bool_)
-    live[found[:k]] = True
+    for i in range(k):
+        live[found[i]] = True
     return live
 
 
@@ -751,58 +783,98 @@ def product(a: Dfa, b: Dfa, op: str) -> Dfa:
         class_masks[sym_class[s]] |= 1 << s
     need_a = op in ("and", "minus")
     need_b = op == "and"
-    trans, pairs = _product_walk(a.trans, b.trans, ca.astype(np.int64), cb.astype(np.int64), a.start, b.start,
-                                 need_a, need_b)
-    qa, qb = pairs[:, 0], pairs[:, 1]
+    trans, qa, qb = _product_walk(a.trans, b.trans, ca.astype(np.int64), cb.astype(np.int64), a.start, b.start,
+                                  need_a, need_b)
+    trans = trans.reshape(qa.shape[0], len(uniq))
     xa = (qa >= 0) & a.accept[np.maximum(qa, 0)]
     xb = (qb >= 0) & b.accept[np.maximum(qb, 0)]
     accept = {"and": xa & xb, "or": xa | xb, "minus": xa & ~xb, "xor": xa != xb}[op]
     return minimize(trans, accept, 0, sym_class, class_masks)
 
 
+# A hash table of non-negative int64 keys -> int64 values in two arrays (keys -1: empty
+# slot; open addressing), for the walks below: numba's typed dict took ~2.5 s to compile
+# in each kernel that used one, a first run's cost on every fresh install.
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _slot(keys, key):  # pragma: no cover - compiled
+    """Where ``key`` is in the table, or the empty slot where it would go."""
+    mask = keys.shape[0] - 1
+    i = (((key ^ (key >> 31)) * np.int64(-7046029254386353131)) >> 17) & mask
+    while keys[i] != -1 and keys[i] != key:
+        i = (i + 1) & mask
+    return i
+
+
+@nb.njit(cache=True, nogil=True)
+def _table(capacity):  # pragma: no cover - compiled
+    """An empty table of ``capacity`` (a power of two) slots: (keys, values)."""
+    return np.full(capacity, -1, np.int64), np.empty(capacity, np.int64)
+
+
+@nb.njit(cache=True, nogil=True)
+def _table_grown(keys, values):  # pragma: no cover - compiled
+    """The table's entries in one twice as large."""
+    new_keys, new_values = _table(2 * keys.shape[0])
+    for i in range(keys.shape[0]):
+        if keys[i] != -1:
+            j = _slot(new_keys, keys[i])
+            new_keys[j] = keys[i]
+            new_values[j] = values[i]
+    return new_keys, new_values
+
+
 @nb.njit(cache=True, nogil=True)
 def _product_walk(ta, tb, ca, cb, start_a, start_b, need_a, need_b):  # pragma: no cover - compiled
     """The reachable pairs of states of two DFAs (-1: that side is dead), breadth first,
-    each pair's successors by the joint classes in order -> (transitions (n, len(ca))
-    int32, the pairs (n, 2)). A pair ends where a side it needs is dead, or both are."""
+    each pair's successors by the joint classes in order -> (transitions (n * len(ca),)
+    int32, row by row, each pair's state in a, in b). A pair ends where a side it needs
+    is dead, or both are. (Flat arrays: numba takes seconds to compile 2-D slicing.)"""
     U = ca.shape[0]
     width = tb.shape[0] + 1  # a pair's key: (qa + 1) * width + qb + 1
-    index = dict()
-    index[(start_a + 1) * width + start_b + 1] = 0
-    pairs = np.empty((1024, 2), np.int64)
-    pairs[0, 0] = start_a
-    pairs[0, 1] = start_b
-    trans = np.empty((1024, U), np.int32)
+    keys, values = _table(4096)
+    first = (start_a + 1) * width + start_b + 1
+    k = _slot(keys, first)
+    keys[k] = first
+    values[k] = 0
+    pair_a = np.empty(1024, np.int64)
+    pair_b = np.empty(1024, np.int64)
+    pair_a[0] = start_a
+    pair_b[0] = start_b
+    trans = np.empty(1024 * U, np.int32)
     n = 1
     i = 0
     while i < n:
-        qa = pairs[i, 0]
-        qb = pairs[i, 1]
-        if i >= trans.shape[0]:
-            bigger = np.empty((2 * trans.shape[0], U), np.int32)
-            bigger[: trans.shape[0]] = trans
-            trans = bigger
+        qa = pair_a[i]
+        qb = pair_b[i]
+        if (i + 1) * U > trans.shape[0]:
+            trans = grown(trans, i * U, 2 * trans.shape[0])
         for c in range(U):
             na = ta[qa, ca[c]] if qa >= 0 else -1
             nb_ = tb[qb, cb[c]] if qb >= 0 else -1
             if (na < 0 and need_a) or (nb_ < 0 and need_b) or (na < 0 and nb_ < 0):
-                trans[i, c] = -1
+                trans[i * U + c] = -1
                 continue
             key = (na + 1) * width + nb_ + 1
-            j = index.get(key, -1)
-            if j < 0:
+            k = _slot(keys, key)
+            if keys[k] == key:
+                j = values[k]
+            else:
                 j = n
-                index[key] = j
-                if n == pairs.shape[0]:
-                    grown = np.empty((2 * n, 2), np.int64)
-                    grown[:n] = pairs
-                    pairs = grown
-                pairs[n, 0] = na
-                pairs[n, 1] = nb_
+                keys[k] = key
+                values[k] = j
+                if 2 * (n + 1) > keys.shape[0]:
+                    keys, values = _table_grown(keys, values)
+                if n == pair_a.shape[0]:
+                    pair_a = grown(pair_a, n, 2 * n)
+                    pair_b = grown(pair_b, n, 2 * n)
+                pair_a[n] = na
+                pair_b[n] = nb_
                 n += 1
-            trans[i, c] = j
+            trans[i * U + c] = j
         i += 1
-    return trans[:n].copy(), pairs[:n].copy()
+    return grown(trans, n * U, n * U), grown(pair_a, n, n), grown(pair_b, n, n)
 
 
 def intersect_all(dfas: Sequence[Dfa]) -> Dfa:
