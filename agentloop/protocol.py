@@ -65,7 +65,6 @@ class Protocol:
                marks: list[str] | None, canonical: bool = False) -> str:
         """``canonical``: the value lies inside a negation, where the grammar spells each
         value one way (``grammar.schema``: keys in the document's order, integers' digits)."""
-        vs = self._v
         facets = _facets(schema, root, v)
         canonical = canonical or _negated(facets, v, root)
         member = _enum_member(facets, v)
@@ -81,10 +80,10 @@ class Protocol:
                 keys = _canonical_order(v, root)
             members = [self._key(str(k)) + self._value(v[k], _member_schema(facets, k), root, marks, canonical)
                        for k in keys]
-            return vs["object_open"] + vs["member_separator"].join(members) + vs["object_close"]
+            return self._object(members)
         if isinstance(v, (list, tuple)):
-            parts = [self._value(x, _item_schema(facets, i), root, marks, canonical) for i, x in enumerate(v)]
-            return vs["array_open"] + vs["item_separator"].join(parts) + vs["array_close"]
+            return self._array([self._value(x, _item_schema(facets, i), root, marks, canonical)
+                                for i, x in enumerate(v)])
         if isinstance(v, str):
             return self.render_string(v, marks)
         if isinstance(v, bool) or v is None:
@@ -109,22 +108,28 @@ class Protocol:
         their own key order; an integer-valued float below 1e16 as its digits, others as
         JSON writes them: ``WireFormat.spell_value``), or inside a negation canonically
         (``numbers.canonical_spelling``, keys in the document's order)."""
-        vs = self._v
         if isinstance(v, dict):
             keys = list(v)
             if canonical:
                 keys = _canonical_order(v, root)
             members = [self._key(str(k)) + self._literal(v[k], root, marks, canonical) for k in keys]
-            return vs["object_open"] + vs["member_separator"].join(members) + vs["object_close"]
+            return self._object(members)
         if isinstance(v, (list, tuple)):
-            parts = [self._literal(x, root, marks, canonical) for x in v]
-            return vs["array_open"] + vs["item_separator"].join(parts) + vs["array_close"]
+            return self._array([self._literal(x, root, marks, canonical) for x in v])
         if isinstance(v, str):
             return self.render_string(v, marks)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             spelled = canonical_spelling(v) if canonical else None
             return spelled if spelled is not None else bytes(self.wire_format.spell_number(v)).decode()
         return json.dumps(v)
+
+    def _object(self, members: Sequence[str]) -> str:
+        """Spelled members (key and value each) in the wire format's object."""
+        return self._v["object_open"] + self._v["member_separator"].join(members) + self._v["object_close"]
+
+    def _array(self, items: Sequence[str]) -> str:
+        """Spelled items in the wire format's array."""
+        return self._v["array_open"] + self._v["item_separator"].join(items) + self._v["array_close"]
 
     def _key(self, key: str) -> str:
         if self._v.get("key_style") == "identifier" and not _IDENT.match(key):
@@ -309,9 +314,9 @@ class Protocol:
             members = [Template(vs["key"]).safe_substitute(
                 key=k if key_ident else json.dumps(k, ensure_ascii=False)[1:-1]) + self._declared(x)
                 for k, x in schema.items()]
-            return vs["object_open"] + vs["member_separator"].join(members) + vs["object_close"]
+            return self._object(members)
         if isinstance(schema, list):
-            return vs["array_open"] + vs["item_separator"].join(self._declared(x) for x in schema) + vs["array_close"]
+            return self._array([self._declared(x) for x in schema])
         if isinstance(schema, str):
             return self.render_string(schema)
         return json.dumps(schema)
@@ -540,7 +545,7 @@ def _member_schema(facets: Sequence[Mapping[str, Any]], key: str) -> Mapping[str
             parts.append(props[key])
         elif isinstance(f.get("additionalProperties"), Mapping):
             parts.append(f["additionalProperties"])
-    return None if not parts else parts[0] if len(parts) == 1 else {"allOf": parts}
+    return _all_of(parts)
 
 
 def _item_schema(facets: Sequence[Mapping[str, Any]], i: int) -> Mapping[str, Any] | None:
@@ -552,6 +557,11 @@ def _item_schema(facets: Sequence[Mapping[str, Any]], i: int) -> Mapping[str, An
             parts.append(prefix[i])
         elif isinstance(f.get("items"), Mapping):
             parts.append(f["items"])
+    return _all_of(parts)
+
+
+def _all_of(parts: list[Any]) -> Mapping[str, Any] | None:
+    """One schema for all of ``parts`` (None for none)."""
     return None if not parts else parts[0] if len(parts) == 1 else {"allOf": parts}
 
 
@@ -613,9 +623,9 @@ def _valid(v: Any, schema: Any, root: Mapping[str, Any]) -> bool:
     """Whether ``v`` is valid under ``schema``, a subschema of ``root`` (its refs read there)."""
     try:
         return bool(jsonschema.Draft202012Validator(root).evolve(schema=schema).is_valid(v))
-    except (Unresolvable, re.error, TypeError, ValueError):  # (a schema the grammar refused to compile)
-        return False
-    except RecursionError:  # (a union that names itself: {"anyOf": [..., {"$ref": <itself>}]})
+    # (a schema the grammar refused to compile; RecursionError: a union that names itself,
+    # {"anyOf": [..., {"$ref": <itself>}]})
+    except (Unresolvable, re.error, TypeError, ValueError, RecursionError):
         return False
 
 
@@ -669,14 +679,8 @@ def _may_hold(n: int, schema: Any, root: Mapping[str, Any]) -> bool:
     """Whether the integer digits ``n`` may be valid under ``schema`` by its type and
     numeric bounds, each bound under either of its readings (the grammar's "over"
     language, which a negation takes out, is that generous)."""
-    for f in _facets(schema, root, float(n)):
-        t = f.get("type")
-        types = t if isinstance(t, list) else [t]
-        if t is not None and "integer" not in types and "number" not in types:
-            return False
-        if not _fits_bounds(n, f, every_reading=False):
-            return False
-    return schema is not False
+    return schema is not False and all(_fits(f, n, root) and _fits_bounds(n, f, every_reading=False)
+                                       for f in _facets(schema, root, float(n)))
 
 
 def _fits_bounds(n: int, schema: Mapping[str, Any], every_reading: bool = True) -> bool:
