@@ -341,6 +341,40 @@ def grown(a, n, cap):  # pragma: no cover - compiled
     return out
 
 
+# A hash table of non-negative int64 keys -> int64 values in two arrays (keys -1: empty
+# slot; open addressing), for the subset construction and the product walk: numba's
+# typed dict took ~2.5 s to compile in each kernel that used one, a first run's cost on
+# every fresh install.
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _table_slot(keys, key):  # pragma: no cover - compiled
+    """Where ``key`` is in the table, or the empty slot where it would go."""
+    mask = keys.shape[0] - 1
+    i = (((key ^ (key >> 31)) * np.int64(-7046029254386353131)) >> 17) & mask
+    while keys[i] != -1 and keys[i] != key:
+        i = (i + 1) & mask
+    return i
+
+
+@nb.njit(cache=True, nogil=True)
+def _table(capacity):  # pragma: no cover - compiled
+    """An empty table of ``capacity`` (a power of two) slots: (keys, values)."""
+    return np.full(capacity, -1, np.int64), np.empty(capacity, np.int64)
+
+
+@nb.njit(cache=True, nogil=True)
+def _table_grown(keys, values):  # pragma: no cover - compiled
+    """The table's entries in one twice as large."""
+    new_keys, new_values = _table(2 * keys.shape[0])
+    for i in range(keys.shape[0]):
+        if keys[i] != -1:
+            j = _table_slot(new_keys, keys[i])
+            new_keys[j] = keys[i]
+            new_values[j] = values[i]
+    return new_keys, new_values
+
+
 @nb.njit(cache=True, nogil=True)
 def _closure(seeds, first, last, eps_offsets, eps_dst, mark, stamp, stack, out):  # pragma: no cover - compiled
     """The states reachable from seeds[first:last] along the edges (CSR: ``eps_offsets``,
@@ -406,7 +440,7 @@ def _subsets(eps_offsets, eps_dst, edge_offsets, edge_mask, edge_dst, mask_offse
         sets[k] = found[k]
     set_offsets[1] = n
     h = _hash_states(found, n)
-    slot = _slot(keys, h)
+    slot = _table_slot(keys, h)
     keys[slot] = h
     values[slot] = 0
     n_keys = 1
@@ -448,7 +482,7 @@ def _subsets(eps_offsets, eps_dst, edge_offsets, edge_mask, edge_dst, mask_offse
             stamp += 1
             n = _closure(by_class, a, b, eps_offsets, eps_dst, mark, stamp, stack, found)
             h = _hash_states(found, n)
-            slot = _slot(keys, h)
+            slot = _table_slot(keys, h)
             j = values[slot] if keys[slot] == h else -1
             while j >= 0:  # (the set is the closure's when its size is and each state has the stamp)
                 s0, s1 = set_offsets[j], set_offsets[j + 1]
@@ -792,39 +826,6 @@ def product(a: Dfa, b: Dfa, op: str) -> Dfa:
     return minimize(trans, accept, 0, sym_class, class_masks)
 
 
-# A hash table of non-negative int64 keys -> int64 values in two arrays (keys -1: empty
-# slot; open addressing), for the walks below: numba's typed dict took ~2.5 s to compile
-# in each kernel that used one, a first run's cost on every fresh install.
-
-
-@nb.njit(cache=True, nogil=True, inline="always")
-def _slot(keys, key):  # pragma: no cover - compiled
-    """Where ``key`` is in the table, or the empty slot where it would go."""
-    mask = keys.shape[0] - 1
-    i = (((key ^ (key >> 31)) * np.int64(-7046029254386353131)) >> 17) & mask
-    while keys[i] != -1 and keys[i] != key:
-        i = (i + 1) & mask
-    return i
-
-
-@nb.njit(cache=True, nogil=True)
-def _table(capacity):  # pragma: no cover - compiled
-    """An empty table of ``capacity`` (a power of two) slots: (keys, values)."""
-    return np.full(capacity, -1, np.int64), np.empty(capacity, np.int64)
-
-
-@nb.njit(cache=True, nogil=True)
-def _table_grown(keys, values):  # pragma: no cover - compiled
-    """The table's entries in one twice as large."""
-    new_keys, new_values = _table(2 * keys.shape[0])
-    for i in range(keys.shape[0]):
-        if keys[i] != -1:
-            j = _slot(new_keys, keys[i])
-            new_keys[j] = keys[i]
-            new_values[j] = values[i]
-    return new_keys, new_values
-
-
 @nb.njit(cache=True, nogil=True)
 def _product_walk(ta, tb, ca, cb, start_a, start_b, need_a, need_b):  # pragma: no cover - compiled
     """The reachable pairs of states of two DFAs (-1: that side is dead), breadth first,
@@ -835,9 +836,9 @@ def _product_walk(ta, tb, ca, cb, start_a, start_b, need_a, need_b):  # pragma: 
     width = tb.shape[0] + 1  # a pair's key: (qa + 1) * width + qb + 1
     keys, values = _table(4096)
     first = (start_a + 1) * width + start_b + 1
-    k = _slot(keys, first)
-    keys[k] = first
-    values[k] = 0
+    slot = _table_slot(keys, first)
+    keys[slot] = first
+    values[slot] = 0
     pair_a = np.empty(1024, np.int64)
     pair_b = np.empty(1024, np.int64)
     pair_a[0] = start_a
@@ -857,13 +858,13 @@ def _product_walk(ta, tb, ca, cb, start_a, start_b, need_a, need_b):  # pragma: 
                 trans[i * U + c] = -1
                 continue
             key = (na + 1) * width + nb_ + 1
-            k = _slot(keys, key)
-            if keys[k] == key:
-                j = values[k]
+            slot = _table_slot(keys, key)
+            if keys[slot] == key:
+                j = values[slot]
             else:
                 j = n
-                keys[k] = key
-                values[k] = j
+                keys[slot] = key
+                values[slot] = j
                 if 2 * (n + 1) > keys.shape[0]:
                     keys, values = _table_grown(keys, values)
                 if n == pair_a.shape[0]:
