@@ -105,8 +105,7 @@ class Tool:
         self.is_async = inspect.iscoroutinefunction(function)
         summary, arg_docs = parse_docstring(inspect.getdoc(function) or "")
         self.description = description if description is not None else summary
-        self.takes_ctx, self._model = _arguments_model(function, self.name, arg_docs, where)
-        schema = self._model.model_json_schema(schema_generator=ArgumentsJsonSchema)
+        self.takes_ctx, self._model, schema = _arguments_model(function, self.name, arg_docs, where)
         self.parameters: dict[str, Any] = _clean_schema(schema)
         try:
             check_schema(self.parameters, wire_format)
@@ -240,7 +239,8 @@ def _is_ctx(annotation: Any) -> bool:
 
 
 def _arguments_model(f: Callable[..., Any], name: str, docs: dict[str, str],
-                     where: str) -> tuple[bool, type[pydantic.BaseModel]]:
+                     where: str) -> tuple[bool, type[pydantic.BaseModel], dict[str, Any]]:
+    """(whether ``f`` takes a ``RunContext`` first, its arguments' model, the model's JSON Schema)."""
     try:
         hints = get_type_hints(f, include_extras=True)
     except Exception as e:  # an annotation that does not evaluate
@@ -269,10 +269,10 @@ def _arguments_model(f: Callable[..., Any], name: str, docs: dict[str, str],
         fields[p.name] = (ann, fi)
     try:
         model = pydantic.create_model(f"{name}_arguments", __config__=pydantic.ConfigDict(extra="forbid"), **fields)
-        model.model_json_schema(schema_generator=ArgumentsJsonSchema)
+        schema = model.model_json_schema(schema_generator=ArgumentsJsonSchema)
     except Exception as e:  # pydantic's schema and validator errors have no common base
         raise ToolDefinitionError(f"{where}: pydantic cannot build its arguments: {e}") from None
-    return takes_ctx, model
+    return takes_ctx, model, schema
 
 
 def _check_annotation(ann: Any, param: str, where: str) -> None:

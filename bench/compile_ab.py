@@ -84,8 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     rev, head, dirty = revisions(args.baseline)
     with tempfile.TemporaryDirectory() as tmp:
-        sides = {"baseline": export(rev if not Path(args.baseline).is_dir() else args.baseline, Path(tmp)),
-                 "current": REPO}
+        sides = {"baseline": export(rev, Path(tmp)), "current": REPO}  # (rev: the folder itself for a folder)
         for root in sides.values():  # warmup: numba compiles each version's kernels into its cache once
             timed(root)
         runs: dict[str, list[dict[str, float]]] = {k: [] for k in sides}
