@@ -13,6 +13,7 @@ reassociated).
     python bench/constraint_ab.py --baseline HEAD~1 --tools 1 --repeats 40
     python bench/constraint_ab.py --baseline HEAD~1 --threads 2 --out bench/results/constraint_ab_2threads.md
     python bench/constraint_ab.py --baseline HEAD~1 --peak 80   # one token per row far ahead, as a trained model's
+    python bench/constraint_ab.py --baseline HEAD~1 --tokenizer byte --tools 20 --logit-std 0.25   # a random model's flat logits
     python bench/constraint_ab.py --baseline HEAD~1 --after-forward   # each call right after a decoder forward
     python bench/constraint_ab.py --baseline HEAD~1 --device cuda --tokenizer gemma3-262k   # the GPU step
 
@@ -56,6 +57,11 @@ import torch  # noqa: E402
 
 import agentloop.grammar as current  # noqa: E402
 from bench.tokenizers_offline import LOADERS, SCHEMAS  # noqa: E402
+
+#: The issue's three tokenizers, and the byte tokenizer of the engine's random-weight
+#: models (the loop benchmark's), whose flat logits (``--logit-std 0.25``) make pruning
+#: keep ~5% of a 20-tool lattice, a million cells.
+TOKENIZERS = {**LOADERS, "byte": lambda: (current.byte_tokenizer(), {})}
 
 BASELINE_PACKAGE = "agentloop_baseline"
 
@@ -138,7 +144,7 @@ def timed_pair(ops: dict[str, Callable[[], Any]], repeats: int,
 
 def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std: float, peak: float,
             after_forward: bool, device: str = "cpu", seed: int = 0) -> list[dict[str, Any]]:
-    tok, aliases = LOADERS[tok_name]()
+    tok, aliases = TOKENIZERS[tok_name]()
     tools = json.loads(SCHEMAS.read_text())[:n_tools]
     grammars = {"baseline": baseline.compile_tools(tools, tok, "gemma4", aliases=aliases),
                 "current": current.compile_tools(tools, tok, "gemma4", aliases=aliases)}
@@ -208,7 +214,7 @@ def main() -> None:
     parser.add_argument("--baseline", required=True,
                         help="git revision to compare the working tree against, or a folder holding its agentloop/ "
                              "and grammars/")
-    parser.add_argument("--tokenizer", default="bpe-4k", choices=sorted(LOADERS))
+    parser.add_argument("--tokenizer", default="bpe-4k", choices=sorted(TOKENIZERS))
     parser.add_argument("--tools", type=int, nargs="+", default=[1, 5, 20])
     parser.add_argument("--repeats", type=int, default=0, help="calls per op and version (default: 30, 5 at 20 tools)")
     parser.add_argument("--threads", type=int, default=1, help="torch and numba threads (default 1)")

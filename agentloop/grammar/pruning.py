@@ -64,7 +64,10 @@ its kept cells (random logits at temperature 0.01, 20 tools: ~15 ms a step again
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
+from typing import Any
 
 import numba as nb
 import numpy as np
@@ -183,9 +186,13 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool, in_logs: bool):  # type: 
 
     @nb.njit(cache=True, nogil=True)
     def kept_cells(gsum, gmax, ref, log_norm, to_finish, start, out_offsets, out_dst, out_group, log_cut, log_share,
-                   lowest, log_best, max_cells):  # pragma: no cover - compiled
-        """(offsets (L + 2,), states (sorted at each position), ok, best, dropped,
-        log_kept, alpha, prefix, lift): ok is False where it gives up; log_kept is the log
+                   lowest, log_best, max_cells, states, alpha, prefix, cur, nxt, vcur, vnxt, touched, is_touched,
+                   spare):  # pragma: no cover - compiled
+        """(offsets (L + 2,), states, alpha, prefix, n, ok, best, dropped, log_kept, lift):
+        the kept cells are states[:n] (sorted at each position), each with its alpha[:n] and
+        prefix[:n], in the arrays passed in (``SweepScratch``'s) or, where they were too
+        short, in larger ones made here; the arrays ``cur`` .. ``spare`` (S entries at least)
+        are scratch. ok is False where it gives up; log_kept is the log
         of the weight of the canvases over the kept cells (with ``want_sum``; where it gives
         up, +inf for too many cells, else that weight or -inf), alpha each kept cell's
         prefix mass times exp(lift) (``in_logs``: its log, gsum the sums' logs, no lift;
@@ -207,12 +214,9 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool, in_logs: bool):  # type: 
         bits = 8
         while (1 << bits) < S:
             bits += 8
-        spare = np.empty(S, np.int32)
         count = np.zeros(257, np.int64)
-        cap = 1024
-        states = np.empty(cap, np.int32)
-        alpha = np.empty(cap, np.float64)  # each kept cell's alpha, times exp(lift) (see below)
-        prefix = np.empty(cap, np.float64)  # ... and its best prefix's log-probability
+        cap = states.shape[0]  # (alpha: each kept cell's alpha, times exp(lift), see below; prefix: its best
+        # prefix's log-probability)
         best_after = _best_after(log_norm)  # (the best allowed logit is ``ref``, its probability 1 / norm)
         # alpha over the kept cells is at most 1 (each position's token probabilities add
         # up to 1) and at least the cut on a kept cell: held as alpha * exp(lift), the lift
@@ -231,12 +235,12 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool, in_logs: bool):  # type: 
         if want_sum and not in_logs and log_cut < -_CUT_AT:
             lift = min(-_CUT_AT - log_cut, _TOP_AT)
         cut = (log_cut if in_logs else math.exp(log_cut + lift)) if want_sum else np.inf
-        cur = np.full(S, none)  # alpha at l over the kept cells, times exp(lift)
-        nxt = np.full(S, none)
-        vcur = np.full(S, -np.inf)  # the best prefix's log-probability over the kept cells
-        vnxt = np.full(S, -np.inf)
-        touched = np.empty(S, np.int32)  # the states reached from the kept cells, finishing or not
-        is_touched = np.zeros(S, np.uint8)
+        for s in range(S):
+            cur[s] = none  # alpha at l over the kept cells, times exp(lift)
+            nxt[s] = none
+            vcur[s] = -np.inf  # the best prefix's log-probability over the kept cells
+            vnxt[s] = -np.inf
+            is_touched[s] = 0  # (touched: the states reached from the kept cells, finishing or not)
         states[0] = start
         alpha[0] = 0.0 if in_logs else math.exp(lift)
         prefix[0] = 0.0
@@ -268,7 +272,7 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool, in_logs: bool):  # type: 
                     nt += 1 - is_touched[d]
                     is_touched[d] = 1
             if n + nt > max_cells:  # (log_kept +inf: too many cells, whatever the cut)
-                return offsets, states, False, -np.inf, np.inf, np.inf, alpha, prefix, 0.0
+                return offsets, states, alpha, prefix, n, False, -np.inf, np.inf, np.inf, 0.0
             v_cut = log_best - best_after[l + 1]
             if n + nt > cap:
                 while cap < n + nt:
@@ -295,7 +299,7 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool, in_logs: bool):  # type: 
                 elif want_max:
                     dropped = max(dropped, v + best_after[l + 1])
             if m == n:  # (a raised cut above every cell; else, rounding aside, the walk's canvas passes)
-                return offsets, states, False, -np.inf, np.inf, -np.inf, alpha, prefix, 0.0
+                return offsets, states, alpha, prefix, n, False, -np.inf, np.inf, -np.inf, 0.0
             _sort_states(states[n:m], spare, count, bits)  # (the passes find a state in a list by bisection)
             for i in range(n, m):
                 alpha[i] = cur[states[i]]
@@ -312,8 +316,8 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool, in_logs: bool):  # type: 
         else:
             log_kept = math.log(mass) - lift if mass > 0.0 else -np.inf
         if raised and not log_kept + log_share >= log_cut:
-            return offsets, states, False, -np.inf, np.inf, -np.inf, alpha, prefix, 0.0
-        return offsets, states[:n], True, best, dropped, log_kept, alpha[:n], prefix[:n], lift
+            return offsets, states, alpha, prefix, n, False, -np.inf, np.inf, -np.inf, 0.0
+        return offsets, states, alpha, prefix, n, True, best, dropped, log_kept, lift
 
     return kept_cells
 
@@ -321,6 +325,40 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool, in_logs: bool):  # type: 
 _KEPT_CELLS = {(s, m, logs): _kept_cells_kernel(s, m, logs)
                for s, m, logs in ((True, False, False), (False, True, False), (True, True, False), (True, False, True),
                                   (True, True, True))}
+
+
+class SweepScratch(threading.local):
+    """The arrays a sweep works in, kept by each thread from one step to the next. Fresh
+    ones are faulted in page by page, and under flat logits a sweep keeps ~1M cells
+    (a random model, byte tokenizer, 20 tools, L=256: 5% of the lattice), whose lists
+    grew by doubling into 40 MB of new pages a sweep: 8.5k page faults, 11 of its 29 ms.
+    A thread keeps the longest lists a sweep asked for, at most ``MAX_KEPT_SHARE`` of that
+    grammar's lattice (20 bytes a cell: 31 MB at 20 tools and L=256), and scratch of 37
+    bytes a state of the largest automaton it swept (1.8 MB at 20 tools)."""
+
+    def __init__(self) -> None:  # (run again in each thread that uses it)
+        self.cells = (np.empty(1024, np.int32), np.empty(1024, np.float64), np.empty(1024, np.float64))
+        self.by_state: tuple[np.ndarray, ...] = ()
+
+    def sweep(self, want_sum: bool, want_max: bool, in_logs: bool, *args: Any) -> tuple[Any, ...]:
+        """``kept_cells`` for those tests over ``args`` (its arguments up to ``max_cells``)
+        in this thread's arrays. -> (offsets, states, ok, best, dropped, log_kept, alpha,
+        prefix, lift), states, alpha and prefix views of the thread's arrays: valid until
+        its next sweep."""
+        S = args[4].shape[0]  # (to_finish)
+        if not self.by_state or self.by_state[0].shape[0] < S:
+            self.by_state = (np.empty(S, np.float64), np.empty(S, np.float64), np.empty(S, np.float64),
+                             np.empty(S, np.float64), np.empty(S, np.int32), np.empty(S, np.uint8),
+                             np.empty(S, np.int32))
+        offsets, states, alpha, prefix, n, ok, best, dropped, log_kept, lift = _KEPT_CELLS[want_sum, want_max, in_logs](
+            *args, *self.cells, *self.by_state)
+        if states.shape[0] > self.cells[0].shape[0]:  # (grown in the sweep)
+            self.cells = (states, alpha, prefix)
+        return offsets, states[:n], ok, best, dropped, log_kept, alpha[:n], prefix[:n], lift
+
+
+#: Each thread's sweep arrays (see SweepScratch).
+SWEEP_SCRATCH = SweepScratch()
 
 
 @nb.njit(cache=True, nogil=True)
@@ -445,7 +483,7 @@ def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndar
     cells = (L + 1) * to_finish.shape[0]  # (at least the support's)
     share = LOST_SHARE if not (want_sum and log_lost > -np.inf) else LOST_SHARE / 2
     log_share = math.log(share / cells)
-    sweep = _KEPT_CELLS[want_sum, want_max, in_logs and want_sum]
+    sweep = functools.partial(SWEEP_SCRATCH.sweep, want_sum, want_max, in_logs and want_sum)
     args = (gsum_, gmax_, ref, log_norm, to_finish, start, *out_edges)
     max_cells = min(int(MAX_KEPT_SHARE * cells), MAX_KEPT_LOG_CELLS) if in_logs else int(MAX_KEPT_SHARE * cells)
     log_best = np.inf if want_sum else _below_rounding(log_v)
@@ -480,6 +518,8 @@ def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndar
         return None
     if want_sum and not log_lost <= max(log_m, log_kept) + math.log(share):  # (both bound the total from below)
         return None
+    if np.may_share_memory(states, SWEEP_SCRATCH.cells[0]):  # (the next sweep on this thread would overwrite it)
+        states = states.copy()
     # (no mask: the passes over lists read none, and the log-space ones make theirs)
     no_mask = np.zeros((0, to_finish.shape[0]), np.uint8)
     return Support(offsets, states, no_mask, False, np.zeros((0, 0, 2), np.int32))
