@@ -1407,8 +1407,8 @@ def _backward_live_kernel(loop):  # type: ignore[no-untyped-def]
                 for i in range(i0, i1):
                     s = np.uint32(states[i])  # (indices unsigned: see the scan)
                     acc = 0.0
-                    for j in range(out_offsets[s], out_offsets[s + 1]):
-                        acc += gsum[l, np.uint32(out_group[j])] * nxt[np.uint32(out_dst[j])]
+                    for j in range(np.uint32(out_offsets[s]), np.uint32(out_offsets[s + 1])):
+                        acc += gsum[l, np.uint32(out_group[np.uint32(j)])] * nxt[np.uint32(out_dst[np.uint32(j)])]
                     beta[i] = acc
                     t += acc
                 totals[c] = t
