@@ -13,7 +13,7 @@ reassociated).
     python bench/constraint_ab.py --baseline HEAD~1 --tools 1 --repeats 40
     python bench/constraint_ab.py --baseline HEAD~1 --threads 2 --out bench/results/constraint_ab_2threads.md
     python bench/constraint_ab.py --baseline HEAD~1 --peak 80   # one token per row far ahead, as a trained model's
-    python bench/constraint_ab.py --baseline HEAD~1 --tokenizer byte --tools 20 --logit-std 0.25   # a random model's flat logits
+    python bench/constraint_ab.py --baseline HEAD~1 --tokenizer byte --tools 20 --logit-std 0.25   # flat logits
     python bench/constraint_ab.py --baseline HEAD~1 --after-forward   # each call right after a decoder forward
     python bench/constraint_ab.py --baseline HEAD~1 --device cuda --tokenizer gemma3-262k   # the GPU step
 

@@ -133,8 +133,9 @@ def test_the_sweeps_reuse_their_arrays_and_a_kept_support_outlives_the_next_swee
     """Each thread sweeps in arrays it keeps (``SweepScratch``: fresh ones cost more in
     page faults than the sweep), yet the kept cells a step gets are its own: a second
     sweep, on this thread or on another at the same time, leaves them as they were."""
-    xs = [_confident(tools3, btok, 1.0)] + [torch.randn(L, tools3.vocab.size, generator=torch.Generator().manual_seed(s))
-                                            * scale for s, scale in ((5, 1.0), (0, 3.0))]
+    xs = [_confident(tools3, btok, 1.0)]
+    xs += [torch.randn(L, tools3.vocab.size, generator=torch.Generator().manual_seed(s)) * scale
+           for s, scale in ((5, 1.0), (0, 3.0))]
     for x in xs:  # (the arrays grow to the longest lists these sweeps keep)
         _kept(tools3, x)
     arrays = pruning.SWEEP_SCRATCH.cells
@@ -255,8 +256,8 @@ def test_the_sweeps_kept_weight_is_the_canvases_and_bounds_a_raised_cut(btok, to
         cells = (L_ + 1) * to_finish.shape[0]
         log_share = math.log(pruning.LOST_SHARE / cells)
         _, _, ok, _, _, log_kept, _, _, _ = pruning.SWEEP_SCRATCH.sweep(
-            True, False, False, sc.gsum, np.zeros((L_, 0)), sc.rowmax, log_norm, to_finish, g.start_state, *g._out_edges,
-            -5000.0, log_share, -990.0, np.inf, cells)
+            True, False, False, sc.gsum, np.zeros((L_, 0)), sc.rowmax, log_norm, to_finish, g.start_state,
+            *g._out_edges, -5000.0, log_share, -990.0, np.inf, cells)
         sound = log_z + log_share >= -990.0
         assert ok == sound, (peak, log_z)
         if ok:

@@ -331,11 +331,15 @@ _KEPT_CELLS = {(s, m, logs): _kept_cells_kernel(s, m, logs)
 class SweepScratch(threading.local):
     """The arrays a sweep works in, kept by each thread from one step to the next. Fresh
     ones are faulted in page by page, and under flat logits a sweep keeps ~1M cells
-    (a random model, byte tokenizer, 20 tools, L=256: 5% of the lattice), whose lists
+    (a random model, byte tokenizer, 20 tools, L=256: 8.6% of the lattice), whose lists
     grew by doubling into 40 MB of new pages a sweep: 8.5k page faults, 11 of its 29 ms.
-    A thread keeps the longest lists a sweep asked for, at most ``MAX_KEPT_SHARE`` of that
-    grammar's lattice (20 bytes a cell: 31 MB at 20 tools and L=256), and scratch of 37
-    bytes a state of the largest automaton it swept (1.8 MB at 20 tools)."""
+    A thread keeps the longest lists a sweep asked for, up to ``KEPT_BYTES`` (20 bytes a
+    cell, at most twice ``MAX_KEPT_SHARE`` of the lattice: 42 MB at 20 tools and L=256),
+    and scratch of 37 bytes a state of the largest automaton it swept (1.8 MB at 20
+    tools)."""
+
+    #: The longest lists kept for the next sweep (the dense passes' limit).
+    KEPT_BYTES = 256 << 20
 
     def __init__(self) -> None:  # (run again in each thread that uses it)
         self.cells = (np.empty(1024, np.int32), np.empty(1024, np.float64), np.empty(1024, np.float64))
@@ -351,9 +355,11 @@ class SweepScratch(threading.local):
             self.by_state = (np.empty(S, np.float64), np.empty(S, np.float64), np.empty(S, np.float64),
                              np.empty(S, np.float64), np.empty(S, np.int32), np.empty(S, np.uint8),
                              np.empty(S, np.int32))
-        offsets, states, alpha, prefix, n, ok, best, dropped, log_kept, lift = _KEPT_CELLS[want_sum, want_max, in_logs](
-            *args, *self.cells, *self.by_state)
-        if states.shape[0] > self.cells[0].shape[0]:  # (grown in the sweep)
+        kernel = _KEPT_CELLS[want_sum, want_max, in_logs]
+        offsets, states, alpha, prefix, n, ok, best, dropped, log_kept, lift = kernel(*args, *self.cells,
+                                                                                      *self.by_state)
+        grown_here = states.shape[0] > self.cells[0].shape[0]
+        if grown_here and states.shape[0] * 20 <= self.KEPT_BYTES:
             self.cells = (states, alpha, prefix)
         return offsets, states[:n], ok, best, dropped, log_kept, alpha[:n], prefix[:n], lift
 
