@@ -215,8 +215,7 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool, in_logs: bool):  # type: 
         while (1 << bits) < S:
             bits += 8
         count = np.zeros(257, np.int64)
-        cap = states.shape[0]  # (alpha: each kept cell's alpha, times exp(lift), see below; prefix: its best
-        # prefix's log-probability)
+        cap = states.shape[0]
         best_after = _best_after(log_norm)  # (the best allowed logit is ``ref``, its probability 1 / norm)
         # alpha over the kept cells is at most 1 (each position's token probabilities add
         # up to 1) and at least the cut on a kept cell: held as alpha * exp(lift), the lift
