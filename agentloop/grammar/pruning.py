@@ -334,7 +334,7 @@ class SweepScratch(threading.local):
     grew by doubling into 40 MB of new pages a sweep: 8.5k page faults, 11 of its 29 ms.
     A thread keeps the longest lists a sweep asked for, up to ``KEPT_BYTES`` (20 bytes a
     cell, at most twice ``MAX_KEPT_SHARE`` of the lattice: 42 MB at 20 tools and L=256),
-    and scratch of 37 bytes a state of the largest automaton it swept (1.8 MB at 20
+    and scratch of 41 bytes a state of the largest automaton it swept (2.0 MB at 20
     tools)."""
 
     #: The longest lists kept for the next sweep (the dense passes' limit).
