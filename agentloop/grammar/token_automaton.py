@@ -94,11 +94,11 @@ def _lanes_start(st, s0, lanes, dead):  # pragma: no cover - compiled
 def _lanes_step(table, st, cls, d, dead):  # pragma: no cover - compiled
     """Every lane one symbol of class ``cls`` on: st[d + 1] <- the table's row cls at
     st[d]. Whether any lane is still alive."""
-    row = table[cls]
+    row = table[np.uint32(cls)]  # (indices unsigned: numba checks a signed one for wrapping around)
     n_alive = 0
     for b in range(_LANES):
-        q = row[st[d, b]]
-        st[d + 1, b] = q
+        q = row[st[np.uint32(d), b]]
+        st[np.uint32(d + 1), b] = q
         n_alive += q != dead
     return n_alive > 0
 
@@ -121,21 +121,22 @@ def _walk_hash(table, shapes, lens, lcp, jump, h1, h2):  # pragma: no cover - co
             u = u0
             while u < u1:
                 alive = True
+                uu = np.uint32(u)  # (unsigned, as in _lanes_step: 262k x 20 tools, 2.39 -> 2.12 s)
                 # the walk so far is shared with the previous shape, except at a chunk's first
-                for d in range(lcp[u] if u > u0 else 0, lens[u]):
-                    if not _lanes_step(table, st, shapes[u, d], d, dead):
+                for d in range(lcp[uu] if u > u0 else 0, lens[uu]):
+                    if not _lanes_step(table, st, shapes[uu, np.uint32(d)], d, dead):
                         # dead for every lane: skip the shapes sharing this prefix
-                        u = jump[u, d]
+                        u = jump[uu, np.uint32(d)]
                         alive = False
                         break
                 if alive:
-                    end = lens[u]
+                    end = np.uint32(lens[uu])
                     for b in range(lanes):
                         q = st[end, b]
                         if q != dead:
                             key = np.uint64((s0 + b) * 1000003 + np.int64(q) + 1)
-                            h1[u] = h1[u] * np.uint64(0x100000001B3) ^ key
-                            h2[u] = (h2[u] ^ (key * np.uint64(0x9E3779B97F4A7C15))) * np.uint64(0xC2B2AE3D27D4EB4F)
+                            h1[uu] = h1[uu] * np.uint64(0x100000001B3) ^ key
+                            h2[uu] = (h2[uu] ^ (key * np.uint64(0x9E3779B97F4A7C15))) * np.uint64(0xC2B2AE3D27D4EB4F)
                     u += 1
 
 
