@@ -195,34 +195,69 @@ def _walk_reps(table, state_of_row, shapes, lens, rep_shapes):  # pragma: no cov
     return src, atom, dst
 
 
+#: The most distinct next states of one state that ``_edges_by_destination`` gathers
+#: by scanning that state's triples once per next state; past it, a sort.
+_FEW_TARGETS = 64
+
+
 @nb.njit(cache=True, nogil=True)
 def _edges_by_destination(src, atom, dst):  # pragma: no cover - compiled
     """The triples of ``_walk_reps`` (sorted by state, then atom) as edges: sorted by
     (state, next state, atom), each run of one (state, next state) pair an edge. Returns
     (the atoms in that order, each edge's start and end in it, each edge's state and
-    next state). Each state's triples are sorted apart (a stable sort by next state of a
-    few hundred entries), where a global lexsort of all of them (~10M at 262k x 20
-    tools) took ~2 s with the gathers around it."""
+    next state). Each state's triples are ordered apart, where a global lexsort of all of
+    them (~13M at 262k x 20 tools) took ~2 s with the gathers around it: a state has a
+    few hundred triples but few next states (its edges), so they are listed in order and
+    each one's atoms gathered by a scan (0.39 -> 0.30 s against a stable sort per state
+    at 262k x 20 tools); a state with more than _FEW_TARGETS next states is sorted."""
     n = src.shape[0]
     atoms = np.empty(n, np.int32)
     starts = np.empty(n, np.int64)
     edge_src = np.empty(n, np.int32)
     edge_dst = np.empty(n, np.int32)
+    targets = np.empty(_FEW_TARGETS + 1, np.int32)  # one state's distinct next states, ascending
     E = 0
     a = 0
     while a < n:
         b = a
         while b < n and src[b] == src[a]:
             b += 1
-        order = np.argsort(dst[a:b], kind="mergesort")  # stable: atoms stay ascending
-        for j in range(b - a):
-            i = a + order[j]
-            atoms[a + j] = atom[i]
-            if j == 0 or dst[i] != dst[a + order[j - 1]]:
-                starts[E] = a + j
+        m = 0  # (insertion into ``targets``; m > _FEW_TARGETS: too many, sort instead)
+        for i in range(a, b):
+            q = dst[i]
+            j = m
+            while j > 0 and targets[j - 1] > q:
+                j -= 1
+            if j > 0 and targets[j - 1] == q:
+                continue
+            for k in range(m, j, -1):
+                targets[k] = targets[k - 1]
+            targets[j] = q
+            m += 1
+            if m > _FEW_TARGETS:
+                break
+        if m <= _FEW_TARGETS:
+            w = a
+            for t in range(m):  # each next state's atoms, ascending as they come
+                q = targets[t]
+                starts[E] = w
                 edge_src[E] = src[a]
-                edge_dst[E] = dst[i]
+                edge_dst[E] = q
                 E += 1
+                for i in range(a, b):
+                    if dst[i] == q:
+                        atoms[w] = atom[i]
+                        w += 1
+        else:
+            order = np.argsort(dst[a:b], kind="mergesort")  # stable: atoms stay ascending
+            for j in range(b - a):
+                i = a + order[j]
+                atoms[a + j] = atom[i]
+                if j == 0 or dst[i] != dst[a + order[j - 1]]:
+                    starts[E] = a + j
+                    edge_src[E] = src[a]
+                    edge_dst[E] = dst[i]
+                    E += 1
         a = b
     ends = np.empty(E, np.int64)
     ends[:E - 1] = starts[1:E]
