@@ -93,3 +93,24 @@ def test_groups_found_by_hash_equal_the_exact_ones(monkeypatch):
     got = ta_module.build_token_automaton(g.dfa, g.vocab)
     for field in ("group_atoms", "group_offsets", "edge_src", "edge_dst", "edge_group", "atom_groups"):
         np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+
+
+@pytest.mark.parametrize("targets", [5, 300])
+def test_edges_by_destination_order_every_states_triples_by_next_state(targets):
+    """A state's (state, atom, next state) triples come out sorted by (state, next state,
+    atom), one edge per next state: gathered by scanning where a state has few next states
+    (as every real grammar's have), sorted where it has more than ``_FEW_TARGETS``."""
+    rng = np.random.default_rng(targets)
+    src = np.sort(rng.integers(0, 40, 5000)).astype(np.int32)
+    atom = np.concatenate([np.arange(c) for c in np.bincount(src)]).astype(np.int32)  # ascending in each state
+    dst = rng.integers(0, targets, src.shape[0]).astype(np.int32)
+    atoms, starts, ends, edge_src, edge_dst = ta_module._edges_by_destination(src, atom, dst)
+    order = np.lexsort((atom, dst, src))
+    assert np.array_equal(atoms, atom[order])
+    pairs = np.unique(np.stack([src, dst], axis=1), axis=0)
+    assert np.array_equal(edge_src, pairs[:, 0]) and np.array_equal(edge_dst, pairs[:, 1])
+    assert starts[0] == 0 and np.array_equal(starts[1:], ends[:-1]) and ends[-1] == src.shape[0]
+    assert all((src[order][s:e] == q).all() and (dst[order][s:e] == d).all()
+               for s, e, q, d in zip(starts, ends, edge_src, edge_dst))
+    many = np.array([len(np.unique(dst[src == s])) for s in np.unique(src)])
+    assert (many > ta_module._FEW_TARGETS).all() if targets > 100 else (many <= ta_module._FEW_TARGETS).all()
