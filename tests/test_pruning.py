@@ -130,29 +130,36 @@ def test_a_pruned_step_makes_no_support(btok):
 
 
 def test_the_sweeps_reuse_their_arrays_and_a_kept_support_outlives_the_next_sweep(btok, tools3):
-    """Each thread sweeps in arrays it keeps (``SweepScratch``: fresh ones cost more in
-    page faults than the sweep), yet the kept cells a step gets are its own: a second
-    sweep, on this thread or on another at the same time, leaves them as they were."""
+    """Sweeps take their arrays from a pool (``SweepScratch``: fresh ones cost more in
+    page faults than the sweep) and give them back: one sweep after another reuses one
+    set, threads at once take a set each, and the pool keeps no more sets than ran at
+    once. Yet the kept cells a step gets are its own: a second sweep, on this thread or
+    on another at the same time, leaves them as they were."""
+    pool = pruning.SWEEP_SCRATCH
     xs = [_confident(tools3, btok, 1.0)]
     xs += [torch.randn(L, tools3.vocab.size, generator=torch.Generator().manual_seed(s)) * scale
            for s, scale in ((5, 1.0), (0, 3.0))]
     for x in xs:  # (the arrays grow to the longest lists these sweeps keep)
         _kept(tools3, x)
-    arrays = pruning.SWEEP_SCRATCH.cells
+    with pool.taken() as scratch:
+        arrays = scratch.cells
     first = _kept(tools3, xs[0])
     states = first.states.copy()
     others = [_kept(tools3, x) for x in xs[1:]]
-    assert pruning.SWEEP_SCRATCH.cells[0] is arrays[0]
+    with pool.taken() as scratch:
+        assert scratch.cells[0] is arrays[0]
     assert first.states.size and np.array_equal(first.states, states)
     assert not any(np.array_equal(s.states, states) for s in others)  # (each sweep kept other cells)
 
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(3) as pool:
+    sets = len(pool)
+    with ThreadPoolExecutor(3) as threads:
         for _ in range(3):
-            kept = list(pool.map(lambda x: _kept(tools3, x), xs * 2))
+            kept = list(threads.map(lambda x: _kept(tools3, x), xs * 2))
             for a, b in zip(kept, [first, *others] * 2):
                 assert np.array_equal(a.offsets, b.offsets) and np.array_equal(a.states, b.states)
+    assert sets <= len(pool) <= sets + 2  # (at most three sweeps ran at once)
 
 
 def _cells_of(g, canvas: list[int], start: int) -> list[tuple[int, int]]:
@@ -255,9 +262,10 @@ def test_the_sweeps_kept_weight_is_the_canvases_and_bounds_a_raised_cut(btok, to
         to_finish = g._to_finish(False)
         cells = (L_ + 1) * to_finish.shape[0]
         log_share = math.log(pruning.LOST_SHARE / cells)
-        _, _, ok, _, _, log_kept, _, _, _ = pruning.SWEEP_SCRATCH.sweep(
-            True, False, False, sc.gsum, np.zeros((L_, 0)), sc.rowmax, log_norm, to_finish, g.start_state,
-            *g._out_edges, -5000.0, log_share, -990.0, np.inf, cells)
+        with pruning.SWEEP_SCRATCH.taken() as scratch:
+            _, _, ok, _, _, log_kept, _, _, _ = scratch.sweep(
+                True, False, False, sc.gsum, np.zeros((L_, 0)), sc.rowmax, log_norm, to_finish, g.start_state,
+                *g._out_edges, -5000.0, log_share, -990.0, np.inf, cells)
         sound = log_z + log_share >= -990.0
         assert ok == sound, (peak, log_z)
         if ok:

@@ -64,9 +64,11 @@ its kept cells (random logits at temperature 0.01, 20 tools: ~15 ms a step again
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numba as nb
@@ -327,28 +329,28 @@ _KEPT_CELLS = {(s, m, logs): _kept_cells_kernel(s, m, logs)
                                   (True, True, True))}
 
 
-class SweepScratch(threading.local):
-    """The arrays a sweep works in, kept by each thread from one step to the next. Fresh
-    ones are faulted in page by page, and under flat logits a sweep keeps ~1M cells
-    (a random model, byte tokenizer, 20 tools, L=256: 8.6% of the lattice), whose lists
-    grew by doubling into 40 MB of new pages a sweep: 8.5k page faults, 11 of its 29 ms.
-    A thread keeps the longest lists a sweep asked for, up to ``KEPT_BYTES`` (20 bytes a
-    cell, at most twice ``MAX_KEPT_SHARE`` of the lattice: 42 MB at 20 tools and L=256),
-    and scratch of 41 bytes a state of the largest automaton it swept (2.0 MB at 20
-    tools)."""
+class SweepScratch:
+    """The arrays one sweep works in, kept from one step to the next (in
+    ``SWEEP_SCRATCH``). Fresh ones are faulted in page by page, and under flat logits a
+    sweep keeps ~1M cells (a random model, byte tokenizer, 20 tools, L=256: 8.6% of the
+    lattice), whose lists grew by doubling into 40 MB of new pages a sweep: 8.5k page
+    faults, 11 of its 29 ms. It keeps the longest lists a sweep asked for, up to
+    ``KEPT_BYTES`` (20 bytes a cell, at most twice ``MAX_KEPT_SHARE`` of the lattice: 42
+    MB at 20 tools and L=256), and scratch of 41 bytes a state of the largest automaton
+    it swept (2.0 MB at 20 tools)."""
 
     #: The longest lists kept for the next sweep (the dense passes' limit).
     KEPT_BYTES = 256 << 20
 
-    def __init__(self) -> None:  # (run again in each thread that uses it)
+    def __init__(self) -> None:
         self.cells = (np.empty(1024, np.int32), np.empty(1024, np.float64), np.empty(1024, np.float64))
         self.by_state: tuple[np.ndarray, ...] = ()
 
     def sweep(self, want_sum: bool, want_max: bool, in_logs: bool, *args: Any) -> tuple[Any, ...]:
         """``kept_cells`` for those tests over ``args`` (its arguments up to ``max_cells``)
-        in this thread's arrays. -> (offsets, states, ok, best, dropped, log_kept, alpha,
-        prefix, lift), states, alpha and prefix views of the thread's arrays: valid until
-        its next sweep."""
+        in these arrays. -> (offsets, states, ok, best, dropped, log_kept, alpha, prefix,
+        lift), states, alpha and prefix views of the arrays where they were long enough:
+        valid until their next sweep."""
         S = args[4].shape[0]  # (to_finish)
         if not self.by_state or self.by_state[0].shape[0] < S:
             self.by_state = (np.empty(S, np.float64), np.empty(S, np.float64), np.empty(S, np.float64),
@@ -363,8 +365,35 @@ class SweepScratch(threading.local):
         return offsets, states[:n], ok, best, dropped, log_kept, alpha[:n], prefix[:n], lift
 
 
-#: Each thread's sweep arrays (see SweepScratch).
-SWEEP_SCRATCH = SweepScratch()
+class SweepScratchPool:
+    """The ``SweepScratch`` sets of the process: a caller takes one for its sweeps and
+    gives it back, so the sets number the most sweeps that ever ran at once, not the
+    threads that ever swept (an engine steps one canvas at a time, but from whichever of
+    anyio's worker threads its caller awaited in: arrays kept by each thread would pile
+    up 40 MB a thread)."""
+
+    def __init__(self) -> None:
+        self._free: list[SweepScratch] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def taken(self) -> Iterator[SweepScratch]:
+        """A scratch set of one's own until the block ends."""
+        with self._lock:
+            scratch = self._free.pop() if self._free else SweepScratch()
+        try:
+            yield scratch
+        finally:
+            with self._lock:
+                self._free.append(scratch)
+
+    def __len__(self) -> int:
+        """The sets kept, free now."""
+        return len(self._free)
+
+
+#: The process's sweep arrays (see SweepScratchPool).
+SWEEP_SCRATCH = SweepScratchPool()
 
 
 @nb.njit(cache=True, nogil=True)
@@ -489,43 +518,44 @@ def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndar
     cells = (L + 1) * to_finish.shape[0]  # (at least the support's)
     share = LOST_SHARE if not (want_sum and log_lost > -np.inf) else LOST_SHARE / 2
     log_share = math.log(share / cells)
-    sweep = functools.partial(SWEEP_SCRATCH.sweep, want_sum, want_max, in_logs and want_sum)
-    args = (gsum_, gmax_, ref, log_norm, to_finish, start, *out_edges)
-    max_cells = min(int(MAX_KEPT_SHARE * cells), MAX_KEPT_LOG_CELLS) if in_logs else int(MAX_KEPT_SHARE * cells)
-    log_best = np.inf if want_sum else _below_rounding(log_v)
-    log_cut = log_m + log_share
-    lowest = -np.inf if in_logs else -(_CUT_AT + _TOP_AT)  # (log space: no cut is raised)
-    offsets, states, ok, best, dropped, log_kept, alpha, prefix, lift = sweep(*args, log_cut, log_share, lowest,
-                                                                              log_best, max_cells)
-    if not ok and want_sum and log_cut < lowest and log_kept < np.inf:  # (raised and refused: lower)
-        lowest = -_LOWEST_CUT
+    with SWEEP_SCRATCH.taken() as scratch:  # (arrays of its own while it sweeps)
+        sweep = functools.partial(scratch.sweep, want_sum, want_max, in_logs and want_sum)
+        args = (gsum_, gmax_, ref, log_norm, to_finish, start, *out_edges)
+        max_cells = min(int(MAX_KEPT_SHARE * cells), MAX_KEPT_LOG_CELLS) if in_logs else int(MAX_KEPT_SHARE * cells)
+        log_best = np.inf if want_sum else _below_rounding(log_v)
+        log_cut = log_m + log_share
+        lowest = -np.inf if in_logs else -(_CUT_AT + _TOP_AT)  # (log space: no cut is raised)
         offsets, states, ok, best, dropped, log_kept, alpha, prefix, lift = sweep(*args, log_cut, log_share, lowest,
                                                                                   log_best, max_cells)
-    if ok and want_sum:  # (the cut it used, raised or not, is sound: a second sweep starts there)
-        log_cut = max(log_cut, lowest)
-    if ok and want_sum and log_kept > log_m + _LOOSE_WALK:
-        # the greedy walks' bound was loose (a sure model's best tokens invalid: they found
-        # e^-974 where the canvases weigh e^-716): the kept canvases' weight gives a higher
-        # cut, 9.3k kept cells -> 3.0k at 20 tools (90k -> 6.2k edges out of them)
-        log_cut = log_kept + log_share
-        cut = log_cut if in_logs else math.exp(log_cut + lift)  # (at alpha's scale)
-        offsets, states, dropped_now = keep_above(offsets, states, alpha, prefix, cut, log_norm)
-        dropped = max(dropped, dropped_now)
-    if ok and want_sum and want_max:
-        # The first sweep took the cells that carry the weight alone (where they are too
-        # many, the cells of both tests would be more). Where no cell left out leads to a
-        # better canvas than the best one on them, the Viterbi canvas lies on them: done.
-        # (a greedy walk's best canvas can lie far below the best on the kept cells: one
-        # that turns into a string early, say)
-        floor = _below_rounding(max(best, log_v))
-        if dropped >= floor:
-            offsets, states, ok = sweep(*args, log_cut, log_share, lowest, floor, max_cells)[:3]
-    if not ok:
-        return None
-    if want_sum and not log_lost <= max(log_m, log_kept) + math.log(share):  # (both bound the total from below)
-        return None
-    if np.may_share_memory(states, SWEEP_SCRATCH.cells[0]):  # (the next sweep on this thread would overwrite it)
-        states = states.copy()
+        if not ok and want_sum and log_cut < lowest and log_kept < np.inf:  # (raised and refused: lower)
+            lowest = -_LOWEST_CUT
+            offsets, states, ok, best, dropped, log_kept, alpha, prefix, lift = sweep(*args, log_cut, log_share, lowest,
+                                                                                      log_best, max_cells)
+        if ok and want_sum:  # (the cut it used, raised or not, is sound: a second sweep starts there)
+            log_cut = max(log_cut, lowest)
+        if ok and want_sum and log_kept > log_m + _LOOSE_WALK:
+            # the greedy walks' bound was loose (a sure model's best tokens invalid: they found
+            # e^-974 where the canvases weigh e^-716): the kept canvases' weight gives a higher
+            # cut, 9.3k kept cells -> 3.0k at 20 tools (90k -> 6.2k edges out of them)
+            log_cut = log_kept + log_share
+            cut = log_cut if in_logs else math.exp(log_cut + lift)  # (at alpha's scale)
+            offsets, states, dropped_now = keep_above(offsets, states, alpha, prefix, cut, log_norm)
+            dropped = max(dropped, dropped_now)
+        if ok and want_sum and want_max:
+            # The first sweep took the cells that carry the weight alone (where they are too
+            # many, the cells of both tests would be more). Where no cell left out leads to a
+            # better canvas than the best one on them, the Viterbi canvas lies on them: done.
+            # (a greedy walk's best canvas can lie far below the best on the kept cells: one
+            # that turns into a string early, say)
+            floor = _below_rounding(max(best, log_v))
+            if dropped >= floor:
+                offsets, states, ok = sweep(*args, log_cut, log_share, lowest, floor, max_cells)[:3]
+        if not ok:
+            return None
+        if want_sum and not log_lost <= max(log_m, log_kept) + math.log(share):  # (both bound the total from below)
+            return None
+        if np.may_share_memory(states, scratch.cells[0]):  # (the set's next sweep would overwrite it)
+            states = states.copy()
     # (no mask: the passes over lists read none, and the log-space ones make theirs)
     no_mask = np.zeros((0, to_finish.shape[0]), np.uint8)
     return Support(offsets, states, no_mask, False, np.zeros((0, 0, 2), np.int32))
