@@ -445,9 +445,10 @@ def test_the_passes_clear_the_message_buffers_they_reuse(btok):
     x = torch.randn(40, g.vocab.size, generator=torch.Generator().manual_seed(1)) * 3
     want = g.denoise_step(x, torch.Generator().manual_seed(0), prune=False)
 
-    def spoil() -> None:
-        for p in (dp.VITERBI, dp.ALPHA, dp.BETA):
-            dp.MESSAGES.get(p, 41, g.automaton.n_states)[:] = np.nan
+    def spoil() -> None:  # (the set the next op takes: the one the last gave back)
+        with dp.MESSAGES.taken():
+            for p in (dp.VITERBI, dp.ALPHA, dp.BETA):
+                dp.MESSAGES.get(p, 41, g.automaton.n_states)[:] = np.nan
 
     for op in (lambda: g.viterbi(x, prune=False), lambda: g.sample(x, torch.Generator().manual_seed(0), prune=False),
                lambda: g.marginals(x, prune=False)):
@@ -460,9 +461,10 @@ def test_the_passes_clear_the_message_buffers_they_reuse(btok):
 
 
 def test_threads_stepping_one_grammar_at_once_keep_their_own_messages(btok):
-    """The dense passes' message buffers are kept per thread (``MessageBuffers``): four
-    threads stepping one grammar at once, each on its own logits, get what one thread
-    gets."""
+    """Each op takes a set of the dense passes' message buffers for as long as it runs
+    (``MessageBuffers``): four threads stepping one grammar at once, each on its own
+    logits, get what one thread gets, and the sets kept afterwards are no more than the
+    ops that ran at once; one op after another reuses one set."""
     import threading
 
     import torch
@@ -476,6 +478,7 @@ def test_threads_stepping_one_grammar_at_once_keep_their_own_messages(btok):
         for _ in range(8):
             got[i].append(g.denoise_step(xs[i], torch.Generator().manual_seed(0), prune=False))
 
+    sets = len(dp.MESSAGES)
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(xs))]
     for t in threads:
         t.start()
@@ -486,6 +489,13 @@ def test_threads_stepping_one_grammar_at_once_keep_their_own_messages(btok):
         for o in outs:
             assert o.argmax == w.argmax and o.sample == w.sample
             assert torch.equal(o.log_marginals, w.log_marginals) and torch.equal(o.entropy, w.entropy)
+    assert max(sets, 1) <= len(dp.MESSAGES) <= max(sets, 1) + 3  # (at most four ops ran at once)
+    with dp.MESSAGES.taken():
+        beta = dp.MESSAGES.get(dp.BETA, 49, g.automaton.n_states)
+    for x in xs:  # one op after another: the same set, the same arrays
+        g.denoise_step(x, torch.Generator().manual_seed(0), prune=False)
+        with dp.MESSAGES.taken():
+            assert np.shares_memory(dp.MESSAGES.get(dp.BETA, 49, g.automaton.n_states), beta)
 
 
 _CONCURRENT_CALLS = """

@@ -32,8 +32,10 @@ within ~700 of the row maximum; Viterbi runs in log space.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numba as nb
@@ -1266,36 +1268,67 @@ def log_mass_backward(beta_start: float, totals: np.ndarray, dense: bool) -> flo
 VITERBI, ALPHA, BETA = 0, 1, 2
 
 
-class MessageBuffers(threading.local):
+class MessageBuffers:
     """The dense passes' messages, (L + 1, S) float64 for each of VITERBI, ALPHA and BETA,
-    kept from one step to the next by each thread that runs steps, for whichever grammar
-    it steps next (a step uses them only while it runs; the passes clear each row before
-    they fill it). A fresh array is written page by page, each page faulted in and zeroed
-    by the kernel: three fresh (257, 2716) arrays (five tools) cost 8.5 ms on a 2-core
-    EPYC, three reused ones 2.0 ms to clear and fill; right after a model's forward has
-    freed its own buffers the faults cost far more (20 tools, Gemma 262k: a step 708 ms
-    with fresh messages, 414 kept). A thread keeps the largest array it was asked for,
-    up to KEPT_BYTES each: 2 x 100 MB at twenty tools and L=256 on one thread (three with
-    more threads: alpha then has its own), 2 x 5.6 MB at five."""
+    kept from one step to the next for whichever grammar steps next (the passes clear
+    each row before they fill it). A fresh array is written page by page, each page
+    faulted in and zeroed by the kernel: three fresh (257, 2716) arrays (five tools) cost
+    8.5 ms on a 2-core EPYC, three reused ones 2.0 ms to clear and fill; right after a
+    model's forward has freed its own buffers the faults cost far more (20 tools, Gemma
+    262k: a step 708 ms with fresh messages, 414 kept). A set keeps the largest array it
+    was asked for, up to KEPT_BYTES each: 2 x 100 MB at twenty tools and L=256 on one
+    thread (three with more threads: alpha then has its own), 2 x 5.6 MB at five.
+
+    An op takes a set for as long as it runs (``taken``) and gives it back, so the sets
+    number the most ops that ran at once, not the threads that ever ran one: an engine
+    steps one canvas at a time, but from whichever of anyio's worker threads its caller
+    awaited in, and sets kept by each thread would pile up 200-300 MB a thread at twenty
+    tools. Outside ``taken``, ``get`` makes arrays that nothing keeps."""
 
     #: The largest array kept for the next step.
     KEPT_BYTES = 256 << 20
 
-    def __init__(self) -> None:  # (run again in each thread that uses it)
-        self._flat: dict[int, np.ndarray] = {}
+    def __init__(self) -> None:
+        self._free: list[dict[int, np.ndarray]] = []
+        self._lock = threading.Lock()
+        self._held = threading.local()  # .arrays: the set this thread's op has taken
+
+    @contextlib.contextmanager
+    def taken(self) -> Iterator[None]:
+        """This thread's ``get`` hands out one set's arrays until the block ends (a block
+        inside another keeps the outer one's)."""
+        if getattr(self._held, "arrays", None) is not None:
+            yield
+            return
+        with self._lock:
+            arrays = self._free.pop() if self._free else {}
+        self._held.arrays = arrays
+        try:
+            yield
+        finally:
+            self._held.arrays = None
+            with self._lock:
+                self._free.append(arrays)
+
+    def __len__(self) -> int:
+        """The sets kept, free now."""
+        return len(self._free)
 
     def get(self, which: int, rows: int, S: int) -> np.ndarray:
         """A (rows, S) float64 array for pass ``which``, its contents left from before."""
+        arrays = getattr(self._held, "arrays", None)
+        if arrays is None:
+            arrays = {}
         n = rows * S
-        a = self._flat.get(which)
+        a = arrays.get(which)
         if a is None or a.shape[0] < n:
             a = np.empty(n, np.float64)
             if a.nbytes <= self.KEPT_BYTES:
-                self._flat[which] = a
+                arrays[which] = a
         return a[:n].reshape(rows, S)
 
 
-#: Each thread's messages (see MessageBuffers).
+#: The process's messages (see MessageBuffers).
 MESSAGES = MessageBuffers()
 
 

@@ -6,10 +6,11 @@ derived from it, and the canvas DP entry points that run once per denoising step
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
 import numba
 import numpy as np
@@ -134,6 +135,21 @@ class _Passes(NamedTuple):
 
 #: A canvas whose atom sums already left float64's range: straight to log space.
 _OUT_OF_RANGE = _Passes(None, None, None, None, in_range=False)
+
+
+_Op = TypeVar("_Op", bound=Callable[..., Any])
+
+
+def _holding_messages(op: _Op) -> _Op:
+    """Run ``op`` with a set of the dense passes' message buffers taken
+    (``canvas.MessageBuffers``): reused from an earlier op, given back after."""
+
+    @functools.wraps(op)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with dp.MESSAGES.taken():
+            return op(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 class CompiledGrammar:
@@ -479,6 +495,7 @@ class CompiledGrammar:
     def _final(self, partial: bool) -> np.ndarray:
         return self._final_any if partial else self._final_complete
 
+    @_holding_messages
     def viterbi(self, logits: Any, state: int | Sequence[int] | None = None, partial: bool = False,
                 prune: bool = True) -> Any:
         """Most probable valid canvas. logits (L, V) -> list[int]; (B, L, V) -> list[list[int]].
@@ -782,6 +799,7 @@ class CompiledGrammar:
                    if isinstance(out, torch.Tensor) else type(out).__name__)
             raise GrammarInputError(f"out must be a contiguous float32 tensor of shape {shape} on {device}; got {got}")
 
+    @_holding_messages
     def sample(self, logits: Any, generator: torch.Generator | None = None,
                state: int | Sequence[int] | None = None, partial: bool = False, prune: bool = True) -> Any:
         """An exact sample of the per-position product distribution restricted to the language.
@@ -801,6 +819,7 @@ class CompiledGrammar:
             out.append(self._sample_one(sc, sl, sup, passes, s0, uniforms[b]))
         return out if batched else out[0]
 
+    @_holding_messages
     def marginals(self, logits: Any, state: int | Sequence[int] | None = None, partial: bool = False,
                   return_entropy: bool = False, out: torch.Tensor | None = None, prune: bool = True) -> Any:
         """Constrained posterior marginals as log-probs, shape like ``logits`` (float32, on
@@ -841,6 +860,7 @@ class CompiledGrammar:
             return result
         return result, (H if batched else H[0])
 
+    @_holding_messages
     def denoise_step(self, logits: Any, generator: torch.Generator | None = None,
                      state: int | Sequence[int] | None = None, partial: bool = False,
                      out: torch.Tensor | None = None, prune: bool = True) -> "StepOutput":
