@@ -35,8 +35,8 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterator
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import numba as nb
 import numpy as np
@@ -1267,6 +1267,36 @@ def log_mass_backward(beta_start: float, totals: np.ndarray, dense: bool) -> flo
 #: The dense passes a step can ask for together (see ``_dense_passes``).
 VITERBI, ALPHA, BETA = 0, 1, 2
 
+_Set = TypeVar("_Set")
+
+
+class KeptSets(Generic[_Set]):
+    """Sets of buffers kept from one op to the next: an op takes a set for as long as it
+    runs (``taken``) and gives it back, so the sets number the most ops that ran at
+    once, not the threads that ever ran one. An engine steps one canvas at a time, but
+    from whichever of anyio's worker threads its caller awaited in: sets kept by each
+    thread would pile up (the dense messages: 200-300 MB a thread at twenty tools)."""
+
+    def __init__(self, make: Callable[[], _Set]) -> None:
+        self._make = make
+        self._free: list[_Set] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def taken(self) -> Iterator[_Set]:
+        """A set of one's own until the block ends: the one given back last, or a new one."""
+        with self._lock:
+            kept = self._free.pop() if self._free else self._make()
+        try:
+            yield kept
+        finally:
+            with self._lock:
+                self._free.append(kept)
+
+    def __len__(self) -> int:
+        """The sets kept, free now."""
+        return len(self._free)
+
 
 class MessageBuffers:
     """The dense passes' messages, (L + 1, S) float64 for each of VITERBI, ALPHA and BETA,
@@ -1279,18 +1309,15 @@ class MessageBuffers:
     was asked for, up to KEPT_BYTES each: 2 x 100 MB at twenty tools and L=256 on one
     thread (three with more threads: alpha then has its own), 2 x 5.6 MB at five.
 
-    An op takes a set for as long as it runs (``taken``) and gives it back, so the sets
-    number the most ops that ran at once, not the threads that ever ran one: an engine
-    steps one canvas at a time, but from whichever of anyio's worker threads its caller
-    awaited in, and sets kept by each thread would pile up 200-300 MB a thread at twenty
-    tools. Outside ``taken``, ``get`` makes arrays that nothing keeps."""
+    An op takes a set for as long as it runs (``taken``; the sets are ``KeptSets``), and
+    the passes deep inside it ``get`` that set's arrays. Outside ``taken``, ``get`` makes
+    arrays that nothing keeps."""
 
     #: The largest array kept for the next step.
     KEPT_BYTES = 256 << 20
 
     def __init__(self) -> None:
-        self._free: list[dict[int, np.ndarray]] = []
-        self._lock = threading.Lock()
+        self._sets: KeptSets[dict[int, np.ndarray]] = KeptSets(dict)
         self._held = threading.local()  # .arrays: the set this thread's op has taken
 
     @contextlib.contextmanager
@@ -1300,19 +1327,16 @@ class MessageBuffers:
         if getattr(self._held, "arrays", None) is not None:
             yield
             return
-        with self._lock:
-            arrays = self._free.pop() if self._free else {}
-        self._held.arrays = arrays
-        try:
-            yield
-        finally:
-            self._held.arrays = None
-            with self._lock:
-                self._free.append(arrays)
+        with self._sets.taken() as arrays:
+            self._held.arrays = arrays
+            try:
+                yield
+            finally:
+                self._held.arrays = None
 
     def __len__(self) -> int:
         """The sets kept, free now."""
-        return len(self._free)
+        return len(self._sets)
 
     def get(self, which: int, rows: int, S: int) -> np.ndarray:
         """A (rows, S) float64 array for pass ``which``, its contents left from before."""

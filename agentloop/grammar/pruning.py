@@ -64,17 +64,14 @@ its kept cells (random logits at temperature 0.01, 20 tools: ~15 ms a step again
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import numba as nb
 import numpy as np
 
-from .canvas import Support
+from .canvas import KeptSets, MessageBuffers, Support
 from .fsa import grown
 
 #: The most weight, as a share of the total, the canvases left out may have together.
@@ -339,8 +336,8 @@ class SweepScratch:
     MB at 20 tools and L=256), and scratch of 41 bytes a state of the largest automaton
     it swept (2.0 MB at 20 tools)."""
 
-    #: The longest lists kept for the next sweep (the dense passes' limit).
-    KEPT_BYTES = 256 << 20
+    #: The longest lists kept for the next sweep: the dense passes' limit.
+    KEPT_BYTES = MessageBuffers.KEPT_BYTES
 
     def __init__(self) -> None:
         self.cells = (np.empty(1024, np.int32), np.empty(1024, np.float64), np.empty(1024, np.float64))
@@ -365,35 +362,8 @@ class SweepScratch:
         return offsets, states[:n], ok, best, dropped, log_kept, alpha[:n], prefix[:n], lift
 
 
-class SweepScratchPool:
-    """The ``SweepScratch`` sets of the process: a caller takes one for its sweeps and
-    gives it back, so the sets number the most sweeps that ever ran at once, not the
-    threads that ever swept (an engine steps one canvas at a time, but from whichever of
-    anyio's worker threads its caller awaited in: arrays kept by each thread would pile
-    up 40 MB a thread)."""
-
-    def __init__(self) -> None:
-        self._free: list[SweepScratch] = []
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def taken(self) -> Iterator[SweepScratch]:
-        """A scratch set of one's own until the block ends."""
-        with self._lock:
-            scratch = self._free.pop() if self._free else SweepScratch()
-        try:
-            yield scratch
-        finally:
-            with self._lock:
-                self._free.append(scratch)
-
-    def __len__(self) -> int:
-        """The sets kept, free now."""
-        return len(self._free)
-
-
-#: The process's sweep arrays (see SweepScratchPool).
-SWEEP_SCRATCH = SweepScratchPool()
+#: The process's sweep arrays: a sweep takes a set and gives it back (see KeptSets).
+SWEEP_SCRATCH: KeptSets[SweepScratch] = KeptSets(SweepScratch)
 
 
 @nb.njit(cache=True, nogil=True)
