@@ -112,11 +112,14 @@ def demo(prompts: tuple[str, ...], seed: int, trace: bool, random_model: bool, s
     with tempfile.TemporaryDirectory(prefix="agentloop-demo-") as sandbox:
         for prompt in prompts or DEMO_PROMPTS:
             click.echo(f"> {prompt}", err=True)
+            compiling = _compile_seconds()
             result = agent.run_sync(prompt, deps=sandbox)
             _print_result(result, False, trace)
             u = result.usage
+            note = _compiling_note(_compile_seconds() - compiling)
             click.echo(f"  ({u.steps} model steps, {u.denoising_steps} denoising steps, "
-                       f"{u.forced_tokens} tokens forced, {1000 * result.total_s:.0f} ms)", err=True)
+                       f"{u.forced_tokens} tokens forced, {1000 * result.total_s:.0f} ms{f', {note}' if note else ''})",
+                       err=True)
 
 
 def _random_canvases(seed: int, steps: int, canvas_length: int) -> None:
@@ -175,10 +178,35 @@ def _agent_options(f: Any) -> Any:
     return f
 
 
+_compile_clock: Any = None
+
+
+def _compile_seconds() -> float:
+    """Seconds numba has spent compiling kernels in this process since the first call.
+
+    A first run on a machine compiles agentloop's kernels for its CPU (~45 s on a 2-core
+    x86 machine); numba keeps them in its on-disk cache, and later runs load them in
+    well under a second. The CLI says how much of a slow step was that, so that a
+    first request's time is not read as the loop's."""
+    global _compile_clock
+    if _compile_clock is None:
+        from numba.core import event
+
+        _compile_clock = event.TimingListener()  # (nested compiles counted once: it tracks depth)
+        event.register("numba:compile", _compile_clock)
+    return float(_compile_clock.duration) if _compile_clock.done else 0.0
+
+
+def _compiling_note(seconds: float) -> str:
+    """What a time shown beside it owes to compiling kernels (nothing under half a second)."""
+    return f"{seconds:.1f} s of it compiling kernels: first run only, cached after" if seconds >= 0.5 else ""
+
+
 @contextmanager
 def _progress(message: str) -> Iterator[None]:
     """A spinner on stderr while something slow (loading a model) runs."""
     done = threading.Event()
+    compiling = _compile_seconds()
     t0 = time.perf_counter()
     tty = sys.stderr.isatty()
 
@@ -199,7 +227,9 @@ def _progress(message: str) -> Iterator[None]:
         done.set()
         if th:
             th.join()
-        click.echo(f"{chr(13) if tty else ''}{message}: done in {time.perf_counter() - t0:.1f} s", err=True)
+        note = _compiling_note(_compile_seconds() - compiling)
+        click.echo(f"{chr(13) if tty else ''}{message}: done in {time.perf_counter() - t0:.1f} s"
+                   f"{f' ({note})' if note else ''}", err=True)
 
 
 def _make_agent(tool_specs: tuple[str, ...], model: str, device: str, dtype: str, max_steps: int,
@@ -287,6 +317,7 @@ def run(prompt: str, tool_specs: tuple[str, ...], model: str, device: str, dtype
     from .errors import MaxStepsExceeded, ToolRetriesExhausted
 
     agent = _make_agent(tool_specs, model, device, dtype, max_steps, max_denoising_steps, instructions, seed)
+    compiling = _compile_seconds()
     try:
         result = agent.run_sync(prompt)
     except (MaxStepsExceeded, ToolRetriesExhausted) as e:
@@ -296,6 +327,9 @@ def run(prompt: str, tool_specs: tuple[str, ...], model: str, device: str, dtype
             click.echo(_trace_table(e.partial), err=True)
         raise
     _print_result(result, as_json, trace)
+    note = _compiling_note(_compile_seconds() - compiling)
+    if note:
+        click.echo(f"(the run took {result.total_s:.1f} s, {note})", err=True)
 
 
 @main.command()
@@ -330,6 +364,7 @@ def chat(tool_specs: tuple[str, ...], model: str, device: str, dtype: str, max_s
         if line == "/trace":
             click.echo(_trace_table(last) if last is not None else "(no turn yet)")
             continue
+        compiling = _compile_seconds()
         try:
             last = agent.run_sync(line, message_history=history)
         except AgentloopError as e:
@@ -337,6 +372,9 @@ def chat(tool_specs: tuple[str, ...], model: str, device: str, dtype: str, max_s
             continue
         history = last.messages
         _print_result(last, False, trace)
+        note = _compiling_note(_compile_seconds() - compiling)
+        if note:
+            click.echo(f"(the turn took {last.total_s:.1f} s, {note})", err=True)
 
 
 @main.command("tools")

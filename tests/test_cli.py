@@ -117,3 +117,25 @@ def test_run_as_a_real_subprocess():
     assert r.returncode in (0, 1), r.stderr
     assert "loading model random" in r.stderr
     json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_compile_time_is_told_apart_from_the_loop():
+    """A first run's slow request is numba compiling kernels: the CLI counts those seconds
+    (real compiles only, not calls of a compiled kernel) and says so beside the time."""
+    import numba
+
+    from agentloop.cli import _compile_seconds, _compiling_note
+
+    before = _compile_seconds()
+
+    @numba.njit(cache=False)
+    def fresh(x):  # a new function: numba compiles it at its first call
+        return x * 3 + 1
+
+    assert fresh(2) == 7
+    compiled = _compile_seconds()
+    assert compiled > before
+    assert fresh(5) == 16  # compiled already: no time added
+    assert _compile_seconds() == compiled
+    assert _compiling_note(0.2) == ""
+    assert _compiling_note(36.24) == "36.2 s of it compiling kernels: first run only, cached after"
