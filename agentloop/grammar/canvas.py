@@ -153,208 +153,240 @@ def _single_sums(e, key, bits, m, d):  # pragma: no cover - compiled
 
 
 def _scan_kernel(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
-    """The scan compiled with or without the sums, and the entropy sums (compile-time
-    flags keep the inner loops free of branches, which is what lets them vectorise).
-    Without the sums (Viterbi alone) a nan is never an atom's best, as for max()."""
+    """The scan of rows r0..r1 - 1, compiled with or without the sums, and the entropy
+    sums (compile-time flags keep the inner loops free of branches, which is what lets
+    them vectorise). Without the sums (Viterbi alone) a nan is never an atom's best, as
+    for max()."""
 
-    @parallel_kernel(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-    def scan(logit_bits, perm, lo, hi, blocks, singles, others, allowed, place, n_few, terms, scatter, singles_first,
-             rowmax, asum, asumx, amax_bits, aarg, block_sums, parts):  # pragma: no cover
+    @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+    def scan_rows(logit_bits, perm, lo, hi, blocks, singles, others, allowed, place, n_few, terms, scatter,
+                  singles_first, rowmax, asum, asumx, amax_bits, aarg, block_sums, r0, r1):  # pragma: no cover
         # logit_bits: the logits (N, V) as int32 bits (a float32 view of a local array is
         # not known to be contiguous, and its loops would not vectorise); singles_first:
         # singles[j] == j (the token automaton numbers its atoms so), and the one-token
         # atoms' statistics are written as runs, in loops that vectorise; the atoms
         # others[:n_few] have few tokens, perm[K1:terms], taken term by term as the
         # one-token atoms are
-        N = logit_bits.shape[0]
         K1 = singles.shape[0]
-        for part in nb.prange(parts):  # rows are independent: a share of them per thread (see row_parts)
-            bits = np.empty(perm.shape[0], np.int32)  # a row's allowed logits, atom after atom
-            keys = np.empty(terms, np.int32)  # the keys of the tokens taken term by term ...
-            e1 = np.empty(terms, np.float32)  # ... their exp(x - rowmax)
-            d1 = np.empty(terms, np.float32)  # ... and x - rowmax
-            e2 = np.empty(terms - K1, np.float32)  # the few-token atoms' exp(x - (rowmax - _LOWER))
-            for r in range(part * N // parts, (part + 1) * N // parts):
-                row = logit_bits[r]
-                r_amax = amax_bits[r]
-                r_aarg = aarg[r]
-                r_sum = asum[r]
-                r_sumx = asumx[r]
-                # the row in atom order (indices unsigned: a signed one is checked for
-                # wrapping around from the end, which made this loop 1.6x slower)
-                if scatter:
-                    for j in range(allowed.shape[0]):
-                        bits[np.uint32(place[j])] = row[np.uint32(allowed[j])]
-                else:
-                    # the row read once in token order first: right after a forward the
-                    # logits sit in L2/L3, and the gather's jumps through a row then wait
-                    # on each line, where one stream brings the row (16 KB at 4k) into
-                    # L1 (the step 0.93-0.96x right after a forward, 1.00-1.02x warm,
-                    # bench/results/constraint_ab_row_touch_*.md). The store keeps the
-                    # loop: without it the compiler drops it (measured: 1.00x)
-                    touch = np.int32(0)
-                    for t in range(row.shape[0]):
-                        touch |= row[t]
-                    if perm.shape[0]:
-                        bits[0] = touch  # (overwritten by the gather's first store)
-                    for j in range(perm.shape[0]):
-                        bits[j] = row[np.uint32(perm[j])]
-                # 1. each atom's best logit (as a key) and its first token; the row's best
-                # finite one. A nan is an atom's best (its sums come out nan, and the caller
-                # names the position).
-                top_row = KEY_NEG_INF
-                for j in range(terms):
-                    key = order_key(bits[j])
-                    if not want_sum:
-                        key = KEY_NEG_INF if key == KEY_NAN else key
-                    keys[j] = key
-                    top_row = max(top_row, key if key < KEY_POS_INF else KEY_NEG_INF)
-                if singles_first:
-                    for j in range(K1):
-                        usable = keys[j] > KEY_NEG_INF
-                        r_amax[j] = key_to_bits(keys[j]) if usable else np.int32(-8388608)  # 0xff800000: -inf
-                        r_aarg[j] = perm[j] if usable else np.int32(-1)
-                else:
-                    for j in range(K1):
-                        k = singles[j]
-                        if keys[j] <= KEY_NEG_INF:  # no usable logit
-                            r_amax[k] = np.int32(-8388608)
-                            r_aarg[k] = -1
-                        else:
-                            r_amax[k] = key_to_bits(keys[j])
-                            r_aarg[k] = perm[j]
-                for i in range(n_few):  # (their keys are in top_row already)
-                    k = others[i]
-                    run_keys = keys[lo[k]:hi[k]]
-                    packed = np.int64(-(2**63))  # (packed as below: no branch to mispredict)
-                    for j in range(run_keys.shape[0]):
-                        packed = max(packed, (np.int64(run_keys[j]) << 32) | (np.int64(0xFFFFFFFF) - j))
-                    top = np.int32(packed >> 32)
-                    at = lo[k] + np.int64(0xFFFFFFFF) - (packed & np.int64(0xFFFFFFFF))
-                    r_amax[k] = key_to_bits(top) if top > KEY_NEG_INF else np.int32(-8388608)
-                    r_aarg[k] = perm[at] if top > KEY_NEG_INF else np.int32(-1)
-                for i in range(n_few, others.shape[0]):
-                    # a max over keys packed with the run offset (key << 32 | (2**32 - 1 -
-                    # offset)): ties go to the lowest token
-                    k = others[i]
-                    run = bits[lo[k]:hi[k]]
-                    top = np.int64(-(2**63))
-                    for j in range(run.shape[0]):
-                        key = order_key(run[j])
-                        if not want_sum:
-                            key = KEY_NEG_INF if key == KEY_NAN else key
-                        top = max(top, (np.int64(key) << 32) | (np.int64(0xFFFFFFFF) - j))
-                    key = np.int32(top >> 32)
-                    if key <= KEY_NEG_INF:  # no usable logit (or no token at all)
+        bits = np.empty(perm.shape[0], np.int32)  # a row's allowed logits, atom after atom
+        keys = np.empty(terms, np.int32)  # the keys of the tokens taken term by term ...
+        e1 = np.empty(terms, np.float32)  # ... their exp(x - rowmax)
+        d1 = np.empty(terms, np.float32)  # ... and x - rowmax
+        e2 = np.empty(terms - K1, np.float32)  # the few-token atoms' exp(x - (rowmax - _LOWER))
+        for r in range(r0, r1):
+            row = logit_bits[r]
+            r_amax = amax_bits[r]
+            r_aarg = aarg[r]
+            r_sum = asum[r]
+            r_sumx = asumx[r]
+            # the row in atom order (indices unsigned: a signed one is checked for
+            # wrapping around from the end, which made this loop 1.6x slower)
+            if scatter:
+                for j in range(allowed.shape[0]):
+                    bits[np.uint32(place[j])] = row[np.uint32(allowed[j])]
+            else:
+                # the row read once in token order first: right after a forward the
+                # logits sit in L2/L3, and the gather's jumps through a row then wait
+                # on each line, where one stream brings the row (16 KB at 4k) into
+                # L1 (the step 0.93-0.96x right after a forward, 1.00-1.02x warm,
+                # bench/results/constraint_ab_row_touch_*.md). The store keeps the
+                # loop: without it the compiler drops it (measured: 1.00x)
+                touch = np.int32(0)
+                for t in range(row.shape[0]):
+                    touch |= row[t]
+                if perm.shape[0]:
+                    bits[0] = touch  # (overwritten by the gather's first store)
+                for j in range(perm.shape[0]):
+                    bits[j] = row[np.uint32(perm[j])]
+            # 1. each atom's best logit (as a key) and its first token; the row's best
+            # finite one. A nan is an atom's best (its sums come out nan, and the caller
+            # names the position).
+            top_row = KEY_NEG_INF
+            for j in range(terms):
+                key = order_key(bits[j])
+                if not want_sum:
+                    key = KEY_NEG_INF if key == KEY_NAN else key
+                keys[j] = key
+                top_row = max(top_row, key if key < KEY_POS_INF else KEY_NEG_INF)
+            if singles_first:
+                for j in range(K1):
+                    usable = keys[j] > KEY_NEG_INF
+                    r_amax[j] = key_to_bits(keys[j]) if usable else np.int32(-8388608)  # 0xff800000: -inf
+                    r_aarg[j] = perm[j] if usable else np.int32(-1)
+            else:
+                for j in range(K1):
+                    k = singles[j]
+                    if keys[j] <= KEY_NEG_INF:  # no usable logit
                         r_amax[k] = np.int32(-8388608)
                         r_aarg[k] = -1
                     else:
-                        r_amax[k] = key_to_bits(key)
-                        r_aarg[k] = perm[lo[k] + np.int64(0xFFFFFFFF) - (top & np.int64(0xFFFFFFFF))]
-                        if key < KEY_POS_INF:  # finite
-                            top_row = max(top_row, key)
-                m = np.float32(0.0)
-                if top_row > KEY_NEG_INF:
-                    m = bits_to_float(key_to_bits(top_row))
-                rowmax[r] = m
-                if not want_sum:
-                    continue
-                # 2. the terms exp(x - rowmax) in float32 of the atoms of one token and of a
-                # few: 0 at -inf; nan at nan or +inf. A one-token atom's sums are its term,
-                # taken in float64 where float32 flushes it (more than 87 below the row's best).
-                for j in range(terms):
-                    d = bits_to_float(bits[j]) - m
-                    e1[j] = exp_nonpositive(d)
+                        r_amax[k] = key_to_bits(keys[j])
+                        r_aarg[k] = perm[j]
+            for i in range(n_few):  # (their keys are in top_row already)
+                k = others[i]
+                run_keys = keys[lo[k]:hi[k]]
+                packed = np.int64(-(2**63))  # (packed as below: no branch to mispredict)
+                for j in range(run_keys.shape[0]):
+                    packed = max(packed, (np.int64(run_keys[j]) << 32) | (np.int64(0xFFFFFFFF) - j))
+                top = np.int32(packed >> 32)
+                at = lo[k] + np.int64(0xFFFFFFFF) - (packed & np.int64(0xFFFFFFFF))
+                r_amax[k] = key_to_bits(top) if top > KEY_NEG_INF else np.int32(-8388608)
+                r_aarg[k] = perm[at] if top > KEY_NEG_INF else np.int32(-1)
+            for i in range(n_few, others.shape[0]):
+                # a max over keys packed with the run offset (key << 32 | (2**32 - 1 -
+                # offset)): ties go to the lowest token
+                k = others[i]
+                run = bits[lo[k]:hi[k]]
+                top = np.int64(-(2**63))
+                for j in range(run.shape[0]):
+                    key = order_key(run[j])
+                    if not want_sum:
+                        key = KEY_NEG_INF if key == KEY_NAN else key
+                    top = max(top, (np.int64(key) << 32) | (np.int64(0xFFFFFFFF) - j))
+                key = np.int32(top >> 32)
+                if key <= KEY_NEG_INF:  # no usable logit (or no token at all)
+                    r_amax[k] = np.int32(-8388608)
+                    r_aarg[k] = -1
+                else:
+                    r_amax[k] = key_to_bits(key)
+                    r_aarg[k] = perm[lo[k] + np.int64(0xFFFFFFFF) - (top & np.int64(0xFFFFFFFF))]
+                    if key < KEY_POS_INF:  # finite
+                        top_row = max(top_row, key)
+            m = np.float32(0.0)
+            if top_row > KEY_NEG_INF:
+                m = bits_to_float(key_to_bits(top_row))
+            rowmax[r] = m
+            if not want_sum:
+                continue
+            # 2. the terms exp(x - rowmax) in float32 of the atoms of one token and of a
+            # few: 0 at -inf; nan at nan or +inf. A one-token atom's sums are its term,
+            # taken in float64 where float32 flushes it (more than 87 below the row's best).
+            for j in range(terms):
+                d = bits_to_float(bits[j]) - m
+                e1[j] = exp_nonpositive(d)
+                if want_x:
+                    d1[j] = d
+            # numbered first, the one-token atoms' sums are written as runs; the loop
+            # below then runs only on a row where float32 flushed a term: it takes
+            # those in float64 (with float64_math's exp, which vectorises: where a
+            # model is sure of one token, most of a row's terms flush, and a libm exp
+            # each added 0.3 ms to the 0.5 ms scan at 20 tools), and writes the others
+            # again as they are
+            flushed = 0
+            if singles_first:
+                for j in range(K1):
+                    e = np.float64(e1[j])
+                    r_sum[j] = e
                     if want_x:
-                        d1[j] = d
-                # numbered first, the one-token atoms' sums are written as runs; the loop
-                # below then runs only on a row where float32 flushed a term: it takes
-                # those in float64 (with float64_math's exp, which vectorises: where a
-                # model is sure of one token, most of a row's terms flush, and a libm exp
-                # each added 0.3 ms to the 0.5 ms scan at 20 tools), and writes the others
-                # again as they are
-                flushed = 0
-                if singles_first:
-                    for j in range(K1):
-                        e = np.float64(e1[j])
-                        r_sum[j] = e
-                        if want_x:
-                            r_sumx[j] = e * np.float64(d1[j]) if e > 0.0 else e  # 0 * -inf is nan
-                        flushed += (e1[j] == np.float32(0.0)) & (keys[j] > KEY_NEG_INF)
-                if flushed and singles_first:  # (two loops: the runs' stores vectorise)
-                    for j in range(K1):
-                        r_sum[j], sx = _single_sums(e1[j], keys[j], bits[j], m, d1[j] if want_x else np.float32(0.0))
-                        if want_x:
-                            r_sumx[j] = sx
-                for j in range(0 if singles_first else K1):
-                    k = singles[j]
-                    r_sum[k], sx = _single_sums(e1[j], keys[j], bits[j], m, d1[j] if want_x else np.float32(0.0))
+                        r_sumx[j] = e * np.float64(d1[j]) if e > 0.0 else e  # 0 * -inf is nan
+                    flushed += (e1[j] == np.float32(0.0)) & (keys[j] > KEY_NEG_INF)
+            if flushed and singles_first:  # (two loops: the runs' stores vectorise)
+                for j in range(K1):
+                    r_sum[j], sx = _single_sums(e1[j], keys[j], bits[j], m, d1[j] if want_x else np.float32(0.0))
                     if want_x:
-                        r_sumx[k] = sx
-                # 3. every other atom. One of a few tokens adds up its terms, where its best
-                # lies within _FAR of the row's best (terms float32 flushes there are less
-                # than 2**-53 of that best's: left out), or within _FAR + _LOWER, its terms
-                # taken from a reference _LOWER lower (ref2, float32; the scale back,
-                # exp(ref2 - rowmax), in float64: no rounding is shared by the terms)
-                scale2 = -1.0  # (e2 not taken yet in this row)
-                for i in range(others.shape[0]):
-                    k = others[i]
-                    b = bits_to_float(r_amax[k])
-                    near = not b - m < -_FAR  # (nan and +inf too: their terms make nan sums)
-                    if i < n_few and (near or not b - m < -(_FAR + _LOWER)):
-                        if not near and scale2 < 0.0:
-                            ref2 = m - _LOWER
-                            for j in range(K1, terms):
-                                e2[j - K1] = exp_to_88(bits_to_float(bits[j]) - ref2)
-                            scale2 = math.exp(np.float64(ref2) - np.float64(m))
-                        run_e = e1[lo[k]:hi[k]] if near else e2[lo[k] - K1:hi[k] - K1]
-                        run_d = d1[lo[k]:hi[k]]
-                        s = 0.0
-                        sx = 0.0
-                        for j in range(run_e.shape[0]):
-                            e = np.float64(run_e[j])
-                            s += e
-                            if want_x:
-                                sx += e * np.float64(run_d[j]) if e > 0.0 else e
-                        scale = 1.0 if near else scale2
-                        r_sum[k] = s * scale
-                        if want_x:
-                            r_sumx[k] = sx * scale
-                        continue
-                    # the others' sums around their own best b (every term <= 1, so an atom
-                    # far below the row's best keeps its precision, where a few-token atom's
-                    # terms near float32's end would lose it, or flush), moved to rowmax in
-                    # float64: asum = exp(b - rowmax) * sum exp(x - b), asumx likewise with
-                    # (x - rowmax); a block sum for each block (an atom of a few has none)
-                    if r_aarg[k] < 0:
-                        r_sum[k] = 0.0
-                        if want_x:
-                            r_sumx[k] = 0.0
-                        block_sums[r, blocks[k]:blocks[k + 1]] = 0.0
-                        continue
-                    run = bits[lo[k]:hi[k]]
+                        r_sumx[j] = sx
+            for j in range(0 if singles_first else K1):
+                k = singles[j]
+                r_sum[k], sx = _single_sums(e1[j], keys[j], bits[j], m, d1[j] if want_x else np.float32(0.0))
+                if want_x:
+                    r_sumx[k] = sx
+            # 3. every other atom. One of a few tokens adds up its terms, where its best
+            # lies within _FAR of the row's best (terms float32 flushes there are less
+            # than 2**-53 of that best's: left out), or within _FAR + _LOWER, its terms
+            # taken from a reference _LOWER lower (ref2, float32; the scale back,
+            # exp(ref2 - rowmax), in float64: no rounding is shared by the terms)
+            scale2 = -1.0  # (e2 not taken yet in this row)
+            for i in range(others.shape[0]):
+                k = others[i]
+                b = bits_to_float(r_amax[k])
+                near = not b - m < -_FAR  # (nan and +inf too: their terms make nan sums)
+                if i < n_few and (near or not b - m < -(_FAR + _LOWER)):
+                    if not near and scale2 < 0.0:
+                        ref2 = m - _LOWER
+                        for j in range(K1, terms):
+                            e2[j - K1] = exp_to_88(bits_to_float(bits[j]) - ref2)
+                        scale2 = math.exp(np.float64(ref2) - np.float64(m))
+                    run_e = e1[lo[k]:hi[k]] if near else e2[lo[k] - K1:hi[k] - K1]
+                    run_d = d1[lo[k]:hi[k]]
                     s = 0.0
                     sx = 0.0
-                    for j0 in range(0, run.shape[0], _BLOCK):
-                        # float32 sums over a block, float64 across blocks (a nan or +inf
-                        # logit makes them nan: the caller refuses it)
-                        bs, bsx = exp_sums(run[j0:j0 + _BLOCK], b)
-                        if blocks[k] < blocks[k + 1]:
-                            block_sums[r, blocks[k] + j0 // _BLOCK] = bs
-                        s += bs
-                        sx += bsx
-                    gap = np.float64(b) - np.float64(m)
-                    scale = math.exp(gap)
-                    r_sum[k] = scale * s
+                    for j in range(run_e.shape[0]):
+                        e = np.float64(run_e[j])
+                        s += e
+                        if want_x:
+                            sx += e * np.float64(run_d[j]) if e > 0.0 else e
+                    scale = 1.0 if near else scale2
+                    r_sum[k] = s * scale
                     if want_x:
-                        r_sumx[k] = scale * (sx + gap * s)
+                        r_sumx[k] = sx * scale
+                    continue
+                # the others' sums around their own best b (every term <= 1, so an atom
+                # far below the row's best keeps its precision, where a few-token atom's
+                # terms near float32's end would lose it, or flush), moved to rowmax in
+                # float64: asum = exp(b - rowmax) * sum exp(x - b), asumx likewise with
+                # (x - rowmax); a block sum for each block (an atom of a few has none)
+                if r_aarg[k] < 0:
+                    r_sum[k] = 0.0
+                    if want_x:
+                        r_sumx[k] = 0.0
+                    block_sums[r, blocks[k]:blocks[k + 1]] = 0.0
+                    continue
+                run = bits[lo[k]:hi[k]]
+                s = 0.0
+                sx = 0.0
+                for j0 in range(0, run.shape[0], _BLOCK):
+                    # float32 sums over a block, float64 across blocks (a nan or +inf
+                    # logit makes them nan: the caller refuses it)
+                    bs, bsx = exp_sums(run[j0:j0 + _BLOCK], b)
+                    if blocks[k] < blocks[k + 1]:
+                        block_sums[r, blocks[k] + j0 // _BLOCK] = bs
+                    s += bs
+                    sx += bsx
+                gap = np.float64(b) - np.float64(m)
+                scale = math.exp(gap)
+                r_sum[k] = scale * s
+                if want_x:
+                    r_sumx[k] = scale * (sx + gap * s)
+
+    return scan_rows
+
+
+_scan_rows_max = _scan_kernel(False, False)
+_scan_rows_sums = _scan_kernel(True, False)
+_scan_rows_sums_x = _scan_kernel(True, True)
+
+
+def _scan_launcher(want_sum: bool, want_x: bool):  # type: ignore[no-untyped-def]
+    """The scan's rows shared out across numba's threads. The rows' kernel is compiled on
+    its own and called here: numba's parallel pipeline over the scan's whole body took
+    8.2 s to compile, this 5.9 (a fresh install compiles it at its first step). It is
+    named as a module global, not held in this closure, whose cells numba's disk cache
+    hashes (a kernel pickles with a new id in each process: the cache never hit); the
+    branch on the flags is decided at compile time, and only the kernel taken is
+    compiled."""
+
+    @parallel_kernel(cache=True, nogil=True)
+    def scan(logit_bits, perm, lo, hi, blocks, singles, others, allowed, place, n_few, terms, scatter, singles_first,
+             rowmax, asum, asumx, amax_bits, aarg, block_sums, parts):  # pragma: no cover
+        N = logit_bits.shape[0]
+        for part in nb.prange(parts):  # rows are independent: a share of them per thread (see row_parts)
+            r0, r1 = part * N // parts, (part + 1) * N // parts
+            if want_x:
+                _scan_rows_sums_x(logit_bits, perm, lo, hi, blocks, singles, others, allowed, place, n_few, terms,
+                                  scatter, singles_first, rowmax, asum, asumx, amax_bits, aarg, block_sums, r0, r1)
+            elif want_sum:
+                _scan_rows_sums(logit_bits, perm, lo, hi, blocks, singles, others, allowed, place, n_few, terms,
+                                scatter, singles_first, rowmax, asum, asumx, amax_bits, aarg, block_sums, r0, r1)
+            else:
+                _scan_rows_max(logit_bits, perm, lo, hi, blocks, singles, others, allowed, place, n_few, terms,
+                               scatter, singles_first, rowmax, asum, asumx, amax_bits, aarg, block_sums, r0, r1)
 
     return scan
 
 
-_scan_max = _scan_kernel(False, False)  # viterbi
-_scan_sums = _scan_kernel(True, False)  # sample, marginals
-_scan_sums_x = _scan_kernel(True, True)  # marginals with entropies, denoise_step
+_scan_max = _scan_launcher(False, False)  # viterbi
+_scan_sums = _scan_launcher(True, False)  # sample, marginals
+_scan_sums_x = _scan_launcher(True, True)  # marginals with entropies, denoise_step
 
 
 @parallel_kernel(cache=True, nogil=True)
