@@ -89,6 +89,19 @@ def test_engine_ab_runs_both_engines_on_the_same_calls(tmp_path):
     assert rows[0][8].strip() == "yes" and rows[0][9].strip() == "True"  # same tokens, a valid call
 
 
+@pytest.mark.slow  # a fresh install's first demo compiles every kernel it calls (~50 s)
+def test_first_run_bench_tells_the_compiles_apart(tmp_path):
+    out = tmp_path / "first_run.md"
+    r = subprocess.run([sys.executable, str(ROOT / "bench/first_run.py"), "--top", "3", "--out", str(out)],
+                       capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.read_text().splitlines()
+            if line.startswith(("| first |", "| second |"))}
+    assert float(rows["first"][4]) > 1.0  # compiled afresh ...
+    assert float(rows["second"][4]) < 0.5 * float(rows["first"][4])  # ... then loaded from the cache it filled
+    assert sum(line.startswith("| `agentloop.") for line in out.read_text().splitlines()) == 3
+
+
 @pytest.mark.slow  # compiles a second copy of the token automaton's kernels
 def test_token_automaton_ab_builds_both_versions(tmp_path):
     out = tmp_path / "ta.md"
