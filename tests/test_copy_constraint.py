@@ -399,12 +399,13 @@ def test_a_patterned_string_under_the_numbers_rule_is_a_hole(btok):
 
 
 def test_fsa_helpers_match_their_plain_numpy_definitions():
-    """The splice's hot helpers: symbol classes from one bit matrix, and wide-row dedupe
-    through opaque byte keys, give what the per-symbol / np.unique(axis=0) versions give
-    (same partition, same order: class and state numbering feed cache keys)."""
+    """The splice's and minimize's hot helpers give what their plain numpy definitions
+    give: symbol classes from one bit matrix (same partition, same order: class numbering
+    feeds cache keys), a table's rows taken and renamed, and its equal columns grouped
+    (each group's first column; minimize's ``_canonical`` renumbers the groups)."""
     import numpy as np
 
-    from agentloop.grammar.fsa import _symbol_classes, _unique_rows
+    from agentloop.grammar.fsa import _distinct_columns, _rows_renamed, _symbol_classes
 
     rng = np.random.default_rng(0)
     for _ in range(100):
@@ -417,8 +418,16 @@ def test_fsa_helpers_match_their_plain_numpy_definitions():
         sym_class, class_masks = _symbol_classes(masks, n)
         assert sym_class.tolist() == [first_seen.index(k) for k in keys]
         assert class_masks == [sum(1 << s for s in range(n) if keys[s] == k) for k in first_seen]
-        a = rng.integers(-2, 3, size=(int(rng.integers(1, 20)), int(rng.integers(1, 40))))
-        a[-1] = a[0]
-        want, inverse = np.unique(a, axis=0, return_inverse=True)
-        got, got_inverse = _unique_rows(np.asfortranarray(a))  # not C-contiguous, as minimize passes it
-        assert (got == want).all() and (got_inverse == inverse.ravel()).all()
+        S, C = int(rng.integers(1, 20)), int(rng.integers(1, 40))
+        t = rng.integers(-1, S, size=(S, C)).astype(np.int32)
+        t[:, -1] = t[:, 0]  # (at least one pair of equal columns)
+        if S > 1 and C > 2:
+            t[:, 1] = t[:, 0]
+            t[-1, 1] = -1 if t[-1, 0] >= 0 else 0  # equal but in the last entry: never merged
+        firsts, col_of = _distinct_columns(t)
+        cols = [tuple(t[:, c]) for c in range(C)]
+        assert firsts.tolist() == sorted({cols.index(col) for col in cols})
+        assert [cols[firsts[k]] for k in col_of] == cols
+        rows = rng.integers(0, S, size=int(rng.integers(0, 10)))
+        name = rng.permutation(S)
+        assert (_rows_renamed(t, rows, name) == np.where(t[rows] >= 0, name[t[rows]], -1)).all()
