@@ -590,27 +590,35 @@ def _hopcroft(t, accept):  # pragma: no cover - compiled
     ``t`` (S, C) may hold -1 (dead); a sink state S completes the automaton. Blocks live
     as contiguous ranges of ``elems``; splitting moves the marked predecessors to the
     front of their block's range.
+
+    No block holding the sink is ever a splitter, so the dead transitions (84% of the
+    20-tool envelope's table) are never listed or walked: the initial splitter is the
+    accepting block (the sink does not accept), and where a block that is not waiting
+    splits, the half without the sink waits, rather than the smaller one (either half
+    is correct there; a state leaves the sink's block once, so that costs at most C n
+    more in all). A block with the sink then never waits: one splits into two waiting
+    halves only where it waited itself.
     """
     S, C = t.shape
     n = S + 1
-    # inverse transitions, CSR per class: sources p with T[p, c] = q
+    # inverse transitions but the dead ones, CSR per class: sources p with T[p, c] = q
     inv_off = np.zeros((C, n + 1), np.int32)
-    for p in range(n):
+    for p in range(S):
         for c in range(C):
-            q = t[p, c] if p < S else -1
-            q = S if q < 0 else q
-            inv_off[c, q + 1] += 1
+            q = t[p, c]
+            if q >= 0:
+                inv_off[c, q + 1] += 1
     for c in range(C):
         for q in range(n):
             inv_off[c, q + 1] += inv_off[c, q]
     inv_src = np.empty((C, n), np.int32)
     fill = inv_off[:, :n].copy()
-    for p in range(n):
+    for p in range(S):
         for c in range(C):
-            q = t[p, c] if p < S else -1
-            q = S if q < 0 else q
-            inv_src[c, fill[c, q]] = p
-            fill[c, q] += 1
+            q = t[p, c]
+            if q >= 0:
+                inv_src[c, fill[c, q]] = p
+                fill[c, q] += 1
     # initial partition: accepting / the rest (the sink is not accepting)
     elems = np.empty(n, np.int64)
     pos = np.empty(n, np.int64)
@@ -641,10 +649,9 @@ def _hopcroft(t, accept):  # pragma: no cover - compiled
     wl_b = np.empty((n + 1) * C + C, np.int32)
     wl_c = np.empty((n + 1) * C + C, np.int32)
     top = 0
-    # seed the worklist with the smaller initial block for every class
+    # seed the worklist with the initial block without the sink (the accepting one;
+    # there is one: minimize trims to the states that reach one) for every class
     first = 0
-    if nblocks == 2 and bend[1] - bstart[1] < bend[0] - bstart[0]:
-        first = 1
     for c in range(C):
         wl_b[top] = first
         wl_c[top] = c
@@ -699,8 +706,8 @@ def _hopcroft(t, accept):  # pragma: no cover - compiled
                     wl_c[top] = cc
                     in_w[nb, cc] = True
                     top += 1
-                else:
-                    small = nb if marked <= size - marked else b
+                else:  # the half without the sink (never marked: it stays in b), else the smaller
+                    small = nb if blk[S] == b or marked <= size - marked else b
                     wl_b[top] = small
                     wl_c[top] = cc
                     in_w[small, cc] = True
