@@ -184,7 +184,7 @@ _compile_clock: Any = None
 def _compile_seconds() -> float:
     """Seconds numba has spent compiling kernels in this process since the first call.
 
-    A first run on a machine compiles agentloop's kernels for its CPU (~45 s on a 2-core
+    A first run on a machine compiles agentloop's kernels for its CPU (~43 s on a 2-core
     x86 machine); numba keeps them in its on-disk cache, and later runs load them in
     well under a second. The CLI says how much of a slow step was that, so that a
     first request's time is not read as the loop's."""
@@ -206,7 +206,6 @@ def _compiling_note(seconds: float) -> str:
 def _progress(message: str) -> Iterator[None]:
     """A spinner on stderr while something slow (loading a model) runs."""
     done = threading.Event()
-    compiling = _compile_seconds()
     t0 = time.perf_counter()
     tty = sys.stderr.isatty()
 
@@ -221,6 +220,7 @@ def _progress(message: str) -> Iterator[None]:
         th.start()
     else:
         click.echo(f"{message} ...", err=True)
+    compiling = _compile_seconds()  # (the first call imports numba: after the message)
     try:
         yield
     finally:

@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12, help="kernels listed")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "first_run.md")
     args = parser.parse_args()
+    _, head, dirty = revisions("HEAD")  # (before the runs: without git it fails at once)
     firsts, seconds = [], []
     for i in range(args.rounds):
         with tempfile.TemporaryDirectory() as numba_dir, tempfile.TemporaryDirectory() as grammar_dir:
@@ -83,7 +84,6 @@ def main() -> None:
     def med(runs: list[dict], key: str) -> float:
         return statistics.median(r[key] for r in runs)
 
-    _, head, dirty = revisions("HEAD")
     command = "python bench/first_run.py" + (f" --rounds {args.rounds}" if args.rounds != 1 else "")
     lines = ["# First run of `agentloop demo`", "",
              f"Command: `{command}`  ",

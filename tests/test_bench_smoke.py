@@ -99,7 +99,7 @@ def test_first_run_bench_tells_the_compiles_apart(tmp_path):
             if line.startswith(("| first |", "| second |"))}
     assert float(rows["first"][4]) > 1.0  # compiled afresh ...
     assert float(rows["second"][4]) < 0.5 * float(rows["first"][4])  # ... then loaded from the cache it filled
-    assert sum(line.startswith("| `agentloop.") for line in out.read_text().splitlines()) == 3
+    assert sum(line.startswith("| `") for line in out.read_text().splitlines()) == 3  # --top 3 kernels listed
 
 
 @pytest.mark.slow  # compiles a second copy of the token automaton's kernels

@@ -53,3 +53,31 @@ def test_unicode_classes_are_those_of_pythons_re():
     for escape, inside, outside in (("D", "a", "\u0663"), ("W", "-", "\u00e9"), ("S", "x", "\u3000")):
         g = compile_schema({"type": "string", "pattern": f"^\\{escape}+$"}, tok, "json")
         assert g.accepts_json(inside) and not g.accepts_json(outside), escape
+
+
+def test_hopcroft_gives_the_coarsest_partition_moores_refinement_gives():
+    """Hopcroft never splits by the sink's block (dead transitions are not listed): its
+    partition of random partial DFAs is still exactly the states no suffix tells apart,
+    as Moore's refinement of the completed table finds it, including a table with no
+    accepting state."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        S, C = int(rng.integers(1, 12)), int(rng.integers(1, 4))
+        t = rng.integers(-1, S, size=(S, C)).astype(np.int32)
+        t[rng.random((S, C)) < 0.4] = -1
+        accept = rng.random(S) < (0.0 if _ % 10 == 0 else 0.4)
+        blk, sink_block = fsa._hopcroft(t, accept)
+        full = np.where(t >= 0, t, S)  # the sink S completes the table
+        full = np.vstack([full, np.full((1, C), S)])
+        label = np.append(accept, False).astype(np.int64)
+        while True:  # Moore: split by (own class, the successors' classes) until stable
+            keys = [(label[q], *label[full[q]]) for q in range(S + 1)]
+            new = np.unique(keys, axis=0, return_inverse=True)[1].ravel()
+            if len(set(new.tolist())) == len(set(label.tolist())):
+                break
+            label = new
+        ours = np.append(blk, sink_block)
+        same = ours[:, None] == ours[None, :]
+        assert (same == (label[:, None] == label[None, :])).all()

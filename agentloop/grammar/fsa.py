@@ -630,6 +630,9 @@ def _hopcroft(t, accept):  # pragma: no cover - compiled
     for p in range(S):
         if accept[p]:
             n_acc += 1
+    if n_acc == 0:  # one block, the sink's (the splitters above assume an accepting block without it)
+        blk[:] = 0
+        return blk[:S], blk[S]
     nblocks = 0
     for want in (True, False):
         start = k
