@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import re
 import threading
@@ -275,27 +276,41 @@ class Vocabulary:
         symbol_of_id[pad_id] = wire_format.symbol(PAD)
         symbol_of_id[stop_id] = wire_format.symbol(EOS)  # wins over a same-named special
 
-        out: list[tuple[int, ...]] = []
-        for i, tok in enumerate(id_to_tok):
-            if i in symbol_of_id:
-                out.append((symbol_of_id[i],))
-            elif i in specials or not tok:
-                out.append(())
-            elif kind == "bytelevel":
+        # Every token spelled by the decoder's rule in one comprehension (a loop that also
+        # asked each token whether it was special took 0.34 s at 262k tokens, this 0.16);
+        # then the special tokens: the wire format's symbols, and nothing for the rest.
+        # A token id the vocabulary skips is "" and spells nothing either way.
+        out: list[tuple[int, ...]]
+        if kind == "bytelevel":
+            def spelled(tok: str) -> tuple[int, ...]:
                 try:
-                    out.append(tuple(byte_dec[c] for c in tok))  # type: ignore[index]
+                    return tuple(byte_dec[c] for c in tok)  # type: ignore[index]
                 except KeyError:
-                    out.append(tuple(tok.encode("utf-8")))  # an added plain-text token
-            elif kind == "sentencepiece":
-                m = _BYTE_FALLBACK.match(tok)
-                out.append((int(m.group(1), 16),) if m else tuple(tok.replace("\u2581", " ").encode("utf-8")))
-            elif kind == "wordpiece":
-                out.append(tuple((tok[2:] if tok.startswith("##") else tok).encode("utf-8")))
-            else:
-                out.append(tuple(tok.encode("utf-8")))
+                    return tuple(tok.encode("utf-8"))  # an added plain-text token
+
+            out = [spelled(tok) for tok in id_to_tok]
+        elif kind == "sentencepiece":
+            fallback = _BYTE_FALLBACK.match
+            out = [(int(m.group(1), 16),) if (m := fallback(tok)) else tuple(tok.replace("\u2581", " ").encode("utf-8"))
+                   for tok in id_to_tok]
+        elif kind == "wordpiece":
+            out = [tuple((tok[2:] if tok.startswith("##") else tok).encode("utf-8")) for tok in id_to_tok]
+        else:
+            out = [tuple(tok.encode("utf-8")) for tok in id_to_tok]
+        for i in specials:
+            out[i] = ()
+        for i, symbol in symbol_of_id.items():
+            out[i] = (symbol,)
+        # The fingerprint (part of the disk cache's key) hashes every token's symbols as
+        # two arrays, their counts and all of them in a row: a bytes object per token
+        # took ~0.3 s at 262k tokens, in every process that compiled a grammar.
+        import numpy as np
+
+        lens = np.fromiter(map(len, out), np.int64, count=len(out))  # (V,)
+        flat = np.fromiter(itertools.chain.from_iterable(out), np.int64, count=int(lens.sum()))  # (sum(lens),)
         digest = hashlib.sha256()
         digest.update(wire_format.name.encode())
         digest.update(repr((stop_id, pad_id, sorted(special_ids.items()))).encode())
-        for syms in out:
-            digest.update(bytes(s & 0xFF for s in syms) + b"\xff" + bytes(s >> 8 for s in syms) + b"\x00")
+        digest.update(lens.astype("<i8").tobytes())
+        digest.update(flat.astype("<i8").tobytes())
         return cls(tuple(out), stop_id, pad_id, wire_format, special_ids, digest.hexdigest()[:24])
