@@ -30,6 +30,11 @@ class PatternError(SchemaError):
     """A ``pattern`` regex outside the supported subset (named with its position)."""
 
 
+class AutomatonTooLarge(SchemaError):
+    """A schema (most often a ``pattern``) whose automaton grows past the compiler's
+    budget while being built: refused rather than filling the memory."""
+
+
 class WireFormatError(AgentloopError):
     """A wire-format file in grammars/ is missing, malformed or names an unknown field."""
 

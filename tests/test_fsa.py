@@ -81,3 +81,80 @@ def test_hopcroft_gives_the_coarsest_partition_moores_refinement_gives():
         ours = np.append(blk, sink_block)
         same = ours[:, None] == ours[None, :]
         assert (same == (label[:, None] == label[None, :])).all()
+
+
+def _random_expression(rng, depth):
+    """A random expression over the bytes a, b, c: literals, classes, unions, sequences
+    and bounded or open repeats, with automata embedded now and then."""
+    from agentloop.grammar import charset
+
+    kind = rng.integers(0, 6) if depth > 0 else rng.integers(0, 2)
+    if kind == 0:
+        return literal(bytes(rng.choice(list(b"abc"), size=int(rng.integers(1, 3)))))
+    if kind == 1:
+        lo = int(rng.integers(0, 3))
+        return charset.utf8_node(((97 + lo, 97 + int(rng.integers(lo, 3))),))
+    if kind == 2:
+        return alt(*(_random_expression(rng, depth - 1) for _ in range(int(rng.integers(2, 4)))))
+    if kind == 3:
+        return seq(*(_random_expression(rng, depth - 1) for _ in range(int(rng.integers(2, 4)))))
+    if kind == 4:
+        lo = int(rng.integers(0, 3))
+        hi = None if rng.random() < 0.3 else lo + int(rng.integers(0, 4))
+        return rep(_random_expression(rng, depth - 1), lo, hi)
+    return embed(to_dfa(_random_expression(rng, depth - 1), 256))
+
+
+def test_subset_construction_cut_by_simulation_reaches_the_same_minimal_dfa():
+    """The sets cut to the states no other of theirs simulates (the path a blown-up
+    construction takes) give the same minimal DFA as the plain construction, on random
+    expressions, and never more sets."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    cut_some = 0
+    for _ in range(250):
+        node = _random_expression(rng, 4)
+        nfa = fsa._Nfa()
+        start, end = nfa.new(), nfa.new()
+        nfa.build(node, start, end)
+        sym_class, class_masks = fsa._symbol_classes(
+            itertools.chain(nfa.sym_mask, (m for _, d, _ in nfa.blocks for m in d.class_masks)), 256)
+        arrays, C = nfa.arrays(class_masks), len(class_masks)
+        below, important = fsa._simulation(*arrays, C, end, 4096)
+        assert below.shape[0] > 0
+        none = np.zeros((0, 0), np.bool_), np.zeros(0, np.int64)
+        results = []
+        for pruning in (none, (below, important)):
+            trans, accept, D = fsa._subsets(*arrays, C, start, end, *pruning, 10**6)
+            assert D == accept.shape[0] > 0
+            results.append((D, fsa.minimize(trans.reshape(D, C), accept, 0, sym_class, class_masks)))
+        (plain_states, plain), (cut_states, cut) = results
+        assert cut_states <= plain_states
+        cut_some += cut_states < plain_states
+        assert plain.n_states == cut.n_states
+        assert (plain.trans == cut.trans).all() and (plain.accept == cut.accept).all()
+        assert (plain.sym_class == cut.sym_class).all()
+    assert cut_some > 25  # (the cut is not idle: the test checks something)
+
+
+def test_a_pattern_whose_subset_construction_blows_up_compiles_or_is_refused_in_bounds(monkeypatch):
+    """'.{0,14}x.{0,14}' makes 2**14 sets for a DFA of a few hundred states: the cut
+    construction reaches it. A pattern whose minimal DFA is itself exponential is refused
+    with the pattern's pointer once the construction passes its budget (lowered here)."""
+    import re
+
+    from agentloop.errors import AutomatonTooLarge, SchemaError
+    from agentloop.grammar import byte_tokenizer, compile_schema
+
+    tok = byte_tokenizer()
+    g = compile_schema({"type": "string", "pattern": "^.{0,14}x.{0,14}$"}, tok, "json")
+    for s in ("x", "é" * 14 + "x" + "b" * 14, "ab" * 7 + "x" + "b" * 15, "a" * 15 + "x", "abc", "x" * 29, "x" * 30):
+        assert g.accepts_json(s) == bool(re.search("^.{0,14}x.{0,14}$", s)), s
+    monkeypatch.setattr(fsa, "MAX_SUBSET_STATES", 20_000)
+    monkeypatch.setattr(fsa, "_BLOWUP_STATES", 5_000)
+    refused = r"pattern '\^\(a\|b\)\*a\(a\|b\)\{16\}\$'.* at '/properties/k/pattern'"
+    with pytest.raises(AutomatonTooLarge, match=refused):
+        compile_schema({"type": "object", "properties": {"k": {"type": "string", "pattern": "^(a|b)*a(a|b){16}$"}}},
+                       tok, "json")
+    assert issubclass(AutomatonTooLarge, SchemaError)

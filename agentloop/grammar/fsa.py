@@ -20,6 +20,8 @@ from typing import Iterable, Sequence
 import numba as nb
 import numpy as np
 
+from ..errors import AutomatonTooLarge
+
 # ----------------------------------------------------------------------------------------
 # Expression nodes. Plain tuples keep construction cheap; the helpers below are the API.
 #   ("set", mask)                       one symbol from the set
@@ -339,8 +341,39 @@ def to_dfa(node: Node, n_symbols: int) -> Dfa:
 
     sym_class, class_masks = _symbol_classes(
         itertools.chain(nfa.sym_mask, (m for _, d, _ in nfa.blocks for m in d.class_masks)), n_symbols)
-    trans, accept = _subsets(*nfa.arrays(class_masks), len(class_masks), start, end)
-    return minimize(trans.reshape(accept.shape[0], len(class_masks)), accept, 0, sym_class, class_masks)
+    arrays = nfa.arrays(class_masks)
+    C = len(class_masks)
+    no_pruning = np.zeros((0, 0), np.bool_), np.zeros(0, np.int64)
+    # The plain construction, stopped where its sets multiply far past the NFA's states
+    # (bounded repeats around a literal, as in the pattern ".{0,14}x.{0,14}": 2**k sets
+    # for a minimal DFA of k**2 states) ...
+    first_budget = min(MAX_SUBSET_STATES, _BLOWUP_STATES + _BLOWUP_FACTOR * nfa.n)
+    trans, accept, D = _subsets(*arrays, C, start, end, *no_pruning, first_budget)
+    if D < 0:
+        # ... then again with each set cut to the states no other of its states simulates
+        # (the same language, so the same minimal DFA), where the NFA is small enough to
+        # compute the simulation; else plainly up to the whole budget.
+        pruning = _simulation(*arrays, C, end, MAX_SIMULATED_STATES)
+        if pruning[0].shape[0] or first_budget < MAX_SUBSET_STATES:
+            trans, accept, D = _subsets(*arrays, C, start, end, *pruning, MAX_SUBSET_STATES)
+        if D < 0:
+            raise AutomatonTooLarge(
+                f"the automaton grows past {MAX_SUBSET_STATES:,} states while being built (the minimal one may "
+                "be smaller, but this construction cannot reach it): bounded repeats of a wide class such as "
+                "'.{0,64}' around a literal multiply; bound them by the string's maxLength, or narrow the class")
+    return minimize(trans.reshape(accept.shape[0], C), accept, 0, sym_class, class_masks)
+
+
+#: The plain subset construction gives up past this many states, plus _BLOWUP_FACTOR per
+#: NFA state, and the construction with simulation pruning starts.
+_BLOWUP_STATES = 50_000
+_BLOWUP_FACTOR = 8
+#: The most NFA states (with a symbol edge) the simulation is computed for: an (n, n) bool
+#: matrix, refined in passes over the pairs.
+MAX_SIMULATED_STATES = 4096
+#: The most states the subset construction builds before it refuses (~0.5 GB and ~2 s
+#: on this project's CPU; the 20-tool envelope builds ~0.1M).
+MAX_SUBSET_STATES = 1_000_000
 
 
 @nb.njit(cache=True, nogil=True)
@@ -429,12 +462,45 @@ def _hash_states(a, n):  # pragma: no cover - compiled
 
 
 @nb.njit(cache=True, nogil=True)
+def _pruned(found, n, below, important, mark, stamp):  # pragma: no cover - compiled
+    """Cut the set found[:n] to its states that carry words (``important`` >= 0) and that
+    no other of them simulates (``below[i, j]``: state i's words are state j's too; of
+    states simulating each other, the lowest stays), and mark the states kept with
+    ``stamp`` -> their count. The set's words are the same."""
+    m = 0
+    for a in range(n):
+        i = important[found[a]]
+        if i >= 0:
+            found[m] = found[a]
+            m += 1
+    k = 0
+    for a in range(m):
+        i = important[found[a]]
+        dominated = False
+        for b in range(m):
+            j = important[found[b]]
+            if b != a and below[i, j] and (not below[j, i] or found[b] < found[a]):
+                dominated = True
+                break
+        if not dominated:
+            found[k] = found[a]  # (k <= a: the states still to test are not overwritten)
+            k += 1
+    for a in range(k):
+        mark[found[a]] = stamp
+    return k
+
+
+@nb.njit(cache=True, nogil=True)
 def _subsets(eps_offsets, eps_dst, edge_offsets, edge_mask, edge_dst, mask_offsets, mask_classes, C, start,
-             end):  # pragma: no cover - compiled
+             end, below, important, max_states):  # pragma: no cover - compiled
     """The subset construction: each DFA state a set of NFA states closed under
     epsilon edges, found breadth first, its successors by class in order -> (transitions
-    (D * C,) int32, row by row, accepting (D,) bool: the set holds ``end``)."""
+    (D * C,) int32, row by row, accepting (D,) bool: the set holds ``end``, D), or D = -1
+    where it passed ``max_states``. With a simulation (``below``, ``important``: see
+    ``_simulation``; empty: none), each set is cut to the states that matter
+    (``_pruned``): the DFA differs, its language not."""
     N = eps_offsets.shape[0] - 1
+    prune = below.shape[0] > 0
     mark = np.zeros(N, np.int64)
     stack = np.empty(N, np.int64)
     found = np.empty(N, np.int64)  # (a closure being built)
@@ -448,6 +514,9 @@ def _subsets(eps_offsets, eps_dst, edge_offsets, edge_mask, edge_dst, mask_offse
     seeds = np.empty(16, np.int64)
     seeds[0] = start
     n = _closure(seeds, 0, 1, eps_offsets, eps_dst, mark, stamp, stack, found)
+    if prune:
+        stamp += 1
+        n = _pruned(found, n, below, important, mark, stamp)
     for k in range(n):
         sets[k] = found[k]
     set_offsets[1] = n
@@ -493,6 +562,9 @@ def _subsets(eps_offsets, eps_dst, edge_offsets, edge_mask, edge_dst, mask_offse
                 continue
             stamp += 1
             n = _closure(by_class, a, b, eps_offsets, eps_dst, mark, stamp, stack, found)
+            if prune:
+                stamp += 1
+                n = _pruned(found, n, below, important, mark, stamp)
             h = _hash_states(found, n)
             slot = _table_slot(keys, h)
             j = values[slot] if keys[slot] == h else -1
@@ -508,6 +580,8 @@ def _subsets(eps_offsets, eps_dst, edge_offsets, edge_mask, edge_dst, mask_offse
                         break
                 j = same_hash[j]
             if j < 0:  # a new DFA state
+                if D == max_states:
+                    return trans[:0], accept[:0], -1
                 j = D
                 if D == accept.shape[0]:  # (the per-state arrays hold accept.shape[0] states)
                     set_offsets = grown(set_offsets, D + 1, 2 * D + 1)
@@ -534,7 +608,110 @@ def _subsets(eps_offsets, eps_dst, edge_offsets, edge_mask, edge_dst, mask_offse
                     keys, values = _table_grown(keys, values)
             trans[i * C + c] = j
         i += 1
-    return grown(trans, D * C, D * C), grown(accept, D, D)
+    return grown(trans, D * C, D * C), grown(accept, D, D), D
+
+
+@nb.njit(cache=True, nogil=True)
+def _simulation(eps_offsets, eps_dst, edge_offsets, edge_mask, edge_dst, mask_offsets, mask_classes, C, end,
+                max_states):  # pragma: no cover - compiled
+    """A simulation preorder of the NFA's states that carry words -> (below (n, n) bool,
+    important (N,) int64: each state's row there, -1 for a state with no symbol edge that
+    is not ``end``, which adds no word to a set); empty arrays past ``max_states`` such
+    states.
+
+    A state's words here are those it spells itself: the empty word at ``end``, and c w
+    for an edge on class c into a state whose epsilon closure spells w. below[i, j] says
+    every word of i is one of j: where i is ``end`` so is j, and for each class c every
+    state of post(i, c) (the closure of i's successors on c, the states there that carry
+    words) is below one of post(j, c). The largest such relation, refined from all pairs
+    until no pair fails, implies it (by induction on a word's length)."""
+    N = eps_offsets.shape[0] - 1
+    important = np.full(N, -1, np.int64)
+    n = 0
+    for q in range(N):
+        if q == end or edge_offsets[q + 1] > edge_offsets[q]:
+            important[q] = n
+            n += 1
+    if n > max_states:
+        return np.zeros((0, 0), np.bool_), np.zeros(0, np.int64)
+    # post(i, c) for each state i carrying words and class c, as lists (CSR over i * C + c)
+    post_offsets = np.zeros(n * C + 1, np.int64)
+    post = np.empty(64, np.int64)
+    mark = np.zeros(N, np.int64)
+    stack = np.empty(N, np.int64)
+    found = np.empty(N, np.int64)
+    seeds = np.empty(16, np.int64)
+    stamp = 0
+    for q in range(N):
+        i = important[q]
+        if i < 0:
+            continue
+        for c in range(C):
+            m = 0
+            for e in range(edge_offsets[q], edge_offsets[q + 1]):
+                mk = edge_mask[e]
+                for t in range(mask_offsets[mk], mask_offsets[mk + 1]):
+                    if mask_classes[t] == c:
+                        if m == seeds.shape[0]:
+                            seeds = grown(seeds, m, 2 * m)
+                        seeds[m] = edge_dst[e]
+                        m += 1
+                        break
+            at = post_offsets[i * C + c]
+            if m:
+                stamp += 1
+                k = _closure(seeds, 0, m, eps_offsets, eps_dst, mark, stamp, stack, found)
+                for a in range(k):
+                    if important[found[a]] >= 0:
+                        if at == post.shape[0]:
+                            post = grown(post, at, 2 * at)
+                        post[at] = important[found[a]]
+                        at += 1
+            post_offsets[i * C + c + 1] = at
+    # the classes on which each state has successors (most have one or two of the C)
+    class_offsets = np.zeros(n + 1, np.int64)
+    for i in range(n):
+        k = 0
+        for c in range(C):
+            k += post_offsets[i * C + c + 1] > post_offsets[i * C + c]
+        class_offsets[i + 1] = class_offsets[i] + k
+    classes = np.empty(class_offsets[n], np.int64)
+    for i in range(n):
+        k = class_offsets[i]
+        for c in range(C):
+            if post_offsets[i * C + c + 1] > post_offsets[i * C + c]:
+                classes[k] = c
+                k += 1
+    below = np.ones((n, n), np.bool_)
+    end_row = important[end]
+    for j in range(n):
+        below[end_row, j] = j == end_row
+    changed = True
+    while changed:
+        changed = False
+        for i in range(n):
+            for j in range(n):
+                if i == j or not below[i, j]:
+                    continue
+                for ci in range(class_offsets[i], class_offsets[i + 1]):
+                    c = classes[ci]
+                    a0, a1 = post_offsets[i * C + c], post_offsets[i * C + c + 1]
+                    b0, b1 = post_offsets[j * C + c], post_offsets[j * C + c + 1]
+                    ok = True
+                    for a in range(a0, a1):
+                        matched = False
+                        for b in range(b0, b1):
+                            if below[post[a], post[b]]:
+                                matched = True
+                                break
+                        if not matched:
+                            ok = False
+                            break
+                    if not ok:
+                        below[i, j] = False
+                        changed = True
+                        break
+    return below, important
 
 
 @nb.njit(cache=True, nogil=True)

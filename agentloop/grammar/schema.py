@@ -42,7 +42,7 @@ import jsonschema
 import numpy as np
 import referencing.exceptions
 
-from ..errors import SchemaError
+from ..errors import AutomatonTooLarge, SchemaError
 from . import charset as cs
 from . import numbers
 from .fsa import (
@@ -416,6 +416,24 @@ def _check_schema(root: Any) -> None:
         _checked.popitem(last=False)
 
 
+def _check_json_value(v: Any, keyword: str, pointer: str) -> None:
+    """``const`` and ``enum`` values must be JSON values (a Python schema can hold others)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        raise SchemaError(f"{keyword} holds {v}, which JSON cannot spell", keyword=keyword, pointer=pointer)
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if not isinstance(k, str):
+                raise SchemaError(f"{keyword} holds an object key {k!r}; JSON keys are strings", keyword=keyword,
+                                  pointer=pointer)
+            _check_json_value(x, keyword, f"{pointer}/{k}")
+    elif isinstance(v, (list, tuple)):
+        for i, x in enumerate(v):
+            _check_json_value(x, keyword, f"{pointer}/{i}")
+    elif not (v is None or isinstance(v, (str, int, float))):
+        raise SchemaError(f"{keyword} holds a {type(v).__name__} ({v!r}), which is not a JSON value"[:300],
+                          keyword=keyword, pointer=pointer)
+
+
 _char_any: dict[tuple[str, str], Dfa] = {}
 
 
@@ -424,6 +442,20 @@ def _char_any_dfa(wf: WireFormat) -> Dfa:
     d = _char_any.get(key)
     if d is None:
         d = _char_any[key] = to_dfa(wf.spell_char(cs.ANY), wf.n_symbols)
+    return d
+
+
+_char_classes: "OrderedDict[tuple[str, str, cs.CharSet], Dfa]" = OrderedDict()
+
+
+def _char_class_dfa(wf: WireFormat, chars: cs.CharSet) -> Dfa:
+    """One spelled character of ``chars`` as a DFA (the latest 256 classes kept)."""
+    key = (wf.name, wf.file_text, chars)
+    d = _char_classes.get(key)
+    if d is None:
+        d = _char_classes[key] = to_dfa(wf.spell_char(chars), wf.n_symbols)
+        while len(_char_classes) > 256:
+            _char_classes.popitem(last=False)
     return d
 
 
@@ -683,25 +715,38 @@ class SchemaCompiler:
         except referencing.exceptions.Unresolvable as e:
             raise SchemaError(f"cannot resolve a $ref: {e}", keyword="$ref", pointer=ptr) from None
 
-    def _string_dfa(self, key: tuple[Any, ...]) -> Dfa:
-        """Content languages of patterns / formats, over spelled string content."""
+    def _string_dfa(self, key: tuple[Any, ...], ptr: str = "") -> Dfa:
+        """Content languages of patterns / formats, over spelled string content (``ptr``:
+        where the keyword is, for errors)."""
         d = self._dfa_cache.get(key)
         if d is None:
-            if key[0] == "pattern":
-                d = self._dfa(pattern_node(key[1], self.wf.spell_char, "", over=key[2]))
-            else:
-                d = self._dfa(self.format_node(key[1], key[2]))
+            try:
+                if key[0] == "pattern":
+                    d = self._dfa(pattern_node(key[1], self._spell_class, "", over=key[2]))
+                else:
+                    d = self._dfa(self.format_node(key[1], key[2]))
+            except AutomatonTooLarge as e:
+                raise AutomatonTooLarge(f"{key[0]} {key[1]!r}: {e.message}", keyword=key[0], pointer=ptr) from None
             self._dfa_cache[key] = d
         return d
 
     def _string_in(self, key: tuple[Any, ...], s: str) -> bool:
         return self._string_dfa(key).accepts(self.wf.spell_string_content(s))
 
+    def _spell_class(self, chars: cs.CharSet) -> Node:
+        """One character of ``chars``, spelled, for a pattern: a class wider than one ASCII
+        character as its small DFA, embedded (spelled out, '.' is ~200 NFA states in JSON's
+        wire format: the NFA of '.{0,14}x.{0,14}' had 6k, too many to simulate when its
+        subset construction blows up; see ``fsa.to_dfa``)."""
+        if len(chars) == 1 and chars[0][0] == chars[0][1] and chars[0][0] < 128:
+            return self.wf.spell_char(chars)
+        return embed(_char_class_dfa(self.wf, chars))
+
     def format_node(self, name: str, over: bool = False) -> Node:
         if not over:
-            return full_match_node(FORMATS[name], self.wf.spell_char)
+            return full_match_node(FORMATS[name], self._spell_class)
         pattern = FORMATS_OVER.get(name)
-        return rep(self.char_any) if pattern is None else full_match_node(pattern, self.wf.spell_char)
+        return rep(self.char_any) if pattern is None else full_match_node(pattern, self._spell_class)
 
     def format_is_exact(self, name: str) -> bool:
         return FORMATS_OVER.get(name) == FORMATS[name]
@@ -970,9 +1015,12 @@ class SchemaCompiler:
         for schema, ptr, base in fs:
             vals = None
             if "const" in schema:
+                _check_json_value(schema["const"], "const", f"{ptr}/const")
                 vals = [schema["const"]]
             if "enum" in schema:
                 e = list(schema["enum"])
+                for i, v in enumerate(e):
+                    _check_json_value(v, "enum", f"{ptr}/enum/{i}")
                 vals = e if vals is None else [v for v in vals if any(json_equal(v, x) for x in e)]
             if vals is not None:
                 enum_values = vals if enum_values is None else [v for v in enum_values if any(json_equal(v, x) for x in vals)]
@@ -1143,7 +1191,9 @@ class SchemaCompiler:
                 raise SchemaError(f"multipleOf {m}: {why} (integer multiples, and 1/k on integers where the "
                                   "division is exact, are)", keyword="multipleOf", pointer=ptr)
         if int_multiple > self.opt.max_multiple_of:
-            raise SchemaError(f"multipleOf {int_multiple} exceeds the compiler bound {self.opt.max_multiple_of}", keyword="multipleOf", pointer=multiples[-1][1])
+            raise SchemaError(f"multipleOf {int_multiple} exceeds the compiler bound {self.opt.max_multiple_of} "
+                              "(raise it with SchemaOptions(max_multiple_of=...))", keyword="multipleOf",
+                              pointer=multiples[-1][1])
 
         ilo, ihi = _int_hi(int_lo), _int_hi(int_hi)
         ilo = None if ilo is None else -ilo
@@ -1198,7 +1248,9 @@ class SchemaCompiler:
             if "minLength" in schema:
                 min_len = max(min_len, int(schema["minLength"]))
                 if min_len > self.opt.max_counted_length:
-                    raise SchemaError(f"minLength {min_len} exceeds the compiler bound {self.opt.max_counted_length}", keyword="minLength", pointer=_ptr(ptr, "minLength"))
+                    raise SchemaError(f"minLength {min_len} exceeds the compiler bound {self.opt.max_counted_length} "
+                                      "(raise it with SchemaOptions(max_counted_length=...))", keyword="minLength",
+                                      pointer=_ptr(ptr, "minLength"))
             if "maxLength" in schema:
                 m = int(schema["maxLength"])
                 max_len = m if max_len is None else min(max_len, m)
@@ -1228,7 +1280,7 @@ class SchemaCompiler:
         for p, ptr in patterns:
             if not pattern_is_exact(p, ptr):
                 self._approx += 1
-            constraints.append(self._string_dfa(("pattern", p, ctx.over)))
+            constraints.append(self._string_dfa(("pattern", p, ctx.over), ptr))
         for f, ptr in formats:
             # Formats are asserted (format-assertion vocabulary, and jsonschema with its
             # format checkers): under holds strings valid for both, over for either.
@@ -1279,7 +1331,10 @@ class SchemaCompiler:
             if schema.get("uniqueItems") is True:
                 unique = True
         if lo > self.opt.max_counted_length:
-            raise SchemaError(f"minItems {lo} exceeds the compiler bound {self.opt.max_counted_length}", keyword="minItems", pointer=fs[0][1])
+            raise SchemaError(f"minItems {lo} exceeds the compiler bound {self.opt.max_counted_length} (raise it with "
+                              "SchemaOptions(max_counted_length=...))", keyword="minItems",
+                              pointer=next((_ptr(p, "minItems") for sch, p, _ in fs if sch.get("minItems") == lo),
+                                           fs[0][1]))
         if hi is not None and hi > self.opt.max_counted_length:
             self._approx += 1
             hi = None if ctx.over else self.opt.max_counted_length
@@ -1770,10 +1825,12 @@ class SchemaCompiler:
         # over languages; over the reverse.
         keys = self._key_domain()
         for j, p in enumerate(patterns):
+            where = next((_ptr(ptr, "patternProperties", p) for schema, ptr, _ in fs
+                          if p in schema.get("patternProperties", {})), "")
             if mask >> j & 1:
-                keys = product(keys, self._string_dfa(("pattern", p, ctx.over)), "and")
+                keys = product(keys, self._string_dfa(("pattern", p, ctx.over), where), "and")
             else:
-                keys = product(keys, self._string_dfa(("pattern", p, not ctx.over)), "minus")
+                keys = product(keys, self._string_dfa(("pattern", p, not ctx.over), where), "minus")
         for u, o in name_dfas:
             keys = product(keys, self._content_of(o if ctx.over else u), "and")
         if exclude is not None:
