@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agentloop.errors import SchemaError, VocabularyError, WireFormatError
+from agentloop.errors import ParseError, SchemaError, VocabularyError, WireFormatError
 from agentloop.grammar import ToolCall, compile_schema, compile_tools, load_wire_format
 from agentloop.protocol import Protocol
 from conftest import word_tokenizer
@@ -193,6 +193,75 @@ def test_tokens_that_spell_nothing_are_never_accepted(btok):
     assert not g.accepts(bad)
     with pytest.raises(ParseError, match=r"token 3 \(id 2\) spells nothing in wire format 'gemma4'"):
         g.parse(bad)
+
+
+def test_tool_specs_of_other_formats_and_misspelt_ones(btok):
+    """Anthropic's input_schema and MCP's inputSchema are the parameters too; a key that
+    is none of them, where no parameters are given, is refused rather than leaving the
+    tool without arguments; the parameters must describe an object."""
+    args = WEATHER["parameters"]
+    for key in ("input_schema", "inputSchema"):
+        g = compile_tools([{"name": "w", key: args}], btok, allow_text=False)
+        assert g.accepts_json([{"name": "w", "arguments": {"city": "Paris"}}])
+        assert not g.accepts_json([{"name": "w", "arguments": {}}])
+    with pytest.raises(SchemaError, match=r"tool 'w' has no parameters but a key 'parameter'.* at '/tools/1/param"):
+        compile_tools([WEATHER, {"name": "w", "parameter": args}], btok)
+    with pytest.raises(SchemaError, match="gives its parameters twice, as 'parameters' and 'input_schema'"):
+        compile_tools([{"name": "w", "parameters": args, "input_schema": args}], btok)
+    assert compile_tools([{"name": "w", "description": "d", "strict": True}], btok).accepts_json(
+        [{"name": "w", "arguments": {}}])  # no parameters at all: a tool without arguments
+    with pytest.raises(SchemaError, match=r"parameters must be a JSON Schema object .* got bool True at '/tools/0/par"):
+        compile_tools([{"name": "w", "parameters": True}], btok)
+    with pytest.raises(SchemaError, match=r"need \"type\": \"object\", got 'string' at '/tools/0/parameters/type'"):
+        compile_tools([{"name": "w", "parameters": {"type": "string"}}], btok)
+    with pytest.raises(SchemaError, match=r"a tool's name must be a string, got int 5 at '/tools/0/name'"):
+        compile_tools([{"name": 5}], btok)
+    with pytest.raises(TypeError, match="tools must be a list of tool schemas, got a dict"):
+        compile_tools(WEATHER, btok)
+    untyped = compile_tools([{"name": "w", "parameters": {"properties": {"n": {"type": "integer"}}}}], btok, "json",
+                            allow_text=False)  # the type left out: the arguments are an object all the same
+    assert untyped.accepts_json([{"name": "w", "arguments": {"n": 1}}])
+    assert not untyped.accepts_json([{"name": "w", "arguments": 1}])
+
+
+def test_bad_arguments_to_the_compilers_and_grammars_are_named(btok):
+    from agentloop.errors import GrammarInputError
+
+    with pytest.raises(TypeError, match=r"not a str \('tok.json'\): load it first, e.g. tokenizers.Tokenizer"):
+        compile_schema({}, "tok.json")
+    with pytest.raises(TypeError, match="options must be a SchemaOptions, got dict"):
+        compile_schema({}, btok, options={"strict": False})
+    with pytest.raises(VocabularyError, match="aliases maps '<\\|turn>' onto '<nope>', which is not in"):
+        compile_tools([WEATHER], btok, aliases={"<|turn>": "<nope>"})
+    for schema, where in (({"enum": [1, float("nan")]}, "/enum/1"), ({"const": {"a": float("inf")}}, "/const/a"),
+                          ({"enum": [b"x"]}, "/enum/0")):
+        with pytest.raises(SchemaError, match=f"at '{where}'$"):
+            compile_schema(schema, btok)
+    g = compile_tools([WEATHER], btok, "gemma4")
+    x = torch.randn(12, g.vocab.size, generator=torch.Generator().manual_seed(0))
+    for bad, match in ((None, "tensor or array, got None"), (x.to(torch.complex64), "real numbers"),
+                       (x > 0, "real numbers, got a torch.bool"),
+                       (torch.empty(12, g.vocab.size, device="meta"), "meta")):
+        with pytest.raises(GrammarInputError, match=match):
+            g.viterbi(bad)
+    for gen in (0, torch.Generator().manual_seed(0).manual_seed):
+        with pytest.raises(GrammarInputError, match="generator must be a torch.Generator or None"):
+            g.sample(x, generator=gen)
+        with pytest.raises(GrammarInputError, match="generator must be a torch.Generator or None"):
+            g.denoise_step(x, generator=gen)
+
+
+def test_parse_errors_name_the_token_the_text_before_it_and_what_may_come(btok):
+    g = compile_tools([WEATHER], btok, "gemma4")
+    text = '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:9}<tool_call|><|tool_response>'
+    ids = btok.encode(text).ids
+    with pytest.raises(ParseError) as e:
+        g.parse(ids)
+    n = next(i for i, t in enumerate(ids) if btok.decode([t]) == "9")
+    assert str(e.value).startswith(f"token {n} (id {ids[n]}, '9') is not allowed after ")
+    assert str(e.value).endswith(""",days:': at '9' the grammar expects '1'..'7'""")
+    with pytest.raises(ParseError, match=r"ends with .*Paris<\|\"\|>}', where the grammar expects <tool_call\|>"):
+        g.parse(btok.encode('<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}').ids)
 
 
 def test_states_ids_and_batches_given_to_a_grammar_are_checked(btok):

@@ -71,27 +71,75 @@ class ToolSchema:
     parameters: Mapping[str, Any]
     description: str = ""
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise SchemaError(f"a tool's name must be a string, got {type(self.name).__name__} {self.name!r}",
+                              pointer="/name")
+        _check_object_schema(self.name, self.parameters, "/parameters")
+        if not isinstance(self.description, str):
+            raise SchemaError(f"tool {self.name!r}: description must be a string, got "
+                              f"{type(self.description).__name__}", pointer="/description")
+
     @classmethod
     def coerce(cls, tool: Any) -> "ToolSchema":
-        """Accept a ToolSchema, ``{"name", "parameters", "description"}`` or OpenAI's
-        ``{"type": "function", "function": {...}}``, or anything with a ``.schema`` of one."""
+        """Accept a ToolSchema, ``{"name", "parameters", "description"}`` (the parameters
+        also as Anthropic's ``input_schema`` or MCP's ``inputSchema``), OpenAI's
+        ``{"type": "function", "function": {...}}``, or anything with a ``.tool_schema``.
+
+        >>> ToolSchema.coerce({"name": "w", "input_schema": {"type": "object"}}).parameters
+        {'type': 'object'}
+        >>> ToolSchema.coerce({"name": "w", "parameter": {"type": "object"}})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        agentloop.errors.SchemaError: tool 'w' has no parameters but a key 'parameter': ... at '/parameter'
+        """
         if isinstance(tool, ToolSchema):
             return tool
         if hasattr(tool, "tool_schema"):
             return tool.tool_schema  # type: ignore[no-any-return]
         if isinstance(tool, Mapping):
             spec = tool.get("function", tool) if tool.get("type") == "function" else tool
-            if "name" not in spec:
+            if not isinstance(spec, Mapping):
+                raise SchemaError(f"'function' must be an object, got {type(spec).__name__}", pointer="/function")
+            name = spec.get("name")
+            if name is None:
                 raise SchemaError("a tool needs a 'name'", pointer="")
-            parameters = spec.get("parameters", {"type": "object", "properties": {}})
-            if not isinstance(parameters, (Mapping, bool)):
-                raise SchemaError(f"tool {spec['name']!r}: parameters must be a JSON Schema (an object), "
-                                  f"got {type(parameters).__name__}", pointer="/parameters")
-            return cls(spec["name"], parameters, spec.get("description", ""))
+            given = [k for k in _PARAMETER_KEYS if k in spec]
+            if len(given) > 1:
+                raise SchemaError(f"tool {name!r} gives its parameters twice, as {given[0]!r} and {given[1]!r}",
+                                  pointer=f"/{given[1]}")
+            if not given:
+                unknown = sorted(k for k in spec if k not in _TOOL_KEYS)
+                if unknown:  # a misspelt parameters key would leave the tool taking no arguments
+                    raise SchemaError(
+                        f"tool {name!r} has no parameters but a key {unknown[0]!r}: give its arguments' JSON Schema "
+                        "as 'parameters' (OpenAI), 'input_schema' (Anthropic) or 'inputSchema' (MCP)",
+                        pointer=f"/{unknown[0]}")
+            parameters = spec[given[0]] if given else {"type": "object", "properties": {}}
+            return cls(name, parameters, spec.get("description") or "")
         if callable(tool):
             raise TypeError(f"cannot use the function {getattr(tool, '__name__', tool)!r} as a tool schema: wrap it "
                             "with agentloop.tool (its schema comes from the type hints) or pass its JSON Schema")
         raise TypeError(f"cannot use {type(tool).__name__} as a tool schema")
+
+
+#: Where a tool spec holds its arguments' schema: OpenAI, Anthropic, MCP.
+_PARAMETER_KEYS = ("parameters", "input_schema", "inputSchema")
+#: The other keys those formats give a tool; any other key beside no parameters is refused.
+_TOOL_KEYS = frozenset({"name", "description", "type", "function", "strict", "title", "annotations", "outputSchema",
+                        "output_schema", "cache_control", "_meta", "icons"})
+
+
+def _check_object_schema(name: str, parameters: Any, pointer: str) -> None:
+    """A tool's arguments are a JSON object: its parameters must be a schema that allows one."""
+    if not isinstance(parameters, Mapping):
+        raise SchemaError(f"tool {name!r}: parameters must be a JSON Schema object such as "
+                          f'{{"type": "object", "properties": {{...}}}}, got {type(parameters).__name__} '
+                          f"{parameters!r}", pointer=pointer)
+    types = parameters.get("type", "object")
+    if types != "object" and not (isinstance(types, list) and "object" in types):
+        raise SchemaError(f"tool {name!r}: a call's arguments are a JSON object, so its parameters need "
+                          f'"type": "object", got {types!r}', keyword="type", pointer=f"{pointer}/type")
 
 
 # ---- caches ----------------------------------------------------------------------------
@@ -167,6 +215,14 @@ def _compile(node_fn: Any, key_parts: Any, vocab: Vocabulary, kind: str, tools: 
     return g
 
 
+def _wire_format_and_options(wire_format: str | WireFormat, options: Any) -> WireFormat:
+    """The wire format named (or given), after checking the options' type."""
+    if not isinstance(options, SchemaOptions):
+        raise TypeError(f"options must be a SchemaOptions, got {type(options).__name__}: "
+                        "pass agentloop.grammar.SchemaOptions(...), e.g. SchemaOptions(strict=False)")
+    return wire_format if isinstance(wire_format, WireFormat) else load_wire_format(wire_format)
+
+
 def compile_schema(
     schema: Mapping[str, Any] | bool,
     tokenizer: Any,
@@ -181,9 +237,18 @@ def compile_schema(
 
     ``tokenizer`` is a ``tokenizers.Tokenizer`` or a transformers tokenizer; ``stop_token``
     and ``pad_token`` default to its own. Raises :class:`SchemaError` naming the keyword
-    and JSON pointer of anything the compiler cannot represent exactly.
+    and JSON pointer of anything the compiler cannot represent. A few bounds narrow the
+    language instead, by design (see :class:`SchemaOptions`): lengths and item counts are
+    counted up to ``max_counted_length`` (512), an object schema that does not say
+    ``additionalProperties`` takes its declared properties only (``strict``), recursion
+    and values under ``true`` schemas are depth-bounded.
+
+    >>> from agentloop.grammar import byte_tokenizer
+    >>> g = compile_schema({"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}, byte_tokenizer())
+    >>> g.accepts_json(["b", "a"]), g.accepts_json(["a", "a", "a"])
+    (True, False)
     """
-    wf = wire_format if isinstance(wire_format, WireFormat) else load_wire_format(wire_format)
+    wf = _wire_format_and_options(wire_format, options)
     vocab = _vocabulary(tokenizer, wf, stop_token, pad_token, aliases)
 
     def node() -> Node:
@@ -197,7 +262,9 @@ def compile_schema(
 def check_schema(schema: Mapping[str, Any] | bool, wire_format: str | WireFormat = "gemma4", *,
                  options: SchemaOptions = SchemaOptions()) -> None:
     """Raise :class:`SchemaError` (keyword + JSON pointer) if the compiler cannot represent
-    ``schema`` exactly; no tokenizer needed, so tool definitions can be checked early.
+    ``schema``; no tokenizer needed, so tool definitions can be checked early. The wire
+    format defaults to ``compile_tools``' (gemma4, whose unquoted keys are identifiers);
+    pass ``"json"`` to check a schema for ``compile_schema``'s default.
 
     >>> check_schema({"type": "string", "maxLength": 5})
     >>> check_schema({"type": "string", "pattern": "(?<=a)b"})
@@ -205,7 +272,7 @@ def check_schema(schema: Mapping[str, Any] | bool, wire_format: str | WireFormat
     ...
     agentloop.errors.PatternError: pattern '(?<=a)b': lookaround or group flag '(?' at offset 1 is not supported at '/pattern'
     """
-    wf = wire_format if isinstance(wire_format, WireFormat) else load_wire_format(wire_format)
+    wf = _wire_format_and_options(wire_format, options)
     SchemaCompiler(schema, wf, options).node()
 
 
@@ -227,8 +294,15 @@ def compile_tools(
     or an OpenAI-style function spec. ``allow_text=False`` forces at least one call;
     ``parallel_calls=False`` allows exactly one call per turn.
     """
-    wf = wire_format if isinstance(wire_format, WireFormat) else load_wire_format(wire_format)
-    specs = [ToolSchema.coerce(t) for t in tools]
+    wf = _wire_format_and_options(wire_format, options)
+    if isinstance(tools, (Mapping, str, bytes)) or not isinstance(tools, Sequence):
+        raise TypeError(f"tools must be a list of tool schemas, got a {type(tools).__name__} (wrap one tool in a list)")
+    specs = []
+    for i, t in enumerate(tools):
+        try:
+            specs.append(ToolSchema.coerce(t))
+        except SchemaError as e:
+            raise SchemaError(e.message, keyword=e.keyword, pointer=f"/tools/{i}{e.pointer}") from None
     if not specs and not allow_text:
         raise SchemaError("compile_tools needs at least one tool when allow_text=False")
     seen: set[str] = set()
@@ -365,7 +439,9 @@ def _arguments_dfa(t: ToolSchema, index: int, wf: WireFormat, options: SchemaOpt
 
     def make() -> Any:
         try:
-            return to_dfa(SchemaCompiler(dict(t.parameters), wf, options).node(), wf.n_symbols)
+            # a call's arguments are an object even where the schema leaves the type out
+            schema = {**t.parameters, "type": "object"}
+            return to_dfa(SchemaCompiler(schema, wf, options).node(), wf.n_symbols)
         except SchemaError as e:
             raise SchemaError(f"tool {t.name!r}: {e.message}", keyword=e.keyword,
                               pointer=f"/tools/{index}/parameters{e.pointer}") from None

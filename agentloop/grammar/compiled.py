@@ -70,10 +70,31 @@ class GrammarStats:
 def _as_numpy(logits: Any) -> np.ndarray:
     if isinstance(logits, torch.Tensor):
         t = logits.detach()
+        if t.is_complex() or t.dtype == torch.bool:
+            raise GrammarInputError(f"logits must be real numbers, got a {t.dtype} tensor")
+        if t.device.type == "meta":
+            raise GrammarInputError("the logits are on the meta device, which holds no values")
         if t.dtype != torch.float32:
             t = t.float()
         return np.ascontiguousarray(t.cpu().numpy())
-    return np.ascontiguousarray(np.asarray(logits, dtype=np.float32))
+    if logits is None or isinstance(logits, (str, bytes)):
+        raise GrammarInputError(f"logits must be an (L, V) or (B, L, V) tensor or array, got {logits!r}"[:200])
+    a = np.asarray(logits)
+    if a.dtype.kind not in "fiu":
+        raise GrammarInputError(f"logits must be real numbers, got an array of {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _check_generator(generator: Any) -> None:
+    """The grammar draws its uniforms with torch on the host."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise GrammarInputError(f"generator must be a torch.Generator or None, got {type(generator).__name__} "
+                                f"{generator!r}: make one with torch.Generator().manual_seed(seed)"[:300])
+    if generator.device.type != "cpu":
+        raise GrammarInputError(f"generator is on {generator.device}, but the grammar draws its uniforms on the "
+                                "host: pass a CPU torch.Generator")
 
 
 @dataclass(frozen=True)
@@ -325,14 +346,21 @@ class CompiledGrammar:
     # ---- parsing -----------------------------------------------------------------------
     def parse(self, ids: Sequence[int]) -> Any:
         """Decode complete canvas content: a JSON value (value grammar) or a ParsedOutput."""
-        syms = self.vocab.symbols(self._token_ids(ids))
+        tokens = self._token_ids(ids)
+        syms = self.vocab.symbols(tokens)
         q = self.dfa.start
-        for i, s in enumerate(syms):
-            q = self.dfa.step(q, s)
-            if q < 0:
-                raise ParseError(f"symbol {i} ({self._describe(s)}) is not allowed by the grammar")
+        i = 0
+        for n, t in enumerate(tokens):  # token by token, to name the token where the content goes wrong
+            for s in self.vocab.token_symbols[t]:
+                before, q = q, self.dfa.step(q, s)
+                if q < 0:
+                    raise ParseError(f"token {n} (id {t}, {self._spell(self.vocab.token_symbols[t])!r}) is not "
+                                     f"allowed after {self._spell(syms[max(0, i - 60):i])!r}: at "
+                                     f"{self._describe(s)} the grammar expects {self._expected(before)}")
+                i += 1
         if not self.dfa.accept[q]:
-            raise ParseError("the content is incomplete: the grammar's stop token was not reached")
+            raise ParseError(f"the content is incomplete: it ends with {self._spell(syms[-60:])!r}, where the "
+                             f"grammar expects {self._expected(q)} (it ends with its stop token)")
         if self.kind == "value":
             value, _ = self.wire_format.parse_value(syms)
             return value
@@ -340,6 +368,35 @@ class CompiledGrammar:
 
     def _describe(self, s: int) -> str:
         return repr(chr(s)) if s < 128 else (f"byte 0x{s:02x}" if s < 256 else self.wire_format.symbol_name(s))
+
+    def _spell(self, syms: Sequence[int]) -> str:
+        """Symbols as text: bytes decoded (a cut character replaced), special symbols by name."""
+        out, run = [], bytearray()
+        for s in syms:
+            if s < 256:
+                run.append(s)
+                continue
+            out.append(run.decode("utf-8", "replace"))
+            run = bytearray()
+            out.append(self.wire_format.symbol_name(s))
+        out.append(run.decode("utf-8", "replace"))
+        return "".join(out)
+
+    def _expected(self, q: int, most: int = 6) -> str:
+        """The symbols the automaton takes from state ``q``: a few of its classes, named."""
+        classes = [np.flatnonzero(self.dfa.sym_class == c) for c in np.flatnonzero(self.dfa.trans[q] >= 0)]
+        if not classes:
+            return "nothing more"
+        named = []
+        for members in sorted(classes, key=lambda m: int(m[0]))[:most]:
+            lo, hi = int(members[0]), int(members[-1])
+            if members.size == 1:
+                named.append(self._describe(lo))
+            elif hi - lo + 1 == members.size:
+                named.append(f"{self._describe(lo)}..{self._describe(hi)}")
+            else:
+                named.append(f"one of {members.size} symbols such as {self._describe(lo)}")
+        return " or ".join(named) + (" or more" if len(classes) > most else "")
 
     def _parse_tools(self, syms: list[int]) -> ParsedOutput:
         wf = self.wire_format
@@ -652,10 +709,14 @@ class CompiledGrammar:
         if want_sum and not np.isfinite(asum).all():
             rows = np.flatnonzero(~np.isfinite(asum).all(axis=1))
             where = ", ".join(f"canvas {n // L} position {n % L}" for n in rows[:5].tolist())
+            first = flat[int(rows[0])]
+            first = first.cpu().numpy() if isinstance(first, torch.Tensor) else first
+            bad = np.flatnonzero(~(first < np.inf) & (self._atom_of(V) >= 0))  # (nan fails the test too)
             raise GrammarInputError(
-                f"the logits are nan or +inf at a token the grammar allows ({where}"
-                f"{', ...' if rows.size > 5 else ''}; {rows.size} position(s) in all): a model overflowing in "
-                "float16 or bfloat16 gives such logits")
+                f"the logits are nan or +inf at a token the grammar allows somewhere on a canvas (at {where}"
+                f"{', ...' if rows.size > 5 else ''}; {rows.size} position(s) in all; the first at token(s) "
+                f"{bad[:5].tolist()}): every such logit is refused, not only where the token may go. A model "
+                "overflowing in float16 or bfloat16 gives such logits")
         gsum = dp.group_sums(asum, self._group_plan) if want_sum else np.zeros((B * L, 0))
         return _Scores(flat, rowmax, asum, asumx, amax, aarg, gsum, block_sums, rowmax_dev)
 
@@ -810,6 +871,7 @@ class CompiledGrammar:
         xs, batched = self._prepare(logits)
         B, L, V = xs.shape
         sc = self._scores(xs)
+        _check_generator(generator)
         uniforms = torch.rand((B, L, 3), generator=generator, dtype=torch.float64).numpy()
         out = []
         for b, s0 in enumerate(self._states(state, B)):
@@ -893,6 +955,7 @@ class CompiledGrammar:
         ta = self.automaton
         sc = self._scores(xs, want_x=True)
         gmax = dp.group_max(sc.amax, self._group_plan)
+        _check_generator(generator)
         uniforms = torch.rand((B, L, 3), generator=generator, dtype=torch.float64).numpy()
         F: list[np.ndarray | None] = []  # each canvas's atom factors (L, K) (None: taken in log space)
         in_log_space: dict[int, np.ndarray] = {}

@@ -21,6 +21,7 @@ import copy
 import hashlib
 import itertools
 import json
+import os
 import re
 import threading
 import weakref
@@ -57,6 +58,11 @@ def backend_tokenizer(tokenizer: Any) -> Any:
     """The ``tokenizers.Tokenizer`` behind a transformers tokenizer (or itself)."""
     if hasattr(tokenizer, "to_str") and hasattr(tokenizer, "get_vocab"):
         return tokenizer
+    if isinstance(tokenizer, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"the tokenizer must be a tokenizer object, not a {type(tokenizer).__name__} ({tokenizer!r}): load "
+            "it first, e.g. tokenizers.Tokenizer.from_file(path) or transformers.AutoTokenizer.from_pretrained(path)"
+        )
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise VocabularyError(
@@ -226,6 +232,13 @@ class Vocabulary:
             id_to_tok[i] = t
         specials = {i for i, tok in backend.get_added_tokens_decoder().items() if tok.special}
         aliases = dict(aliases or {})
+        # (an alias of a token this wire format does not use is left alone: one map serves both formats)
+        absent = sorted(name for name, tok in aliases.items()
+                        if name in wire_format.special_tokens and tok not in vocab)
+        if absent:
+            raise VocabularyError(
+                f"aliases maps {absent[0]!r} onto {aliases[absent[0]]!r}, which is not in the tokenizer's "
+                "vocabulary; pick a token it has (an unused one, such as '<unused0>')")
 
         def resolve(token: str | int | None, defaults: tuple[str, ...], attr: str, role: str) -> int:
             if isinstance(token, bool):
