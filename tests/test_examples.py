@@ -31,3 +31,11 @@ def test_example_runs(name: str) -> None:
                        cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert marker in r.stdout
+
+
+def test_the_readmes_grammar_snippet_runs() -> None:
+    """The README's grammar API block is runnable as it stands (tokenizer and logits made in it)."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## The grammar API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    r = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
