@@ -364,6 +364,20 @@ def test_marginals_and_entropies_are_exact_at_any_logit_scale(grammar, log_space
     assert (log_space_calls[0] == 0) == (scale == 1.0), log_space_calls
 
 
+@pytest.mark.parametrize("fill", [torch.finfo(torch.float32).min, -1e30, 1e20])
+def test_marginals_of_a_row_of_equal_huge_logits_are_exact(grammar, fill):
+    """A position whose logits are all one huge value (a row masked with float32's
+    lowest): its tokens weigh alike. log F - rowmax lost log F there, and the row's
+    log-marginals summed to its count of tokens."""
+    L = 6
+    valid = enumerate_valid(grammar, L)
+    logits = torch.randn(L, grammar.vocab.size, generator=torch.Generator().manual_seed(5))
+    want = enumerated_marginals(valid, logits.index_fill(0, torch.tensor([2]), 0.0))  # (a row's constant: no matter)
+    logits[2] = fill
+    for m in (grammar.marginals(logits), grammar.denoise_step(logits).log_marginals):
+        np.testing.assert_allclose(m.exp().double().numpy(), want, atol=5e-6)
+
+
 def test_sample_is_exact_where_the_valid_tokens_lie_far_below_the_rows_best(grammar, log_space_calls):
     """Tokens the grammar allows elsewhere but not here get 2000 nats over the rest: the
     distribution over valid canvases is unchanged (they never count), but every valid
