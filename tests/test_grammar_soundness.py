@@ -385,3 +385,33 @@ def test_bounds_hold_to_the_last_digit(btok, wire_format):
         g = compile_schema(schema, btok, wire_format)
         valid = jsonschema.Draft202012Validator(schema).is_valid(value)
         assert g.accepts_json(value) == valid, (schema, value, valid)
+
+
+@pytest.mark.parametrize("wire_format", ["json", "gemma4"])
+def test_schemas_that_say_nothing_of_objects_are_any_value_in_strict_mode(btok, wire_format):
+    """Strict mode closes an object schema to its declared keys; an annotation, an allOf
+    or anyOf of {} or a $ref to {} says nothing of objects and is any value, as {} is
+    (a tool parameter {"description": "free-form"} took only {})."""
+    value = {"a": 1}
+    for schema in ({}, {"description": "x"}, {"title": "t"}, {"allOf": [{}]}, {"anyOf": [{"type": "boolean"}, {}]},
+                   {"$ref": "#/$defs/a", "$defs": {"a": {}}}, {"properties": {"m": {"description": "free"}}}):
+        wrapped = {"m": value} if "properties" in schema else value
+        assert jsonschema.Draft202012Validator(schema).is_valid(wrapped)
+        assert compile_schema(schema, btok, wire_format).accepts_json(wrapped), schema
+    for schema in ({"type": "object"}, {"required": []}, {"properties": {}}):  # object schemas: closed
+        assert not compile_schema(schema, btok, wire_format).accepts_json(value), schema
+        assert compile_schema(schema, btok, wire_format).accepts_json({}), schema
+
+
+def test_enum_members_meet_a_standard_format_the_compiler_refuses_on_strings(btok):
+    """idn-email, idn-hostname and regex are refused on free strings; beside an enum or
+    const the members are checked with jsonschema's format checker (they were let
+    through unchecked)."""
+    check = jsonschema.Draft202012Validator.FORMAT_CHECKER
+    for fmt, members in (("idn-email", ["0", "a@b.c"]), ("regex", ["(", "a+"])):
+        schema = {"enum": members, "format": fmt}
+        g = compile_schema(schema, btok, "json")
+        for v in members:
+            assert g.accepts_json(v) == jsonschema.Draft202012Validator(schema, format_checker=check).is_valid(v)
+    with pytest.raises(SchemaError, match="admits no value"):
+        compile_schema({"const": "(", "format": "regex"}, btok, "json")

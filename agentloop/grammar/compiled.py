@@ -246,7 +246,12 @@ class CompiledGrammar:
         ``{"name": ..., "arguments": {...}}`` calls (or ``ToolCall``s), a ``str`` final
         text, or what ``parse`` returns (a ``ParsedOutput``). Object keys may come in any
         order in ``value``: the grammar's own order (schema order) is used. A number is
-        accepted in any of its spellings (``WireFormat.number_spellings``).
+        accepted in any of its spellings (``WireFormat.number_spellings``). Past 2**53 a
+        float's spellings read back as it as a double, not all exactly: 1e30's shortest
+        decimal, 10**30 exactly, is another number than the double's 10**30 + 19884624838656.
+        So under ``"maximum": 10**30 + 7`` the float 1e30 is accepted (its decimal is within
+        the bound under both readings, as every number the grammar writes is), where
+        jsonschema, comparing the double exactly, finds it too large.
         """
         wf = self.wire_format
         end = [wf.symbol(EOS)]

@@ -225,6 +225,10 @@ _DEFAULT_BASE = "https://agentloop.invalid/schema.json"
 # else, dependentSchemas). unevaluatedProperties / unevaluatedItems of a facet see the
 # annotations of exactly the facets whose ancestry contains its id.
 _ID = "$agentloop:id"
+#: Keywords that make a schema an object schema, which strict mode closes.
+_OBJECT_KEYWORDS = frozenset({"properties", "patternProperties", "additionalProperties", "required", "propertyNames",
+                              "minProperties", "maxProperties", "dependentRequired", "dependentSchemas",
+                              "unevaluatedProperties"})
 _PARENTS = "$agentloop:parents"
 _ABSOLUTE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
 # Keywords whose values are subschemas: one schema, a list of schemas, a name -> schema map.
@@ -656,7 +660,14 @@ class SchemaCompiler:
                 yield error(f"{instance!r} does not match {patrn!r}")
 
         def format_(validator: Any, fmt: str, instance: Any, schema: Any) -> Iterator[Any]:
-            if not isinstance(instance, str) or fmt not in FORMATS:
+            if not isinstance(instance, str):
+                return
+            if fmt not in FORMATS:
+                # a standard format the compiler refuses on strings (idn-email, regex, ...)
+                # still holds an enum or const member to jsonschema's check; any other name
+                # only annotates
+                if not over and fmt in STANDARD_FORMATS:
+                    yield from base.VALIDATORS["format"](validator, fmt, instance, schema)
                 return
             if not comp._string_in(("format", fmt, over), instance):
                 yield error(f"{instance!r} is not a {fmt!r}")
@@ -1541,7 +1552,7 @@ class SchemaCompiler:
                     forbidden = True
                 else:
                     add_facets.append((schema["additionalProperties"], _ptr(ptr, "additionalProperties"), base))
-        if not forbidden and (said or not self.opt.strict):
+        if not forbidden and (said or not self._strict_closes(fs)):
             if ctx.depth > 0 or ctx.over:
                 value = self.facets_node(add_facets, child)
                 any_key = self._any_key()
@@ -1630,6 +1641,14 @@ class SchemaCompiler:
                            for q in range(value_dfa.n_states)], bool)
         return minimize(value_dfa.trans.copy(), accept, q0, value_dfa.sym_class, list(value_dfa.class_masks))
 
+    def _strict_closes(self, fs: list[Facet]) -> bool:
+        """Whether strict mode closes these facets' objects to their declared keys: where
+        one of them is an object schema (says "type": "object" or an object keyword). An
+        annotation alone ({"description": ...}) says nothing of objects: any value, as {}."""
+        return self.opt.strict and any(
+            not _OBJECT_KEYWORDS.isdisjoint(schema) or schema.get("type") == "object"
+            or (isinstance(schema.get("type"), list) and "object" in schema["type"]) for schema, _, _ in fs)
+
     def object_general(self, fs: list[Facet], ctx: _Ctx) -> Node:
         """Objects with the object keywords (patternProperties, propertyNames, min/max
         Properties) or in canonical spelling.
@@ -1651,7 +1670,7 @@ class SchemaCompiler:
         said = any("additionalProperties" in s for s, _, _ in fs)
         # Policy for keys nothing declares. Strict mode is a restriction of the spec, so
         # the over language (which must hold every valid value) follows the spec.
-        extras_open = said or not self.opt.strict or ctx.over
+        extras_open = said or not self._strict_closes(fs) or ctx.over
         if not extras_open:
             self._approx += 1
         names = [(s["propertyNames"], _ptr(p, "propertyNames"), b) for s, p, b in fs if "propertyNames" in s]
