@@ -378,6 +378,24 @@ def test_marginals_of_a_row_of_equal_huge_logits_are_exact(grammar, fill):
         np.testing.assert_allclose(m.exp().double().numpy(), want, atol=5e-6)
 
 
+def test_marginals_are_exact_where_every_canvas_passes_one_masked_token(grammar):
+    """The stop token masked to -1e10 at every position: each canvas writes it once, so
+    the canvases' weights differ by O(1), and the stop token carries real mass where a
+    canvas may end, 1e10 below the row's best. The device passes wrote x - ref + shift
+    in float32 from one reference a row, and lost it there (float32's step at 1e10 is
+    1024); each atom is now its own reference."""
+    L = 6
+    valid = enumerate_valid(grammar, L)
+    logits = torch.randn(L, grammar.vocab.size, generator=torch.Generator().manual_seed(6))
+    stop = grammar.vocab.stop_id
+    assert all((c == stop).sum() == 1 for c in valid)
+    logits[:, stop] = 0.0
+    want = enumerated_marginals(valid, logits)  # (the same with the stop token at -1e10: once per canvas)
+    logits[:, stop] = -1e10
+    for m in (grammar.marginals(logits), grammar.denoise_step(logits).log_marginals):
+        np.testing.assert_allclose(m.exp().double().numpy(), want, atol=5e-6)
+
+
 def test_sample_is_exact_where_the_valid_tokens_lie_far_below_the_rows_best(grammar, log_space_calls):
     """Tokens the grammar allows elsewhere but not here get 2000 nats over the rest: the
     distribution over valid canvases is unchanged (they never count), but every valid

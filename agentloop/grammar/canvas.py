@@ -1936,30 +1936,6 @@ def write_marginals(logits: np.ndarray, rowmax: np.ndarray, atom_of: np.ndarray,
     _write_marginals(logits, rowmax, atom_of, log_f, out, row_parts(logits.shape[0]))
 
 
-@nb.njit(cache=True, nogil=True)
-def marginals_reference(log_f, amax, rowmax):  # pragma: no cover - compiled
-    """For a device that writes the log-marginals in float32 as x - ref + shift[atom]:
-    ref (N,) float32, each row's best logit among the atoms with mass (the row's best
-    allowed one where none has), and shift (N, K) float64 = log F - rowmax + ref. Near
-    the tokens that carry the mass both terms stay small; from the row's best allowed
-    token, x - rowmax and log F would cancel at thousands of nats apart when a low
-    temperature puts every valid token far below it."""
-    N, K = log_f.shape
-    ref = np.empty(N, np.float32)
-    shift = np.empty((N, K), np.float64)
-    for n in range(N):
-        r = -np.inf
-        for k in range(K):
-            if log_f[n, k] > -np.inf and amax[n, k] > r:
-                r = amax[n, k]
-        if r == -np.inf:
-            r = rowmax[n]
-        ref[n] = r
-        for k in range(K):  # (the difference first, exact: log F survives huge logits)
-            shift[n, k] = log_f[n, k] + (np.float64(ref[n]) - rowmax[n])
-    return ref, shift
-
-
 # ---- 4. sampling and Viterbi --------------------------------------------------------------
 
 

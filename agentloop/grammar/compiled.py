@@ -245,7 +245,8 @@ class CompiledGrammar:
         For a value grammar ``value`` is any JSON value; for a tools grammar it is a list of
         ``{"name": ..., "arguments": {...}}`` calls (or ``ToolCall``s), a ``str`` final
         text, or what ``parse`` returns (a ``ParsedOutput``). Object keys may come in any
-        order in ``value``: the grammar's own order (schema order) is used. A number is
+        order in ``value`` (up to 10 keys an object; a larger one in its own order, as
+        ``parse`` returns it): the grammar's own order (schema order) is used. A number is
         accepted in any of its spellings (``WireFormat.number_spellings``). Past 2**53 a
         float's spellings read back as it as a double, not all exactly: 1e30's shortest
         decimal, 10**30 exactly, is another number than the double's 10**30 + 19884624838656.
@@ -302,8 +303,14 @@ class CompiledGrammar:
                 return out
         return states
 
+    #: Objects of at most this many keys are walked in every key order (2**n sets of keys
+    #: used); larger ones in their own order only, as ``parse`` hands them back (every
+    #: order: minutes at 20 keys).
+    _ALL_KEY_ORDERS_UP_TO = 10
+
     def _walk_value(self, v: Any, states: set[int]) -> set[int]:
-        """States after spelling ``v`` from any of ``states``, over every key order."""
+        """States after spelling ``v`` from any of ``states``, over every key order (an
+        object of more than ``_ALL_KEY_ORDERS_UP_TO`` keys: in its own order)."""
         wf = self.wire_format
         run = self.dfa.run
         if not states:
@@ -312,20 +319,23 @@ class CompiledGrammar:
             msep = wf.lit("member_separator")
             frontier = {(q, frozenset()) for q in (run(wf.lit("object_open"), q) for q in states) if q >= 0}
             keys = list(v)
-            for _ in range(len(keys)):
+            try:
+                spelled = {k: wf.key_symbols(k) for k in keys}
+            except Exception:
+                return set()
+            walked: dict[tuple[str, int], set[int]] = {}  # (key, state after it) -> states after its value
+            for i in range(len(keys)):
                 nxt: set[tuple[int, frozenset[str]]] = set()
                 for q, used in frontier:
-                    for k in keys:
+                    for k in (keys if len(keys) <= self._ALL_KEY_ORDERS_UP_TO else keys[i:i + 1]):
                         if k in used:
                             continue
-                        try:
-                            ks = wf.key_symbols(k)
-                        except Exception:
-                            return set()
-                        q1 = run((msep if used else []) + ks, q)
+                        q1 = run((msep if used else []) + spelled[k], q)
                         if q1 < 0:
                             continue
-                        for q2 in self._walk_value(v[k], {q1}):
+                        if (k, q1) not in walked:
+                            walked[k, q1] = self._walk_value(v[k], {q1})
+                        for q2 in walked[k, q1]:
                             nxt.add((q2, used | {k}))
                 frontier = nxt
                 if not frontier:
@@ -843,9 +853,8 @@ class CompiledGrammar:
             return torch.empty((B, L, V), dtype=torch.float32, device=getattr(sc.flat, "device", "cpu")) \
                 if out is None else out.view(B, L, V)
         if sc.rowmax_dev is not None:
-            ref, shift = dp.marginals_reference(log_f, sc.amax, sc.rowmax)  # (float32 sums there: see it)
-            logp = device_passes.log_marginals(sc.flat, torch.from_numpy(ref).to(sc.flat.device), shift,
-                                               self._atom_layout(V, sc.flat.device).index,
+            ref, shift = device_passes.atom_references(log_f, sc.amax, sc.rowmax)  # (float32 there: see it)
+            logp = device_passes.log_marginals(sc.flat, ref, shift, self._atom_layout(V, sc.flat.device).index,
                                                None if out is None else out.view(N, V))
             return logp.view(B, L, V)
         host = np.empty_like(sc.flat) if out is None else out.view(N, V).numpy()

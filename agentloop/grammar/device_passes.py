@@ -294,32 +294,53 @@ def _kernels() -> Any:
     return fused_kernel
 
 
-def log_marginals(x: torch.Tensor, rowmax: torch.Tensor, log_f: np.ndarray, idx: torch.Tensor,
+def log_marginals(x: torch.Tensor, ref: np.ndarray, shift: np.ndarray, idx: torch.Tensor,
                   out: torch.Tensor | None = None, kernel: str = "auto") -> torch.Tensor:
-    """(N, V) constrained log-probs on the device: x - rowmax + log_f[atom] (``log_f``
-    (N, K), the log of the atom factors), -inf where never; written into ``out`` (N, V)
-    when given. ``kernel`` as for :func:`reduce_atoms`: the Triton kernel reads x once
-    and writes ``out`` once; the torch ops take a few passes and an (N, V) temporary."""
-    N, K = log_f.shape
-    logF_host = np.full((N, K + 1), -np.inf)
-    logF_host[:, :K] = log_f
-    logF = torch.from_numpy(logF_host).to(device=x.device, dtype=torch.float32)  # (N, K + 1), K: never allowed
+    """(N, V) constrained log-probs on the device: x - ref[atom] + shift[atom] in float32
+    (``ref`` (N, K) float32 and ``shift`` (N, K) float64 per atom: see
+    :func:`atom_references`), -inf where never; written into ``out`` (N, V) when given.
+    ``kernel`` as for :func:`reduce_atoms`: the Triton kernel reads x once and writes
+    ``out`` once; the torch ops take a few passes and (N, V) temporaries."""
+    N, K = shift.shape
+    ref_host = np.zeros((N, K + 1), np.float32)
+    ref_host[:, :K] = ref
+    shift_host = np.full((N, K + 1), -np.inf)
+    shift_host[:, :K] = shift
+    # (N, K + 1) each, column K: never allowed
+    ref_dev = torch.from_numpy(ref_host).to(device=x.device)
+    shift_dev = torch.from_numpy(shift_host).to(device=x.device, dtype=torch.float32)
     if out is None:
         out = torch.empty(x.shape, device=x.device)  # (N, V)
     # (the kernel writes rows of contiguous tokens)
     if _use_kernel(kernel, x.device, "log_marginals") and out.stride(1) == 1:
-        return _kernel_or_torch("log_marginals", lambda: _log_marginals_triton(x, rowmax, logF, idx, out),
-                                lambda: _log_marginals_torch(x, rowmax, logF, idx, out), strict=kernel == "triton")
-    return _log_marginals_torch(x, rowmax, logF, idx, out)
+        return _kernel_or_torch("log_marginals", lambda: _log_marginals_triton(x, ref_dev, shift_dev, idx, out),
+                                lambda: _log_marginals_torch(x, ref_dev, shift_dev, idx, out), strict=kernel == "triton")
+    return _log_marginals_torch(x, ref_dev, shift_dev, idx, out)
 
 
-def _log_marginals_torch(x: torch.Tensor, rowmax: torch.Tensor, logF: torch.Tensor, idx: torch.Tensor,
+def atom_references(log_f: np.ndarray, amax: np.ndarray, rowmax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per atom of each row, the reference ``ref`` (N, K) float32 and ``shift`` (N, K)
+    float64 that :func:`log_marginals` writes x - ref + shift with, in float32: the atom's
+    best logit, and its best token's log-marginal, log F + (amax - rowmax). Both terms
+    stay small near every token that carries mass, whatever the spread of the logits:
+    from one reference a row, a token 1e10 below it (a -1e10 mask the grammar forces a
+    canvas through) lost its e^-10 to float32's resolution there (1024). An atom with no
+    mass or no usable logit: ref 0, shift -inf."""
+    usable = (log_f > -np.inf) & (amax > -np.inf)
+    ref = np.where(usable, amax, np.float32(0.0)).astype(np.float32)
+    with np.errstate(invalid="ignore"):  # (-inf - -inf where unusable: replaced)
+        shift = np.where(usable, log_f + (amax.astype(np.float64) - rowmax[:, None]), -np.inf)
+    return ref, shift
+
+
+def _log_marginals_torch(x: torch.Tensor, ref: torch.Tensor, shift: torch.Tensor, idx: torch.Tensor,
                          out: torch.Tensor) -> torch.Tensor:
-    K = logF.shape[1] - 1
-    for r in _row_chunks(x.shape[0], x.shape[1], x.device):  # the gathered factors are an (n, V) temporary
-        # x - rowmax first: near the row's best logit the difference is exact in float32
-        torch.sub(x[r], rowmax[r, None], out=out[r])
-        out[r] += logF[r].gather(1, idx.expand(out[r].shape[0], -1))
+    K = shift.shape[1] - 1
+    for r in _row_chunks(x.shape[0], x.shape[1], x.device):  # the gathered columns are (n, V) temporaries
+        n = r.stop - r.start
+        # x - the atom's best logit first: near it the difference is exact in float32
+        torch.sub(x[r], ref[r].gather(1, idx.expand(n, -1)), out=out[r])
+        out[r] += shift[r].gather(1, idx.expand(n, -1))
         out[r].masked_fill_(idx == K, -math.inf)  # never allowed: -inf even where the logit is nan
     return out
 
@@ -328,7 +349,7 @@ def _log_marginals_torch(x: torch.Tensor, rowmax: torch.Tensor, logF: torch.Tens
 _MARGINALS_BLOCK = 1024
 
 
-def _log_marginals_triton(x: torch.Tensor, rowmax: torch.Tensor, logF: torch.Tensor, idx: torch.Tensor,
+def _log_marginals_triton(x: torch.Tensor, ref: torch.Tensor, shift: torch.Tensor, idx: torch.Tensor,
                           out: torch.Tensor) -> torch.Tensor:
     N, V = x.shape
     x = x if x.stride(1) == 1 else x.contiguous()
@@ -336,8 +357,8 @@ def _log_marginals_triton(x: torch.Tensor, rowmax: torch.Tensor, logF: torch.Ten
         n = r.stop - r.start
         if n and V:
             _kernels().log_marginals[(-(-V // _MARGINALS_BLOCK), n)](
-                x[r], x.stride(0), rowmax[r].contiguous(), logF[r].contiguous(), idx, out[r], out.stride(0), V,
-                logF.shape[1] - 1, BLOCK=_MARGINALS_BLOCK)
+                x[r], x.stride(0), ref[r].contiguous(), shift[r].contiguous(), idx, out[r], out.stride(0), V,
+                shift.shape[1] - 1, BLOCK=_MARGINALS_BLOCK)
     return out
 
 

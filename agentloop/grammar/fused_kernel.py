@@ -33,18 +33,20 @@ else:
 
 
 @triton.jit
-def log_marginals(x_ptr, x_stride, rowmax_ptr, logf_ptr, index_ptr, out_ptr, out_stride, V, K,
+def log_marginals(x_ptr, x_stride, ref_ptr, shift_ptr, index_ptr, out_ptr, out_stride, V, K,
                   BLOCK: tl.constexpr):
-    """One row x BLOCK tokens of the constrained log-marginals, x - rowmax + log F[atom]
-    (float32, in the torch ops' order: the same numbers), -inf at the tokens never allowed
-    (atom K) even where x is nan. ``logf`` is (rows, K + 1) float32."""
+    """One row x BLOCK tokens of the constrained log-marginals, x - ref[atom] + shift[atom]
+    (float32, in the torch ops' order: the same numbers; ``device_passes.atom_references``),
+    -inf at the tokens never allowed (atom K) even where x is nan. ``ref`` and ``shift``
+    are (rows, K + 1) float32."""
     row = tl.program_id(1).to(tl.int64)
     col = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) token ids
     live = col < V
     x = tl.load(x_ptr + row * x_stride + col, mask=live, other=0.0)
     k = tl.load(index_ptr + col, mask=live, other=K)
-    log_f = tl.load(logf_ptr + row * (K + 1) + k, mask=live, other=0.0)  # a (K + 1,) row: in cache
-    v = (x - tl.load(rowmax_ptr + row)) + log_f
+    ref = tl.load(ref_ptr + row * (K + 1) + k, mask=live, other=0.0)  # (K + 1,) rows: in cache
+    shift = tl.load(shift_ptr + row * (K + 1) + k, mask=live, other=0.0)
+    v = (x - ref) + shift
     tl.store(out_ptr + row * out_stride + col, tl.where(k == K, -float("inf"), v), mask=live)
 
 
