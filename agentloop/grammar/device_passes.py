@@ -314,7 +314,8 @@ def log_marginals(x: torch.Tensor, ref: np.ndarray, shift: np.ndarray, idx: torc
     # (the kernel writes rows of contiguous tokens)
     if _use_kernel(kernel, x.device, "log_marginals") and out.stride(1) == 1:
         return _kernel_or_torch("log_marginals", lambda: _log_marginals_triton(x, ref_dev, shift_dev, idx, out),
-                                lambda: _log_marginals_torch(x, ref_dev, shift_dev, idx, out), strict=kernel == "triton")
+                                lambda: _log_marginals_torch(x, ref_dev, shift_dev, idx, out),
+                                strict=kernel == "triton")
     return _log_marginals_torch(x, ref_dev, shift_dev, idx, out)
 
 
