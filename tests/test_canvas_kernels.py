@@ -378,7 +378,8 @@ def test_an_infinite_logit_at_an_allowed_token_is_named_like_a_nan(btok, monkeyp
     g = compile_schema({"enum": [1, 2]}, btok)
     x = torch.randn(2, 4, g.vocab.size)
     x[1, 0, btok.token_to_id("1")] = float("inf")
-    with pytest.raises(GrammarInputError, match="nan or \\+inf at a token the grammar allows .canvas 1 position 0"):
+    with pytest.raises(GrammarInputError, match="nan or \\+inf at a token the grammar allows somewhere on a canvas "
+                                                 r"\(at canvas 1 position 0; 1 position\(s\) in all; the first at token"):
         g.marginals(x)
 
 
