@@ -450,6 +450,8 @@ def _char_any_dfa(wf: WireFormat) -> Dfa:
 
 
 _char_classes: "OrderedDict[tuple[str, str, cs.CharSet], Dfa]" = OrderedDict()
+#: Printable ASCII but the quote and backslash: spelled as themselves in every wire format.
+_PLAIN_ASCII = cs.minus(((0x20, 0x7E),), cs.of_chars('"\\'))
 
 
 def _char_class_dfa(wf: WireFormat, chars: cs.CharSet) -> Dfa:
@@ -745,11 +747,12 @@ class SchemaCompiler:
         return self._string_dfa(key).accepts(self.wf.spell_string_content(s))
 
     def _spell_class(self, chars: cs.CharSet) -> Node:
-        """One character of ``chars``, spelled, for a pattern: a class wider than one ASCII
-        character as its small DFA, embedded (spelled out, '.' is ~200 NFA states in JSON's
-        wire format: the NFA of '.{0,14}x.{0,14}' had 6k, too many to simulate when its
-        subset construction blows up; see ``fsa.to_dfa``)."""
-        if len(chars) == 1 and chars[0][0] == chars[0][1] and chars[0][0] < 128:
+        """One character of ``chars``, spelled, for a pattern: a class beyond printable ASCII
+        (non-ASCII, controls, a quote or backslash) as its small DFA, embedded (spelled
+        out, '.' is ~200 NFA states in JSON's wire format: the NFA of '.{0,14}x.{0,14}' had
+        6k, too many to simulate when its subset construction blows up; see
+        ``fsa.to_dfa``)."""
+        if not cs.minus(chars, _PLAIN_ASCII):  # (a byte a character: a few NFA edges, cheaper inline)
             return self.wf.spell_char(chars)
         return embed(_char_class_dfa(self.wf, chars))
 
