@@ -304,6 +304,7 @@ def test_minus_infinity_logits_give_finite_entropies_or_a_clear_error(grammar):
     """A masked allowed token (-inf) weighs nothing: entropies stay finite. A position
     whose allowed tokens are all -inf admits no canvas: a clear error, never nan."""
     logits = torch.randn(5, grammar.vocab.size, generator=torch.Generator().manual_seed(4))
+    free_logits = logits.clone()
     free = grammar.denoise_step(logits)
     l = int(free.entropy.argmax())  # a position with a choice: masking its best token leaves others
     t = free.argmax[l]
@@ -312,8 +313,10 @@ def test_minus_infinity_logits_give_finite_entropies_or_a_clear_error(grammar):
     assert torch.isfinite(out.entropy).all() and out.argmax[l] != t and out.sample[l] != t
     logits[1, :] = -math.inf
     for op in (grammar.viterbi, grammar.sample, grammar.marginals, grammar.denoise_step):
-        with pytest.raises(NoValidCanvasError, match="whose logit is -inf"):
+        with pytest.raises(NoValidCanvasError, match="^no canvas of 5 positions .* whose logit is -inf"):
             op(logits)
+        with pytest.raises(NoValidCanvasError, match="^canvas 1 of the batch of 2: no canvas .* logit is -inf"):
+            op(torch.stack([free_logits, logits]))  # (a batch names the canvas)
 
 
 # ---- logits beyond float64's range ----------------------------------------------------------

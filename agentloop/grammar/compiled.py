@@ -584,12 +584,16 @@ class CompiledGrammar:
         sc = self._scores(xs, want_sum=False, want_x=False)
         gmax = dp.group_max(sc.amax, self._group_plan)
         out = []
-        for b, s0 in enumerate(self._states(state, B)):
-            sl = slice(b * L, (b + 1) * L)
-            sup, _, _ = self._step_support(sc, sl, s0, partial, prune, sums=False, gmax=gmax[sl])
-            path = self._canvas_passes(sup, s0, partial, gmax=gmax[sl], best=(sc.amax[sl], sc.aarg[sl])).path
-            assert path is not None
-            out.append(path)
+        b = 0
+        try:
+            for b, s0 in enumerate(self._states(state, B)):
+                sl = slice(b * L, (b + 1) * L)
+                sup, _, _ = self._step_support(sc, sl, s0, partial, prune, sums=False, gmax=gmax[sl])
+                path = self._canvas_passes(sup, s0, partial, gmax=gmax[sl], best=(sc.amax[sl], sc.aarg[sl])).path
+                assert path is not None
+                out.append(path)
+        except NoValidCanvasError as e:  # (which canvas of a batch has none)
+            raise self._in_batch(e, b, B) from None
         return out if batched else out[0]
 
     def _canvas_passes(self, sup: dp.Support, s0: int, partial: bool, *, gsum: np.ndarray | None = None,
@@ -699,6 +703,11 @@ class CompiledGrammar:
     def _no_finite_canvas_message(L: int, s0: int) -> str:
         return (f"no canvas of {L} positions from state {s0} has a finite score: every valid one passes a token "
                 "whose logit is -inf (or nan)")
+
+    @staticmethod
+    def _in_batch(e: NoValidCanvasError, b: int, B: int) -> NoValidCanvasError:
+        """``e``, naming the canvas of a batch it is about."""
+        return NoValidCanvasError(f"canvas {b} of the batch of {B}: {e}") if B > 1 else e
 
     def _no_canvas_message(self, L: int, s0: int, partial: bool) -> str:
         return (f"no valid canvas of {L} positions from state {s0}"
@@ -888,11 +897,15 @@ class CompiledGrammar:
         _check_generator(generator)
         uniforms = torch.rand((B, L, 3), generator=generator, dtype=torch.float64).numpy()
         out = []
-        for b, s0 in enumerate(self._states(state, B)):
-            sl = slice(b * L, (b + 1) * L)
-            sup, _, fast = self._step_support(sc, sl, s0, partial, prune, sums=True)
-            passes = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl]) if fast else _OUT_OF_RANGE
-            out.append(self._sample_one(sc, sl, sup, passes, s0, uniforms[b]))
+        b = 0
+        try:
+            for b, s0 in enumerate(self._states(state, B)):
+                sl = slice(b * L, (b + 1) * L)
+                sup, _, fast = self._step_support(sc, sl, s0, partial, prune, sums=True)
+                passes = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl]) if fast else _OUT_OF_RANGE
+                out.append(self._sample_one(sc, sl, sup, passes, s0, uniforms[b]))
+        except NoValidCanvasError as e:  # (which canvas of a batch has none)
+            raise self._in_batch(e, b, B) from None
         return out if batched else out[0]
 
     @_holding_messages
@@ -921,14 +934,18 @@ class CompiledGrammar:
         sc = self._scores(xs, want_x=return_entropy)
         F: list[np.ndarray | None] = []  # each canvas's atom factors (L, K) (None: taken in log space)
         in_log_space: dict[int, np.ndarray] = {}  # canvas -> its log F, where the sums left float64's range
-        for b, s0 in enumerate(self._states(state, B)):
-            sl = slice(b * L, (b + 1) * L)
-            sup, _, fast = self._step_support(sc, sl, s0, partial, prune, sums=True)
-            passes = (self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True)
-                      if fast else _OUT_OF_RANGE)
-            F.append(passes.F if passes.in_range else None)
-            if not passes.in_range:
-                in_log_space[b] = self._log_space(sc, sl, sup, s0, factors=True)[0]
+        b = 0
+        try:
+            for b, s0 in enumerate(self._states(state, B)):
+                sl = slice(b * L, (b + 1) * L)
+                sup, _, fast = self._step_support(sc, sl, s0, partial, prune, sums=True)
+                passes = (self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True)
+                          if fast else _OUT_OF_RANGE)
+                F.append(passes.F if passes.in_range else None)
+                if not passes.in_range:
+                    in_log_space[b] = self._log_space(sc, sl, sup, s0, factors=True)[0]
+        except NoValidCanvasError as e:  # (which canvas of a batch has none)
+            raise self._in_batch(e, b, B) from None
         log_f, H = self._factor_logs(sc, F, in_log_space, B, L, entropy=return_entropy)
         logp = self._log_marginals(sc, log_f, B, L, out)
         result = logp if batched else logp[0]
@@ -976,25 +993,29 @@ class CompiledGrammar:
         best: list[list[int]] = []
         samples: list[list[int]] = []
         pruned: list[bool] = []
-        for b, s0 in enumerate(self._states(state, B)):
-            sl = slice(b * L, (b + 1) * L)
-            sup, kept, fast = self._step_support(sc, sl, s0, partial, prune, sums=True, gmax=gmax[sl])
-            pruned.append(kept)
-            top = (sc.amax[sl], sc.aarg[sl])
-            passes = (self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True, gmax=gmax[sl], best=top)
-                      if fast else _OUT_OF_RANGE)
-            path = passes.path
-            if path is None:  # (the Viterbi pass shared a sweep that stopped early, or never ran)
-                path = self._canvas_passes(sup, s0, partial, gmax=gmax[sl], best=top).path
-                assert path is not None
-            best.append(path)
-            F.append(passes.F if passes.in_range else None)
-            if passes.in_range:
-                samples.append(self._sample_one(sc, sl, sup, passes, s0, uniforms[b]))
-            else:
-                in_log_space[b], atoms, log_asum = self._log_space(sc, sl, sup, s0, factors=True,
-                                                                   uniforms=uniforms[b])
-                samples.append(self._tokens_in_atoms(sc, sl, atoms, uniforms[b], log_asum))
+        b = 0
+        try:
+            for b, s0 in enumerate(self._states(state, B)):
+                sl = slice(b * L, (b + 1) * L)
+                sup, kept, fast = self._step_support(sc, sl, s0, partial, prune, sums=True, gmax=gmax[sl])
+                pruned.append(kept)
+                top = (sc.amax[sl], sc.aarg[sl])
+                passes = (self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True, gmax=gmax[sl], best=top)
+                          if fast else _OUT_OF_RANGE)
+                path = passes.path
+                if path is None:  # (the Viterbi pass shared a sweep that stopped early, or never ran)
+                    path = self._canvas_passes(sup, s0, partial, gmax=gmax[sl], best=top).path
+                    assert path is not None
+                best.append(path)
+                F.append(passes.F if passes.in_range else None)
+                if passes.in_range:
+                    samples.append(self._sample_one(sc, sl, sup, passes, s0, uniforms[b]))
+                else:
+                    in_log_space[b], atoms, log_asum = self._log_space(sc, sl, sup, s0, factors=True,
+                                                                       uniforms=uniforms[b])
+                    samples.append(self._tokens_in_atoms(sc, sl, atoms, uniforms[b], log_asum))
+        except NoValidCanvasError as e:  # (which canvas of a batch has none)
+            raise self._in_batch(e, b, B) from None
         log_f, H = self._factor_logs(sc, F, in_log_space, B, L, entropy=True)
         assert H is not None
         logp = self._log_marginals(sc, log_f, B, L, out)
