@@ -291,7 +291,8 @@ def compile_tools(
     """Compile the envelope "one or more tool calls, or a final text" for ``tools``.
 
     Each tool is a :class:`ToolSchema`, a ``{"name", "parameters", "description"}`` dict
-    or an OpenAI-style function spec. ``allow_text=False`` forces at least one call;
+    (the parameters also as Anthropic's ``input_schema`` or MCP's ``inputSchema``) or an
+    OpenAI-style function spec. ``allow_text=False`` forces at least one call;
     ``parallel_calls=False`` allows exactly one call per turn.
     """
     wf = _wire_format_and_options(wire_format, options)

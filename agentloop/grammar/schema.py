@@ -225,11 +225,11 @@ _DEFAULT_BASE = "https://agentloop.invalid/schema.json"
 # else, dependentSchemas). unevaluatedProperties / unevaluatedItems of a facet see the
 # annotations of exactly the facets whose ancestry contains its id.
 _ID = "$agentloop:id"
+_PARENTS = "$agentloop:parents"
 #: Keywords that make a schema an object schema, which strict mode closes.
 _OBJECT_KEYWORDS = frozenset({"properties", "patternProperties", "additionalProperties", "required", "propertyNames",
                               "minProperties", "maxProperties", "dependentRequired", "dependentSchemas",
                               "unevaluatedProperties"})
-_PARENTS = "$agentloop:parents"
 _ABSOLUTE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
 # Keywords whose values are subschemas: one schema, a list of schemas, a name -> schema map.
 SUBSCHEMA_ONE = ("additionalProperties", "items", "contains", "propertyNames", "not", "if", "then",
@@ -429,7 +429,7 @@ def _check_json_value(v: Any, keyword: str, pointer: str) -> None:
             if not isinstance(k, str):
                 raise SchemaError(f"{keyword} holds an object key {k!r}; JSON keys are strings", keyword=keyword,
                                   pointer=pointer)
-            _check_json_value(x, keyword, f"{pointer}/{k}")
+            _check_json_value(x, keyword, _ptr(pointer, k))
     elif isinstance(v, (list, tuple)):
         for i, x in enumerate(v):
             _check_json_value(x, keyword, f"{pointer}/{i}")
