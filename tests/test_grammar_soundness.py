@@ -267,6 +267,29 @@ def test_float_multiples_follow_jsonschemas_division(btok, wire_format):
 
 
 @pytest.mark.parametrize("wire_format", WIRE_FORMATS)
+def test_a_negated_whole_float_multiple_takes_the_other_integers(btok, wire_format):
+    """The over language (what ``not`` takes away) dropped a float multipleOf entirely, so
+    ``not: {multipleOf: 2.0}`` was refused as admitting no value. Below 2**53 a whole float
+    m divides an integer n exactly when jsonschema's n / m is an integer, so the odd
+    integers there are kept; past 2**53 the division rounds and nothing is taken."""
+    probes = [0, 1, 2, 3, -1, -2, -7, 15, 2**53 - 1, 2**53, 2**53 + 1, -(2**53) - 1, 2**60 + 3, 1.5, 4.0, -3.0,
+              "x", None, {"a": 1}]
+    cases = [({"type": "integer", "not": {"multipleOf": 2.0}}, {1, 3, -1, -7, 15, 2**53 - 1}),
+             ({"not": {"multipleOf": 2.0}}, {1, 3, -1, -7, 15, 2**53 - 1, -3.0}),
+             ({"type": "integer", "not": {"multipleOf": 6.0, "maximum": 100}}, None),
+             ({"type": "integer", "not": {"allOf": [{"multipleOf": 2.0}, {"multipleOf": 3}]}}, {1, 2, 3, -1, -2, -7, 15})]
+    for schema, must_accept in cases:
+        g = compile_schema(schema, btok, wire_format)
+        v = jsonschema.Draft202012Validator(schema)
+        accepted = [p for p in probes if g.accepts_json(p)]
+        assert all(v.is_valid(p) for p in accepted), (schema, accepted)
+        if must_accept is not None:
+            assert must_accept <= set(p for p in accepted if not isinstance(p, dict)), (schema, accepted)
+    g = compile_schema({"type": "integer", "not": {"multipleOf": 2.0}}, btok, wire_format)
+    assert not g.accepts_json(2) and not g.accepts_json(2**53 + 1)
+
+
+@pytest.mark.parametrize("wire_format", WIRE_FORMATS)
 def test_no_spelling_under_a_negation_parses_below_the_normal_doubles(btok, wire_format):
     """Inside ``not`` a number has one spelling per double (15 significant digits), which
     holds for normal doubles only: 0.<400 zeros>1 parses to 0.0, which ``not: {const: 0}``

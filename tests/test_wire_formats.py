@@ -224,8 +224,13 @@ def test_tool_specs_of_other_formats_and_misspelt_ones(btok):
     assert not untyped.accepts_json([{"name": "w", "arguments": 1}])
 
 
-def test_bad_arguments_to_the_compilers_and_grammars_are_named(btok):
+@pytest.mark.parametrize("device_passes", [False, True], ids=["host", "device"])
+def test_bad_arguments_to_the_compilers_and_grammars_are_named(btok, device_passes, monkeypatch):
+    """(``device_passes``: the path CUDA logits take, which once skipped the dtype checks.)"""
     from agentloop.errors import GrammarInputError
+    from agentloop.grammar.compiled import CompiledGrammar
+
+    monkeypatch.setattr(CompiledGrammar, "_device_passes_on_cpu", device_passes)
 
     with pytest.raises(TypeError, match=r"not a str \('tok.json'\): load it first, e.g. tokenizers.Tokenizer"):
         compile_schema({}, "tok.json")

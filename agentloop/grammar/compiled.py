@@ -67,13 +67,17 @@ class GrammarStats:
     nbytes: int
 
 
+def _check_logits_tensor(t: torch.Tensor) -> None:
+    if t.is_complex() or t.dtype == torch.bool:
+        raise GrammarInputError(f"logits must be real numbers, got a {t.dtype} tensor")
+    if t.device.type == "meta":
+        raise GrammarInputError("the logits are on the meta device, which holds no values")
+
+
 def _as_numpy(logits: Any) -> np.ndarray:
     if isinstance(logits, torch.Tensor):
         t = logits.detach()
-        if t.is_complex() or t.dtype == torch.bool:
-            raise GrammarInputError(f"logits must be real numbers, got a {t.dtype} tensor")
-        if t.device.type == "meta":
-            raise GrammarInputError("the logits are on the meta device, which holds no values")
+        _check_logits_tensor(t)
         if t.dtype != torch.float32:
             t = t.float()
         return np.ascontiguousarray(t.cpu().numpy())
@@ -477,6 +481,7 @@ class CompiledGrammar:
         left there (see ``device_passes``; its sums are float64, which MPS lacks), and
         whether the call was batched."""
         if isinstance(logits, torch.Tensor) and (logits.device.type == "cuda" or self._device_passes_on_cpu):
+            _check_logits_tensor(logits)
             x: Any = logits.detach().float()
         else:
             x = _as_numpy(logits)

@@ -30,12 +30,19 @@ def digits(lo: int, hi: int) -> Node:
     return byte_range(0x30 + lo, 0x30 + hi)
 
 
+_INTEGER_PART = alt(sym(0x30), seq(NONZERO, rep(DIGIT)))
+_FRACTION = seq(DOT, rep(DIGIT, 1))
+_EXPONENT = seq(sym(0x65, 0x45), opt(sym(0x2B, 0x2D)), rep(DIGIT, 1))
+
+
 def any_number() -> Node:
     """Any JSON number: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?"""
-    integer = alt(sym(0x30), seq(NONZERO, rep(DIGIT)))
-    frac = opt(seq(DOT, rep(DIGIT, 1)))
-    exp = opt(seq(sym(0x65, 0x45), opt(sym(0x2B, 0x2D)), rep(DIGIT, 1)))
-    return seq(opt(MINUS), integer, frac, exp)
+    return seq(opt(MINUS), _INTEGER_PART, opt(_FRACTION), opt(_EXPONENT))
+
+
+def non_integer_spellings() -> Node:
+    """JSON numbers with a fraction or an exponent: the spellings a parser reads as doubles."""
+    return seq(opt(MINUS), _INTEGER_PART, alt(seq(_FRACTION, opt(_EXPONENT)), _EXPONENT))
 
 
 def _fixed(sa: str, sb: str) -> Node:

@@ -1134,6 +1134,16 @@ class SchemaCompiler:
         return None
 
     # ---- numbers ----------------------------------------------------------------------
+    @staticmethod
+    def _multiples_in(lo: int | None, hi: int | None, multiple: int) -> Node:
+        """Canonical integers in [lo, hi] (None: unbounded) divisible by ``multiple``."""
+        if lo is not None and hi is not None and lo > hi:
+            return NEVER
+        ints = numbers.int_range(lo, hi)
+        if multiple > 1:
+            ints = embed(product(to_dfa(ints, 256), to_dfa(numbers.multiple_of(multiple), 256), "and"))
+        return ints
+
     def number_node(self, fs: list[Facet], ctx: _Ctx, integer: bool) -> Node:
         # Each bound in both readings: the decimal the schema text says and the exact
         # value a parser compares against (a double). Integers are parsed exactly, other
@@ -1181,14 +1191,21 @@ class SchemaCompiler:
         int_multiple = 1
         only_integers = integer
         divided_as_doubles = False
+        # (over language) a whole float multipleOf on the integers below 2**53 alone
+        whole_multiple_below = 1
         for m, ptr in multiples:
             dm = Decimal(repr(m)) if isinstance(m, float) else Decimal(m)
             if isinstance(m, float):
-                # jsonschema divides doubles for a float multipleOf, which is not exact
-                # past 2**53: the over language drops the constraint, the under one keeps
-                # integers below 2**53, where n / m is an integer exactly when n is a multiple
+                # jsonschema divides doubles for a float multipleOf. Below 2**53 an integer
+                # n over a whole m is an integer exactly when n is a multiple (n / m is off
+                # an integer by 1 / m at least, more than its rounding); past 2**53 and on
+                # other spellings it may round to one. The under language keeps the
+                # multiples below 2**53; the over one keeps a whole m's multiples there and
+                # every other number (so that ``not`` takes the odd integers from it).
                 self._approx += 1
                 if ctx.over:
+                    if dm == dm.to_integral_value() and 1 < dm <= self.opt.max_multiple_of:
+                        whole_multiple_below = math.lcm(whole_multiple_below, int(dm))
                     continue
             if dm == dm.to_integral_value():
                 int_multiple = math.lcm(int_multiple, int(dm))
@@ -1209,6 +1226,7 @@ class SchemaCompiler:
                               "(raise it with SchemaOptions(max_multiple_of=...))", keyword="multipleOf",
                               pointer=multiples[-1][1])
 
+        narrowed_below = whole_multiple_below > 1 and int_multiple % whole_multiple_below != 0
         ilo, ihi = _int_hi(int_lo), _int_hi(int_hi)
         ilo = None if ilo is None else -ilo
         if divided_as_doubles:
@@ -1218,13 +1236,20 @@ class SchemaCompiler:
         if ilo is not None and ihi is not None and ilo > ihi:
             ints: Node = NEVER
         else:
-            ints = numbers.int_range(ilo, ihi)
-            if int_multiple > 1:
-                ints = embed(product(to_dfa(ints, 256), to_dfa(numbers.multiple_of(int_multiple), 256), "and"))
+            ints = self._multiples_in(ilo, ihi, int_multiple)
+            if narrowed_below:
+                exact_below = 2**53 - 1
+                small = self._multiples_in(-exact_below if ilo is None else max(ilo, -exact_below),
+                                           exact_below if ihi is None else min(ihi, exact_below),
+                                           math.lcm(int_multiple, whole_multiple_below))
+                large = [self._multiples_in(lo, hi, int_multiple)
+                         for lo, hi in ((ilo, -exact_below - 1), (exact_below + 1, ihi))
+                         if lo is None or hi is None or lo <= hi]
+                ints = alt(small, *large)
         if only_integers:
             node = ints
         elif int_hi is None and int_lo is None:
-            node = numbers.any_number()
+            node = alt(ints, numbers.non_integer_spellings()) if narrowed_below else numbers.any_number()
         else:
             lo = _neg(frac_lo)
             fracs = numbers.decimal_range(None if lo is None else lo[0], lo is not None and not lo[1],
