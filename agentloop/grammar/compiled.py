@@ -984,14 +984,13 @@ class CompiledGrammar:
         loop of steps can skip trying for a while after that (``pruning.PruningSchedule``,
         as the engine does).
         """
+        _check_generator(generator)
         xs, batched = self._prepare(logits)
         B, L, V = xs.shape
         if out is not None:
             self._check_out(out, xs, batched)
-        ta = self.automaton
         sc = self._scores(xs, want_x=True)
         gmax = dp.group_max(sc.amax, self._group_plan)
-        _check_generator(generator)
         uniforms = torch.rand((B, L, 3), generator=generator, dtype=torch.float64).numpy()
         F: list[np.ndarray | None] = []  # each canvas's atom factors (L, K) (None: taken in log space)
         in_log_space: dict[int, np.ndarray] = {}

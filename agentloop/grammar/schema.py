@@ -33,7 +33,7 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from decimal import Decimal, localcontext
 from typing import Any, Callable, Iterator, Literal, Sequence
 from urllib.parse import unquote, urldefrag, urljoin
