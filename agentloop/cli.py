@@ -381,7 +381,8 @@ def chat(tool_specs: tuple[str, ...], model: str, device: str, dtype: str, max_s
 @click.argument("specs", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the tools as JSON (name, description, parameters).")
 def tools_cmd(specs: tuple[str, ...], as_json: bool) -> None:
-    """List the tools in SPECS (files, FILE:NAME or modules) with their JSON Schemas.
+    """List the tools in SPECS (files, FILE:NAME or modules) with their JSON Schemas, and
+    where the grammar generates fewer argument values than a schema allows.
 
     Exits with 1 and the exact reason when a tool cannot be defined. Example:
 
@@ -400,6 +401,8 @@ def tools_cmd(specs: tuple[str, ...], as_json: bool) -> None:
             flags.append("requires approval")
         click.echo(f"{t.name}: {t.description}  ({', '.join(flags)})")
         click.echo("  " + json.dumps(t.parameters, ensure_ascii=False))
+        for n in t.narrowings:
+            click.echo(f"  narrowed at {n}")
 
 
 @main.command("bench")
@@ -558,14 +561,15 @@ def grammar() -> None:
 def grammar_check(tools_file: Path, wire_format: str, tokenizer_path: Path | None, aliases: tuple[str, ...]) -> None:
     """Compile the tools in TOOLS_FILE (a JSON list of {name, description, parameters}).
 
-    Prints the automaton's size and compile time, or the exact keyword and JSON pointer
+    Prints the automaton's size and compile time and where it generates fewer argument
+    values than a schema allows, or the exact keyword and JSON pointer
     the compiler cannot represent. Example:
 
         agentloop grammar check agentloop/data/tool_schemas.json --wire-format json
     """
     from tokenizers import Tokenizer
 
-    from .grammar import byte_tokenizer, compile_tools
+    from .grammar import byte_tokenizer, check_schema, compile_tools
 
     try:
         tools = json.loads(tools_file.read_text("utf-8"))
@@ -587,6 +591,9 @@ def grammar_check(tools_file: Path, wire_format: str, tokenizer_path: Path | Non
     click.echo(f"{len(g.tools)} tools, wire format {g.wire_format.name}, vocab {s.vocab_size}: "
                f"{s.dfa_states} states, {s.atoms} token classes, {s.groups} groups, {s.edges} edges, "
                f"{s.nbytes / 1e6:.1f} MB, compiled in {s.compile_seconds:.2f} s")
+    for t in g.tools:  # (the arguments as compile_tools reads them: an object)
+        for n in check_schema({**t.parameters, "type": "object"}, g.wire_format):
+            click.echo(f"{t.name}: narrowed at {n}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -108,7 +108,10 @@ class Tool:
         self.takes_ctx, self._model, schema = _arguments_model(function, self.name, arg_docs, where)
         self.parameters: dict[str, Any] = _clean_schema(schema)
         try:
-            check_schema(self.parameters, wire_format)
+            #: where the grammar generates fewer argument values than the schema allows
+            #: (``grammar.Narrowing``: a string longer than 512 characters, nesting deeper
+            #: than the bound under a ``dict[str, Any]``), pointers into ``parameters``
+            self.narrowings = check_schema(self.parameters, wire_format)
         except SchemaError as e:
             raise ToolDefinitionError(f"{where}: {_parameter_of(e.pointer)} cannot be constrained: {e}") from None
 

@@ -21,6 +21,22 @@ def test_grammar_check_reports_sizes(tmp_path):
     assert "3 tools, wire format json" in r.output and "states" in r.output
 
 
+def test_grammar_check_and_tools_print_where_the_grammar_narrows_a_schema(tmp_path):
+    f = tmp_path / "tools.json"
+    f.write_text(json.dumps([{"name": "note", "parameters": {"type": "object", "properties": {
+        "body": {"type": "string", "maxLength": 5000}, "tags": {"type": "array", "items": {"type": "string"}}}}}]))
+    r = CliRunner().invoke(main, ["grammar", "check", str(f)])
+    assert r.exit_code == 0, r.output
+    assert "note: narrowed at /properties/body/maxLength: strings longer than 512 characters" in r.output
+    assert r.output.count("narrowed at") == 1
+    py = tmp_path / "note_tools.py"
+    py.write_text('from typing import Any\nfrom agentloop import tool\n@tool\n'
+                  'def save(meta: dict[str, Any]) -> str:\n    """Save."""\n    return "ok"\n')
+    r = CliRunner().invoke(main, ["tools", str(py)])
+    assert r.exit_code == 0, r.output
+    assert "narrowed at /properties/meta/additionalProperties: only empty arrays and objects from 2 levels" in r.output
+
+
 def test_grammar_check_errors_name_the_keyword(tmp_path):
     f = tmp_path / "tools.json"
     f.write_text(json.dumps([{"name": "f", "parameters": {"type": "object", "properties": {"a": {"$dynamicRef": "#x"}}}}]))

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from agentloop.errors import NoValidCanvasError, SchemaError
-from agentloop.grammar import compile_schema
+from agentloop.grammar import SchemaOptions, check_schema, compile_schema
 
 WIRE_FORMATS = ["json", "gemma4"]
 FORMAT_EXAMPLES = {
@@ -411,19 +411,22 @@ def test_bounds_hold_to_the_last_digit(btok, wire_format):
 
 
 @pytest.mark.parametrize("wire_format", ["json", "gemma4"])
-def test_schemas_that_say_nothing_of_objects_are_any_value_in_strict_mode(btok, wire_format):
-    """Strict mode closes an object schema to its declared keys; an annotation, an allOf
+def test_schemas_that_name_no_keys_stay_open_in_strict_mode(btok, wire_format):
+    """Strict mode closes an object schema to the keys it names; an annotation, an allOf
     or anyOf of {} or a $ref to {} says nothing of objects and is any value, as {} is
-    (a tool parameter {"description": "free-form"} took only {})."""
+    (a tool parameter {"description": "free-form"} took only {}), and an object schema
+    that names no key ({"type": "object"}) is a free-form object (it took only {})."""
     value = {"a": 1}
     for schema in ({}, {"description": "x"}, {"title": "t"}, {"allOf": [{}]}, {"anyOf": [{"type": "boolean"}, {}]},
-                   {"$ref": "#/$defs/a", "$defs": {"a": {}}}, {"properties": {"m": {"description": "free"}}}):
+                   {"$ref": "#/$defs/a", "$defs": {"a": {}}}, {"properties": {"m": {"description": "free"}}},
+                   {"type": "object"}, {"type": "object", "minProperties": 1}, {"type": ["object", "null"]},
+                   {"properties": {"m": {"type": "object", "description": "metadata"}}}):
         wrapped = {"m": value} if "properties" in schema else value
         assert jsonschema.Draft202012Validator(schema).is_valid(wrapped)
         assert compile_schema(schema, btok, wire_format).accepts_json(wrapped), schema
-    for schema in ({"type": "object"}, {"required": []}, {"properties": {}}):  # object schemas: closed
+    for schema in ({"required": []}, {"properties": {}}, {"type": "object", "required": ["b"]}):  # name keys: closed
         assert not compile_schema(schema, btok, wire_format).accepts_json(value), schema
-        assert compile_schema(schema, btok, wire_format).accepts_json({}), schema
+        assert compile_schema(schema, btok, wire_format).accepts_json({"b": 0} if "b" in str(schema) else {}), schema
 
 
 def test_enum_members_meet_a_standard_format_the_compiler_refuses_on_strings(btok):
@@ -452,3 +455,40 @@ def test_accepts_json_of_an_object_with_many_keys_is_quick(btok):
     ordered = compile_schema({"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "integer"}}},
                              btok, "json")
     assert ordered.accepts_json({"a": 1, "b": 2})  # (few keys: any order given, the grammar's used)
+
+
+def test_narrowings_name_each_bound_a_schema_meets_and_the_grammar_leaves_those_values_out(btok):
+    """check_schema lists where the compiled language is narrower than the schema, with
+    the pointer and the option that moves the bound; each listed narrowing is real (a
+    value jsonschema takes that the grammar does not), and a schema that meets no bound
+    lists none."""
+    long_text = {"type": "object", "properties": {"body": {"type": "string", "maxLength": 4000}}}
+    deep = {"type": "object", "properties": {"meta": {"type": "object", "additionalProperties": True}}}
+    tree = {"$ref": "#/$defs/n", "$defs": {"n": {"type": "object", "properties": {
+        "kids": {"type": "array", "items": {"$ref": "#/$defs/n"}}}}}}
+    many = {"type": "array", "items": {"type": "integer"}, "maxItems": 900}
+    cases = [
+        (long_text, "/properties/body/maxLength", "max_counted_length", {"body": "x" * 513}, {"body": "x" * 512}),
+        (deep, "/properties/meta/additionalProperties", "any_value_depth", {"meta": {"k": {"x": 1}}}, {"meta": {"k": {}}}),
+        (tree, "/$defs/n/properties/kids/items/$ref", "max_ref_depth", {"kids": [{"kids": [{"kids": [{"kids": []}]}]}]},
+         {"kids": [{"kids": [{}]}]}),
+        (many, "/maxItems", "max_counted_length", list(range(513)), list(range(512))),
+    ]
+    for schema, pointer, option, left_out, kept in cases:
+        found = check_schema(schema, "json")
+        assert [n.pointer for n in found] == [pointer], found
+        assert f"SchemaOptions.{option}" in found[0].reason and not found[0].negated
+        assert str(found[0]).startswith(pointer + ": ")
+        g = compile_schema(schema, btok, "json")
+        assert jsonschema.Draft202012Validator(schema).is_valid(left_out) and not g.accepts_json(left_out)
+        assert g.accepts_json(kept)
+    # raising the bound removes the narrowing
+    assert check_schema(long_text, "json", options=SchemaOptions(max_counted_length=4000)) == ()
+    assert check_schema({"type": "object", "properties": {"a": {"type": "string", "maxLength": 40},
+                                                          "b": {"enum": [1, 2]}}}) == ()
+    # a subschema that `not` takes away, approximated from above there
+    negated = check_schema({"not": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}, "json")
+    assert any(n.pointer == "/not/uniqueItems" and n.negated for n in negated)
+    # compiled once and reused (oneOf compiles each branch under and over): still listed
+    once = check_schema({"oneOf": [{"type": "string", "maxLength": 600}, {"type": "integer"}]}, "json")
+    assert "/oneOf/0/maxLength" in [n.pointer for n in once]

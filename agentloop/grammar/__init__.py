@@ -36,7 +36,7 @@ from .copy import (FIXED_HOLE_KINDS, HOLE_SYMBOLS, STRING_NUMBERS_HOLE, TEXT_NUM
                    copied_number_node, holes_fit, number_hole_language, uses_copy)
 from .compiled import CompiledGrammar, GrammarStats, ParsedOutput, StepOutput, ToolCall
 from .fsa import Dfa, Node, alt, embed, literal, product, rep, separated, seq, substitute, sym, to_dfa
-from .schema import SchemaCompiler, SchemaOptions, _copies_dfa
+from .schema import Narrowing, SchemaCompiler, SchemaOptions, _copies_dfa
 from .token_automaton import build_token_automaton
 from .vocabulary import Vocabulary
 from .wireformat import EOS, PAD, WireFormat, available_wire_formats, load_wire_format
@@ -44,6 +44,7 @@ from .wireformat import EOS, PAD, WireFormat, available_wire_formats, load_wire_
 __all__ = [
     "CompiledGrammar",
     "GrammarStats",
+    "Narrowing",
     "ParsedOutput",
     "SchemaOptions",
     "StepOutput",
@@ -239,9 +240,10 @@ def compile_schema(
     and ``pad_token`` default to its own. Raises :class:`SchemaError` naming the keyword
     and JSON pointer of anything the compiler cannot represent. A few bounds narrow the
     language instead, by design (see :class:`SchemaOptions`): lengths and item counts are
-    counted up to ``max_counted_length`` (512), an object schema that does not say
-    ``additionalProperties`` takes its declared properties only (``strict``), recursion
-    and values under ``true`` schemas are depth-bounded.
+    counted up to ``max_counted_length`` (512), an object schema that names keys and does
+    not say ``additionalProperties`` takes those keys only (``strict``), recursion and
+    values under ``true`` schemas are depth-bounded; :func:`check_schema` lists where a
+    schema meets those bounds.
 
     >>> from agentloop.grammar import byte_tokenizer
     >>> g = compile_schema({"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}, byte_tokenizer())
@@ -260,20 +262,28 @@ def compile_schema(
 
 
 def check_schema(schema: Mapping[str, Any] | bool, wire_format: str | WireFormat = "gemma4", *,
-                 options: SchemaOptions = SchemaOptions()) -> None:
+                 options: SchemaOptions = SchemaOptions()) -> tuple[Narrowing, ...]:
     """Raise :class:`SchemaError` (keyword + JSON pointer) if the compiler cannot represent
-    ``schema``; no tokenizer needed, so tool definitions can be checked early. The wire
-    format defaults to ``compile_tools``' (gemma4, whose unquoted keys are identifiers);
-    pass ``"json"`` to check a schema for ``compile_schema``'s default.
+    ``schema``; no tokenizer needed, so tool definitions can be checked early. Returns
+    where the compiled language leaves out values the schema allows (see
+    :class:`Narrowing`: bounds of ``options`` that cut lengths, recursion and nesting).
+    The wire format defaults to ``compile_tools``' (gemma4, whose unquoted keys are
+    identifiers); pass ``"json"`` to check a schema for ``compile_schema``'s default.
 
     >>> check_schema({"type": "string", "maxLength": 5})
+    ()
+    >>> for n in check_schema({"type": "object", "properties": {"text": {"type": "string", "maxLength": 4000}}}):
+    ...     print(n)
+    /properties/text/maxLength: strings longer than 512 characters are not generated (SchemaOptions.max_counted_length)
     >>> check_schema({"type": "string", "pattern": "(?<=a)b"})
     Traceback (most recent call last):
     ...
     agentloop.errors.PatternError: pattern '(?<=a)b': lookaround or group flag '(?' at offset 1 is not supported at '/pattern'
     """
     wf = _wire_format_and_options(wire_format, options)
-    SchemaCompiler(schema, wf, options).node()
+    compiler = SchemaCompiler(schema, wf, options)
+    compiler.node()
+    return compiler.narrowings
 
 
 def compile_tools(

@@ -226,10 +226,8 @@ _DEFAULT_BASE = "https://agentloop.invalid/schema.json"
 # annotations of exactly the facets whose ancestry contains its id.
 _ID = "$agentloop:id"
 _PARENTS = "$agentloop:parents"
-#: Keywords that make a schema an object schema, which strict mode closes.
-_OBJECT_KEYWORDS = frozenset({"properties", "patternProperties", "additionalProperties", "required", "propertyNames",
-                              "minProperties", "maxProperties", "dependentRequired", "dependentSchemas",
-                              "unevaluatedProperties"})
+#: Keywords that name an object's keys: strict mode closes an object to them.
+_KEY_NAMING_KEYWORDS = frozenset({"properties", "patternProperties", "required"})
 _ABSOLUTE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
 # Keywords whose values are subschemas: one schema, a list of schemas, a name -> schema map.
 SUBSCHEMA_ONE = ("additionalProperties", "items", "contains", "propertyNames", "not", "if", "then",
@@ -279,9 +277,10 @@ _MAX_KNOWN_EXTRAS = 32
 class SchemaOptions:
     """Bounds and policies of the compiler (all restrictions, never relaxations)."""
 
-    #: An object schema without ``additionalProperties`` accepts only its declared
-    #: properties (OpenAI-style strict tool schemas). False follows the spec: extra keys
-    #: with any value are allowed after the declared ones.
+    #: An object schema that names keys (``properties``, ``patternProperties``,
+    #: ``required``) without saying ``additionalProperties`` accepts only those keys
+    #: (OpenAI-style strict tool schemas); one that names none is a free-form object.
+    #: False follows the spec: extra keys with any value are allowed after the declared ones.
     strict: bool = True
     #: How many times one ``$ref`` may be expanded along a path (recursive schemas).
     max_ref_depth: int = 3
@@ -305,6 +304,34 @@ class SchemaOptions:
     #: A tool envelope's final text may only write numbers that ``copy_sources`` write
     #: (the numbers rule of ``"x-copy": "numbers"``, applied to the answer).
     grounded_text_numbers: bool = False
+
+
+@dataclass(frozen=True)
+class Narrowing:
+    """A place where the compiled language holds fewer values than the schema allows.
+
+    The grammar never lets through a value the schema refuses. Where the exact language
+    has no finite automaton (lengths and item counts past ``max_counted_length``,
+    recursion and nesting past their depths) or no single spelling per value (inside
+    ``not`` and ``oneOf``, whose values are spelled one way to be taken away), it leaves
+    valid values out and records where, as a :class:`SchemaCompiler`'s ``narrowings`` and
+    :func:`agentloop.grammar.check_schema`'s result. ``negated``: the narrowing is of a
+    subschema that a ``not``, ``oneOf`` or ``if`` takes away, approximated there from
+    above, so the values it covers beyond its own are the ones left out.
+
+    Not listed: where jsonschema and the spec read a keyword differently (ECMA-262 against
+    Python's ``re`` on ``$``, ``.`` and ``\\d``; a bound's decimal against the double a
+    parser reads; the two format checkers), the grammar takes the values both accept.
+    """
+
+    pointer: str  #: JSON pointer of the keyword in the schema
+    keyword: str
+    reason: str  #: what is left out, and the option that moves the bound where one does
+    negated: bool = False
+
+    def __str__(self) -> str:
+        where = " (in a subschema that not / oneOf / if takes away)" if self.negated else ""
+        return f"{self.pointer or '/'}: {self.reason}{where}"
 
 
 @dataclass(frozen=True)
@@ -553,14 +580,16 @@ class SchemaCompiler:
         # hundreds of nodes, and strings repeat it once per counted position.
         self.char_any = embed(_char_any_dfa(wf))
         # Counts restrictions taken while compiling (under differs from over there);
-        # a branch compiled without any is exact and serves as both languages.
+        # a branch compiled without any is exact and serves as both languages. The
+        # narrowings a user may want to know of are kept too, by (pointer, keyword).
         self._approx = 0
+        self._narrowings: dict[tuple[str, str, bool], Narrowing] = {}
         self._next_id = 0
         # Whether unevaluated* may occur (a cheap over-estimate): anyOf then splits into
         # every set of branches and a lone `if` is kept for its annotations.
         self._unevaluated = "unevaluated" in repr(root)
         self._dfa_cache: dict[Any, Dfa] = {}
-        self._memo: dict[Any, tuple[Node, int]] = {}
+        self._memo: dict[Any, tuple[Node, int, tuple[Narrowing, ...]]] = {}
         self._index_resources()
         self._rank = canonical_key_rank(root)
         self._max_nesting = self._nesting_bound()
@@ -576,6 +605,20 @@ class SchemaCompiler:
 
     def _dfa(self, node: Node) -> Dfa:
         return to_dfa(node, self.n_symbols)
+
+    @property
+    def narrowings(self) -> tuple[Narrowing, ...]:
+        """Where the language compiled so far is narrower than the schema, in the order met."""
+        return tuple(self._narrowings.values())
+
+    def _narrow(self, ctx: _Ctx, pointer: str, keyword: str, reason: str) -> None:
+        self._approx += 1
+        self._narrowings.setdefault((pointer, keyword, ctx.over), Narrowing(pointer, keyword, reason, ctx.over))
+
+    def _too_deep(self, ctx: _Ctx, pointer: str, keyword: str, what: str) -> None:
+        """The nesting bound met: ``what`` is generated there."""
+        self._narrow(ctx, pointer, keyword, f"{what} from {self.opt.any_value_depth} levels below the root on "
+                     "(SchemaOptions.any_value_depth)")
 
     # ---- $id / $anchor index and $ref resolution ----------------------------------------
     def _index_resources(self) -> None:
@@ -808,7 +851,9 @@ class SchemaCompiler:
                 target, target_ptr = self.resolve_ref(ref, base, _ptr(ptr, "$ref"))
                 if stack.count(target_ptr) >= self.opt.max_ref_depth:
                     # Bounded recursion: deeper instances are not generated.
-                    self._approx += 1
+                    self._narrow(ctx, _ptr(ptr, "$ref"), "$ref",
+                                 f"values that expand {ref!r} more than {self.opt.max_ref_depth} times along a path "
+                                 "are not generated (SchemaOptions.max_ref_depth)")
                     return "junk" if ctx.over else None
                 stack = stack + (target_ptr,)
                 todo.append((tag(target), target_ptr, self._parent_base(target_ptr)))
@@ -904,22 +949,27 @@ class SchemaCompiler:
                                   for j, x in enumerate(ids) if x is not None and x in s.get(_PARENTS, ()))
         return (tuple(one(f) for f in facets), relations, tuple(one(f) for f in negs), ctx)
 
-    def facets_node(self, facets: Sequence[Facet], ctx: _Ctx, negs: Sequence[Facet] = ()) -> Node:
-        """The language of values valid for every facet and for none of ``negs``.
+    def facets_node(self, facets: Sequence[Facet], ctx: _Ctx, negs: Sequence[Facet] = (), at: str = "") -> Node:
+        """The language of values valid for every facet and for none of ``negs``; ``at``
+        is the pointer of a value that no facet describes (an array's items, an object's
+        other keys), which narrowings name.
 
         Memoized: negations and oneOf compile the same subschemas many times over.
         """
-        key = self._memo_key(facets, ctx, negs)
+        key = self._memo_key(facets, ctx, negs) if facets else (self._memo_key(facets, ctx, negs), at)
         hit = self._memo.get(key)
         if hit is not None:
             self._approx += hit[1]
+            for n in hit[2]:
+                self._narrowings.setdefault((n.pointer, n.keyword, n.negated), n)
             return hit[0]
-        before = self._approx
-        node = self._facets_node(facets, ctx, negs)
-        self._memo[key] = (node, self._approx - before)
+        before, known = self._approx, set(self._narrowings)
+        node = self._facets_node(facets, ctx, negs, at)
+        added = tuple(n for k, n in self._narrowings.items() if k not in known)
+        self._memo[key] = (node, self._approx - before, added)
         return node
 
-    def _facets_node(self, facets: Sequence[Facet], ctx: _Ctx, negs: Sequence[Facet]) -> Node:
+    def _facets_node(self, facets: Sequence[Facet], ctx: _Ctx, negs: Sequence[Facet], at: str) -> Node:
         expanded = self.expand(facets, ctx)
         if expanded is None:
             return NEVER
@@ -954,7 +1004,7 @@ class SchemaCompiler:
         if negs:
             return self.negation_node(fs, negs, ctx)
         if not fs:
-            return self.any_value(ctx)
+            return self.any_value(ctx, facets[0][1] if facets else at)
         return self.typed_node(fs, ctx)
 
     def conditional_node(self, fs: list[Facet], conds: list[Facet], ctx: _Ctx, negs: list[Facet]) -> Node:
@@ -1014,7 +1064,7 @@ class SchemaCompiler:
         """Values of ``fs`` (canonical spelling) minus values of any negated facet, taken in
         the opposite polarity."""
         c = replace(ctx, canonical=True)
-        base = self.typed_node(fs, c) if fs else self.any_value(c)
+        base = self.typed_node(fs, c) if fs else self.any_value(c, negs[0][1] if negs else "")
         flipped = replace(c, over=not ctx.over)
         removed = [self._dfa(self.facets_node([n], flipped)) for n in negs]
         out = self._dfa(base)
@@ -1279,7 +1329,7 @@ class SchemaCompiler:
 
     def string_content(self, fs: list[Facet], ctx: _Ctx) -> Node:
         """The spelled content (between the delimiters) of strings valid for ``fs``."""
-        min_len, max_len = 0, None
+        min_len, max_len, max_len_ptr = 0, None, ""
         patterns: list[tuple[str, str]] = []
         formats: list[tuple[str, str]] = []
         copy = copy_numbers = False
@@ -1292,7 +1342,8 @@ class SchemaCompiler:
                                       pointer=_ptr(ptr, "minLength"))
             if "maxLength" in schema:
                 m = int(schema["maxLength"])
-                max_len = m if max_len is None else min(max_len, m)
+                if max_len is None or m < max_len:
+                    max_len, max_len_ptr = m, _ptr(ptr, "maxLength")
             if "pattern" in schema:
                 patterns.append((schema["pattern"], _ptr(ptr, "pattern")))
             if "format" in schema:
@@ -1312,7 +1363,8 @@ class SchemaCompiler:
             if max_len > self.opt.max_counted_length:
                 # Restriction, not relaxation: a canvas is a few hundred tokens, so longer
                 # strings are cut at the bound (documented in SchemaOptions).
-                self._approx += 1
+                self._narrow(ctx, max_len_ptr, "maxLength", f"strings longer than {self.opt.max_counted_length} "
+                             "characters are not generated (SchemaOptions.max_counted_length)")
                 max_len = None if ctx.over else self.opt.max_counted_length
         content: Node = rep(self.char_any, min_len, max_len)
         constraints: list[Dfa] = []
@@ -1353,15 +1405,15 @@ class SchemaCompiler:
 
     # ---- arrays -----------------------------------------------------------------------
     def array_node(self, fs: list[Facet], ctx: _Ctx) -> Node:
-        lo, hi = 0, None
+        lo, hi, hi_ptr = 0, None, ""
         k = 0  # prefix length
         contains: list[Facet] = []
         min_c, max_c = 1, None
         unique = False
         for schema, ptr, base in fs:
             lo = max(lo, int(schema.get("minItems", 0)))
-            if "maxItems" in schema:
-                hi = int(schema["maxItems"]) if hi is None else min(hi, int(schema["maxItems"]))
+            if "maxItems" in schema and (hi is None or int(schema["maxItems"]) < hi):
+                hi, hi_ptr = int(schema["maxItems"]), _ptr(ptr, "maxItems")
             k = max(k, len(schema.get("prefixItems", [])))
             if "contains" in schema:
                 contains.append((schema["contains"], _ptr(ptr, "contains"), base))
@@ -1375,7 +1427,8 @@ class SchemaCompiler:
                               pointer=next((_ptr(p, "minItems") for sch, p, _ in fs if sch.get("minItems") == lo),
                                            fs[0][1]))
         if hi is not None and hi > self.opt.max_counted_length:
-            self._approx += 1
+            self._narrow(ctx, hi_ptr, "maxItems", f"arrays of more than {self.opt.max_counted_length} items are not "
+                         "generated (SchemaOptions.max_counted_length)")
             hi = None if ctx.over else self.opt.max_counted_length
         if len(contains) > 1:
             raise SchemaError("'contains' in more than one allOf branch of one array is not supported",
@@ -1397,7 +1450,7 @@ class SchemaCompiler:
                     if schema["items"] is False:
                         return None
                     f.append((schema["items"], _ptr(ptr, "items"), base))
-            return self.facets_node(f, child, ())
+            return self.facets_node(f, child, (), _ptr(fs[0][1], "items"))
 
         rest = item(None)
         if rest is None:
@@ -1412,7 +1465,7 @@ class SchemaCompiler:
             if not ctx.over:
                 raise SchemaError(f"uniqueItems needs items drawn from at most {_MAX_UNIQUE_VALUES} values (an enum, booleans, ...)",
                                   keyword="uniqueItems", pointer=fs[0][1])
-            self._approx += 1  # over: uniqueness dropped (a superset)
+            self._narrow(ctx, _ptr(fs[0][1], "uniqueItems"), "uniqueItems", "uniqueness is not tracked")
         if contains:
             return seq(open_, self.contains_body([item(i) for i in range(k)], rest, lo, hi, contains[0], min_c, max_c, child), close)
         sep = literal(self.wf.lit("item_separator"))
@@ -1582,14 +1635,14 @@ class SchemaCompiler:
                     add_facets.append((schema["additionalProperties"], _ptr(ptr, "additionalProperties"), base))
         if not forbidden and (said or not self._strict_closes(fs)):
             if ctx.depth > 0 or ctx.over:
-                value = self.facets_node(add_facets, child)
+                value = self.facets_node(add_facets, child, (), _ptr(fs[0][1], "additionalProperties"))
                 any_key = self._any_key()
                 if order:
                     declared = to_dfa(alt(*(literal(self.wf.key_symbols(k)) for k in order if self._spellable(k))), self.n_symbols)
                     any_key = product(any_key, declared, "minus")
                 extra = seq(embed(any_key), value)
-            if ctx.depth <= 0:
-                self._approx += 1  # nesting bound: no extra keys this deep
+            if ctx.depth <= 0:  # nesting bound: no extra keys this deep
+                self._too_deep(ctx, fs[0][1], "additionalProperties", "no keys but the named ones")
 
         msep = literal(self.wf.lit("member_separator"))
         n = len(members)
@@ -1671,11 +1724,11 @@ class SchemaCompiler:
 
     def _strict_closes(self, fs: list[Facet]) -> bool:
         """Whether strict mode closes these facets' objects to their declared keys: where
-        one of them is an object schema (says "type": "object" or an object keyword). An
-        annotation alone ({"description": ...}) says nothing of objects: any value, as {}."""
-        return self.opt.strict and any(
-            not _OBJECT_KEYWORDS.isdisjoint(schema) or schema.get("type") == "object"
-            or (isinstance(schema.get("type"), list) and "object" in schema["type"]) for schema, _, _ in fs)
+        one of them names keys (``properties``, ``patternProperties``, ``required``). An
+        object schema that names none ({"type": "object"}, {"minProperties": 1}) asks for
+        a free-form object, and an annotation alone ({"description": ...}) says nothing of
+        objects: both stay open, as {} is (closing them would leave {} alone)."""
+        return self.opt.strict and any(not _KEY_NAMING_KEYWORDS.isdisjoint(schema) for schema, _, _ in fs)
 
     def object_general(self, fs: list[Facet], ctx: _Ctx) -> Node:
         """Objects with the object keywords (patternProperties, propertyNames, min/max
@@ -1753,7 +1806,8 @@ class SchemaCompiler:
         if canonical:
             slot_keys = [k for k in sorted(self._rank, key=self._rank.__getitem__) if k in order or few_named]
             if not few_named:
-                self._approx += 1
+                self._narrow(ctx, fs[0][1], "properties", f"the document names more than {_MAX_KNOWN_EXTRAS} keys: "
+                             "objects here spell only the keys this schema declares")
             slot_keys += [k for k in order if k not in self._rank]
         else:
             slot_keys = order
@@ -1769,15 +1823,16 @@ class SchemaCompiler:
                 if is_req:
                     return NEVER
                 continue
-            if key not in order and ctx.depth <= 0 and not f and not ctx.over:
-                self._approx += 1  # nesting bound: no `true`-valued extra keys this deep
+            if key not in order and ctx.depth <= 0 and not f and not ctx.over:  # nesting bound
+                self._too_deep(ctx, fs[0][1], "additionalProperties", "no keys but the named ones")
                 continue
             sig = tuple(p for _, p, _ in f)
             value = value_cache.get(sig)
             if value is None:
                 # one DFA per distinct value language: slots share it, and an embedded
                 # DFA is far smaller in the object's NFA than the expression tree
-                value = value_cache[sig] = embed(self._dfa(self.facets_node(f, child)))
+                language = self.facets_node(f, child, (), _ptr(fs[0][1], "properties", key))
+                value = value_cache[sig] = embed(self._dfa(language))
             members.append((seq(literal(wf.key_symbols(key)), value), is_req))
 
         # extra keys, split into regions by which patterns match. Canonical spellings put
@@ -1794,10 +1849,11 @@ class SchemaCompiler:
                 if region is not None:
                     extras.append(region)
         else:
-            self._approx += 1
+            self._too_deep(ctx, fs[0][1], "additionalProperties", "no keys but the named ones")
         extra = alt(*extras) if extras else None
         if extra is not None and canonical and not ctx.over:
-            self._approx += 1  # at most one unnamed key
+            self._narrow(ctx, fs[0][1], "additionalProperties", "objects here hold at most one key the schema does "
+                         "not name (a value has one spelling here, and such keys have no order)")
 
         if not ctx.over and extra is not None and min_p > len(members) + 1:
             # Keys the schema does not name may repeat one another (a regular language
@@ -1884,7 +1940,8 @@ class SchemaCompiler:
             keys = product(keys, exclude, "minus")
         if keys.is_empty():
             return None
-        return seq(self._key_node(embed(keys)), self.facets_node(value, child))
+        values = self.facets_node(value, child, (), _ptr(fs[0][1], "additionalProperties"))
+        return seq(self._key_node(embed(keys)), values)
 
     # ---- any value (true schemas), bounded nesting -------------------------------------
     def _nesting_bound(self) -> int:
@@ -1986,8 +2043,8 @@ class SchemaCompiler:
             d = self._dfa_cache["over-any"] = self._dfa(node)
         return embed(d)
 
-    def any_value(self, ctx: _Ctx) -> Node:
-        """Any JSON value, nested at most ``depth`` levels (a ``true`` schema).
+    def any_value(self, ctx: _Ctx, ptr: str) -> Node:
+        """Any JSON value, nested at most ``depth`` levels (a ``true`` schema at ``ptr``).
 
         Canonical spelling: canonical numbers and objects of at most one member (whose
         spelling needs no key order). The over language is :meth:`over_any`.
@@ -2001,15 +2058,16 @@ class SchemaCompiler:
         arr_open, arr_close = literal(self.wf.lit("array_open")), literal(self.wf.lit("array_close"))
         obj_open, obj_close = literal(self.wf.lit("object_open")), literal(self.wf.lit("object_close"))
         if depth <= 0:
-            self._approx += 1
+            self._too_deep(ctx, ptr, "", "only empty arrays and objects")
             return alt(*scalars, seq(arr_open, arr_close), seq(obj_open, obj_close))
-        inner = self.any_value(replace(ctx, depth=depth - 1))
+        inner = self.any_value(replace(ctx, depth=depth - 1), ptr)
         isep = literal(self.wf.lit("item_separator"))
         msep = literal(self.wf.lit("member_separator"))
         member = seq(embed(self._any_key()), inner)
         arr = seq(arr_open, alt(EMPTY, separated(inner, isep)), arr_close)
         if ctx.canonical:
-            self._approx += 1
+            self._narrow(ctx, ptr, "", "objects here hold at most one member (a value has one spelling here, and "
+                         "keys have no order)")
             obj = seq(obj_open, alt(EMPTY, member), obj_close)
         else:
             obj = seq(obj_open, alt(EMPTY, separated(member, msep)), obj_close)
