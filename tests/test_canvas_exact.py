@@ -371,14 +371,19 @@ def test_marginals_and_entropies_are_exact_at_any_logit_scale(grammar, log_space
 def test_marginals_of_a_row_of_equal_huge_logits_are_exact(grammar, fill):
     """A position whose logits are all one huge value (a row masked with float32's
     lowest): its tokens weigh alike. log F - rowmax lost log F there, and the row's
-    log-marginals summed to its count of tokens."""
+    log-marginals summed to its count of tokens; the Viterbi canvas, whose scores summed
+    the row's constant in, ignored every other row."""
     L = 6
     valid = enumerate_valid(grammar, L)
-    logits = torch.randn(L, grammar.vocab.size, generator=torch.Generator().manual_seed(5))
-    want = enumerated_marginals(valid, logits.index_fill(0, torch.tensor([2]), 0.0))  # (a row's constant: no matter)
-    logits[2] = fill
-    for m in (grammar.marginals(logits), grammar.denoise_step(logits).log_marginals):
-        np.testing.assert_allclose(m.exp().double().numpy(), want, atol=5e-6)
+    for seed in range(5, 10):
+        logits = torch.randn(L, grammar.vocab.size, generator=torch.Generator().manual_seed(seed))
+        plain = logits.index_fill(0, torch.tensor([2]), 0.0)  # (a row's constant: no matter)
+        want, best = enumerated_marginals(valid, plain), valid[np.argmax(scores(valid, plain))].tolist()
+        logits[2] = fill
+        step = grammar.denoise_step(logits)
+        for m in (grammar.marginals(logits), step.log_marginals):
+            np.testing.assert_allclose(m.exp().double().numpy(), want, atol=5e-6)
+        assert grammar.viterbi(logits) == best and step.argmax == best
 
 
 def test_marginals_are_exact_where_every_canvas_passes_one_masked_token(grammar):

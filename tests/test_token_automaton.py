@@ -114,3 +114,42 @@ def test_edges_by_destination_order_every_states_triples_by_next_state(targets):
                for s, e, q, d in zip(starts, ends, edge_src, edge_dst))
     many = np.array([len(np.unique(dst[src == s])) for s in np.unique(src)])
     assert (many > ta_module._FEW_TARGETS).all() if targets > 100 else (many <= ta_module._FEW_TARGETS).all()
+
+
+def test_edges_lead_only_where_the_tokens_can_complete_a_value():
+    """The symbol DFA is trimmed, but a tokenizer need not spell every path through it:
+    with tokens '"', 'a', 'ab"' the value "ab" is '"' + 'ab"', and '"' + 'a' leaves 'b"',
+    which no token spells. Partial canvases ended there (an uncased WordPiece did so on a
+    capital letter), and no later canvas could go on. Edges into such states are dropped:
+    the automaton is the DFA walked token by token, restricted to the states from which
+    tokens reach an accepting one; and a language the tokens cannot complete at all is
+    refused when compiled."""
+    import torch
+    from conftest import word_tokenizer
+
+    from agentloop.errors import VocabularyError
+    from agentloop.grammar import compile_schema
+
+    tok = word_tokenizer(['"', "a", 'ab"', "x"])
+    g = compile_schema({"enum": ["ab", "x"]}, tok)
+    want = _walk_every_token(g.dfa, g.vocab)  # (S, V)
+    completable = g.dfa.accept.copy()
+    while True:  # (backwards to a fixed point, by brute force)
+        grown = completable | ((want >= 0) & completable[np.maximum(want, 0)]).any(axis=1)
+        if (grown == completable).all():
+            break
+        completable = grown
+    assert not completable.all()
+    np.testing.assert_array_equal(_automaton_steps(g.automaton), np.where(completable[np.maximum(want, 0)] & (want >= 0),
+                                                                          want, -1))
+    quote, a = tok.token_to_id('"'), tok.token_to_id("a")
+    assert g.state_after([quote, a]) == -1
+    x = torch.zeros(2, g.vocab.size)
+    x[1, a] = 10.0
+    for ids in (g.viterbi(x, partial=True), *g.sample(x.expand(50, 2, -1).contiguous(), partial=True,
+                                                      generator=torch.Generator().manual_seed(0))):
+        q = g.state_after(ids)
+        assert q >= 0 and completable[q], ids
+    assert g.marginals(x, partial=True).exp()[1, a] == 0.0
+    with pytest.raises(VocabularyError, match="cannot spell any complete value"):
+        compile_schema({"enum": ["ab"]}, word_tokenizer(['"', "a"]))

@@ -249,6 +249,10 @@ def test_bad_arguments_to_the_compilers_and_grammars_are_named(btok, device_pass
                        (torch.empty(12, g.vocab.size, device="meta"), "meta")):
         with pytest.raises(GrammarInputError, match=match):
             g.viterbi(bad)
+    with pytest.raises(GrammarInputError, match="partial must be True or False, got 'no'"):
+        g.viterbi(x, partial="no")
+    with pytest.raises(GrammarInputError, match="a canvas length is an int >= 0, got -1"):
+        g.forced_tokens(-1)
     for gen in (0, torch.Generator().manual_seed(0).manual_seed):
         with pytest.raises(GrammarInputError, match="generator must be a torch.Generator or None"):
             g.sample(x, generator=gen)

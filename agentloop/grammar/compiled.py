@@ -570,6 +570,10 @@ class CompiledGrammar:
         return out
 
     def _final(self, partial: bool) -> np.ndarray:
+        """The states a canvas may end in (read where a support or a pruning table is first
+        made for ``partial``: the caches keyed by it check it here)."""
+        if not isinstance(partial, (bool, np.bool_)):
+            raise GrammarInputError(f"partial must be True or False, got {partial!r}")
         return self._final_any if partial else self._final_complete
 
     @_holding_messages
@@ -587,19 +591,45 @@ class CompiledGrammar:
         xs, batched = self._prepare(logits)
         B, L, V = xs.shape
         sc = self._scores(xs, want_sum=False, want_x=False)
-        gmax = dp.group_max(sc.amax, self._group_plan)
+        gmax, amax, moved = self._viterbi_scores(sc)
+        prune = prune and not moved
         out = []
         b = 0
         try:
             for b, s0 in enumerate(self._states(state, B)):
                 sl = slice(b * L, (b + 1) * L)
                 sup, _, _ = self._step_support(sc, sl, s0, partial, prune, sums=False, gmax=gmax[sl])
-                path = self._canvas_passes(sup, s0, partial, gmax=gmax[sl], best=(sc.amax[sl], sc.aarg[sl])).path
+                path = self._canvas_passes(sup, s0, partial, gmax=gmax[sl], best=(amax[sl], sc.aarg[sl])).path
                 assert path is not None
                 out.append(path)
         except NoValidCanvasError as e:  # (which canvas of a batch has none)
             raise self._in_batch(e, b, B) from None
         return out if batched else out[0]
+
+    def _viterbi_scores(self, sc: "_Scores") -> tuple[np.ndarray, np.ndarray, bool]:
+        """(gmax (N, G), amax (N, K)) for the Viterbi pass, and whether a row was moved:
+        a row whose allowed logits all lie near one huge value (|x| >= 2**24, within a
+        factor 2 of each other: a row masked with float32's lowest) is taken from its best,
+        exactly in float32 (Sterbenz). A row's constant does not change the argmax, but
+        added into the canvases' scores in float64 it drowned their O(1) differences
+        elsewhere (the Viterbi canvas ignored every other row). Pruning's bounds are taken
+        from the logits as they are, so a call with a moved row runs the whole lattice."""
+        gmax = dp.group_max(sc.amax, self._group_plan)
+        amax = sc.amax
+        with np.errstate(invalid="ignore"):
+            best = np.max(amax, axis=1) if amax.shape[1] else np.zeros(amax.shape[0], np.float32)  # (N,)
+            finite = np.isfinite(amax)
+            lo = np.min(np.where(finite, amax, best[:, None]), axis=1, initial=np.inf)  # (N,)
+            hi_mag, lo_mag = np.maximum(np.abs(lo), np.abs(best)), np.minimum(np.abs(lo), np.abs(best))
+            moved = np.isfinite(best) & (np.abs(best) >= 2.0**24) & (np.sign(lo) == np.sign(best)) & \
+                (hi_mag / 2 <= lo_mag)
+        if not moved.any():
+            return gmax, amax, False
+        amax = amax.copy()
+        shift = best[moved][:, None]
+        gmax[moved] -= shift
+        amax[moved] -= shift
+        return gmax, amax, True
 
     def _canvas_passes(self, sup: dp.Support, s0: int, partial: bool, *, gsum: np.ndarray | None = None,
                        factors: bool = False, gmax: np.ndarray | None = None,
@@ -990,7 +1020,8 @@ class CompiledGrammar:
         if out is not None:
             self._check_out(out, xs, batched)
         sc = self._scores(xs, want_x=True)
-        gmax = dp.group_max(sc.amax, self._group_plan)
+        gmax, amax, moved = self._viterbi_scores(sc)
+        prune = prune and not moved
         uniforms = torch.rand((B, L, 3), generator=generator, dtype=torch.float64).numpy()
         F: list[np.ndarray | None] = []  # each canvas's atom factors (L, K) (None: taken in log space)
         in_log_space: dict[int, np.ndarray] = {}
@@ -1003,7 +1034,7 @@ class CompiledGrammar:
                 sl = slice(b * L, (b + 1) * L)
                 sup, kept, fast = self._step_support(sc, sl, s0, partial, prune, sums=True, gmax=gmax[sl])
                 pruned.append(kept)
-                top = (sc.amax[sl], sc.aarg[sl])
+                top = (amax[sl], sc.aarg[sl])
                 passes = (self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True, gmax=gmax[sl], best=top)
                           if fast else _OUT_OF_RANGE)
                 path = passes.path
@@ -1034,6 +1065,8 @@ class CompiledGrammar:
         key = (length, state, partial, kind)
         hit = self._support_cache.get(key)
         if hit is None:
+            if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
+                raise GrammarInputError(f"a canvas length is an int >= 0, got {length!r}")
             hit = dp.support(self._layout, state, self._final(partial), length, kind)
             if hit.offsets[1] == 0:  # the start state is on no valid canvas
                 raise NoValidCanvasError(self._no_canvas_message(length, state, partial))

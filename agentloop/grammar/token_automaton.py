@@ -23,6 +23,7 @@ import numpy as np
 
 from ..numba_threads import parallel_kernel
 from .canvas_layout import chain_order
+from ..errors import VocabularyError
 from .fsa import Dfa
 from .vocabulary import Vocabulary
 
@@ -198,6 +199,38 @@ def _walk_reps(table, state_of_row, shapes, lens, rep_shapes):  # pragma: no cov
 #: The most distinct next states of one state that ``_edges_by_destination`` gathers
 #: by scanning that state's triples once per next state; past it, a sort.
 _FEW_TARGETS = 64
+
+
+@nb.njit(cache=True, nogil=True)
+def _completable(edge_src, edge_dst, accept):  # pragma: no cover - compiled
+    """(S,) bool: whether some token path leads from each state to an accepting one (a
+    search backwards from the accepting states over the edges)."""
+    S = accept.shape[0]
+    E = edge_src.shape[0]
+    first = np.zeros(S + 1, np.int64)  # each state's predecessors: pred[first[q]:first[q + 1]]
+    for e in range(E):
+        first[edge_dst[e] + 1] += 1
+    for q in range(S):
+        first[q + 1] += first[q]
+    pred = np.empty(E, np.int32)
+    fill = first[:-1].copy()
+    for e in range(E):
+        pred[fill[edge_dst[e]]] = edge_src[e]
+        fill[edge_dst[e]] += 1
+    ok = accept.copy()
+    stack = np.flatnonzero(accept).astype(np.int32)
+    stack = np.concatenate((stack, np.empty(S, np.int32)))
+    top = int(accept.sum())
+    while top > 0:
+        top -= 1
+        q = stack[top]
+        for i in range(first[q], first[q + 1]):
+            p = pred[i]
+            if not ok[p]:
+                ok[p] = True
+                stack[top] = p
+                top += 1
+    return ok
 
 
 @nb.njit(cache=True, nogil=True)
@@ -450,7 +483,7 @@ def build_token_automaton(dfa: Dfa, vocab: Vocabulary) -> TokenAutomaton:
     shape_mat = np.where(sym_mat >= 0, shape_mat, 0).astype(np.int32)
     alive_ids = np.nonzero(alive)[0]
     if alive_ids.size == 0:
-        raise ValueError("no token of the vocabulary can spell anything in this grammar")
+        raise VocabularyError("no token of the vocabulary can spell anything in this grammar")
     shapes, slens, shape_of_alive = _unique_shapes(shape_mat[alive_ids], lens[alive_ids])
     # longest common prefix with the previous shape
     lcp = np.zeros(len(slens), np.int64)
@@ -495,8 +528,19 @@ def build_token_automaton(dfa: Dfa, vocab: Vocabulary) -> TokenAutomaton:
     rep_shape[atom_of_shape[atom_of_shape >= 0]] = np.nonzero(atom_of_shape >= 0)[0]
     src, atoms, dst = _walk_reps(table, state_of_row, shapes, slens, rep_shape)
 
-    # 4. edges (s, s') with their atom sets -> deduplicated groups
+    # 4. edges (s, s') with their atom sets -> deduplicated groups, where the tokens can
+    # still complete a value after the edge: the DFA is trimmed on symbols, but a
+    # tokenizer need not spell every symbol path (an uncased WordPiece has no 'Q'), and a
+    # partial canvas must not end where no token leads on
     atoms_sorted, starts, ends, edge_src, edge_dst = _edges_by_destination(src, atoms, dst)
+    completable = _completable(edge_src, edge_dst, dfa.accept)
+    if not completable[dfa.start]:
+        raise VocabularyError("the tokenizer cannot spell any complete value of this grammar: no sequence of its "
+                              "tokens leads from the start to the end (is a character the values need missing "
+                              "from its vocabulary?)")
+    if not completable.all():
+        keep = completable[edge_dst]
+        starts, ends, edge_src, edge_dst = starts[keep], ends[keep], edge_src[keep], edge_dst[keep]
     edge_group, group_atoms, group_offsets = _groups(atoms_sorted, starts, ends)
     n_groups = len(group_offsets) - 1
     ga_groups = np.repeat(np.arange(n_groups, dtype=np.int32), np.diff(group_offsets))
