@@ -441,6 +441,9 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
         amax = np.full((N, K), -np.inf, np.float32)
         aarg = np.full((N, K), -1, np.int32)
         _max_atoms(logits, atom_of, amax, aarg)
+        if K:
+            best = np.max(np.where(np.isfinite(amax), amax, -np.inf), axis=1)
+            rowmax = np.where(np.isfinite(best), best, 0.0).astype(np.float64)
         return rowmax, np.zeros((N, 1)), np.zeros((N, 1)), amax, aarg
     amax = np.empty((N, K), np.float32)
     aarg = np.empty((N, K), np.int32)

@@ -615,18 +615,17 @@ class CompiledGrammar:
         elsewhere (the Viterbi canvas ignored every other row). Pruning's bounds are taken
         from the logits as they are, so a call with a moved row runs the whole lattice."""
         gmax = dp.group_max(sc.amax, self._group_plan)
-        amax = sc.amax
-        with np.errstate(invalid="ignore"):
-            best = np.max(amax, axis=1) if amax.shape[1] else np.zeros(amax.shape[0], np.float32)  # (N,)
-            finite = np.isfinite(amax)
-            lo = np.min(np.where(finite, amax, best[:, None]), axis=1, initial=np.inf)  # (N,)
-            hi_mag, lo_mag = np.maximum(np.abs(lo), np.abs(best)), np.minimum(np.abs(lo), np.abs(best))
-            moved = np.isfinite(best) & (np.abs(best) >= 2.0**24) & (np.sign(lo) == np.sign(best)) & \
-                (hi_mag / 2 <= lo_mag)
-        if not moved.any():
-            return gmax, amax, False
-        amax = amax.copy()
-        shift = best[moved][:, None]
+        huge = np.flatnonzero(np.abs(sc.rowmax) >= 2.0**24)  # (rowmax: each row's best finite allowed logit)
+        if not huge.size:
+            return gmax, sc.amax, False
+        rows = sc.amax[huge]  # (n, K)
+        best = sc.rowmax[huge].astype(np.float32)  # (n,)
+        lo = np.min(np.where(np.isfinite(rows), rows, best[:, None]), axis=1)  # (n,) the least finite one
+        moved = huge[(np.sign(lo) == np.sign(best)) & (np.abs(best) / 2 <= np.abs(lo)) & (np.abs(lo) / 2 <= np.abs(best))]
+        if not moved.size:
+            return gmax, sc.amax, False
+        amax = sc.amax.copy()
+        shift = sc.rowmax[moved].astype(np.float32)[:, None]
         gmax[moved] -= shift
         amax[moved] -= shift
         return gmax, amax, True
