@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from agentloop.grammar import check_schema
+
 _BENCH = Path(__file__).resolve().parents[1] / "bench" / "schema_suite.py"
 
 # (file, group description, test description) -> why the grammar does not generate that
@@ -40,6 +42,11 @@ _A_LABEL = (
     "host name labels with '--' in positions 3-4 (IDNA A-labels, 'xn--') are left out: "
     "Punycode validity is not a regular language"
 )
+# The restrictions a schema's bounds make (check_schema lists them as Narrowings),
+# against the readings above, where the grammar takes what both readings accept.
+_NESTING = "nesting under a true schema is bounded by SchemaOptions.any_value_depth"
+_ONE_UNNAMED_KEY = "inside a negation an object carries at most one key the schema never names"
+NARROWINGS = {_NESTING, _ONE_UNNAMED_KEY}
 KNOWN_RESTRICTIONS: dict[tuple[str, str, str], str] = {
     # format.json: one group per format, each with an "only an annotation by default" case.
     **{("format.json", f"{name} format", f"invalid {name} string is only an annotation by default"): _FORMAT_ANNOTATION
@@ -48,15 +55,12 @@ KNOWN_RESTRICTIONS: dict[tuple[str, str, str], str] = {
                     "uuid", "duration")},
     # Values nested deeper than SchemaOptions.any_value_depth (2) under a `true` schema
     # (here: items of an array without an `items` schema) are not generated.
-    ("uniqueItems.json", "uniqueItems=false validation", "unique array of nested objects is valid"):
-        "nesting under a true schema is bounded by SchemaOptions.any_value_depth",
-    ("uniqueItems.json", "uniqueItems=false validation", "non-unique array of nested objects is valid"):
-        "nesting under a true schema is bounded by SchemaOptions.any_value_depth",
+    ("uniqueItems.json", "uniqueItems=false validation", "unique array of nested objects is valid"): _NESTING,
+    ("uniqueItems.json", "uniqueItems=false validation", "non-unique array of nested objects is valid"): _NESTING,
     # Inside a negation (not / oneOf / if / dependent*) objects are spelled canonically,
     # with at most one key the schema never names (more could repeat one another, which
     # a regular language cannot rule out, and a repeated key would defeat the negation).
-    ("dependentSchemas.json", "dependencies with escaped characters", "quoted tab"):
-        "inside a negation an object carries at most one key the schema never names",
+    ("dependentSchemas.json", "dependencies with escaped characters", "quoted tab"): _ONE_UNNAMED_KEY,
     # The compiler always applies the validation vocabulary.
     ("vocabulary.json", "schema that uses custom metaschema with with no validation vocabulary",
      "no validation: invalid number, but it still validates"):
@@ -116,9 +120,12 @@ def test_group(file: str, group: dict[str, Any]) -> None:
     assert not unsound, f"invalid instances accepted: {unsound}"
     disagree = [c.test for c in result.cases if c.accepted and c.jsonschema_valid is False]
     assert not disagree, f"accepted instances jsonschema rejects: {disagree}"
-    missing = [c.test for c in result.cases
-               if c.kind == "valid rejected" and bench.restriction_for(KNOWN_RESTRICTIONS, file, group["description"], c.test) is None]
+    why = {c.test: bench.restriction_for(KNOWN_RESTRICTIONS, file, group["description"], c.test)
+           for c in result.cases if c.kind == "valid rejected"}
+    missing = [t for t, reason in why.items() if reason is None]
     assert not missing, f"valid instances rejected without a documented restriction: {missing}"
+    if NARROWINGS & set(why.values()):  # a bound the schema meets: check_schema says where
+        assert check_schema(group["schema"], "json", options=bench.OPTIONS), "no Narrowing listed"
 
 
 @pytest.mark.skipif(not _HAVE_SUITE, reason=f"JSON-Schema-Test-Suite not found at {_ROOT}")
