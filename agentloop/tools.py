@@ -109,8 +109,9 @@ class Tool:
         self.parameters: dict[str, Any] = _clean_schema(schema)
         try:
             #: where the grammar generates fewer argument values than the schema allows
-            #: (``grammar.Narrowing``: a string longer than 512 characters, nesting deeper
-            #: than the bound under a ``dict[str, Any]``), pointers into ``parameters``
+            #: under the default ``SchemaOptions`` (``grammar.Narrowing``: a string longer
+            #: than 512 characters, nesting deeper than the bound under a ``dict[str, Any]``),
+            #: pointers into ``parameters``
             self.narrowings = check_schema(self.parameters, wire_format)
         except SchemaError as e:
             raise ToolDefinitionError(f"{where}: {_parameter_of(e.pointer)} cannot be constrained: {e}") from None

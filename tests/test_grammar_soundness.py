@@ -492,3 +492,18 @@ def test_narrowings_name_each_bound_a_schema_meets_and_the_grammar_leaves_those_
     # compiled once and reused (oneOf compiles each branch under and over): still listed
     once = check_schema({"oneOf": [{"type": "string", "maxLength": 600}, {"type": "integer"}]}, "json")
     assert "/oneOf/0/maxLength" in [n.pointer for n in once]
+    # two reasons at one place are both listed; a free value names its array or object
+    both = check_schema({"oneOf": [{}, {"type": "string"}]}, "json")
+    assert {n.reason.split(" (")[0] for n in both if n.pointer == "/oneOf/0"} >= {
+        "only empty arrays and objects from 2 levels below the root on",
+        "objects here hold at most one member"}
+    free = check_schema({"type": "object", "properties": {"tags": {"type": "array"}}}, "json")
+    assert [(n.pointer, n.keyword) for n in free] == [("/properties/tags", "items")]
+    assert str(free[0]).startswith("/properties/tags (items): only empty arrays and objects")
+    assert str(check_schema({"type": "array"}, "json")[0]).startswith("(root) (items): ")
+    # property names are strings, and the over language compiled beside them is not taken away
+    names = check_schema({"type": "object", "propertyNames": {"maxLength": 1000}}, "json")
+    assert [(n.pointer, n.negated) for n in names] == [("/propertyNames/maxLength", False), ("", False)]
+    assert names[1].keyword == "additionalProperties"  # (the free-form object's values: nested at most 2 levels)
+    counted = check_schema({"type": "array", "contains": {"type": "string", "maxLength": 1000}}, "json")
+    assert ("/contains/maxLength", True) in [(n.pointer, n.negated) for n in counted]

@@ -249,10 +249,13 @@ def test_bad_arguments_to_the_compilers_and_grammars_are_named(btok, device_pass
                        (torch.empty(12, g.vocab.size, device="meta"), "meta")):
         with pytest.raises(GrammarInputError, match=match):
             g.viterbi(bad)
-    with pytest.raises(GrammarInputError, match="partial must be True or False, got 'no'"):
-        g.viterbi(x, partial="no")
-    with pytest.raises(GrammarInputError, match="a canvas length is an int >= 0, got -1"):
-        g.forced_tokens(-1)
+    g.viterbi(x, partial=True), g.forced_tokens(3)  # (the caches these fill are keyed by the arguments: 1 == True)
+    for partial in ("no", 1, None):
+        with pytest.raises(GrammarInputError, match=f"partial must be True or False, got {partial!r}"):
+            g.viterbi(x, partial=partial)
+    for length in (-1, 3.0):
+        with pytest.raises(GrammarInputError, match=f"a canvas length is an int >= 0, got {length!r}"):
+            g.forced_tokens(length)
     for gen in (0, torch.Generator().manual_seed(0).manual_seed):
         with pytest.raises(GrammarInputError, match="generator must be a torch.Generator or None"):
             g.sample(x, generator=gen)

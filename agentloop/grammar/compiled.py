@@ -570,11 +570,13 @@ class CompiledGrammar:
         return out
 
     def _final(self, partial: bool) -> np.ndarray:
-        """The states a canvas may end in (read where a support or a pruning table is first
-        made for ``partial``: the caches keyed by it check it here)."""
+        return self._final_any if partial else self._final_complete
+
+    @staticmethod
+    def _check_partial(partial: Any) -> None:
+        # (before the caches keyed by it: 1 == True would find True's entry)
         if not isinstance(partial, (bool, np.bool_)):
             raise GrammarInputError(f"partial must be True or False, got {partial!r}")
-        return self._final_any if partial else self._final_complete
 
     @_holding_messages
     def viterbi(self, logits: Any, state: int | Sequence[int] | None = None, partial: bool = False,
@@ -1060,12 +1062,13 @@ class CompiledGrammar:
     def _support(self, length: int, state: int, partial: bool) -> dp.Support:
         """The live states per position (lists and the passes' masks) for canvases of
         ``length`` from ``state`` (cached: every denoising step of a canvas reuses it)."""
+        self._check_partial(partial)
+        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
+            raise GrammarInputError(f"a canvas length is an int >= 0, got {length!r}")  # (3.0 == 3 as a key)
         kind = self._canvas_pass_kind
         key = (length, state, partial, kind)
         hit = self._support_cache.get(key)
         if hit is None:
-            if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
-                raise GrammarInputError(f"a canvas length is an int >= 0, got {length!r}")
             hit = dp.support(self._layout, state, self._final(partial), length, kind)
             if hit.offsets[1] == 0:  # the start state is on no valid canvas
                 raise NoValidCanvasError(self._no_canvas_message(length, state, partial))
@@ -1106,6 +1109,7 @@ class CompiledGrammar:
 
     def _to_finish(self, partial: bool) -> np.ndarray | None:
         """``pruning.fewest_to_finish`` of the accepting states (cached)."""
+        self._check_partial(partial)
         if partial not in self._fewest_to_finish:
             self._fewest_to_finish[partial] = pruning.fewest_to_finish(self._final(partial), self._in_edges,
                                                                        self._out_edges)

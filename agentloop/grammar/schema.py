@@ -316,22 +316,29 @@ class Narrowing:
     ``not`` and ``oneOf``, whose values are spelled one way to be taken away), it leaves
     valid values out and records where, as a :class:`SchemaCompiler`'s ``narrowings`` and
     :func:`agentloop.grammar.check_schema`'s result. ``negated``: the narrowing is of a
-    subschema that a ``not``, ``oneOf`` or ``if`` takes away, approximated there from
-    above, so the values it covers beyond its own are the ones left out.
+    subschema whose values are taken away (``not``, ``oneOf``, a failed ``if``, items
+    that ``contains`` does not count), approximated there from above, so the values it
+    covers beyond its own are the ones left out.
 
     Not listed: where jsonschema and the spec read a keyword differently (ECMA-262 against
     Python's ``re`` on ``$``, ``.`` and ``\\d``; a bound's decimal against the double a
     parser reads; the two format checkers), the grammar takes the values both accept.
     """
 
-    pointer: str  #: JSON pointer of the keyword in the schema
+    #: JSON pointer of the keyword in the schema; for a value the schema leaves free (an
+    #: array's items, an object's other keys), of its array or object, whose ``keyword``
+    #: would describe it
+    pointer: str
     keyword: str
     reason: str  #: what is left out, and the option that moves the bound where one does
     negated: bool = False
 
     def __str__(self) -> str:
-        where = " (in a subschema that not / oneOf / if takes away)" if self.negated else ""
-        return f"{self.pointer or '/'}: {self.reason}{where}"
+        where = self.pointer or "(root)"
+        if self.keyword and not self.pointer.endswith("/" + self.keyword):
+            where += f" ({self.keyword})"
+        negated = " (in a subschema whose values are taken away: not / oneOf / if / contains)" if self.negated else ""
+        return f"{where}: {self.reason}{negated}"
 
 
 @dataclass(frozen=True)
@@ -581,9 +588,10 @@ class SchemaCompiler:
         self.char_any = embed(_char_any_dfa(wf))
         # Counts restrictions taken while compiling (under differs from over there);
         # a branch compiled without any is exact and serves as both languages. The
-        # narrowings a user may want to know of are kept too, by (pointer, keyword).
+        # narrowings a user may want to know of are logged too, as met (a memoised
+        # branch logs its own again where it is reused).
         self._approx = 0
-        self._narrowings: dict[tuple[str, str, bool], Narrowing] = {}
+        self._narrowing_log: list[Narrowing] = []
         self._next_id = 0
         # Whether unevaluated* may occur (a cheap over-estimate): anyOf then splits into
         # every set of branches and a lone `if` is kept for its annotations.
@@ -609,11 +617,11 @@ class SchemaCompiler:
     @property
     def narrowings(self) -> tuple[Narrowing, ...]:
         """Where the language compiled so far is narrower than the schema, in the order met."""
-        return tuple(self._narrowings.values())
+        return tuple(dict.fromkeys(self._narrowing_log))
 
     def _narrow(self, ctx: _Ctx, pointer: str, keyword: str, reason: str) -> None:
         self._approx += 1
-        self._narrowings.setdefault((pointer, keyword, ctx.over), Narrowing(pointer, keyword, reason, ctx.over))
+        self._narrowing_log.append(Narrowing(pointer, keyword, reason, ctx.over))
 
     def _too_deep(self, ctx: _Ctx, pointer: str, keyword: str, what: str) -> None:
         """The nesting bound met: ``what`` is generated there."""
@@ -949,10 +957,12 @@ class SchemaCompiler:
                                   for j, x in enumerate(ids) if x is not None and x in s.get(_PARENTS, ()))
         return (tuple(one(f) for f in facets), relations, tuple(one(f) for f in negs), ctx)
 
-    def facets_node(self, facets: Sequence[Facet], ctx: _Ctx, negs: Sequence[Facet] = (), at: str = "") -> Node:
+    def facets_node(self, facets: Sequence[Facet], ctx: _Ctx, negs: Sequence[Facet] = (),
+                    at: tuple[str, str] = ("", "")) -> Node:
         """The language of values valid for every facet and for none of ``negs``; ``at``
-        is the pointer of a value that no facet describes (an array's items, an object's
-        other keys), which narrowings name.
+        is where a value that no facet describes sits, which narrowings name: the
+        pointer of its array or object and the keyword that would describe it ("items",
+        "additionalProperties").
 
         Memoized: negations and oneOf compile the same subschemas many times over.
         """
@@ -960,16 +970,15 @@ class SchemaCompiler:
         hit = self._memo.get(key)
         if hit is not None:
             self._approx += hit[1]
-            for n in hit[2]:
-                self._narrowings.setdefault((n.pointer, n.keyword, n.negated), n)
+            self._narrowing_log.extend(hit[2])
             return hit[0]
-        before, known = self._approx, set(self._narrowings)
+        before, start = self._approx, len(self._narrowing_log)
         node = self._facets_node(facets, ctx, negs, at)
-        added = tuple(n for k, n in self._narrowings.items() if k not in known)
+        added = tuple(dict.fromkeys(self._narrowing_log[start:]))
         self._memo[key] = (node, self._approx - before, added)
         return node
 
-    def _facets_node(self, facets: Sequence[Facet], ctx: _Ctx, negs: Sequence[Facet], at: str) -> Node:
+    def _facets_node(self, facets: Sequence[Facet], ctx: _Ctx, negs: Sequence[Facet], at: tuple[str, str]) -> Node:
         expanded = self.expand(facets, ctx)
         if expanded is None:
             return NEVER
@@ -1004,7 +1013,7 @@ class SchemaCompiler:
         if negs:
             return self.negation_node(fs, negs, ctx)
         if not fs:
-            return self.any_value(ctx, facets[0][1] if facets else at)
+            return self.any_value(ctx, *((facets[0][1], "") if facets else at))
         return self.typed_node(fs, ctx)
 
     def conditional_node(self, fs: list[Facet], conds: list[Facet], ctx: _Ctx, negs: list[Facet]) -> Node:
@@ -1021,14 +1030,23 @@ class SchemaCompiler:
         no = self.facets_node(fs + later + [else_f], ctx, negs + [if_f])
         return alt(yes, no)
 
-    def _both(self, facets: list[Facet], ctx: _Ctx, negs: Sequence[Facet]) -> tuple[Dfa, Dfa]:
-        """(under, over) DFAs of a facet set in canonical spelling; one compile when exact."""
+    def _both(self, facets: list[Facet], ctx: _Ctx, negs: Sequence[Facet], over_narrows: bool = True
+              ) -> tuple[Dfa, Dfa]:
+        """(under, over) DFAs of a facet set in canonical spelling; one compile when exact.
+        ``over_narrows=False``: the caller reads the over language only where nothing
+        takes it away, so its approximations are not the grammar's narrowings."""
         c = replace(ctx, canonical=True)
         before = self._approx
         under = self._dfa(self.facets_node(facets, replace(c, over=False), negs))
         if self._approx == before:
             return under, under
-        return under, self._dfa(self.facets_node(facets, replace(c, over=True), negs))
+        if over_narrows:
+            return under, self._dfa(self.facets_node(facets, replace(c, over=True), negs))
+        kept, self._narrowing_log = self._narrowing_log, []
+        try:
+            return under, self._dfa(self.facets_node(facets, replace(c, over=True), negs))
+        finally:
+            self._narrowing_log = kept
 
     def one_of_node(self, others: list[Facet], branches: list[Facet], ctx: _Ctx, negs: Sequence[Facet]) -> Node:
         """Exactly one branch, with the sibling facets ``others``:
@@ -1064,7 +1082,7 @@ class SchemaCompiler:
         """Values of ``fs`` (canonical spelling) minus values of any negated facet, taken in
         the opposite polarity."""
         c = replace(ctx, canonical=True)
-        base = self.typed_node(fs, c) if fs else self.any_value(c, negs[0][1] if negs else "")
+        base = self.typed_node(fs, c) if fs else self.any_value(c, negs[0][1].rsplit("/", 1)[0] if negs else "", "")
         flipped = replace(c, over=not ctx.over)
         removed = [self._dfa(self.facets_node([n], flipped)) for n in negs]
         out = self._dfa(base)
@@ -1450,7 +1468,7 @@ class SchemaCompiler:
                     if schema["items"] is False:
                         return None
                     f.append((schema["items"], _ptr(ptr, "items"), base))
-            return self.facets_node(f, child, (), _ptr(fs[0][1], "items"))
+            return self.facets_node(f, child, (), (fs[0][1], "items"))
 
         rest = item(None)
         if rest is None:
@@ -1635,7 +1653,7 @@ class SchemaCompiler:
                     add_facets.append((schema["additionalProperties"], _ptr(ptr, "additionalProperties"), base))
         if not forbidden and (said or not self._strict_closes(fs)):
             if ctx.depth > 0 or ctx.over:
-                value = self.facets_node(add_facets, child, (), _ptr(fs[0][1], "additionalProperties"))
+                value = self.facets_node(add_facets, child, (), (fs[0][1], "additionalProperties"))
                 any_key = self._any_key()
                 if order:
                     declared = to_dfa(alt(*(literal(self.wf.key_symbols(k)) for k in order if self._spellable(k))), self.n_symbols)
@@ -1765,7 +1783,9 @@ class SchemaCompiler:
         if len(patterns) > _MAX_PATTERNS:
             raise SchemaError(f"more than {_MAX_PATTERNS} patternProperties on one object", keyword="patternProperties", pointer=fs[0][1])
 
-        name_dfas = [self._both([n], replace(ctx, depth=0), ()) for n in names]
+        # (names are strings: the other types' languages would only cost, and narrow nothing)
+        name_dfas = [self._both([n, ({"type": "string"}, n[1], n[2])], replace(ctx, depth=0), (), over_narrows=ctx.over)
+                     for n in names]
 
         def name_ok(key: str) -> bool:
             spelled = wf.spell_value(key)
@@ -1831,7 +1851,7 @@ class SchemaCompiler:
             if value is None:
                 # one DFA per distinct value language: slots share it, and an embedded
                 # DFA is far smaller in the object's NFA than the expression tree
-                language = self.facets_node(f, child, (), _ptr(fs[0][1], "properties", key))
+                language = self.facets_node(f, child, (), (fs[0][1], "additionalProperties"))
                 value = value_cache[sig] = embed(self._dfa(language))
             members.append((seq(literal(wf.key_symbols(key)), value), is_req))
 
@@ -1940,7 +1960,7 @@ class SchemaCompiler:
             keys = product(keys, exclude, "minus")
         if keys.is_empty():
             return None
-        values = self.facets_node(value, child, (), _ptr(fs[0][1], "additionalProperties"))
+        values = self.facets_node(value, child, (), (fs[0][1], "additionalProperties"))
         return seq(self._key_node(embed(keys)), values)
 
     # ---- any value (true schemas), bounded nesting -------------------------------------
@@ -2043,7 +2063,7 @@ class SchemaCompiler:
             d = self._dfa_cache["over-any"] = self._dfa(node)
         return embed(d)
 
-    def any_value(self, ctx: _Ctx, ptr: str) -> Node:
+    def any_value(self, ctx: _Ctx, ptr: str, keyword: str) -> Node:
         """Any JSON value, nested at most ``depth`` levels (a ``true`` schema at ``ptr``).
 
         Canonical spelling: canonical numbers and objects of at most one member (whose
@@ -2058,15 +2078,15 @@ class SchemaCompiler:
         arr_open, arr_close = literal(self.wf.lit("array_open")), literal(self.wf.lit("array_close"))
         obj_open, obj_close = literal(self.wf.lit("object_open")), literal(self.wf.lit("object_close"))
         if depth <= 0:
-            self._too_deep(ctx, ptr, "", "only empty arrays and objects")
+            self._too_deep(ctx, ptr, keyword, "only empty arrays and objects")
             return alt(*scalars, seq(arr_open, arr_close), seq(obj_open, obj_close))
-        inner = self.any_value(replace(ctx, depth=depth - 1), ptr)
+        inner = self.any_value(replace(ctx, depth=depth - 1), ptr, keyword)
         isep = literal(self.wf.lit("item_separator"))
         msep = literal(self.wf.lit("member_separator"))
         member = seq(embed(self._any_key()), inner)
         arr = seq(arr_open, alt(EMPTY, separated(inner, isep)), arr_close)
         if ctx.canonical:
-            self._narrow(ctx, ptr, "", "objects here hold at most one member (a value has one spelling here, and "
+            self._narrow(ctx, ptr, keyword, "objects here hold at most one member (a value has one spelling here, and "
                          "keys have no order)")
             obj = seq(obj_open, alt(EMPTY, member), obj_close)
         else:
