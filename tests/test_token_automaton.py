@@ -153,3 +153,18 @@ def test_edges_lead_only_where_the_tokens_can_complete_a_value():
     assert g.marginals(x, partial=True).exp()[1, a] == 0.0
     with pytest.raises(VocabularyError, match="cannot spell any complete value"):
         compile_schema({"enum": ["ab"]}, word_tokenizer(['"', "a"]))
+
+
+def test_forced_prefix_takes_no_token_that_leads_nowhere():
+    """forced_prefix covers the text every value starts with by the longest tokens the
+    automaton takes: '"a' is the longest start of '"ab"', but after it no token spells
+    'b"'. With the edges into such states dropped it takes '"', then 'ab"'."""
+    from conftest import word_tokenizer
+
+    from agentloop.grammar import compile_schema
+
+    tok = word_tokenizer(['"a', '"', 'ab"'])
+    g = compile_schema({"const": "ab"}, tok)
+    prefix = g.forced_prefix()
+    assert [tok.id_to_token(i) for i in prefix[:2]] == ['"', 'ab"']
+    assert g.is_complete(g.state_after(prefix))
