@@ -279,7 +279,8 @@ def test_a_negated_whole_float_multiple_takes_the_other_integers(btok, wire_form
     cases = [({"type": "integer", "not": {"multipleOf": 2.0}}, {1, 3, -1, -7, 15, 2**53 - 1}),
              ({"not": {"multipleOf": 2.0}}, {1, 3, -1, -7, 15, 2**53 - 1, -3.0}),
              ({"type": "integer", "not": {"multipleOf": 6.0, "maximum": 100}}, None),
-             ({"type": "integer", "not": {"allOf": [{"multipleOf": 2.0}, {"multipleOf": 3}]}}, {1, 2, 3, -1, -2, -7, 15})]
+             ({"type": "integer", "not": {"allOf": [{"multipleOf": 2.0}, {"multipleOf": 3}]}},
+              {1, 2, 3, -1, -2, -7, 15})]
     for schema, must_accept in cases:
         g = compile_schema(schema, btok, wire_format)
         v = jsonschema.Draft202012Validator(schema)
@@ -471,7 +472,8 @@ def test_narrowings_name_each_bound_a_schema_meets_and_the_grammar_leaves_those_
     many = {"type": "array", "items": {"type": "integer"}, "maxItems": 900}
     cases = [
         (long_text, "/properties/body/maxLength", "max_counted_length", {"body": "x" * 513}, {"body": "x" * 512}),
-        (deep, "/properties/meta/additionalProperties", "any_value_depth", {"meta": {"k": {"x": 1}}}, {"meta": {"k": {}}}),
+        (deep, "/properties/meta/additionalProperties", "any_value_depth", {"meta": {"k": {"x": 1}}},
+         {"meta": {"k": {}}}),
         (tree, "/$defs/n/properties/kids/items/$ref", "max_ref_depth", {"kids": [{"kids": [{"kids": [{"kids": []}]}]}]},
          {"kids": [{"kids": [{}]}]}),
         (many, "/maxItems", "max_counted_length", list(range(513)), list(range(512))),

@@ -140,8 +140,8 @@ def test_edges_lead_only_where_the_tokens_can_complete_a_value():
             break
         completable = grown
     assert not completable.all()
-    np.testing.assert_array_equal(_automaton_steps(g.automaton), np.where(completable[np.maximum(want, 0)] & (want >= 0),
-                                                                          want, -1))
+    leads_on = completable[np.maximum(want, 0)] & (want >= 0)
+    np.testing.assert_array_equal(_automaton_steps(g.automaton), np.where(leads_on, want, -1))
     quote, a = tok.token_to_id('"'), tok.token_to_id("a")
     assert g.state_after([quote, a]) == -1
     x = torch.zeros(2, g.vocab.size)

@@ -623,7 +623,8 @@ class CompiledGrammar:
         rows = sc.amax[huge]  # (n, K)
         best = sc.rowmax[huge].astype(np.float32)  # (n,)
         lo = np.min(np.where(np.isfinite(rows), rows, best[:, None]), axis=1)  # (n,) the least finite one
-        moved = huge[(np.sign(lo) == np.sign(best)) & (np.abs(best) / 2 <= np.abs(lo)) & (np.abs(lo) / 2 <= np.abs(best))]
+        alike = (np.sign(lo) == np.sign(best)) & (np.abs(best) / 2 <= np.abs(lo)) & (np.abs(lo) / 2 <= np.abs(best))
+        moved = huge[alike]
         if not moved.size:
             return gmax, sc.amax, False
         amax = sc.amax.copy()

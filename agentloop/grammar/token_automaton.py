@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import numba as nb
 import numpy as np
 
+from ..errors import VocabularyError
 from ..numba_threads import parallel_kernel
 from .canvas_layout import chain_order
-from ..errors import VocabularyError
 from .fsa import Dfa
 from .vocabulary import Vocabulary
 
