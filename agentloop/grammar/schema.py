@@ -23,7 +23,8 @@ global order (their first appearance in the schema document), numbers in one for
 
 Everything the compiler cannot represent exactly raises :class:`SchemaError` with the
 keyword and its JSON pointer; it never accepts an invalid instance, and the bounds it
-restricts by are parameters of :class:`SchemaOptions`.
+restricts by are parameters of :class:`SchemaOptions`. Where a bound leaves valid values
+out, the compiler logs a :class:`Narrowing` (``SchemaCompiler.narrowings``).
 """
 
 from __future__ import annotations
