@@ -168,3 +168,37 @@ def test_forced_prefix_takes_no_token_that_leads_nowhere():
     prefix = g.forced_prefix()
     assert [tok.id_to_token(i) for i in prefix[:2]] == ['"', 'ab"']
     assert g.is_complete(g.state_after(prefix))
+
+
+def test_partial_canvases_prune_where_some_states_are_cut_off():
+    """A state that no token enters or leaves (the edges into it dropped: the tokens
+    cannot finish from it) is on no canvas. Pruning's table of the fewest tokens to
+    finish required every state to step on for partial canvases, so such a state turned
+    pruning off for every partial step (an uncased WordPiece's grammars: all of them).
+    It is left out now; pruned and whole steps agree, and a canvas started at such a state
+    is refused as before. (A character-level tokenizer without 'Q'.)"""
+    import inspect
+    import string
+
+    import torch
+    from conftest import word_tokenizer
+
+    from agentloop.errors import NoValidCanvasError
+    from agentloop.grammar import byte_tokenizer
+
+    specials = inspect.signature(byte_tokenizer).parameters["special_tokens"].default
+    tok = word_tokenizer([c for c in string.printable if c != "Q"], specials)
+    g = compile_tools(TOOLS[:3], tok, "gemma4")
+    ta = g.automaton
+    isolated = np.flatnonzero((np.bincount(ta.edge_dst, minlength=ta.n_states) == 0) & (np.diff(ta.src_offsets) == 0))
+    assert isolated.size and g._to_finish(True) is not None
+    L = 64
+    x = torch.randn(2, L, g.vocab.size, generator=torch.Generator().manual_seed(5))
+    for partial in (True, False):
+        whole = g.denoise_step(x, torch.Generator().manual_seed(0), partial=partial, prune=False)
+        kept = g.denoise_step(x, torch.Generator().manual_seed(0), partial=partial)
+        assert kept.pruned == [True, True]
+        assert kept.argmax == whole.argmax and kept.sample == whole.sample
+        torch.testing.assert_close(kept.log_marginals.exp(), whole.log_marginals.exp(), rtol=0, atol=1e-9)
+    with pytest.raises(NoValidCanvasError):
+        g.viterbi(x[0], state=int(isolated[0]), partial=True)

@@ -390,6 +390,11 @@ def _fewest_to_finish(final, in_offsets, in_src, out_offsets, out_dst):  # pragm
                 n += 1
     longer = True  # every accepting state steps to an accepting one
     for s in range(S):
+        if in_offsets[s] == in_offsets[s + 1] and out_offsets[s] == out_offsets[s + 1]:
+            # no token leads to it or from it (the automaton drops the edges into states
+            # its tokens cannot finish from): on no canvas, unless one starts there
+            fewest[s] = far
+            continue
         if final[s]:
             steps = False
             for j in range(out_offsets[s], out_offsets[s + 1]):
@@ -404,6 +409,9 @@ def fewest_to_finish(final: np.ndarray, in_edges: tuple[np.ndarray, np.ndarray, 
     bool), where a state finishes a canvas in any number of tokens from there on: every
     accepting state steps to an accepting one (the padding after the stop token; with
     ``partial`` every state, where none is a dead end). None where that does not hold.
+    A state no edge enters or leaves is on no canvas (the token automaton drops the edges
+    into states its tokens cannot finish from) and counts as never finishing: a canvas
+    that starts there is left to the support, which refuses it.
 
     With it a state at position l lies on a valid canvas of length L exactly where the
     start reaches it in l tokens, which the sweep follows, and it has at most L - l
