@@ -2112,6 +2112,104 @@ def _trace_back(vit, best_end, gmax, state, rank, in_offsets, in_src, in_group):
 
 
 @nb.njit(cache=True, nogil=True)
+def choices_for_good(out_offsets, out_dst, out_group, group_atoms, group_offsets, atom_offsets, in_offsets,
+                     in_src):  # pragma: no cover - compiled
+    """(S,) bool: the states with two tokens or more to go on by, each with a successor
+    in the set (the largest such set: a state left without one is dropped, and then its
+    predecessors' counts fall). A canvas at one of them at position l has a choice there
+    and at every position after, for as long as it can go on."""
+    S = out_offsets.shape[0] - 1
+    keep = np.zeros(S, np.bool_)
+    for s in range(S):
+        n = 0  # tokens on the state's edges, counted up to 2 (an atom holds one at least)
+        for e in range(out_offsets[s], out_offsets[s + 1]):
+            g = out_group[e]
+            if group_offsets[g + 1] - group_offsets[g] > 1:
+                n = 2
+            else:
+                k = group_atoms[group_offsets[g]]
+                n += atom_offsets[k + 1] - atom_offsets[k]
+            if n >= 2:
+                break
+        keep[s] = n >= 2
+    count = np.zeros(S, np.int64)  # successors in the set (one edge per pair of states)
+    for s in range(S):
+        if keep[s]:
+            for e in range(out_offsets[s], out_offsets[s + 1]):
+                if keep[out_dst[e]]:
+                    count[s] += 1
+    stack = np.empty(S, np.int32)
+    top = 0
+    for s in range(S):
+        if keep[s] and count[s] == 0:
+            keep[s] = False
+            stack[top] = s
+            top += 1
+    while top > 0:
+        top -= 1
+        q = stack[top]
+        for i in range(in_offsets[q], in_offsets[q + 1]):
+            p = in_src[i]
+            if keep[p]:
+                count[p] -= 1
+                if count[p] == 0:
+                    keep[p] = False
+                    stack[top] = p
+                    top += 1
+    return keep
+
+
+@nb.njit(cache=True, nogil=True)
+def forced_going_on(start, length, choices, out_offsets, out_dst, out_group, group_atoms, group_offsets,
+                    atom_offsets, atom_tokens):  # pragma: no cover - compiled
+    """``_forced`` for a canvas that may end anywhere, where every state a token reaches
+    can go on for as long as the canvas lasts: the states that ``start`` reaches in l
+    tokens are then exactly the live ones at l, and no backward pass is needed. The sweep
+    stops at the first position holding a state of ``choices`` (``choices_for_good``):
+    nothing is forced there or after."""
+    S = out_offsets.shape[0] - 1
+    out = np.full(length, -1, np.int32)
+    cur = np.empty(S, np.int32)
+    nxt = np.empty(S, np.int32)
+    seen = np.full(S, -1, np.int64)  # the position a state was last listed for
+    cur[0] = start
+    n = 1
+    for l in range(length):
+        for i in range(n):
+            if choices[cur[i]]:
+                return out
+        tok = -1
+        ok = True
+        m = 0
+        for i in range(n):
+            s = cur[i]
+            for e in range(out_offsets[s], out_offsets[s + 1]):
+                d = out_dst[e]
+                if seen[d] != l:
+                    seen[d] = l
+                    nxt[m] = d
+                    m += 1
+                if ok:
+                    g = out_group[e]
+                    for j in range(group_offsets[g], group_offsets[g + 1]):
+                        k = group_atoms[j]
+                        if atom_offsets[k + 1] - atom_offsets[k] != 1:
+                            ok = False
+                            break
+                        t = atom_tokens[atom_offsets[k]]
+                        if tok == -1:
+                            tok = t
+                        elif tok != t:
+                            ok = False
+                            break
+        if ok and tok >= 0:
+            out[l] = tok
+        cur, nxt = nxt, cur
+        n = m
+    return out
+
+
+@nb.njit(cache=True, nogil=True)
 def _forced(live, state, rank, out_offsets, out_dst, out_group, group_atoms, group_offsets, atom_offsets, atom_tokens,
             L):  # pragma: no cover
     """Token forced at each position whatever the logits (-1 where there is a choice),
