@@ -2111,6 +2111,22 @@ def _trace_back(vit, best_end, gmax, state, rank, in_offsets, in_src, in_group):
     return out
 
 
+@nb.njit(cache=True, nogil=True, inline="always")
+def _one_token(g, tok, group_atoms, group_offsets, atom_offsets, atom_tokens):  # pragma: no cover - compiled
+    """The one token seen so far at a position (-1: none yet) with group g's added; -2
+    where g brings another."""
+    for j in range(group_offsets[g], group_offsets[g + 1]):
+        k = group_atoms[j]
+        if atom_offsets[k + 1] - atom_offsets[k] != 1:
+            return -2
+        t = atom_tokens[atom_offsets[k]]
+        if tok == -1:
+            tok = t
+        elif tok != t:
+            return -2
+    return tok
+
+
 @nb.njit(cache=True, nogil=True)
 def choices_for_good(out_offsets, out_dst, out_group, group_atoms, group_offsets, atom_offsets, in_offsets,
                      in_src):  # pragma: no cover - compiled
@@ -2190,18 +2206,8 @@ def forced_going_on(start, length, choices, out_offsets, out_dst, out_group, gro
                     nxt[m] = d
                     m += 1
                 if ok:
-                    g = out_group[e]
-                    for j in range(group_offsets[g], group_offsets[g + 1]):
-                        k = group_atoms[j]
-                        if atom_offsets[k + 1] - atom_offsets[k] != 1:
-                            ok = False
-                            break
-                        t = atom_tokens[atom_offsets[k]]
-                        if tok == -1:
-                            tok = t
-                        elif tok != t:
-                            ok = False
-                            break
+                    tok = _one_token(out_group[e], tok, group_atoms, group_offsets, atom_offsets, atom_tokens)
+                    ok = tok != -2
         if ok and tok >= 0:
             out[l] = tok
         cur, nxt = nxt, cur
@@ -2228,18 +2234,8 @@ def _forced(live, state, rank, out_offsets, out_dst, out_group, group_atoms, gro
             for e in range(out_offsets[s], out_offsets[s + 1]):
                 if not after[rank[out_dst[e]]]:
                     continue  # an edge off every valid canvas
-                g = out_group[e]
-                for j in range(group_offsets[g], group_offsets[g + 1]):
-                    k = group_atoms[j]
-                    if atom_offsets[k + 1] - atom_offsets[k] != 1:
-                        ok = False
-                        break
-                    t = atom_tokens[atom_offsets[k]]
-                    if tok == -1:
-                        tok = t
-                    elif tok != t:
-                        ok = False
-                        break
+                tok = _one_token(out_group[e], tok, group_atoms, group_offsets, atom_offsets, atom_tokens)
+                ok = tok != -2
                 if not ok:
                     break
             if not ok:
