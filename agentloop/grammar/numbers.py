@@ -16,7 +16,7 @@ import sys
 from decimal import Decimal, localcontext
 from typing import Optional
 
-from .fsa import EMPTY, NEVER, Node, alt, byte_range, graph, literal, opt, rep, seq, sym
+from .fsa import EMPTY, NEVER, Node, alt, byte_range, embed, graph, literal, opt, product, rep, seq, sym, to_dfa
 
 DIGIT = byte_range(0x30, 0x39)
 NONZERO = byte_range(0x31, 0x39)
@@ -107,6 +107,16 @@ def int_range(lo: Optional[int], hi: Optional[int]) -> Node:
         if mag_hi is None or mag_hi >= mag_lo:
             branches.append(seq(MINUS, uint_range(mag_lo, mag_hi)))
     return alt(*branches)
+
+
+def multiples_in(lo: Optional[int], hi: Optional[int], m: int) -> Node:
+    """Canonical integers in [lo, hi] (either side None: unbounded) divisible by m."""
+    if lo is not None and hi is not None and lo > hi:
+        return NEVER
+    ints = int_range(lo, hi)
+    if m > 1:
+        ints = embed(product(to_dfa(ints, 256), to_dfa(multiple_of(m), 256), "and"))
+    return ints
 
 
 def multiple_of(m: int) -> Node:

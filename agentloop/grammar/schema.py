@@ -307,6 +307,16 @@ class SchemaOptions:
     grounded_text_numbers: bool = False
 
 
+#: The integers a double holds exactly reach this magnitude (2**53 - 1).
+_EXACT_IN_DOUBLES = 2**53 - 1
+
+
+def _within_exact_doubles(lo: int | None, hi: int | None) -> tuple[int, int]:
+    """[lo, hi] (None: unbounded) cut to the integers a double holds exactly."""
+    return (-_EXACT_IN_DOUBLES if lo is None else max(lo, -_EXACT_IN_DOUBLES),
+            _EXACT_IN_DOUBLES if hi is None else min(hi, _EXACT_IN_DOUBLES))
+
+
 @dataclass(frozen=True)
 class Narrowing:
     """A place where the compiled language holds fewer values than the schema allows.
@@ -1203,16 +1213,6 @@ class SchemaCompiler:
         return None
 
     # ---- numbers ----------------------------------------------------------------------
-    @staticmethod
-    def _multiples_in(lo: int | None, hi: int | None, multiple: int) -> Node:
-        """Canonical integers in [lo, hi] (None: unbounded) divisible by ``multiple``."""
-        if lo is not None and hi is not None and lo > hi:
-            return NEVER
-        ints = numbers.int_range(lo, hi)
-        if multiple > 1:
-            ints = embed(product(to_dfa(ints, 256), to_dfa(numbers.multiple_of(multiple), 256), "and"))
-        return ints
-
     def number_node(self, fs: list[Facet], ctx: _Ctx, integer: bool) -> Node:
         # Each bound in both readings: the decimal the schema text says and the exact
         # value a parser compares against (a double). Integers are parsed exactly, other
@@ -1299,20 +1299,16 @@ class SchemaCompiler:
         ilo, ihi = _int_hi(int_lo), _int_hi(int_hi)
         ilo = None if ilo is None else -ilo
         if divided_as_doubles:
-            exact_below = 2**53 - 1
-            ilo = -exact_below if ilo is None else max(ilo, -exact_below)
-            ihi = exact_below if ihi is None else min(ihi, exact_below)
+            ilo, ihi = _within_exact_doubles(ilo, ihi)
         if ilo is not None and ihi is not None and ilo > ihi:
             ints: Node = NEVER
         else:
-            ints = self._multiples_in(ilo, ihi, int_multiple)
+            ints = numbers.multiples_in(ilo, ihi, int_multiple)
             if narrowed_below:
-                exact_below = 2**53 - 1
-                small = self._multiples_in(-exact_below if ilo is None else max(ilo, -exact_below),
-                                           exact_below if ihi is None else min(ihi, exact_below),
-                                           math.lcm(int_multiple, whole_multiple_below))
-                large = [self._multiples_in(lo, hi, int_multiple)
-                         for lo, hi in ((ilo, -exact_below - 1), (exact_below + 1, ihi))
+                small = numbers.multiples_in(*_within_exact_doubles(ilo, ihi),
+                                             math.lcm(int_multiple, whole_multiple_below))
+                large = [numbers.multiples_in(lo, hi, int_multiple)
+                         for lo, hi in ((ilo, -_EXACT_IN_DOUBLES - 1), (_EXACT_IN_DOUBLES + 1, ihi))
                          if lo is None or hi is None or lo <= hi]
                 ints = alt(small, *large)
         if only_integers:
