@@ -1900,9 +1900,11 @@ def below_normal(asum, aarg):  # pragma: no cover - compiled
     return out
 
 
-#: Below this |rowmax| the write adds log F - rowmax to each logit: the shift rounds by
-#: under 4e-9 nats, far below float32's resolution of the result.
-_SHIFT_EXACT_BELOW = 2.0**24
+#: Rows whose best allowed logit is this large or larger (|rowmax|: float32's integers
+#: end there; a row masked with float32's lowest) are huge rows. Below it the write adds
+#: log F - rowmax to each logit: the shift rounds by under 4e-9 nats, far below float32's
+#: resolution of the result; the Viterbi pass moves a huge row of alike logits to 0.
+HUGE_ROWMAX = 2.0**24
 
 
 @parallel_kernel(cache=True, nogil=True)
@@ -1918,7 +1920,7 @@ def _write_marginals(logits, rowmax, atom_of, log_f, out, parts):  # pragma: no 
             row = logits[n]
             o = out[n]
             shift[K] = -np.inf
-            if abs(m) < _SHIFT_EXACT_BELOW:  # (one add an element: 0.88x the time of two)
+            if abs(m) < HUGE_ROWMAX:  # (one add an element: 0.88x the time of two)
                 for k in range(K):
                     shift[k] = log_f[n, k] - m
                 for t in range(V):

@@ -622,7 +622,7 @@ class CompiledGrammar:
         elsewhere (the Viterbi canvas ignored every other row). Pruning's bounds are taken
         from the logits as they are, so a call with a moved row runs the whole lattice."""
         gmax = dp.group_max(sc.amax, self._group_plan)
-        huge = np.flatnonzero(np.abs(sc.rowmax) >= 2.0**24)  # (rowmax: each row's best finite allowed logit)
+        huge = np.flatnonzero(np.abs(sc.rowmax) >= dp.HUGE_ROWMAX)  # (rowmax: each row's best finite allowed logit)
         if not huge.size:
             return gmax, sc.amax, False
         rows = sc.amax[huge]  # (n, K)
@@ -633,7 +633,7 @@ class CompiledGrammar:
         if not moved.size:
             return gmax, sc.amax, False
         amax = sc.amax.copy()
-        shift = sc.rowmax[moved].astype(np.float32)[:, None]
+        shift = best[alike][:, None]  # (n moved, 1)
         gmax[moved] -= shift
         amax[moved] -= shift
         return gmax, amax, True
