@@ -73,6 +73,7 @@ import numpy as np
 
 from .canvas import KeptSets, MessageBuffers, Support
 from .fsa import grown
+from .token_automaton import NO_PATH, fewest_steps_back
 
 #: The most weight, as a share of the total, the canvases left out may have together.
 LOST_SHARE = 2.0**-56
@@ -369,31 +370,13 @@ SWEEP_SCRATCH: KeptSets[SweepScratch] = KeptSets(SweepScratch)
 @nb.njit(cache=True, nogil=True)
 def _fewest_to_finish(final, in_offsets, in_src, out_offsets, out_dst):  # pragma: no cover - compiled
     S = final.shape[0]
-    far = np.iinfo(np.int32).max
-    fewest = np.full(S, far, np.int32)
-    queue = np.empty(S, np.int32)
-    n = 0
-    for s in range(S):
-        if final[s]:
-            fewest[s] = 0
-            queue[n] = s
-            n += 1
-    i = 0
-    while i < n:  # breadth first, along the edges backwards
-        t = queue[i]
-        i += 1
-        for j in range(in_offsets[t], in_offsets[t + 1]):
-            s = in_src[j]
-            if fewest[s] == far:
-                fewest[s] = fewest[t] + 1
-                queue[n] = s
-                n += 1
+    fewest = fewest_steps_back(final, in_offsets, in_src)
     longer = True  # every accepting state steps to an accepting one
     for s in range(S):
         if in_offsets[s] == in_offsets[s + 1] and out_offsets[s] == out_offsets[s + 1]:
             # no token leads to it or from it (the automaton drops the edges into states
             # its tokens cannot finish from): on no canvas, unless one starts there
-            fewest[s] = far
+            fewest[s] = NO_PATH
             continue
         if final[s]:
             steps = False

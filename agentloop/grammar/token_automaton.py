@@ -201,36 +201,51 @@ def _walk_reps(table, state_of_row, shapes, lens, rep_shapes):  # pragma: no cov
 _FEW_TARGETS = 64
 
 
+#: ``fewest_steps_back``'s answer where no path leads to a final state.
+NO_PATH = np.iinfo(np.int32).max
+
+
 @nb.njit(cache=True, nogil=True)
-def _completable(edge_src, edge_dst, accept):  # pragma: no cover - compiled
-    """(S,) bool: whether some token path leads from each state to an accepting one (a
-    search backwards from the accepting states over the edges)."""
-    S = accept.shape[0]
-    E = edge_src.shape[0]
-    first = np.zeros(S + 1, np.int64)  # each state's predecessors: pred[first[q]:first[q + 1]]
-    for e in range(E):
+def fewest_steps_back(final, in_offsets, in_src):  # pragma: no cover - compiled
+    """(S,) int32: the fewest edges from each state to a ``final`` one ((S,) bool), found
+    breadth first along the edges backwards (``in_src[in_offsets[q]:in_offsets[q + 1]]``:
+    the sources of q's incoming edges); ``NO_PATH`` where none leads there."""
+    S = final.shape[0]
+    fewest = np.full(S, NO_PATH, np.int32)
+    queue = np.empty(S, np.int32)
+    n = 0
+    for s in range(S):
+        if final[s]:
+            fewest[s] = 0
+            queue[n] = s
+            n += 1
+    i = 0
+    while i < n:
+        t = queue[i]
+        i += 1
+        for j in range(in_offsets[t], in_offsets[t + 1]):
+            s = in_src[j]
+            if fewest[s] == NO_PATH:
+                fewest[s] = fewest[t] + 1
+                queue[n] = s
+                n += 1
+    return fewest
+
+
+@nb.njit(cache=True, nogil=True)
+def _predecessors(edge_src, edge_dst, S):  # pragma: no cover - compiled
+    """(offsets (S + 1,), sources): each state's incoming edges' sources, a counting sort."""
+    first = np.zeros(S + 1, np.int64)
+    for e in range(edge_dst.shape[0]):
         first[edge_dst[e] + 1] += 1
     for q in range(S):
         first[q + 1] += first[q]
-    pred = np.empty(E, np.int32)
+    pred = np.empty(edge_dst.shape[0], np.int32)
     fill = first[:-1].copy()
-    for e in range(E):
+    for e in range(edge_dst.shape[0]):
         pred[fill[edge_dst[e]]] = edge_src[e]
         fill[edge_dst[e]] += 1
-    ok = accept.copy()
-    stack = np.flatnonzero(accept).astype(np.int32)
-    stack = np.concatenate((stack, np.empty(S, np.int32)))
-    top = int(accept.sum())
-    while top > 0:
-        top -= 1
-        q = stack[top]
-        for i in range(first[q], first[q + 1]):
-            p = pred[i]
-            if not ok[p]:
-                ok[p] = True
-                stack[top] = p
-                top += 1
-    return ok
+    return first, pred
 
 
 @nb.njit(cache=True, nogil=True)
@@ -533,7 +548,7 @@ def build_token_automaton(dfa: Dfa, vocab: Vocabulary) -> TokenAutomaton:
     # tokenizer need not spell every symbol path (an uncased WordPiece has no 'Q'), and a
     # partial canvas must not end where no token leads on
     atoms_sorted, starts, ends, edge_src, edge_dst = _edges_by_destination(src, atoms, dst)
-    completable = _completable(edge_src, edge_dst, dfa.accept)
+    completable = fewest_steps_back(dfa.accept, *_predecessors(edge_src, edge_dst, S)) != NO_PATH
     if not completable[dfa.start]:
         raise VocabularyError("the tokenizer cannot spell any complete value of this grammar: no sequence of its "
                               "tokens leads from the start to the end (is a character the values need missing "
