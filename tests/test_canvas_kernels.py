@@ -646,6 +646,11 @@ def test_the_host_log_atom_stats_agree_with_the_torch_ops():
     finite = np.isfinite(want[0])
     np.testing.assert_allclose(got[0][finite], want[0][finite], rtol=1e-9, atol=1e-6)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[2][finite], want[2][finite], rtol=1e-6, atol=1e-6)
+    assert not np.isfinite(got[2][~finite]).any() and not np.isfinite(want[2][~finite]).any()
+    # (the atoms' own sums: the log sums less the gap from the row's best, and at least 0)
+    np.testing.assert_allclose(got[2][finite], got[0][finite] - (amax - rowmax[:, None])[finite], atol=1e-6)
+    assert (got[2][finite] >= 0).all()
 
 
 @pytest.mark.parametrize("chunked", [False, True])
@@ -773,7 +778,8 @@ def test_each_group_s_best_token_is_that_of_its_lowest_atom_at_the_best(btok, n_
     aarg = rng.integers(0, 10_000, size=(L, ta.n_atoms)).astype(np.int32)
     groups = np.tile(np.arange(G, dtype=np.int32), 3)
     gmax = dp.group_max(amax, g._group_plan)
-    got = dp.group_best_tokens(groups, gmax, amax, aarg, ta.group_atoms, ta.group_offsets)
+    got, far = dp.group_best_tokens(groups, gmax, amax, aarg, ta.group_atoms, ta.group_offsets)
+    assert far == np.abs(gmax[np.arange(L), groups]).max()
     outside = 0
     for l, gr in enumerate(groups.tolist()):
         atoms = ta.group_atoms[ta.group_offsets[gr]:ta.group_offsets[gr + 1]]

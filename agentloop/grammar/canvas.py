@@ -2061,7 +2061,8 @@ def sample_tokens(logits: np.ndarray, amax: np.ndarray, aarg: np.ndarray, block_
 @nb.njit(cache=True, nogil=True)
 def group_best_tokens(groups, gmax, amax, aarg, group_atoms, group_offsets):  # pragma: no cover - compiled
     """The best token of the group taken at each position (L,): that of the group's first
-    atom (in group order) whose best logit is the group's."""
+    atom (in group order) whose best logit is the group's; and the largest magnitude of
+    those logits (a mask on the canvas: see ``masks``)."""
     # A group's atoms are listed ascending, so its first atom at the group's best is the
     # lowest-numbered one there. That is first found across the whole row, in a loop that
     # vectorises (no early exit), and kept where it belongs to the group: a walk through a
@@ -2070,10 +2071,12 @@ def group_best_tokens(groups, gmax, amax, aarg, group_atoms, group_offsets):  # 
     # the group (a tie: logits of a low-precision model have many) falls back to the walk.
     L, K = amax.shape
     out = np.full(L, -1, np.int32)
+    far = 0.0
     for l in range(L):
         g = groups[l]
         lo, hi = group_offsets[g], group_offsets[g + 1]
         best = gmax[l, g]
+        far = max(far, abs(np.float64(best)))
         row = amax[l]
         key = np.float32(best)  # (gmax holds float32 logits)
         first = np.int32(K)
@@ -2088,7 +2091,7 @@ def group_best_tokens(groups, gmax, amax, aarg, group_atoms, group_offsets):  # 
             if np.float64(row[k]) == best:
                 out[l] = aarg[l, k]
                 break
-    return out
+    return out, far
 
 
 @nb.njit(cache=True, nogil=True)

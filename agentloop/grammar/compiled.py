@@ -19,7 +19,7 @@ import torch
 from ..errors import GrammarInputError, NoValidCanvasError, ParseError
 from ..numba_threads import row_parts
 from . import canvas as dp
-from . import device_passes, log_canvas, pruning
+from . import device_passes, log_canvas, masks, pruning
 from .canvas_layout import EdgeLayout, edge_layout
 from .fsa import Dfa
 from .token_automaton import TokenAutomaton
@@ -115,13 +115,13 @@ class _Scores:
     block_sums: np.ndarray  # (N, blocks) f32 host pass: sums of exp(x - amax) per block of each atom's tokens
     rowmax_dev: torch.Tensor | None  # (N,) rowmax on the logits' device (device passes), else None
     #: ``log_canvas.log_atom_stats``, taken for all rows when a canvas first needs them
-    _log_stats: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    _log_stats: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     #: ``log_canvas.log_sums_by_group`` of those, likewise (``CompiledGrammar._log_sums``)
     _log_gsum: list[np.ndarray] = field(default_factory=list)
 
-    def log_stats(self, atoms: dp.SortedAtoms) -> tuple[np.ndarray, np.ndarray]:
-        """(log sum of exp(x - rowmax), mean of x - amax) per atom (N, K) each, exact where
-        ``asum`` underflows (see ``log_canvas.log_atom_stats``)."""
+    def log_stats(self, atoms: dp.SortedAtoms) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(log sum of exp(x - rowmax), mean of x - amax, log sum of exp(x - amax)) per atom
+        (N, K) each, exact where ``asum`` underflows (see ``log_canvas.log_atom_stats``)."""
         if not self._log_stats:
             if isinstance(self.flat, np.ndarray):
                 stats = log_canvas.log_atom_stats_host(self.flat, atoms, self.amax, self.rowmax)
@@ -160,6 +160,20 @@ class _Passes(NamedTuple):
 
 #: A canvas whose atom sums already left float64's range: straight to log space.
 _OUT_OF_RANGE = _Passes(None, None, None, None, in_range=False)
+
+
+class _LogCanvas(NamedTuple):
+    """What the passes in log space gave for one canvas (``CompiledGrammar._log_space``)."""
+
+    log_f: np.ndarray  # (L, K) log F, with factors asked (else (0, 0))
+    atoms: np.ndarray  # (L,) the sampled atoms, with uniforms given (else (0,))
+    log_asum: np.ndarray  # (L, K) the atoms' log sums the passes weighed
+    log_inside: np.ndarray  # (L, K) each atom's log sum from its own best token
+    #: None: log_asum and log F are taken from each row's best (rowmax), and a token's
+    #: log-marginal is x - rowmax + log F. Else, where masks stood in (``masks``),
+    #: (L, K) each atom's stand-in (its best logit, or a mask's stand-in) less its row's
+    #: largest: a token's log-marginal is (x - amax) + log F + frame.
+    frame: np.ndarray | None
 
 
 _Op = TypeVar("_Op", bound=Callable[..., Any])
@@ -622,25 +636,17 @@ class CompiledGrammar:
         elsewhere (the Viterbi canvas ignored every other row). Pruning's bounds are taken
         from the logits as they are, so a call with a moved row runs the whole lattice."""
         gmax = dp.group_max(sc.amax, self._group_plan)
-        huge = np.flatnonzero(np.abs(sc.rowmax) >= dp.HUGE_ROWMAX)  # (rowmax: each row's best finite allowed logit)
-        if not huge.size:
-            return gmax, sc.amax, False
-        rows = sc.amax[huge]  # (n, K)
-        best = sc.rowmax[huge].astype(np.float32)  # (n,)
-        lo = np.min(np.where(np.isfinite(rows), rows, best[:, None]), axis=1)  # (n,) the least finite one
-        alike = (np.sign(lo) == np.sign(best)) & (np.abs(best) / 2 <= np.abs(lo)) & (np.abs(lo) / 2 <= np.abs(best))
-        moved = huge[alike]
+        moved, shift = masks.moved_rows(sc.amax, sc.rowmax)  # (rowmax: each row's best finite allowed logit)
         if not moved.size:
             return gmax, sc.amax, False
         amax = sc.amax.copy()
-        shift = best[alike][:, None]  # (n moved, 1)
-        gmax[moved] -= shift
-        amax[moved] -= shift
+        gmax[moved] -= shift[:, None]
+        amax[moved] -= shift[:, None]
         return gmax, amax, True
 
     def _canvas_passes(self, sup: dp.Support, s0: int, partial: bool, *, gsum: np.ndarray | None = None,
                        factors: bool = False, gmax: np.ndarray | None = None,
-                       best: tuple[np.ndarray, np.ndarray] | None = None) -> "_Passes":
+                       best: tuple[np.ndarray, np.ndarray] | None = None, stand_ins: bool = True) -> "_Passes":
         """The DP over one canvas: beta when ``gsum`` (L, G) is given, the atom factors
         F (L, K) too with ``factors``, the Viterbi canvas when ``gmax`` (L, G) and
         ``best`` (each atom's best logit and token, (L, K)) are.
@@ -655,7 +661,10 @@ class CompiledGrammar:
         Where the sums leave float64's range (a pass without mass where the support says
         there are valid canvases, or forward and backward masses that disagree), the
         result says so (``in_range``) rather than raising: the caller redoes the canvas
-        in log space (``_log_space``)."""
+        in log space (``_log_space``). Where the Viterbi canvas passes a huge finite logit
+        (a mask, see ``masks``), whose sum with the others kept none of their
+        differences, the Viterbi pass is redone over the whole support with the masks'
+        stand-ins (with ``stand_ins``)."""
         ta = self.automaton
         L = (gsum if gsum is not None else gmax).shape[0]  # type: ignore[union-attr]
         none2 = np.zeros((0, 0), np.float64)
@@ -721,7 +730,12 @@ class CompiledGrammar:
         path = None
         if gmax is not None:
             assert best is not None and trace is not None
-            path = self._viterbi_path(sup, trace, best_end, gmax, best)
+            path, far = self._viterbi_path(sup, trace, best_end, gmax, best)
+            if far >= masks.MASK_LOGIT and stand_ins:
+                amax = masks.stand_ins(best[0]).astype(np.float32)  # (L, K) (whole numbers: exact)
+                path = self._canvas_passes(self._support(L, s0, partial), s0, partial,
+                                           gmax=dp.group_max(amax, self._group_plan), best=(amax, best[1]),
+                                           stand_ins=False).path
         if factors:  # the total weight of the valid canvases, once from each end
             beta_start = beta[0, self._layout.rank[s0]] if sup.dense else beta[sup.offsets[0]]
             gap = dp.log_mass_forward(alpha_totals) - dp.log_mass_backward(beta_start, beta_totals, sup.dense)
@@ -730,16 +744,18 @@ class CompiledGrammar:
         return _Passes(beta, beta_totals, F if factors else None, path, in_range=True)
 
     def _viterbi_path(self, sup: dp.Support, trace: np.ndarray, best_end: int, gmax: np.ndarray,
-                      best: tuple[np.ndarray, np.ndarray]) -> list[int]:
+                      best: tuple[np.ndarray, np.ndarray]) -> tuple[list[int], float]:
         """The Viterbi canvas from the max pass's record (``trace``: scores by row on
-        dense messages, backpointers over live lists) and each atom's best token."""
+        dense messages, backpointers over live lists) and each atom's best token, and the
+        largest magnitude of its logits."""
         ta = self.automaton
         if sup.dense:
             groups = dp._trace_back(trace, best_end, gmax, self._layout.state, self._layout.rank, *self._in_edges)
         else:
             _, in_src, in_group = self._in_edges
             groups = dp._trace_back_live(trace, best_end, sup.offsets, sup.states, in_src, in_group)
-        return dp.group_best_tokens(groups, gmax, *best, ta.group_atoms, ta.group_offsets).tolist()
+        tokens, far = dp.group_best_tokens(groups, gmax, *best, ta.group_atoms, ta.group_offsets)
+        return tokens.tolist(), far
 
     @staticmethod
     def _no_finite_canvas_message(L: int, s0: int) -> str:
@@ -786,12 +802,12 @@ class CompiledGrammar:
         gsum = dp.group_sums(asum, self._group_plan) if want_sum else np.zeros((B * L, 0))
         return _Scores(flat, rowmax, asum, asumx, amax, aarg, gsum, block_sums, rowmax_dev)
 
-    def _sample_one(self, sc: "_Scores", sl: slice, sup: dp.Support, passes: _Passes, s0: int,
+    def _sample_one(self, sc: "_Scores", sl: slice, sup: dp.Support, passes: _Passes, s0: int, partial: bool,
                     uniforms: np.ndarray) -> list[int]:
         """One canvas's sample: its atoms drawn from the fast passes' beta where it stayed
         in range (every draw too), else in log space; then a token inside each atom."""
         plan = self._group_plan
-        atoms, ok, log_asum = None, False, None
+        atoms, ok, log_inside = None, False, None
         if passes.in_range and sup.dense:
             atoms, ok = dp._sample_atoms(sc.asum[sl], sc.gsum[sl], passes.beta, passes.beta_totals, self._layout.rank,
                                          s0, *self._out_edges, plan.base, plan.extra_offsets, plan.extra, uniforms)
@@ -799,54 +815,91 @@ class CompiledGrammar:
             atoms, ok = dp._sample_atoms_live(sc.asum[sl], sc.gsum[sl], sup.offsets, sup.states, passes.beta, s0,
                                               *self._out_edges, plan.base, plan.extra_offsets, plan.extra, uniforms)
         if not ok:
-            _, atoms, log_asum = self._log_space(sc, sl, sup, s0, uniforms=uniforms)
-        return self._tokens_in_atoms(sc, sl, atoms, uniforms, log_asum)
+            lc = self._log_space(sc, sl, sup, s0, partial, uniforms=uniforms)
+            atoms, log_inside = lc.atoms, lc.log_inside
+        return self._tokens_in_atoms(sc, sl, atoms, uniforms, log_inside)
 
     def _tokens_in_atoms(self, sc: "_Scores", sl: slice, atoms: np.ndarray, uniforms: np.ndarray,
-                         log_asum: np.ndarray | None) -> list[int]:
-        """A token inside each position's atom (L,), weight exp(logit); ``log_asum`` (L, K)
-        where the atoms were drawn in log space (the atoms' sums, else from the scan)."""
+                         log_inside: np.ndarray | None) -> list[int]:
+        """A token inside each position's atom (L,), weight exp(logit); ``log_inside`` (L,
+        K) where the atoms were drawn in log space (each atom's sum from its own best
+        token, else the scan's from the row's)."""
         if sc.rowmax_dev is None:  # (the host's draw weighs tokens from their atom's best: no range to leave)
             tokens = dp.sample_tokens(sc.flat[sl], sc.amax[sl], sc.aarg[sl], sc.block_sums[sl], atoms,
                                       self._sorted_atoms(sc.flat.shape[1]), uniforms)
             return tokens.tolist()
         rows = np.arange(sl.start, sl.stop)
         best, best_logit = sc.aarg[rows, atoms], sc.amax[rows, atoms]
-        if log_asum is None:
+        if log_inside is None:
             ref, mass = sc.rowmax[rows], sc.asum[rows, atoms]
         else:  # each atom's total taken from its own best token, which no range can lose
             ref = best_logit.astype(np.float64)
-            mass = np.exp(log_asum[np.arange(atoms.shape[0]), atoms] + sc.rowmax[rows] - ref)
+            mass = np.exp(log_inside[np.arange(atoms.shape[0]), atoms])
         layout = self._atom_layout(sc.flat.shape[1], sc.flat.device)
         return device_passes.tokens_in_atoms(sc.flat[sl], layout, atoms, best, best_logit, ref, mass,
                                              uniforms[:, 2]).tolist()
 
-    def _log_space(self, sc: "_Scores", sl: slice, sup: dp.Support, s0: int, *,
-                   factors: bool = False, uniforms: np.ndarray | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _log_space(self, sc: "_Scores", sl: slice, sup: dp.Support, s0: int, partial: bool, *,
+                   factors: bool = False, uniforms: np.ndarray | None = None) -> "_LogCanvas":
         """One canvas (rows ``sl``) redone in log space (see log_canvas), for logits whose
-        weights leave float64's range: (log F (L, K) with ``factors``, the sampled atoms
-        (L,) with ``uniforms``, the atoms' log sums (L, K)); empty arrays for what was not
-        asked."""
+        weights leave float64's range: log F (L, K) with ``factors``, the sampled atoms
+        (L,) with ``uniforms`` (empty arrays for what was not asked), and the sums they
+        were taken from.
+
+        Where the canvases' total weight lies ``masks.MASK_LOGIT`` below the rows' best
+        logits, the valid canvases pass huge finite logits (a token each must pass,
+        masked with -3.4e38; a token forced with +1e20 where the grammar forbids it),
+        beside which float64 kept none of their differences: the canvas is redone over
+        its whole support with each mask replaced by its stand-in (``masks``)."""
         ta = self.automaton
         L = sl.stop - sl.start
         log_asum, log_gsum = self._log_sums(sc, sl)
-        log_f, atoms = np.zeros((0, 0)), np.zeros(0, np.int32)
+        log_inside = sc.log_stats(self._sorted_atoms(sc.flat.shape[1]))[2][sl]
+        frame = None
+        lb, log_f, column, lists, log_mass = self._log_passes(log_gsum, sup, s0, factors)
+        if -masks.MASK_LOGIT >= log_mass > -np.inf:  # (nan: no such canvas, below)
+            best = masks.effective_maxima(sc.amax[sl], sc.rowmax[sl])
+            if masks.has_masks(best):
+                v = masks.stand_ins(best)  # (L, K)
+                with np.errstate(invalid="ignore"):  # (rows without a finite logit: no canvas, below)
+                    frame = v - np.max(v, axis=1, keepdims=True)  # (L, K) each atom's best from its row's
+                log_asum = frame + log_inside
+                log_gsum = log_canvas.log_sums_by_group(log_asum, *self._group_plan)
+                lb, log_f, column, lists, log_mass = self._log_passes(log_gsum, self._support(L, s0, partial), s0,
+                                                                      factors)
+        ok = log_mass > -np.inf
+        atoms = np.zeros(0, np.int32)
+        if ok and uniforms is not None:
+            atoms, ok = log_canvas.log_sample_atoms(log_asum, log_gsum, lb.reshape(-1), column, *lists, s0,
+                                                    *self._out_edges, ta.group_atoms, ta.group_offsets, uniforms)
+        if not ok:
+            raise NoValidCanvasError(self._no_finite_canvas_message(L, s0))
+        return _LogCanvas(log_f, atoms, log_asum, log_inside, frame)
+
+    def _log_passes(self, log_gsum: np.ndarray, sup: dp.Support, s0: int, factors: bool
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray], float]:
+        """The log-space passes over one canvas's support from ``s0``, the groups' log sums
+        ``log_gsum`` (L, G): (the backward values, log F (L, K) with ``factors`` (else
+        (0, 0)), the backward values' column of each state and their lists (for
+        ``log_canvas.log_sample_atoms``), the log of the canvases' total weight: -inf
+        where none has any, nan where the factors found none)."""
+        ta = self.automaton
         lay = self._layout
+        log_f = np.zeros((0, 0))
         no_lists = np.zeros(0, np.int64), np.zeros(0, np.int32)
         if not sup.live.shape[0]:  # a pruned support: its lists alone
             lb = log_canvas.kept_log_backward(log_gsum, sup.offsets, sup.states, *self._out_edges, ta.n_states)
             column, lists = np.zeros(0, np.int64), (sup.offsets, sup.states)
-            ok = bool(lb[sup.offsets[0]] > -np.inf)
-            if ok and factors:
+            log_mass, ok = float(lb[sup.offsets[0]]), True
+            if log_mass > -np.inf and factors:
                 log_f, ok = log_canvas.kept_log_factors(log_gsum, lb, sup.offsets, sup.states, *self._out_edges,
                                                         ta.group_atoms, ta.group_offsets, ta.n_atoms, ta.n_states)
         elif sup.dense:  # the fast passes' layout: runs, fans, single edges (by row)
             edges = (lay.src, lay.dst, lay.group, lay.runs, sup.clip, lay.fans)
             lb, ok = log_canvas.dense_log_backward(log_gsum, sup.live, *edges)
             column, lists = lay.rank, no_lists  # lb's column of each state: its row
-            ok = ok and bool(lb[0, column[s0]] > -np.inf)
-            if ok and factors:
+            log_mass = float(lb[0, column[s0]]) if ok else -np.inf
+            if log_mass > -np.inf and factors:
                 log_f, ok = log_canvas.dense_log_factors(log_gsum, lb, sup.live, *edges, lay.in_row, lay.in_other,
                                                          lay.in_group, column[s0], ta.atom_groups,
                                                          ta.atom_group_offsets)
@@ -854,16 +907,11 @@ class CompiledGrammar:
             live = np.ascontiguousarray(sup.live[:, lay.rank])  # (L + 1, S) by state
             lb = log_canvas.log_backward(log_gsum, live, *self._out_edges)
             column, lists = np.arange(ta.n_states), no_lists
-            ok = bool(lb[0, s0] > -np.inf)
-            if ok and factors:
+            log_mass, ok = float(lb[0, s0]), True
+            if log_mass > -np.inf and factors:
                 log_f, ok = log_canvas.log_factors(log_gsum, lb, live, s0, *self._in_edges, ta.atom_groups,
                                                    ta.atom_group_offsets)
-        if ok and uniforms is not None:
-            atoms, ok = log_canvas.log_sample_atoms(log_asum, log_gsum, lb.reshape(-1), column, *lists, s0,
-                                                    *self._out_edges, ta.group_atoms, ta.group_offsets, uniforms)
-        if not ok:
-            raise NoValidCanvasError(self._no_finite_canvas_message(L, s0))
-        return log_f, atoms, log_asum
+        return lb, log_f, column, lists, log_mass if ok else math.nan
 
     def _log_sums(self, sc: "_Scores", sl: slice) -> tuple[np.ndarray, np.ndarray]:
         """The logs of the atoms' (L, K) and the groups' (L, G) sums in rows ``sl``,
@@ -873,43 +921,58 @@ class CompiledGrammar:
             sc._log_gsum.append(log_canvas.log_sums_by_group(log_asum, *self._group_plan))
         return log_asum[sl], sc._log_gsum[0][sl]
 
-    def _factor_logs(self, sc: "_Scores", F: list[np.ndarray | None], in_log_space: dict[int, np.ndarray], B: int,
+    def _factor_logs(self, sc: "_Scores", F: list[np.ndarray | None], in_log_space: dict[int, _LogCanvas], B: int,
                      L: int, entropy: bool) -> tuple[np.ndarray, torch.Tensor | None]:
         """log F (B * L, K) of the fast passes' factors (F: each canvas's, None where
         taken in log space), and the log-space ones where taken; with ``entropy`` the
         (B, L) entropies too, from the atom statistics: the scan's, else (canvases redone
-        in log space, whose sums may have underflowed) ``log_canvas``'s."""
+        in log space, whose sums may have underflowed) ``log_canvas``'s, from the
+        masks' stand-ins where they stood in."""
         K = self.automaton.n_atoms
         if B == 1 and F[0] is not None:  # (one canvas: its factors as they came, no copy)
             factors = F[0]
         else:
             factors = np.concatenate([np.zeros((L, K)) if f is None else f for f in F]) if F else np.zeros((0, K))
         log_f, H = dp.factor_logs(factors, sc.asum, sc.asumx if entropy else None)
-        for b, rows in in_log_space.items():
-            log_f[b * L:(b + 1) * L] = rows
+        for b, lc in in_log_space.items():
+            log_f[b * L:(b + 1) * L] = lc.log_f
         if H is None:
             return log_f, None
         H = H.reshape(B, L)
         if in_log_space:
-            log_asum, mean_gap = sc.log_stats(self._sorted_atoms(sc.flat.shape[1]))
-            for b in in_log_space:
+            mean_gap = sc.log_stats(self._sorted_atoms(sc.flat.shape[1]))[1]
+            for b, lc in in_log_space.items():
                 sl = slice(b * L, (b + 1) * L)
-                H[b] = log_canvas.entropies(log_f[sl], log_asum[sl], mean_gap[sl], sc.amax[sl], sc.rowmax[sl])
+                if lc.frame is None:
+                    H[b] = log_canvas.entropies(lc.log_f, lc.log_asum, mean_gap[sl], sc.amax[sl], sc.rowmax[sl])
+                else:  # (each atom's gap from its row: the frame, from 0)
+                    H[b] = log_canvas.entropies(lc.log_f, lc.log_asum, mean_gap[sl], lc.frame, np.zeros(L))
         return log_f, torch.from_numpy(H)
 
-    def _log_marginals(self, sc: "_Scores", log_f: np.ndarray, B: int, L: int,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+    def _log_marginals(self, sc: "_Scores", log_f: np.ndarray, B: int, L: int, out: torch.Tensor | None = None,
+                       in_log_space: dict[int, _LogCanvas] | None = None) -> torch.Tensor:
+        """The (B, L, V) log-marginals from log F (B * L, K): x - rowmax + log F, or from
+        each atom's best token (``device_passes.atom_references``) on the device path and
+        for the canvases of ``in_log_space`` whose masks stood in (their frames)."""
         N, V = sc.flat.shape
         if N == 0:  # (an empty batch, or canvases of no position: no row to write)
             return torch.empty((B, L, V), dtype=torch.float32, device=getattr(sc.flat, "device", "cpu")) \
                 if out is None else out.view(B, L, V)
+        framed = [(slice(b * L, (b + 1) * L), lc.frame) for b, lc in (in_log_space or {}).items()
+                  if lc.frame is not None]
         if sc.rowmax_dev is not None:
             ref, shift = device_passes.atom_references(log_f, sc.amax, sc.rowmax)  # (float32 there: see it)
+            for sl, frame in framed:
+                ref[sl], shift[sl] = device_passes.atom_references(log_f[sl], sc.amax[sl], sc.rowmax[sl], frame)
             logp = device_passes.log_marginals(sc.flat, ref, shift, self._atom_layout(V, sc.flat.device).index,
                                                None if out is None else out.view(N, V))
             return logp.view(B, L, V)
         host = np.empty_like(sc.flat) if out is None else out.view(N, V).numpy()
         dp.write_marginals(sc.flat, sc.rowmax, self._atom_of(V), log_f, host)
+        for sl, frame in framed:  # (rare: those rows again, from each atom's best, by the torch ops)
+            ref, shift = device_passes.atom_references(log_f[sl], sc.amax[sl], sc.rowmax[sl], frame)
+            device_passes.log_marginals(torch.from_numpy(sc.flat[sl]), ref, shift,
+                                        self._atom_layout(V, torch.device("cpu")).index, torch.from_numpy(host[sl]))
         return torch.from_numpy(host).view(B, L, V) if out is None else out.view(B, L, V)
 
     @staticmethod
@@ -945,7 +1008,7 @@ class CompiledGrammar:
                 sl = slice(b * L, (b + 1) * L)
                 sup, _, fast = self._step_support(sc, sl, s0, partial, prune, sums=True)
                 passes = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl]) if fast else _OUT_OF_RANGE
-                out.append(self._sample_one(sc, sl, sup, passes, s0, uniforms[b]))
+                out.append(self._sample_one(sc, sl, sup, passes, s0, partial, uniforms[b]))
         except NoValidCanvasError as e:  # (which canvas of a batch has none)
             raise self._in_batch(e, b, B) from None
         return out if batched else out[0]
@@ -975,7 +1038,7 @@ class CompiledGrammar:
             self._check_out(out, xs, batched)
         sc = self._scores(xs, want_x=return_entropy)
         F: list[np.ndarray | None] = []  # each canvas's atom factors (L, K) (None: taken in log space)
-        in_log_space: dict[int, np.ndarray] = {}  # canvas -> its log F, where the sums left float64's range
+        in_log_space: dict[int, _LogCanvas] = {}  # canvas -> its log F, where the sums left float64's range
         b = 0
         try:
             for b, s0 in enumerate(self._states(state, B)):
@@ -985,11 +1048,11 @@ class CompiledGrammar:
                           if fast else _OUT_OF_RANGE)
                 F.append(passes.F if passes.in_range else None)
                 if not passes.in_range:
-                    in_log_space[b] = self._log_space(sc, sl, sup, s0, factors=True)[0]
+                    in_log_space[b] = self._log_space(sc, sl, sup, s0, partial, factors=True)
         except NoValidCanvasError as e:  # (which canvas of a batch has none)
             raise self._in_batch(e, b, B) from None
         log_f, H = self._factor_logs(sc, F, in_log_space, B, L, entropy=return_entropy)
-        logp = self._log_marginals(sc, log_f, B, L, out)
+        logp = self._log_marginals(sc, log_f, B, L, out, in_log_space)
         result = logp if batched else logp[0]
         if H is None:
             return result
@@ -1031,7 +1094,7 @@ class CompiledGrammar:
         prune = prune and not moved
         uniforms = torch.rand((B, L, 3), generator=generator, dtype=torch.float64).numpy()
         F: list[np.ndarray | None] = []  # each canvas's atom factors (L, K) (None: taken in log space)
-        in_log_space: dict[int, np.ndarray] = {}
+        in_log_space: dict[int, _LogCanvas] = {}
         best: list[list[int]] = []
         samples: list[list[int]] = []
         pruned: list[bool] = []
@@ -1051,16 +1114,16 @@ class CompiledGrammar:
                 best.append(path)
                 F.append(passes.F if passes.in_range else None)
                 if passes.in_range:
-                    samples.append(self._sample_one(sc, sl, sup, passes, s0, uniforms[b]))
+                    samples.append(self._sample_one(sc, sl, sup, passes, s0, partial, uniforms[b]))
                 else:
-                    in_log_space[b], atoms, log_asum = self._log_space(sc, sl, sup, s0, factors=True,
-                                                                       uniforms=uniforms[b])
-                    samples.append(self._tokens_in_atoms(sc, sl, atoms, uniforms[b], log_asum))
+                    lc = in_log_space[b] = self._log_space(sc, sl, sup, s0, partial, factors=True,
+                                                           uniforms=uniforms[b])
+                    samples.append(self._tokens_in_atoms(sc, sl, lc.atoms, uniforms[b], lc.log_inside))
         except NoValidCanvasError as e:  # (which canvas of a batch has none)
             raise self._in_batch(e, b, B) from None
         log_f, H = self._factor_logs(sc, F, in_log_space, B, L, entropy=True)
         assert H is not None
-        logp = self._log_marginals(sc, log_f, B, L, out)
+        logp = self._log_marginals(sc, log_f, B, L, out, in_log_space)
         if batched:
             return StepOutput(best, samples, logp, H, pruned)
         return StepOutput(best[0], samples[0], logp[0], H[0], pruned[0])

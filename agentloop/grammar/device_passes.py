@@ -319,18 +319,22 @@ def log_marginals(x: torch.Tensor, ref: np.ndarray, shift: np.ndarray, idx: torc
     return _log_marginals_torch(x, ref_dev, shift_dev, idx, out)
 
 
-def atom_references(log_f: np.ndarray, amax: np.ndarray, rowmax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def atom_references(log_f: np.ndarray, amax: np.ndarray, rowmax: np.ndarray,
+                    frame: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per atom of each row, the reference ``ref`` (N, K) float32 and ``shift`` (N, K)
     float64 that :func:`log_marginals` writes x - ref + shift with, in float32: the atom's
     best logit, and its best token's log-marginal, log F + (amax - rowmax). Both terms
     stay small near every token that carries mass, whatever the spread of the logits:
     from one reference a row, a token 1e10 below it (a -1e10 mask the grammar forces a
     canvas through) lost its e^-10 to float32's resolution there (1024). An atom with no
-    mass or no usable logit: ref 0, shift -inf."""
+    mass or no usable logit: ref 0, shift -inf. ``frame`` (N, K), where given, stands
+    for amax - rowmax: the factors of a canvas whose masks stood in (see ``masks``) are
+    taken from each atom's stand-in less its row's reference."""
     usable = (log_f > -np.inf) & (amax > -np.inf)
     ref = np.where(usable, amax, np.float32(0.0)).astype(np.float32)
+    gap = amax.astype(np.float64) - rowmax[:, None] if frame is None else frame
     with np.errstate(invalid="ignore"):  # (-inf - -inf where unusable: replaced)
-        shift = np.where(usable, log_f + (amax.astype(np.float64) - rowmax[:, None]), -np.inf)
+        shift = np.where(usable, log_f + gap, -np.inf)
     return ref, shift
 
 
