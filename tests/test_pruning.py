@@ -357,6 +357,30 @@ def test_atoms_out_of_float64s_range_that_carry_weight_keep_the_step_in_log_spac
     assert kept.argmax == whole.argmax and kept.sample == whole.sample
 
 
+def test_masks_the_canvases_can_avoid_keep_a_log_space_step_pruned(btok, tools3):
+    """Logits N(0, 300) (the step goes to log space) with two tokens the calls spell
+    masked with -3.4e38 at every position: the canvases can avoid them, so the masks'
+    stand-ins (``masks``) leave the sweep in log space free to keep few cells. The step
+    is pruned, and gives what it gives with those tokens at -inf, and over the whole
+    lattice."""
+    g = tools3
+    x = torch.randn(L, g.vocab.size, generator=torch.Generator().manual_seed(4)) * 300
+    banned = [btok.token_to_id("a"), btok.token_to_id("1")]
+    masked, never = x.clone(), x.clone()
+    masked[:, banned] = torch.finfo(torch.float32).min
+    never[:, banned] = -math.inf
+    got = g.denoise_step(masked, torch.Generator().manual_seed(0))
+    want = g.denoise_step(never, torch.Generator().manual_seed(0))
+    whole = g.denoise_step(masked, torch.Generator().manual_seed(0), prune=False)
+    assert got.pruned and want.pruned
+    for other in (want, whole):
+        assert got.argmax == other.argmax
+        likely = other.log_marginals > -35
+        assert (got.log_marginals[likely] - other.log_marginals[likely]).abs().max().item() < 2e-5
+        assert (got.entropy - other.entropy).abs().max().item() < 1e-6
+    assert not set(got.sample) & set(banned)
+
+
 def test_the_schedule_pauses_longer_after_each_give_up_and_starts_over_after_a_pruned_step():
     schedule = pruning.PruningSchedule(longest_pause=4)
     outcomes = iter([False, False, False, False, True, False])

@@ -732,16 +732,28 @@ class CompiledGrammar:
             assert best is not None and trace is not None
             path, far = self._viterbi_path(sup, trace, best_end, gmax, best)
             if far >= masks.MASK_LOGIT and stand_ins:
-                amax = masks.stand_ins(best[0]).astype(np.float32)  # (L, K) (whole numbers: exact)
-                path = self._canvas_passes(self._support(L, s0, partial), s0, partial,
-                                           gmax=dp.group_max(amax, self._group_plan), best=(amax, best[1]),
-                                           stand_ins=False).path
+                path = self._viterbi_with_stand_ins(L, s0, partial, best)
         if factors:  # the total weight of the valid canvases, once from each end
             beta_start = beta[0, self._layout.rank[s0]] if sup.dense else beta[sup.offsets[0]]
             gap = dp.log_mass_forward(alpha_totals) - dp.log_mass_backward(beta_start, beta_totals, sup.dense)
             if not abs(gap) <= dp.MASS_TOLERANCE:
                 return _Passes(None, None, None, path, in_range=False)
         return _Passes(beta, beta_totals, F if factors else None, path, in_range=True)
+
+    def _viterbi_with_stand_ins(self, L: int, s0: int, partial: bool, best: tuple[np.ndarray, np.ndarray]
+                                ) -> list[int]:
+        """The Viterbi canvas with each mask among the atoms' best logits ``best`` (L, K)
+        replaced by its stand-in (``masks``), over the cells pruning keeps for it (the same
+        canvas as over the whole support) where it keeps few."""
+        amax = masks.stand_ins(best[0]).astype(np.float32)  # (L, K) (whole numbers: exact)
+        gmax = dp.group_max(amax, self._group_plan)
+        to_finish = self._to_finish(partial)
+        kept = None if to_finish is None else pruning.probable_support(
+            to_finish, s0, self._out_edges, amax.max(axis=1).astype(np.float64), gmax=gmax)
+        sup = kept if kept is not None else self._support(L, s0, partial)
+        path = self._canvas_passes(sup, s0, partial, gmax=gmax, best=(amax, best[1]), stand_ins=False).path
+        assert path is not None
+        return path
 
     def _viterbi_path(self, sup: dp.Support, trace: np.ndarray, best_end: int, gmax: np.ndarray,
                       best: tuple[np.ndarray, np.ndarray]) -> tuple[list[int], float]:
@@ -803,7 +815,7 @@ class CompiledGrammar:
         return _Scores(flat, rowmax, asum, asumx, amax, aarg, gsum, block_sums, rowmax_dev)
 
     def _sample_one(self, sc: "_Scores", sl: slice, sup: dp.Support, passes: _Passes, s0: int, partial: bool,
-                    uniforms: np.ndarray) -> list[int]:
+                    prune: bool, uniforms: np.ndarray) -> list[int]:
         """One canvas's sample: its atoms drawn from the fast passes' beta where it stayed
         in range (every draw too), else in log space; then a token inside each atom."""
         plan = self._group_plan
@@ -815,7 +827,7 @@ class CompiledGrammar:
             atoms, ok = dp._sample_atoms_live(sc.asum[sl], sc.gsum[sl], sup.offsets, sup.states, passes.beta, s0,
                                               *self._out_edges, plan.base, plan.extra_offsets, plan.extra, uniforms)
         if not ok:
-            lc = self._log_space(sc, sl, sup, s0, partial, uniforms=uniforms)
+            lc = self._log_space(sc, sl, sup, s0, partial, prune, uniforms=uniforms)
             atoms, log_inside = lc.atoms, lc.log_inside
         return self._tokens_in_atoms(sc, sl, atoms, uniforms, log_inside)
 
@@ -839,34 +851,32 @@ class CompiledGrammar:
         return device_passes.tokens_in_atoms(sc.flat[sl], layout, atoms, best, best_logit, ref, mass,
                                              uniforms[:, 2]).tolist()
 
-    def _log_space(self, sc: "_Scores", sl: slice, sup: dp.Support, s0: int, partial: bool, *,
+    def _log_space(self, sc: "_Scores", sl: slice, sup: dp.Support, s0: int, partial: bool, prune: bool, *,
                    factors: bool = False, uniforms: np.ndarray | None = None) -> "_LogCanvas":
         """One canvas (rows ``sl``) redone in log space (see log_canvas), for logits whose
         weights leave float64's range: log F (L, K) with ``factors``, the sampled atoms
         (L,) with ``uniforms`` (empty arrays for what was not asked), and the sums they
         were taken from.
 
-        Where the canvases' total weight lies ``masks.MASK_LOGIT`` below the rows' best
-        logits, the valid canvases pass huge finite logits (a token each must pass,
-        masked with -3.4e38; a token forced with +1e20 where the grammar forbids it),
-        beside which float64 kept none of their differences: the canvas is redone over
-        its whole support with each mask replaced by its stand-in (``masks``)."""
+        Huge finite logits (masks, see ``masks``) can leave float64 with none of the
+        canvases' differences: a token each valid canvas must pass, masked with -3.4e38,
+        or a token forced with +1e20 where the grammar forbids it (the canvases' total
+        weight then lies ``masks.MASK_LOGIT`` below the rows' best logits). Each mask is
+        then replaced by its stand-in: at once where a mask is negative (no pass is
+        spent on the canvas as it is), after the passes where the total says so."""
         ta = self.automaton
         L = sl.stop - sl.start
-        log_asum, log_gsum = self._log_sums(sc, sl)
         log_inside = sc.log_stats(self._sorted_atoms(sc.flat.shape[1]))[2][sl]
+        best = masks.effective_maxima(sc.amax[sl], sc.rowmax[sl])
         frame = None
+        if masks.has_masks(best, negative=True):
+            frame, log_asum, log_gsum, sup = self._stand_in_sums(best, log_inside, s0, partial, prune)
+        else:
+            log_asum, log_gsum = self._log_sums(sc, sl)
         lb, log_f, column, lists, log_mass = self._log_passes(log_gsum, sup, s0, factors)
-        if -masks.MASK_LOGIT >= log_mass > -np.inf:  # (nan: no such canvas, below)
-            best = masks.effective_maxima(sc.amax[sl], sc.rowmax[sl])
-            if masks.has_masks(best):
-                v = masks.stand_ins(best)  # (L, K)
-                with np.errstate(invalid="ignore"):  # (rows without a finite logit: no canvas, below)
-                    frame = v - np.max(v, axis=1, keepdims=True)  # (L, K) each atom's best from its row's
-                log_asum = frame + log_inside
-                log_gsum = log_canvas.log_sums_by_group(log_asum, *self._group_plan)
-                lb, log_f, column, lists, log_mass = self._log_passes(log_gsum, self._support(L, s0, partial), s0,
-                                                                      factors)
+        if frame is None and -masks.MASK_LOGIT >= log_mass > -np.inf and masks.has_masks(best):  # (nan: none)
+            frame, log_asum, log_gsum, sup = self._stand_in_sums(best, log_inside, s0, partial, prune)
+            lb, log_f, column, lists, log_mass = self._log_passes(log_gsum, sup, s0, factors)
         ok = log_mass > -np.inf
         atoms = np.zeros(0, np.int32)
         if ok and uniforms is not None:
@@ -875,6 +885,24 @@ class CompiledGrammar:
         if not ok:
             raise NoValidCanvasError(self._no_finite_canvas_message(L, s0))
         return _LogCanvas(log_f, atoms, log_asum, log_inside, frame)
+
+    def _stand_in_sums(self, best: np.ndarray, log_inside: np.ndarray, s0: int, partial: bool, prune: bool
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dp.Support]:
+        """For one canvas whose atoms' best logits ``best`` (L, K) hold masks: the frame of
+        ``_LogCanvas``, the atoms' and groups' log sums with each mask's stand-in, and the
+        cells to run over: those a sweep in log space keeps (with ``prune``, where it keeps
+        few: masks the canvases can avoid), else the whole support (a sweep forward cannot
+        see a mask that every canvas passes at its end)."""
+        L = best.shape[0]
+        v = masks.stand_ins(best)  # (L, K)
+        with np.errstate(invalid="ignore"):  # (rows without a finite logit: no canvas, found later)
+            frame = v - np.max(v, axis=1, keepdims=True)  # (L, K) each atom's best from its row's
+        log_asum = frame + log_inside
+        log_gsum = log_canvas.log_sums_by_group(log_asum, *self._group_plan)
+        to_finish = self._to_finish(partial) if prune else None
+        kept = None if to_finish is None else pruning.probable_support(
+            to_finish, s0, self._out_edges, np.zeros(L), gsum=log_gsum, asum=np.exp(log_asum), in_logs=True)
+        return frame, log_asum, log_gsum, kept if kept is not None else self._support(L, s0, partial)
 
     def _log_passes(self, log_gsum: np.ndarray, sup: dp.Support, s0: int, factors: bool
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray], float]:
@@ -1008,7 +1036,7 @@ class CompiledGrammar:
                 sl = slice(b * L, (b + 1) * L)
                 sup, _, fast = self._step_support(sc, sl, s0, partial, prune, sums=True)
                 passes = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl]) if fast else _OUT_OF_RANGE
-                out.append(self._sample_one(sc, sl, sup, passes, s0, partial, uniforms[b]))
+                out.append(self._sample_one(sc, sl, sup, passes, s0, partial, prune, uniforms[b]))
         except NoValidCanvasError as e:  # (which canvas of a batch has none)
             raise self._in_batch(e, b, B) from None
         return out if batched else out[0]
@@ -1048,7 +1076,7 @@ class CompiledGrammar:
                           if fast else _OUT_OF_RANGE)
                 F.append(passes.F if passes.in_range else None)
                 if not passes.in_range:
-                    in_log_space[b] = self._log_space(sc, sl, sup, s0, partial, factors=True)
+                    in_log_space[b] = self._log_space(sc, sl, sup, s0, partial, prune, factors=True)
         except NoValidCanvasError as e:  # (which canvas of a batch has none)
             raise self._in_batch(e, b, B) from None
         log_f, H = self._factor_logs(sc, F, in_log_space, B, L, entropy=return_entropy)
@@ -1114,9 +1142,9 @@ class CompiledGrammar:
                 best.append(path)
                 F.append(passes.F if passes.in_range else None)
                 if passes.in_range:
-                    samples.append(self._sample_one(sc, sl, sup, passes, s0, partial, uniforms[b]))
+                    samples.append(self._sample_one(sc, sl, sup, passes, s0, partial, prune, uniforms[b]))
                 else:
-                    lc = in_log_space[b] = self._log_space(sc, sl, sup, s0, partial, factors=True,
+                    lc = in_log_space[b] = self._log_space(sc, sl, sup, s0, partial, prune, factors=True,
                                                            uniforms=uniforms[b])
                     samples.append(self._tokens_in_atoms(sc, sl, lc.atoms, uniforms[b], lc.log_inside))
         except NoValidCanvasError as e:  # (which canvas of a batch has none)

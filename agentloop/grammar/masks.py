@@ -81,8 +81,11 @@ def effective_maxima(amax: np.ndarray, rowmax: np.ndarray) -> np.ndarray:
     return out
 
 
-def has_masks(values: np.ndarray) -> bool:
-    """Whether any finite value of ``values`` is a mask (magnitude ``MASK_LOGIT`` or more)."""
+def has_masks(values: np.ndarray, negative: bool = False) -> bool:
+    """Whether any finite value of ``values`` is a mask (magnitude ``MASK_LOGIT`` or more;
+    with ``negative``, a negative one)."""
+    if negative:
+        return bool(((values <= -MASK_LOGIT) & (values > -np.inf)).any())
     a = np.abs(values)
     return bool(((a >= MASK_LOGIT) & (a < np.inf)).any())
 
