@@ -21,6 +21,7 @@ import agentloop.grammar.copy
 import agentloop.grammar.float32_math
 import agentloop.grammar.float64_math
 import agentloop.grammar.log_canvas
+import agentloop.grammar.masks
 import agentloop.grammar.schema
 import agentloop.grammar.vocabulary
 import agentloop.grammar.wireformat
@@ -29,10 +30,11 @@ import agentloop.testing
 import agentloop.tools
 
 MODULES = [agentloop.grammar, agentloop.grammar.wireformat, agentloop.grammar.copy, agentloop.grammar.compiled,
-           agentloop.grammar.log_canvas, agentloop.grammar.schema, agentloop.grammar.float64_math,
-           agentloop.grammar.float32_math, agentloop.engine, agentloop.engine.diffusion, agentloop.engine.generation,
-           agentloop.engine.models, agentloop.engine.sampling, agentloop.engine.session, agentloop.grammar.vocabulary,
-           agentloop, agentloop.agent, agentloop.protocol, agentloop.argument_schema, agentloop.testing, agentloop.tools]
+           agentloop.grammar.log_canvas, agentloop.grammar.masks, agentloop.grammar.schema,
+           agentloop.grammar.float64_math, agentloop.grammar.float32_math, agentloop.engine, agentloop.engine.diffusion,
+           agentloop.engine.generation, agentloop.engine.models, agentloop.engine.sampling, agentloop.engine.session,
+           agentloop.grammar.vocabulary, agentloop, agentloop.agent, agentloop.protocol, agentloop.argument_schema,
+           agentloop.testing, agentloop.tools]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

@@ -18,15 +18,20 @@ exp(sum of its logits). Two things then need care, because float64 keeps ~16 dig
   most (positive) of them, weighed by their other logits.
 
 Logits of magnitude ``MASK_LOGIT`` or more (float32's step there is 1024: they carry no
-O(1) information) are read as masks. Where a pass's result shows that the canvases it
-weighs pass masks (the Viterbi canvas passes one; the log-space passes' total weight
-lies ``MASK_LOGIT`` below the rows' references), the canvas is redone with each mask
-replaced by a stand-in (``stand_ins``): -G for every negative one, +G for every positive
-one, G beyond the reach of every other logit of the canvas together. Canvases with the
-same masks then weigh exactly as they should (a constant cancels), and one mask more
-(negative) costs at least e^-1000, which float64 cannot tell from 0. Masks of different
-huge values count alike: -1e20 and -3.4e38 both stand for "never, unless no valid canvas
-avoids it".
+O(1) information) are read as masks, each replaced where it matters by a stand-in
+(``stand_ins``): -G for every negative one, +G for every positive one, G beyond the
+reach of every other logit of the canvas together. Canvases with the same masks then
+weigh exactly as they should (a constant cancels), and one mask more (negative) costs at
+least e^-1000, which float64 cannot tell from 0. Masks of different huge values count
+alike: -1e20 and -3.4e38 both stand for "never, unless no valid canvas avoids it".
+
+Where it matters (``CompiledGrammar``): the fast passes are exact under masks the
+canvases can avoid (their weights flush to 0, as they should); where none can be
+avoided the passes find no mass, and the canvas goes to log space, where a negative
+mask takes its stand-in at once and a positive one where the passes' total weight
+lies ``MASK_LOGIT`` below the rows' best logits (a forced token the grammar forbids).
+The Viterbi pass is redone with the stand-ins where its canvas passes a mask. None of
+this adds work to a step without masks.
 
     >>> import numpy as np
     >>> v = np.array([[0.5, -3.4e38], [-1.0, 2.0]])
