@@ -984,6 +984,7 @@ def minimize(
     are the same; numbered by the language alone (``_canonical``, which also makes the
     order the merged classes come in here irrelevant)."""
     n_symbols = sym_class.shape[0]
+    trans = np.ascontiguousarray(trans)  # (a table in Fortran order compiled the kernels below twice: ~1 s)
     keep = _trim(trans, accept, start)
     if not keep[start]:
         return _empty_dfa(n_symbols)
