@@ -663,8 +663,8 @@ class CompiledGrammar:
         result says so (``in_range``) rather than raising: the caller redoes the canvas
         in log space (``_log_space``). Where the Viterbi canvas passes a huge finite logit
         (a mask, see ``masks``), whose sum with the others kept none of their
-        differences, the Viterbi pass is redone over the whole support with the masks'
-        stand-ins (with ``stand_ins``)."""
+        differences, the Viterbi pass is redone with the masks' stand-ins (with
+        ``stand_ins``: ``_viterbi_with_stand_ins``)."""
         ta = self.automaton
         L = (gsum if gsum is not None else gmax).shape[0]  # type: ignore[union-attr]
         none2 = np.zeros((0, 0), np.float64)
