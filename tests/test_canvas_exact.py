@@ -386,6 +386,26 @@ def test_marginals_of_a_row_of_equal_huge_logits_are_exact(grammar, fill):
         assert grammar.viterbi(logits) == best and step.argmax == best
 
 
+@pytest.mark.parametrize("fill", [1e20, -1e20])
+def test_a_row_masked_whole_beside_rows_in_log_space(fill):
+    """A row of one huge value while the other rows' logits span hundreds of nats (the
+    canvas goes to log space), at a position whose atom holds three tokens: the torch
+    pass (device path) added the row's best before taking the row's reference away and
+    lost the atom's log 3 beside 1e20 (each token got probability 1, the row's entropy
+    0). Found by a helper's fuzzing."""
+    g = compile_schema({"type": "integer", "minimum": 0, "maximum": 99}, word_tokenizer(["0", "1", "2", "9", "10"]))
+    L = 4
+    valid = enumerate_valid(g, L)
+    logits = torch.randn(L, g.vocab.size, generator=torch.Generator().manual_seed(0)) * 300
+    logits[0] = 0.0
+    want = enumerated_marginals(valid, logits)
+    logits[0] = fill
+    got, H = g.marginals(logits, return_entropy=True)
+    np.testing.assert_allclose(got.exp().double().numpy(), want, atol=5e-6)
+    np.testing.assert_allclose(H.numpy(), enumerated_entropies(want), atol=1e-5)
+    assert H[0] > 1.0  # (three digits alike there)
+
+
 def masked_law(valid: np.ndarray, logits: torch.Tensor) -> np.ndarray:
     """The probability of each valid canvas where logits of magnitude 2**33 or more are
     masks (``agentloop.grammar.masks``): the canvases with the fewest negative and the

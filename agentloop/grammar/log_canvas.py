@@ -69,6 +69,7 @@ def log_atom_stats(logits: Any, atom_of: np.ndarray, amax: np.ndarray, rowmax: n
     allowed = idx >= 0
     idx = idx.clamp(min=0)
     best = torch.from_numpy(np.ascontiguousarray(amax, dtype=np.float32)).to(dev)  # (N, K)
+    ref = torch.from_numpy(np.asarray(rowmax, np.float64)).to(dev)  # (N,)
     log_sum = torch.empty((N, K), dtype=torch.float64, device=dev)
     mean_gap = torch.empty((N, K), dtype=torch.float64, device=dev)
     log_inside = torch.empty((N, K), dtype=torch.float64, device=dev)
@@ -85,9 +86,10 @@ def log_atom_stats(logits: Any, atom_of: np.ndarray, amax: np.ndarray, rowmax: n
         sx = torch.zeros((n, K), dtype=torch.float64, device=dev).scatter_add_(1, at, (w * gap).double())
         has = best[r] > -math.inf
         log_inside[r] = torch.where(has, s.log(), -math.inf)
-        log_sum[r] = torch.where(has, best[r].double() + log_inside[r], -math.inf)
+        # (the gap first, exact: best + log_inside alone lost log_inside beside a huge best,
+        # a row masked whole at 1e20, where the host pass kept it)
+        log_sum[r] = torch.where(has, (best[r].double() - ref[r, None]) + log_inside[r], -math.inf)
         mean_gap[r] = torch.where(has, sx / s, 0.0)
-    log_sum -= torch.from_numpy(np.asarray(rowmax, np.float64)).to(dev)[:, None]
     return log_sum.cpu().numpy(), mean_gap.cpu().numpy(), log_inside.cpu().numpy()
 
 
