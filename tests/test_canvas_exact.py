@@ -406,6 +406,17 @@ def test_a_row_masked_whole_beside_rows_in_log_space(fill):
     assert H[0] > 1.0  # (three digits alike there)
 
 
+def sampled_distance(g, logits: torch.Tensor, valid: np.ndarray, p: np.ndarray, n: int) -> float:
+    """Total variation between ``n`` samples (one batch, a fixed seed) and the law ``p``
+    over the ``valid`` canvases."""
+    samples = g.sample(logits.expand(n, *logits.shape).contiguous(), generator=torch.Generator().manual_seed(11))
+    index = {tuple(c): i for i, c in enumerate(valid.tolist())}
+    counts = np.zeros(len(valid))
+    for c in samples:
+        counts[index[tuple(c)]] += 1  # KeyError would mean an invalid sample
+    return 0.5 * float(np.abs(counts / n - p).sum())
+
+
 def masked_law(valid: np.ndarray, logits: torch.Tensor) -> np.ndarray:
     """The probability of each valid canvas where logits of magnitude 2**33 or more are
     masks (``agentloop.grammar.masks``): the canvases with the fewest negative and the
@@ -492,13 +503,7 @@ def test_samples_follow_the_masked_law(grammar, case):
     valid = enumerate_valid(grammar, L)
     logits = masked_logits(grammar, case, 6)
     p = masked_law(valid, logits)
-    n = 2000
-    samples = grammar.sample(logits.expand(n, L, -1).contiguous(), generator=torch.Generator().manual_seed(11))
-    index = {tuple(c): i for i, c in enumerate(valid.tolist())}
-    counts = np.zeros(len(valid))
-    for c in samples:
-        counts[index[tuple(c)]] += 1  # KeyError would mean an invalid sample
-    assert 0.5 * np.abs(counts / n - p).sum() < 0.06
+    assert sampled_distance(grammar, logits, valid, p, 2000) < 0.06
 
 
 def test_a_batch_mixes_masked_canvases_and_others(grammar):
@@ -531,13 +536,7 @@ def test_sample_is_exact_where_the_valid_tokens_lie_far_below_the_rows_best(gram
     far = logits.clone()
     far[0, 3] += 2000.0  # "]" first: never
     far[1:, 2] += 2000.0  # "[" after the first: never
-    n = 3000
-    samples = grammar.sample(far.expand(n, L, -1).contiguous(), generator=torch.Generator().manual_seed(11))
-    index = {tuple(c): i for i, c in enumerate(valid.tolist())}
-    counts = np.zeros(len(valid))
-    for c in samples:
-        counts[index[tuple(c)]] += 1  # KeyError would mean an invalid sample
-    assert 0.5 * np.abs(counts / n - p).sum() < 0.05
+    assert sampled_distance(grammar, far, valid, p, 3000) < 0.05
     assert log_space_calls[0] > 0
     np.testing.assert_allclose(grammar.marginals(far).exp().double().numpy(), enumerated_marginals(valid, logits),
                                atol=5e-6)
