@@ -24,13 +24,16 @@ reach of every other logit of the canvas together. Canvases with the same masks 
 weigh exactly as they should (a constant cancels), and one mask more (negative) costs at
 least e^-1000, which float64 cannot tell from 0. Masks of different huge values count
 alike where they stand in: -1e20 and -3.4e38 both mean "never, unless no valid canvas
-avoids it". Where float64 holds their difference, it is kept: tokens of one atom weigh
-from the atom's best (a -1e10 beside a -1e20 takes all the atom's weight), and a row
-whose allowed logits all lie within a factor 2 of one huge value is taken from its best
-first (``moved_rows``: -8.6e9 beside -1e10 there are no masks). One canvas passing a
-positive and a negative mask counts them as cancelling (+1e20 against -3.4e38), where
-its Viterbi pass, which stands masks in only where its canvas passes one, may rank it
-below a canvas without masks.
+avoids it". Where float64 holds their difference at one position, it is kept: tokens
+of one atom weigh from the atom's best (a -1e10 beside a -1e20 takes all the atom's
+weight); a row whose allowed logits all lie within a factor 2 of one huge value is
+taken from its best first (``moved_rows``: -8.6e9 beside -1e10 there are no masks); and
+the fast passes weigh each position's tokens from its best, so of two positive masks
+there the smaller weighs nothing (+1e10 beside +1e20). Across positions masks count
+alike. One canvas passing a positive and a negative mask counts them as cancelling
+(+1e20 against -3.4e38) in the marginals and samples, while its Viterbi pass, which
+stands masks in only where the canvas it found passes one, may rank it below a canvas
+without masks (a helper's fuzzing: 11 of 16,500 random cases; none without such a pair).
 
 Where it matters (``CompiledGrammar``): the fast passes are exact under masks the
 canvases can avoid (their weights flush to 0, as they should); where none can be
