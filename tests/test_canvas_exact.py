@@ -506,6 +506,28 @@ def test_samples_follow_the_masked_law(grammar, case):
     assert sampled_distance(grammar, logits, valid, p, 2000) < 0.06
 
 
+@pytest.mark.parametrize("pos,neg", [(1e20, -1e20), (1e20, MIN32), (2.0**33, -1e30)])
+def test_the_viterbi_canvas_counts_cancelling_masks_as_the_marginals_do(pos, neg):
+    """'"ab"' spelt a, b passes a positive mask and then a negative one (no mask, net)
+    and a bonus of 5 at its end; the other canvases pass no mask. The marginals count
+    the pair as cancelling; at face value (+1e20 - 3.4e38) the Viterbi pass ranked the
+    canvas last, and it stands masks in only where its canvas passes one. A row holding
+    a positive mask now sends it to the stand-ins too. Found by a helper's fuzzing."""
+    g = compile_schema({"enum": ["ab", "ba", "a"]}, word_tokenizer(['"', "a", "b", "ab"]))
+    q, a, b, stop = 2, 3, 4, g.vocab.stop_id
+    L = 5
+    logits = torch.zeros(L, g.vocab.size)
+    logits[2, b], logits[3, q], logits[4, stop] = pos, neg, 5.0
+    valid = enumerate_valid(g, L)
+    p = masked_law(valid, logits)
+    best = valid[np.argmax(p)].tolist()
+    assert best == [q, a, b, q, stop]
+    step = g.denoise_step(logits, generator=torch.Generator().manual_seed(0))
+    assert g.viterbi(logits) == best and step.argmax == best
+    np.testing.assert_allclose(step.log_marginals.exp().double().numpy(), law_marginals(valid, p, g.vocab.size),
+                               atol=5e-6)
+
+
 def test_a_batch_mixes_masked_canvases_and_others(grammar):
     """Stand-ins are taken per canvas: beside a canvas that must pass a -3.4e38, one
     without masks and one whose masks it can avoid keep their own answers."""

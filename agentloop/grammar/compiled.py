@@ -620,7 +620,8 @@ class CompiledGrammar:
             for b, s0 in enumerate(self._states(state, B)):
                 sl = slice(b * L, (b + 1) * L)
                 sup, _, _ = self._step_support(sc, sl, s0, partial, prune, sums=False, gmax=gmax[sl])
-                path = self._canvas_passes(sup, s0, partial, gmax=gmax[sl], best=(amax[sl], sc.aarg[sl])).path
+                path = self._canvas_passes(sup, s0, partial, gmax=gmax[sl], best=(amax[sl], sc.aarg[sl]),
+                                           forced=self._forced_by_mask(sc, sl)).path
                 assert path is not None
                 out.append(path)
         except NoValidCanvasError as e:  # (which canvas of a batch has none)
@@ -646,7 +647,8 @@ class CompiledGrammar:
 
     def _canvas_passes(self, sup: dp.Support, s0: int, partial: bool, *, gsum: np.ndarray | None = None,
                        factors: bool = False, gmax: np.ndarray | None = None,
-                       best: tuple[np.ndarray, np.ndarray] | None = None, stand_ins: bool = True) -> "_Passes":
+                       best: tuple[np.ndarray, np.ndarray] | None = None, forced: bool = False,
+                       stand_ins: bool = True) -> "_Passes":
         """The DP over one canvas: beta when ``gsum`` (L, G) is given, the atom factors
         F (L, K) too with ``factors``, the Viterbi canvas when ``gmax`` (L, G) and
         ``best`` (each atom's best logit and token, (L, K)) are.
@@ -663,8 +665,11 @@ class CompiledGrammar:
         result says so (``in_range``) rather than raising: the caller redoes the canvas
         in log space (``_log_space``). Where the Viterbi canvas passes a huge finite logit
         (a mask, see ``masks``), whose sum with the others kept none of their
-        differences, the Viterbi pass is redone with the masks' stand-ins (with
-        ``stand_ins``: ``_viterbi_with_stand_ins``)."""
+        differences, or where a row holds a positive mask (``forced``: a canvas through
+        it and a larger negative one counts them as cancelling, as the marginals do,
+        and its face-value score loses to canvases without masks), the Viterbi pass is
+        redone with the masks' stand-ins (with ``stand_ins``:
+        ``_viterbi_with_stand_ins``)."""
         ta = self.automaton
         L = (gsum if gsum is not None else gmax).shape[0]  # type: ignore[union-attr]
         none2 = np.zeros((0, 0), np.float64)
@@ -731,7 +736,7 @@ class CompiledGrammar:
         if gmax is not None:
             assert best is not None and trace is not None
             path, far = self._viterbi_path(sup, trace, best_end, gmax, best)
-            if far >= masks.MASK_LOGIT and stand_ins:
+            if (far >= masks.MASK_LOGIT or forced) and stand_ins:
                 path = self._viterbi_with_stand_ins(L, s0, partial, best)
         if factors:  # the total weight of the valid canvases, once from each end
             beta_start = beta[0, self._layout.rank[s0]] if sup.dense else beta[sup.offsets[0]]
@@ -739,6 +744,12 @@ class CompiledGrammar:
             if not abs(gap) <= dp.MASS_TOLERANCE:
                 return _Passes(None, None, None, path, in_range=False)
         return _Passes(beta, beta_totals, F if factors else None, path, in_range=True)
+
+    @staticmethod
+    def _forced_by_mask(sc: "_Scores", sl: slice) -> bool:
+        """Whether a row of ``sl`` holds a positive mask (its best logit is one: one
+        compare a row)."""
+        return bool(sc.rowmax[sl].max(initial=-np.inf) >= masks.MASK_LOGIT)
 
     def _viterbi_with_stand_ins(self, L: int, s0: int, partial: bool, best: tuple[np.ndarray, np.ndarray]
                                 ) -> list[int]:
@@ -1133,11 +1144,12 @@ class CompiledGrammar:
                 sup, kept, fast = self._step_support(sc, sl, s0, partial, prune, sums=True, gmax=gmax[sl])
                 pruned.append(kept)
                 top = (amax[sl], sc.aarg[sl])
-                passes = (self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True, gmax=gmax[sl], best=top)
-                          if fast else _OUT_OF_RANGE)
+                forced = self._forced_by_mask(sc, sl)
+                passes = (self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True, gmax=gmax[sl], best=top,
+                                              forced=forced) if fast else _OUT_OF_RANGE)
                 path = passes.path
                 if path is None:  # (the Viterbi pass shared a sweep that stopped early, or never ran)
-                    path = self._canvas_passes(sup, s0, partial, gmax=gmax[sl], best=top).path
+                    path = self._canvas_passes(sup, s0, partial, gmax=gmax[sl], best=top, forced=forced).path
                     assert path is not None
                 best.append(path)
                 F.append(passes.F if passes.in_range else None)

@@ -30,18 +30,17 @@ weight); a row whose allowed logits all lie within a factor 2 of one huge value 
 taken from its best first (``moved_rows``: -8.6e9 beside -1e10 there are no masks); and
 the fast passes weigh each position's tokens from its best, so of two positive masks
 there the smaller weighs nothing (+1e10 beside +1e20). Across positions masks count
-alike. One canvas passing a positive and a negative mask counts them as cancelling
-(+1e20 against -3.4e38) in the marginals and samples, while its Viterbi pass, which
-stands masks in only where the canvas it found passes one, may rank it below a canvas
-without masks (a helper's fuzzing: 11 of 16,500 random cases; none without such a pair).
+alike, and a positive and a negative one cancel (+1e20 against -3.4e38).
 
 Where it matters (``CompiledGrammar``): the fast passes are exact under masks the
 canvases can avoid (their weights flush to 0, as they should); where none can be
 avoided the passes find no mass, and the canvas goes to log space, where a negative
 mask takes its stand-in at once and a positive one where the passes' total weight
 lies ``MASK_LOGIT`` below the rows' best logits (a forced token the grammar forbids).
-The Viterbi pass is redone with the stand-ins where its canvas passes a mask. None of
-this adds work to a step without masks.
+The Viterbi pass is redone with the stand-ins where its canvas passes a mask, or where a
+row holds a positive one (at face value a canvas through it and a larger negative mask
+loses to canvases without masks, where the pair cancels). A step without masks pays a
+compare a row for this.
 
     >>> import numpy as np
     >>> v = np.array([[0.5, -3.4e38], [-1.0, 2.0]])
