@@ -56,8 +56,8 @@ def log_atom_stats(logits: Any, atom_of: np.ndarray, amax: np.ndarray, rowmax: n
     the mean of x_t - amax[n, k] under weights exp(x_t), and log sum of exp(x_t -
     amax[n, k])), each (N, K) float64; -inf, 0 and -inf where the atom has no finite
     logit. The third is the first less amax - rowmax, kept apart: beside a huge gap (a
-    token masked with -3.4e38) the first holds the gap alone. ``logits`` (N, V) float32 (numpy, or a
-    tensor on its device, where the sums are taken), ``atom_of`` (V,) (-1: never
+    token masked with -3.4e38) the first holds the gap alone. ``logits`` (N, V) float32
+    (numpy, or a tensor on its device, where the sums are taken), ``atom_of`` (V,) (-1: never
     allowed), ``amax`` (N, K) each atom's best logit (from the scan), ``rowmax`` (N,).
     Each term is taken from its atom's best, so it is at most 1 and the terms float32
     flushes (87 nats below the best) weigh nothing beside it."""
