@@ -43,6 +43,16 @@ def test_log_space_bench_counts_the_canvases_redone_there(tmp_path):
     assert row[4] == "0%" and row[8] == "0%" and row[9] == "100%" and row[12] == "100%" and row[13] == "100%", row
 
 
+def test_masks_bench_checks_the_masked_answers(tmp_path):
+    out = tmp_path / "masks.md"
+    r = subprocess.run([sys.executable, str(ROOT / "bench/masks.py"), "--tools", "1", "--length", "32",
+                        "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| bpe-4k")]
+    assert [row[3] for row in rows] == ["viterbi", "marginals", "denoise_step"]
+    assert all(float(row[-1].rstrip(" |")) < 1e-5 for row in rows)  # (the masked answers, against the ends at 0)
+
+
 def test_eval_draws_pools_the_draws(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench/eval_draws.py"), "--seeds", "1", "2", "--single", "2",
                         "--multi", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
