@@ -623,13 +623,34 @@ def outlines_rows(tok_name: str, tok: Any, tools: list[dict[str, Any]], disk_dir
 
 
 def step_bench_options(ap: argparse.ArgumentParser, repeats: int, out: Path) -> None:
-    """The options the side-by-side step benches share (log_space.py, pruning.py)."""
+    """The options the side-by-side step benches share (log_space.py, pruning.py, masks.py)."""
     ap.add_argument("--tokenizer", default="bpe-4k", choices=sorted(LOADERS))
     ap.add_argument("--tools", type=int, nargs="+", default=[1, 5, 20])
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=out)
+
+
+def step_bench_threads(threads: int) -> None:
+    """torch's and numba's threads for a step bench (numba's capped at what it started with)."""
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+def step_bench_command(script: str, argv: list[str] | None) -> str:
+    """The command line a step bench ran as (``argv``: its arguments, None for sys.argv's)."""
+    args = sys.argv[1:] if argv is None else argv
+    return f"python bench/{script}" + (" " + " ".join(args) if args else "")
+
+
+def step_bench_header(title: str, command: str, threads: str) -> list[str]:
+    """A step bench's results file's first lines: title, command, machine and code."""
+    m, code = machine(), code_state()
+    return [f"# {title}", "", f"Command: `{command}`  ",
+            f"Machine: {m['platform']}, {m['cpu_count']} CPUs, {threads}; torch {m['torch']}, numpy {m['numpy']}  ",
+            f"Code: agentloop at {code['commit']}"
+            + (f" (modified: {', '.join(code['modified'])})" if code["modified"] else "")]
 
 
 def machine() -> dict[str, Any]:

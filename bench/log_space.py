@@ -31,7 +31,8 @@ import torch  # noqa: E402
 
 from agentloop.grammar import compile_tools  # noqa: E402
 from agentloop.grammar.compiled import CompiledGrammar  # noqa: E402
-from bench.constraint import code_state, machine, step_bench_options  # noqa: E402
+from bench.constraint import (step_bench_command, step_bench_header, step_bench_options,  # noqa: E402
+                              step_bench_threads)
 from bench.tokenizers_offline import LOADERS, SCHEMAS  # noqa: E402
 
 #: The logit scales: within float64's range, with atoms beyond it, with the valid
@@ -78,12 +79,7 @@ def measure(tokenizer: str, n_tools: int, length: int, repeats: int) -> dict[str
 
 
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
-    m, code = machine(), code_state()
-    lines = ["# Canvases redone in log space", "",
-             f"Command: `{command}`  ",
-             f"Machine: {m['platform']}, {m['cpu_count']} CPUs, {m['numba_threads']} numba thread(s); "
-             f"torch {m['torch']}, numpy {m['numpy']}  ",
-             f"Code: agentloop at {code['commit']}{' (modified: ' + ', '.join(code['modified']) + ')' if code['modified'] else ''}",
+    lines = [*step_bench_header("Canvases redone in log space", command, f"{numba.get_num_threads()} numba thread(s)"),
              "", "`denoise_step` at L=256, medians, the scales alternating; each scale: ms, the share of the steps "
              "whose canvas was redone in log space, the share that pruned, and the ratio to N(0, 3).", "",
              "| tokenizer | tools | states | " + " | ".join(f"N(0, {s:g}) ms | log space | pruned | ratio"
@@ -100,8 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     step_bench_options(ap, 5, REPO / "bench/results/log_space.md")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    step_bench_threads(args.threads)
     rows = []
     for n in args.tools:
         rows.append(measure(args.tokenizer, n, args.length, args.repeats))
@@ -109,10 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.tokenizer} x {n} tools: " + ", ".join(
             f"N(0, {s:g}) {r[f'ms_{s:g}']:.1f} ms ({r[f'log_space_{s:g}']:.0%} in log space, "
             f"{r[f'pruned_{s:g}']:.0%} pruned)" for s in SCALES), flush=True)
-    command = "python bench/log_space.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(
-        sys.argv[1:] if argv is None else argv))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(rows, command))
+    args.out.write_text(markdown(rows, step_bench_command("log_space.py", argv)))
     print(f"wrote {args.out}")
 
 

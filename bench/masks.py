@@ -31,7 +31,8 @@ import numba  # noqa: E402
 import torch  # noqa: E402
 
 from agentloop.grammar import compile_tools  # noqa: E402
-from bench.constraint import code_state, machine, step_bench_options  # noqa: E402
+from bench.constraint import (step_bench_command, step_bench_header, step_bench_options,  # noqa: E402
+                              step_bench_threads)
 from bench.tokenizers_offline import LOADERS, SCHEMAS  # noqa: E402
 
 #: The logits measured: as drawn, the end tokens at 0, and masked.
@@ -75,13 +76,8 @@ def measure(tokenizer: str, n_tools: int, length: int, repeats: int) -> dict[str
 
 
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
-    m, code = machine(), code_state()
-    lines = ["# Huge finite masks every canvas must pass", "",
-             f"Command: `{command}`  ",
-             f"Machine: {m['platform']}, {m['cpu_count']} CPUs, {m['numba_threads']} numba thread(s); "
-             f"torch {m['torch']}, numpy {m['numpy']}  ",
-             f"Code: agentloop at {code['commit']}"
-             + (f" (modified: {', '.join(code['modified'])})" if code["modified"] else ""),
+    lines = [*step_bench_header("Huge finite masks every canvas must pass", command,
+                                f"{numba.get_num_threads()} numba thread(s)"),
              "", "L as in the command (256 by default), logits N(0, 2), medians, the cases alternating; "
              "\"ends masked\": `<turn|>` and `<|tool_response>` at float32's lowest at every position; the ratio is "
              "to the same op with them at 0, whose answers the masked ones equal (largest marginal difference: "
@@ -101,18 +97,15 @@ def main(argv: list[str] | None = None) -> None:
     step_bench_options(ap, 5, REPO / "bench/results/masks.md")
     ap.set_defaults(tools=[1, 20])
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    step_bench_threads(args.threads)
     rows = []
     for n in args.tools:
         rows.append(measure(args.tokenizer, n, args.length, args.repeats))
         r = rows[-1]
         print(f"{args.tokenizer} x {n} tools: " + ", ".join(
             f"{op} {r[f'{op}|ends at 0']:.1f} -> {r[f'{op}|ends masked']:.1f} ms" for op in OPS), flush=True)
-    command = "python bench/masks.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(
-        sys.argv[1:] if argv is None else argv))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(rows, command))
+    args.out.write_text(markdown(rows, step_bench_command("masks.py", argv)))
     print(f"wrote {args.out}")
 
 

@@ -29,12 +29,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import numba  # noqa: E402
 import torch  # noqa: E402
 
 from agentloop.grammar import compile_tools  # noqa: E402
 from agentloop.grammar.compiled import CompiledGrammar  # noqa: E402
-from bench.constraint import code_state, machine, step_bench_options  # noqa: E402
+from bench.constraint import (step_bench_command, step_bench_header, step_bench_options,  # noqa: E402
+                              step_bench_threads)
 from bench.tokenizers_offline import LOADERS, SCHEMAS  # noqa: E402
 
 #: The call the "model" logits are sure of (the first tool of every set).
@@ -118,13 +118,8 @@ def demo_steps() -> list[tuple[CompiledGrammar, torch.Tensor, int, bool]]:
 
 
 def markdown(rows: list[dict[str, Any]], demo: list[dict[str, Any]], command: str, threads: int) -> str:
-    m, code = machine(), code_state()
-    lines = ["# Pruning: the step over the cells that carry weight, against the whole lattice", "",
-             f"Command: `{command}`  ",
-             f"Machine: {m['platform']}, {m['cpu_count']} CPUs, {threads} torch/numba thread(s); "
-             f"torch {m['torch']}, numpy {m['numpy']}  ",
-             f"Code: agentloop at {code['commit']}"
-             f"{' (modified: ' + ', '.join(code['modified']) + ')' if code['modified'] else ''}", "",
+    lines = [*step_bench_header("Pruning: the step over the cells that carry weight, against the whole lattice",
+                                command, f"{threads} torch/numba thread(s)"), "",
              "`denoise_step`, medians, the two alternating; kept: the share of the support's (position, state) "
              "cells the step ran on (100%: pruning gave up); same: Viterbi canvas and sample equal; "
              "|d log p|: the largest difference of the log-marginals the whole lattice puts above -30; "
@@ -153,8 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     step_bench_options(ap, 7, REPO / "bench/results/pruning.md")
     ap.add_argument("--demo", action="store_true", help="also replay the demo model's steps")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    step_bench_threads(args.threads)
     tok, aliases = LOADERS[args.tokenizer]()
     rows = []
     for n in args.tools:
@@ -171,10 +165,8 @@ def main(argv: list[str] | None = None) -> None:
             demo.append(compare(g, x, args.repeats, s0, partial))
         print(f"demo: {len(demo)} steps, whole {sum(d['whole_ms'] for d in demo):.1f} ms, "
               f"pruned {sum(d['pruned_ms'] for d in demo):.1f} ms", flush=True)
-    command = "python bench/pruning.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(
-        sys.argv[1:] if argv is None else argv))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(rows, demo, command, args.threads))
+    args.out.write_text(markdown(rows, demo, step_bench_command("pruning.py", argv), args.threads))
     print(f"wrote {args.out}")
 
 
