@@ -636,14 +636,9 @@ class CompiledGrammar:
         added into the canvases' scores in float64 it drowned their O(1) differences
         elsewhere (the Viterbi canvas ignored every other row). Pruning's bounds are taken
         from the logits as they are, so a call with a moved row runs the whole lattice."""
-        gmax = dp.group_max(sc.amax, self._group_plan)
-        moved, shift = masks.moved_rows(sc.amax, sc.rowmax)  # (rowmax: each row's best finite allowed logit)
-        if not moved.size:
-            return gmax, sc.amax, False
-        amax = sc.amax.copy()
-        gmax[moved] -= shift[:, None]
-        amax[moved] -= shift[:, None]
-        return gmax, amax, True
+        # (a moved row's shift is exact on each of its atoms, so its groups' maxima move alike)
+        amax = masks.effective_maxima(sc.amax, sc.rowmax)  # (rowmax: each row's best finite allowed logit)
+        return dp.group_max(amax, self._group_plan), amax, amax is not sc.amax
 
     def _canvas_passes(self, sup: dp.Support, s0: int, partial: bool, *, gsum: np.ndarray | None = None,
                        factors: bool = False, gmax: np.ndarray | None = None,
