@@ -8,6 +8,7 @@
     agentloop demo                      # the bundled model runs a few requests with the demo tools
     agentloop eval                      # the bundled model on held-out requests, four modes
     agentloop grammar check tools.json  # compile tool schemas, report sizes or the exact error
+    agentloop precompile                # compile the numba kernels for this CPU now, in parallel
 
 Exit codes: 0 success, 1 run error, 2 usage error.
 """
@@ -25,7 +26,7 @@ from typing import Any, Iterator
 
 import click
 
-from .errors import AgentloopError
+from .errors import AgentloopError, KernelCompileError
 
 DEMO_TOOLS: list[dict[str, Any]] = [
     {
@@ -99,6 +100,10 @@ def demo(prompts: tuple[str, ...], seed: int, trace: bool, random_model: bool, s
         agentloop demo "Weather in Lisbon for 3 days?" --trace
         agentloop demo --random --seed 3
     """
+    try:  # (a first run: its kernels compile in parallel; a failure here only costs time)
+        _precompile(demo_only=True, note=" (first run only, cached after)")
+    except KernelCompileError as e:
+        click.echo(f"warning: {e}", err=True)
     if random_model:
         _random_canvases(seed, steps, canvas_length)
         return
@@ -202,9 +207,29 @@ def _compiling_note(seconds: float) -> str:
     return f"{seconds:.1f} s of it compiling kernels: first run only, cached after" if seconds >= 0.5 else ""
 
 
+def _precompile(demo_only: bool, processes: int | None = None, note: str = "") -> Any:
+    """Compile the recorded kernels numba's cache lacks (those the demo calls, with
+    ``demo_only``) in parallel processes before their first calls (``agentloop.precompile``),
+    under a progress line (``note`` after it); -> its ``PrecompileReport``, None where
+    nothing was missing."""
+    import os
+
+    from .precompile import missing_kernels, precompile_kernels, recorded_kernels
+
+    kernels = recorded_kernels()
+    missing = missing_kernels([k for k in kernels if k.demo or not demo_only])
+    if not missing:
+        return None
+    processes = processes or min(os.cpu_count() or 1, len(missing))
+    with _progress(f"compiling {len(missing)} numba kernels for this CPU in {processes} process(es){note}",
+                   compile_note=False):
+        return precompile_kernels(missing, processes)
+
+
 @contextmanager
-def _progress(message: str) -> Iterator[None]:
-    """A spinner on stderr while something slow (loading a model) runs."""
+def _progress(message: str, compile_note: bool = True) -> Iterator[None]:
+    """A spinner on stderr while something slow (loading a model) runs; with
+    ``compile_note`` the time it spent compiling kernels is named."""
     done = threading.Event()
     t0 = time.perf_counter()
     tty = sys.stderr.isatty()
@@ -227,7 +252,7 @@ def _progress(message: str) -> Iterator[None]:
         done.set()
         if th:
             th.join()
-        note = _compiling_note(_compile_seconds() - compiling)
+        note = _compiling_note(_compile_seconds() - compiling) if compile_note else ""
         click.echo(f"{chr(13) if tty else ''}{message}: done in {time.perf_counter() - t0:.1f} s"
                    f"{f' ({note})' if note else ''}", err=True)
 
@@ -594,6 +619,27 @@ def grammar_check(tools_file: Path, wire_format: str, tokenizer_path: Path | Non
     for t in g.tools:  # (the arguments as compile_tools reads them: an object)
         for n in check_schema({**t.parameters, "type": "object"}, g.wire_format):
             click.echo(f"{t.name}: narrowed at {n}")
+
+
+@main.command("precompile")
+@click.option("--processes", type=click.IntRange(1), default=None, help="Processes to share the kernels over "
+              "(default: one per CPU).")
+@click.option("--demo-only", is_flag=True, help="Only the kernels `agentloop demo` calls.")
+def precompile_cmd(processes: int | None, demo_only: bool) -> None:
+    """Compile agentloop's numba kernels for this CPU into numba's disk cache, in parallel.
+
+    Each kernel otherwise compiles at its first call, one after another: ~40 s of a
+    fresh install's first run on a 2-core machine. Run this once after installing (in
+    an image's build, say); it compiles only what the cache lacks. Example:
+
+    \b
+        agentloop precompile
+    """
+    report = _precompile(demo_only, processes)
+    if report is None:
+        click.echo("nothing to compile: numba's cache holds every recorded kernel")
+    else:
+        click.echo(f"compiled {report.compiled} kernels in {report.processes} process(es), {report.seconds:.1f} s")
 
 
 if __name__ == "__main__":  # pragma: no cover

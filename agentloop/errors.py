@@ -111,3 +111,8 @@ class ModelOutputError(AgentloopError):
     def __init__(self, message: str, partial: object = None) -> None:
         super().__init__(message)
         self.partial = partial
+
+
+class KernelCompileError(AgentloopError):
+    """Compiling agentloop's numba kernels ahead of time (``agentloop precompile``) failed
+    in a process; the kernels it held compile at their first call instead."""

@@ -25,6 +25,7 @@ import agentloop.grammar.masks
 import agentloop.grammar.schema
 import agentloop.grammar.vocabulary
 import agentloop.grammar.wireformat
+import agentloop.precompile
 import agentloop.protocol
 import agentloop.testing
 import agentloop.tools
@@ -34,7 +35,7 @@ MODULES = [agentloop.grammar, agentloop.grammar.wireformat, agentloop.grammar.co
            agentloop.grammar.float64_math, agentloop.grammar.float32_math, agentloop.engine, agentloop.engine.diffusion,
            agentloop.engine.generation, agentloop.engine.models, agentloop.engine.sampling, agentloop.engine.session,
            agentloop.grammar.vocabulary, agentloop, agentloop.agent, agentloop.protocol, agentloop.argument_schema,
-           agentloop.testing, agentloop.tools]
+           agentloop.testing, agentloop.tools, agentloop.precompile]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

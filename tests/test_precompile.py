@@ -1,0 +1,187 @@
+"""Compiling the numba kernels ahead of their first calls, in parallel (agentloop.precompile)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import agentloop.precompile as pc
+from agentloop.errors import KernelCompileError
+
+#: two cheap kernels in different cache files (a fresh cache compiles them in ~1 s)
+SMALL = ("_step", "below_normal")
+
+
+def small_kernels() -> list[pc.RecordedKernel]:
+    kernels = [k for k in pc.recorded_kernels() if k.name in SMALL]
+    assert len(kernels) == 2
+    return kernels
+
+
+def run_fresh(code: str, cache: Path, *args: str, grammars: Path | None = None) -> str:
+    """``code`` in a new Python process whose numba cache is ``cache`` (and agentloop's
+    grammar cache ``grammars``); -> its stdout."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
+    if grammars is not None:
+        env["AGENTLOOP_CACHE_DIR"] = str(grammars)
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_the_recording_names_kernels_the_package_defines() -> None:
+    """Each recorded kernel resolves to a numba dispatcher taking as many arguments as its
+    signatures give, and each signature reads back to numba types and to the same spec:
+    a kernel renamed or given another argument fails here (re-record:
+    ``python -m agentloop.precompile --record``)."""
+    kernels = pc.recorded_kernels()
+    assert len(kernels) >= 30
+    assert any(k.demo for k in kernels) and not all(k.demo for k in kernels)
+    for k in kernels:
+        d = k.dispatcher()
+        assert d is not None, f"{k.module}.{k.name}[{k.key}] is no numba kernel any more"
+        params = inspect.signature(d.py_func).parameters
+        for sig in k.signatures:
+            assert len(sig) == len(params), f"{k.name}: recorded with {len(sig)} arguments, defined with {len(params)}"
+            assert tuple(pc._type_spec(pc._numba_type(spec)) for spec in sig) == tuple(
+                pc._as_list(spec) for spec in sig)
+        assert pc.RecordedKernel.from_json(json.loads(json.dumps(k.to_json()))) == k
+
+
+def test_the_demo_kernels_include_the_denoising_step() -> None:
+    demo = {k.name for k in pc.recorded_kernels() if k.demo}
+    assert {"_scan_sums_x", "_write_marginals", "_sample_tokens", "_subsets"} <= demo
+
+
+def test_shares_keep_a_cache_file_together_and_balance_the_rest() -> None:
+    kernels = pc.recorded_kernels()
+    shares = pc._shares(kernels, 3)
+    assert len(shares) == 3
+    assert sorted((k.module, k.name, str(k.key)) for s in shares for k in s) == sorted(
+        (k.module, k.name, str(k.key)) for k in kernels)
+    where = {pc._cache_file_key(k): i for i, s in enumerate(shares) for k in s}
+    for i, s in enumerate(shares):
+        assert all(where[pc._cache_file_key(k)] == i for k in s)
+    loads = [sum(k.seconds for k in s) for s in shares]
+    assert max(loads) - min(loads) <= max(k.seconds for k in kernels) + 2.0
+    assert pc._shares(kernels[:1], 8) == [kernels[:1]]
+
+
+def test_a_failing_process_raises_with_its_error_and_the_others_finish(tmp_path: Path) -> None:
+    code = """
+        import dataclasses
+        import agentloop.precompile as pc
+        from agentloop.errors import KernelCompileError
+        by_name = {k.name: k for k in pc.recorded_kernels()}
+        step, below = by_name["_step"], by_name["below_normal"]
+        # below_normal with _step's argument types: numba cannot type it, in the second process
+        bad = dataclasses.replace(below, signatures=step.signatures, seconds=0.0)
+        good = dataclasses.replace(step, seconds=5.0)
+        try:
+            pc.precompile_kernels([good, bad], processes=2)
+        except KernelCompileError as e:
+            print("raised", "process 1, holding below_normal" in str(e), "Signature mismatch" in str(e))
+        print(len(pc.missing_kernels([step])))
+    """
+    assert run_fresh(code, tmp_path).split() == ["raised", "True", "True", "0"]
+
+
+def test_an_interrupted_precompile_leaves_no_process_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[pc._Worker] = []
+    real = pc._Worker
+
+    def worker(share: list[pc.RecordedKernel]) -> pc._Worker:
+        started.append(real(share))
+        return started[-1]
+
+    def interrupted(share: list[pc.RecordedKernel]) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pc, "_Worker", worker)
+    monkeypatch.setattr(pc, "_compile", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pc.precompile_kernels(small_kernels(), processes=2)
+    assert len(started) == 1
+    assert started[0].process.poll() is not None  # killed and reaped
+    assert started[0].log.closed
+
+
+def test_nothing_to_do_where_nothing_is_missing() -> None:
+    report = pc.precompile_kernels([], processes=4)
+    assert (report.compiled, report.processes) == (0, 0)
+
+
+def test_an_unknown_spec_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="unknown kind of recorded argument type"):
+        pc._numba_type(("record", "x"))
+
+
+def test_cli_precompile_fills_a_fresh_cache_from_two_processes(tmp_path: Path) -> None:
+    """``agentloop precompile`` against a recording of two kernels: compiles them in two
+    processes, then finds nothing to do; a new process finds both in the cache (the
+    other process's share too)."""
+    recording = tmp_path / "kernels.json"
+    recording.write_text(json.dumps({"kernels": [k.to_json() for k in small_kernels()]}))
+    code = f"""
+        import agentloop.precompile as pc
+        from click.testing import CliRunner
+        from agentloop.cli import main
+        pc.SIGNATURES_FILE = pc.Path({str(recording)!r})
+        for _ in range(2):
+            r = CliRunner().invoke(main, ["precompile", "--processes", "2"])
+            assert r.exit_code == 0, r.output
+            print(r.stdout.strip().splitlines()[-1])
+    """
+    lines = run_fresh(code, tmp_path / "numba").strip().splitlines()
+    assert lines[0].startswith("compiled 2 kernels in 2 process(es)"), lines
+    assert lines[1].startswith("nothing to compile"), lines
+    count = f"import agentloop.precompile as pc; print(len(pc.missing_kernels(pc.recorded_kernels({str(recording)!r}))))"
+    assert run_fresh(count, tmp_path / "numba").strip() == "0"
+
+
+def test_demo_goes_on_where_precompiling_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    import agentloop.cli
+
+    def failing(demo_only: bool, processes: int | None = None, note: str = "") -> None:
+        raise KernelCompileError("compiling kernels failed in 1 of 2 process(es): out of memory")
+
+    monkeypatch.setattr(agentloop.cli, "_precompile", failing)
+    r = CliRunner().invoke(agentloop.cli.main, ["demo", "--random", "--steps", "1", "--canvas", "16"])
+    assert r.exit_code == 0, r.output
+    assert "warning: compiling kernels failed in 1 of 2 process(es): out of memory" in r.output
+
+
+@pytest.mark.slow
+def test_a_fresh_install_demo_compiles_nothing_after_precompiling(tmp_path: Path) -> None:
+    """The recording is complete for the demo: after ``agentloop precompile --demo-only``
+    into an empty cache, the demo compiles no kernel of agentloop's (~30 s on 2 cores)."""
+    code = """
+        from click.testing import CliRunner
+        from numba.core import event
+        from agentloop.cli import main
+        r = CliRunner().invoke(main, ["precompile", "--demo-only"])
+        assert r.exit_code == 0, r.output
+        compiled = []
+        class Names(event.Listener):
+            def on_start(self, ev):
+                f = ev.data["dispatcher"].py_func
+                if f.__module__.startswith("agentloop"):
+                    compiled.append(f.__qualname__)
+            def on_end(self, ev):
+                pass
+        event.register("numba:compile", Names())
+        r = CliRunner().invoke(main, ["demo"])
+        assert r.exit_code == 0, r.output
+        print(sorted(set(compiled)))
+    """
+    assert run_fresh(code, tmp_path / "numba", grammars=tmp_path / "grammars").strip().splitlines()[-1] == "[]"
