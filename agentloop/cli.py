@@ -100,10 +100,7 @@ def demo(prompts: tuple[str, ...], seed: int, trace: bool, random_model: bool, s
         agentloop demo "Weather in Lisbon for 3 days?" --trace
         agentloop demo --random --seed 3
     """
-    try:  # (a first run: its kernels compile in parallel; a failure here only costs time)
-        _precompile(demo_only=True, note=" (first run only, cached after)")
-    except KernelCompileError as e:
-        click.echo(f"warning: {e}", err=True)
+    _precompile_first_run()
     if random_model:
         _random_canvases(seed, steps, canvas_length)
         return
@@ -226,6 +223,16 @@ def _precompile(demo_only: bool, processes: int | None = None, note: str = "") -
         return precompile_kernels(missing, processes)
 
 
+def _precompile_first_run() -> None:
+    """Before the commands that run the loop (demo, run, chat): on a first run, the
+    kernels it calls compile in parallel; a failure here only costs time (they compile
+    at their first calls instead)."""
+    try:
+        _precompile(demo_only=True, note=" (first run only, cached after)")
+    except KernelCompileError as e:
+        click.echo(f"warning: {e}", err=True)
+
+
 @contextmanager
 def _progress(message: str, compile_note: bool = True) -> Iterator[None]:
     """A spinner on stderr while something slow (loading a model) runs; with
@@ -265,6 +272,7 @@ def _make_agent(tool_specs: tuple[str, ...], model: str, device: str, dtype: str
     from .tools import load_tools
 
     tools = [t for spec in tool_specs for t in load_tools(spec)]
+    _precompile_first_run()
     options = GenerationOptions(max_denoising_steps=max_denoising_steps, seed=seed)
     if model == "builtin":
         if not (BUILTIN_MODEL_DIR / "config.json").is_file():
