@@ -209,15 +209,13 @@ def _precompile(demo_only: bool, processes: int | None = None, note: str = "") -
     ``demo_only``) in parallel processes before their first calls (``agentloop.precompile``),
     under a progress line (``note`` after it); -> its ``PrecompileReport``, None where
     nothing was missing."""
-    import os
-
-    from .precompile import missing_kernels, precompile_kernels, recorded_kernels
+    from .precompile import default_processes, missing_kernels, precompile_kernels, recorded_kernels
 
     kernels = recorded_kernels()
     missing = missing_kernels([k for k in kernels if k.demo or not demo_only])
     if not missing:
         return None
-    processes = processes or min(os.cpu_count() or 1, len(missing))
+    processes = min(processes or default_processes(), len(missing))
     with _progress(f"compiling {len(missing)} numba kernels for this CPU in {processes} process(es){note}",
                    compile_note=False):
         return precompile_kernels(missing, processes)
@@ -226,11 +224,13 @@ def _precompile(demo_only: bool, processes: int | None = None, note: str = "") -
 def _precompile_first_run() -> None:
     """Before the commands that run the loop (demo, run, chat): on a first run, the
     kernels it calls compile in parallel; a failure here only costs time (they compile
-    at their first calls instead)."""
+    at their first calls instead), so any error here is a warning."""
     try:
         _precompile(demo_only=True, note=" (first run only, cached after)")
-    except KernelCompileError as e:
-        click.echo(f"warning: {e}", err=True)
+    except Exception as e:
+        detail = str(e) if isinstance(e, KernelCompileError) else f"{type(e).__name__}: {e}"
+        click.echo(f"warning: precompiling kernels failed, they compile at their first calls instead: {detail}",
+                   err=True)
 
 
 @contextmanager
@@ -253,15 +253,17 @@ def _progress(message: str, compile_note: bool = True) -> Iterator[None]:
     else:
         click.echo(f"{message} ...", err=True)
     compiling = _compile_seconds()  # (the first call imports numba: after the message)
+    finished = False
     try:
         yield
+        finished = True
     finally:
         done.set()
         if th:
             th.join()
         note = _compiling_note(_compile_seconds() - compiling) if compile_note else ""
-        click.echo(f"{chr(13) if tty else ''}{message}: done in {time.perf_counter() - t0:.1f} s"
-                   f"{f' ({note})' if note else ''}", err=True)
+        click.echo(f"{chr(13) if tty else ''}{message}: {'done in' if finished else 'stopped after'} "
+                   f"{time.perf_counter() - t0:.1f} s{f' ({note})' if note else ''}", err=True)
 
 
 def _make_agent(tool_specs: tuple[str, ...], model: str, device: str, dtype: str, max_steps: int,
@@ -631,7 +633,7 @@ def grammar_check(tools_file: Path, wire_format: str, tokenizer_path: Path | Non
 
 @main.command("precompile")
 @click.option("--processes", type=click.IntRange(1), default=None, help="Processes to share the kernels over "
-              "(default: one per CPU).")
+              "(default: one per CPU, at most 8).")
 @click.option("--demo-only", is_flag=True, help="Only the kernels `agentloop demo` calls.")
 def precompile_cmd(processes: int | None, demo_only: bool) -> None:
     """Compile agentloop's numba kernels for this CPU into numba's disk cache, in parallel.
@@ -643,6 +645,11 @@ def precompile_cmd(processes: int | None, demo_only: bool) -> None:
     \b
         agentloop precompile
     """
+    import numba
+
+    if numba.config.DISABLE_JIT:
+        click.echo("nothing to compile: numba's JIT is disabled (NUMBA_DISABLE_JIT), the kernels run as Python")
+        return
     report = _precompile(demo_only, processes)
     if report is None:
         click.echo("nothing to compile: numba's cache holds every recorded kernel")

@@ -2,19 +2,19 @@
 
 The constraint's passes and the grammar compiler are numba kernels, compiled for the
 machine's CPU at their first call and kept in numba's disk cache. A fresh install's
-first run compiles them one after another: ~40 s of a ~46 s first demo on a 2-core
+first run compiles them one after another: ~40 s of a ~48 s first demo on a 2-core
 machine. Their argument types do not depend on the user's tools, model or logits, so
 they are recorded once, in the package (``data/kernel_signatures.json``), and compiled
 here before they are called: shared out over processes, the longest first, this
 process taking one share. The kernels then load from numba's cache as on any later run.
-``agentloop precompile`` runs it; ``agentloop demo`` does on a first run.
+``agentloop precompile`` runs it; ``agentloop demo``, ``run`` and ``chat`` do on a first
+run (the kernels the agent loop calls, ``RecordedKernel.demo``).
 
 >>> from agentloop.precompile import missing_kernels, recorded_kernels
->>> kernels = recorded_kernels()
->>> any(k.name == "_write_marginals" for k in kernels)
-True
->>> missing = missing_kernels(kernels[:1])   # those numba's cache does not hold yet
->>> len(missing) <= 1
+>>> step = next(k for k in recorded_kernels() if k.name == "_write_marginals")
+>>> step.module, step.demo, len(step.signatures)
+('agentloop.grammar.canvas', True, 1)
+>>> [k.name for k in missing_kernels([step])] in ([], ["_write_marginals"])  # in numba's cache yet?
 True
 
 ``precompile_kernels()`` compiles what ``missing_kernels()`` lists (nothing where the
@@ -34,7 +34,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -43,6 +45,8 @@ from .errors import KernelCompileError
 
 #: The recorded kernels and their argument types (``--record`` writes it).
 SIGNATURES_FILE = Path(__file__).parent / "data" / "kernel_signatures.json"
+#: The most processes ``default_processes`` gives.
+MAX_PROCESSES = 8
 #: The modules holding the kernels (recording and resolving look at their globals).
 KERNEL_MODULES = (
     "agentloop.grammar.canvas", "agentloop.grammar.canvas_layout", "agentloop.grammar.copy",
@@ -119,34 +123,58 @@ def missing_kernels(kernels: Sequence[RecordedKernel] | None = None) -> list[Rec
     return missing
 
 
+def default_processes() -> int:
+    """The processes ``precompile_kernels`` shares the kernels over by default: one per
+    CPU this process may run on, at most ``MAX_PROCESSES`` (each imports agentloop and
+    torch, ~360 MiB; past a few, the longest kernel bounds the time), one where Python is
+    embedded in a frozen app (no interpreter to start)."""
+    if getattr(sys, "frozen", False):
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on macOS and Windows)
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_PROCESSES))
+
+
 def precompile_kernels(kernels: Sequence[RecordedKernel] | None = None, processes: int | None = None
                        ) -> PrecompileReport:
     """Compile ``kernels`` (by default those ``missing_kernels()`` lists) into numba's
-    disk cache, shared out over ``processes`` processes (default: one per CPU, at most one
-    per kernel), this one among them. Kernels whose machine code shares a cache file
-    (closures of one factory, a kernel's signatures) go to one process, so that no two
-    write it at once. Raises ``KernelCompileError`` where a process fails; what the
-    others compiled stays cached."""
+    disk cache, shared out over ``processes`` processes (default ``default_processes()``,
+    at most one per kernel), this one among them. Each process saves into numba's cache
+    under one lock: numba reads an index, picks a data file and writes both without one,
+    and kernels in different processes call the same helpers, which it caches too.
+
+    Raises ``KernelCompileError`` where a process fails (or cannot start); what the
+    others compiled stays cached. Interrupted, it kills the processes it started; one
+    whose parent dies ends itself (it watches its stdin)."""
     t0 = time.perf_counter()
     todo = missing_kernels() if kernels is None else list(kernels)
     if not todo:
         return PrecompileReport(0, 0, time.perf_counter() - t0)
-    shares = _shares(todo, processes or os.cpu_count() or 1)
+    shares = _shares(todo, processes or default_processes())
     errors: list[str] = []
-    with _workers(shares[1:]) as workers:
-        try:
-            _compile(shares[0])
-        except Exception as e:  # (numba's errors: the others' shares still finish)
-            errors.append(f"this process: {type(e).__name__}: {e}")
-        for i, (w, share) in enumerate(zip(workers, shares[1:]), 1):
-            if w.wait() != 0:
-                names = ", ".join(k.name for k in share)
-                errors.append(f"process {i}, holding {names} (exit status {w.returncode}):\n{w.error_output()}")
+    with tempfile.TemporaryDirectory(prefix="agentloop-precompile-") as tmp:
+        lock = Path(tmp) / "numba-cache.lock"
+        lock.touch()
+        with _cache_saves_locked(lock), _workers(shares[1:], lock) as workers:
+            try:
+                _compile(shares[0])
+            except Exception:  # (numba's errors: the others' shares still finish)
+                errors.append(f"this process, holding {_names(shares[0])}:\n{traceback.format_exc()[-2000:]}")
+            for i, (w, share) in enumerate(zip(workers, shares[1:]), 1):
+                if w.wait() != 0:
+                    errors.append(f"process {i}, holding {_names(share)} (exit status {w.returncode}):\n"
+                                  f"{w.error_output()}")
     if errors:
         raise KernelCompileError(
             f"compiling kernels failed in {len(errors)} of {len(shares)} process(es); the kernels they held compile "
             f"at their first call instead. The first failure: {errors[0]}")
     return PrecompileReport(len(todo), len(shares), time.perf_counter() - t0)
+
+
+def _names(share: Sequence[RecordedKernel]) -> str:
+    return ", ".join(k.name for k in share)
 
 
 # ---- inside a process ------------------------------------------------------------------
@@ -159,6 +187,13 @@ def _as_dispatcher(holder: Any) -> Any:
     return holder if isinstance(holder, Dispatcher) else None
 
 
+def _caches(d: Any) -> bool:
+    """Whether numba keeps ``d``'s machine code in its disk cache (``cache=True``)."""
+    from numba.core.caching import NullCache
+
+    return not isinstance(getattr(d, "_cache", None), (NullCache, type(None)))
+
+
 def _signatures(k: RecordedKernel) -> list[tuple[Any, ...]]:
     return [tuple(_numba_type(a) for a in sig) for sig in k.signatures]
 
@@ -168,10 +203,10 @@ def _cached(d: Any, sig: tuple[Any, ...]) -> bool:
     (its index names it: what ``Dispatcher.compile`` looks up first). numba has no public
     test for a cached signature: where its cache's internals differ from numba 0.60-0.68's,
     the entry is loaded instead, as a first call would."""
-    if sig in d.overloads:
-        return True
-    cache = getattr(d, "_cache", None)
-    if cache is None or not getattr(cache, "_enabled", True):
+    if sig in d.overloads or not _caches(d):
+        return True  # (a kernel numba does not cache: nothing to compile ahead)
+    cache = d._cache
+    if not getattr(cache, "_enabled", True):
         return False
     try:
         d.targetctx.refresh()
@@ -248,49 +283,106 @@ def _as_list(value: Any) -> Any:
 # ---- sharing out -----------------------------------------------------------------------
 
 
-def _cache_file_key(k: RecordedKernel) -> tuple[str, str, int]:
-    """Kernels that numba caches in one index file: the same function's source (closures
-    of one factory are keyed by their cells inside the file)."""
-    d = k.dispatcher()
-    f = getattr(d, "py_func", None)
-    if f is None:
-        return (k.module, k.name, -1)
-    return (f.__module__, f.__qualname__, f.__code__.co_firstlineno)
-
-
 def _shares(kernels: Sequence[RecordedKernel], processes: int) -> list[list[RecordedKernel]]:
-    """At most ``processes`` lists, longest-first onto the least loaded; one cache file's
-    kernels together. The first share is this process's."""
-    groups: dict[tuple[str, str, int], list[RecordedKernel]] = {}
-    for k in kernels:
-        groups.setdefault(_cache_file_key(k), []).append(k)
-    units = sorted(groups.values(), key=lambda g: -sum(k.seconds for k in g))
-    n = max(1, min(processes, len(units)))
+    """At most ``processes`` lists, longest-first onto the least loaded. The first share
+    is this process's."""
+    n = max(1, min(processes, len(kernels)))
     shares: list[list[RecordedKernel]] = [[] for _ in range(n)]
     load = [0.0] * n
-    for unit in units:
+    for k in sorted(kernels, key=lambda k: -k.seconds):
         i = min(range(n), key=lambda j: load[j])
-        shares[i].extend(unit)
         # (a process other than this one first imports agentloop: ~2 s)
-        load[i] += sum(k.seconds for k in unit) + (0.0 if i == 0 or load[i] else 2.0)
+        load[i] += k.seconds + (2.0 if i > 0 and not shares[i] else 0.0)
+        shares[i].append(k)
     return [s for s in shares if s] or [[]]
 
 
-class _Worker:
-    """A process compiling one share (``python -m agentloop.precompile --compile``, the
-    share's kernels and signatures on its stdin), its error output in a file (a pipe nobody reads while it runs
-    could fill up and stall it)."""
+@contextlib.contextmanager
+def _cache_saves_locked(lock: Path) -> Iterator[None]:
+    """numba's cache saves in this process hold ``lock`` (an inter-process lock on a file)
+    while the block runs. A save reads the function's index, picks the next free data
+    file and writes both: two processes saving one function's signatures at once could
+    lose an entry or point it at the other's machine code."""
+    from numba.core import caching
 
-    def __init__(self, share: Sequence[RecordedKernel]) -> None:
+    original = caching.IndexDataCacheFile.save
+
+    def save(self: Any, key: Any, data: Any) -> None:
+        with _locked(lock):
+            original(self, key, data)
+
+    caching.IndexDataCacheFile.save = save  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        caching.IndexDataCacheFile.save = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "r+b") as f:
+        if sys.platform == "win32":
+            import msvcrt
+
+            msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)  # (retries for 10 s; a save takes milliseconds)
+            try:
+                yield
+            finally:
+                f.seek(0)
+                msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+class _Worker:
+    """A process compiling one share: ``python -P -m agentloop.precompile --compile``,
+    importing this process's agentloop (its folder first on ``PYTHONPATH``; ``-P`` keeps
+    the working directory off the path, where another checkout may lie). The share goes
+    on its stdin as one line, and the pipe stays open while it runs: it exits at once
+    where the pipe closes early (this process killed). Its error output goes to a file,
+    not a pipe, which could fill and stall it."""
+
+    def __init__(self) -> None:
         self.log = tempfile.TemporaryFile()
-        self.process = subprocess.Popen([sys.executable, "-m", "agentloop.precompile", "--compile"],
-                                        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.log)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, share: Sequence[RecordedKernel], lock: Path) -> None:
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, *filter(None, [os.environ.get(
+            "PYTHONPATH")])])}
+        self.process = subprocess.Popen([sys.executable, "-P", "-m", "agentloop.precompile", "--compile",
+                                         "--lock", str(lock)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                        stderr=self.log, env=env)
         assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps([k.to_json() for k in share]).encode())
-        self.process.stdin.close()
+        self.process.stdin.write(json.dumps([k.to_json() for k in share]).encode() + b"\n")
+        self.process.stdin.flush()
 
     def wait(self) -> int:
-        return self.process.wait()
+        assert self.process is not None
+        code = self.process.wait()
+        self._close_stdin()
+        return code
+
+    def stop(self) -> None:
+        """Kill the process where it still runs, reap it, close its files."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.kill()
+            self.process.wait()
+            self._close_stdin()
+        self.log.close()
+
+    def _close_stdin(self) -> None:
+        assert self.process is not None
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
 
     def error_output(self, limit: int = 2000) -> str:
         """The end of what the process wrote to stderr (a traceback where it failed)."""
@@ -299,24 +391,50 @@ class _Worker:
 
     @property
     def returncode(self) -> int | None:
-        return self.process.returncode
+        return None if self.process is None else self.process.returncode
 
 
 @contextlib.contextmanager
-def _workers(shares: Sequence[Sequence[RecordedKernel]]) -> Iterator[list[_Worker]]:
-    """A worker for each share, killed on the way out where it still runs (an
-    interrupted wait: no process is left behind)."""
+def _workers(shares: Sequence[Sequence[RecordedKernel]], lock: Path) -> Iterator[list[_Worker]]:
+    """A worker for each share, stopped on the way out (an interrupted wait leaves no
+    process behind). A worker that cannot start (or takes no input) raises
+    ``KernelCompileError``."""
     workers: list[_Worker] = []
     try:
         for share in shares:
-            workers.append(_Worker(share))
+            workers.append(_Worker())  # (before it starts: a failed start still closes its files)
+            try:
+                workers[-1].start(share, lock)
+            except OSError as e:  # (BrokenPipeError too: a process that died at once)
+                raise KernelCompileError(f"could not start a process to compile kernels ({sys.executable}): {e}; "
+                                         "they compile at their first call instead") from e
         yield workers
     finally:
         for w in workers:
-            if w.process.poll() is None:
-                w.process.kill()
-                w.process.wait()
-            w.log.close()
+            w.stop()
+
+
+def _read_share() -> list[RecordedKernel]:
+    """In a worker: the share, the first line on stdin, read from the file descriptor
+    (Python's buffered stdin, read by the watch below as well, would hold a lock that a
+    daemon thread keeps at the interpreter's exit: a fatal error)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(0, 1 << 16)
+        if not chunk:
+            raise SystemExit("no share on stdin: the parent process is gone")
+        data += chunk
+    return [RecordedKernel.from_json(k) for k in json.loads(data)]
+
+
+def _watch_parent() -> None:
+    """In a worker: exit where the parent's end of stdin closes (the parent died)."""
+    def watch() -> None:
+        while os.read(0, 4096):
+            pass
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 # ---- recording ---------------------------------------------------------------------------
@@ -381,7 +499,8 @@ def _recording() -> dict[str, Any]:
         for name, key, holder in _kernel_globals(m):
             d = _as_dispatcher(holder)
             # (kernels called from Python only: one called only from kernels is compiled inside them)
-            if d is None or id(d) in seen or d.py_func.__module__ != module or id(d) not in by_function:
+            if (d is None or id(d) in seen or d.py_func.__module__ != module or id(d) not in by_function
+                    or not _caches(d)):
                 continue
             seen.add(id(d))
             sigs = [[_type_spec(t) for t in sig] for sig in d.signatures]
@@ -409,12 +528,16 @@ def _kernel_globals(m: Any) -> Iterator[tuple[str, Any, Any]]:
 def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m agentloop.precompile", description=__doc__.split("\n\n")[0])
     ap.add_argument("--compile", action="store_true", help="compile the kernels given on stdin (a worker)")
+    ap.add_argument("--lock", default=None, help="with --compile: the file locked around each cache save")
     ap.add_argument("--record", action="store_true",
                     help=f"record the kernels' signatures into {SIGNATURES_FILE} (runs the demo, fresh caches)")
     ap.add_argument("--record-here", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.compile:
-        _compile([RecordedKernel.from_json(k) for k in json.load(sys.stdin)])
+        share = _read_share()
+        _watch_parent()
+        with _cache_saves_locked(Path(args.lock)) if args.lock else contextlib.nullcontext():
+            _compile(share)
         return 0
     if args.record_here:  # (the recording's own process, its caches fresh)
         json.dump(_recording(), sys.stdout)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -61,18 +63,50 @@ def test_the_demo_kernels_include_the_denoising_step() -> None:
     assert {"_scan_sums_x", "_write_marginals", "_sample_tokens", "_subsets"} <= demo
 
 
-def test_shares_keep_a_cache_file_together_and_balance_the_rest() -> None:
+def test_shares_balance_the_recorded_seconds() -> None:
     kernels = pc.recorded_kernels()
     shares = pc._shares(kernels, 3)
     assert len(shares) == 3
     assert sorted((k.module, k.name, str(k.key)) for s in shares for k in s) == sorted(
         (k.module, k.name, str(k.key)) for k in kernels)
-    where = {pc._cache_file_key(k): i for i, s in enumerate(shares) for k in s}
-    for i, s in enumerate(shares):
-        assert all(where[pc._cache_file_key(k)] == i for k in s)
     loads = [sum(k.seconds for k in s) for s in shares]
     assert max(loads) - min(loads) <= max(k.seconds for k in kernels) + 2.0
     assert pc._shares(kernels[:1], 8) == [kernels[:1]]
+    assert 1 <= pc.default_processes() <= pc.MAX_PROCESSES
+
+
+def test_cache_saves_wait_for_the_lock(tmp_path: Path) -> None:
+    """While one process holds the lock, another's numba cache save waits: two processes
+    saving one function's index at once could lose an entry."""
+    (tmp_path / "tiny_kernel.py").write_text("import numba\n@numba.njit(cache=True)\ndef f(x):\n    return x + 1\n")
+    lock = tmp_path / "lock"
+    lock.touch()
+    code = f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import agentloop.precompile as pc
+        import tiny_kernel
+        print("ready", flush=True)
+        with pc._cache_saves_locked(pc.Path({str(lock)!r})):
+            tiny_kernel.f(1)
+        print("saved", flush=True)
+    """
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    with pc._locked(lock):
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, stdout=subprocess.PIPE,
+                                 text=True)
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "ready"
+            with pytest.raises(subprocess.TimeoutExpired):  # (compiling f takes ~0.2 s: it waits on the save)
+                child.wait(timeout=3)
+        except BaseException:
+            child.kill()
+            child.wait()
+            raise
+    assert child.wait(timeout=60) == 0
+    assert child.stdout.read().strip() == "saved"
+    assert list((tmp_path / "numba").rglob("*.nbi"))
 
 
 def test_a_failing_process_raises_with_its_error_and_the_others_finish(tmp_path: Path) -> None:
@@ -89,17 +123,21 @@ def test_a_failing_process_raises_with_its_error_and_the_others_finish(tmp_path:
             pc.precompile_kernels([good, bad], processes=2)
         except KernelCompileError as e:
             print("raised", "process 1, holding below_normal" in str(e), "Signature mismatch" in str(e))
-        print(len(pc.missing_kernels([step])))
     """
-    assert run_fresh(code, tmp_path).split() == ["raised", "True", "True", "0"]
+    assert run_fresh(code, tmp_path).split() == ["raised", "True", "True"]
+    # the other process's share is in the cache (a new process finds it there)
+    count = "import agentloop.precompile as pc; print(len(pc.missing_kernels([k for k in pc.recorded_kernels() " \
+            "if k.name == '_step'])))"
+    assert run_fresh(count, tmp_path).strip() == "0"
 
 
-def test_an_interrupted_precompile_leaves_no_process_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_interrupted_precompile_leaves_no_process_behind(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))  # (the worker's cache)
     started: list[pc._Worker] = []
     real = pc._Worker
 
-    def worker(share: list[pc.RecordedKernel]) -> pc._Worker:
-        started.append(real(share))
+    def worker() -> pc._Worker:
+        started.append(real())
         return started[-1]
 
     def interrupted(share: list[pc.RecordedKernel]) -> None:
@@ -107,11 +145,41 @@ def test_an_interrupted_precompile_leaves_no_process_behind(monkeypatch: pytest.
 
     monkeypatch.setattr(pc, "_Worker", worker)
     monkeypatch.setattr(pc, "_compile", interrupted)
+    t0 = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
         pc.precompile_kernels(small_kernels(), processes=2)
+    assert time.perf_counter() - t0 < 5  # (not waiting for the worker's compile)
     assert len(started) == 1
-    assert started[0].process.poll() is not None  # killed and reaped
-    assert started[0].log.closed
+    w = started[0]
+    assert w.process is not None and w.process.returncode == (-signal.SIGKILL if os.name == "posix" else 1)
+    assert w.log.closed
+
+
+def test_a_worker_whose_parent_died_ends_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parent's end of the worker's stdin closing (as when the parent is killed) ends
+    the worker at once, before its share's compiles."""
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    lock = tmp_path / "lock"
+    lock.touch()
+    w = pc._Worker()
+    try:
+        w.start(pc.recorded_kernels(), lock)  # (every kernel: minutes, were it to compile them)
+        assert w.process is not None and w.process.stdin is not None
+        w.process.stdin.close()
+        assert w.process.wait(timeout=60) == 3, w.error_output()
+    finally:
+        w.stop()
+
+
+def test_a_kernel_numba_does_not_cache_is_never_missing() -> None:
+    import numba
+
+    @numba.njit(cache=False)
+    def plus_one(x: int) -> int:
+        return x + 1
+
+    assert pc._cached(plus_one, (numba.int64,))
+    assert not pc._caches(plus_one)
 
 
 def test_nothing_to_do_where_nothing_is_missing() -> None:
@@ -158,7 +226,37 @@ def test_demo_goes_on_where_precompiling_fails(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(agentloop.cli, "_precompile", failing)
     r = CliRunner().invoke(agentloop.cli.main, ["demo", "--random", "--steps", "1", "--canvas", "16"])
     assert r.exit_code == 0, r.output
-    assert "warning: compiling kernels failed in 1 of 2 process(es): out of memory" in r.output
+    assert ("warning: precompiling kernels failed, they compile at their first calls instead: compiling kernels "
+            "failed in 1 of 2 process(es): out of memory") in r.output
+
+
+def test_cli_precompile_says_where_it_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    import agentloop.cli
+
+    def failing(kernels: list[pc.RecordedKernel], processes: int | None = None) -> None:
+        raise KernelCompileError("compiling kernels failed in 1 of 1 process(es): boom")
+
+    monkeypatch.setattr(pc, "missing_kernels", lambda kernels: small_kernels())
+    monkeypatch.setattr(pc, "precompile_kernels", failing)
+    r = CliRunner().invoke(agentloop.cli.main, ["precompile", "--processes", "8"])
+    assert r.exit_code == 1
+    assert "compiling 2 numba kernels for this CPU in 2 process(es): stopped after" in r.output
+    assert "error: compiling kernels failed in 1 of 1 process(es): boom" in r.output
+
+
+def test_cli_precompile_without_the_jit(tmp_path: Path) -> None:
+    code = """
+        from click.testing import CliRunner
+        from agentloop.cli import main
+        r = CliRunner().invoke(main, ["precompile"])
+        print(r.exit_code, r.output)
+    """
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.startswith("0 nothing to compile: numba's JIT is disabled"), out.stdout + out.stderr
 
 
 @pytest.mark.slow
