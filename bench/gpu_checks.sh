@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # What a short GPU lease runs, in one go (~6-9 minutes on an H200 after the machine's
-# start; the steps' limits add up to 570 s, inside one 600 s command): the GPU tests, the
-# constraint step's GPU figures at Gemma's 262k vocabulary, the step against a baseline
-# in one process (bench/constraint_ab.py --device cuda), and the device-DP probe. Results
-# land in bench/results/ as usual; logs, and each result as soon as its step ends, in
-# $OUT (the lease tool's folder) or runs/gpu_checks.
+# start; the steps' limits add up to 570 s, inside one 600 s command): the kernels'
+# compiles, the GPU tests, the constraint step's GPU figures at Gemma's 262k vocabulary,
+# the step against a baseline in one process (bench/constraint_ab.py --device cuda), and
+# the device-DP probe. Results land in bench/results/ as usual; logs, and each result as
+# soon as its step ends, in $OUT (the lease tool's folder) or runs/gpu_checks.
 #
 #   bench/gpu_checks.sh                    # baseline ad5e67a: the chunked atom reduction, before the tiles
 #   bench/gpu_checks.sh HEAD~3
@@ -20,10 +20,13 @@ mkdir -p "$out"
 base=${1:-ad5e67a}
 py=${PYTHON:-python3}
 keep() { cp "$@" "$out/" 2>/dev/null; }
+# the numba kernels first, in parallel over the machine's cores (~10 s on 16, against
+# ~40 s of compiles spread over the steps below, which then load them from the cache)
+timeout 30 "$py" -m agentloop.precompile 2>&1 | tee "$out/precompile.log"
 timeout 90 "$py" -m pytest -q -o addopts="" -m gpu tests/test_device_passes.py 2>&1 | tee "$out/gpu_tests.log"
 # --threads 0: the host's share of the step (the canvas DP) on numba's default threads, as
 # the engine runs it (session 17's H200 figures were taken on one: 3.6 of 7.4 ms at 1 tool)
-timeout 200 "$py" bench/constraint.py --tokenizers gemma3-262k --outlines-tools 0 --cuda-only --threads 0 2>&1 \
+timeout 170 "$py" bench/constraint.py --tokenizers gemma3-262k --outlines-tools 0 --cuda-only --threads 0 2>&1 \
     | tee "$out/constraint_cuda.log"
 keep bench/results/constraint_cuda.md bench/results/constraint_cuda.json
 timeout 200 "$py" bench/constraint_ab.py --baseline "$base" --device cuda --tokenizer gemma3-262k --tools 1 5 \
