@@ -20,8 +20,9 @@ mkdir -p "$out"
 base=${1:-ad5e67a}
 py=${PYTHON:-python3}
 keep() { cp "$@" "$out/" 2>/dev/null; }
-# the numba kernels first, in parallel over the machine's cores (~10 s on 16, against
-# ~40 s of compiles spread over the steps below, which then load them from the cache)
+# the numba kernels first, in parallel over the machine's cores (57 s of compiles on our
+# 2-core CPU, shared by 8 processes there; the steps below then load them from the cache
+# instead of compiling them inside their limits)
 timeout 30 "$py" -m agentloop.precompile 2>&1 | tee "$out/precompile.log"
 timeout 90 "$py" -m pytest -q -o addopts="" -m gpu tests/test_device_passes.py 2>&1 | tee "$out/gpu_tests.log"
 # --threads 0: the host's share of the step (the canvas DP) on numba's default threads, as
