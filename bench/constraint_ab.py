@@ -16,6 +16,7 @@ reassociated).
     python bench/constraint_ab.py --baseline HEAD~1 --tokenizer byte --tools 20 --logit-std 0.25   # flat logits
     python bench/constraint_ab.py --baseline HEAD~1 --after-forward   # each call right after a decoder forward
     python bench/constraint_ab.py --baseline HEAD~1 --device cuda --tokenizer gemma3-262k   # the GPU step
+    python bench/constraint_ab.py --baseline HEAD~1 --tools 20 --force-first 1000   # a call forced at position 0
 
 The default logits are N(0, 3): ~15 nats from a row's best to most of its tokens. A
 trained model's are far wider: the bundled model's rows span ~100 nats at its sampling
@@ -143,7 +144,7 @@ def timed_pair(ops: dict[str, Callable[[], Any]], repeats: int,
 
 
 def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std: float, peak: float,
-            after_forward: bool, device: str = "cpu", seed: int = 0) -> list[dict[str, Any]]:
+            after_forward: bool, device: str = "cpu", seed: int = 0, force_first: float = 0.0) -> list[dict[str, Any]]:
     tok, aliases = TOKENIZERS[tok_name]()
     tools = json.loads(SCHEMAS.read_text())[:n_tools]
     grammars = {"baseline": baseline.compile_tools(tools, tok, "gemma4", aliases=aliases),
@@ -154,6 +155,8 @@ def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std:
     if peak:  # one token per row that far above the row's best
         ahead = torch.randint(0, V, (L,), generator=gen)
         logits[torch.arange(L), ahead] = logits.max(dim=1).values + peak
+    if force_first:  # a call's first token that far above the rest at the first position
+        logits[0, tok.token_to_id("<|tool_call>")] = logits[0].max() + force_first
     logits = logits.to(device)  # on a GPU the vocabulary passes run there, the DP on the host
     before = None
     if after_forward:  # as the engine calls a step: right after the model's forward wrote the logits
@@ -223,6 +226,9 @@ def main() -> None:
     parser.add_argument("--peak", type=float, default=0.0,
                         help="raise one random token per row this many nats above the row's best (default 0: "
                              "none; 80 is like a trained model's confident rows)")
+    parser.add_argument("--force-first", type=float, default=0.0,
+                        help="raise the call's first token (<|tool_call>) at the first position this many nats above "
+                             "the row's best (default 0: none; from ~710 the row's other sums underflow)")
     parser.add_argument("--after-forward", action="store_true",
                         help="run the tiny model's decoder forward (bench/constraint.py's) before every timed call")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -241,9 +247,11 @@ def main() -> None:
         baseline = export_baseline(rev, Path(tmp))
         for n in args.tools:
             rows += compare(args.tokenizer, n, baseline, args.repeats or (30 if n < 20 else 5), args.logit_std,
-                            args.peak, args.after_forward, args.device)
+                            args.peak, args.after_forward, args.device, force_first=args.force_first)
     command = "python bench/constraint_ab.py " + " ".join(sys.argv[1:])
     peaked = f", one token per row {args.peak:g} nats ahead" if args.peak else ""
+    if args.force_first:
+        peaked += f", `<|tool_call>` {args.force_first:g} nats ahead at the first position"
     lines = report_header("Canvas constraint A/B", command,
                           f"{args.threads} torch/numba thread{'s' if args.threads > 1 else ''}; "
                           f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}"

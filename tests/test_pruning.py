@@ -349,12 +349,43 @@ def test_atoms_out_of_float64s_range_that_carry_weight_keep_the_step_in_log_spac
     x[0, best], x[0, first] = 0.0, -708.6
     sc = g._scores(x[None].numpy())
     assert sc.log_underflow(slice(0, L)) > -math.inf  # (some atom's sum underflowed)
+    gmax = dp.group_max(sc.amax, g._group_plan)
+    assert g._step_support(sc, slice(0, L), g.start_state, False, True, sums=True, gmax=gmax)[1:] == (False, False)
     whole = g.denoise_step(x, torch.Generator().manual_seed(0), prune=False)
     assert whole.log_marginals[0, first] > -1
     kept = g.denoise_step(x, torch.Generator().manual_seed(0))
     assert not kept.pruned
     torch.testing.assert_close(kept.log_marginals, whole.log_marginals)
     assert kept.argmax == whole.argmax and kept.sample == whole.sample
+
+
+@pytest.mark.parametrize("lead", [1000.0, 1e20])
+def test_atoms_out_of_range_that_weigh_nothing_keep_the_fast_passes_where_pruning_gives_up(btok, tools3, lead):
+    """Flat logits (every canvas alike: pruning gives up) with the call's first token
+    forced ``lead`` nats ahead at the first position, where the grammar allows it: the
+    other atoms' sums there underflow, but the canvases through them weigh e^-lead of
+    the rest, so the fast passes run over the whole support, where the step went to log
+    space before (5x slower at 20 tools). They give what log space gives (``prune=False``)
+    to the float32 terms' rounding."""
+    g = tools3
+    first = btok.token_to_id("<|tool_call>")
+    x = torch.randn(L, g.vocab.size, generator=torch.Generator().manual_seed(4)) * 0.1
+    x[0, first] = lead
+    sc = g._scores(x[None].numpy())
+    assert sc.log_underflow(slice(0, L)) > -math.inf  # (some atom's sum underflowed)
+    gmax = dp.group_max(sc.amax, g._group_plan)
+    sup, kept_cells, fast = g._step_support(sc, slice(0, L), g.start_state, False, True, sums=True, gmax=gmax)
+    assert (kept_cells, fast) == (False, True) and sup is g._support(L, g.start_state, False)
+    exact = g.denoise_step(x, torch.Generator().manual_seed(0), prune=False)  # (log space: the sums out of range)
+    step = g.denoise_step(x, torch.Generator().manual_seed(0))
+    assert not step.pruned and step.argmax == exact.argmax and g.accepts(step.sample)
+    assert step.sample[0] == first and step.argmax[0] == first
+    likely = exact.log_marginals > -30
+    assert torch.isfinite(step.log_marginals[likely]).all()
+    torch.testing.assert_close(step.log_marginals[likely], exact.log_marginals[likely], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step.entropy, exact.entropy, rtol=0, atol=1e-6)
+    torch.testing.assert_close(g.marginals(x)[likely], exact.log_marginals[likely], rtol=1e-5, atol=1e-5)
+    assert g.viterbi(x) == exact.argmax
 
 
 def test_masks_the_canvases_can_avoid_keep_a_log_space_step_pruned(btok, tools3):

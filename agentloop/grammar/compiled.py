@@ -1189,8 +1189,9 @@ class CompiledGrammar:
         whole support. The fast passes run where every atom's sum stayed in float64's
         range, or where those that fell out of it (low temperatures: an atom 708 nats
         below its row's best) weigh less than 2**-57 of the kept canvases
-        (``probable_support``'s ``log_lost``); else the caller goes to log space, over
-        the cells a sweep in log space keeps where it keeps few."""
+        (``probable_support``'s ``log_lost``), or, where pruning gave up, of the valid
+        canvases (``pruning.out_of_range_weighs_nothing``); else the caller goes to log
+        space, over the cells a sweep in log space keeps where it keeps few."""
         L = sl.stop - sl.start
         log_lost = sc.log_underflow(sl) if sums else -math.inf
         in_range = log_lost == -math.inf
@@ -1208,6 +1209,9 @@ class CompiledGrammar:
                                                 gmax=gmax, in_logs=True)
                 if kept is not None:
                     return kept, True, False
+                # (too many cells carry weight to prune, but the atoms out of range may weigh nothing)
+                in_range = pruning.out_of_range_weighs_nothing(to_finish, s0, self._out_edges, ref, sc.gsum[sl],
+                                                               sc.asum[sl], gmax, log_lost)
         return self._support(L, s0, partial), False, in_range
 
     def _to_finish(self, partial: bool) -> np.ndarray | None:

@@ -54,7 +54,8 @@ the canvases through any of them weigh at most (their count) x (that number) tog
 (the caller's ``log_lost``); where that is below 2**-57 of the kept canvases' weight,
 they are left out too, beside the cells the sweep leaves out under a cut of half the
 share (temperature 0.02, BPE 4k, 20 tools: 3.9 ms a step instead of 264 in log space
-over the whole support). Where the valid canvases weigh that little, those atoms may
+over the whole support). Where the sweep gives up, the same test against the greedy walk's
+weight lets the fast passes run over the whole support (``out_of_range_weighs_nothing``). Where the valid canvases weigh that little, those atoms may
 carry them, and where they weigh below ~e^-1148 of the best tokens' the sweep above
 gives up: the sweep then runs again in log space (a log-sum-exp an edge, no cut
 raised, the group sums' logs from ``log_canvas``), and the log-space passes run over
@@ -520,6 +521,26 @@ def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndar
     # (no mask: the passes over lists read none, and the log-space ones make theirs)
     no_mask = np.zeros((0, to_finish.shape[0]), np.uint8)
     return Support(offsets, states, no_mask, False, np.zeros((0, 0, 2), np.int32))
+
+
+def out_of_range_weighs_nothing(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndarray, np.ndarray, np.ndarray],
+                                ref: np.ndarray, gsum: np.ndarray, asum: np.ndarray, gmax: np.ndarray | None,
+                                log_lost: float) -> bool:
+    """Whether the canvases through atoms whose sums fell out of float64's range (the
+    caller's ``log_lost``, as in ``probable_support``) weigh less than 2**-57 of the valid
+    canvases' weight, which a greedy walk bounds from below: then the fast passes may run
+    over the whole support where pruning gave up, those canvases left out, as a pruned
+    step leaves them out (one token forced 1000 nats ahead at the first position, the
+    rest flat: 20 tools, BPE 4k, 0.12 s a step instead of 0.58 in log space). ``gmax``
+    only picks the walk's compiled signature (the one ``probable_support`` took)."""
+    L = ref.shape[0]
+    with np.errstate(divide="ignore"):
+        log_norm = np.log(asum.sum(axis=1))  # (L,)
+    if not (to_finish[start] <= L and np.isfinite(ref).all() and np.isfinite(log_norm).all()):
+        return False
+    gmax_ = gmax if gmax is not None else np.zeros((L, 0), np.float64)
+    log_m = greedy_bounds(gsum, gmax_, ref, log_norm, to_finish, start, *out_edges, False, False)[0]
+    return bool(log_lost <= log_m + math.log(LOST_SHARE / 2))
 
 
 class PruningSchedule:
