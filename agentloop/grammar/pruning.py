@@ -54,9 +54,10 @@ the canvases through any of them weigh at most (their count) x (that number) tog
 (the caller's ``log_lost``); where that is below 2**-57 of the kept canvases' weight,
 they are left out too, beside the cells the sweep leaves out under a cut of half the
 share (temperature 0.02, BPE 4k, 20 tools: 3.9 ms a step instead of 264 in log space
-over the whole support). Where the sweep gives up, the same test against the greedy walk's
-weight lets the fast passes run over the whole support (``out_of_range_weighs_nothing``). Where the valid canvases weigh that little, those atoms may
-carry them, and where they weigh below ~e^-1148 of the best tokens' the sweep above
+over the whole support). Where the sweep gives up, the same test against the greedy
+walk's weight lets the fast passes run over the whole support
+(``out_of_range_weighs_nothing``). Where the valid canvases weigh that little, those
+atoms may carry them, and where they weigh below ~e^-1148 of the best tokens' the sweep above
 gives up: the sweep then runs again in log space (a log-sum-exp an edge, no cut
 raised, the group sums' logs from ``log_canvas``), and the log-space passes run over
 its kept cells (random logits at temperature 0.01, 20 tools: ~15 ms a step against
