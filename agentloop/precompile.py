@@ -203,11 +203,9 @@ def _cached(d: Any, sig: tuple[Any, ...]) -> bool:
     (its index names it: what ``Dispatcher.compile`` looks up first). numba has no public
     test for a cached signature: where its cache's internals differ from numba 0.60-0.68's,
     the entry is loaded instead, as a first call would."""
-    if sig in d.overloads or not _caches(d):
-        return True  # (a kernel numba does not cache: nothing to compile ahead)
-    cache = d._cache
-    if not getattr(cache, "_enabled", True):
-        return False
+    cache = getattr(d, "_cache", None)
+    if sig in d.overloads or not _caches(d) or not getattr(cache, "_enabled", True):
+        return True  # (a kernel numba does not cache: what a process compiled ahead would be lost)
     try:
         d.targetctx.refresh()
         key = cache._index_key(sig, d.targetctx.codegen())
