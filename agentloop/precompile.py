@@ -536,7 +536,9 @@ def _kernel_globals(m: Any) -> Iterator[tuple[str, Any, Any]]:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m agentloop.precompile", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m agentloop.precompile",
+                                 description=__doc__.split("\n\n")[0] + " Without options: compile the recorded "
+                                 "kernels numba's cache lacks (as `agentloop precompile`).")
     ap.add_argument("--compile", action="store_true", help="compile the kernels given on stdin (a worker)")
     ap.add_argument("--lock", default=None, help="with --compile: the file locked around each cache save")
     ap.add_argument("--record", action="store_true",
