@@ -20,7 +20,7 @@ mkdir -p "$out"
 base=${1:-ad5e67a}
 py=${PYTHON:-python3}
 keep() { cp "$@" "$out/" 2>/dev/null; }
-# the numba kernels first, in parallel over the machine's cores (57 s of compiles on our
+# the numba kernels first, in parallel over the machine's cores (71 s of compiles on our
 # 2-core CPU, shared by 8 processes there; the steps below then load them from the cache
 # instead of compiling them inside their limits)
 timeout 30 "$py" -m agentloop.precompile 2>&1 | tee "$out/precompile.log"
