@@ -463,17 +463,17 @@ def _record_workload() -> Iterator[str]:
     finally:
         cli._precompile_first_run = first_run
     yield "demo"
+    g = compile_tools(DEMO_TOOLS, byte_tokenizer(), "gemma4")
+    big = compile_tools(json.loads((SIGNATURES_FILE.parent / "tool_schemas.json").read_text())[:20],
+                        byte_tokenizer(), "gemma4")
+    logits = torch.randn(64, g.stats.vocab_size, generator=torch.Generator().manual_seed(0))
+    flat = torch.zeros(256, big.stats.vocab_size)  # (every canvas alike: pruning gives up)
     for threads in sorted({1, nb.config.NUMBA_NUM_THREADS}):
         nb.set_num_threads(threads)
-        g = compile_tools(DEMO_TOOLS, byte_tokenizer(), "gemma4")
-        logits = torch.randn(64, g.stats.vocab_size, generator=torch.Generator().manual_seed(0))
         g.viterbi(logits)
         g.sample(logits)
         g.marginals(logits)
         g.marginals(logits[None].expand(2, -1, -1))
-        big = compile_tools(json.loads((SIGNATURES_FILE.parent / "tool_schemas.json").read_text())[:20],
-                            byte_tokenizer(), "gemma4")
-        flat = torch.zeros(256, big.stats.vocab_size)  # (every canvas alike: pruning gives up)
         big.denoise_step(flat, prune=False)
         big.denoise_step(flat)
     yield "grammar API"

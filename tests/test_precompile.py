@@ -27,10 +27,10 @@ def small_kernels() -> list[pc.RecordedKernel]:
     return kernels
 
 
-def run_fresh(code: str, cache: Path, *args: str, grammars: Path | None = None) -> str:
+def run_fresh(code: str, cache: Path, *args: str, grammars: Path | None = None, **env_vars: str) -> str:
     """``code`` in a new Python process whose numba cache is ``cache`` (and agentloop's
-    grammar cache ``grammars``); -> its stdout."""
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
+    grammar cache ``grammars``; more environment in ``env_vars``); -> its stdout."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache), **env_vars}
     if grammars is not None:
         env["AGENTLOOP_CACHE_DIR"] = str(grammars)
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=env, capture_output=True,
@@ -211,7 +211,8 @@ def test_cli_precompile_fills_a_fresh_cache_from_two_processes(tmp_path: Path) -
     lines = run_fresh(code, tmp_path / "numba").strip().splitlines()
     assert lines[0].startswith("compiled 2 kernels in 2 process(es)"), lines
     assert lines[1].startswith("nothing to compile"), lines
-    count = f"import agentloop.precompile as pc; print(len(pc.missing_kernels(pc.recorded_kernels({str(recording)!r}))))"
+    count = ("import agentloop.precompile as pc; "
+             f"print(len(pc.missing_kernels(pc.recorded_kernels({str(recording)!r}))))")
     assert run_fresh(count, tmp_path / "numba").strip() == "0"
 
 
@@ -253,10 +254,8 @@ def test_cli_precompile_without_the_jit(tmp_path: Path) -> None:
         r = CliRunner().invoke(main, ["precompile"])
         print(r.exit_code, r.output)
     """
-    env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.stdout.startswith("0 nothing to compile: numba's JIT is disabled"), out.stdout + out.stderr
+    out = run_fresh(code, tmp_path, NUMBA_DISABLE_JIT="1")
+    assert out.startswith("0 nothing to compile: numba's JIT is disabled"), out
 
 
 @pytest.mark.slow

@@ -442,6 +442,19 @@ def _below_rounding(log_p: float) -> float:
     return log_p - 1e-6 * (1.0 + abs(log_p))
 
 
+def _log_normalisers(to_finish: np.ndarray, start: int, ref: np.ndarray, asum: np.ndarray | None
+                     ) -> np.ndarray | None:
+    """(L,) the log of each position's normaliser (the atoms' sums ``asum`` (L, K) added
+    up; 0 without sums), or None where neither a walk nor a sweep can run: the canvas
+    cannot finish in L tokens from ``start``, or a position has no allowed finite logit."""
+    L = ref.shape[0]
+    with np.errstate(divide="ignore"):  # (a position without an allowed finite logit: caught below)
+        log_norm = np.log(asum.sum(axis=1) if asum is not None else np.ones(L))  # (L,)
+    if not (to_finish[start] <= L and np.isfinite(ref).all() and np.isfinite(log_norm).all()):
+        return None
+    return log_norm
+
+
 def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndarray, np.ndarray, np.ndarray],
                      ref: np.ndarray, gsum: np.ndarray | None = None, asum: np.ndarray | None = None,
                      gmax: np.ndarray | None = None, log_lost: float = -math.inf,
@@ -465,9 +478,8 @@ def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndar
     """
     want_sum, want_max = gsum is not None, gmax is not None
     L = ref.shape[0]
-    with np.errstate(divide="ignore"):  # (a position without an allowed finite logit: caught below)
-        log_norm = np.log(asum.sum(axis=1) if asum is not None else np.ones(L))  # (L,)
-    if not (to_finish[start] <= L and np.isfinite(ref).all() and np.isfinite(log_norm).all()):
+    log_norm = _log_normalisers(to_finish, start, ref, asum)
+    if log_norm is None:
         return None
     none = np.zeros((L, 0), np.float64)
     gsum_ = gsum if gsum is not None else none
@@ -535,9 +547,8 @@ def out_of_range_weighs_nothing(to_finish: np.ndarray, start: int, out_edges: tu
     rest flat: 20 tools, BPE 4k, 0.12 s a step instead of 0.58 in log space). ``gmax``
     only picks the walk's compiled signature (the one ``probable_support`` took)."""
     L = ref.shape[0]
-    with np.errstate(divide="ignore"):
-        log_norm = np.log(asum.sum(axis=1))  # (L,)
-    if not (to_finish[start] <= L and np.isfinite(ref).all() and np.isfinite(log_norm).all()):
+    log_norm = _log_normalisers(to_finish, start, ref, asum)
+    if log_norm is None:
         return False
     gmax_ = gmax if gmax is not None else np.zeros((L, 0), np.float64)
     log_m = greedy_bounds(gsum, gmax_, ref, log_norm, to_finish, start, *out_edges, False, False)[0]
