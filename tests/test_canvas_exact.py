@@ -241,13 +241,32 @@ def test_marginals_write_into_out(grammar):
 
 
 @pytest.mark.parametrize("op", ["denoise_step", "marginals"])
-@pytest.mark.parametrize("bad", ["shape", "dtype", "strided"])
+@pytest.mark.parametrize("bad", ["shape", "dtype", "strided", "grad"])
 def test_an_out_that_cannot_take_the_marginals_is_refused(grammar, bad, op):
     logits = torch.randn(6, grammar.vocab.size, generator=torch.Generator().manual_seed(2))
     out = {"shape": torch.empty(5, grammar.vocab.size), "dtype": torch.empty(6, grammar.vocab.size, dtype=torch.float64),
-           "strided": torch.empty(grammar.vocab.size, 6).T}[bad]
-    with pytest.raises(GrammarInputError, match=r"out must be a contiguous float32 tensor of shape \(6, "):
+           "strided": torch.empty(grammar.vocab.size, 6).T,
+           "grad": torch.empty(6, grammar.vocab.size, requires_grad=True)}[bad]
+    match = "out requires grad" if bad == "grad" else r"out must be a contiguous float32 tensor of shape \(6, "
+    with pytest.raises(GrammarInputError, match=match):
         getattr(grammar, op)(logits, out=out)
+
+
+@pytest.mark.parametrize("op", ["denoise_step", "marginals"])
+def test_the_marginals_can_be_written_over_the_logits(grammar, op):
+    """``out`` may be the logits' own memory, as torch's ``out=`` allows. With the stop
+    token masked with float32's lowest at every position (a mask each canvas passes
+    once), the rows that need the masks' stand-ins are read again after the write: they
+    were read from the marginals already written there (off by up to 16 nats)."""
+    logits = torch.randn(6, grammar.vocab.size, generator=torch.Generator().manual_seed(7))
+    logits[:, grammar.vocab.stop_id] = -3.4e38
+    want = grammar.marginals(logits)
+    buffer = logits.clone()
+    got = getattr(grammar, op)(buffer, out=buffer)
+    got = got if op == "marginals" else got.log_marginals
+    assert got.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(got, want)
+    np.testing.assert_allclose(got.exp().sum(-1).numpy(), 1.0, rtol=1e-5)
 
 
 def test_allowed_tokens_far_below_a_forbidden_one_do_not_underflow():
@@ -298,6 +317,44 @@ def test_nan_logits_never_allowed_are_ignored_and_allowed_ones_are_named():
     for op in (g.sample, g.marginals, g.denoise_step):
         with pytest.raises(GrammarInputError, match="canvas 1 position 3"):
             op(logits)
+
+
+def test_a_plus_infinity_logit_at_an_allowed_token_is_refused_by_every_op():
+    """+inf (a float16 model's overflow) at a token the grammar allows would be the score
+    of every canvas through it: Viterbi returned one of them, whatever the other rows'
+    logits. Every op refuses it, naming the position; at a token never allowed it
+    changes nothing, and a huge finite logit forces its token."""
+    tok = word_tokenizer(TOKENS + ["x"])
+    g = compile_schema(SCHEMA, tok)
+    logits = torch.randn(5, g.vocab.size, generator=torch.Generator().manual_seed(8))
+    best = g.viterbi(logits)
+    never = logits.clone()
+    never[2, tok.token_to_id("x")] = math.inf
+    assert g.viterbi(never) == best
+    forced = logits.clone()
+    forced[3, best[3]] = 1e20
+    assert g.viterbi(forced) == best
+    forced[3, best[3]] = math.inf
+    for op in (g.viterbi, g.sample, g.marginals, g.denoise_step):
+        with pytest.raises(GrammarInputError, match="canvas 0 position 3"):
+            op(forced)
+
+
+@pytest.mark.parametrize("bad", ["scalar", "float", "sparse"])
+def test_logits_that_are_no_canvas_are_refused_by_name(grammar, bad):
+    logits = {"scalar": torch.tensor(1.0), "float": 1.0,
+              "sparse": torch.randn(5, grammar.vocab.size).to_sparse()}[bad]
+    match = "dense tensor, got layout torch.sparse_coo" if bad == "sparse" else r"got a scalar|got shape \(\)"
+    for op in (grammar.viterbi, grammar.marginals):
+        with pytest.raises(GrammarInputError, match=match):
+            op(logits)
+
+
+@pytest.mark.parametrize("ids", [None, 5, "[1]"])
+def test_token_ids_that_are_no_sequence_are_refused_by_name(grammar, ids):
+    for op in (grammar.parse, grammar.accepts, grammar.state_after):
+        with pytest.raises(GrammarInputError, match="token ids must be a sequence of ints"):
+            op(ids)
 
 
 def test_minus_infinity_logits_give_finite_entropies_or_a_clear_error(grammar):

@@ -10,7 +10,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, NamedTuple, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence, TypeVar
 
 import numba
 import numpy as np
@@ -72,9 +72,13 @@ def _check_logits_tensor(t: torch.Tensor) -> None:
         raise GrammarInputError(f"logits must be real numbers, got a {t.dtype} tensor")
     if t.device.type == "meta":
         raise GrammarInputError("the logits are on the meta device, which holds no values")
+    if t.layout != torch.strided:
+        raise GrammarInputError(f"logits must be a dense tensor, got layout {t.layout}: pass logits.to_dense()")
 
 
 def _as_numpy(logits: Any) -> np.ndarray:
+    if getattr(logits, "ndim", None) == 0 or isinstance(logits, (int, float)):
+        raise GrammarInputError(f"logits must be an (L, V) or (B, L, V) tensor or array, got a scalar {logits!r}"[:200])
     if isinstance(logits, torch.Tensor):
         t = logits.detach()
         _check_logits_tensor(t)
@@ -87,6 +91,16 @@ def _as_numpy(logits: Any) -> np.ndarray:
     if a.dtype.kind not in "fiu":
         raise GrammarInputError(f"logits must be real numbers, got an array of {a.dtype}")
     return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _evict_oldest(cache: dict[Any, Any]) -> None:
+    """Drop a per-grammar cache's oldest entry. Threads share a grammar without a lock
+    around its caches: another one may have dropped that entry, or be changing the dict,
+    and the cache then simply stays a little fuller."""
+    try:
+        cache.pop(next(iter(cache)), None)
+    except (RuntimeError, StopIteration):  # (changed during the iteration, or emptied)
+        pass
 
 
 def _check_generator(generator: Any) -> None:
@@ -572,6 +586,8 @@ class CompiledGrammar:
     @staticmethod
     def _token_ids(ids: Any) -> list[int]:
         """A flat list of token ids from a list, numpy array or tensor, checked."""
+        if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
+            raise GrammarInputError(f"token ids must be a sequence of ints, got {type(ids).__name__} {ids!r}"[:200])
         if isinstance(ids, (torch.Tensor, np.ndarray)):
             if ids.ndim != 1:
                 raise GrammarInputError(f"token ids must be one flat sequence, got shape {tuple(ids.shape)}")
@@ -607,7 +623,9 @@ class CompiledGrammar:
         ``prune`` skips the lattice cells the best canvas cannot pass (see
         ``grammar.pruning``; the same canvas either way). A nan logit counts as -inf here,
         as in ``max()`` (``sample``, ``marginals`` and ``denoise_step``, whose sums it
-        would poison, refuse it with ``GrammarInputError``).
+        would poison, refuse it with ``GrammarInputError``). A +inf logit at a token the
+        grammar allows is refused with ``GrammarInputError``, as by the other ops: every
+        canvas through it would score +inf, whatever its other logits.
         """
         xs, batched = self._prepare(logits)
         B, L, V = xs.shape
@@ -805,20 +823,29 @@ class CompiledGrammar:
                 block_sums = np.empty((B * L, atoms.blocks[-1]), np.float32)
             rowmax, asum, asumx, amax, aarg = dp.reduce_atoms(flat, atoms, want_sum, want_x, block_sums)
         # (every term is at most 1 from the row's best: a sum that is not finite comes from
-        # a nan or +inf logit, whichever pass computed it)
+        # a nan or +inf logit, whichever pass computed it; without the sums a nan counts as
+        # -inf, as in max(), but a +inf would be every canvas's score through it)
         if want_sum and not np.isfinite(asum).all():
-            rows = np.flatnonzero(~np.isfinite(asum).all(axis=1))
-            where = ", ".join(f"canvas {n // L} position {n % L}" for n in rows[:5].tolist())
-            first = flat[int(rows[0])]
-            first = first.cpu().numpy() if isinstance(first, torch.Tensor) else first
-            bad = np.flatnonzero(~(first < np.inf) & (self._atom_of(V) >= 0))  # (nan fails the test too)
-            raise GrammarInputError(
-                f"the logits are nan or +inf at a token the grammar allows somewhere on a canvas (at {where}"
-                f"{', ...' if rows.size > 5 else ''}; {rows.size} position(s) in all; the first at token(s) "
-                f"{bad[:5].tolist()}): every such logit is refused, not only where the token may go. A model "
-                "overflowing in float16 or bfloat16 gives such logits")
+            self._refuse_logits(flat, np.flatnonzero(~np.isfinite(asum).all(axis=1)), L, V, "nan or +inf")
+        if not want_sum and np.isposinf(amax).any():
+            self._refuse_logits(flat, np.flatnonzero(np.isposinf(amax).any(axis=1)), L, V, "+inf")
         gsum = dp.group_sums(asum, self._group_plan) if want_sum else np.zeros((B * L, 0))
         return _Scores(flat, rowmax, asum, asumx, amax, aarg, gsum, block_sums, rowmax_dev)
+
+    def _refuse_logits(self, flat: Any, rows: np.ndarray, L: int, V: int, what: str) -> None:
+        """Raise the error for ``rows`` of ``flat`` (B * L, V) that hold a nan or +inf logit
+        at a token the grammar allows."""
+        where = ", ".join(f"canvas {n // L} position {n % L}" for n in rows[:5].tolist())
+        first = flat[int(rows[0])]
+        first = first.cpu().numpy() if isinstance(first, torch.Tensor) else first
+        hit = (first == np.inf) if what == "+inf" else ~(first < np.inf)  # (nan fails the test too)
+        bad = np.flatnonzero(hit & (self._atom_of(V) >= 0))
+        raise GrammarInputError(
+            f"the logits are {what} at a token the grammar allows somewhere on a canvas (at {where}"
+            f"{', ...' if rows.size > 5 else ''}; {rows.size} position(s) in all; the first at token(s) "
+            f"{bad[:5].tolist()}): every such logit is refused, not only where the token may go. A model "
+            "overflowing in float16 or bfloat16 gives such logits, as do float64 logits beyond float32's range "
+            "(a huge finite logit, such as 1e20, forces its token instead)")
 
     def _sample_one(self, sc: "_Scores", sl: slice, sup: dp.Support, passes: _Passes, s0: int, partial: bool,
                     prune: bool, uniforms: np.ndarray) -> list[int]:
@@ -1010,10 +1037,13 @@ class CompiledGrammar:
         return torch.from_numpy(host).view(B, L, V) if out is None else out.view(B, L, V)
 
     @staticmethod
-    def _check_out(out: Any, xs: Any, batched: bool) -> None:
+    def _check_out(out: Any, xs: Any, batched: bool) -> Any:
         """``out`` must take the marginals as they are computed: the shape of the logits as
         given (``xs`` is them as (B, L, V), ``batched`` whether they came so), float32,
-        contiguous, on the device the vocabulary passes run on."""
+        contiguous, on the device the vocabulary passes run on, outside autograd. -> the
+        logits to read: ``xs``, or a copy of it where ``out`` shares its memory (the
+        marginals written over the logits, as torch's ``out=`` allows): rows that need
+        the masks' stand-ins are read again after the write."""
         shape = tuple(xs.shape if batched else xs.shape[1:])
         device = xs.device if isinstance(xs, torch.Tensor) else torch.device("cpu")
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or out.dtype != torch.float32 \
@@ -1021,6 +1051,13 @@ class CompiledGrammar:
             got = (f"{tuple(out.shape)} {out.dtype} on {out.device}{'' if out.is_contiguous() else ', not contiguous'}"
                    if isinstance(out, torch.Tensor) else type(out).__name__)
             raise GrammarInputError(f"out must be a contiguous float32 tensor of shape {shape} on {device}; got {got}")
+        if out.requires_grad:
+            raise GrammarInputError("out requires grad: the marginals are written into it outside autograd; pass a "
+                                    "tensor made under torch.no_grad() or detached")
+        if isinstance(xs, torch.Tensor):
+            shared = out.untyped_storage().data_ptr() == xs.untyped_storage().data_ptr()
+            return xs.clone() if shared else xs
+        return xs.copy() if np.may_share_memory(out.numpy(), xs) else xs
 
     @_holding_messages
     def sample(self, logits: Any, generator: torch.Generator | None = None,
@@ -1069,7 +1106,7 @@ class CompiledGrammar:
         xs, batched = self._prepare(logits)
         B, L, V = xs.shape
         if out is not None:
-            self._check_out(out, xs, batched)
+            xs = self._check_out(out, xs, batched)
         sc = self._scores(xs, want_x=return_entropy)
         F: list[np.ndarray | None] = []  # each canvas's atom factors (L, K) (None: taken in log space)
         in_log_space: dict[int, _LogCanvas] = {}  # canvas -> its log F, where the sums left float64's range
@@ -1122,7 +1159,7 @@ class CompiledGrammar:
         xs, batched = self._prepare(logits)
         B, L, V = xs.shape
         if out is not None:
-            self._check_out(out, xs, batched)
+            xs = self._check_out(out, xs, batched)
         sc = self._scores(xs, want_x=True)
         gmax, amax, moved = self._viterbi_scores(sc)
         prune = prune and not moved
@@ -1176,7 +1213,7 @@ class CompiledGrammar:
             if hit.offsets[1] == 0:  # the start state is on no valid canvas
                 raise NoValidCanvasError(self._no_canvas_message(length, state, partial))
             if len(self._support_cache) >= 16:
-                self._support_cache.pop(next(iter(self._support_cache)))
+                _evict_oldest(self._support_cache)
             self._support_cache[key] = hit
         return hit
 
@@ -1235,7 +1272,7 @@ class CompiledGrammar:
                 atoms[ta.group_atoms[ta.group_offsets[g]:ta.group_offsets[g + 1]]] = True
             hit = atoms[np.where(ta.atom_of_token >= 0, ta.atom_of_token, ta.n_atoms)]
             if len(self._allowed_cache) >= 4096:
-                self._allowed_cache.pop(next(iter(self._allowed_cache)))
+                _evict_oldest(self._allowed_cache)
             self._allowed_cache[q] = hit
         return hit
 
