@@ -158,3 +158,29 @@ def test_a_pattern_whose_subset_construction_blows_up_compiles_or_is_refused_in_
         compile_schema({"type": "object", "properties": {"k": {"type": "string", "pattern": "^(a|b)*a(a|b){16}$"}}},
                        tok, "json")
     assert issubclass(AutomatonTooLarge, SchemaError)
+
+
+@pytest.mark.parametrize("as_tool", [False, True])
+def test_an_automaton_too_large_names_the_nest_of_counted_repeats_that_grew_it(monkeypatch, as_tool):
+    """A list of bounded strings is maxItems x maxLength counted characters, each several
+    states: past the budget (lowered here) the error names that nest, outermost first,
+    where it had named the root and blamed patterns the schema does not have."""
+    from agentloop.errors import AutomatonTooLarge
+    from agentloop.grammar import byte_tokenizer, compile_schema, compile_tools
+
+    monkeypatch.setattr(fsa, "MAX_SUBSET_STATES", 20_000)
+    monkeypatch.setattr(fsa, "_BLOWUP_STATES", 5_000)
+    schema = {"type": "object", "properties": {
+        "title": {"type": "string", "maxLength": 60},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+        "notes": {"type": "array", "items": {"type": "string", "maxLength": 60}, "maxItems": 40}}}
+    where = "/tools/0/parameters" if as_tool else ""
+    with pytest.raises(AutomatonTooLarge) as caught:
+        if as_tool:
+            compile_tools([{"name": "log", "parameters": schema}], byte_tokenizer(), "json")
+        else:
+            compile_schema(schema, byte_tokenizer(), "json")
+    e = caught.value
+    assert (e.keyword, e.pointer) == ("maxItems", f"{where}/properties/notes/maxItems")
+    assert "maxItems 40 at '/properties/notes', maxLength 60 at '/properties/notes/items' (2,400 counted" in str(e)
+    assert "grows past 20,000 states" in str(e) and "pattern" not in str(e)

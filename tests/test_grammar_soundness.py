@@ -268,6 +268,19 @@ def test_float_multiples_follow_jsonschemas_division(btok, wire_format):
     assert compile_schema({"type": "integer", "multipleOf": 1e-08}, btok, wire_format).accepts_json(12391239123)
 
 
+@pytest.mark.parametrize("m", [0.1, 0.2, 0.05, 0.025])
+def test_a_float_multiple_whose_reciprocal_is_off_by_half_an_ulp_holds_every_integer(btok, m):
+    """0.1 is 10 * (1 + 2**-54) to the double: n / 0.1 then lies under half an ulp from
+    10 n and rounds to it, for every integer n. The test of that error compared it with
+    Decimal(2) ** -54 rounded to 28 digits, below the error itself, and refused these."""
+    schema = {"type": "integer", "multipleOf": m}
+    g = compile_schema(schema, btok, "json")
+    v = jsonschema.Draft202012Validator(schema)
+    for n in [0, 1, -3, 7, 12345, 2**52 + 1, -(2**53) + 1]:
+        assert g.accepts_json(n) and v.is_valid(n), n
+    assert not g.accepts_json(0.5)
+
+
 @pytest.mark.parametrize("wire_format", WIRE_FORMATS)
 def test_a_negated_whole_float_multiple_takes_the_other_integers(btok, wire_format):
     """The over language (what ``not`` takes away) dropped a float multipleOf entirely, so

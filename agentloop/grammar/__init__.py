@@ -29,7 +29,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from ..errors import SchemaError
+from ..errors import AutomatonTooLarge, SchemaError
 from . import cache as disk_cache
 from . import charset as cs
 from .copy import (FIXED_HOLE_KINDS, HOLE_SYMBOLS, STRING_NUMBERS_HOLE, TEXT_NUMBERS_HOLE, HolesExhausted,
@@ -185,7 +185,7 @@ def _tail(wf: WireFormat, vocab: Vocabulary) -> Node:
 
 
 def _compile(node_fn: Any, key_parts: Any, vocab: Vocabulary, kind: str, tools: Sequence[Any],
-             persist: bool = True) -> CompiledGrammar:
+             persist: bool = True, too_large: Any = None) -> CompiledGrammar:
     # The wire format's file text is part of the key: editing grammars/*.toml invalidates.
     # Keys keep the schema's own order (no sort_keys): the grammar writes properties in
     # their schema order, and canonical objects in the document's order of first mention.
@@ -202,7 +202,10 @@ def _compile(node_fn: Any, key_parts: Any, vocab: Vocabulary, kind: str, tools: 
         dfa, automaton = cached
     else:
         made = node_fn()  # an expression, or an automaton already built (spliced copies)
-        dfa = made if isinstance(made, Dfa) else to_dfa(made, vocab.wire_format.n_symbols)
+        try:
+            dfa = made if isinstance(made, Dfa) else to_dfa(made, vocab.wire_format.n_symbols)
+        except AutomatonTooLarge as e:  # (``too_large`` names what in the schema grew it)
+            raise (too_large(e) if too_large is not None else e) from None
         if dfa.is_empty():
             raise SchemaError("the schema admits no value at all (its constraints contradict each other)")
         automaton = build_token_automaton(dfa, vocab)
@@ -253,12 +256,14 @@ def compile_schema(
     wf = _wire_format_and_options(wire_format, options)
     vocab = _vocabulary(tokenizer, wf, stop_token, pad_token, aliases)
 
+    compilers: list[SchemaCompiler] = []  # (made on a cache miss only)
+
     def node() -> Node:
-        value = SchemaCompiler(schema, wf, options).node()
-        return seq(value, literal(wf.lit("end")), _tail(wf, vocab))
+        compilers.append(SchemaCompiler(schema, wf, options))
+        return seq(compilers[0].node(), literal(wf.lit("end")), _tail(wf, vocab))
 
     return _compile(node, ["value", schema, wf.name, wf.source, repr(options)], vocab, "value", (),
-                    persist=not options.copy_sources)
+                    persist=not options.copy_sources, too_large=lambda e: compilers[0].too_large(e))
 
 
 def check_schema(schema: Mapping[str, Any] | bool, wire_format: str | WireFormat = "gemma4", *,
@@ -451,11 +456,14 @@ def _arguments_dfa(t: ToolSchema, index: int, wf: WireFormat, options: SchemaOpt
     def make() -> Any:
         try:
             # a call's arguments are an object even where the schema leaves the type out
-            schema = {**t.parameters, "type": "object"}
-            return to_dfa(SchemaCompiler(schema, wf, options).node(), wf.n_symbols)
-        except SchemaError as e:
-            raise SchemaError(f"tool {t.name!r}: {e.message}", keyword=e.keyword,
-                              pointer=f"/tools/{index}/parameters{e.pointer}") from None
+            compiler = SchemaCompiler({**t.parameters, "type": "object"}, wf, options)
+            try:
+                return to_dfa(compiler.node(), wf.n_symbols)
+            except AutomatonTooLarge as e:
+                raise compiler.too_large(e) from None
+        except SchemaError as e:  # (of its own class: PatternError, AutomatonTooLarge)
+            raise type(e)(f"tool {t.name!r}: {e.message}", keyword=e.keyword,
+                          pointer=f"/tools/{index}/parameters{e.pointer}") from None
 
     return _memoised(_args_cache, [t.parameters, wf.name, wf.source, repr(options)], 256, make)
 

@@ -46,6 +46,7 @@ import referencing.exceptions
 from ..errors import AutomatonTooLarge, SchemaError
 from . import charset as cs
 from . import numbers
+from . import fsa
 from .fsa import (
     EMPTY,
     NEVER,
@@ -415,12 +416,19 @@ def _looser_hi(a: _Side | None, b: _Side | None) -> _Side | None:
     return a[0], a[1] or b[1]
 
 
+#: 2**-54 exactly (a float's Decimal is exact; Decimal(2) ** -54 rounds to 28 digits,
+#: below it, and refused 0.1, whose reciprocal error is 2**-54 itself)
+_HALF_ULP = Decimal(2.0**-54)
+
+
 def _reciprocal_error(m: float, dm: Decimal) -> Decimal | None:
     """|d| where 1 / m (read as the decimal ``dm``) is an integer k and the double m is
     (1 + d) / k, else None. jsonschema's float division n / m rounds to the integer n * k
-    for every integer n below 2**53 when |d| < 2**-54 (half an ulp of any double,
-    relatively): 0.5 (d = 0: at any size) and 1e-08 do, 1e-05 does not (1 / 1e-05 is
-    99999.99999999999)."""
+    for every integer n below 2**53 when |d| <= 2**-54: the exact quotient n * k / (1 + d)
+    then lies less than n * k * 2**-54 from n * k, under half an ulp on either side of it
+    (a quotient from 2**53 up is an integer anyway). 0.5 (d = 0: at any size), 0.1 and
+    0.2 (d = 2**-54 exactly) and 1e-08 do; 1e-05 does not (1 / 1e-05 is
+    99999.99999999999), nor 1/3 (whose shortest spelling has no integer reciprocal)."""
     with localcontext() as ctx:
         ctx.prec = 1200  # (m's exact expansion has at most 767 digits)
         k = Decimal(1) / dm
@@ -609,6 +617,9 @@ class SchemaCompiler:
         self._unevaluated = "unevaluated" in repr(root)
         self._dfa_cache: dict[Any, Dfa] = {}
         self._memo: dict[Any, tuple[Node, int, tuple[Narrowing, ...]]] = {}
+        # The counted repeats built (schema location -> (keyword, count)): where an
+        # automaton outgrows the compiler's budget, nested ones multiply (see too_large)
+        self._counted: dict[str, tuple[str, int]] = {}
         self._index_resources()
         self._rank = canonical_key_rank(root)
         self._max_nesting = self._nesting_bound()
@@ -629,6 +640,31 @@ class SchemaCompiler:
     def narrowings(self) -> tuple[Narrowing, ...]:
         """Where the language compiled so far is narrower than the schema, in the order met."""
         return tuple(dict.fromkeys(self._narrowing_log))
+
+    def _count(self, location: str, keyword: str, count: int) -> None:
+        if count > 1 and count > self._counted.get(location, ("", 0))[1]:
+            self._counted[location] = (keyword, count)
+
+    def too_large(self, error: AutomatonTooLarge) -> AutomatonTooLarge:
+        """``error`` (the automaton of this compiler's value outgrew the budget) with the
+        nesting of counted repeats most likely to blame: the chain of locations, each
+        inside the one before, whose counts multiply to the most (300 items of strings of
+        up to 300 characters: 90,000 counted characters, each several states). Without
+        counted repeats, ``error`` as it is."""
+        def chain(location: str) -> list[str]:
+            return [at for at in self._counted if location == at or location.startswith(at + "/")]
+
+        if not self._counted:
+            return error
+        inner = max(self._counted, key=lambda at: (math.prod(self._counted[a][1] for a in chain(at)), len(at)))
+        outer = sorted(chain(inner), key=len)
+        parts = ", ".join(f"{self._counted[at][0]} {self._counted[at][1]} at '{at or '/'}'" for at in outer)
+        total = math.prod(self._counted[at][1] for at in outer)
+        return AutomatonTooLarge(
+            f"the automaton of this value grows past {fsa.MAX_SUBSET_STATES:,} states while being built; its largest "
+            f"nest of counted repeats is {parts} ({total:,} counted positions, each several states): lower those "
+            "bounds (a canvas holds a few hundred tokens), or drop one (an unbounded string or array is a loop of "
+            "a few states)", keyword=self._counted[outer[0]][0], pointer=_ptr(outer[0], self._counted[outer[0]][0]))
 
     def _narrow(self, ctx: _Ctx, pointer: str, keyword: str, reason: str) -> None:
         self._approx += 1
@@ -1280,14 +1316,15 @@ class SchemaCompiler:
                 int_multiple = math.lcm(int_multiple, int(dm))
                 only_integers = True
                 divided_as_doubles = divided_as_doubles or isinstance(m, float)
-            elif integer and (d := _reciprocal_error(m, dm)) is not None and d < Decimal(2) ** -54:
+            elif integer and (d := _reciprocal_error(m, dm)) is not None and d <= _HALF_ULP:
                 # n / m rounds to the integer n * (1 / m) for every integer n; past the
                 # double range jsonschema divides exactly, which holds where 1 / m is exact
                 divided_as_doubles = divided_as_doubles or d != 0
                 continue
             else:
-                why = (f"jsonschema divides doubles, and n / {m} is not an integer for every integer n "
-                       f"(1 / {m} = {1 / m!r})" if integer and isinstance(m, float) else "on numbers is not supported")
+                why = (f"jsonschema divides doubles, and n / {m} comes out off an integer for some integers n "
+                       f"(the double {m} is not 1/k for an integer k closely enough)" if integer and isinstance(m, float)
+                       else "on numbers is not supported")
                 raise SchemaError(f"multipleOf {m}: {why} (integer multiples, and 1/k on integers where the "
                                   "division is exact, are)", keyword="multipleOf", pointer=ptr)
         if int_multiple > self.opt.max_multiple_of:
@@ -1381,6 +1418,8 @@ class SchemaCompiler:
                 self._narrow(ctx, max_len_ptr, "maxLength", f"strings longer than {self.opt.max_counted_length} "
                              "characters are not generated (SchemaOptions.max_counted_length)")
                 max_len = None if ctx.over else self.opt.max_counted_length
+        self._count(fs[0][1], "maxLength" if max_len is not None else "minLength",
+                    max_len if max_len is not None else min_len)
         content: Node = rep(self.char_any, min_len, max_len)
         constraints: list[Dfa] = []
         for p, ptr in patterns:
@@ -1496,6 +1535,7 @@ class SchemaCompiler:
                 return stop
             return alt(stop, seq(sep, item(i) or NEVER, tail(i + 1)))
 
+        self._count(fs[0][1], "maxItems" if hi is not None else "minItems", hi if hi is not None else lo)
         if hi == 0:
             body: Node = EMPTY
         else:
