@@ -142,12 +142,28 @@ def greedy_bounds(gsum, gmax, ref, log_norm, to_finish, start, out_offsets, out_
     return log_m, log_v if by_max else -np.inf
 
 
+#: The longest list of states sorted by insertion (n**2 / 4 moves against two radix
+#: rounds' ~1,000 steps of counts and ~6n moves: even at ~70).
+_INSERTION_SORT_MAX = 48
+
+
 @nb.njit(cache=True, nogil=True)
 def _sort_states(a, spare, count, bits):  # pragma: no cover - compiled
     """Sort the state ids ``a`` (below 2**bits) in place: a radix sort, a byte a round
-    (numba's sort takes ~6x as long on a position's few hundred states). ``spare`` is
-    scratch of a's size at least, ``count`` of 257."""
+    (numba's sort takes ~6x as long on a position's few hundred states), or an insertion
+    sort for a few (a pruned sweep keeps ~9 states a position, where each radix round's
+    257 counts cost ~20x the sort). ``spare`` is scratch of a's size at least, ``count``
+    of 257."""
     n = a.shape[0]
+    if n <= _INSERTION_SORT_MAX:
+        for i in range(1, n):
+            x = a[i]
+            j = i - 1
+            while j >= 0 and a[j] > x:
+                a[j + 1] = a[j]
+                j -= 1
+            a[j + 1] = x
+        return
     for shift in range(0, bits, 8):
         count[:] = 0
         for i in range(n):
