@@ -17,6 +17,8 @@ reassociated).
     python bench/constraint_ab.py --baseline HEAD~1 --after-forward   # each call right after a decoder forward
     python bench/constraint_ab.py --baseline HEAD~1 --device cuda --tokenizer gemma3-262k   # the GPU step
     python bench/constraint_ab.py --baseline HEAD~1 --tools 20 --force-first 1000   # a call forced at position 0
+    python bench/constraint_ab.py --baseline HEAD~1 --text-where-call 30 --temperature 0.2   # a call the model refuses
+    python bench/constraint_ab.py --baseline HEAD~1 --overruled 120   # a sure call, 10 of its tokens overruled
 
 The default logits are N(0, 3): ~15 nats from a row's best to most of its tokens. A
 trained model's are far wider: the bundled model's rows span ~100 nats at its sampling
@@ -143,8 +145,15 @@ def timed_pair(ops: dict[str, Callable[[], Any]], repeats: int,
     return times
 
 
+#: The call ``--overruled`` makes the model sure of (padded to the canvas).
+CALL = '<|tool_call>call:get_weather{city:<|"|>Lisbon<|"|>,days:3}<tool_call|><|tool_response>'
+#: What the model would answer where ``--text-where-call`` forces a call instead.
+TEXT_ANSWER = "I cannot look that up right now, but Lisbon is usually mild and sunny at this time of year."
+
+
 def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std: float, peak: float,
-            after_forward: bool, device: str = "cpu", seed: int = 0, force_first: float = 0.0) -> list[dict[str, Any]]:
+            after_forward: bool, device: str = "cpu", seed: int = 0, force_first: float = 0.0,
+            text_where_call: float = 0.0, temperature: float = 1.0, overruled: float = 0.0) -> list[dict[str, Any]]:
     tok, aliases = TOKENIZERS[tok_name]()
     tools = json.loads(SCHEMAS.read_text())[:n_tools]
     grammars = {"baseline": baseline.compile_tools(tools, tok, "gemma4", aliases=aliases),
@@ -157,6 +166,19 @@ def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std:
         logits[torch.arange(L), ahead] = logits.max(dim=1).values + peak
     if force_first:  # a call's first token that far above the rest at the first position
         logits[0, tok.token_to_id("<|tool_call>")] = logits[0].max() + force_first
+    state: dict[str, Any] = {}
+    if text_where_call:  # a sure text answer, where the canvas continues a call (the grammar forbids the text)
+        ids = tok.encode(TEXT_ANSWER, add_special_tokens=False).ids[:L]
+        logits[torch.arange(len(ids)), torch.tensor(ids)] = logits[:len(ids)].max(dim=1).values + text_where_call
+        opened = tok.encode("<|tool_call>", add_special_tokens=False).ids
+        state = {k: {"state": g.state_after(opened)} for k, g in grammars.items()}
+    if overruled:  # a sure valid call, and at 10 positions a token ahead of it that the grammar forbids there
+        ids = tok.encode(CALL, add_special_tokens=False).ids
+        call = torch.tensor(ids + [grammars["current"].vocab.pad_id] * (L - len(ids)))
+        logits[torch.arange(L), call] = logits.max(dim=1).values + overruled
+        rows = torch.randperm(L, generator=gen)[:10]
+        logits[rows, torch.randint(0, V, (10,), generator=gen)] = logits[rows].max(dim=1).values + overruled
+    logits /= temperature
     logits = logits.to(device)  # on a GPU the vocabulary passes run there, the DP on the host
     before = None
     if after_forward:  # as the engine calls a step: right after the model's forward wrote the logits
@@ -176,21 +198,22 @@ def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std:
             return op
         return lambda: (op(), torch.cuda.synchronize())  # the device's queue drained: its work is in the time
 
-    def ops_of(g: Any) -> dict[str, Callable[[], Any]]:
+    def ops_of(g: Any, at: dict[str, Any]) -> dict[str, Callable[[], Any]]:
         out = {"out": step_out} if "out" in inspect.signature(g.denoise_step).parameters else {}  # older baselines
-        return {"viterbi": synced(lambda: g.viterbi(logits)),
-                "sample": synced(lambda: g.sample(logits, torch.Generator().manual_seed(seed))),
-                "marginals": synced(lambda: g.marginals(logits, return_entropy=True)),
-                "denoise_step": synced(lambda: g.denoise_step(logits, torch.Generator().manual_seed(seed), **out)),
+        return {"viterbi": synced(lambda: g.viterbi(logits, **at)),
+                "sample": synced(lambda: g.sample(logits, torch.Generator().manual_seed(seed), **at)),
+                "marginals": synced(lambda: g.marginals(logits, return_entropy=True, **at)),
+                "denoise_step": synced(lambda: g.denoise_step(logits, torch.Generator().manual_seed(seed), **out,
+                                                              **at)),
                 # the same over the whole lattice (grammar/pruning.py keeps a few cells by default)
                 "denoise_step_whole": synced(lambda: g.denoise_step(logits, torch.Generator().manual_seed(seed),
-                                                                    prune=False, **out)),
+                                                                    prune=False, **out, **at)),
                 # once per canvas: the live states at each position (a new canvas, a new start state)
-                "support": lambda: (g._support_cache.clear(), g._support(L, g.start_state, False))}
+                "support": lambda: (g._support_cache.clear(), g._support(L, at.get("state", g.start_state), False))}
 
-    b_out, c_out = (grammars[k].viterbi(logits) for k in ("baseline", "current"))
+    b_out, c_out = (grammars[k].viterbi(logits, **state.get(k, {})) for k in ("baseline", "current"))
     assert b_out == c_out, f"{tok_name} x {n_tools} tools: the Viterbi canvases differ"
-    b_m, c_m = (grammars[k].marginals(logits) for k in ("baseline", "current"))
+    b_m, c_m = (grammars[k].marginals(logits, **state.get(k, {})) for k in ("baseline", "current"))
     finite = torch.isfinite(b_m)
     # a token whose posterior lies near float64's underflow may be 0 in one pass and not
     # in the other (dense and live-list passes scale their messages differently); with
@@ -203,7 +226,7 @@ def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std:
     whole = ("denoise_step_whole",) if all("prune" in inspect.signature(g.denoise_step).parameters
                                              for g in grammars.values()) else ()
     for op in ("viterbi", "sample", "marginals", "denoise_step", *whole, "support"):
-        times = timed_pair({k: ops_of(g)[op] for k, g in grammars.items()}, repeats, before)
+        times = timed_pair({k: ops_of(g, state.get(k, {}))[op] for k, g in grammars.items()}, repeats, before)
         base, cur = (statistics.median(times[k]) * 1e3 for k in ("baseline", "current"))
         rows.append({"tokenizer": tok_name, "tools": n_tools, "op": op, "baseline_ms": base, "current_ms": cur,
                      "ratio": cur / base})
@@ -229,6 +252,13 @@ def main() -> None:
     parser.add_argument("--force-first", type=float, default=0.0,
                         help="raise the call's first token (<|tool_call>) at the first position this many nats above "
                              "the row's best (default 0: none; from ~710 the row's other sums underflow)")
+    parser.add_argument("--text-where-call", type=float, default=0.0, metavar="LEAD",
+                        help="the model sure of a text answer (its tokens LEAD nats ahead), where the canvas continues "
+                             "a call from <|tool_call> (default 0: none)")
+    parser.add_argument("--overruled", type=float, default=0.0, metavar="LEAD",
+                        help="the model sure of a valid call (its tokens LEAD nats ahead), with a random token LEAD "
+                             "ahead of that at 10 positions (default 0: none)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this (default 1)")
     parser.add_argument("--after-forward", action="store_true",
                         help="run the tiny model's decoder forward (bench/constraint.py's) before every timed call")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -247,11 +277,20 @@ def main() -> None:
         baseline = export_baseline(rev, Path(tmp))
         for n in args.tools:
             rows += compare(args.tokenizer, n, baseline, args.repeats or (30 if n < 20 else 5), args.logit_std,
-                            args.peak, args.after_forward, args.device, force_first=args.force_first)
+                            args.peak, args.after_forward, args.device, force_first=args.force_first,
+                            text_where_call=args.text_where_call, temperature=args.temperature,
+                            overruled=args.overruled)
     command = "python bench/constraint_ab.py " + " ".join(sys.argv[1:])
     peaked = f", one token per row {args.peak:g} nats ahead" if args.peak else ""
     if args.force_first:
         peaked += f", `<|tool_call>` {args.force_first:g} nats ahead at the first position"
+    if args.text_where_call:
+        peaked += (f", a text answer {args.text_where_call:g} nats ahead where the canvas continues a call from "
+                   "`<|tool_call>`")
+    if args.overruled:
+        peaked += f", a valid call {args.overruled:g} nats ahead with a random token that far ahead of it at 10 positions"
+    if args.temperature != 1.0:
+        peaked += f", divided by a temperature of {args.temperature:g}"
     lines = report_header("Canvas constraint A/B", command,
                           f"{args.threads} torch/numba thread{'s' if args.threads > 1 else ''}; "
                           f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}"

@@ -215,7 +215,10 @@ def test_pruning_holds_where_the_valid_canvases_weigh_far_below_the_best_tokens(
     canvases weigh enough for that, else (50) tries again from e^-1200: it prunes, and
     the step is the whole lattice's. Its kept canvases' weight,
     far above the walks' bound, then gives a higher cut, which leaves out more cells
-    (``keep_above``). Past that range (e^-2000) it gives up."""
+    (``keep_above``). Past that range (e^-2000) it gives up, the canvases too light for
+    float64, and a sweep in log space tries, keeping at most ``LOG_KEPT_SHARE`` of this
+    small lattice (the fast passes over the whole of it cost less than more kept cells'
+    in log space): the step is the whole lattice's either way."""
     g = tools3
     for seed in range(3):
         gen = torch.Generator().manual_seed(seed)
@@ -234,7 +237,33 @@ def test_pruning_holds_where_the_valid_canvases_weigh_far_below_the_best_tokens(
             loose = _kept(g, x).offsets[-1]
         assert _kept(g, x).offsets[-1] < loose
         x[torch.arange(L), ahead] += 100.0 - peak
-        assert g.denoise_step(x).pruned is False
+        far, whole = (g.denoise_step(x, torch.Generator().manual_seed(0), prune=prune) for prune in (True, False))
+        assert far.argmax == whole.argmax
+        torch.testing.assert_close(far.entropy, whole.entropy, rtol=0, atol=1e-5)  # (the fast passes' float32 terms)
+
+
+@pytest.mark.parametrize("lead, temperature", [(120.0, 1.0), (30.0, 0.2)])
+def test_a_sure_model_the_grammar_overrules_still_prunes(btok, lead, temperature):
+    """A sure model whose best tokens the grammar forbids, as a model meets constrained
+    decoding: a valid call ``lead`` nats ahead, but a token the grammar forbids there
+    ahead of it at 10 positions, at ``temperature``. The valid canvases weigh e^-1200
+    (120, 1.0) or e^-1500 (30, 0.2) of the best tokens': too little for a cut in
+    float64, so the sweep gave up, and the step ran the whole lattice (20 tools, BPE 4k:
+    0.09 s a step at 1.0; in log space at 0.2, 0.56 s). A sweep in log space now prunes:
+    the whole lattice's canvas, marginals and entropies."""
+    g = compile_tools(TOOLS[:3], btok, "gemma4", allow_text=False)  # (a text answer would take every token)
+    canvas = torch.tensor(_call_canvas(g, btok))
+    x = torch.randn(L, g.vocab.size, generator=torch.Generator().manual_seed(4)) * 3.0
+    x[torch.arange(L), canvas] = x.max(dim=1).values + lead
+    rows = torch.arange(1, 11)  # (the call's name: "call:get_w", where no string can take a "Q")
+    x[rows, btok.token_to_id("Q")] = x[rows].max(dim=1).values + lead
+    x /= temperature
+    kept, whole = (g.denoise_step(x, torch.Generator().manual_seed(0), prune=prune) for prune in (True, False))
+    assert kept.pruned and not whole.pruned
+    assert kept.argmax == whole.argmax and g.accepts(kept.sample)
+    likely = whole.log_marginals > -30
+    torch.testing.assert_close(kept.log_marginals[likely], whole.log_marginals[likely], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kept.entropy, whole.entropy, rtol=0, atol=1e-5)  # (the fast passes' float32 terms)
 
 
 def test_the_sweeps_kept_weight_is_the_canvases_and_bounds_a_raised_cut(btok, tools3):
@@ -300,8 +329,8 @@ def test_a_low_temperature_prunes_where_the_atoms_out_of_float64s_range_weigh_no
     the valid canvases weigh less than e^-2000 of the best tokens', out of the fast
     sweep's reach; a sweep in log space prunes, and the log-space passes run over its
     kept cells' lists (at seeds where it keeps few), and gives up past
-    ``MAX_KEPT_LOG_CELLS``. Either way the step gives the whole lattice's canvas, sample,
-    marginals and entropies (to the rounding of the scan's float32 terms,
+    ``MAX_KEPT_LOG_CELLS`` (and ``LOG_KEPT_SHARE`` of the lattice). Either way the step
+    gives the whole lattice's canvas, sample, marginals and entropies (to the rounding of the scan's float32 terms,
     |x - rowmax| * 6e-8, on the fast passes)."""
     g = tools3
     for seed in ((0, 1, 2) if temperature == 0.02 else (0, 2)):
@@ -329,6 +358,7 @@ def test_a_low_temperature_prunes_where_the_atoms_out_of_float64s_range_weigh_no
         if not fast:
             with monkeypatch.context() as m:
                 m.setattr(pruning, "MAX_KEPT_LOG_CELLS", _kept(g, x).offsets[-1] - 1)
+                m.setattr(pruning, "LOG_KEPT_SHARE", 0.0)
                 capped = g.denoise_step(x, torch.Generator().manual_seed(0))
             assert not capped.pruned and capped.argmax == whole.argmax and capped.sample == whole.sample
 

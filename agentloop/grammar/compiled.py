@@ -135,7 +135,20 @@ class _Scores:
 
     def log_stats(self, atoms: dp.SortedAtoms) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(log sum of exp(x - rowmax), mean of x - amax, log sum of exp(x - amax)) per atom
-        (N, K) each, exact where ``asum`` underflows (see ``log_canvas.log_atom_stats``)."""
+        (N, K) each, exact where ``asum`` underflows (see ``log_canvas.log_atom_stats``).
+        Where no atom's sum left float64's normal range the scan's sums give them, without
+        a second pass over the logits (a sure model the grammar overrules: its canvases
+        weigh too little for the fast sweep, not its atoms); the mean then needs the
+        scan's entropy sums (nan without them: only entropies read it)."""
+        if not self._log_stats and self.asum.shape == self.amax.shape \
+                and not dp.below_normal(self.asum, self.aarg).any():
+            with np.errstate(divide="ignore", invalid="ignore"):
+                log_sum = np.log(self.asum)  # (N, K) (-inf for an atom without a usable logit)
+                gap = self.amax.astype(np.float64) - self.rowmax[:, None]  # (N, K) each atom's best from its row's
+                log_inside = np.where(self.aarg >= 0, log_sum - gap, -np.inf)
+                mean_gap = (self.asumx / self.asum - gap if self.asumx.shape == self.asum.shape
+                            else np.full(self.asum.shape, np.nan))
+            self._log_stats.append((log_sum, np.where(self.aarg >= 0, mean_gap, 0.0), log_inside))
         if not self._log_stats:
             if isinstance(self.flat, np.ndarray):
                 stats = log_canvas.log_atom_stats_host(self.flat, atoms, self.amax, self.rowmax)
@@ -1235,18 +1248,18 @@ class CompiledGrammar:
         to_finish = self._to_finish(partial) if prune else None
         if to_finish is not None:
             ref = sc.rowmax[sl] if sums else sc.amax[sl].max(axis=1).astype(np.float64)  # each row's best allowed logit
-            kept = pruning.probable_support(to_finish, s0, self._out_edges, ref,
-                                            gsum=sc.gsum[sl] if sums else None, asum=sc.asum[sl] if sums else None,
-                                            gmax=gmax, log_lost=log_lost)
-            if kept is not None:
-                return kept, True, True
-            if not in_range:  # (the atoms out of range may carry the weight)
+            found = pruning.sweep_support(to_finish, s0, self._out_edges, ref, gsum=sc.gsum[sl] if sums else None,
+                                          asum=sc.asum[sl] if sums else None, gmax=gmax, log_lost=log_lost)
+            if found.support is not None:
+                return found.support, True, True
+            if not in_range or found.too_light:  # (the atoms out of range may carry the weight; or the
+                # canvases weigh too little for float64's cuts: a sure model whose best tokens the grammar forbids)
                 log_gsum = self._log_sums(sc, sl)[1]
                 kept = pruning.probable_support(to_finish, s0, self._out_edges, ref, gsum=log_gsum, asum=sc.asum[sl],
-                                                gmax=gmax, in_logs=True)
+                                                gmax=gmax, in_logs=True, whole_in_range=in_range)
                 if kept is not None:
                     return kept, True, False
-                # (too many cells carry weight to prune, but the atoms out of range may weigh nothing)
+            if not in_range:  # (too many cells carry weight to prune, but the atoms out of range may weigh nothing)
                 in_range = pruning.out_of_range_weighs_nothing(to_finish, s0, self._out_edges, ref, sc.gsum[sl],
                                                                sc.asum[sl], gmax, log_lost)
         return self._support(L, s0, partial), False, in_range

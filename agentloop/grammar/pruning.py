@@ -57,18 +57,24 @@ share (temperature 0.02, BPE 4k, 20 tools: 3.9 ms a step instead of 264 in log s
 over the whole support). Where the sweep gives up, the same test against the greedy
 walk's weight lets the fast passes run over the whole support
 (``out_of_range_weighs_nothing``). Where the valid canvases weigh that little, those
-atoms may carry them, and where they weigh below ~e^-1148 of the best tokens' the sweep above
-gives up: the sweep then runs again in log space (a log-sum-exp an edge, no cut
-raised, the group sums' logs from ``log_canvas``), and the log-space passes run over
-its kept cells (random logits at temperature 0.01, 20 tools: ~15 ms a step against
-~280 over the whole support).
+atoms may carry them; and where they weigh below ~e^-1148 of the best tokens' the sweep
+above gives up whatever the atoms' range, too light for a cut in float64 (a sure model
+whose best tokens the grammar forbids: a call forced where it would answer in text, at
+a low temperature). In both cases the sweep runs again in log space (a log-sum-exp an
+edge, no cut raised, the group sums' logs from ``log_canvas``), and the log-space passes
+run over its kept cells (random logits at temperature 0.01, 20 tools: ~15 ms a step
+against ~280 over the whole support). Its cut can lie thousands of nats below the
+canvases' weight where the greedy walk took an early edge that makes it pay at every
+later position, and keep most of the lattice: it then searches for one from above,
+each try lower by half again the last fall, and keeps the first whose kept canvases
+weigh enough for it, or for the cut their weight gives.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numba as nb
 import numpy as np
@@ -92,6 +98,12 @@ MAX_KEPT_SHARE = 0.125
 #: one allowed atom at -1e4: 100 ms at 20 tools). Random logits at temperatures from
 #: 0.02 down to 0.002 keep 1.5-2.3k cells at 1, 5 and 20 tools (BPE 4k, L=256).
 MAX_KEPT_LOG_CELLS = 50_000
+#: ... or, in a larger lattice, this share of it; and only this share where the fast
+#: passes could run over the whole lattice instead (no atom out of range): the passes in
+#: log space over kept cells (~0.4 us a cell) beat those (~6 ns a cell at 20 tools) up to
+#: about it (a sure model whose best tokens the grammar forbids at 10 of 256 positions,
+#: 20 tools: 52k cells kept, 28 ms a step against 94 over the whole lattice).
+LOG_KEPT_SHARE = 0.015
 #: Where the canvases over the kept cells weigh this many nats more than the greedy walks
 #: found, their weight gives a higher cut (``keep_above``: fewer cells).
 _LOOSE_WALK = 20.0
@@ -140,6 +152,18 @@ def greedy_bounds(gsum, gmax, ref, log_norm, to_finish, start, out_offsets, out_
             log_v += (np.float64(gmax[l, g]) - ref[l]) - log_norm[l]
         s = out_dst[best_j]
     return log_m, log_v if by_max else -np.inf
+
+
+#: How far below 1 a sweep in log space tries its first cut from above, where its bound
+#: left too many cells (nats) ...
+_CUT_SEARCH_STEP = 64.0
+#: ... and how much further each try falls than the last: gently, since a cut far below
+#: the canvases' weight keeps many cells (a sure model the grammar overrules at 20 tools:
+#: cuts 1,000 nats apart keep 1.1k and over 50k cells).
+_CUT_SEARCH_GROWTH = 1.5
+#: The most cells the first sweep in log space keeps, from the greedy walk's bound: where
+#: that bound lies far too low a sweep from it keeps most of the lattice, slowly.
+_FIRST_LOG_CELLS = 10_000
 
 
 #: The longest list of states sorted by insertion (n**2 / 4 moves against two radix
@@ -471,13 +495,33 @@ def _log_normalisers(to_finish: np.ndarray, start: int, ref: np.ndarray, asum: n
     return log_norm
 
 
+class KeptCells(NamedTuple):
+    """``sweep_support``'s answer: the kept cells as a support of lists, or None where
+    too few can be left out; and, where so, whether the sweep gave up because the valid
+    canvases weigh too little for a cut in float64 (below ~e^-1200 of the rows' best
+    tokens: a sure model whose best tokens the grammar forbids), where a sweep in log
+    space may still keep few cells."""
+
+    support: Support | None
+    too_light: bool
+
+
 def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndarray, np.ndarray, np.ndarray],
                      ref: np.ndarray, gsum: np.ndarray | None = None, asum: np.ndarray | None = None,
                      gmax: np.ndarray | None = None, log_lost: float = -math.inf,
-                     in_logs: bool = False) -> Support | None:
+                     in_logs: bool = False, whole_in_range: bool = False) -> Support | None:
+    """``sweep_support``'s cells, or None where too few can be left out."""
+    return sweep_support(to_finish, start, out_edges, ref, gsum, asum, gmax, log_lost, in_logs,
+                         whole_in_range).support
+
+
+def sweep_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndarray, np.ndarray, np.ndarray],
+                  ref: np.ndarray, gsum: np.ndarray | None = None, asum: np.ndarray | None = None,
+                  gmax: np.ndarray | None = None, log_lost: float = -math.inf, in_logs: bool = False,
+                  whole_in_range: bool = False) -> KeptCells:
     """The cells of a canvas from ``start`` that can carry weight (with ``gsum`` and
     ``asum``) and the Viterbi canvas (with ``gmax``), see the module's docstring, as a
-    support of lists; None where too few can be left out.
+    support of lists (``KeptCells``).
 
     ``to_finish`` is ``fewest_to_finish``'s, ``out_edges`` is (offsets, destination,
     group) of each state's edges. ``ref`` (L,) is each position's best allowed logit,
@@ -491,12 +535,14 @@ def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndar
     logs of the groups' sums (``log_canvas``'s, exact where the sums leave float64's
     range) and the sweep adds its weights in log space; ``asum`` stays the sums, whose
     totals at each position are in range (the best allowed token's term is 1).
+    ``whole_in_range`` (with ``in_logs``): the fast passes could run over the whole
+    support instead, which bounds the cells worth keeping (``LOG_KEPT_SHARE``).
     """
     want_sum, want_max = gsum is not None, gmax is not None
     L = ref.shape[0]
     log_norm = _log_normalisers(to_finish, start, ref, asum)
     if log_norm is None:
-        return None
+        return KeptCells(None, False)
     none = np.zeros((L, 0), np.float64)
     gsum_ = gsum if gsum is not None else none
     gmax_ = gmax if gmax is not None else none
@@ -504,52 +550,98 @@ def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndar
              for by_max in ((False, True) if want_sum and want_max else (want_max,))]
     log_m = max(w[0] for w in walks)
     log_v = max(w[1] for w in walks)
-    if (want_sum and not log_m > -np.inf) or (want_max and not log_v > -np.inf):
-        return None
     cells = (L + 1) * to_finish.shape[0]  # (at least the support's)
     share = LOST_SHARE if not (want_sum and log_lost > -np.inf) else LOST_SHARE / 2
-    log_share = math.log(share / cells)
     with SWEEP_SCRATCH.taken() as scratch:  # (arrays of its own while it sweeps)
-        sweep = functools.partial(scratch.sweep, want_sum, want_max, in_logs and want_sum)
         args = (gsum_, gmax_, ref, log_norm, to_finish, start, *out_edges)
-        max_cells = min(int(MAX_KEPT_SHARE * cells), MAX_KEPT_LOG_CELLS) if in_logs else int(MAX_KEPT_SHARE * cells)
-        log_best = np.inf if want_sum else _below_rounding(log_v)
-        log_cut = log_m + log_share
-        lowest = -np.inf if in_logs else -(_CUT_AT + _TOP_AT)  # (log space: no cut is raised)
-        offsets, states, ok, best, dropped, log_kept, alpha, prefix, lift = sweep(*args, log_cut, log_share, lowest,
-                                                                                  log_best, max_cells)
-        if not ok and want_sum and log_cut < lowest and log_kept < np.inf:  # (raised and refused: lower)
-            lowest = -_LOWEST_CUT
-            offsets, states, ok, best, dropped, log_kept, alpha, prefix, lift = sweep(*args, log_cut, log_share, lowest,
-                                                                                      log_best, max_cells)
-        if ok and want_sum:  # (the cut it used, raised or not, is sound: a second sweep starts there)
-            log_cut = max(log_cut, lowest)
-        if ok and want_sum and log_kept > log_m + _LOOSE_WALK:
-            # the greedy walks' bound was loose (a sure model's best tokens invalid: they found
-            # e^-974 where the canvases weigh e^-716): the kept canvases' weight gives a higher
-            # cut, 9.3k kept cells -> 3.0k at 20 tools (90k -> 6.2k edges out of them)
-            log_cut = log_kept + log_share
-            cut = log_cut if in_logs else math.exp(log_cut + lift)  # (at alpha's scale)
-            offsets, states, dropped_now = keep_above(offsets, states, alpha, prefix, cut, log_norm)
-            dropped = max(dropped, dropped_now)
-        if ok and want_sum and want_max:
-            # The first sweep took the cells that carry the weight alone (where they are too
-            # many, the cells of both tests would be more). Where no cell left out leads to a
-            # better canvas than the best one on them, the Viterbi canvas lies on them: done.
-            # (a greedy walk's best canvas can lie far below the best on the kept cells: one
-            # that turns into a string early, say)
-            floor = _below_rounding(max(best, log_v))
-            if dropped >= floor:
-                offsets, states, ok = sweep(*args, log_cut, log_share, lowest, floor, max_cells)[:3]
-        if not ok:
-            return None
-        if want_sum and not log_lost <= max(log_m, log_kept) + math.log(share):  # (both bound the total from below)
-            return None
+        kept, too_light = _sweeps(scratch, args, want_sum, want_max, in_logs, log_m, log_v, share, cells, log_lost,
+                                  whole_in_range)
+        if kept is None:
+            return KeptCells(None, too_light)
+        offsets, states = kept
         if np.may_share_memory(states, scratch.cells[0]):  # (the set's next sweep would overwrite it)
             states = states.copy()
     # (no mask: the passes over lists read none, and the log-space ones make theirs)
     no_mask = np.zeros((0, to_finish.shape[0]), np.uint8)
-    return Support(offsets, states, no_mask, False, np.zeros((0, 0, 2), np.int32))
+    return KeptCells(Support(offsets, states, no_mask, False, np.zeros((0, 0, 2), np.int32)), False)
+
+
+def _sweeps(scratch: "SweepScratch", args: tuple[Any, ...], want_sum: bool, want_max: bool, in_logs: bool,
+            log_m: float, log_v: float, share: float, cells: int, log_lost: float, whole_in_range: bool
+            ) -> tuple[tuple[np.ndarray, np.ndarray] | None, bool]:
+    """``probable_support``'s sweeps from the lower bounds ``log_m`` (the mass of some
+    valid canvases) and ``log_v`` (the log-probability of one), the canvases left out
+    weighing less than ``share`` of the total together over the lattice's ``cells``:
+    ((offsets, states) of the kept cells, or None where they give up; whether they gave
+    up because the canvases weigh too little for a cut in float64, where a sweep in log
+    space may keep few cells). ``whole_in_range``: the fast passes could run over the
+    whole support instead (no atom's sum out of float64's range): a sweep in log space
+    then keeps at most ``LOG_KEPT_SHARE`` of the lattice."""
+    if (want_sum and not log_m > -np.inf) or (want_max and not log_v > -np.inf):
+        return None, False
+    log_share = math.log(share / cells)
+    sweep = functools.partial(scratch.sweep, want_sum, want_max, in_logs and want_sum)
+    max_cells = int(MAX_KEPT_SHARE * cells)
+    if in_logs:
+        max_cells = min(max_cells, int(LOG_KEPT_SHARE * cells) if whole_in_range
+                        else max(MAX_KEPT_LOG_CELLS, int(LOG_KEPT_SHARE * cells)))
+    log_best = np.inf if want_sum else _below_rounding(log_v)
+    log_cut = log_m + log_share
+    lowest = -np.inf if in_logs else -(_CUT_AT + _TOP_AT)  # (log space: no cut is raised)
+    searching = in_logs and want_sum  # (a first try in log space keeps few cells: see below)
+    offsets, states, ok, best, dropped, log_kept, alpha, prefix, lift = sweep(
+        *args, log_cut, log_share, lowest, log_best, min(max_cells, _FIRST_LOG_CELLS) if searching else max_cells)
+    if not ok and want_sum and log_cut < lowest and log_kept < np.inf:  # (raised and refused: lower)
+        lowest = -_LOWEST_CUT
+        offsets, states, ok, best, dropped, log_kept, alpha, prefix, lift = sweep(*args, log_cut, log_share, lowest,
+                                                                                  log_best, max_cells)
+        if not ok and log_cut < lowest and log_kept < np.inf:
+            return None, True
+    if not ok and searching and log_kept == np.inf:
+        # The bound left too many cells: it can lie thousands of nats below the canvases'
+        # weight (a greedy walk that enters a call early, where a sure model wants the
+        # call's text a few positions on, pays for every token after). Cuts from above
+        # instead, each lower by half again the last fall (a try far above the canvases'
+        # weight keeps no cell for long), the first sound one kept: one whose kept
+        # canvases weigh enough for it, or the cut their weight gives. A try that keeps
+        # too many cells ends it (the weight spreads: a lower cut keeps more), and the
+        # bound's cut is tried last, with every cell the sweep may keep.
+        cut, fall = log_share, _CUT_SEARCH_STEP  # (a canvas weighs at most 1)
+        while True:
+            cut = max(cut - fall, log_cut)
+            fall *= _CUT_SEARCH_GROWTH
+            found = sweep(*args, cut, log_share, lowest, log_best, max_cells)
+            if found[2] and found[5] > -np.inf and found[5] + log_share < cut:  # (too high for what it kept)
+                cut = found[5] + log_share
+                found = sweep(*args, cut, log_share, lowest, log_best, max_cells)
+            if found[2] or found[5] == np.inf or cut <= log_cut:
+                break
+        offsets, states, ok, best, dropped, log_kept, alpha, prefix, lift = found
+        log_cut = cut
+    if ok and want_sum:  # (the cut it used, raised or not, is sound: a second sweep starts there)
+        log_cut = max(log_cut, lowest)
+    if ok and want_sum and log_kept > log_m + _LOOSE_WALK:
+        # the greedy walks' bound was loose (a sure model's best tokens invalid: they found
+        # e^-974 where the canvases weigh e^-716): the kept canvases' weight gives a higher
+        # cut, 9.3k kept cells -> 3.0k at 20 tools (90k -> 6.2k edges out of them)
+        log_cut = max(log_cut, log_kept + log_share)
+        cut = log_cut if in_logs else math.exp(log_cut + lift)  # (at alpha's scale)
+        offsets, states, dropped_now = keep_above(offsets, states, alpha, prefix, cut, args[3])
+        dropped = max(dropped, dropped_now)
+    if ok and want_sum and want_max:
+        # The first sweep took the cells that carry the weight alone (where they are too
+        # many, the cells of both tests would be more). Where no cell left out leads to a
+        # better canvas than the best one on them, the Viterbi canvas lies on them: done.
+        # (a greedy walk's best canvas can lie far below the best on the kept cells: one
+        # that turns into a string early, say)
+        floor = _below_rounding(max(best, log_v))
+        if dropped >= floor:
+            offsets, states, ok = sweep(*args, log_cut, log_share, lowest, floor, max_cells)[:3]
+    if not ok:
+        return None, False
+    if want_sum and not log_lost <= max(log_m, log_kept) + math.log(share):  # (both bound the total from below)
+        return None, False
+    return (offsets, states), False
 
 
 def out_of_range_weighs_nothing(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndarray, np.ndarray, np.ndarray],
