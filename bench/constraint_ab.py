@@ -288,7 +288,8 @@ def main() -> None:
         peaked += (f", a text answer {args.text_where_call:g} nats ahead where the canvas continues a call from "
                    "`<|tool_call>`")
     if args.overruled:
-        peaked += f", a valid call {args.overruled:g} nats ahead with a random token that far ahead of it at 10 positions"
+        peaked += (f", a valid call {args.overruled:g} nats ahead with a random token that far ahead of it at 10 "
+                   "positions")
     if args.temperature != 1.0:
         peaked += f", divided by a temperature of {args.temperature:g}"
     lines = report_header("Canvas constraint A/B", command,

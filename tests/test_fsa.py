@@ -184,3 +184,19 @@ def test_an_automaton_too_large_names_the_nest_of_counted_repeats_that_grew_it(m
     assert (e.keyword, e.pointer) == ("maxItems", f"{where}/properties/notes/maxItems")
     assert "maxItems 40 at '/properties/notes', maxLength 60 at '/properties/notes/items' (2,400 counted" in str(e)
     assert "grows past 20,000 states" in str(e) and "pattern" not in str(e)
+
+
+def test_a_tools_pattern_too_large_keeps_its_own_pointer(monkeypatch):
+    """A pattern's own blow-up is named where its DFA is built, with its pointer: a
+    tool's compile took it for its value's too and blamed the string's maxLength."""
+    from agentloop.errors import AutomatonTooLarge
+    from agentloop.grammar import byte_tokenizer, compile_tools
+
+    monkeypatch.setattr(fsa, "MAX_SUBSET_STATES", 20_000)
+    monkeypatch.setattr(fsa, "_BLOWUP_STATES", 5_000)
+    notes = {"type": "array", "items": {"type": "string", "maxLength": 40}, "maxItems": 50}  # (2,000 counted)
+    k = {"type": "string", "pattern": "^(a|b)*a(a|b){16}$"}
+    parameters = {"type": "object", "properties": {"notes": notes, "k": k}}
+    with pytest.raises(AutomatonTooLarge) as caught:
+        compile_tools([{"name": "t", "parameters": parameters}], byte_tokenizer(), "json")
+    assert caught.value.pointer == "/tools/0/parameters/properties/k/pattern", caught.value

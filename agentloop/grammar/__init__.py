@@ -457,8 +457,9 @@ def _arguments_dfa(t: ToolSchema, index: int, wf: WireFormat, options: SchemaOpt
         try:
             # a call's arguments are an object even where the schema leaves the type out
             compiler = SchemaCompiler({**t.parameters, "type": "object"}, wf, options)
+            node = compiler.node()  # (a pattern's own blow-up is named there, with its pointer)
             try:
-                return to_dfa(compiler.node(), wf.n_symbols)
+                return to_dfa(node, wf.n_symbols)
             except AutomatonTooLarge as e:
                 raise compiler.too_large(e) from None
         except SchemaError as e:  # (of its own class: PatternError, AutomatonTooLarge)

@@ -140,8 +140,8 @@ class _Scores:
         a second pass over the logits (a sure model the grammar overrules: its canvases
         weigh too little for the fast sweep, not its atoms); the mean then needs the
         scan's entropy sums (nan without them: only entropies read it)."""
-        if not self._log_stats and self.asum.shape == self.amax.shape \
-                and not dp.below_normal(self.asum, self.aarg).any():
+        if not self._log_stats and self.asum.shape == self.amax.shape and self.asum.shape[1] > 1 \
+                and not dp.below_normal(self.asum, self.aarg).any():  # (one atom: the sums' placeholders alike)
             with np.errstate(divide="ignore", invalid="ignore"):
                 log_sum = np.log(self.asum)  # (N, K) (-inf for an atom without a usable logit)
                 gap = self.amax.astype(np.float64) - self.rowmax[:, None]  # (N, K) each atom's best from its row's

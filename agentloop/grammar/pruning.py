@@ -98,11 +98,11 @@ MAX_KEPT_SHARE = 0.125
 #: one allowed atom at -1e4: 100 ms at 20 tools). Random logits at temperatures from
 #: 0.02 down to 0.002 keep 1.5-2.3k cells at 1, 5 and 20 tools (BPE 4k, L=256).
 MAX_KEPT_LOG_CELLS = 50_000
-#: ... or, in a larger lattice, this share of it; and only this share where the fast
-#: passes could run over the whole lattice instead (no atom out of range): the passes in
-#: log space over kept cells (~0.4 us a cell) beat those (~6 ns a cell at 20 tools) up to
-#: about it (a sure model whose best tokens the grammar forbids at 10 of 256 positions,
-#: 20 tools: 52k cells kept, 28 ms a step against 94 over the whole lattice).
+#: Where the fast passes could run over the whole lattice instead (no atom out of range),
+#: a sweep in log space keeps at most this share of it: the passes in log space over
+#: kept cells (~0.4 us a cell) beat those (~6 ns a cell at 20 tools) up to about it (a
+#: sure model whose best tokens the grammar forbids at 10 of 256 positions, 20 tools:
+#: 52k cells kept, 28 ms a step against 94 over the whole lattice).
 LOG_KEPT_SHARE = 0.015
 #: Where the canvases over the kept cells weigh this many nats more than the greedy walks
 #: found, their weight gives a higher cut (``keep_above``: fewer cells).
@@ -583,8 +583,9 @@ def _sweeps(scratch: "SweepScratch", args: tuple[Any, ...], want_sum: bool, want
     sweep = functools.partial(scratch.sweep, want_sum, want_max, in_logs and want_sum)
     max_cells = int(MAX_KEPT_SHARE * cells)
     if in_logs:
-        max_cells = min(max_cells, int(LOG_KEPT_SHARE * cells) if whole_in_range
-                        else max(MAX_KEPT_LOG_CELLS, int(LOG_KEPT_SHARE * cells)))
+        max_cells = min(max_cells, int(LOG_KEPT_SHARE * cells) if whole_in_range else MAX_KEPT_LOG_CELLS)
+        if max_cells <= args[2].shape[0]:  # (fewer cells than the canvas's positions: it cannot keep one canvas)
+            return None, False
     log_best = np.inf if want_sum else _below_rounding(log_v)
     log_cut = log_m + log_share
     lowest = -np.inf if in_logs else -(_CUT_AT + _TOP_AT)  # (log space: no cut is raised)

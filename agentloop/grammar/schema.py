@@ -421,12 +421,18 @@ def _looser_hi(a: _Side | None, b: _Side | None) -> _Side | None:
 _HALF_ULP = Decimal(2.0**-54)
 
 
+#: A nest of counted repeats blamed for an automaton too large counts at least this many
+#: positions (each several states; the budget is 1M states).
+_BLAMED_COUNT = 1000
+
+
 def _reciprocal_error(m: float, dm: Decimal) -> Decimal | None:
     """|d| where 1 / m (read as the decimal ``dm``) is an integer k and the double m is
     (1 + d) / k, else None. jsonschema's float division n / m rounds to the integer n * k
     for every integer n below 2**53 when |d| <= 2**-54: the exact quotient n * k / (1 + d)
-    then lies less than n * k * 2**-54 from n * k, under half an ulp on either side of it
-    (a quotient from 2**53 up is an integer anyway). 0.5 (d = 0: at any size), 0.1 and
+    then lies about n * k * 2**-54 from n * k (a hair more for d < 0), under half an ulp
+    on either side of it, n * k being below 2**53 (a quotient from 2**53 up is an
+    integer anyway). 0.5 (d = 0: at any size), 0.1 and
     0.2 (d = 2**-54 exactly) and 1e-08 do; 1e-05 does not (1 / 1e-05 is
     99999.99999999999), nor 1/3 (whose shortest spelling has no integer reciprocal)."""
     with localcontext() as ctx:
@@ -660,6 +666,8 @@ class SchemaCompiler:
         outer = sorted(chain(inner), key=len)
         parts = ", ".join(f"{self._counted[at][0]} {self._counted[at][1]} at '{at or '/'}'" for at in outer)
         total = math.prod(self._counted[at][1] for at in outer)
+        if total < _BLAMED_COUNT:  # (too few counted positions to be the cause: the error as it was)
+            return error
         return AutomatonTooLarge(
             f"the automaton of this value grows past {fsa.MAX_SUBSET_STATES:,} states while being built; its largest "
             f"nest of counted repeats is {parts} ({total:,} counted positions, each several states): lower those "
@@ -1322,9 +1330,9 @@ class SchemaCompiler:
                 divided_as_doubles = divided_as_doubles or d != 0
                 continue
             else:
-                why = (f"jsonschema divides doubles, and n / {m} comes out off an integer for some integers n "
-                       f"(the double {m} is not 1/k for an integer k closely enough)" if integer and isinstance(m, float)
-                       else "on numbers is not supported")
+                why = ("on numbers is not supported" if not (integer and isinstance(m, float)) else
+                       f"jsonschema divides doubles, and n / {m} comes out off an integer for some integers n "
+                       f"(the double {m} is not 1/k for an integer k closely enough)")
                 raise SchemaError(f"multipleOf {m}: {why} (integer multiples, and 1/k on integers where the "
                                   "division is exact, are)", keyword="multipleOf", pointer=ptr)
         if int_multiple > self.opt.max_multiple_of:
@@ -1535,7 +1543,8 @@ class SchemaCompiler:
                 return stop
             return alt(stop, seq(sep, item(i) or NEVER, tail(i + 1)))
 
-        self._count(fs[0][1], "maxItems" if hi is not None else "minItems", hi if hi is not None else lo)
+        self._count(fs[0][1], ("maxItems" if hi_ptr else "prefixItems") if hi is not None else "minItems",
+                    hi if hi is not None else lo)
         if hi == 0:
             body: Node = EMPTY
         else:
