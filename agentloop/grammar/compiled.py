@@ -1260,8 +1260,7 @@ class CompiledGrammar:
                 if kept is not None:
                     return kept, True, False
             if not in_range:  # (too many cells carry weight to prune, but the atoms out of range may weigh nothing)
-                in_range = pruning.out_of_range_weighs_nothing(to_finish, s0, self._out_edges, ref, sc.gsum[sl],
-                                                               sc.asum[sl], gmax, log_lost)
+                in_range = pruning.out_of_range_weighs_nothing(found.log_walk, log_lost)
         return self._support(L, s0, partial), False, in_range
 
     def _to_finish(self, partial: bool) -> np.ndarray | None:

@@ -500,10 +500,13 @@ class KeptCells(NamedTuple):
     too few can be left out; and, where so, whether the sweep gave up because the valid
     canvases weigh too little for a cut in float64 (below ~e^-1200 of the rows' best
     tokens: a sure model whose best tokens the grammar forbids), where a sweep in log
-    space may still keep few cells."""
+    space may still keep few cells; ``log_walk``, the log of the mass of the canvases
+    along the greedy walk by the groups' sums (-inf without sums), which bounds the
+    valid canvases' weight from below (``out_of_range_weighs_nothing``)."""
 
     support: Support | None
     too_light: bool
+    log_walk: float
 
 
 def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -542,7 +545,7 @@ def sweep_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndarray
     L = ref.shape[0]
     log_norm = _log_normalisers(to_finish, start, ref, asum)
     if log_norm is None:
-        return KeptCells(None, False)
+        return KeptCells(None, False, -math.inf)
     none = np.zeros((L, 0), np.float64)
     gsum_ = gsum if gsum is not None else none
     gmax_ = gmax if gmax is not None else none
@@ -550,6 +553,7 @@ def sweep_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndarray
              for by_max in ((False, True) if want_sum and want_max else (want_max,))]
     log_m = max(w[0] for w in walks)
     log_v = max(w[1] for w in walks)
+    log_walk = walks[0][0]  # (the walk by the sums, where there are sums: -inf else)
     cells = (L + 1) * to_finish.shape[0]  # (at least the support's)
     share = LOST_SHARE if not (want_sum and log_lost > -np.inf) else LOST_SHARE / 2
     with SWEEP_SCRATCH.taken() as scratch:  # (arrays of its own while it sweeps)
@@ -557,13 +561,13 @@ def sweep_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndarray
         kept, too_light = _sweeps(scratch, args, want_sum, want_max, in_logs, log_m, log_v, share, cells, log_lost,
                                   whole_in_range)
         if kept is None:
-            return KeptCells(None, too_light)
+            return KeptCells(None, too_light, log_walk)
         offsets, states = kept
         if np.may_share_memory(states, scratch.cells[0]):  # (the set's next sweep would overwrite it)
             states = states.copy()
     # (no mask: the passes over lists read none, and the log-space ones make theirs)
     no_mask = np.zeros((0, to_finish.shape[0]), np.uint8)
-    return KeptCells(Support(offsets, states, no_mask, False, np.zeros((0, 0, 2), np.int32)), False)
+    return KeptCells(Support(offsets, states, no_mask, False, np.zeros((0, 0, 2), np.int32)), False, log_walk)
 
 
 def _sweeps(scratch: "SweepScratch", args: tuple[Any, ...], want_sum: bool, want_max: bool, in_logs: bool,
@@ -645,23 +649,15 @@ def _sweeps(scratch: "SweepScratch", args: tuple[Any, ...], want_sum: bool, want
     return (offsets, states), False
 
 
-def out_of_range_weighs_nothing(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndarray, np.ndarray, np.ndarray],
-                                ref: np.ndarray, gsum: np.ndarray, asum: np.ndarray, gmax: np.ndarray | None,
-                                log_lost: float) -> bool:
+def out_of_range_weighs_nothing(log_walk: float, log_lost: float) -> bool:
     """Whether the canvases through atoms whose sums fell out of float64's range (the
     caller's ``log_lost``, as in ``probable_support``) weigh less than 2**-57 of the valid
-    canvases' weight, which a greedy walk bounds from below: then the fast passes may run
-    over the whole support where pruning gave up, those canvases left out, as a pruned
-    step leaves them out (one token forced 1000 nats ahead at the first position, the
-    rest flat: 20 tools, BPE 4k, 0.12 s a step instead of 0.58 in log space). ``gmax``
-    only picks the walk's compiled signature (the one ``probable_support`` took)."""
-    L = ref.shape[0]
-    log_norm = _log_normalisers(to_finish, start, ref, asum)
-    if log_norm is None:
-        return False
-    gmax_ = gmax if gmax is not None else np.zeros((L, 0), np.float64)
-    log_m = greedy_bounds(gsum, gmax_, ref, log_norm, to_finish, start, *out_edges, False, False)[0]
-    return bool(log_lost <= log_m + math.log(LOST_SHARE / 2))
+    canvases' weight, which the greedy walk's (``KeptCells.log_walk``, of the sweep that
+    gave up) bounds from below: then the fast passes may run over the whole support where
+    pruning gave up, those canvases left out, as a pruned step leaves them out (one token
+    forced 1000 nats ahead at the first position, the rest flat: 20 tools, BPE 4k, 0.12 s
+    a step instead of 0.58 in log space)."""
+    return bool(log_lost <= log_walk + math.log(LOST_SHARE / 2))
 
 
 class PruningSchedule:
