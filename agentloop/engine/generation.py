@@ -123,6 +123,8 @@ class Generation:
     """
 
     tokens: list[int]
+    #: the tokens decoded, for reading: under a constraint take the calls from ``parsed`` (a
+    #: gemma4 string may hold a delimiter's text, which a text parser would read as one)
     text: str
     stop_token: int | None
     cost: CallCost
