@@ -74,7 +74,7 @@ from agentloop.engine.sampling import fused_draw  # noqa: E402
 from agentloop.grammar import canvas as dp  # noqa: E402
 from agentloop.grammar import device_passes  # noqa: E402
 from agentloop.grammar import fsa  # noqa: E402
-from bench.tokenizers_offline import LOADERS, SCHEMAS  # noqa: E402
+from bench.tokenizers_offline import LOADERS, tool_schemas  # noqa: E402
 
 WIRE_FORMAT = "gemma4"
 
@@ -691,7 +691,6 @@ def log(msg: str) -> None:
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    all_tools: list[dict[str, Any]] = json.loads(SCHEMAS.read_text())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
         numba.set_num_threads(min(cfg.threads, numba.config.NUMBA_NUM_THREADS))
@@ -703,6 +702,7 @@ def run(cfg: Config) -> dict[str, Any]:
     for tok_name in cfg.tokenizers:
         t0 = time.perf_counter()
         tok, aliases = LOADERS[tok_name]()
+        all_tools = tool_schemas(tok_name)
         V = tok.get_vocab_size(with_added_tokens=True)
         log(f"{tok_name}: vocab {V}, loaded in {time.perf_counter() - t0:.1f}s")
         forward = None

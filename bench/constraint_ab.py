@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import json
 import math
 import os
 import platform
@@ -59,7 +58,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import agentloop.grammar as current  # noqa: E402
-from bench.tokenizers_offline import LOADERS, SCHEMAS  # noqa: E402
+from bench.tokenizers_offline import LOADERS, tool_schemas  # noqa: E402
 
 #: The issue's three tokenizers, and the byte tokenizer of the engine's random-weight
 #: models (the loop benchmark's), whose flat logits (``--logit-std 0.25``) make pruning
@@ -155,7 +154,7 @@ def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std:
             after_forward: bool, device: str = "cpu", seed: int = 0, force_first: float = 0.0,
             text_where_call: float = 0.0, temperature: float = 1.0, overruled: float = 0.0) -> list[dict[str, Any]]:
     tok, aliases = TOKENIZERS[tok_name]()
-    tools = json.loads(SCHEMAS.read_text())[:n_tools]
+    tools = tool_schemas(tok_name)[:n_tools]
     grammars = {"baseline": baseline.compile_tools(tools, tok, "gemma4", aliases=aliases),
                 "current": current.compile_tools(tools, tok, "gemma4", aliases=aliases)}
     V, L = tok.get_vocab_size(), 256

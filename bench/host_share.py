@@ -20,7 +20,6 @@ Writes ``bench/results/host_share.md`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -38,7 +37,7 @@ from agentloop.grammar import canvas as dp  # noqa: E402
 from agentloop.grammar import compile_tools  # noqa: E402
 from agentloop.grammar.compiled import CompiledGrammar  # noqa: E402
 from bench.constraint import step_bench_command, step_bench_header, step_bench_threads  # noqa: E402
-from bench.tokenizers_offline import LOADERS, SCHEMAS  # noqa: E402
+from bench.tokenizers_offline import LOADERS, tool_schemas  # noqa: E402
 
 #: The passes over (L, V) the host runs for logits on the CPU, and a GPU on its device.
 VOCABULARY_PASSES = ("reduce_atoms", "write_marginals", "sample_tokens")
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.tokenizers:
         tok, aliases = LOADERS[name]()
         for n in args.tools:
-            g = compile_tools(json.loads(SCHEMAS.read_text())[:n], tok, wire_format="gemma4", aliases=aliases)
+            g = compile_tools(tool_schemas(name)[:n], tok, wire_format="gemma4", aliases=aliases)
             x = torch.randn(256, g.vocab.size, generator=torch.Generator().manual_seed(0)) * 3
             repeats = args.repeats or (60 if g.vocab.size < 50_000 else 15)
             r = {"tokenizer": name, "tools": n, "states": g.stats.dfa_states, **measure(g, x, repeats)}

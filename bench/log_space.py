@@ -15,7 +15,6 @@ Writes ``bench/results/log_space.md`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ from agentloop.grammar import compile_tools  # noqa: E402
 from agentloop.grammar.compiled import CompiledGrammar  # noqa: E402
 from bench.constraint import (step_bench_command, step_bench_header, step_bench_options,  # noqa: E402
                               step_bench_threads)
-from bench.tokenizers_offline import LOADERS, SCHEMAS  # noqa: E402
+from bench.tokenizers_offline import LOADERS, tool_schemas  # noqa: E402
 
 #: The logit scales: within float64's range, with atoms beyond it, with the valid
 #: canvases beyond it.
@@ -44,7 +43,7 @@ def measure(tokenizer: str, n_tools: int, length: int, repeats: int) -> dict[str
     """Median ms of denoise_step at each scale, and the shares of canvases redone in log
     space and of steps that pruned."""
     tok, aliases = LOADERS[tokenizer]()
-    tools = json.loads(SCHEMAS.read_text())[:n_tools]
+    tools = tool_schemas(tokenizer)[:n_tools]
     g = compile_tools(tools, tok, wire_format="gemma4", aliases=aliases)
     V = tok.get_vocab_size(with_added_tokens=True)
     out = torch.empty(length, V)

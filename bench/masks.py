@@ -16,7 +16,6 @@ Writes ``bench/results/masks.md`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ import torch  # noqa: E402
 from agentloop.grammar import compile_tools  # noqa: E402
 from bench.constraint import (step_bench_command, step_bench_header, step_bench_options,  # noqa: E402
                               step_bench_threads)
-from bench.tokenizers_offline import LOADERS, SCHEMAS  # noqa: E402
+from bench.tokenizers_offline import LOADERS, tool_schemas  # noqa: E402
 
 #: The logits measured: as drawn, the end tokens at 0, and masked.
 CASES = ("plain", "ends at 0", "ends masked")
@@ -44,7 +43,7 @@ def measure(tokenizer: str, n_tools: int, length: int, repeats: int) -> dict[str
     """Median ms of each op on each case, and the masked answers' largest difference
     from the end tokens at 0."""
     tok, aliases = LOADERS[tokenizer]()
-    tools = json.loads(SCHEMAS.read_text())[:n_tools]
+    tools = tool_schemas(tokenizer)[:n_tools]
     g = compile_tools(tools, tok, wire_format="gemma4", aliases=aliases)
     ends = [tok.token_to_id(t) for t in ("<turn|>", "<|tool_response>")]
     base = torch.randn(length, g.vocab.size, generator=torch.Generator().manual_seed(0)) * 2

@@ -16,7 +16,6 @@ Writes ``bench/results/pruning.md`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -35,7 +34,7 @@ from agentloop.grammar import compile_tools  # noqa: E402
 from agentloop.grammar.compiled import CompiledGrammar  # noqa: E402
 from bench.constraint import (step_bench_command, step_bench_header, step_bench_options,  # noqa: E402
                               step_bench_threads)
-from bench.tokenizers_offline import LOADERS, SCHEMAS  # noqa: E402
+from bench.tokenizers_offline import LOADERS, tool_schemas  # noqa: E402
 
 #: The call the "model" logits are sure of (the first tool of every set).
 CALL = '<|tool_call>call:get_weather{city:<|"|>Lisbon<|"|>,days:3}<tool_call|><|tool_response>'
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     tok, aliases = LOADERS[args.tokenizer]()
     rows = []
     for n in args.tools:
-        g = compile_tools(json.loads(SCHEMAS.read_text())[:n], tok, wire_format="gemma4", aliases=aliases)
+        g = compile_tools(tool_schemas(args.tokenizer)[:n], tok, wire_format="gemma4", aliases=aliases)
         for kind, x in logit_kinds(g, tok, args.length).items():
             r = {"tokenizer": args.tokenizer, "tools": n, "states": g.stats.dfa_states, "logits": kind,
                  **compare(g, x, args.repeats)}

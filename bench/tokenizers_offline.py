@@ -26,7 +26,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from tokenizers import AddedToken, Tokenizer
 
@@ -43,6 +43,33 @@ GEMMA4_TOOL_TOKENS: tuple[str, ...] = GEMMA4_SPECIALS[2:]
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMAS = REPO / "agentloop" / "data" / "tool_schemas.json"
+#: Tokenizers without capital letters (``wordpiece_30k``).
+UNCASED = frozenset({"wordpiece-30k"})
+
+
+def tool_schemas(tokenizer: str | None = None) -> list[dict[str, Any]]:
+    """The 20 realistic tool schemas the benchmarks slice, as ``tokenizer`` (a name of
+    ``LOADERS``) can spell them: an uncased vocabulary has no capitals, and ``compile_tools``
+    refuses a tool whose calls it cannot spell (``book_flight``'s IATA codes
+    ``^[A-Z]{3}$``, ``get_stock_price``'s tickers), so for it the capitals that patterns,
+    enums and consts require are lower-cased (the same automata, over other letters)."""
+    tools: list[dict[str, Any]] = json.loads(SCHEMAS.read_text("utf-8"))
+    return [_lower_cased(t) for t in tools] if tokenizer in UNCASED else tools
+
+
+def _lower_cased(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_lower_cased(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _lower_cased(v) for k, v in node.items()}
+    if isinstance(out.get("pattern"), str):
+        out["pattern"] = out["pattern"].replace("A-Z", "a-z")
+    for k in ("enum", "const"):
+        if k in node:
+            out[k] = [v.lower() if isinstance(v, str) else v for v in node[k]] if k == "enum" else \
+                (node[k].lower() if isinstance(node[k], str) else node[k])
+    return out
 def _cache_dir() -> Path | None:
     """agentloop's cache folder (``AGENTLOOP_CACHE_DIR``, default ``~/.cache/agentloop``;
     ``off`` disables caching)."""

@@ -4,6 +4,7 @@ from every state, by brute force."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -202,3 +203,98 @@ def test_partial_canvases_prune_where_some_states_are_cut_off():
         torch.testing.assert_close(kept.log_marginals.exp(), whole.log_marginals.exp(), rtol=0, atol=1e-9)
     with pytest.raises(NoValidCanvasError):
         g.viterbi(x[0], state=int(isolated[0]), partial=True)
+
+
+def _gemma4_specials() -> tuple[str, ...]:
+    import inspect
+
+    from agentloop.grammar import byte_tokenizer
+
+    return inspect.signature(byte_tokenizer).parameters["special_tokens"].default
+
+
+@pytest.mark.parametrize("wire_format", ["gemma4", "json"])
+def test_a_tool_the_tokenizer_cannot_spell_is_refused_by_name(wire_format):
+    """A tool whose calls no token sequence spells used to vanish unseen: the automaton
+    trims the states the tokens cannot finish from, the other tools keep the language
+    non-empty, and the model never calls it (an uncased WordPiece and a ticker pattern
+    ``^[A-Z]{1,5}$``: ``accepts_json`` said yes, as the symbols allow it). It is refused
+    when compiled, naming the tool and whether its name or its values cannot be spelled,
+    as one tool alone was refused already."""
+    import string
+
+    from conftest import word_tokenizer
+
+    from agentloop.errors import VocabularyError
+    from agentloop.grammar import compile_tools
+
+    weather = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"], "additionalProperties": False}}
+    ticker = {"name": "get_price", "parameters": {"type": "object", "properties": {
+        "symbol": {"type": "string", "pattern": "^[A-Z]{1,5}$"}}, "required": ["symbol"], "additionalProperties": False}}
+    uncased = word_tokenizer([c for c in string.printable if not c.isupper()], _gemma4_specials())
+    g = compile_tools([weather], uncased, wire_format)  # (a tool it can spell)
+    assert g.accepts_json([{"name": "get_weather", "arguments": {"city": "lima"}}])
+    with pytest.raises(VocabularyError, match=r"tool 'get_price' \(/tools/1\): its tokens can begin a call but "
+                                              r"never finish one"):
+        compile_tools([weather, ticker], uncased, wire_format)
+    # a name the tokens cannot spell ('Q' missing), and one they can, through tokens that
+    # run past the name's end ('g{}': the prefix is checked token by token, not symbol by symbol)
+    no_q = word_tokenizer([c for c in string.printable if c != "Q"], _gemma4_specials())
+    quote = {**weather, "name": "getQuote"}
+    call = "<|tool_call>call:getQuote{" if wire_format == "gemma4" else '[{"name":"getQuote"'
+    with pytest.raises(VocabularyError, match=rf"tool 'getQuote' \(/tools/1\): no sequence of its tokens spells "
+                                              rf"'{re.escape(call)}'"):
+        compile_tools([weather, quote], no_q, wire_format)
+    ping = {"name": "ping", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}
+    if wire_format == "gemma4":
+        straddling = word_tokenizer(["call:pin", "g{}"], _gemma4_specials())
+        g = compile_tools([ping], straddling, wire_format, allow_text=False)
+        ids = [straddling.token_to_id(t) for t in ("<|tool_call>", "call:pin", "g{}", "<tool_call|>",
+                                                      "<|tool_response>")]
+        assert g.parse(ids).calls[0].name == "ping"
+        with pytest.raises(VocabularyError, match=r"tool 'pong' \(/tools/1\): no sequence"):
+            compile_tools([ping, {**ping, "name": "pong"}], straddling, wire_format, allow_text=False)
+
+
+def test_the_tool_check_finds_what_the_automaton_allows(monkeypatch):
+    """``spells_prefix`` against a brute force: over tiny vocabularies of pieces of two
+    tools' calls (some running past a name's end), a tool passes the check exactly where
+    some sequence of up to four tokens spells a whole call of it (the grammar compiled
+    with the check off, each call parsed)."""
+    import itertools
+    import random
+
+    from conftest import word_tokenizer
+
+    import agentloop.grammar as grammar
+    from agentloop.errors import VocabularyError
+    from agentloop.grammar.token_automaton import spells_prefix
+
+    monkeypatch.setattr(grammar, "spells_prefix", lambda *args: (True, True))
+    monkeypatch.setenv("AGENTLOOP_CACHE_DIR", "off")  # (unchecked grammars stay out of the caches)
+    pieces = ["call:", "ab", "a", "b{", "{", "}", "b{}", "ac{", "c", "call:a", "{}"]
+    tools = [{"name": n, "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}
+             for n in ("ab", "ac")]
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(60):
+        vocab = rng.sample(pieces, rng.randint(2, len(pieces)))
+        tok = word_tokenizer(vocab, _gemma4_specials())
+        grammar._grammar_cache.clear()
+        try:
+            g = grammar.compile_tools(tools, tok, "gemma4", allow_text=False, parallel_calls=False)
+        except VocabularyError:  # (neither tool: nothing at all to spell)
+            g = None
+        ids = [tok.token_to_id(t) for t in vocab]
+        head = tok.token_to_id("<|tool_call>")
+        tail = [tok.token_to_id("<tool_call|>"), tok.token_to_id("<|tool_response>")]
+        called = {g.parse([head, *seq, *tail]).calls[0].name for n in range(1, 5)
+                  for seq in itertools.product(ids, repeat=n) if g is not None and g.accepts([head, *seq, *tail])}
+        for tool in tools:
+            prefix = grammar._call_prefix(grammar.load_wire_format("gemma4"), tool["name"])
+            completes = g is not None and spells_prefix(g.automaton, g.dfa, g.vocab, prefix)[0]
+            assert completes == (tool["name"] in called), (vocab, tool["name"])
+            seen.add(completes)
+    grammar._grammar_cache.clear()
+    assert seen == {True, False}

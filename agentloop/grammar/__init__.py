@@ -27,9 +27,9 @@ import weakref
 from collections import OrderedDict
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from ..errors import AutomatonTooLarge, SchemaError
+from ..errors import AutomatonTooLarge, SchemaError, VocabularyError
 from . import cache as disk_cache
 from . import charset as cs
 from .copy import (FIXED_HOLE_KINDS, HOLE_SYMBOLS, STRING_NUMBERS_HOLE, TEXT_NUMBERS_HOLE, HolesExhausted,
@@ -37,7 +37,7 @@ from .copy import (FIXED_HOLE_KINDS, HOLE_SYMBOLS, STRING_NUMBERS_HOLE, TEXT_NUM
 from .compiled import CompiledGrammar, GrammarStats, ParsedOutput, StepOutput, ToolCall
 from .fsa import Dfa, Node, alt, embed, literal, product, rep, separated, seq, substitute, sym, to_dfa
 from .schema import Narrowing, SchemaCompiler, SchemaOptions, _copies_dfa
-from .token_automaton import build_token_automaton
+from .token_automaton import TokenAutomaton, build_token_automaton, spells_prefix
 from .vocabulary import Vocabulary
 from .wireformat import EOS, PAD, WireFormat, available_wire_formats, load_wire_format
 
@@ -185,7 +185,8 @@ def _tail(wf: WireFormat, vocab: Vocabulary) -> Node:
 
 
 def _compile(node_fn: Any, key_parts: Any, vocab: Vocabulary, kind: str, tools: Sequence[Any],
-             persist: bool = True, too_large: Any = None) -> CompiledGrammar:
+             persist: bool = True, too_large: Any = None,
+             check: Callable[[Dfa, TokenAutomaton], None] | None = None) -> CompiledGrammar:
     # The wire format's file text is part of the key: editing grammars/*.toml invalidates.
     # Keys keep the schema's own order (no sort_keys): the grammar writes properties in
     # their schema order, and canonical objects in the document's order of first mention.
@@ -209,6 +210,8 @@ def _compile(node_fn: Any, key_parts: Any, vocab: Vocabulary, kind: str, tools: 
         if dfa.is_empty():
             raise SchemaError("the schema admits no value at all (its constraints contradict each other)")
         automaton = build_token_automaton(dfa, vocab)
+        if check is not None:  # (on a new build only, before it is cached: it raises)
+            check(dfa, automaton)
         if persist:
             disk_cache.save(key, dfa, automaton)
     g = CompiledGrammar(dfa, automaton, vocab, kind, tools, compile_seconds=time.perf_counter() - t0)
@@ -393,9 +396,47 @@ def compile_tools(
                 return spliced
         return envelope(options)
 
+    def every_tool_spelled(dfa: Dfa, automaton: TokenAutomaton) -> None:
+        # As a tool whose arguments admit nothing (above), a tool the tokenizer cannot
+        # spell would vanish from the envelope unseen: the automaton trims it, and the
+        # model never calls it. (A tool with copied parameters may have nothing to copy
+        # yet.)
+        for i, t in enumerate(specs):
+            prefix = _call_prefix(wf, t.name)
+            if prefix is None or (options.copy_sources is not None and uses_copy(t.parameters)):
+                continue
+            completes, begins = spells_prefix(automaton, dfa, vocab, prefix)
+            if completes:
+                continue
+            why = ("its tokens can begin a call but never finish one: a value its parameters require needs a "
+                   "character the vocabulary lacks (an uncased WordPiece has no capitals, for example)" if begins else
+                   f"no sequence of its tokens spells {wf.symbols_text(prefix)!r}")
+            raise VocabularyError(f"the tokenizer cannot spell any call of tool {t.name!r} (/tools/{i}): {why}. "
+                                  "The model could never call it")
+
     # A grammar with copy sources belongs to one conversation: kept in memory, never written
     # to the disk cache (which would fill up with users' text).
-    return _compile(node, key(options), vocab, "tools", specs, persist=not options.copy_sources)
+    return _compile(node, key(options), vocab, "tools", specs, persist=not options.copy_sources,
+                    check=every_tool_spelled)
+
+
+def _call_prefix(wf: WireFormat, name: str) -> list[int] | None:
+    """The symbols a call of tool ``name`` begins with, through its name and the symbol
+    after it (which ends the name: no other tool's calls begin so), or None where the wire
+    format's call template does not put the name before the arguments."""
+    out = wf.lit("open", "calls")
+    parts = wf.template(wf.calls["call"])
+    for k, part in enumerate(parts):
+        if part == "name":
+            after = parts[k + 1] if k + 1 < len(parts) else None
+            nxt = after[:1] if isinstance(after, list) else wf.lit("object_open")[:1] if after == "arguments" else []
+            if not nxt or _TOOL_NAME.match("a" + chr(nxt[0])):
+                return None  # (a symbol a name may hold ends no name)
+            return out + list(name.encode()) + nxt
+        if not isinstance(part, list):
+            return None
+        out = out + part
+    return None
 
 
 _holed: "OrderedDict[str, Dfa]" = OrderedDict()

@@ -581,3 +581,47 @@ def build_token_automaton(dfa: Dfa, vocab: Vocabulary) -> TokenAutomaton:
         edge_group=edge_group,
         src_offsets=src_offsets,
     )
+
+
+def spells_prefix(automaton: TokenAutomaton, dfa: Dfa, vocab: Vocabulary, prefix: list[int]) -> tuple[bool, bool]:
+    """Whether a token sequence from the start spells a text that begins with the symbols
+    ``prefix`` and goes on to a complete canvas, and whether one spells ``prefix`` at all
+    (complete or not). The DFA accepts the prefix's symbols; the tokens need not: an uncased
+    WordPiece has no capitals, so a tool named ``getQuote`` is trimmed from the automaton
+    (``build_token_automaton``'s step 4) while the others keep it non-empty.
+
+    The symbols fix the state after each part of the prefix, so a search over the prefix's
+    offsets is enough: a token that spells prefix[i:i + m] leads from offset i to i + m,
+    and one that spells all of prefix[i:] (and maybe more) finishes the search where the
+    token automaton allows it from the state at i (its edges lead only to states from
+    which the canvas can still be completed)."""
+    mat, lens = vocab.symbol_matrix
+    order, starts = vocab.by_first_symbol
+    n = len(prefix)
+    states = [automaton.start]  # the state after prefix[:i]
+    for s in prefix:
+        states.append(dfa.step(states[-1], s))
+    reached = np.zeros(n + 1, bool)
+    reached[0] = True
+    begins = False
+    for i in range(n):
+        if not reached[i] or states[i] < 0:
+            continue
+        tokens = order[starts[prefix[i]]:starts[prefix[i] + 1]]  # (those that begin with prefix[i])
+        j = 1
+        while tokens.size and i + j < n:
+            reached[i + j] |= bool((lens[tokens] == j).any())
+            tokens = tokens[lens[tokens] > j]  # (then the matrix is wider than j)
+            tokens = tokens[mat[tokens, j] == prefix[i + j]] if tokens.size else tokens
+            j += 1
+        if not tokens.size:
+            continue
+        begins = True
+        q = states[i]
+        groups = automaton.edge_group[automaton.src_offsets[q]:automaton.src_offsets[q + 1]]
+        allowed = np.zeros(automaton.n_atoms + 1, bool)  # (index -1: tokens never allowed)
+        for g in groups.tolist():
+            allowed[automaton.group_atoms[automaton.group_offsets[g]:automaton.group_offsets[g + 1]]] = True
+        if allowed[automaton.atom_of_token[tokens]].any():
+            return True, True
+    return False, begins

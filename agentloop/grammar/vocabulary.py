@@ -186,6 +186,19 @@ class Vocabulary:
         mat[rows, cols] = flat
         return mat, lens
 
+    @cached_property
+    def by_first_symbol(self) -> tuple["np.ndarray", "np.ndarray"]:
+        """The tokens that spell something, ordered by their first symbol, and where each
+        symbol's run starts in that order ((n_symbols + 1,)): the tokens that begin with
+        symbol ``s`` are ``order[starts[s]:starts[s + 1]]``."""
+        import numpy as np
+
+        mat, lens = self.symbol_matrix
+        spelling = np.flatnonzero(lens > 0)
+        order = spelling[np.argsort(mat[spelling, 0], kind="stable")].astype(np.int32)
+        starts = np.searchsorted(mat[order, 0], np.arange(self.wire_format.n_symbols + 1)).astype(np.int64)
+        return order, starts
+
     def symbols(self, ids: list[int]) -> list[int]:
         """The symbols ``ids`` spell, in order. Raises ``GrammarInputError`` for an id
         outside the vocabulary and ``ParseError`` for a token that spells nothing (a

@@ -112,6 +112,17 @@ class WireFormat:
                 i += 1
         return out
 
+    def symbols_text(self, symbols: list[int]) -> str:
+        """The text ``symbols`` spell (``text_symbols``'s inverse, for messages)."""
+        out, run = [], bytearray()
+        for s in symbols:
+            if s < 256:
+                run.append(s)
+                continue
+            out.append(run.decode("utf-8", "replace") + self.symbol_name(s))
+            run.clear()
+        return "".join(out) + run.decode("utf-8", "replace")
+
     def template(self, text: str) -> list[str | list[int]]:
         """Split a template into literal symbol runs and ``${placeholder}`` names."""
         parts: list[str | list[int]] = []
