@@ -369,3 +369,30 @@ def test_disk_cache_round_trip(btok, tmp_path, monkeypatch):
     logits = torch.randn(30, a.vocab.size, generator=torch.Generator().manual_seed(0))
     assert a.viterbi(logits) == b.viterbi(logits)
     assert b.accepts_json([{"name": "get_weather", "arguments": {"city": "Oslo"}}])
+
+
+def test_allowed_tokens_keep_a_bounded_number_of_masks(btok, monkeypatch):
+    """``allowed_tokens`` caches a (V,) mask per state; it kept 4096 of them, 1 GB at
+    Gemma's 262k tokens for a token-by-token decoder that visits that many states. The
+    cache now keeps ``ALLOWED_CACHE_BYTES`` (at least 64 masks), and a mask it dropped is
+    made again alike."""
+    import numpy as np
+
+    from agentloop.grammar import compiled
+
+    g = compile_tools([WEATHER], btok, "gemma4")
+    V, S = g.vocab.size, g.automaton.n_states
+    assert S > 20
+    monkeypatch.setattr(compiled, "_ALLOWED_CACHE_MIN", 5)
+    monkeypatch.setattr(compiled, "ALLOWED_CACHE_BYTES", 20 * V)
+    first = g.allowed_tokens(g.start_state).copy()
+    for q in range(S):
+        g.allowed_tokens(q)
+        assert len(g._allowed_cache) <= 20
+    assert len(g._allowed_cache) == 20
+    np.testing.assert_array_equal(g.allowed_tokens(g.start_state), first)
+    monkeypatch.setattr(compiled, "ALLOWED_CACHE_BYTES", 0)  # (masks larger than it: the fewest kept)
+    g._allowed_cache.clear()
+    for q in range(S):
+        g.allowed_tokens(q)
+    assert len(g._allowed_cache) == 5

@@ -93,6 +93,12 @@ def _as_numpy(logits: Any) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+#: The most memory ``allowed_tokens``' per-state masks keep (a (V,) bool array each: 4096
+#: states of Gemma's 262k tokens held 1 GB), and the fewest states they keep.
+ALLOWED_CACHE_BYTES = 64 << 20
+_ALLOWED_CACHE_MIN = 64
+
+
 def _evict_oldest(cache: dict[Any, Any]) -> None:
     """Drop a per-grammar cache's oldest entry. Threads share a grammar without a lock
     around its caches: another one may have dropped that entry, or be changing the dict,
@@ -1283,7 +1289,7 @@ class CompiledGrammar:
                 g = ta.edge_group[e]
                 atoms[ta.group_atoms[ta.group_offsets[g]:ta.group_offsets[g + 1]]] = True
             hit = atoms[np.where(ta.atom_of_token >= 0, ta.atom_of_token, ta.n_atoms)]
-            if len(self._allowed_cache) >= 4096:
+            if len(self._allowed_cache) >= max(_ALLOWED_CACHE_MIN, ALLOWED_CACHE_BYTES // max(hit.nbytes, 1)):
                 _evict_oldest(self._allowed_cache)
             self._allowed_cache[q] = hit
         return hit
