@@ -396,3 +396,22 @@ def test_allowed_tokens_keep_a_bounded_number_of_masks(btok, monkeypatch):
     for q in range(S):
         g.allowed_tokens(q)
     assert len(g._allowed_cache) == 5
+
+
+def test_supports_kept_are_bounded_in_bytes(btok, monkeypatch):
+    """A grammar keeps the support of each canvas length and start state it was asked for
+    (16 MB each at 20 tools, 16 of them): now at most ``SUPPORT_CACHE_BYTES`` of them, and
+    at least two (an engine's canvas reuses one at every step); a support made again
+    gives the same answers."""
+    from agentloop.grammar import compiled
+
+    g = compile_tools([WEATHER], btok, "gemma4")
+    x = torch.randn(40, g.vocab.size, generator=torch.Generator().manual_seed(0))
+    want = {L: g.viterbi(x[:L], prune=False) for L in range(30, 40)}
+    assert len(g._support_cache) == 10
+    monkeypatch.setattr(compiled, "SUPPORT_CACHE_BYTES", 0)
+    g._support_cache.clear()
+    for L in range(30, 40):
+        assert g.viterbi(x[:L], prune=False) == want[L]
+        assert len(g._support_cache) <= compiled._SUPPORT_CACHE_MIN
+    assert g.viterbi(x[:30], prune=False) == want[30]

@@ -99,6 +99,12 @@ ALLOWED_CACHE_BYTES = 64 << 20
 _ALLOWED_CACHE_MIN = 64
 
 
+#: Likewise for the supports a grammar keeps (one per canvas length and start state; an
+#: engine's canvas reuses one at each step): 16 at most, and 16 MB each at 20 tools.
+SUPPORT_CACHE_BYTES = 64 << 20
+_SUPPORT_CACHE_MIN = 2
+
+
 def _evict_oldest(cache: dict[Any, Any]) -> None:
     """Drop a per-grammar cache's oldest entry. Threads share a grammar without a lock
     around its caches: another one may have dropped that entry, or be changing the dict,
@@ -1231,7 +1237,8 @@ class CompiledGrammar:
             hit = dp.support(self._layout, state, self._final(partial), length, kind)
             if hit.offsets[1] == 0:  # the start state is on no valid canvas
                 raise NoValidCanvasError(self._no_canvas_message(length, state, partial))
-            if len(self._support_cache) >= 16:
+            size = sum(a.nbytes for a in (hit.offsets, hit.states, hit.live, hit.clip))
+            if len(self._support_cache) >= max(_SUPPORT_CACHE_MIN, min(16, SUPPORT_CACHE_BYTES // max(size, 1))):
                 _evict_oldest(self._support_cache)
             self._support_cache[key] = hit
         return hit
