@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from decimal import Decimal
 
 import jsonschema
@@ -279,6 +280,22 @@ def test_a_float_multiple_whose_reciprocal_is_off_by_half_an_ulp_holds_every_int
     for n in [0, 1, -3, 7, 12345, 2**52 + 1, -(2**53) + 1]:
         assert g.accepts_json(n) and v.is_valid(n), n
     assert not g.accepts_json(0.5)
+
+
+@pytest.mark.parametrize("m", [0.5, 0.25])
+def test_integers_under_an_exact_float_multiple_stop_at_the_largest_double(btok, m):
+    """Every integer is a multiple of 0.5, and n / 0.5 is exact: the grammar took every
+    integer, but jsonschema divides a double, and raises OverflowError for an integer past
+    the largest one (10**400: no verdict at all). They stop there now."""
+    schema = {"type": "integer", "minimum": 3, "multipleOf": m}
+    g = compile_schema(schema, btok, "json")
+    v = jsonschema.Draft202012Validator(schema)
+    largest = int(sys.float_info.max)
+    for n in [3, 4, 10**300, largest]:
+        assert g.accepts_json(n) and v.is_valid(n), n
+    assert not g.accepts_json(largest + 1) and not g.accepts_json(10**400)
+    with pytest.raises(OverflowError):
+        v.is_valid(10**400)
 
 
 @pytest.mark.parametrize("wire_format", WIRE_FORMATS)

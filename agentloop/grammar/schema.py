@@ -308,8 +308,10 @@ class SchemaOptions:
     grounded_text_numbers: bool = False
 
 
-#: The integers a double holds exactly reach this magnitude (2**53 - 1).
+#: The integers a double holds exactly reach this magnitude (2**53 - 1) ...
 _EXACT_IN_DOUBLES = 2**53 - 1
+#: ... and the largest double's (2**1024 - 2**971): past it an integer is no double.
+_LARGEST_DOUBLE = 2**1024 - 2**971
 
 
 def _within_exact_doubles(lo: int | None, hi: int | None) -> tuple[int, int]:
@@ -1304,6 +1306,7 @@ class SchemaCompiler:
         int_multiple = 1
         only_integers = integer
         divided_as_doubles = False
+        within_doubles = False  # (the integers a double holds, exactly or not)
         # (over language) a whole float multipleOf on the integers below 2**53 alone
         whole_multiple_below = 1
         for m, ptr in multiples:
@@ -1325,9 +1328,11 @@ class SchemaCompiler:
                 only_integers = True
                 divided_as_doubles = divided_as_doubles or isinstance(m, float)
             elif integer and (d := _reciprocal_error(m, dm)) is not None and d <= _HALF_ULP:
-                # n / m rounds to the integer n * (1 / m) for every integer n; past the
-                # double range jsonschema divides exactly, which holds where 1 / m is exact
+                # n / m rounds to the integer n * (1 / m) for every integer n (exactly, where
+                # 1 / m is exact); past the double range jsonschema cannot divide (it makes
+                # n a double first: OverflowError), so the integers stop there
                 divided_as_doubles = divided_as_doubles or d != 0
+                within_doubles = True
                 continue
             else:
                 why = ("on numbers is not supported" if not (integer and isinstance(m, float)) else
@@ -1345,6 +1350,9 @@ class SchemaCompiler:
         ilo = None if ilo is None else -ilo
         if divided_as_doubles:
             ilo, ihi = _within_exact_doubles(ilo, ihi)
+        elif within_doubles:
+            ilo, ihi = (-_LARGEST_DOUBLE if ilo is None else max(ilo, -_LARGEST_DOUBLE),
+                        _LARGEST_DOUBLE if ihi is None else min(ihi, _LARGEST_DOUBLE))
         if ilo is not None and ihi is not None and ilo > ihi:
             ints: Node = NEVER
         else:
