@@ -293,8 +293,8 @@ def test_the_sweeps_kept_weight_is_the_canvases_and_bounds_a_raised_cut(btok, to
         log_share = math.log(pruning.LOST_SHARE / cells)
         with pruning.SWEEP_SCRATCH.taken() as scratch:
             _, _, ok, _, _, log_kept, _, _, _ = scratch.sweep(
-                True, False, False, sc.gsum, np.zeros((L_, 0)), sc.rowmax, log_norm, to_finish, g.start_state,
-                *g._out_edges, -5000.0, log_share, -990.0, np.inf, cells)
+                True, False, False, False, sc.gsum, np.zeros((L_, 0)), sc.rowmax, log_norm, to_finish, g.start_state,
+                *g._out_edges, np.zeros((0, 0)), np.zeros((0, 0)), -5000.0, log_share, -990.0, np.inf, cells)
         sound = log_z + log_share >= -990.0
         assert ok == sound, (peak, log_z)
         if ok:
@@ -357,7 +357,8 @@ def test_a_low_temperature_prunes_where_the_atoms_out_of_float64s_range_weigh_no
         assert g.accepts(g.sample(x, torch.Generator().manual_seed(1)))
         if not fast:
             with monkeypatch.context() as m:
-                m.setattr(pruning, "MAX_KEPT_LOG_CELLS", _kept(g, x).offsets[-1] - 1)
+                # (below a canvas's cells: the sweep that bounds the suffixes keeps fewer)
+                m.setattr(pruning, "MAX_KEPT_LOG_CELLS", L)
                 m.setattr(pruning, "LOG_KEPT_SHARE", 0.0)
                 capped = g.denoise_step(x, torch.Generator().manual_seed(0))
             assert not capped.pruned and capped.argmax == whole.argmax and capped.sample == whole.sample
@@ -576,3 +577,91 @@ def test_pruned_ops_equal_the_whole_lattice_on_random_schemas(btok, wire_format,
        n=st.sampled_from([16, 48, 128]), **_FUZZ)
 def test_pruned_ops_equal_the_whole_lattice_on_random_tool_sets(btok, wire_format, pick, n, **kw):
     _pruned_equals_whole(compile_tools([TOOLS[i] for i in pick], btok, wire_format), n=n, **kw)
+
+
+def _text_where_a_call_is_forced(g, btok, seed: int, lead: float, temperature: float) -> tuple[torch.Tensor, int]:
+    """Logits N(0, 3) of a model sure of a text answer (``lead`` nats ahead at its first
+    positions), where the canvas continues a call (the state after `<|tool_call>`), at
+    ``temperature``: the grammar forbids every token the model wants there."""
+    text = btok.encode("I cannot look that up, but Lisbon is mild and sunny.", add_special_tokens=False).ids
+    x = torch.randn(L, g.vocab.size, generator=torch.Generator().manual_seed(seed)) * 3.0
+    x[torch.arange(len(text)), torch.tensor(text)] = x[:len(text)].max(dim=1).values + lead
+    return x / temperature, g.state_after(btok.encode("<|tool_call>", add_special_tokens=False).ids)
+
+
+@pytest.mark.parametrize("seed, lead, temperature", [(0, 30.0, 0.2), (1, 10.0, 0.1), (2, 30.0, 1.0)])
+def test_suffix_bounds_bound_each_cells_way_on(btok, tools3, seed, lead, temperature):
+    """``suffix_bounds`` against the suffixes' exact values, by brute force over the token
+    automaton's edges: its first bound is at least the log of each cell's suffix mass
+    (tokens normalised at each position), and within ~3 nats a position of it; its second
+    is the best way on's log-probability."""
+    g = tools3
+    x, s0 = _text_where_a_call_is_forced(g, btok, seed, lead, temperature)
+    sc = g._scores(x[None].numpy())
+    gmax = dp.group_max(sc.amax, g._group_plan)
+    log_norm = np.log(sc.asum.sum(axis=1))
+    log_gsum = g._log_sums(sc, slice(0, L))[1]
+    to_finish = g._to_finish(False)
+    bound, best = pruning.suffix_bounds(log_gsum, gmax, sc.rowmax, log_norm, to_finish, *g._out_edges)
+    ta = g.automaton
+    src, dst, grp = ta.edge_src, ta.edge_dst, ta.edge_group
+    exact = np.full((L + 1, ta.n_states), -np.inf)
+    exact_best = np.full((L + 1, ta.n_states), -np.inf)
+    exact[L, to_finish == 0] = exact_best[L, to_finish == 0] = 0.0
+    for l in range(L - 1, -1, -1):
+        terms = log_gsum[l, grp] - log_norm[l] + exact[l + 1, dst]
+        top = np.full(ta.n_states, -np.inf)
+        np.maximum.at(top, src, terms)
+        total = np.zeros(ta.n_states)
+        np.add.at(total, src, np.exp(terms - np.where(np.isfinite(top[src]), top[src], 0.0)))
+        with np.errstate(divide="ignore"):
+            exact[l] = np.where(np.isfinite(top), top + np.log(total), -np.inf)
+        np.maximum.at(exact_best[l], src, gmax[l, grp] - sc.rowmax[l] - log_norm[l] + exact_best[l + 1, dst])
+    finite = np.isfinite(exact)
+    assert (np.isfinite(bound) == finite).all() and finite.sum() > 1000
+    assert (bound[finite] >= exact[finite] - 1e-9 * (1 + np.abs(exact[finite]))).all()
+    assert (bound[finite] - exact[finite]).max() <= 3.0 * L
+    np.testing.assert_allclose(best[finite], exact_best[finite], rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("seed, lead, temperature", [(0, 30.0, 0.2), (1, 10.0, 0.1), (2, 60.0, 0.5)])
+def test_a_text_answer_where_a_call_is_forced_runs_log_space_over_few_cells(btok, tools3, seed, lead, temperature,
+                                                                          monkeypatch):
+    """A sure text answer where the canvas continues a call, at a low temperature: each
+    valid canvas weighs e^-1000 or less of the best tokens', the fast passes over the
+    whole lattice leave float64's range, and the step ran in log space over the whole
+    lattice (20 tools, BPE 4k: 0.55 s). Nearly every prefix that writes the text into a
+    string is heavy and every way on from it light, so the sweeps that bound a cell's
+    way on by 1 keep most of the lattice; one that bounds it by ``suffix_bounds`` keeps
+    a few cells, and the passes in log space run over those: the whole lattice's canvas,
+    sample, marginals and entropies."""
+    g = tools3
+    x, s0 = _text_where_a_call_is_forced(g, btok, seed, lead, temperature)
+    bounded = []
+    real = pruning.suffix_bounds
+    monkeypatch.setattr(pruning, "suffix_bounds", lambda *a: bounded.append(1) or real(*a))
+    assert not g.denoise_step(x, torch.Generator().manual_seed(0), state=s0).pruned and not bounded  # (too small:
+    # its lattice costs little more in log space than a sweep that gives up)
+    monkeypatch.setattr(pruning, "BOUNDED_SWEEP_MIN_EDGES", 0)
+    kept = g.denoise_step(x, torch.Generator().manual_seed(0), state=s0)
+    assert bounded and kept.pruned
+    bounded.clear()
+    whole = g.denoise_step(x, torch.Generator().manual_seed(0), state=s0, prune=False)
+    assert not bounded and not whole.pruned
+    assert kept.argmax == whole.argmax and kept.sample == whole.sample
+    torch.testing.assert_close(kept.log_marginals.exp(), whole.log_marginals.exp(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(kept.entropy, whole.entropy, rtol=0, atol=1e-9)
+    m = g.marginals(x, state=s0)
+    torch.testing.assert_close(m.exp(), whole.log_marginals.exp(), rtol=0, atol=1e-12)
+    # with the Viterbi test too (the best prefix with the best way on): the canvas's cells kept
+    sc = g._scores(x[None].numpy())
+    both = [pruning.sweep_support(g._to_finish(False), s0, g._out_edges, sc.rowmax,
+                                  gsum=g._log_sums(sc, slice(0, L))[1], asum=sc.asum,
+                                  gmax=dp.group_max(sc.amax, g._group_plan), in_logs=True,
+                                  bound_suffixes=bound).support for bound in (False, True)]
+    assert both[0] is None  # (without the bounds: too many cells)
+    both = both[1]
+    q = s0
+    for l, token in enumerate(whole.argmax):
+        assert q in both.states[both.offsets[l]:both.offsets[l + 1]]
+        q = g.automaton.step(q, token)

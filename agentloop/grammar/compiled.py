@@ -213,6 +213,8 @@ class _LogCanvas(NamedTuple):
     #: (L, K) each atom's stand-in (its best logit, or a mask's stand-in) less its row's
     #: largest: a token's log-marginal is (x - amax) + log F + frame.
     frame: np.ndarray | None
+    #: whether the passes ran over kept cells (pruning's), not the whole support
+    kept: bool = False
 
 
 _Op = TypeVar("_Op", bound=Callable[..., Any])
@@ -931,6 +933,16 @@ class CompiledGrammar:
             frame, log_asum, log_gsum, sup = self._stand_in_sums(best, log_inside, s0, partial, prune)
         else:
             log_asum, log_gsum = self._log_sums(sc, sl)
+            to_finish = self._to_finish(partial) if prune and sup.live.shape[0] else None
+            if to_finish is not None and L * self.automaton.n_edges >= pruning.BOUNDED_SWEEP_MIN_EDGES:
+                # The whole support: its sweeps gave up, or its fast passes left float64's
+                # range. Where a sure model's best tokens are invalid (a text answer where a
+                # call is forced), nearly every prefix is heavy and every way on from it light:
+                # a sweep that bounds each cell's suffix keeps few cells (~1k of 700k at 5
+                # tools), and the passes here run over those (``pruning.suffix_bounds``)
+                kept = pruning.probable_support(to_finish, s0, self._out_edges, sc.rowmax[sl], gsum=log_gsum,
+                                                asum=sc.asum[sl], in_logs=True, bound_suffixes=True)
+                sup = sup if kept is None else kept
         lb, log_f, column, lists, log_mass = self._log_passes(log_gsum, sup, s0, factors)
         if frame is None and -masks.MASK_LOGIT >= log_mass > -np.inf and masks.has_masks(best):  # (nan: none)
             frame, log_asum, log_gsum, sup = self._stand_in_sums(best, log_inside, s0, partial, prune)
@@ -942,7 +954,7 @@ class CompiledGrammar:
                                                     *self._out_edges, ta.group_atoms, ta.group_offsets, uniforms)
         if not ok:
             raise NoValidCanvasError(self._no_finite_canvas_message(L, s0))
-        return _LogCanvas(log_f, atoms, log_asum, log_inside, frame)
+        return _LogCanvas(log_f, atoms, log_asum, log_inside, frame, kept=sup.live.shape[0] == 0)
 
     def _stand_in_sums(self, best: np.ndarray, log_inside: np.ndarray, s0: int, partial: bool, prune: bool
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dp.Support]:
@@ -1215,6 +1227,7 @@ class CompiledGrammar:
                 else:
                     lc = in_log_space[b] = self._log_space(sc, sl, sup, s0, partial, prune, factors=True,
                                                            uniforms=uniforms[b])
+                    pruned[-1] = pruned[-1] or lc.kept  # (its passes ran over kept cells)
                     samples.append(self._tokens_in_atoms(sc, sl, lc.atoms, uniforms[b], lc.log_inside))
         except NoValidCanvasError as e:  # (which canvas of a batch has none)
             raise self._in_batch(e, b, B) from None
