@@ -523,6 +523,17 @@ def test_narrowings_name_each_bound_a_schema_meets_and_the_grammar_leaves_those_
     # a subschema that `not` takes away, approximated from above there
     negated = check_schema({"not": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}, "json")
     assert any(n.pointer == "/not/uniqueItems" and n.negated for n in negated)
+    # a format without an exact grammar, taken away: everything it may refuse is left out
+    # too, listed (it said nothing, and the schema below compiled to nothing unexplained)
+    pointer = check_schema({"type": "string", "not": {"format": "json-pointer"}}, "json")
+    assert [(n.pointer, n.negated) for n in pointer] == [("/not/format", True)]
+    with pytest.raises(SchemaError, match=r"admits no value at all .*/not/format: format 'json-pointer' has no "):
+        compile_schema({"type": "string", "not": {"format": "json-pointer"}}, btok, "json")
+    time_or_pointer = {"oneOf": [{"format": "json-pointer"}, {"format": "time"}]}
+    assert "/oneOf/0/format" in [n.pointer for n in check_schema(time_or_pointer, "json")]
+    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
+    assert jsonschema.Draft202012Validator(time_or_pointer, format_checker=checker).is_valid("23:59:59Z")
+    assert not compile_schema(time_or_pointer, btok, "json").accepts_json("23:59:59Z")
     # compiled once and reused (oneOf compiles each branch under and over): still listed
     once = check_schema({"oneOf": [{"type": "string", "maxLength": 600}, {"type": "integer"}]}, "json")
     assert "/oneOf/0/maxLength" in [n.pointer for n in once]

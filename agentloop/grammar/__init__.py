@@ -186,7 +186,8 @@ def _tail(wf: WireFormat, vocab: Vocabulary) -> Node:
 
 def _compile(node_fn: Any, key_parts: Any, vocab: Vocabulary, kind: str, tools: Sequence[Any],
              persist: bool = True, too_large: Any = None,
-             check: Callable[[Dfa, TokenAutomaton], None] | None = None) -> CompiledGrammar:
+             check: Callable[[Dfa, TokenAutomaton], None] | None = None,
+             narrowings: Callable[[], Sequence[Narrowing]] | None = None) -> CompiledGrammar:
     # The wire format's file text is part of the key: editing grammars/*.toml invalidates.
     # Keys keep the schema's own order (no sort_keys): the grammar writes properties in
     # their schema order, and canonical objects in the document's order of first mention.
@@ -208,7 +209,11 @@ def _compile(node_fn: Any, key_parts: Any, vocab: Vocabulary, kind: str, tools: 
         except AutomatonTooLarge as e:  # (``too_large`` names what in the schema grew it)
             raise (too_large(e) if too_large is not None else e) from None
         if dfa.is_empty():
-            raise SchemaError("the schema admits no value at all (its constraints contradict each other)")
+            narrowed = list(narrowings()) if narrowings is not None else []
+            why = "its constraints contradict each other" + (
+                ", or the narrowing of what the compiler cannot represent exactly left nothing: "
+                + "; ".join(map(str, narrowed[:3])) + ("; ..." if len(narrowed) > 3 else "") if narrowed else "")
+            raise SchemaError(f"the schema admits no value at all ({why})")
         automaton = build_token_automaton(dfa, vocab)
         if check is not None:  # (on a new build only, before it is cached: it raises)
             check(dfa, automaton)
@@ -266,7 +271,8 @@ def compile_schema(
         return seq(compilers[0].node(), literal(wf.lit("end")), _tail(wf, vocab))
 
     return _compile(node, ["value", schema, wf.name, wf.source, repr(options)], vocab, "value", (),
-                    persist=not options.copy_sources, too_large=lambda e: compilers[0].too_large(e))
+                    persist=not options.copy_sources, too_large=lambda e: compilers[0].too_large(e),
+                    narrowings=lambda: compilers[0].narrowings)
 
 
 def check_schema(schema: Mapping[str, Any] | bool, wire_format: str | WireFormat = "gemma4", *,

@@ -1445,7 +1445,10 @@ class SchemaCompiler:
         for f, ptr in formats:
             # Formats are asserted (format-assertion vocabulary, and jsonschema with its
             # format checkers): under holds strings valid for both, over for either.
-            if not self.format_is_exact(f):
+            if ctx.over and FORMATS_OVER.get(f) is None:  # (taken as any string: see format_node)
+                self._narrow(ctx, ptr, "format", f"format {f!r} has no exact grammar here: under not or oneOf it "
+                             "is taken as any string, so the strings it refuses are left out too")
+            elif not self.format_is_exact(f):
                 self._approx += 1
             constraints.append(self._string_dfa(("format", f, ctx.over)))
         if copy:
