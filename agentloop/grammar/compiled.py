@@ -445,16 +445,7 @@ class CompiledGrammar:
 
     def _spell(self, syms: Sequence[int]) -> str:
         """Symbols as text: bytes decoded (a cut character replaced), special symbols by name."""
-        out, run = [], bytearray()
-        for s in syms:
-            if s < 256:
-                run.append(s)
-                continue
-            out.append(run.decode("utf-8", "replace"))
-            run = bytearray()
-            out.append(self.wire_format.symbol_name(s))
-        out.append(run.decode("utf-8", "replace"))
-        return "".join(out)
+        return self.wire_format.symbols_text(list(syms))
 
     def _expected(self, q: int, most: int = 6) -> str:
         """The symbols the automaton takes from state ``q``: a few of its classes, named."""

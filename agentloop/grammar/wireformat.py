@@ -113,7 +113,8 @@ class WireFormat:
         return out
 
     def symbols_text(self, symbols: list[int]) -> str:
-        """The text ``symbols`` spell (``text_symbols``'s inverse, for messages)."""
+        """The text ``symbols`` spell, for messages: bytes decoded (a cut character
+        replaced), special symbols by name (``text_symbols``' inverse)."""
         out, run = [], bytearray()
         for s in symbols:
             if s < 256:
