@@ -312,10 +312,12 @@ def suffix_bounds(log_gsum, gmax, ref, log_norm, to_finish, out_offsets, out_dst
             if top == -np.inf:
                 bound[l, s] = -np.inf
                 continue
-            near_from = top - gap[s]
-            near = 0
-            for j in range(np.uint32(e1 - e0)):
-                near += terms[j] >= near_from
+            near = 1  # (one edge, as most states have: it is the largest)
+            if e1 - e0 > 1:
+                near_from = top - gap[s]
+                near = 0
+                for j in range(np.uint32(e1 - e0)):
+                    near += terms[j] >= near_from
             bound[l, s] = top - log_norm[l] + _LOG_NEAR[min(near, _LOG_NEAR.shape[0] - 1)]
     return bound, best
 
