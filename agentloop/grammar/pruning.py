@@ -318,7 +318,8 @@ def suffix_bounds(log_gsum, gmax, ref, log_norm, to_finish, out_offsets, out_dst
                 near = 0
                 for j in range(np.uint32(e1 - e0)):
                     near += terms[j] >= near_from
-            bound[l, s] = top - log_norm[l] + _LOG_NEAR[min(near, _LOG_NEAR.shape[0] - 1)]
+            log_near = _LOG_NEAR[near] if near < _LOG_NEAR.shape[0] else math.log(near + math.exp(-_NEAR_GAP))
+            bound[l, s] = top - log_norm[l] + log_near
     return bound, best
 
 
