@@ -76,10 +76,10 @@ every way on from it light: the sweeps keep most of the lattice and give up, and
 passes leave float64's range over the whole support. Before those go to log space over
 the whole support, a last sweep in log space tests each cell's prefix mass times a
 bound on its way on (``suffix_bounds``: a pass over the whole lattice, a max and a
-count an edge, no exp), and, for the Viterbi canvas, its best prefix plus its best way
-on; its cut is searched from the bound at the start. BPE 4k, 5 tools, temperature
-0.2: 0.08% of the lattice kept, where 0.06% holds all but 2**-56 of the weight (7%
-without the bound).
+count an edge, no exp), its cut searched from the bound at the start (with ``gmax``
+its Viterbi test takes the best prefix with the exact best way on). BPE 4k, 5 tools,
+temperature 0.2: ~1k of 700k cells kept, where 385 hold all but 2**-56 of the weight
+(7% of the lattice without the bound).
 """
 
 from __future__ import annotations
