@@ -105,6 +105,15 @@ SUPPORT_CACHE_BYTES = 64 << 20
 _SUPPORT_CACHE_MIN = 2
 
 
+def _make_room(cache: dict[Any, Any], nbytes: int, budget: int, fewest: int, most: int | None = None) -> None:
+    """Before a per-grammar cache takes an entry of ``nbytes``: drop its oldest where it
+    holds as many as ``budget`` bytes of such entries allow (at least ``fewest``, at most
+    ``most``)."""
+    room = max(fewest, budget // max(nbytes, 1))
+    if len(cache) >= (room if most is None else min(room, most)):
+        _evict_oldest(cache)
+
+
 def _evict_oldest(cache: dict[Any, Any]) -> None:
     """Drop a per-grammar cache's oldest entry. Threads share a grammar without a lock
     around its caches: another one may have dropped that entry, or be changing the dict,
@@ -1241,9 +1250,8 @@ class CompiledGrammar:
             hit = dp.support(self._layout, state, self._final(partial), length, kind)
             if hit.offsets[1] == 0:  # the start state is on no valid canvas
                 raise NoValidCanvasError(self._no_canvas_message(length, state, partial))
-            size = sum(a.nbytes for a in (hit.offsets, hit.states, hit.live, hit.clip))
-            if len(self._support_cache) >= max(_SUPPORT_CACHE_MIN, min(16, SUPPORT_CACHE_BYTES // max(size, 1))):
-                _evict_oldest(self._support_cache)
+            _make_room(self._support_cache, sum(a.nbytes for a in (hit.offsets, hit.states, hit.live, hit.clip)),
+                       SUPPORT_CACHE_BYTES, _SUPPORT_CACHE_MIN, most=16)
             self._support_cache[key] = hit
         return hit
 
@@ -1295,13 +1303,8 @@ class CompiledGrammar:
         hit = self._allowed_cache.get(q)
         if hit is None:
             ta = self.automaton
-            atoms = np.zeros(ta.n_atoms + 1, np.bool_)  # last slot: tokens never allowed
-            for e in range(ta.src_offsets[q], ta.src_offsets[q + 1]):
-                g = ta.edge_group[e]
-                atoms[ta.group_atoms[ta.group_offsets[g]:ta.group_offsets[g + 1]]] = True
-            hit = atoms[np.where(ta.atom_of_token >= 0, ta.atom_of_token, ta.n_atoms)]
-            if len(self._allowed_cache) >= max(_ALLOWED_CACHE_MIN, ALLOWED_CACHE_BYTES // max(hit.nbytes, 1)):
-                _evict_oldest(self._allowed_cache)
+            hit = ta.allowed_atoms(q)[ta.atom_of_token]  # (-1, never allowed: the last, False)
+            _make_room(self._allowed_cache, hit.nbytes, ALLOWED_CACHE_BYTES, _ALLOWED_CACHE_MIN)
             self._allowed_cache[q] = hit
         return hit
 

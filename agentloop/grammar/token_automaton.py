@@ -379,13 +379,18 @@ class TokenAutomaton:
         return int(_step(self.src_offsets, self.edge_dst, self.edge_group, self.group_atoms, self.group_offsets,
                          state, k))
 
+    def allowed_atoms(self, state: int) -> np.ndarray:
+        """(K + 1,) bool: the atoms allowed from ``state``; the last entry, False, stands for
+        the tokens never allowed (``atom_of_token`` -1), so that
+        ``allowed_atoms(q)[atom_of_token]`` is a mask over tokens."""
+        atoms = np.zeros(self.n_atoms + 1, np.bool_)
+        for g in self.edge_group[self.src_offsets[state] : self.src_offsets[state + 1]].tolist():
+            atoms[self.group_atoms[self.group_offsets[g] : self.group_offsets[g + 1]]] = True
+        return atoms
+
     def allowed_tokens(self, state: int) -> np.ndarray:
         """Token ids allowed from ``state`` (sorted)."""
-        groups = self.edge_group[self.src_offsets[state] : self.src_offsets[state + 1]]
-        atoms = np.unique(np.concatenate([self.group_atoms[self.group_offsets[g] : self.group_offsets[g + 1]]
-                                          for g in groups])) if len(groups) else []
-        parts = [self.atom_tokens[self.atom_offsets[k] : self.atom_offsets[k + 1]] for k in atoms]
-        return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int32)
+        return np.flatnonzero(self.allowed_atoms(state)[self.atom_of_token]).astype(np.int32)
 
     def nbytes(self) -> int:
         return sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
@@ -617,11 +622,6 @@ def spells_prefix(automaton: TokenAutomaton, dfa: Dfa, vocab: Vocabulary, prefix
         if not tokens.size:
             continue
         begins = True
-        q = states[i]
-        groups = automaton.edge_group[automaton.src_offsets[q]:automaton.src_offsets[q + 1]]
-        allowed = np.zeros(automaton.n_atoms + 1, bool)  # (index -1: tokens never allowed)
-        for g in groups.tolist():
-            allowed[automaton.group_atoms[automaton.group_offsets[g]:automaton.group_offsets[g + 1]]] = True
-        if allowed[automaton.atom_of_token[tokens]].any():
+        if automaton.allowed_atoms(states[i])[automaton.atom_of_token[tokens]].any():
             return True, True
     return False, begins
