@@ -314,10 +314,10 @@ _EXACT_IN_DOUBLES = 2**53 - 1
 _LARGEST_DOUBLE = 2**1024 - 2**971
 
 
-def _within_exact_doubles(lo: int | None, hi: int | None) -> tuple[int, int]:
-    """[lo, hi] (None: unbounded) cut to the integers a double holds exactly."""
-    return (-_EXACT_IN_DOUBLES if lo is None else max(lo, -_EXACT_IN_DOUBLES),
-            _EXACT_IN_DOUBLES if hi is None else min(hi, _EXACT_IN_DOUBLES))
+def _within_exact_doubles(lo: int | None, hi: int | None, magnitude: int = _EXACT_IN_DOUBLES) -> tuple[int, int]:
+    """[lo, hi] (None: unbounded) cut to the integers a double holds exactly (or, with
+    ``magnitude`` ``_LARGEST_DOUBLE``, at all)."""
+    return (-magnitude if lo is None else max(lo, -magnitude), magnitude if hi is None else min(hi, magnitude))
 
 
 @dataclass(frozen=True)
@@ -1351,8 +1351,7 @@ class SchemaCompiler:
         if divided_as_doubles:
             ilo, ihi = _within_exact_doubles(ilo, ihi)
         elif within_doubles:
-            ilo, ihi = (-_LARGEST_DOUBLE if ilo is None else max(ilo, -_LARGEST_DOUBLE),
-                        _LARGEST_DOUBLE if ihi is None else min(ihi, _LARGEST_DOUBLE))
+            ilo, ihi = _within_exact_doubles(ilo, ihi, _LARGEST_DOUBLE)
         if ilo is not None and ihi is not None and ilo > ihi:
             ints: Node = NEVER
         else:
