@@ -65,10 +65,10 @@ def _lower_cased(node: Any) -> Any:
     out = {k: _lower_cased(v) for k, v in node.items()}
     if isinstance(out.get("pattern"), str):
         out["pattern"] = out["pattern"].replace("A-Z", "a-z")
-    for k in ("enum", "const"):
-        if k in node:
-            out[k] = [v.lower() if isinstance(v, str) else v for v in node[k]] if k == "enum" else \
-                (node[k].lower() if isinstance(node[k], str) else node[k])
+    if isinstance(out.get("enum"), list):
+        out["enum"] = [v.lower() if isinstance(v, str) else v for v in out["enum"]]
+    if isinstance(out.get("const"), str):
+        out["const"] = out["const"].lower()
     return out
 def _cache_dir() -> Path | None:
     """agentloop's cache folder (``AGENTLOOP_CACHE_DIR``, default ``~/.cache/agentloop``;

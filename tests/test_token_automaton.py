@@ -178,17 +178,14 @@ def test_partial_canvases_prune_where_some_states_are_cut_off():
     pruning off for every partial step (an uncased WordPiece's grammars: all of them).
     It is left out now; pruned and whole steps agree, and a canvas started at such a state
     is refused as before. (A character-level tokenizer without 'Q'.)"""
-    import inspect
     import string
 
     import torch
     from conftest import word_tokenizer
 
     from agentloop.errors import NoValidCanvasError
-    from agentloop.grammar import byte_tokenizer
 
-    specials = inspect.signature(byte_tokenizer).parameters["special_tokens"].default
-    tok = word_tokenizer([c for c in string.printable if c != "Q"], specials)
+    tok = word_tokenizer([c for c in string.printable if c != "Q"], _gemma4_specials())
     g = compile_tools(TOOLS[:3], tok, "gemma4")
     ta = g.automaton
     isolated = np.flatnonzero((np.bincount(ta.edge_dst, minlength=ta.n_states) == 0) & (np.diff(ta.src_offsets) == 0))
