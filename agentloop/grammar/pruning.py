@@ -242,8 +242,9 @@ def _log_add(a, b):  # pragma: no cover - compiled
 #: term as near it (3: ~16 nats above the exact suffix at the median cell, 1: 47, 5: 13
 #: but 92 at the worst, under a sure text answer where a call is forced, 5 tools) ...
 _NEAR_GAP = 3.0
-#: ... and its table: log(n + e^-_NEAR_GAP), n edges near the largest term.
-_LOG_NEAR = np.log(np.arange(1 << 16) + math.exp(-_NEAR_GAP))
+#: ... and its table: log(n + e^-_NEAR_GAP), n edges near the largest term (a state with
+#: more takes the log itself; numba bakes the table into the kernel: kept small).
+_LOG_NEAR = np.log(np.arange(1 << 10) + math.exp(-_NEAR_GAP))
 
 
 @nb.njit(cache=True, nogil=True)
