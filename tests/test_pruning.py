@@ -294,7 +294,8 @@ def test_the_sweeps_kept_weight_is_the_canvases_and_bounds_a_raised_cut(btok, to
         with pruning.SWEEP_SCRATCH.taken() as scratch:
             _, _, ok, _, _, log_kept, _, _, _ = scratch.sweep(
                 True, False, False, False, sc.gsum, np.zeros((L_, 0)), sc.rowmax, log_norm, to_finish, g.start_state,
-                *g._out_edges, np.zeros((0, 0)), np.zeros((0, 0)), -5000.0, log_share, -990.0, np.inf, cells)
+                *g._out_edges, np.zeros((0, 0)), np.zeros((0, 0)), np.zeros(0, np.int32), -5000.0, log_share, -990.0,
+                np.inf, cells)
         sound = log_z + log_share >= -990.0
         assert ok == sound, (peak, log_z)
         if ok:
@@ -594,7 +595,8 @@ def test_suffix_bounds_bound_each_cells_way_on(btok, tools3, seed, lead, tempera
     """``suffix_bounds`` against the suffixes' exact values, by brute force over the token
     automaton's edges: its first bound is at least the log of each cell's suffix mass
     (tokens normalised at each position), and within ~3 nats a position of it; its second
-    is the best way on's log-probability."""
+    is the best way on's log-probability. Over the support's rows (``dense_suffix_bounds``)
+    the same numbers at its cells."""
     g = tools3
     x, s0 = _text_where_a_call_is_forced(g, btok, seed, lead, temperature)
     sc = g._scores(x[None].numpy())
@@ -602,7 +604,16 @@ def test_suffix_bounds_bound_each_cells_way_on(btok, tools3, seed, lead, tempera
     log_norm = np.log(sc.asum.sum(axis=1))
     log_gsum = g._log_sums(sc, slice(0, L))[1]
     to_finish = g._to_finish(False)
-    bound, best = pruning.suffix_bounds(log_gsum, gmax, sc.rowmax, log_norm, to_finish, *g._out_edges)
+    bound, best, column = pruning.way_on_bounds(log_gsum, gmax, sc.rowmax, log_norm, to_finish, g._out_edges)
+    sup, lay = g._support(L, s0, False), g._layout
+    assert sup.dense
+    rows = pruning.way_on_bounds(log_gsum, gmax, sc.rowmax, log_norm, to_finish, g._out_edges, (sup, lay))
+    assert (rows[2] == lay.rank).all() and (column == np.arange(g.automaton.n_states)).all()
+    # over the support's rows: the same numbers at its cells, -inf at the others
+    live = sup.live[:, lay.rank].astype(bool)
+    for by_state, by_row in zip((bound, best), rows):
+        by_row = by_row[:, lay.rank]
+        assert np.array_equal(by_row[live], by_state[live]) and np.isneginf(by_row[~live]).all()
     ta = g.automaton
     src, dst, grp = ta.edge_src, ta.edge_dst, ta.edge_group
     exact = np.full((L + 1, ta.n_states), -np.inf)
@@ -638,13 +649,13 @@ def test_a_text_answer_where_a_call_is_forced_runs_log_space_over_few_cells(btok
     g = tools3
     x, s0 = _text_where_a_call_is_forced(g, btok, seed, lead, temperature)
     bounded = []
-    real = pruning.suffix_bounds
-    monkeypatch.setattr(pruning, "suffix_bounds", lambda *a: bounded.append(1) or real(*a))
+    real = pruning.way_on_bounds
+    monkeypatch.setattr(pruning, "way_on_bounds", lambda *a: bounded.append(a[-1] is not None) or real(*a))
     assert not g.denoise_step(x, torch.Generator().manual_seed(0), state=s0).pruned and not bounded  # (too small:
     # its lattice costs little more in log space than a sweep that gives up)
     monkeypatch.setattr(pruning, "BOUNDED_SWEEP_MIN_EDGES", 0)
     kept = g.denoise_step(x, torch.Generator().manual_seed(0), state=s0)
-    assert bounded and kept.pruned
+    assert bounded == [True] and kept.pruned  # (over the whole support's rows)
     bounded.clear()
     whole = g.denoise_step(x, torch.Generator().manual_seed(0), state=s0, prune=False)
     assert not bounded and not whole.pruned

@@ -939,9 +939,11 @@ class CompiledGrammar:
                 # range. Where a sure model's best tokens are invalid (a text answer where a
                 # call is forced), nearly every prefix is heavy and every way on from it light:
                 # a sweep that bounds each cell's suffix keeps few cells (~1k of 700k at 5
-                # tools), and the passes here run over those (``pruning.suffix_bounds``)
+                # tools), and the passes here run over those (``pruning.way_on_bounds``, over
+                # the support's rows)
                 kept = pruning.probable_support(to_finish, s0, self._out_edges, sc.rowmax[sl], gsum=log_gsum,
-                                                asum=sc.asum[sl], in_logs=True, bound_suffixes=True)
+                                                asum=sc.asum[sl], in_logs=True, bound_suffixes=True,
+                                                whole=(sup, self._layout))
                 sup = sup if kept is None else kept
         lb, log_f, column, lists, log_mass = self._log_passes(log_gsum, sup, s0, factors)
         if frame is None and -masks.MASK_LOGIT >= log_mass > -np.inf and masks.has_masks(best):  # (nan: none)
@@ -994,7 +996,9 @@ class CompiledGrammar:
                                                         ta.group_atoms, ta.group_offsets, ta.n_atoms, ta.n_states)
         elif sup.dense:  # the fast passes' layout: runs, fans, single edges (by row)
             edges = (lay.src, lay.dst, lay.group, lay.runs, sup.clip, lay.fans)
-            lb, ok = log_canvas.dense_log_backward(log_gsum, sup.live, *edges)
+            # (into the kept beta buffer: no pass's beta is alive here, as in pruning's way_on_bounds)
+            lb, ok = log_canvas.dense_log_backward(log_gsum, sup.live, *edges,
+                                                   out=dp.MESSAGES.get(dp.BETA, *sup.live.shape))
             column, lists = lay.rank, no_lists  # lb's column of each state: its row
             log_mass = float(lb[0, column[s0]]) if ok else -np.inf
             if log_mass > -np.inf and factors:

@@ -76,10 +76,11 @@ every way on from it light: the sweeps keep most of the lattice and give up, and
 passes leave float64's range over the whole support. Before those go to log space over
 the whole support, a last sweep in log space tests each cell's prefix mass times a
 bound on its way on (``suffix_bounds``: a pass over the whole lattice, a max and a
-count an edge, no exp), its cut searched from the bound at the start (with ``gmax``
-its Viterbi test takes the best prefix with the exact best way on). BPE 4k, 5 tools,
-temperature 0.2: ~1k of 700k cells kept, where 385 hold all but 2**-56 of the weight
-(7% of the lattice without the bound).
+count an edge, no exp; ``dense_suffix_bounds`` over the support's rows where it is
+dense), its cut searched from the bound at the start (with ``gmax`` its Viterbi test
+takes the best prefix with the exact best way on). BPE 4k, 5 tools, temperature 0.2:
+~1k of 700k cells kept, where 385 hold all but 2**-56 of the weight (7% of the lattice
+without the bound).
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ from typing import Any, NamedTuple
 import numba as nb
 import numpy as np
 
-from .canvas import KeptSets, MessageBuffers, Support
+from .canvas import BETA, MESSAGES, KeptSets, MessageBuffers, Support, _clipped_run
+from .canvas_layout import EdgeLayout
 from .fsa import grown
 from .token_automaton import NO_PATH, fewest_steps_back
 
@@ -247,15 +249,23 @@ _NEAR_GAP = 3.0
 _LOG_NEAR = np.log(np.arange(1 << 10) + math.exp(-_NEAR_GAP))
 
 
+@nb.njit(cache=True, nogil=True, inline="always")
+def _log_near(near):  # pragma: no cover - compiled
+    """log(near + e^-_NEAR_GAP), from the table where it holds it."""
+    return _LOG_NEAR[near] if near < _LOG_NEAR.shape[0] else math.log(near + math.exp(-_NEAR_GAP))
+
+
 @nb.njit(cache=True, nogil=True)
-def suffix_bounds(log_gsum, gmax, ref, log_norm, to_finish, out_offsets, out_dst, out_group):  # pragma: no cover
-    """Bounds on each cell's suffix, (L + 1, S) each: on the log of its mass, the weight of
-    the ways to finish the canvas from state s after l tokens, each position's tokens
-    normalised to probabilities (``log_gsum`` (L, G) the groups' log sums, ``log_norm``
-    (L,) each position's normaliser); and, with ``gmax`` (L, G) the groups' best logits
-    ((L, 0): none), the log-probability of its best way on, exactly (``ref`` (L,) each
-    position's best allowed logit, as in ``greedy_bounds``). -inf where s cannot finish
-    in the tokens left.
+def suffix_bounds(log_gsum, gmax, ref, log_norm, to_finish, out_offsets, out_dst, out_group, bound,
+                  best):  # pragma: no cover - compiled
+    """Bounds on each cell's suffix, into ``bound`` and ``best`` (L + 1, S) each (best
+    (0, S): not asked): on the log of its mass, the weight of the ways to finish the
+    canvas from state s after l tokens, each position's tokens normalised to
+    probabilities (``log_gsum`` (L, G) the groups' log sums, ``log_norm`` (L,) each
+    position's normaliser); and, with ``gmax`` (L, G) the groups' best logits ((L, 0):
+    none), the log-probability of its best way on, exactly (``ref`` (L,) each position's
+    best allowed logit, as in ``greedy_bounds``). -inf where s cannot finish in the
+    tokens left. Returns (bound, best).
 
     A forward sweep that keeps a cell only where its prefix mass reaches the cut bounds
     the suffix by 1, and one that keeps a cell for the Viterbi canvas bounds its way on
@@ -268,13 +278,11 @@ def suffix_bounds(log_gsum, gmax, ref, log_norm, to_finish, out_offsets, out_dst
     bound) add up to at most e^max * (near + e^-3), ``near`` the terms within log(edges)
     + 3 of the largest (the others together weigh less than e^(max - 3)). Under that
     sure model it lies ~15 nats above the exact value at its median cell (BPE 4k, 5
-    tools, temperature 0.2), and a pass costs about what the exact one does (150 ms at
-    20 tools), which needs the support's rows."""
+    tools, temperature 0.2). This pass walks each state's edges one by one, in state
+    order; ``dense_suffix_bounds`` takes the same values over the layout's runs."""
     L = log_gsum.shape[0]
     S = to_finish.shape[0]
-    with_best = gmax.shape[1] > 0
-    bound = np.empty((L + 1, S), np.float64)
-    best = np.empty((L + 1 if with_best else 0, S), np.float64)
+    with_best = best.shape[0] > 0
     gap = np.empty(S, np.float64)  # how far below the largest term a term counts as near
     widest = 1
     for s in range(S):
@@ -319,9 +327,122 @@ def suffix_bounds(log_gsum, gmax, ref, log_norm, to_finish, out_offsets, out_dst
                 near = 0
                 for j in range(np.uint32(e1 - e0)):
                     near += terms[j] >= near_from
-            log_near = _LOG_NEAR[near] if near < _LOG_NEAR.shape[0] else math.log(near + math.exp(-_NEAR_GAP))
-            bound[l, s] = top - log_norm[l] + log_near
+            bound[l, s] = top - log_norm[l] + _log_near(near)
     return bound, best
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _max_run(top, w, nxt):  # pragma: no cover - compiled
+    for j in range(top.shape[0]):
+        top[j] = np.fmax(top[j], w + nxt[j])
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _count_run(near, near_from, w, nxt):  # pragma: no cover - compiled
+    for j in range(near.shape[0]):
+        near[j] += w + nxt[j] >= near_from[j]
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _max_along_edges(top, w, nxt, src, dst, group, runs, clip_l, fans):  # pragma: no cover - compiled
+    """top[src] = max(top[src], w[group] + nxt[dst]) over every edge of the layout that
+    may join live cells: a run as one loop over slices (clipped to its live stretch), a
+    fan's one term out to its sources, the single edges one by one."""
+    for r in range(runs.shape[0] - 1):
+        e = runs[r]
+        a, b, n = _clipped_run(src, dst, e, clip_l[r])
+        _max_run(top[a:a + n], w[group[e]], nxt[b:b + n])
+    for f in range(fans.shape[0] - 1):
+        e = fans[f]
+        t = w[group[e]] + nxt[dst[e]]
+        for j in range(src[e], src[e] + fans[f + 1] - e):
+            top[j] = np.fmax(top[j], t)
+    for e in range(fans[-1], src.shape[0]):  # (indices unsigned: see kept_cells)
+        s = np.uint32(src[e])
+        top[s] = np.fmax(top[s], w[np.uint32(group[e])] + nxt[np.uint32(dst[e])])
+
+
+@nb.njit(cache=True, nogil=True)
+def dense_suffix_bounds(log_gsum, gmax, ref, log_norm, live, state, out_offsets, src, dst, group, runs, clip, fans,
+                        bound, best):  # pragma: no cover - compiled
+    """``suffix_bounds`` over the whole support's rows (``canvas.Support``: ``live`` and
+    ``clip``; the layout's edges and each row's ``state``, ``out_offsets`` the states'
+    edges as there): the same values at its live cells, -inf at the others, by row (the
+    layout's ``rank`` is a state's column). Each position takes two passes over the
+    layout's edges, a max and then the count of terms near it, each run one loop over
+    slices, which vectorise: 20 tools at BPE 4k, ~55 ms where the pass by state took
+    ~90 (both into kept arrays)."""
+    L = log_gsum.shape[0]
+    S = live.shape[1]
+    with_best = best.shape[0] > 0
+    gap = np.empty(S, np.float64)  # each row's: how far below its largest term a term counts as near
+    for r in range(S):
+        s = state[r]
+        gap[r] = math.log(max(out_offsets[s + 1] - out_offsets[s], 1)) + _NEAR_GAP
+        bound[L, r] = 0.0 if live[L, r] else -np.inf
+        if with_best:
+            best[L, r] = bound[L, r]
+    top = np.empty(S, np.float64)  # each row's largest term at l
+    near_from = np.empty(S, np.float64)
+    near = np.empty(S, np.int32)  # and its terms near it
+    v = np.empty(gmax.shape[1], np.float64)  # a position's groups' best log-probabilities
+    w = np.empty(log_gsum.shape[1], np.float64)  # and log sums (the arrays may be in Fortran order)
+    for l in range(L - 1, -1, -1):
+        nxt = bound[l + 1]
+        w[:] = log_gsum[l]
+        live_l = live[l]
+        top[:] = -np.inf
+        _max_along_edges(top, w, nxt, src, dst, group, runs, clip[l], fans)
+        for r in range(S):
+            near_from[r] = top[r] - gap[r]
+            near[r] = 0
+        for i in range(runs.shape[0] - 1):
+            e = runs[i]
+            a, b, n = _clipped_run(src, dst, e, clip[l, i])
+            _count_run(near[a:a + n], near_from[a:a + n], w[group[e]], nxt[b:b + n])
+        for f in range(fans.shape[0] - 1):
+            e = fans[f]
+            t = w[group[e]] + nxt[dst[e]]
+            for j in range(src[e], src[e] + fans[f + 1] - e):
+                near[j] += t >= near_from[j]
+        for e in range(fans[-1], src.shape[0]):
+            s = np.uint32(src[e])
+            near[s] += w[np.uint32(group[e])] + nxt[np.uint32(dst[e])] >= near_from[s]
+        out = bound[l]
+        for r in range(S):
+            out[r] = top[r] - log_norm[l] + _log_near(near[r]) if live_l[r] and top[r] > -np.inf else -np.inf
+        if with_best:
+            shift = ref[l] + log_norm[l]
+            for g in range(v.shape[0]):
+                v[g] = np.float64(gmax[l, g]) - shift
+            out = best[l]
+            out[:] = -np.inf
+            _max_along_edges(out, v, best[l + 1], src, dst, group, runs, clip[l], fans)
+            for r in range(S):
+                out[r] = out[r] if live_l[r] else -np.inf
+    return bound, best
+
+
+def way_on_bounds(log_gsum: np.ndarray, gmax: np.ndarray, ref: np.ndarray, log_norm: np.ndarray,
+                   to_finish: np.ndarray, out_edges: tuple[np.ndarray, np.ndarray, np.ndarray],
+                   whole: tuple[Support, EdgeLayout] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``suffix_bounds``' (bound, best) and the column of each state in them: over the
+    layout's rows where ``whole`` (the whole support of the canvas and the grammar's
+    layout) is a dense support (``dense_suffix_bounds``), else by state. The bound lies
+    in the dense passes' beta buffer (``canvas.MESSAGES``: a bound on beta's logs; no
+    pass's beta is alive while a sweep runs), kept from one step to the next: a fresh
+    (257, 49k) array at 20 tools cost ~40 ms of page faults, more than the pass. Inside
+    an op (``MESSAGES.taken``) it is valid until the next pass there writes beta."""
+    L, S = log_gsum.shape[0], to_finish.shape[0]
+    bound = MESSAGES.get(BETA, L + 1, S)
+    best = np.empty((L + 1 if gmax.shape[1] else 0, S), np.float64)
+    if whole is not None and whole[0].dense:
+        sup, lay = whole
+        dense_suffix_bounds(log_gsum, gmax, ref, log_norm, sup.live, lay.state, out_edges[0], lay.src, lay.dst,
+                            lay.group, lay.runs, sup.clip, lay.fans, bound, best)
+        return bound, best, lay.rank
+    suffix_bounds(log_gsum, gmax, ref, log_norm, to_finish, *out_edges, bound, best)
+    return bound, best, np.arange(S, dtype=np.int32)
 
 
 def _kept_cells_kernel(want_sum: bool, want_max: bool, in_logs: bool,  # type: ignore[no-untyped-def]
@@ -333,8 +454,8 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool, in_logs: bool,  # type: i
 
     @nb.njit(cache=True, nogil=True)
     def kept_cells(gsum, gmax, ref, log_norm, to_finish, start, out_offsets, out_dst, out_group, suffix,
-                   best_suffix, log_cut, log_share, lowest, log_best, max_cells, states, alpha, prefix, cur, nxt, vcur,
-                   vnxt, touched, is_touched, spare):  # pragma: no cover - compiled
+                   best_suffix, column, log_cut, log_share, lowest, log_best, max_cells, states, alpha, prefix, cur, nxt,
+                   vcur, vnxt, touched, is_touched, spare):  # pragma: no cover - compiled
         """(offsets (L + 2,), states, alpha, prefix, n, ok, best, dropped, log_kept, lift):
         the kept cells are states[:n] (sorted at each position), each with its alpha[:n] and
         prefix[:n], in the arrays passed in (``SweepScratch``'s) or, where they were too
@@ -356,9 +477,10 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool, in_logs: bool,  # type: i
         below ``lowest`` is raised to it, sound where the kept canvases' weight bounds it
         so too (else the sweep gives up). With ``bounded`` (in logs) the first test is on
         the prefix mass plus ``suffix`` (L + 1, S), a bound on the log of the mass of the
-        ways on from the cell (``suffix_bounds``): a canvas left out passes a first cell
-        left out, and weighs at most its prefix mass there times that bound; and the second
-        (with ``want_max``) on the best prefix plus ``best_suffix``, the best way on."""
+        ways on from the cell (``suffix_bounds``; state s in its column ``column[s]``): a
+        canvas left out passes a first cell left out, and weighs at most its prefix mass
+        there times that bound; and the second (with ``want_max``) on the best prefix plus
+        ``best_suffix``, the best way on."""
         L = log_norm.shape[0]
         S = to_finish.shape[0]
         offsets = np.zeros(L + 2, np.int64)
@@ -443,8 +565,9 @@ def _kept_cells_kernel(want_sum: bool, want_max: bool, in_logs: bool,  # type: i
                 if to_finish[d] > left:
                     continue
                 if bounded:  # (a hair above the bounds: their sums round)
-                    w_on = w + suffix[l + 1, d] + 1e-9 * (1.0 + abs(w) + abs(suffix[l + 1, d]))
-                    v_on = v + best_suffix[l + 1, d] + 1e-9 * (1.0 + abs(v) + abs(best_suffix[l + 1, d])) \
+                    c = np.uint32(column[d])
+                    w_on = w + suffix[l + 1, c] + 1e-9 * (1.0 + abs(w) + abs(suffix[l + 1, c]))
+                    v_on = v + best_suffix[l + 1, c] + 1e-9 * (1.0 + abs(v) + abs(best_suffix[l + 1, c])) \
                         if want_max else -np.inf
                     keep = (want_sum and w_on >= cut) or (want_max and v_on >= log_best)
                 else:
@@ -631,16 +754,17 @@ def probable_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndar
                      ref: np.ndarray, gsum: np.ndarray | None = None, asum: np.ndarray | None = None,
                      gmax: np.ndarray | None = None, log_lost: float = -math.inf,
                      in_logs: bool = False, whole_in_range: bool = False,
-                     bound_suffixes: bool = False) -> Support | None:
+                     bound_suffixes: bool = False, whole: tuple[Support, EdgeLayout] | None = None) -> Support | None:
     """``sweep_support``'s cells, or None where too few can be left out."""
     return sweep_support(to_finish, start, out_edges, ref, gsum, asum, gmax, log_lost, in_logs,
-                         whole_in_range, bound_suffixes).support
+                         whole_in_range, bound_suffixes, whole).support
 
 
 def sweep_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndarray, np.ndarray, np.ndarray],
                   ref: np.ndarray, gsum: np.ndarray | None = None, asum: np.ndarray | None = None,
                   gmax: np.ndarray | None = None, log_lost: float = -math.inf, in_logs: bool = False,
-                  whole_in_range: bool = False, bound_suffixes: bool = False) -> KeptCells:
+                  whole_in_range: bool = False, bound_suffixes: bool = False,
+                  whole: tuple[Support, EdgeLayout] | None = None) -> KeptCells:
     """The cells of a canvas from ``start`` that can carry weight (with ``gsum`` and
     ``asum``) and the Viterbi canvas (with ``gmax``), see the module's docstring, as a
     support of lists (``KeptCells``).
@@ -660,8 +784,9 @@ def sweep_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndarray
     ``whole_in_range`` (with ``in_logs``): the fast passes could run over the whole
     support instead, which bounds the cells worth keeping (``LOG_KEPT_SHARE``).
     ``bound_suffixes`` (with ``in_logs`` and the sums): each cell's prefix mass is tested
-    with a bound on its suffix's (``suffix_bounds``, a pass over the whole lattice), for
-    where the prefixes alone keep too many cells.
+    with a bound on its suffix's (``way_on_bounds``, a pass over the whole lattice), for
+    where the prefixes alone keep too many cells; ``whole``, the canvas's whole support
+    and the grammar's layout, lets that pass run over the support's rows.
     """
     want_sum, want_max = gsum is not None, gmax is not None
     L = ref.shape[0]
@@ -681,9 +806,9 @@ def sweep_support(to_finish: np.ndarray, start: int, out_edges: tuple[np.ndarray
     with SWEEP_SCRATCH.taken() as scratch:  # (arrays of its own while it sweeps)
         bounded = bound_suffixes and in_logs and want_sum
         none2 = np.zeros((0, 0), np.float64)
-        suffix, best_suffix = suffix_bounds(gsum_, gmax_, ref, log_norm, to_finish, *out_edges) if bounded else \
-            (none2, none2)
-        args = (gsum_, gmax_, ref, log_norm, to_finish, start, *out_edges, suffix, best_suffix)
+        suffix, best_suffix, column = way_on_bounds(gsum_, gmax_, ref, log_norm, to_finish, out_edges, whole) \
+            if bounded else (none2, none2, np.zeros(0, np.int32))
+        args = (gsum_, gmax_, ref, log_norm, to_finish, start, *out_edges, suffix, best_suffix, column)
         kept, too_light = _sweeps(scratch, args, want_sum, want_max, in_logs, log_m, log_v, share, cells, log_lost,
                                   whole_in_range, bounded)
         if kept is None:
@@ -707,7 +832,7 @@ def _sweeps(scratch: "SweepScratch", args: tuple[Any, ...], want_sum: bool, want
     space may keep few cells). ``whole_in_range``: the fast passes could run over the
     whole support instead (no atom's sum out of float64's range): a sweep in log space
     then keeps at most ``LOG_KEPT_SHARE`` of the lattice. ``bounded``: args' last two
-    entries are ``suffix_bounds``', which the tests take with each cell's prefixes."""
+    entries are ``way_on_bounds``', which the tests take with each cell's prefixes."""
     if (want_sum and not log_m > -np.inf) or (want_max and not log_v > -np.inf):
         return None, False
     log_share = math.log(share / cells)
@@ -739,7 +864,7 @@ def _sweeps(scratch: "SweepScratch", args: tuple[Any, ...], want_sum: bool, want
         # too many cells ends it (the weight spreads: a lower cut keeps more), and the
         # bound's cut is tried last, with every cell the sweep may keep.
         # (a canvas weighs at most 1, or, with the suffixes bounded, the bound at the start)
-        cut, fall = log_share + (min(args[-2][0, args[5]], 0.0) if bounded else 0.0), _CUT_SEARCH_STEP
+        cut, fall = log_share + (min(args[-3][0, args[-1][args[5]]], 0.0) if bounded else 0.0), _CUT_SEARCH_STEP
         while True:
             cut = max(cut - fall, log_cut)
             fall *= _CUT_SEARCH_GROWTH
