@@ -631,6 +631,7 @@ def test_suffix_bounds_bound_each_cells_way_on(btok, tools3, seed, lead, tempera
     finite = np.isfinite(exact)
     assert (np.isfinite(bound) == finite).all() and finite.sum() > 1000
     assert (bound[finite] >= exact[finite] - 1e-9 * (1 + np.abs(exact[finite]))).all()
+    assert (bound[finite] <= 0.0).all()  # (a way on weighs at most 1: the trivial bound where the count's is looser)
     assert (bound[finite] - exact[finite]).max() <= 3.0 * L
     np.testing.assert_allclose(best[finite], exact_best[finite], rtol=1e-12, atol=1e-9)
 
