@@ -1346,7 +1346,11 @@ class MessageBuffers:
 
     An op takes a set for as long as it runs (``taken``; the sets are ``KeptSets``), and
     the passes deep inside it ``get`` that set's arrays. Outside ``taken``, ``get`` makes
-    arrays that nothing keeps."""
+    arrays that nothing keeps. BETA's array also holds, while a canvas goes to log space
+    (``CompiledGrammar._log_space``), the bounds of a bounded sweep
+    (``pruning.way_on_bounds``) and then the log-space backward values
+    (``log_canvas.dense_log_backward``): the canvas's own passes are done with their beta
+    there, and the next canvas's start after it."""
 
     #: The largest array kept for the next step.
     KEPT_BYTES = 256 << 20
