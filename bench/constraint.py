@@ -233,7 +233,8 @@ class DfaReplay:
 
     Valid because ``compile_tools`` builds its DFAs from the schemas and the wire format
     only, except the canvas tail, which depends on whether pad and stop are one token
-    (part of the key).
+    (part of the key, with the schemas: ``tool_schemas`` lower-cases them for an
+    uncased tokenizer).
     """
 
     def __init__(self) -> None:
@@ -369,7 +370,8 @@ def compile_row(tok_name: str, tok: Any, aliases: dict[str, str], tools: list[di
         if replay is not None:
             vocab = G._vocabulary(tok, G.load_wire_format(WIRE_FORMAT), None, None, aliases)
             clear_grammar_caches()
-            replayed = stack.enter_context(replay.around((tuple(t["name"] for t in tools),
+            # (keyed by the schemas themselves: an uncased tokenizer's are lower-cased, other DFAs)
+            replayed = stack.enter_context(replay.around((json.dumps(tools, sort_keys=True),
                                                           vocab.pad_id == vocab.stop_id)))
         ph = stack.enter_context(phase_timer())  # inside the replay patch: replays time ~0
         t0 = time.perf_counter()

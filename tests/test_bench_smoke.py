@@ -150,3 +150,21 @@ def test_token_automaton_ab_tells_a_relabelling_from_a_different_automaton():
     regrouped = ta.edge_group.copy()
     regrouped[0] = (regrouped[0] + 1) % (ta.group_offsets.size - 1)
     assert same_automaton(ta, dataclasses.replace(ta, edge_group=regrouped)) == "different"
+
+
+def test_constraint_bench_replays_dfas_only_for_the_same_schemas(tmp_path):
+    """The full run replays the first tokenizer's DFAs for the others' 20-tool compiles;
+    an uncased WordPiece gets the tools with their capitals lower-cased, so it must build
+    its own (replayed, BPE's `book_flight` needs capitals it cannot spell, and
+    ``compile_tools`` refuses it)."""
+    from bench.constraint import DfaReplay, compile_row
+    from bench.tokenizers_offline import LOADERS, tool_schemas
+
+    replay = DfaReplay()
+    rows = []
+    for name in ("bpe-4k", "wordpiece-30k", "bpe-4k"):
+        tok, aliases = LOADERS[name]()
+        tools = [t for t in tool_schemas(name) if t["name"] == "book_flight"]
+        _, row = compile_row(name, tok, aliases, tools, replay, tmp_path)
+        rows.append(row["dfa_replayed"])
+    assert rows == [False, False, True]
