@@ -667,6 +667,14 @@ def test_a_text_answer_where_a_call_is_forced_runs_log_space_over_few_cells(btok
     torch.testing.assert_close(kept.entropy, whole.entropy, rtol=0, atol=1e-9)
     m = g.marginals(x, state=s0)
     torch.testing.assert_close(m.exp(), whole.log_marginals.exp(), rtol=0, atol=1e-12)
+    # a bounded sweep may keep more cells than other sweeps in log space, up to a share of the
+    # lattice (a byte tokenizer's 20 tools need ~53k): with those capped far below, it still prunes
+    monkeypatch.setattr(pruning, "MAX_KEPT_LOG_CELLS", 100)
+    capped = g.denoise_step(x, torch.Generator().manual_seed(0), state=s0)
+    assert capped.pruned and capped.argmax == whole.argmax and capped.sample == whole.sample
+    monkeypatch.setattr(pruning, "BOUNDED_KEPT_LOG_SHARE", 0.0)
+    assert not g.denoise_step(x, torch.Generator().manual_seed(0), state=s0).pruned
+    monkeypatch.undo()
     # with the Viterbi test too (the best prefix with the best way on): the canvas's cells kept
     sc = g._scores(x[None].numpy())
     both = [pruning.sweep_support(g._to_finish(False), s0, g._out_edges, sc.rowmax,
