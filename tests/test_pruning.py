@@ -596,7 +596,7 @@ def test_suffix_bounds_bound_each_cells_way_on(btok, tools3, seed, lead, tempera
     automaton's edges: its first bound is at least the log of each cell's suffix mass
     (tokens normalised at each position), and within ~3 nats a position of it; its second
     is the best way on's log-probability. Over the support's rows (``dense_suffix_bounds``)
-    the same numbers at its cells."""
+    or its live lists the same numbers at its cells."""
     g = tools3
     x, s0 = _text_where_a_call_is_forced(g, btok, seed, lead, temperature)
     sc = g._scores(x[None].numpy())
@@ -614,6 +614,13 @@ def test_suffix_bounds_bound_each_cells_way_on(btok, tools3, seed, lead, tempera
     for by_state, by_row in zip((bound, best), rows):
         by_row = by_row[:, lay.rank]
         assert np.array_equal(by_row[live], by_state[live]) and np.isneginf(by_row[~live]).all()
+    # over a support's live lists (large automata whose cells mostly lie dead): the same again
+    lists = dp.support(lay, s0, g._final(False), L, "live")
+    assert not lists.dense
+    listed = pruning.way_on_bounds(log_gsum, gmax, sc.rowmax, log_norm, to_finish, g._out_edges, (lists, lay))
+    assert (listed[2] == column).all()
+    for by_state, by_list in zip((bound, best), listed):
+        assert np.array_equal(by_list[live], by_state[live]) and np.isneginf(by_list[~live]).all()
     ta = g.automaton
     src, dst, grp = ta.edge_src, ta.edge_dst, ta.edge_group
     exact = np.full((L + 1, ta.n_states), -np.inf)

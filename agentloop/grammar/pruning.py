@@ -267,7 +267,7 @@ def _log_near(near):  # pragma: no cover - compiled
 
 
 @nb.njit(cache=True, nogil=True)
-def suffix_bounds(log_gsum, gmax, ref, log_norm, to_finish, out_offsets, out_dst, out_group, bound,
+def suffix_bounds(log_gsum, gmax, ref, log_norm, to_finish, out_offsets, out_dst, out_group, offsets, states, bound,
                   best):  # pragma: no cover - compiled
     """Bounds on each cell's suffix, into ``bound`` and ``best`` (L + 1, S) each (best
     (0, S): not asked): on the log of its mass, the weight of the ways to finish the
@@ -291,20 +291,31 @@ def suffix_bounds(log_gsum, gmax, ref, log_norm, to_finish, out_offsets, out_dst
     each position's tokens normalised over every allowed one (a state's edges hold
     disjoint tokens), where that bound is looser (up to ``_NORM_SLACK``). Under that sure model it lies ~15 nats
     above the exact value at its median cell (BPE 4k, 5 tools, temperature 0.2). This
-    pass walks each state's edges one by one, in state order; ``dense_suffix_bounds``
-    takes the same values over the layout's runs."""
+    pass walks each state's edges one by one, in state order: every state's, or with a
+    support's lists (``offsets`` (L + 2,) and ``states``, as in ``canvas.Support``; (0,)
+    each: none) its live states' alone, the others -inf; ``dense_suffix_bounds`` takes
+    the same values over the layout's runs."""
     L = log_gsum.shape[0]
     S = to_finish.shape[0]
     with_best = best.shape[0] > 0
+    listed = offsets.shape[0] > 0
     gap = np.empty(S, np.float64)  # how far below the largest term a term counts as near
     widest = 1
     for s in range(S):
-        bound[L, s] = 0.0 if to_finish[s] == 0 else -np.inf
+        bound[L, s] = 0.0 if to_finish[s] == 0 and not listed else -np.inf
         if with_best:
             best[L, s] = bound[L, s]
         n = out_offsets[s + 1] - out_offsets[s]
         widest = max(widest, n)
         gap[s] = math.log(max(n, 1)) + _NEAR_GAP
+    if listed:  # (the support's cells alone: the others stay -inf)
+        bound[:L] = -np.inf
+        if with_best:
+            best[:L] = -np.inf
+        for i in range(offsets[L], offsets[L + 1]):  # (live at L: accepting by construction)
+            bound[L, states[i]] = 0.0
+            if with_best:
+                best[L, states[i]] = 0.0
     terms = np.empty(widest, np.float64)  # a state's terms
     v = np.empty(gmax.shape[1], np.float64)  # a position's groups' best log-probabilities
     w = np.empty(log_gsum.shape[1], np.float64)  # and log sums (the arrays may be in Fortran order)
@@ -316,7 +327,8 @@ def suffix_bounds(log_gsum, gmax, ref, log_norm, to_finish, out_offsets, out_dst
         for g in range(v.shape[0]):
             v[g] = np.float64(gmax[l, g]) - shift
         best_next = best[l + 1] if with_best else nxt
-        for s in range(S):
+        for i in range(offsets[l] if listed else 0, offsets[l + 1] if listed else S):
+            s = states[i] if listed else i
             e0, e1 = out_offsets[s], out_offsets[s + 1]
             top = -np.inf
             top_v = -np.inf
@@ -443,7 +455,8 @@ def way_on_bounds(log_gsum: np.ndarray, gmax: np.ndarray, ref: np.ndarray, log_n
                    whole: tuple[Support, EdgeLayout] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``suffix_bounds``' (bound, best) and the column of each state in them: over the
     layout's rows where ``whole`` (the whole support of the canvas and the grammar's
-    layout) is a dense support (``dense_suffix_bounds``), else by state. The bound lies
+    layout) is a dense support (``dense_suffix_bounds``), else by state (over the
+    support's live lists where it has them: -inf at the other cells). The bound lies
     in the dense passes' beta buffer (``canvas.MESSAGES``: a bound on beta's logs; no
     pass's beta is alive while a sweep runs), kept from one step to the next: a fresh
     (257, 49k) array at 20 tools cost ~40 ms of page faults, near what the pass takes. Inside
@@ -456,7 +469,8 @@ def way_on_bounds(log_gsum: np.ndarray, gmax: np.ndarray, ref: np.ndarray, log_n
         dense_suffix_bounds(log_gsum, gmax, ref, log_norm, sup.live, lay.state, out_edges[0], lay.src, lay.dst,
                             lay.group, lay.runs, sup.clip, lay.fans, bound, best)
         return bound, best, lay.rank
-    suffix_bounds(log_gsum, gmax, ref, log_norm, to_finish, *out_edges, bound, best)
+    lists = (whole[0].offsets, whole[0].states) if whole is not None else (np.zeros(0, np.int64), np.zeros(0, np.int32))
+    suffix_bounds(log_gsum, gmax, ref, log_norm, to_finish, *out_edges, *lists, bound, best)
     return bound, best, np.arange(S, dtype=np.int32)
 
 
