@@ -289,12 +289,12 @@ def suffix_bounds(log_gsum, gmax, ref, log_norm, to_finish, out_offsets, out_dst
     bound) add up to at most e^max * (near + e^-3), ``near`` the terms within log(edges)
     + 3 of the largest (the others together weigh less than e^(max - 3)); and at most 1,
     each position's tokens normalised over every allowed one (a state's edges hold
-    disjoint tokens), where that bound is looser (up to ``_NORM_SLACK``). Under that sure model it lies ~15 nats
-    above the exact value at its median cell (BPE 4k, 5 tools, temperature 0.2). This
-    pass walks each state's edges one by one, in state order: every state's, or with a
-    support's lists (``offsets`` (L + 2,) and ``states``, as in ``canvas.Support``; (0,)
-    each: none) its live states' alone, the others -inf; ``dense_suffix_bounds`` takes
-    the same values over the layout's runs."""
+    disjoint tokens), where that bound is looser (up to ``_NORM_SLACK``). Under that sure
+    model it lies ~15 nats above the exact value at its median cell (BPE 4k, 5 tools,
+    temperature 0.2). This pass walks each state's edges one by one, in state order:
+    every state's, or with a support's lists (``offsets`` (L + 2,) and ``states``, as in
+    ``canvas.Support``; (0,) each: none) its live states' alone, the others -inf;
+    ``dense_suffix_bounds`` takes the same values over the layout's runs."""
     L = log_gsum.shape[0]
     S = to_finish.shape[0]
     with_best = best.shape[0] > 0
@@ -387,6 +387,24 @@ def _max_along_edges(top, w, nxt, src, dst, group, runs, clip_l, fans):  # pragm
         top[s] = np.fmax(top[s], w[np.uint32(group[e])] + nxt[np.uint32(dst[e])])
 
 
+@nb.njit(cache=True, nogil=True, inline="always")
+def _count_along_edges(near, near_from, w, nxt, src, dst, group, runs, clip_l, fans):  # pragma: no cover - compiled
+    """near[src] += (w[group] + nxt[dst] >= near_from[src]) over the edges
+    ``_max_along_edges`` takes, in the same three kinds."""
+    for r in range(runs.shape[0] - 1):
+        e = runs[r]
+        a, b, n = _clipped_run(src, dst, e, clip_l[r])
+        _count_run(near[a:a + n], near_from[a:a + n], w[group[e]], nxt[b:b + n])
+    for f in range(fans.shape[0] - 1):
+        e = fans[f]
+        t = w[group[e]] + nxt[dst[e]]
+        for j in range(src[e], src[e] + fans[f + 1] - e):
+            near[j] += t >= near_from[j]
+    for e in range(fans[-1], src.shape[0]):
+        s = np.uint32(src[e])
+        near[s] += w[np.uint32(group[e])] + nxt[np.uint32(dst[e])] >= near_from[s]
+
+
 @nb.njit(cache=True, nogil=True)
 def dense_suffix_bounds(log_gsum, gmax, ref, log_norm, live, state, out_offsets, src, dst, group, runs, clip, fans,
                         bound, best):  # pragma: no cover - compiled
@@ -421,18 +439,7 @@ def dense_suffix_bounds(log_gsum, gmax, ref, log_norm, live, state, out_offsets,
         for r in range(S):
             near_from[r] = top[r] - gap[r]
             near[r] = 0
-        for i in range(runs.shape[0] - 1):
-            e = runs[i]
-            a, b, n = _clipped_run(src, dst, e, clip[l, i])
-            _count_run(near[a:a + n], near_from[a:a + n], w[group[e]], nxt[b:b + n])
-        for f in range(fans.shape[0] - 1):
-            e = fans[f]
-            t = w[group[e]] + nxt[dst[e]]
-            for j in range(src[e], src[e] + fans[f + 1] - e):
-                near[j] += t >= near_from[j]
-        for e in range(fans[-1], src.shape[0]):
-            s = np.uint32(src[e])
-            near[s] += w[np.uint32(group[e])] + nxt[np.uint32(dst[e])] >= near_from[s]
+        _count_along_edges(near, near_from, w, nxt, src, dst, group, runs, clip[l], fans)
         out = bound[l]
         cap = _NORM_SLACK * (L - l)
         for r in range(S):
@@ -459,8 +466,8 @@ def way_on_bounds(log_gsum: np.ndarray, gmax: np.ndarray, ref: np.ndarray, log_n
     support's live lists where it has them: -inf at the other cells). The bound lies
     in the dense passes' beta buffer (``canvas.MESSAGES``: a bound on beta's logs; no
     pass's beta is alive while a sweep runs), kept from one step to the next: a fresh
-    (257, 49k) array at 20 tools cost ~40 ms of page faults, near what the pass takes. Inside
-    an op (``MESSAGES.taken``) it is valid until the next pass there writes beta."""
+    (257, 49k) array at 20 tools cost ~40 ms of page faults, near what the pass takes.
+    Inside an op (``MESSAGES.taken``) it is valid until the next pass there writes beta."""
     L, S = log_gsum.shape[0], to_finish.shape[0]
     bound = MESSAGES.get(BETA, L + 1, S)
     best = np.empty((L + 1 if gmax.shape[1] else 0, S), np.float64)
