@@ -209,14 +209,14 @@ def _precompile(demo_only: bool, processes: int | None = None, note: str = "") -
     ``demo_only``) in parallel processes before their first calls (``agentloop.precompile``),
     under a progress line (``note`` after it); -> its ``PrecompileReport``, None where
     nothing was missing."""
-    from .precompile import default_processes, missing_kernels, precompile_kernels, recorded_kernels
+    from .precompile import default_processes, kernel_count, missing_kernels, precompile_kernels, recorded_kernels
 
     kernels = recorded_kernels()
     missing = missing_kernels([k for k in kernels if k.demo or not demo_only])
     if not missing:
         return None
     processes = min(processes or default_processes(), len(missing))
-    with _progress(f"compiling {len(missing)} numba kernels for this CPU in {processes} process(es){note}",
+    with _progress(f"compiling {kernel_count(missing)} numba kernels for this CPU in {processes} process(es){note}",
                    compile_note=False):
         return precompile_kernels(missing, processes)
 
@@ -639,8 +639,11 @@ def precompile_cmd(processes: int | None, demo_only: bool) -> None:
     """Compile agentloop's numba kernels for this CPU into numba's disk cache, in parallel.
 
     Each kernel otherwise compiles at its first call, one after another: ~40 s of a
-    fresh install's first run on a 2-core machine. Run this once after installing (in
-    an image's build, say); it compiles only what the cache lacks. Example:
+    fresh install's first run on a 2-core machine (which compiles the kernels the demo
+    calls first), and up to ~70 s more at a run's first step whose weight leaves
+    float64's range (the model sure of a text answer where a call is forced, at a low
+    temperature). Run this once after installing (in an image's build, say); it
+    compiles only what the cache lacks. Example:
 
     \b
         agentloop precompile

@@ -63,6 +63,30 @@ def test_the_demo_kernels_include_the_denoising_step() -> None:
     assert {"_scan_sums_x", "_write_marginals", "_sample_tokens", "_subsets"} <= demo
 
 
+def test_a_kernel_is_at_most_a_demo_entry_and_another() -> None:
+    """A kernel the demo and the rest of the workload call with different signatures is
+    two entries whose signatures do not overlap: the first run compiles the demo's alone."""
+    entries: dict[tuple[str, str, str], list[pc.RecordedKernel]] = {}
+    for k in pc.recorded_kernels():
+        entries.setdefault((k.module, k.name, str(k.key)), []).append(k)
+    split = 0
+    for name, ks in entries.items():
+        assert sorted(k.demo for k in ks) in ([False], [True], [False, True]), name
+        if len(ks) == 2:
+            split += 1
+            assert not set(ks[0].signatures) & set(ks[1].signatures), name
+    assert split >= 1  # (the workload's text-where-call steps call demo kernels with other arguments)
+
+
+def test_the_recording_holds_the_log_space_steps() -> None:
+    """The kernels of a step whose weight leaves float64's range (a text answer where a
+    call is forced, at a low temperature) are recorded, for ``agentloop precompile``: a
+    first such step would otherwise compile for ~40 s in the middle of a run."""
+    recorded = {k.name for k in pc.recorded_kernels() if not k.demo}
+    assert {"dense_suffix_bounds", "kept_log_factors", "kept_log_backward", "_DENSE_LOG_FACTORS",
+            "log_sums_by_group", "log_sample_atoms"} <= recorded
+
+
 def test_shares_balance_the_recorded_seconds() -> None:
     kernels = pc.recorded_kernels()
     shares = pc._shares(kernels, 3)
@@ -279,6 +303,42 @@ def test_a_fresh_install_demo_compiles_nothing_after_precompiling(tmp_path: Path
         event.register("numba:compile", Names())
         r = CliRunner().invoke(main, ["demo"])
         assert r.exit_code == 0, r.output
+        print(sorted(set(compiled)))
+    """
+    assert run_fresh(code, tmp_path / "numba", grammars=tmp_path / "grammars").strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.slow
+def test_text_where_a_call_is_forced_compiles_nothing_after_precompiling(tmp_path: Path) -> None:
+    """After ``agentloop precompile`` into an empty cache, steps where the model is sure of
+    a text answer while the canvas continues a call (small and mid-sized supports, a low
+    temperature and 1, a batch mixing log space and not) compile no kernel of agentloop's
+    (~2-3 min on 2 cores)."""
+    code = """
+        import json
+        import torch
+        from click.testing import CliRunner
+        from numba.core import event
+        import agentloop.precompile as pc
+        from agentloop.cli import DEMO_TOOLS, main
+        from agentloop.grammar import byte_tokenizer, compile_tools
+        r = CliRunner().invoke(main, ["precompile"])
+        assert r.exit_code == 0, r.output
+        compiled = []
+        class Names(event.Listener):
+            def on_start(self, ev):
+                f = ev.data["dispatcher"].py_func
+                if f.__module__.startswith("agentloop"):
+                    compiled.append(f.__qualname__)
+            def on_end(self, ev):
+                pass
+        event.register("numba:compile", Names())
+        tok = byte_tokenizer()
+        schemas = json.loads((pc.SIGNATURES_FILE.parent / "tool_schemas.json").read_text())
+        for tools in (DEMO_TOOLS, schemas[:3], schemas[:5]):
+            g = compile_tools(tools, tok, "gemma4")
+            for temperature in (1.0, 0.5, 0.2):
+                g.denoise_step(**pc._text_where_call(g, tok, temperature))
         print(sorted(set(compiled)))
     """
     assert run_fresh(code, tmp_path / "numba", grammars=tmp_path / "grammars").strip().splitlines()[-1] == "[]"
