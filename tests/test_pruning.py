@@ -672,8 +672,11 @@ def test_a_text_answer_where_a_call_is_forced_runs_log_space_over_few_cells(btok
     assert kept.argmax == whole.argmax and kept.sample == whole.sample
     torch.testing.assert_close(kept.log_marginals.exp(), whole.log_marginals.exp(), rtol=0, atol=1e-12)
     torch.testing.assert_close(kept.entropy, whole.entropy, rtol=0, atol=1e-9)
-    m = g.marginals(x, state=s0)
+    m, _ = g.marginals(x, state=s0, return_entropy=True)
     torch.testing.assert_close(m.exp(), whole.log_marginals.exp(), rtol=0, atol=1e-12)
+    # (without entropies the scan's float32 sums lie in another kernel, which the CPU may
+    # vectorise otherwise: 1.8e-7 apart without AVX-512)
+    torch.testing.assert_close(g.marginals(x, state=s0).exp(), whole.log_marginals.exp(), rtol=1e-5, atol=1e-6)
     # a bounded sweep may keep more cells than other sweeps in log space, up to a share of the
     # lattice (a byte tokenizer's 20 tools need ~53k): with those capped far below, it still prunes
     monkeypatch.setattr(pruning, "MAX_KEPT_LOG_CELLS", 100)
