@@ -21,6 +21,22 @@ from agentloop.errors import KernelCompileError
 SMALL = ("_step", "below_normal")
 
 
+#: In a ``run_fresh`` script (placed 8 spaces in): ``compiled`` lists the agentloop functions
+#: numba compiles from there on.
+AGENTLOOP_COMPILES = textwrap.indent(textwrap.dedent("""
+    from numba.core import event
+    compiled = []
+    class Names(event.Listener):
+        def on_start(self, ev):
+            f = ev.data["dispatcher"].py_func
+            if f.__module__.startswith("agentloop"):
+                compiled.append(f.__qualname__)
+        def on_end(self, ev):
+            pass
+    event.register("numba:compile", Names())
+""").strip(), " " * 8).lstrip()
+
+
 def small_kernels() -> list[pc.RecordedKernel]:
     kernels = [k for k in pc.recorded_kernels() if k.name in SMALL]
     assert len(kernels) == 2
@@ -286,21 +302,12 @@ def test_cli_precompile_without_the_jit(tmp_path: Path) -> None:
 def test_a_fresh_install_demo_compiles_nothing_after_precompiling(tmp_path: Path) -> None:
     """The recording is complete for the demo: after ``agentloop precompile --demo-only``
     into an empty cache, the demo compiles no kernel of agentloop's (~30 s on 2 cores)."""
-    code = """
+    code = f"""
         from click.testing import CliRunner
-        from numba.core import event
         from agentloop.cli import main
         r = CliRunner().invoke(main, ["precompile", "--demo-only"])
         assert r.exit_code == 0, r.output
-        compiled = []
-        class Names(event.Listener):
-            def on_start(self, ev):
-                f = ev.data["dispatcher"].py_func
-                if f.__module__.startswith("agentloop"):
-                    compiled.append(f.__qualname__)
-            def on_end(self, ev):
-                pass
-        event.register("numba:compile", Names())
+        {AGENTLOOP_COMPILES}
         r = CliRunner().invoke(main, ["demo"])
         assert r.exit_code == 0, r.output
         print(sorted(set(compiled)))
@@ -314,25 +321,16 @@ def test_text_where_a_call_is_forced_compiles_nothing_after_precompiling(tmp_pat
     a text answer while the canvas continues a call (small and mid-sized supports, a low
     temperature and 1, a batch mixing log space and not) compile no kernel of agentloop's
     (~2-3 min on 2 cores)."""
-    code = """
+    code = f"""
         import json
         import torch
         from click.testing import CliRunner
-        from numba.core import event
         import agentloop.precompile as pc
         from agentloop.cli import DEMO_TOOLS, main
         from agentloop.grammar import byte_tokenizer, compile_tools
         r = CliRunner().invoke(main, ["precompile"])
         assert r.exit_code == 0, r.output
-        compiled = []
-        class Names(event.Listener):
-            def on_start(self, ev):
-                f = ev.data["dispatcher"].py_func
-                if f.__module__.startswith("agentloop"):
-                    compiled.append(f.__qualname__)
-            def on_end(self, ev):
-                pass
-        event.register("numba:compile", Names())
+        {AGENTLOOP_COMPILES}
         tok = byte_tokenizer()
         schemas = json.loads((pc.SIGNATURES_FILE.parent / "tool_schemas.json").read_text())
         for tools in (DEMO_TOOLS, schemas[:3], schemas[:5]):
