@@ -36,10 +36,9 @@ import numba  # noqa: E402
 
 from bench.constraint_ab import revisions, table_lines, write_report  # noqa: E402
 
-#: One run of the demo, timed inside its own process.
-CHILD = r"""
-import json, sys, time
-t0 = time.perf_counter()
+#: In a child script: ``top`` gathers the seconds of numba's outermost compiles from here on.
+COMPILE_CLOCK = r"""
+import time
 from numba.core import event
 top = {}  # outermost compiles: kernel -> seconds, with the compiles it set off
 stack = []
@@ -53,6 +52,13 @@ class Clock(event.Listener):
             name = f"{f.__module__}.{f.__qualname__}".replace(".<locals>", "")
             top[name] = top.get(name, 0.0) + dt
 event.register("numba:compile", Clock())
+"""
+
+#: One run of the demo, timed inside its own process.
+CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+""" + COMPILE_CLOCK + r"""
 from click.testing import CliRunner
 import agentloop.cli
 from agentloop.cli import main

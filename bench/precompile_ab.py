@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 import numba  # noqa: E402
 
 from bench.constraint_ab import revisions, table_lines, write_report  # noqa: E402
+from bench.first_run import COMPILE_CLOCK  # noqa: E402
 
 #: The first steps timed after the precompile: (tools, temperature), byte tokenizer.
 CASES = (("demo tools", 0.2), ("5 tools", 0.2), ("3 tools", 1.0))
@@ -52,22 +53,11 @@ print(time.perf_counter() - t)
 """
 
 #: The first step of each case, with the seconds it spent compiling (nested compiles once).
-STEPS = r"""
-import json, sys, time
-import torch
-from numba.core import event
+STEPS = COMPILE_CLOCK + r"""
+import json, sys
 import agentloop.precompile as pc
 from agentloop.cli import DEMO_TOOLS
 from agentloop.grammar import byte_tokenizer, compile_tools
-spent, stack = [0.0], []
-class Clock(event.Listener):
-    def on_start(self, ev):
-        stack.append(time.perf_counter())
-    def on_end(self, ev):
-        dt = time.perf_counter() - stack.pop()
-        if not stack:
-            spent[0] += dt
-event.register("numba:compile", Clock())
 tok = byte_tokenizer()
 schemas = json.loads((pc.SIGNATURES_FILE.parent / "tool_schemas.json").read_text())
 tools = {"demo tools": DEMO_TOOLS, "5 tools": schemas[:5], "3 tools": schemas[:3]}
@@ -75,10 +65,10 @@ out = {}
 for name, temperature in json.loads(sys.argv[1]):
     g = compile_tools(tools[name], tok, "gemma4")
     args = pc._text_where_call(g, tok, temperature)
-    spent[0] = 0.0
+    top.clear()
     t = time.perf_counter()
     g.denoise_step(**args)
-    out[f"{name}, T={temperature:g}"] = (time.perf_counter() - t, spent[0])
+    out[f"{name}, T={temperature:g}"] = (time.perf_counter() - t, sum(top.values()))
 print(json.dumps(out))
 """
 
