@@ -318,9 +318,8 @@ def test_a_fresh_install_demo_compiles_nothing_after_precompiling(tmp_path: Path
 @pytest.mark.slow
 def test_text_where_a_call_is_forced_compiles_nothing_after_precompiling(tmp_path: Path) -> None:
     """After ``agentloop precompile`` into an empty cache, steps where the model is sure of
-    a text answer while the canvas continues a call (small and mid-sized supports, a low
-    temperature and 1, a batch mixing log space and not) compile no kernel of agentloop's
-    (~2-3 min on 2 cores)."""
+    a text answer while the canvas continues a call (the demo tools, 3 and 5 tools, at
+    low temperatures and at 1) compile no kernel of agentloop's (~2-3 min on 2 cores)."""
     code = f"""
         import json
         import torch
