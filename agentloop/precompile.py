@@ -73,6 +73,11 @@ class RecordedKernel:
     seconds: float
     demo: bool = False  #: whether ``agentloop demo`` calls it with these signatures
 
+    @property
+    def identity(self) -> tuple[str, str, str]:
+        """(module, name, key) of the kernel: the same for both entries of a split kernel."""
+        return self.module, self.name, repr(self.key)
+
     def dispatcher(self) -> Any:
         """The numba dispatcher (a ``parallel_kernel``'s compiled kernel), or None where
         the global is gone or holds no such kernel."""
@@ -177,7 +182,7 @@ def precompile_kernels(kernels: Sequence[RecordedKernel] | None = None, processe
 
 def kernel_count(kernels: Sequence[RecordedKernel]) -> int:
     """How many kernels ``kernels`` holds (a kernel may be two entries: see ``RecordedKernel``)."""
-    return len({(k.module, k.name, repr(k.key)) for k in kernels})
+    return len({k.identity for k in kernels})
 
 
 def _names(share: Sequence[RecordedKernel]) -> str:

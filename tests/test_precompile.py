@@ -84,7 +84,7 @@ def test_a_kernel_is_at_most_a_demo_entry_and_another() -> None:
     two entries whose signatures do not overlap: the first run compiles the demo's alone."""
     entries: dict[tuple[str, str, str], list[pc.RecordedKernel]] = {}
     for k in pc.recorded_kernels():
-        entries.setdefault((k.module, k.name, str(k.key)), []).append(k)
+        entries.setdefault(k.identity, []).append(k)
     split = 0
     for name, ks in entries.items():
         assert sorted(k.demo for k in ks) in ([False], [True], [False, True]), name
@@ -107,8 +107,7 @@ def test_shares_balance_the_recorded_seconds() -> None:
     kernels = pc.recorded_kernels()
     shares = pc._shares(kernels, 3)
     assert len(shares) == 3
-    assert sorted((k.module, k.name, str(k.key)) for s in shares for k in s) == sorted(
-        (k.module, k.name, str(k.key)) for k in kernels)
+    assert sorted(k.identity for s in shares for k in s) == sorted(k.identity for k in kernels)
     loads = [sum(k.seconds for k in s) for s in shares]
     assert max(loads) - min(loads) <= max(k.seconds for k in kernels) + 2.0
     assert pc._shares(kernels[:1], 8) == [kernels[:1]]
