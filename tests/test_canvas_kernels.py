@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from agentloop.grammar import canvas as dp
 from agentloop.grammar import compile_tools
@@ -762,6 +763,48 @@ def test_the_group_plan_gives_each_group_the_sum_and_max_of_its_atoms(btok, n_to
     assert np.array_equal(dp.group_max(amax, plan), np.stack([amax[:, a].max(1) for a in atoms_of], 1))
     assert sorted(plan.order.tolist()) == list(range(G))
     assert plan.extra.shape[0] < 0.8 * ta.group_atoms.shape[0]
+
+
+def _kernel_signatures() -> dict[str, set[tuple]]:
+    """Each numba kernel of ``agentloop.grammar`` -> the signatures this process compiled
+    or loaded for it."""
+    import importlib
+    import pkgutil
+
+    import numba
+
+    import agentloop.grammar as package
+
+    found: dict[str, set[tuple]] = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"agentloop.grammar.{info.name}")
+        for name, obj in vars(module).items():
+            if isinstance(obj, numba.core.registry.CPUDispatcher):
+                found[f"{info.name}.{name}"] = set(obj.signatures)
+    return found
+
+
+def test_a_batch_runs_the_kernels_compiled_for_a_lone_canvas(btok):
+    """Every op hands each canvas of a batch arrays of the layouts a lone canvas gets, so
+    a batch compiles nothing more: a batch's group sums and maxima, once rows of one
+    (B * L, G) Fortran array, were strided ('A' layout), and every DP kernel that read
+    them compiled a second time, at its first batched call or in ``agentloop
+    precompile``."""
+    g = compile_tools(TOOLS[:5], btok, "gemma4")
+    x = torch.randn(2, 64, g.vocab.size, generator=torch.Generator().manual_seed(0)) * 3  # (B, L, V)
+
+    def every_op(logits: torch.Tensor) -> None:
+        g.viterbi(logits)
+        g.sample(logits, torch.Generator().manual_seed(0))
+        g.marginals(logits, return_entropy=True)
+        for prune in (True, False):
+            g.denoise_step(logits, torch.Generator().manual_seed(0), prune=prune)
+
+    every_op(x[0])
+    alone = _kernel_signatures()
+    every_op(x)
+    batched = _kernel_signatures()
+    assert {k: sorted(map(str, batched[k] - alone[k])) for k in batched if batched[k] - alone[k]} == {}
 
 
 @pytest.mark.parametrize("n_tools", [1, 5])

@@ -103,6 +103,15 @@ def test_the_recording_holds_the_log_space_steps() -> None:
             "log_sums_by_group", "log_sample_atoms"} <= recorded
 
 
+def test_the_recording_holds_no_strided_arrays() -> None:
+    """Every recorded array argument is contiguous (C or F layout): each canvas of a batch
+    gets the layouts a lone canvas does, so no kernel needs a second, strided ('A')
+    build (17 such signatures once doubled the rest of ``agentloop precompile``)."""
+    strided = [(k.name, i) for k in pc.recorded_kernels() for sig in k.signatures for i, spec in enumerate(sig)
+               if spec[0] == "array" and spec[3] not in ("C", "F")]
+    assert strided == []
+
+
 def test_shares_balance_the_recorded_seconds() -> None:
     kernels = pc.recorded_kernels()
     shares = pc._shares(kernels, 3)

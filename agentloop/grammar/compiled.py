@@ -146,13 +146,19 @@ class _Scores:
     asumx: np.ndarray  # (N, K) f64 the same weighted by (x - rowmax), for entropies
     amax: np.ndarray  # (N, K) f32 best logit per atom
     aarg: np.ndarray  # (N, K) i32 its token
-    gsum: np.ndarray  # (N, G) f64 sums per group
+    #: per canvas: (L, G) f64 sums per group, in Fortran order (``_group_values_by_canvas``)
+    gsum: list[np.ndarray]
     block_sums: np.ndarray  # (N, blocks) f32 host pass: sums of exp(x - amax) per block of each atom's tokens
     rowmax_dev: torch.Tensor | None  # (N,) rowmax on the logits' device (device passes), else None
     #: ``log_canvas.log_atom_stats``, taken for all rows when a canvas first needs them
     _log_stats: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     #: ``log_canvas.log_sums_by_group`` of those, likewise (``CompiledGrammar._log_sums``)
     _log_gsum: list[np.ndarray] = field(default_factory=list)
+
+    def canvas_gsum(self, rows: slice) -> np.ndarray:
+        """gsum (L, G) of the canvas whose rows of the batch are ``rows`` (canvases of no
+        position: the first's, (0, G) as every one's)."""
+        return self.gsum[rows.start // max(rows.stop - rows.start, 1)]
 
     def log_stats(self, atoms: dp.SortedAtoms) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(log sum of exp(x - rowmax), mean of x - amax, log sum of exp(x - amax)) per atom
@@ -191,6 +197,18 @@ class _Scores:
         if not (norm > 0.0).all():  # (no valid canvas has mass: nothing to bound)
             return math.inf
         return math.log(float((under * dp.NORMAL_MIN / norm).sum()))
+
+
+def _group_values_by_canvas(reduce: Callable[[np.ndarray, dp.GroupPlan], np.ndarray], values: np.ndarray,
+                           plan: dp.GroupPlan, B: int) -> list[np.ndarray]:
+    """Each of B canvases' group values (L, G), reduced (``dp.group_sums`` or
+    ``dp.group_max``) from its rows of ``values`` (B * L, K) alone: each comes out in
+    Fortran order, as a lone canvas's does. The rows of one (B * L, G) Fortran array are
+    strided (numba's 'A' layout), and every kernel that read them compiled a second time
+    for batches: 17 signatures, 85 -> 62 s of ``agentloop precompile`` on 2 cores
+    (bench/results/precompile_ab_batch_layout.md)."""
+    L = values.shape[0] // max(B, 1)
+    return [reduce(values[b * L:(b + 1) * L], plan) for b in range(B)]
 
 
 class _Passes(NamedTuple):
@@ -657,15 +675,15 @@ class CompiledGrammar:
         xs, batched = self._prepare(logits)
         B, L, V = xs.shape
         sc = self._scores(xs, want_sum=False, want_x=False)
-        gmax, amax, moved = self._viterbi_scores(sc)
+        gmax, amax, moved = self._viterbi_scores(sc, B)
         prune = prune and not moved
         out = []
         b = 0
         try:
             for b, s0 in enumerate(self._states(state, B)):
                 sl = slice(b * L, (b + 1) * L)
-                sup, _, _ = self._step_support(sc, sl, s0, partial, prune, sums=False, gmax=gmax[sl])
-                path = self._canvas_passes(sup, s0, partial, gmax=gmax[sl], best=(amax[sl], sc.aarg[sl]),
+                sup, _, _ = self._step_support(sc, sl, s0, partial, prune, sums=False, gmax=gmax[b])
+                path = self._canvas_passes(sup, s0, partial, gmax=gmax[b], best=(amax[sl], sc.aarg[sl]),
                                            forced=self._forced_by_mask(sc, sl)).path
                 assert path is not None
                 out.append(path)
@@ -673,9 +691,9 @@ class CompiledGrammar:
             raise self._in_batch(e, b, B) from None
         return out if batched else out[0]
 
-    def _viterbi_scores(self, sc: "_Scores") -> tuple[np.ndarray, np.ndarray, bool]:
-        """(gmax (N, G), amax (N, K)) for the Viterbi pass, and whether a row was moved:
-        a row whose allowed logits all lie near one huge value (|x| >= 2**24, within a
+    def _viterbi_scores(self, sc: "_Scores", B: int) -> tuple[list[np.ndarray], np.ndarray, bool]:
+        """(gmax (L, G) for each of the B canvases, amax (N, K)) for the Viterbi pass, and
+        whether a row was moved: a row whose allowed logits all lie near one huge value (|x| >= 2**24, within a
         factor 2 of each other: a row masked with float32's lowest) is taken from its best,
         exactly in float32 (Sterbenz). A row's constant does not change the argmax, but
         added into the canvases' scores in float64 it drowned their O(1) differences
@@ -683,7 +701,7 @@ class CompiledGrammar:
         from the logits as they are, so a call with a moved row runs the whole lattice."""
         # (a moved row's shift is exact on each of its atoms, so its groups' maxima move alike)
         amax = masks.effective_maxima(sc.amax, sc.rowmax)  # (rowmax: each row's best finite allowed logit)
-        return dp.group_max(amax, self._group_plan), amax, amax is not sc.amax
+        return _group_values_by_canvas(dp.group_max, amax, self._group_plan, B), amax, amax is not sc.amax
 
     def _canvas_passes(self, sup: dp.Support, s0: int, partial: bool, *, gsum: np.ndarray | None = None,
                        factors: bool = False, gmax: np.ndarray | None = None,
@@ -856,7 +874,7 @@ class CompiledGrammar:
             self._refuse_logits(flat, np.flatnonzero(~np.isfinite(asum).all(axis=1)), L, V, "nan or +inf")
         if not want_sum and np.isposinf(amax).any():
             self._refuse_logits(flat, np.flatnonzero(np.isposinf(amax).any(axis=1)), L, V, "+inf")
-        gsum = dp.group_sums(asum, self._group_plan) if want_sum else np.zeros((B * L, 0))
+        gsum = _group_values_by_canvas(dp.group_sums, asum, self._group_plan, B) if want_sum else []
         return _Scores(flat, rowmax, asum, asumx, amax, aarg, gsum, block_sums, rowmax_dev)
 
     def _refuse_logits(self, flat: Any, rows: np.ndarray, L: int, V: int, what: str) -> None:
@@ -881,11 +899,13 @@ class CompiledGrammar:
         plan = self._group_plan
         atoms, ok, log_inside = None, False, None
         if passes.in_range and sup.dense:
-            atoms, ok = dp._sample_atoms(sc.asum[sl], sc.gsum[sl], passes.beta, passes.beta_totals, self._layout.rank,
-                                         s0, *self._out_edges, plan.base, plan.extra_offsets, plan.extra, uniforms)
+            atoms, ok = dp._sample_atoms(sc.asum[sl], sc.canvas_gsum(sl), passes.beta, passes.beta_totals,
+                                         self._layout.rank, s0, *self._out_edges, plan.base, plan.extra_offsets,
+                                         plan.extra, uniforms)
         elif passes.in_range:
-            atoms, ok = dp._sample_atoms_live(sc.asum[sl], sc.gsum[sl], sup.offsets, sup.states, passes.beta, s0,
-                                              *self._out_edges, plan.base, plan.extra_offsets, plan.extra, uniforms)
+            atoms, ok = dp._sample_atoms_live(sc.asum[sl], sc.canvas_gsum(sl), sup.offsets, sup.states, passes.beta,
+                                              s0, *self._out_edges, plan.base, plan.extra_offsets, plan.extra,
+                                              uniforms)
         if not ok:
             lc = self._log_space(sc, sl, sup, s0, partial, prune, uniforms=uniforms)
             atoms, log_inside = lc.atoms, lc.log_inside
@@ -1119,7 +1139,7 @@ class CompiledGrammar:
             for b, s0 in enumerate(self._states(state, B)):
                 sl = slice(b * L, (b + 1) * L)
                 sup, _, fast = self._step_support(sc, sl, s0, partial, prune, sums=True)
-                passes = self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl]) if fast else _OUT_OF_RANGE
+                passes = self._canvas_passes(sup, s0, partial, gsum=sc.canvas_gsum(sl)) if fast else _OUT_OF_RANGE
                 out.append(self._sample_one(sc, sl, sup, passes, s0, partial, prune, uniforms[b]))
         except NoValidCanvasError as e:  # (which canvas of a batch has none)
             raise self._in_batch(e, b, B) from None
@@ -1156,7 +1176,7 @@ class CompiledGrammar:
             for b, s0 in enumerate(self._states(state, B)):
                 sl = slice(b * L, (b + 1) * L)
                 sup, _, fast = self._step_support(sc, sl, s0, partial, prune, sums=True)
-                passes = (self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True)
+                passes = (self._canvas_passes(sup, s0, partial, gsum=sc.canvas_gsum(sl), factors=True)
                           if fast else _OUT_OF_RANGE)
                 F.append(passes.F if passes.in_range else None)
                 if not passes.in_range:
@@ -1202,7 +1222,7 @@ class CompiledGrammar:
         if out is not None:
             xs = self._check_out(out, xs, batched)
         sc = self._scores(xs, want_x=True)
-        gmax, amax, moved = self._viterbi_scores(sc)
+        gmax, amax, moved = self._viterbi_scores(sc, B)
         prune = prune and not moved
         uniforms = torch.rand((B, L, 3), generator=generator, dtype=torch.float64).numpy()
         F: list[np.ndarray | None] = []  # each canvas's atom factors (L, K) (None: taken in log space)
@@ -1214,15 +1234,15 @@ class CompiledGrammar:
         try:
             for b, s0 in enumerate(self._states(state, B)):
                 sl = slice(b * L, (b + 1) * L)
-                sup, kept, fast = self._step_support(sc, sl, s0, partial, prune, sums=True, gmax=gmax[sl])
+                sup, kept, fast = self._step_support(sc, sl, s0, partial, prune, sums=True, gmax=gmax[b])
                 pruned.append(kept)
                 top = (amax[sl], sc.aarg[sl])
                 forced = self._forced_by_mask(sc, sl)
-                passes = (self._canvas_passes(sup, s0, partial, gsum=sc.gsum[sl], factors=True, gmax=gmax[sl], best=top,
-                                              forced=forced) if fast else _OUT_OF_RANGE)
+                passes = (self._canvas_passes(sup, s0, partial, gsum=sc.canvas_gsum(sl), factors=True, gmax=gmax[b],
+                                              best=top, forced=forced) if fast else _OUT_OF_RANGE)
                 path = passes.path
                 if path is None:  # (the Viterbi pass shared a sweep that stopped early, or never ran)
-                    path = self._canvas_passes(sup, s0, partial, gmax=gmax[sl], best=top, forced=forced).path
+                    path = self._canvas_passes(sup, s0, partial, gmax=gmax[b], best=top, forced=forced).path
                     assert path is not None
                 best.append(path)
                 F.append(passes.F if passes.in_range else None)
@@ -1277,7 +1297,8 @@ class CompiledGrammar:
         to_finish = self._to_finish(partial) if prune else None
         if to_finish is not None:
             ref = sc.rowmax[sl] if sums else sc.amax[sl].max(axis=1).astype(np.float64)  # each row's best allowed logit
-            found = pruning.sweep_support(to_finish, s0, self._out_edges, ref, gsum=sc.gsum[sl] if sums else None,
+            found = pruning.sweep_support(to_finish, s0, self._out_edges, ref,
+                                          gsum=sc.canvas_gsum(sl) if sums else None,
                                           asum=sc.asum[sl] if sums else None, gmax=gmax, log_lost=log_lost)
             if found.support is not None:
                 return found.support, True, True
