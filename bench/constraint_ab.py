@@ -19,6 +19,7 @@ reassociated).
     python bench/constraint_ab.py --baseline HEAD~1 --tools 20 --force-first 1000   # a call forced at position 0
     python bench/constraint_ab.py --baseline HEAD~1 --text-where-call 30 --temperature 0.2   # a call the model refuses
     python bench/constraint_ab.py --baseline HEAD~1 --overruled 120   # a sure call, 10 of its tokens overruled
+    python bench/constraint_ab.py --baseline HEAD~1 --batch 4   # (4, L, V) logits: the batched API
 
 The default logits are N(0, 3): ~15 nats from a row's best to most of its tokens. A
 trained model's are far wider: the bundled model's rows span ~100 nats at its sampling
@@ -152,32 +153,40 @@ TEXT_ANSWER = "I cannot look that up right now, but Lisbon is usually mild and s
 
 def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std: float, peak: float,
             after_forward: bool, device: str = "cpu", seed: int = 0, force_first: float = 0.0,
-            text_where_call: float = 0.0, temperature: float = 1.0, overruled: float = 0.0) -> list[dict[str, Any]]:
+            text_where_call: float = 0.0, temperature: float = 1.0, overruled: float = 0.0,
+            batch: int = 1) -> list[dict[str, Any]]:
     tok, aliases = TOKENIZERS[tok_name]()
     tools = tool_schemas(tok_name)[:n_tools]
     grammars = {"baseline": baseline.compile_tools(tools, tok, "gemma4", aliases=aliases),
                 "current": current.compile_tools(tools, tok, "gemma4", aliases=aliases)}
     V, L = tok.get_vocab_size(), 256
     gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(L, V, generator=gen) * logit_std  # (L, V)
-    if peak:  # one token per row that far above the row's best
-        ahead = torch.randint(0, V, (L,), generator=gen)
-        logits[torch.arange(L), ahead] = logits.max(dim=1).values + peak
-    if force_first:  # a call's first token that far above the rest at the first position
-        logits[0, tok.token_to_id("<|tool_call>")] = logits[0].max() + force_first
+
+    def one_canvas() -> torch.Tensor:
+        logits = torch.randn(L, V, generator=gen) * logit_std  # (L, V)
+        if peak:  # one token per row that far above the row's best
+            ahead = torch.randint(0, V, (L,), generator=gen)
+            logits[torch.arange(L), ahead] = logits.max(dim=1).values + peak
+        if force_first:  # a call's first token that far above the rest at the first position
+            logits[0, tok.token_to_id("<|tool_call>")] = logits[0].max() + force_first
+        if text_where_call:  # a sure text answer, where the canvas continues a call (the grammar forbids the text)
+            ids = tok.encode(TEXT_ANSWER, add_special_tokens=False).ids[:L]
+            logits[torch.arange(len(ids)), torch.tensor(ids)] = logits[:len(ids)].max(dim=1).values + text_where_call
+        if overruled:  # a sure valid call, and at 10 positions a token ahead of it that the grammar forbids there
+            ids = tok.encode(CALL, add_special_tokens=False).ids
+            call = torch.tensor(ids + [grammars["current"].vocab.pad_id] * (L - len(ids)))
+            logits[torch.arange(L), call] = logits.max(dim=1).values + overruled
+            rows = torch.randperm(L, generator=gen)[:10]
+            logits[rows, torch.randint(0, V, (10,), generator=gen)] = logits[rows].max(dim=1).values + overruled
+        return logits / temperature
+
+    # (L, V), or (batch, L, V): further canvases drawn alike
+    logits = one_canvas() if batch == 1 else torch.stack([one_canvas() for _ in range(batch)])
     state: dict[str, Any] = {}
-    if text_where_call:  # a sure text answer, where the canvas continues a call (the grammar forbids the text)
-        ids = tok.encode(TEXT_ANSWER, add_special_tokens=False).ids[:L]
-        logits[torch.arange(len(ids)), torch.tensor(ids)] = logits[:len(ids)].max(dim=1).values + text_where_call
+    if text_where_call:
         opened = tok.encode("<|tool_call>", add_special_tokens=False).ids
-        state = {k: {"state": g.state_after(opened)} for k, g in grammars.items()}
-    if overruled:  # a sure valid call, and at 10 positions a token ahead of it that the grammar forbids there
-        ids = tok.encode(CALL, add_special_tokens=False).ids
-        call = torch.tensor(ids + [grammars["current"].vocab.pad_id] * (L - len(ids)))
-        logits[torch.arange(L), call] = logits.max(dim=1).values + overruled
-        rows = torch.randperm(L, generator=gen)[:10]
-        logits[rows, torch.randint(0, V, (10,), generator=gen)] = logits[rows].max(dim=1).values + overruled
-    logits /= temperature
+        state = {k: {"state": g.state_after(opened) if batch == 1 else [g.state_after(opened)] * batch}
+                 for k, g in grammars.items()}
     logits = logits.to(device)  # on a GPU the vocabulary passes run there, the DP on the host
     before = None
     if after_forward:  # as the engine calls a step: right after the model's forward wrote the logits
@@ -197,6 +206,10 @@ def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std:
             return op
         return lambda: (op(), torch.cuda.synchronize())  # the device's queue drained: its work is in the time
 
+    def first_state(at: dict[str, Any], g: Any) -> int:
+        st = at.get("state", g.start_state)
+        return st[0] if isinstance(st, list) else st
+
     def ops_of(g: Any, at: dict[str, Any]) -> dict[str, Callable[[], Any]]:
         out = {"out": step_out} if "out" in inspect.signature(g.denoise_step).parameters else {}  # older baselines
         return {"viterbi": synced(lambda: g.viterbi(logits, **at)),
@@ -208,7 +221,7 @@ def compare(tok_name: str, n_tools: int, baseline: Any, repeats: int, logit_std:
                 "denoise_step_whole": synced(lambda: g.denoise_step(logits, torch.Generator().manual_seed(seed),
                                                                     prune=False, **out, **at)),
                 # once per canvas: the live states at each position (a new canvas, a new start state)
-                "support": lambda: (g._support_cache.clear(), g._support(L, at.get("state", g.start_state), False))}
+                "support": lambda: (g._support_cache.clear(), g._support(L, first_state(at, g), False))}
 
     b_out, c_out = (grammars[k].viterbi(logits, **state.get(k, {})) for k in ("baseline", "current"))
     assert b_out == c_out, f"{tok_name} x {n_tools} tools: the Viterbi canvases differ"
@@ -258,6 +271,8 @@ def main() -> None:
                         help="the model sure of a valid call (its tokens LEAD nats ahead), with a random token LEAD "
                              "ahead of that at 10 positions (default 0: none)")
     parser.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this (default 1)")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="canvases per call, each drawn alike (default 1: (L, V) logits; else (B, L, V))")
     parser.add_argument("--after-forward", action="store_true",
                         help="run the tiny model's decoder forward (bench/constraint.py's) before every timed call")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -278,7 +293,7 @@ def main() -> None:
             rows += compare(args.tokenizer, n, baseline, args.repeats or (30 if n < 20 else 5), args.logit_std,
                             args.peak, args.after_forward, args.device, force_first=args.force_first,
                             text_where_call=args.text_where_call, temperature=args.temperature,
-                            overruled=args.overruled)
+                            overruled=args.overruled, batch=args.batch)
     command = "python bench/constraint_ab.py " + " ".join(sys.argv[1:])
     peaked = f", one token per row {args.peak:g} nats ahead" if args.peak else ""
     if args.force_first:
@@ -296,7 +311,8 @@ def main() -> None:
                           f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}"
                           + (f"; logits on {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
                           head, dirty, rev) + [
-             "Both versions in one process, their calls alternating; L=256, random logits "
+             "Both versions in one process, their calls alternating; L=256, "
+             f"{f'batches of {args.batch} canvases, ' if args.batch > 1 else ''}random logits "
              f"(N(0, {args.logit_std:g}){peaked}), gemma4 wire "
              f"format; {'each call right after a decoder forward; ' if args.after_forward else ''}"
              "denoise_step writes into a reused out buffer, as the engine's does; medians. Viterbi canvases equal "

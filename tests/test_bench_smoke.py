@@ -79,8 +79,10 @@ def test_wilson_interval():
 def test_constraint_ab_runs_both_versions_side_by_side(tmp_path):
     out = tmp_path / "ab.md"
     r = subprocess.run([sys.executable, str(ROOT / "bench/constraint_ab.py"), "--baseline", "HEAD", "--tools", "1",
-                        "--repeats", "2", "--out", str(out)], capture_output=True, text=True, timeout=1200, cwd=ROOT)
+                        "--repeats", "2", "--batch", "2", "--text-where-call", "30", "--out", str(out)],
+                       capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "batches of 2 canvases" in out.read_text()
     rows = [line for line in out.read_text().splitlines() if line.startswith("| bpe-4k | 1 |")]
     assert [row.split("|")[3].strip() for row in rows] == ["viterbi", "sample", "marginals", "denoise_step",
                                                            "denoise_step_whole", "support"]
