@@ -20,17 +20,18 @@ mkdir -p "$out"
 base=${1:-ad5e67a}
 py=${PYTHON:-python3}
 keep() { cp "$@" "$out/" 2>/dev/null; }
-# the numba kernels first, in parallel over the machine's cores (71 s of compiles on our
-# 2-core CPU, shared by 8 processes there; the steps below then load them from the cache
-# instead of compiling them inside their limits)
-timeout 30 "$py" -m agentloop.precompile 2>&1 | tee "$out/precompile.log"
+# the numba kernels first, in parallel over the machine's cores (~150 s of single-core
+# compiles, 32 + 62 s on our 2-core CPU, shared by 8 processes there, the longest kernel
+# ~21 s; the steps below then load them from the cache instead of compiling them inside
+# their limits)
+timeout 40 "$py" -m agentloop.precompile 2>&1 | tee "$out/precompile.log"
 timeout 90 "$py" -m pytest -q -o addopts="" -m gpu tests/test_device_passes.py 2>&1 | tee "$out/gpu_tests.log"
 # --threads 0: the host's share of the step (the canvas DP) on numba's default threads, as
 # the engine runs it (session 17's H200 figures were taken on one: 3.6 of 7.4 ms at 1 tool)
 timeout 170 "$py" bench/constraint.py --tokenizers gemma3-262k --outlines-tools 0 --cuda-only --threads 0 2>&1 \
     | tee "$out/constraint_cuda.log"
 keep bench/results/constraint_cuda.md bench/results/constraint_cuda.json
-timeout 200 "$py" bench/constraint_ab.py --baseline "$base" --device cuda --tokenizer gemma3-262k --tools 1 5 \
+timeout 190 "$py" bench/constraint_ab.py --baseline "$base" --device cuda --tokenizer gemma3-262k --tools 1 5 \
     --repeats 15 --out bench/results/constraint_ab_cuda.md 2>&1 | tee "$out/constraint_ab_cuda.log"
 keep bench/results/constraint_ab_cuda.md
 timeout 80 "$py" bench/gpu_dp_probe.py 2>&1 | tee "$out/gpu_dp_probe.log"
