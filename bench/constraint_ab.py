@@ -279,6 +279,8 @@ def main() -> None:
                         help="where the logits are (default cpu; cuda: the vocabulary passes run on the GPU)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "constraint_ab.md")
     args = parser.parse_args()
+    if args.batch < 1:
+        parser.error(f"--batch must be 1 or more, got {args.batch}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     if args.device == "cuda" and args.after_forward:
@@ -312,7 +314,7 @@ def main() -> None:
                           + (f"; logits on {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
                           head, dirty, rev) + [
              "Both versions in one process, their calls alternating; L=256, "
-             f"{f'batches of {args.batch} canvases, ' if args.batch > 1 else ''}random logits "
+             f"{f'batches of {args.batch} canvases (support: one canvas), ' if args.batch > 1 else ''}random logits "
              f"(N(0, {args.logit_std:g}){peaked}), gemma4 wire "
              f"format; {'each call right after a decoder forward; ' if args.after_forward else ''}"
              "denoise_step writes into a reused out buffer, as the engine's does; medians. Viterbi canvases equal "

@@ -76,13 +76,14 @@ def test_wilson_interval():
 
 
 @pytest.mark.slow  # compiles a second copy of the numba kernels (~1 min)
-def test_constraint_ab_runs_both_versions_side_by_side(tmp_path):
+@pytest.mark.parametrize("options", [[], ["--batch", "2", "--text-where-call", "30"]])
+def test_constraint_ab_runs_both_versions_side_by_side(tmp_path, options):
     out = tmp_path / "ab.md"
     r = subprocess.run([sys.executable, str(ROOT / "bench/constraint_ab.py"), "--baseline", "HEAD", "--tools", "1",
-                        "--repeats", "2", "--batch", "2", "--text-where-call", "30", "--out", str(out)],
+                        "--repeats", "2", *options, "--out", str(out)],
                        capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "batches of 2 canvases" in out.read_text()
+    assert ("batches of 2 canvases" in out.read_text()) == bool(options)
     rows = [line for line in out.read_text().splitlines() if line.startswith("| bpe-4k | 1 |")]
     assert [row.split("|")[3].strip() for row in rows] == ["viterbi", "sample", "marginals", "denoise_step",
                                                            "denoise_step_whole", "support"]

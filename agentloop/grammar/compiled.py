@@ -146,7 +146,8 @@ class _Scores:
     asumx: np.ndarray  # (N, K) f64 the same weighted by (x - rowmax), for entropies
     amax: np.ndarray  # (N, K) f32 best logit per atom
     aarg: np.ndarray  # (N, K) i32 its token
-    #: per canvas: (L, G) f64 sums per group, in Fortran order (``_group_values_by_canvas``)
+    #: per canvas: (L, G) f64 sums per group, in Fortran order (``_group_values_by_canvas``);
+    #: empty where the scan took no sums
     gsum: list[np.ndarray]
     block_sums: np.ndarray  # (N, blocks) f32 host pass: sums of exp(x - amax) per block of each atom's tokens
     rowmax_dev: torch.Tensor | None  # (N,) rowmax on the logits' device (device passes), else None
@@ -158,7 +159,9 @@ class _Scores:
     def canvas_gsum(self, rows: slice) -> np.ndarray:
         """gsum (L, G) of the canvas whose rows of the batch are ``rows`` (canvases of no
         position: the first's, (0, G) as every one's)."""
-        return self.gsum[rows.start // max(rows.stop - rows.start, 1)]
+        L = max(rows.stop - rows.start, 1)
+        assert rows.start % L == 0, rows  # (one canvas's rows, as every op slices them)
+        return self.gsum[rows.start // L]
 
     def log_stats(self, atoms: dp.SortedAtoms) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(log sum of exp(x - rowmax), mean of x - amax, log sum of exp(x - amax)) per atom
@@ -693,9 +696,9 @@ class CompiledGrammar:
 
     def _viterbi_scores(self, sc: "_Scores", B: int) -> tuple[list[np.ndarray], np.ndarray, bool]:
         """(gmax (L, G) for each of the B canvases, amax (N, K)) for the Viterbi pass, and
-        whether a row was moved: a row whose allowed logits all lie near one huge value (|x| >= 2**24, within a
-        factor 2 of each other: a row masked with float32's lowest) is taken from its best,
-        exactly in float32 (Sterbenz). A row's constant does not change the argmax, but
+        whether a row was moved: a row whose allowed logits all lie near one huge value
+        (|x| >= 2**24, within a factor 2 of each other: a row masked with float32's lowest)
+        is taken from its best, exactly in float32 (Sterbenz). A row's constant does not change the argmax, but
         added into the canvases' scores in float64 it drowned their O(1) differences
         elsewhere (the Viterbi canvas ignored every other row). Pruning's bounds are taken
         from the logits as they are, so a call with a moved row runs the whole lattice."""
