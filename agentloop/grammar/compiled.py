@@ -697,11 +697,12 @@ class CompiledGrammar:
     def _viterbi_scores(self, sc: "_Scores", B: int) -> tuple[list[np.ndarray], np.ndarray, bool]:
         """(gmax (L, G) for each of the B canvases, amax (N, K)) for the Viterbi pass, and
         whether a row was moved: a row whose allowed logits all lie near one huge value
-        (|x| >= 2**24, within a factor 2 of each other: a row masked with float32's lowest)
-        is taken from its best, exactly in float32 (Sterbenz). A row's constant does not change the argmax, but
-        added into the canvases' scores in float64 it drowned their O(1) differences
-        elsewhere (the Viterbi canvas ignored every other row). Pruning's bounds are taken
-        from the logits as they are, so a call with a moved row runs the whole lattice."""
+        (|x| >= 2**24, within a factor 2 of each other: a row masked with float32's
+        lowest) is taken from its best, exactly in float32 (Sterbenz). A row's constant
+        does not change the argmax, but added into the canvases' scores in float64 it
+        drowned their O(1) differences elsewhere (the Viterbi canvas ignored every other
+        row). Pruning's bounds are taken from the logits as they are, so a call with a
+        moved row runs the whole lattice."""
         # (a moved row's shift is exact on each of its atoms, so its groups' maxima move alike)
         amax = masks.effective_maxima(sc.amax, sc.rowmax)  # (rowmax: each row's best finite allowed logit)
         return _group_values_by_canvas(dp.group_max, amax, self._group_plan, B), amax, amax is not sc.amax
