@@ -106,7 +106,8 @@ def test_the_recording_holds_the_log_space_steps() -> None:
 def test_the_recording_holds_no_strided_arrays() -> None:
     """Every recorded array argument is contiguous (C or F layout): each canvas of a batch
     gets the layouts a lone canvas does, so no kernel needs a second, strided ('A')
-    build (17 such signatures once doubled the rest of ``agentloop precompile``)."""
+    build (with 17 such signatures the rest of ``agentloop precompile`` took 85 s on 2
+    cores, without them 62)."""
     strided = [(k.name, i) for k in pc.recorded_kernels() for sig in k.signatures for i, spec in enumerate(sig)
                if spec[0] == "array" and spec[3] not in ("C", "F")]
     assert strided == []
