@@ -543,26 +543,33 @@ def _recording() -> dict[str, Any]:
         if part == "demo":
             demo = {i: (set(d.signatures), by_function[i]) for i, d in dispatchers.items()}
     kernels = []
+    for module, name, key, d in package_dispatchers():
+        # (kernels called from Python only: one called only from kernels is compiled inside them)
+        if id(d) not in by_function or not _caches(d):
+            continue
+        # (a kernel the demo calls is two entries where the rest of the workload added signatures:
+        # the demo's first run compiles the demo's alone)
+        demo_sigs, demo_seconds = demo.get(id(d), (set(), 0.0))
+        for in_demo, seconds in ((True, demo_seconds), (False, by_function[id(d)] - demo_seconds)):
+            sigs = [[_type_spec(t) for t in sig] for sig in d.signatures if (sig in demo_sigs) == in_demo]
+            sigs = [s for s in sigs if all(t is not None for t in s)]
+            if sigs:
+                kernels.append({"module": module, "name": name, "key": _as_list(key), "demo": in_demo,
+                                "seconds": round(max(seconds, 0.01), 2), "signatures": sigs})
+    return {"numba": numba.__version__, "python": sys.version.split()[0], "kernels": kernels}
+
+
+def package_dispatchers() -> Iterator[tuple[str, str, Any, Any]]:
+    """(module, global's name, key, numba dispatcher) of each kernel of ``KERNEL_MODULES``,
+    once each, under the module that defines it (see ``_kernel_globals`` for the key)."""
     seen: set[int] = set()
     for module in KERNEL_MODULES:
-        m = importlib.import_module(module)
-        for name, key, holder in _kernel_globals(m):
+        for name, key, holder in _kernel_globals(importlib.import_module(module)):
             d = _as_dispatcher(holder)
-            # (kernels called from Python only: one called only from kernels is compiled inside them)
-            if (d is None or id(d) in seen or d.py_func.__module__ != module or id(d) not in by_function
-                    or not _caches(d)):
+            if d is None or id(d) in seen or d.py_func.__module__ != module:
                 continue
             seen.add(id(d))
-            # (a kernel the demo calls is two entries where the rest of the workload added signatures:
-            # the demo's first run compiles the demo's alone)
-            demo_sigs, demo_seconds = demo.get(id(d), (set(), 0.0))
-            for in_demo, seconds in ((True, demo_seconds), (False, by_function[id(d)] - demo_seconds)):
-                sigs = [[_type_spec(t) for t in sig] for sig in d.signatures if (sig in demo_sigs) == in_demo]
-                sigs = [s for s in sigs if all(t is not None for t in s)]
-                if sigs:
-                    kernels.append({"module": module, "name": name, "key": _as_list(key), "demo": in_demo,
-                                    "seconds": round(max(seconds, 0.01), 2), "signatures": sigs})
-    return {"numba": numba.__version__, "python": sys.version.split()[0], "kernels": kernels}
+            yield module, name, key, d
 
 
 def _kernel_globals(m: Any) -> Iterator[tuple[str, Any, Any]]:

@@ -768,21 +768,16 @@ def test_the_group_plan_gives_each_group_the_sum_and_max_of_its_atoms(btok, n_to
 
 #: A batch's first calls after a lone canvas's, in a fresh process (the numba dispatchers'
 #: signatures are the process's: other tests' batches would have compiled them already):
-#: prints the kernels (found as ``agentloop.precompile`` finds them) that gained one.
+#: prints the kernels (``agentloop.precompile.package_dispatchers``) that gained one.
 BATCH_AFTER_LONE_CANVAS = """
-import importlib, json, sys
+import json, sys
 import torch
-import agentloop.precompile as pc
+from agentloop.precompile import package_dispatchers
 from agentloop.grammar import byte_tokenizer, compile_tools
 
 def signatures():
-    found = {}
-    for name in pc.KERNEL_MODULES:
-        for glob, key, value in pc._kernel_globals(importlib.import_module(name)):
-            d = pc._as_dispatcher(value)
-            if d is not None:
-                found[f"{name}.{glob}[{key}]"] = {str(sig) for sig in d.signatures}
-    return found
+    return {f"{module}.{name}[{key}]": {str(sig) for sig in d.signatures}
+            for module, name, key, d in package_dispatchers()}
 
 g = compile_tools(json.loads(sys.argv[1])[:5], byte_tokenizer(), "gemma4")
 x = torch.randn(2, 64, g.vocab.size, generator=torch.Generator().manual_seed(0)) * 3  # (B, L, V)
