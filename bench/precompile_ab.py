@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 import numba  # noqa: E402
 
+from agentloop.precompile import kernel_count, recorded_kernels  # noqa: E402
 from bench.constraint_ab import revisions, table_lines, write_report  # noqa: E402
 from bench.first_run import COMPILE_CLOCK  # noqa: E402
 
@@ -94,10 +95,9 @@ def one_install(recording: Path) -> dict[str, float]:
 
 def signature_counts(recording: Path) -> str:
     """"N signatures (M for the demo) of K kernels" for a recording."""
-    kernels = json.loads(recording.read_text())["kernels"]
-    names = {(k["module"], k["name"], json.dumps(k.get("key"))) for k in kernels}
-    return (f"{sum(len(k['signatures']) for k in kernels)} signatures "
-            f"({sum(len(k['signatures']) for k in kernels if k['demo'])} for the demo) of {len(names)} kernels")
+    kernels = recorded_kernels(recording)
+    return (f"{sum(len(k.signatures) for k in kernels)} signatures "
+            f"({sum(len(k.signatures) for k in kernels if k.demo)} for the demo) of {kernel_count(kernels)} kernels")
 
 
 def main() -> None:
