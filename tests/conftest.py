@@ -1,13 +1,26 @@
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator, Sequence
 
+import numba
 import pytest
 import torch
 from tokenizers import AddedToken, Tokenizer, models
 
 from agentloop.errors import NoValidCanvasError
 from agentloop.grammar import byte_tokenizer
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # `pytest -n N` runs N worker processes on the machine's cores. A worker whose torch and
+    # numba thread pools also spanned every core would spin against the other workers (on 2
+    # cores the suite ran slower on 2 workers than on one), so each keeps to one thread, and
+    # the processes its tests start keep torch to one. Tests of threading set their own
+    # counts. (NUMBA_NUM_THREADS stays: numba re-reads it at each compile, and refuses a
+    # change once its pool runs.)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
 
 
 def word_tokenizer(tokens: Sequence[str], specials: Sequence[str] = ("<pad>", "<eos>")) -> Tokenizer:

@@ -169,22 +169,32 @@ def _step_through_kernels() -> None:
     assert not device_passes._kernel_failed  # each ran: none fell back to the torch ops
 
 
-def test_fused_kernel_equals_the_definition():
+# The interpreted checks, in parts that run in parallel under `pytest -n` (the interpreter
+# runs a kernel's programs one by one in Python: ~30 s for all three in one process).
+_INTERPRETED = {
+    "reductions, marginals and draws": (
+        "for V in t.VOCABS: t._device_scores(*t._case(V), 'cpu', 'triton')\n"
+        "for V in t.VOCABS + [5000]: t._marginals_and_draws(V, 'cpu', 'triton')"),
+    "a whole step": "t._step_through_kernels()",
+    # tiles of 5 tokens read 2 at a time: atoms cut into several tiles, tiles read in
+    # several sweeps, a last tile shorter than the others, draws that start their walk in
+    # a later tile and walk on, 2 tokens a block
+    "atoms over many tiles": (
+        "t.device_passes._TILE, t.device_passes._TILE_BLOCK, t.device_passes._DRAW_BLOCK = 5, 2, 2\n"
+        "for V in (7, 64): t._device_scores(*t._case(V), 'cpu', 'triton')\n"
+        "t._marginals_and_draws(64, 'cpu', 'triton')"),
+}
+
+
+@pytest.mark.parametrize("part", list(_INTERPRETED))
+def test_fused_kernel_equals_the_definition(part):
     """The Triton kernels in Triton's interpreter, on CPU tensors: the atom reduction
     against its definition, the marginals write and the token draw against the torch ops,
     a whole step through them against the host's.
     The interpreter must be on before triton is first imported, so the check runs in a
     process of its own."""
     pytest.importorskip("triton", reason="the fused kernels need triton (it comes with CUDA builds of torch)")
-    # then tiles of 5 tokens read 2 at a time: atoms cut into several tiles, tiles read in
-    # several sweeps, a last tile shorter than the others, draws that start their walk in
-    # a later tile and walk on, 2 tokens a block
-    code = ("import test_device_passes as t\nfor V in t.VOCABS: t._device_scores(*t._case(V), 'cpu', 'triton')\n"
-            "for V in t.VOCABS + [5000]: t._marginals_and_draws(V, 'cpu', 'triton')\n"
-            "t._step_through_kernels()\n"
-            "t.device_passes._TILE, t.device_passes._TILE_BLOCK, t.device_passes._DRAW_BLOCK = 5, 2, 2\n"
-            "for V in (7, 64): t._device_scores(*t._case(V), 'cpu', 'triton')\n"
-            "t._marginals_and_draws(64, 'cpu', 'triton')")
+    code = "import test_device_passes as t\n" + _INTERPRETED[part]
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
