@@ -108,10 +108,14 @@ def test_first_run_bench_tells_the_compiles_apart(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench/first_run.py"), "--top", "3", "--out", str(out)],
                        capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = {line.split("|")[1].strip(): line.split("|") for line in out.read_text().splitlines()
-            if line.startswith(("| first |", "| second |"))}
-    assert float(rows["first"][4]) > 1.0  # compiled afresh ...
-    assert float(rows["second"][4]) < 0.5 * float(rows["first"][4])  # ... then loaded from the cache it filled
+    runs = ("first, serial", "first, parallel", "second")
+    rows = {cells[1].strip(): cells for cells in (line.split("|") for line in out.read_text().splitlines())
+            if len(cells) == 7 and cells[1].strip() in runs}
+    assert set(rows) == set(runs), out.read_text()
+    compiling, precompile = ({run: float(rows[run][i]) for run in runs} for i in (4, 5))
+    assert compiling["first, serial"] > 1.0 and precompile["first, serial"] == 0  # compiled afresh, at first calls
+    assert precompile["first, parallel"] > 1.0  # compiled afresh, ahead, in parallel processes ...
+    assert compiling["second"] < 0.5 * compiling["first, serial"]  # ... then loaded from the cache they filled
     assert sum(line.startswith("| `") for line in out.read_text().splitlines()) == 3  # --top 3 kernels listed
 
 
