@@ -54,8 +54,6 @@ def btok() -> Tokenizer:
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_grammar_cache(tmp_path_factory):
     """Tests never read or write the user's on-disk grammar cache."""
-    import os
-
     old = os.environ.get("AGENTLOOP_CACHE_DIR")
     os.environ["AGENTLOOP_CACHE_DIR"] = str(tmp_path_factory.mktemp("grammar-cache"))
     yield

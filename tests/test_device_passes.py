@@ -191,7 +191,7 @@ def test_fused_kernel_equals_the_definition(part):
     """The Triton kernels in Triton's interpreter, on CPU tensors: the atom reduction
     against its definition, the marginals write and the token draw against the torch ops,
     a whole step through them against the host's.
-    The interpreter must be on before triton is first imported, so the check runs in a
+    The interpreter must be on before triton is first imported, so each part runs in a
     process of its own."""
     pytest.importorskip("triton", reason="the fused kernels need triton (it comes with CUDA builds of torch)")
     code = "import test_device_passes as t\n" + _INTERPRETED[part]
