@@ -170,7 +170,7 @@ def _step_through_kernels() -> None:
 
 
 # The interpreted checks, in parts that run in parallel under `pytest -n` (the interpreter
-# runs a kernel's programs one by one in Python: ~30 s for all three in one process).
+# runs a kernel's programs one by one in Python: 30-45 s for all three in one process).
 _INTERPRETED = {
     "reductions, marginals and draws": (
         "for V in t.VOCABS: t._device_scores(*t._case(V), 'cpu', 'triton')\n"
