@@ -458,7 +458,8 @@ def _record_workload() -> Iterator[str]:
     threaded builds of the live-list passes), and steps where the model is sure of a text
     answer while the canvas continues a call (at a low temperature: pruning's bounded
     sweep and the log-space passes, which a first such step in a run would otherwise
-    spend ~40 s compiling)."""
+    spend ~40 s compiling), and steps on the path logits on a GPU take (``device_passes``,
+    its torch ops on the CPU here)."""
     import numba as nb
     import torch
     from click.testing import CliRunner
@@ -499,6 +500,13 @@ def _record_workload() -> Iterator[str]:
         both["logits"] = torch.stack([both["logits"], torch.randn_like(both["logits"]) * 3])  # (2, L, V)
         both["state"], both["out"] = [both["state"], five.start_state], torch.empty_like(both["logits"])
         five.denoise_step(**both)
+        # the device path's host kernels (a CUDA machine's steps; its torch passes run here on the CPU)
+        g._device_passes_on_cpu = True
+        try:
+            g.denoise_step(logits, out=torch.empty_like(logits))
+            g.denoise_step(**_text_where_call(g, tok, 0.2))
+        finally:
+            del g._device_passes_on_cpu
     yield "grammar API"
 
 

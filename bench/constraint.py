@@ -516,6 +516,7 @@ def cuda_ops(g: Any, on_gpu: torch.Tensor, sampler: torch.Generator) -> dict[str
     rowmax, rowmax_host, asum, _, amax, aarg = device_passes.reduce_atoms(on_gpu, layout, True, False)
     L = on_gpu.shape[0]
     log_f = np.log(np.random.default_rng(0).random((L, ta.n_atoms)))  # (L, K) log atom factors
+    refs = device_passes.atom_references(log_f, amax, rowmax_host)  # (2, L, K + 1)
     # a draw at every position inside its heaviest atom (the largest, mostly), past its best token
     atoms = asum.argmax(axis=1)  # (L,)
     rows = np.arange(L)
@@ -523,7 +524,7 @@ def cuda_ops(g: Any, on_gpu: torch.Tensor, sampler: torch.Generator) -> dict[str
     u = np.random.default_rng(1).random(L)
     for kernel in kernels:
         def marginals(kernel: str = kernel) -> None:
-            device_passes.log_marginals(on_gpu, rowmax, log_f, layout.index, kernel=kernel)
+            device_passes.log_marginals(on_gpu, refs, layout.index, kernel=kernel)
             sync()
 
         def draws(kernel: str = kernel) -> None:  # (its tokens come back to the host: synchronised)

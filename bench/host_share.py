@@ -3,16 +3,27 @@ over the vocabulary, side by side with the whole step in one process.
 
 On a GPU the vocabulary passes (atom statistics, the marginals write, the token draw:
 ``grammar/device_passes.py``) run where the logits are, and the host runs the rest: the
-canvas DP over (L, atoms) statistics, pruning, the atom draw, Python. That rest does not
-grow with the vocabulary, so a step at Gemma's 262k tokens on a GPU costs at least this
-share. Here it is measured by replaying the passes: ``reduce_atoms`` hands back the
-statistics of a first call, the marginals write is skipped and the token draw hands back
-its first tokens (the DP reads none of their outputs), so the host's caches stay as warm
-as on a GPU machine, where no (L, V) pass runs through them. The whole step, the passes
-inside it, and the replayed step alternate, medians of each.
+canvas DP over (L, atoms) statistics, pruning, the atom draw, the preparation of the
+device passes' arguments, Python. That rest does not grow with the vocabulary, so a step
+at Gemma's 262k tokens on a GPU costs at least this share. It is measured two ways, both
+with the passes replayed from a first call, so that the host's caches stay as warm as on
+a GPU machine, where no (L, V) pass runs through them:
+
+* *host path*: the step as it runs for logits on the CPU, ``reduce_atoms`` handing back
+  the statistics of a first call, the marginals write skipped, the token draw handing
+  back its first tokens (the DP reads none of their outputs);
+* *device path*: the step as it runs for logits on a GPU (``device_passes``, here on CPU
+  tensors), with only the device's own work replayed (the torch ops of the atom
+  statistics, of the marginals write and of the draw inside atoms): every host line of a
+  GPU step runs, its copies to and from the device aside. This is the GPU's figure.
+
+The whole step, its passes, and the two replayed steps alternate; medians of each.
+``--baseline REV`` measures the replayed steps of a baseline commit beside the working
+tree's, alternating, as ``bench/constraint_ab.py`` does for the whole step.
 
     python bench/host_share.py                                   # BPE 4k and Gemma 262k, 1, 5 and 20 tools
     python bench/host_share.py --tokenizers bpe-4k --tools 20 --repeats 100
+    python bench/host_share.py --baseline HEAD~1 --tokenizers gemma3-262k --tools 1 --out /tmp/ab.md
 
 Writes ``bench/results/host_share.md`` (``--out`` to change).
 """
@@ -33,20 +44,34 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from agentloop.grammar import canvas as dp  # noqa: E402
-from agentloop.grammar import compile_tools  # noqa: E402
-from agentloop.grammar.compiled import CompiledGrammar  # noqa: E402
+import agentloop.grammar as current  # noqa: E402
 from bench.constraint import step_bench_command, step_bench_header, step_bench_threads  # noqa: E402
 from bench.tokenizers_offline import LOADERS, tool_schemas  # noqa: E402
 
-#: The passes over (L, V) the host runs for logits on the CPU, and a GPU on its device.
+#: The passes over (L, V) the host runs for logits on the CPU (``grammar.canvas``).
 VOCABULARY_PASSES = ("reduce_atoms", "write_marginals", "sample_tokens")
+#: The device's own work in ``grammar.device_passes`` (its torch ops; a GPU runs Triton
+#: kernels in their place where it has them): what the device path's replay skips.
+DEVICE_WORK = ("_reduce_atoms_torch", "_log_marginals_torch", "_draw_torch")
 
 
 @contextmanager
-def timed_passes(spent: list[float]) -> Iterator[None]:
-    """The vocabulary passes as they are, their time added to ``spent[0]``."""
-    real = {name: getattr(dp, name) for name in VOCABULARY_PASSES}
+def patched(module: Any, replacements: dict[str, Callable[..., Any]]) -> Iterator[None]:
+    """``module``'s functions replaced while inside."""
+    real = {name: getattr(module, name) for name in replacements}
+    for name, fn in replacements.items():
+        setattr(module, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in real.items():
+            setattr(module, name, fn)
+
+
+def timed_passes(grammar: Any, spent: list[float]) -> Any:
+    """The host path's vocabulary passes of the package ``grammar`` (``agentloop.grammar``
+    or a baseline's) as they are, their time added to ``spent[0]``."""
+    dp = grammar.canvas
 
     def clocked(fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -57,19 +82,13 @@ def timed_passes(spent: list[float]) -> Iterator[None]:
                 spent[0] += time.perf_counter() - t0
         return run
 
-    for name, fn in real.items():
-        setattr(dp, name, clocked(fn))
-    try:
-        yield
-    finally:
-        for name, fn in real.items():
-            setattr(dp, name, fn)
+    return patched(dp, {name: clocked(getattr(dp, name)) for name in VOCABULARY_PASSES})
 
 
-@contextmanager
-def replayed_passes(stored: dict[Any, Any]) -> Iterator[None]:
-    """The vocabulary passes replayed from their first call, kept in ``stored`` (for one
-    logits tensor only)."""
+def replayed_passes(grammar: Any, stored: dict[Any, Any]) -> Any:
+    """The host path's vocabulary passes replayed from their first call, kept in
+    ``stored`` (for one logits tensor only)."""
+    dp = grammar.canvas
     real = {name: getattr(dp, name) for name in VOCABULARY_PASSES}
 
     def reduce_atoms(logits: Any, atoms: Any, want_sum: bool, want_x: bool, block_sums: Any = None) -> Any:
@@ -83,57 +102,130 @@ def replayed_passes(stored: dict[Any, Any]) -> Iterator[None]:
             stored["tokens"] = real["sample_tokens"](*args)
         return stored["tokens"]
 
-    dp.reduce_atoms, dp.write_marginals, dp.sample_tokens = reduce_atoms, lambda *a: None, sample_tokens
-    try:
-        yield
-    finally:
-        for name, fn in real.items():
-            setattr(dp, name, fn)
+    return patched(dp, {"reduce_atoms": reduce_atoms, "write_marginals": lambda *a: None,
+                        "sample_tokens": sample_tokens})
 
 
-def measure(g: CompiledGrammar, x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Medians (ms) of the whole step, its vocabulary passes, and the step with them
-    replayed; the replayed step's Viterbi canvas is checked against the real one's. Each
-    round times the whole step, then the replayed one after two untimed replays: the whole
-    step's passes flush the host's caches (268 MB of logits at 262k), which a GPU's don't."""
-    out = torch.empty_like(x)
-    step = lambda: g.denoise_step(x, torch.Generator().manual_seed(1), out=out)  # noqa: E731
-    want = step().argmax
-    stored: dict[Any, Any] = {}
-    with replayed_passes(stored):
-        assert step().argmax == want, "the replayed passes must give the step's own Viterbi canvas"
-    whole, passes, host = [], [], []
-    spent = [0.0]
+def replayed_device_work(grammar: Any, stored: dict[Any, Any]) -> Any:
+    """The device path's own device work replayed from its first call, kept in ``stored``
+    (for one logits tensor only): the atom statistics come back as fresh host arrays (as
+    from a copy off the device), the marginals write does nothing, the draw inside atoms
+    hands back its first tokens. The host lines around them all run."""
+    dv = grammar.device_passes
+    real = {name: getattr(dv, name) for name in DEVICE_WORK}
+
+    def reduce_atoms(x: Any, layout: Any, want_sum: bool, want_x: bool) -> Any:
+        key = ("device atoms", want_sum, want_x)
+        if key not in stored:
+            stored[key] = real["_reduce_atoms_torch"](x, layout, want_sum, want_x)
+        rowmax, *host = stored[key]
+        return (rowmax, *(a.copy() for a in host))
+
+    def draw(*args: Any) -> Any:
+        if "device tokens" not in stored:
+            stored["device tokens"] = real["_draw_torch"](*args)
+        return stored["device tokens"]
+
+    return patched(dv, {"_reduce_atoms_torch": reduce_atoms, "_log_marginals_torch": lambda *a: a[-1],
+                        "_draw_torch": draw})
+
+
+class Version:
+    """One version's grammar for the benchmark's logits, and its steps: whole (host path),
+    and replayed on the host path and on the device path."""
+
+    def __init__(self, grammar: Any, tools: list[dict[str, Any]], tok: Any, aliases: dict[str, str],
+                 x: torch.Tensor) -> None:
+        self.grammar = grammar
+        self.g = grammar.compile_tools(tools, tok, wire_format="gemma4", aliases=aliases)
+        self.x, self.out = x, torch.empty_like(x)
+        self.stored: dict[Any, Any] = {}
+        want = self.step().argmax
+        with replayed_passes(grammar, self.stored):
+            assert self.step().argmax == want, "the replayed passes must give the step's own Viterbi canvas"
+        with self.replay("device"):
+            assert self.step().argmax == want, "the device path must give the host path's Viterbi canvas"
+
+    def step(self) -> Any:
+        return self.g.denoise_step(self.x, torch.Generator().manual_seed(1), out=self.out)
+
+    @contextmanager
+    def replay(self, path: str) -> Iterator[None]:
+        """The step replayed on ``path`` ("host" or "device") while inside."""
+        if path == "host":
+            with replayed_passes(self.grammar, self.stored):
+                yield
+            return
+        # (set on the instance, which the compile cache shares: the host path is back after)
+        self.g._device_passes_on_cpu = True
+        try:
+            with replayed_device_work(self.grammar, self.stored):
+                yield
+        finally:
+            del self.g._device_passes_on_cpu
+
+    def whole(self, spent: list[float]) -> float:
+        """The whole step on the host (seconds), its passes' time added to ``spent[0]``."""
+        with timed_passes(self.grammar, spent):
+            t0 = time.perf_counter()
+            self.step()
+            return time.perf_counter() - t0
+
+    def replayed(self, path: str) -> float:
+        """The replayed step on ``path``, seconds: the third of three, the whole step's
+        passes having flushed the host's caches (268 MB of logits at 262k), which a GPU's
+        don't."""
+        with self.replay(path):
+            self.step()
+            self.step()
+            t0 = time.perf_counter()
+            self.step()
+            return time.perf_counter() - t0
+
+
+def measure(versions: dict[str, Version], repeats: int) -> dict[str, float]:
+    """Medians (ms) per version (keys prefixed by its name): the whole step, its vocabulary
+    passes, the replayed host path and device path; each round runs each version in turn."""
+    times: dict[str, list[float]] = {}
     for _ in range(repeats):
-        spent[0] = 0.0
-        with timed_passes(spent):
-            t0 = time.perf_counter()
-            step()
-            whole.append(time.perf_counter() - t0)
-        passes.append(spent[0])
-        with replayed_passes(stored):
-            step()
-            step()
-            t0 = time.perf_counter()
-            step()
-            host.append(time.perf_counter() - t0)
-    ms = lambda v: statistics.median(v) * 1e3  # noqa: E731
-    return {"step_ms": ms(whole), "passes_ms": ms(passes), "host_ms": ms(host), "host_min_ms": min(host) * 1e3}
+        for name, v in versions.items():
+            spent = [0.0]
+            times.setdefault(f"{name}step_ms", []).append(v.whole(spent))
+            times.setdefault(f"{name}passes_ms", []).append(spent[0])
+            for path in ("host", "device"):
+                times.setdefault(f"{name}{path}_ms", []).append(v.replayed(path))
+    out = {k: statistics.median(t) * 1e3 for k, t in times.items()}
+    out.update({k.replace("_ms", "_min_ms"): min(t) * 1e3 for k, t in times.items() if k.endswith(("host_ms",
+                                                                                                    "device_ms"))})
+    return out
 
 
-def markdown(rows: list[dict[str, Any]], command: str, threads: int) -> str:
+def markdown(rows: list[dict[str, Any]], command: str, threads: int, baseline: str | None) -> str:
     lines = [*step_bench_header("The host's share of a denoising step (the vocabulary passes replayed)", command,
-                                f"{threads} torch/numba thread(s)"), "",
-             "`denoise_step` at L=256 under random N(0, 3) logits, gemma4 wire format; medians, the three alternating. "
-             "*step*: the whole step on the host; *passes*: its passes over the (L, V) logits inside it (atom "
-             "statistics, marginals write, token draw); *host share*: the step with those passes replayed from a "
-             "first call (warm caches, as on a GPU machine, whose device runs the passes). A GPU step costs its "
-             "host share plus the device passes and their transfers.", "",
-             "| tokenizer | tools | states | step ms | passes ms | host share ms (min) | host share of the step |",
-             "|---|---|---|---|---|---|---|"]
+                                f"{threads} torch/numba thread(s)")]
+    if baseline:
+        lines[-1] += f"; baseline: {baseline}"
+    lines += ["", "`denoise_step` at L=256 under random N(0, 3) logits, gemma4 wire format; medians, all steps "
+              "alternating. *step*: the whole step on the host; *passes*: its passes over the (L, V) logits inside "
+              "it (atom statistics, marginals write, token draw); *host path*: the step with those passes replayed "
+              "from a first call (warm caches, as on a GPU machine, whose device runs the passes); *device path*: "
+              "the step as logits on a GPU run it (`device_passes`), the device's own work replayed: every host "
+              "line of a GPU step, its copies aside. A GPU step costs its device path's share plus the device "
+              "passes and their copies.", ""]
+    if baseline:
+        lines += ["| tokenizer | tools | states | host path ms: baseline / current | ratio | "
+                  "device path ms: baseline / current | ratio |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['tokenizer']} | {r['tools']} | {r['states']} | {r['b_host_ms']:.3f} / "
+                         f"{r['host_ms']:.3f} | {r['host_ms'] / r['b_host_ms']:.2f}x | {r['b_device_ms']:.3f} / "
+                         f"{r['device_ms']:.3f} | {r['device_ms'] / r['b_device_ms']:.2f}x |")
+        return "\n".join(lines) + "\n"
+    lines += ["| tokenizer | tools | states | step ms | passes ms | host path ms (min) | device path ms (min) "
+              "| device path's share of the step |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['tokenizer']} | {r['tools']} | {r['states']} | {r['step_ms']:.2f} | {r['passes_ms']:.2f} | "
-                     f"{r['host_ms']:.3f} ({r['host_min_ms']:.3f}) | {r['host_ms'] / r['step_ms']:.0%} |")
+                     f"{r['host_ms']:.3f} ({r['host_min_ms']:.3f}) | {r['device_ms']:.3f} ({r['device_min_ms']:.3f}) "
+                     f"| {r['device_ms'] / r['step_ms']:.0%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -143,22 +235,37 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tools", type=int, nargs="+", default=[1, 5, 20])
     ap.add_argument("--repeats", type=int, default=0, help="rounds (default: 60 at 4k, 15 at 262k)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--baseline", default=None, help="a git revision to measure beside the working tree")
     ap.add_argument("--out", type=Path, default=REPO / "bench/results/host_share.md")
     args = ap.parse_args(argv)
     step_bench_threads(args.threads)
+    packages = {"": current}
+    if args.baseline:
+        import tempfile
+
+        from bench.constraint_ab import export_baseline, revisions
+
+        packages["b_"] = export_baseline(args.baseline, Path(tempfile.mkdtemp(prefix="host_share_baseline_")))
+        args.baseline = revisions(args.baseline)[0]
     rows = []
     for name in args.tokenizers:
         tok, aliases = LOADERS[name]()
         for n in args.tools:
-            g = compile_tools(tool_schemas(name)[:n], tok, wire_format="gemma4", aliases=aliases)
-            x = torch.randn(256, g.vocab.size, generator=torch.Generator().manual_seed(0)) * 3
-            repeats = args.repeats or (60 if g.vocab.size < 50_000 else 15)
-            r = {"tokenizer": name, "tools": n, "states": g.stats.dfa_states, **measure(g, x, repeats)}
+            tools = tool_schemas(name)[:n]
+            V = current.compile_tools(tools, tok, wire_format="gemma4", aliases=aliases).vocab.size
+            x = torch.randn(256, V, generator=torch.Generator().manual_seed(0)) * 3
+            versions = {key: Version(pkg, tools, tok, aliases, x) for key, pkg in packages.items()}
+            repeats = args.repeats or (60 if V < 50_000 else 15)
+            r = {"tokenizer": name, "tools": n, "states": versions[""].g.stats.dfa_states,
+                 **measure(versions, repeats)}
             rows.append(r)
-            print(f"{name} x {n} tools: step {r['step_ms']:.2f} ms, passes {r['passes_ms']:.2f} ms, "
-                  f"host share {r['host_ms']:.3f} ms", flush=True)
+            line = (f"{name} x {n} tools: step {r['step_ms']:.2f} ms, passes {r['passes_ms']:.2f} ms, "
+                    f"host path {r['host_ms']:.3f} ms, device path {r['device_ms']:.3f} ms")
+            if args.baseline:
+                line += f" (baseline: host path {r['b_host_ms']:.3f} ms, device path {r['b_device_ms']:.3f} ms)"
+            print(line, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(rows, step_bench_command("host_share.py", argv), args.threads))
+    args.out.write_text(markdown(rows, step_bench_command("host_share.py", argv), args.threads, args.baseline))
     print(f"wrote {args.out}")
 
 

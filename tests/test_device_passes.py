@@ -110,10 +110,10 @@ def _marginals_and_draws(V: int, device: str, kernel: str) -> None:
     rowmax, _, asum, _, amax, aarg = device_passes.reduce_atoms(xt, layout, True, False, kernel="torch")
     log_f = np.log(np.random.default_rng(V).random((x.shape[0], K)))
     log_f[:, 1] = -np.inf  # an atom the canvas never takes here
-    ref, shift = device_passes.atom_references(log_f, amax, rowmax.cpu().numpy().astype(np.float64))
-    want = device_passes.log_marginals(xt, ref, shift, layout.index, kernel="torch")
+    refs = device_passes.atom_references(log_f, amax, rowmax.cpu().numpy().astype(np.float64))
+    want = device_passes.log_marginals(xt, refs, layout.index, kernel="torch")
     got = torch.full_like(xt, 7.0)
-    assert device_passes.log_marginals(xt, ref, shift, layout.index, out=got, kernel=kernel) is got
+    assert device_passes.log_marginals(xt, refs, layout.index, out=got, kernel=kernel) is got
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     assert torch.isneginf(got[:, torch.from_numpy(atom_of < 0).to(device)]).all()
     rng = np.random.default_rng(V + 1)

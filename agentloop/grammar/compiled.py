@@ -1087,17 +1087,17 @@ class CompiledGrammar:
         framed = [(slice(b * L, (b + 1) * L), lc.frame) for b, lc in (in_log_space or {}).items()
                   if lc.frame is not None]
         if sc.rowmax_dev is not None:
-            ref, shift = device_passes.atom_references(log_f, sc.amax, sc.rowmax)  # (float32 there: see it)
+            refs = device_passes.atom_references(log_f, sc.amax, sc.rowmax)  # (2, N, K + 1) float32
             for sl, frame in framed:
-                ref[sl], shift[sl] = device_passes.atom_references(log_f[sl], sc.amax[sl], sc.rowmax[sl], frame)
-            logp = device_passes.log_marginals(sc.flat, ref, shift, self._atom_layout(V, sc.flat.device).index,
+                refs[:, sl] = device_passes.atom_references(log_f[sl], sc.amax[sl], sc.rowmax[sl], frame)
+            logp = device_passes.log_marginals(sc.flat, refs, self._atom_layout(V, sc.flat.device).index,
                                                None if out is None else out.view(N, V))
             return logp.view(B, L, V)
         host = np.empty_like(sc.flat) if out is None else out.view(N, V).numpy()
         dp.write_marginals(sc.flat, sc.rowmax, self._atom_of(V), log_f, host)
         for sl, frame in framed:  # (rare: those rows again, from each atom's best, by the torch ops)
-            ref, shift = device_passes.atom_references(log_f[sl], sc.amax[sl], sc.rowmax[sl], frame)
-            device_passes.log_marginals(torch.from_numpy(sc.flat[sl]), ref, shift,
+            refs = device_passes.atom_references(log_f[sl], sc.amax[sl], sc.rowmax[sl], frame)
+            device_passes.log_marginals(torch.from_numpy(sc.flat[sl]), refs,
                                         self._atom_layout(V, torch.device("cpu")).index, torch.from_numpy(host[sl]))
         return torch.from_numpy(host).view(B, L, V) if out is None else out.view(B, L, V)
 

@@ -12,6 +12,11 @@ They compute what ``canvas.reduce_atoms``, ``canvas._write_marginals`` and the t
 of ``canvas._sample_tokens`` compute, with one difference that cancels out: statistics are
 taken relative to each row's best *allowed* logit (``canvas`` uses the best of all, and
 recomputes the rare rows whose allowed tokens underflow), so no row can underflow here.
+
+What the host prepares for them, per (position, atom) or per position (the references of
+the marginals write, the plan of the draw), is compiled, as the canvas passes are: a GPU
+step's host lines are its floor (``bench/host_share.py``, device path), and those numpy
+ops took a third of what the host adds to the canvas DP there.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numba as nb
 import numpy as np
 import torch
 
@@ -294,21 +300,15 @@ def _kernels() -> Any:
     return fused_kernel
 
 
-def log_marginals(x: torch.Tensor, ref: np.ndarray, shift: np.ndarray, idx: torch.Tensor,
-                  out: torch.Tensor | None = None, kernel: str = "auto") -> torch.Tensor:
+def log_marginals(x: torch.Tensor, refs: np.ndarray, idx: torch.Tensor, out: torch.Tensor | None = None,
+                  kernel: str = "auto") -> torch.Tensor:
     """(N, V) constrained log-probs on the device: x - ref[atom] + shift[atom] in float32
-    (``ref`` (N, K) float32 and ``shift`` (N, K) float64 per atom: see
+    (``refs`` (2, N, K + 1) float32, ref then shift per atom: see
     :func:`atom_references`), -inf where never; written into ``out`` (N, V) when given.
     ``kernel`` as for :func:`reduce_atoms`: the Triton kernel reads x once and writes
     ``out`` once; the torch ops take a few passes and (N, V) temporaries."""
-    N, K = shift.shape
-    ref_host = np.zeros((N, K + 1), np.float32)
-    ref_host[:, :K] = ref
-    shift_host = np.full((N, K + 1), -np.inf)
-    shift_host[:, :K] = shift
-    # (N, K + 1) each, column K: never allowed
-    ref_dev = torch.from_numpy(ref_host).to(device=x.device)
-    shift_dev = torch.from_numpy(shift_host).to(device=x.device, dtype=torch.float32)
+    both = torch.from_numpy(refs).to(device=x.device)  # (2, N, K + 1): one copy to the device
+    ref_dev, shift_dev = both[0], both[1]
     if out is None:
         out = torch.empty(x.shape, device=x.device)  # (N, V)
     # (the kernel writes rows of contiguous tokens)
@@ -320,22 +320,41 @@ def log_marginals(x: torch.Tensor, ref: np.ndarray, shift: np.ndarray, idx: torc
 
 
 def atom_references(log_f: np.ndarray, amax: np.ndarray, rowmax: np.ndarray,
-                    frame: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per atom of each row, the reference ``ref`` (N, K) float32 and ``shift`` (N, K)
-    float64 that :func:`log_marginals` writes x - ref + shift with, in float32: the atom's
-    best logit, and its best token's log-marginal, log F + (amax - rowmax). Both terms
-    stay small near every token that carries mass, whatever the spread of the logits:
-    from one reference a row, a token 1e10 below it (a -1e10 mask the grammar forces a
-    canvas through) lost its e^-10 to float32's resolution there (1024). An atom with no
-    mass or no usable logit: ref 0, shift -inf. ``frame`` (N, K), where given, stands
-    for amax - rowmax: the factors of a canvas whose masks stood in (see ``masks``) are
-    taken from each atom's stand-in less its row's reference."""
-    usable = (log_f > -np.inf) & (amax > -np.inf)
-    ref = np.where(usable, amax, np.float32(0.0)).astype(np.float32)
-    gap = amax.astype(np.float64) - rowmax[:, None] if frame is None else frame
-    with np.errstate(invalid="ignore"):  # (-inf - -inf where unusable: replaced)
-        shift = np.where(usable, log_f + gap, -np.inf)
-    return ref, shift
+                    frame: np.ndarray | None = None) -> np.ndarray:
+    """Per atom of each row, the reference ``ref`` and the ``shift`` that
+    :func:`log_marginals` writes x - ref + shift with, in float32, packed as one (2, N,
+    K + 1) float32 array (ref, then shift) for one copy to the device: the atom's best
+    logit, and its best token's log-marginal, log F + (amax - rowmax) (taken in float64,
+    rounded once). Both terms stay small near every token that carries mass, whatever the
+    spread of the logits: from one reference a row, a token 1e10 below it (a -1e10 mask
+    the grammar forces a canvas through) lost its e^-10 to float32's resolution there
+    (1024). An atom with no mass or no usable logit, and column K (the tokens never
+    allowed): ref 0, shift -inf. ``frame`` (N, K), where given, stands for amax - rowmax:
+    the factors of a canvas whose masks stood in (see ``masks``) are taken from each
+    atom's stand-in less its row's reference. One compiled pass (numpy's where and
+    temporaries took 0.2 ms a step at Gemma's 262k, 1 tool: a fifth of the host's share of
+    a GPU step)."""
+    N, K = log_f.shape
+    refs = np.empty((2, N, K + 1), np.float32)
+    framed = frame is not None
+    _references_into(log_f, amax, rowmax, frame if framed else np.zeros((0, 0)), framed, refs)
+    return refs
+
+
+@nb.njit(cache=True, nogil=True)
+def _references_into(log_f, amax, rowmax, frame, framed, refs):  # pragma: no cover - compiled
+    N, K = log_f.shape
+    for n in range(N):
+        ref, shift = refs[0, n], refs[1, n]
+        for k in range(K):
+            a = amax[n, k]
+            lf = log_f[n, k]
+            gap = frame[n, k] if framed else np.float64(a) - rowmax[n]
+            usable = (lf > -np.inf) & (a > -np.inf)  # (a nan log F is not usable either)
+            ref[k] = a if usable else np.float32(0.0)
+            shift[k] = np.float32(lf + gap) if usable else np.float32(-np.inf)
+        ref[K] = 0.0
+        shift[K] = -np.inf
 
 
 def _log_marginals_torch(x: torch.Tensor, ref: torch.Tensor, shift: torch.Tensor, idx: torch.Tensor,
@@ -383,30 +402,65 @@ def tokens_in_atoms(x: torch.Tensor, layout: AtomLayout, atoms: np.ndarray, best
     walk from the tile holding the token, block by block, and stop at the block holding
     it; the torch ops weigh every token of the largest sampled atom at every such position.
     """
-    # (an atom too far below its row's best for float64, exp underflowing, is drawn only
-    # with probability under 2**-57, where pruning left such atoms out: as its best token)
-    e_best = np.exp(best_logit.astype(np.float64) - rowmax)
-    mass = np.divide(asum, e_best, out=np.ones_like(e_best), where=e_best > 0)  # (L,) the atom's total
-    target = u * mass  # (L,) mass to reach inside the atom
-    out = best.astype(np.int64).copy()
-    rows = np.nonzero(target >= 1.0)[0]
-    if rows.size == 0:
+    # (one type and layout each: one compiled plan, whatever dtypes the caller holds)
+    arrays = ((best, np.int64), (best_logit, np.float32), (rowmax, np.float64), (asum, np.float64), (u, np.float64),
+              (atoms, np.int64))
+    out, cols, floats = _draw_plan(*(np.ascontiguousarray(a, dtype) for a, dtype in arrays), layout.offsets)
+    if cols.shape[1] == 0:
         return out
-    start = layout.offsets[atoms[rows]]  # (R,) where each row's atom starts in layout.tokens
-    size = layout.offsets[atoms[rows] + 1] - start  # (R,) > 0: a sampled atom has tokens
-    # (R,) mass past the best token; > 0, so the first token reaching it has weight
-    rest = np.maximum(target[rows] - 1.0, np.finfo(np.float64).tiny)
-    args = (x, layout, rows, best_logit[rows].astype(np.float32), start, size, best[rows].astype(np.int64), rest)
+    rows = cols[0]
     if _use_kernel(kernel, x.device, "draw_in_atoms"):
-        out[rows] = _kernel_or_torch("draw_in_atoms", lambda: _draw_triton(*args), lambda: _draw_torch(*args),
-                                     strict=kernel == "triton")
+        out[rows] = _kernel_or_torch("draw_in_atoms", lambda: _draw_triton(x, layout, cols, floats),
+                                     lambda: _draw_torch(x, layout, cols, floats), strict=kernel == "triton")
     else:
-        out[rows] = _draw_torch(*args)
+        out[rows] = _draw_torch(x, layout, cols, floats)
     return out
 
 
-def _draw_torch(x: torch.Tensor, layout: AtomLayout, rows: np.ndarray, ref: np.ndarray, start: np.ndarray,
-                size: np.ndarray, best: np.ndarray, rest: np.ndarray) -> np.ndarray:
+@nb.njit(cache=True, nogil=True)
+def _draw_plan(best, best_logit, rowmax, asum, u, atoms, offsets):  # pragma: no cover - compiled
+    """The host's part of ``tokens_in_atoms``, in one compiled call (numpy's dozen small
+    ops took ~0.1 ms a step): each position's best token (int64 (L,)), and for the R
+    positions whose uniform falls past it the draw's arguments, packed for one copy each
+    to the device: (4, R) int64 rows, where each atom starts in ``offsets``' list, its
+    size, its best token; (2, R) float64 the mass to reach past the best token, and the
+    best logit (a float32's value), the weights' reference."""
+    L = best.shape[0]
+    out = best.astype(np.int64)
+    past = np.empty(L, np.int64)  # the positions drawn past their best token ...
+    rest = np.empty(L, np.float64)  # ... and the mass to reach there
+    R = 0
+    for l in range(L):
+        # (an atom too far below its row's best for float64, exp underflowing, is drawn
+        # only with probability under 2**-57, where pruning left such atoms out: as its
+        # best token)
+        e_best = math.exp(np.float64(best_logit[l]) - rowmax[l])
+        mass = asum[l] / e_best if e_best > 0.0 else 1.0  # the atom's total, its best token weighing 1
+        target = u[l] * mass
+        if target >= 1.0:
+            past[R] = l
+            rest[R] = max(target - 1.0, _TINY)  # > 0: the first token reaching it has weight
+            R += 1
+    cols = np.empty((4, R), np.int64)
+    floats = np.empty((2, R), np.float64)
+    for i in range(R):
+        l = past[i]
+        a = atoms[l]
+        cols[0, i] = l
+        cols[1, i] = offsets[a]
+        cols[2, i] = offsets[a + 1] - offsets[a]  # > 0: a sampled atom has tokens
+        cols[3, i] = best[l]
+        floats[0, i] = rest[i]
+        floats[1, i] = best_logit[l]
+    return out, cols, floats
+
+
+_TINY = float(np.finfo(np.float64).tiny)
+
+
+def _draw_torch(x: torch.Tensor, layout: AtomLayout, cols: np.ndarray, floats: np.ndarray) -> np.ndarray:
+    rows, start, size, best = cols  # (R,) each (see _draw_plan)
+    rest, ref = floats[0], floats[1].astype(np.float32)
     dev = x.device
     out = np.empty(rows.size, np.int64)
     width = int(size.max())
@@ -434,23 +488,24 @@ def _draw_torch(x: torch.Tensor, layout: AtomLayout, rows: np.ndarray, ref: np.n
 _DRAW_BLOCK = 1024
 
 
-def _draw_triton(x: torch.Tensor, layout: AtomLayout, rows: np.ndarray, ref: np.ndarray, start: np.ndarray,
-                 size: np.ndarray, best: np.ndarray, rest: np.ndarray) -> np.ndarray:
+def _draw_triton(x: torch.Tensor, layout: AtomLayout, cols_host: np.ndarray, floats_host: np.ndarray) -> np.ndarray:
     dev = x.device
     x = x if x.stride(1) == 1 else x.contiguous()
+    size = cols_host[2]
+    R = size.shape[0]
     # one host-to-device copy for the four integer columns, one for the two float ones
-    cols = torch.from_numpy(np.stack([rows.astype(np.int64), start, size, best])).to(dev)  # (4, R)
-    floats = torch.from_numpy(np.stack([rest, ref.astype(np.float64)])).to(dev)  # (2, R) float64 (ref: a float32)
-    out = torch.empty(rows.size, dtype=torch.int64, device=dev)
+    cols = torch.from_numpy(cols_host).to(dev)  # (4, R) int64
+    floats = torch.from_numpy(floats_host).to(dev)  # (2, R) float64 (ref: a float32's value)
+    out = torch.empty(R, dtype=torch.int64, device=dev)
     # first the mass of each tile of each position's atom (all in parallel), so that the
     # walk starts at the tile holding the token: a Gemma-sized atom is ~60 tiles, which a
     # single walk took one after another
     n_mass = int(-(-size.max() // layout.tile))
-    mass = torch.empty((rows.size, n_mass), dtype=torch.float64, device=dev)  # (R, tiles)
-    _kernels().tile_masses[(rows.size, n_mass)](
+    mass = torch.empty((R, n_mass), dtype=torch.float64, device=dev)  # (R, tiles)
+    _kernels().tile_masses[(R, n_mass)](
         x, x.stride(0), floats[1], layout.tokens, cols[0], cols[1], cols[2], cols[3], mass, n_mass,
         TILE=layout.tile, BLOCK=min(_TILE_BLOCK, _triton_block(layout.tile)))
-    _kernels().draw_in_atoms[(rows.size,)](
+    _kernels().draw_in_atoms[(R,)](
         x, x.stride(0), floats[1], layout.tokens, cols[0], cols[1], cols[2], cols[3], floats[0], mass, n_mass, out,
         TILE=layout.tile, BLOCK_T=_triton_block(n_mass), BLOCK=_DRAW_BLOCK)
     return out.cpu().numpy()
