@@ -500,13 +500,20 @@ def _record_workload() -> Iterator[str]:
         both["logits"] = torch.stack([both["logits"], torch.randn_like(both["logits"]) * 3])  # (2, L, V)
         both["state"], both["out"] = [both["state"], five.start_state], torch.empty_like(both["logits"])
         five.denoise_step(**both)
-        # the device path's host kernels (a CUDA machine's steps; its torch passes run here on the CPU)
-        g._device_passes_on_cpu = True
-        try:
-            g.denoise_step(logits, out=torch.empty_like(logits))
-            g.denoise_step(**_text_where_call(g, tok, 0.2))
-        finally:
-            del g._device_passes_on_cpu
+        # logits masked with a huge finite value that canvases cannot all avoid (the pad token at
+        # -1e20: the masks' stand-ins); then the device path's host kernels (a CUDA machine's steps;
+        # its torch passes run here on the CPU)
+        masked = logits.clone()
+        masked[:, g.vocab.pad_id] = -1e20
+        for device_path in (False, True):
+            g._device_passes_on_cpu = device_path
+            try:
+                g.denoise_step(masked, out=torch.empty_like(masked))
+                if device_path:
+                    g.denoise_step(logits, out=torch.empty_like(logits))
+                    g.denoise_step(**_text_where_call(g, tok, 0.2))
+            finally:
+                del g._device_passes_on_cpu
     yield "grammar API"
 
 
