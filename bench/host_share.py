@@ -15,7 +15,8 @@ a GPU machine, where no (L, V) pass runs through them:
 * *device path*: the step as it runs for logits on a GPU (``device_passes``, here on CPU
   tensors), with only the device's own work replayed (the torch ops of the atom
   statistics, of the marginals write and of the draw inside atoms): every host line of a
-  GPU step runs, its copies to and from the device aside. This is the GPU's figure.
+  GPU step runs, the statistics handed back as fresh host arrays (as a copy off the
+  device leaves them; the wait for the copy aside). This is the GPU's figure.
 
 The whole step, its passes, and the two replayed steps alternate; medians of each.
 ``--baseline REV`` measures the replayed steps of a baseline commit beside the working
@@ -210,8 +211,9 @@ def markdown(rows: list[dict[str, Any]], command: str, threads: int, baseline: s
               "it (atom statistics, marginals write, token draw); *host path*: the step with those passes replayed "
               "from a first call (warm caches, as on a GPU machine, whose device runs the passes); *device path*: "
               "the step as logits on a GPU run it (`device_passes`), the device's own work replayed: every host "
-              "line of a GPU step, its copies aside. A GPU step costs its device path's share plus the device "
-              "passes and their copies.", ""]
+              "line of a GPU step, the atom statistics handed back as fresh host arrays (as a copy off the device "
+              "leaves them). A GPU step costs its device path's share plus the device passes and the waits for "
+              "their copies.", ""]
     if baseline:
         lines += ["| tokenizer | tools | states | host path ms: baseline / current | ratio | "
                   "device path ms: baseline / current | ratio |", "|---|---|---|---|---|---|---|"]
