@@ -458,8 +458,9 @@ def _record_workload() -> Iterator[str]:
     threaded builds of the live-list passes), and steps where the model is sure of a text
     answer while the canvas continues a call (at a low temperature: pruning's bounded
     sweep and the log-space passes, which a first such step in a run would otherwise
-    spend ~40 s compiling), and steps on the path logits on a GPU take (``device_passes``,
-    its torch ops on the CPU here)."""
+    spend ~40 s compiling), a step under a huge finite mask (the masks' stand-ins), and
+    steps on the path logits on a GPU take (``device_passes``, its torch ops on the CPU
+    here)."""
     import numba as nb
     import torch
     from click.testing import CliRunner

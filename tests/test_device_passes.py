@@ -214,6 +214,35 @@ def test_layout_groups_each_atom_in_whole_chunks():
     assert gather.size * 4 <= 5 * real.size  # padding adds at most a quarter
 
 
+@pytest.mark.parametrize("framed", [False, True])
+def test_atom_references_equal_their_definition(framed):
+    """Each atom's reference and shift, against their definition in numpy: where the atom
+    has a usable logit and mass, its best logit and log F + (amax - rowmax) (or + the
+    frame) in float64, rounded once to float32; elsewhere, and in column K (the tokens
+    never allowed), 0 and -inf. Atoms with no mass (log F -inf or nan), no usable logit
+    (amax -inf), gaps as a -1e20 mask makes them."""
+    rng = np.random.default_rng(3)
+    N, K = 7, 11
+    log_f = np.log(rng.random((N, K)))
+    log_f[rng.random((N, K)) < 0.2] = -np.inf
+    log_f[0, 3] = np.nan
+    amax = rng.normal(size=(N, K)).astype(np.float32)
+    amax[rng.random((N, K)) < 0.2] = -np.inf
+    amax[1, 2] = np.float32(-1e20)
+    rowmax = rng.normal(size=N) + 3.0
+    frame = rng.normal(size=(N, K)) * 50 if framed else None
+    refs = device_passes.atom_references(log_f, amax, rowmax, frame)
+    assert refs.shape == (2, N, K + 1) and refs.dtype == np.float32
+    usable = (log_f > -np.inf) & (amax > -np.inf)
+    gap = frame if framed else amax.astype(np.float64) - rowmax[:, None]
+    with np.errstate(invalid="ignore"):
+        want_shift = np.where(usable, log_f + gap, -np.inf).astype(np.float32)
+    np.testing.assert_array_equal(refs[0, :, :K], np.where(usable, amax, np.float32(0.0)))
+    np.testing.assert_array_equal(refs[1, :, :K], want_shift)
+    assert (refs[0, :, K] == 0).all() and np.isneginf(refs[1, :, K]).all()
+    assert usable.any() and not usable.all()
+
+
 @pytest.mark.gpu
 @CUDA
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
