@@ -20,7 +20,8 @@ a GPU machine, where no (L, V) pass runs through them:
 
 The whole step, its passes, and the two replayed steps alternate; medians of each.
 ``--baseline REV`` measures the replayed steps of a baseline commit beside the working
-tree's, alternating, as ``bench/constraint_ab.py`` does for the whole step.
+tree's, alternating, as ``bench/constraint_ab.py`` does for the whole step (both versions'
+kernels compiled in the process: ``bench/fresh_kernels.py``).
 
     python bench/host_share.py                                   # BPE 4k and Gemma 262k, 1, 5 and 20 tools
     python bench/host_share.py --tokenizers bpe-4k --tools 20 --repeats 100
@@ -43,10 +44,16 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+if any(a == "--baseline" or a.startswith("--baseline=") for a in sys.argv[1:]):
+    # an A/B: both versions' kernels compiled in this process, none loaded from numba's
+    # cache (see its docstring), so before agentloop is imported
+    import bench.fresh_kernels  # noqa: E402,F401
+
 import torch  # noqa: E402
 
 import agentloop.grammar as current  # noqa: E402
 from bench.constraint import step_bench_command, step_bench_header, step_bench_threads  # noqa: E402
+from bench.constraint_ab import table_lines  # noqa: E402
 from bench.tokenizers_offline import LOADERS, tool_schemas  # noqa: E402
 
 #: The passes over (L, V) the host runs for logits on the CPU (``grammar.canvas``).
@@ -215,20 +222,18 @@ def markdown(rows: list[dict[str, Any]], command: str, threads: int, baseline: s
               "leaves them). A GPU step costs its device path's share plus the device passes and the waits for "
               "their copies.", ""]
     if baseline:
-        lines += ["| tokenizer | tools | states | host path ms: baseline / current | ratio | "
-                  "device path ms: baseline / current | ratio |", "|---|---|---|---|---|---|---|"]
-        for r in rows:
-            lines.append(f"| {r['tokenizer']} | {r['tools']} | {r['states']} | {r['b_host_ms']:.3f} / "
-                         f"{r['host_ms']:.3f} | {r['host_ms'] / r['b_host_ms']:.2f}x | {r['b_device_ms']:.3f} / "
-                         f"{r['device_ms']:.3f} | {r['device_ms'] / r['b_device_ms']:.2f}x |")
-        return "\n".join(lines) + "\n"
-    lines += ["| tokenizer | tools | states | step ms | passes ms | host path ms (min) | device path ms (min) "
-              "| device path's share of the step |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['tokenizer']} | {r['tools']} | {r['states']} | {r['step_ms']:.2f} | {r['passes_ms']:.2f} | "
-                     f"{r['host_ms']:.3f} ({r['host_min_ms']:.3f}) | {r['device_ms']:.3f} ({r['device_min_ms']:.3f}) "
-                     f"| {r['device_ms'] / r['step_ms']:.0%} |")
-    return "\n".join(lines) + "\n"
+        columns = ["tokenizer", "tools", "states", "host path ms: baseline / current", "ratio",
+                   "device path ms: baseline / current", "ratio"]
+        cells = [[r["tokenizer"], r["tools"], r["states"], f"{r['b_host_ms']:.3f} / {r['host_ms']:.3f}",
+                  f"{r['host_ms'] / r['b_host_ms']:.2f}x", f"{r['b_device_ms']:.3f} / {r['device_ms']:.3f}",
+                  f"{r['device_ms'] / r['b_device_ms']:.2f}x"] for r in rows]
+    else:
+        columns = ["tokenizer", "tools", "states", "step ms", "passes ms", "host path ms (min)",
+                   "device path ms (min)", "device path's share of the step"]
+        cells = [[r["tokenizer"], r["tools"], r["states"], f"{r['step_ms']:.2f}", f"{r['passes_ms']:.2f}",
+                  f"{r['host_ms']:.3f} ({r['host_min_ms']:.3f})", f"{r['device_ms']:.3f} ({r['device_min_ms']:.3f})",
+                  f"{r['device_ms'] / r['step_ms']:.0%}"] for r in rows]
+    return "\n".join(lines + table_lines(columns, cells)) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
