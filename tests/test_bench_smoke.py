@@ -32,6 +32,30 @@ def test_engine_bench_quick(tmp_path):
     assert data["sampler"]["speedup"] > 0
 
 
+def test_host_share_bench_measures_both_paths(tmp_path):
+    """Both replayed steps run (each checked against the whole step's Viterbi canvas by the
+    bench itself) and the table holds a figure for each path."""
+    out = tmp_path / "host_share.md"
+    r = subprocess.run([sys.executable, str(ROOT / "bench/host_share.py"), "--tokenizers", "bpe-4k", "--tools", "1",
+                        "--repeats", "2", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| bpe-4k | 1 |"))
+    host, device = (float(cell.split()[0]) for cell in row.split("|")[6:8])
+    assert host > 0 and device > 0
+
+
+@pytest.mark.slow  # compiles both versions' kernels in its process (~1-2 min)
+def test_host_share_ab_measures_both_versions(tmp_path):
+    out = tmp_path / "host_share_ab.md"
+    r = subprocess.run([sys.executable, str(ROOT / "bench/host_share.py"), "--baseline", "HEAD", "--tokenizers",
+                        "bpe-4k", "--tools", "1", "--repeats", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| bpe-4k | 1 |"))
+    ratios = [float(cell.strip().rstrip("x")) for cell in row.split("|")[5:8:2]]
+    assert len(ratios) == 2 and all(x > 0 for x in ratios)
+
+
 def test_log_space_bench_counts_the_canvases_redone_there(tmp_path):
     out = tmp_path / "log_space.md"
     r = subprocess.run([sys.executable, str(ROOT / "bench/log_space.py"), "--tools", "1", "--length", "32",
