@@ -53,6 +53,7 @@ import torch  # noqa: E402
 
 import agentloop.grammar as current  # noqa: E402
 from bench.constraint import step_bench_command, step_bench_header, step_bench_threads  # noqa: E402
+# (it imports bench.fresh_kernels: after agentloop, so that a plain run's kernels still load from numba's cache)
 from bench.constraint_ab import table_lines  # noqa: E402
 from bench.tokenizers_offline import LOADERS, tool_schemas  # noqa: E402
 
