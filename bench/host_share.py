@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from contextlib import contextmanager
@@ -54,7 +55,7 @@ import torch  # noqa: E402
 import agentloop.grammar as current  # noqa: E402
 from bench.constraint import step_bench_command, step_bench_header, step_bench_threads  # noqa: E402
 # (it imports bench.fresh_kernels: after agentloop, so that a plain run's kernels still load from numba's cache)
-from bench.constraint_ab import table_lines  # noqa: E402
+from bench.constraint_ab import export_baseline, revisions, table_lines  # noqa: E402
 from bench.tokenizers_offline import LOADERS, tool_schemas  # noqa: E402
 
 #: The passes over (L, V) the host runs for logits on the CPU (``grammar.canvas``).
@@ -62,6 +63,13 @@ VOCABULARY_PASSES = ("reduce_atoms", "write_marginals", "sample_tokens")
 #: The device's own work in ``grammar.device_passes`` (its torch ops; a GPU runs Triton
 #: kernels in their place where it has them): what the device path's replay skips.
 DEVICE_WORK = ("_reduce_atoms_torch", "_log_marginals_torch", "_draw_torch")
+
+
+def first_result(stored: dict[Any, Any], key: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` at the first call under ``key``, that result again at the next ones."""
+    if key not in stored:
+        stored[key] = fn(*args)
+    return stored[key]
 
 
 @contextmanager
@@ -101,18 +109,11 @@ def replayed_passes(grammar: Any, stored: dict[Any, Any]) -> Any:
     real = {name: getattr(dp, name) for name in VOCABULARY_PASSES}
 
     def reduce_atoms(logits: Any, atoms: Any, want_sum: bool, want_x: bool, block_sums: Any = None) -> Any:
-        key = ("atoms", want_sum, want_x)
-        if key not in stored:
-            stored[key] = real["reduce_atoms"](logits, atoms, want_sum, want_x, block_sums)
-        return stored[key]
-
-    def sample_tokens(*args: Any) -> Any:
-        if "tokens" not in stored:
-            stored["tokens"] = real["sample_tokens"](*args)
-        return stored["tokens"]
+        return first_result(stored, ("atoms", want_sum, want_x), real["reduce_atoms"], logits, atoms, want_sum,
+                            want_x, block_sums)
 
     return patched(dp, {"reduce_atoms": reduce_atoms, "write_marginals": lambda *a: None,
-                        "sample_tokens": sample_tokens})
+                        "sample_tokens": lambda *a: first_result(stored, "tokens", real["sample_tokens"], *a)})
 
 
 def replayed_device_work(grammar: Any, stored: dict[Any, Any]) -> Any:
@@ -124,19 +125,12 @@ def replayed_device_work(grammar: Any, stored: dict[Any, Any]) -> Any:
     real = {name: getattr(dv, name) for name in DEVICE_WORK}
 
     def reduce_atoms(x: Any, layout: Any, want_sum: bool, want_x: bool) -> Any:
-        key = ("device atoms", want_sum, want_x)
-        if key not in stored:
-            stored[key] = real["_reduce_atoms_torch"](x, layout, want_sum, want_x)
-        rowmax, *host = stored[key]
+        rowmax, *host = first_result(stored, ("device atoms", want_sum, want_x), real["_reduce_atoms_torch"], x,
+                                     layout, want_sum, want_x)
         return (rowmax, *(a.copy() for a in host))
 
-    def draw(*args: Any) -> Any:
-        if "device tokens" not in stored:
-            stored["device tokens"] = real["_draw_torch"](*args)
-        return stored["device tokens"]
-
     return patched(dv, {"_reduce_atoms_torch": reduce_atoms, "_log_marginals_torch": lambda *a: a[-1],
-                        "_draw_torch": draw})
+                        "_draw_torch": lambda *a: first_result(stored, "device tokens", real["_draw_torch"], *a)})
 
 
 class Version:
@@ -249,10 +243,6 @@ def main(argv: list[str] | None = None) -> None:
     step_bench_threads(args.threads)
     packages = {"": current}
     if args.baseline:
-        import tempfile
-
-        from bench.constraint_ab import export_baseline, revisions
-
         packages["b_"] = export_baseline(args.baseline, Path(tempfile.mkdtemp(prefix="host_share_baseline_")))
         args.baseline = revisions(args.baseline)[0]
     rows = []
