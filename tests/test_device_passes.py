@@ -86,10 +86,24 @@ def test_host_scan_equals_the_definition(V):
 
 
 def _device_scores(x: np.ndarray, atom_of: np.ndarray, K: int, device: str, kernel: str) -> None:
+    """The statistics against their definition, as the arrays the host's passes take (one
+    type and layout each, as the compiled kernels were compiled for); without the
+    x-weighted sums, and without any sums (Viterbi), the same maxima and sums."""
+    N = x.shape[0]
     for chunk in (None,) if kernel == "triton" else (None, 1, 4, 64):  # None: the layout's own (the tiles ignore it)
         layout = device_passes.atom_layout(atom_of, K, torch.device(device), chunk=chunk)
-        scores = device_passes.reduce_atoms(torch.from_numpy(x).to(device), layout, True, True, kernel=kernel)
+        xt = torch.from_numpy(x).to(device)
+        scores = device_passes.reduce_atoms(xt, layout, True, True, kernel=kernel)
         _check_atom_scores(x, atom_of, K, *scores[1:])
+        for a, dtype, shape in zip(scores[1:], (np.float64, np.float64, np.float64, np.float32, np.int32),
+                                   ((N,), (N, K), (N, K), (N, K), (N, K))):
+            assert a.dtype == dtype and a.shape == shape and a.flags.c_contiguous and a.flags.aligned
+        for want_sum in (True, False):
+            fewer = device_passes.reduce_atoms(xt, layout, want_sum, False, kernel=kernel)
+            for i in (1, 4, 5) if want_sum else (4, 5):  # rowmax (Viterbi's is never read), amax, aarg
+                np.testing.assert_array_equal(fewer[i], scores[i])
+            if want_sum:
+                np.testing.assert_array_equal(fewer[2], scores[2])
 
 
 @pytest.mark.parametrize("V", VOCABS)
@@ -241,6 +255,19 @@ def test_atom_references_equal_their_definition(framed):
     np.testing.assert_array_equal(refs[1, :, :K], want_shift)
     assert (refs[0, :, K] == 0).all() and np.isneginf(refs[1, :, K]).all()
     assert usable.any() and not usable.all()
+    out = np.full((2, N, K + 1), 7.0, np.float32)  # (as a step writes them into page-locked memory)
+    assert device_passes.atom_references(log_f, amax, rowmax, frame, out=out) is out
+    np.testing.assert_array_equal(out, refs)
+    with pytest.raises(ValueError, match=r"out must be a writeable C-contiguous float32 array of shape \(2, 7, 12\)"):
+        device_passes.atom_references(log_f, amax, rowmax, frame, out=np.empty((2, N, K), np.float32))
+
+
+def test_host_copies_are_plain_memory_off_cuda():
+    """Off a CUDA device the host tensors are plain memory (pinning needs a driver), and
+    a CPU tensor's copy to the host is its own memory."""
+    assert not device_passes.host_tensor((2, 3), torch.float32, torch.device("cpu")).is_pinned()
+    t = torch.arange(6.0)
+    assert np.shares_memory(device_passes.to_host(t), t.numpy())
 
 
 @pytest.mark.gpu
@@ -256,6 +283,20 @@ def test_cuda_passes_equal_the_definition(V, kernel):
 @pytest.mark.parametrize("V", VOCABS + [5000])
 def test_cuda_marginals_and_draws_equal_the_torch_ops(V):
     _marginals_and_draws(V, "cuda", "triton")
+
+
+@pytest.mark.gpu
+@CUDA
+def test_cuda_copies_go_through_page_locked_memory():
+    """A copy from or to pageable memory goes through the driver's own page-locked buffer
+    (a second copy on the host, at about half the bandwidth): the step's statistics come
+    back, and its references go out, through page-locked host tensors."""
+    cuda = torch.device("cuda")
+    assert device_passes.host_tensor((2, 3), torch.float32, cuda).is_pinned()
+    t = torch.arange(12.0, device=cuda).view(3, 4)
+    host = device_passes.to_host(t)
+    np.testing.assert_array_equal(host, np.arange(12.0).reshape(3, 4))
+    assert torch.from_numpy(host).is_pinned()
 
 
 @pytest.mark.gpu

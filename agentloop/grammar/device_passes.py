@@ -129,6 +129,27 @@ def _row_chunks(N: int, V: int, device: torch.device | None = None) -> list[slic
 _GRID_ROWS = 1 << 15
 
 
+def host_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An empty host tensor to copy to or from ``device``: page-locked where that is a CUDA
+    device, plain memory elsewhere. A copy from or to pageable memory goes through the
+    driver's own page-locked buffer: a second copy on the host, the host waiting for it,
+    at about half the bandwidth. torch's caching host allocator hands page-locked blocks
+    back out, and keeps a block from reuse until the copies enqueued on it are done, so one
+    of these a step costs a lookup; a copy must be made from this tensor itself for that
+    (not from a numpy view of it)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
+
+
+def to_host(t: torch.Tensor) -> np.ndarray:
+    """``t`` on the host as numpy, copied through page-locked memory from a CUDA device
+    (``host_tensor``) and waited for; a CPU tensor's own memory."""
+    if t.device.type != "cuda":
+        return t.cpu().numpy()
+    host = host_tensor(tuple(t.shape), t.dtype, t.device)
+    host.copy_(t)
+    return host.numpy()
+
+
 def reduce_atoms(x: torch.Tensor, layout: AtomLayout, want_sum: bool, want_x: bool, kernel: str = "auto"
                  ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """x (N, V) float32 on the device -> (rowmax tensor (N,), and as numpy on the host:
@@ -165,8 +186,12 @@ def _reduce_atoms_triton(x: torch.Tensor, layout: AtomLayout, want_sum: bool, wa
     s = torch.empty((N, T) if want_sum else (0,), dtype=torch.float64, device=dev)  # (N, T) its sums
     sx = torch.empty((N, T) if want_x else (0,), dtype=torch.float64, device=dev)
     rowmax = torch.zeros(N, device=dev)  # (N,)
-    planes = 2 + want_sum + want_x
-    out = torch.empty(N + planes * N * K, dtype=torch.float64, device=dev)  # rowmax, then (N, K) planes
+    # what goes to the host, in one buffer for one copy: rowmax (N,) and the sums' (N, K)
+    # planes in float64, then amax (N, K) float32 and aarg (N, K) int32, which share the
+    # last 8 bytes a (row, atom) (so float64's alignment holds throughout)
+    n64 = N + (want_sum + want_x) * N * K
+    out = torch.empty(n64 + N * K, dtype=torch.float64, device=dev)
+    tail = out[n64:].view(torch.int32)  # (2 * N * K,)
     if N and T:
         for r0 in range(0, N, _GRID_ROWS):
             r = slice(r0, min(N, r0 + _GRID_ROWS))
@@ -175,14 +200,14 @@ def _reduce_atoms_triton(x: torch.Tensor, layout: AtomLayout, want_sum: bool, wa
                 s[r] if want_sum else s, sx[r] if want_x else sx, T, V,
                 BLOCK=_TILE_BLOCK, WANT_SUM=want_sum, WANT_X=want_x)
     if N:
-        _kernels().combine_tiles[(N,)](m, first, s, sx, layout.atom_tiles, rowmax, out, N, T, K, layout.max_tiles, V,
-                                       BLOCK_K=_triton_block(K), WANT_SUM=want_sum, WANT_X=want_x)
-    host = out.cpu().numpy()
-    plane = [host[N + i * N * K: N + (i + 1) * N * K].reshape(N, K) for i in range(planes)]
-    aarg = plane[1].astype(np.int32)
-    aarg[aarg >= V] = -1  # an atom with no finite logit (or no token in this vocabulary)
-    return (rowmax, host[:N], plane[2] if want_sum else np.zeros((N, 1)), plane[3] if want_x else np.zeros((N, 1)),
-            plane[0].astype(np.float32), aarg)
+        _kernels().combine_tiles[(N,)](m, first, s, sx, layout.atom_tiles, rowmax, out, tail[:N * K].view(torch.float32),
+                                       tail[N * K:], N, T, K, layout.max_tiles, V, BLOCK_K=_triton_block(K),
+                                       WANT_SUM=want_sum, WANT_X=want_x)
+    host = to_host(out)
+    plane = [host[N + i * N * K: N + (i + 1) * N * K].reshape(N, K) for i in range(want_sum + want_x)]
+    host_tail = host[n64:].view(np.int32)
+    return (rowmax, host[:N], plane[0] if want_sum else np.zeros((N, 1)), plane[1] if want_x else np.zeros((N, 1)),
+            host_tail[:N * K].view(np.float32).reshape(N, K), host_tail[N * K:].reshape(N, K))
 
 
 #: Lanes of the ``tile_stats`` kernel (tokens read at once).
@@ -228,7 +253,7 @@ def _reduce_atoms_torch(x: torch.Tensor, layout: AtomLayout, want_sum: bool, wan
         host["asum"] = asum
     if want_x:
         host["asumx"] = asumx
-    out = {k: v.cpu().numpy() for k, v in host.items()}
+    out = {k: to_host(v) for k, v in host.items()}
     return (rowmax, out["rowmax"], out.get("asum", np.zeros((N, 1))), out.get("asumx", np.zeros((N, 1))),
             out["amax"], out["aarg"])
 
@@ -301,14 +326,16 @@ def _kernels() -> Any:
     return fused_kernel
 
 
-def log_marginals(x: torch.Tensor, refs: np.ndarray, idx: torch.Tensor, out: torch.Tensor | None = None,
-                  kernel: str = "auto") -> torch.Tensor:
+def log_marginals(x: torch.Tensor, refs: np.ndarray | torch.Tensor, idx: torch.Tensor,
+                  out: torch.Tensor | None = None, kernel: str = "auto") -> torch.Tensor:
     """(N, V) constrained log-probs on the device: x - ref[atom] + shift[atom] in float32
-    (``refs`` (2, N, K + 1) float32, ref then shift per atom: see
-    :func:`atom_references`), -inf where never; written into ``out`` (N, V) when given.
-    ``kernel`` as for :func:`reduce_atoms`: the Triton kernel reads x once and writes
-    ``out`` once; the torch ops take a few passes and (N, V) temporaries."""
-    both = torch.from_numpy(refs).to(device=x.device)  # (2, N, K + 1): one copy to the device
+    (``refs`` (2, N, K + 1) float32 on the host, ref then shift per atom: see
+    :func:`atom_references`; a ``host_tensor`` is copied without the host waiting), -inf
+    where never; written into ``out`` (N, V) when given. ``kernel`` as for
+    :func:`reduce_atoms`: the Triton kernel reads x once and writes ``out`` once; the torch
+    ops take a few passes and (N, V) temporaries."""
+    # (2, N, K + 1): one copy to the device, which the passes below follow on its stream
+    both = torch.as_tensor(refs).to(device=x.device, non_blocking=True)
     ref_dev, shift_dev = both[0], both[1]
     if out is None:
         out = torch.empty(x.shape, device=x.device)  # (N, V)
@@ -320,8 +347,8 @@ def log_marginals(x: torch.Tensor, refs: np.ndarray, idx: torch.Tensor, out: tor
     return _log_marginals_torch(x, ref_dev, shift_dev, idx, out)
 
 
-def atom_references(log_f: np.ndarray, amax: np.ndarray, rowmax: np.ndarray,
-                    frame: np.ndarray | None = None) -> np.ndarray:
+def atom_references(log_f: np.ndarray, amax: np.ndarray, rowmax: np.ndarray, frame: np.ndarray | None = None,
+                    out: np.ndarray | None = None) -> np.ndarray:
     """Per atom of each row, the reference ``ref`` and the ``shift`` that
     :func:`log_marginals` writes x - ref + shift with, in float32, packed as one (2, N,
     K + 1) float32 array (ref, then shift) for one copy to the device: the atom's best
@@ -333,9 +360,15 @@ def atom_references(log_f: np.ndarray, amax: np.ndarray, rowmax: np.ndarray,
     allowed): ref 0, shift -inf. ``frame`` (N, K), where given, stands for amax - rowmax:
     the factors of a canvas whose masks stood in (see ``masks``) are taken from each
     atom's stand-in less its row's reference. One compiled pass (numpy's wheres and
-    temporaries, and the packing, took ~0.2 ms a step at Gemma's 262k, 1 tool)."""
+    temporaries, and the packing, took ~0.2 ms a step at Gemma's 262k, 1 tool). Written
+    into ``out`` where given (a (2, N, K + 1) float32 C-contiguous array: a numpy view of
+    a ``host_tensor``, say)."""
     N, K = log_f.shape
-    refs = np.empty((2, N, K + 1), np.float32)
+    if out is not None and not (out.shape == (2, N, K + 1) and out.dtype == np.float32
+                                and out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError(f"atom_references: out must be a writeable C-contiguous float32 array of shape "
+                         f"{(2, N, K + 1)}, not {out.dtype} {out.shape}")
+    refs = np.empty((2, N, K + 1), np.float32) if out is None else out
     if frame is None:
         _references_into(log_f, amax, rowmax, refs)
     else:
@@ -419,15 +452,15 @@ def tokens_in_atoms(x: torch.Tensor, layout: AtomLayout, atoms: np.ndarray, best
     # (one type and layout each: one compiled plan, whatever dtypes the caller holds)
     arrays = ((best, np.int64), (best_logit, np.float32), (rowmax, np.float64), (asum, np.float64), (u, np.float64),
               (atoms, np.int64))
-    out, cols, floats = _draw_plan(*(np.ascontiguousarray(a, dtype) for a, dtype in arrays), layout.offsets)
-    if cols.shape[1] == 0:
+    out, plan = _draw_plan(*(np.ascontiguousarray(a, dtype) for a, dtype in arrays), layout.offsets)
+    if plan.shape[1] == 0:
         return out
-    rows = cols[0]
+    rows = plan[0]
     if _use_kernel(kernel, x.device, "draw_in_atoms"):
-        out[rows] = _kernel_or_torch("draw_in_atoms", lambda: _draw_triton(x, layout, cols, floats),
-                                     lambda: _draw_torch(x, layout, cols, floats), strict=kernel == "triton")
+        out[rows] = _kernel_or_torch("draw_in_atoms", lambda: _draw_triton(x, layout, plan),
+                                     lambda: _draw_torch(x, layout, plan), strict=kernel == "triton")
     else:
-        out[rows] = _draw_torch(x, layout, cols, floats)
+        out[rows] = _draw_torch(x, layout, plan)
     return out
 
 
@@ -435,10 +468,11 @@ def tokens_in_atoms(x: torch.Tensor, layout: AtomLayout, atoms: np.ndarray, best
 def _draw_plan(best, best_logit, rowmax, asum, u, atoms, offsets):  # pragma: no cover - compiled
     """The host's part of ``tokens_in_atoms``, in one compiled call (numpy's dozen small
     ops took ~0.1 ms a step): each position's best token (int64 (L,)), and for the R
-    positions whose uniform falls past it the draw's arguments, packed for one copy each
-    to the device: (4, R) int64 rows, where each atom starts in ``offsets``' list, its
-    size, its best token; (2, R) float64 the mass to reach past the best token, and the
-    best logit (a float32's value), the weights' reference."""
+    positions whose uniform falls past it the draw's arguments, packed as one (6, R) int64
+    array for one copy to the device: rows, where each atom starts in ``offsets``' list,
+    its size, its best token; then, as float64 (rows 4 and 5 viewed so:
+    ``plan_floats``), the mass to reach past the best token, and the best logit (a
+    float32's value), the weights' reference."""
     L = best.shape[0]
     out = best.astype(np.int64)
     past = np.empty(L, np.int64)  # the positions drawn past their best token ...
@@ -455,26 +489,33 @@ def _draw_plan(best, best_logit, rowmax, asum, u, atoms, offsets):  # pragma: no
             past[R] = l
             rest[R] = max(target - 1.0, _TINY)  # > 0: the first token reaching it has weight
             R += 1
-    cols = np.empty((4, R), np.int64)
-    floats = np.empty((2, R), np.float64)
+    plan = np.empty((6, R), np.int64)
+    floats = plan[4:].view(np.float64)  # (2, R)
     for i in range(R):
         l = past[i]
         a = atoms[l]
-        cols[0, i] = l
-        cols[1, i] = offsets[a]
-        cols[2, i] = offsets[a + 1] - offsets[a]  # > 0: a sampled atom has tokens
-        cols[3, i] = best[l]
+        plan[0, i] = l
+        plan[1, i] = offsets[a]
+        plan[2, i] = offsets[a + 1] - offsets[a]  # > 0: a sampled atom has tokens
+        plan[3, i] = best[l]
         floats[0, i] = rest[i]
         floats[1, i] = best_logit[l]
-    return out, cols, floats
+    return out, plan
+
+
+def plan_floats(plan: Any) -> Any:
+    """The float64 rows of a draw's plan (``_draw_plan``), numpy or torch: (2, R), the
+    mass to reach past each best token and the weights' reference."""
+    return plan[4:].view(np.float64 if isinstance(plan, np.ndarray) else torch.float64)
 
 
 _TINY = float(np.finfo(np.float64).tiny)
 
 
-def _draw_torch(x: torch.Tensor, layout: AtomLayout, cols: np.ndarray, floats: np.ndarray) -> np.ndarray:
-    rows, start, size, best = cols  # (R,) each (see _draw_plan)
-    rest, ref = floats[0], floats[1].astype(np.float32)
+def _draw_torch(x: torch.Tensor, layout: AtomLayout, plan: np.ndarray) -> np.ndarray:
+    rows, start, size, best = plan[:4]  # (R,) each (see _draw_plan)
+    rest, ref = plan_floats(plan)
+    ref = ref.astype(np.float32)
     dev = x.device
     out = np.empty(rows.size, np.int64)
     width = int(size.max())
@@ -494,7 +535,7 @@ def _draw_torch(x: torch.Tensor, layout: AtomLayout, cols: np.ndarray, floats: n
         pick = torch.where(pick[:, 0] >= width, last, pick[:, 0])
         token = ids.gather(1, pick.clamp(min=0)[:, None])[:, 0]
         token = torch.where(last < 0, b, token)  # the best token holds all the mass
-        out[chunk] = token.cpu().numpy()
+        out[chunk] = to_host(token)
     return out
 
 
@@ -502,14 +543,13 @@ def _draw_torch(x: torch.Tensor, layout: AtomLayout, cols: np.ndarray, floats: n
 _DRAW_BLOCK = 1024
 
 
-def _draw_triton(x: torch.Tensor, layout: AtomLayout, cols_host: np.ndarray, floats_host: np.ndarray) -> np.ndarray:
+def _draw_triton(x: torch.Tensor, layout: AtomLayout, plan_host: np.ndarray) -> np.ndarray:
     dev = x.device
     x = x if x.stride(1) == 1 else x.contiguous()
-    size = cols_host[2]
+    size = plan_host[2]
     R = size.shape[0]
-    # one host-to-device copy for the four integer columns, one for the two float ones
-    cols = torch.from_numpy(cols_host).to(dev)  # (4, R) int64
-    floats = torch.from_numpy(floats_host).to(dev)  # (2, R) float64 (ref: a float32's value)
+    cols = torch.from_numpy(plan_host).to(dev)  # (6, R) int64: one copy to the device
+    floats = plan_floats(cols)  # (2, R) float64 (ref: a float32's value)
     out = torch.empty(R, dtype=torch.int64, device=dev)
     # first the mass of each tile of each position's atom (all in parallel), so that the
     # walk starts at the tile holding the token: a Gemma-sized atom is ~60 tiles, which a
@@ -522,4 +562,4 @@ def _draw_triton(x: torch.Tensor, layout: AtomLayout, cols_host: np.ndarray, flo
     _kernels().draw_in_atoms[(R,)](
         x, x.stride(0), floats[1], layout.tokens, cols[0], cols[1], cols[2], cols[3], floats[0], mass, n_mass, out,
         TILE=layout.tile, BLOCK_T=_triton_block(n_mass), BLOCK=_DRAW_BLOCK)
-    return out.cpu().numpy()
+    return to_host(out)

@@ -176,12 +176,15 @@ def tile_stats(x_ptr, stride, tokens_ptr, tile_start_ptr, tile_len_ptr, m_ptr, f
 
 
 @triton.jit
-def combine_tiles(m_ptr, first_ptr, s_ptr, sx_ptr, atom_tiles_ptr, rowmax_ptr, out_ptr, n_rows, n_tiles, K, max_tiles,
-                  V, BLOCK_K: tl.constexpr, WANT_SUM: tl.constexpr, WANT_X: tl.constexpr):
+def combine_tiles(m_ptr, first_ptr, s_ptr, sx_ptr, atom_tiles_ptr, rowmax_ptr, out_ptr, amax_ptr, aarg_ptr, n_rows,
+                  n_tiles, K, max_tiles, V, BLOCK_K: tl.constexpr, WANT_SUM: tl.constexpr, WANT_X: tl.constexpr):
     """One row's tiles -> its atoms (a lane each): the row's best allowed logit (0 if
-    none is finite) into ``rowmax`` (float32, for the later passes), and into the float64
-    planes of ``out``, one after another: rowmax (n_rows,), then (n_rows, K) each, the
-    atoms' best logit, its lowest token (V: none), and their sums taken from rowmax."""
+    none is finite) into ``rowmax`` (float32, for the later passes); into the float64
+    planes of ``out``, one after another, rowmax (n_rows,), then the atoms' sums taken
+    from rowmax (n_rows, K), with WANT_X the x-weighted ones (n_rows, K); into ``amax``
+    (float32) and ``aarg`` (int32), (n_rows, K) each, the atoms' best logit and its lowest
+    token (-1: none). The caller lays the three out in one buffer, for one copy to the
+    host, whose arrays are then views of it in the types the host's passes take."""
     row = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BLOCK_K)  # (BLOCK_K,) atoms
     live = k < K
@@ -201,10 +204,10 @@ def combine_tiles(m_ptr, first_ptr, s_ptr, sx_ptr, atom_tiles_ptr, rowmax_ptr, o
     rowmax = tl.where((best > -float("inf")) & (best < float("inf")), best, 0.0)
     tl.store(rowmax_ptr + row, rowmax)
     plane = (row * 0 + n_rows) * K  # int64 (row is): a plane of many canvases' rows may pass 2**31 entries
-    at = n_rows + row * K + k  # (BLOCK_K,) the row's atoms in the first (K-wide) plane
+    at = row * K + k  # (BLOCK_K,) the row's atoms in an (n_rows, K) plane
     tl.store(out_ptr + row, rowmax.to(tl.float64))
-    tl.store(out_ptr + at, amax.to(tl.float64), mask=live)
-    tl.store(out_ptr + plane + at, aarg.to(tl.float64), mask=live)
+    tl.store(amax_ptr + at, amax, mask=live)
+    tl.store(aarg_ptr + at, tl.where(aarg < V, aarg, -1), mask=live)  # V: no finite logit (or no token)
     if WANT_SUM:
         acc = tl.zeros([BLOCK_K], tl.float64)
         accx = tl.zeros([BLOCK_K], tl.float64)
@@ -219,6 +222,6 @@ def combine_tiles(m_ptr, first_ptr, s_ptr, sx_ptr, atom_tiles_ptr, rowmax_ptr, o
             if WANT_X:  # sum of e * (x - rowmax) = sum of e * (x - m) + (m - rowmax) * sum of e
                 sxj = tl.load(sx_ptr + base + lo + j, mask=has, other=0.0)
                 accx += tl.where(has, (sxj + sj * lift) * scale, 0.0)
-        tl.store(out_ptr + 2 * plane + at, acc, mask=live)
+        tl.store(out_ptr + n_rows + at, acc, mask=live)
         if WANT_X:
-            tl.store(out_ptr + 3 * plane + at, accx, mask=live)
+            tl.store(out_ptr + n_rows + plane + at, accx, mask=live)
