@@ -12,11 +12,13 @@ a GPU machine, where no (L, V) pass runs through them:
 * *host path*: the step as it runs for logits on the CPU, ``reduce_atoms`` handing back
   the statistics of a first call, the marginals write skipped, the token draw handing
   back its first tokens (the DP reads none of their outputs);
-* *device path*: the step as it runs for logits on a GPU (``device_passes``, here on CPU
-  tensors), with only the device's own work replayed (the torch ops of the atom
-  statistics, of the marginals write and of the draw inside atoms): every host line of a
-  GPU step runs, the statistics handed back as fresh host arrays (as a copy off the
-  device leaves them; the wait for the copy aside). This is the GPU's figure.
+* *device path*: the step as it runs for logits on a GPU with triton (``device_passes``'
+  Triton paths, here on CPU tensors), every host line of it run, its kernels stood in
+  for: the reduction's stand-in writes the first call's statistics into the buffer that
+  the reduction copies to the host (the bytes a copy off the device writes there), the
+  draw's writes the first call's tokens, the others do nothing. This is the GPU's
+  figure, less what only a GPU shows: launching the kernels, the waits for the copies,
+  and the driver's staging of copies from pageable memory.
 
 The whole step, its passes, and the two replayed steps alternate; medians of each.
 ``--baseline REV`` measures the replayed steps of a baseline commit beside the working
@@ -39,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,6 +53,7 @@ if any(a == "--baseline" or a.startswith("--baseline=") for a in sys.argv[1:]):
     # cache (see its docstring), so before agentloop is imported
     import bench.fresh_kernels  # noqa: E402,F401
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import agentloop.grammar as current  # noqa: E402
@@ -60,9 +64,9 @@ from bench.tokenizers_offline import LOADERS, tool_schemas  # noqa: E402
 
 #: The passes over (L, V) the host runs for logits on the CPU (``grammar.canvas``).
 VOCABULARY_PASSES = ("reduce_atoms", "write_marginals", "sample_tokens")
-#: The device's own work in ``grammar.device_passes`` (its torch ops; a GPU runs Triton
-#: kernels in their place where it has them): what the device path's replay skips.
-DEVICE_WORK = ("_reduce_atoms_torch", "_log_marginals_torch", "_draw_torch")
+#: The kernels of ``grammar.fused_kernel`` the device path launches: what its replay
+#: stands in for.
+KERNELS = ("tile_stats", "combine_tiles", "log_marginals", "tile_masses", "draw_in_atoms")
 
 
 def first_result(stored: dict[Any, Any], key: Any, fn: Callable[..., Any], *args: Any) -> Any:
@@ -116,21 +120,74 @@ def replayed_passes(grammar: Any, stored: dict[Any, Any]) -> Any:
                         "sample_tokens": lambda *a: first_result(stored, "tokens", real["sample_tokens"], *a)})
 
 
+class StandIn:
+    """A kernel's stand-in, launched as the kernel is (``kernel[grid](*args, **meta)``)."""
+
+    def __init__(self, run: Callable[..., None]) -> None:
+        self.run = run
+
+    def __getitem__(self, grid: Any) -> Callable[..., None]:
+        return self.run
+
+
 def replayed_device_work(grammar: Any, stored: dict[Any, Any]) -> Any:
-    """The device path's own device work replayed from its first call, kept in ``stored``
-    (for one logits tensor only): the atom statistics come back as fresh host arrays (as
-    from a copy off the device), the marginals write does nothing, the draw inside atoms
-    hands back its first tokens. The host lines around them all run."""
+    """The device path's Triton paths with their kernels stood in for, from the results of
+    a first call of the torch paths (the same numbers: ``tests/test_device_passes.py``),
+    kept in ``stored`` (for one logits tensor only). Every host line of the Triton paths
+    runs: the buffers allocated, the statistics read back from the reduction's buffer,
+    the references and the draw's plan copied to the device."""
     dv = grammar.device_passes
-    real = {name: getattr(dv, name) for name in DEVICE_WORK}
+    real = {name: getattr(dv, name) for name in ("_reduce_atoms_triton", "_draw_triton", "_reduce_atoms_torch",
+                                                 "_draw_torch", "_row_chunks")}
+    now: dict[str, Any] = {}  # the first results for the pass in flight
+
+    def with_host_rows(fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` with the rows cut for the CPU (the torch paths' (rows, V) temporaries)."""
+        def run(*args: Any) -> Any:
+            with patched(dv, {"_row_chunks": real["_row_chunks"]}):
+                return fn(*args)
+        return run
 
     def reduce_atoms(x: Any, layout: Any, want_sum: bool, want_x: bool) -> Any:
-        rowmax, *host = first_result(stored, ("device atoms", want_sum, want_x), real["_reduce_atoms_torch"], x,
-                                     layout, want_sum, want_x)
-        return (rowmax, *(a.copy() for a in host))
+        now["stats"] = first_result(stored, ("device atoms", want_sum, want_x),
+                                    with_host_rows(real["_reduce_atoms_torch"]), x, layout, want_sum, want_x)
+        return real["_reduce_atoms_triton"](x, layout, want_sum, want_x)
 
-    return patched(dv, {"_reduce_atoms_torch": reduce_atoms, "_log_marginals_torch": lambda *a: a[-1],
-                        "_draw_torch": lambda *a: first_result(stored, "device tokens", real["_draw_torch"], *a)})
+    def draw(x: Any, layout: Any, *plan: Any) -> Any:
+        now["tokens"] = first_result(stored, "device tokens", with_host_rows(real["_draw_torch"]), x, layout, *plan)
+        return real["_draw_triton"](x, layout, *plan)
+
+    def combine_tiles(*args: Any, WANT_SUM: bool, WANT_X: bool, **meta: Any) -> None:
+        """What the kernel leaves in its outputs, in either version's layout of them: since
+        session 46 (rowmax, out, amax, aarg, N, ...) with amax float32 and aarg int32 (-1:
+        none) apart, before it (rowmax, out, N, ...) with both as float64 planes of out
+        (aarg V: none) ahead of the sums."""
+        rowmax_dev, out = args[5], args[6].numpy()
+        rowmax, rowmax64, asum, asumx, amax, aarg = now["stats"]
+        rowmax_dev.copy_(rowmax)
+        N, K = amax.shape
+        planes = [asum] * WANT_SUM + [asumx] * WANT_X
+        if isinstance(args[7], torch.Tensor):
+            args[7].numpy()[:] = amax.ravel()
+            args[8].numpy()[:] = aarg.ravel()
+        else:  # (the float64 aarg made once: the stand-in only copies)
+            V = args[11]
+            planes = [amax, first_result(stored, ("aarg as float64", id(aarg)), lambda: np.where(aarg < 0, V, aarg)
+                                         .astype(np.float64))] + planes
+        out[:N] = rowmax64
+        for i, plane in enumerate(planes):
+            out[N + i * N * K:N + (i + 1) * N * K] = plane.ravel()
+
+    def draw_in_atoms(*args: Any, **meta: Any) -> None:
+        args[11].numpy()[:] = now["tokens"]
+
+    kernels = SimpleNamespace(**{name: StandIn(lambda *a, **k: None) for name in KERNELS})
+    kernels.combine_tiles, kernels.draw_in_atoms = StandIn(combine_tiles), StandIn(draw_in_atoms)
+    cuda = torch.device("cuda")  # (a descriptor: no GPU needed)
+    return patched(dv, {"_reduce_atoms_triton": reduce_atoms, "_draw_triton": draw, "_kernels": lambda: kernels,
+                        "_use_kernel": lambda kernel, device, name: kernel != "torch",
+                        # rows cut for a GPU, where a 256 x 262k canvas goes in one launch, not eight
+                        "_row_chunks": lambda N, V, device=None: real["_row_chunks"](N, V, cuda)})
 
 
 class Version:
@@ -143,11 +200,14 @@ class Version:
         self.g = grammar.compile_tools(tools, tok, wire_format="gemma4", aliases=aliases)
         self.x, self.out = x, torch.empty_like(x)
         self.stored: dict[Any, Any] = {}
-        want = self.step().argmax
+        want = self.step()
         with replayed_passes(grammar, self.stored):
-            assert self.step().argmax == want, "the replayed passes must give the step's own Viterbi canvas"
+            assert self.step().argmax == want.argmax, "the replayed passes must give the step's own Viterbi canvas"
         with self.replay("device"):
-            assert self.step().argmax == want, "the device path must give the host path's Viterbi canvas"
+            got = self.step()
+            assert (got.argmax, got.sample) == (want.argmax, want.sample), \
+                "the device path must give the host path's Viterbi canvas and sample"
+        assert not grammar.device_passes._kernel_failed, grammar.device_passes._kernel_failed  # (no fallback to torch)
 
     def step(self) -> Any:
         return self.g.denoise_step(self.x, torch.Generator().manual_seed(1), out=self.out)
@@ -212,10 +272,10 @@ def markdown(rows: list[dict[str, Any]], command: str, threads: int, baseline: s
               "alternating. *step*: the whole step on the host; *passes*: its passes over the (L, V) logits inside "
               "it (atom statistics, marginals write, token draw); *host path*: the step with those passes replayed "
               "from a first call (warm caches, as on a GPU machine, whose device runs the passes); *device path*: "
-              "the step as logits on a GPU run it (`device_passes`), the device's own work replayed: every host "
-              "line of a GPU step, the atom statistics handed back as fresh host arrays (as a copy off the device "
-              "leaves them). A GPU step costs its device path's share plus the device passes and the waits for "
-              "their copies.", ""]
+              "the step as logits on a GPU with triton run it (`device_passes`' Triton paths), every host line of "
+              "it run and its kernels stood in for (the reduction's stand-in writing the statistics into the "
+              "buffer the host reads them from, as the copy off the device does). A GPU step costs its device "
+              "path's share plus the device passes, their launches and the waits for their copies.", ""]
     if baseline:
         columns = ["tokenizer", "tools", "states", "host path ms: baseline / current", "ratio",
                    "device path ms: baseline / current", "ratio"]

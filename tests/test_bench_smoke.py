@@ -33,8 +33,10 @@ def test_engine_bench_quick(tmp_path):
 
 
 def test_host_share_bench_measures_both_paths(tmp_path):
-    """Both replayed steps run (each checked against the whole step's Viterbi canvas by the
-    bench itself) and the table holds a figure for each path."""
+    """Both replayed steps run (each checked against the whole step's Viterbi canvas, and
+    the device path, through the Triton paths' host lines with their kernels stood in
+    for, against its sample too, by the bench itself) and the table holds a figure for
+    each path."""
     out = tmp_path / "host_share.md"
     r = subprocess.run([sys.executable, str(ROOT / "bench/host_share.py"), "--tokenizers", "bpe-4k", "--tools", "1",
                         "--repeats", "2", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
