@@ -289,8 +289,9 @@ def test_cuda_marginals_and_draws_equal_the_torch_ops(V):
 @CUDA
 def test_cuda_copies_go_through_page_locked_memory():
     """A copy from or to pageable memory goes through the driver's own page-locked buffer
-    (a second copy on the host, at about half the bandwidth): the step's statistics come
-    back, and its references go out, through page-locked host tensors."""
+    (a second copy on the host, at about half the bandwidth): the host tensors the step's
+    references go out from are page-locked, and what comes back (its statistics, its
+    tokens) lands in page-locked memory."""
     cuda = torch.device("cuda")
     assert device_passes.host_tensor((2, 3), torch.float32, cuda).is_pinned()
     t = torch.arange(12.0, device=cuda).view(3, 4)
