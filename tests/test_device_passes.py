@@ -262,6 +262,15 @@ def test_atom_references_equal_their_definition(framed):
         device_passes.atom_references(log_f, amax, rowmax, frame, out=np.empty((2, N, K), np.float32))
 
 
+def test_kernels_take_whole_tensors_where_a_launch_covers_every_row():
+    """A launch over all rows takes the tensors themselves (a step's canvas on a GPU: no
+    slicing); a launch over some rows, a view of exactly those."""
+    t = torch.arange(12.0).view(6, 2)
+    assert device_passes._rows(t, slice(0, 6)) is t
+    part = device_passes._rows(t, slice(2, 5))
+    assert torch.equal(part, t[2:5]) and part.data_ptr() == t[2].data_ptr()
+
+
 def test_host_copies_are_plain_memory_off_cuda():
     """Off a CUDA device the host tensors are plain memory (pinning needs a driver), and
     a CPU tensor's copy to the host is its own memory."""

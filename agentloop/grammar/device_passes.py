@@ -185,7 +185,7 @@ def _reduce_atoms_triton(x: torch.Tensor, layout: AtomLayout, want_sum: bool, wa
     first = torch.empty((N, T), dtype=torch.int32, device=dev)  # (N, T) its lowest token
     s = torch.empty((N, T) if want_sum else (0,), dtype=torch.float64, device=dev)  # (N, T) its sums
     sx = torch.empty((N, T) if want_x else (0,), dtype=torch.float64, device=dev)
-    rowmax = torch.zeros(N, device=dev)  # (N,)
+    rowmax = torch.empty(N, device=dev)  # (N,) (combine_tiles writes every row's)
     # what goes to the host, in one buffer for one copy: rowmax (N,) and the sums' (N, K)
     # planes in float64, then amax (N, K) float32 and aarg (N, K) int32, which share the
     # last 8 bytes a (row, atom) (so float64's alignment holds throughout)
@@ -196,8 +196,8 @@ def _reduce_atoms_triton(x: torch.Tensor, layout: AtomLayout, want_sum: bool, wa
         for r0 in range(0, N, _GRID_ROWS):
             r = slice(r0, min(N, r0 + _GRID_ROWS))
             _kernels().tile_stats[(T, r.stop - r.start)](
-                x[r], x.stride(0), layout.tokens, layout.tile_start, layout.tile_len, m[r], first[r],
-                s[r] if want_sum else s, sx[r] if want_x else sx, T, V,
+                _rows(x, r), x.stride(0), layout.tokens, layout.tile_start, layout.tile_len, _rows(m, r),
+                _rows(first, r), _rows(s, r) if want_sum else s, _rows(sx, r) if want_x else sx, T, V,
                 BLOCK=_TILE_BLOCK, WANT_SUM=want_sum, WANT_X=want_x)
     if N:
         _kernels().combine_tiles[(N,)](m, first, s, sx, layout.atom_tiles, rowmax, out, tail[:N * K].view(torch.float32),
@@ -208,6 +208,12 @@ def _reduce_atoms_triton(x: torch.Tensor, layout: AtomLayout, want_sum: bool, wa
     host_tail = host[n64:].view(np.int32)
     return (rowmax, host[:N], plane[0] if want_sum else np.zeros((N, 1)), plane[1] if want_x else np.zeros((N, 1)),
             host_tail[:N * K].view(np.float32).reshape(N, K), host_tail[N * K:].reshape(N, K))
+
+
+def _rows(t: torch.Tensor, r: slice) -> torch.Tensor:
+    """Rows ``r`` of ``t``: ``t`` itself where they are all of its rows, as for a step's
+    canvas on a GPU (a slice costs ~1.5 us of Python, and a step made ten of them)."""
+    return t if r.start == 0 and r.stop >= t.shape[0] else t[r]
 
 
 #: Lanes of the ``tile_stats`` kernel (tokens read at once).
@@ -428,8 +434,8 @@ def _log_marginals_triton(x: torch.Tensor, ref: torch.Tensor, shift: torch.Tenso
         n = r.stop - r.start
         if n and V:
             _kernels().log_marginals[(-(-V // _MARGINALS_BLOCK), n)](
-                x[r], x.stride(0), ref[r].contiguous(), shift[r].contiguous(), idx, out[r], out.stride(0), V,
-                shift.shape[1] - 1, BLOCK=_MARGINALS_BLOCK)
+                _rows(x, r), x.stride(0), _rows(ref, r).contiguous(), _rows(shift, r).contiguous(), idx,
+                _rows(out, r), out.stride(0), V, shift.shape[1] - 1, BLOCK=_MARGINALS_BLOCK)
     return out
 
 
