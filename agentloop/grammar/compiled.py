@@ -1089,9 +1089,9 @@ class CompiledGrammar:
         if sc.rowmax_dev is not None:
             # (2, N, K + 1) float32, written where its copy to the device starts (page-locked there)
             refs = device_passes.host_tensor((2, N, log_f.shape[1] + 1), torch.float32, sc.flat.device)
-            device_passes.atom_references(log_f, sc.amax, sc.rowmax, out=refs.numpy())
+            refs_host = device_passes.atom_references(log_f, sc.amax, sc.rowmax, out=refs.numpy())  # (its view)
             for sl, frame in framed:
-                refs.numpy()[:, sl] = device_passes.atom_references(log_f[sl], sc.amax[sl], sc.rowmax[sl], frame)
+                refs_host[:, sl] = device_passes.atom_references(log_f[sl], sc.amax[sl], sc.rowmax[sl], frame)
             logp = device_passes.log_marginals(sc.flat, refs, self._atom_layout(V, sc.flat.device).index,
                                                None if out is None else out.view(N, V))
             return logp.view(B, L, V)
