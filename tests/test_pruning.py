@@ -57,7 +57,7 @@ def _kept(g, x: torch.Tensor, sums: bool = True, viterbi: bool = True, partial: 
 def _log_mass(g, sup: dp.Support, x: torch.Tensor) -> float:
     """log of the weight of the canvases on ``sup``'s cells, from a backward pass."""
     sc = g._scores(x[None].numpy())
-    passes = g._canvas_passes(sup, g.start_state, False, gsum=sc.gsum[0], factors=True)
+    passes = g._canvas_passes(sup, g.start_state, False, gsum=sc.canvas_gsum(slice(0, x.shape[0])), factors=True)
     assert passes.in_range
     beta_start = passes.beta[0, g._layout.rank[g.start_state]] if sup.dense else passes.beta[sup.offsets[0]]
     return dp.log_mass_backward(beta_start, passes.beta_totals, sup.dense) + float(sc.rowmax.sum())
@@ -293,7 +293,8 @@ def test_the_sweeps_kept_weight_is_the_canvases_and_bounds_a_raised_cut(btok, to
         log_share = math.log(pruning.LOST_SHARE / cells)
         with pruning.SWEEP_SCRATCH.taken() as scratch:
             _, _, ok, _, _, log_kept, _, _, _ = scratch.sweep(
-                True, False, False, False, sc.gsum[0], np.zeros((L_, 0)), sc.rowmax, log_norm, to_finish, g.start_state,
+                True, False, False, False, sc.canvas_gsum(slice(0, L_)), np.zeros((L_, 0)), sc.rowmax, log_norm,
+                to_finish, g.start_state,
                 *g._out_edges, np.zeros((0, 0)), np.zeros((0, 0)), np.zeros(0, np.int32), -5000.0, log_share, -990.0,
                 np.inf, cells)
         sound = log_z + log_share >= -990.0

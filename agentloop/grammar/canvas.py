@@ -464,71 +464,184 @@ def reduce_atoms(logits, atoms, want_sum, want_x, block_sums=None):  # type: ign
 
 
 # Group statistics are added up over all positions at once, along the positions (atoms by
-# positions): one vectorised loop per (group, atom) pair instead of a scalar add per
-# position (20 tools: 13k pairs, 4.6 -> 1 ms for the sums). Most groups contain a smaller
-# group (a string's characters but the quote, and with one more character): each is
-# that group's row plus its other atoms (``GroupPlan``), 3.7x fewer pairs at 20 tools
-# (13,466 -> 3,612; 28k -> 7k at Gemma's 262k).
+# positions): one vectorised loop per (group, part) pair instead of a scalar add per
+# position (20 tools: 13k pairs, 4.6 -> 1 ms for the sums). Groups overlap: most contain
+# a smaller group (a string's characters but the quote, and with one more character), and
+# the large ones (texts, strings) share most of their atoms without containing each
+# other. So each group is built from parts (``GroupPlan``): groups it contains, *blocks*
+# (atoms that lie in the same groups, added up once for all of those), and atoms. At 20
+# tools, BPE 4k, 13,466 (group, atom) pairs take 2,312 row operations (4,145 when a group
+# was one smaller group plus atoms, and each group's row was first filled); at Gemma's
+# 262k 28,394 take 4,475 (8,137). The group maxima 0.7-0.8x, the sums 0.7-0.9x at 20
+# tools (bench/results/constraint_ab_group_blocks.md).
 
 
 class GroupPlan(NamedTuple):
-    """How to build every group's statistics from its atoms': groups in ``order``, each
-    the row of the group ``base`` (-1: none; built before it, a subset) plus the atoms
-    extra[extra_offsets[g]:extra_offsets[g + 1]]."""
+    """How to build every group's statistics from its atoms': nodes (the groups 0..G - 1,
+    then blocks of atoms) in ``order``, each the row of node ``base`` (-1: none; built
+    before it, a subset) plus the parts extra[extra_offsets[n]:extra_offsets[n + 1]] (an
+    atom k < K, or node p as K + p; disjoint, built before it). The values of a node are
+    its parts' in this order, which the atom draw walks back down (``_draw_edge_and_atom``)."""
 
-    order: np.ndarray  # (G,) i64
-    base: np.ndarray  # (G,) i64
-    extra_offsets: np.ndarray  # (G + 1,) i64
+    order: np.ndarray  # (N,) i64
+    base: np.ndarray  # (N,) i64
+    extra_offsets: np.ndarray  # (N + 1,) i64
     extra: np.ndarray  # (n,) i32
+    n_groups: int  # G: the nodes past it are blocks
 
 
 @nb.njit(cache=True, nogil=True)
-def _plan_groups(group_atoms, group_offsets, K):  # pragma: no cover - compiled
+def _atom_blocks(group_atoms, group_offsets, K):  # pragma: no cover - compiled
+    """The nodes' atoms (n,) i32 and offsets (G + B + 1,) i64: the G groups', then those of
+    the B blocks worth a node of their own. A block is a class of atoms that lie in the
+    same groups of two atoms or more, where the class holds two atoms or more, lies in two
+    such groups or more, and is not itself a group. Partition refinement finds the
+    classes: each group splits those it meets into its atoms and the rest."""
     G = group_offsets.shape[0] - 1
-    W = (K + 63) // 64
-    bits = np.zeros((G, W), np.uint64)
-    size = np.empty(G, np.int64)
+    cls = np.zeros(K, np.int64)  # class 0: atoms in no group of two atoms or more
+    split_to = np.empty(group_atoms.shape[0] + 2, np.int64)  # (a new class per (group, class met))
+    split_to.fill(-1)
+    touched = np.empty(K, np.int64)
+    n_cls = 1
     for g in range(G):
-        size[g] = group_offsets[g + 1] - group_offsets[g]
-        for i in range(group_offsets[g], group_offsets[g + 1]):
-            k = group_atoms[i]
-            bits[g, k >> 6] |= np.uint64(1) << np.uint64(k & 63)
+        a0, a1 = group_offsets[g], group_offsets[g + 1]
+        if a1 - a0 < 2:
+            continue
+        n_touched = 0
+        for i in range(a0, a1):  # the group's atoms leave their class for a new one
+            c = cls[group_atoms[i]]
+            if split_to[c] < 0:
+                split_to[c] = n_cls
+                n_cls += 1
+                touched[n_touched] = c
+                n_touched += 1
+            cls[group_atoms[i]] = split_to[c]
+        for t in range(n_touched):
+            split_to[touched[t]] = -1
+    size = np.zeros(n_cls, np.int64)
+    for k in range(K):
+        size[cls[k]] += 1
+    n_groups = np.zeros(n_cls, np.int64)  # the groups of two atoms or more a class lies in
+    is_group = np.zeros(n_cls, np.bool_)
+    seen = np.empty(n_cls, np.int64)
+    seen.fill(-1)
+    for g in range(G):
+        a0, a1 = group_offsets[g], group_offsets[g + 1]
+        if a1 - a0 < 2:
+            continue
+        met = 0
+        for i in range(a0, a1):
+            c = cls[group_atoms[i]]
+            if seen[c] != g:
+                seen[c] = g
+                n_groups[c] += 1
+                met += 1
+        c = cls[group_atoms[a0]]
+        if met == 1 and size[c] == a1 - a0:
+            is_group[c] = True
+    block_of = np.empty(n_cls, np.int64)
+    block_of.fill(-1)
+    B = 0
+    for c in range(1, n_cls):
+        if size[c] >= 2 and n_groups[c] >= 2 and not is_group[c]:
+            block_of[c] = B
+            B += 1
+    G1 = group_atoms.shape[0]  # the nodes' atoms: the groups', then each block's
+    offsets = np.zeros(G + B + 1, np.int64)
+    for g in range(G + 1):
+        offsets[g] = group_offsets[g]
+    for k in range(K):
+        b = block_of[cls[k]]
+        if b >= 0:
+            offsets[G + b + 1] += 1
+    for b in range(B):
+        offsets[G + b + 1] += offsets[G + b]
+    atoms = np.empty(offsets[G + B], np.int32)
+    for i in range(G1):
+        atoms[i] = group_atoms[i]
+    fill = np.empty(B, np.int64)
+    for b in range(B):
+        fill[b] = offsets[G + b]
+    for k in range(K):
+        b = block_of[cls[k]]
+        if b >= 0:
+            atoms[fill[b]] = k
+            fill[b] += 1
+    return atoms, offsets
+
+
+@nb.njit(cache=True, nogil=True)
+def _plan_nodes(node_atoms, node_offsets, K):  # pragma: no cover - compiled
+    N = node_offsets.shape[0] - 1
+    W = (K + 63) // 64
+    bits = np.zeros((N, W), np.uint64)
+    size = np.empty(N, np.int64)
+    for n in range(N):
+        size[n] = node_offsets[n + 1] - node_offsets[n]
+        for i in range(node_offsets[n], node_offsets[n + 1]):
+            k = node_atoms[i]
+            bits[n, k >> 6] |= np.uint64(1) << np.uint64(k & 63)
+    # a node's parts are nodes built before it, so smaller (no group of two atoms or more
+    # lies inside a block: blocks need no order of their own)
     order = np.argsort(size, kind="mergesort")
-    base = np.full(G, -1, np.int64)
-    for a in range(G):  # the largest group built before g that g contains
-        g = order[a]
-        best = 0
-        for b in range(a):
+    base = np.empty(N, np.int64)
+    base.fill(-1)
+    parts = np.empty(node_atoms.shape[0], np.int32)  # each node's parts but its base, in build order
+    first = np.empty(N, np.int64)  # where they start in it
+    n_parts = 0
+    rest = np.empty(W, np.uint64)
+    for a in range(N):
+        n = order[a]
+        for w in range(W):
+            rest[w] = bits[n, w]
+        left = size[n]
+        first[n] = n_parts
+        for b in range(a - 1, -1, -1):  # a greedy cover by disjoint nodes, the largest first
+            if left == 0:
+                break
             h = order[b]
-            if size[h] <= best:
+            if size[h] < 2 or size[h] > left:
                 continue
             inside = True
             for w in range(W):
-                if bits[h, w] & ~bits[g, w]:
+                if bits[h, w] & ~rest[w]:
                     inside = False
                     break
-            if inside:
-                best = size[h]
-                base[g] = h
-    extra_offsets = np.zeros(G + 1, np.int64)
-    for g in range(G):
-        extra_offsets[g + 1] = extra_offsets[g] + size[g] - (size[base[g]] if base[g] >= 0 else 0)
-    extra = np.empty(extra_offsets[G], np.int32)
-    for g in range(G):
-        n = extra_offsets[g]
-        for i in range(group_offsets[g], group_offsets[g + 1]):
-            k = group_atoms[i]
-            h = base[g]
-            if h < 0 or not (bits[h, k >> 6] >> np.uint64(k & 63)) & np.uint64(1):
-                extra[n] = k
-                n += 1
+            if not inside:
+                continue
+            for w in range(W):
+                rest[w] &= ~bits[h, w]
+            left -= size[h]
+            if base[n] < 0:
+                base[n] = h
+            else:
+                parts[n_parts] = K + h
+                n_parts += 1
+        for i in range(node_offsets[n], node_offsets[n + 1]):  # then the atoms no part holds, in the node's order
+            k = node_atoms[i]
+            if (rest[k >> 6] >> np.uint64(k & 63)) & np.uint64(1):
+                parts[n_parts] = k
+                n_parts += 1
+    extra_offsets = np.zeros(N + 1, np.int64)  # the parts in node order
+    for a in range(N):
+        n = order[a]
+        end = first[order[a + 1]] if a + 1 < N else n_parts
+        extra_offsets[n + 1] = end - first[n]
+    for n in range(N):
+        extra_offsets[n + 1] += extra_offsets[n]
+    extra = np.empty(n_parts, np.int32)
+    for n in range(N):
+        for i in range(extra_offsets[n + 1] - extra_offsets[n]):
+            extra[extra_offsets[n] + i] = parts[first[n] + i]
     return order, base, extra_offsets, extra
 
 
 def group_plan(group_atoms: np.ndarray, group_offsets: np.ndarray, K: int) -> GroupPlan:
-    """The ``GroupPlan`` of groups given as lists of atoms (of K): each group built on the
-    largest smaller group it contains (one pass over the pairs of groups, on bit sets)."""
-    return GroupPlan(*_plan_groups(group_atoms, group_offsets, K))
+    """The ``GroupPlan`` of groups given as lists of atoms (of K): the blocks found by
+    partition refinement, then each node covered greedily by the largest nodes it
+    contains (one pass over the pairs of nodes, on bit sets), then its other atoms."""
+    return GroupPlan(*_plan_nodes(*_atom_blocks(group_atoms, group_offsets, K), K),
+                     n_groups=group_offsets.shape[0] - 1)
 
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
@@ -549,36 +662,51 @@ def _max_into(out, x):  # pragma: no cover - compiled
         out[j] = np.fmax(out[j], x[j])
 
 
+@nb.njit(cache=True, nogil=True)
+def _max_from(out, x):  # pragma: no cover - compiled
+    for j in range(out.shape[0]):
+        out[j] = np.fmax(x[j], -np.inf)  # (a copy, but for a nan: as _max_into into -inf)
+
+
 def _group_kernel(want_max: bool):  # type: ignore[no-untyped-def]
-    """The reduction of per-atom values (L, K) over each group's atoms -> (L, G): their
-    sum (float64), or with ``want_max`` (a compile-time flag, as for the scan) their max,
-    of the values' type: the logits' float32, exact, in half the memory traffic of float64
-    (0.22 -> 0.15 ms at 20 tools, BPE 4k),
-    along a ``GroupPlan``. The result is the transpose of the (G, L) array the reduction
-    fills (Fortran order), not a copy in C order: the copy took more than the sums (BPE
-    4k, 20 tools: 0.64 vs 0.24 ms), and the pruned passes read a step's group values at
-    a few cells each (the step 0.90x at 20 tools, 0.96x at 1; the whole lattice's passes,
-    which read every group at every position, 1.02x; bench/results/
-    constraint_ab_group_values_*.md)."""
+    """The reduction of per-atom values (L, K) over each node's parts -> (L, N), along a
+    ``GroupPlan``: their sum (float64), or with ``want_max`` (a compile-time flag, as for
+    the scan) their max, of the values' type: the logits' float32, exact, in half the
+    memory traffic of float64 (0.22 -> 0.15 ms at 20 tools, BPE 4k). The result is the
+    transpose of the (N, L) array the reduction fills (Fortran order), not a copy in C
+    order: the copy took more than the sums (BPE 4k, 20 tools: 0.64 vs 0.24 ms), and the
+    pruned passes read a step's group values at a few cells each (the step 0.90x at 20
+    tools, 0.96x at 1; the whole lattice's passes, which read every group at every
+    position, 1.02x; bench/results/constraint_ab_group_values_*.md)."""
 
     @nb.njit(cache=True, nogil=True)
     def reduce(values, order, base, extra_offsets, extra):  # pragma: no cover - compiled
-        G = order.shape[0]
+        K = values.shape[1]
         by_atom = np.ascontiguousarray(values.T)  # (K, L)
-        by_group = np.empty((G, values.shape[0]), values.dtype if want_max else np.float64)  # (G, L)
-        for a in range(G):
-            g = order[a]
-            row = by_group[g]
-            if base[g] >= 0:
-                row[:] = by_group[base[g]]
+        by_node = np.empty((order.shape[0], values.shape[0]), values.dtype if want_max else np.float64)  # (N, L)
+        for a in range(order.shape[0]):
+            n = order[a]
+            row = by_node[n]
+            i0 = extra_offsets[n]
+            if base[n] >= 0:
+                row[:] = by_node[base[n]]
+            elif i0 < extra_offsets[n + 1]:  # the first part copied: a node of one atom is one pass
+                e = extra[i0]
+                if want_max:
+                    _max_from(row, by_atom[e] if e < K else by_node[e - K])
+                else:
+                    row[:] = by_atom[e] if e < K else by_node[e - K]
+                i0 += 1
             else:
                 row[:] = -np.inf if want_max else 0.0
-            for i in range(extra_offsets[g], extra_offsets[g + 1]):
+            for i in range(i0, extra_offsets[n + 1]):
+                e = extra[i]
+                part = by_atom[e] if e < K else by_node[e - K]
                 if want_max:
-                    _max_into(row, by_atom[extra[i]])
+                    _max_into(row, part)
                 else:
-                    _add_into(row, by_atom[extra[i]])
-        return by_group.T
+                    _add_into(row, part)
+        return by_node.T
 
     return reduce
 
@@ -587,16 +715,23 @@ _group_sums_kernel = _group_kernel(False)
 _group_max_kernel = _group_kernel(True)
 
 
+def group_node_sums(asum: np.ndarray, plan: GroupPlan) -> np.ndarray:
+    """(L, N), in Fortran order: the sum of asum (L, K) over each node's atoms, the G
+    groups' (``group_sums``) and then the plan's blocks', as the atom draw walks them
+    (``_draw_edge_and_atom``)."""
+    return _group_sums_kernel(asum, *plan[:4])
+
+
 def group_sums(asum: np.ndarray, plan: GroupPlan) -> np.ndarray:
     """gsum (L, G), in Fortran order: the sum of asum (L, K) over each group's atoms."""
-    return _group_sums_kernel(asum, *plan)
+    return group_node_sums(asum, plan)[:, :plan.n_groups]
 
 
 def group_max(amax: np.ndarray, plan: GroupPlan) -> np.ndarray:
     """gmax (L, G) float32, in Fortran order: the best logit of each group's atoms (amax
     (L, K) float32); which token reaches it is looked up only where the Viterbi canvas takes the
     group (``group_best_tokens``)."""
-    return _group_max_kernel(amax, *plan)
+    return _group_max_kernel(amax, *plan[:4])[:, :plan.n_groups]
 
 
 # ---- 2. the support: states that lie on some valid canvas, per position ------------------
@@ -1747,13 +1882,16 @@ def draw_index(weights, u):  # pragma: no cover - compiled
 def _draw_edge_and_atom(w_edge, e0, e1, tot, l, asum, gsum, out_group, base, extra_offsets, extra,
                         uniforms):  # pragma: no cover - compiled
     """The edge among e0..e1 - 1 (weights w_edge[0:e1 - e0], total tot > 0) and the atom
-    inside its group (weight asum) drawn at position l: -> (edge, atom).
+    inside its group (weight asum (L, K)) drawn at position l: -> (edge, atom).
 
-    The atom is drawn along the ``GroupPlan`` (base, extra_offsets, extra): a group is
-    its base group plus its extra atoms, and its sum in ``gsum`` is the base's plus the
-    extras', so the draw goes down into the base where u falls below the base's sum, and
-    else walks the extras only. A text group holds nearly every atom (728 of 747 at 20
-    tools, BPE 4k), which a walk over all its atoms took ~0.4 us a position."""
+    The atom is drawn down the ``GroupPlan`` (base, extra_offsets, extra), whose nodes'
+    sums ``gsum`` (L, N) holds (``group_node_sums``): a node is its base
+    plus its other parts, and its sum is theirs added in that order, so the draw goes
+    down into the base where u falls below the base's sum, else walks the other parts
+    and goes down into the node part where u falls. A text group holds nearly every atom
+    (728 of 747 at 20 tools, BPE 4k), which a walk over all its atoms took ~0.4 us a
+    position."""
+    K = asum.shape[1]
     chosen = e0 + draw_index(w_edge[:e1 - e0], uniforms[l, 0] * tot)
     g = out_group[chosen]
     u = uniforms[l, 1] * gsum[l, g]
@@ -1765,16 +1903,23 @@ def _draw_edge_and_atom(w_edge, e0, e1, tot, l, asum, gsum, out_group, base, ext
             continue
         k = -1
         acc = hw
+        start = 0.0
+        w = 0.0
         for i in range(extra_offsets[g], extra_offsets[g + 1]):
-            w = asum[l, extra[i]]
-            if w > 0.0:
-                k = extra[i]
-                acc += w
+            e = extra[i]
+            we = asum[l, e] if e < K else gsum[l, e - K]
+            if we > 0.0:
+                k, start, w = e, acc, we
+                acc += we
                 if acc >= u:
                     break
+        if k >= K:  # a node: u's place inside it (kept below its sum, which rounding may reach)
+            g = k - K
+            u = min(u - start, w * (1.0 - 2.0**-52))
+            continue
         if k >= 0 or not hw > 0.0:
             return chosen, k
-        # rounding left u unreached past a base with weight and extras of none: the base
+        # rounding left u unreached past a base with weight and parts of none: the base
         g = h
         u = hw * (1.0 - 2.0**-52)
 

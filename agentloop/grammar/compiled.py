@@ -146,9 +146,10 @@ class _Scores:
     asumx: np.ndarray  # (N, K) f64 the same weighted by (x - rowmax), for entropies
     amax: np.ndarray  # (N, K) f32 best logit per atom
     aarg: np.ndarray  # (N, K) i32 its token
-    #: per canvas: (L, G) f64 sums per group, in Fortran order (``_group_values_by_canvas``);
-    #: empty where the scan took no sums
+    #: per canvas: (L, N) f64 sums per node of the group plan (the G groups, then its
+    #: blocks), in Fortran order (``_group_values_by_canvas``); empty where the scan took no sums
     gsum: list[np.ndarray]
+    n_groups: int  # G
     block_sums: np.ndarray  # (N, blocks) f32 host pass: sums of exp(x - amax) per block of each atom's tokens
     rowmax_dev: torch.Tensor | None  # (N,) rowmax on the logits' device (device passes), else None
     #: ``log_canvas.log_atom_stats``, taken for all rows when a canvas first needs them
@@ -158,7 +159,13 @@ class _Scores:
 
     def canvas_gsum(self, rows: slice) -> np.ndarray:
         """gsum (L, G) of the canvas whose rows of the batch are ``rows`` (canvases of no
-        position: the first's, (0, G) as every one's)."""
+        position: the first's, (0, G) as every one's): the groups' columns of its node
+        sums, which ``canvas_node_sums`` gives whole."""
+        return self.canvas_node_sums(rows)[:, :self.n_groups]
+
+    def canvas_node_sums(self, rows: slice) -> np.ndarray:
+        """The node sums (L, N) of the canvas whose rows of the batch are ``rows``, as the
+        atom draw walks them (``canvas._draw_edge_and_atom``)."""
         L = max(rows.stop - rows.start, 1)
         assert rows.start % L == 0, rows  # (one canvas's rows, as every op slices them)
         return self.gsum[rows.start // L]
@@ -204,9 +211,9 @@ class _Scores:
 
 def _group_values_by_canvas(reduce: Callable[[np.ndarray, dp.GroupPlan], np.ndarray], values: np.ndarray,
                            plan: dp.GroupPlan, B: int) -> list[np.ndarray]:
-    """Each of B canvases' group values (L, G), reduced (``dp.group_sums`` or
-    ``dp.group_max``) from its rows of ``values`` (B * L, K) alone: each comes out in
-    Fortran order, as a lone canvas's does. The rows of one (B * L, G) Fortran array are
+    """Each of B canvases' group values (L, G), reduced (``dp.group_max``; or its node
+    sums (L, N), ``dp.group_node_sums``) from its rows of ``values`` (B * L, K) alone:
+    each comes out in Fortran order, as a lone canvas's does. The rows of one (B * L, G) Fortran array are
     strided (numba's 'A' layout), and every kernel that read them compiled a second time
     for batches: 17 signatures, 85 -> 62 s of ``agentloop precompile`` on 2 cores
     (bench/results/precompile_ab_batch_layout.md)."""
@@ -878,8 +885,9 @@ class CompiledGrammar:
             self._refuse_logits(flat, np.flatnonzero(~np.isfinite(asum).all(axis=1)), L, V, "nan or +inf")
         if not want_sum and np.isposinf(amax).any():
             self._refuse_logits(flat, np.flatnonzero(np.isposinf(amax).any(axis=1)), L, V, "+inf")
-        gsum = _group_values_by_canvas(dp.group_sums, asum, self._group_plan, B) if want_sum else []
-        return _Scores(flat, rowmax, asum, asumx, amax, aarg, gsum, block_sums, rowmax_dev)
+        gsum = _group_values_by_canvas(dp.group_node_sums, asum, self._group_plan, B) if want_sum else []
+        return _Scores(flat, rowmax, asum, asumx, amax, aarg, gsum, self._group_plan.n_groups, block_sums,
+                       rowmax_dev)
 
     def _refuse_logits(self, flat: Any, rows: np.ndarray, L: int, V: int, what: str) -> None:
         """Raise the error for ``rows`` of ``flat`` (B * L, V) that hold a nan or +inf logit
@@ -903,13 +911,13 @@ class CompiledGrammar:
         plan = self._group_plan
         atoms, ok, log_inside = None, False, None
         if passes.in_range and sup.dense:
-            atoms, ok = dp._sample_atoms(sc.asum[sl], sc.canvas_gsum(sl), passes.beta, passes.beta_totals,
+            atoms, ok = dp._sample_atoms(sc.asum[sl], sc.canvas_node_sums(sl), passes.beta, passes.beta_totals,
                                          self._layout.rank, s0, *self._out_edges, plan.base, plan.extra_offsets,
                                          plan.extra, uniforms)
         elif passes.in_range:
-            atoms, ok = dp._sample_atoms_live(sc.asum[sl], sc.canvas_gsum(sl), sup.offsets, sup.states, passes.beta,
-                                              s0, *self._out_edges, plan.base, plan.extra_offsets, plan.extra,
-                                              uniforms)
+            atoms, ok = dp._sample_atoms_live(sc.asum[sl], sc.canvas_node_sums(sl), sup.offsets, sup.states,
+                                              passes.beta, s0, *self._out_edges, plan.base, plan.extra_offsets,
+                                              plan.extra, uniforms)
         if not ok:
             lc = self._log_space(sc, sl, sup, s0, partial, prune, uniforms=uniforms)
             atoms, log_inside = lc.atoms, lc.log_inside
