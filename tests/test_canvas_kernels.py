@@ -795,9 +795,10 @@ def test_the_group_plan_gives_each_group_the_sum_and_max_of_its_atoms(btok, n_to
     np.testing.assert_allclose(nodes[:, G:], np.stack([asum[:, atoms_of_node(n)].sum(1) for n in range(G, N)], 1)
                                if N > G else np.zeros((7, 0)), rtol=1e-13)
     assert np.array_equal(dp.group_max(amax, plan), np.stack([amax[:, a].max(1) for a in atoms_of], 1))
-    row_ops = N + plan.extra.shape[0] - int((plan.base < 0).sum())  # (a base, or a first part, is a copy)
-    print(n_tools, row_ops, ta.group_atoms.shape[0])
-    assert row_ops < 0.8 * ta.group_atoms.shape[0]
+    # (a base, or a node's first part, is a copy; the plan before blocks and node parts
+    # took 1.13 / 0.89 / 0.39 of the pairs, counting a copy or a fill for every group)
+    row_ops = int((plan.base >= 0).sum()) + plan.extra.shape[0]
+    assert row_ops < {1: 0.8, 5: 0.6, 20: 0.3}[n_tools] * ta.group_atoms.shape[0]
 
 
 #: A batch's first calls after a lone canvas's, in a fresh process (the numba dispatchers'
