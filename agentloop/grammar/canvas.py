@@ -687,22 +687,20 @@ def _group_kernel(want_max: bool):  # type: ignore[no-untyped-def]
         for a in range(order.shape[0]):
             n = order[a]
             row = by_node[n]
-            i0 = extra_offsets[n]
+            i0, i1 = extra_offsets[n], extra_offsets[n + 1]
             if base[n] >= 0:
                 row[:] = by_node[base[n]]
-            elif i0 < extra_offsets[n + 1]:  # the first part copied: a node of one atom is one pass
-                e = extra[i0]
-                if want_max:
-                    _max_from(row, by_atom[e] if e < K else by_node[e - K])
-                else:
-                    row[:] = by_atom[e] if e < K else by_node[e - K]
-                i0 += 1
-            else:
+            elif i0 == i1:
                 row[:] = -np.inf if want_max else 0.0
-            for i in range(i0, extra_offsets[n + 1]):
+            for i in range(i0, i1):
                 e = extra[i]
                 part = by_atom[e] if e < K else by_node[e - K]
-                if want_max:
+                if base[n] < 0 and i == i0:  # the first part copied: a node of one atom is one pass
+                    if want_max:
+                        _max_from(row, part)
+                    else:
+                        row[:] = part
+                elif want_max:
                     _max_into(row, part)
                 else:
                     _add_into(row, part)
